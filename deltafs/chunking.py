@@ -1,0 +1,353 @@
+"""Content-defined chunking, chunk ids, incremental re-chunking, chunk codecs.
+
+Pure: the only I/O is a caller-supplied ``pread(offset, length) -> bytes``
+over the *new* content of a file, so this module works on SRC files, on
+restored files and on plain buffers alike, and never imports trio.
+
+Why these choices (measured numbers in docs/format.md, "Chunking"):
+
+* FastCDC (``pyfastcdc``, compiled, releases the GIL) with fixed
+  parameters.  The parameters are part of the journal format: changing them
+  would make every old chunk list disagree with a fresh chunking, which
+  breaks incremental re-chunking and dedup.  They are pinned in
+  ``CHUNKER_PARAMS`` and recorded in the journal's meta.
+* Chunk id = xxh3-128 of the raw bytes (16 bytes): several GB/s, and 128
+  bits make accidental collisions irrelevant at any realistic size.
+* A cut decision of this FastCDC reads the chunk's bytes *and the first
+  byte after the cut*; it depends on the end of the input only when the
+  chunk is cut by EOF or when fewer than ``MAX_SIZE`` bytes remain.  The
+  streaming and incremental code below rely on exactly these two facts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import xxhash
+import zstandard
+from pyfastcdc import FastCDC
+
+log = logging.getLogger(__name__)
+
+# --- format constants (changing any of them is a journal format change) ---
+MIN_SIZE = 4 * 1024
+AVG_SIZE = 16 * 1024  # pyfastcdc's mask parameter; real mean is ~AVG+MIN
+MAX_SIZE = 64 * 1024
+NORMALIZATION = 1
+GEAR_SEED = 0
+CHUNKER_PARAMS = {
+    "algo": "fastcdc2020",
+    "min": MIN_SIZE,
+    "avg": AVG_SIZE,
+    "max": MAX_SIZE,
+    "nc": NORMALIZATION,
+    "seed": GEAR_SEED,
+    "id": "xxh3-128",
+}
+
+WINDOW_MAX = 4 * 1024 * 1024  # biggest single pread while streaming
+ZSTD_LEVEL = 3
+MAX_DELTA_DEPTH = 8  # a base at this depth is not used: store standalone
+
+CODEC_RAW = 0  # payload[1:] is the raw chunk (incompressible data)
+CODEC_ZSTD = 1  # payload[1:] is a zstd frame
+CODEC_ZSTD_DELTA = 2  # payload[1:] is a zstd frame, base chunk = raw dict
+
+Pread = Callable[[int, int], bytes]
+ChunkRef = tuple[bytes, int]  # (chunk id, length); offsets are prefix sums
+
+
+def chunk_id(data: bytes | memoryview) -> bytes:
+    """The 16-byte id of a chunk: xxh3-128 digest of its raw bytes."""
+    return xxhash.xxh3_128_digest(data)
+
+
+def _chunker() -> FastCDC:
+    # One per call: pyfastcdc objects are documented as not concurrency-safe
+    # and construction is cheap.
+    return FastCDC(
+        AVG_SIZE,
+        min_size=MIN_SIZE,
+        max_size=MAX_SIZE,
+        normalized_chunking=NORMALIZATION,
+        seed=GEAR_SEED,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A chunk of the new content: where it is and what it is."""
+
+    id: bytes
+    offset: int
+    length: int
+
+
+def cut_from(pread: Pread, start: int, end: int, hint: int = 0) -> Iterator[tuple[int, memoryview]]:
+    """Yield ``(offset, data)`` of the real chunks of ``[start, end)``.
+
+    ``start`` must be a real chunk boundary of the content (0, or a cut
+    that the full chunking of this content also makes) and ``end`` its EOF.
+    Reads windows of at most ``WINDOW_MAX`` bytes (first one about ``hint``
+    bytes, doubling), so no file is ever held whole.  The cut that ends a
+    window is an artefact of the window, not a real boundary, unless the
+    window ends at EOF or at least ``MAX_SIZE`` bytes follow the chunk's
+    start: those chunks are dropped and re-read in the next window.
+    ``data`` is a view valid until the next item is requested.
+    """
+    cdc = _chunker()
+    pos = start
+    win = min(max(hint, 2 * MAX_SIZE), WINDOW_MAX)
+    while pos < end:
+        n = min(win, end - pos)
+        buf = pread(pos, n)
+        if len(buf) != n:
+            raise EOFError(f"short read: wanted {n} bytes at offset {pos}, got {len(buf)}")
+        at_eof = pos + n == end
+        mv = memoryview(buf)
+        consumed = 0
+        for ch in cdc.cut_buf(mv):
+            a = ch.offset
+            if not at_eof and n - a < MAX_SIZE:
+                break
+            yield pos + a, mv[a : a + ch.length]
+            consumed = a + ch.length
+        pos += consumed
+        win = min(win * 2, WINDOW_MAX)
+
+
+def chunk_stream(pread: Pread, size: int) -> Iterator[tuple[Span, memoryview]]:
+    """Full chunking of a content of ``size`` bytes, streaming."""
+    for off, data in cut_from(pread, 0, size):
+        yield Span(chunk_id(data), off, len(data)), data
+
+
+def chunk_bytes(data: bytes) -> list[ChunkRef]:
+    """Full chunk list of an in-memory buffer (tests, small files)."""
+    return [(s.id, s.length) for s, _ in chunk_stream(_buffer_pread(data), len(data))]
+
+
+def _buffer_pread(data: bytes) -> Pread:
+    mv = memoryview(data)
+    return lambda off, n: mv[off : off + n]
+
+
+# --- incremental re-chunking ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Replace:
+    """Old chunks ``[old_start, old_start+old_count)`` become ``new``."""
+
+    old_start: int
+    old_count: int
+    new: tuple[Span, ...]
+
+
+@dataclass(slots=True)
+class Rechunk:
+    """The result of :func:`rechunk`: the edit and what it cost."""
+
+    edits: list[Replace]
+    bytes_read: int = 0
+    new_spans: list[Span] = field(default_factory=list)  # every Span in edits, in order
+
+    def edit_list(self) -> list[tuple[int, int, list[ChunkRef]]]:
+        """The edit in the journal's form: ``[(old_start, old_count, [(id, len)...])]``."""
+        return [(r.old_start, r.old_count, [(s.id, s.length) for s in r.new]) for r in self.edits]
+
+
+def apply_edit(old: Sequence[ChunkRef], edits: Sequence) -> list[ChunkRef]:
+    """Apply ``[(old_start, old_count, new_refs)]`` (sorted, disjoint) to ``old``."""
+    out: list[ChunkRef] = []
+    cur = 0
+    for e in edits:
+        if isinstance(e, Replace):
+            start, count, new = e.old_start, e.old_count, [(s.id, s.length) for s in e.new]
+        else:
+            start, count, new = e
+        if start < cur or start + count > len(old):
+            raise ValueError(f"edit ({start}, {count}) out of order or beyond {len(old)} chunks")
+        out.extend(old[cur:start])
+        out.extend((bytes(i), int(n)) for i, n in new)
+        cur = start + count
+    out.extend(old[cur:])
+    return out
+
+
+def normalize_dirty(dirty: Sequence[tuple[int, int]], old_size: int, new_size: int) -> list[tuple[int, int]]:
+    """Sort, merge and clip dirty ranges; a size change is dirty to EOF.
+
+    The tail range ends at ``new_size + 1`` (past EOF) so it never allows a
+    resynchronisation: bytes near EOF decide the last cuts.
+    """
+    rs = sorted((max(0, s), min(e, new_size)) for s, e in dirty if e > s and s < new_size)
+    if old_size != new_size:
+        rs.append((min(old_size, new_size), new_size + 1))
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(rs):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def rechunk(
+    pread: Pread,
+    new_size: int,
+    old: Sequence[ChunkRef],
+    dirty: Sequence[tuple[int, int]],
+    on_chunk: Callable[[Span, memoryview], None] | None = None,
+) -> Rechunk:
+    """Re-chunk only around the dirty ranges; equal to a full re-chunking.
+
+    ``old`` is the chunk list of the version the dirty ranges were recorded
+    against; ``dirty`` the ``[start, end)`` byte ranges written since
+    (in-place writes).  A size change is handled here too (dirty from
+    ``min(old, new)`` to EOF), callers need not add it.
+
+    For each dirty range we restart at the last old boundary *strictly
+    before* its first byte (a cut decision reads the byte after the cut, so
+    a boundary equal to the dirty start is not trustworthy) and cut new
+    chunks until a new cut lands on an old boundary with no dirty byte at
+    or after it before the next range: from there on the old chunks are
+    what a full chunking would produce.  ``on_chunk(span, data)`` sees each
+    new chunk's bytes (a view valid during the call), so callers can hash
+    and compress without reading twice.
+    """
+    offsets = [0]
+    for _, n in old:
+        offsets.append(offsets[-1] + n)
+    old_size = offsets[-1]
+    ranges = normalize_dirty(dirty, old_size, new_size)
+    result = Rechunk(edits=[])
+    cur_k = 0  # old chunks before this index are settled
+    i = 0
+    while i < len(ranges):
+        s, dirty_end = ranges[i]
+        k = max(bisect.bisect_left(offsets, s) - 1, 0, cur_k)
+        start = offsets[k]
+        spans: list[Span] = []
+        end_k = len(old)
+        hint = min(dirty_end, new_size) - start + 2 * MAX_SIZE
+        pos = start
+        for off, data in cut_from(pread, start, new_size, hint):
+            result.bytes_read += len(data)
+            span = Span(chunk_id(data), off, len(data))
+            spans.append(span)
+            if on_chunk is not None:
+                on_chunk(span, data)
+            pos = off + len(data)
+            while i + 1 < len(ranges) and ranges[i + 1][0] <= pos:
+                i += 1
+                dirty_end = max(dirty_end, ranges[i][1])
+            if pos >= dirty_end and pos < new_size:
+                j = bisect.bisect_left(offsets, pos)
+                if j < len(offsets) and offsets[j] == pos:
+                    end_k = j
+                    break
+        else:
+            end_k = len(old)
+        result.edits.append(Replace(k, end_k - k, tuple(spans)))
+        result.new_spans.extend(spans)
+        cur_k = end_k
+        i += 1
+    return result
+
+
+# --- chunk codecs ----------------------------------------------------------
+
+
+class Base(NamedTuple):
+    """A candidate base for a delta: the old chunk a new chunk replaces."""
+
+    id: bytes
+    raw: bytes
+    depth: int  # 0 = the base itself is stored standalone
+
+
+@dataclass(frozen=True, slots=True)
+class NewChunk:
+    """A chunk ready for the journal (built in capture worker threads)."""
+
+    id: bytes
+    raw_len: int
+    payload: bytes  # see compress_chunk
+    base_id: bytes | None = None  # set iff payload is CODEC_ZSTD_DELTA
+    depth: int = 0  # 0 standalone, else base's depth + 1 (<= MAX_DELTA_DEPTH)
+
+
+def _dict(base_raw: bytes) -> zstandard.ZstdCompressionDict:
+    return zstandard.ZstdCompressionDict(bytes(base_raw), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
+def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level: int = ZSTD_LEVEL) -> bytes:
+    """Encode a chunk: one codec byte then the body (see CODEC_*).
+
+    With ``base_raw`` the chunk is compressed with the base's raw bytes as
+    a zstd raw-content dictionary, which finds everything the edit left
+    unchanged.  Whatever is smallest wins, raw included, so a payload never
+    exceeds ``len(raw) + 1``; only a CODEC_ZSTD_DELTA payload needs a base.
+    """
+    raw = bytes(raw)
+    best = bytes([CODEC_RAW]) + raw
+    plain = zstandard.ZstdCompressor(level=level).compress(raw)
+    if len(plain) + 1 < len(best):
+        best = bytes([CODEC_ZSTD]) + plain
+    if base_raw:
+        cctx = zstandard.ZstdCompressor(level=level, dict_data=_dict(base_raw), write_dict_id=False)
+        delta = cctx.compress(raw)
+        if len(delta) + 1 < len(best):
+            best = bytes([CODEC_ZSTD_DELTA]) + delta
+    return best
+
+
+def payload_needs_base(payload: bytes) -> bool:
+    return bool(payload) and payload[0] == CODEC_ZSTD_DELTA
+
+
+def decompress_chunk(payload: bytes | memoryview, base_raw: bytes | None = None) -> bytes:
+    """Inverse of :func:`compress_chunk` (raises ValueError on a bad payload)."""
+    payload = memoryview(payload)
+    if not len(payload):
+        raise ValueError("empty chunk payload")
+    codec = payload[0]
+    body = payload[1:]
+    if codec == CODEC_RAW:
+        return bytes(body)
+    if codec == CODEC_ZSTD:
+        return zstandard.ZstdDecompressor().decompress(body)
+    if codec == CODEC_ZSTD_DELTA:
+        if base_raw is None:
+            raise ValueError("delta chunk payload needs its base")
+        return zstandard.ZstdDecompressor(dict_data=_dict(base_raw)).decompress(body)
+    raise ValueError(f"unknown chunk codec {codec}")
+
+
+def build_chunk(raw: bytes | memoryview, base: Base | None = None, level: int = ZSTD_LEVEL) -> NewChunk:
+    """Compress a new chunk, against ``base`` unless its chain is too deep."""
+    raw = bytes(raw)
+    cid = chunk_id(raw)
+    if base is not None and (base.depth >= MAX_DELTA_DEPTH or base.id == cid):
+        base = None
+    payload = compress_chunk(raw, base.raw if base else None, level)
+    if base is not None and payload_needs_base(payload):
+        return NewChunk(cid, len(raw), payload, base.id, base.depth + 1)
+    return NewChunk(cid, len(raw), payload)
+
+
+def pick_bases(old: Sequence[ChunkRef], edit: Replace) -> list[ChunkRef | None]:
+    """The base (old chunk id, length) for each new chunk of one edit span.
+
+    New chunks are paired with the removed old chunks in order; extra new
+    chunks (the span grew) use the last removed chunk, which is where an
+    insertion or an append comes from.  ``None`` when nothing was removed.
+    """
+    removed = list(old[edit.old_start : edit.old_start + edit.old_count])
+    if not removed:
+        return [None] * len(edit.new)
+    return [removed[min(i, len(removed) - 1)] for i in range(len(edit.new))]

@@ -1,0 +1,166 @@
+"""Chunking: boundaries resynchronise, incremental == full, codecs round-trip."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deltafs import chunking as C
+
+
+def _content(seed: int, size: int) -> bytes:
+    """Random bytes mixed with repetitive text, so cuts vary in both."""
+    rnd = random.Random(seed)
+    parts = []
+    n = 0
+    while n < size:
+        if rnd.random() < 0.5:
+            b = rnd.randbytes(rnd.randint(1, 40000))
+        else:
+            word = rnd.randbytes(rnd.randint(1, 12))
+            b = word * rnd.randint(1, 3000)
+        parts.append(b)
+        n += len(b)
+    return b"".join(parts)[:size]
+
+
+def _pread(data: bytes):
+    return lambda off, n: data[off : off + n]
+
+
+def _offsets(refs):
+    out, o = [], 0
+    for _, n in refs:
+        out.append(o)
+        o += n
+    return out
+
+
+def test_chunk_sizes_within_bounds():
+    data = _content(1, 1_000_000)
+    refs = C.chunk_bytes(data)
+    assert sum(n for _, n in refs) == len(data)
+    assert all(C.MIN_SIZE <= n <= C.MAX_SIZE for _, n in refs[:-1])
+    assert refs == [(C.chunk_id(data[o : o + n]), n) for o, (_, n) in zip(_offsets(refs), refs)]
+
+
+def test_streaming_equals_one_buffer():
+    """Small windows must give the same cuts as one big buffer."""
+    data = _content(2, 3_000_000)
+    spans = [s for s, _ in C.chunk_stream(_pread(data), len(data))]
+    whole = [ch.length for ch in C._chunker().cut_buf(data)]
+    assert [s.length for s in spans] == whole
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32), at=st.floats(0, 1), ins=st.integers(1, 3000), delete=st.booleans())
+def test_boundaries_resynchronise_after_insert_or_delete(seed, at, ins, delete):
+    data = _content(seed, 400_000)
+    pos = int(at * len(data))
+    new = data[:pos] + data[pos + ins :] if delete else data[:pos] + random.Random(seed).randbytes(ins) + data[pos:]
+    old_refs, new_refs = C.chunk_bytes(data), C.chunk_bytes(new)
+    shift = -ins if delete else ins
+    old_cuts = {o + shift for o in _offsets(old_refs) if o > pos + ins + C.MAX_SIZE}
+    new_cuts = set(_offsets(new_refs))
+    # every old boundary well past the edit is a new boundary, shifted
+    tail = {o for o in old_cuts if o < len(new) - 2 * C.MAX_SIZE}
+    assert tail <= new_cuts or len(tail - new_cuts) <= 1
+    # and almost every chunk is shared
+    assert len(set(old_refs) & set(new_refs)) >= len(old_refs) - 6
+
+
+edit_ops = st.lists(
+    st.tuples(st.sampled_from(["write", "append", "truncate", "extend"]), st.floats(0, 1), st.integers(1, 70000)),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), size=st.integers(0, 500_000), ops=edit_ops)
+def test_incremental_equals_full(seed, size, ops):
+    rnd = random.Random(seed)
+    old = _content(seed, size)
+    old_refs = C.chunk_bytes(old)
+    new = bytearray(old)
+    dirty = []
+    for op, at, n in ops:
+        if op == "write":
+            off = int(at * len(new))
+            new[off : off + n] = rnd.randbytes(n)[: max(0, len(new) - off)] if off + n > len(new) else rnd.randbytes(n)
+            dirty.append((off, off + n))
+        elif op == "append":
+            dirty.append((len(new), len(new) + n))
+            new += rnd.randbytes(n)
+        elif op == "truncate":
+            del new[int(at * len(new)) :]
+        else:  # extend with zeros (ftruncate up)
+            new += bytes(n)
+    new = bytes(new)
+    seen = []
+    res = C.rechunk(_pread(new), len(new), old_refs, dirty, on_chunk=lambda s, d: seen.append((s, bytes(d))))
+    assert C.apply_edit(old_refs, res.edits) == C.chunk_bytes(new)
+    assert C.apply_edit(old_refs, res.edit_list()) == C.chunk_bytes(new)
+    assert [s for s, _ in seen] == res.new_spans
+    assert all(C.chunk_id(d) == s.id and new[s.offset : s.offset + s.length] == d for s, d in seen)
+
+
+def test_one_byte_edit_reads_little():
+    data = bytearray(_content(7, 10 * 1024 * 1024))
+    old_refs = C.chunk_bytes(bytes(data))
+    mid = len(data) // 2
+    data[mid] ^= 0xFF
+    res = C.rechunk(_pread(bytes(data)), len(data), old_refs, [(mid, mid + 1)])
+    assert C.apply_edit(old_refs, res.edits) == C.chunk_bytes(bytes(data))
+    assert len(res.new_spans) <= 3
+    assert res.bytes_read <= 3 * C.MAX_SIZE
+    assert sum(r.old_count for r in res.edits) <= 3
+
+
+def test_no_change_no_edit():
+    data = _content(3, 100_000)
+    refs = C.chunk_bytes(data)
+    assert C.rechunk(_pread(data), len(data), refs, []).edits == []
+    assert C.rechunk(_pread(b""), 0, [], []).edits == []
+    res = C.rechunk(_pread(b""), 0, refs, [])
+    assert C.apply_edit(refs, res.edits) == []
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_compress_round_trip(with_base):
+    base = _content(4, 60_000)
+    raw = base[:30_000] + b"edited!" + base[30_007:]
+    payload = C.compress_chunk(raw, base if with_base else None)
+    assert C.decompress_chunk(payload, base if with_base else None) == raw
+    if with_base:
+        assert C.payload_needs_base(payload)
+        assert len(payload) < 200
+        with pytest.raises(ValueError):
+            C.decompress_chunk(payload, None)
+
+
+def test_incompressible_stored_raw():
+    raw = random.Random(5).randbytes(20_000)
+    payload = C.compress_chunk(raw, None)
+    assert payload[0] == C.CODEC_RAW and len(payload) == len(raw) + 1
+    assert C.decompress_chunk(payload) == raw
+
+
+def test_build_chunk_depth_bound():
+    base_raw = _content(6, 30_000)
+    raw = base_raw[:-10] + b"0123456789"
+    nc = C.build_chunk(raw, C.Base(C.chunk_id(base_raw), base_raw, 2))
+    assert nc.base_id == C.chunk_id(base_raw) and nc.depth == 3
+    deep = C.build_chunk(raw, C.Base(C.chunk_id(base_raw), base_raw, C.MAX_DELTA_DEPTH))
+    assert deep.base_id is None and deep.depth == 0
+    assert C.decompress_chunk(deep.payload) == raw
+
+
+def test_pick_bases_pairs_in_order():
+    old = [(bytes([i]) * 16, 100) for i in range(5)]
+    e = C.Replace(1, 2, tuple(C.Span(bytes([9 + i]) * 16, 0, 1) for i in range(3)))
+    assert C.pick_bases(old, e) == [old[1], old[2], old[2]]
+    assert C.pick_bases(old, C.Replace(5, 0, (C.Span(b"x" * 16, 0, 1),))) == [None]
