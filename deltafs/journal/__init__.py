@@ -1,0 +1,89 @@
+"""The journal: the only owner of LMDB (see docs/format.md for the bytes).
+
+Public API (everything else in this package is internal)::
+
+    from deltafs.journal import Journal, Change, NewChunk
+
+    j = Journal.open(path, *, readonly=False, create=False, clock=None)
+        # create=True makes the directory and environment.  Writers take an
+        # exclusive flock on PATH/lock (pid inside): a second writer gets
+        # JournalLockedError naming the pid.  Read-only openers never lock
+        # and never block the writer.  Unknown format -> JournalFormatError.
+        # clock: () -> wall time in ns (tests drive the HLC with it).
+    j.path, j.journal_id (uuid str), j.format_version, j.readonly
+    j.sync_count            # write transactions committed so far (each one fsync)
+    j.data_size() -> int    # bytes allocated by data.mdb
+    j.close()  /  with Journal.open(...) as j: ...
+
+    # writing (writer only)
+    j.commit(changes: Sequence[Change]) -> list[int]     # one durable txn, seqs
+    j.start_writer()                                      # group-commit thread
+    j.submit(changes, callback)   # callback(list[int] | Exception) from the
+                                  # writer thread once its txn is synced; all
+                                  # queued submits share one txn (each nested,
+                                  # so a bad one fails alone)
+    j.stop_writer()               # drains the queue, then stops
+    j.set_setting(name: str, value)                 # msgpack-able value
+    j.kv_put(db, key: str, value) / j.kv_delete(db, key)   # db: "snapshots" | "mirrors"
+
+    # reading (any opener; one LMDB snapshot per `with`)
+    with j.reader() as r:
+        r.head_seq() -> int ; r.head_hash() -> bytes
+        r.record(seq) -> Record                       # NotFoundError if absent
+        r.records(start=1, end=None, reverse=False) -> Iterator[Record]  # inclusive
+        r.seq_at_time(time_ns) -> int                 # last seq at or before, 0 if none
+        r.file_id_at(path: bytes) -> int | None       # current tree
+        r.file_state(file_id) -> FileState | None     # also for deleted files
+        r.current_tree(prefix=b"") -> Iterator[(path, file_id, kind)]
+        r.versions_of(file_id) -> list[int]           # newest first, all ops
+        r.versions_under(path_prefix: bytes) -> list[int]  # by path or path2, newest first
+        r.chunk_list(seq) -> list[(id, length)]       # content versions only
+        r.has_chunk(id) -> bool ; r.chunk_info(id) -> ChunkInfo | None ; r.chunk_refs(id) -> int
+        r.read_chunk(id) -> bytes                     # verified; CorruptionError names it
+        r.iter_content(seq) -> Iterator[bytes]        # chunk by chunk
+        r.read_content(seq) -> bytes                  # small files / tests
+        r.tree_at(seq=None, prefix=b"") -> dict[path, TreeEntry]   # replays records
+        r.verify(full=False) -> VerifyReport          # CorruptionError names the record
+        r.stats() -> dict  # records, chunks, files, stored_bytes, raw_bytes, data_file_bytes, data_file_allocated
+        r.setting(name, default=None) ; r.kv_get(db, key, default=None) ; r.kv_items(db)
+
+Change (input, built by capture in worker threads; the writer assigns seq,
+HLC, hashes): op in {create, mkdir, symlink, mknod, link, unlink, rmdir,
+rename, setattr, setxattr, removexattr, write}; file_id (caller-chosen u64,
+stable across renames); path (bytes relative to SRC, b"" = root); path2
+(rename target / new link path); target (symlink); mode, uid, gid,
+mtime_ns, size, rdev, flags (rename: RENAME_EXCHANGE); xattr_name,
+xattr_value; and for op="write": cause in {write, fsync, preimage, scan,
+restore, rename-over}, base_seq (the content version the edit was computed
+against, 0 = none), edit = [(old_start, old_count, [(id, length), ...])]
+(``chunking.Rechunk.edit_list()``), chunks = [NewChunk] (new chunks; known
+ones are deduplicated).
+
+Capture recipe for a content version (worker thread, no journal lock)::
+
+    with j.reader() as r:
+        old = r.chunk_list(base_seq) if base_seq else []
+    res = chunking.rechunk(pread, new_size, old, dirty, on_chunk=...)
+    # for each new span: base = chunking.pick_bases(old, edit)[i];
+    #   base_raw = r.read_chunk(base_id); depth = r.chunk_info(base_id).depth
+    #   chunking.build_chunk(data, chunking.Base(base_id, base_raw, depth))
+    j.submit([Change(op="write", file_id=..., path=..., size=new_size,
+                     cause="fsync", base_seq=base_seq, edit=res.edit_list(),
+                     chunks=new_chunks)], callback)
+"""
+
+from deltafs.chunking import NewChunk
+
+from .core import Journal
+from .hlc import hlc_to_ns, ns_to_hlc
+from .reader import ChunkInfo, Reader, VerifyReport
+from .records import CAUSES, OPS, RENAME_EXCHANGE, Change, Record
+from .schema import CHECKPOINT_EVERY, FORMAT_VERSION, content_hash
+from .state import KIND_DIR, KIND_FILE, KIND_SPECIAL, KIND_SYMLINK, FileState, TreeEntry
+
+__all__ = [
+    "CAUSES", "CHECKPOINT_EVERY", "FORMAT_VERSION", "KIND_DIR", "KIND_FILE", "KIND_SPECIAL",
+    "KIND_SYMLINK", "OPS", "RENAME_EXCHANGE", "Change", "ChunkInfo", "FileState", "Journal",
+    "NewChunk", "Reader", "Record", "TreeEntry", "VerifyReport", "content_hash", "hlc_to_ns",
+    "ns_to_hlc",
+]

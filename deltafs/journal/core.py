@@ -1,0 +1,396 @@
+"""The Journal: opening, locking, the single writer and group commit."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import lmdb
+import msgpack
+
+from deltafs.chunking import CHUNKER_PARAMS, apply_edit
+from deltafs.errors import JournalError, JournalFormatError, JournalLockedError, NotFoundError
+
+from . import schema as S
+from .hlc import HLC
+from .reader import LmdbStore, Reader
+from .records import CAUSES, OPS, Change, decode_record, encode_record
+from .state import apply_record
+
+log = logging.getLogger(__name__)
+
+MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
+MAX_BATCH = 1024  # submits folded into one transaction at most
+QUEUE_SIZE = 4096
+LIST_CACHE_ENTRIES = 2_000_000  # chunk-list entries kept for the writer
+_STOP = object()
+
+Callback = Callable[[object], None]
+
+
+def _packb(v) -> bytes:
+    return msgpack.packb(v, use_bin_type=True)
+
+
+class Journal:
+    """An open journal.  Use :meth:`open`; see the package docstring."""
+
+    def __init__(self, path: str, env: lmdb.Environment, dbs: dict, readonly: bool, lock_fd: int | None, clock) -> None:
+        self.path = path
+        self.env = env
+        self._dbs = dbs
+        self.readonly = readonly
+        self._lock_fd = lock_fd
+        self._wlock = threading.Lock()
+        self._hlc = HLC(clock or time.time_ns)
+        self._lists: OrderedDict[int, tuple[list, int, int]] = OrderedDict()
+        self._list_entries = 0
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self.sync_count = 0  # write transactions committed (each one sync)
+        with self.reader() as r:
+            self.journal_id: str = r.meta(S.META_JOURNAL_ID)
+            self.format_version: int = r.meta(S.META_FORMAT)
+            self._hlc.restore(r.meta(S.META_HLC, 0))
+
+    # --- opening -------------------------------------------------------------
+    @classmethod
+    def open(cls, path, *, readonly: bool = False, create: bool = False, clock: Callable[[], int] | None = None) -> "Journal":
+        path = os.path.abspath(os.fspath(path))
+        if create and not readonly:
+            os.makedirs(path, exist_ok=True)
+        if not os.path.exists(os.path.join(path, "data.mdb")) and not (create and not readonly):
+            raise NotFoundError(f"no deltafs journal at {path}")
+        lock_fd = None if readonly else _take_lock(path)
+        try:
+            env = lmdb.open(
+                path, map_size=MAP_SIZE, max_dbs=S.MAX_DBS, readonly=readonly, lock=True,
+                sync=True, metasync=True, readahead=False, max_readers=510, subdir=True,
+            )
+        except lmdb.Error as e:
+            _release_lock(lock_fd)
+            raise JournalError(f"cannot open journal {path}: {e}") from e
+        try:
+            dbs = _open_dbs(env, path, readonly)
+            j = cls(path, env, dbs, readonly, lock_fd, clock)
+        except BaseException:
+            env.close()
+            _release_lock(lock_fd)
+            raise
+        log.info("opened journal %s (%s, id %s)", path, "read-only" if readonly else "writer", j.journal_id)
+        return j
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.stop_writer()
+        self.env.close()
+        _release_lock(self._lock_fd)
+        self._lock_fd = None
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- reading ---------------------------------------------------------------
+    @contextmanager
+    def reader(self) -> Iterator[Reader]:
+        """A read snapshot; never blocks the writer (keep it short-lived)."""
+        txn = self.env.begin(write=False)
+        try:
+            yield Reader(self, txn)
+        finally:
+            txn.abort()
+
+    def data_size(self) -> int:
+        """Bytes allocated on disk by data.mdb (the map is sparse)."""
+        return os.stat(os.path.join(self.path, "data.mdb")).st_blocks * 512
+
+    # --- writing ---------------------------------------------------------------
+    def commit(self, changes: Sequence[Change]) -> list[int]:
+        """Journal ``changes`` in one durable transaction; -> their seqs."""
+        (res,) = self._commit_batch([(list(changes), None)])
+        if isinstance(res, BaseException):
+            raise res
+        return res
+
+    def start_writer(self) -> None:
+        """Start the group-commit thread used by :meth:`submit`."""
+        self._check_writable()
+        if self._thread is not None:
+            return
+        self._queue = queue.Queue(maxsize=QUEUE_SIZE)
+        self._thread = threading.Thread(target=self._writer_loop, name="deltafs-journal-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, changes: Sequence[Change], callback: Callback | None = None) -> None:
+        """Queue ``changes`` for the writer thread (blocks when the queue is full).
+
+        ``callback(list_of_seqs | exception)`` runs in the writer thread once
+        the transaction holding them is synced; keep it short (e.g.
+        ``trio.from_thread.run_sync`` of a memory-channel send).
+        """
+        if self._queue is None:
+            raise RuntimeError("journal writer not started")
+        self._queue.put((list(changes), callback))
+
+    def stop_writer(self) -> None:
+        """Commit everything queued, then stop the writer thread."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._thread = None
+        self._queue = None
+
+    def set_setting(self, name: str, value) -> None:
+        self._small_write(S.DB_META, S.META_SETTING_PREFIX + name.encode(), _packb(value))
+
+    def kv_put(self, db: str, key: str, value) -> None:
+        """Set ``key`` in the generic store ``db`` ("snapshots" or "mirrors")."""
+        self._small_write(S.KV_DBS[db], key.encode(), _packb(value))
+
+    def kv_delete(self, db: str, key: str) -> None:
+        self._small_write(S.KV_DBS[db], key.encode(), None)
+
+    # --- internals ---------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise JournalError(f"journal {self.path} is open read-only")
+
+    def _small_write(self, db: bytes, key: bytes, value: bytes | None) -> None:
+        self._check_writable()
+        with self._wlock, self.env.begin(write=True) as txn:
+            if value is None:
+                txn.delete(key, db=self._dbs[db])
+            else:
+                txn.put(key, value, db=self._dbs[db])
+        self.sync_count += 1
+
+    def _writer_loop(self) -> None:
+        q = self._queue
+        stop = False
+        while not stop:
+            item = q.get()
+            if item is _STOP:
+                break
+            batch = [item]
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                batch.append(nxt)
+            results = self._commit_batch(batch)
+            for (_, cb), res in zip(batch, results):
+                if cb is not None:
+                    try:
+                        cb(res)
+                    except Exception:
+                        log.exception("journal submit callback failed")
+
+    def _commit_batch(self, batch: list[tuple[list[Change], Callback | None]]) -> list:
+        """One write transaction for the batch; each submit in a nested
+        transaction so one bad submit fails alone."""
+        self._check_writable()
+        results: list = []
+        with self._wlock:
+            txn = self.env.begin(write=True)
+            try:
+                for changes, _ in batch:
+                    child = self.env.begin(write=True, parent=txn)
+                    try:
+                        seqs = [self._apply(child, ch) for ch in changes]
+                        child.commit()
+                        results.append(seqs)
+                    except Exception as e:  # noqa: BLE001 - handed to the caller
+                        child.abort()
+                        self._clear_list_cache()
+                        log.warning("journal rejected a change: %s", e)
+                        results.append(e)
+                txn.commit()
+                self.sync_count += 1
+            except BaseException as e:
+                txn.abort()
+                self._clear_list_cache()
+                if not isinstance(e, Exception):
+                    raise
+                log.error("journal commit failed: %s", e)
+                err = _translate(e, self.path)
+                results = [err for _ in batch]
+        return results
+
+    def _apply(self, txn, ch: Change) -> int:
+        if ch.op not in OPS:
+            raise ValueError(f"unknown op {ch.op!r}")
+        if ch.op in ("rename", "link") and ch.path2 is None:
+            raise ValueError(f"{ch.op} needs path2")
+        rd = Reader(self, txn)
+        seq = rd.head_seq() + 1
+        prev = rd.head_hash()
+        hlc = self._hlc.tick()
+        stored = chash = None
+        if ch.op == "write":
+            stored, chash = self._content(txn, rd, ch, seq)
+        value, _ = encode_record(seq, hlc, ch, prev, stored, chash)
+        txn.put(S.u64(seq), value, db=self._dbs[S.DB_CHANGES], append=True)
+        rec = decode_record(value)
+        apply_record(LmdbStore(txn, self._dbs), rec)
+        txn.put(S.history_key(ch.file_id, seq), b"", db=self._dbs[S.DB_HISTORY])
+        for p in (ch.path, ch.path2):
+            if p is not None:
+                txn.put(S.path_key(p) + S.u64(seq), S.u64(ch.file_id), db=self._dbs[S.DB_PATHLOG])
+        txn.put(S.META_HLC, _packb(hlc), db=self._dbs[S.DB_META])
+        return seq
+
+    def _incref(self, txn, cid: bytes, n: int = 1) -> None:
+        db = self._dbs[S.DB_REFS]
+        v = txn.get(cid, db=db)
+        txn.put(cid, S.u64((S.from_u64(v) if v else 0) + n), db=db)
+
+    def _content(self, txn, rd: Reader, ch: Change, seq: int) -> tuple[int, bytes]:
+        if ch.size is None or ch.edit is None:
+            raise ValueError("a content version needs size and edit")
+        if ch.cause not in CAUSES:
+            raise ValueError(f"unknown cause {ch.cause!r}")
+        stored = raw = 0
+        cdb = self._dbs[S.DB_CHUNKS]
+        for nc in ch.chunks:
+            if len(nc.id) != S.ID_LEN:
+                raise ValueError("chunk id must be 16 bytes")
+            if nc.base_id is not None and txn.get(nc.base_id, db=cdb) is None:
+                raise ValueError(f"base chunk {nc.base_id.hex()} of chunk {nc.id.hex()} is not stored")
+            val = S.encode_chunk(nc.depth if nc.base_id else 0, nc.raw_len, nc.base_id, nc.payload)
+            if txn.put(nc.id, val, db=cdb, overwrite=False):
+                stored += len(val)
+                raw += nc.raw_len
+                if nc.base_id is not None:
+                    self._incref(txn, nc.base_id)
+        base = ch.base_seq or 0
+        old, depth, accum = self._list_for(rd, base) if base else ([], -1, 0)
+        edit = [(int(s), int(c), [(bytes(i), int(n)) for i, n in refs]) for s, c, refs in ch.edit]
+        new = apply_edit(old, edit)
+        if sum(n for _, n in new) != ch.size:
+            raise ValueError(f"chunk list of {ch.path!r} sums to {sum(n for _, n in new)} bytes, size is {ch.size}")
+        ch.edit = edit
+        entries = 0
+        for _, _, refs in edit:
+            for cid, _ in refs:
+                if txn.get(cid, db=cdb) is None:
+                    raise ValueError(f"chunk {cid.hex()} named by the edit is not stored")
+                self._incref(txn, cid)
+            entries += len(refs)
+        depth, accum = depth + 1, accum + entries
+        if base and (depth >= S.CHECKPOINT_EVERY or accum > 2 * len(new) + 64):
+            txn.put(S.u64(seq), S.pack_list(new), db=self._dbs[S.DB_CHECKPOINTS])
+            for cid, _ in new:
+                self._incref(txn, cid)
+            depth = accum = 0
+        self._cache_list(seq, new, depth, accum)
+        mdb = self._dbs[S.DB_META]
+        txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
+        txn.put(S.META_RAW, _packb(rd.meta(S.META_RAW, 0) + raw), db=mdb)
+        return stored, S.content_hash(new)
+
+    def _list_for(self, rd: Reader, seq: int) -> tuple[list, int, int]:
+        """(full list, edits since a full list, edit entries since) of ``seq``."""
+        hit = self._lists.get(seq)
+        if hit is not None:
+            self._lists.move_to_end(seq)
+            return hit
+        start, chain = rd.list_chain(seq)
+        refs = start
+        for r in chain:
+            refs = apply_edit(refs, r.edit or [])
+        depth = len(chain) - (1 if chain and not chain[0].base_seq else 0)
+        accum = sum(len(x[2]) for r in chain for x in (r.edit or []))
+        self._cache_list(seq, refs, depth, accum)
+        return refs, depth, accum
+
+    def _cache_list(self, seq: int, refs: list, depth: int, accum: int) -> None:
+        self._lists[seq] = (refs, depth, accum)
+        self._list_entries += len(refs)
+        while self._list_entries > LIST_CACHE_ENTRIES and len(self._lists) > 1:
+            _, (old, _, _) = self._lists.popitem(last=False)
+            self._list_entries -= len(old)
+
+    def _clear_list_cache(self) -> None:
+        self._lists.clear()
+        self._list_entries = 0
+
+
+def _translate(e: Exception, path: str) -> Exception:
+    if isinstance(e, lmdb.MapFullError):
+        return JournalError(f"journal {path} is full (LMDB map size reached)")
+    if isinstance(e, lmdb.DiskError) or (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+        return JournalError(f"journal {path}: disk full or I/O error: {e}")
+    return e
+
+
+def _take_lock(path: str) -> int:
+    lock_path = os.path.join(path, "lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise JournalLockedError(f"journal {path} is locked by another writer (pid {pid})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _release_lock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the only fd drops the flock
+
+
+def _open_dbs(env: lmdb.Environment, path: str, readonly: bool) -> dict:
+    dbs = {}
+    try:
+        meta = env.open_db(S.DB_META, create=not readonly)
+    except lmdb.NotFoundError:
+        raise JournalFormatError(f"{path} is not a deltafs journal (no meta database)") from None
+    with env.begin(write=not readonly) as txn:
+        fmt = txn.get(S.META_FORMAT, db=meta)
+        if fmt is None and readonly:
+            raise JournalFormatError(f"{path} is not an initialised deltafs journal")
+        if fmt is not None:
+            _check_format(path, msgpack.unpackb(fmt), txn.get(S.META_CHUNKER, db=meta))
+        else:
+            txn.put(S.META_FORMAT, _packb(S.FORMAT_VERSION), db=meta)
+            txn.put(S.META_JOURNAL_ID, _packb(str(uuid.uuid4())), db=meta)
+            txn.put(S.META_CREATED, _packb(time.time_ns()), db=meta)
+            txn.put(S.META_CHUNKER, _packb(CHUNKER_PARAMS), db=meta)
+            txn.put(S.META_HLC, _packb(0), db=meta)
+            log.info("created journal %s", path)
+    for name in S.ALL_DBS:
+        try:
+            dbs[name] = meta if name == S.DB_META else env.open_db(name, create=not readonly)
+        except lmdb.NotFoundError:
+            raise JournalFormatError(f"journal {path} lacks database {name.decode()}: damaged or of another format") from None
+    return dbs
+
+
+def _check_format(path: str, fmt, chunker: bytes | None) -> None:
+    if fmt != S.FORMAT_VERSION:
+        raise JournalFormatError(
+            f"journal {path} has format version {fmt}; this deltafs reads format version {S.FORMAT_VERSION}"
+        )
+    if chunker is None or msgpack.unpackb(chunker, raw=False) != CHUNKER_PARAMS:
+        raise JournalFormatError(f"journal {path} was chunked with other parameters than this deltafs uses")

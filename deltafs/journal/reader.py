@@ -1,0 +1,358 @@
+"""Read access to a journal: one LMDB read snapshot per ``Reader``.
+
+Works in read-only openers (CLI history tools, other processes) and inside
+the writer (it is handed the write transaction to rebuild chunk lists).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import msgpack
+
+from deltafs.chunking import apply_edit, chunk_id, decompress_chunk
+from deltafs.errors import CorruptionError, NotFoundError
+
+from . import schema as S
+from .records import ZERO_HASH, Record, body_hash, decode_record, split_value
+from .state import FileState, MemStore, TreeEntry, apply_record, children_prefix, tree_entry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    raw_len: int
+    stored_len: int  # bytes of the LMDB value (header + payload)
+    base_id: bytes | None
+    depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    records: int
+    chunks_checked: int
+    versions_checked: int
+
+
+class LmdbStore:
+    """The ``paths``/``files`` indexes of one transaction, as a state.Store."""
+
+    def __init__(self, txn, dbs) -> None:
+        self.txn = txn
+        self.dbs = dbs
+
+    def get_path(self, path):
+        v = self.txn.get(S.path_key(path), db=self.dbs[S.DB_PATHS])
+        if v is None:
+            return None
+        fid, kind, *_ = msgpack.unpackb(v)
+        return fid, kind
+
+    def put_path(self, path, file_id, kind):
+        key = S.path_key(path)
+        val = [file_id, kind, path] if S.path_key_is_hashed(key) else [file_id, kind]
+        self.txn.put(key, msgpack.packb(val, use_bin_type=True), db=self.dbs[S.DB_PATHS])
+
+    def del_path(self, path):
+        self.txn.delete(S.path_key(path), db=self.dbs[S.DB_PATHS])
+
+    def iter_paths(self, prefix: bytes = b"") -> Iterator[tuple[bytes, int, str]]:
+        """(path, file id, kind) of every path starting with ``prefix``, in key order."""
+        scan = prefix[: S.PATH_KEY_PREFIX]
+        cur = self.txn.cursor(db=self.dbs[S.DB_PATHS])
+        if not cur.set_range(scan):
+            return
+        for key, v in cur:
+            if not key.startswith(scan):
+                break
+            fid, kind, *rest = msgpack.unpackb(v)
+            path = rest[0] if rest else key
+            if path.startswith(prefix):
+                yield path, fid, kind
+
+    def paths_under(self, dir_path):
+        return [p for p, _, _ in self.iter_paths(children_prefix(dir_path)) if p != dir_path]
+
+    def get_file(self, file_id):
+        v = self.txn.get(S.u64(file_id), db=self.dbs[S.DB_FILES])
+        return FileState.unpack(v) if v is not None else None
+
+    def put_file(self, file_id, st):
+        self.txn.put(S.u64(file_id), st.pack(), db=self.dbs[S.DB_FILES])
+
+
+class Reader:
+    """A consistent view of the journal (see the package docstring for the API)."""
+
+    def __init__(self, journal, txn) -> None:
+        self._j = journal
+        self.txn = txn
+        self.dbs = journal._dbs
+        self.store = LmdbStore(txn, self.dbs)
+
+    # --- records -----------------------------------------------------------
+    def head_seq(self) -> int:
+        cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
+        return S.from_u64(cur.key()) if cur.last() else 0
+
+    def head_hash(self) -> bytes:
+        cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
+        return split_value(cur.value())[0] if cur.last() else ZERO_HASH
+
+    def record(self, seq: int) -> Record:
+        v = self.txn.get(S.u64(seq), db=self.dbs[S.DB_CHANGES])
+        if v is None:
+            raise NotFoundError(f"no record {seq} in the journal (head is {self.head_seq()})")
+        try:
+            return decode_record(v)
+        except Exception as e:
+            raise CorruptionError(f"record {seq} cannot be decoded: {e}") from e
+
+    def records(self, start: int = 1, end: int | None = None, reverse: bool = False) -> Iterator[Record]:
+        """Records with ``start <= seq <= end`` (end None: to the head)."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
+        if not reverse:
+            if not cur.set_range(S.u64(max(start, 0))):
+                return
+            for k, v in cur:
+                seq = S.from_u64(k)
+                if end is not None and seq > end:
+                    break
+                yield decode_record(v)
+        else:
+            top = end if end is not None else self.head_seq()
+            if not cur.set_range(S.u64(top + 1)):
+                if not cur.last():
+                    return
+            elif not cur.prev():
+                return
+            for k, v in cur.iterprev():
+                seq = S.from_u64(k)
+                if seq < start:
+                    break
+                yield decode_record(v)
+
+    def seq_at_time(self, time_ns: int) -> int:
+        """The last seq whose HLC time is <= ``time_ns`` (0 if none)."""
+        hlc = (time_ns // 1_000_000 + 1) << 16
+        lo, hi = 0, self.head_seq()
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.record(mid).hlc < hlc:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    # --- indexes -----------------------------------------------------------
+    def file_id_at(self, path: bytes) -> int | None:
+        e = self.store.get_path(path)
+        return e[0] if e else None
+
+    def file_state(self, file_id: int) -> FileState | None:
+        return self.store.get_file(file_id)
+
+    def current_tree(self, prefix: bytes = b"") -> Iterator[tuple[bytes, int, str]]:
+        """(path, file id, kind) of the current tree, from the ``paths`` index."""
+        return self.store.iter_paths(prefix)
+
+    def versions_of(self, file_id: int) -> list[int]:
+        """Seqs of every record about ``file_id``, newest first."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_HISTORY])
+        pre = S.u64(file_id)
+        out = []
+        if cur.set_range(pre):
+            for k in cur.iternext(values=False):
+                if not k.startswith(pre):
+                    break
+                out.append(S.from_u64(k[8:]))
+        out.reverse()
+        return out
+
+    def versions_under(self, prefix: bytes) -> list[int]:
+        """Seqs of every record whose path or path2 is ``prefix`` or below it
+        (deleted and renamed-away files included), newest first; b'' = all."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_PATHLOG])
+        scan = prefix[: S.PATH_KEY_PREFIX]
+        seqs = set()
+        if cur.set_range(scan):
+            for k in cur.iternext(values=False):
+                if not k.startswith(scan):
+                    break
+                pk, seq = k[:-8], S.from_u64(k[-8:])
+                if S.path_key_is_hashed(pk) or len(prefix) > S.PATH_KEY_PREFIX:
+                    r = self.record(seq)
+                    paths = [r.path, r.path2]
+                else:
+                    paths = [pk]
+                if any(p is not None and (not prefix or p == prefix or p.startswith(prefix + b"/")) for p in paths):
+                    seqs.add(seq)
+        return sorted(seqs, reverse=True)
+
+    # --- chunk lists -------------------------------------------------------
+    def _content_record(self, seq: int) -> Record:
+        r = self.record(seq)
+        if not r.is_content:
+            raise NotFoundError(f"record {seq} is a {r.op}, not a content version")
+        return r
+
+    def list_chain(self, seq: int) -> tuple[list[tuple[bytes, int]], list[Record]]:
+        """-> (starting full list, edits to apply oldest first).
+
+        The start is a checkpoint, or empty when the oldest record of the
+        chain has ``base_seq == 0`` (its edit is a full list).
+        """
+        chain: list[Record] = []
+        s = seq
+        while True:
+            cp = self.txn.get(S.u64(s), db=self.dbs[S.DB_CHECKPOINTS])
+            if cp is not None:
+                return S.unpack_list(cp), chain[::-1]
+            r = self._content_record(s)
+            chain.append(r)
+            if not r.base_seq:
+                return [], chain[::-1]
+            if len(chain) > 10 * S.CHECKPOINT_EVERY + 10:
+                raise CorruptionError(f"chunk list of record {seq}: edit chain too long at record {s}")
+            s = r.base_seq
+
+    def chunk_list(self, seq: int) -> list[tuple[bytes, int]]:
+        """Full chunk list [(id, length)] of content version ``seq``."""
+        refs, chain = self.list_chain(seq)
+        for r in chain:
+            try:
+                refs = apply_edit(refs, r.edit or [])
+            except ValueError as e:
+                raise CorruptionError(f"record {r.seq}: chunk-list edit does not apply: {e}") from e
+        return refs
+
+    # --- chunks ------------------------------------------------------------
+    def has_chunk(self, cid: bytes) -> bool:
+        return self.txn.get(cid, db=self.dbs[S.DB_CHUNKS]) is not None
+
+    def chunk_info(self, cid: bytes) -> ChunkInfo | None:
+        v = self.txn.get(cid, db=self.dbs[S.DB_CHUNKS])
+        if v is None:
+            return None
+        depth, raw_len, base, _ = S.decode_chunk(v)
+        return ChunkInfo(raw_len, len(v), base, depth)
+
+    def chunk_refs(self, cid: bytes) -> int:
+        v = self.txn.get(cid, db=self.dbs[S.DB_REFS])
+        return S.from_u64(v) if v else 0
+
+    def read_chunk(self, cid: bytes, _depth: int = 0) -> bytes:
+        """Raw bytes of a chunk, verified against its id."""
+        v = self.txn.get(cid, db=self.dbs[S.DB_CHUNKS])
+        if v is None:
+            raise CorruptionError(f"chunk {cid.hex()} is missing from the journal")
+        try:
+            depth, raw_len, base, payload = S.decode_chunk(v)
+            if _depth > 2 * 64:
+                raise ValueError("delta chain loops")
+            base_raw = self.read_chunk(base, _depth + 1) if base else None
+            raw = decompress_chunk(payload, base_raw)
+        except CorruptionError:
+            raise
+        except Exception as e:
+            raise CorruptionError(f"chunk {cid.hex()} cannot be decoded: {e}") from e
+        if len(raw) != raw_len or chunk_id(raw) != cid:
+            raise CorruptionError(f"chunk {cid.hex()} is corrupt: its content does not match its id")
+        return raw
+
+    def iter_content(self, seq: int) -> Iterator[bytes]:
+        """The bytes of content version ``seq``, one chunk at a time."""
+        for cid, _ in self.chunk_list(seq):
+            yield self.read_chunk(cid)
+
+    def read_content(self, seq: int) -> bytes:
+        """Whole content of a version (small files and tests only)."""
+        return b"".join(self.iter_content(seq))
+
+    # --- trees -------------------------------------------------------------
+    def tree_at(self, seq: int | None = None, prefix: bytes = b"") -> dict[bytes, TreeEntry]:
+        """The tree right after record ``seq`` (None: head).
+
+        Replays every record from 1 (O(history)); fine for now, snapshots of
+        the tree can make it incremental later without a format change.
+        """
+        store = MemStore()
+        for r in self.records(1, seq):
+            apply_record(store, r)
+        out = {}
+        for p, (fid, _) in sorted(store.paths.items()):
+            if prefix and not (p == prefix or p.startswith(prefix + b"/")):
+                continue
+            out[p] = tree_entry(p, fid, store.files[fid])
+        return out
+
+    # --- integrity ---------------------------------------------------------
+    def verify(self, full: bool = False) -> VerifyReport:
+        """Walk the hash chain; with ``full`` also every chunk and chunk list.
+
+        Raises CorruptionError naming the first broken record or chunk.
+        """
+        prev, expected, last_hlc, n, versions = ZERO_HASH, 1, -1, 0, 0
+        cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
+        for k, v in cur:
+            seq = S.from_u64(k)
+            if seq != expected:
+                raise CorruptionError(f"record {expected} is missing (next key is {seq})")
+            h, body = split_value(v)
+            if body_hash(body) != h:
+                raise CorruptionError(f"record {seq} has been altered: its hash does not match its content")
+            try:
+                r = decode_record(v)
+            except Exception as e:
+                raise CorruptionError(f"record {seq} cannot be decoded: {e}") from e
+            if r.seq != seq:
+                raise CorruptionError(f"record {seq} claims to be record {r.seq}")
+            if r.prev != prev:
+                raise CorruptionError(f"record {seq} does not continue the chain (prev hash mismatch)")
+            if r.hlc <= last_hlc:
+                raise CorruptionError(f"record {seq} goes back in time (HLC {r.hlc} <= {last_hlc})")
+            if full and r.is_content:
+                refs = self.chunk_list(seq)
+                if S.content_hash(refs) != r.content_hash or sum(n for _, n in refs) != r.size:
+                    raise CorruptionError(f"record {seq}: chunk list does not match its content hash")
+                versions += 1
+            prev, last_hlc, expected, n = h, r.hlc, seq + 1, n + 1
+        chunks = 0
+        if full:
+            for cid in self.txn.cursor(db=self.dbs[S.DB_CHUNKS]).iternext(values=False):
+                self.read_chunk(cid)
+                chunks += 1
+        return VerifyReport(n, chunks, versions)
+
+    # --- stats and small key/value stores -------------------------------------
+    def meta(self, key: bytes, default=None):
+        v = self.txn.get(key, db=self.dbs[S.DB_META])
+        return msgpack.unpackb(v, raw=False) if v is not None else default
+
+    def stats(self) -> dict:
+        data = os.path.join(self._j.path, "data.mdb")
+        return {
+            "records": self.head_seq(),
+            "chunks": self.txn.stat(self.dbs[S.DB_CHUNKS])["entries"],
+            "files": self.txn.stat(self.dbs[S.DB_FILES])["entries"],
+            "stored_bytes": self.meta(S.META_STORED, 0),
+            "raw_bytes": self.meta(S.META_RAW, 0),
+            "data_file_bytes": os.stat(data).st_size,
+            "data_file_allocated": os.stat(data).st_blocks * 512,
+        }
+
+    def setting(self, name: str, default=None):
+        return self.meta(S.META_SETTING_PREFIX + name.encode(), default)
+
+    def kv_get(self, db: str, key: str, default=None):
+        """Value of ``key`` in the generic store ``db`` ("snapshots", "mirrors")."""
+        v = self.txn.get(key.encode(), db=self.dbs[S.KV_DBS[db]])
+        return msgpack.unpackb(v, raw=False) if v is not None else default
+
+    def kv_items(self, db: str) -> list[tuple[str, object]]:
+        cur = self.txn.cursor(db=self.dbs[S.KV_DBS[db]])
+        return [(k.decode(), msgpack.unpackb(v, raw=False)) for k, v in cur]

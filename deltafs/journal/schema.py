@@ -1,0 +1,119 @@
+"""Names and byte encodings of the journal's LMDB databases.
+
+Everything that decides how bytes look on disk lives here, so that
+docs/format.md and the code can be checked against each other in one file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Iterable, Sequence
+
+FORMAT_VERSION = 1
+MAX_DBS = 16
+CHECKPOINT_EVERY = 32  # a chunk list never needs more than this many edits
+
+# named databases (key -> value, see docs/format.md)
+DB_META = b"meta"
+DB_CHANGES = b"changes"
+DB_FILES = b"files"
+DB_PATHS = b"paths"
+DB_HISTORY = b"history"
+DB_PATHLOG = b"pathlog"
+DB_CHUNKS = b"chunks"
+DB_REFS = b"refs"
+DB_CHECKPOINTS = b"checkpoints"
+DB_SNAPSHOTS = b"snapshots"
+DB_MIRRORS = b"mirrors"
+ALL_DBS = (
+    DB_META, DB_CHANGES, DB_FILES, DB_PATHS, DB_HISTORY, DB_PATHLOG,
+    DB_CHUNKS, DB_REFS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS,
+)
+KV_DBS = {"snapshots": DB_SNAPSHOTS, "mirrors": DB_MIRRORS}
+
+# meta keys
+META_FORMAT = b"format"
+META_JOURNAL_ID = b"journal_id"
+META_CREATED = b"created_ns"
+META_HLC = b"hlc"
+META_CHUNKER = b"chunker"
+META_STORED = b"stored_bytes"
+META_RAW = b"raw_bytes"
+META_SETTING_PREFIX = b"set:"
+
+_U64 = struct.Struct(">Q")
+_CHUNK_HDR = struct.Struct(">BBI")  # fmt, depth, raw_len
+CHUNK_FMT = 1
+ID_LEN = 16
+HASH_LEN = 32
+ENTRY_LEN = ID_LEN + 4  # packed chunk-list entry: id || u32 length
+
+# LMDB's default max key size is 511 bytes; paths can be 4095.
+PATH_KEY_MAX = 480
+PATH_KEY_PREFIX = 449
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def from_u64(b: bytes) -> int:
+    return _U64.unpack(b)[0]
+
+
+def path_key(path: bytes) -> bytes:
+    """Key of a path: itself if short, else a 449-byte prefix + blake2b-256.
+
+    Hashed keys are 481 bytes long, so they never equal a plain key
+    (<= 480 bytes); byte order still groups a directory's entries under
+    its first 449 bytes, which keeps prefix scans possible.
+    """
+    if len(path) <= PATH_KEY_MAX:
+        return path
+    return path[:PATH_KEY_PREFIX] + hashlib.blake2b(path, digest_size=32).digest()
+
+
+def path_key_is_hashed(key: bytes) -> bool:
+    return len(key) > PATH_KEY_MAX
+
+
+def history_key(file_id: int, seq: int) -> bytes:
+    return _U64.pack(file_id) + _U64.pack(seq)
+
+
+def pack_list(refs: Iterable[tuple[bytes, int]]) -> bytes:
+    """Packed chunk list: for each chunk, id (16 bytes) || length (u32 BE)."""
+    return b"".join(i + n.to_bytes(4, "big") for i, n in refs)
+
+
+def unpack_list(b: bytes) -> list[tuple[bytes, int]]:
+    if len(b) % ENTRY_LEN:
+        raise ValueError("packed chunk list of bad length")
+    mv = bytes(b)
+    return [(mv[o : o + ID_LEN], int.from_bytes(mv[o + ID_LEN : o + ENTRY_LEN], "big")) for o in range(0, len(mv), ENTRY_LEN)]
+
+
+def content_hash(refs: Sequence[tuple[bytes, int]]) -> bytes:
+    """blake2b-256 of the packed full chunk list (defines a version's content)."""
+    return hashlib.blake2b(pack_list(refs), digest_size=HASH_LEN).digest()
+
+
+def encode_chunk(depth: int, raw_len: int, base_id: bytes | None, payload: bytes) -> bytes:
+    hdr = _CHUNK_HDR.pack(CHUNK_FMT, depth, raw_len)
+    if depth:
+        assert base_id is not None and len(base_id) == ID_LEN
+        return hdr + base_id + payload
+    return hdr + payload
+
+
+def decode_chunk(value: bytes) -> tuple[int, int, bytes | None, memoryview]:
+    """-> (depth, raw_len, base_id or None, payload)."""
+    mv = memoryview(value)
+    fmt, depth, raw_len = _CHUNK_HDR.unpack_from(mv)
+    if fmt != CHUNK_FMT:
+        raise ValueError(f"unknown chunk value format {fmt}")
+    o = _CHUNK_HDR.size
+    if depth:
+        return depth, raw_len, bytes(mv[o : o + ID_LEN]), mv[o + ID_LEN :]
+    return depth, raw_len, None, mv[o:]

@@ -1,0 +1,265 @@
+"""The current-tree indexes (``paths``, ``files``) and how records change them.
+
+One function, :func:`apply_record`, decides what every op does to the
+tree.  The writer runs it against LMDB inside the commit transaction and
+``Reader.tree_at`` runs it against plain dicts while replaying records, so
+the live index and a replayed past tree can never disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgpack
+
+from .records import RENAME_EXCHANGE, Record
+
+log = logging.getLogger(__name__)
+
+KIND_FILE = "f"
+KIND_DIR = "d"
+KIND_SYMLINK = "l"
+KIND_SPECIAL = "n"
+_CREATE_KIND = {"create": KIND_FILE, "mkdir": KIND_DIR, "symlink": KIND_SYMLINK, "mknod": KIND_SPECIAL}
+
+
+@dataclass(slots=True)
+class FileState:
+    """``files`` db value: a file id's current state (also after deletion)."""
+
+    path: bytes
+    kind: str = KIND_FILE
+    links: list[bytes] = field(default_factory=list)  # every path naming it (hard links)
+    content_seq: int = 0  # latest content version (0: none yet)
+    size: int = 0
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    mtime_ns: int | None = None
+    rdev: int | None = None
+    target: bytes | None = None  # symlink target
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    deleted: bool = False
+    last_seq: int = 0  # latest record touching this file
+
+    def pack(self) -> bytes:
+        return msgpack.packb(
+            {
+                "p": self.path, "k": self.kind, "n": self.links, "c": self.content_seq,
+                "s": self.size, "m": self.mode, "u": self.uid, "g": self.gid,
+                "t": self.mtime_ns, "rd": self.rdev, "tg": self.target,
+                "x": self.xattrs, "d": self.deleted, "h": self.last_seq,
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def unpack(cls, b: bytes) -> "FileState":
+        d = msgpack.unpackb(b, raw=False, strict_map_key=False)
+        return cls(
+            path=d["p"], kind=d["k"], links=list(d["n"]), content_seq=d["c"], size=d["s"],
+            mode=d["m"], uid=d["u"], gid=d["g"], mtime_ns=d["t"], rdev=d["rd"],
+            target=d["tg"], xattrs=dict(d["x"]), deleted=d["d"], last_seq=d["h"],
+        )
+
+    def copy(self) -> "FileState":
+        return FileState.unpack(self.pack())
+
+
+@dataclass(frozen=True, slots=True)
+class TreeEntry:
+    """One path of a tree (``Reader.tree_at``)."""
+
+    path: bytes
+    kind: str
+    file_id: int
+    content_seq: int
+    size: int
+    mode: int | None
+    uid: int | None
+    gid: int | None
+    mtime_ns: int | None
+    rdev: int | None
+    target: bytes | None
+    xattrs: dict
+    link_group: int | None  # the file id when it has several paths (hard links)
+
+
+def tree_entry(path: bytes, file_id: int, st: FileState) -> TreeEntry:
+    return TreeEntry(
+        path, st.kind, file_id, st.content_seq, st.size, st.mode, st.uid, st.gid,
+        st.mtime_ns, st.rdev, st.target, dict(st.xattrs), file_id if len(st.links) > 1 else None,
+    )
+
+
+class Store(Protocol):
+    def get_path(self, path: bytes) -> tuple[int, str] | None: ...
+    def put_path(self, path: bytes, file_id: int, kind: str) -> None: ...
+    def del_path(self, path: bytes) -> None: ...
+    def paths_under(self, dir_path: bytes) -> list[bytes]: ...
+    def get_file(self, file_id: int) -> FileState | None: ...
+    def put_file(self, file_id: int, st: FileState) -> None: ...
+
+
+def children_prefix(dir_path: bytes) -> bytes:
+    return dir_path + b"/" if dir_path else b""
+
+
+class MemStore:
+    """Dict-backed Store for replaying records (tree_at)."""
+
+    def __init__(self) -> None:
+        self.paths: dict[bytes, tuple[int, str]] = {}
+        self.files: dict[int, FileState] = {}
+
+    def get_path(self, path):
+        return self.paths.get(path)
+
+    def put_path(self, path, file_id, kind):
+        self.paths[path] = (file_id, kind)
+
+    def del_path(self, path):
+        self.paths.pop(path, None)
+
+    def paths_under(self, dir_path):
+        pre = children_prefix(dir_path)
+        return sorted(p for p in self.paths if p.startswith(pre) and p != dir_path)
+
+    def get_file(self, file_id):
+        st = self.files.get(file_id)
+        return st.copy() if st is not None else None
+
+    def put_file(self, file_id, st):
+        self.files[file_id] = st
+
+
+def _set_attrs(st: FileState, rec: Record) -> None:
+    for a in ("mode", "uid", "gid", "mtime_ns", "rdev"):
+        v = getattr(rec, a)
+        if v is not None:
+            setattr(st, a, v)
+
+
+def _drop_link(store: Store, path: bytes, seq: int) -> None:
+    e = store.get_path(path)
+    if e is None:
+        return
+    fid, kind = e
+    if kind == KIND_DIR:
+        for p in store.paths_under(path):  # should be empty; keep the index sane
+            _drop_link(store, p, seq)
+    store.del_path(path)
+    st = store.get_file(fid)
+    if st is None:
+        return
+    if path in st.links:
+        st.links.remove(path)
+    if not st.links:
+        st.deleted = True
+    elif st.path == path:
+        st.path = st.links[0]
+    st.last_seq = seq
+    store.put_file(fid, st)
+
+
+def _subtree(store: Store, path: bytes) -> list[tuple[bytes, int, str]]:
+    e = store.get_path(path)
+    if e is None:
+        return []
+    out = [(path, e[0], e[1])]
+    if e[1] == KIND_DIR:
+        for p in store.paths_under(path):
+            c = store.get_path(p)
+            if c is not None:
+                out.append((p, c[0], c[1]))
+    return out
+
+
+def _move(store: Store, entries, src: bytes, dst: bytes, seq: int) -> None:
+    for p, fid, kind in entries:
+        newp = dst + p[len(src):]
+        store.put_path(newp, fid, kind)
+        st = store.get_file(fid)
+        if st is None:
+            continue
+        st.links = [newp if x == p else x for x in st.links]
+        if st.path == p:
+            st.path = newp
+        st.last_seq = seq
+        store.put_file(fid, st)
+
+
+def _ensure_file(store: Store, rec: Record, kind: str) -> FileState:
+    st = store.get_file(rec.file_id)
+    if st is None or st.deleted and rec.op != "write":
+        st = FileState(path=rec.path, kind=kind, links=[rec.path])
+        if store.get_path(rec.path) is None:
+            store.put_path(rec.path, rec.file_id, kind)
+    return st
+
+
+def apply_record(store: Store, rec: Record) -> None:
+    """Change the current tree as ``rec`` says (no validation: the capture
+    layer saw the real filesystem accept the operation)."""
+    op, seq = rec.op, rec.seq
+    if op in _CREATE_KIND:
+        kind = _CREATE_KIND[op]
+        old = store.get_path(rec.path)
+        if old is not None and old[0] != rec.file_id:
+            _drop_link(store, rec.path, seq)
+        st = FileState(path=rec.path, kind=kind, links=[rec.path], target=rec.target)
+        if kind == KIND_SYMLINK and rec.target is not None:
+            st.size = len(rec.target)
+        _set_attrs(st, rec)
+        st.last_seq = seq
+        store.put_path(rec.path, rec.file_id, kind)
+        store.put_file(rec.file_id, st)
+    elif op == "link":
+        e = store.get_path(rec.path)
+        fid = e[0] if e else rec.file_id
+        st = store.get_file(fid) or FileState(path=rec.path, links=[rec.path])
+        if store.get_path(rec.path2) is not None:
+            _drop_link(store, rec.path2, seq)
+        st.links.append(rec.path2)
+        st.deleted = False
+        st.last_seq = seq
+        store.put_path(rec.path2, fid, st.kind)
+        store.put_file(fid, st)
+    elif op in ("unlink", "rmdir"):
+        _drop_link(store, rec.path, seq)
+    elif op == "rename":
+        src, dst = rec.path, rec.path2
+        if src == dst:
+            return
+        moving = _subtree(store, src)
+        if rec.flags and rec.flags & RENAME_EXCHANGE:
+            other = _subtree(store, dst)
+            for p, _, _ in moving + other:
+                store.del_path(p)
+            _move(store, moving, src, dst, seq)
+            _move(store, other, dst, src, seq)
+        else:
+            if store.get_path(dst) is not None:
+                _drop_link(store, dst, seq)
+            for p, _, _ in moving:
+                store.del_path(p)
+            _move(store, moving, src, dst, seq)
+    elif op in ("setattr", "setxattr", "removexattr", "write"):
+        kind = KIND_DIR if rec.path == b"" and op != "write" else KIND_FILE
+        st = _ensure_file(store, rec, kind)
+        _set_attrs(st, rec)
+        if op == "setattr" and rec.size is not None:
+            st.size = rec.size
+        elif op == "setxattr":
+            st.xattrs[rec.xattr_name] = rec.xattr_value or b""
+        elif op == "removexattr":
+            st.xattrs.pop(rec.xattr_name, None)
+        elif op == "write":
+            st.content_seq = seq
+            st.size = rec.size or 0
+        st.last_seq = seq
+        store.put_file(rec.file_id, st)
+    else:
+        raise ValueError(f"unknown op {op!r} in record {seq}")
