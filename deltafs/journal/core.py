@@ -73,18 +73,14 @@ class Journal:
             raise NotFoundError(f"no deltafs journal at {path}")
         lock_fd = None if readonly else _take_lock(path)
         try:
-            env = lmdb.open(
-                path, map_size=MAP_SIZE, max_dbs=S.MAX_DBS, readonly=readonly, lock=True,
-                sync=True, metasync=True, readahead=False, max_readers=510, subdir=True,
-            )
-        except lmdb.Error as e:
+            env, dbs = _share_env(path, readonly)
+        except BaseException:
             _release_lock(lock_fd)
-            raise JournalError(f"cannot open journal {path}: {e}") from e
+            raise
         try:
-            dbs = _open_dbs(env, path, readonly)
             j = cls(path, env, dbs, readonly, lock_fd, clock)
         except BaseException:
-            env.close()
+            _unshare_env(path)
             _release_lock(lock_fd)
             raise
         log.info("opened journal %s (%s, id %s)", path, "read-only" if readonly else "writer", j.journal_id)
@@ -93,7 +89,9 @@ class Journal:
     def close(self) -> None:
         if self._thread is not None:
             self.stop_writer()
-        self.env.close()
+        if self.env is not None:
+            _unshare_env(self.path)
+            self.env = None
         _release_lock(self._lock_fd)
         self._lock_fd = None
 
@@ -331,6 +329,46 @@ class Journal:
     def _clear_list_cache(self) -> None:
         self._lists.clear()
         self._list_entries = 0
+
+
+# python-lmdb refuses to open one environment twice in a process, so a
+# read-only opener in the writer's process (history tools run in-process,
+# tests) shares the writer's environment.
+_ENVS: dict[str, list] = {}  # path -> [env, dbs, readonly, users]
+_ENVS_LOCK = threading.Lock()
+
+
+def _share_env(path: str, readonly: bool):
+    with _ENVS_LOCK:
+        e = _ENVS.get(path)
+        if e is not None:
+            if e[2] and not readonly:
+                raise JournalError(f"journal {path} is already open read-only in this process")
+            e[3] += 1
+            return e[0], e[1]
+        try:
+            env = lmdb.open(
+                path, map_size=MAP_SIZE, max_dbs=S.MAX_DBS, readonly=readonly, lock=True,
+                sync=True, metasync=True, readahead=False, max_readers=510, subdir=True,
+            )
+        except lmdb.Error as exc:
+            raise JournalError(f"cannot open journal {path}: {exc}") from exc
+        try:
+            dbs = _open_dbs(env, path, readonly)
+        except BaseException:
+            env.close()
+            raise
+        _ENVS[path] = [env, dbs, readonly, 1]
+        return env, dbs
+
+
+def _unshare_env(path: str) -> None:
+    with _ENVS_LOCK:
+        e = _ENVS[path]
+        e[3] -= 1
+        if e[3] == 0:
+            del _ENVS[path]
+            e[0].close()
 
 
 def _translate(e: Exception, path: str) -> Exception:

@@ -1,0 +1,276 @@
+"""Journal: records, hash chain, locking, format, HLC, group commit, content."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+
+import lmdb
+import msgpack
+import pytest
+
+from deltafs import chunking as C
+from deltafs.errors import CorruptionError, JournalFormatError, JournalLockedError, NotFoundError
+from deltafs.journal import CHECKPOINT_EVERY, Change, Journal
+from deltafs.journal import schema as S
+
+
+class FakeClock:
+    def __init__(self, ns: int = 1_700_000_000 * 10**9) -> None:
+        self.ns = ns
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+@pytest.fixture
+def jpath(tmp_path):
+    return tmp_path / "journal"
+
+
+@pytest.fixture
+def journal(jpath):
+    j = Journal.open(jpath, create=True, clock=FakeClock())
+    yield j
+    j.close()
+
+
+def version(j: Journal, file_id: int, path: bytes, data: bytes, base_seq: int = 0, dirty=None, cause="write") -> Change:
+    """What the capture layer does: rechunk against the base, delta-compress."""
+    with j.reader() as r:
+        old = r.chunk_list(base_seq) if base_seq else []
+        if dirty is None:
+            dirty = [(0, len(data))]
+        res = C.rechunk(lambda o, n: data[o : o + n], len(data), old, dirty)
+        chunks = []
+        seen = set()
+        for e in res.edits:
+            for span, base in zip(e.new, C.pick_bases(old, e)):
+                if r.has_chunk(span.id) or span.id in seen:
+                    continue
+                seen.add(span.id)
+                raw = data[span.offset : span.offset + span.length]
+                b = None
+                if base is not None:
+                    b = C.Base(base[0], r.read_chunk(base[0]), r.chunk_info(base[0]).depth)
+                chunks.append(C.build_chunk(raw, b))
+    return Change(op="write", file_id=file_id, path=path, size=len(data), cause=cause,
+                  base_seq=base_seq, edit=res.edit_list(), chunks=chunks)
+
+
+def test_records_and_chain(journal):
+    seqs = journal.commit([
+        Change(op="mkdir", file_id=1, path=b"d", mode=0o40755),
+        Change(op="create", file_id=2, path=b"d/f", mode=0o100644, uid=1000, gid=1000),
+        Change(op="setxattr", file_id=2, path=b"d/f", xattr_name=b"user.k", xattr_value=b"v"),
+    ])
+    assert seqs == [1, 2, 3]
+    with journal.reader() as r:
+        assert r.head_seq() == 3
+        recs = list(r.records())
+        assert [x.seq for x in recs] == [1, 2, 3]
+        assert [x.seq for x in r.records(2, reverse=True)] == [3, 2]
+        assert [x.seq for x in r.records(1, 2, reverse=True)] == [2, 1]
+        assert recs[0].prev == bytes(32) and recs[1].prev == recs[0].hash and recs[2].prev == recs[1].hash
+        assert all(a.hlc < b.hlc for a, b in zip(recs, recs[1:]))
+        assert r.record(2).uid == 1000 and r.record(2).path == b"d/f"
+        assert r.verify().records == 3
+        assert r.file_state(2).xattrs == {b"user.k": b"v"}
+        with pytest.raises(NotFoundError):
+            r.record(99)
+
+
+def test_tamper_one_byte_is_named(journal, jpath):
+    journal.commit([Change(op="create", file_id=i, path=b"f%d" % i) for i in range(1, 6)])
+    journal.close()
+    env = lmdb.open(str(jpath), max_dbs=S.MAX_DBS)
+    db = env.open_db(S.DB_CHANGES)
+    with env.begin(write=True) as txn:
+        v = bytearray(txn.get(S.u64(3), db=db))
+        i = v.index(b"f3")
+        v[i + 1] = ord("X")
+        txn.put(S.u64(3), bytes(v), db=db)
+    env.close()
+    with Journal.open(jpath, readonly=True) as j, j.reader() as r:
+        with pytest.raises(CorruptionError, match="record 3 "):
+            r.verify()
+
+
+def test_corrupt_chunk_is_named(journal, jpath):
+    data = random.Random(1).randbytes(50_000)
+    seq = journal.commit([version(journal, 1, b"f", data)])[0]
+    with journal.reader() as r:
+        cid = r.chunk_list(seq)[0][0]
+    journal.close()
+    env = lmdb.open(str(jpath), max_dbs=S.MAX_DBS)
+    db = env.open_db(S.DB_CHUNKS)
+    with env.begin(write=True) as txn:
+        v = bytearray(txn.get(cid, db=db))
+        v[-1] ^= 1
+        txn.put(cid, bytes(v), db=db)
+    env.close()
+    with Journal.open(jpath, readonly=True) as j, j.reader() as r:
+        r.verify()  # the chain itself is fine
+        with pytest.raises(CorruptionError, match=cid.hex()):
+            r.verify(full=True)
+
+
+def test_lock_second_writer_refused_readers_fine(journal, jpath):
+    with pytest.raises(JournalLockedError, match=str(os.getpid())):
+        Journal.open(jpath)
+    journal.commit([Change(op="create", file_id=1, path=b"a")])
+    with Journal.open(jpath, readonly=True) as ro, ro.reader() as r:
+        assert r.head_seq() == 1
+        journal.commit([Change(op="create", file_id=2, path=b"b")])  # not blocked by the reader
+        assert r.head_seq() == 1  # a snapshot
+    # a reader in another process (the CLI's case) while the writer holds the lock
+    code = (
+        "import sys; from deltafs.journal import Journal\n"
+        "with Journal.open(sys.argv[1], readonly=True) as j, j.reader() as r: print(r.head_seq())"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(jpath)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2"
+    code = "import sys; from deltafs.journal import Journal\nJournal.open(sys.argv[1])"
+    out = subprocess.run([sys.executable, "-c", code, str(jpath)], capture_output=True, text=True)
+    assert out.returncode != 0 and f"pid {os.getpid()}" in out.stderr
+    journal.close()
+    Journal.open(jpath).close()  # lock released on close
+
+
+def test_format_version_refused(journal, jpath):
+    journal.close()
+    env = lmdb.open(str(jpath), max_dbs=S.MAX_DBS)
+    db = env.open_db(S.DB_META)
+    with env.begin(write=True) as txn:
+        txn.put(S.META_FORMAT, msgpack.packb(99), db=db)
+    env.close()
+    for ro in (True, False):
+        with pytest.raises(JournalFormatError, match="format version 99"):
+            Journal.open(jpath, readonly=ro)
+
+
+def test_missing_journal(tmp_path):
+    with pytest.raises(NotFoundError):
+        Journal.open(tmp_path / "nope", readonly=True)
+
+
+def test_hlc_monotonic_when_clock_goes_back(jpath):
+    clock = FakeClock()
+    with Journal.open(jpath, create=True, clock=clock) as j:
+        j.commit([Change(op="create", file_id=1, path=b"a")])
+        clock.ns += 7 * 86400 * 10**9  # a week later
+        j.commit([Change(op="create", file_id=2, path=b"b")])
+        clock.ns -= 30 * 86400 * 10**9  # the wall clock jumps a month back
+        j.commit([Change(op="create", file_id=i, path=b"x%d" % i) for i in range(3, 10)])
+    clock.ns -= 10**9
+    with Journal.open(jpath, clock=clock) as j:  # the HLC survives a reopen
+        j.commit([Change(op="create", file_id=10, path=b"z")])
+        with j.reader() as r:
+            hlcs = [x.hlc for x in r.records()]
+            assert hlcs == sorted(hlcs) and len(set(hlcs)) == len(hlcs)
+            assert r.seq_at_time(clock.ns + 40 * 86400 * 10**9) == 10
+            assert r.seq_at_time(0) == 0
+            assert r.verify().records == 10
+
+
+def test_group_commit_fewer_syncs_all_callbacks(journal):
+    journal.start_writer()
+    results = []
+    done = threading.Event()
+    n = 200
+
+    def cb(res):
+        results.append(res)
+        if len(results) == n:
+            done.set()
+
+    before = journal.sync_count
+    for i in range(n):
+        journal.submit([Change(op="create", file_id=i + 1, path=b"f%d" % i)], cb)
+    journal.submit([Change(op="bogus")], results.append)  # fails alone
+    journal.stop_writer()
+    assert done.is_set()
+    seqs = sorted(s for r in results if isinstance(r, list) for s in r)
+    assert seqs == list(range(1, n + 1))
+    assert isinstance(results[-1], ValueError)
+    assert journal.sync_count - before < n
+    with journal.reader() as r:
+        assert r.verify().records == n
+
+
+def test_one_byte_edit_stores_little(journal):
+    data = bytearray(random.Random(2).randbytes(10 * 1024 * 1024))
+    s1 = journal.commit([version(journal, 1, b"big", bytes(data))])[0]
+    mid = len(data) // 2
+    data[mid] ^= 0x55
+    ch = version(journal, 1, b"big", bytes(data), base_seq=s1, dirty=[(mid, mid + 1)])
+    s2 = journal.commit([ch])[0]
+    with journal.reader() as r:
+        rec = r.record(s2)
+        assert rec.stored < 64 * 1024
+        assert sum(len(refs) for _, _, refs in rec.edit) <= 3
+        assert r.read_content(s2) == bytes(data)
+
+
+def test_many_versions_round_trip_and_checkpoints(journal):
+    rnd = random.Random(3)
+    data = bytearray(rnd.randbytes(300_000))
+    base = journal.commit([version(journal, 7, b"f", bytes(data), cause="preimage")])[0]
+    expected = {base: bytes(data)}
+    for i in range(CHECKPOINT_EVERY + 10):
+        off = rnd.randrange(len(data))
+        n = rnd.randint(1, 5000)
+        data[off : off + n] = rnd.randbytes(n)
+        dirty = [(off, off + n)]
+        if i % 7 == 0:
+            dirty.append((len(data), len(data) + 1000))
+            data += rnd.randbytes(1000)
+        base = journal.commit([version(journal, 7, b"f", bytes(data), base_seq=base, dirty=dirty)])[0]
+        expected[base] = bytes(data)
+    journal._clear_list_cache()
+    with journal.reader() as r:
+        for seq, content in expected.items():
+            assert b"".join(r.iter_content(seq)) == content
+            assert len(r.list_chain(seq)[1]) <= CHECKPOINT_EVERY
+        assert r.versions_of(7) == sorted(expected, reverse=True)
+        rep = r.verify(full=True)
+        assert rep.versions_checked == len(expected)
+        assert r.file_state(7).content_seq == base
+        st = r.stats()
+        assert st["stored_bytes"] < st["raw_bytes"]
+
+
+def test_dedup_identical_content(journal):
+    data = random.Random(4).randbytes(100_000)
+    s1 = journal.commit([version(journal, 1, b"a", data)])[0]
+    ch = version(journal, 2, b"b", data)
+    assert ch.chunks == []  # capture saw them all
+    s2 = journal.commit([ch])[0]
+    with journal.reader() as r:
+        assert r.record(s2).stored == 0
+        assert r.record(s1).content_hash == r.record(s2).content_hash
+        cid = r.chunk_list(s1)[0][0]
+        assert r.chunk_refs(cid) == 2
+
+
+def test_bad_content_version_rejected(journal):
+    with pytest.raises(ValueError, match="not stored"):
+        journal.commit([Change(op="write", file_id=1, path=b"a", size=5, cause="write", base_seq=0,
+                               edit=[(0, 0, [(b"x" * 16, 5)])])])
+    with journal.reader() as r:
+        assert r.head_seq() == 0
+
+
+def test_settings_and_kv(journal, jpath):
+    journal.set_setting("retention", {"daily": 90})
+    journal.kv_put("snapshots", "before-upgrade", {"seq": 0})
+    with Journal.open(jpath, readonly=True) as ro, ro.reader() as r:
+        assert r.setting("retention") == {"daily": 90}
+        assert r.kv_get("snapshots", "before-upgrade") == {"seq": 0}
+        assert r.kv_items("mirrors") == []
+    journal.kv_delete("snapshots", "before-upgrade")
+    with journal.reader() as r:
+        assert r.kv_get("snapshots", "before-upgrade") is None
