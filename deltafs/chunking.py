@@ -295,14 +295,16 @@ def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level
     """
     raw = bytes(raw)
     best = bytes([CODEC_RAW]) + raw
-    plain = zstandard.ZstdCompressor(level=level).compress(raw)
-    if len(plain) + 1 < len(best):
-        best = bytes([CODEC_ZSTD]) + plain
     if base_raw:
         cctx = zstandard.ZstdCompressor(level=level, dict_data=_dict(base_raw), write_dict_id=False)
         delta = cctx.compress(raw)
         if len(delta) + 1 < len(best):
             best = bytes([CODEC_ZSTD_DELTA]) + delta
+        if len(delta) * 8 < len(raw):
+            return best  # the base clearly helped: skip the standalone try
+    plain = zstandard.ZstdCompressor(level=level).compress(raw)
+    if len(plain) + 1 < len(best):
+        best = bytes([CODEC_ZSTD]) + plain
     return best
 
 
