@@ -1,0 +1,5 @@
+import sys
+
+from deltafs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""Syscalls the os module lacks: renameat2 and the AT_EMPTY_PATH forms.
+
+The mount keeps one O_PATH descriptor per inode the kernel knows; these
+wrappers act on the inode behind such a descriptor (also a symlink's own
+inode), which chmod/chown/utime through /proc/self/fd cannot always do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import ctypes.util
+import os
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+
+
+def _check(res: int, what: str) -> None:
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int = 0) -> None:
+    """rename(2) with flags (RENAME_NOREPLACE, RENAME_EXCHANGE)."""
+    if flags == 0:
+        os.rename(old, new, src_dir_fd=olddirfd, dst_dir_fd=newdirfd)
+        return
+    _check(_libc.renameat2(olddirfd, old, newdirfd, new, flags), "renameat2")
+
+
+def _ts(ns: int | None) -> _Timespec:
+    if ns is None:
+        return _Timespec(0, UTIME_OMIT)
+    return _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
+
+
+def utimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set the times of the inode behind fd (O_PATH allowed); None = leave as is."""
+    times = (_Timespec * 2)(_ts(atime_ns), _ts(mtime_ns))
+    _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH), "utimensat")
+
+
+def chown_fd(fd: int, uid: int, gid: int) -> None:
+    """chown the inode behind fd (O_PATH allowed, symlinks not followed); -1 = keep."""
+    _check(
+        _libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW),
+        "fchownat",
+    )
+
+
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+AT_SYMLINK_FOLLOW = 0x400
+
+
+def link_fd(fd: int, newdirfd: int, newname: bytes) -> None:
+    """Hard-link the inode behind fd (O_PATH allowed) as newdirfd/newname.
+
+    AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; without it, link through the
+    /proc/self/fd magic link, which works for unprivileged daemons.
+    """
+    if _libc.linkat(fd, b"", newdirfd, newname, AT_EMPTY_PATH) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.ENOENT, errno.EPERM):  # no CAP_DAC_READ_SEARCH
+        raise OSError(err, f"linkat: {os.strerror(err)}")
+    src = f"/proc/self/fd/{fd}".encode()
+    _check(_libc.linkat(-100, src, newdirfd, newname, AT_SYMLINK_FOLLOW), "linkat")

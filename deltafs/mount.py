@@ -1,0 +1,273 @@
+"""The one wiring point: checks, journal, ops, services, ordered teardown.
+
+``check_mount_args`` turns every bad-input case of a mount into one clear
+DeltafsError before anything is touched.  ``spawn_daemon`` starts the
+detached daemon and waits until MNT is usable.  ``run_daemon`` is the
+daemon: it opens the journal (taking its lock), mounts, runs the FUSE loop
+and the background services in one trio nursery, and on unmount or a
+signal drains pending captures before it closes the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyfuse3
+import trio
+
+from deltafs import mounttable
+from deltafs.config import MountConfig
+from deltafs.errors import DeltafsError, FuseUnavailableError, JournalLockedError, MountError, UsageError
+
+log = logging.getLogger(__name__)
+
+READY = b"READY\n"
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def check_fuse() -> str:
+    """Return the path of fusermount3, or say how to get FUSE."""
+    if not os.path.exists("/dev/fuse"):
+        raise FuseUnavailableError(
+            "no /dev/fuse: load the fuse module (modprobe fuse), or run the container with --device /dev/fuse")
+    fm = shutil.which("fusermount3")
+    if fm is None:
+        raise FuseUnavailableError("fusermount3 not found: install it with 'apt-get install fuse3'")
+    return fm
+
+
+def check_mount_args(src: str, mnt: str, journal: str | None) -> tuple[str, str, str]:
+    """Validate SRC, MNT and the journal location; return their absolute paths."""
+    if not os.path.exists(src):
+        raise UsageError(f"SRC {src} does not exist")
+    if not os.path.isdir(src):
+        raise UsageError(f"SRC {src} is not a directory")
+    src_r = os.path.realpath(src)
+    mnt_a = os.path.abspath(mnt)
+    entry = mounttable.mount_at(mnt_a)
+    if entry is not None and entry.fstype.startswith("fuse"):
+        what = "a deltafs mount" if entry.fstype == mounttable.FSTYPE else f"a {entry.fstype} mount"
+        raise UsageError(f"MNT {mnt} is already {what} (of {entry.src}); unmount it first")
+    if not os.path.lexists(mnt_a):
+        raise UsageError(f"MNT {mnt} does not exist (create it with mkdir)")
+    if not os.path.isdir(mnt_a):
+        raise UsageError(f"MNT {mnt} is not a directory")
+    mnt_r = os.path.realpath(mnt_a)
+    if entry is not None or os.path.ismount(mnt_r):
+        raise UsageError(f"MNT {mnt} is already a mount point")
+    if _inside(mnt_r, src_r):
+        raise UsageError(f"MNT {mnt} is inside SRC {src}: choose a mount point outside it")
+    if _inside(src_r, mnt_r):
+        raise UsageError(f"SRC {src} is inside MNT {mnt}: choose a mount point outside it")
+    try:
+        if os.listdir(mnt_r):
+            raise UsageError(f"MNT {mnt} is not empty")
+    except PermissionError:
+        raise UsageError(f"MNT {mnt} is not readable") from None
+    j = os.path.abspath(journal) if journal else os.path.join(src_r, ".deltafs")
+    j_r = os.path.realpath(j)
+    if _inside(j_r, mnt_r):
+        raise UsageError(f"journal {journal} is inside MNT {mnt}")
+    if j_r == src_r:
+        raise UsageError("the journal cannot be SRC itself")
+    return src_r, mnt_r, j_r
+
+
+def _setup_logging(cfg: MountConfig) -> None:
+    level = logging.DEBUG if cfg.debug else getattr(logging, cfg.log_level.upper(), logging.INFO)
+    root = logging.getLogger()
+    root.setLevel(level)
+    if cfg.log_file:
+        h: logging.Handler = logging.handlers.RotatingFileHandler(
+            cfg.log_file, maxBytes=8 << 20, backupCount=3)
+    else:
+        h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers[:] = [h]
+
+
+def _raise_fd_limit() -> None:
+    # One O_PATH descriptor per inode the kernel knows: allow many.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def spawn_daemon(cfg: MountConfig, argv: list[str]) -> None:
+    """Start the daemon detached; return once MNT is usable, or raise its error."""
+    r, w = os.pipe()
+    os.set_inheritable(w, True)
+    os.makedirs(cfg.journal, exist_ok=True)
+    log_file = os.path.join(cfg.journal, "deltafs.log")
+    cmd = [sys.executable, "-m", "deltafs", *argv, "--foreground", "--ready-fd", str(w),
+           "--log-file", log_file]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True,
+                            cwd="/")
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.readline()
+    if msg == READY:
+        return
+    proc.wait(timeout=30)
+    line = msg.decode(errors="replace").strip()
+    if line.startswith("ERROR "):
+        code, _, text = line[6:].partition(" ")
+        err = DeltafsError(text)
+        err.exit_code = int(code)
+        raise err
+    raise MountError(f"the deltafs daemon exited with status {proc.returncode} before mounting; "
+                     f"see {log_file}")
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks access
+    opts.add(f"fsname={cfg.src}")
+    opts.add("subtype=deltafs")
+    for o in cfg.fuse_options:
+        for part in o.split(","):
+            if part:
+                opts.add(part)
+    if cfg.debug:
+        opts.add("debug")
+    return opts
+
+
+class JournalLock:
+    """Placeholder owner of the journal's write lock (flock on JOURNAL/lock)."""
+
+    def __init__(self, path: str) -> None:
+        import fcntl
+        os.makedirs(path, exist_ok=True)
+        self.fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise JournalLockedError(f"journal {path} is in use by another mount (pid {pid})") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
+    """Mount and serve until unmounted or signalled.  Returns the exit status."""
+    _setup_logging(cfg)
+
+    def fail(err: DeltafsError) -> int:
+        log.error("%s", err)
+        if ready_fd is not None:
+            os.write(ready_fd, f"ERROR {err.exit_code} {err}\n".encode())
+            os.close(ready_fd)
+        else:
+            print(f"deltafs: {err}", file=sys.stderr)
+        return err.exit_code
+
+    try:
+        check_fuse()
+        lock = JournalLock(cfg.journal)
+    except DeltafsError as e:
+        return fail(e)
+    try:
+        return _serve(cfg, ready_fd, fail)
+    finally:
+        lock.close()
+
+
+def _serve(cfg: MountConfig, ready_fd, fail) -> int:
+    from deltafs.ops import Operations
+
+    os.umask(0)  # modes arrive already masked by the caller's umask
+    _raise_fd_limit()
+    jst = os.stat(cfg.journal)
+    ops = Operations(cfg.src, hidden=(jst.st_dev, jst.st_ino), timeout=cfg.timeout)
+    try:
+        pyfuse3.init(ops, cfg.mnt, fuse_options(cfg))
+    except RuntimeError as e:
+        return fail(MountError(f"cannot mount {cfg.mnt}: {e} (see the log for libfuse's reason)"))
+    mounttable.write_record(cfg.mnt, {"pid": os.getpid(), "src": cfg.src, "mnt": cfg.mnt,
+                                      "journal": cfg.journal, "started": time.time()})
+    log.info("mounted %s at %s (journal %s)", cfg.src, cfg.mnt, cfg.journal)
+    unmounted = False
+    try:
+        trio.run(_main, cfg, ops, ready_fd)
+        unmounted = True
+    except KeyboardInterrupt:
+        pass
+    finally:
+        mounttable.remove_record(cfg.mnt)
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:  # the kernel may already have unmounted it
+            log.debug("pyfuse3.close", exc_info=True)
+    log.info("unmounted %s%s", cfg.mnt, "" if unmounted else " after an interrupt")
+    return 0
+
+
+async def _main(cfg: MountConfig, ops, ready_fd) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_signals, nursery)
+        if ready_fd is not None:
+            os.write(ready_fd, READY)
+            os.close(ready_fd)
+        await pyfuse3.main(min_tasks=2, max_tasks=16)
+        nursery.cancel_scope.cancel()
+
+
+async def _signals(nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+        async for sig in sigs:
+            log.info("signal %s: unmounting", signal.Signals(sig).name)
+            pyfuse3.terminate()
+            return
+
+
+def unmount(mnt: str, timeout: float = 120.0) -> None:
+    """Unmount a deltafs mount and wait until its daemon has finished."""
+    mnt_a = os.path.abspath(mnt)
+    entry = mounttable.mount_at(mnt_a)
+    if entry is None:
+        entry = mounttable.mount_at(os.path.realpath(mnt_a)) if os.path.exists(mnt_a) else None
+    if entry is None:
+        raise UsageError(f"{mnt} is not mounted")
+    if entry.fstype != mounttable.FSTYPE:
+        raise UsageError(f"{mnt} is not a deltafs mount (it is {entry.fstype})")
+    rec = mounttable.read_record(entry.mnt) or {}
+    pid = rec.get("pid")
+    pidfd = None
+    if pid:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = None
+    fm = check_fuse()
+    res = subprocess.run([fm, "-u", entry.mnt], capture_output=True, text=True)
+    if res.returncode != 0:
+        msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "fusermount3 failed"
+        if "busy" in msg.lower():
+            raise MountError(f"{mnt} is busy: close the files and shells using it, then retry")
+        raise MountError(msg.removeprefix("fusermount3: "))
+    if pidfd is not None:
+        import select
+        try:
+            ready, _, _ = select.select([pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+        if not ready:
+            raise MountError(f"unmounted {mnt}, but its daemon (pid {pid}) is still finishing after "
+                             f"{timeout:.0f}s")
+

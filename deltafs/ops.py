@@ -1,0 +1,625 @@
+"""pyfuse3 Operations: pass every request through to SRC, track dirty ranges.
+
+Design (docs/fuse-notes.md has the why of each point):
+
+* One O_PATH descriptor per inode the kernel knows (lookup count > 0).
+  Every request works relative to it with *at calls, so renames of
+  ancestors, long paths and unlinked-but-open files need no bookkeeping,
+  and the backing inode number cannot be reused while the kernel knows it.
+* FUSE inode numbers are the backing st_ino (SRC's root is swapped with 1),
+  so hard links are one inode through the mount and numbers are stable.
+* Every change goes through the mount, so the kernel may cache entries,
+  attributes and pages for a long time (``timeout``); with the writeback
+  cache the kernel merges small writes into large ones.
+* The hot path (lookup, getattr, read, write) does one or two syscalls and
+  nothing else: no LMDB, no hashing, no logging.  ``write`` only records the
+  written range; the recorder (capture.py) turns ranges into versions at
+  release and fsync.
+* ``OSError`` becomes ``FUSEError(errno)``; any other exception is logged
+  once and answered with EIO, so a bug never ends the daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from deltafs import _syscalls as sc
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# Flags that must not reach an open of /proc/self/fd/N: the kernel already
+# resolved and created the file, and O_NOFOLLOW would refuse the magic link.
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY | os.O_DIRECT
+
+
+class Node:
+    """One inode known to the kernel."""
+
+    __slots__ = ("ino", "fd", "lookups", "handles", "writers", "dirty", "pending", "size_changed")
+
+    def __init__(self, ino: int, fd: int) -> None:
+        self.ino = ino
+        self.fd = fd  # O_PATH descriptor of the backing inode
+        self.lookups = 0
+        self.handles = 0  # open file handles
+        self.writers = 0  # open file handles that may write
+        self.dirty: list[list[int]] = []  # [start, end) ranges written since the last capture
+        self.pending: trio.Event | None = None  # set when an in-flight capture finished
+        self.size_changed = False  # truncated/extended by setattr since the last capture
+
+    def mark_dirty(self, start: int, end: int) -> None:
+        d = self.dirty
+        if d:
+            last = d[-1]
+            if last[0] <= start <= last[1]:
+                if end > last[1]:
+                    last[1] = end
+                return
+        d.append([start, end])
+
+
+class Handle:
+    __slots__ = ("fd", "node", "writable")
+
+    def __init__(self, fd: int, node: Node, writable: bool) -> None:
+        self.fd = fd
+        self.node = node
+        self.writable = writable
+
+
+class DirHandle:
+    __slots__ = ("fd", "node", "entries")
+
+    def __init__(self, fd: int, node: Node) -> None:
+        self.fd = fd
+        self.node = node
+        self.entries: list[tuple[bytes, int]] | None = None
+
+
+class NullRecorder:
+    """Capture turned off (--no-capture): every hook does nothing."""
+
+    enabled = False
+
+    async def before_change(self, ops: "Operations", node: Node, path: bytes) -> None:
+        pass
+
+    def event(self, op: str, **fields) -> None:
+        pass
+
+    def release(self, ops: "Operations", node: Node) -> None:
+        node.dirty.clear()
+
+    async def fsync(self, ops: "Operations", node: Node) -> None:
+        node.dirty.clear()
+
+
+def _errors(fn):
+    """OSError -> FUSEError(errno); anything else -> logged once, EIO."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except FUSEError:
+            raise
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s%r", fn.__name__, args[:2])
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    enable_writeback_cache = True
+    supports_dot_lookup = False
+
+    def __init__(self, src: str, *, hidden: tuple[int, int] | None = None, timeout: float = 86400.0,
+                 recorder=None) -> None:
+        super().__init__()
+        self.src = os.path.abspath(src)
+        self.src_b = os.fsencode(self.src)
+        root_fd = os.open(self.src, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(root_fd)
+        self.dev = st.st_dev
+        self.root_ino = st.st_ino
+        self.hidden_ino = hidden[1] if hidden and hidden[0] == st.st_dev else -1
+        self.timeout = timeout
+        self.rec = recorder or NullRecorder()
+        root = Node(ROOT, root_fd)
+        root.lookups = 1 << 62  # never forgotten
+        self.nodes: dict[int, Node] = {ROOT: root}
+        self.handles: dict[int, Handle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self._dir_serial = 0
+
+    # ---- helpers -------------------------------------------------------
+
+    def fuse_ino(self, st_ino: int) -> int:
+        if st_ino == self.root_ino:
+            return ROOT
+        if st_ino == ROOT:
+            return self.root_ino
+        return st_ino
+
+    def attrs(self, st: os.stat_result, ino: int) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
+        e.st_mode = st.st_mode
+        e.st_nlink = st.st_nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _node(self, ino: int) -> Node:
+        try:
+            return self.nodes[ino]
+        except KeyError:
+            raise FUSEError(errno.ESTALE) from None
+
+    def _check_name(self, parent: Node, name: bytes, err: int) -> None:
+        """Refuse to touch the journal directory (err is what the caller sees)."""
+        if self.hidden_ino < 0:
+            return
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            return
+        if st.st_ino == self.hidden_ino and st.st_dev == self.dev:
+            raise FUSEError(err)
+
+    def _remember(self, fd: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Count one lookup of the inode behind fd (taking ownership of fd)."""
+        ino = self.fuse_ino(st.st_ino)
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self.nodes[ino] = Node(ino, fd)
+        else:
+            os.close(fd)
+        node.lookups += 1
+        return self.attrs(st, ino)
+
+    def _lookup_fd(self, parent: Node, name: bytes) -> tuple[int, os.stat_result]:
+        fd = os.open(name, _O_PATH, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if st.st_ino == self.hidden_ino and st.st_dev == self.dev:
+            os.close(fd)
+            raise FUSEError(errno.ENOENT)
+        return fd, st
+
+    def _entry(self, parent: Node, name: bytes) -> pyfuse3.EntryAttributes:
+        fd, st = self._lookup_fd(parent, name)
+        return self._remember(fd, st)
+
+    def path_of(self, node: Node) -> bytes | None:
+        """The node's path relative to SRC ('' is the root), None if unlinked.
+
+        Off the hot path: capture calls it at release, fsync and namespace
+        changes.  Hard links give whichever name the kernel resolves.
+        """
+        if node.ino == ROOT:
+            return b""
+        p = os.readlink(f"/proc/self/fd/{node.fd}".encode())
+        if p.endswith(b" (deleted)") and not os.path.lexists(p):
+            return None
+        if p.startswith(self.src_b + b"/"):
+            return p[len(self.src_b) + 1:]
+        return None
+
+    def child_path(self, parent: Node, name: bytes) -> bytes | None:
+        pp = self.path_of(parent)
+        if pp is None:
+            return None
+        return pp + b"/" + name if pp else name
+
+    def _proc(self, node: Node) -> bytes:
+        return f"/proc/self/fd/{node.fd}".encode()
+
+    def _own(self, parent: Node, name: bytes, ctx, follow: bool = False) -> None:
+        """Give a new entry the caller's uid (and gid unless the parent is setgid)."""
+        if os.geteuid() != 0:
+            return
+        pst = os.fstat(parent.fd)
+        gid = -1 if pst.st_mode & stat.S_ISGID else ctx.gid
+        os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=follow)
+
+    # ---- lookup, attributes ---------------------------------------------
+
+    @_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._entry(self._node(parent_inode), name)
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            node = self.nodes.get(ino)
+            if node is None or ino == ROOT:
+                continue
+            node.lookups -= n
+            if node.lookups <= 0 and node.handles == 0 and node.pending is None:
+                del self.nodes[ino]
+                os.close(node.fd)
+
+    def release_node_if_unused(self, node: Node) -> None:
+        if node.lookups <= 0 and node.handles == 0 and node.pending is None and node.ino != ROOT:
+            if self.nodes.get(node.ino) is node:
+                del self.nodes[node.ino]
+                os.close(node.fd)
+
+    @_errors
+    async def getattr(self, inode, ctx=None):
+        node = self._node(inode)
+        return self.attrs(os.fstat(node.fd), inode)
+
+    @_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._node(inode)
+        if fields.update_size:
+            await self.rec.before_change(self, node, self.path_of(node))
+            await self.wait_capture(node)
+            h = self.handles.get(fh) if fh is not None else None
+            if h is not None and h.writable:
+                os.ftruncate(h.fd, attr.st_size)
+            else:
+                os.truncate(self._proc(node), attr.st_size)
+            node.size_changed = True
+            node.mark_dirty(attr.st_size, attr.st_size)
+        if fields.update_mode:
+            os.chmod(self._proc(node), stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            sc.chown_fd(node.fd, uid, gid)
+        if fields.update_atime or fields.update_mtime:
+            sc.utimens_fd(node.fd, attr.st_atime_ns if fields.update_atime else None,
+                          attr.st_mtime_ns if fields.update_mtime else None)
+        st = os.fstat(node.fd)
+        if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime \
+                or fields.update_mtime:
+            self.rec.event("setattr", ops=self, node=node, st=st,
+                           mode=fields.update_mode, owner=fields.update_uid or fields.update_gid,
+                           times=fields.update_atime or fields.update_mtime)
+        if fields.update_size and not node.writers:
+            # truncate(2) by path: no release will follow, capture now
+            self.rec.release(self, node)
+        return self.attrs(st, inode)
+
+    @_errors
+    async def readlink(self, inode, ctx):
+        return os.readlink(b"", dir_fd=self._node(inode).fd)
+
+    @_errors
+    async def access(self, inode, mode, ctx):
+        # Permission checks are the kernel's (default_permissions); this
+        # only answers access(2) for the existence of the inode.
+        self._node(inode)
+        return True
+
+    @_errors
+    async def statfs(self, ctx):
+        s = os.statvfs(self._proc(self.nodes[ROOT]))
+        d = pyfuse3.StatvfsData()
+        d.f_bsize = s.f_bsize
+        d.f_frsize = s.f_frsize
+        d.f_blocks = s.f_blocks
+        d.f_bfree = s.f_bfree
+        d.f_bavail = s.f_bavail
+        d.f_files = s.f_files
+        d.f_ffree = s.f_ffree
+        d.f_favail = s.f_favail
+        d.f_namemax = s.f_namemax
+        return d
+
+    # ---- directories ----------------------------------------------------
+
+    @_errors
+    async def opendir(self, inode, ctx):
+        node = self._node(inode)
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
+        self._dir_serial += 1
+        fh = self._dir_serial
+        self.dirs[fh] = DirHandle(fd, node)
+        node.handles += 1
+        return fh
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        dh = self.dirs[fh]
+        if start_id == 0 or dh.entries is None:
+            # A snapshot per pass (rewinddir starts a new one): entries added
+            # meanwhile may or may not show, removed ones are skipped below.
+            with os.scandir(f"/proc/self/fd/{dh.fd}") as it:
+                dh.entries = [(b".", 0), (b"..", 0)]
+                dh.entries += [(os.fsencode(e.name), e.inode()) for e in it]
+        entries = dh.entries
+        hidden = self.hidden_ino
+        parent = dh.node
+        nodes = self.nodes
+        for i in range(start_id, len(entries)):
+            name, d_ino = entries[i]
+            if i < 2:
+                # The kernel keeps no lookup count for '.' and '..': neither do we.
+                try:
+                    st = os.stat(name, dir_fd=parent.fd)
+                except OSError:
+                    continue
+                if not pyfuse3.readdir_reply(token, name, self.attrs(st, self.fuse_ino(st.st_ino)), i + 1):
+                    return
+                continue
+            if d_ino == hidden:
+                continue
+            ino = self.fuse_ino(d_ino)
+            node = nodes.get(ino)
+            try:
+                if node is not None:
+                    st = os.fstat(node.fd)
+                    fd = -1
+                else:
+                    fd = os.open(name, _O_PATH, dir_fd=parent.fd)
+                    st = os.fstat(fd)
+            except OSError:
+                continue  # removed while listing
+            if st.st_ino != d_ino:  # replaced while listing
+                if fd >= 0:
+                    os.close(fd)
+                continue
+            if not pyfuse3.readdir_reply(token, name, self.attrs(st, ino), i + 1):
+                if fd >= 0:
+                    os.close(fd)
+                return
+            if node is None:
+                node = nodes.get(ino)
+                if node is None:
+                    node = nodes[ino] = Node(ino, fd)
+                else:
+                    os.close(fd)
+            node.lookups += 1
+
+    @_errors
+    async def releasedir(self, fh):
+        dh = self.dirs.pop(fh)
+        os.close(dh.fd)
+        dh.node.handles -= 1
+        self.release_node_if_unused(dh.node)
+
+    @_errors
+    async def fsyncdir(self, fh, datasync):
+        dh = self.dirs[fh]
+        await trio.to_thread.run_sync(os.fsync, dh.fd)
+
+    @_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        parent = self._node(parent_inode)
+        os.mkdir(name, mode, dir_fd=parent.fd)
+        self._own(parent, name, ctx)
+        e = self._entry(parent, name)
+        self.rec.event("mkdir", ops=self, parent=parent, name=name, node=self.nodes[e.st_ino])
+        return e
+
+    @_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        parent = self._node(parent_inode)
+        self._check_name(parent, name, errno.EACCES)
+        os.rmdir(name, dir_fd=parent.fd)
+        self.rec.event("rmdir", ops=self, parent=parent, name=name)
+
+    # ---- namespace ------------------------------------------------------
+
+    @_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        parent = self._node(parent_inode)
+        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        self._own(parent, name, ctx)
+        e = self._entry(parent, name)
+        self.rec.event("mknod", ops=self, parent=parent, name=name, node=self.nodes[e.st_ino])
+        return e
+
+    @_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        parent = self._node(parent_inode)
+        os.symlink(target, name, dir_fd=parent.fd)
+        self._own(parent, name, ctx)
+        e = self._entry(parent, name)
+        self.rec.event("symlink", ops=self, parent=parent, name=name, node=self.nodes[e.st_ino],
+                       target=target)
+        return e
+
+    @_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node = self._node(inode)
+        parent = self._node(new_parent_inode)
+        sc.link_fd(node.fd, parent.fd, new_name)
+        st = os.fstat(node.fd)
+        node.lookups += 1
+        self.rec.event("link", ops=self, node=node, parent=parent, name=new_name)
+        return self.attrs(st, inode)
+
+    @_errors
+    async def unlink(self, parent_inode, name, ctx):
+        parent = self._node(parent_inode)
+        self._check_name(parent, name, errno.EACCES)
+        if self.rec.enabled:
+            await self._before_replace(parent, name)
+        os.unlink(name, dir_fd=parent.fd)
+        self.rec.event("unlink", ops=self, parent=parent, name=name)
+
+    async def _before_replace(self, parent: Node, name: bytes) -> None:
+        """Pre-image of a file about to be unlinked or renamed over."""
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            return
+        node = self.nodes.get(self.fuse_ino(st.st_ino))
+        if node is not None:
+            await self.wait_capture(node)
+        await self.rec.before_change(self, node, self.child_path(parent, name))
+
+    @_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        old = self._node(parent_inode_old)
+        new = self._node(parent_inode_new)
+        self._check_name(old, name_old, errno.EACCES)
+        self._check_name(new, name_new, errno.EACCES)
+        if self.rec.enabled:
+            await self._before_replace(new, name_new)
+            if flags & sc.RENAME_EXCHANGE:
+                await self._before_replace(old, name_old)
+        src_path = self.child_path(old, name_old) if self.rec.enabled else None
+        dst_path = self.child_path(new, name_new) if self.rec.enabled else None
+        sc.renameat2(old.fd, name_old, new.fd, name_new, flags)
+        self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
+                       parent=new, name=name_new)
+
+    # ---- files ----------------------------------------------------------
+
+    def _backing_flags(self, flags: int) -> tuple[int, bool]:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        f = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC
+        if writable:
+            # Writeback cache: the kernel may read pages of a write-only
+            # file and computes append offsets itself.
+            f = (f & ~(os.O_ACCMODE | os.O_APPEND)) | os.O_RDWR
+        return f, writable
+
+    def _open_fd(self, node: Node, flags: int) -> tuple[int, bool]:
+        f, writable = self._backing_flags(flags)
+        try:
+            fd = os.open(self._proc(node), f)
+        except PermissionError:
+            if not writable:
+                raise
+            f = (f & ~os.O_ACCMODE) | (flags & os.O_ACCMODE)  # write-only file mode
+            fd = os.open(self._proc(node), f)
+        return fd, writable
+
+    def _new_handle(self, fd: int, node: Node, writable: bool) -> pyfuse3.FileInfo:
+        self.handles[fd] = Handle(fd, node, writable)
+        node.handles += 1
+        if writable:
+            node.writers += 1
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    @_errors
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            await self.rec.before_change(self, node, self.path_of(node))
+            await self.wait_capture(node)
+        fd, writable = self._open_fd(node, flags)
+        if flags & os.O_TRUNC and writable:
+            node.size_changed = True
+            node.mark_dirty(0, 0)
+        return self._new_handle(fd, node, writable)
+
+    @_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        parent = self._node(parent_inode)
+        f, writable = self._backing_flags(flags)
+        fd = os.open(name, f | os.O_CREAT, mode, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+            if os.geteuid() == 0 and (st.st_uid != ctx.uid or st.st_gid != ctx.gid):
+                pst = os.fstat(parent.fd)
+                os.fchown(fd, ctx.uid, -1 if pst.st_mode & stat.S_ISGID else ctx.gid)
+                st = os.fstat(fd)
+            pfd = os.open(name, _O_PATH, dir_fd=parent.fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        e = self._remember(pfd, st)
+        node = self.nodes[e.st_ino]
+        self.rec.event("create", ops=self, parent=parent, name=name, node=node, st=st)
+        return self._new_handle(fd, node, writable), e
+
+    async def wait_capture(self, node: Node) -> None:
+        """A change to a file whose capture is in flight waits for it."""
+        while node.pending is not None:
+            await node.pending.wait()
+
+    @_errors
+    async def read(self, fh, off, size):
+        return os.pread(self.handles[fh].fd, size, off)
+
+    @_errors
+    async def write(self, fh, off, buf):
+        h = self.handles[fh]
+        node = h.node
+        if node.pending is not None:
+            await self.wait_capture(node)
+        n = os.pwrite(h.fd, buf, off)
+        node.mark_dirty(off, off + n)
+        return n
+
+    @_errors
+    async def flush(self, fh):
+        pass
+
+    @_errors
+    async def release(self, fh):
+        h = self.handles.pop(fh)
+        os.close(h.fd)
+        node = h.node
+        node.handles -= 1
+        if h.writable:
+            node.writers -= 1
+            if node.writers == 0 and (node.dirty or node.size_changed):
+                self.rec.release(self, node)
+        self.release_node_if_unused(node)
+
+    @_errors
+    async def fsync(self, fh, datasync):
+        h = self.handles[fh]
+        fn = os.fdatasync if datasync else os.fsync
+        await trio.to_thread.run_sync(fn, h.fd)
+        if h.node.dirty or h.node.size_changed:
+            await self.rec.fsync(self, h.node)
+
+    # ---- extended attributes ------------------------------------------
+
+    @_errors
+    async def getxattr(self, inode, name, ctx):
+        node = self._node(inode)
+        return os.getxattr(self._proc(node), name)
+
+    @_errors
+    async def listxattr(self, inode, ctx):
+        node = self._node(inode)
+        return [os.fsencode(n) for n in os.listxattr(self._proc(node))]
+
+    @_errors
+    async def setxattr(self, inode, name, value, ctx):
+        node = self._node(inode)
+        os.setxattr(self._proc(node), name, value)
+        self.rec.event("setxattr", ops=self, node=node, name=name, value=value)
+
+    @_errors
+    async def removexattr(self, inode, name, ctx):
+        node = self._node(inode)
+        os.removexattr(self._proc(node), name)
+        self.rec.event("removexattr", ops=self, node=node, name=name)

@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from fusetools import Mount  # noqa: E402
+
+
+@pytest.fixture
+def mount_factory(tmp_path):
+    """Make mounts on demand; every one is unmounted at teardown, even on failure."""
+    made: list[Mount] = []
+
+    def make(src: Path | None = None, *extra: str, journal: Path | None = None,
+             mnt: Path | None = None, start: bool = True) -> Mount:
+        n = len(made)
+        src = src or tmp_path / f"src{n}"
+        mnt = mnt or tmp_path / f"mnt{n}"
+        src.mkdir(exist_ok=True)
+        mnt.mkdir(exist_ok=True)
+        m = Mount(src, mnt, *extra, journal=journal)
+        made.append(m)
+        return m.start() if start else m
+
+    yield make
+    for m in made:
+        m.cleanup()
+
+
+@pytest.fixture
+def mounted(mount_factory):
+    """One running mount: .src, .mnt, .journal; unmounted cleanly at the end."""
+    m = mount_factory()
+    yield m
+    if m.proc is not None:
+        m.umount()

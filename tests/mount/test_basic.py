@@ -1,0 +1,180 @@
+"""The mount passes operations through with native semantics."""
+
+import errno
+import os
+import stat
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_files_written_through_appear_in_src(mounted):
+    (mounted.mnt / "a.txt").write_text("hello\n")
+    assert (mounted.src / "a.txt").read_text() == "hello\n"
+    with open(mounted.mnt / "a.txt", "a") as f:
+        f.write("world\n")
+    assert (mounted.src / "a.txt").read_text() == "hello\nworld\n"
+    assert (mounted.mnt / "a.txt").read_text() == "hello\nworld\n"
+
+
+def test_journal_is_invisible_and_unreachable(mounted):
+    assert mounted.journal.is_dir()
+    assert ".deltafs" not in os.listdir(mounted.mnt)
+    with pytest.raises(FileNotFoundError):
+        os.stat(mounted.mnt / ".deltafs")
+    with pytest.raises(FileNotFoundError):
+        open(mounted.mnt / ".deltafs" / "lock")
+    with pytest.raises(OSError):
+        os.rename(mounted.mnt / ".deltafs", mounted.mnt / "stolen")
+    assert mounted.journal.is_dir()
+
+
+def test_hard_links_are_one_inode(mounted):
+    p = mounted.mnt / "x"
+    p.write_text("1")
+    os.link(p, mounted.mnt / "y")
+    a, b = os.stat(p), os.stat(mounted.mnt / "y")
+    assert a.st_ino == b.st_ino and a.st_nlink == 2
+    assert os.stat(mounted.src / "x").st_ino == os.stat(mounted.src / "y").st_ino
+
+
+def test_unlinked_open_file_stays_usable(mounted):
+    p = mounted.mnt / "tmp"
+    with open(p, "w+") as f:
+        f.write("abc")
+        f.flush()
+        os.unlink(p)
+        f.write("def")
+        f.flush()
+        f.seek(0)
+        assert f.read() == "abcdef"
+        assert os.fstat(f.fileno()).st_nlink == 0
+    assert not (mounted.src / "tmp").exists()
+
+
+def test_rename_flags(mounted):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    a, b = mounted.mnt / "a", mounted.mnt / "b"
+    a.write_text("A")
+    b.write_text("B")
+    AT_FDCWD = -100
+    res = libc.renameat2(AT_FDCWD, bytes(a), AT_FDCWD, bytes(b), 1)  # NOREPLACE
+    assert res == -1 and ctypes.get_errno() == errno.EEXIST
+    res = libc.renameat2(AT_FDCWD, bytes(a), AT_FDCWD, bytes(b), 2)  # EXCHANGE
+    assert res == 0
+    assert a.read_text() == "B" and b.read_text() == "A"
+
+
+def test_xattrs(mounted):
+    p = mounted.mnt / "f"
+    p.write_text("x")
+    os.setxattr(p, "user.color", b"blue")
+    assert os.getxattr(p, "user.color") == b"blue"
+    assert "user.color" in os.listxattr(p)
+    assert os.getxattr(mounted.src / "f", "user.color") == b"blue"
+    with pytest.raises(OSError) as e:
+        os.getxattr(p, "user.missing")
+    assert e.value.errno == errno.ENODATA
+    os.removexattr(p, "user.color")
+    assert "user.color" not in os.listxattr(p)
+
+
+def test_new_files_get_caller_mode_and_owner(mounted):
+    old = os.umask(0o027)
+    try:
+        fd = os.open(mounted.mnt / "m", os.O_CREAT | os.O_WRONLY, 0o666)
+        os.close(fd)
+        os.mkdir(mounted.mnt / "d", 0o777)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(mounted.src / "m").st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(mounted.src / "d").st_mode) == 0o750
+
+
+def test_special_files(mounted):
+    os.mkfifo(mounted.mnt / "fifo")
+    assert stat.S_ISFIFO(os.stat(mounted.src / "fifo").st_mode)
+    os.symlink("target/../x", mounted.mnt / "ln")
+    assert os.readlink(mounted.mnt / "ln") == "target/../x"
+    os.utime(mounted.mnt / "ln", ns=(5 * 10**9, 7 * 10**9), follow_symlinks=False)
+    assert os.lstat(mounted.src / "ln").st_mtime_ns == 7 * 10**9
+
+
+def test_statfs_matches_backing(mounted):
+    a, b = os.statvfs(mounted.mnt), os.statvfs(mounted.src)
+    assert a.f_namemax == b.f_namemax and a.f_blocks == b.f_blocks and a.f_bsize == b.f_bsize
+
+
+def test_sparse_file_blocks(mounted):
+    p = mounted.mnt / "sparse"
+    with open(p, "wb") as f:
+        f.seek(100 << 20)
+        f.write(b"x")
+    assert os.stat(p).st_size == (100 << 20) + 1
+    assert os.stat(p).st_blocks < 1000
+
+
+def test_mmap_writes_reach_src(mounted):
+    import mmap
+    p = mounted.mnt / "mm"
+    p.write_bytes(b"\0" * 8192)
+    with open(p, "r+b") as f:
+        with mmap.mmap(f.fileno(), 8192) as m:
+            m[100:105] = b"hello"
+            m.flush()
+    assert (mounted.src / "mm").read_bytes()[100:105] == b"hello"
+
+
+def test_fsync_and_odirect(mounted):
+    p = mounted.mnt / "direct"
+    fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o644)
+    try:
+        buf = bytearray(4096)
+        os.write(fd, bytes(buf))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert (mounted.src / "direct").stat().st_size == 4096
+
+
+def test_large_directory_listing(mounted):
+    d = mounted.mnt / "many"
+    d.mkdir()
+    names = {f"file-{i:05d}-{'x' * 40}" for i in range(3000)}
+    for n in names:
+        (d / n).touch()
+    assert set(os.listdir(d)) == names
+    assert set(os.listdir(mounted.src / "many")) == names
+
+
+def test_sigterm_unmounts_cleanly(mount_factory):
+    m = mount_factory()
+    (m.mnt / "f").write_text("x")
+    m.proc.terminate()
+    assert m.proc.wait(timeout=60) == 0
+    m.proc = None
+    assert not m.is_mounted()
+
+
+def test_background_mount_and_umount(tmp_path):
+    from fusetools import force_unmount, require_fuse, run_cli
+    require_fuse()
+    src, mnt = tmp_path / "s", tmp_path / "m"
+    src.mkdir()
+    mnt.mkdir()
+    try:
+        res = run_cli("mount", src, mnt)
+        assert res.returncode == 0, res.stderr
+        (mnt / "f").write_text("hi")
+        with open("/proc/self/mountinfo") as f:
+            line = next(l for l in f if l.split()[4] == str(mnt))
+        assert " - fuse.deltafs " + str(src) + " " in line
+        res = run_cli("umount", mnt)
+        assert res.returncode == 0, res.stderr
+        assert (src / "f").read_text() == "hi"
+        assert "mounted" in (src / ".deltafs" / "deltafs.log").read_text()
+    finally:
+        force_unmount(mnt)
