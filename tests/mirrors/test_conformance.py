@@ -564,3 +564,17 @@ def test_missing_weed_skips_or_fails_on_ci(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true"):
         s3server.require_weed()
+
+
+def test_s3_silent_endpoint_times_out(s3_env: S3Server) -> None:
+    """A server that accepts connections but never answers: bounded wait."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        m = S3Mirror(BUCKET, "p", endpoint_url=f"http://127.0.0.1:{port}", read_timeout=0.3, max_attempts=1)
+        with pytest.raises(MirrorUnreachable) as info:
+            m.get("x")
+        assert assert_one_line(info.value) == f"cannot reach S3 endpoint http://127.0.0.1:{port}: no answer within 0.3s"
