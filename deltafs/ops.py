@@ -136,6 +136,12 @@ class Operations(pyfuse3.Operations):
         self.dev = st.st_dev
         self.root_ino = st.st_ino
         self.hidden_ino = hidden[1] if hidden and hidden[0] == st.st_dev else -1
+        # A journal directly in SRC is a subdirectory the mount does not show:
+        # the root's link count must not count it (find -noleaf, test_differential).
+        self.root_nlink_hidden = 0
+        if self.hidden_ino >= 0:
+            with os.scandir(self.src) as it:
+                self.root_nlink_hidden = int(any(e.inode() == self.hidden_ino for e in it))
         self.timeout = timeout
         self.rec = recorder or NullRecorder()
         root = Node(ROOT, root_fd)
@@ -160,7 +166,7 @@ class Operations(pyfuse3.Operations):
         e.entry_timeout = self.timeout
         e.attr_timeout = self.timeout
         e.st_mode = st.st_mode
-        e.st_nlink = st.st_nlink
+        e.st_nlink = st.st_nlink - self.root_nlink_hidden if ino == ROOT else st.st_nlink
         e.st_uid = st.st_uid
         e.st_gid = st.st_gid
         e.st_rdev = st.st_rdev
