@@ -58,6 +58,185 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _history_open(args: argparse.Namespace):
+    """-> (Location, read-only Journal) for the PATH of log/cat/diff/restore."""
+    from deltafs.journal import Journal
+    from deltafs.locate import locate
+
+    loc = locate(args.path, args.journal)
+    return loc, Journal.open(loc.journal, readonly=True)
+
+
+def _print_json(d) -> None:
+    import json
+
+    print(json.dumps(d, ensure_ascii=False), flush=True)
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from deltafs import history
+
+    loc, j = _history_open(args)
+    table = sys.stdout.isatty() and not args.json
+    emit = _print_json if args.json else (lambda d: print(history.log_line(d, table), flush=True))
+    with j:
+        with j.reader() as r:
+            head = r.head_seq()
+            if args.deleted:
+                rows = history.deleted_entries(r, loc.rel, args.since, args.until, args.limit)
+            else:
+                rows = list(history.log_entries(r, loc.rel, args.since, args.until, args.limit))
+        if args.follow and not args.deleted:
+            rows.reverse()  # following: oldest first, new records appended below
+        if table and rows:
+            print(history.LOG_HEADER)
+        for d in rows:
+            emit(d)
+        if not args.follow:
+            return 0
+        try:
+            for d in history.follow_entries(j, loc.rel, head):
+                emit(d)
+        except KeyboardInterrupt:
+            return 0  # Ctrl-C is how --follow ends
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    from deltafs import history
+
+    loc, j = _history_open(args)
+    out = sys.stdout.buffer
+    with j, j.reader() as r:
+        _, chunks = history.cat_source(r, loc.rel, args.at, args.version)
+        for data in chunks:
+            out.write(data)
+    out.flush()
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from deltafs import history
+    from deltafs.journal import KIND_DIR
+
+    loc, j = _history_open(args)
+    with j, j.reader() as r:
+        fid = r.file_id_at(loc.rel)
+        st = r.file_state(fid) if fid is not None else None
+        is_dir = loc.rel == b"" or (st is not None and st.kind == KIND_DIR)
+        if not is_dir and st is None:  # gone now: look at what it was at TO
+            p = history.resolve_point(r, args.to) if args.to else None
+            e = history.entry_at(r, loc.rel, p.seq) if p else None
+            is_dir = e is not None and e.kind == KIND_DIR
+        if is_dir:
+            for d in history.diff_tree(r, loc.rel, args.frm, args.to):
+                _print_json(d) if args.json else print(history.diff_tree_line(d, args.stat))
+            return 0
+        d = history.diff_file(r, loc.rel, args.frm, args.to, stat_only=args.stat)
+    if args.json:
+        _print_json(d)
+    else:
+        sys.stdout.write(history.diff_file_text(d, args.stat))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from deltafs import history
+    from deltafs.locate import locate
+
+    loc = locate(args.path, args.journal)
+    progress = history.ProgressLine(sys.stderr) if sys.stderr.isatty() and not args.dry_run else None
+    try:
+        rep = history.restore(loc.journal, loc.rel, at=args.at, version=args.version, dest=args.to,
+                              mnt=loc.mnt, src=loc.src, force=args.force, dry_run=args.dry_run,
+                              progress=progress)
+    finally:
+        if progress:
+            progress.close()
+    for w in rep.warnings:
+        print(f"deltafs: warning: {w}", file=sys.stderr)
+    for e in rep.errors:
+        print(f"deltafs: error: {e}", file=sys.stderr)
+    if args.json:
+        _print_json(rep.to_dict())
+    else:
+        if args.dry_run:
+            for a in rep.plan:
+                print(f"{a['action']}\t{a['path']}\t{a['target']}")
+        print(rep.summary())
+    return history.restore_exit_code(rep)
+
+
+def _add_history_parsers(sub) -> None:
+    fmt = argparse.HelpFormatter  # wrap the long descriptions
+    when_help = ("WHEN: ISO 8601 (2026-11-23T09:00, local time unless a zone is given), relative "
+                 "('10 minutes ago', 'yesterday 17:00', 'today 9:00', 'now'), a version id "
+                 "(123, v123 or @123) or a snapshot name.")
+
+    def common(q, path_help: str, optional: bool = False) -> None:
+        q.add_argument("--journal", metavar="DIR",
+                       help="use this journal directly (PATH is then relative to its tree)")
+        q.add_argument("path", metavar="PATH", nargs="?" if optional else None, help=path_help)
+
+    lg = sub.add_parser("log", help="list versions of a file, a directory or everything",
+                        description="List the journal's versions of PATH (a file, everything under a "
+                                    "directory, or the whole tree; default the current directory), "
+                                    "newest first: version id, time, operation (the cause for content "
+                                    "versions), size, bytes newly stored, path. Works with or without a "
+                                    "running mount. " + when_help,
+                        epilog=EPILOG, formatter_class=fmt)
+    common(lg, "a path inside MNT or SRC (default: the current directory)", optional=True)
+    lg.add_argument("--since", metavar="WHEN", help="only records at or after WHEN")
+    lg.add_argument("--until", metavar="WHEN", help="only records at or before WHEN")
+    lg.add_argument("-n", "--limit", type=int, metavar="N", help="at most N records")
+    lg.add_argument("--json", action="store_true", help="JSON Lines, one object per record")
+    lg.add_argument("--deleted", action="store_true", help="list deleted files and their last version")
+    lg.add_argument("-f", "--follow", action="store_true",
+                    help="oldest first, then print new records as they are committed until Ctrl-C "
+                         "(exit status 0)")
+    lg.set_defaults(func=cmd_log)
+
+    ct = sub.add_parser("cat", help="print a version of a file",
+                        description="Write one version of a file to stdout (default: the latest). "
+                                    + when_help, epilog=EPILOG, formatter_class=fmt)
+    common(ct, "a file inside MNT or SRC (may be deleted since)")
+    g = ct.add_mutually_exclusive_group()
+    g.add_argument("--at", metavar="WHEN", help="the version current at WHEN")
+    g.add_argument("--version", metavar="ID", help="this version id (see 'deltafs log')")
+    ct.set_defaults(func=cmd_cat)
+
+    df = sub.add_parser("diff", help="show what changed in a file or a directory",
+                        description="For a file: a unified diff between two versions (default: the "
+                                    "previous and the current one); binary files get a size and chunk "
+                                    "summary. For a directory: the paths added (A), removed (D) and "
+                                    "changed (M) between FROM and TO (default: just before its latest "
+                                    "change, and now). " + when_help,
+                        epilog=EPILOG, formatter_class=fmt)
+    common(df, "a file or directory inside MNT or SRC")
+    df.add_argument("frm", metavar="FROM", nargs="?", help="WHEN of the old side")
+    df.add_argument("to", metavar="TO", nargs="?", help="WHEN of the new side (default: now)")
+    df.add_argument("--stat", action="store_true", help="only counts / a name-and-size list")
+    df.add_argument("--json", action="store_true", help="JSON (a directory: JSON Lines)")
+    df.set_defaults(func=cmd_diff)
+
+    rs = sub.add_parser("restore", help="bring back a file, a directory or the whole tree",
+                        description="Restore PATH as it was at WHEN (default: its latest version), "
+                                    "deleted files included. Without --to it is restored in place: "
+                                    "through the running mount (the restore becomes a new version; "
+                                    "nothing newer is lost) or, when not mounted, into SRC with the "
+                                    "restore journaled. Paths created after WHEN are left alone. "
+                                    + when_help, epilog=EPILOG, formatter_class=fmt)
+    common(rs, "a file, directory or the root, inside MNT or SRC (may be deleted since)")
+    g = rs.add_mutually_exclusive_group()
+    g.add_argument("--at", metavar="WHEN", help="the state at WHEN")
+    g.add_argument("--version", metavar="ID", help="the state right after version ID")
+    rs.add_argument("--to", metavar="DEST", help="write it to DEST instead of in place")
+    rs.add_argument("--force", action="store_true",
+                    help="overwrite an existing DEST (a directory is merged into)")
+    rs.add_argument("-n", "--dry-run", action="store_true", help="say what would be restored, write nothing")
+    rs.add_argument("--json", action="store_true", help="print a JSON summary")
+    rs.set_defaults(func=cmd_restore)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltafs", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long to wait for the daemon to finish (default 300)")
     u.set_defaults(func=cmd_umount)
+    _add_history_parsers(sub)
     return p
 
 
