@@ -19,13 +19,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
 from deltafs import mounttable
 from deltafs.config import MountConfig
-from deltafs.errors import DeltafsError, FuseUnavailableError, JournalLockedError, MountError, UsageError
+from deltafs.errors import DeltafsError, FuseUnavailableError, MountError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,13 @@ def spawn_daemon(cfg: MountConfig, argv: list[str]) -> None:
     os.close(w)
     with os.fdopen(r, "rb") as f:
         msg = f.readline()
+        while msg.startswith(b"PROGRESS "):
+            if sys.stderr.isatty():
+                sys.stderr.write("\r" + msg[9:].decode(errors="replace").rstrip() + "\033[K")
+                sys.stderr.flush()
+            msg = f.readline()
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\033[K")
     if msg == READY:
         return
     proc.wait(timeout=30)
@@ -144,28 +152,10 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
-class JournalLock:
-    """Placeholder owner of the journal's write lock (flock on JOURNAL/lock)."""
-
-    def __init__(self, path: str) -> None:
-        import fcntl
-        os.makedirs(path, exist_ok=True)
-        self.fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise JournalLockedError(f"journal {path} is in use by another mount (pid {pid})") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted or signalled.  Returns the exit status."""
+    from deltafs.journal import Journal
+
     _setup_logging(cfg)
 
     def fail(err: DeltafsError) -> int:
@@ -179,58 +169,110 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
 
     try:
         check_fuse()
-        lock = JournalLock(cfg.journal)
+        journal = Journal.open(cfg.journal, create=True)
     except DeltafsError as e:
         return fail(e)
     try:
-        return _serve(cfg, ready_fd, fail)
+        return _serve(cfg, journal, ready_fd, fail)
     finally:
-        lock.close()
+        journal.close()
 
 
-def _serve(cfg: MountConfig, ready_fd, fail) -> int:
+def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
+    from deltafs.capture import Recorder
     from deltafs.ops import Operations
 
     os.umask(0)  # modes arrive already masked by the caller's umask
     _raise_fd_limit()
     jst = os.stat(cfg.journal)
-    ops = Operations(cfg.src, hidden=(jst.st_dev, jst.st_ino), timeout=cfg.timeout)
+    rec = Recorder(journal, cfg.src) if cfg.capture else None
+    ops = Operations(cfg.src, hidden=(jst.st_dev, jst.st_ino), timeout=cfg.timeout, recorder=rec)
+    state = {"mounted": False, "error": None}
     try:
-        pyfuse3.init(ops, cfg.mnt, fuse_options(cfg))
-    except RuntimeError as e:
-        return fail(MountError(f"cannot mount {cfg.mnt}: {e} (see the log for libfuse's reason)"))
-    mounttable.write_record(cfg.mnt, {"pid": os.getpid(), "src": cfg.src, "mnt": cfg.mnt,
-                                      "journal": cfg.journal, "started": time.time()})
-    log.info("mounted %s at %s (journal %s)", cfg.src, cfg.mnt, cfg.journal)
-    unmounted = False
-    try:
-        trio.run(_main, cfg, ops, ready_fd)
-        unmounted = True
+        trio.run(_main, cfg, journal, ops, rec, ready_fd, state, jst.st_ino)
     except KeyboardInterrupt:
         pass
     finally:
-        mounttable.remove_record(cfg.mnt)
-        try:
-            pyfuse3.close(unmount=True)
-        except Exception:  # the kernel may already have unmounted it
-            log.debug("pyfuse3.close", exc_info=True)
-    log.info("unmounted %s%s", cfg.mnt, "" if unmounted else " after an interrupt")
+        if state["mounted"]:
+            mounttable.remove_record(cfg.mnt)
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception:  # the kernel may already have unmounted it
+                log.debug("pyfuse3.close", exc_info=True)
+            log.info("unmounted %s", cfg.mnt)
+    if state["error"] is not None:
+        return fail(state["error"])
     return 0
 
 
-async def _main(cfg: MountConfig, ops, ready_fd) -> None:
+@dataclass
+class Daemon:
+    """What background services get: start with ``await nursery.start(svc, daemon)``."""
+
+    cfg: MountConfig
+    journal: object
+    ops: object
+    rec: object  # capture.Recorder, or None with --no-capture
+    nursery: trio.Nursery
+    started: float
+    state: dict
+
+
+def _services(cfg: MountConfig) -> list:
+    """Background services of a mount: ``async def svc(daemon, task_status)``.
+
+    Each is started once the mount is up and cancelled at unmount, after
+    pending captures are drained.
+    """
+    return []
+
+
+async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, nursery)
-        if ready_fd is not None:
-            os.write(ready_fd, READY)
-            os.close(ready_fd)
-        await pyfuse3.main(min_tasks=2, max_tasks=16)
+        nursery.start_soon(_signals, nursery, state)
+        if rec is not None:
+            await nursery.start(rec.run)
+
+            def progress(msg: str) -> None:
+                log.info("%s", msg)
+                if ready_fd is not None:
+                    os.write(ready_fd, f"PROGRESS {msg}\n".encode())
+
+            await rec.scan(ops, hidden_ino, progress)
+        try:
+            pyfuse3.init(ops, cfg.mnt, fuse_options(cfg))
+        except RuntimeError as e:
+            state["error"] = MountError(f"cannot mount {cfg.mnt}: {e} (see the log for libfuse's reason)")
+            nursery.cancel_scope.cancel()
+            return
+        state["mounted"] = True
+        mounttable.write_record(cfg.mnt, {"pid": os.getpid(), "src": cfg.src, "mnt": cfg.mnt,
+                                          "journal": cfg.journal, "started": time.time()})
+        log.info("mounted %s at %s (journal %s)", cfg.src, cfg.mnt, cfg.journal)
+        daemon = Daemon(cfg, journal, ops, rec, nursery, time.time(), state)
+        async with trio.open_nursery() as services:
+            for svc in _services(cfg):
+                await services.start(svc, daemon)
+            if ready_fd is not None:
+                os.write(ready_fd, READY)
+                os.close(ready_fd)
+            await pyfuse3.main(min_tasks=2, max_tasks=16)
+            services.cancel_scope.cancel()
+        if rec is not None:
+            with trio.move_on_after(120, shield=True) as scope:
+                await rec.drain()
+            if scope.cancelled_caught:
+                log.error("gave up waiting for %d pending captures; the next mount rescans", rec.pending())
         nursery.cancel_scope.cancel()
 
 
-async def _signals(nursery: trio.Nursery) -> None:
+async def _signals(nursery: trio.Nursery, state: dict) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
         async for sig in sigs:
+            if not state["mounted"]:
+                log.info("signal %s before mounting: stopping", signal.Signals(sig).name)
+                nursery.cancel_scope.cancel()
+                return
             log.info("signal %s: unmounting", signal.Signals(sig).name)
             pyfuse3.terminate()
             return

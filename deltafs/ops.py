@@ -45,7 +45,8 @@ _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY | os.O_DIRECT
 class Node:
     """One inode known to the kernel."""
 
-    __slots__ = ("ino", "fd", "lookups", "handles", "writers", "dirty", "pending", "size_changed")
+    __slots__ = ("ino", "fd", "lookups", "handles", "writers", "dirty", "pending", "size_changed",
+                 "base", "last_item")
 
     def __init__(self, ino: int, fd: int) -> None:
         self.ino = ino
@@ -56,6 +57,8 @@ class Node:
         self.dirty: list[list[int]] = []  # [start, end) ranges written since the last capture
         self.pending: trio.Event | None = None  # set when an in-flight capture finished
         self.size_changed = False  # truncated/extended by setattr since the last capture
+        self.base: int | None = None  # capture's: journal version the dirty ranges apply to
+        self.last_item = None  # capture's: this inode's latest queued capture
 
     def mark_dirty(self, start: int, end: int) -> None:
         d = self.dirty
@@ -304,11 +307,14 @@ class Operations(pyfuse3.Operations):
             sc.utimens_fd(node.fd, attr.st_atime_ns if fields.update_atime else None,
                           attr.st_mtime_ns if fields.update_mtime else None)
         st = os.fstat(node.fd)
-        if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime \
-                or fields.update_mtime:
+        # With the writeback cache the kernel itself sets mtime+ctime after
+        # writes; only a caller's utimens/chmod/chown is a change to journal
+        # (content versions carry the mtime anyway).
+        times = fields.update_atime or (fields.update_mtime and not fields.update_ctime)
+        if fields.update_mode or fields.update_uid or fields.update_gid or times:
             self.rec.event("setattr", ops=self, node=node, st=st,
                            mode=fields.update_mode, owner=fields.update_uid or fields.update_gid,
-                           times=fields.update_atime or fields.update_mtime)
+                           times=times)
         if fields.update_size and not node.writers:
             # truncate(2) by path: no release will follow, capture now
             self.rec.release(self, node)
@@ -473,18 +479,19 @@ class Operations(pyfuse3.Operations):
         os.unlink(name, dir_fd=parent.fd)
         self.rec.event("unlink", ops=self, parent=parent, name=name)
 
-    async def _before_replace(self, parent: Node, name: bytes) -> None:
-        """Pre-image of a file about to be unlinked or renamed over."""
+    async def _before_replace(self, parent: Node, name: bytes) -> bool:
+        """Pre-image of a file about to be unlinked or renamed over.  -> it exists."""
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except OSError:
-            return
+            return False
         if not stat.S_ISREG(st.st_mode):
-            return
+            return True
         node = self.nodes.get(self.fuse_ino(st.st_ino))
         if node is not None:
             await self.wait_capture(node)
         await self.rec.before_change(self, node, self.child_path(parent, name))
+        return True
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -492,15 +499,17 @@ class Operations(pyfuse3.Operations):
         new = self._node(parent_inode_new)
         self._check_name(old, name_old, errno.EACCES)
         self._check_name(new, name_new, errno.EACCES)
+        src_path = dst_path = None
+        replaced = False
         if self.rec.enabled:
-            await self._before_replace(new, name_new)
+            replaced = await self._before_replace(new, name_new)
             if flags & sc.RENAME_EXCHANGE:
                 await self._before_replace(old, name_old)
-        src_path = self.child_path(old, name_old) if self.rec.enabled else None
-        dst_path = self.child_path(new, name_new) if self.rec.enabled else None
+            src_path = self.child_path(old, name_old)
+            dst_path = self.child_path(new, name_new)
         sc.renameat2(old.fd, name_old, new.fd, name_new, flags)
         self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
-                       parent=new, name=name_new)
+                       parent=new, name=name_new, replaced=replaced)
 
     # ---- files ----------------------------------------------------------
 

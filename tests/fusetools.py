@@ -66,6 +66,8 @@ class Mount:
         os.close(w)
         with os.fdopen(r, "rb") as f:
             msg = f.readline()
+            while msg.startswith(b"PROGRESS "):
+                msg = f.readline()
         if msg != b"READY\n":
             self.proc.wait(timeout=30)
             raise AssertionError(f"mount failed: {msg!r}\n{self.log_text()}")

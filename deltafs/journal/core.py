@@ -22,7 +22,7 @@ from deltafs.chunking import CHUNKER_PARAMS, apply_edit
 from deltafs.errors import JournalError, JournalFormatError, JournalLockedError, NotFoundError
 
 from . import schema as S
-from .hlc import HLC
+from .hlc import HLC, hlc_to_ns
 from .reader import LmdbStore, Reader
 from .records import CAUSES, OPS, Change, decode_record, encode_record
 from .state import apply_record
@@ -34,6 +34,7 @@ MAX_BATCH = 1024  # submits folded into one transaction at most
 QUEUE_SIZE = 4096
 LIST_CACHE_ENTRIES = 2_000_000  # chunk-list entries kept for the writer
 _STOP = object()
+REUSE_WINDOW_NS = 120 * 1_000_000_000  # a path re-created this soon continues its history
 
 Callback = Callable[[object], None]
 
@@ -122,6 +123,31 @@ class Journal:
         if isinstance(res, BaseException):
             raise res
         return res
+
+    def commit_many(self, groups: Sequence[Sequence[Change]]) -> list:
+        """One durable transaction for several groups; each group commits or
+        fails alone.  -> per group: list of seqs, or the exception."""
+        return self._commit_batch([(list(g), None) for g in groups])
+
+    def put_chunks(self, chunks: Sequence[NewChunk]) -> int:
+        """Store chunks ahead of the record that will name them (large captures
+        stream this way instead of holding every chunk in memory).  Not
+        synced: a crash leaves unreferenced chunks, which GC frees.  -> bytes stored."""
+        self._check_writable()
+        stored = 0
+        with self._wlock, self.env.begin(write=True) as txn:
+            cdb = self._dbs[S.DB_CHUNKS]
+            for nc in chunks:
+                val = S.encode_chunk(nc.depth if nc.base_id else 0, nc.raw_len, nc.base_id, nc.payload)
+                if txn.put(nc.id, val, db=cdb, overwrite=False):
+                    stored += len(val)
+                    if nc.base_id is not None:
+                        self._incref(txn, nc.base_id)
+            if stored:
+                mdb = self._dbs[S.DB_META]
+                rd = Reader(self, txn)
+                txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
+        return stored
 
     def start_writer(self) -> None:
         """Start the group-commit thread used by :meth:`submit`."""
@@ -238,6 +264,8 @@ class Journal:
         if ch.op in ("rename", "link") and ch.path2 is None:
             raise ValueError(f"{ch.op} needs path2")
         rd = Reader(self, txn)
+        if not ch.file_id:
+            ch.file_id = self._resolve_file_id(txn, rd, ch)
         seq = rd.head_seq() + 1
         prev = rd.head_hash()
         hlc = self._hlc.tick()
@@ -254,6 +282,35 @@ class Journal:
                 txn.put(S.path_key(p) + S.u64(seq), S.u64(ch.file_id), db=self._dbs[S.DB_PATHLOG])
         txn.put(S.META_HLC, _packb(hlc), db=self._dbs[S.DB_META])
         return seq
+
+    def _resolve_file_id(self, txn, rd: Reader, ch: Change) -> int:
+        """file_id=0: the file at ``ch.path`` in the tree as of this record.
+
+        A path that names nothing gets the id of the file that last had
+        this path if that file was deleted or renamed away within
+        REUSE_WINDOW_NS (an editor's delete-old-write-new or backup-rename
+        save continues the same history), else a new random id.
+        """
+        if ch.op not in ("create", "mkdir", "symlink", "mknod"):
+            fid = rd.file_id_at(ch.path)
+            if fid:
+                return fid
+        elif rd.file_id_at(ch.path):
+            return _new_id()
+        key = S.path_key(ch.path)
+        cur = txn.cursor(db=self._dbs[S.DB_PATHLOG])
+        # seqs < 2**56 start with a zero byte and paths hold no NUL, so this
+        # path's entries are exactly the keys in [key + 00, key + 01).
+        positioned = cur.prev() if cur.set_range(key + b"\x01") else cur.last()
+        k = cur.key() if positioned else b""
+        if k[: len(key)] == key and len(k) == len(key) + 8:
+            fid = S.from_u64(cur.value())
+            st = rd.file_state(fid)
+            if st is not None and st.kind == "f" and st.last_seq and (st.deleted or ch.path not in st.links):
+                age = self._clock() - hlc_to_ns(rd.record(st.last_seq).hlc)
+                if age <= REUSE_WINDOW_NS:
+                    return fid
+        return _new_id()
 
     def _incref(self, txn, cid: bytes, n: int = 1) -> None:
         db = self._dbs[S.DB_REFS]
@@ -432,3 +489,8 @@ def _check_format(path: str, fmt, chunker: bytes | None) -> None:
         )
     if chunker is None or msgpack.unpackb(chunker, raw=False) != CHUNKER_PARAMS:
         raise JournalFormatError(f"journal {path} was chunked with other parameters than this deltafs uses")
+
+
+def _new_id() -> int:
+    """A random 63-bit file id (never 0: 0 asks the writer to resolve)."""
+    return int.from_bytes(os.urandom(8), "big") >> 1 or 1

@@ -1,0 +1,559 @@
+"""Turn what happens in the mount into journal records, in the order it happened.
+
+Every event (a namespace change, or a content capture at release/fsync)
+becomes an *item* in one FIFO pipeline.  Namespace items are ready at once;
+content items are computed in worker threads (read the dirty regions,
+re-chunk around them, hash, compress against the chunk each new chunk
+replaces) and become ready when done.  One committer task takes the ready
+items at the head of the queue, in order, and commits them together in one
+journal transaction (group commit).  So records are always in event order,
+while the expensive work runs in parallel.
+
+The rules that make history follow what the user sees (docs/design.md):
+
+* a file opened for writing, truncated, unlinked or renamed over, which
+  has no version yet, first gets its current content captured (pre-image);
+* a rename of a regular file over an existing file, or of an ignored temp
+  file to a real name, is the next *content version of the target path*
+  (cause ``rename-over``), stored against that path's previous chunks;
+* a file renamed to an ignored name (``todo.md~``) leaves history like a
+  delete, and a path re-created within two minutes continues the history
+  of the file that last had it (the journal resolves file ids by path at
+  commit time);
+* ignored paths (editor swap and temp files, .deltaignore) are passed
+  through and never journaled.
+
+The scan at mount time records what changed in SRC while it was not
+mounted, before the mount becomes visible, so nothing races with it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import stat
+import time
+from collections import deque
+
+import trio
+
+from deltafs import chunking
+from deltafs.ignore import IGNORE_FILE, Ignore
+from deltafs.journal import Change, Journal
+
+log = logging.getLogger(__name__)
+
+CHUNK_FLUSH_BYTES = 32 << 20  # store new chunks ahead of their record beyond this much
+_FULL = None  # dirty marker: the whole file
+
+
+class Item:
+    """One pipeline entry: the changes it will commit, and who waits for it."""
+
+    __slots__ = ("changes", "ready", "done", "result", "after")
+
+    def __init__(self, changes: list[Change] | None = None, after=None) -> None:
+        self.changes = changes
+        self.ready = trio.Event()
+        self.done = trio.Event()
+        self.result: list[int] | BaseException | None = None
+        self.after = after
+        if changes is not None:
+            self.ready.set()
+
+
+class Recorder:
+    enabled = True
+
+    def __init__(self, journal: Journal, src: str, ignore: Ignore | None = None, *,
+                 workers: int = 2) -> None:
+        self.journal = journal
+        self.src = src
+        self.ignore = ignore or Ignore(src)
+        self.queue: deque[Item] = deque()
+        self.last_item: Item | None = None
+        self._more = trio.Event()
+        self.limiter = trio.CapacityLimiter(workers)
+        self.nursery: trio.Nursery | None = None
+        # status counters (read by status/control)
+        self.versions = 0
+        self.records = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.last_capture_ns = 0
+        self.gap: list[bytes] = []  # paths whose capture could not be journaled
+
+    # ---- pipeline ---------------------------------------------------------
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            await self._committer()
+
+    def _push(self, item: Item) -> Item:
+        self.queue.append(item)
+        self.last_item = item
+        self._more.set()
+        return item
+
+    def submit(self, *changes: Change, after=None) -> Item:
+        return self._push(Item(list(changes), after))
+
+    async def drain(self) -> None:
+        """Return once every item queued so far is committed (or failed)."""
+        last = self.last_item
+        if last is not None:
+            await last.done.wait()
+
+    def pending(self) -> int:
+        return len(self.queue)
+
+    async def _committer(self) -> None:
+        while True:
+            while not self.queue:
+                await self._more.wait()
+                self._more = trio.Event()
+            await self.queue[0].ready.wait()
+            batch: list[Item] = []
+            while self.queue and self.queue[0].ready.is_set() and len(batch) < 512:
+                batch.append(self.queue.popleft())
+            groups = [it.changes or [] for it in batch]
+            try:
+                results = await trio.to_thread.run_sync(self.journal.commit_many, groups)
+            except Exception as e:  # the whole transaction failed (disk full...)
+                results = [e] * len(batch)
+            for it, res in zip(batch, results):
+                it.result = res
+                if isinstance(res, BaseException):
+                    self._failed(it, res)
+                else:
+                    self.records += len(res)
+                    self.versions += sum(1 for c in it.changes or () if c.op == "write")
+                if it.after is not None:
+                    try:
+                        it.after(res)
+                    except Exception:
+                        log.exception("capture bookkeeping failed")
+                it.done.set()
+            if any(not isinstance(r, BaseException) for r in results):
+                self.last_capture_ns = time.time_ns()
+
+    def _failed(self, it: Item, err: BaseException) -> None:
+        paths = sorted({c.path for c in it.changes or ()})
+        self.failures += 1
+        self.gap.extend(paths)
+        del self.gap[:-1000]
+        msg = f"{err}"
+        if msg != self.last_error:  # once per incident, not per record
+            log.error("journal write failed, %d change(s) not recorded (%s): %s",
+                      len(it.changes or ()), b", ".join(paths[:5]).decode(errors="replace"), msg)
+        self.last_error = msg
+
+    # ---- content capture ----------------------------------------------------
+
+    def _capture(self, ops, node, fd: int, path: bytes, cause: str, dirty, base: int | None) -> Item:
+        """Queue a content version of the file open as fd (the item owns fd).
+
+        ``base``: the content version the dirty ranges are relative to;
+        None with dirty=_FULL means "the whole file, against the path's
+        latest version if any" (dedup and delta hints only).  With a node,
+        ``base`` is taken from the node's previous capture once it commits.
+        """
+        item = Item()
+        prev = getattr(node, "last_item", None) if node is not None else None
+        ev = None
+        if node is not None:
+            ev = trio.Event()
+            node.pending = ev
+            node.last_item = item
+
+        def after(res):
+            if node is not None:
+                if isinstance(res, BaseException) or not res:
+                    node.base = None  # next capture of this inode: whole file
+                else:
+                    node.base = res[-1]
+        item.after = after
+        self._push(item)
+        self.nursery.start_soon(self._compute, item, ops, node, ev, prev, fd, path, cause, dirty, base)
+        return item
+
+    async def _compute(self, item, ops, node, ev, prev, fd, path, cause, dirty, base) -> None:
+        try:
+            if prev is not None:
+                await prev.done.wait()
+                if dirty is not _FULL:
+                    base = node.base
+            if dirty is not _FULL and base is None:
+                dirty = _FULL
+            change = await trio.to_thread.run_sync(
+                self._compute_sync, fd, path, cause, dirty, base, limiter=self.limiter)
+            item.changes = [change]
+        except Exception as e:
+            self.failures += 1
+            self.last_error = f"capture of {path!r} failed: {e}"
+            self.gap.append(path)
+            log.error("capture of %s failed: %s", os.fsdecode(path), e, exc_info=True)
+            item.changes = []
+            if node is not None:
+                node.base = None
+        finally:
+            os.close(fd)
+            if node is not None:
+                node.pending = None
+                ev.set()
+                ops.release_node_if_unused(node)
+            item.ready.set()
+
+    def _compute_sync(self, fd: int, path: bytes, cause: str, dirty, base: int | None) -> Change:
+        st = os.fstat(fd)
+        size = st.st_size
+        j = self.journal
+        with j.reader() as r:
+            if dirty is _FULL:
+                if base is None:
+                    fid = r.file_id_at(path)
+                    fs = r.file_state(fid) if fid else None
+                    base = fs.content_seq if fs is not None and not fs.deleted else 0
+                dirty = [(0, max(size, 1))]
+            old = r.chunk_list(base) if base else []
+            offsets = [0]
+            for _, n in old:
+                offsets.append(offsets[-1] + n)
+            new: list = []
+            seen: set[bytes] = set()
+            buffered = [0]
+
+            def on_chunk(span, data):
+                cid = span.id
+                if cid in seen or r.has_chunk(cid):
+                    return
+                seen.add(cid)
+                b = None
+                if old:
+                    k = min(bisect.bisect_right(offsets, span.offset) - 1, len(old) - 1)
+                    bid = old[k][0]
+                    info = r.chunk_info(bid)
+                    if info is not None:
+                        b = chunking.Base(bid, r.read_chunk(bid), info.depth)
+                nc = chunking.build_chunk(bytes(data), b)
+                new.append(nc)
+                buffered[0] += len(nc.payload)
+                if buffered[0] >= CHUNK_FLUSH_BYTES:
+                    j.put_chunks(new)
+                    new.clear()
+                    buffered[0] = 0
+
+            res = chunking.rechunk(lambda off, n: os.pread(fd, n, off), size, old, dirty, on_chunk)
+        return Change(op="write", path=path, size=size, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                      mtime_ns=st.st_mtime_ns, cause=cause, base_seq=base or 0,
+                      edit=res.edit_list(), chunks=new)
+
+    # ---- hooks called by ops ------------------------------------------------
+
+    def _skip(self, path: bytes | None, is_dir: bool = False) -> bool:
+        return path is None or self.ignore.match(path, is_dir)
+
+    async def before_change(self, ops, node, path: bytes | None) -> None:
+        """Make sure the file's current content is in the journal (pre-image)."""
+        if node is not None:
+            await ops.wait_capture(node)
+            if node.base is not None:
+                return
+        if self._skip(path):
+            return
+        await self.drain()  # the journal now reflects every earlier event
+        base = await trio.to_thread.run_sync(self._latest_content, path)
+        if base:
+            if node is not None and node.base is None:
+                node.base = base
+            return
+        try:
+            if node is not None:
+                fd = os.open(f"/proc/self/fd/{node.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                fd = os.open(os.path.join(os.fsencode(self.src), path),
+                             os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return
+        item = self._capture(ops, node, fd, path, "preimage", _FULL, 0)
+        await item.done.wait()
+
+    def _latest_content(self, path: bytes) -> int:
+        with self.journal.reader() as r:
+            fid = r.file_id_at(path)
+            fs = r.file_state(fid) if fid else None
+            return fs.content_seq if fs is not None and not fs.deleted and fs.content_seq else 0
+
+    def release(self, ops, node) -> None:
+        """Last close of a written file: queue its capture (returns at once)."""
+        self._content_event(ops, node, "write")
+
+    async def fsync(self, ops, node) -> None:
+        """Capture now and return once the version is durable."""
+        item = self._content_event(ops, node, "fsync")
+        if item is not None:
+            await item.done.wait()
+
+    def _content_event(self, ops, node, cause: str) -> Item | None:
+        dirty = [(s, e) for s, e in node.dirty]
+        node.dirty = []
+        node.size_changed = False
+        path = ops.path_of(node)
+        if self._skip(path):
+            return None
+        if path == IGNORE_FILE.encode():
+            self.ignore.reload()
+        try:
+            fd = os.open(f"/proc/self/fd/{node.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("cannot read %s for capture: %s", os.fsdecode(path), e)
+            return None
+        return self._capture(ops, node, fd, path, cause, dirty if node.base is not None else _FULL,
+                             node.base)
+
+    def event(self, op: str, *, ops, **f) -> None:
+        """A namespace change that already succeeded in SRC."""
+        handler = getattr(self, "_ev_" + op)
+        try:
+            handler(ops, **f)
+        except OSError as e:  # e.g. the entry vanished again; nothing to record
+            log.debug("event %s: %s", op, e)
+
+    def _ev_create(self, ops, parent, name, node, st) -> None:
+        node.base = 0  # a new, empty file: later captures are edits of nothing
+        path = ops.child_path(parent, name)
+        if not self._skip(path):
+            self.submit(Change(op="create", path=path, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                               mtime_ns=st.st_mtime_ns))
+
+    def _new_entry(self, ops, op, parent, name, **extra) -> None:
+        path = ops.child_path(parent, name)
+        if self._skip(path, op == "mkdir"):
+            return
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        self.submit(Change(op=op, path=path, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                           mtime_ns=st.st_mtime_ns, **extra))
+
+    def _ev_mkdir(self, ops, parent, name, node) -> None:
+        self._new_entry(ops, "mkdir", parent, name)
+
+    def _ev_mknod(self, ops, parent, name, node) -> None:
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        self._new_entry(ops, "mknod", parent, name, rdev=st.st_rdev)
+
+    def _ev_symlink(self, ops, parent, name, node, target) -> None:
+        self._new_entry(ops, "symlink", parent, name, target=target)
+
+    def _ev_link(self, ops, node, parent, name) -> None:
+        new = ops.child_path(parent, name)
+        if self._skip(new):
+            return
+        old = ops.path_of(node)
+        if self._skip(old):
+            self._capture_entry(ops, parent, name, new)
+        else:
+            self.submit(Change(op="link", path=old, path2=new))
+
+    def _ev_unlink(self, ops, parent, name) -> None:
+        path = ops.child_path(parent, name)
+        if not self._skip(path):
+            self.submit(Change(op="unlink", path=path))
+
+    def _ev_rmdir(self, ops, parent, name) -> None:
+        path = ops.child_path(parent, name)
+        if not self._skip(path, True):
+            self.submit(Change(op="rmdir", path=path))
+
+    def _ev_rename(self, ops, old, new, flags, parent, name, replaced) -> None:
+        if old is None or new is None:
+            return
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        ign_old, ign_new = self.ignore.match(old, is_dir), self.ignore.match(new, is_dir)
+        if ign_old and ign_new:
+            return
+        if flags & 2:  # RENAME_EXCHANGE
+            if not ign_old and not ign_new:
+                self.submit(Change(op="rename", path=old, path2=new, flags=2))
+            elif ign_old:  # the real name `new` now holds what was at `old`
+                self._capture_entry(ops, parent, name, new)
+            else:
+                self._capture_path(ops, old)
+            return
+        if not ign_old and ign_new:  # todo.md -> todo.md~ : gone from the visible tree
+            self.submit(Change(op="rmdir" if is_dir else "unlink", path=old))
+            return
+        if stat.S_ISREG(st.st_mode) and (ign_old or replaced):
+            # an atomic save: the new content is the next version of the target
+            self._capture_entry(ops, parent, name, new)
+            if not ign_old:
+                self.submit(Change(op="unlink", path=old))
+            return
+        if ign_old:  # a directory or symlink appears under a real name
+            self._record_tree(ops, new)
+            return
+        self.submit(Change(op="rename", path=old, path2=new))
+
+    def _capture_entry(self, ops, parent, name: bytes, path: bytes) -> None:
+        """Capture the whole file now at parent/name as a version of path."""
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            self._record_tree(ops, path)
+            return
+        node = ops.nodes.get(ops.fuse_ino(st.st_ino))
+        self._capture(ops, node, fd, path, "rename-over", _FULL, None)
+
+    def _capture_path(self, ops, path: bytes) -> None:
+        root = os.fsencode(self.src)
+        st = os.lstat(os.path.join(root, path))
+        if not stat.S_ISREG(st.st_mode):
+            self._record_tree(ops, path)
+            return
+        fd = os.open(os.path.join(root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._capture(ops, None, fd, path, "rename-over", _FULL, None)
+
+    def _record_tree(self, ops, path: bytes) -> None:
+        """Record an entry (and a directory's content) that appeared under path."""
+        root = os.fsencode(self.src)
+        for rel, st in _walk(root, path, self.ignore):
+            if stat.S_ISDIR(st.st_mode):
+                self.submit(Change(op="mkdir", path=rel, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                                   mtime_ns=st.st_mtime_ns))
+            elif stat.S_ISLNK(st.st_mode):
+                self.submit(Change(op="symlink", path=rel, target=os.readlink(os.path.join(root, rel)),
+                                   mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns))
+            elif stat.S_ISREG(st.st_mode):
+                self._capture_path(ops, rel)
+
+    def _ev_setattr(self, ops, node, st, mode, owner, times) -> None:
+        path = ops.path_of(node)
+        if self._skip(path, stat.S_ISDIR(st.st_mode)):
+            return
+        self.submit(Change(op="setattr", path=path, mode=st.st_mode if mode else None,
+                           uid=st.st_uid if owner else None, gid=st.st_gid if owner else None,
+                           mtime_ns=st.st_mtime_ns if times else None))
+
+    def _ev_setxattr(self, ops, node, name, value) -> None:
+        path = ops.path_of(node)
+        if not self._skip(path):
+            self.submit(Change(op="setxattr", path=path, xattr_name=name, xattr_value=value))
+
+    def _ev_removexattr(self, ops, node, name) -> None:
+        path = ops.path_of(node)
+        if not self._skip(path):
+            self.submit(Change(op="removexattr", path=path, xattr_name=name))
+
+    # ---- the scan at mount time ----------------------------------------------
+
+    async def scan(self, ops, hidden_ino: int, progress=None) -> dict:
+        """Record what changed in SRC while it was not mounted (before mounting)."""
+        t0 = time.monotonic()
+        actions = await trio.to_thread.run_sync(self._scan_diff, hidden_ino)
+        total = sum(st.st_size for kind, _, st in actions if kind == "file")
+        done = 0
+        last = 0.0
+        counts = {"new_or_changed": 0, "gone": 0, "dirs": 0}
+        for kind, path, st in actions:
+            if kind == "gone":
+                self.submit(Change(op="rmdir" if st == "d" else "unlink", path=path))
+                counts["gone"] += 1
+            elif kind == "dir":
+                self.submit(Change(op="mkdir", path=path, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                                   mtime_ns=st.st_mtime_ns))
+                counts["dirs"] += 1
+            elif kind == "symlink":
+                target = os.readlink(os.path.join(os.fsencode(self.src), path))
+                self.submit(Change(op="symlink", path=path, target=target, mode=st.st_mode, uid=st.st_uid,
+                                   gid=st.st_gid, mtime_ns=st.st_mtime_ns))
+            else:
+                try:
+                    fd = os.open(os.path.join(os.fsencode(self.src), path),
+                                 os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+                except OSError as e:
+                    log.warning("scan: cannot read %s: %s", os.fsdecode(path), e)
+                    continue
+                item = self._capture(ops, None, fd, path, "scan", _FULL, None)
+                counts["new_or_changed"] += 1
+                done += st.st_size
+                if self.pending() > 64:  # bounded: wait for the head before queueing more
+                    await self.queue[0].done.wait()
+                now = time.monotonic()
+                if progress is not None and now - last > 1.0:
+                    last = now
+                    progress(f"scan: {counts['new_or_changed']} files, {done >> 20} of {total >> 20} MiB")
+                del item
+        await self.drain()
+        counts["seconds"] = round(time.monotonic() - t0, 3)
+        if actions:
+            log.info("scan recorded %s", counts)
+        return counts
+
+    def _scan_diff(self, hidden_ino: int) -> list:
+        root = os.fsencode(self.src)
+        actions = []
+        with self.journal.reader() as r:
+            known = {p: (fid, kind) for p, fid, kind in r.current_tree()}
+            seen = set()
+            for rel, st in _walk(root, b"", self.ignore, hidden_ino):
+                seen.add(rel)
+                k = known.get(rel)
+                mode = st.st_mode
+                if stat.S_ISDIR(mode):
+                    if k is None:
+                        actions.append(("dir", rel, st))
+                elif stat.S_ISLNK(mode):
+                    if k is None:
+                        actions.append(("symlink", rel, st))
+                elif stat.S_ISREG(mode):
+                    fs = r.file_state(k[0]) if k else None
+                    if fs is None or fs.content_seq == 0 and st.st_size or fs.size != st.st_size \
+                            or fs.mtime_ns != st.st_mtime_ns:
+                        actions.append(("file", rel, st))
+            gone = sorted((p for p in known if p not in seen and p), reverse=True)
+            for p in gone:
+                if not self.ignore.match(p, known[p][1] == "d"):
+                    actions.append(("gone", p, known[p][1]))
+        return actions
+
+
+def _walk(root: bytes, start: bytes, ignore: Ignore, hidden_ino: int = -1):
+    """Yield (relative path, lstat) for start and everything under it, parents first."""
+    first = os.path.join(root, start) if start else root
+    try:
+        st = os.lstat(first)
+    except OSError:
+        return
+    if start:
+        yield start, st
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    stack = [start]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            it = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                if e.inode() == hidden_ino:
+                    continue
+                rel = os.path.join(rel_dir, e.name) if rel_dir else os.fsencode(e.name)
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if ignore.match(rel, is_dir):
+                    continue
+                yield rel, st
+                if is_dir:
+                    stack.append(rel)

@@ -1,0 +1,56 @@
+"""Which paths are passed through but never journaled.
+
+Built-in patterns cover the swap, lock, backup and temp files of common
+editors; SRC/.deltaignore adds the user's own in gitignore syntax
+(pathspec does the matching).  An ignored file works normally in the
+mount; when it is renamed to a path that is not ignored (an atomic save),
+its content is captured as a version of that path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pathspec
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PATTERNS = [
+    # vim: swap files, the 4913 write probe, backups
+    "*.swp", "*.swo", "*.swn", "*.swx", "*.swpx", ".*.sw[a-p]", "4913", "*~",
+    # emacs: lock links and auto-save files
+    ".#*", "#*#",
+    # gedit/GIO atomic writes, generic temp files, partial downloads
+    ".goutputstream-*", "*.tmp", "*.temp", "*.part", "*.crdownload",
+    # LibreOffice locks, Kate swap, JetBrains safe-write temp files
+    ".~lock.*#", "*.kate-swp", "*___jb_tmp___", "*___jb_old___",
+]
+IGNORE_FILE = ".deltaignore"
+
+
+class Ignore:
+    def __init__(self, src: str, extra: list[str] | None = None) -> None:
+        self.src = src
+        self.extra = list(extra or [])
+        self.reload()
+
+    def reload(self) -> None:
+        lines = list(BUILTIN_PATTERNS) + self.extra
+        try:
+            with open(os.path.join(self.src, IGNORE_FILE), encoding="utf-8", errors="replace") as f:
+                lines += f.read().splitlines()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot read %s: %s", IGNORE_FILE, e)
+        self.spec = pathspec.PathSpec.from_lines("gitwildmatch", lines)
+
+    def match(self, path: bytes | None, is_dir: bool = False) -> bool:
+        """True if path (relative to SRC) is ignored.  None (unlinked) counts as ignored."""
+        if path is None:
+            return True
+        if not path:
+            return False
+        p = os.fsdecode(path)
+        return self.spec.match_file(p + "/" if is_dir else p)
