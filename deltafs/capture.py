@@ -44,6 +44,7 @@ from deltafs.journal import Change, Journal
 
 log = logging.getLogger(__name__)
 
+REUSE_SECONDS = 120  # as the journal's REUSE_WINDOW_NS
 CHUNK_FLUSH_BYTES = 32 << 20  # store new chunks ahead of their record beyond this much
 _FULL = None  # dirty marker: the whole file
 
@@ -51,7 +52,7 @@ _FULL = None  # dirty marker: the whole file
 class Item:
     """One pipeline entry: the changes it will commit, and who waits for it."""
 
-    __slots__ = ("changes", "ready", "done", "result", "after")
+    __slots__ = ("changes", "ready", "done", "result", "after", "skip")
 
     def __init__(self, changes: list[Change] | None = None, after=None) -> None:
         self.changes = changes
@@ -59,6 +60,7 @@ class Item:
         self.done = trio.Event()
         self.result: list[int] | BaseException | None = None
         self.after = after
+        self.skip = False  # queued while capture was paused: journal nothing
         if changes is not None:
             self.ready.set()
 
@@ -83,6 +85,10 @@ class Recorder:
         self.last_error: str | None = None
         self.last_capture_ns = 0
         self.gap: list[bytes] = []  # paths whose capture could not be journaled
+        self.paused = False  # control socket: events are dropped until resume rescans
+        # regular files just deleted or renamed away: a file renamed onto one
+        # of these paths is the next version of it (write-new-then-delete-old)
+        self.recently_gone: dict[bytes, float] = {}
 
     # ---- pipeline ---------------------------------------------------------
 
@@ -93,6 +99,10 @@ class Recorder:
             await self._committer()
 
     def _push(self, item: Item) -> Item:
+        if self.paused:
+            item.skip = True
+            if item.changes:
+                item.changes = []
         self.queue.append(item)
         self.last_item = item
         self._more.set()
@@ -182,6 +192,9 @@ class Recorder:
 
     async def _compute(self, item, ops, node, ev, prev, fd, path, cause, dirty, base) -> None:
         try:
+            if item.skip:  # paused: the rescan at resume records the file
+                item.changes = []
+                return
             if prev is not None:
                 await prev.done.wait()
                 if dirty is not _FULL:
@@ -360,9 +373,20 @@ class Recorder:
         else:
             self.submit(Change(op="link", path=old, path2=new))
 
+    def _gone(self, path: bytes) -> None:
+        now = time.monotonic()
+        if len(self.recently_gone) > 256:
+            self.recently_gone = {p: t for p, t in self.recently_gone.items() if now - t < REUSE_SECONDS}
+        self.recently_gone[path] = now
+
+    def _was_gone(self, path: bytes) -> bool:
+        t = self.recently_gone.pop(path, None)
+        return t is not None and time.monotonic() - t < REUSE_SECONDS
+
     def _ev_unlink(self, ops, parent, name) -> None:
         path = ops.child_path(parent, name)
         if not self._skip(path):
+            self._gone(path)
             self.submit(Change(op="unlink", path=path))
 
     def _ev_rmdir(self, ops, parent, name) -> None:
@@ -387,9 +411,11 @@ class Recorder:
                 self._capture_path(ops, old)
             return
         if not ign_old and ign_new:  # todo.md -> todo.md~ : gone from the visible tree
+            if not is_dir:
+                self._gone(old)
             self.submit(Change(op="rmdir" if is_dir else "unlink", path=old))
             return
-        if stat.S_ISREG(st.st_mode) and (ign_old or replaced):
+        if stat.S_ISREG(st.st_mode) and (ign_old or replaced or self._was_gone(new)):
             # an atomic save: the new content is the next version of the target
             self._capture_entry(ops, parent, name, new)
             if not ign_old:

@@ -149,6 +149,99 @@ class Journal:
                 txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
         return stored
 
+    def append_raw(self, values: Sequence[bytes], chunks: dict[bytes, bytes] | None = None) -> int:
+        """Append records exactly as stored elsewhere (``hash || body``) in
+        one durable transaction, with the chunk values they need; -> new head.
+
+        For ``deltafs clone``: the records keep their seqs, HLCs and hashes,
+        so the chain of the copy is the original's.  Each value must hash
+        to its stored hash, carry seq = head + 1 and prev = head's hash
+        (CorruptionError otherwise); chunk values (``id -> stored value``,
+        docs/format.md) are inserted first and every chunk an edit names
+        must be present.  Indexes, refs and checkpoints are built as the
+        writer builds them.
+        """
+        from deltafs.errors import CorruptionError
+
+        from .records import body_hash, split_value
+
+        self._check_writable()
+        chunks = chunks or {}
+        with self._wlock:
+            txn = self.env.begin(write=True)
+            try:
+                rd = Reader(self, txn)
+                cdb = self._dbs[S.DB_CHUNKS]
+                stored = raw = 0
+                for cid, val in chunks.items():
+                    depth, raw_len, base, _ = S.decode_chunk(val)
+                    if txn.put(cid, val, db=cdb, overwrite=False):
+                        stored += len(val)
+                        raw += raw_len
+                        if base is not None:
+                            self._incref(txn, base)
+                for cid, val in chunks.items():
+                    base = S.decode_chunk(val)[2]
+                    if base is not None and txn.get(base, db=cdb) is None:
+                        raise CorruptionError(f"base chunk {base.hex()} of chunk {cid.hex()} is missing")
+                head, prev = rd.head_seq(), rd.head_hash()
+                last_hlc = rd.record(head).hlc if head else -1
+                for value in values:
+                    h, body = split_value(value)
+                    rec = decode_record(value)
+                    if body_hash(body) != h:
+                        raise CorruptionError(f"record {rec.seq} has been altered: its hash does not match its content")
+                    if rec.seq != head + 1 or rec.prev != prev:
+                        raise CorruptionError(f"record {rec.seq} does not continue the chain after record {head}")
+                    if rec.hlc <= last_hlc:
+                        raise CorruptionError(f"record {rec.seq} goes back in time")
+                    seq = rec.seq
+                    txn.put(S.u64(seq), bytes(value), db=self._dbs[S.DB_CHANGES], append=True)
+                    if rec.is_content:
+                        self._raw_content(txn, rd, rec)
+                    apply_record(LmdbStore(txn, self._dbs), rec)
+                    txn.put(S.history_key(rec.file_id, seq), b"", db=self._dbs[S.DB_HISTORY])
+                    for p in (rec.path, rec.path2):
+                        if p is not None:
+                            txn.put(S.path_key(p) + S.u64(seq), S.u64(rec.file_id), db=self._dbs[S.DB_PATHLOG])
+                    head, prev, last_hlc = seq, h, rec.hlc
+                mdb = self._dbs[S.DB_META]
+                if last_hlc > rd.meta(S.META_HLC, 0):
+                    txn.put(S.META_HLC, _packb(last_hlc), db=mdb)
+                    self._hlc.restore(last_hlc)
+                txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
+                txn.put(S.META_RAW, _packb(rd.meta(S.META_RAW, 0) + raw), db=mdb)
+                txn.commit()
+                self.sync_count += 1
+            except BaseException:
+                txn.abort()
+                self._clear_list_cache()
+                raise
+        return head
+
+    def _raw_content(self, txn, rd: Reader, rec) -> None:
+        """Refs and checkpoint of an appended content record (as in :meth:`_content`)."""
+        from deltafs.errors import CorruptionError
+
+        cdb = self._dbs[S.DB_CHUNKS]
+        base = rec.base_seq or 0
+        old, depth, accum = self._list_for(rd, base) if base else ([], -1, 0)
+        new = apply_edit(old, rec.edit or [])
+        entries = 0
+        for _, _, refs in rec.edit or []:
+            for cid, _ in refs:
+                if txn.get(cid, db=cdb) is None:
+                    raise CorruptionError(f"record {rec.seq}: chunk {cid.hex()} is missing")
+                self._incref(txn, cid)
+            entries += len(refs)
+        depth, accum = depth + 1, accum + entries
+        if base and (depth >= S.CHECKPOINT_EVERY or accum > 2 * len(new) + 64):
+            txn.put(S.u64(rec.seq), S.pack_list(new), db=self._dbs[S.DB_CHECKPOINTS])
+            for cid, _ in new:
+                self._incref(txn, cid)
+            depth = accum = 0
+        self._cache_list(rec.seq, new, depth, accum)
+
     def start_writer(self) -> None:
         """Start the group-commit thread used by :meth:`submit`."""
         self._check_writable()
@@ -307,7 +400,7 @@ class Journal:
             fid = S.from_u64(cur.value())
             st = rd.file_state(fid)
             if st is not None and st.kind == "f" and st.last_seq and (st.deleted or ch.path not in st.links):
-                age = self._clock() - hlc_to_ns(rd.record(st.last_seq).hlc)
+                age = self._hlc._clock() - hlc_to_ns(rd.record(st.last_seq).hlc)
                 if age <= REUSE_WINDOW_NS:
                     return fid
         return _new_id()
