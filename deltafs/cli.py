@@ -120,7 +120,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     loc, j = _history_open(args)
     with j, j.reader() as r:
-        fid = r.file_id_at(loc.rel)
+        fid = r.file_id_at(loc.rel) if loc.rel else None
         st = r.file_state(fid) if fid is not None else None
         is_dir = loc.rel == b"" or (st is not None and st.kind == KIND_DIR)
         if not is_dir and st is None:  # gone now: look at what it was at TO

@@ -74,7 +74,7 @@ def path_seen(r: Reader, rel: bytes) -> bool:
 def entry_at(r: Reader, rel: bytes, seq: int) -> TreeEntry | None:
     """The tree entry at ``rel`` right after record ``seq`` (None: absent)."""
     if seq >= r.head_seq():
-        fid = r.file_id_at(rel)
+        fid = r.file_id_at(rel) if rel else None
         if fid is None:
             return _root_entry() if rel == b"" else None
         return tree_entry(rel, fid, r.file_state(fid))
@@ -530,7 +530,7 @@ class _Restorer:
 
     # ---- journal bookkeeping (mode "src") ----
     def _cur(self, p: bytes) -> tuple[int, object] | None:
-        fid = self.r.file_id_at(p)
+        fid = self.r.file_id_at(p) if p else None
         return (fid, self.r.file_state(fid)) if fid is not None else None
 
     def _fid_for(self, e: TreeEntry, p: bytes) -> tuple[int, bool]:
