@@ -38,10 +38,15 @@ def _inside(child: str, parent: str) -> bool:
 
 
 def check_fuse() -> str:
-    """Return the path of fusermount3, or say how to get FUSE."""
-    if not os.path.exists("/dev/fuse"):
+    """Return the path of fusermount3, or say how to get FUSE.
+
+    DELTAFS_DEV_FUSE names the device to look for (default /dev/fuse): tests
+    point it at a missing path, the one way to cause "no /dev/fuse" for real.
+    """
+    dev = os.environ.get("DELTAFS_DEV_FUSE") or "/dev/fuse"
+    if not os.path.exists(dev):
         raise FuseUnavailableError(
-            "no /dev/fuse: load the fuse module (modprobe fuse), or run the container with --device /dev/fuse")
+            f"no {dev}: load the fuse module (modprobe fuse), or run the container with --device /dev/fuse")
     fm = shutil.which("fusermount3")
     if fm is None:
         raise FuseUnavailableError("fusermount3 not found: install it with 'apt-get install fuse3'")
