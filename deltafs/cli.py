@@ -237,6 +237,101 @@ def _add_history_parsers(sub) -> None:
     rs.set_defaults(func=cmd_restore)
 
 
+# ---- verify and compact (docs/cli.md "deltafs verify", "deltafs compact")
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from deltafs import maintenance
+    from deltafs.errors import EXIT_JOURNAL
+    from deltafs.journal import Journal
+    from deltafs.locate import locate
+
+    if args.mirror:
+        return cmd_verify_mirror(args)
+    loc = locate(args.path, args.journal)
+    with Journal.open(loc.journal, readonly=True) as j:
+        res = maintenance.verify(j, full=args.full)
+    if args.json:
+        _print_json(res.to_dict())
+    elif res.ok:
+        what = f", {res.versions_checked} versions and {res.chunks_checked} chunks checked" if args.full else ""
+        print(f"ok: {res.records} records, hash chain intact{what}")
+    else:
+        p = res.problem
+        where = f"version {p.seq}" if p.seq is not None else "journal"
+        if p.path is not None:
+            where += f" ({p.path.decode('utf-8', 'surrogateescape') or '/'})"
+        print(f"BROKEN at {where}: {p.what}")
+    return 0 if res.ok else EXIT_JOURNAL
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from deltafs import maintenance
+    from deltafs.errors import JournalLockedError
+    from deltafs.journal import Journal
+    from deltafs.locate import locate
+
+    loc = locate(args.path, args.journal)
+    try:
+        j = Journal.open(loc.journal)
+    except JournalLockedError as e:
+        raise JournalLockedError(f"{e}: a running mount holds it; stop the mount (deltafs umount) to "
+                                 "compact now (a mount compacts in the background every 10 minutes)") from None
+    try:
+        rep = maintenance.compact(j, dry_run=args.dry_run)
+        if args.vacuum and not args.dry_run:
+            rep.data_file_before, rep.data_file_after = maintenance.vacuum(j)  # closes j
+    finally:
+        if j.env is not None:
+            j.close()
+    if args.json:
+        _print_json(rep.to_dict())
+    else:
+        verb = "would prune" if args.dry_run else "pruned"
+        print(f"{verb} {rep.versions_pruned} of {rep.versions} versions in {rep.files} files, "
+              f"freeing {rep.chunks_freed} chunks ({rep.bytes_freed} bytes); "
+              f"{rep.checkpoints_written} checkpoints written")
+        if rep.data_file_before is not None:
+            print(f"vacuum: data.mdb {rep.data_file_before} -> {rep.data_file_after} bytes")
+    return 0
+
+
+def _add_maintenance_parsers(sub) -> None:
+    fmt = argparse.HelpFormatter
+
+    def common(q) -> None:
+        q.add_argument("path", metavar="PATH", nargs="?",
+                       help="a path inside MNT or SRC (default: the current directory)")
+        q.add_argument("--journal", metavar="DIR", help="use this journal directly")
+        q.add_argument("--json", action="store_true", help="print a JSON report")
+
+    v = sub.add_parser("verify", help="check the journal's hash chain (and with --full every chunk)",
+                       description="Walk the journal's hash chain; with --full also rebuild every "
+                                   "retained version's chunk list and decompress and hash every chunk "
+                                   "it names. Stops at the first problem and names it (version, path, "
+                                   "what is wrong); exit status 3 then. Safe while mounted.",
+                       epilog=EPILOG, formatter_class=fmt)
+    common(v)
+    v.add_argument("--full", action="store_true", help="also check every chunk of every retained version")
+    v.add_argument("--mirror", metavar="URL",
+                   help="verify this mirror instead: manifest, chain across segments, pack chunks "
+                        "(a sample of packs; with --full every pack)")
+    v.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for an s3:// --mirror")
+    v.set_defaults(func=cmd_verify)
+
+    c = sub.add_parser("compact", help="apply retention now and free unreferenced chunks",
+                       description="Thin old versions by the retention policy (every version for 24 h, "
+                                   "hourly for 7 days, daily for 90 days, weekly after; bursts of saves "
+                                   "within 10 s keep their last; the newest version of each file and "
+                                   "versions named by snapshots are kept) and free chunks nothing refers "
+                                   "to. Needs the journal's write lock: stop the mount first.",
+                       epilog=EPILOG, formatter_class=fmt)
+    common(c)
+    c.add_argument("-n", "--dry-run", action="store_true", help="report what would be pruned, change nothing")
+    c.add_argument("--vacuum", action="store_true",
+                   help="then rewrite data.mdb compactly so the file shrinks on disk")
+    c.set_defaults(func=cmd_compact)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltafs", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -276,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long to wait for the daemon to finish (default 300)")
     u.set_defaults(func=cmd_umount)
+    _add_maintenance_parsers(sub)
     _add_history_parsers(sub)
     return p
 

@@ -229,7 +229,9 @@ def _services(cfg: MountConfig) -> list:
     Each is started once the mount is up and cancelled at unmount, after
     pending captures are drained.
     """
-    return []
+    from deltafs import maintenance
+
+    return [maintenance.maintenance_service]
 
 
 async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino) -> None:

@@ -429,6 +429,9 @@ class Journal:
                 if nc.base_id is not None:
                     self._incref(txn, nc.base_id)
         base = ch.base_seq or 0
+        pdb = self._dbs.get(b"pruned")  # compact.DB_PRUNED: its chunks may be freed
+        if base and pdb is not None and txn.get(S.u64(base), db=pdb) is not None:
+            raise ValueError(f"base version {base} of {ch.path!r} has been pruned by compaction")
         old, depth, accum = self._list_for(rd, base) if base else ([], -1, 0)
         edit = [(int(s), int(c), [(bytes(i), int(n)) for i, n in refs]) for s, c, refs in ch.edit]
         new = apply_edit(old, edit)

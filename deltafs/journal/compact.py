@@ -1,0 +1,502 @@
+"""The LMDB side of maintenance: pruned versions, checkpoints, GC, verify, vacuum.
+
+Records are immutable and hash-chained, so a version is never deleted from
+``changes``: it is *pruned*.  Its seq goes into the ``pruned`` database,
+its edit entries (and its checkpoint, if any) stop counting in ``refs``,
+and chunks whose count reaches 0 are freed (cascading to the base of a
+delta chunk).  Before that, every retained version whose chunk-list chain
+passes through a version about to be pruned gets a checkpoint, so it can
+still be rebuilt.  Decisions (which versions to prune) are made by
+``deltafs.maintenance``; this module only carries them out, in small
+transactions, under the journal's write lock.  docs/format.md, "Compaction
+and retention", is the contract.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import lmdb
+import msgpack
+
+from deltafs.chunking import chunk_id, decompress_chunk
+
+from . import schema as S
+from .records import ZERO_HASH, body_hash, decode_record, split_value
+
+log = logging.getLogger(__name__)
+
+DB_PRUNED = b"pruned"
+META_PRUNED_VERSIONS = b"pruned_versions"  # counters, see docs/format.md
+META_FREED_CHUNKS = b"freed_chunks"
+META_FREED_BYTES = b"freed_bytes"
+CHECKPOINT_BATCH = 64  # checkpoints written per transaction
+PRUNE_BATCH = 128  # versions pruned per transaction
+
+
+def _packb(v) -> bytes:
+    return msgpack.packb(v, use_bin_type=True)
+
+
+# --- the pruned database -------------------------------------------------------
+def pruned_db(j, create: bool = False):
+    """Handle of the ``pruned`` db, or None if the journal has none yet
+    (then no version is pruned).  Cached in the journal's db table.  Call it
+    before opening the transaction that uses it (a handle opened later is
+    not valid in an older transaction), and never with a write transaction
+    open in this thread (LMDB opens the db in a transaction of its own)."""
+    h = j._dbs.get(DB_PRUNED)
+    if h is not None:
+        return h
+    try:
+        if create:
+            with j._wlock:
+                h = j.env.open_db(DB_PRUNED, create=True)
+        else:
+            h = j.env.open_db(DB_PRUNED, create=False)
+    except lmdb.NotFoundError:
+        return None
+    j._dbs[DB_PRUNED] = h
+    return h
+
+
+def pruned_seqs(j, txn) -> set[int]:
+    """Seqs of pruned versions (``pruned_db(j)`` must have been called
+    before ``txn`` began, or the db did not exist then)."""
+    db = j._dbs.get(DB_PRUNED)
+    if db is None:
+        return set()
+    return {S.from_u64(k) for k in txn.cursor(db=db).iternext(values=False)}
+
+
+def is_pruned(j, txn, seq: int) -> bool:
+    db = j._dbs.get(DB_PRUNED)
+    return db is not None and txn.get(S.u64(seq), db=db) is not None
+
+
+# --- what maintenance decides on ---------------------------------------------------
+@dataclass
+class Versions:
+    """Retained content versions by file id, oldest first: [(seq, hlc)]."""
+
+    by_file: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    head_hlc: int = 0  # the journal's time: HLC of the newest record
+    head_seq: int = 0
+
+
+def content_versions(j, r) -> Versions:
+    """Every content version not pruned yet, grouped by file id (one scan of ``changes``)."""
+    out = Versions(head_hlc=r.meta(S.META_HLC, 0), head_seq=r.head_seq())
+    pruned = pruned_seqs(j, r.txn)
+    for k, v in r.txn.cursor(db=r.dbs[S.DB_CHANGES]):
+        seq = S.from_u64(k)
+        if seq in pruned:
+            continue
+        rec = decode_record(v)
+        if rec.is_content:
+            out.by_file.setdefault(rec.file_id, []).append((seq, rec.hlc))
+    return out
+
+
+def snapshot_seqs(r) -> dict[str, int]:
+    """Named snapshots -> their seq (``snapshots`` values ``{"seq": N}``)."""
+    out = {}
+    for name, v in r.kv_items("snapshots"):
+        if isinstance(v, dict) and isinstance(v.get("seq"), int):
+            out[name] = v["seq"]
+    return out
+
+
+# --- applying a prune ------------------------------------------------------------------
+@dataclass
+class PruneResult:
+    versions_pruned: int = 0
+    checkpoints_written: int = 0
+    chunks_freed: int = 0
+    bytes_freed: int = 0
+    transactions: int = 0
+
+
+def _decref(txn, dbs, cid: bytes, zero: list[bytes]) -> None:
+    db = dbs[S.DB_REFS]
+    v = txn.get(cid, db=db)
+    n = S.from_u64(v) if v else 0
+    if n <= 1:
+        if n == 0:
+            log.warning("chunk %s: reference count already 0 while pruning", cid.hex())
+        txn.delete(cid, db=db)
+        zero.append(cid)
+    else:
+        txn.put(cid, S.u64(n - 1), db=db)
+
+
+def _incref(txn, dbs, cid: bytes) -> None:
+    db = dbs[S.DB_REFS]
+    v = txn.get(cid, db=db)
+    txn.put(cid, S.u64((S.from_u64(v) if v else 0) + 1), db=db)
+
+
+def _chain_hits(r, seq: int, doomed: set[int], new_cps: set[int] = frozenset()) -> bool:
+    """Does rebuilding ``seq``'s list read a version in ``doomed`` (itself
+    excluded)?  ``new_cps``: checkpoints a dry run pretends to have written."""
+    s = seq
+    while True:
+        if s != seq and s in doomed:
+            return True
+        if s in new_cps or r.txn.get(S.u64(s), db=r.dbs[S.DB_CHECKPOINTS]) is not None:
+            return False
+        rec = r.record(s)
+        if not rec.base_seq:
+            return False
+        s = rec.base_seq
+
+
+def _bump_meta(txn, dbs, key: bytes, n: int) -> None:
+    if n:
+        v = txn.get(key, db=dbs[S.DB_META])
+        txn.put(key, _packb((msgpack.unpackb(v) if v else 0) + n), db=dbs[S.DB_META])
+
+
+def prune(j, seqs: Iterable[int], retained: Iterable[int], dry_run: bool = False) -> PruneResult:
+    """Prune content versions ``seqs``; ``retained`` = every content version
+    that stays (their lists must stay rebuildable).
+
+    1. each retained version whose chain passes through a pruned one gets a
+       checkpoint (oldest first, so a new checkpoint shortens later chains),
+       in transactions of CHECKPOINT_BATCH;
+    2. per transaction of PRUNE_BATCH versions: mark pruned, decrement the
+       refs of their edits and checkpoints, free chunks at 0 (and decrement
+       a freed delta's base, cascading).  Atomic per transaction, so a crash
+       leaves every count consistent.
+    """
+    j._check_writable()
+    res = PruneResult()
+    pruned_db(j)
+    with j.reader() as r:
+        already = pruned_seqs(j, r.txn)
+    doomed = sorted(set(seqs) - already)
+    if not doomed:
+        return res
+    doomed_set = set(doomed)
+    first = doomed[0]
+    keep = sorted(s for s in set(retained) if s > first and s not in doomed_set)
+    if dry_run:
+        return _estimate(j, doomed, keep, res)
+    db = pruned_db(j, create=True)
+    dbs = j._dbs
+    # 1. checkpoints
+    i = 0
+    while i < len(keep):
+        with j._wlock, j.env.begin(write=True) as txn:
+            from .reader import Reader
+
+            r = Reader(j, txn)
+            n = 0
+            while i < len(keep) and n < CHECKPOINT_BATCH:
+                s = keep[i]
+                i += 1
+                if _chain_hits(r, s, doomed_set):
+                    full = r.chunk_list(s)
+                    txn.put(S.u64(s), S.pack_list(full), db=dbs[S.DB_CHECKPOINTS])
+                    for cid, _ in full:
+                        _incref(txn, dbs, cid)
+                    n += 1
+            res.checkpoints_written += n
+        res.transactions += 1
+    # 2. prune + free
+    for b in range(0, len(doomed), PRUNE_BATCH):
+        batch = doomed[b : b + PRUNE_BATCH]
+        with j._wlock, j.env.begin(write=True) as txn:
+            zero: list[bytes] = []
+            n_pruned = 0
+            for s in batch:
+                if txn.get(S.u64(s), db=db) is not None:
+                    continue
+                rec = decode_record(txn.get(S.u64(s), db=dbs[S.DB_CHANGES]))
+                if not rec.is_content:
+                    raise ValueError(f"record {s} is a {rec.op}, not a content version")
+                txn.put(S.u64(s), _packb({"hlc": rec.hlc}), db=db)
+                for _, _, refs in rec.edit or []:
+                    for cid, _ in refs:
+                        _decref(txn, dbs, cid, zero)
+                cp = txn.get(S.u64(s), db=dbs[S.DB_CHECKPOINTS])
+                if cp is not None:
+                    txn.delete(S.u64(s), db=dbs[S.DB_CHECKPOINTS])
+                    for cid, _ in S.unpack_list(cp):
+                        _decref(txn, dbs, cid, zero)
+                n_pruned += 1
+            freed = freed_bytes = 0
+            while zero:
+                cid = zero.pop()
+                if txn.get(cid, db=dbs[S.DB_REFS]) is not None:
+                    continue  # counted again since (cannot happen within one txn, but be sure)
+                val = txn.get(cid, db=dbs[S.DB_CHUNKS])
+                if val is None:
+                    continue
+                _, _, base, _ = S.decode_chunk(val)
+                txn.delete(cid, db=dbs[S.DB_CHUNKS])
+                freed += 1
+                freed_bytes += len(val)
+                if base is not None:
+                    _decref(txn, dbs, base, zero)
+            _bump_meta(txn, dbs, META_PRUNED_VERSIONS, n_pruned)
+            _bump_meta(txn, dbs, META_FREED_CHUNKS, freed)
+            _bump_meta(txn, dbs, META_FREED_BYTES, freed_bytes)
+        res.transactions += 1
+        res.versions_pruned += n_pruned
+        res.chunks_freed += freed
+        res.bytes_freed += freed_bytes
+    with j._wlock:  # the writer thread uses the cache under this lock
+        j._clear_list_cache()
+    log.info("pruned %d versions, %d checkpoints, freed %d chunks (%d bytes)",
+             res.versions_pruned, res.checkpoints_written, res.chunks_freed, res.bytes_freed)
+    return res
+
+
+def _estimate(j, doomed: list[int], keep: list[int], res: PruneResult) -> PruneResult:
+    """The same counts as :func:`prune` without writing (refs simulated in memory)."""
+    doomed_set = set(doomed)
+    with j.reader() as r:
+        refs: dict[bytes, int] = {}
+
+        def get(cid):
+            if cid not in refs:
+                refs[cid] = r.chunk_refs(cid)
+            return refs[cid]
+
+        new_cps: set[int] = set()
+        for s in keep:
+            if _chain_hits(r, s, doomed_set, new_cps):
+                new_cps.add(s)
+                for cid, _ in r.chunk_list(s):
+                    refs[cid] = get(cid) + 1
+                res.checkpoints_written += 1
+        zero = []
+
+        def dec(cid):
+            refs[cid] = get(cid) - 1
+            if refs[cid] <= 0:
+                zero.append(cid)
+
+        for s in doomed:
+            rec = r.record(s)
+            for _, _, lst in rec.edit or []:
+                for cid, _ in lst:
+                    dec(cid)
+            cp = r.txn.get(S.u64(s), db=r.dbs[S.DB_CHECKPOINTS])
+            if cp is not None:
+                for cid, _ in S.unpack_list(cp):
+                    dec(cid)
+            res.versions_pruned += 1
+        seen = set()
+        while zero:
+            cid = zero.pop()
+            if cid in seen or refs.get(cid, 0) > 0:
+                continue
+            seen.add(cid)
+            val = r.txn.get(cid, db=r.dbs[S.DB_CHUNKS])
+            if val is None:
+                continue
+            res.chunks_freed += 1
+            res.bytes_freed += len(val)
+            _, _, base, _ = S.decode_chunk(val)
+            if base is not None:
+                dec(base)
+    return res
+
+
+# --- verify ----------------------------------------------------------------------------
+@dataclass
+class Problem:
+    what: str  # one line
+    seq: int | None = None
+    path: bytes | None = None
+    chunk: str | None = None  # hex id
+
+    def to_dict(self) -> dict:
+        return {"seq": self.seq, "path": None if self.path is None else self.path.decode("utf-8", "surrogateescape"),
+                "chunk": self.chunk, "what": self.what}
+
+
+@dataclass
+class VerifyResult:
+    records: int = 0
+    versions_checked: int = 0
+    versions_pruned: int = 0
+    chunks_checked: int = 0
+    problem: Problem | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "records": self.records, "versions_checked": self.versions_checked,
+                "versions_pruned": self.versions_pruned, "chunks_checked": self.chunks_checked,
+                "problem": self.problem.to_dict() if self.problem else None}
+
+
+def _path_of(v: bytes) -> bytes | None:
+    try:
+        return decode_record(v).path
+    except Exception:  # noqa: BLE001 - a damaged body has no trustworthy path
+        return None
+
+
+def verify(j, full: bool = False) -> VerifyResult:
+    """Walk the hash chain (and with ``full`` every retained version's list
+    and chunks); stop at the first problem and name it (seq, path, what)."""
+    res = VerifyResult()
+    pruned_db(j)
+    with j.reader() as r:
+        pruned = pruned_seqs(j, r.txn)
+        res.versions_pruned = len(pruned)
+        prev, expected, last_hlc = ZERO_HASH, 1, -1
+        content: list[tuple[int, bytes, bytes | None, int | None]] = []
+        for k, v in r.txn.cursor(db=r.dbs[S.DB_CHANGES]):
+            seq = S.from_u64(k)
+            if seq != expected:
+                res.problem = Problem(f"record {expected} is missing (next key is {seq})", expected)
+                return res
+            h, body = split_value(v)
+            if body_hash(body) != h:
+                res.problem = Problem(f"record {seq} has been altered: its hash does not match its content",
+                                      seq, _path_of(v))
+                return res
+            try:
+                rec = decode_record(v)
+            except Exception as e:  # noqa: BLE001
+                res.problem = Problem(f"record {seq} cannot be decoded: {e}", seq)
+                return res
+            if rec.seq != seq:
+                res.problem = Problem(f"record {seq} claims to be record {rec.seq}", seq, rec.path)
+                return res
+            if rec.prev != prev:
+                res.problem = Problem(f"record {seq} does not continue the chain (its prev is not record "
+                                      f"{seq - 1}'s hash)", seq, rec.path)
+                return res
+            if rec.hlc <= last_hlc:
+                res.problem = Problem(f"record {seq} goes back in time (HLC {rec.hlc} <= {last_hlc})", seq, rec.path)
+                return res
+            if full and rec.is_content and seq not in pruned:
+                content.append((seq, rec.path, rec.content_hash, rec.size))
+            prev, last_hlc, expected = h, rec.hlc, seq + 1
+            res.records += 1
+        if not full:
+            return res
+        good: set[bytes] = set()
+        for seq, path, chash, size in content:
+            try:
+                lst = r.chunk_list(seq)
+            except Exception as e:  # noqa: BLE001 - CorruptionError or a decode error
+                res.problem = Problem(f"version {seq}: its chunk list cannot be rebuilt: {e}", seq, path)
+                return res
+            if S.content_hash(lst) != chash or sum(n for _, n in lst) != size:
+                res.problem = Problem(f"version {seq}: chunk list does not match its content hash", seq, path)
+                return res
+            for cid, n in lst:
+                if cid in good:
+                    continue
+                why = _check_chunk(r, cid, n, good)
+                if why:
+                    res.problem = Problem(f"version {seq}: {why}", seq, path, cid.hex())
+                    return res
+            res.versions_checked += 1
+        res.chunks_checked = len(good)
+    return res
+
+
+def _check_chunk(r, cid: bytes, length: int, good: set[bytes], depth: int = 0) -> str | None:
+    """-> why chunk ``cid`` is bad, or None (and it and its bases join ``good``)."""
+    v = r.txn.get(cid, db=r.dbs[S.DB_CHUNKS])
+    if v is None:
+        return f"chunk {cid.hex()} is missing"
+    if depth > 64:
+        return f"chunk {cid.hex()}: delta chain loops"
+    try:
+        _, raw_len, base, payload = S.decode_chunk(v)
+    except Exception as e:  # noqa: BLE001
+        return f"chunk {cid.hex()} has a bad header: {e}"
+    base_raw = None
+    if base is not None:
+        if base not in good:
+            why = _check_chunk(r, base, -1, good, depth + 1)
+            if why:
+                return f"base of chunk {cid.hex()}: {why}"
+        if r.chunk_refs(base) == 0:
+            return f"chunk {cid.hex()}: its base {base.hex()} has no reference count"
+        base_raw = r.read_chunk(base)
+    try:
+        raw = decompress_chunk(payload, base_raw)
+    except Exception as e:  # noqa: BLE001
+        return f"chunk {cid.hex()} does not decompress: {e}"
+    if len(raw) != raw_len or (length >= 0 and raw_len != length):
+        return f"chunk {cid.hex()} has length {len(raw)}, expected {length if length >= 0 else raw_len}"
+    if chunk_id(raw) != cid:
+        return f"chunk {cid.hex()} is corrupt: its content does not match its id"
+    good.add(cid)
+    return None
+
+
+# --- vacuum ----------------------------------------------------------------------------
+def data_file_sizes(path: str) -> tuple[int, int]:
+    """(apparent size, allocated bytes) of PATH/data.mdb."""
+    st = os.stat(os.path.join(path, "data.mdb"))
+    return st.st_size, st.st_blocks * 512
+
+
+def vacuum(j) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Rewrite data.mdb compactly (``env.copy(compact=True)``) and swap it in
+    atomically.  ``j`` must be the only opener (a writer: it holds the lock),
+    and is closed afterwards.  -> (sizes before, sizes after)."""
+    j._check_writable()
+    from .core import _ENVS, _release_lock
+
+    if j._thread is not None or _ENVS.get(j.path, [None, None, None, 1])[3] != 1:
+        raise RuntimeError("vacuum needs the only opener of the journal")
+    before = data_file_sizes(j.path)
+    tmp = os.path.join(j.path, "vacuum.tmp")
+    os.makedirs(tmp, exist_ok=True)
+    for name in ("data.mdb", "lock.mdb"):
+        try:
+            os.unlink(os.path.join(tmp, name))
+        except FileNotFoundError:
+            pass
+    lock_fd, j._lock_fd = j._lock_fd, None  # keep the writer lock across the swap
+    try:
+        j.env.copy(tmp, compact=True)
+        fd = os.open(os.path.join(tmp, "data.mdb"), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        j.close()
+        os.replace(os.path.join(tmp, "data.mdb"), os.path.join(j.path, "data.mdb"))
+        dfd = os.open(j.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        _release_lock(lock_fd)
+        try:
+            for name in os.listdir(tmp):
+                os.unlink(os.path.join(tmp, name))
+            os.rmdir(tmp)
+        except OSError:
+            pass
+    after = data_file_sizes(j.path)
+    log.info("vacuumed %s: %d -> %d bytes", j.path, before[0], after[0])
+    return before, after
+
+
+def iter_retained_content(j, r) -> Iterator[int]:
+    """Seqs of every content version not pruned (tests, verify helpers)."""
+    pruned = pruned_seqs(j, r.txn)
+    for k, v in r.txn.cursor(db=r.dbs[S.DB_CHANGES]):
+        seq = S.from_u64(k)
+        if seq not in pruned and decode_record(v).is_content:
+            yield seq
