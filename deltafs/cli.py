@@ -166,6 +166,184 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return history.restore_exit_code(rep)
 
 
+# ---- status and the control socket (docs/cli.md "deltafs status" ... "Control socket")
+
+def _control_target(args: argparse.Namespace):
+    from deltafs.locate import locate
+
+    return locate(getattr(args, "path", None), args.journal)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from deltafs import status
+
+    def gather() -> list[dict]:
+        if args.path is None and args.journal is None:
+            return status.all_mounts(args.timeout)
+        return [status.status_of(_control_target(args), args.timeout)]
+
+    while True:
+        sts = gather()
+        if args.check:
+            probs = [p for st in sts for p in status.problems(st)]
+            for p in probs:
+                print(f"CRITICAL: {p}", flush=True)
+            if not probs:
+                print(f"OK: {len(sts)} deltafs mount(s) or journal(s) healthy", flush=True)
+            rc = 1 if probs else 0
+        elif args.prometheus:
+            sys.stdout.write(status.prometheus(sts).decode())
+            rc = 0
+        elif args.json:
+            for st in sts:
+                _print_json(st)
+            rc = 0
+        else:
+            if args.watch and sys.stdout.isatty():
+                sys.stdout.write("\033[H\033[2J")
+            print("\n".join(status.format_text(st) for st in sts) if sts else "no deltafs mounts",
+                  flush=True)
+            rc = 0
+        if not args.watch:
+            return rc
+        try:
+            time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0  # Ctrl-C is how --watch ends
+
+
+def _daemon_request(args: argparse.Namespace, op: str, **fields) -> dict:
+    from deltafs import control
+    from deltafs.errors import UsageError
+
+    loc = _control_target(args)
+    if loc.mount is None:
+        raise UsageError(f"{loc.src or loc.journal} is not mounted")
+    return control.request(loc.journal, op, timeout=args.timeout, **fields)
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    from deltafs.errors import UsageError
+
+    try:
+        out = _daemon_request(args, "flush")
+    except UsageError as e:
+        if "is not mounted" not in str(e):
+            raise
+        out = {"seconds": 0.0, "mounted": False}  # nothing is pending without a daemon
+    if args.json:
+        _print_json(out)
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    out = _daemon_request(args, args.command)
+    if args.json:
+        _print_json(out)
+    elif args.command == "resume" and out.get("rescan"):
+        r = out["rescan"]
+        print(f"resumed; recorded {r['new_or_changed']} new or changed file(s), {r['gone']} gone, "
+              f"{r['dirs']} new dir(s) from the pause")
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from deltafs import control
+    from deltafs.journal import Journal
+
+    loc = _control_target(args)
+    snap = None
+    if loc.mount is not None:
+        try:
+            snap = control.request(loc.journal, "snapshot", timeout=args.timeout, name=args.name)["snapshot"]
+        except control.DaemonNotRunning:
+            pass  # a dead daemon: write directly (the journal lock tells if it still lives)
+    if snap is None:
+        control.check_snapshot_name(args.name)
+        with Journal.open(loc.journal) as j:
+            snap = control.make_snapshot(j, args.name)
+    if args.json:
+        _print_json(snap)
+    else:
+        print(f"snapshot {snap['name']!r} at version {snap['seq']}")
+    return 0
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from deltafs import control
+    from deltafs.journal import Journal
+
+    loc = _control_target(args)
+    with Journal.open(loc.journal, readonly=True) as j, j.reader() as r:
+        snaps = control.list_snapshots(r)
+    for s in snaps:
+        if args.json:
+            _print_json(s)
+        else:
+            t = datetime.fromtimestamp(s["time_ns"] / 1e9).isoformat(timespec="seconds") if s["time_ns"] else "-"
+            print(f"{s['name']}\tv{s['seq']}\t{t}")
+    return 0
+
+
+def _add_control_parsers(sub) -> None:
+    fmt = argparse.HelpFormatter
+
+    def common(q, path_help="a path inside MNT or SRC (default: the current directory)", timeout=None):
+        q.add_argument("path", metavar="PATH", nargs="?", help=path_help)
+        q.add_argument("--journal", metavar="DIR", help="use this journal directly")
+        q.add_argument("--timeout", type=float, default=timeout, metavar="SECONDS",
+                       help="how long to wait for the daemon" + (" (default: no limit)" if timeout is None
+                                                                 else f" (default {timeout:g})"))
+
+    st = sub.add_parser("status", help="show the state of mounts and journals",
+                        description="Without PATH: every deltafs mount. With PATH: that mount (asked "
+                                    "through its control socket) or, when not mounted, its journal "
+                                    "alone.", epilog=EPILOG, formatter_class=fmt)
+    common(st, "a path inside MNT or SRC (default: every mount)", 10.0)
+    g = st.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="JSON (JSON Lines for several mounts)")
+    g.add_argument("--prometheus", action="store_true", help="Prometheus text exposition format")
+    g.add_argument("--check", action="store_true",
+                   help="exit 1 and say why when capture is failing or the journal is near a limit")
+    st.add_argument("--watch", action="store_true", help="repeat every --interval seconds until Ctrl-C")
+    st.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help=argparse.SUPPRESS)
+    st.set_defaults(func=cmd_status)
+
+    fl = sub.add_parser("flush", help="wait until every pending capture is durable",
+                        description="Return once every capture queued so far (files closed or "
+                                    "fsynced) is committed to the journal.", epilog=EPILOG,
+                        formatter_class=fmt)
+    common(fl)
+    fl.add_argument("--json", action="store_true")
+    fl.set_defaults(func=cmd_flush)
+
+    for name, text in (("pause", "stop recording; the mount keeps working (see docs/cli.md)"),
+                       ("resume", "record again, first what changed while paused")):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                           epilog=EPILOG, formatter_class=fmt)
+        common(p)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_pause)
+
+    sn = sub.add_parser("snapshot", help="name the current state",
+                        description="Give the journal's current state a NAME, usable wherever a WHEN "
+                                    "is. Through the daemon when mounted, else on the journal directly.",
+                        epilog=EPILOG, formatter_class=fmt)
+    sn.add_argument("name", metavar="NAME")
+    common(sn)
+    sn.add_argument("--json", action="store_true")
+    sn.set_defaults(func=cmd_snapshot)
+
+    ss = sub.add_parser("snapshots", help="list named snapshots", epilog=EPILOG, formatter_class=fmt)
+    common(ss)
+    ss.add_argument("--json", action="store_true", help="JSON Lines")
+    ss.set_defaults(func=cmd_snapshots)
+
+
 def _add_history_parsers(sub) -> None:
     fmt = argparse.HelpFormatter  # wrap the long descriptions
     when_help = ("WHEN: ISO 8601 (2026-11-23T09:00, local time unless a zone is given), relative "
@@ -373,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_umount)
     _add_maintenance_parsers(sub)
     _add_history_parsers(sub)
+    _add_control_parsers(sub)
     return p
 
 

@@ -229,9 +229,9 @@ def _services(cfg: MountConfig) -> list:
     Each is started once the mount is up and cancelled at unmount, after
     pending captures are drained.
     """
-    from deltafs import maintenance
+    from deltafs import control, maintenance
 
-    return [maintenance.maintenance_service]
+    return [control.serve, maintenance.maintenance_service]
 
 
 async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino) -> None:

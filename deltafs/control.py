@@ -1,0 +1,321 @@
+"""The control socket of a mount: server (in the daemon) and client (the CLI).
+
+``JOURNAL/control.sock`` is a UNIX stream socket, mode 0600 from the moment
+it exists (bound under umask 0177).  The protocol is JSON Lines: each
+request ``{"op": "...", ...}`` gets one response ``{"ok": true, ...}`` or
+``{"ok": false, "error": "...", "code": N}`` (N: the exit code the CLI
+uses).  Several requests may share one connection.  Only the daemon's uid
+or root is served (SO_PEERCRED); anyone else gets one refusal and is
+disconnected.  docs/cli.md, "Control socket", lists the operations.
+
+The daemon stays the single journal writer: commands that change a
+running mount's journal (snapshot) are carried out by the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import time
+
+from deltafs.errors import EXIT_DAEMON, EXIT_USAGE, DaemonError, DeltafsError, UsageError
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+MAX_REQUEST = 64 << 10  # bytes of one request line
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path, less the terminating NUL
+
+
+class DaemonNotRunning(DaemonError):
+    """Nobody listens on the control socket (not mounted, or the daemon died)."""
+
+
+def socket_path(journal_dir: str) -> str:
+    return os.path.join(journal_dir, SOCKET_NAME)
+
+
+class _ShortPath:
+    """A path to name in bind/connect: long ones go through /proc/self/fd/N of the directory."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = None
+        self.path = path
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            self.fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.path = f"/proc/self/fd/{self.fd}/{os.path.basename(path)}"
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+    return uid
+
+
+# ---- snapshots (shared by the daemon and the CLI on an unmounted journal) ------
+
+def check_snapshot_name(name: str) -> None:
+    from deltafs.when import parse_when
+
+    if not name or name != name.strip() or any(c in name for c in "\n\r\0/") or len(name) > 200:
+        raise UsageError(f"bad snapshot name {name!r}: use a short name without '/', newlines or "
+                         "surrounding spaces")
+    try:
+        w = parse_when(name)
+    except DeltafsError:
+        w = None
+    if w is None or w.snapshot != name:
+        raise UsageError(f"bad snapshot name {name!r}: it reads as a time or a version id, so it "
+                         "could never be used as a WHEN")
+
+
+def make_snapshot(journal, name: str) -> dict:
+    """Name the journal's current head (blocking: run it in a thread in the daemon)."""
+    check_snapshot_name(name)
+    with journal.reader() as r:
+        if r.kv_get("snapshots", name) is not None:
+            raise UsageError(f"snapshot {name!r} already exists")
+        seq = r.head_seq()
+    value = {"seq": seq, "time_ns": time.time_ns()}
+    journal.kv_put("snapshots", name, value)
+    return {"name": name, **value}
+
+
+def list_snapshots(reader) -> list[dict]:
+    out = []
+    for name, v in reader.kv_items("snapshots"):
+        if isinstance(v, dict):
+            out.append({"name": name, "seq": int(v.get("seq", 0)), "time_ns": v.get("time_ns")})
+        else:
+            out.append({"name": name, "seq": int(v), "time_ns": None})
+    out.sort(key=lambda d: (d["seq"], d["name"]))
+    return out
+
+
+# ---- server (runs in the daemon's trio loop) -----------------------------------
+
+def _bind(path: str) -> socket.socket:
+    """Listen on path, mode 0600 from its creation (a blocking bind on the loop
+    thread: no FUSE handler runs while the umask is narrowed)."""
+    try:
+        os.unlink(path)  # left by a daemon that died; we hold the journal lock
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with _ShortPath(path) as p:
+            old = os.umask(0o177)
+            try:
+                s.bind(p)
+            finally:
+                os.umask(old)
+        s.listen(16)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+async def serve(daemon, task_status=None) -> None:
+    """Service: answer control requests until cancelled; removes the socket on exit."""
+    import trio
+
+    path = socket_path(daemon.cfg.journal)
+    try:
+        raw = _bind(path)
+    except OSError as e:
+        from deltafs.errors import MountError
+        raise MountError(f"cannot create the control socket {path}: {e.strerror or e}") from e
+    st = os.stat(path)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+    state = daemon.state.setdefault("control", {"lock": trio.Lock()})
+    log.info("control socket %s", path)
+    try:
+        async def handler(stream):
+            await _handle(daemon, state, stream)
+        await trio.serve_listeners(handler, [listener],
+                                   task_status=task_status or trio.TASK_STATUS_IGNORED)
+    finally:
+        raw.close()
+        try:
+            cur = os.stat(path)
+            if (cur.st_dev, cur.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+async def _handle(daemon, state, stream) -> None:
+    import trio
+
+    try:
+        async with stream:
+            uid = peer_uid(stream.socket)
+            if uid not in (0, os.getuid()):
+                log.warning("refused a control connection from uid %d", uid)
+                await stream.send_all(_encode({"ok": False, "code": EXIT_DAEMON,
+                                               "error": f"permission denied: uid {uid} does not "
+                                                        f"own this mount"}))
+                return
+            buf = b""
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        await stream.send_all(_encode(await _dispatch(daemon, state, line)))
+                if len(buf) > MAX_REQUEST:
+                    await stream.send_all(_encode({"ok": False, "code": EXIT_USAGE,
+                                                   "error": "request too long"}))
+                    return
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+        pass  # the client went away
+    except Exception:  # never let one connection take the mount down
+        log.exception("control connection failed")
+
+
+def _encode(d: dict) -> bytes:
+    return json.dumps(d, ensure_ascii=False).encode() + b"\n"
+
+
+async def _dispatch(daemon, state, line: bytes) -> dict:
+    try:
+        req = json.loads(line)
+        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+            raise UsageError('a request is a JSON object with an "op" string')
+        fn = _OPS.get(req["op"])
+        if fn is None:
+            raise UsageError(f"unknown op {req['op']!r} (known: {', '.join(sorted(_OPS))})")
+        out = await fn(daemon, state, req)
+        return {"ok": True, **out}
+    except DeltafsError as e:
+        return {"ok": False, "error": str(e), "code": e.exit_code}
+    except ValueError as e:
+        return {"ok": False, "error": f"bad request: {e}", "code": EXIT_USAGE}
+    except Exception as e:
+        log.exception("control request %r failed", line[:200])
+        return {"ok": False, "error": f"internal error: {e}", "code": EXIT_DAEMON}
+
+
+def _recorder(daemon):
+    if daemon.rec is None:
+        raise UsageError(f"capture is off for {daemon.cfg.mnt} (mounted with --no-capture)")
+    return daemon.rec
+
+
+async def _op_status(daemon, state, req) -> dict:
+    from deltafs import status
+
+    return {"status": await status.daemon_status(daemon)}
+
+
+async def _op_flush(daemon, state, req) -> dict:
+    t0 = time.monotonic()
+    if daemon.rec is not None:
+        await daemon.rec.drain()
+    return {"seconds": round(time.monotonic() - t0, 3)}
+
+
+async def _op_pause(daemon, state, req) -> dict:
+    rec = _recorder(daemon)
+    async with state["lock"]:
+        was = rec.paused
+        rec.paused = True
+        await rec.drain()  # what happened before the pause is durable
+        if not was:
+            log.info("capture paused")
+    return {"paused": True, "was_paused": was}
+
+
+async def _op_resume(daemon, state, req) -> dict:
+    rec = _recorder(daemon)
+    async with state["lock"]:
+        if not rec.paused:
+            return {"paused": False, "was_paused": False, "rescan": None}
+        rec.paused = False
+        await rec.drain()  # the items dropped while paused are out of the queue
+        counts = await rec.scan(daemon.ops, daemon.ops.hidden_ino)
+        log.info("capture resumed; rescan recorded %s", counts)
+    return {"paused": False, "was_paused": True, "rescan": counts}
+
+
+async def _op_snapshot(daemon, state, req) -> dict:
+    import trio
+
+    name = req.get("name")
+    if not isinstance(name, str):
+        raise UsageError('snapshot needs a "name" string')
+    check_snapshot_name(name)
+    if daemon.rec is not None:
+        await daemon.rec.drain()  # the snapshot holds every save made before it
+    snap = await trio.to_thread.run_sync(make_snapshot, daemon.journal, name)
+    log.info("snapshot %r at version %d", name, snap["seq"])
+    return {"snapshot": snap}
+
+
+async def _op_snapshots(daemon, state, req) -> dict:
+    import trio
+
+    def read():
+        with daemon.journal.reader() as r:
+            return list_snapshots(r)
+    return {"snapshots": await trio.to_thread.run_sync(read)}
+
+
+_OPS = {"status": _op_status, "flush": _op_flush, "pause": _op_pause, "resume": _op_resume,
+        "snapshot": _op_snapshot, "snapshots": _op_snapshots}
+
+
+# ---- client (blocking; used by the CLI) ------------------------------------------
+
+def request(journal_dir: str, op: str, timeout: float | None = 30.0, **fields) -> dict:
+    """One request to the daemon of the journal at journal_dir -> the response
+    (without "ok").  DaemonNotRunning when nobody listens, DaemonError when it
+    does not answer in time, the daemon's error (with its exit code) otherwise."""
+    path = socket_path(journal_dir)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(timeout)
+        try:
+            with _ShortPath(path) as p:
+                s.connect(p)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            raise DaemonNotRunning(f"no deltafs daemon listens on {path}") from None
+        except PermissionError:
+            raise DaemonError(f"permission denied on {path}: only the user who mounted it "
+                              "(or root) may control this mount") from None
+        try:
+            s.sendall(_encode({"op": op, **fields}))
+            buf = b""
+            while not buf.endswith(b"\n"):
+                data = s.recv(1 << 20)
+                if not data:
+                    raise DaemonError(f"the deltafs daemon closed {path} without answering")
+                buf += data
+        except socket.timeout:
+            raise DaemonError(f"the deltafs daemon did not answer {op!r} within {timeout:.0f}s "
+                              f"({path})") from None
+        except ConnectionError as e:
+            raise DaemonError(f"lost the connection to the deltafs daemon ({path}): {e}") from None
+    finally:
+        s.close()
+    resp = json.loads(buf)
+    if not resp.get("ok"):
+        err = DeltafsError(resp.get("error") or "the daemon refused the request")
+        err.exit_code = int(resp.get("code") or EXIT_DAEMON)
+        raise err
+    resp.pop("ok", None)
+    return resp

@@ -1,0 +1,266 @@
+"""What ``deltafs status`` shows: gathered by the daemon, or from the journal alone.
+
+A status is a plain dict (the ``--json`` output, documented in docs/cli.md):
+``mounted``, ``daemon`` ("running", "not answering" or null), ``src``,
+``mnt``, ``pid``, ``started``, ``uptime_s``, ``journal`` (path, sizes and
+history counts), ``capture`` (counters since the daemon started; null
+without a daemon), ``snapshots``.  ``problems`` turns one into the reasons
+``--check`` fails; ``prometheus`` renders several as Prometheus text.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from deltafs.errors import DeltafsError
+
+MAP_FULL_RATIO = 0.9  # --check fails when data.mdb holds this share of the LMDB map
+DISK_FREE_MIN_BYTES = 256 << 20  # ... or the journal's filesystem has less free space
+DISK_FREE_MIN_RATIO = 0.02  # ... or less than this share of it free
+
+
+def journal_status(journal) -> dict:
+    """History counts and sizes of an open journal (blocking)."""
+    from deltafs.control import list_snapshots
+    from deltafs.journal.core import MAP_SIZE
+
+    with journal.reader() as r:
+        st = r.stats()
+        snaps = list_snapshots(r)
+    vfs = os.statvfs(journal.path)
+    raw, stored = st["raw_bytes"], st["stored_bytes"]
+    return {
+        "path": journal.path,
+        "records": st["records"],
+        "chunks": st["chunks"],
+        "files": st["files"],
+        "stored_bytes": stored,
+        "raw_bytes": raw,
+        "ratio": round(raw / stored, 3) if stored else None,
+        "data_file_bytes": st["data_file_bytes"],
+        "data_file_allocated": st["data_file_allocated"],
+        "map_size": MAP_SIZE,
+        "fs_free_bytes": vfs.f_bavail * vfs.f_frsize,
+        "fs_size_bytes": vfs.f_blocks * vfs.f_frsize,
+    }, snaps
+
+
+async def daemon_status(daemon) -> dict:
+    """The status of the running mount (in the daemon)."""
+    import trio
+
+    j, snaps = await trio.to_thread.run_sync(journal_status, daemon.journal)
+    rec = daemon.rec
+    cfg = daemon.cfg
+    capture = None
+    if rec is not None:
+        capture = {
+            "enabled": True,
+            "paused": rec.paused,
+            "versions": rec.versions,
+            "records": rec.records,
+            "pending": rec.pending(),
+            "failures": rec.failures,
+            "last_error": rec.last_error,
+            "last_capture_ns": rec.last_capture_ns or None,
+            "gap": len(rec.gap),
+        }
+    else:
+        capture = {"enabled": False, "paused": False, "versions": 0, "records": 0, "pending": 0,
+                   "failures": 0, "last_error": None, "last_capture_ns": None, "gap": 0}
+    return {
+        "mounted": True,
+        "daemon": "running",
+        "src": cfg.src,
+        "mnt": cfg.mnt,
+        "pid": os.getpid(),
+        "started": daemon.started,
+        "uptime_s": round(time.time() - daemon.started, 3),
+        "journal": j,
+        "capture": capture,
+        "snapshots": snaps,
+    }
+
+
+def offline_status(journal_dir: str, src: str | None, mnt: str | None = None,
+                   daemon: str | None = None) -> dict:
+    """The status from the journal alone (read-only; no daemon needed)."""
+    from deltafs.journal import Journal
+
+    with Journal.open(journal_dir, readonly=True) as jr:
+        j, snaps = journal_status(jr)
+    return {"mounted": mnt is not None, "daemon": daemon, "src": src, "mnt": mnt, "pid": None,
+            "started": None, "uptime_s": None, "journal": j, "capture": None, "snapshots": snaps}
+
+
+def status_of(loc, timeout: float = 10.0) -> dict:
+    """Status of a located mount or journal: through the daemon when mounted."""
+    from deltafs import control
+
+    if loc.mount is not None:
+        try:
+            return control.request(loc.journal, "status", timeout=timeout)["status"]
+        except control.DaemonNotRunning:
+            return offline_status(loc.journal, loc.src, loc.mnt, daemon="not answering")
+    return offline_status(loc.journal, loc.src)
+
+
+def all_mounts(timeout: float = 10.0) -> list[dict]:
+    """The status of every deltafs mount in the mount table."""
+    from deltafs import mounttable
+    from deltafs.locate import Location, mount_journal
+
+    out = []
+    for e in mounttable.deltafs_mounts():
+        loc = Location(mount_journal(e), b"", e, e.src)
+        try:
+            out.append(status_of(loc, timeout))
+        except DeltafsError as err:  # e.g. another user's journal we cannot read
+            out.append({"mounted": True, "daemon": None, "src": e.src, "mnt": e.mnt,
+                        "journal": {"path": loc.journal}, "capture": None, "snapshots": [],
+                        "error": str(err)})
+    return out
+
+
+def problems(st: dict) -> list[str]:
+    """Why a mount is unhealthy (empty: healthy)."""
+    out = []
+    where = st.get("mnt") or st.get("src") or st.get("journal", {}).get("path")
+    if st.get("error"):
+        out.append(f"{where}: {st['error']}")
+    if st.get("mounted") and st.get("daemon") != "running":
+        out.append(f"{where}: mounted, but its daemon does not answer")
+    cap = st.get("capture") or {}
+    if cap.get("failures"):
+        out.append(f"{where}: {cap['failures']} capture(s) failed since the daemon started"
+                   + (f"; last error: {cap['last_error']}" if cap.get("last_error") else ""))
+    elif cap.get("last_error"):
+        out.append(f"{where}: capture error: {cap['last_error']}")
+    j = st.get("journal") or {}
+    if j.get("map_size") and j.get("data_file_bytes", 0) >= MAP_FULL_RATIO * j["map_size"]:
+        out.append(f"{where}: the journal uses {j['data_file_bytes'] / j['map_size']:.0%} of its "
+                   f"LMDB map ({_size(j['map_size'])})")
+    if "fs_free_bytes" in j:
+        free, size = j["fs_free_bytes"], j.get("fs_size_bytes") or 0
+        if free < DISK_FREE_MIN_BYTES or (size and free < DISK_FREE_MIN_RATIO * size):
+            out.append(f"{where}: only {_size(free)} free on the journal's filesystem")
+    return out
+
+
+# ---- text ----------------------------------------------------------------------
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _ago(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_text(st: dict) -> str:
+    j = st.get("journal") or {}
+    cap = st.get("capture")
+    if st.get("mnt"):
+        head = f"{st['mnt']} (SRC {st.get('src')})"
+        if st.get("daemon") == "running":
+            head += f": mounted, pid {st['pid']}, up {_ago(st['uptime_s'])}"
+        else:
+            head += f": mounted, daemon {st.get('daemon') or 'unknown'}"
+    else:
+        head = f"{st.get('src') or j.get('path')}: not mounted"
+    lines = [head]
+    if st.get("error"):
+        lines.append(f"  error      {st['error']}")
+    if "records" in j:
+        lines.append(f"  journal    {j['path']}, {_size(j['data_file_allocated'])} on disk, "
+                     f"{_size(j['fs_free_bytes'])} free")
+        ratio = f" ({j['ratio']:.2f}x)" if j.get("ratio") else ""
+        lines.append(f"  history    {j['records']} records, {j['files']} files, {j['chunks']} chunks; "
+                     f"{_size(j['stored_bytes'])} stored for {_size(j['raw_bytes'])}{ratio}")
+    if cap is not None:
+        if not cap["enabled"]:
+            lines.append("  capture    off (--no-capture)")
+        else:
+            last = "never"
+            if cap["last_capture_ns"]:
+                last = f"{_ago(time.time() - cap['last_capture_ns'] / 1e9)} ago"
+            lines.append(f"  capture    {'PAUSED' if cap['paused'] else 'running'}: "
+                         f"{cap['versions']} versions, {cap['records']} records since start, "
+                         f"{cap['pending']} pending, last {last}")
+            if cap["failures"] or cap["last_error"]:
+                lines.append(f"  failures   {cap['failures']}; last error: {cap['last_error']}")
+    snaps = st.get("snapshots") or []
+    if snaps:
+        s = snaps[-1]
+        lines.append(f"  snapshots  {len(snaps)}, latest {s['name']!r} at version {s['seq']}")
+    return "\n".join(lines)
+
+
+# ---- Prometheus ------------------------------------------------------------------
+
+def prometheus(statuses: list[dict]) -> bytes:
+    """Prometheus text exposition format for the given statuses."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    reg = CollectorRegistry()
+    labels = ["mnt", "src", "journal"]
+
+    def g(name, doc):
+        return Gauge(name, doc, labels, registry=reg)
+
+    m = {
+        "mounted": g("deltafs_mounted", "1 when the journal's SRC is mounted"),
+        "up": g("deltafs_daemon_up", "1 when the mount's daemon answers on its control socket"),
+        "uptime": g("deltafs_uptime_seconds", "seconds since the daemon mounted"),
+        "records": g("deltafs_journal_records", "records in the journal (its head version id)"),
+        "chunks": g("deltafs_journal_chunks", "distinct chunks stored"),
+        "files": g("deltafs_journal_files", "files the journal knows (also deleted ones)"),
+        "stored": g("deltafs_journal_stored_bytes", "bytes stored for chunks (compressed, deduplicated)"),
+        "raw": g("deltafs_journal_raw_bytes", "bytes of the content versions before dedup and compression"),
+        "data": g("deltafs_journal_data_file_bytes", "allocated size of data.mdb"),
+        "free": g("deltafs_journal_fs_free_bytes", "free bytes on the journal's filesystem"),
+        "snapshots": g("deltafs_snapshots", "named snapshots"),
+        "versions": g("deltafs_capture_versions", "content versions recorded since the daemon started"),
+        "crecords": g("deltafs_capture_records", "records written since the daemon started"),
+        "pending": g("deltafs_capture_pending", "captures queued, not yet durable"),
+        "failures": g("deltafs_capture_failures", "captures that failed since the daemon started"),
+        "paused": g("deltafs_capture_paused", "1 while capture is paused"),
+        "last": g("deltafs_capture_last_timestamp_seconds", "time of the last committed capture"),
+    }
+    for st in statuses:
+        j = st.get("journal") or {}
+        lv = (st.get("mnt") or "", st.get("src") or "", j.get("path") or "")
+        m["mounted"].labels(*lv).set(1 if st.get("mounted") else 0)
+        m["up"].labels(*lv).set(1 if st.get("daemon") == "running" else 0)
+        if st.get("uptime_s") is not None:
+            m["uptime"].labels(*lv).set(st["uptime_s"])
+        for key, field in (("records", "records"), ("chunks", "chunks"), ("files", "files"),
+                           ("stored", "stored_bytes"), ("raw", "raw_bytes"),
+                           ("data", "data_file_allocated"), ("free", "fs_free_bytes")):
+            if j.get(field) is not None:
+                m[key].labels(*lv).set(j[field])
+        m["snapshots"].labels(*lv).set(len(st.get("snapshots") or []))
+        cap = st.get("capture")
+        if cap is not None:
+            m["versions"].labels(*lv).set(cap["versions"])
+            m["crecords"].labels(*lv).set(cap["records"])
+            m["pending"].labels(*lv).set(cap["pending"])
+            m["failures"].labels(*lv).set(cap["failures"])
+            m["paused"].labels(*lv).set(1 if cap["paused"] else 0)
+            if cap["last_capture_ns"]:
+                m["last"].labels(*lv).set(cap["last_capture_ns"] / 1e9)
+    return generate_latest(reg)
