@@ -22,6 +22,7 @@ Why these choices (measured numbers in docs/format.md, "Chunking"):
 from __future__ import annotations
 
 import bisect
+import threading
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -281,6 +282,28 @@ class NewChunk:
     depth: int = 0  # 0 standalone, else base's depth + 1 (<= MAX_DELTA_DEPTH)
 
 
+SAMPLE = 4096
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """A per-thread compressor (zstd contexts are reusable, not thread-safe)."""
+    cache = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level)
+    return c
+
+
+def _compressible(raw: bytes) -> bool:
+    """Does a 4 KiB sample from the middle shrink by at least 3% at level 1?"""
+    mid = len(raw) // 2
+    sample = raw[mid - SAMPLE // 2 : mid + SAMPLE // 2]
+    return len(_compressor(1).compress(sample)) < SAMPLE * 0.97
+
+
 def _dict(base_raw: bytes) -> zstandard.ZstdCompressionDict:
     return zstandard.ZstdCompressionDict(bytes(base_raw), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
@@ -302,7 +325,9 @@ def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level
             best = bytes([CODEC_ZSTD_DELTA]) + delta
         if len(delta) * 8 < len(raw):
             return best  # the base clearly helped: skip the standalone try
-    plain = zstandard.ZstdCompressor(level=level).compress(raw)
+    if len(raw) >= 2 * SAMPLE and not _compressible(raw):
+        return best  # random, encrypted or already compressed: do not spend a full pass on it
+    plain = _compressor(level).compress(raw)
     if len(plain) + 1 < len(best):
         best = bytes([CODEC_ZSTD]) + plain
     return best
