@@ -34,10 +34,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.ready_fd is None:  # the daemon re-checks; the user gets errors before any fork
         mount.check_fuse()
     src, mnt, journal = mount.check_mount_args(args.src, args.mnt, args.journal)
+    if args.mirror:
+        from deltafs.mirrors import open_mirror
+
+        for url in args.mirror:  # bad URLs fail here, before any fork (no network yet)
+            open_mirror(url, endpoint_url=args.endpoint_url).close()
     cfg = MountConfig(src=src, mnt=mnt, journal=journal, foreground=args.foreground,
                       fuse_options=tuple(args.option), debug=args.debug,
                       capture=not args.no_capture, log_level=args.log_level,
-                      log_file=args.log_file)
+                      log_file=args.log_file, mirrors=tuple(args.mirror),
+                      endpoint_url=args.endpoint_url)
     if not args.foreground:
         argv = ["mount", src, mnt, "--journal", journal, "--log-level", args.log_level]
         for o in args.option:
@@ -46,6 +52,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
             argv.append("--no-capture")
         if args.debug:
             argv.append("--debug")
+        for url in args.mirror:
+            argv += ["--mirror", url]
+        if args.endpoint_url:
+            argv += ["--endpoint-url", args.endpoint_url]
         mount.spawn_daemon(cfg, argv)
         return 0
     return mount.run_daemon(cfg, args.ready_fd)
@@ -510,6 +520,151 @@ def _add_maintenance_parsers(sub) -> None:
     c.set_defaults(func=cmd_compact)
 
 
+# ---- mirrors (docs/cli.md "Mirrors")
+
+def _mirror_journal(args: argparse.Namespace):
+    """-> (journal dir, mount entry or None) from --journal / -m PATH / the current directory."""
+    from deltafs.locate import locate
+
+    loc = locate(args.mount, args.journal)
+    return loc.journal, loc.mount
+
+
+def cmd_mirror_sync(args: argparse.Namespace) -> int:
+    from deltafs.errors import JournalLockedError
+    from deltafs.journal import Journal
+    from deltafs.mirrors import open_mirror
+    from deltafs.mirrors.replicate import record_status, replicate_once
+
+    jdir, _ = _mirror_journal(args)
+    mirror = open_mirror(args.url, endpoint_url=args.endpoint_url)
+    try:
+        j = Journal.open(jdir)
+    except JournalLockedError:  # a running mount: replicate read-only, the manifest is the cursor
+        j = Journal.open(jdir, readonly=True)
+    with j, mirror:
+        stats = replicate_once(j, mirror)
+        record_status(j, mirror.url, stats)
+    if args.json:
+        _print_json(stats.to_dict())
+    else:
+        print(f"{mirror.url}: shipped {stats.records} records ({stats.packs} packs, {stats.bytes} bytes); "
+              f"mirror at record {stats.last_seq} of {stats.head_seq}")
+    return 0
+
+
+def cmd_mirror_list(args: argparse.Namespace) -> int:
+    from deltafs import mounttable
+    from deltafs.journal import Journal
+
+    jdir, mount = _mirror_journal(args)
+    with Journal.open(jdir, readonly=True) as j, j.reader() as r:
+        rows = {url: dict(v, url=url) for url, v in r.kv_items("mirrors")}
+        head = r.head_seq()
+    rec = (mounttable.read_record(mount.mnt) or {}) if mount else {}
+    for url in rec.get("mirrors", []):
+        rows.setdefault(url, {"url": url, "seq": None, "head_seq": head})
+    for url in sorted(rows):
+        d = rows[url]
+        d["configured"] = url in rec.get("mirrors", [])
+        if args.json:
+            _print_json(d)
+        else:
+            err = f"  error: {d['last_error']}" if d.get("last_error") else ""
+            print(f"{url}\tat {d.get('seq')} of {head}\tlag {d.get('lag_records', '?')} records{err}")
+    return 0
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    import shutil
+
+    from deltafs import history
+    from deltafs.errors import UsageError
+    from deltafs.mirrors import open_mirror
+    from deltafs.mirrors.clone import clone_journal
+
+    dest = os.path.abspath(args.dest)
+    if os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise UsageError(f"{args.dest} exists and is not an empty directory")
+    made = not os.path.lexists(dest)
+    mirror = open_mirror(args.mirror, endpoint_url=args.endpoint_url)
+    jdir = os.path.join(dest, ".deltafs")
+    try:
+        with mirror:
+            os.makedirs(dest, exist_ok=True)
+            rep = clone_journal(mirror, jdir)
+        tree = history.restore(jdir, b"", at=args.at, dest=dest, force=True)
+    except BaseException:
+        shutil.rmtree(dest if made else jdir, ignore_errors=True)
+        raise
+    for e in tree.errors:
+        print(f"deltafs: error: {e}", file=sys.stderr)
+    if args.json:
+        _print_json({**rep.to_dict(), "restore": tree.to_dict()})
+    else:
+        print(f"cloned {rep.records} records from {rep.mirror} into {jdir}; {tree.summary()}")
+    return history.restore_exit_code(tree)
+
+
+def cmd_verify_mirror(args: argparse.Namespace) -> int:
+    from deltafs.errors import EXIT_MIRROR
+    from deltafs.mirrors import open_mirror
+    from deltafs.mirrors.clone import verify_mirror
+
+    with open_mirror(args.mirror, endpoint_url=args.endpoint_url) as mirror:
+        rep = verify_mirror(mirror, full=args.full)
+    for e in rep.errors:
+        print(f"deltafs: {mirror.url}: {e}", file=sys.stderr)
+    if args.json:
+        _print_json(rep.to_dict())
+    elif not rep.errors:
+        print(f"{mirror.url}: ok: {rep.records} records in {rep.segments} segments, "
+              f"{rep.chunks_checked} chunks in {rep.packs_checked} of {rep.packs} packs checked")
+    return EXIT_MIRROR if rep.errors else 0
+
+
+def _add_mirror_parsers(sub) -> None:
+    fmt = argparse.HelpFormatter
+
+    def where(q) -> None:
+        q.add_argument("--journal", metavar="DIR", help="the journal to use (default: found from -m or the cwd)")
+        q.add_argument("-m", "--mount", metavar="PATH", help="a path inside MNT or SRC of the journal")
+
+    def endpoint(q) -> None:
+        q.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for s3:// mirrors (self-hosted S3)")
+
+    mi = sub.add_parser("mirror", help="replicate the journal to mirrors, list them",
+                        description="Mirrors are copies of the journal in a directory (file:///path) or "
+                                    "an S3 bucket (s3://bucket/prefix); see docs/mirrors.md.",
+                        epilog=EPILOG, formatter_class=fmt)
+    msub = mi.add_subparsers(dest="mirror_command", metavar="COMMAND")
+    msub.required = True
+    sy = msub.add_parser("sync", help="one replication pass now",
+                         description="Ship every record and chunk the mirror lacks, now. Works while the "
+                                     "journal is mounted (it then only reads the journal; the mirror's "
+                                     "manifest is the cursor).", epilog=EPILOG, formatter_class=fmt)
+    sy.add_argument("url", metavar="URL")
+    where(sy)
+    endpoint(sy)
+    sy.add_argument("--json", action="store_true", help="print the pass's statistics as JSON")
+    sy.set_defaults(func=cmd_mirror_sync)
+    ls = msub.add_parser("list", help="mirrors of a journal and their lag", epilog=EPILOG, formatter_class=fmt)
+    where(ls)
+    ls.add_argument("--json", action="store_true", help="JSON Lines, one object per mirror")
+    ls.set_defaults(func=cmd_mirror_list)
+
+    cl = sub.add_parser("clone", help="rebuild a journal and its tree from a mirror",
+                        description="Rebuild DEST/.deltafs (every record and chunk of the mirror, same "
+                                    "version ids) and the tree at WHEN (default: the latest) in DEST. "
+                                    "DEST must be missing or empty.", epilog=EPILOG, formatter_class=fmt)
+    cl.add_argument("mirror", metavar="MIRROR")
+    cl.add_argument("dest", metavar="DEST")
+    cl.add_argument("--at", metavar="WHEN", help="the tree at WHEN (default: the latest)")
+    endpoint(cl)
+    cl.add_argument("--json", action="store_true", help="print a JSON summary")
+    cl.set_defaults(func=cmd_clone)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltafs", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -536,6 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--debug", action="store_true", help="log every FUSE request (slow)")
     m.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log level of the daemon (default INFO)")
+    m.add_argument("--mirror", metavar="URL", action="append", default=[],
+                   help="replicate the journal to this mirror (file:///path or s3://bucket/prefix; repeatable)")
+    m.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for s3:// mirrors (self-hosted S3)")
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)
@@ -551,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_umount)
     _add_maintenance_parsers(sub)
     _add_history_parsers(sub)
+    _add_mirror_parsers(sub)
     _add_control_parsers(sub)
     return p
 

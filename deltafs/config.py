@@ -21,6 +21,7 @@ class MountConfig:
     log_file: str | None = None
     timeout: float = 86400.0  # kernel entry/attribute cache lifetime, seconds
     mirrors: tuple[str, ...] = field(default_factory=tuple)
+    endpoint_url: str | None = None  # S3 endpoint for s3:// mirrors (--endpoint-url)
 
     @property
     def journal_in_src(self) -> bool:

@@ -231,7 +231,12 @@ def _services(cfg: MountConfig) -> list:
     """
     from deltafs import control, maintenance
 
-    return [control.serve, maintenance.maintenance_service]
+    services = [control.serve, maintenance.maintenance_service]
+    if cfg.mirrors:
+        from deltafs.mirrors.replicate import mirror_service
+
+        services.append(mirror_service)
+    return services
 
 
 async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino) -> None:
@@ -254,7 +259,8 @@ async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino
             return
         state["mounted"] = True
         mounttable.write_record(cfg.mnt, {"pid": os.getpid(), "src": cfg.src, "mnt": cfg.mnt,
-                                          "journal": cfg.journal, "started": time.time()})
+                                          "journal": cfg.journal, "started": time.time(),
+                                          "mirrors": list(cfg.mirrors)})
         log.info("mounted %s at %s (journal %s)", cfg.src, cfg.mnt, cfg.journal)
         daemon = Daemon(cfg, journal, ops, rec, nursery, time.time(), state)
         async with trio.open_nursery() as services:

@@ -25,6 +25,8 @@ Public API (everything else in this package is internal)::
     j.stop_writer()               # drains the queue, then stops
     j.set_setting(name: str, value)                 # msgpack-able value
     j.kv_put(db, key: str, value) / j.kv_delete(db, key)   # db: "snapshots" | "mirrors"
+    j.append_raw(values, chunks) -> int   # clone: append stored records + chunk
+                                          # values verbatim (chain checked); -> head
 
     # reading (any opener; one LMDB snapshot per `with`)
     with j.reader() as r:
@@ -40,6 +42,8 @@ Public API (everything else in this package is internal)::
         r.chunk_list(seq) -> list[(id, length)]       # content versions only
         r.has_chunk(id) -> bool ; r.chunk_info(id) -> ChunkInfo | None ; r.chunk_refs(id) -> int
         r.read_chunk(id) -> bytes                     # verified; CorruptionError names it
+        r.raw_records(start=1, end=None) -> Iterator[(seq, stored value)]  # replication
+        r.raw_chunk(id) -> bytes | None               # stored chunk value (replication)
         r.iter_content(seq) -> Iterator[bytes]        # chunk by chunk
         r.read_content(seq) -> bytes                  # small files / tests
         r.tree_at(seq=None, prefix=b"") -> dict[path, TreeEntry]   # replays records

@@ -136,6 +136,18 @@ class Reader:
                     break
                 yield decode_record(v)
 
+    def raw_records(self, start: int = 1, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(seq, stored value ``hash || body``) for ``start <= seq <= end``,
+        exactly as stored (replication ships these bytes so the chain verifies)."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
+        if not cur.set_range(S.u64(max(start, 0))):
+            return
+        for k, v in cur:
+            seq = S.from_u64(k)
+            if end is not None and seq > end:
+                break
+            yield seq, bytes(v)
+
     def seq_at_time(self, time_ns: int) -> int:
         """The last seq whose HLC time is <= ``time_ns`` (0 if none)."""
         hlc = (time_ns // 1_000_000 + 1) << 16
@@ -240,6 +252,11 @@ class Reader:
             return None
         depth, raw_len, base, _ = S.decode_chunk(v)
         return ChunkInfo(raw_len, len(v), base, depth)
+
+    def raw_chunk(self, cid: bytes) -> bytes | None:
+        """The stored chunk value (header, base id, payload) as in docs/format.md, or None."""
+        v = self.txn.get(cid, db=self.dbs[S.DB_CHUNKS])
+        return bytes(v) if v is not None else None
 
     def chunk_refs(self, cid: bytes) -> int:
         v = self.txn.get(cid, db=self.dbs[S.DB_REFS])
