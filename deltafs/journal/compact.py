@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -30,6 +31,8 @@ from .records import ZERO_HASH, body_hash, decode_record, split_value
 log = logging.getLogger(__name__)
 
 DB_PRUNED = b"pruned"
+DB_GRAVEYARD = b"graveyard"
+GRAVEYARD_GRACE_NS = 600 * 1_000_000_000  # freed chunks a late commit may still name
 META_PRUNED_VERSIONS = b"pruned_versions"  # counters, see docs/format.md
 META_FREED_CHUNKS = b"freed_chunks"
 META_FREED_BYTES = b"freed_bytes"
@@ -61,6 +64,48 @@ def pruned_db(j, create: bool = False):
         return None
     j._dbs[DB_PRUNED] = h
     return h
+
+
+def graveyard_db(j, create: bool = False):
+    """Handle of the ``graveyard`` db (freed chunks kept for GRAVEYARD_GRACE_NS).
+
+    A capture decides "this chunk is already stored" in one transaction and
+    commits the version naming it in a later one; GC may free the chunk in
+    between.  Freed chunks therefore wait here (key: chunk id, value: u64
+    time freed || the chunk value) and the writer brings one back when a
+    version names it; only entries older than the grace period are deleted.
+    Same handle rules as :func:`pruned_db`.
+    """
+    h = j._dbs.get(DB_GRAVEYARD)
+    if h is not None:
+        return h
+    try:
+        if create:
+            with j._wlock:
+                h = j.env.open_db(DB_GRAVEYARD, create=True)
+        else:
+            h = j.env.open_db(DB_GRAVEYARD, create=False)
+    except lmdb.NotFoundError:
+        return None
+    j._dbs[DB_GRAVEYARD] = h
+    return h
+
+
+def purge_graveyard(j, grace_ns: int | None = None) -> int:
+    """Delete graveyard entries freed more than grace_ns ago.  -> entries deleted."""
+    grace = GRAVEYARD_GRACE_NS if grace_ns is None else grace_ns
+    db = graveyard_db(j)
+    if db is None:
+        return 0
+    cutoff = time.time_ns() - grace
+    gone = 0
+    with j._wlock, j.env.begin(write=True) as txn:
+        cur = txn.cursor(db=db)
+        for k, v in list(cur):
+            if S.from_u64(v[:8]) <= cutoff:
+                txn.delete(k, db=db)
+                gone += 1
+    return gone
 
 
 def pruned_seqs(j, txn) -> set[int]:
@@ -186,6 +231,8 @@ def prune(j, seqs: Iterable[int], retained: Iterable[int], dry_run: bool = False
     if dry_run:
         return _estimate(j, doomed, keep, res)
     db = pruned_db(j, create=True)
+    gdb = graveyard_db(j, create=True)
+    purge_graveyard(j)
     dbs = j._dbs
     # 1. checkpoints
     i = 0
@@ -238,6 +285,7 @@ def prune(j, seqs: Iterable[int], retained: Iterable[int], dry_run: bool = False
                     continue
                 _, _, base, _ = S.decode_chunk(val)
                 txn.delete(cid, db=dbs[S.DB_CHUNKS])
+                txn.put(cid, S.u64(time.time_ns()) + bytes(val), db=gdb)
                 freed += 1
                 freed_bytes += len(val)
                 if base is not None:
@@ -457,6 +505,7 @@ def vacuum(j) -> tuple[tuple[int, int], tuple[int, int]]:
 
     if j._thread is not None or _ENVS.get(j.path, [None, None, None, 1])[3] != 1:
         raise RuntimeError("vacuum needs the only opener of the journal")
+    purge_graveyard(j, 0)  # offline: no capture can name a freed chunk any more
     before = data_file_sizes(j.path)
     tmp = os.path.join(j.path, "vacuum.tmp")
     os.makedirs(tmp, exist_ok=True)

@@ -410,6 +410,26 @@ class Journal:
         v = txn.get(cid, db=db)
         txn.put(cid, S.u64((S.from_u64(v) if v else 0) + n), db=db)
 
+    def _chunk_present(self, txn, cid: bytes) -> bool:
+        """Is the chunk stored?  One freed by GC after a capture saw it is
+        brought back from the graveyard (see compact.graveyard_db)."""
+        if txn.get(cid, db=self._dbs[S.DB_CHUNKS]) is not None:
+            return True
+        gdb = self._dbs.get(b"graveyard")
+        v = txn.get(cid, db=gdb) if gdb is not None else None
+        if v is None:
+            return False
+        val = bytes(v[8:])
+        _, _, base, _ = S.decode_chunk(val)
+        if base is not None:
+            if not self._chunk_present(txn, base):
+                return False
+            self._incref(txn, base)
+        txn.put(cid, val, db=self._dbs[S.DB_CHUNKS])
+        txn.delete(cid, db=gdb)
+        log.info("chunk %s freed by compaction is named again: brought back", cid.hex())
+        return True
+
     def _content(self, txn, rd: Reader, ch: Change, seq: int) -> tuple[int, bytes]:
         if ch.size is None or ch.edit is None:
             raise ValueError("a content version needs size and edit")
@@ -420,7 +440,7 @@ class Journal:
         for nc in ch.chunks:
             if len(nc.id) != S.ID_LEN:
                 raise ValueError("chunk id must be 16 bytes")
-            if nc.base_id is not None and txn.get(nc.base_id, db=cdb) is None:
+            if nc.base_id is not None and not self._chunk_present(txn, nc.base_id):
                 raise ValueError(f"base chunk {nc.base_id.hex()} of chunk {nc.id.hex()} is not stored")
             val = S.encode_chunk(nc.depth if nc.base_id else 0, nc.raw_len, nc.base_id, nc.payload)
             if txn.put(nc.id, val, db=cdb, overwrite=False):
@@ -441,7 +461,7 @@ class Journal:
         entries = 0
         for _, _, refs in edit:
             for cid, _ in refs:
-                if txn.get(cid, db=cdb) is None:
+                if txn.get(cid, db=cdb) is None and not self._chunk_present(txn, cid):
                     raise ValueError(f"chunk {cid.hex()} named by the edit is not stored")
                 self._incref(txn, cid)
             entries += len(refs)
