@@ -36,6 +36,7 @@ import stat
 import time
 from collections import deque
 
+import lmdb
 import trio
 
 from deltafs import chunking
@@ -85,6 +86,10 @@ class Recorder:
         self.last_error: str | None = None
         self.last_capture_ns = 0
         self.gap: list[bytes] = []  # paths whose capture could not be journaled
+        self.needs_rescan = False  # a commit or capture failed: rescan once writes work again
+        self.rescanning = False
+        self.ops = None  # set by the first scan
+        self.hidden_ino = -1
         self.paused = False  # control socket: events are dropped until resume rescans
         # regular files just deleted or renamed away: a file renamed onto one
         # of these paths is the next version of it (write-new-then-delete-old)
@@ -147,19 +152,53 @@ class Recorder:
                     except Exception:
                         log.exception("capture bookkeeping failed")
                 it.done.set()
-            if any(not isinstance(r, BaseException) for r in results):
+            if any(not isinstance(r, BaseException) and r for r in results):
                 self.last_capture_ns = time.time_ns()
+                if self.needs_rescan and not self.rescanning and self.ops is not None:
+                    self.nursery.start_soon(self._rescan)
 
     def _failed(self, it: Item, err: BaseException) -> None:
         paths = sorted({c.path for c in it.changes or ()})
         self.failures += 1
         self.gap.extend(paths)
         del self.gap[:-1000]
-        msg = f"{err}"
+        msg = self._explain(err)
+        self.needs_rescan = True
         if msg != self.last_error:  # once per incident, not per record
-            log.error("journal write failed, %d change(s) not recorded (%s): %s",
+            log.error("journal write failed, %d change(s) not recorded (%s): %s; the mount keeps "
+                      "working and SRC is rescanned once the journal accepts writes again",
                       len(it.changes or ()), b", ".join(paths[:5]).decode(errors="replace"), msg)
         self.last_error = msg
+
+    def _explain(self, err: BaseException) -> str:
+        """LMDB reports a full disk as EIO at commit: say what it is."""
+        try:
+            sv = os.statvfs(self.journal.path)
+            free = sv.f_bavail * sv.f_frsize
+        except OSError:
+            return str(err)
+        if free < 4 << 20 or getattr(err, "errno", None) == 28:
+            return f"journal disk full ({free >> 10} KiB free at {self.journal.path}): {err}"
+        return str(err)
+
+    async def _rescan(self) -> None:
+        """After journal failures: record what the failed commits missed."""
+        self.rescanning = True
+        self.needs_rescan = False
+        try:
+            log.warning("the journal accepts writes again: rescanning SRC for %d missed change(s)",
+                        len(self.gap))
+            gap = len(self.gap)
+            counts = await self.scan(self.ops, self.hidden_ino)
+            if not self.needs_rescan:
+                del self.gap[:gap]
+                self.last_error = None
+                log.warning("rescan after journal failures recorded %s", counts)
+        except Exception:
+            log.exception("rescan after journal failures failed")
+            self.needs_rescan = True
+        finally:
+            self.rescanning = False
 
     # ---- content capture ----------------------------------------------------
 
@@ -206,9 +245,13 @@ class Recorder:
             item.changes = [change]
         except Exception as e:
             self.failures += 1
-            self.last_error = f"capture of {path!r} failed: {e}"
             self.gap.append(path)
-            log.error("capture of %s failed: %s", os.fsdecode(path), e, exc_info=True)
+            self.needs_rescan = True
+            msg = self._explain(e)
+            if msg != self.last_error:  # once per incident, not per file
+                log.error("capture of %s failed (the next successful write rescans SRC): %s",
+                          os.fsdecode(path), msg, exc_info=not isinstance(e, (OSError, lmdb.Error)))
+            self.last_error = msg
             item.changes = []
             if node is not None:
                 node.base = None
@@ -482,12 +525,25 @@ class Recorder:
     async def scan(self, ops, hidden_ino: int, progress=None) -> dict:
         """Record what changed in SRC while it was not mounted (before mounting)."""
         t0 = time.monotonic()
+        self.ops, self.hidden_ino = ops, hidden_ino
         actions = await trio.to_thread.run_sync(self._scan_diff, hidden_ino)
+        root = os.fsencode(self.src)
         total = sum(st.st_size for kind, _, st in actions if kind == "file")
         done = 0
         last = 0.0
         counts = {"new_or_changed": 0, "gone": 0, "dirs": 0}
         for kind, path, st in actions:
+            # While mounted (resume, recovery) the tree may have moved on since
+            # the walk: re-check in the trio thread, where no FUSE handler can
+            # interleave between this check and the push.
+            if kind == "gone" and os.path.lexists(os.path.join(root, path)):
+                continue
+            if kind in ("dir", "symlink") and not os.path.lexists(os.path.join(root, path)):
+                continue
+            if kind == "file":
+                node = ops.nodes.get(ops.fuse_ino(st.st_ino)) if ops is not None else None
+                if node is not None and (node.writers or node.pending is not None):
+                    continue  # open for writing: its release captures it
             if kind == "gone":
                 self.submit(Change(op="rmdir" if st == "d" else "unlink", path=path))
                 counts["gone"] += 1

@@ -346,7 +346,7 @@ class Journal:
                 self._clear_list_cache()
                 if not isinstance(e, Exception):
                     raise
-                log.error("journal commit failed: %s", e)
+                log.debug("journal commit failed: %s", e)  # the caller reports it, once
                 err = _translate(e, self.path)
                 results = [err for _ in batch]
         return results
