@@ -6,6 +6,7 @@ import stat
 import subprocess
 
 import pytest
+from pathlib import Path
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -178,3 +179,43 @@ def test_background_mount_and_umount(tmp_path):
         assert "mounted" in (src / ".deltafs" / "deltafs.log").read_text()
     finally:
         force_unmount(mnt)
+
+
+def _as_nobody(*cmd):
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd],
+                          capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def open_dir():
+    """A directory other users can traverse (pytest's tmp dirs are 0700).
+
+    Requested before mount_factory, so it is removed after the mounts are gone.
+    """
+    import shutil
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="deltafs-allow-other-"))
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_allow_other_lets_other_users_in(open_dir, mount_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    base = open_dir
+    plain = mount_factory(base / "s1", mnt=base / "m1")
+    shared = mount_factory(base / "s2", "-o", "allow_other", mnt=base / "m2")
+    for m in (plain, shared):
+        (m.mnt / "f.txt").write_text("hello\n")
+        os.chmod(m.mnt / "f.txt", 0o644)
+    res = _as_nobody("cat", str(plain.mnt / "f.txt"))
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    res = _as_nobody("cat", str(shared.mnt / "f.txt"))
+    assert res.returncode == 0 and res.stdout == b"hello\n", res.stderr
+    # default_permissions: the kernel checks modes for that user, as on a native fs
+    os.chmod(shared.mnt / "f.txt", 0o600)
+    res = _as_nobody("cat", str(shared.mnt / "f.txt"))
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    res = _as_nobody("touch", str(shared.mnt / "new"))
+    assert res.returncode != 0 and not (shared.src / "new").exists()
