@@ -149,7 +149,8 @@ class Journal:
                 txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
         return stored
 
-    def append_raw(self, values: Sequence[bytes], chunks: dict[bytes, bytes] | None = None) -> int:
+    def append_raw(self, values: Sequence[bytes], chunks: dict[bytes, bytes] | None = None,
+                   pruned: set[int] | frozenset[int] = frozenset()) -> int:
         """Append records exactly as stored elsewhere (``hash || body``) in
         one durable transaction, with the chunk values they need; -> new head.
 
@@ -159,7 +160,9 @@ class Journal:
         (CorruptionError otherwise); chunk values (``id -> stored value``,
         docs/format.md) are inserted first and every chunk an edit names
         must be present.  Indexes, refs and checkpoints are built as the
-        writer builds them.
+        writer builds them.  Content records in ``pruned`` (versions a mirror
+        shipped after compaction freed some of their chunks) may name missing
+        chunks; the caller prunes them once all records are in.
         """
         from deltafs.errors import CorruptionError
 
@@ -198,7 +201,7 @@ class Journal:
                     seq = rec.seq
                     txn.put(S.u64(seq), bytes(value), db=self._dbs[S.DB_CHANGES], append=True)
                     if rec.is_content:
-                        self._raw_content(txn, rd, rec)
+                        self._raw_content(txn, rd, rec, seq in pruned)
                     apply_record(LmdbStore(txn, self._dbs), rec)
                     txn.put(S.history_key(rec.file_id, seq), b"", db=self._dbs[S.DB_HISTORY])
                     for p in (rec.path, rec.path2):
@@ -219,7 +222,7 @@ class Journal:
                 raise
         return head
 
-    def _raw_content(self, txn, rd: Reader, rec) -> None:
+    def _raw_content(self, txn, rd: Reader, rec, lenient: bool = False) -> None:
         """Refs and checkpoint of an appended content record (as in :meth:`_content`)."""
         from deltafs.errors import CorruptionError
 
@@ -230,7 +233,7 @@ class Journal:
         entries = 0
         for _, _, refs in rec.edit or []:
             for cid, _ in refs:
-                if txn.get(cid, db=cdb) is None:
+                if txn.get(cid, db=cdb) is None and not lenient:
                     raise CorruptionError(f"record {rec.seq}: chunk {cid.hex()} is missing")
                 self._incref(txn, cid)
             entries += len(refs)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from deltafs.chunking import chunk_id, decompress_chunk
 from deltafs.errors import MirrorError
 from deltafs.journal import Journal
+from deltafs.journal import compact as JC
 from deltafs.journal import schema as S
 from deltafs.journal.records import ZERO_HASH, body_hash, decode_record, split_value
 
@@ -50,6 +51,7 @@ class CloneReport:
     records: int = 0
     chunks: int = 0
     snapshots: int = 0
+    pruned: int = 0  # versions the mirror holds as pruned (marked pruned in the clone)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -59,7 +61,11 @@ class CloneReport:
 def clone_journal(mirror: Mirror, journal_dir: str) -> CloneReport:
     """Create a journal at ``journal_dir`` (must not exist) holding every
     record and chunk of the mirror.  Segments are applied one by one, each
-    in one transaction with the chunks of the packs it names."""
+    in one transaction with the chunks of the packs it names.  Versions a
+    segment lists as ``pruned`` (shipped after compaction freed their
+    chunks) may lack chunks; once all records are in they are pruned in the
+    clone as well (``compact.prune``: refs and checkpoints as in the
+    original)."""
     t0 = time.monotonic()
     m = require_manifest(mirror)
     if os.path.exists(os.path.join(journal_dir, "data.mdb")):
@@ -68,6 +74,7 @@ def clone_journal(mirror: Mirror, journal_dir: str) -> CloneReport:
     try:
         rep = CloneReport(mirror.url, j.path, j.journal_id, m.journal_id)
         expect = 1
+        pruned: set[int] = set()
         for seg in m.segments:
             if seg["first"] != expect:
                 raise F.MirrorCorruptError(f"mirror {mirror.url}: segment {seg['name']} starts at {seg['first']}, "
@@ -79,15 +86,22 @@ def clone_journal(mirror: Mirror, journal_dir: str) -> CloneReport:
             for name in d["packs"]:
                 chunks.update(F.decode_pack(_get(mirror, name), name, mirror.url))
             try:
-                j.append_raw(d["r"], chunks)
+                j.append_raw(d["r"], chunks, pruned=set(d["pruned"]))
             except Exception as e:
                 raise F.MirrorCorruptError(f"mirror {mirror.url}: segment {seg['name']}: {e}") from None
+            pruned.update(d["pruned"])
             rep.records += len(d["r"])
             rep.chunks += len(chunks)
             expect = seg["last"] + 1
         if expect - 1 != m.last_seq:
             raise F.MirrorCorruptError(f"mirror {mirror.url}: segments end at record {expect - 1}, "
                                        f"the manifest says {m.last_seq}")
+        if pruned:  # versions shipped after compaction freed their chunks: pruned here too
+            JC.pruned_db(j)
+            with j.reader() as r:
+                retained = [s for s in JC.iter_retained_content(j, r) if s not in pruned]
+            JC.prune(j, pruned, retained)
+            rep.pruned = len(pruned)
         if m.snapshots:
             snaps = F.decode_snapshots(_get(mirror, m.snapshots), m.snapshots, mirror.url)
             for name, value in snaps.items():
@@ -112,6 +126,7 @@ class MirrorVerifyReport:
     packs: int = 0
     packs_checked: int = 0
     chunks_checked: int = 0
+    pruned: int = 0  # pruned versions: their freed chunks are not looked for
     full: bool = False
     errors: list[str] = field(default_factory=list)
 
@@ -191,6 +206,7 @@ def verify_mirror(mirror: Mirror, *, full: bool = False, sample: int = 8,
             return rep  # the chain cannot be followed past a broken segment
         if d["journal_id"] != m.journal_id:
             rep.errors.append(f"segment {name} belongs to journal {d['journal_id']}")
+        seg_pruned = set(d["pruned"])
         for p in d["packs"]:
             if p not in pack_names:
                 rep.errors.append(f"segment {name} names pack {p}, which the manifest does not")
@@ -207,8 +223,11 @@ def verify_mirror(mirror: Mirror, *, full: bool = False, sample: int = 8,
                 rep.errors.append(f"record {r.seq} (segment {name}) does not continue the chain after {expect - 1}")
             if r.hlc <= last_hlc:
                 rep.errors.append(f"record {r.seq} (segment {name}) goes back in time")
-            for _, _, refs in r.edit or []:
-                named.extend((r.seq, cid) for cid, _ in refs)
+            if r.seq in seg_pruned:
+                rep.pruned += 1
+            else:
+                for _, _, refs in r.edit or []:
+                    named.extend((r.seq, cid) for cid, _ in refs)
             prev, last_hlc, expect = h, r.hlc, r.seq + 1
             rep.records += 1
         if prev.hex() != seg.get("last_hash"):

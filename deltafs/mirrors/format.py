@@ -87,10 +87,16 @@ class Manifest:
 
 
 # --- segments ----------------------------------------------------------------
-def encode_segment(journal_id: str, first: int, last: int, packs: list[str], values: list[bytes]) -> bytes:
-    """Magic, then a msgpack map; ``r`` holds the records' stored values verbatim."""
-    return SEGMENT_MAGIC + _packb({"v": 1, "journal_id": journal_id, "first": first, "last": last,
-                                   "packs": packs, "r": values})
+def encode_segment(journal_id: str, first: int, last: int, packs: list[str], values: list[bytes],
+                   pruned: list[int] | None = None) -> bytes:
+    """Magic, then a msgpack map; ``r`` holds the records' stored values verbatim.
+
+    ``pruned``: seqs of the range that were pruned versions when shipped
+    (their freed chunks are not in any pack); omitted when empty."""
+    d = {"v": 1, "journal_id": journal_id, "first": first, "last": last, "packs": packs, "r": values}
+    if pruned:
+        d["pruned"] = sorted(pruned)
+    return SEGMENT_MAGIC + _packb(d)
 
 
 def decode_segment(data: bytes, name: str, url: str) -> dict:
@@ -101,6 +107,9 @@ def decode_segment(data: bytes, name: str, url: str) -> dict:
         values = d["r"]
         if len(values) != d["last"] - d["first"] + 1:
             raise ValueError("record count does not match its range")
+        d["pruned"] = [int(s) for s in d.get("pruned", [])]
+        if any(not d["first"] <= s <= d["last"] for s in d["pruned"]):
+            raise ValueError("a pruned seq lies outside its range")
     except Exception as e:  # noqa: BLE001
         raise MirrorCorruptError(f"mirror {url}: segment {name} is corrupt: {e}") from None
     return d

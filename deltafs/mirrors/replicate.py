@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import trio
 
 from deltafs.errors import MirrorError
+from deltafs.journal import compact as JC
 from deltafs.journal import schema as S
 
 from . import format as F
@@ -49,6 +50,7 @@ BACKOFF_CAP = 120.0
 BREAKER_FAILURES = 5  # consecutive failures that open the circuit
 PROBE_INTERVAL = 300.0  # then one probe pass this often
 FINAL_FLUSH_TIMEOUT = 30.0
+LAG_SCAN_MAX = 100_000  # records read to estimate a mirror's lag in bytes
 
 
 @dataclass
@@ -62,6 +64,7 @@ class ReplicationStats:
     last_seq: int = 0  # the mirror's cursor after the pass
     head_seq: int = 0  # the journal's head seen by the pass
     seconds: float = 0.0
+    pruned: int = 0  # records shipped as pruned versions (their freed chunks left out)
 
     @property
     def lag(self) -> int:
@@ -168,13 +171,17 @@ class Replicator:
         chunks: dict[bytes, bytes] = {}
         chunk_bytes = 0
         last_hash = m.last_hash
+        pruned: list[int] = []
+        JC.pruned_db(self.journal)  # before the read transaction (see its docstring)
         with self.journal.reader() as r:
 
-            def want(cid: bytes) -> None:
+            def want(cid: bytes, optional: bool) -> None:
                 nonlocal chunk_bytes
                 while cid not in shipped and cid not in chunks:
                     val = r.raw_chunk(cid)
                     if val is None:
+                        if optional:  # freed by compaction: the version is shipped as pruned
+                            return
                         raise MirrorError(f"chunk {cid.hex()} is missing from the journal; cannot replicate it")
                     chunks[cid] = val
                     chunk_bytes += len(val)
@@ -186,9 +193,12 @@ class Replicator:
             last = first - 1
             for seq, value in r.raw_records(first, min(head, first + MAX_SEGMENT_RECORDS - 1)):
                 rec = r.record(seq)
+                gone = rec.is_content and JC.is_pruned(self.journal, r.txn, seq)
+                if gone:
+                    pruned.append(seq)
                 for _, _, refs in rec.edit or []:
                     for cid, _ in refs:
-                        want(cid)
+                        want(cid, gone)  # a pruned version's surviving chunks still ship (later ones need them)
                 values.append(value)
                 last, last_hash = seq, rec.hash.hex()
                 if chunk_bytes >= MAX_SEGMENT_CHUNK_BYTES:
@@ -206,7 +216,8 @@ class Replicator:
             st.packs += 1
             st.chunks += len(group)
         seg = F.segment_name(first, last)
-        data = F.encode_segment(self.journal.journal_id, first, last, [p["name"] for p in new_packs], values)
+        data = F.encode_segment(self.journal.journal_id, first, last, [p["name"] for p in new_packs], values,
+                                pruned)
         self.mirror.put(seg, data)  # not yet named by the manifest: replacing a crashed attempt is fine
         st.bytes += len(data)
         m.segments.append({"name": seg, "first": first, "last": last, "last_hash": last_hash,
@@ -217,6 +228,7 @@ class Replicator:
         shipped.update(chunks)
         self._known_packs.update(p["name"] for p in new_packs)
         st.records += last - first + 1
+        st.pruned += len(pruned)
         st.segments += 1
         return m
 
@@ -255,72 +267,241 @@ def backoff_delay(failures: int, rnd: random.Random | None = None) -> float:
     return d * (0.5 + (rnd or random).random() / 2)
 
 
+def mirror_lag(journal, seq: int) -> dict:
+    """How far a mirror at record ``seq`` is behind the journal (blocking).
+
+    ``lag_records``; ``lag_bytes``: stored bytes of those records plus the
+    raw bytes of the chunks their edits name (an upper bound of what is
+    left to upload: some chunks may be shipped already); ``lag_seconds``:
+    age of the oldest record the mirror lacks.  Counts at most
+    ``LAG_SCAN_MAX`` records (``lag_bytes`` is then a lower bound).
+    """
+    with journal.reader() as r:
+        head = r.head_seq()
+        n = nbytes = 0
+        lag_s = 0.0
+        if seq < head:
+            lag_s = max(0.0, (time.time_ns() - r.record(seq + 1).time_ns) / 1e9)
+            for s, value in r.raw_records(seq + 1, min(head, seq + LAG_SCAN_MAX)):
+                nbytes += len(value)
+                for _, _, refs in r.record(s).edit or []:
+                    nbytes += sum(n for _, n in refs)
+    return {"head_seq": head, "lag_records": head - seq, "lag_bytes": nbytes, "lag_seconds": round(lag_s, 3)}
+
+
+class MirrorWorker:
+    """One mirror of a running mount: its replication loop and live state.
+
+    The loop (:meth:`run`) polls the journal head every ``POLL_INTERVAL``
+    and replicates when it moved.  A failed pass is retried after
+    :func:`backoff_delay` (exponential, full jitter, capped); after
+    ``BREAKER_FAILURES`` failures in a row the circuit opens and only one
+    probe pass runs every ``PROBE_INTERVAL``; the first success closes it.
+    :meth:`pause`, :meth:`resume` and :meth:`flush` (``deltafs pause
+    --mirror``, ``flush --mirrors``) wake the loop at once.  A mirror never
+    blocks local writes: every pass runs in a worker thread behind this
+    mirror's own limiter.  :meth:`status` is what ``deltafs status``
+    shows for it.
+    """
+
+    def __init__(self, journal, mirror: Mirror, *, rnd: random.Random | None = None,
+                 drain=None) -> None:
+        self.journal = journal
+        self.mirror = mirror
+        self.url = mirror.url
+        self.rep = Replicator(journal, mirror)
+        self.limiter = trio.CapacityLimiter(1)
+        self.rnd = rnd or random.Random()
+        self.drain = drain  # awaitable callable: pending captures made durable (unmount)
+        self.failures = 0
+        self.paused = False
+        self.seq: int | None = None  # the mirror's cursor as last seen
+        self.done_head = -1  # journal head covered by the last successful pass
+        self.last_success_ns: int | None = None
+        self.last_error: str | None = None
+        self.last_error_ns: int | None = None
+        self.passes = 0
+        self.next_attempt: float | None = None  # trio time of the next retry or probe
+        self._force = False
+        self._wake = trio.Event()
+        self._passed = trio.Event()
+
+    # --- state ---------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        if self.paused:
+            return "paused"
+        if self.failures >= BREAKER_FAILURES:
+            return "circuit open"
+        if self.failures:
+            return "retrying"
+        return "ok"
+
+    async def status(self) -> dict:
+        """The live status (``deltafs status``, key ``mirrors``); no secrets in it."""
+        seq = self.seq or 0
+        lag = await trio.to_thread.run_sync(mirror_lag, self.journal, seq)
+        retry_in = None
+        if self.failures and self.next_attempt is not None and not self.paused:
+            retry_in = round(max(0.0, self.next_attempt - trio.current_time()), 3)
+        return {"url": self.url, "state": self.state, "paused": self.paused, "seq": self.seq,
+                **lag, "failures": self.failures, "last_success_ns": self.last_success_ns,
+                "last_error": self.last_error, "last_error_ns": self.last_error_ns,
+                "retry_in_s": retry_in}
+
+    def _kick(self) -> None:
+        self._wake.set()
+
+    def pause(self) -> bool:
+        was, self.paused = self.paused, True
+        if not was:
+            log.info("mirror %s: paused", self.url)
+        self._kick()
+        return was
+
+    def resume(self) -> bool:
+        was, self.paused = self.paused, False
+        if was:
+            log.info("mirror %s: resumed", self.url)
+            self._force = True  # catch up now, also out of a backoff
+        self._kick()
+        return was
+
+    async def flush(self) -> dict:
+        """Replicate everything journaled so far, now (also out of a backoff or an
+        open circuit).  MirrorError if the mirror is paused or the pass fails."""
+        target = await trio.to_thread.run_sync(self._head)
+        while True:
+            if self.paused:
+                raise MirrorError(f"mirror {self.url} is paused (deltafs resume --mirror {self.url})")
+            if self.seq is not None and self.seq >= target and not self.failures:
+                return {"url": self.url, "seq": self.seq}
+            passed = self._passed
+            self._force = True
+            self._kick()
+            await passed.wait()
+            if self.failures:
+                raise MirrorError(f"mirror {self.url}: {self.last_error}")
+
+    # --- the loop -------------------------------------------------------------
+    def _head(self) -> int:
+        with self.journal.reader() as r:
+            return r.head_seq()
+
+    def _load(self) -> None:
+        with self.journal.reader() as r:
+            known = r.kv_get("mirrors", self.url)
+        if isinstance(known, dict) and isinstance(known.get("seq"), int):
+            self.seq = known["seq"]
+
+    async def _sleep(self, seconds: float | None) -> None:
+        """Sleep until ``seconds`` pass (None: forever) or someone kicks us."""
+        with trio.move_on_after(float("inf") if seconds is None else seconds):
+            await self._wake.wait()
+        if self._wake.is_set():
+            self._wake = trio.Event()
+
+    async def attempt(self) -> bool:
+        """One pass; -> whether it succeeded.  Never raises but Cancelled."""
+        try:
+            stats = await trio.to_thread.run_sync(self.rep.run_once, limiter=self.limiter)
+        except Exception as e:  # noqa: BLE001 - a mirror must never take the mount down
+            self.failures += 1
+            n = self.failures
+            msg = str(e) if isinstance(e, MirrorError) else f"{type(e).__name__}: {e}"
+            self.last_error, self.last_error_ns = msg, time.time_ns()
+            if n == 1:
+                log.warning("mirror %s: replication failed, will retry: %s", self.url, msg)
+            elif n == BREAKER_FAILURES:
+                log.error("mirror %s: %d failures in a row, circuit open: probing every %.0fs: %s",
+                          self.url, n, PROBE_INTERVAL, msg)
+            if not isinstance(e, MirrorError):
+                log.debug("mirror %s: unexpected error", self.url, exc_info=True)
+            self.next_attempt = trio.current_time() + backoff_delay(n, self.rnd)
+            ok = False
+            await trio.to_thread.run_sync(lambda: record_status(self.journal, self.url, error=msg, failures=n),
+                                          limiter=self.limiter)
+        else:
+            if self.failures:
+                log.info("mirror %s: replicating again after %d failures", self.url, self.failures)
+            self.failures = 0
+            self.next_attempt = None
+            self.seq = stats.last_seq
+            self.done_head = stats.head_seq
+            self.last_success_ns = time.time_ns()
+            ok = True
+            if stats.records or stats.lag == 0:
+                await trio.to_thread.run_sync(lambda: record_status(self.journal, self.url, stats),
+                                              limiter=self.limiter)
+        self.passes += 1
+        self._passed.set()
+        self._passed = trio.Event()
+        return ok
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await trio.to_thread.run_sync(self._load, limiter=self.limiter)
+        task_status.started()
+        try:
+            while True:
+                if self.paused:
+                    await self._sleep(None)
+                    continue
+                if self._force:
+                    self._force = False
+                    await self.attempt()
+                    continue
+                if self.failures:
+                    wait = self.next_attempt - trio.current_time()
+                    if wait > 0:
+                        await self._sleep(wait)
+                        continue
+                    await self.attempt()
+                    continue
+                h = await trio.to_thread.run_sync(self._head, limiter=self.limiter)
+                if h != self.done_head:
+                    await self.attempt()
+                else:
+                    await self._sleep(POLL_INTERVAL)
+        except trio.Cancelled:
+            # Unmount: one last pass for what was journaled since, unless the mirror is down or paused.
+            if self.failures == 0 and not self.paused:
+                with trio.move_on_after(FINAL_FLUSH_TIMEOUT, shield=True):
+                    if self.drain is not None:
+                        await self.drain()
+                    await self.attempt()
+            raise
+
+
 async def mirror_service(daemon, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Background service of a mount: one replication task per mirror."""
+    """Background service of a mount: one :class:`MirrorWorker` per mirror,
+    registered in ``daemon.state["mirrors"]`` (URL -> worker) for the
+    control socket (status, pause/resume --mirror, flush --mirrors)."""
     from . import open_mirror
 
     mirrors = [open_mirror(url, endpoint_url=getattr(daemon.cfg, "endpoint_url", None))
                for url in daemon.cfg.mirrors]
+    workers = daemon.state.setdefault("mirrors", {})
+    drain = daemon.rec.drain if daemon.rec is not None else None
     try:
         async with trio.open_nursery() as nursery:
             for mirror in mirrors:
-                nursery.start_soon(_mirror_task, daemon, mirror)
+                w = MirrorWorker(daemon.journal, mirror, drain=drain)
+                workers[w.url] = w
+                await nursery.start(w.run)
             task_status.started()
     finally:
         for mirror in mirrors:
+            workers.pop(mirror.url, None)
             mirror.close()
 
 
-async def _mirror_task(daemon, mirror: Mirror) -> None:
-    journal = daemon.journal
-    rep = Replicator(journal, mirror)
-    limiter = trio.CapacityLimiter(1)
-    state = {"failures": 0, "done_head": -1}
+def find_worker(daemon, url: str) -> MirrorWorker:
+    """The worker of mirror ``url`` in a running mount, else UsageError."""
+    from deltafs.errors import UsageError
 
-    def head() -> int:
-        with journal.reader() as r:
-            return r.head_seq()
-
-    async def attempt() -> None:
-        try:
-            stats = await trio.to_thread.run_sync(rep.run_once, limiter=limiter)
-        except Exception as e:  # noqa: BLE001 - a mirror must never take the mount down
-            state["failures"] += 1
-            n = state["failures"]
-            msg = str(e) if isinstance(e, MirrorError) else f"{type(e).__name__}: {e}"
-            if n == 1:
-                log.warning("mirror %s: replication failed, will retry: %s", mirror.url, msg)
-            elif n == BREAKER_FAILURES:
-                log.error("mirror %s: %d failures in a row, probing every %.0fs: %s",
-                          mirror.url, n, PROBE_INTERVAL, msg)
-            if not isinstance(e, MirrorError):
-                log.debug("mirror %s: unexpected error", mirror.url, exc_info=True)
-            await trio.to_thread.run_sync(lambda: record_status(journal, mirror.url, error=msg, failures=n),
-                                          limiter=limiter)
-            return
-        if state["failures"]:
-            log.info("mirror %s: replicating again after %d failures", mirror.url, state["failures"])
-        state["failures"] = 0
-        state["done_head"] = stats.head_seq
-        if stats.records or stats.lag == 0:
-            await trio.to_thread.run_sync(lambda: record_status(journal, mirror.url, stats), limiter=limiter)
-
-    try:
-        while True:
-            if state["failures"]:
-                await trio.sleep(backoff_delay(state["failures"]))
-                await attempt()
-                continue
-            h = await trio.to_thread.run_sync(head, limiter=limiter)
-            if h != state["done_head"]:
-                await attempt()
-            else:
-                await trio.sleep(POLL_INTERVAL)
-    except trio.Cancelled:
-        # Unmount: one last pass for what was journaled since, unless the mirror is down.
-        if state["failures"] == 0:
-            with trio.move_on_after(FINAL_FLUSH_TIMEOUT, shield=True):
-                if daemon.rec is not None:
-                    await daemon.rec.drain()
-                await attempt()
-        raise
+    workers = (getattr(daemon, "state", None) or {}).get("mirrors") or {}
+    w = workers.get(url) or workers.get(url.rstrip("/"))
+    if w is None:
+        known = ", ".join(sorted(workers)) or "none"
+        raise UsageError(f"{url} is not a mirror of this mount (its mirrors: {known})")
+    return w

@@ -261,6 +261,7 @@ async def test_service_replicates_new_commits(b, tmp_path, monkeypatch):
     d = D()
     d.journal = b.j
     d.rec = None
+    d.state = {}
     d.cfg = type("C", (), {"mirrors": (f"file://{tmp_path}/m",), "endpoint_url": None})()
     b.write(b"a", b"x")
     async with trio.open_nursery() as n:
@@ -282,3 +283,80 @@ async def test_service_replicates_new_commits(b, tmp_path, monkeypatch):
                         break
                 await trio.sleep(0.05)
         n.cancel_scope.cancel()
+
+
+# --- compaction: pruned versions --------------------------------------------------
+def _content(j: Journal, seq: int) -> bytes:
+    with j.reader() as r:
+        return b"".join(r.read_chunk(cid) for cid, _ in r.chunk_list(seq))
+
+
+def _versions(b: Builder, rounds: int = 4) -> dict[int, tuple[bytes, bytes]]:
+    """Content versions: seq -> (path, data); a random blob (its chunks die with
+    its version) and a text file edited in place (its chunks are shared)."""
+    rnd = random.Random(7)
+    out = {}
+    text = b"".join(b"line %d\n" % i for i in range(3000))
+    for i in range(rounds):
+        data = rnd.randbytes(40_000 + i)
+        out[b.write(b"blob.bin", data)] = (b"blob.bin", data)
+        pos = rnd.randrange(len(text))
+        text = text[:pos] + b"edit %d\n" % i + text[pos:]
+        out[b.write(b"notes.txt", text)] = (b"notes.txt", text)
+    return out
+
+
+def _prune_middle(b: Builder, versions: dict) -> set[int]:
+    from deltafs.journal import compact as JC
+
+    by_path: dict[bytes, list[int]] = {}
+    for seq, (p, _) in sorted(versions.items()):
+        by_path.setdefault(p, []).append(seq)
+    doomed = {s for seqs in by_path.values() for s in seqs[1:-1]}
+    res = JC.prune(b.j, doomed, [s for s in versions if s not in doomed])
+    assert res.versions_pruned == len(doomed) and res.chunks_freed > 0
+    return doomed
+
+
+def test_replicate_and_clone_after_compaction(b, mirror_url, ep, tmp_path):
+    from deltafs.journal import compact as JC
+
+    versions = _versions(b)
+    doomed = _prune_middle(b, versions)
+    with open_mirror(mirror_url, endpoint_url=ep) as m:
+        st = replicate_once(b.j, m)
+        assert st.last_seq == st.head_seq and st.pruned == len(doomed)
+        rep = verify_mirror(m, full=True)
+        assert rep.errors == [] and rep.pruned == len(doomed)
+        crep = clone_journal(m, str(tmp_path / "c"))
+        assert crep.pruned == len(doomed)
+    with Journal.open(tmp_path / "c") as c:
+        assert log_of(c) == log_of(b.j)
+        JC.pruned_db(c)
+        with c.reader() as r:
+            assert JC.pruned_seqs(c, r.txn) == doomed
+        for seq, (_, data) in versions.items():
+            if seq not in doomed:
+                assert _content(c, seq) == data, f"version {seq}"
+        assert JC.verify(c, full=True).ok
+    args = ["clone", mirror_url, str(tmp_path / "dest")] + (["--endpoint-url", ep] if ep else [])
+    assert cli.main(args) == 0
+    for p, data in b.files.items():
+        assert (tmp_path / "dest" / os.fsdecode(p)).read_bytes() == data
+    assert cli.main(["verify", "--mirror", mirror_url, "--full"] + (["--endpoint-url", ep] if ep else [])) == 0
+
+
+def test_mirror_keeps_working_after_shipped_versions_are_pruned(b, tmp_path):
+    url = f"file://{tmp_path}/m"
+    versions = _versions(b)
+    with open_mirror(url) as m:
+        replicate_once(b.j, m)  # every version shipped whole
+        _prune_middle(b, versions)  # then compaction frees chunks the mirror holds
+        more = _versions(b, rounds=2)
+        st = replicate_once(b.j, m)
+        assert st.last_seq == st.head_seq and st.pruned == 0
+        assert verify_mirror(m, full=True).errors == []
+        clone_journal(m, str(tmp_path / "c"))
+    with Journal.open(tmp_path / "c", readonly=True) as c:
+        for seq, (_, data) in {**versions, **more}.items():  # the mirror still has them all
+            assert _content(c, seq) == data, f"version {seq}"
