@@ -80,9 +80,8 @@ class Mount:
             return ""
 
     def is_mounted(self) -> bool:
-        want = str(self.mnt.resolve() if self.mnt.exists() else self.mnt)
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == want for line in f)
+        # Never stat the mount point: a broken mount answers EIO or hangs.
+        return _in_mountinfo(os.path.abspath(self.mnt))
 
     def umount(self, check: bool = True) -> None:
         """Clean unmount through the CLI; asserts the daemon exited 0."""
@@ -110,24 +109,31 @@ class Mount:
 
     def cleanup(self) -> None:
         """Teardown that always leaves no mount behind, whatever happened."""
-        if self.proc is not None and self.proc.poll() is None and self.is_mounted():
-            try:
+        try:
+            if self.proc is not None and self.proc.poll() is None and self.is_mounted():
                 run_cli("umount", self.mnt, timeout=60)
                 self.proc.wait(timeout=60)
-            except Exception:
-                pass
-        force_unmount(self.mnt)
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(timeout=30)
-            self.proc = None
-            self._stderr.close()
+        except Exception:
+            pass
+        finally:
+            force_unmount(self.mnt)
+            if self.proc is not None:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                self.proc.wait(timeout=30)
+                self.proc = None
+                self._stderr.close()
+
+
+def _in_mountinfo(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
 
 
 def force_unmount(mnt: Path) -> None:
-    for args in (["fusermount3", "-u", str(mnt)], ["fusermount3", "-uz", str(mnt)]):
-        with open("/proc/self/mountinfo") as f:
-            if not any(line.split()[4] == str(mnt) for line in f):
-                return
+    """fusermount3 -u, then -uz (lazy) if it is still there."""
+    path = os.path.abspath(mnt)
+    for args in (["fusermount3", "-u", path], ["fusermount3", "-uz", path]):
+        if not _in_mountinfo(path):
+            return
         subprocess.run(args, capture_output=True, timeout=30)
