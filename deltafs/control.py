@@ -226,10 +226,30 @@ async def _op_flush(daemon, state, req) -> dict:
     t0 = time.monotonic()
     if daemon.rec is not None:
         await daemon.rec.drain()
-    return {"seconds": round(time.monotonic() - t0, 3)}
+    out: dict = {}
+    if req.get("mirrors"):  # then every mirror ships what is journaled now (MirrorError if one cannot)
+        out["mirrors"] = [await w.flush() for _, w in sorted((daemon.state.get("mirrors") or {}).items())]
+    return {"seconds": round(time.monotonic() - t0, 3), **out}
+
+
+def _mirror_pause(daemon, req, pause: bool) -> dict | None:
+    """``pause --mirror URL`` / ``resume --mirror URL``: that mirror's uploads, not capture."""
+    url = req.get("mirror")
+    if url is None:
+        return None
+    if not isinstance(url, str):
+        raise UsageError('"mirror" must be a mirror URL string')
+    from deltafs.mirrors.replicate import find_worker
+
+    w = find_worker(daemon, url)
+    was = w.pause() if pause else w.resume()
+    return {"mirror": w.url, "paused": pause, "was_paused": was}
 
 
 async def _op_pause(daemon, state, req) -> dict:
+    mirror = _mirror_pause(daemon, req, True)
+    if mirror is not None:
+        return mirror
     rec = _recorder(daemon)
     async with state["lock"]:
         was = rec.paused
@@ -241,6 +261,9 @@ async def _op_pause(daemon, state, req) -> dict:
 
 
 async def _op_resume(daemon, state, req) -> dict:
+    mirror = _mirror_pause(daemon, req, False)
+    if mirror is not None:
+        return mirror
     rec = _recorder(daemon)
     async with state["lock"]:
         if not rec.paused:

@@ -4,7 +4,11 @@ A status is a plain dict (the ``--json`` output, documented in docs/cli.md):
 ``mounted``, ``daemon`` ("running", "not answering" or null), ``src``,
 ``mnt``, ``pid``, ``started``, ``uptime_s``, ``journal`` (path, sizes and
 history counts), ``capture`` (counters since the daemon started; null
-without a daemon), ``snapshots``.  ``problems`` turns one into the reasons
+without a daemon), ``snapshots``, ``mirrors`` (one object per mirror:
+``url``, ``state`` ok / retrying / circuit open / paused, ``lag_records``,
+``lag_bytes``, ``lag_seconds``, ``last_success_ns``, ``last_error``; live
+from the daemon, else the replicator's last status copy in the journal
+with ``state`` null).  ``problems`` turns one into the reasons
 ``--check`` fails; ``prometheus`` renders several as Prometheus text.
 """
 
@@ -18,16 +22,19 @@ from deltafs.errors import DeltafsError
 MAP_FULL_RATIO = 0.9  # --check fails when data.mdb holds this share of the LMDB map
 DISK_FREE_MIN_BYTES = 256 << 20  # ... or the journal's filesystem has less free space
 DISK_FREE_MIN_RATIO = 0.02  # ... or less than this share of it free
+MAX_MIRROR_LAG_S = 3600.0  # --check fails when a mirror lags more (--max-lag)
 
 
 def journal_status(journal) -> dict:
     """History counts and sizes of an open journal (blocking)."""
     from deltafs.control import list_snapshots
+    from deltafs.journal.compact import data_bytes
     from deltafs.journal.core import MAP_SIZE
 
     with journal.reader() as r:
         st = r.stats()
         snaps = list_snapshots(r)
+        journal_mirrors = {url: v for url, v in r.kv_items("mirrors") if isinstance(v, dict)}
     vfs = os.statvfs(journal.path)
     raw, stored = st["raw_bytes"], st["stored_bytes"]
     return {
@@ -43,7 +50,18 @@ def journal_status(journal) -> dict:
         "map_size": MAP_SIZE,
         "fs_free_bytes": vfs.f_bavail * vfs.f_frsize,
         "fs_size_bytes": vfs.f_blocks * vfs.f_frsize,
+        "data_bytes": data_bytes(journal),  # live pages: what --journal-limit counts
+        "limit_bytes": None,  # --journal-limit of the running mount
+        "_mirrors": journal_mirrors,
     }, snaps
+
+
+def _stored_mirror(url: str, v: dict) -> dict:
+    """A mirror's status from the journal's ``mirrors`` kv (no daemon: no live state)."""
+    return {"url": url, "state": None, "paused": None, "seq": v.get("seq"), "head_seq": v.get("head_seq"),
+            "lag_records": v.get("lag_records"), "lag_bytes": None, "lag_seconds": v.get("lag_seconds"),
+            "failures": v.get("failures", 0), "last_success_ns": v.get("last_success_ns"),
+            "last_error": v.get("last_error"), "last_error_ns": v.get("last_error_ns"), "retry_in_s": None}
 
 
 async def daemon_status(daemon) -> dict:
@@ -51,6 +69,9 @@ async def daemon_status(daemon) -> dict:
     import trio
 
     j, snaps = await trio.to_thread.run_sync(journal_status, daemon.journal)
+    j["limit_bytes"] = getattr(daemon.cfg, "journal_limit", None)
+    j.pop("_mirrors", None)
+    mirrors = [await w.status() for _, w in sorted((daemon.state.get("mirrors") or {}).items())]
     rec = daemon.rec
     cfg = daemon.cfg
     capture = None
@@ -80,6 +101,8 @@ async def daemon_status(daemon) -> dict:
         "journal": j,
         "capture": capture,
         "snapshots": snaps,
+        "mirrors": mirrors,
+        "maintenance": daemon.state.get("maintenance"),  # maintenance.maintenance_service
     }
 
 
@@ -90,8 +113,10 @@ def offline_status(journal_dir: str, src: str | None, mnt: str | None = None,
 
     with Journal.open(journal_dir, readonly=True) as jr:
         j, snaps = journal_status(jr)
+    mirrors = [_stored_mirror(url, v) for url, v in sorted(j.pop("_mirrors").items())]
     return {"mounted": mnt is not None, "daemon": daemon, "src": src, "mnt": mnt, "pid": None,
-            "started": None, "uptime_s": None, "journal": j, "capture": None, "snapshots": snaps}
+            "started": None, "uptime_s": None, "journal": j, "capture": None, "snapshots": snaps,
+            "mirrors": mirrors}
 
 
 def status_of(loc, timeout: float = 10.0) -> dict:
@@ -123,8 +148,9 @@ def all_mounts(timeout: float = 10.0) -> list[dict]:
     return out
 
 
-def problems(st: dict) -> list[str]:
-    """Why a mount is unhealthy (empty: healthy)."""
+def problems(st: dict, max_lag: float = MAX_MIRROR_LAG_S) -> list[str]:
+    """Why a mount is unhealthy (empty: healthy).  ``max_lag``: seconds a
+    mirror may lag behind the journal."""
     out = []
     where = st.get("mnt") or st.get("src") or st.get("journal", {}).get("path")
     if st.get("error"):
@@ -145,6 +171,14 @@ def problems(st: dict) -> list[str]:
         free, size = j["fs_free_bytes"], j.get("fs_size_bytes") or 0
         if free < DISK_FREE_MIN_BYTES or (size and free < DISK_FREE_MIN_RATIO * size):
             out.append(f"{where}: only {_size(free)} free on the journal's filesystem")
+    for mi in st.get("mirrors") or []:
+        err = f"; last error: {mi['last_error']}" if mi.get("last_error") else ""
+        if mi.get("state") == "circuit open":
+            out.append(f"{where}: mirror {mi['url']} is unreachable (circuit open after "
+                       f"{mi.get('failures')} failures){err}")
+        elif (mi.get("lag_seconds") or 0) > max_lag:
+            out.append(f"{where}: mirror {mi['url']} lags {_ago(mi['lag_seconds'])} "
+                       f"({mi.get('lag_records')} records) behind the journal{err}")
     return out
 
 
@@ -189,6 +223,9 @@ def format_text(st: dict) -> str:
         lines.append(f"  journal    {j['path']}, {_size(j['data_file_allocated'])} on disk, "
                      f"{_size(j['fs_free_bytes'])} free")
         ratio = f" ({j['ratio']:.2f}x)" if j.get("ratio") else ""
+        if j.get("limit_bytes"):
+            lines.append(f"  limit      {_size(j.get('data_bytes'))} of data, limit {_size(j['limit_bytes'])} "
+                         f"({(j.get('data_bytes') or 0) / j['limit_bytes']:.0%})")
         lines.append(f"  history    {j['records']} records, {j['files']} files, {j['chunks']} chunks; "
                      f"{_size(j['stored_bytes'])} stored for {_size(j['raw_bytes'])}{ratio}")
     if cap is not None:
@@ -207,6 +244,22 @@ def format_text(st: dict) -> str:
     if snaps:
         s = snaps[-1]
         lines.append(f"  snapshots  {len(snaps)}, latest {s['name']!r} at version {s['seq']}")
+    for mi in st.get("mirrors") or []:
+        state = mi.get("state") or "not running"
+        if mi.get("lag_records"):
+            lag = f"{mi['lag_records']} records"
+            if mi.get("lag_bytes") is not None:
+                lag += f", {_size(mi['lag_bytes'])}"
+            lag += f", {_ago(mi.get('lag_seconds') or 0)} behind"
+        else:
+            lag = "up to date" if mi.get("lag_records") == 0 else "lag unknown"
+        last = "never"
+        if mi.get("last_success_ns"):
+            last = f"{_ago(time.time() - mi['last_success_ns'] / 1e9)} ago"
+        lines.append(f"  mirror     {mi['url']}: {state}, {lag}, last success {last}")
+        if mi.get("last_error") and state != "ok":
+            retry = f" (retry in {_ago(mi['retry_in_s'])})" if mi.get("retry_in_s") is not None else ""
+            lines.append(f"             last error: {mi['last_error']}{retry}")
     return "\n".join(lines)
 
 
@@ -263,4 +316,31 @@ def prometheus(statuses: list[dict]) -> bytes:
             m["paused"].labels(*lv).set(1 if cap["paused"] else 0)
             if cap["last_capture_ns"]:
                 m["last"].labels(*lv).set(cap["last_capture_ns"] / 1e9)
+    ml = [*labels, "mirror"]
+    mg = {
+        "m_lag": Gauge("deltafs_mirror_lag_records", "journal records the mirror lacks", ml, registry=reg),
+        "m_lag_b": Gauge("deltafs_mirror_lag_bytes", "bytes of records and chunks the mirror lacks (upper bound)",
+                         ml, registry=reg),
+        "m_lag_s": Gauge("deltafs_mirror_lag_seconds", "age of the oldest record the mirror lacks", ml,
+                         registry=reg),
+        "m_fail": Gauge("deltafs_mirror_failures", "replication failures in a row", ml, registry=reg),
+        "m_last": Gauge("deltafs_mirror_last_success_timestamp_seconds", "time of the last successful pass",
+                        ml, registry=reg),
+        "m_state": Gauge("deltafs_mirror_state", "1 for the mirror's current state", [*ml, "state"],
+                         registry=reg),
+    }
+    for st in statuses:
+        j = st.get("journal") or {}
+        lv = (st.get("mnt") or "", st.get("src") or "", j.get("path") or "")
+        for mi in st.get("mirrors") or []:
+            mv = (*lv, mi["url"])
+            for key, fld in (("m_lag", "lag_records"), ("m_lag_b", "lag_bytes"), ("m_lag_s", "lag_seconds"),
+                             ("m_fail", "failures")):
+                if mi.get(fld) is not None:
+                    mg[key].labels(*mv).set(mi[fld])
+            if mi.get("last_success_ns"):
+                mg["m_last"].labels(*mv).set(mi["last_success_ns"] / 1e9)
+            if mi.get("state"):
+                for state in ("ok", "retrying", "circuit open", "paused"):
+                    mg["m_state"].labels(*mv, state).set(1 if mi["state"] == state else 0)
     return generate_latest(reg)
