@@ -31,6 +31,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from deltafs import mount
     from deltafs.config import MountConfig
 
+    from deltafs.config import parse_minutes, parse_size, retention_from_args
+
+    retention = retention_from_args(args.retention, args.coalesce)  # bad options: one line, exit 2
+    compact_every = parse_minutes(args.compact_every) if args.compact_every is not None else None
+    limit = parse_size(args.journal_limit) if args.journal_limit is not None else None
     if args.ready_fd is None:  # the daemon re-checks; the user gets errors before any fork
         mount.check_fuse()
     src, mnt, journal = mount.check_mount_args(args.src, args.mnt, args.journal)
@@ -43,7 +48,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
                       fuse_options=tuple(args.option), debug=args.debug,
                       capture=not args.no_capture, log_level=args.log_level,
                       log_file=args.log_file, mirrors=tuple(args.mirror),
-                      endpoint_url=args.endpoint_url)
+                      endpoint_url=args.endpoint_url, retention=retention, journal_limit=limit,
+                      **({"compact_every": compact_every} if compact_every else {}))
     if not args.foreground:
         argv = ["mount", src, mnt, "--journal", journal, "--log-level", args.log_level]
         for o in args.option:
@@ -56,6 +62,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             argv += ["--mirror", url]
         if args.endpoint_url:
             argv += ["--endpoint-url", args.endpoint_url]
+        for opt in ("retention", "coalesce", "compact_every", "journal_limit"):
+            if getattr(args, opt) is not None:
+                argv += ["--" + opt.replace("_", "-"), getattr(args, opt)]
         mount.spawn_daemon(cfg, argv)
         return 0
     return mount.run_daemon(cfg, args.ready_fd)
@@ -73,8 +82,12 @@ def _history_open(args: argparse.Namespace):
     from deltafs.journal import Journal
     from deltafs.locate import locate
 
+    from deltafs.history import open_pruned
+
     loc = locate(args.path, args.journal)
-    return loc, Journal.open(loc.journal, readonly=True)
+    j = Journal.open(loc.journal, readonly=True)
+    open_pruned(j)
+    return loc, j
 
 
 def _print_json(d) -> None:
@@ -95,7 +108,8 @@ def cmd_log(args: argparse.Namespace) -> int:
             if args.deleted:
                 rows = history.deleted_entries(r, loc.rel, args.since, args.until, args.limit)
             else:
-                rows = list(history.log_entries(r, loc.rel, args.since, args.until, args.limit))
+                rows = list(history.log_entries(r, loc.rel, args.since, args.until, args.limit,
+                                                show_pruned=args.all))
         if args.follow and not args.deleted:
             rows.reverse()  # following: oldest first, new records appended below
         if table and rows:
@@ -384,6 +398,8 @@ def _add_history_parsers(sub) -> None:
     lg.add_argument("-n", "--limit", type=int, metavar="N", help="at most N records")
     lg.add_argument("--json", action="store_true", help="JSON Lines, one object per record")
     lg.add_argument("--deleted", action="store_true", help="list deleted files and their last version")
+    lg.add_argument("--all", action="store_true",
+                    help="also list versions pruned by retention, marked (pruned); they cannot be restored")
     lg.add_argument("-f", "--follow", action="store_true",
                     help="oldest first, then print new records as they are committed until Ctrl-C "
                          "(exit status 0)")
@@ -464,14 +480,18 @@ def cmd_compact(args: argparse.Namespace) -> int:
     from deltafs.journal import Journal
     from deltafs.locate import locate
 
+    from deltafs.config import retention_from_args
+
+    policy = retention_from_args(args.retention, args.coalesce)
     loc = locate(args.path, args.journal)
     try:
         j = Journal.open(loc.journal)
     except JournalLockedError as e:
         raise JournalLockedError(f"{e}: a running mount holds it; stop the mount (deltafs umount) to "
-                                 "compact now (a mount compacts in the background every 10 minutes)") from None
+                                 "compact now (a mount compacts in the background, every --compact-every "
+                                 "minutes)") from None
     try:
-        rep = maintenance.compact(j, dry_run=args.dry_run)
+        rep = maintenance.compact(j, policy, dry_run=args.dry_run)
         if args.vacuum and not args.dry_run:
             rep.data_file_before, rep.data_file_after = maintenance.vacuum(j)  # closes j
     finally:
@@ -487,6 +507,16 @@ def cmd_compact(args: argparse.Namespace) -> int:
         if rep.data_file_before is not None:
             print(f"vacuum: data.mdb {rep.data_file_before} -> {rep.data_file_after} bytes")
     return 0
+
+
+def _add_retention_options(q) -> None:
+    q.add_argument("--retention", metavar="POLICY",
+                   help="AGE:EVERY,...,*:EVERY: versions younger than AGE keep one per EVERY ('all': "
+                        "every one); '*' is everything older ('none': drop). Ages s/m/h/d/w. Default "
+                        "24h:all,7d:1h,90d:1d,*:1w")
+    q.add_argument("--coalesce", metavar="SECONDS",
+                   help="a version followed within SECONDS by the next one is dropped once older than "
+                        "a minute (default 10; 0: off)")
 
 
 def _add_maintenance_parsers(sub) -> None:
@@ -523,6 +553,7 @@ def _add_maintenance_parsers(sub) -> None:
     c.add_argument("-n", "--dry-run", action="store_true", help="report what would be pruned, change nothing")
     c.add_argument("--vacuum", action="store_true",
                    help="then rewrite data.mdb compactly so the file shrinks on disk")
+    _add_retention_options(c)
     c.set_defaults(func=cmd_compact)
 
 
@@ -700,6 +731,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mirror", metavar="URL", action="append", default=[],
                    help="replicate the journal to this mirror (file:///path or s3://bucket/prefix; repeatable)")
     m.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for s3:// mirrors (self-hosted S3)")
+    _add_retention_options(m)
+    m.add_argument("--compact-every", metavar="MINUTES",
+                   help="minutes between background compaction passes (default 10; fractions allowed)")
+    m.add_argument("--journal-limit", metavar="SIZE",
+                   help="journal data size (e.g. 10G, 500M) above which compaction runs at once and "
+                        "thins harder than the retention policy (default: no limit)")
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)

@@ -33,6 +33,7 @@ from deltafs import chunking
 from deltafs.errors import CorruptionError, NotFoundError, UsageError
 from deltafs.journal import (KIND_DIR, KIND_FILE, KIND_SPECIAL, KIND_SYMLINK, Change, Journal,
                              Reader, TreeEntry, content_hash)
+from deltafs.journal import compact as JC
 from deltafs.journal.state import tree_entry
 from deltafs.when import Point, parse_when, resolve_when, since_seq
 
@@ -100,6 +101,51 @@ def _missing(r: Reader, rel: bytes, seq: int) -> NotFoundError:
     return NotFoundError(f"{name} did not exist at version {seq}")
 
 
+# --- pruned versions (docs/format.md "Compaction and retention") ----------------------
+def open_pruned(j: Journal) -> None:
+    """Open the journal's ``pruned`` db handle; call it before the readers of
+    these tools begin (else every version looks retained)."""
+    JC.pruned_db(j)
+
+
+def pruned_seqs(r: Reader) -> set[int]:
+    return JC.pruned_seqs(r._j, r.txn)
+
+
+def _is_pruned(r: Reader, seq: int) -> bool:
+    return bool(seq) and JC.is_pruned(r._j, r.txn, seq)
+
+
+def _retained_of(r: Reader, file_id: int) -> list[int]:
+    """Retained content versions of a file, newest first."""
+    pruned = pruned_seqs(r)
+    return [s for s in r.versions_of(file_id) if s not in pruned and r.record(s).is_content]
+
+
+def pruned_error(r: Reader, rel: bytes, seq: int, file_id: int) -> NotFoundError:
+    """"version N of PATH was pruned by retention on ...; nearest retained: M"."""
+    info = JC.pruned_info(r._j, r.txn, seq) or {}
+    on = f" on {iso_time(info['t'], table=True)}" if info.get("t") else ""
+    kept = _retained_of(r, file_id)
+    near = min(kept, key=lambda s: (abs(s - seq), s)) if kept else None
+    return NotFoundError(f"version {seq} of {show_path(rel)} was pruned by retention{on}; "
+                         f"nearest retained: {near if near is not None else 'none'}")
+
+
+def retained_entry(r: Reader, rel: bytes, e: TreeEntry, explicit: int | None = None) -> TreeEntry:
+    """``e`` with its content version replaced by the latest retained one at or
+    before it when it was pruned.  ``explicit``: the version id the user
+    named; naming a pruned version is an error, never a silent substitute."""
+    if e.kind != KIND_FILE or not e.content_seq or not _is_pruned(r, e.content_seq):
+        return e
+    if explicit is not None and explicit == e.content_seq:
+        raise pruned_error(r, rel, e.content_seq, e.file_id)
+    older = [s for s in _retained_of(r, e.file_id) if s < e.content_seq]
+    if not older:
+        raise pruned_error(r, rel, e.content_seq, e.file_id)
+    return replace(e, content_seq=older[0], size=r.record(older[0]).size or 0)
+
+
 def resolve_point(r: Reader, at: str | None = None, version: str | None = None,
                   now_ns: int | None = None) -> Point:
     """--at WHEN / --version ID (at most one) -> Point; neither: the head."""
@@ -119,13 +165,15 @@ def _content_entry(r: Reader, rel: bytes, point: Point) -> TreeEntry:
     if point.when.seq is not None:
         rec = r.record(point.seq)
         if rec.is_content and rec.path == rel:
+            if _is_pruned(r, rec.seq):
+                raise pruned_error(r, rel, rec.seq, rec.file_id)
             st = r.file_state(rec.file_id)
             return TreeEntry(rel, KIND_FILE, rec.file_id, rec.seq, rec.size or 0, None, None, None,
                              None, None, None, {}, None) if st else entry_at(r, rel, point.seq)
     e = entry_at(r, rel, point.seq)
     if e is None:
         raise _missing(r, rel, point.seq)
-    return e
+    return retained_entry(r, rel, e, point.when.seq)
 
 
 # --- log ----------------------------------------------------------------------------
@@ -165,8 +213,10 @@ def _path_seqs(r: Reader, rel: bytes) -> list[int] | None:
 
 
 def log_entries(r: Reader, rel: bytes, since: str | None = None, until: str | None = None,
-                limit: int | None = None, now_ns: int | None = None) -> Iterator[dict]:
-    """Records of PATH, newest first, filtered by --since/--until (inclusive)."""
+                limit: int | None = None, now_ns: int | None = None,
+                show_pruned: bool = False) -> Iterator[dict]:
+    """Records of PATH, newest first, filtered by --since/--until (inclusive).
+    Pruned versions are left out, or with ``show_pruned`` marked ``"pruned": True``."""
     lo = since_seq(r, since, now_ns) if since else 1
     hi = resolve_when(r, until, now_ns, clamp=True).seq if until else r.head_seq()
     seqs = _path_seqs(r, rel)
@@ -176,11 +226,17 @@ def log_entries(r: Reader, rel: bytes, since: str | None = None, until: str | No
         it = r.records(lo, hi, reverse=True) if hi >= lo else iter(())
     else:
         it = (r.record(s) for s in seqs if lo <= s <= hi)
+    pruned = pruned_seqs(r)
     n = 0
     for rec in it:
         if limit is not None and n >= limit:
             return
-        yield record_entry(rec)
+        d = record_entry(rec)
+        if rec.seq in pruned:
+            if not show_pruned:
+                continue
+            d["pruned"] = True
+        yield d
         n += 1
 
 
@@ -244,6 +300,8 @@ def log_line(d: dict, table: bool) -> str:
     path = d["path"] + (f" -> {d['path2']}" if "path2" in d else "")
     if d["op"] == "deleted":
         path += f" (deleted in {d['deleted_version']} at {d['deleted_time']})"
+    if d.get("pruned"):
+        path += " (pruned)"
     if table:
         t = iso_time(d["time_ns"], table=True)
         stored = human_size(d["stored"]) if "stored" in d else "-"
@@ -288,6 +346,7 @@ def _side(r: Reader, rel: bytes, text: str | None, now_ns) -> tuple[Side, TreeEn
         return Side(p.seq, exists=False), None
     if e.kind != KIND_FILE:
         raise UsageError(f"{show_path(rel)} is not a regular file at version {p.seq}")
+    e = retained_entry(r, rel, e, p.when.seq)
     return Side(p.seq, e.content_seq, e.size), e
 
 
@@ -318,7 +377,8 @@ def diff_file(r: Reader, rel: bytes, frm: str | None = None, to: str | None = No
         if eb is not None:
             seqs.update(r.versions_of(eb.file_id))
         limit = b.content_seq if b.content_seq else b.seq
-        prev = [s for s in seqs if s < limit and r.record(s).is_content]
+        pruned = pruned_seqs(r)
+        prev = [s for s in seqs if s < limit and s not in pruned and r.record(s).is_content]
         a = Side(max(prev), max(prev), r.record(max(prev)).size or 0) if prev else Side(0, exists=False)
     if not a.exists and not b.exists:
         raise _missing(r, rel, b.seq)
@@ -860,6 +920,7 @@ def restore(journal_dir: str, rel: bytes, *, at: str | None = None, version: str
         raise UsageError("this journal's SRC is unknown: give --to DEST")
     journal = Journal.open(journal_dir, readonly=(mode != "src" or dry_run))
     try:
+        open_pruned(journal)
         with journal.reader() as r:
             point = resolve_point(r, at, version, now_ns)
             entries = r.tree_at(point.seq, prefix=rel)
@@ -867,11 +928,20 @@ def restore(journal_dir: str, rel: bytes, *, at: str | None = None, version: str
                 if rel != b"":
                     raise _missing(r, rel, point.seq)
                 entries[b""] = _root_entry()
+            entries[rel] = retained_entry(r, rel, entries[rel], point.when.seq)  # may raise
+            gone: list[str] = []
+            for p, e in list(entries.items()):  # pruned content: the latest retained at or before
+                try:
+                    entries[p] = retained_entry(r, p, e)
+                except NotFoundError as err:
+                    gone.append(str(err))
+                    del entries[p]
             top = entries[rel]
             if dest is not None and os.path.lexists(base) and force and top.kind == KIND_DIR \
                     and not os.path.isdir(base):
                 raise UsageError(f"{dest} exists and is not a directory")
             rep = RestoreReport(show_path(rel), point.seq, os.fsdecode(base), mode, dry_run)
+            rep.errors += gone
             if top.kind != KIND_DIR:
                 entries = {rel: top}
             if not dry_run:

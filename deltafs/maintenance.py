@@ -12,9 +12,12 @@ a wall clock that jumps ahead cannot expire history.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
+from deltafs.config import DEFAULT_COMPACT_EVERY, HOUR as HOUR_F, WEEK as WEEK_F, RetentionPolicy
 from deltafs.errors import JournalError
 from deltafs.journal import compact as JC
 from deltafs.journal.hlc import hlc_to_ns
@@ -25,28 +28,6 @@ S_NS = 1_000_000_000
 HOUR = 3600
 DAY = 86400
 WEEK = 7 * DAY
-
-
-@dataclass(frozen=True)
-class RetentionPolicy:
-    """Default: every version for 24 h, then hourly for 7 days, daily for 90
-    days, weekly after; bursts (a version followed within 10 s by the next
-    one) keep only their last version once older than a minute."""
-
-    keep_all: float = DAY  # seconds: younger versions are all kept (bursts aside)
-    tiers: tuple[tuple[float, float], ...] = ((7 * DAY, HOUR), (90 * DAY, DAY))  # (up to age, one per)
-    after: float = WEEK  # one per this, older than the last tier
-    burst: float = 10.0  # seconds; 0 turns coalescing off
-    burst_min_age: float = 60.0
-
-    def bucket(self, age_s: float) -> float | None:
-        """Length of the thinning bucket at this age, None: keep all."""
-        if age_s < self.keep_all:
-            return None
-        for upto, every in self.tiers:
-            if age_s < upto:
-                return every
-        return self.after
 
 
 def retain(versions: Sequence[tuple[int, int]], now_hlc: int, policy: RetentionPolicy = RetentionPolicy(),
@@ -77,6 +58,8 @@ def retain(versions: Sequence[tuple[int, int]], now_hlc: int, policy: RetentionP
         every = policy.bucket(age)
         if every is None:
             keep.add(seq)
+        elif every < 0:
+            continue  # older than the last tier with *:none
         else:
             best[(every, int(t // int(every * S_NS)))] = seq  # ascending: the last one wins
     keep.update(best.values())
@@ -108,6 +91,9 @@ class CompactReport:
     chunks_freed: int = 0
     bytes_freed: int = 0
     transactions: int = 0
+    pressure_steps: int = 0  # extra thinning rounds to get under --journal-limit / disk-free floor
+    policy: str | None = None  # the policy of the last round (its --retention text)
+    data_bytes: int | None = None  # journal data after the pass (compact.data_bytes)
     data_file_before: int | None = None  # --vacuum
     data_file_after: int | None = None
     pruned: list[int] = field(default_factory=list)
@@ -165,29 +151,169 @@ def vacuum(j) -> tuple[int, int]:
     return before[0], after[0]
 
 
+# --- the journal size limit -------------------------------------------------------------
+FS_FREE_MIN_RATIO = 0.05  # below this share free on the journal's filesystem: pressure
+MAX_PRESSURE_STEPS = 40
+
+
+@dataclass
+class Pressure:
+    data_bytes: int
+    limit: int | None
+    fs_free_ratio: float
+
+    @property
+    def over_limit(self) -> bool:
+        return self.limit is not None and self.data_bytes > self.limit
+
+    @property
+    def disk_low(self) -> bool:
+        return self.fs_free_ratio < FS_FREE_MIN_RATIO
+
+    @property
+    def active(self) -> bool:
+        return self.over_limit or self.disk_low
+
+    def why(self) -> str:
+        if self.over_limit:
+            return (f"journal data {_mib(self.data_bytes)} exceeds its limit {_mib(self.limit)}")
+        return f"only {self.fs_free_ratio:.1%} of the journal's filesystem is free"
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def pressure(j, limit: int | None) -> Pressure:
+    """Journal data size (live pages, graveyard excluded) against ``limit``, and disk free."""
+    vfs = os.statvfs(j.path)
+    ratio = vfs.f_bavail / vfs.f_blocks if vfs.f_blocks else 1.0
+    return Pressure(JC.data_bytes(j), limit, ratio)
+
+
+def tighter(p: RetentionPolicy) -> RetentionPolicy | None:
+    """One step of harder thinning: halve the keep-everything window down to
+    1 s, then drop it and double every bucket length ("all" tiers become
+    hourly); None when nothing is left to tighten."""
+    if p.keep_all > 1.0:
+        return replace(p, keep_all=p.keep_all / 2)
+    tiers = tuple((u, e * 2 if e else HOUR_F) for u, e in p.tiers)
+    after = None if p.after is None else (p.after * 2 if p.after else WEEK_F)
+    if p.keep_all == 0 and after is not None and after > 1000 * WEEK_F and not tiers:
+        return None
+    if any(e > 1000 * WEEK_F for _, e in tiers):
+        return None
+    return replace(p, keep_all=0.0, tiers=tiers, after=after)
+
+
+def compact_to_fit(j, policy: RetentionPolicy, limit: int | None, now_hlc: int | None = None) -> CompactReport:
+    """A normal pass, then, while the journal is over ``limit`` (or its disk is
+    low), passes with ever tighter policies (:func:`tighter`).  Each file's
+    newest version and pinned versions survive every step."""
+    rep = compact(j, policy, now_hlc=now_hlc)
+    p = policy
+    pr = pressure(j, limit)
+    while pr.active and rep.pressure_steps < MAX_PRESSURE_STEPS:
+        p2 = tighter(p)
+        if p2 is None:
+            break
+        p = p2
+        r2 = compact(j, p, now_hlc=now_hlc)
+        rep.pressure_steps += 1
+        rep.versions_pruned += r2.versions_pruned
+        rep.checkpoints_written += r2.checkpoints_written
+        rep.chunks_freed += r2.chunks_freed
+        rep.bytes_freed += r2.bytes_freed
+        rep.transactions += r2.transactions
+        rep.pruned += r2.pruned
+        if r2.versions_pruned:
+            pr = pressure(j, limit)
+    rep.policy = p.spec()
+    rep.data_bytes = pr.data_bytes
+    return rep
+
+
 # --- the mount's background compactor -------------------------------------------------
-DEFAULT_INTERVAL = 600.0  # seconds between passes
+DEFAULT_INTERVAL = DEFAULT_COMPACT_EVERY  # seconds between passes
+PRESSURE_CHECK_EVERY = 5.0  # seconds between checks of the size limit / disk free
 
 
 async def maintenance_service(daemon, task_status=None, interval: float | None = None,
-                              policy: RetentionPolicy = RetentionPolicy()) -> None:
-    """A compaction pass every ``interval`` seconds (``daemon.cfg.maintenance_interval``
-    if set, else 10 minutes), in a worker thread; small transactions, so the
-    mount's writer interleaves.  A failed pass is logged and retried next time."""
+                              policy: RetentionPolicy | None = None) -> None:
+    """A compaction pass every ``interval`` seconds (``daemon.cfg.compact_every``,
+    default 10 minutes), in a worker thread; small transactions, so the
+    mount's writer interleaves.  Every PRESSURE_CHECK_EVERY seconds it also
+    checks ``daemon.cfg.journal_limit`` and the disk: under pressure a pass
+    runs at once and thins harder (:func:`compact_to_fit`).  A failed pass is
+    logged and retried next time.  Progress goes to ``daemon.state["maintenance"]``
+    (``deltafs status``)."""
     import trio
 
     if task_status is None:
         task_status = trio.TASK_STATUS_IGNORED
+    cfg = daemon.cfg
     if interval is None:
-        interval = getattr(daemon.cfg, "maintenance_interval", None) or DEFAULT_INTERVAL
+        interval = getattr(cfg, "compact_every", None) or DEFAULT_INTERVAL
+    if policy is None:
+        policy = getattr(cfg, "retention", None) or RetentionPolicy()
+    limit = getattr(cfg, "journal_limit", None)
+    j = daemon.journal
+    st = {"interval_s": interval, "retention": policy.spec(), "limit_bytes": limit, "passes": 0,
+          "last_pass_ns": None, "last_pass_s": None, "versions_pruned": 0, "bytes_freed": 0,
+          "pressure": False, "last_error": None}
+    state = getattr(daemon, "state", None)
+    if isinstance(state, dict):
+        state["maintenance"] = st
+    check = min(interval, PRESSURE_CHECK_EVERY)
     task_status.started()
+    next_pass = trio.current_time() + interval
+    stuck = False  # under pressure and thinned as far as it goes: wait for the next regular pass
     while True:
-        await trio.sleep(interval)
+        await trio.sleep(max(0.0, min(check, next_pass - trio.current_time())))
+        due = trio.current_time() >= next_pass
         try:
-            rep = await trio.to_thread.run_sync(compact, daemon.journal, policy)
-        except Exception:  # keep the mount running; one ERROR per failed pass
-            log.exception("compaction pass failed")
+            pr = await trio.to_thread.run_sync(pressure, j, limit)
+        except Exception:  # noqa: BLE001 - a failed stat must not end the service
+            log.exception("cannot measure the journal")
+            pr = None
+        under = pr is not None and pr.active
+        if under and not st["pressure"]:
+            log.warning("%s: compacting now and thinning harder than the retention policy", pr.why())
+            st["pressure"] = True
+            stuck = False
+        elif pr is not None and not under and st["pressure"]:
+            log.info("journal back under its limit (%s of data)", _mib(pr.data_bytes))
+            st["pressure"] = False
+        if not due and not (under and not stuck):
             continue
+        next_pass = trio.current_time() + interval
+        t0 = time.monotonic()
+        try:
+            if under:
+                rep = await trio.to_thread.run_sync(compact_to_fit, j, policy, limit)
+            else:
+                rep = await trio.to_thread.run_sync(compact, j, policy)
+        except Exception as e:  # keep the mount running; one ERROR per failed pass
+            log.exception("compaction pass failed")
+            st["last_error"] = str(e)
+            continue
+        dt = time.monotonic() - t0
+        st["passes"] += 1
+        st["last_pass_ns"] = time.time_ns()
+        st["last_pass_s"] = round(dt, 4)
+        st["versions_pruned"] += rep.versions_pruned
+        st["bytes_freed"] += rep.bytes_freed
+        st["last_error"] = None
+        if under:
+            after = await trio.to_thread.run_sync(pressure, j, limit)
+            was, stuck = stuck, after.active
+            if stuck and not was:
+                log.warning("%s even after thinning to %s; each file's newest and pinned versions stay",
+                            after.why(), rep.policy)
+            elif not stuck:
+                log.info("under pressure: pruned %d versions in %d extra rounds (policy %s); "
+                         "journal data now %s", rep.versions_pruned, rep.pressure_steps, rep.policy,
+                         _mib(after.data_bytes))
         if rep.versions_pruned:
-            log.info("compaction: pruned %d versions, freed %d chunks (%d bytes)",
-                     rep.versions_pruned, rep.chunks_freed, rep.bytes_freed)
+            log.info("compaction: pruned %d versions, freed %d chunks (%d bytes) in %.3fs",
+                     rep.versions_pruned, rep.chunks_freed, rep.bytes_freed, dt)

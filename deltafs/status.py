@@ -28,6 +28,7 @@ MAX_MIRROR_LAG_S = 3600.0  # --check fails when a mirror lags more (--max-lag)
 def journal_status(journal) -> dict:
     """History counts and sizes of an open journal (blocking)."""
     from deltafs.control import list_snapshots
+    from deltafs.journal.compact import data_bytes
     from deltafs.journal.core import MAP_SIZE
 
     with journal.reader() as r:
@@ -49,6 +50,8 @@ def journal_status(journal) -> dict:
         "map_size": MAP_SIZE,
         "fs_free_bytes": vfs.f_bavail * vfs.f_frsize,
         "fs_size_bytes": vfs.f_blocks * vfs.f_frsize,
+        "data_bytes": data_bytes(journal),  # live pages: what --journal-limit counts
+        "limit_bytes": None,  # --journal-limit of the running mount
         "_mirrors": journal_mirrors,
     }, snaps
 
@@ -66,6 +69,7 @@ async def daemon_status(daemon) -> dict:
     import trio
 
     j, snaps = await trio.to_thread.run_sync(journal_status, daemon.journal)
+    j["limit_bytes"] = getattr(daemon.cfg, "journal_limit", None)
     j.pop("_mirrors", None)
     mirrors = [await w.status() for _, w in sorted((daemon.state.get("mirrors") or {}).items())]
     rec = daemon.rec
@@ -219,6 +223,9 @@ def format_text(st: dict) -> str:
         lines.append(f"  journal    {j['path']}, {_size(j['data_file_allocated'])} on disk, "
                      f"{_size(j['fs_free_bytes'])} free")
         ratio = f" ({j['ratio']:.2f}x)" if j.get("ratio") else ""
+        if j.get("limit_bytes"):
+            lines.append(f"  limit      {_size(j.get('data_bytes'))} of data, limit {_size(j['limit_bytes'])} "
+                         f"({(j.get('data_bytes') or 0) / j['limit_bytes']:.0%})")
         lines.append(f"  history    {j['records']} records, {j['files']} files, {j['chunks']} chunks; "
                      f"{_size(j['stored_bytes'])} stored for {_size(j['raw_bytes'])}{ratio}")
     if cap is not None:

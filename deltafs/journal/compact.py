@@ -117,6 +117,33 @@ def pruned_seqs(j, txn) -> set[int]:
     return {S.from_u64(k) for k in txn.cursor(db=db).iternext(values=False)}
 
 
+def pruned_info(j, txn, seq: int) -> dict | None:
+    """The ``pruned`` value of ``seq`` (``{"hlc", "t"}``; ``t``: wall time ns of
+    the prune, missing in entries written before it was recorded), or None."""
+    db = j._dbs.get(DB_PRUNED)
+    v = txn.get(S.u64(seq), db=db) if db is not None else None
+    return None if v is None else msgpack.unpackb(v, raw=False)
+
+
+def data_bytes(j) -> int:
+    """Bytes of live journal data: pages in use by every database (the
+    graveyard excluded: it empties by itself), i.e. data.mdb minus its free
+    pages.  data.mdb itself never shrinks without ``compact --vacuum``."""
+    pruned_db(j)
+    graveyard_db(j)
+    grave = j._dbs.get(DB_GRAVEYARD)
+    with j.env.begin() as txn:
+        psize = j.env.stat()["psize"]
+        st = j.env.stat()  # the main db: names of the databases
+        pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        for db in set(j._dbs.values()):
+            if db is grave:
+                continue
+            st = txn.stat(db)
+            pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+    return pages * psize
+
+
 def is_pruned(j, txn, seq: int) -> bool:
     db = j._dbs.get(DB_PRUNED)
     return db is not None and txn.get(S.u64(seq), db=db) is not None
@@ -265,7 +292,7 @@ def prune(j, seqs: Iterable[int], retained: Iterable[int], dry_run: bool = False
                 rec = decode_record(txn.get(S.u64(s), db=dbs[S.DB_CHANGES]))
                 if not rec.is_content:
                     raise ValueError(f"record {s} is a {rec.op}, not a content version")
-                txn.put(S.u64(s), _packb({"hlc": rec.hlc}), db=db)
+                txn.put(S.u64(s), _packb({"hlc": rec.hlc, "t": time.time_ns()}), db=db)
                 for _, _, refs in rec.edit or []:
                     for cid, _ in refs:
                         _decref(txn, dbs, cid, zero)

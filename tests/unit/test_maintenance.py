@@ -425,15 +425,14 @@ async def test_background_service_compacts(jc, autojump_clock):
         h.save(1)
     h.advance(10 * DAY)
     h.save(1)
-    daemon = SimpleNamespace(journal=j, cfg=SimpleNamespace(maintenance_interval=60.0))
+    state: dict = {}
+    daemon = SimpleNamespace(journal=j, state=state, cfg=SimpleNamespace(compact_every=60.0))
     async with trio.open_nursery() as n:
         await n.start(M.maintenance_service, daemon)
-        await trio.sleep(61)
-        for _ in range(100):
-            with j.reader() as r:
-                if len(set(JC.iter_retained_content(j, r))) < len(h.content):
-                    break
+        t0 = trio.current_time()
+        while state["maintenance"]["passes"] == 0:
             await trio.sleep(1)
+        assert trio.current_time() - t0 >= 60
         n.cancel_scope.cancel()
     JC.pruned_db(j)
     with j.reader() as r:
@@ -469,3 +468,240 @@ def test_chunk_freed_by_gc_comes_back_when_a_late_commit_names_it(tmp_path):
         compact.purge_graveyard(j, 0)
         with j.reader() as r:
             assert r.read_content(s3) == data  # brought back chunks are live, not purged
+
+
+# --- retention options ------------------------------------------------------------------------
+def test_parse_retention_and_options():
+    from deltafs.config import RetentionPolicy, parse_minutes, parse_retention, parse_size
+    from deltafs.errors import UsageError
+
+    assert parse_retention("24h:all,7d:1h,90d:1d,*:1w") == RetentionPolicy()
+    assert parse_retention(RetentionPolicy().spec()) == RetentionPolicy()
+    p = parse_retention("3s:all,10s:2s,*:none", burst=0)
+    assert (p.keep_all, p.tiers, p.after, p.burst) == (3.0, ((10.0, 2.0),), None, 0)
+    assert parse_retention("1h:all,*:all").bucket(10 * 86400) is None  # keep everything
+    assert parse_size("10G") == 10 << 30 and parse_size("500MiB") == 500 << 20 and parse_size("4096") == 4096
+    assert parse_minutes("0.05") == pytest.approx(3.0)
+    for bad, why in [("24h", "AGE:EVERY"), ("7d:1h,1d:all,*:1w", "ages must increase"),
+                     ("24h:all", "end it with"), ("*:1w,1d:1h", "must be the last"),
+                     ("1d:xx,*:none", "bad --retention interval"), ("1d:none,*:1w", "only allowed")]:
+        with pytest.raises(UsageError, match=why) as e:
+            parse_retention(bad)
+        assert "\n" not in str(e.value)
+    for fn, bad in [(parse_size, "10X"), (parse_size, "0"), (parse_minutes, "0"), (parse_minutes, "abc")]:
+        with pytest.raises(UsageError):
+            fn(bad)
+
+
+def test_retention_none_keeps_only_young_newest_and_pinned():
+    from deltafs.config import parse_retention
+
+    p = parse_retention("10s:all,1m:20s,*:none", burst=0)
+    vs = [(i + 1, at(T0 + i * 5 * SEC)) for i in range(60)]  # 5 minutes, one every 5 s
+    now = vs[-1][1]
+    keep = M.retain(vs, now, p, pinned={3})
+    young = {s for s, h in vs if (vs[-1][1] - h) >> 16 < 10_000}
+    assert young <= keep and 3 in keep and 60 in keep
+    assert all(s in young or s == 3 or (vs[-1][1] - h) >> 16 < 60_000 for s, h in vs if s in keep)
+    assert len(keep - young - {3}) <= 4  # one per 20 s between 10 s and 1 min
+
+
+def test_cli_rejects_bad_retention_in_one_line(tmp_path, capsys):
+    j, _ = small_journal(tmp_path / "j")
+    j.close()
+    assert cli.main(["compact", "--journal", str(tmp_path / "j"), "--retention", "7d:1h"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "*:EVERY" in err
+    assert cli.main(["mount", str(tmp_path), str(tmp_path / "nomnt"), "--journal-limit", "lots"]) == 2
+    assert "bad --journal-limit 'lots'" in capsys.readouterr().err
+
+
+def test_cli_compact_with_a_retention_policy(tmp_path, capsys):
+    clock = FakeClock()
+    j = Journal.open(tmp_path / "j", create=True, clock=clock)
+    h = History(j, clock)
+    h.create(1, 30_000)
+    for _ in range(10):
+        h.advance(20 * SEC)
+        h.save(1)
+    j.close()
+    # the default policy keeps everything younger than a day (20 s apart: no burst)
+    assert cli.main(["compact", "--journal", str(tmp_path / "j"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["versions_pruned"] == 0
+    assert cli.main(["compact", "--journal", str(tmp_path / "j"), "--json", "--retention", "30s:all,*:none",
+                     "--coalesce", "0"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["versions_pruned"] == 11 - 2  # the ones 0 and 20 s old stay
+    with Journal.open(tmp_path / "j", readonly=True) as j2:
+        JC.pruned_db(j2)
+        with j2.reader() as r:
+            kept = set(JC.iter_retained_content(j2, r))
+            for s in kept:
+                assert r.read_content(s) == h.content[s]
+    assert len(kept) == 2
+
+
+# --- pruned versions in the history tools -----------------------------------------------------
+def iso(ns: int) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+@pytest.fixture
+def pruned_journal(tmp_path):
+    """f1 saved every 10 minutes for 3 hours, then 2 days later once more; compacted
+    with the default policy (hourly buckets for the old ones)."""
+    clock = FakeClock((T0 // HOUR) * HOUR)
+    jdir = tmp_path / "j"
+    j = Journal.open(jdir, create=True, clock=clock)
+    h = History(j, clock)
+    h.create(1, 20_000)
+    h.create(2, 5_000)
+    times = {}
+    for _ in range(18):
+        h.advance(10 * MIN)
+        s = h.save(1)
+        times[s] = clock.ns
+    h.advance(2 * DAY)
+    times[h.save(1)] = clock.ns
+    rep = M.compact(j)
+    assert rep.versions_pruned > 0
+    with j.reader() as r:
+        kept = set(JC.iter_retained_content(j, r))
+    j.close()
+    return jdir, h, kept, set(h.content) - kept, times
+
+
+def test_log_hides_pruned_versions_unless_all(pruned_journal, capsys):
+    from deltafs import history
+
+    jdir, h, kept, pruned, _ = pruned_journal
+    with Journal.open(jdir, readonly=True) as j:
+        history.open_pruned(j)
+        with j.reader() as r:
+            shown = [d["version"] for d in history.log_entries(r, b"f1") if d["op"] == "write"]
+            every = list(history.log_entries(r, b"f1", show_pruned=True))
+    f1 = set(h.content) - {4}  # seq 4 is f2's only version
+    assert set(shown) == kept & f1 and pruned & f1
+    assert {d["version"] for d in every if d.get("pruned")} == pruned & {d["version"] for d in every}
+    assert cli.main(["log", "--journal", str(jdir), "f1"]) == 0
+    out = capsys.readouterr().out
+    assert "pruned" not in out
+    assert cli.main(["log", "--journal", str(jdir), "--all", "f1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    marked = {int(x.split("\t")[0]) for x in lines if x.endswith("(pruned)")}
+    assert marked and marked <= pruned
+
+
+def test_cat_diff_restore_of_a_pruned_version_say_so(pruned_journal, capsys, tmp_path):
+    jdir, h, kept, pruned, _ = pruned_journal
+    victim = sorted(s for s in pruned if s in h.content)[0]
+    for argv in (["cat", "--version", str(victim)], ["diff"], ["restore", "--to", str(tmp_path / "out"),
+                                                               "--version", str(victim)]):
+        args = [argv[0], "--journal", str(jdir), *argv[1:], "f1"]
+        if argv[0] == "diff":
+            args += [str(victim), "now"]
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert f"version {victim} of f1 was pruned by retention on " in err, err
+        near = int(err.rsplit("nearest retained: ", 1)[1])
+        assert near in kept
+    assert not (tmp_path / "out").exists()
+
+
+def test_at_a_time_uses_the_latest_retained_version(pruned_journal, capsys, tmp_path):
+    import io
+    import sys
+
+    jdir, h, kept, pruned, times = pruned_journal
+    victim = sorted(s for s in pruned if s in h.content)[-1]
+    f1 = set(h.content) - {4}  # seq 4 is f2's only version
+    expect = max(s for s in kept & f1 if s < victim)
+    buf = io.BytesIO()
+
+    class Out:
+        buffer = buf
+
+    old = sys.stdout
+    sys.stdout = Out()
+    try:
+        assert cli.main(["cat", "--journal", str(jdir), "--at", iso(times[victim] + 1_000_000), "f1"]) == 0
+    finally:
+        sys.stdout = old
+    assert buf.getvalue() == h.content[expect]
+    # a whole-tree restore at that time, too
+    assert cli.main(["restore", "--journal", str(jdir), "--at", iso(times[victim] + 1_000_000), "--to",
+                     str(tmp_path / "tree"), ""]) == 0, capsys.readouterr().err
+    assert (tmp_path / "tree" / "f1").read_bytes() == h.content[expect]
+    assert (tmp_path / "tree" / "f2").read_bytes() == h.content[4]
+
+
+# --- the journal size limit --------------------------------------------------------------------
+def limit_history(j, clock, n=20, size=200_000):
+    h = History(j, clock)
+    h.create(1, size)
+    h.create(2, size)
+    for i in range(n):
+        h.advance(2 * MIN)
+        for fid in (1, 2):
+            h.data[fid] = h.rnd.randbytes(size)  # every version new bytes
+            h.save(fid, full=True)
+    return h
+
+
+def test_compact_to_fit_thins_under_a_small_limit(jc):
+    j, clock = jc
+    h = limit_history(j, clock)
+    pinned = sorted(h.content)[3]
+    j.kv_put("snapshots", "pin", {"seq": pinned})
+    before = JC.data_bytes(j)
+    assert M.compact(j).versions_pruned == 0  # all younger than a day
+    limit = before // 4
+    rep = M.compact_to_fit(j, M.RetentionPolicy(), limit)
+    assert rep.pressure_steps > 0 and rep.versions_pruned > 0
+    assert rep.data_bytes <= limit < before
+    JC.pruned_db(j)
+    with j.reader() as r:
+        kept = set(JC.iter_retained_content(j, r))
+    assert pinned in kept and h.head[1] in kept and h.head[2] in kept
+    check_everything_readable(j, h, kept)
+    # an unreachable limit: thins as far as it goes, never below newest + pinned
+    rep = M.compact_to_fit(j, M.RetentionPolicy(), 1)
+    with j.reader() as r:
+        kept = set(JC.iter_retained_content(j, r))
+    at_snap = {max(s for s in h.content if s <= pinned and s % 2 == p) for p in (0, 1)}  # files alternate
+    assert pinned in at_snap and kept == at_snap | {h.head[1], h.head[2]}
+    check_everything_readable(j, h, kept)
+
+
+async def test_service_compacts_at_once_over_the_limit(jc, autojump_clock, caplog):
+    import logging
+    import trio
+    from types import SimpleNamespace
+
+    j, clock = jc
+    h = limit_history(j, clock)
+    limit = JC.data_bytes(j) // 4
+    state: dict = {}
+    daemon = SimpleNamespace(journal=j, state=state, cfg=SimpleNamespace(
+        compact_every=1e9, retention=M.RetentionPolicy(), journal_limit=limit))
+    with caplog.at_level(logging.INFO, logger="deltafs.maintenance"):
+        async with trio.open_nursery() as n:
+            await n.start(M.maintenance_service, daemon)
+            t0 = trio.current_time()
+            while state["maintenance"]["passes"] == 0:
+                await trio.sleep(1)
+            took = trio.current_time() - t0
+            n.cancel_scope.cancel()
+    assert took < 1e6  # not the regular pass (autojump_clock also advances while a thread works)
+    st = state["maintenance"]
+    assert st["versions_pruned"] > 0 and st["limit_bytes"] == limit
+    assert JC.data_bytes(j) <= limit
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "exceeds its limit" in warnings[0] and "thinning harder" in warnings[0]
+    with j.reader() as r:
+        kept = set(JC.iter_retained_content(j, r))
+    assert h.head[1] in kept and h.head[2] in kept
+    check_everything_readable(j, h, kept)
