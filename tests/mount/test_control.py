@@ -157,7 +157,10 @@ try:
     s.connect(sys.argv[1])
 except PermissionError:
     print("EACCES"); sys.exit(0)
-s.sendall(b'{"op": "status"}\n')
+try:
+    s.sendall(b'{"op": "status"}\n')
+except BrokenPipeError:
+    pass  # the daemon may refuse and close before our request arrives
 print(json.dumps(json.loads(s.makefile().readline())))
 """
 
