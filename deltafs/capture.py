@@ -46,14 +46,15 @@ from deltafs.journal import Change, Journal
 log = logging.getLogger(__name__)
 
 REUSE_SECONDS = 120  # as the journal's REUSE_WINDOW_NS
-CHUNK_FLUSH_BYTES = 32 << 20  # store new chunks ahead of their record beyond this much
+CHUNK_FLUSH_BYTES = 32 << 20
+LIST_CACHE_MIN = 64  # chunk lists at least this long are kept on the inode between captures  # store new chunks ahead of their record beyond this much
 _FULL = None  # dirty marker: the whole file
 
 
 class Item:
     """One pipeline entry: the changes it will commit, and who waits for it."""
 
-    __slots__ = ("changes", "ready", "done", "result", "after", "skip")
+    __slots__ = ("changes", "ready", "done", "result", "after", "skip", "list_cache")
 
     def __init__(self, changes: list[Change] | None = None, after=None) -> None:
         self.changes = changes
@@ -62,6 +63,7 @@ class Item:
         self.result: list[int] | BaseException | None = None
         self.after = after
         self.skip = False  # queued while capture was paused: journal nothing
+        self.list_cache = None  # (new chunk list, offsets) of a content item, for its inode
         if changes is not None:
             self.ready.set()
 
@@ -222,8 +224,13 @@ class Recorder:
             if node is not None:
                 if isinstance(res, BaseException) or not res:
                     node.base = None  # next capture of this inode: whole file
+                    node.list_cache = None
                 else:
                     node.base = res[-1]
+                    # the new list, so the next capture of a big file does not
+                    # rebuild it from the journal (that costs O(chunks))
+                    lc = item.list_cache
+                    node.list_cache = (res[-1], *lc) if lc is not None else None
         item.after = after
         self._push(item)
         self.nursery.start_soon(self._compute, item, ops, node, ev, prev, fd, path, cause, dirty, base)
@@ -240,8 +247,11 @@ class Recorder:
                     base = node.base
             if dirty is not _FULL and base is None:
                 dirty = _FULL
-            change = await trio.to_thread.run_sync(
-                self._compute_sync, fd, path, cause, dirty, base, limiter=self.limiter)
+            cached = getattr(node, "list_cache", None)
+            if cached is not None and cached[0] != base:
+                cached = None
+            change, item.list_cache = await trio.to_thread.run_sync(
+                self._compute_sync, fd, path, cause, dirty, base, cached, limiter=self.limiter)
             item.changes = [change]
         except Exception as e:
             self.failures += 1
@@ -263,7 +273,8 @@ class Recorder:
                 ops.release_node_if_unused(node)
             item.ready.set()
 
-    def _compute_sync(self, fd: int, path: bytes, cause: str, dirty, base: int | None) -> Change:
+    def _compute_sync(self, fd: int, path: bytes, cause: str, dirty, base: int | None,
+                      cached=None) -> tuple[Change, tuple | None]:
         st = os.fstat(fd)
         size = st.st_size
         j = self.journal
@@ -274,10 +285,11 @@ class Recorder:
                     fs = r.file_state(fid) if fid else None
                     base = fs.content_seq if fs is not None and not fs.deleted else 0
                 dirty = [(0, max(size, 1))]
-            old = r.chunk_list(base) if base else []
-            offsets = [0]
-            for _, n in old:
-                offsets.append(offsets[-1] + n)
+            if cached is not None and base:
+                _, old, offsets = cached
+            else:
+                old = r.chunk_list(base) if base else []
+                offsets = chunking.list_offsets(old)
             new: list = []
             seen: set[bytes] = set()
             buffered = [0]
@@ -302,10 +314,16 @@ class Recorder:
                     new.clear()
                     buffered[0] = 0
 
-            res = chunking.rechunk(lambda off, n: os.pread(fd, n, off), size, old, dirty, on_chunk)
+            res = chunking.rechunk(lambda off, n: os.pread(fd, n, off), size, old, dirty, on_chunk,
+                                   offsets=offsets)
+        edit = res.edit_list()
+        cache = None
+        if len(old) + len(res.new_spans) >= LIST_CACHE_MIN:
+            new_list = chunking.apply_edit(old, edit)
+            cache = (new_list, chunking.list_offsets(new_list))
         return Change(op="write", path=path, size=size, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                       mtime_ns=st.st_mtime_ns, cause=cause, base_seq=base or 0,
-                      edit=res.edit_list(), chunks=new)
+                      edit=edit, chunks=new), cache
 
     # ---- hooks called by ops ------------------------------------------------
 

@@ -22,6 +22,8 @@ Why these choices (measured numbers in docs/format.md, "Chunking"):
 from __future__ import annotations
 
 import bisect
+import itertools
+import operator
 import threading
 import logging
 from dataclasses import dataclass, field
@@ -179,13 +181,18 @@ def apply_edit(old: Sequence[ChunkRef], edits: Sequence) -> list[ChunkRef]:
     return out
 
 
+def list_offsets(refs: Sequence[ChunkRef]) -> list[int]:
+    """[0, end of chunk 0, end of chunk 1, ...]: prefix sums of the lengths (C speed)."""
+    return [0, *itertools.accumulate(map(operator.itemgetter(1), refs))]
+
+
 def normalize_dirty(dirty: Sequence[tuple[int, int]], old_size: int, new_size: int) -> list[tuple[int, int]]:
     """Sort, merge and clip dirty ranges; a size change is dirty to EOF.
 
     The tail range ends at ``new_size + 1`` (past EOF) so it never allows a
     resynchronisation: bytes near EOF decide the last cuts.
     """
-    rs = sorted((max(0, s), min(e, new_size)) for s, e in dirty if e > s and s < new_size)
+    rs = sorted((max(0, s), min(e, new_size + 1)) for s, e in dirty if e > s and s < new_size)
     if old_size != new_size:
         rs.append((min(old_size, new_size), new_size + 1))
     out: list[tuple[int, int]] = []
@@ -203,13 +210,16 @@ def rechunk(
     old: Sequence[ChunkRef],
     dirty: Sequence[tuple[int, int]],
     on_chunk: Callable[[Span, memoryview], None] | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> Rechunk:
     """Re-chunk only around the dirty ranges; equal to a full re-chunking.
 
     ``old`` is the chunk list of the version the dirty ranges were recorded
-    against; ``dirty`` the ``[start, end)`` byte ranges written since
-    (in-place writes).  A size change is handled here too (dirty from
-    ``min(old, new)`` to EOF), callers need not add it.
+    against; ``dirty`` the ``[start, end)`` byte ranges changed since:
+    writes, a truncation to p as ``(p, huge)``, an extension from s to e as
+    ``(s, e)`` (a truncate-then-extend back to the old size changes bytes
+    without changing the size, so the caller must say so).  The net size
+    change is also treated as dirty from ``min(old, new)`` to EOF.
 
     For each dirty range we restart at the last old boundary *strictly
     before* its first byte (a cut decision reads the byte after the cut, so
@@ -220,9 +230,8 @@ def rechunk(
     new chunk's bytes (a view valid during the call), so callers can hash
     and compress without reading twice.
     """
-    offsets = [0]
-    for _, n in old:
-        offsets.append(offsets[-1] + n)
+    if offsets is None:
+        offsets = list_offsets(old)
     old_size = offsets[-1]
     ranges = normalize_dirty(dirty, old_size, new_size)
     result = Rechunk(edits=[])

@@ -46,7 +46,7 @@ class Node:
     """One inode known to the kernel."""
 
     __slots__ = ("ino", "fd", "lookups", "handles", "writers", "dirty", "pending", "size_changed",
-                 "base", "last_item")
+                 "base", "last_item", "list_cache")
 
     def __init__(self, ino: int, fd: int) -> None:
         self.ino = ino
@@ -59,6 +59,7 @@ class Node:
         self.size_changed = False  # truncated/extended by setattr since the last capture
         self.base: int | None = None  # capture's: journal version the dirty ranges apply to
         self.last_item = None  # capture's: this inode's latest queued capture
+        self.list_cache = None  # capture's: (seq, chunk list, offsets) of that version
 
     def mark_dirty(self, start: int, end: int) -> None:
         d = self.dirty
@@ -69,6 +70,21 @@ class Node:
                     last[1] = end
                 return
         d.append([start, end])
+        if len(d) > 4096:  # random writes: keep memory bounded, coarsen
+            self.dirty = coalesce(d, gap=64 << 10)
+
+
+def coalesce(ranges: list[list[int]], gap: int) -> list[list[int]]:
+    """Sort ranges and merge those less than ``gap`` bytes apart (a superset: still correct)."""
+    out: list[list[int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1] + gap:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    if len(out) > 4096:
+        return coalesce(out, gap * 4)
+    return out
 
 
 class Handle:
@@ -291,12 +307,16 @@ class Operations(pyfuse3.Operations):
             await self.rec.before_change(self, node, self.path_of(node))
             await self.wait_capture(node)
             h = self.handles.get(fh) if fh is not None else None
+            before = os.fstat(node.fd).st_size
             if h is not None and h.writable:
                 os.ftruncate(h.fd, attr.st_size)
             else:
                 os.truncate(self._proc(node), attr.st_size)
             node.size_changed = True
-            node.mark_dirty(attr.st_size, attr.st_size)
+            if attr.st_size < before:  # bytes from here on are gone: dirty to EOF
+                node.mark_dirty(attr.st_size, 1 << 62)
+            else:  # the new bytes are zeros
+                node.mark_dirty(before, attr.st_size)
         if fields.update_mode:
             os.chmod(self._proc(node), stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
@@ -549,7 +569,7 @@ class Operations(pyfuse3.Operations):
         fd, writable = self._open_fd(node, flags)
         if flags & os.O_TRUNC and writable:
             node.size_changed = True
-            node.mark_dirty(0, 0)
+            node.mark_dirty(0, 1 << 62)
         return self._new_handle(fd, node, writable)
 
     @_errors

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import lmdb
 import msgpack
 
-from deltafs.chunking import CHUNKER_PARAMS, apply_edit
+from deltafs.chunking import CHUNKER_PARAMS
 from deltafs.errors import JournalError, JournalFormatError, JournalLockedError, NotFoundError
 
 from . import schema as S
@@ -228,8 +228,8 @@ class Journal:
 
         cdb = self._dbs[S.DB_CHUNKS]
         base = rec.base_seq or 0
-        old, depth, accum = self._list_for(rd, base) if base else ([], -1, 0)
-        new = apply_edit(old, rec.edit or [])
+        old, total, depth, accum = self._list_for(rd, base) if base else (b"", 0, -1, 0)
+        new, total = S.apply_edit_packed(old, total, rec.edit or [])
         entries = 0
         for _, _, refs in rec.edit or []:
             for cid, _ in refs:
@@ -237,13 +237,7 @@ class Journal:
                     raise CorruptionError(f"record {rec.seq}: chunk {cid.hex()} is missing")
                 self._incref(txn, cid)
             entries += len(refs)
-        depth, accum = depth + 1, accum + entries
-        if base and (depth >= S.CHECKPOINT_EVERY or accum > 2 * len(new) + 64):
-            txn.put(S.u64(rec.seq), S.pack_list(new), db=self._dbs[S.DB_CHECKPOINTS])
-            for cid, _ in new:
-                self._incref(txn, cid)
-            depth = accum = 0
-        self._cache_list(rec.seq, new, depth, accum)
+        self._maybe_checkpoint(txn, rec.seq, base, new, total, depth + 1, accum + entries)
 
     def start_writer(self) -> None:
         """Start the group-commit thread used by :meth:`submit`."""
@@ -455,11 +449,11 @@ class Journal:
         pdb = self._dbs.get(b"pruned")  # compact.DB_PRUNED: its chunks may be freed
         if base and pdb is not None and txn.get(S.u64(base), db=pdb) is not None:
             raise ValueError(f"base version {base} of {ch.path!r} has been pruned by compaction")
-        old, depth, accum = self._list_for(rd, base) if base else ([], -1, 0)
+        old, total, depth, accum = self._list_for(rd, base) if base else (b"", 0, -1, 0)
         edit = [(int(s), int(c), [(bytes(i), int(n)) for i, n in refs]) for s, c, refs in ch.edit]
-        new = apply_edit(old, edit)
-        if sum(n for _, n in new) != ch.size:
-            raise ValueError(f"chunk list of {ch.path!r} sums to {sum(n for _, n in new)} bytes, size is {ch.size}")
+        new, new_total = S.apply_edit_packed(old, total, edit)
+        if new_total != ch.size:
+            raise ValueError(f"chunk list of {ch.path!r} sums to {new_total} bytes, size is {ch.size}")
         ch.edit = edit
         entries = 0
         for _, _, refs in edit:
@@ -468,39 +462,46 @@ class Journal:
                     raise ValueError(f"chunk {cid.hex()} named by the edit is not stored")
                 self._incref(txn, cid)
             entries += len(refs)
-        depth, accum = depth + 1, accum + entries
-        if base and (depth >= S.CHECKPOINT_EVERY or accum > 2 * len(new) + 64):
-            txn.put(S.u64(seq), S.pack_list(new), db=self._dbs[S.DB_CHECKPOINTS])
-            for cid, _ in new:
-                self._incref(txn, cid)
-            depth = accum = 0
-        self._cache_list(seq, new, depth, accum)
+        depth, accum = self._maybe_checkpoint(txn, seq, base, new, new_total, depth + 1, accum + entries)
         mdb = self._dbs[S.DB_META]
         txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
         txn.put(S.META_RAW, _packb(rd.meta(S.META_RAW, 0) + raw), db=mdb)
-        return stored, S.content_hash(new)
+        return stored, S.packed_hash(new)
 
-    def _list_for(self, rd: Reader, seq: int) -> tuple[list, int, int]:
-        """(full list, edits since a full list, edit entries since) of ``seq``."""
+    def _maybe_checkpoint(self, txn, seq: int, base: int, new: bytes, total: int, depth: int,
+                          accum: int) -> tuple[int, int]:
+        """Write a full list (checkpoint) when the edit chain got long; cache the list."""
+        entries = len(new) // S.ENTRY_LEN
+        if base and (depth >= S.checkpoint_every(entries) or accum > 2 * entries + 64):
+            txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS])
+            for o in range(0, len(new), S.ENTRY_LEN):
+                self._incref(txn, new[o : o + S.ID_LEN])
+            depth = accum = 0
+        self._cache_list(seq, new, total, depth, accum)
+        return depth, accum
+
+    def _list_for(self, rd: Reader, seq: int) -> tuple[bytes, int, int, int]:
+        """(packed full list, total length, edits since a full list, edit entries since) of ``seq``."""
         hit = self._lists.get(seq)
         if hit is not None:
             self._lists.move_to_end(seq)
             return hit
         start, chain = rd.list_chain(seq)
-        refs = start
+        packed = S.pack_list(start)
+        total = sum(n for _, n in start)
         for r in chain:
-            refs = apply_edit(refs, r.edit or [])
+            packed, total = S.apply_edit_packed(packed, total, r.edit or [])
         depth = len(chain) - (1 if chain and not chain[0].base_seq else 0)
         accum = sum(len(x[2]) for r in chain for x in (r.edit or []))
-        self._cache_list(seq, refs, depth, accum)
-        return refs, depth, accum
+        self._cache_list(seq, packed, total, depth, accum)
+        return packed, total, depth, accum
 
-    def _cache_list(self, seq: int, refs: list, depth: int, accum: int) -> None:
-        self._lists[seq] = (refs, depth, accum)
-        self._list_entries += len(refs)
+    def _cache_list(self, seq: int, packed: bytes, total: int, depth: int, accum: int) -> None:
+        self._lists[seq] = (packed, total, depth, accum)
+        self._list_entries += len(packed) // S.ENTRY_LEN
         while self._list_entries > LIST_CACHE_ENTRIES and len(self._lists) > 1:
-            _, (old, _, _) = self._lists.popitem(last=False)
-            self._list_entries -= len(old)
+            _, (old, _, _, _) = self._lists.popitem(last=False)
+            self._list_entries -= len(old) // S.ENTRY_LEN
 
     def _clear_list_cache(self) -> None:
         self._lists.clear()

@@ -228,7 +228,7 @@ class Reader:
             chain.append(r)
             if not r.base_seq:
                 return [], chain[::-1]
-            if len(chain) > 10 * S.CHECKPOINT_EVERY + 10:
+            if len(chain) > S.CHECKPOINT_MAX + 10:
                 raise CorruptionError(f"chunk list of record {seq}: edit chain too long at record {s}")
             s = r.base_seq
 

@@ -95,9 +95,11 @@ def test_incremental_equals_full(seed, size, ops):
         elif op == "append":
             dirty.append((len(new), len(new) + n))
             new += rnd.randbytes(n)
-        elif op == "truncate":
+        elif op == "truncate":  # the mount reports a truncation as dirty to EOF
+            dirty.append((int(at * len(new)), 1 << 62))
             del new[int(at * len(new)) :]
-        else:  # extend with zeros (ftruncate up)
+        else:  # extend with zeros (ftruncate up): the new zeros are dirty
+            dirty.append((len(new), len(new) + n))
             new += bytes(n)
     new = bytes(new)
     seen = []
