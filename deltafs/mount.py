@@ -193,8 +193,14 @@ def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
     rec = Recorder(journal, cfg.src) if cfg.capture else None
     ops = Operations(cfg.src, hidden=(jst.st_dev, jst.st_ino), timeout=cfg.timeout, recorder=rec)
     state = {"mounted": False, "error": None}
+    profile = os.environ.get("DELTAFS_PROFILE")  # developers: cProfile stats of the daemon
     try:
-        trio.run(_main, cfg, journal, ops, rec, ready_fd, state, jst.st_ino)
+        if profile:
+            import cProfile
+            cProfile.runctx("trio.run(_main, cfg, journal, ops, rec, ready_fd, state, jst.st_ino)",
+                            globals(), locals(), profile)
+        else:
+            trio.run(_main, cfg, journal, ops, rec, ready_fd, state, jst.st_ino)
     except KeyboardInterrupt:
         pass
     finally:

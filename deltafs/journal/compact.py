@@ -47,23 +47,8 @@ def _packb(v) -> bytes:
 # --- the pruned database -------------------------------------------------------
 def pruned_db(j, create: bool = False):
     """Handle of the ``pruned`` db, or None if the journal has none yet
-    (then no version is pruned).  Cached in the journal's db table.  Call it
-    before opening the transaction that uses it (a handle opened later is
-    not valid in an older transaction), and never with a write transaction
-    open in this thread (LMDB opens the db in a transaction of its own)."""
-    h = j._dbs.get(DB_PRUNED)
-    if h is not None:
-        return h
-    try:
-        if create:
-            with j._wlock:
-                h = j.env.open_db(DB_PRUNED, create=True)
-        else:
-            h = j.env.open_db(DB_PRUNED, create=False)
-    except lmdb.NotFoundError:
-        return None
-    j._dbs[DB_PRUNED] = h
-    return h
+    (then no version is pruned).  See :func:`_named_db` for the rules."""
+    return _named_db(j, DB_PRUNED, create)
 
 
 def graveyard_db(j, create: bool = False):
@@ -74,20 +59,34 @@ def graveyard_db(j, create: bool = False):
     between.  Freed chunks therefore wait here (key: chunk id, value: u64
     time freed || the chunk value) and the writer brings one back when a
     version names it; only entries older than the grace period are deleted.
-    Same handle rules as :func:`pruned_db`.
     """
-    h = j._dbs.get(DB_GRAVEYARD)
+    return _named_db(j, DB_GRAVEYARD, create)
+
+
+def _named_db(j, name: bytes, create: bool):
+    """Handle of a named db created on demand, cached in the journal's db table.
+
+    Existence is checked in a read transaction (names of named dbs are keys
+    of the main db), so asking for a db that does not exist never starts a
+    write transaction.  Opening one does (LMDB opens dbs in a transaction),
+    so it happens under the journal's write lock: two write transactions of
+    one process must never wait for each other inside LMDB, which would
+    hold the GIL and freeze the daemon.  Call it before opening the
+    transaction that uses the handle, never inside one of this thread.
+    """
+    h = j._dbs.get(name)
     if h is not None:
         return h
-    try:
-        if create:
-            with j._wlock:
-                h = j.env.open_db(DB_GRAVEYARD, create=True)
-        else:
-            h = j.env.open_db(DB_GRAVEYARD, create=False)
-    except lmdb.NotFoundError:
+    with j.env.begin() as txn:
+        exists = txn.get(name) is not None
+    if not exists and (not create or j.readonly):
         return None
-    j._dbs[DB_GRAVEYARD] = h
+    with j._wlock:
+        h = j._dbs.get(name)
+        if h is None:
+            # a read-only environment opens it in a read transaction of its own
+            h = j.env.open_db(name, create=create and not j.readonly)
+            j._dbs[name] = h
     return h
 
 

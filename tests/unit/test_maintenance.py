@@ -705,3 +705,40 @@ async def test_service_compacts_at_once_over_the_limit(jc, autojump_clock, caplo
         kept = set(JC.iter_retained_content(j, r))
     assert h.head[1] in kept and h.head[2] in kept
     check_everything_readable(j, h, kept)
+
+
+def test_looking_up_optional_dbs_never_races_the_writer(tmp_path):
+    """Regression: asking for a not-yet-created db started a write transaction
+    outside the journal's lock; against a committing thread that froze the
+    daemon (both waited inside LMDB, one holding the GIL)."""
+    import threading
+
+    from deltafs.journal import Change, Journal
+    from deltafs.journal import compact
+
+    with Journal.open(str(tmp_path / "j"), create=True) as j:
+        stop = threading.Event()
+
+        def commits():
+            i = 0
+            while not stop.is_set():
+                j.commit([Change(op="mkdir", path=f"d{i}".encode(), mode=0o40755)])
+                i += 1
+
+        t = threading.Thread(target=commits, daemon=True)
+        t.start()
+        done = threading.Event()
+
+        def lookups():
+            for _ in range(300):
+                assert compact.pruned_db(j) is None
+                assert compact.graveyard_db(j) is None
+                compact.data_bytes(j)
+            done.set()
+
+        u = threading.Thread(target=lookups, daemon=True)
+        u.start()
+        assert done.wait(60), "lookups of optional dbs deadlocked against the writer"
+        stop.set()
+        t.join(10)
+        assert not t.is_alive()
