@@ -45,6 +45,7 @@ class Ignore:
         except OSError as e:
             log.warning("cannot read %s: %s", IGNORE_FILE, e)
         self.spec = pathspec.PathSpec.from_lines("gitwildmatch", lines)
+        self._cache: dict[tuple[bytes, bool], bool] = {}
 
     def match(self, path: bytes | None, is_dir: bool = False) -> bool:
         """True if path (relative to SRC) is ignored.  None (unlinked) counts as ignored."""
@@ -52,5 +53,11 @@ class Ignore:
             return True
         if not path:
             return False
-        p = os.fsdecode(path)
-        return self.spec.match_file(p + "/" if is_dir else p)
+        key = (path, is_dir)
+        hit = self._cache.get(key)
+        if hit is None:
+            p = os.fsdecode(path)
+            hit = self._cache[key] = self.spec.match_file(p + "/" if is_dir else p)
+            if len(self._cache) > 65536:  # a bounded memo: a save touches one path several times
+                self._cache.clear()
+        return hit

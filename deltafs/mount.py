@@ -188,6 +188,9 @@ def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
     from deltafs.ops import Operations
 
     os.umask(0)  # modes arrive already masked by the caller's umask
+    # Capture and commit threads run Python code; with the default 5 ms GIL
+    # switch interval the FUSE loop could wait that long for every request.
+    sys.setswitchinterval(float(os.environ.get("DELTAFS_SWITCH_INTERVAL", "0.0005")))
     _raise_fd_limit()
     jst = os.stat(cfg.journal)
     rec = Recorder(journal, cfg.src) if cfg.capture else None

@@ -46,7 +46,7 @@ class Node:
     """One inode known to the kernel."""
 
     __slots__ = ("ino", "fd", "lookups", "handles", "writers", "dirty", "pending", "size_changed",
-                 "base", "last_item", "list_cache")
+                 "base", "last_item", "list_cache", "path", "path_gen")
 
     def __init__(self, ino: int, fd: int) -> None:
         self.ino = ino
@@ -60,6 +60,8 @@ class Node:
         self.base: int | None = None  # capture's: journal version the dirty ranges apply to
         self.last_item = None  # capture's: this inode's latest queued capture
         self.list_cache = None  # capture's: (seq, chunk list, offsets) of that version
+        self.path: bytes | None = None  # cached path_of(), valid while path_gen is current
+        self.path_gen = -1
 
     def mark_dirty(self, start: int, end: int) -> None:
         d = self.dirty
@@ -169,6 +171,7 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._dir_serial = 0
+        self.path_gen = 0  # bumped by every rename/unlink/rmdir: cached node paths expire
 
     # ---- helpers -------------------------------------------------------
 
@@ -249,12 +252,17 @@ class Operations(pyfuse3.Operations):
         """
         if node.ino == ROOT:
             return b""
+        if node.path_gen == self.path_gen:
+            return node.path
         p = os.readlink(f"/proc/self/fd/{node.fd}".encode())
         if p.endswith(b" (deleted)") and not os.path.lexists(p):
-            return None
-        if p.startswith(self.src_b + b"/"):
-            return p[len(self.src_b) + 1:]
-        return None
+            rel = None
+        elif p.startswith(self.src_b + b"/"):
+            rel = p[len(self.src_b) + 1:]
+        else:
+            rel = None
+        node.path, node.path_gen = rel, self.path_gen
+        return rel
 
     def child_path(self, parent: Node, name: bytes) -> bytes | None:
         pp = self.path_of(parent)
@@ -457,6 +465,7 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         self._check_name(parent, name, errno.EACCES)
         os.rmdir(name, dir_fd=parent.fd)
+        self.path_gen += 1
         self.rec.event("rmdir", ops=self, parent=parent, name=name)
 
     # ---- namespace ------------------------------------------------------
@@ -497,6 +506,7 @@ class Operations(pyfuse3.Operations):
         if self.rec.enabled:
             await self._before_replace(parent, name)
         os.unlink(name, dir_fd=parent.fd)
+        self.path_gen += 1
         self.rec.event("unlink", ops=self, parent=parent, name=name)
 
     async def _before_replace(self, parent: Node, name: bytes) -> bool:
@@ -528,6 +538,7 @@ class Operations(pyfuse3.Operations):
             src_path = self.child_path(old, name_old)
             dst_path = self.child_path(new, name_new)
         sc.renameat2(old.fd, name_old, new.fd, name_new, flags)
+        self.path_gen += 1
         self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
                        parent=new, name=name_new, replaced=replaced)
 
