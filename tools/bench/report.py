@@ -1,0 +1,289 @@
+"""Ratios, the table (text and Markdown), the JSON dump and docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+from tools.bench import workloads as wl
+from tools.bench.runner import Results
+from tools.bench.targets import ROOT
+
+CAP_VS_NOCAP = 1.15
+
+
+def counted(samples):
+    return [s for s in samples if s.round > 0]
+
+
+def ok_times(samples) -> dict[int, float]:
+    return {s.round: s.seconds for s in counted(samples) if s.seconds is not None}
+
+
+def ratios(res: Results, name: str, target: str, base: str = "native") -> list[float]:
+    num = ok_times(res.samples[name][target])
+    den = ok_times(res.samples[name][base])
+    return [num[r] / den[r] for r in sorted(num) if r in den and den[r] > 0]
+
+
+def summarize(res: Results) -> list[dict]:
+    rows = []
+    for name in res.order:
+        per = res.samples[name]
+        nat = ok_times(per["native"])
+        row: dict = {"workload": name,
+                     "native_median_s": statistics.median(nat.values()) if nat else None,
+                     "native_n": len(nat)}
+        for t in ("nocap", "cap"):
+            r = ratios(res, name, t)
+            row[t] = {"median": statistics.median(r) if r else None,
+                      "min": min(r) if r else None, "max": max(r) if r else None, "n": len(r)}
+            times = ok_times(per[t])
+            row[t]["median_s"] = statistics.median(times.values()) if times else None
+            c = counted(per[t])
+            row[t]["cpu_s"] = statistics.median([s.cpu for s in c if s.error is None]) \
+                if any(s.error is None for s in c) else None
+            row[t]["peak_rss"] = max((s.hwm for s in c), default=0)
+            js = [s.journal for s in c if s.error is None]
+            row[t]["journal_bytes"] = statistics.median(js) if js else None
+            ju = [s.journal_used for s in c if s.error is None]
+            row[t]["journal_used"] = statistics.median(ju) if ju else None
+            row[t]["settle_s"] = statistics.median([s.settle for s in c]) if c else None
+        cn = ratios(res, name, "cap", "nocap")
+        row["cap_vs_nocap"] = statistics.median(cn) if cn else None
+        failures = [f"{name} on {t}, {'warm-up' if s.round == 0 else 'round %d' % s.round}: "
+                    f"{one_line(s.error)}"
+                    for t in ("native", "nocap", "cap") for s in per[t] if s.error]
+        row["failures"] = failures
+        text, limit, kind = wl.target_for(name)
+        row["target"] = text
+        if kind == "edit":
+            lat = row["cap"]["median_s"]
+            jb = row["cap"]["journal_used"]
+            row["met"] = None if lat is None else (lat < limit and (jb or 0) < 100 * 1024)
+        else:
+            med = row["cap"]["median"]
+            row["met"] = None if (med is None or limit is None) else med <= limit
+        row["met_vs_nocap"] = None if row["cap_vs_nocap"] is None else \
+            row["cap_vs_nocap"] <= CAP_VS_NOCAP
+        rows.append(row)
+    return rows
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _r(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def _rng(d: dict, full: int = 0) -> str:
+    if d["median"] is None:
+        return "failed"
+    n = f", n={d['n']}" if d["n"] < full else ""
+    return f"{d['median']:.2f}× ({d['min']:.2f}–{d['max']:.2f}{n})"
+
+
+def _s(x: float | None) -> str:
+    if x is None:
+        return "failed"
+    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f}"
+
+
+def _yn(x: bool | None) -> str:
+    return "—" if x is None else ("yes" if x else "NO")
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["workload", "native median (s)", "no-capture / native", "capture / native",
+            "capture / no-capture", "target (capture)", "met?", f"cap/nocap ≤{CAP_VS_NOCAP}×?"]
+    body = []
+    for r in rows:
+        full = max(r["nocap"]["n"], r["cap"]["n"], r.get("native_n", 0))
+        body.append([r["workload"], _s(r["native_median_s"]), _rng(r["nocap"], full),
+                     _rng(r["cap"], full),
+                     _r(r["cap_vs_nocap"]), r["target"], _yn(r["met"]), _yn(r["met_vs_nocap"])])
+    return head, body
+
+
+def daemon_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["workload", "no-capture CPU (s)", "capture CPU (s)", "no-capture peak RSS",
+            "capture peak RSS", "journal added: LMDB used (du)", "capture settle (s)"]
+    body = []
+    for r in rows:
+        nc, c = r["nocap"], r["cap"]
+        body.append([r["workload"],
+                     "—" if nc["cpu_s"] is None else f"{nc['cpu_s']:.2f}",
+                     "—" if c["cpu_s"] is None else f"{c['cpu_s']:.2f}",
+                     _bytes(nc["peak_rss"]), _bytes(c["peak_rss"]),
+                     f"{_bytes(c['journal_used'])} ({_bytes(c['journal_bytes'])})",
+                     "—" if c["settle_s"] is None else f"{c['settle_s']:.1f}"])
+    return head, body
+
+
+def capture_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["1-byte edit + fsync in", "native fsync", "no-capture fsync", "capture fsync",
+            "journal added: LMDB used (du)", "target", "met?"]
+    body = []
+    for r in rows:
+        if not r["workload"].startswith("1-byte edit"):
+            continue
+        ms = lambda x: "failed" if x is None else f"{x * 1000:.1f} ms"
+        body.append([r["workload"].rsplit(" in ", 1)[-1], ms(r["native_median_s"]),
+                     ms(r["nocap"]["median_s"]), ms(r["cap"]["median_s"]),
+                     f"{_bytes(r['cap']['journal_used'])} ({_bytes(r['cap']['journal_bytes'])})",
+                     r["target"], _yn(r["met"])])
+    return head, body
+
+
+def text_table(head, body) -> str:
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def md_table(head, body) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in b) + " |" for b in body]
+    return "\n".join(out)
+
+
+def print_report(res: Results, info: dict, rows: list[dict]) -> None:
+    print()
+    print(text_table(*table_rows(rows)))
+    print()
+    ch, cb = capture_rows(rows)
+    if cb:
+        print("capture cost (medians):")
+        print(text_table(ch, cb))
+        print()
+    print("daemon (median per counted round; peak RSS = max VmHWM during the workload):")
+    print(text_table(*daemon_rows(rows)))
+    if res.big_write:
+        print()
+        for t, b in res.big_write.items():
+            print(f"big write {t}: {_bytes(b['bytes'])} in {b['seconds']:.1f}s, daemon RSS "
+                  f"{_bytes(b['rss_start'])} -> max {_bytes(b['rss_max'])} -> end "
+                  f"{_bytes(b['rss_end'])}, journal +{_bytes(b['journal_used'])} used"
+                  + (f", FAILED {b['error']}" if b["error"] else ""))
+    fails = [f for r in rows for f in r["failures"]]
+    if fails or res.events:
+        print()
+        for f in res.events + fails:
+            print(f"note: {one_line(f, 400)}")
+
+
+def load_json(path: str):
+    """A saved run (``--json``) back as (Results, info, meta): re-render without re-running."""
+    from tools.bench.runner import Sample
+    with open(path) as f:
+        d = json.load(f)
+    res = Results(events=d.get("events", []), big_write=d.get("big_write", {}))
+    for name, per in d["samples"].items():
+        for t, ss in per.items():
+            for s in ss:
+                res.add(name, t, Sample(**s))
+    return res, d["info"], d["meta"]
+
+
+def write_json(path: str, res: Results, info: dict, rows: list[dict], meta: dict) -> None:
+    raw = {name: {t: [dataclasses.asdict(s) for s in ss] for t, ss in per.items()}
+           for name, per in res.samples.items()}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "info": info, "summary": rows, "samples": raw,
+                   "big_write": res.big_write, "events": res.events}, f, indent=1)
+
+
+# --- machine and software ------------------------------------------------------------------
+
+def _cmd(args: list[str]) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, cwd=ROOT,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except OSError:
+        mem = 0
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram": mem, "kernel": platform.release()}
+
+
+def software() -> dict:
+    import sys
+    out = {"python": platform.python_version()}
+    try:
+        import pyfuse3
+        out["pyfuse3"] = pyfuse3.__version__
+    except Exception:
+        out["pyfuse3"] = "?"
+    out["libfuse"] = _cmd(["pkg-config", "--modversion", "fuse3"]) or \
+        _cmd(["fusermount3", "-V"]).rsplit(" ", 1)[-1]
+    try:
+        sys.path.insert(0, ROOT)
+        from deltafs import __version__
+        out["deltafs"] = __version__
+    except Exception:
+        out["deltafs"] = "?"
+    out["commit"] = _cmd(["git", "rev-parse", "--short", "HEAD"])
+    out["commit_subject"] = _cmd(["git", "log", "-1", "--format=%s"])
+    dirty = _cmd(["git", "status", "--porcelain", "--", "deltafs"])
+    out["deltafs_dirty"] = bool(dirty)
+    out["git"] = _cmd(["git", "--version"])
+    out["sqlite"] = __import__("sqlite3").sqlite_version
+    return out
+
+
+def collect_meta(mode: str, rounds: int, sizes: wl.Sizes) -> dict:
+    return {"mode": mode, "rounds": rounds, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "machine": machine(), "software": software(), "sizes": dataclasses.asdict(sizes)}
+
+
+def hangs(res: Results) -> dict[str, int]:
+    """Per target: workloads during which the daemon stopped answering (watchdog fired)."""
+    out: dict[str, int] = {}
+    for per in res.samples.values():
+        for t, ss in per.items():
+            out[t] = out.get(t, 0) + sum(1 for s in ss if s.error and "timed out" in s.error)
+    return {t: n for t, n in out.items() if n}
+
+
+def capture_state(res: Results, rows: list[dict]) -> str:
+    added = sum(max(s.journal, s.journal_used) for per in res.samples.values()
+                for s in per["cap"])
+    nocap = sum(max(s.journal, s.journal_used) for per in res.samples.values()
+                for s in per["nocap"])
+    if added <= 0:
+        return ("capture was NOT active: the capture mount's journal did not grow, so the "
+                "capture column measures the same pass-through as no-capture (the mount "
+                "accepts the flag either way)")
+    return (f"capture was active: the capture mount's journal grew by {_bytes(added)} over the "
+            f"run (the no-capture journal by {_bytes(nocap)})")
