@@ -36,6 +36,7 @@ from deltafs import _syscalls as sc
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
+_CAPS = b"security.capability"
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Flags that must not reach an open of /proc/self/fd/N: the kernel already
 # resolved and created the file, and O_NOFOLLOW would refuse the magic link.
@@ -46,7 +47,7 @@ class Node:
     """One inode known to the kernel."""
 
     __slots__ = ("ino", "fd", "lookups", "handles", "writers", "dirty", "pending", "size_changed",
-                 "base", "last_item", "list_cache", "path", "path_gen")
+                 "base", "last_item", "list_cache", "path", "path_gen", "nocaps")
 
     def __init__(self, ino: int, fd: int) -> None:
         self.ino = ino
@@ -62,6 +63,7 @@ class Node:
         self.list_cache = None  # capture's: (seq, chunk list, offsets) of that version
         self.path: bytes | None = None  # cached path_of(), valid while path_gen is current
         self.path_gen = -1
+        self.nocaps = False  # known to have no security.capability xattr
 
     def mark_dirty(self, start: int, end: int) -> None:
         d = self.dirty
@@ -648,9 +650,26 @@ class Operations(pyfuse3.Operations):
 
     # ---- extended attributes ------------------------------------------
 
-    @_errors
     async def getxattr(self, inode, name, ctx):
-        node = self._node(inode)
+        # The kernel asks for security.capability before every write(2) (to
+        # strip it); deltafs is SRC's only writer, so a "none" answer is
+        # cached on the inode until setxattr/removexattr of that name.
+        node = self.nodes.get(inode)
+        if node is None:
+            raise FUSEError(errno.ESTALE)
+        if name == _CAPS:
+            if node.nocaps:
+                raise FUSEError(errno.ENODATA)
+            try:
+                return os.getxattr(self._proc(node), name)
+            except OSError as e:
+                if e.errno == errno.ENODATA:
+                    node.nocaps = True
+                raise FUSEError(e.errno or errno.EIO) from None
+        return await self._getxattr(node, name)
+
+    @_errors
+    async def _getxattr(self, node, name):
         return os.getxattr(self._proc(node), name)
 
     @_errors
@@ -662,6 +681,8 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         node = self._node(inode)
         os.setxattr(self._proc(node), name, value)
+        if name == _CAPS:
+            node.nocaps = False
         self.rec.event("setxattr", ops=self, node=node, name=name, value=value)
 
     @_errors
