@@ -223,8 +223,18 @@ def render(res: Results, info: dict, rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+KEEP_MARKER = "<!-- Sections below are written by other measurements; --write-docs keeps them. -->"
+
+
 def write(res: Results, info: dict, rows: list[dict], meta: dict) -> str:
     text = render(res, info, rows, meta)
+    try:
+        with open(DOC) as f:
+            old = f.read()
+    except OSError:
+        old = ""
+    kept = old[old.index(KEEP_MARKER):] if KEEP_MARKER in old else KEEP_MARKER + "\n"
+    text = text.rstrip("\n") + "\n\n" + kept
     tmp = DOC + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
