@@ -31,13 +31,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from deltafs import mount
     from deltafs.config import MountConfig
 
-    from deltafs.config import parse_minutes, parse_size, retention_from_args
+    from deltafs.config import parse_metrics_addr, parse_minutes, parse_size, retention_from_args
 
     retention = retention_from_args(args.retention, args.coalesce)  # bad options: one line, exit 2
     compact_every = parse_minutes(args.compact_every) if args.compact_every is not None else None
     limit = parse_size(args.journal_limit) if args.journal_limit is not None else None
+    metrics_addr = parse_metrics_addr(args.metrics_addr) if args.metrics_addr is not None else None
     if args.ready_fd is None:  # the daemon re-checks; the user gets errors before any fork
         mount.check_fuse()
+        if metrics_addr is not None:
+            from deltafs.metrics import check_addr
+
+            check_addr(*metrics_addr)  # unresolvable HOST: exit 2; port in use: exit 4
     src, mnt, journal = mount.check_mount_args(args.src, args.mnt, args.journal)
     if args.mirror:
         from deltafs.mirrors import open_mirror
@@ -49,6 +54,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                       capture=not args.no_capture, log_level=args.log_level,
                       log_file=args.log_file, mirrors=tuple(args.mirror),
                       endpoint_url=args.endpoint_url, retention=retention, journal_limit=limit,
+                      metrics_addr=metrics_addr,
                       **({"compact_every": compact_every} if compact_every else {}))
     if not args.foreground:
         argv = ["mount", src, mnt, "--journal", journal, "--log-level", args.log_level]
@@ -62,7 +68,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             argv += ["--mirror", url]
         if args.endpoint_url:
             argv += ["--endpoint-url", args.endpoint_url]
-        for opt in ("retention", "coalesce", "compact_every", "journal_limit"):
+        for opt in ("retention", "coalesce", "compact_every", "journal_limit", "metrics_addr"):
             if getattr(args, opt) is not None:
                 argv += ["--" + opt.replace("_", "-"), getattr(args, opt)]
         mount.spawn_daemon(cfg, argv)
@@ -737,6 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--journal-limit", metavar="SIZE",
                    help="journal data size (e.g. 10G, 500M) above which compaction runs at once and "
                         "thins harder than the retention policy (default: no limit)")
+    m.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve the mount's Prometheus metrics over HTTP at http://HOST:PORT/metrics "
+                        "(default: off)")
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)

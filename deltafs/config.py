@@ -151,6 +151,24 @@ def parse_seconds(text: str, what: str = "--coalesce") -> float:
     return v
 
 
+def parse_metrics_addr(text: str, what: str = "--metrics-addr") -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port); one-line UsageError when bad.
+
+    HOST is required (``0.0.0.0`` for every interface: say so on purpose);
+    whether it resolves is checked by deltafs.metrics before any fork."""
+    t = text.strip()
+    host, sep, port_t = t.rpartition(":")
+    if t.startswith("["):
+        if not host.endswith("]"):
+            raise UsageError(f"bad {what} {text!r}: expected HOST:PORT or [IPV6]:PORT, e.g. 127.0.0.1:9108")
+        host = host[1:-1]
+    if not sep or not host or ":" in host and not t.startswith("["):
+        raise UsageError(f"bad {what} {text!r}: expected HOST:PORT or [IPV6]:PORT, e.g. 127.0.0.1:9108")
+    if not port_t.isdigit() or not 0 < int(port_t) < 65536:
+        raise UsageError(f"bad {what} {text!r}: the port must be a number from 1 to 65535")
+    return host, int(port_t)
+
+
 def retention_from_args(retention: str | None, coalesce: str | None) -> RetentionPolicy:
     """--retention / --coalesce of mount and compact -> a policy (defaults for what is missing)."""
     burst = parse_seconds(coalesce) if coalesce is not None else RetentionPolicy.burst
@@ -176,6 +194,7 @@ class MountConfig:
     retention: RetentionPolicy = RetentionPolicy()  # --retention, --coalesce
     compact_every: float = DEFAULT_COMPACT_EVERY  # seconds (--compact-every MINUTES)
     journal_limit: int | None = None  # bytes of journal data (--journal-limit SIZE)
+    metrics_addr: tuple[str, int] | None = None  # (host, port) of /metrics (--metrics-addr)
 
     @property
     def journal_in_src(self) -> bool:

@@ -245,6 +245,10 @@ def _services(cfg: MountConfig) -> list:
         from deltafs.mirrors.replicate import mirror_service
 
         services.append(mirror_service)
+    if cfg.metrics_addr:
+        from deltafs.metrics import metrics_service
+
+        services.append(metrics_service)
     return services
 
 
@@ -273,12 +277,16 @@ async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino
         log.info("mounted %s at %s (journal %s)", cfg.src, cfg.mnt, cfg.journal)
         daemon = Daemon(cfg, journal, ops, rec, nursery, time.time(), state)
         async with trio.open_nursery() as services:
-            for svc in _services(cfg):
-                await services.start(svc, daemon)
-            if ready_fd is not None:
-                os.write(ready_fd, READY)
-                os.close(ready_fd)
-            await pyfuse3.main(min_tasks=2, max_tasks=16)
+            try:
+                for svc in _services(cfg):
+                    await services.start(svc, daemon)
+            except DeltafsError as e:  # e.g. --metrics-addr in use: fail the mount, not half-start
+                state["error"] = e
+            else:
+                if ready_fd is not None:
+                    os.write(ready_fd, READY)
+                    os.close(ready_fd)
+                await pyfuse3.main(min_tasks=2, max_tasks=16)
             services.cancel_scope.cancel()
         if rec is not None:
             with trio.move_on_after(120, shield=True) as scope:
