@@ -19,8 +19,11 @@ Path semantics:
 from __future__ import annotations
 
 import difflib
+import errno
+import fcntl
 import logging
 import os
+import re
 import secrets
 import stat
 import sys
@@ -40,7 +43,8 @@ from deltafs.when import Point, parse_when, resolve_when, since_seq
 log = logging.getLogger(__name__)
 
 TEXT_DIFF_MAX = 8 << 20  # larger files get the chunk summary, never a text diff
-TMP_PREFIX = b".deltafs-restore-"
+TMP_PREFIX = b".deltafs-restore-"  # + b"PID-N.tmp": a restore's file before its rename
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + rb"(\d+)-\d+\.tmp\Z")
 
 
 # --- small formatting helpers ------------------------------------------------------
@@ -576,6 +580,7 @@ class _Restorer:
         self.used_fids: set[int] = set()
         self.group_fid: dict[int, tuple[bytes, int]] = {}  # link group -> (first path, file id)
         self.seq_counter = 0
+        self.swept: set[bytes] = set()  # directories cleared of stale temp files
 
     # where an entry goes
     def target(self, p: bytes) -> bytes:
@@ -702,7 +707,44 @@ class _Restorer:
             raise IsADirectoryError(21, "a directory is in the way", os.fsdecode(tgt))
         os.unlink(tgt)
 
+    def _sweep(self, d: bytes) -> None:
+        """Remove temp files a killed restore left in d (once per directory).
+
+        Stale: its flock (held while it is written) is free and its PID is not
+        alive here.  A live restore's file is left alone, whatever its age."""
+        if d in self.swept:
+            return
+        self.swept.add(d)
+        try:
+            names = [n for n in os.listdir(d) if n.startswith(TMP_PREFIX)]
+        except OSError:
+            return
+        for name in names:
+            m = _TMP_NAME.match(name)
+            if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+                continue
+            path = os.path.join(d, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue  # not ours to judge (another user's, or gone)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as err:
+                    if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        continue  # being written
+                os.unlink(path)
+                self.rep.warnings.append(f"removed {os.fsdecode(path)}, left by an interrupted restore")
+            except OSError as err:
+                log.debug("cannot remove stale %r: %s", path, err)
+            finally:
+                os.close(fd)
+
     def _tmp_name(self, tgt: bytes) -> bytes:
+        self._sweep(os.path.dirname(tgt))
         self.seq_counter += 1
         return os.path.join(os.path.dirname(tgt), TMP_PREFIX + b"%d-%d.tmp" % (os.getpid(), self.seq_counter))
 
@@ -716,6 +758,10 @@ class _Restorer:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "being written" (see _sweep)
+                except OSError:
+                    pass  # no flock here: _sweep goes by the PID alone
                 if e.content_seq:
                     for data in self.r.iter_content(e.content_seq):
                         mv = memoryview(data)
@@ -875,6 +921,16 @@ class _Restorer:
         except OSError as err:
             self.rep.errors.append(f"{show_path(e.path)}: {err.strerror or err}")
         return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _fsync_dir(d: bytes) -> None:
