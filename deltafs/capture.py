@@ -330,13 +330,24 @@ class Recorder:
     def _skip(self, path: bytes | None, is_dir: bool = False) -> bool:
         return path is None or self.ignore.match(path, is_dir)
 
-    async def before_change(self, ops, node, path: bytes | None) -> None:
-        """Make sure the file's current content is in the journal (pre-image)."""
+    async def before_change(self, ops, node, path: bytes | None, need_base: bool = True) -> None:
+        """Make sure the file's current content is in the journal (pre-image).
+
+        need_base: the caller will write in place, so the inode must learn
+        the exact version its dirty ranges apply to (an open for writing, a
+        truncate).  An unlink or a rename over the file only needs *some*
+        version of its content recorded, which a journal snapshot answers
+        without waiting for the pipeline (rm -rf would otherwise wait for a
+        journal sync per file).
+        """
         if node is not None:
             await ops.wait_capture(node)
-            if node.base is not None:
-                return
+            pending = node.last_item is not None and not node.last_item.done.is_set()
+            if node.base is not None or (not need_base and pending):
+                return  # recorded, or a capture of this inode is on its way
         if self._skip(path):
+            return
+        if not need_base and self._latest_content(path):
             return
         await self.drain()  # the journal now reflects every earlier event
         base = await trio.to_thread.run_sync(self._latest_content, path)

@@ -114,7 +114,7 @@ class NullRecorder:
 
     enabled = False
 
-    async def before_change(self, ops: "Operations", node: Node, path: bytes) -> None:
+    async def before_change(self, ops: "Operations", node: Node, path: bytes, need_base: bool = True) -> None:
         pass
 
     def event(self, op: str, **fields) -> None:
@@ -522,7 +522,7 @@ class Operations(pyfuse3.Operations):
         node = self.nodes.get(self.fuse_ino(st.st_ino))
         if node is not None:
             await self.wait_capture(node)
-        await self.rec.before_change(self, node, self.child_path(parent, name))
+        await self.rec.before_change(self, node, self.child_path(parent, name), need_base=False)
         return True
 
     @_errors
@@ -644,9 +644,25 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         h = self.handles[fh]
         fn = os.fdatasync if datasync else os.fsync
-        await trio.to_thread.run_sync(fn, h.fd)
-        if h.node.dirty or h.node.size_changed:
+        if not (h.node.dirty or h.node.size_changed):
+            await trio.to_thread.run_sync(fn, h.fd)
+            return
+        # The capture reads the page cache, not the disk: flush SRC and make
+        # the version durable in the journal at the same time, so the caller
+        # waits for the slower of the two, not their sum.
+        failed: list[OSError] = []
+
+        async def flush_src():
+            try:
+                await trio.to_thread.run_sync(fn, h.fd)
+            except OSError as e:
+                failed.append(e)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flush_src)
             await self.rec.fsync(self, h.node)
+        if failed:
+            raise failed[0]
 
     # ---- extended attributes ------------------------------------------
 
