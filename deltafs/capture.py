@@ -319,8 +319,7 @@ class Recorder:
         edit = res.edit_list()
         cache = None
         if len(old) + len(res.new_spans) >= LIST_CACHE_MIN:
-            new_list = chunking.apply_edit(old, edit)
-            cache = (new_list, chunking.list_offsets(new_list))
+            cache = (chunking.apply_edit(old, edit), chunking.edit_offsets(offsets, edit))
         return Change(op="write", path=path, size=size, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                       mtime_ns=st.st_mtime_ns, cause=cause, base_seq=base or 0,
                       edit=edit, chunks=new), cache

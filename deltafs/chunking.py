@@ -186,6 +186,31 @@ def list_offsets(refs: Sequence[ChunkRef]) -> list[int]:
     return [0, *itertools.accumulate(map(operator.itemgetter(1), refs))]
 
 
+def edit_offsets(offsets: Sequence[int], edits) -> list[int]:
+    """``list_offsets(apply_edit(old, edits))`` from the old offsets, cheaply.
+
+    Offsets before an edit are copied; after it they move by the edit's
+    size change, which is zero for in-place writes (the chunking
+    resynchronises at an old boundary), so a small edit of a huge file's
+    list costs a few slices instead of a pass over every chunk.
+    """
+    out = [0]
+    cur = 0
+    shift = 0
+    for start, count, refs in edits:
+        part = offsets[cur + 1 : start + 1]
+        out.extend([o + shift for o in part] if shift else part)
+        pos = out[-1]
+        for _, n in refs:
+            pos += n
+            out.append(pos)
+        cur = start + count
+        shift = pos - offsets[cur]
+    rest = offsets[cur + 1 :]
+    out.extend([o + shift for o in rest] if shift else rest)
+    return out
+
+
 def normalize_dirty(dirty: Sequence[tuple[int, int]], old_size: int, new_size: int) -> list[tuple[int, int]]:
     """Sort, merge and clip dirty ranges; a size change is dirty to EOF.
 

@@ -105,6 +105,7 @@ def test_incremental_equals_full(seed, size, ops):
     seen = []
     res = C.rechunk(_pread(new), len(new), old_refs, dirty, on_chunk=lambda s, d: seen.append((s, bytes(d))))
     assert C.apply_edit(old_refs, res.edits) == C.chunk_bytes(new)
+    assert C.edit_offsets(C.list_offsets(old_refs), res.edit_list()) == C.list_offsets(C.chunk_bytes(new))
     assert C.apply_edit(old_refs, res.edit_list()) == C.chunk_bytes(new)
     assert [s for s, _ in seen] == res.new_spans
     assert all(C.chunk_id(d) == s.id and new[s.offset : s.offset + s.length] == d for s, d in seen)
