@@ -53,7 +53,7 @@ CHUNKER_PARAMS = {
 
 WINDOW_MAX = 4 * 1024 * 1024  # biggest single pread while streaming
 ZSTD_LEVEL = 3
-MAX_DELTA_DEPTH = 16  # a base at this depth is not used: store standalone
+MAX_DELTA_DEPTH = 64  # a base at this depth is not used: store standalone (reads: <= 64 decompressions)
 
 CODEC_RAW = 0  # payload[1:] is the raw chunk (incompressible data)
 CODEC_ZSTD = 1  # payload[1:] is a zstd frame

@@ -23,6 +23,11 @@ BUILTIN_PATTERNS = [
     ".#*", "#*#",
     # gedit/GIO atomic writes, generic temp files, partial downloads
     ".goutputstream-*", "*.tmp", "*.temp", "*.part", "*.crdownload",
+    # SQLite rollback journals: created, fsynced and deleted by every
+    # transaction; the database's own versions (taken at its fsyncs, the
+    # commit points) are what history needs.  WAL files are kept: they
+    # hold committed data.
+    "*.db-journal", "*.sqlite-journal", "*.sqlite3-journal",
     # LibreOffice locks, Kate swap, JetBrains safe-write temp files
     ".~lock.*#", "*.kate-swp", "*___jb_tmp___", "*___jb_old___",
 ]
