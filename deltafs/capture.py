@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 REUSE_SECONDS = 120  # as the journal's REUSE_WINDOW_NS
 CHUNK_FLUSH_BYTES = 32 << 20
+GROUP_WINDOW = 0.005  # seconds a commit may wait for more records when nobody waits for it
 LIST_CACHE_MIN = 64  # chunk lists at least this long are kept on the inode between captures  # store new chunks ahead of their record beyond this much
 _FULL = None  # dirty marker: the whole file
 
@@ -78,6 +79,8 @@ class Recorder:
         self.ignore = ignore or Ignore(src)
         self.queue: deque[Item] = deque()
         self.last_item: Item | None = None
+        self._waiters = 0  # tasks waiting for a commit (fsync, flush, pre-image)
+        self._hurry = trio.Event()  # set while anyone waits: no group-commit delay
         self._more = trio.Event()
         self.limiter = trio.CapacityLimiter(workers)
         self.nursery: trio.Nursery | None = None
@@ -122,7 +125,20 @@ class Recorder:
         """Return once every item queued so far is committed (or failed)."""
         last = self.last_item
         if last is not None:
-            await last.done.wait()
+            await self.committed(last)
+
+    async def committed(self, item: Item) -> None:
+        """Wait until item is committed; while anyone waits, commits are not delayed."""
+        if item.done.is_set():
+            return
+        self._waiters += 1
+        self._hurry.set()
+        try:
+            await item.done.wait()
+        finally:
+            self._waiters -= 1
+            if not self._waiters:
+                self._hurry = trio.Event()
 
     def pending(self) -> int:
         return len(self.queue)
@@ -133,6 +149,13 @@ class Recorder:
                 await self._more.wait()
                 self._more = trio.Event()
             await self.queue[0].ready.wait()
+            if not self._hurry.is_set():
+                # Nobody waits for durability (fsync, flush, a pre-image):
+                # gather what arrives in the next few ms into the same
+                # transaction, instead of one commit and thread hand-off per
+                # record (rm -rf, cp -a, untar).
+                with trio.move_on_after(GROUP_WINDOW):
+                    await self._hurry.wait()
             batch: list[Item] = []
             while self.queue and self.queue[0].ready.is_set() and len(batch) < 512:
                 batch.append(self.queue.popleft())
@@ -366,7 +389,7 @@ class Recorder:
             os.close(fd)
             return
         item = self._capture(ops, node, fd, path, "preimage", _FULL, 0)
-        await item.done.wait()
+        await self.committed(item)
 
     def _latest_content(self, path: bytes) -> int:
         with self.journal.reader() as r:
@@ -382,7 +405,7 @@ class Recorder:
         """Capture now and return once the version is durable."""
         item = self._content_event(ops, node, "fsync")
         if item is not None:
-            await item.done.wait()
+            await self.committed(item)
 
     def _content_event(self, ops, node, cause: str) -> Item | None:
         dirty = [(s, e) for s, e in node.dirty]
@@ -594,7 +617,7 @@ class Recorder:
                 counts["new_or_changed"] += 1
                 done += st.st_size
                 if self.pending() > 64:  # bounded: wait for the head before queueing more
-                    await self.queue[0].done.wait()
+                    await self.committed(self.queue[0])
                 now = time.monotonic()
                 if progress is not None and now - last > 1.0:
                     last = now
