@@ -34,7 +34,7 @@ import logging
 import os
 import stat
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import lmdb
 import trio
@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 REUSE_SECONDS = 120  # as the journal's REUSE_WINDOW_NS
 CHUNK_FLUSH_BYTES = 32 << 20
 GROUP_WINDOW = 0.005  # seconds a commit may wait for more records when nobody waits for it
-LIST_CACHE_MIN = 64  # chunk lists at least this long are kept on the inode between captures  # store new chunks ahead of their record beyond this much
+LIST_CACHE_MIN = 64  # chunk lists at least this long are kept between captures
+LIST_CACHE_ENTRIES = 300_000  # bound of that cache (about 30 MB; a 1 GiB file has 65k chunks)  # store new chunks ahead of their record beyond this much
 _FULL = None  # dirty marker: the whole file
 
 
@@ -64,7 +65,7 @@ class Item:
         self.result: list[int] | BaseException | None = None
         self.after = after
         self.skip = False  # queued while capture was paused: journal nothing
-        self.list_cache = None  # (new chunk list, offsets) of a content item, for its inode
+        self.list_cache = None  # (new chunk list, offsets) of a content item, for the next capture
         if changes is not None:
             self.ready.set()
 
@@ -79,6 +80,8 @@ class Recorder:
         self.ignore = ignore or Ignore(src)
         self.queue: deque[Item] = deque()
         self.last_item: Item | None = None
+        self._lists: OrderedDict[int, tuple[list, list]] = OrderedDict()  # seq -> (chunk list, offsets)
+        self._list_entries = 0
         self._waiters = 0  # tasks waiting for a commit (fsync, flush, pre-image)
         self._hurry = trio.Event()  # set while anyone waits: no group-commit delay
         self._more = trio.Event()
@@ -182,6 +185,15 @@ class Recorder:
                 if self.needs_rescan and not self.rescanning and self.ops is not None:
                     self.nursery.start_soon(self._rescan)
 
+    def _remember_list(self, seq: int, refs: list, offsets: list) -> None:
+        """Keep the chunk list of a content version (versions are immutable,
+        so the cache outlives the kernel's inode and needs no invalidation)."""
+        self._lists[seq] = (refs, offsets)
+        self._list_entries += len(refs)
+        while self._list_entries > LIST_CACHE_ENTRIES and len(self._lists) > 1:
+            _, (old, _) = self._lists.popitem(last=False)
+            self._list_entries -= len(old)
+
     def _failed(self, it: Item, err: BaseException) -> None:
         paths = sorted({c.path for c in it.changes or ()})
         self.failures += 1
@@ -247,13 +259,12 @@ class Recorder:
             if node is not None:
                 if isinstance(res, BaseException) or not res:
                     node.base = None  # next capture of this inode: whole file
-                    node.list_cache = None
                 else:
                     node.base = res[-1]
-                    # the new list, so the next capture of a big file does not
-                    # rebuild it from the journal (that costs O(chunks))
-                    lc = item.list_cache
-                    node.list_cache = (res[-1], *lc) if lc is not None else None
+            if item.list_cache is not None and not isinstance(res, BaseException) and res:
+                # the new list, so the next capture of a big file does not
+                # rebuild it from the journal (that costs O(chunks))
+                self._remember_list(res[-1], *item.list_cache)
         item.after = after
         self._push(item)
         self.nursery.start_soon(self._compute, item, ops, node, ev, prev, fd, path, cause, dirty, base)
@@ -270,9 +281,8 @@ class Recorder:
                     base = node.base
             if dirty is not _FULL and base is None:
                 dirty = _FULL
-            cached = getattr(node, "list_cache", None)
-            if cached is not None and cached[0] != base:
-                cached = None
+            hit = self._lists.get(base) if base else None
+            cached = (base, *hit) if hit is not None else None
             change, item.list_cache = await trio.to_thread.run_sync(
                 self._compute_sync, fd, path, cause, dirty, base, cached, limiter=self.limiter)
             item.changes = [change]

@@ -47,7 +47,7 @@ class Node:
     """One inode known to the kernel."""
 
     __slots__ = ("ino", "fd", "lookups", "handles", "writers", "dirty", "pending", "size_changed",
-                 "base", "last_item", "list_cache", "path", "path_gen", "nocaps")
+                 "base", "last_item", "path", "path_gen", "nocaps")
 
     def __init__(self, ino: int, fd: int) -> None:
         self.ino = ino
@@ -60,7 +60,6 @@ class Node:
         self.size_changed = False  # truncated/extended by setattr since the last capture
         self.base: int | None = None  # capture's: journal version the dirty ranges apply to
         self.last_item = None  # capture's: this inode's latest queued capture
-        self.list_cache = None  # capture's: (seq, chunk list, offsets) of that version
         self.path: bytes | None = None  # cached path_of(), valid while path_gen is current
         self.path_gen = -1
         self.nocaps = False  # known to have no security.capability xattr
