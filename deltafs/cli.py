@@ -596,20 +596,60 @@ def cmd_mirror_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mirror_register(args: argparse.Namespace) -> int:
+    """mirror add / mirror remove: registered in the journal, used by every mount of it."""
+    from deltafs import control
+    from deltafs.journal import Journal
+    from deltafs.mirrors import open_mirror, registry
+
+    remove = args.mirror_command == "remove"
+    jdir, mount = _mirror_journal(args)
+    mirror = open_mirror(args.url, endpoint_url=getattr(args, "endpoint_url", None))
+    url = mirror.url
+    if not remove:
+        with mirror:
+            mirror.check()  # an unreachable mirror or wrong credentials: say so now
+    active = False
+    if mount is not None:  # the daemon is the journal's only writer
+        resp = control.request(jdir, "mirror_register", url=url, remove=remove,
+                               endpoint_url=getattr(args, "endpoint_url", None))
+        changed, active = resp["changed"], resp["active"]
+    else:
+        with Journal.open(jdir) as j:
+            changed = (registry.remove(j, url) if remove
+                       else registry.add(j, url, getattr(args, "endpoint_url", None)))
+    if remove and not changed:
+        from deltafs.errors import NotFoundError
+        raise NotFoundError(f"{url} is not a registered mirror of {jdir}")
+    if args.json:
+        _print_json({"url": url, "registered": not remove, "changed": changed, "mounted": mount is not None})
+    elif remove:
+        note = " (the running mount keeps replicating to it until it is unmounted)" if active else ""
+        print(f"removed mirror {url}{note}")
+    else:
+        note = ("; the running mount replicates to it from its next mount on — "
+                f"`deltafs mirror sync {url}` ships everything now") if mount is not None and not active else ""
+        print(f"added mirror {url}: every mount of this journal replicates to it{note}")
+    return 0
+
+
 def cmd_mirror_list(args: argparse.Namespace) -> int:
     from deltafs import mounttable
     from deltafs.journal import Journal
+    from deltafs.mirrors import registry
 
     jdir, mount = _mirror_journal(args)
     with Journal.open(jdir, readonly=True) as j, j.reader() as r:
         rows = {url: dict(v, url=url) for url, v in r.kv_items("mirrors")}
         head = r.head_seq()
+        registered = {m["url"] for m in registry.configured(r)}
     rec = (mounttable.read_record(mount.mnt) or {}) if mount else {}
-    for url in rec.get("mirrors", []):
+    for url in [*rec.get("mirrors", []), *registered]:
         rows.setdefault(url, {"url": url, "seq": None, "head_seq": head})
     for url in sorted(rows):
         d = rows[url]
         d["configured"] = url in rec.get("mirrors", [])
+        d["registered"] = url in registered
         if args.json:
             _print_json(d)
         else:
@@ -691,6 +731,18 @@ def _add_mirror_parsers(sub) -> None:
     endpoint(sy)
     sy.add_argument("--json", action="store_true", help="print the pass's statistics as JSON")
     sy.set_defaults(func=cmd_mirror_sync)
+    for verb, text in (("add", "register a mirror: every mount of the journal replicates to it"),
+                       ("remove", "unregister a mirror (its copy is left as it is)")):
+        mr = msub.add_parser(verb, help=text,
+                             description=text[0].upper() + text[1:] + ". Stored in the journal (through "
+                             "the daemon when mounted); `deltafs mount --mirror URL` adds one for a "
+                             "single mount instead.", epilog=EPILOG, formatter_class=fmt)
+        mr.add_argument("url", metavar="URL")
+        where(mr)
+        if verb == "add":
+            endpoint(mr)
+        mr.add_argument("--json", action="store_true", help="print the result as JSON")
+        mr.set_defaults(func=cmd_mirror_register)
     ls = msub.add_parser("list", help="mirrors of a journal and their lag", epilog=EPILOG, formatter_class=fmt)
     where(ls)
     ls.add_argument("--json", action="store_true", help="JSON Lines, one object per mirror")

@@ -298,8 +298,24 @@ async def _op_snapshots(daemon, state, req) -> dict:
     return {"snapshots": await trio.to_thread.run_sync(read)}
 
 
+async def _op_mirror_register(daemon, state, req) -> dict:
+    """mirror add/remove while mounted: the daemon writes the journal setting."""
+    import trio
+
+    from deltafs.mirrors import registry
+
+    url = req.get("url")
+    if not isinstance(url, str):
+        raise UsageError('mirror add/remove needs a "url" string')
+    if req.get("remove"):
+        changed = await trio.to_thread.run_sync(registry.remove, daemon.journal, url)
+    else:
+        changed = await trio.to_thread.run_sync(registry.add, daemon.journal, url, req.get("endpoint_url"))
+    return {"changed": changed, "active": url in daemon.cfg.mirrors}
+
+
 _OPS = {"status": _op_status, "flush": _op_flush, "pause": _op_pause, "resume": _op_resume,
-        "snapshot": _op_snapshot, "snapshots": _op_snapshots}
+        "snapshot": _op_snapshot, "snapshots": _op_snapshots, "mirror_register": _op_mirror_register}
 
 
 # ---- client (blocking; used by the CLI) ------------------------------------------

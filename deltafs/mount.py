@@ -177,10 +177,26 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
         journal = Journal.open(cfg.journal, create=True)
     except DeltafsError as e:
         return fail(e)
+    cfg = _with_registered_mirrors(cfg, journal)
     try:
         return _serve(cfg, journal, ready_fd, fail)
     finally:
         journal.close()
+
+
+def _with_registered_mirrors(cfg: MountConfig, journal) -> MountConfig:
+    """Add the mirrors registered in the journal (`deltafs mirror add`) to --mirror's."""
+    import dataclasses
+
+    from deltafs.mirrors import registry
+
+    with journal.reader() as r:
+        extra = registry.configured(r)
+    if not extra:
+        return cfg
+    urls = tuple(dict.fromkeys([*cfg.mirrors, *(m["url"] for m in extra)]))
+    endpoint = cfg.endpoint_url or next((m["endpoint_url"] for m in extra if m.get("endpoint_url")), None)
+    return dataclasses.replace(cfg, mirrors=urls, endpoint_url=endpoint)
 
 
 def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
