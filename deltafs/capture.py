@@ -29,7 +29,6 @@ mounted, before the mount becomes visible, so nothing races with it.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import stat
@@ -68,6 +67,51 @@ class Item:
         self.list_cache = None  # (new chunk list, offsets) of a content item, for the next capture
         if changes is not None:
             self.ready.set()
+
+
+def capture_chunks(r, pread, size: int, old, dirty, offsets=None,
+                   spill=None) -> tuple[chunking.Rechunk, list]:
+    """Re-chunk a file around its dirty ranges and build the chunks it lacks.
+
+    ``r`` is a journal reader: chunks it already has are not rebuilt, and
+    each new chunk is compressed against the old chunk it replaces (found by
+    :class:`chunking.BaseFinder`).  With ``spill``, chunks are handed to it
+    in batches of about CHUNK_FLUSH_BYTES so a big file is never held whole;
+    the rest are returned with the re-chunking.
+    """
+    if offsets is None:
+        offsets = chunking.list_offsets(old)
+    new: list = []
+    seen: set[bytes] = set()
+    buffered = 0
+
+    def emit(span, raw, base_ref):
+        nonlocal buffered
+        b = None
+        if base_ref is not None:
+            info = r.chunk_info(base_ref[0])
+            if info is not None:
+                b = chunking.Base(base_ref[0], r.read_chunk(base_ref[0]), info.depth)
+        nc = chunking.build_chunk(raw, b)
+        new.append(nc)
+        buffered += len(nc.payload)
+        if spill is not None and buffered >= CHUNK_FLUSH_BYTES:
+            spill(new)
+            new.clear()
+            buffered = 0
+
+    finder = chunking.BaseFinder(old, offsets, emit)
+
+    def on_chunk(span, data):
+        if span.id in seen or r.has_chunk(span.id):
+            finder.feed(span, None)
+            return
+        seen.add(span.id)
+        finder.feed(span, data)
+
+    res = chunking.rechunk(pread, size, old, dirty, on_chunk, offsets=offsets)
+    finder.finish()
+    return res, new
 
 
 class Recorder:
@@ -323,32 +367,8 @@ class Recorder:
             else:
                 old = r.chunk_list(base) if base else []
                 offsets = chunking.list_offsets(old)
-            new: list = []
-            seen: set[bytes] = set()
-            buffered = [0]
-
-            def on_chunk(span, data):
-                cid = span.id
-                if cid in seen or r.has_chunk(cid):
-                    return
-                seen.add(cid)
-                b = None
-                if old:
-                    k = min(bisect.bisect_right(offsets, span.offset) - 1, len(old) - 1)
-                    bid = old[k][0]
-                    info = r.chunk_info(bid)
-                    if info is not None:
-                        b = chunking.Base(bid, r.read_chunk(bid), info.depth)
-                nc = chunking.build_chunk(bytes(data), b)
-                new.append(nc)
-                buffered[0] += len(nc.payload)
-                if buffered[0] >= CHUNK_FLUSH_BYTES:
-                    j.put_chunks(new)
-                    new.clear()
-                    buffered[0] = 0
-
-            res = chunking.rechunk(lambda off, n: os.pread(fd, n, off), size, old, dirty, on_chunk,
-                                   offsets=offsets)
+            res, new = capture_chunks(r, lambda off, n: os.pread(fd, n, off), size, old, dirty,
+                                      offsets, j.put_chunks)
         edit = res.edit_list()
         cache = None
         if len(old) + len(res.new_spans) >= LIST_CACHE_MIN:

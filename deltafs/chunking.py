@@ -401,14 +401,83 @@ def build_chunk(raw: bytes | memoryview, base: Base | None = None, level: int = 
     return NewChunk(cid, len(raw), payload)
 
 
-def pick_bases(old: Sequence[ChunkRef], edit: Replace) -> list[ChunkRef | None]:
-    """The base (old chunk id, length) for each new chunk of one edit span.
+class BaseFinder:
+    """Pick, for each new chunk of a re-chunking, the old chunk it replaces.
 
-    New chunks are paired with the removed old chunks in order; extra new
-    chunks (the span grew) use the last removed chunk, which is where an
-    insertion or an append comes from.  ``None`` when nothing was removed.
+    A changed chunk compresses to a few hundred bytes against the old chunk
+    holding the same text, and to a full standalone chunk against a
+    neighbour.  Offsets alone pick the neighbour whenever the bytes before
+    the chunk grew or shrank (a deleted line, a whole-file rewrite by an
+    editor), so the finder aligns the two versions on *anchors*: new chunks
+    equal to an old chunk near where the shift so far says it should be.
+    The new chunks between two anchors replace the old chunks between the
+    same anchors and are paired by relative position inside that run.
+
+    Feed every chunk of :func:`rechunk` in order to :meth:`feed`, then call
+    :meth:`finish`.  ``emit(span, raw, base)`` receives each chunk that needs
+    storing, ``base`` an old ``(id, length)`` or ``None``.  Chunks wait for
+    the next anchor at most ``hold`` bytes (then the shift alone decides),
+    so memory stays bounded on big rewrites.
     """
-    removed = list(old[edit.old_start : edit.old_start + edit.old_count])
-    if not removed:
-        return [None] * len(edit.new)
-    return [removed[min(i, len(removed) - 1)] for i in range(len(edit.new))]
+
+    def __init__(self, old: Sequence[ChunkRef], offsets: Sequence[int],
+                 emit: Callable[[Span, bytes, ChunkRef | None], None], hold: int = 8 << 20) -> None:
+        self.old, self.offsets, self.emit, self.hold = old, offsets, emit, hold
+        self.shift = 0  # new offset - old offset at the last anchor
+        self.after = 0  # old index just past the last anchor
+        self.pending: list[tuple[Span, bytes]] = []
+        self.held = 0
+
+    def _old_index(self, x: float) -> int:
+        return min(max(bisect.bisect_right(self.offsets, x) - 1, 0), len(self.old) - 1)
+
+    def _anchor(self, span: Span) -> int | None:
+        """Index of the old chunk equal to ``span`` near its expected place."""
+        if not self.old:
+            return None
+        k = self._old_index(span.offset - self.shift)
+        for j in range(max(k - 2, 0), min(k + 3, len(self.old))):
+            if self.old[j][0] == span.id:
+                return j
+        return None
+
+    def feed(self, span: Span, raw: bytes | memoryview | None) -> None:
+        """One chunk of the new version; ``raw`` is None if it needs no storing."""
+        j = self._anchor(span)
+        if j is not None:
+            self._flush(j)
+            self.shift, self.after = span.offset - self.offsets[j], j + 1
+            return
+        if raw is None:
+            return
+        if not self.old:
+            self.emit(span, bytes(raw), None)
+            return
+        self.pending.append((span, bytes(raw)))
+        self.held += len(raw)
+        if self.held >= self.hold:
+            last = self.pending[-1][0]
+            self._flush(self._old_index(last.offset + last.length - self.shift) + 1)
+
+    def finish(self) -> None:
+        if self.pending:
+            last = self.pending[-1][0]
+            self._flush(self._old_index(last.offset + last.length - 1 - self.shift) + 1)
+
+    def _flush(self, next_old: int) -> None:
+        if not self.pending:
+            return
+        first = self.pending[0][0]
+        lo = max(self.after, self._old_index(first.offset - self.shift))
+        lo = min(lo, len(self.old) - 1)
+        hi = min(max(next_old, lo + 1), len(self.old))
+        ostart, olen = self.offsets[lo], self.offsets[hi] - self.offsets[lo]
+        last = self.pending[-1][0]
+        nstart = first.offset
+        nlen = max(last.offset + last.length - nstart, 1)
+        for span, raw in self.pending:
+            rel = (span.offset + span.length / 2 - nstart) / nlen
+            k = min(max(self._old_index(ostart + rel * olen), lo), hi - 1)
+            self.emit(span, raw, self.old[k])
+        self.pending.clear()
+        self.held = 0

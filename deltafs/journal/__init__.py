@@ -67,10 +67,9 @@ Capture recipe for a content version (worker thread, no journal lock)::
 
     with j.reader() as r:
         old = r.chunk_list(base_seq) if base_seq else []
-    res = chunking.rechunk(pread, new_size, old, dirty, on_chunk=...)
-    # for each new span: base = chunking.pick_bases(old, edit)[i];
-    #   base_raw = r.read_chunk(base_id); depth = r.chunk_info(base_id).depth
-    #   chunking.build_chunk(data, chunking.Base(base_id, base_raw, depth))
+        # re-chunk around the dirty ranges; each new chunk is compressed
+        # against the old chunk it replaces (chunking.BaseFinder)
+        res, new_chunks = capture.capture_chunks(r, pread, new_size, old, dirty)
     j.submit([Change(op="write", file_id=..., path=..., size=new_size,
                      cause="fsync", base_seq=base_seq, edit=res.edit_list(),
                      chunks=new_chunks)], callback)

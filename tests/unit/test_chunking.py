@@ -162,8 +162,78 @@ def test_build_chunk_depth_bound():
     assert C.decompress_chunk(deep.payload) == raw
 
 
-def test_pick_bases_pairs_in_order():
-    old = [(bytes([i]) * 16, 100) for i in range(5)]
-    e = C.Replace(1, 2, tuple(C.Span(bytes([9 + i]) * 16, 0, 1) for i in range(3)))
-    assert C.pick_bases(old, e) == [old[1], old[2], old[2]]
-    assert C.pick_bases(old, C.Replace(5, 0, (C.Span(b"x" * 16, 0, 1),))) == [None]
+def _doc(rnd: random.Random, nlines: int) -> list[bytes]:
+    words = [rnd.randbytes(3).hex().encode() for _ in range(300)]
+    return [b" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 14))) + b"\n"
+            for _ in range(nlines)]
+
+
+def _paired(old_data: bytes, new_data: bytes, dirty) -> list[tuple[C.Span, bytes, C.ChunkRef | None]]:
+    old = C.chunk_bytes(old_data)
+    got = []
+    finder = C.BaseFinder(old, C.list_offsets(old), lambda s, raw, b: got.append((s, raw, b)))
+    old_ids = {c for c, _ in old}
+    C.rechunk(_pread(new_data), len(new_data), old, dirty,
+              lambda s, d: finder.feed(s, None if s.id in old_ids else d))
+    finder.finish()
+    return got
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_base_finder_pairs_changed_chunks_with_the_text_they_replace(seed):
+    """A whole-file rewrite that deletes and inserts lines early in the file
+    shifts every later chunk; each changed chunk must still be paired with
+    the old chunk holding its text, so its delta is small."""
+    rnd = random.Random(seed)
+    lines = _doc(rnd, 4000)
+    old_data = b"".join(lines)
+    for _ in range(4):
+        i = rnd.randrange(len(lines) - 3)
+        if rnd.random() < 0.5:
+            del lines[i:i + rnd.randint(1, 3)]
+        else:
+            lines[i:i] = _doc(rnd, rnd.randint(1, 3))
+    new_data = b"".join(lines)
+    old_raw = {}
+    pos = 0
+    for cid, n in C.chunk_bytes(old_data):
+        old_raw[cid] = old_data[pos:pos + n]
+        pos += n
+    got = _paired(old_data, new_data, [(0, len(new_data))])
+    assert 1 <= len(got) <= 12
+    for span, raw, base in got:
+        assert base is not None
+        nc = C.build_chunk(raw, C.Base(base[0], old_raw[base[0]], 0))
+        assert nc.base_id == base[0] and len(nc.payload) < 1200, (span, len(nc.payload))
+
+
+def test_base_finder_new_file_has_no_bases_and_holds_nothing():
+    data = _content(7, 300_000)
+    got = []
+    finder = C.BaseFinder([], [0], lambda s, raw, b: got.append((s, b)))
+    C.rechunk(_pread(data), len(data), [], [(0, len(data))], finder.feed)
+    assert not finder.pending
+    finder.finish()
+    assert got and all(b is None for _, b in got)
+    assert sum(s.length for s, _ in got) == len(data)
+
+
+def test_base_finder_bounds_what_it_holds():
+    old_data = _content(8, 400_000)
+    new_data = bytes(b ^ 0x5A for b in old_data)  # every chunk changes: no anchor at all
+    old = C.chunk_bytes(old_data)
+    got = []
+    finder = C.BaseFinder(old, C.list_offsets(old), lambda s, raw, b: got.append(b), hold=64 << 10)
+    peak = 0
+
+    def feed(span, data):
+        nonlocal peak
+        finder.feed(span, data)
+        peak = max(peak, finder.held)
+
+    C.rechunk(_pread(new_data), len(new_data), old, [(0, len(new_data))], feed)
+    finder.finish()
+    assert peak < (64 << 10) + C.MAX_SIZE
+    assert len(got) == len(C.chunk_bytes(new_data)) and all(b is not None for b in got)
+
+

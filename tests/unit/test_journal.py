@@ -13,6 +13,7 @@ import msgpack
 import pytest
 
 from deltafs import chunking as C
+from deltafs.capture import capture_chunks
 from deltafs.errors import CorruptionError, JournalFormatError, JournalLockedError, NotFoundError
 from deltafs.journal import CHECKPOINT_EVERY, Change, Journal
 from deltafs.journal import schema as S
@@ -42,21 +43,8 @@ def version(j: Journal, file_id: int, path: bytes, data: bytes, base_seq: int = 
     """What the capture layer does: rechunk against the base, delta-compress."""
     with j.reader() as r:
         old = r.chunk_list(base_seq) if base_seq else []
-        if dirty is None:
-            dirty = [(0, len(data))]
-        res = C.rechunk(lambda o, n: data[o : o + n], len(data), old, dirty)
-        chunks = []
-        seen = set()
-        for e in res.edits:
-            for span, base in zip(e.new, C.pick_bases(old, e)):
-                if r.has_chunk(span.id) or span.id in seen:
-                    continue
-                seen.add(span.id)
-                raw = data[span.offset : span.offset + span.length]
-                b = None
-                if base is not None:
-                    b = C.Base(base[0], r.read_chunk(base[0]), r.chunk_info(base[0]).depth)
-                chunks.append(C.build_chunk(raw, b))
+        res, chunks = capture_chunks(r, lambda o, n: data[o : o + n], len(data), old,
+                                     dirty or [(0, len(data))])
     return Change(op="write", file_id=file_id, path=path, size=len(data), cause=cause,
                   base_seq=base_seq, edit=res.edit_list(), chunks=chunks)
 

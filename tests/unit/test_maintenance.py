@@ -11,6 +11,7 @@ import pytest
 
 from deltafs import chunking as C
 from deltafs import cli, maintenance as M
+from deltafs.capture import capture_chunks
 from deltafs.journal import Change, Journal, ns_to_hlc
 from deltafs.journal import compact as JC
 from deltafs.journal import schema as S
@@ -99,17 +100,8 @@ def test_pinned_versions_survive():
 def version(j: Journal, file_id: int, path: bytes, data: bytes, base_seq: int = 0, dirty=None) -> Change:
     with j.reader() as r:
         old = r.chunk_list(base_seq) if base_seq else []
-        res = C.rechunk(lambda o, n: data[o : o + n], len(data), old, dirty or [(0, len(data))])
-        chunks, seen = [], set()
-        for e in res.edits:
-            for span, base in zip(e.new, C.pick_bases(old, e)):
-                if r.has_chunk(span.id) or span.id in seen:
-                    continue
-                seen.add(span.id)
-                b = None
-                if base is not None:
-                    b = C.Base(base[0], r.read_chunk(base[0]), r.chunk_info(base[0]).depth)
-                chunks.append(C.build_chunk(data[span.offset : span.offset + span.length], b))
+        res, chunks = capture_chunks(r, lambda o, n: data[o : o + n], len(data), old,
+                                     dirty or [(0, len(data))])
     return Change(op="write", file_id=file_id, path=path, size=len(data), cause="write",
                   base_seq=base_seq, edit=res.edit_list(), chunks=chunks)
 
