@@ -369,7 +369,7 @@ class Recorder:
                 offsets = chunking.list_offsets(old)
             res, new = capture_chunks(r, lambda off, n: os.pread(fd, n, off), size, old, dirty,
                                       offsets, j.put_chunks)
-        edit = res.edit_list()
+        edit = res.edit_list(old)
         cache = None
         if len(old) + len(res.new_spans) >= LIST_CACHE_MIN:
             cache = (chunking.apply_edit(old, edit), chunking.edit_offsets(offsets, edit))

@@ -22,6 +22,7 @@ Why these choices (measured numbers in docs/format.md, "Chunking"):
 from __future__ import annotations
 
 import bisect
+import difflib
 import itertools
 import operator
 import threading
@@ -158,9 +159,43 @@ class Rechunk:
     bytes_read: int = 0
     new_spans: list[Span] = field(default_factory=list)  # every Span in edits, in order
 
-    def edit_list(self) -> list[tuple[int, int, list[ChunkRef]]]:
-        """The edit in the journal's form: ``[(old_start, old_count, [(id, len)...])]``."""
-        return [(r.old_start, r.old_count, [(s.id, s.length) for s in r.new]) for r in self.edits]
+    def edit_list(self, old: Sequence[ChunkRef] | None = None) -> list[tuple[int, int, list[ChunkRef]]]:
+        """The edit in the journal's form: ``[(old_start, old_count, [(id, len)...])]``.
+
+        Given the ``old`` list, chunks a replacement left as they were are
+        taken out of it (a whole-file rewrite that changed two chunks
+        records two small replacements, not the whole list).
+        """
+        out: list[tuple[int, int, list[ChunkRef]]] = []
+        for r in self.edits:
+            refs = [(s.id, s.length) for s in r.new]
+            if old is None:
+                out.append((r.old_start, r.old_count, refs))
+            else:
+                out.extend(_minimal_replace(old, r.old_start, r.old_count, refs))
+        return out
+
+
+MATCH_LIMIT = 4096  # longest replacement aligned chunk by chunk; longer ones are only trimmed
+
+
+def _minimal_replace(old: Sequence[ChunkRef], start: int, count: int,
+                     refs: list[ChunkRef]) -> list[tuple[int, int, list[ChunkRef]]]:
+    """Split one replacement into the runs that really changed."""
+    a = list(old[start : start + count])
+    p = 0
+    while p < len(a) and p < len(refs) and a[p] == refs[p]:
+        p += 1
+    q = 0
+    while q < len(a) - p and q < len(refs) - p and a[-1 - q] == refs[-1 - q]:
+        q += 1
+    a, b, start = a[p : len(a) - q], refs[p : len(refs) - q], start + p
+    if not a and not b:
+        return []
+    if len(a) + len(b) > MATCH_LIMIT or not a or not b:
+        return [(start, len(a), b)]
+    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    return [(start + i1, i2 - i1, b[j1:j2]) for tag, i1, i2, j1, j2 in ops if tag != "equal"]
 
 
 def apply_edit(old: Sequence[ChunkRef], edits: Sequence) -> list[ChunkRef]:

@@ -60,7 +60,7 @@ mtime_ns, size, rdev, flags (rename: RENAME_EXCHANGE); xattr_name,
 xattr_value; and for op="write": cause in {write, fsync, preimage, scan,
 restore, rename-over}, base_seq (the content version the edit was computed
 against, 0 = none), edit = [(old_start, old_count, [(id, length), ...])]
-(``chunking.Rechunk.edit_list()``), chunks = [NewChunk] (new chunks; known
+(``chunking.Rechunk.edit_list(old)``), chunks = [NewChunk] (new chunks; known
 ones are deduplicated).
 
 Capture recipe for a content version (worker thread, no journal lock)::
@@ -71,7 +71,7 @@ Capture recipe for a content version (worker thread, no journal lock)::
         # against the old chunk it replaces (chunking.BaseFinder)
         res, new_chunks = capture.capture_chunks(r, pread, new_size, old, dirty)
     j.submit([Change(op="write", file_id=..., path=..., size=new_size,
-                     cause="fsync", base_seq=base_seq, edit=res.edit_list(),
+                     cause="fsync", base_seq=base_seq, edit=res.edit_list(old),
                      chunks=new_chunks)], callback)
 """
 

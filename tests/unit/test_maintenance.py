@@ -103,7 +103,7 @@ def version(j: Journal, file_id: int, path: bytes, data: bytes, base_seq: int = 
         res, chunks = capture_chunks(r, lambda o, n: data[o : o + n], len(data), old,
                                      dirty or [(0, len(data))])
     return Change(op="write", file_id=file_id, path=path, size=len(data), cause="write",
-                  base_seq=base_seq, edit=res.edit_list(), chunks=chunks)
+                  base_seq=base_seq, edit=res.edit_list(old), chunks=chunks)
 
 
 class History:
