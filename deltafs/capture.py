@@ -45,10 +45,12 @@ from deltafs.journal import Change, Journal
 log = logging.getLogger(__name__)
 
 REUSE_SECONDS = 120  # as the journal's REUSE_WINDOW_NS
-CHUNK_FLUSH_BYTES = 32 << 20
+CHUNK_FLUSH_BYTES = 32 << 20  # store new chunks ahead of their record beyond this much
 GROUP_WINDOW = 0.005  # seconds a commit may wait for more records when nobody waits for it
 LIST_CACHE_MIN = 64  # chunk lists at least this long are kept between captures
-LIST_CACHE_ENTRIES = 300_000  # bound of that cache (about 30 MB; a 1 GiB file has 65k chunks)  # store new chunks ahead of their record beyond this much
+LIST_CACHE_ENTRIES = 300_000  # bound of that cache (about 30 MB; a 1 GiB file has 65k chunks)
+RAW_CACHE_BYTES = 32 << 20  # raw bytes of recent bases and new chunks (chunking.RawCache)
+RESTART_HANDICAP = 2.0  # a delta against a skipped-to ancestor must be half a full copy
 _FULL = None  # dirty marker: the whole file
 
 
@@ -69,15 +71,16 @@ class Item:
             self.ready.set()
 
 
-def capture_chunks(r, pread, size: int, old, dirty, offsets=None,
-                   spill=None) -> tuple[chunking.Rechunk, list]:
+def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
+                   cache: chunking.RawCache | None = None) -> tuple[chunking.Rechunk, list]:
     """Re-chunk a file around its dirty ranges and build the chunks it lacks.
 
     ``r`` is a journal reader: chunks it already has are not rebuilt, and
     each new chunk is compressed against the old chunk it replaces (found by
     :class:`chunking.BaseFinder`).  With ``spill``, chunks are handed to it
     in batches of about CHUNK_FLUSH_BYTES so a big file is never held whole;
-    the rest are returned with the re-chunking.
+    the rest are returned with the re-chunking.  ``cache`` keeps the raw
+    bytes of bases and new chunks between captures.
     """
     if offsets is None:
         offsets = chunking.list_offsets(old)
@@ -85,14 +88,30 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None,
     seen: set[bytes] = set()
     buffered = 0
 
+    def base_for(bid: bytes) -> tuple[chunking.Base | None, float]:
+        """-> (base, handicap of a delta against it)."""
+        info = r.chunk_info(bid)
+        if info is None:
+            return None, 1.0
+        if info.depth < chunking.MAX_DELTA_DEPTH:
+            return chunking.Base(bid, r.read_chunk(bid, cache), info.depth), 1.0
+        # a chain at its longest restarts from an ancestor halfway down (a
+        # database page rewritten on every save: a delta against content a
+        # few dozen saves old, not a full copy), unless that ancestor is
+        # unrelated content (a log's tail chunk chains across chunks)
+        while info.depth > chunking.SKIP_TO_DEPTH:
+            bid = info.base_id
+            info = r.chunk_info(bid)
+            if info is None:
+                return None, 1.0
+        return chunking.Base(bid, r.read_chunk(bid, cache), info.depth), RESTART_HANDICAP
+
     def emit(span, raw, base_ref):
         nonlocal buffered
-        b = None
-        if base_ref is not None:
-            info = r.chunk_info(base_ref[0])
-            if info is not None:
-                b = chunking.Base(base_ref[0], r.read_chunk(base_ref[0]), info.depth)
-        nc = chunking.build_chunk(raw, b)
+        b, handicap = base_for(base_ref[0]) if base_ref is not None else (None, 1.0)
+        nc = chunking.build_chunk(raw, b, handicap=handicap)
+        if cache is not None:
+            cache.put(nc.id, raw)
         new.append(nc)
         buffered += len(nc.payload)
         if spill is not None and buffered >= CHUNK_FLUSH_BYTES:
@@ -125,6 +144,7 @@ class Recorder:
         self.queue: deque[Item] = deque()
         self.last_item: Item | None = None
         self._lists: OrderedDict[int, tuple[list, list]] = OrderedDict()  # seq -> (chunk list, offsets)
+        self.raw_cache = chunking.RawCache(RAW_CACHE_BYTES)
         self._list_entries = 0
         self._waiters = 0  # tasks waiting for a commit (fsync, flush, pre-image)
         self._hurry = trio.Event()  # set while anyone waits: no group-commit delay
@@ -368,7 +388,7 @@ class Recorder:
                 old = r.chunk_list(base) if base else []
                 offsets = chunking.list_offsets(old)
             res, new = capture_chunks(r, lambda off, n: os.pread(fd, n, off), size, old, dirty,
-                                      offsets, j.put_chunks)
+                                      offsets, j.put_chunks, self.raw_cache)
         edit = res.edit_list(old)
         cache = None
         if len(old) + len(res.new_spans) >= LIST_CACHE_MIN:

@@ -26,6 +26,7 @@ import difflib
 import itertools
 import operator
 import threading
+from collections import OrderedDict
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -54,7 +55,8 @@ CHUNKER_PARAMS = {
 
 WINDOW_MAX = 4 * 1024 * 1024  # biggest single pread while streaming
 ZSTD_LEVEL = 3
-MAX_DELTA_DEPTH = 64  # a base at this depth is not used: store standalone (reads: <= 64 decompressions)
+MAX_DELTA_DEPTH = 64  # longest delta chain (reads: <= 64 decompressions)
+SKIP_TO_DEPTH = MAX_DELTA_DEPTH // 2  # a base at MAX_DELTA_DEPTH is replaced by its ancestor at this depth
 
 CODEC_RAW = 0  # payload[1:] is the raw chunk (incompressible data)
 CODEC_ZSTD = 1  # payload[1:] is a zstd frame
@@ -377,28 +379,31 @@ def _dict(base_raw: bytes) -> zstandard.ZstdCompressionDict:
     return zstandard.ZstdCompressionDict(bytes(base_raw), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
-def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level: int = ZSTD_LEVEL) -> bytes:
+def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level: int = ZSTD_LEVEL,
+                   handicap: float = 1.0) -> bytes:
     """Encode a chunk: one codec byte then the body (see CODEC_*).
 
     With ``base_raw`` the chunk is compressed with the base's raw bytes as
     a zstd raw-content dictionary, which finds everything the edit left
     unchanged.  Whatever is smallest wins, raw included, so a payload never
     exceeds ``len(raw) + 1``; only a CODEC_ZSTD_DELTA payload needs a base.
+    A delta wins over a standalone encoding only if ``handicap`` times its
+    size is still smaller (a delta that lengthens a chain must pay for it).
     """
     raw = bytes(raw)
-    best = bytes([CODEC_RAW]) + raw
+    delta = None
     if base_raw:
         cctx = zstandard.ZstdCompressor(level=level, dict_data=_dict(base_raw), write_dict_id=False)
         delta = cctx.compress(raw)
-        if len(delta) + 1 < len(best):
-            best = bytes([CODEC_ZSTD_DELTA]) + delta
-        if len(delta) * 8 < len(raw):
-            return best  # the base clearly helped: skip the standalone try
-    if len(raw) >= 2 * SAMPLE and not _compressible(raw):
-        return best  # random, encrypted or already compressed: do not spend a full pass on it
-    plain = _compressor(level).compress(raw)
-    if len(plain) + 1 < len(best):
-        best = bytes([CODEC_ZSTD]) + plain
+        if len(delta) * 8 * handicap < len(raw):
+            return bytes([CODEC_ZSTD_DELTA]) + delta  # the base clearly helped
+    best = bytes([CODEC_RAW]) + raw
+    if len(raw) < 2 * SAMPLE or _compressible(raw):  # else random, encrypted or compressed
+        plain = _compressor(level).compress(raw)
+        if len(plain) + 1 < len(best):
+            best = bytes([CODEC_ZSTD]) + plain
+    if delta is not None and len(delta) * handicap + 1 < len(best):
+        best = bytes([CODEC_ZSTD_DELTA]) + delta
     return best
 
 
@@ -424,13 +429,14 @@ def decompress_chunk(payload: bytes | memoryview, base_raw: bytes | None = None)
     raise ValueError(f"unknown chunk codec {codec}")
 
 
-def build_chunk(raw: bytes | memoryview, base: Base | None = None, level: int = ZSTD_LEVEL) -> NewChunk:
+def build_chunk(raw: bytes | memoryview, base: Base | None = None, level: int = ZSTD_LEVEL,
+                handicap: float = 1.0) -> NewChunk:
     """Compress a new chunk, against ``base`` unless its chain is too deep."""
     raw = bytes(raw)
     cid = chunk_id(raw)
     if base is not None and (base.depth >= MAX_DELTA_DEPTH or base.id == cid):
         base = None
-    payload = compress_chunk(raw, base.raw if base else None, level)
+    payload = compress_chunk(raw, base.raw if base else None, level, handicap)
     if base is not None and payload_needs_base(payload):
         return NewChunk(cid, len(raw), payload, base.id, base.depth + 1)
     return NewChunk(cid, len(raw), payload)
@@ -516,3 +522,39 @@ class BaseFinder:
             self.emit(span, raw, self.old[k])
         self.pending.clear()
         self.held = 0
+
+
+class RawCache:
+    """Raw bytes of recently built or decoded chunks, up to ``budget`` bytes.
+
+    A chunk a capture just stored is the base of the next capture of the
+    same region, so keeping it spares decoding its delta chain again (up to
+    MAX_DELTA_DEPTH decompressions) on every save of a hot region.  Shared
+    by the capture worker threads.
+    """
+
+    def __init__(self, budget: int = 32 << 20) -> None:
+        self.budget = budget
+        self.size = 0
+        self._d: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, cid: bytes) -> bytes | None:
+        with self._lock:
+            raw = self._d.get(cid)
+            if raw is not None:
+                self._d.move_to_end(cid)
+            return raw
+
+    def put(self, cid: bytes, raw: bytes) -> None:
+        if len(raw) > self.budget // 8:
+            return
+        with self._lock:
+            if cid in self._d:
+                self._d.move_to_end(cid)
+                return
+            self._d[cid] = raw
+            self.size += len(raw)
+            while self.size > self.budget:
+                _, old = self._d.popitem(last=False)
+                self.size -= len(old)

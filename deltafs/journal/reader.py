@@ -262,8 +262,17 @@ class Reader:
         v = self.txn.get(cid, db=self.dbs[S.DB_REFS])
         return S.from_u64(v) if v else 0
 
-    def read_chunk(self, cid: bytes, _depth: int = 0) -> bytes:
-        """Raw bytes of a chunk, verified against its id."""
+    def read_chunk(self, cid: bytes, cache=None, _depth: int = 0) -> bytes:
+        """Raw bytes of a chunk, verified against its id.
+
+        ``cache`` (a :class:`deltafs.chunking.RawCache`) is asked first at
+        every step of a delta chain, so a chain is decoded only down to the
+        first chunk already known, and what is decoded is kept in it.
+        """
+        if cache is not None:
+            raw = cache.get(cid)
+            if raw is not None:
+                return raw
         v = self.txn.get(cid, db=self.dbs[S.DB_CHUNKS])
         if v is None:
             raise CorruptionError(f"chunk {cid.hex()} is missing from the journal")
@@ -271,7 +280,7 @@ class Reader:
             depth, raw_len, base, payload = S.decode_chunk(v)
             if _depth > 2 * 64:
                 raise ValueError("delta chain loops")
-            base_raw = self.read_chunk(base, _depth + 1) if base else None
+            base_raw = self.read_chunk(base, cache, _depth + 1) if base else None
             raw = decompress_chunk(payload, base_raw)
         except CorruptionError:
             raise
@@ -279,6 +288,8 @@ class Reader:
             raise CorruptionError(f"chunk {cid.hex()} cannot be decoded: {e}") from e
         if len(raw) != raw_len or chunk_id(raw) != cid:
             raise CorruptionError(f"chunk {cid.hex()} is corrupt: its content does not match its id")
+        if cache is not None:
+            cache.put(cid, raw)
         return raw
 
     def iter_content(self, seq: int) -> Iterator[bytes]:

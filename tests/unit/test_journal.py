@@ -262,3 +262,44 @@ def test_settings_and_kv(journal, jpath):
     journal.kv_delete("snapshots", "before-upgrade")
     with journal.reader() as r:
         assert r.kv_get("snapshots", "before-upgrade") is None
+
+
+def test_hot_chunk_chain_restarts_halfway_not_from_scratch(journal):
+    """A region rewritten on every save (a database header page) reaches the
+    longest delta chain; the next version is a delta against an ancestor
+    halfway down the chain, not a full copy, and every version reads back."""
+    rnd = random.Random(5)
+    words = [rnd.randbytes(4).hex().encode() for _ in range(200)]
+    data = bytearray(b" ".join(rnd.choice(words) for _ in range(2500)))
+    journal.commit([Change(op="create", file_id=1, path=b"db")])
+    seq, versions, sizes = 0, {}, []
+    for i in range(C.MAX_DELTA_DEPTH + 8):
+        data[100:108] = b"%08d" % i  # the same page, changed on every save
+        blob = bytes(data)
+        ch = version(journal, 1, b"db", blob, base_seq=seq, dirty=[(100, 108)])
+        sizes.append(sum(len(c.payload) for c in ch.chunks))
+        seq = journal.commit([ch])[0]
+        versions[seq] = blob
+    with journal.reader() as r:
+        depths = [r.chunk_info(cid).depth for cid, _ in (r.chunk_list(s)[0] for s in versions)]
+        assert max(depths) == C.MAX_DELTA_DEPTH
+        assert C.SKIP_TO_DEPTH + 1 in depths[C.MAX_DELTA_DEPTH:]
+        assert max(sizes[1:]) < 200, sizes  # no save stored the chunk in full again
+        for s, blob in versions.items():
+            assert r.read_content(s) == blob
+
+
+def test_raw_cache_stops_chain_decoding_and_keeps_its_budget(journal):
+    data = bytearray(random.Random(6).randbytes(4000) * 4)
+    journal.commit([Change(op="create", file_id=1, path=b"f")])
+    seq = 0
+    for i in range(10):
+        data[10:14] = b"%04d" % i
+        seq = journal.commit([version(journal, 1, b"f", bytes(data), base_seq=seq, dirty=[(10, 14)])])[0]
+    cache = C.RawCache(budget=8 * len(data))
+    with journal.reader() as r:
+        cid = r.chunk_list(seq)[0][0]
+        assert r.chunk_info(cid).depth == 9
+        assert r.read_chunk(cid, cache) == bytes(data)
+        assert len(cache._d) == 8 and cache.size <= cache.budget  # the chain, oldest evicted
+        assert cache.get(cid) == bytes(data)
