@@ -1,7 +1,9 @@
 # Two commands do everything on a fresh Debian machine (as root, or with sudo):
 #   make run    mount the built-in demo directory (SRC=demo/src MNT=demo/mnt) in the foreground
 #   make test   run the whole test suite
-# Both install what is missing first: the apt packages below and a .venv.
+#   make bench / make bench-full   regenerate docs/benchmarks.md (quick: ~10 min, full: ~40 min
+#               on a 2-core VM; full needs ~25 GiB of free disk)
+# All of them install what is missing first: the apt packages below and a .venv.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -29,7 +31,22 @@ $(VENV)/.installed: pyproject.toml | deps
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-venv: deps $(VENV)/.installed
+# pyfuse3 rebuilt from its hash-checked sdist with tools/pyfuse3/patch.py (no OPENDIR/RELEASEDIR
+# round trips, kernel-cached directory listings; see docs/fuse-notes.md). deltafs works on a
+# stock pyfuse3 too, only slower on directory-heavy work.
+PYFUSE3_BUILD := build/pyfuse3
+$(VENV)/.pyfuse3-patched: tools/pyfuse3/patch.py tools/pyfuse3/requirements.txt $(VENV)/.installed
+	rm -rf $(PYFUSE3_BUILD) && mkdir -p $(PYFUSE3_BUILD)
+	$(VENV)/bin/pip download -q --no-binary :all: --no-deps --require-hashes \
+	  -r tools/pyfuse3/requirements.txt -d $(PYFUSE3_BUILD)
+	tar -xzf $(PYFUSE3_BUILD)/pyfuse3-3.5.0.tar.gz -C $(PYFUSE3_BUILD)
+	$(VENV)/bin/python tools/pyfuse3/patch.py $(PYFUSE3_BUILD)/pyfuse3-3.5.0
+	SETUPTOOLS_SCM_PRETEND_VERSION=3.5.0 $(VENV)/bin/pip install -q --no-deps \
+	  $(PYFUSE3_BUILD)/pyfuse3-3.5.0
+	$(VENV)/bin/python -c "import pyfuse3; assert 'dir_handle_is_inode' in pyfuse3.DELTAFS_PATCHES"
+	touch $@
+
+venv: deps $(VENV)/.installed $(VENV)/.pyfuse3-patched
 
 run: venv
 	@$(VENV)/bin/python tools/make_demo.py $(SRC)
@@ -49,11 +66,27 @@ test: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "no tests were collected: failing"; exit 1; fi; exit $$rc
 
+# The three measurements of docs/benchmarks.md, one after the other, each writing its own
+# section (--write-docs keeps the others'): the paired native/no-capture/capture table, then
+# mirrors/log/diff/restore at scale, then journal size on edit histories. All three run even if
+# one fails; the exit status says whether any did. Ctrl-C stops the whole sequence.
+BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size
+define run_benches
+	@failed=""; for prog in $(BENCH_PROGRAMS); do \
+	  echo "== $$(date -u +%H:%M:%S) python -m $$prog $(1)" >&2; start=$$(date +%s); \
+	  $(VENV)/bin/python -m $$prog $(1); rc=$$?; \
+	  echo "== $$prog: exit $$rc after $$(( $$(date +%s) - start )) s" >&2; \
+	  if [ $$rc = 130 ]; then exit 130; fi; \
+	  if [ $$rc != 0 ]; then failed="$$failed $$prog"; fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "bench: failed:$$failed (see above)" >&2; exit 1; fi
+endef
+
 bench: venv
-	$(VENV)/bin/python -m tools.bench --quick
+	$(call run_benches,--quick --write-docs)
 
 bench-full: venv
-	$(VENV)/bin/python -m tools.bench
+	$(call run_benches,--write-docs)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

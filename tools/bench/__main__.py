@@ -19,15 +19,29 @@ def _terminate(signum, frame):   # SIGTERM/SIGHUP unwind like Ctrl-C: every fina
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tools.bench",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Time workloads on native ext4, deltafs --no-capture and deltafs with "
-                    "capture, in paired rounds, and print each ratio to native.")
+                    "capture, in paired rounds,\nand print each ratio to native, the daemon's "
+                    "CPU and memory, and the journal growth.",
+        epilog="One of the three measurements behind docs/benchmarks.md, each of which "
+               "rewrites only its own\nsection with --write-docs:\n"
+               "  python -m tools.bench                    this table (top of the file)\n"
+               "  python -m tools.bench.scale              mirrors, log, diff, restore at scale\n"
+               "  python -m tools.bench.history_size       journal size on edit histories\n"
+               "`make bench` runs the --quick mode of all three with --write-docs, "
+               "`make bench-full`\nthe full mode (this program alone: about 20 min with 3 "
+               "rounds on a 2-core VM, ~25 GiB of\nfree disk; it checks before starting).")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes (256 MiB, 64 MiB bs=4k, no 1 GiB edit, no 4 GiB run)")
+                   help="small sizes (256 MiB, 64 MiB bs=4k, 1,000 files, 500 tx, edits in "
+                        "1 and 64 MiB files, no 4 GiB memory run); full: 1 GiB, 256 MiB "
+                        "bs=4k, 4,000 files, 2,000 tx, edits up to 1 GiB, a 4 GiB write")
     p.add_argument("--rounds", type=int, default=3, help="counted rounds after 1 warm-up (3)")
     p.add_argument("--only", action="append", choices=[n for n, _ in wl.GROUPS],
                    help="run only this workload group (repeatable)")
     p.add_argument("--json", metavar="FILE", help="write the raw numbers as JSON")
-    p.add_argument("--write-docs", action="store_true", help="regenerate docs/benchmarks.md")
+    p.add_argument("--write-docs", action="store_true",
+                   help="regenerate this program's part of docs/benchmarks.md (everything "
+                        "above the keep-marker; the sections below it are kept)")
     p.add_argument("--work-dir", default=os.path.join(ROOT, "bench-work"),
                    help="where to work (default bench-work/ in the repo; same disk as native)")
     p.add_argument("--timeout", type=float, help="per-workload limit on a mount before its "
@@ -57,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted (mounts unmounted, work directory removed)", file=sys.stderr)
         return 130
+    except runner.NotEnoughDisk as e:
+        print(f"bench: not enough disk space: {e}", file=sys.stderr)
+        return 2
     rows = report.summarize(res)
     report.print_report(res, info, rows)
     if args.json:

@@ -49,6 +49,8 @@ def summarize(res: Results) -> list[dict]:
             row[t]["cpu_s"] = statistics.median([s.cpu for s in c if s.error is None]) \
                 if any(s.error is None for s in c) else None
             row[t]["peak_rss"] = max((s.hwm for s in c), default=0)
+            row[t]["peak_anon"] = max((s.anon for s in c), default=0)
+            row[t]["peak_file"] = max((s.file for s in c), default=0)
             js = [s.journal for s in c if s.error is None]
             row[t]["journal_bytes"] = statistics.median(js) if js else None
             ju = [s.journal_used for s in c if s.error is None]
@@ -124,16 +126,23 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def _rss(d: dict) -> str:
+    """Peak RSS (VmHWM), with the sampled anonymous peak when there is one."""
+    if not d.get("peak_anon"):
+        return _bytes(d["peak_rss"])
+    return f"{_bytes(d['peak_rss'])} (anon {_bytes(d['peak_anon'])})"
+
+
 def daemon_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["workload", "no-capture CPU (s)", "capture CPU (s)", "no-capture peak RSS",
-            "capture peak RSS", "journal added: LMDB used (du)", "capture settle (s)"]
+    head = ["workload", "no-capture CPU (s)", "capture CPU (s)", "no-capture peak RSS (anon)",
+            "capture peak RSS (anon)", "journal added: LMDB used (du)", "capture settle (s)"]
     body = []
     for r in rows:
         nc, c = r["nocap"], r["cap"]
         body.append([r["workload"],
                      "—" if nc["cpu_s"] is None else f"{nc['cpu_s']:.2f}",
                      "—" if c["cpu_s"] is None else f"{c['cpu_s']:.2f}",
-                     _bytes(nc["peak_rss"]), _bytes(c["peak_rss"]),
+                     _rss(nc), _rss(c),
                      f"{_bytes(c['journal_used'])} ({_bytes(c['journal_bytes'])})",
                      "—" if c["settle_s"] is None else f"{c['settle_s']:.1f}"])
     return head, body
@@ -175,20 +184,63 @@ def print_report(res: Results, info: dict, rows: list[dict]) -> None:
         print("capture cost (medians):")
         print(text_table(ch, cb))
         print()
-    print("daemon (median per counted round; peak RSS = max VmHWM during the workload):")
+    print("daemon (median per counted round; peak RSS = max VmHWM during the workload, "
+          "anon = peak RssAnon sampled every 0.1 s):")
     print(text_table(*daemon_rows(rows)))
     if res.big_write:
         print()
-        for t, b in res.big_write.items():
-            print(f"big write {t}: {_bytes(b['bytes'])} in {b['seconds']:.1f}s, daemon RSS "
-                  f"{_bytes(b['rss_start'])} -> max {_bytes(b['rss_max'])} -> end "
-                  f"{_bytes(b['rss_end'])}, journal +{_bytes(b['journal_used'])} used"
-                  + (f", FAILED {b['error']}" if b["error"] else ""))
+        print("daemon memory while writing one large file (RSS sampled every 0.25 s):")
+        print(text_table(*big_write_rows(res.big_write)))
+        for line in big_write_verdicts(res.big_write):
+            print(line)
+    if info.get("wall_s"):
+        print(f"\nthe run took {info['wall_s'] / 60:.1f} min")
     fails = [f for r in rows for f in r["failures"]]
     if fails or res.events:
         print()
         for f in res.events + fails:
             print(f"note: {one_line(f, 400)}")
+
+
+def big_write_rows(big: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per mount: time, then anonymous and file-backed RSS at start / max / end."""
+    head = ["target", "written", "write +fsync (s)", "settle (s)", "anon start → max → end",
+            "anon at ¼ ½ ¾ end of the write", "file-backed start → max → end", "VmHWM",
+            "journal added: LMDB used (du)"]
+    body = []
+    for t, b in big.items():
+        if "anon_max" not in b:   # a JSON from before the anon/file split
+            body.append([t, _bytes(b["bytes"]), f"{b['seconds']:.1f}", "—",
+                         f"total {_bytes(b['rss_start'])} → {_bytes(b['rss_max'])} → "
+                         f"{_bytes(b['rss_end'])}", "—", "—", "—",
+                         f"{_bytes(b['journal_used'])} ({_bytes(b['journal'])})"])
+            continue
+        arrow = lambda k: f"{_bytes(b[k + '_start'])} → {_bytes(b[k + '_max'])} → {_bytes(b[k + '_end'])}"
+        body.append([t, _bytes(b["bytes"]),
+                     f"{b['seconds']:.1f}" + (" FAILED" if b["error"] else ""),
+                     f"{b.get('settle_s', 0):.1f}", arrow("anon"),
+                     " / ".join(_bytes(x) for x in b["anon_quarters"]), arrow("file"),
+                     _bytes(b["hwm"]),
+                     f"{_bytes(b['journal_used'])} ({_bytes(b['journal'])})"])
+    return head, body
+
+
+def big_write_verdicts(big: dict) -> list[str]:
+    out = []
+    for t, b in big.items():
+        if b.get("error"):
+            out.append(f"- {t}: the write FAILED: {one_line(b['error'])}")
+        if b.get("flat") is None:
+            continue
+        grow = b["anon_max"] - b["anon_start"]
+        out.append(
+            f"- {t}: anonymous memory {'stayed flat' if b['flat'] else 'did NOT stay flat'}: "
+            f"its peak was {_bytes(grow)} above the start (limit {_bytes(b['flat_limit'])}; "
+            f"{_bytes(grow * (1 << 30) / b['bytes'])} per GiB written) while "
+            f"{_bytes(b['bytes'])} went through; file-backed pages (the LMDB map, page "
+            f"cache the kernel can reclaim) went from {_bytes(b['file_start'])} to a peak of "
+            f"{_bytes(b['file_max'])}.")
+    return out
 
 
 def load_json(path: str):
@@ -286,4 +338,4 @@ def capture_state(res: Results, rows: list[dict]) -> str:
                 "capture column measures the same pass-through as no-capture (the mount "
                 "accepts the flag either way)")
     return (f"capture was active: the capture mount's journal grew by {_bytes(added)} over the "
-            f"run (the no-capture journal by {_bytes(nocap)})")
+            f"timed workloads (the no-capture journal by {_bytes(nocap)})")

