@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import stat
+from collections import OrderedDict
 
 import pyfuse3
 import trio
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 _CAPS = b"security.capability"
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+LISTINGS_KEPT = 256  # unfinished readdir passes remembered without open handles
 # Flags that must not reach an open of /proc/self/fd/N: the kernel already
 # resolved and created the file, and O_NOFOLLOW would refuse the magic link.
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY | os.O_DIRECT
@@ -146,6 +148,9 @@ def _errors(fn):
 
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
+    # deltafs's pyfuse3 build (tools/pyfuse3/patch.py): no OPENDIR/RELEASEDIR
+    # round trips, listings cached by the kernel, readdir gets the inode
+    dir_handle_is_inode = "dir_handle_is_inode" in getattr(pyfuse3, "DELTAFS_PATCHES", ())
     supports_dot_lookup = False
 
     def __init__(self, src: str, *, hidden: tuple[int, int] | None = None, timeout: float = 86400.0,
@@ -171,6 +176,7 @@ class Operations(pyfuse3.Operations):
         self.nodes: dict[int, Node] = {ROOT: root}
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
+        self._listings: OrderedDict[int, list] = OrderedDict()  # ino -> snapshot of an unfinished pass
         self._dir_serial = 0
         self.path_gen = 0  # bumped by every rename/unlink/rmdir: cached node paths expire
 
@@ -380,6 +386,10 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def opendir(self, inode, ctx):
         node = self._node(inode)
+        if self.dir_handle_is_inode:
+            # Patched pyfuse3: ENOSYS makes the kernel stop sending OPENDIR
+            # and RELEASEDIR and cache listings (docs/fuse-notes.md).
+            raise FUSEError(errno.ENOSYS)
         fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
         self._dir_serial += 1
         fh = self._dir_serial
@@ -387,18 +397,37 @@ class Operations(pyfuse3.Operations):
         node.handles += 1
         return fh
 
-    @_errors
-    async def readdir(self, fh, start_id, token):
+    def _listing(self, fh: int, start_id: int) -> tuple[Node, list]:
+        """The directory and its entry snapshot for one readdir pass.
+
+        A pass starts at offset 0 (rewinddir starts a new one): entries
+        added meanwhile may or may not show, removed ones are skipped.
+        Without open handles (``dir_handle_is_inode``) ``fh`` is the
+        directory's inode and the snapshots of unfinished passes are kept
+        per inode, a bounded number of them.
+        """
+        if self.dir_handle_is_inode:
+            node = self._node(fh)
+            entries = self._listings.get(fh)
+            if start_id == 0 or entries is None:
+                entries = self._listings[fh] = self._scan_dir(node.fd)
+                while len(self._listings) > LISTINGS_KEPT:
+                    self._listings.popitem(last=False)
+            return node, entries
         dh = self.dirs[fh]
         if start_id == 0 or dh.entries is None:
-            # A snapshot per pass (rewinddir starts a new one): entries added
-            # meanwhile may or may not show, removed ones are skipped below.
-            with os.scandir(f"/proc/self/fd/{dh.fd}") as it:
-                dh.entries = [(b".", 0), (b"..", 0)]
-                dh.entries += [(os.fsencode(e.name), e.inode()) for e in it]
-        entries = dh.entries
+            dh.entries = self._scan_dir(dh.fd)
+        return dh.node, dh.entries
+
+    @staticmethod
+    def _scan_dir(fd: int) -> list:
+        with os.scandir(f"/proc/self/fd/{fd}") as it:
+            return [(b".", 0), (b"..", 0)] + [(os.fsencode(e.name), e.inode()) for e in it]
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        parent, entries = self._listing(fh, start_id)
         hidden = self.hidden_ino
-        parent = dh.node
         nodes = self.nodes
         for i in range(start_id, len(entries)):
             name, d_ino = entries[i]
@@ -439,6 +468,8 @@ class Operations(pyfuse3.Operations):
                 else:
                     os.close(fd)
             node.lookups += 1
+        if self.dir_handle_is_inode:
+            self._listings.pop(fh, None)  # the pass is complete
 
     @_errors
     async def releasedir(self, fh):
@@ -449,6 +480,13 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def fsyncdir(self, fh, datasync):
+        if self.dir_handle_is_inode:
+            fd = os.open(f"/proc/self/fd/{self._node(fh).fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                await trio.to_thread.run_sync(os.fsync, fd)
+            finally:
+                os.close(fd)
+            return
         dh = self.dirs[fh]
         await trio.to_thread.run_sync(os.fsync, dh.fd)
 

@@ -8,6 +8,8 @@ import subprocess
 import pytest
 from pathlib import Path
 
+from fusetools import IN_CI
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -149,6 +151,45 @@ def test_large_directory_listing(mounted):
         (d / n).touch()
     assert set(os.listdir(d)) == names
     assert set(os.listdir(mounted.src / "many")) == names
+
+
+def test_cached_listings_follow_every_change(mounted):
+    """The kernel keeps directory listings (patched pyfuse3: no opendir);
+    every change through the mount must still show in the next listing."""
+    d = mounted.mnt / "d"
+    d.mkdir()
+    (d / "a").write_text("a")
+    (d / "sub").mkdir()
+    steps = [
+        (lambda: (d / "b").write_text("b"), {"a", "b", "sub"}),
+        (lambda: os.unlink(d / "a"), {"b", "sub"}),
+        (lambda: os.rename(d / "b", d / "c"), {"c", "sub"}),
+        (lambda: os.rename(d / "c", mounted.mnt / "moved"), {"sub"}),
+        (lambda: os.link(mounted.mnt / "moved", d / "hard"), {"hard", "sub"}),
+        (lambda: os.symlink("hard", d / "sym"), {"hard", "sub", "sym"}),
+        (lambda: os.rmdir(d / "sub"), {"hard", "sym"}),
+        (lambda: os.mkdir(d / "new"), {"hard", "new", "sym"}),
+    ]
+    for change, expected in steps:
+        assert os.listdir(d) == os.listdir(d)  # the second listing comes from the cache
+        change()
+        assert set(os.listdir(d)) == expected
+        assert set(os.listdir(mounted.src / "d")) == expected
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)  # fsyncdir reaches the backing directory
+    finally:
+        os.close(fd)
+    assert sorted(e.name for e in os.scandir(mounted.mnt)) == sorted(["d", "moved"])
+
+
+def test_patched_pyfuse3_in_use():
+    """make builds pyfuse3 with tools/pyfuse3/patch.py; CI must test that build."""
+    import pyfuse3
+    from deltafs.ops import Operations
+    if not IN_CI and "dir_handle_is_inode" not in getattr(pyfuse3, "DELTAFS_PATCHES", ()):
+        pytest.skip("stock pyfuse3: run make venv for the patched build")
+    assert "dir_handle_is_inode" in pyfuse3.DELTAFS_PATCHES and Operations.dir_handle_is_inode
 
 
 def test_sigterm_unmounts_cleanly(mount_factory):
