@@ -45,12 +45,13 @@ from deltafs.journal import Change, Journal
 log = logging.getLogger(__name__)
 
 REUSE_SECONDS = 120  # as the journal's REUSE_WINDOW_NS
-CHUNK_FLUSH_BYTES = 32 << 20  # store new chunks ahead of their record beyond this much
+CHUNK_FLUSH_BYTES = 8 << 20  # store new chunks ahead of their record beyond this much
 GROUP_WINDOW = 0.005  # seconds a commit may wait for more records when nobody waits for it
 LIST_CACHE_MIN = 64  # chunk lists at least this long are kept between captures
 LIST_CACHE_ENTRIES = 300_000  # bound of that cache (about 30 MB; a 1 GiB file has 65k chunks)
 RAW_CACHE_BYTES = 32 << 20  # raw bytes of recent bases and new chunks (chunking.RawCache)
 RESTART_HANDICAP = 2.0  # a delta against a skipped-to ancestor must be half a full copy
+GONE_KEPT = 100_000  # paths remembered for REUSE_SECONDS after they lost their file
 _FULL = None  # dirty marker: the whole file
 
 
@@ -518,10 +519,16 @@ class Recorder:
             self.submit(Change(op="link", path=old, path2=new))
 
     def _gone(self, path: bytes) -> None:
+        """Remember a path that lost its file (a dict in time order: the oldest go first)."""
         now = time.monotonic()
-        if len(self.recently_gone) > 256:
-            self.recently_gone = {p: t for p, t in self.recently_gone.items() if now - t < REUSE_SECONDS}
-        self.recently_gone[path] = now
+        gone = self.recently_gone
+        gone.pop(path, None)
+        gone[path] = now
+        for p, t in gone.items():
+            if now - t < REUSE_SECONDS and len(gone) <= GONE_KEPT:
+                break
+            del gone[p]
+            break  # at most one per call: deleting ends the iteration, and one keeps pace
 
     def _was_gone(self, path: bytes) -> bool:
         t = self.recently_gone.pop(path, None)
