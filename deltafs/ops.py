@@ -177,6 +177,9 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._listings: OrderedDict[int, list] = OrderedDict()  # ino -> snapshot of an unfinished pass
+        self._negative = pyfuse3.EntryAttributes()  # st_ino 0: "no such entry", cached
+        self._negative.st_ino = 0
+        self._negative.entry_timeout = timeout
         self._dir_serial = 0
         self.path_gen = 0  # bumped by every rename/unlink/rmdir: cached node paths expire
 
@@ -292,7 +295,14 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._entry(self._node(parent_inode), name)
+        try:
+            return self._entry(self._node(parent_inode), name)
+        except FileNotFoundError:
+            # A negative entry the kernel keeps for the entry timeout: git
+            # status asks for a .gitignore in every directory on every run.
+            # Whatever creates the name later goes through the mount, which
+            # replaces the kernel's negative dentry.
+            return self._negative
 
     async def forget(self, inode_list):
         for ino, n in inode_list:

@@ -183,6 +183,31 @@ def test_cached_listings_follow_every_change(mounted):
     assert sorted(e.name for e in os.scandir(mounted.mnt)) == sorted(["d", "moved"])
 
 
+def test_names_that_did_not_exist_appear_when_created(mounted):
+    """Failed lookups are cached by the kernel (negative entries); every way
+    of creating a name through the mount must still make it visible."""
+    m = mounted.mnt
+    (m / "src").write_text("x")
+    makers = {
+        "created": lambda p: p.write_text("new"),
+        "made-dir": lambda p: p.mkdir(),
+        "renamed": lambda p: os.rename(m / "src", p),
+        "linked": lambda p: os.link(m / "renamed", p),
+        "symlinked": lambda p: os.symlink("renamed", p),
+        "fifo": lambda p: os.mkfifo(p),
+    }
+    for name, make in makers.items():
+        p = m / name
+        for _ in range(2):  # the second miss is answered from the kernel's cache
+            assert not os.path.lexists(p)
+        make(p)
+        assert os.path.lexists(p) and os.path.lexists(mounted.src / name)
+    os.unlink(m / "created")
+    assert not os.path.lexists(m / "created")
+    (m / "created").write_text("again")
+    assert (m / "created").read_text() == "again"
+
+
 def test_patched_pyfuse3_in_use():
     """make builds pyfuse3 with tools/pyfuse3/patch.py; CI must test that build."""
     import pyfuse3
