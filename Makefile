@@ -11,13 +11,21 @@ VENV := .venv
 SRC ?= demo/src
 MNT ?= demo/mnt
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv git sqlite3 rsync tar
+BENCH_APT_PACKAGES := borgbackup restic
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: run test bench bench-full deps venv clean
+.PHONY: run test bench bench-full deps bench-deps apt-install venv clean
 
 deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES)"
+
+# borg and restic are what history_size compares the journal with (issue 4's targets)
+bench-deps:
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(BENCH_APT_PACKAGES)"
+
+apt-install:
+	@missing=""; for p in $(PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -82,10 +90,10 @@ define run_benches
 	if [ -n "$$failed" ]; then echo "bench: failed:$$failed (see above)" >&2; exit 1; fi
 endef
 
-bench: venv
+bench: venv bench-deps
 	$(call run_benches,--quick --write-docs)
 
-bench-full: venv
+bench-full: venv bench-deps
 	$(call run_benches,--write-docs)
 
 clean:
