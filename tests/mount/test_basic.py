@@ -208,6 +208,17 @@ def test_names_that_did_not_exist_appear_when_created(mounted):
     assert (m / "created").read_text() == "again"
 
 
+def test_read_ahead_raised_to_a_request_per_mib(mounted):
+    """Sequential reads go to the daemon in 1 MiB requests, not 128 KiB ones."""
+    if os.geteuid() != 0:
+        pytest.skip("only root may change a device's read-ahead")
+    (mounted.mnt / "f").write_bytes(b"x")  # the mount has answered INIT and served
+    with open("/proc/self/mountinfo") as f:
+        dev = next(ln.split()[2] for ln in f if ln.split()[4] == str(mounted.mnt))
+    with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
+        assert int(f.read()) == 1024
+
+
 def test_patched_pyfuse3_in_use():
     """make builds pyfuse3 with tools/pyfuse3/patch.py; CI must test that build."""
     import pyfuse3
