@@ -524,11 +524,9 @@ class Recorder:
         gone = self.recently_gone
         gone.pop(path, None)
         gone[path] = now
-        for p, t in gone.items():
-            if now - t < REUSE_SECONDS and len(gone) <= GONE_KEPT:
-                break
-            del gone[p]
-            break  # at most one per call: deleting ends the iteration, and one keeps pace
+        oldest = next(iter(gone))  # one expiry per call keeps pace with one insertion
+        if now - gone[oldest] >= REUSE_SECONDS or len(gone) > GONE_KEPT:
+            del gone[oldest]
 
     def _was_gone(self, path: bytes) -> bool:
         t = self.recently_gone.pop(path, None)

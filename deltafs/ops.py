@@ -498,7 +498,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def fsyncdir(self, fh, datasync):
         if self.dir_handle_is_inode:
-            fd = os.open(f"/proc/self/fd/{self._node(fh).fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(self._proc(self._node(fh)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 await trio.to_thread.run_sync(os.fsync, fd)
             finally:

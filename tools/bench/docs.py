@@ -264,8 +264,5 @@ def write(res: Results, info: dict, rows: list[dict], meta: dict) -> str:
         old = ""
     kept = old[old.index(KEEP_MARKER):] if KEEP_MARKER in old else KEEP_MARKER + "\n"
     text = text.rstrip("\n") + "\n\n" + kept
-    tmp = DOC + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, DOC)
+    rp.replace_file(DOC, text)
     return DOC

@@ -599,10 +599,7 @@ def write_docs(text: str) -> str:
     else:
         tail = tail.rstrip("\n") + "\n\n" + text
     new = head + KEEP_MARKER + tail
-    tmp = DOC + ".history_size.tmp"
-    with open(tmp, "w") as f:
-        f.write(new)
-    os.replace(tmp, DOC)
+    rp.replace_file(DOC, new)
     return DOC
 
 

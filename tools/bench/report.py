@@ -77,6 +77,15 @@ def summarize(res: Results) -> list[dict]:
     return rows
 
 
+def replace_file(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename: a reader
+    (or a crash) never sees half a docs/benchmarks.md."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def one_line(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit] + "…"

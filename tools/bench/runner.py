@@ -66,6 +66,14 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _watchdog(timeout: float, t: tg.Target) -> threading.Timer:
+    """Kill the mount's daemon if a workload hangs past ``timeout`` (pending requests then fail)."""
+    dog = threading.Timer(timeout, t.abort)
+    dog.daemon = True
+    dog.start()
+    return dog
+
+
 def run_group(res: Results, ctx: Context, t: tg.Target, rnd: int, gname: str, fn) -> None:
     def settle() -> float:
         return wl.wait_quiet(lambda: tg.daemon_stats(t.pid).cpu) if t.is_mount else 0.0
@@ -84,9 +92,7 @@ def run_group(res: Results, ctx: Context, t: tg.Target, rnd: int, gname: str, fn
         dog = sampler = None
         if t.is_mount:
             sampler = tg.RssSampler(lambda: t.pid).start()
-            dog = threading.Timer(ctx.timeout, t.abort)
-            dog.daemon = True
-            dog.start()
+            dog = _watchdog(ctx.timeout, t)
         err = None
         t0 = time.perf_counter()
         try:
@@ -154,9 +160,7 @@ def big_write(res: Results, ctx: Context, t: tg.Target, size: int) -> None:
     j0, u0 = t.journal_bytes(), t.journal_used()
     c0 = tg.daemon_stats(t.pid).cpu
     sampler = tg.RssSampler(lambda: t.pid, interval=0.25, trace=True).start()
-    dog = threading.Timer(ctx.timeout, t.abort)
-    dog.daemon = True
-    dog.start()
+    dog = _watchdog(ctx.timeout, t)
     err = None
     t0 = time.perf_counter()
     try:

@@ -581,10 +581,7 @@ def write_docs(section: str) -> None:
     if not placed:
         tail = tail.rstrip("\n") + "\n\n" + section
     text = head + MARKER + tail
-    tmp = DOC + ".scale.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, DOC)
+    report.replace_file(DOC, text)
 
 
 def auto_notes(res: dict) -> list[str]:
