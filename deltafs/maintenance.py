@@ -94,6 +94,8 @@ class CompactReport:
     pressure_steps: int = 0  # extra thinning rounds to get under --journal-limit / disk-free floor
     policy: str | None = None  # the policy of the last round (its --retention text)
     data_bytes: int | None = None  # journal data after the pass (compact.data_bytes)
+    packs_emptied: int = 0  # pack files whose live values were moved out (compact.repack)
+    bytes_reclaimed: int = 0  # their dead bytes
     data_file_before: int | None = None  # --vacuum
     data_file_after: int | None = None
     pruned: list[int] = field(default_factory=list)
@@ -124,8 +126,9 @@ def plan(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: int | None = N
 
 
 def compact(j, policy: RetentionPolicy = RetentionPolicy(), dry_run: bool = False,
-            now_hlc: int | None = None) -> CompactReport:
-    """Apply retention and free unreferenced chunks, now (``j``: a writer)."""
+            now_hlc: int | None = None, dead_ratio: float = JC.REPACK_DEAD_RATIO) -> CompactReport:
+    """Apply retention, free unreferenced chunks and rewrite pack files more
+    than ``dead_ratio`` dead, now (``j``: a writer)."""
     prune, kept, files = plan(j, policy, now_hlc)
     rep = CompactReport(dry_run=dry_run, files=files, versions=len(prune) + len(kept), pruned=prune)
     if prune:
@@ -135,6 +138,9 @@ def compact(j, policy: RetentionPolicy = RetentionPolicy(), dry_run: bool = Fals
         rep.chunks_freed = res.chunks_freed
         rep.bytes_freed = res.bytes_freed
         rep.transactions = res.transactions
+    if not dry_run:
+        rp = JC.repack(j, dead_ratio)
+        rep.packs_emptied, rep.bytes_reclaimed = rp.packs_emptied, rp.bytes_reclaimed
     return rep
 
 
@@ -154,6 +160,7 @@ def vacuum(j) -> tuple[int, int]:
 # --- the journal size limit -------------------------------------------------------------
 FS_FREE_MIN_RATIO = 0.05  # below this share free on the journal's filesystem: pressure
 MAX_PRESSURE_STEPS = 40
+PRESSURE_DEAD_RATIO = 0.1  # over the limit, a pack 10 % dead is worth rewriting
 
 
 @dataclass
@@ -213,18 +220,25 @@ def compact_to_fit(j, policy: RetentionPolicy, limit: int | None, now_hlc: int |
     rep = compact(j, policy, now_hlc=now_hlc)
     p = policy
     pr = pressure(j, limit)
+    if pr.active:  # dead bytes in packs first, before thinning harder
+        rp = JC.repack(j, PRESSURE_DEAD_RATIO)
+        rep.packs_emptied += rp.packs_emptied
+        rep.bytes_reclaimed += rp.bytes_reclaimed
+        pr = pressure(j, limit)
     while pr.active and rep.pressure_steps < MAX_PRESSURE_STEPS:
         p2 = tighter(p)
         if p2 is None:
             break
         p = p2
-        r2 = compact(j, p, now_hlc=now_hlc)
+        r2 = compact(j, p, now_hlc=now_hlc, dead_ratio=PRESSURE_DEAD_RATIO)
         rep.pressure_steps += 1
         rep.versions_pruned += r2.versions_pruned
         rep.checkpoints_written += r2.checkpoints_written
         rep.chunks_freed += r2.chunks_freed
         rep.bytes_freed += r2.bytes_freed
         rep.transactions += r2.transactions
+        rep.packs_emptied += r2.packs_emptied
+        rep.bytes_reclaimed += r2.bytes_reclaimed
         rep.pruned += r2.pruned
         if r2.versions_pruned:
             pr = pressure(j, limit)

@@ -47,10 +47,11 @@ def journal_status(journal) -> dict:
         "ratio": round(raw / stored, 3) if stored else None,
         "data_file_bytes": st["data_file_bytes"],
         "data_file_allocated": st["data_file_allocated"],
+        "pack_bytes": st["pack_bytes"],
         "map_size": MAP_SIZE,
         "fs_free_bytes": vfs.f_bavail * vfs.f_frsize,
         "fs_size_bytes": vfs.f_blocks * vfs.f_frsize,
-        "data_bytes": data_bytes(journal),  # live pages: what --journal-limit counts
+        "data_bytes": data_bytes(journal),  # packs + live pages: what --journal-limit counts
         "limit_bytes": None,  # --journal-limit of the running mount
         "_mirrors": journal_mirrors,
     }, snaps
@@ -220,7 +221,7 @@ def format_text(st: dict) -> str:
     if st.get("error"):
         lines.append(f"  error      {st['error']}")
     if "records" in j:
-        lines.append(f"  journal    {j['path']}, {_size(j['data_file_allocated'])} on disk, "
+        lines.append(f"  journal    {j['path']}, {_size(j['data_file_allocated'] + j.get('pack_bytes', 0))} on disk, "
                      f"{_size(j['fs_free_bytes'])} free")
         ratio = f" ({j['ratio']:.2f}x)" if j.get("ratio") else ""
         if j.get("limit_bytes"):
@@ -285,6 +286,7 @@ def prometheus(statuses: list[dict]) -> bytes:
         "stored": g("deltafs_journal_stored_bytes", "bytes stored for chunks (compressed, deduplicated)"),
         "raw": g("deltafs_journal_raw_bytes", "bytes of the content versions before dedup and compression"),
         "data": g("deltafs_journal_data_file_bytes", "allocated size of data.mdb"),
+        "packs": g("deltafs_journal_pack_bytes", "size of the journal's pack files (chunk values)"),
         "free": g("deltafs_journal_fs_free_bytes", "free bytes on the journal's filesystem"),
         "snapshots": g("deltafs_snapshots", "named snapshots"),
         "versions": g("deltafs_capture_versions", "content versions recorded since the daemon started"),
@@ -303,7 +305,8 @@ def prometheus(statuses: list[dict]) -> bytes:
             m["uptime"].labels(*lv).set(st["uptime_s"])
         for key, field in (("records", "records"), ("chunks", "chunks"), ("files", "files"),
                            ("stored", "stored_bytes"), ("raw", "raw_bytes"),
-                           ("data", "data_file_allocated"), ("free", "fs_free_bytes")):
+                           ("data", "data_file_allocated"), ("packs", "pack_bytes"),
+                           ("free", "fs_free_bytes")):
             if j.get(field) is not None:
                 m[key].labels(*lv).set(j[field])
         m["snapshots"].labels(*lv).set(len(st.get("snapshots") or []))

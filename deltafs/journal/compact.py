@@ -26,6 +26,7 @@ import msgpack
 from deltafs.chunking import chunk_id, decompress_chunk
 
 from . import schema as S
+from .packs import PACK_MAGIC, add_pack_live, incref, pack_live
 from .records import ZERO_HASH, body_hash, decode_record, split_value
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,11 @@ def pruned_info(j, txn, seq: int) -> dict | None:
 
 
 def data_bytes(j) -> int:
-    """Bytes of live journal data: pages in use by every database (the
-    graveyard excluded: it empties by itself), i.e. data.mdb minus its free
-    pages.  data.mdb itself never shrinks without ``compact --vacuum``."""
+    """Bytes of journal data: the pack files plus the pages in use by every
+    database (the graveyard excluded: it empties by itself), i.e. data.mdb
+    minus its free pages.  data.mdb itself never shrinks without
+    ``compact --vacuum``; a pack's dead bytes go when :func:`repack` moves
+    its live values out."""
     pruned_db(j)
     graveyard_db(j)
     grave = j._dbs.get(DB_GRAVEYARD)
@@ -140,7 +143,86 @@ def data_bytes(j) -> int:
                 continue
             st = txn.stat(db)
             pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
-    return pages * psize
+    return pages * psize + j._packs.total_bytes()
+
+
+# --- pack files ---------------------------------------------------------------------
+REPACK_DEAD_RATIO = 0.5  # a closed pack is rewritten once this share of it is dead
+REPACK_TXN_BYTES = 64 << 20  # values moved per transaction at most
+
+
+@dataclass
+class RepackResult:
+    packs_emptied: int = 0
+    bytes_moved: int = 0
+    bytes_reclaimed: int = 0  # size of the emptied packs minus what was moved
+    packs_deleted: int = 0
+
+
+def repack(j, dead_ratio: float = REPACK_DEAD_RATIO) -> RepackResult:
+    """Move the live chunk values out of closed packs that are more than
+    ``dead_ratio`` dead (0: any dead byte) into the current pack, then
+    retire those packs: their files are deleted once no reader's snapshot
+    can still point into them (``Journal.delete_retired_packs``).  Small
+    transactions under the write lock, so a mount's writer interleaves."""
+    j._check_writable()
+    res = RepackResult()
+    sizes = j._packs.on_disk()
+    with j.reader() as r:
+        live = pack_live(r.txn, j._dbs)
+        v = r.txn.get(S.META_PACKS_RETIRED, db=j._dbs[S.DB_META])
+        retired = {p for p, _ in (msgpack.unpackb(v) if v else [])}
+    victims = set()
+    for p, size in sizes.items():
+        if p in retired:
+            continue
+        body = size - len(PACK_MAGIC)
+        dead = body - live.get(p, 0)
+        if dead > 0 and (dead > dead_ratio * body or live.get(p, 0) == 0):
+            victims.add(p)
+    if not victims:
+        res.packs_deleted = len(j.delete_retired_packs())
+        return res
+    with j._wlock:
+        if j._packs.current in victims:  # close it: appends go to a new pack from now on
+            j._packs.roll()
+    with j.reader() as r:  # the entries to move (re-checked in each transaction)
+        todo = [bytes(k) for k, v in r.txn.cursor(db=j._dbs[S.DB_CHUNKS]) if S.decode_loc(v)[1] in victims]
+    cdb, i = j._dbs[S.DB_CHUNKS], 0
+    while i < len(todo):
+        with j._wlock, j.env.begin(write=True) as txn:
+            moved = 0
+            while i < len(todo) and moved < REPACK_TXN_BYTES:
+                cid = todo[i]
+                i += 1
+                v = txn.get(cid, db=cdb)
+                if v is None:
+                    continue
+                refs, pack, off, length, depth = S.decode_loc(v)
+                if pack not in victims:
+                    continue
+                np, noff = j._packs.append(j._packs.read(pack, off, length))
+                txn.put(cid, S.encode_loc(refs, np, noff, length, depth), db=cdb)
+                add_pack_live(txn, j._dbs, pack, -length)
+                add_pack_live(txn, j._dbs, np, length)
+                moved += length
+            j._seal(txn)
+        res.bytes_moved += moved
+    with j._wlock, j.env.begin(write=True) as txn:
+        for p in victims:  # every live value moved: nothing in them counts any more
+            txn.delete(S.pack_live_key(p), db=j._dbs[S.DB_META])
+        v = txn.get(S.META_PACKS_RETIRED, db=j._dbs[S.DB_META])
+        lst = msgpack.unpackb(v) if v else []
+        # readers whose snapshot is this transaction or newer see the new locations
+        lst += [[p, txn.id()] for p in sorted(victims)]
+        txn.put(S.META_PACKS_RETIRED, _packb(lst), db=j._dbs[S.DB_META])
+        j._seal(txn)
+    res.packs_emptied = len(victims)
+    res.bytes_reclaimed = sum(sizes[p] for p in victims) - res.bytes_moved
+    res.packs_deleted = len(j.delete_retired_packs())
+    log.info("repacked %d pack(s): moved %d bytes, reclaimed %d", res.packs_emptied, res.bytes_moved,
+             res.bytes_reclaimed)
+    return res
 
 
 def is_pruned(j, txn, seq: int) -> bool:
@@ -192,22 +274,21 @@ class PruneResult:
 
 
 def _decref(txn, dbs, cid: bytes, zero: list[bytes]) -> None:
-    db = dbs[S.DB_REFS]
+    db = dbs[S.DB_CHUNKS]
     v = txn.get(cid, db=db)
-    n = S.from_u64(v) if v else 0
+    if v is None:
+        log.warning("chunk %s: named by a version being pruned but not stored", cid.hex())
+        return
+    n = S.loc_refs(v)
+    if n == 0:
+        log.warning("chunk %s: reference count already 0 while pruning", cid.hex())
+    txn.put(cid, S.with_refs(v, max(0, n - 1)), db=db)
     if n <= 1:
-        if n == 0:
-            log.warning("chunk %s: reference count already 0 while pruning", cid.hex())
-        txn.delete(cid, db=db)
         zero.append(cid)
-    else:
-        txn.put(cid, S.u64(n - 1), db=db)
 
 
 def _incref(txn, dbs, cid: bytes) -> None:
-    db = dbs[S.DB_REFS]
-    v = txn.get(cid, db=db)
-    txn.put(cid, S.u64((S.from_u64(v) if v else 0) + 1), db=db)
+    incref(txn, dbs, cid)
 
 
 def _chain_hits(r, seq: int, doomed: set[int], new_cps: set[int] = frozenset()) -> bool:
@@ -292,26 +373,33 @@ def prune(j, seqs: Iterable[int], retained: Iterable[int], dry_run: bool = False
                 if not rec.is_content:
                     raise ValueError(f"record {s} is a {rec.op}, not a content version")
                 txn.put(S.u64(s), _packb({"hlc": rec.hlc, "t": time.time_ns()}), db=db)
+                def uncount(cid: bytes) -> None:
+                    if j._uncounted.get((s, cid)):  # a clone never counted it (Journal._uncounted)
+                        j._uncounted[(s, cid)] -= 1
+                    else:
+                        _decref(txn, dbs, cid, zero)
+
                 for _, _, refs in rec.edit or []:
                     for cid, _ in refs:
-                        _decref(txn, dbs, cid, zero)
+                        uncount(cid)
                 cp = txn.get(S.u64(s), db=dbs[S.DB_CHECKPOINTS])
                 if cp is not None:
                     txn.delete(S.u64(s), db=dbs[S.DB_CHECKPOINTS])
                     for cid, _ in S.unpack_list(cp):
-                        _decref(txn, dbs, cid, zero)
+                        uncount(cid)
                 n_pruned += 1
             freed = freed_bytes = 0
             while zero:
                 cid = zero.pop()
-                if txn.get(cid, db=dbs[S.DB_REFS]) is not None:
-                    continue  # counted again since (cannot happen within one txn, but be sure)
-                val = txn.get(cid, db=dbs[S.DB_CHUNKS])
-                if val is None:
-                    continue
+                loc = txn.get(cid, db=dbs[S.DB_CHUNKS])
+                if loc is None or S.loc_refs(loc):
+                    continue  # freed already, or counted again since
+                _, pack, off, length, _ = S.decode_loc(loc)
+                val = j._packs.read(pack, off, length)
                 _, _, base, _ = S.decode_chunk(val)
                 txn.delete(cid, db=dbs[S.DB_CHUNKS])
-                txn.put(cid, S.u64(time.time_ns()) + bytes(val), db=gdb)
+                add_pack_live(txn, dbs, pack, -length)
+                txn.put(cid, S.u64(time.time_ns()) + val, db=gdb)
                 freed += 1
                 freed_bytes += len(val)
                 if base is not None:
@@ -371,14 +459,13 @@ def _estimate(j, doomed: list[int], keep: list[int], res: PruneResult) -> PruneR
             if cid in seen or refs.get(cid, 0) > 0:
                 continue
             seen.add(cid)
-            val = r.txn.get(cid, db=r.dbs[S.DB_CHUNKS])
-            if val is None:
+            info = r.chunk_info(cid)
+            if info is None:
                 continue
             res.chunks_freed += 1
-            res.bytes_freed += len(val)
-            _, _, base, _ = S.decode_chunk(val)
-            if base is not None:
-                dec(base)
+            res.bytes_freed += info.stored_len
+            if info.base_id is not None:
+                dec(info.base_id)
     return res
 
 
@@ -485,7 +572,10 @@ def verify(j, full: bool = False) -> VerifyResult:
 
 def _check_chunk(r, cid: bytes, length: int, good: set[bytes], depth: int = 0) -> str | None:
     """-> why chunk ``cid`` is bad, or None (and it and its bases join ``good``)."""
-    v = r.txn.get(cid, db=r.dbs[S.DB_CHUNKS])
+    try:
+        v = r.raw_chunk(cid)
+    except Exception as e:  # noqa: BLE001 - CorruptionError: pack missing or short
+        return f"chunk {cid.hex()} cannot be read: {e}"
     if v is None:
         return f"chunk {cid.hex()} is missing"
     if depth > 64:
@@ -532,6 +622,7 @@ def vacuum(j) -> tuple[tuple[int, int], tuple[int, int]]:
     if j._thread is not None or _ENVS.get(j.path, [None, None, None, 1])[3] != 1:
         raise RuntimeError("vacuum needs the only opener of the journal")
     purge_graveyard(j, 0)  # offline: no capture can name a freed chunk any more
+    repack(j, 0.0)
     before = data_file_sizes(j.path)
     tmp = os.path.join(j.path, "vacuum.tmp")
     os.makedirs(tmp, exist_ok=True)

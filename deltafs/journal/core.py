@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -23,6 +23,7 @@ from deltafs.errors import JournalError, JournalFormatError, JournalLockedError,
 
 from . import schema as S
 from .hlc import HLC, hlc_to_ns
+from .packs import PackFiles, add_pack_live, incref, oldest_reader_txn
 from .reader import LmdbStore, Reader
 from .records import CAUSES, OPS, Change, decode_record, encode_record
 from .state import apply_record
@@ -46,15 +47,21 @@ def _packb(v) -> bytes:
 class Journal:
     """An open journal.  Use :meth:`open`; see the package docstring."""
 
-    def __init__(self, path: str, env: lmdb.Environment, dbs: dict, readonly: bool, lock_fd: int | None, clock) -> None:
+    def __init__(self, path: str, env: lmdb.Environment, dbs: dict, packs: PackFiles, readonly: bool,
+                 lock_fd: int | None, clock) -> None:
         self.path = path
         self.env = env
         self._dbs = dbs
+        self._packs = packs
         self.readonly = readonly
         self._lock_fd = lock_fd
         self._wlock = threading.Lock()
         self._hlc = HLC(clock or time.time_ns)
         self._lists: OrderedDict[int, tuple[list, int, int]] = OrderedDict()
+        # (seq, chunk id) of entries of pruned records appended by append_raw whose
+        # chunk the mirror no longer had: not counted, so compact.prune must not
+        # uncount them either (in memory: a clone prunes before it closes the journal)
+        self._uncounted: Counter[tuple[int, bytes]] = Counter()
         self._list_entries = 0
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -63,6 +70,10 @@ class Journal:
             self.journal_id: str = r.meta(S.META_JOURNAL_ID)
             self.format_version: int = r.meta(S.META_FORMAT)
             self._hlc.restore(r.meta(S.META_HLC, 0))
+            pack_end = r.meta(S.META_PACK_END, [0, 0])
+        if not readonly:
+            packs.open_writer(*pack_end)
+            self.delete_retired_packs()
 
     # --- opening -------------------------------------------------------------
     @classmethod
@@ -74,12 +85,12 @@ class Journal:
             raise NotFoundError(f"no deltafs journal at {path}")
         lock_fd = None if readonly else _take_lock(path)
         try:
-            env, dbs = _share_env(path, readonly)
+            env, dbs, packs = _share_env(path, readonly)
         except BaseException:
             _release_lock(lock_fd)
             raise
         try:
-            j = cls(path, env, dbs, readonly, lock_fd, clock)
+            j = cls(path, env, dbs, packs, readonly, lock_fd, clock)
         except BaseException:
             _unshare_env(path)
             _release_lock(lock_fd)
@@ -90,6 +101,8 @@ class Journal:
     def close(self) -> None:
         if self._thread is not None:
             self.stop_writer()
+        if not self.readonly and self.env is not None:
+            self._packs.close_writer()
         if self.env is not None:
             _unshare_env(self.path)
             self.env = None
@@ -136,10 +149,10 @@ class Journal:
         self._check_writable()
         stored = 0
         with self._wlock, self.env.begin(write=True) as txn:
-            cdb = self._dbs[S.DB_CHUNKS]
             for nc in chunks:
-                val = S.encode_chunk(nc.depth if nc.base_id else 0, nc.raw_len, nc.base_id, nc.payload)
-                if txn.put(nc.id, val, db=cdb, overwrite=False):
+                depth = nc.depth if nc.base_id else 0
+                val = S.encode_chunk(depth, nc.raw_len, nc.base_id, nc.payload)
+                if self._put_value(txn, nc.id, val, depth):
                     stored += len(val)
                     if nc.base_id is not None:
                         self._incref(txn, nc.base_id)
@@ -147,6 +160,7 @@ class Journal:
                 mdb = self._dbs[S.DB_META]
                 rd = Reader(self, txn)
                 txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
+            self._seal(txn)
         return stored
 
     def append_raw(self, values: Sequence[bytes], chunks: dict[bytes, bytes] | None = None,
@@ -176,17 +190,20 @@ class Journal:
                 rd = Reader(self, txn)
                 cdb = self._dbs[S.DB_CHUNKS]
                 stored = raw = 0
+                new_bases = []  # a delta may come before its base: count bases once all are in
                 for cid, val in chunks.items():
                     depth, raw_len, base, _ = S.decode_chunk(val)
-                    if txn.put(cid, val, db=cdb, overwrite=False):
+                    if self._put_value(txn, cid, bytes(val), depth):
                         stored += len(val)
                         raw += raw_len
                         if base is not None:
-                            self._incref(txn, base)
+                            new_bases.append(base)
                 for cid, val in chunks.items():
                     base = S.decode_chunk(val)[2]
                     if base is not None and txn.get(base, db=cdb) is None:
                         raise CorruptionError(f"base chunk {base.hex()} of chunk {cid.hex()} is missing")
+                for base in new_bases:
+                    self._incref(txn, base)
                 head, prev = rd.head_seq(), rd.head_hash()
                 last_hlc = rd.record(head).hlc if head else -1
                 for value in values:
@@ -214,6 +231,7 @@ class Journal:
                     self._hlc.restore(last_hlc)
                 txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
                 txn.put(S.META_RAW, _packb(rd.meta(S.META_RAW, 0) + raw), db=mdb)
+                self._seal(txn)
                 txn.commit()
                 self.sync_count += 1
             except BaseException:
@@ -233,11 +251,14 @@ class Journal:
         entries = 0
         for _, _, refs in rec.edit or []:
             for cid, _ in refs:
-                if txn.get(cid, db=cdb) is None and not lenient:
-                    raise CorruptionError(f"record {rec.seq}: chunk {cid.hex()} is missing")
+                if txn.get(cid, db=cdb) is None:
+                    if not lenient:
+                        raise CorruptionError(f"record {rec.seq}: chunk {cid.hex()} is missing")
+                    self._uncounted[(rec.seq, cid)] += 1  # the prune that follows skips it
+                    continue
                 self._incref(txn, cid)
             entries += len(refs)
-        self._maybe_checkpoint(txn, rec.seq, base, new, total, depth + 1, accum + entries)
+        self._maybe_checkpoint(txn, rec.seq, base, new, total, depth + 1, accum + entries, lenient)
 
     def start_writer(self) -> None:
         """Start the group-commit thread used by :meth:`submit`."""
@@ -336,6 +357,7 @@ class Journal:
                         self._clear_list_cache()
                         log.warning("journal rejected a change: %s", e)
                         results.append(e)
+                self._seal(txn)
                 txn.commit()
                 self.sync_count += 1
             except BaseException as e:
@@ -403,9 +425,49 @@ class Journal:
         return _new_id()
 
     def _incref(self, txn, cid: bytes, n: int = 1) -> None:
-        db = self._dbs[S.DB_REFS]
-        v = txn.get(cid, db=db)
-        txn.put(cid, S.u64((S.from_u64(v) if v else 0) + n), db=db)
+        incref(txn, self._dbs, cid, n)
+
+    def _put_value(self, txn, cid: bytes, val: bytes, depth: int) -> bool:
+        """Append a chunk value to the pack and index it (refs 0), unless the
+        chunk is stored already.  -> whether it was stored now."""
+        cdb = self._dbs[S.DB_CHUNKS]
+        if txn.get(cid, db=cdb) is not None:
+            return False
+        pack, off = self._packs.append(val)
+        txn.put(cid, S.encode_loc(0, pack, off, len(val), depth), db=cdb)
+        add_pack_live(txn, self._dbs, pack, len(val))
+        return True
+
+    def _seal(self, txn) -> None:
+        """Before a commit: make the pack bytes it names durable and record
+        the pack's committed end (docs/format.md, "Pack files")."""
+        pos = self._packs.sync()
+        if pos is not None:
+            txn.put(S.META_PACK_END, _packb(list(pos)), db=self._dbs[S.DB_META])
+
+    def delete_retired_packs(self) -> list[int]:
+        """Delete packs emptied by compaction once no LMDB reader (in any
+        process) holds a snapshot older than the move.  -> packs deleted."""
+        with self.env.begin() as txn:
+            v = txn.get(S.META_PACKS_RETIRED, db=self._dbs[S.DB_META])
+        retired = msgpack.unpackb(v) if v else []
+        if not retired:
+            return []
+        self.env.reader_check()  # forget slots of dead processes
+        oldest = oldest_reader_txn(self.env)
+        done = [p for p, t in retired if oldest is None or oldest >= t]
+        if not done:
+            return []
+        with self._wlock, self.env.begin(write=True) as txn:
+            v = txn.get(S.META_PACKS_RETIRED, db=self._dbs[S.DB_META])
+            left = [[p, t] for p, t in (msgpack.unpackb(v) if v else []) if p not in done]
+            self._packs.delete(done)
+            if left:
+                txn.put(S.META_PACKS_RETIRED, _packb(left), db=self._dbs[S.DB_META])
+            else:
+                txn.delete(S.META_PACKS_RETIRED, db=self._dbs[S.DB_META])
+        log.info("deleted %d emptied pack file(s)", len(done))
+        return done
 
     def _chunk_present(self, txn, cid: bytes) -> bool:
         """Is the chunk stored?  One freed by GC after a capture saw it is
@@ -417,12 +479,12 @@ class Journal:
         if v is None:
             return False
         val = bytes(v[8:])
-        _, _, base, _ = S.decode_chunk(val)
+        depth, _, base, _ = S.decode_chunk(val)
         if base is not None:
             if not self._chunk_present(txn, base):
                 return False
             self._incref(txn, base)
-        txn.put(cid, val, db=self._dbs[S.DB_CHUNKS])
+        self._put_value(txn, cid, val, depth)
         txn.delete(cid, db=gdb)
         log.info("chunk %s freed by compaction is named again: brought back", cid.hex())
         return True
@@ -439,8 +501,9 @@ class Journal:
                 raise ValueError("chunk id must be 16 bytes")
             if nc.base_id is not None and not self._chunk_present(txn, nc.base_id):
                 raise ValueError(f"base chunk {nc.base_id.hex()} of chunk {nc.id.hex()} is not stored")
-            val = S.encode_chunk(nc.depth if nc.base_id else 0, nc.raw_len, nc.base_id, nc.payload)
-            if txn.put(nc.id, val, db=cdb, overwrite=False):
+            depth = nc.depth if nc.base_id else 0
+            val = S.encode_chunk(depth, nc.raw_len, nc.base_id, nc.payload)
+            if self._put_value(txn, nc.id, val, depth):
                 stored += len(val)
                 raw += nc.raw_len
                 if nc.base_id is not None:
@@ -469,13 +532,18 @@ class Journal:
         return stored, S.packed_hash(new)
 
     def _maybe_checkpoint(self, txn, seq: int, base: int, new: bytes, total: int, depth: int,
-                          accum: int) -> tuple[int, int]:
+                          accum: int, lenient: bool = False) -> tuple[int, int]:
         """Write a full list (checkpoint) when the edit chain got long; cache the list."""
         entries = len(new) // S.ENTRY_LEN
         if base and (depth >= S.checkpoint_every(entries) or accum > 2 * entries + 64):
             txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS])
+            cdb = self._dbs[S.DB_CHUNKS]
             for o in range(0, len(new), S.ENTRY_LEN):
-                self._incref(txn, new[o : o + S.ID_LEN])
+                cid = new[o : o + S.ID_LEN]
+                if lenient and txn.get(cid, db=cdb) is None:
+                    self._uncounted[(seq, cid)] += 1
+                    continue
+                self._incref(txn, cid)
             depth = accum = 0
         self._cache_list(seq, new, total, depth, accum)
         return depth, accum
@@ -511,7 +579,7 @@ class Journal:
 # python-lmdb refuses to open one environment twice in a process, so a
 # read-only opener in the writer's process (history tools run in-process,
 # tests) shares the writer's environment.
-_ENVS: dict[str, list] = {}  # path -> [env, dbs, readonly, users]
+_ENVS: dict[str, list] = {}  # path -> [env, dbs, readonly, users, PackFiles]
 _ENVS_LOCK = threading.Lock()
 
 
@@ -522,7 +590,7 @@ def _share_env(path: str, readonly: bool):
             if e[2] and not readonly:
                 raise JournalError(f"journal {path} is already open read-only in this process")
             e[3] += 1
-            return e[0], e[1]
+            return e[0], e[1], e[4]
         try:
             env = lmdb.open(
                 path, map_size=MAP_SIZE, max_dbs=S.MAX_DBS, readonly=readonly, lock=True,
@@ -535,8 +603,9 @@ def _share_env(path: str, readonly: bool):
         except BaseException:
             env.close()
             raise
-        _ENVS[path] = [env, dbs, readonly, 1]
-        return env, dbs
+        packs = PackFiles(path)
+        _ENVS[path] = [env, dbs, readonly, 1, packs]
+        return env, dbs, packs
 
 
 def _unshare_env(path: str) -> None:
@@ -545,6 +614,7 @@ def _unshare_env(path: str) -> None:
         e[3] -= 1
         if e[3] == 0:
             del _ENVS[path]
+            e[4].close()
             e[0].close()
 
 
@@ -581,11 +651,14 @@ def _open_dbs(env: lmdb.Environment, path: str, readonly: bool) -> dict:
         meta = env.open_db(S.DB_META, create=not readonly)
     except lmdb.NotFoundError:
         raise JournalFormatError(f"{path} is not a deltafs journal (no meta database)") from None
+    upgrade = False
     with env.begin(write=not readonly) as txn:
         fmt = txn.get(S.META_FORMAT, db=meta)
         if fmt is None and readonly:
             raise JournalFormatError(f"{path} is not an initialised deltafs journal")
-        if fmt is not None:
+        if fmt is not None and msgpack.unpackb(fmt) == 1 and not readonly:
+            upgrade = True  # after this transaction (see upgrade.py)
+        elif fmt is not None:
             _check_format(path, msgpack.unpackb(fmt), txn.get(S.META_CHUNKER, db=meta))
         else:
             txn.put(S.META_FORMAT, _packb(S.FORMAT_VERSION), db=meta)
@@ -594,6 +667,12 @@ def _open_dbs(env: lmdb.Environment, path: str, readonly: bool) -> dict:
             txn.put(S.META_CHUNKER, _packb(CHUNKER_PARAMS), db=meta)
             txn.put(S.META_HLC, _packb(0), db=meta)
             log.info("created journal %s", path)
+    if upgrade:
+        from .upgrade import upgrade_1_to_2
+
+        with env.begin() as txn:
+            _check_chunker(path, txn.get(S.META_CHUNKER, db=meta))
+        upgrade_1_to_2(env, path, meta)
     for name in S.ALL_DBS:
         try:
             dbs[name] = meta if name == S.DB_META else env.open_db(name, create=not readonly)
@@ -603,10 +682,18 @@ def _open_dbs(env: lmdb.Environment, path: str, readonly: bool) -> dict:
 
 
 def _check_format(path: str, fmt, chunker: bytes | None) -> None:
+    if fmt == 1:
+        raise JournalFormatError(
+            f"journal {path} has format version 1; open it once for writing (deltafs mount, or "
+            f"deltafs compact --journal {path}) to upgrade it to format {S.FORMAT_VERSION}")
     if fmt != S.FORMAT_VERSION:
         raise JournalFormatError(
             f"journal {path} has format version {fmt}; this deltafs reads format version {S.FORMAT_VERSION}"
         )
+    _check_chunker(path, chunker)
+
+
+def _check_chunker(path: str, chunker: bytes | None) -> None:
     if chunker is None or msgpack.unpackb(chunker, raw=False) != CHUNKER_PARAMS:
         raise JournalFormatError(f"journal {path} was chunked with other parameters than this deltafs uses")
 

@@ -250,17 +250,21 @@ class Reader:
         v = self.txn.get(cid, db=self.dbs[S.DB_CHUNKS])
         if v is None:
             return None
-        depth, raw_len, base, _ = S.decode_chunk(v)
-        return ChunkInfo(raw_len, len(v), base, depth)
+        _, pack, off, length, _ = S.decode_loc(v)
+        depth, raw_len, base, _ = S.decode_chunk(self._j._packs.read(pack, off, min(length, S.CHUNK_HDR_MAX)))
+        return ChunkInfo(raw_len, length, base, depth)
 
     def raw_chunk(self, cid: bytes) -> bytes | None:
         """The stored chunk value (header, base id, payload) as in docs/format.md, or None."""
         v = self.txn.get(cid, db=self.dbs[S.DB_CHUNKS])
-        return bytes(v) if v is not None else None
+        if v is None:
+            return None
+        _, pack, off, length, _ = S.decode_loc(v)
+        return self._j._packs.read(pack, off, length)
 
     def chunk_refs(self, cid: bytes) -> int:
-        v = self.txn.get(cid, db=self.dbs[S.DB_REFS])
-        return S.from_u64(v) if v else 0
+        v = self.txn.get(cid, db=self.dbs[S.DB_CHUNKS])
+        return S.loc_refs(v) if v else 0
 
     def read_chunk(self, cid: bytes, cache=None, _depth: int = 0) -> bytes:
         """Raw bytes of a chunk, verified against its id.
@@ -273,7 +277,7 @@ class Reader:
             raw = cache.get(cid)
             if raw is not None:
                 return raw
-        v = self.txn.get(cid, db=self.dbs[S.DB_CHUNKS])
+        v = self.raw_chunk(cid)
         if v is None:
             raise CorruptionError(f"chunk {cid.hex()} is missing from the journal")
         try:
@@ -371,6 +375,7 @@ class Reader:
             "raw_bytes": self.meta(S.META_RAW, 0),
             "data_file_bytes": os.stat(data).st_size,
             "data_file_allocated": os.stat(data).st_blocks * 512,
+            "pack_bytes": self._j._packs.total_bytes(),
         }
 
     def setting(self, name: str, default=None):

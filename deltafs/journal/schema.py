@@ -10,7 +10,7 @@ import hashlib
 import struct
 from typing import Iterable, Sequence
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chunk values in pack files, refs in the chunk index
 MAX_DBS = 16
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
 CHECKPOINT_MAX = 256  # a long one (>= 8192 entries) may need up to this many (see checkpoint_every)
@@ -32,14 +32,14 @@ DB_FILES = b"files"
 DB_PATHS = b"paths"
 DB_HISTORY = b"history"
 DB_PATHLOG = b"pathlog"
-DB_CHUNKS = b"chunks"
-DB_REFS = b"refs"
+DB_CHUNKS = b"chunks"  # chunk id -> location and refs (encode_loc); values in pack files
+DB_REFS = b"refs"  # format 1 only (refs are in the chunk index since format 2)
 DB_CHECKPOINTS = b"checkpoints"
 DB_SNAPSHOTS = b"snapshots"
 DB_MIRRORS = b"mirrors"
 ALL_DBS = (
     DB_META, DB_CHANGES, DB_FILES, DB_PATHS, DB_HISTORY, DB_PATHLOG,
-    DB_CHUNKS, DB_REFS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS,
+    DB_CHUNKS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS,
 )
 KV_DBS = {"snapshots": DB_SNAPSHOTS, "mirrors": DB_MIRRORS}
 
@@ -52,9 +52,18 @@ META_CHUNKER = b"chunker"
 META_STORED = b"stored_bytes"
 META_RAW = b"raw_bytes"
 META_SETTING_PREFIX = b"set:"
+META_PACK_END = b"pack_end"  # [pack, length]: the committed end of the current pack
+META_PACK_LIVE_PREFIX = b"pack_live:"  # + u32 pack: bytes of chunk values the index names in it
+META_PACKS_RETIRED = b"packs_retired"  # [[pack, txnid], ...]: emptied packs to delete
+
+
+def pack_live_key(pack: int) -> bytes:
+    return META_PACK_LIVE_PREFIX + pack.to_bytes(4, "big")
 
 _U64 = struct.Struct(">Q")
 _CHUNK_HDR = struct.Struct(">BBI")  # fmt, depth, raw_len
+_LOC = struct.Struct(">IIIIB")  # chunk index value: refs, pack, offset, length, depth
+CHUNK_HDR_MAX = _CHUNK_HDR.size + 16  # header + base id
 CHUNK_FMT = 1
 ID_LEN = 16
 HASH_LEN = 32
@@ -145,6 +154,24 @@ def encode_chunk(depth: int, raw_len: int, base_id: bytes | None, payload: bytes
         assert base_id is not None and len(base_id) == ID_LEN
         return hdr + base_id + payload
     return hdr + payload
+
+
+def encode_loc(refs: int, pack: int, offset: int, length: int, depth: int) -> bytes:
+    """The ``chunks`` index value: where the chunk value is and who names it."""
+    return _LOC.pack(refs, pack, offset, length, depth)
+
+
+def decode_loc(v: bytes) -> tuple[int, int, int, int, int]:
+    """-> (refs, pack, offset, length, depth)."""
+    return _LOC.unpack(v)
+
+
+def with_refs(v: bytes, refs: int) -> bytes:
+    return refs.to_bytes(4, "big") + bytes(v[4:])
+
+
+def loc_refs(v: bytes) -> int:
+    return int.from_bytes(v[:4], "big")
 
 
 def decode_chunk(value: bytes) -> tuple[int, int, bytes | None, memoryview]:

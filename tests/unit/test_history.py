@@ -16,7 +16,7 @@ from deltafs.errors import EXIT_JOURNAL, EXIT_PARTIAL, EXIT_USAGE, JournalLocked
 from deltafs.journal import Change, Journal
 from deltafs.journal import schema as S
 
-from test_journal import FakeClock, version
+from test_journal import FakeClock, corrupt_chunk, version
 
 SEC = 10**9
 T0 = 1_700_000_000 * SEC
@@ -311,16 +311,6 @@ def test_tree_restore_to_dest(b, tmp_path, capsys):
     # now it is gone: the path at the head is not found
     rc, _, err = rcli(capsys, "restore", "--journal", jdir(b), "top", "--to", tmp_path / "x")
     assert rc == EXIT_USAGE and "does not exist now" in err
-
-
-def corrupt_chunk(journal_path, cid: bytes) -> None:
-    env = lmdb.open(str(journal_path), max_dbs=16, map_size=1 << 40)
-    db = env.open_db(S.DB_CHUNKS)
-    with env.begin(write=True) as txn:
-        v = bytearray(txn.get(cid, db=db))
-        v[-1] ^= 0xFF
-        txn.put(cid, bytes(v), db=db)
-    env.close()
 
 
 def test_corrupt_chunk_is_named_and_the_rest_restored(b, tmp_path, capsys):

@@ -87,19 +87,27 @@ def test_tamper_one_byte_is_named(journal, jpath):
             r.verify()
 
 
+def corrupt_chunk(journal_path, cid: bytes, at: int = -1) -> None:
+    """Flip the byte ``at`` (from the end) of a stored chunk value, in its pack file."""
+    env = lmdb.open(str(journal_path), max_dbs=S.MAX_DBS, map_size=1 << 40, readonly=True)
+    with env.begin() as txn:
+        _, pack, off, length, _ = S.decode_loc(txn.get(cid, db=env.open_db(S.DB_CHUNKS, txn=txn)))
+    env.close()
+    fd = os.open(os.path.join(journal_path, "packs", f"{pack:08x}.pack"), os.O_RDWR)
+    try:
+        pos = off + length + at if at < 0 else off + at
+        os.pwrite(fd, bytes([os.pread(fd, 1, pos)[0] ^ 0xFF]), pos)
+    finally:
+        os.close(fd)
+
+
 def test_corrupt_chunk_is_named(journal, jpath):
     data = random.Random(1).randbytes(50_000)
     seq = journal.commit([version(journal, 1, b"f", data)])[0]
     with journal.reader() as r:
         cid = r.chunk_list(seq)[0][0]
     journal.close()
-    env = lmdb.open(str(jpath), max_dbs=S.MAX_DBS)
-    db = env.open_db(S.DB_CHUNKS)
-    with env.begin(write=True) as txn:
-        v = bytearray(txn.get(cid, db=db))
-        v[-1] ^= 1
-        txn.put(cid, bytes(v), db=db)
-    env.close()
+    corrupt_chunk(jpath, cid)
     with Journal.open(jpath, readonly=True) as j, j.reader() as r:
         r.verify()  # the chain itself is fine
         with pytest.raises(CorruptionError, match=cid.hex()):

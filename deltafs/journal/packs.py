@@ -1,0 +1,269 @@
+"""Append-only pack files: where a format-2 journal keeps its chunk values.
+
+LMDB holds the index (``chunks``: chunk id -> refs, pack, offset, length,
+depth); the values themselves are appended back to back to numbered files
+in ``JOURNAL/packs/``.  A value never moves inside a file; compaction
+copies the live values of a mostly dead pack to the current one and
+deletes the old file once no LMDB reader can still see the old locations
+(docs/format.md, "Pack files").
+
+Why not LMDB values: a chunk value over ~2 KiB takes whole 4 KiB overflow
+pages, and random 16-byte keys leave leaf pages 60-75 % full, so a
+journal of small deltas spent 1.6-1.8x the bytes it stored.
+
+Durability: the writer appends with ``pwrite`` and, before the LMDB
+transaction that names the new values commits, ``fdatasync``s every pack
+it wrote to (and the directory when it created one); the committed end of
+the current pack is kept in ``meta`` in the same transaction.  At open a
+writer cuts the current pack back to that end and deletes newer packs, so
+bytes of a transaction that never committed disappear.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import threading
+
+import msgpack
+
+from deltafs.errors import CorruptionError
+
+from . import schema as S
+
+PACK_DIR = "packs"
+PACK_MAGIC = b"DFSJPK2\n"  # first 8 bytes of every pack file
+PACK_MAX = 256 << 20  # a pack is closed once it holds this much
+FLUSH_BYTES = 4 << 20  # appended values are written out in pieces of about this size
+_NAME = re.compile(r"^([0-9a-f]{8})\.pack$")
+
+
+def pack_name(n: int) -> str:
+    return f"{n:08x}.pack"
+
+
+class PackFiles:
+    """The pack files of one journal in one process (shared by its openers)."""
+
+    def __init__(self, journal_path: str) -> None:
+        self.dir = os.path.join(journal_path, PACK_DIR)
+        # read-only maps of the packs (reads are slices: no system call, so a
+        # reader thread never hands the GIL to the busy FUSE thread mid-read)
+        self._maps: dict[int, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        self.current = 0  # writer: the pack being appended to (0: none yet)
+        self.end = 0  # writer: its length, buffered bytes included
+        self._written = 0  # writer: bytes of the current pack in the file (the rest in _buf)
+        self._buf = bytearray()
+        self._wfd: int | None = None
+        self._unsynced: dict[int, int] = {}  # pack -> write fd with bytes not yet synced
+        self._new_file = False  # a pack file created since the last sync (fsync the dir)
+
+    # --- reading -----------------------------------------------------------------
+    def path(self, pack: int) -> str:
+        return os.path.join(self.dir, pack_name(pack))
+
+    def read(self, pack: int, offset: int, length: int) -> bytes:
+        if pack == self.current and offset >= self._written and self._wfd is not None:
+            with self._lock:  # the writer's own transaction, not written out yet
+                if offset >= self._written:
+                    o = offset - self._written
+                    return bytes(self._buf[o : o + length])
+        m = self._maps.get(pack)
+        if m is None or offset + length > len(m):
+            m = self._map(pack, offset + length)
+        return m[offset : offset + length]
+
+    def _map(self, pack: int, need: int) -> mmap.mmap:
+        """(Re)map a pack; a longer map when it grew since it was mapped."""
+        with self._lock:
+            m = self._maps.get(pack)
+            if m is not None and need <= len(m):
+                return m
+            try:
+                fd = os.open(self.path(pack), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise CorruptionError(f"pack file {self.path(pack)} is missing") from None
+            try:
+                size = os.fstat(fd).st_size
+                if size < need:
+                    raise CorruptionError(f"pack {self.path(pack)} is truncated: {size} bytes, "
+                                          f"a chunk ends at {need}")
+                m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            self._maps[pack] = m  # an old map stays valid for threads still slicing it
+            return m
+
+    def on_disk(self) -> dict[int, int]:
+        """pack number -> file size, of every pack file present."""
+        out = {}
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            m = _NAME.match(name)
+            if m:
+                try:
+                    out[int(m.group(1), 16)] = os.stat(os.path.join(self.dir, name)).st_size
+                except FileNotFoundError:
+                    pass
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(self.on_disk().values())
+
+    # --- writing (the journal's writer only, under its write lock) -----------------
+    def open_writer(self, pack: int, end: int) -> None:
+        """Resume appending at the committed position (``pack``, ``end``):
+        cut the current pack back to ``end``, delete packs a crashed
+        transaction created after it."""
+        self.close_writer()
+        os.makedirs(self.dir, exist_ok=True)
+        for p in self.on_disk():
+            if p > pack:
+                os.unlink(self.path(p))
+        if pack:
+            fd = os.open(self.path(pack), os.O_RDWR | os.O_CLOEXEC)
+            size = os.fstat(fd).st_size
+            if size < end:
+                os.close(fd)
+                raise CorruptionError(f"pack {self.path(pack)} holds {size} bytes, the journal committed {end}")
+            if size > end:
+                os.ftruncate(fd, end)
+                os.fsync(fd)
+            self._wfd, self.current, self.end, self._written = fd, pack, end, end
+
+    def append(self, value: bytes) -> tuple[int, int]:
+        """Add ``value`` at the end of the current pack (buffered until
+        :meth:`sync`). -> (pack, offset)."""
+        if self._wfd is None or (self.end + len(value) > PACK_MAX and self.end > len(PACK_MAGIC)):
+            self._roll()
+        off = self.end
+        with self._lock:
+            self._buf += value
+            self.end += len(value)
+        if len(self._buf) >= FLUSH_BYTES:
+            self._flush()
+        self._unsynced[self.current] = self._wfd
+        return self.current, off
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        data = bytes(self._buf)
+        n = os.pwrite(self._wfd, data, self._written)
+        if n != len(data):
+            raise OSError(f"short write to {self.path(self.current)}")
+        with self._lock:
+            del self._buf[:n]
+            self._written += n
+
+    def roll(self) -> None:
+        """Close the current pack; the next value starts a new one."""
+        self._roll()
+
+    def _roll(self) -> None:
+        if self._wfd is not None:
+            self._flush()
+        pack = self.current + 1
+        fd = os.open(self.path(pack), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.pwrite(fd, PACK_MAGIC, 0)
+        old = self._wfd
+        if old is not None and self.current not in self._unsynced:
+            os.close(old)  # else closed by sync() after its fdatasync
+        self._wfd, self.current, self.end, self._written = fd, pack, len(PACK_MAGIC), len(PACK_MAGIC)
+        self._unsynced[pack] = fd
+        self._new_file = True
+
+    def sync(self) -> tuple[int, int] | None:
+        """Make every appended byte durable (call before the LMDB commit that
+        names them).  -> the position to record in ``meta``, or None when
+        nothing was appended since the last call."""
+        if not self._unsynced:
+            return None
+        self._flush()
+        for pack, fd in list(self._unsynced.items()):
+            os.fdatasync(fd)
+            if fd != self._wfd:
+                os.close(fd)
+        self._unsynced.clear()
+        if self._new_file:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            self._new_file = False
+        return self.current, self.end
+
+    def delete(self, packs) -> None:
+        """Remove pack files no reader can reach any more."""
+        with self._lock:
+            for p in packs:
+                self._maps.pop(p, None)
+                try:
+                    os.unlink(self.path(p))
+                except FileNotFoundError:
+                    pass
+
+    def close_writer(self) -> None:
+        """Drop the write side (bytes not synced are of no committed transaction)."""
+        for fd in set(self._unsynced.values()) | ({self._wfd} if self._wfd is not None else set()):
+            os.close(fd)
+        self._unsynced.clear()
+        self._wfd = None
+        self.current = self.end = self._written = 0
+        self._buf.clear()
+
+    def close(self) -> None:
+        self.close_writer()
+        with self._lock:
+            self._maps.clear()  # each map is unmapped when its last user drops it
+
+
+# --- the chunk index and pack accounting (inside the writer's transactions) ------------
+def incref(txn, dbs, cid: bytes, n: int = 1, missing_ok: bool = False) -> None:
+    """Count ``n`` more references to a stored chunk (its index entry)."""
+    db = dbs[S.DB_CHUNKS]
+    v = txn.get(cid, db=db)
+    if v is None:
+        if missing_ok:
+            return
+        raise CorruptionError(f"chunk {cid.hex()} is named but not stored")
+    txn.put(cid, S.with_refs(v, S.loc_refs(v) + n), db=db)
+
+
+def add_pack_live(txn, dbs, pack: int, n: int) -> None:
+    """Bytes of chunk values the index names in ``pack`` (+= n)."""
+    key = S.pack_live_key(pack)
+    v = txn.get(key, db=dbs[S.DB_META])
+    live = (msgpack.unpackb(v) if v else 0) + n
+    if live:
+        txn.put(key, msgpack.packb(live), db=dbs[S.DB_META])
+    else:
+        txn.delete(key, db=dbs[S.DB_META])
+
+
+def pack_live(txn, dbs) -> dict[int, int]:
+    """pack -> live bytes, from ``meta``."""
+    cur = txn.cursor(db=dbs[S.DB_META])
+    out = {}
+    if cur.set_range(S.META_PACK_LIVE_PREFIX):
+        for k, v in cur:
+            if not k.startswith(S.META_PACK_LIVE_PREFIX):
+                break
+            out[int.from_bytes(k[len(S.META_PACK_LIVE_PREFIX):], "big")] = msgpack.unpackb(v)
+    return out
+
+
+def oldest_reader_txn(env) -> int | None:
+    """Snapshot (txn id) of the oldest active LMDB reader of any process, or None."""
+    ids = []
+    for line in env.readers().splitlines()[1:]:
+        parts = line.split()
+        if len(parts) == 3 and parts[2].isdigit():
+            ids.append(int(parts[2]))
+    return min(ids) if ids else None

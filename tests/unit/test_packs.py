@@ -1,0 +1,204 @@
+"""Pack files (journal format 2): durability at open, repacking, the format-1 upgrade."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import lmdb
+import msgpack
+import pytest
+
+from deltafs import maintenance as M
+from deltafs.errors import JournalFormatError
+from deltafs.journal import Journal
+from deltafs.journal import compact as JC
+from deltafs.journal import packs as P
+from deltafs.journal import schema as S
+
+from test_journal import FakeClock, version
+from test_maintenance import recount_refs, stored_refs
+
+
+def text(seed: int, n: int) -> bytes:
+    rng = random.Random(seed)
+    words = [b"alpha", b"beta", b"gamma", b"delta", b"journal", b"chunk", b"pack", b"save"]
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(rng.choice(words) for _ in range(12)) + b"\n"
+    return bytes(out[:n])
+
+
+def edits(j: Journal, n: int, size: int = 120_000, fid: int = 7) -> tuple[list[int], dict[int, bytes]]:
+    """``n`` versions of one file, each a small edit of the last: -> (seqs, content by seq)."""
+    data = bytearray(text(1, size))
+    rng = random.Random(2)
+    seqs, content, base = [], {}, 0
+    for _ in range(n):
+        at = rng.randrange(len(data) - 100)
+        data[at : at + 10] = rng.randbytes(10)
+        dirty = [(at, at + 10)] if base else None
+        seq = j.commit([version(j, fid, b"f", bytes(data), base_seq=base, dirty=dirty)])[0]
+        seqs.append(seq)
+        content[seq] = bytes(data)
+        base = seq
+    return seqs, content
+
+
+def pack_files(jpath) -> dict[int, int]:
+    return P.PackFiles(str(jpath)).on_disk()
+
+
+def test_chunk_values_are_in_pack_files_and_counted_in_journal_data(tmp_path):
+    jp = tmp_path / "j"
+    with Journal.open(jp, create=True, clock=FakeClock()) as j:
+        seqs, content = edits(j, 5)
+        with j.reader() as r:
+            stored = r.meta(S.META_STORED)
+            for s in seqs:
+                assert r.read_content(s) == content[s]
+            # the LMDB index holds locations, not values
+            for _, v in r.txn.cursor(db=r.dbs[S.DB_CHUNKS]):
+                assert len(v) == 17
+        on_disk = pack_files(jp)
+        assert list(on_disk) == [1]
+        assert on_disk[1] == len(P.PACK_MAGIC) + stored  # values back to back, nothing else
+        assert JC.data_bytes(j) >= on_disk[1]
+
+
+def test_bytes_of_an_uncommitted_transaction_are_cut_at_the_next_open(tmp_path):
+    """A crash after the pack write but before the LMDB commit leaves a tail
+    (and maybe a new pack) that no committed index entry names."""
+    jp = tmp_path / "j"
+    with Journal.open(jp, create=True, clock=FakeClock()) as j:
+        seqs, content = edits(j, 3)
+    committed = pack_files(jp)[1]
+    with open(jp / "packs" / P.pack_name(1), "ab") as f:
+        f.write(b"x" * 5000)  # a torn append
+    (jp / "packs" / P.pack_name(2)).write_bytes(P.PACK_MAGIC + b"y" * 100)  # a pack never committed
+    with Journal.open(jp, clock=FakeClock()) as j:
+        assert pack_files(jp) == {1: committed}
+        more, content2 = edits(j, 2, fid=8)
+        assert M.verify(j, full=True).ok
+        with j.reader() as r:
+            for s, data in {**content, **content2}.items():
+                assert r.read_content(s) == data
+
+
+def test_a_pack_shorter_than_committed_is_refused(tmp_path):
+    jp = tmp_path / "j"
+    with Journal.open(jp, create=True, clock=FakeClock()) as j:
+        edits(j, 2)
+    os.truncate(jp / "packs" / P.pack_name(1), 100)
+    with pytest.raises(Exception, match="the journal committed"):
+        Journal.open(jp, clock=FakeClock())
+
+
+def test_packs_roll_at_their_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "PACK_MAX", 8_000)
+    jp = tmp_path / "j"
+    with Journal.open(jp, create=True, clock=FakeClock()) as j:
+        seqs, content = edits(j, 6)
+    assert len(pack_files(jp)) > 1 and all(n <= 8_000 + 70_000 for n in pack_files(jp).values())
+    with Journal.open(jp, readonly=True) as j, j.reader() as r:
+        for s, data in content.items():
+            assert r.read_content(s) == data
+
+
+def test_repack_reclaims_dead_bytes_but_keeps_old_packs_while_a_reader_needs_them(tmp_path):
+    jp = tmp_path / "j"
+    clock = FakeClock()
+    with Journal.open(jp, create=True, clock=clock) as j:
+        seqs, content = edits(j, 12)
+        big = j.commit([version(j, 9, b"big", random.Random(5).randbytes(300_000))])[0]
+        j._packs.roll()  # close pack 1 (as 256 MiB of appends would)
+        keep = edits(j, 1, fid=10)[0][0]
+        before = JC.data_bytes(j)
+        with j.reader() as r:  # everything in pack 1 but `big` is about to die
+            retained = [s for s in JC.iter_retained_content(j, r) if s != big]
+        JC.prune(j, [big], retained)
+        assert pack_files(jp).keys() == {1, 2}
+        old_reader = j.env.begin()  # a snapshot that still sees the old locations
+        try:
+            res = JC.repack(j)
+            assert res.packs_emptied == 1 and res.packs_deleted == 0
+            assert 1 in pack_files(jp)  # kept: the reader may still read from it
+            from deltafs.journal.reader import Reader
+            assert Reader(j, old_reader).read_content(seqs[-1]) == content[seqs[-1]]
+        finally:
+            old_reader.abort()
+        assert j.delete_retired_packs() == [1]
+        assert 1 not in pack_files(jp)
+        assert JC.data_bytes(j) < before - 250_000
+        with j.reader() as r:
+            for s, data in content.items():
+                assert r.read_content(s) == data
+            assert r.read_content(keep)
+        assert stored_refs(j) == recount_refs(j)
+        assert M.verify(j, full=True).ok
+
+
+def test_compact_under_a_size_limit_rewrites_the_current_pack(tmp_path):
+    """Everything in one pack (a young journal): pruning must still shrink the
+    journal data that --journal-limit counts."""
+    jp = tmp_path / "j"
+    clock = FakeClock()
+    with Journal.open(jp, create=True, clock=clock) as j:
+        for i in range(6):
+            j.commit([version(j, 20 + i, b"r%d" % i, random.Random(i).randbytes(200_000))])
+            clock.ns += 10**9
+        j.commit([version(j, 20, b"r0", b"small now\n", base_seq=1)])
+        clock.ns += 400 * 86400 * 10**9
+        before = JC.data_bytes(j)
+        rep = M.compact_to_fit(j, M.RetentionPolicy(), limit=before - 150_000)
+        assert rep.versions_pruned >= 1 and rep.packs_emptied >= 1
+        assert JC.data_bytes(j) <= before - 150_000
+        assert M.verify(j, full=True).ok
+
+
+def downgrade_to_format_1(jp) -> None:
+    """Rewrite a format-2 journal in the format-1 layout (docs/format.md,
+    format version log): values into ``chunks``, counts into ``refs``."""
+    packs = P.PackFiles(str(jp))
+    env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(S.DB_META, txn=txn)
+        chunks = env.open_db(S.DB_CHUNKS, txn=txn)
+        refs = env.open_db(S.DB_REFS, txn=txn)
+        index = [(bytes(k), S.decode_loc(v)) for k, v in txn.cursor(db=chunks)]
+        txn.drop(chunks, delete=False)
+        for cid, (n, pack, off, length, _) in index:
+            txn.put(cid, packs.read(pack, off, length), db=chunks)
+            if n:
+                txn.put(cid, S.u64(n), db=refs)
+        for k in [bytes(k) for k in txn.cursor(db=meta).iternext(values=False)]:
+            if k.startswith(S.META_PACK_LIVE_PREFIX) or k == S.META_PACK_END:
+                txn.delete(k, db=meta)
+        txn.put(S.META_FORMAT, msgpack.packb(1), db=meta)
+    env.close()
+    packs.close()
+    for name in os.listdir(jp / "packs"):
+        os.unlink(jp / "packs" / name)
+    os.rmdir(jp / "packs")
+
+
+def test_a_format_1_journal_is_upgraded_by_its_first_writer(tmp_path):
+    jp = tmp_path / "j"
+    with Journal.open(jp, create=True, clock=FakeClock()) as j:
+        seqs, content = edits(j, 8)
+        refs = stored_refs(j)
+        head = j.env.begin().get(S.u64(seqs[-1]), db=j._dbs[S.DB_CHANGES])
+    downgrade_to_format_1(jp)
+    with pytest.raises(JournalFormatError, match="format version 1.*open it once for writing"):
+        Journal.open(jp, readonly=True)
+    with Journal.open(jp, clock=FakeClock()) as j:
+        assert j.format_version == S.FORMAT_VERSION == 2
+        assert stored_refs(j) == refs
+        with j.reader() as r:
+            assert bytes(r.txn.get(S.u64(seqs[-1]), db=r.dbs[S.DB_CHANGES])) == bytes(head)  # records untouched
+            for s, data in content.items():
+                assert r.read_content(s) == data
+        assert M.verify(j, full=True).ok
+        more, _ = edits(j, 2, fid=11)
+    with Journal.open(jp, readonly=True) as j:
+        assert M.verify(j, full=True).ok and list(pack_files(jp)) == [1]
