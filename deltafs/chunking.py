@@ -55,6 +55,10 @@ CHUNKER_PARAMS = {
 
 WINDOW_MAX = 4 * 1024 * 1024  # biggest single pread while streaming
 ZSTD_LEVEL = 3
+# deltas are small (an edit's worth of literals) and only made when a file is
+# edited, so they can afford more effort: level 9 takes 0.2-0.4 ms per chunk
+# (level 3: 0.1-0.17) and stores 3-8 % less (12-13: 6-12 % less, but 1.3-2 ms)
+ZSTD_DELTA_LEVEL = 9
 MAX_DELTA_DEPTH = 64  # longest delta chain (reads: <= 64 decompressions)
 SKIP_TO_DEPTH = MAX_DELTA_DEPTH // 2  # a base at MAX_DELTA_DEPTH is replaced by its ancestor at this depth
 
@@ -380,7 +384,7 @@ def _dict(base_raw: bytes) -> zstandard.ZstdCompressionDict:
 
 
 def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level: int = ZSTD_LEVEL,
-                   handicap: float = 1.0) -> bytes:
+                   handicap: float = 1.0, delta_level: int = ZSTD_DELTA_LEVEL) -> bytes:
     """Encode a chunk: one codec byte then the body (see CODEC_*).
 
     With ``base_raw`` the chunk is compressed with the base's raw bytes as
@@ -393,7 +397,7 @@ def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level
     raw = bytes(raw)
     delta = None
     if base_raw:
-        cctx = zstandard.ZstdCompressor(level=level, dict_data=_dict(base_raw), write_dict_id=False)
+        cctx = zstandard.ZstdCompressor(level=delta_level, dict_data=_dict(base_raw), write_dict_id=False)
         delta = cctx.compress(raw)
         if len(delta) * 8 * handicap < len(raw):
             return bytes([CODEC_ZSTD_DELTA]) + delta  # the base clearly helped

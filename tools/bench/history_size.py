@@ -11,7 +11,7 @@ borg repository and a restic repository (one archive / snapshot per state,
 default compression), so all four stores hold exactly the same states.
 
 Reported per history: the sum of the states' sizes, the journal's live data
-(``compact.data_bytes``: LMDB pages in use), ``data.mdb`` allocated, the
+(``compact.data_bytes``: pack files + LMDB pages in use), ``data.mdb`` allocated, the
 chunk bytes stored (``stats()['stored_bytes']``) and a per-database page
 breakdown, ``git gc --aggressive --prune=now`` pack size, borg and restic
 repository sizes (du). Every mount is unmounted in a ``finally``
@@ -327,7 +327,7 @@ def journal_sizes(jdir: str, fname: str) -> dict:
             st = r.stats()
             out.update(stored_bytes=st["stored_bytes"], raw_bytes=st["raw_bytes"],
                        records=st["records"], chunks=st["chunks"],
-                       data_mdb_size=st["data_file_bytes"])
+                       data_mdb_size=st["data_file_bytes"], pack_bytes=st["pack_bytes"])
             versions = [rec for rec in r.records() if rec.is_content]
             out["versions"] = sum(1 for v in versions if v.path == fname.encode())
             out["versions_other"] = len(versions) - out["versions"]
@@ -350,18 +350,17 @@ def journal_sizes(jdir: str, fname: str) -> dict:
                 kv = 0
                 for k, v in txn.cursor(db=db):
                     kv += len(k) + len(v)
-                    if nm == b"chunks" and len(v) > 1:   # byte 1: delta depth (0 standalone)
-                        d = out.setdefault("chunk_depth", {}).setdefault(str(v[1]), [0, 0])
+                    if nm == b"chunks" and len(v) == 17:   # index: refs, pack, offset, length, depth
+                        d = out.setdefault("chunk_depth", {}).setdefault(str(v[16]), [0, 0])
                         d[0] += 1
-                        d[1] += len(v)
+                        d[1] += int.from_bytes(v[12:16], "big")
             per_db[nm.decode(errors="replace")] = {
                 "pages": s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"],
                 "overflow_pages": s["overflow_pages"], "entries": s["entries"], "kv_bytes": kv}
         for v in per_db.values():
             v["bytes"] = v["pages"] * psize
         out["per_db"] = per_db
-        out["live_chunk_value_bytes"] = per_db.get("chunks", {}).get("kv_bytes", 0) - \
-            16 * per_db.get("chunks", {}).get("entries", 0)
+        out["live_chunk_value_bytes"] = sum(b for _, b in out.get("chunk_depth", {}).values())
     return out
 
 
@@ -439,17 +438,22 @@ breakdown above; the figures per history are in the list):
   unchanged chunks, so a deleted line or a whole-file rewrite does not
   pair a chunk with its neighbour), and a chain at its longest (64)
   restarts from an ancestor halfway down rather than from a full copy.
-- *The rest is per-version metadata in B-trees.* The judged figure is LMDB
-  pages in use: chunk keys are random 16-byte ids, so leaf pages of small
-  delta chunks are ~60–75% full after splits, and a value over ~2 KiB takes
-  whole 4 KiB overflow pages; every version also writes a record (~270
-  bytes: two chain hashes, a content hash, the edit naming only the
-  changed chunks, HLC, stat fields) plus `history`, `pathlog` and `refs`
-  entries, and each of the ~10 databases costs at least a page. That is
-  ~1 KiB per version against ~250 bytes for a git commit + tree, and it is
-  what keeps *doc*, *log* and *sqlite* above 1.3× git. Closing it needs a
-  different store layout (chunk bytes in append-only pack files, records
-  packed per group commit), not better compression.
+- *Chunk values live in pack files* (journal format 2): appended back to
+  back, so they cost exactly their size. In format 1 they were LMDB values:
+  random 16-byte keys left leaf pages 60–75% full and a value over ~2 KiB
+  took whole 4 KiB overflow pages, which made the chunks db 1.6–1.8× the
+  bytes it held (doc 2.17×, log 2.05×, sqlite 2.1–2.3× git then).
+- *The rest is per-version metadata in B-trees*, about 700 bytes per
+  version against ~250 for a git commit + tree: the record (~270 bytes:
+  two chain hashes, a content hash, the edit naming the changed chunks,
+  HLC, stat fields), `history` and `pathlog` entries, a 43-byte index
+  entry per new chunk in leaf pages ~55–70% full (random keys), and at
+  least one page for each of the ~8 databases. It is what keeps *doc* and
+  *sqlite* above 1.3× git; a SQLite transaction changes ~10 chunks, and
+  each costs an index entry and a delta header where git pays one delta
+  per commit. Compressing record bodies with zstd and a fixed dictionary
+  of template records would save 12–20% of their bytes (measured on these
+  journals; not built: it would not bring *doc* or *sqlite* near 1.3×).
 - *SQLite's rollback journal* (`*.db-journal`) is ignored by the built-in
   patterns: the database's versions are taken at its commit fsyncs.
 - *Random binary overwrites* are where deltafs is closest: the bytes are
@@ -494,7 +498,7 @@ def table(results: list[HistoryResult]) -> list[str]:
 
 
 def breakdown(results: list[HistoryResult]) -> list[str]:
-    lines = ["| history | chunks db | changes db (records) | checkpoints | history+pathlog | files+paths+meta+refs+other | stored chunk values / chunks db pages | overflow pages |",
+    lines = ["| history | pack files | live chunk values / pack files | chunks index | changes db (records) | checkpoints | history+pathlog | files+paths+meta+main |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.error:
@@ -506,14 +510,13 @@ def breakdown(results: list[HistoryResult]) -> list[str]:
         main = ("chunks", "changes", "checkpoints", "history", "pathlog")
         other = sum(v["bytes"] for k, v in pd.items() if k not in main)
         ch = pd.get("chunks", {})
+        packs = r.journal.get("pack_bytes", 0)
         lines.append(
-            f"| {r.name} | {fb(b('chunks'))} ({ch.get('entries', 0)} chunks) "
+            f"| {r.name} | {fb(packs)} | {ratio(r.journal['live_chunk_value_bytes'], packs)} "
+            f"| {fb(b('chunks'))} ({ch.get('entries', 0)} chunks) "
             f"| {fb(b('changes'))} ({pd.get('changes', {}).get('entries', 0)}; "
             f"{fb(pd.get('changes', {}).get('kv_bytes', 0))} of key+value) "
-            f"| {fb(b('checkpoints'))} | {fb(b('history', 'pathlog'))} | {fb(other)} "
-            f"| {fb(r.journal['live_chunk_value_bytes'])} / {fb(b('chunks'))} = "
-            f"{ratio(r.journal['live_chunk_value_bytes'], b('chunks'))} "
-            f"| {ch.get('overflow_pages', 0)} |")
+            f"| {fb(b('checkpoints'))} | {fb(b('history', 'pathlog'))} | {fb(other)} |")
     return lines
 
 
@@ -569,13 +572,13 @@ def render(results: list[HistoryResult], meta: dict) -> str:
          "default lz4 compression, files cache off) and a restic repository (`restic init`, "
          "`restic backup --force` per state; restic 0.14 makes a v2 repository with its "
          "default `auto` zstd compression); their size is du of the repository (borg's and "
-         "restic's local caches excluded). *journal data* is `compact.data_bytes` (LMDB pages "
-         "in use, free pages excluded), the figure judged; *data.mdb alloc* is the file's "
-         "allocation; *chunk bytes stored* is `stats()['stored_bytes']`, the chunk values "
-         "written before any LMDB overhead. Ratios use journal data and du.",
+         "restic's local caches excluded). *journal data* is `compact.data_bytes` (the pack "
+         "files, which hold the chunk values, plus the LMDB pages in use, free pages excluded), "
+         "the figure judged; *data.mdb alloc* is the LMDB file's allocation; *chunk bytes stored* "
+         "is `stats()['stored_bytes']`, the chunk values written. Ratios use journal data and du.",
          "", "### Results", ""]
     L += table(results)
-    L += ["", "Where the journal's pages go (LMDB page size "
+    L += ["", "Where the journal's bytes go (LMDB page size "
           f"{fb(next((r.journal['psize'] for r in results if not r.error), 4096))}; "
           "`kv_bytes` is keys + values as stored):", ""]
     L += breakdown(results)
@@ -617,8 +620,8 @@ def analysis(results: list[HistoryResult]) -> list[str]:
               for k, d in (("borg", r.borg.get("du")), ("restic", r.restic.get("du"))) if d]
         out.append(f"- **{r.name}**: journal {fb(jd)} = {ratio(jd, g)} git (target ≤{TARGET_GIT}×: "
                    f"{verdict_git}); ≤{TARGET_BACKUP}× backup: {', '.join(vb) or 'not measured'}. "
-                   f"Chunk values stored {fb(j['stored_bytes'])} → LMDB overhead "
-                   f"{ratio(jd, j['stored_bytes'])} of the stored bytes. Live chunks by delta "
+                   f"Chunk values stored {fb(j['stored_bytes'])}; journal data is "
+                   f"{ratio(jd, j['stored_bytes'])} of that. Live chunks by delta "
                    f"depth (count, bytes): " + ", ".join(
                        f"{d}: {c} / {fb(b)}" for d, (c, b) in
                        sorted(j.get("chunk_depth", {}).items(), key=lambda x: int(x[0]))) + ".")

@@ -144,7 +144,7 @@ def _rss(d: dict) -> str:
 
 def daemon_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["workload", "no-capture CPU (s)", "capture CPU (s)", "no-capture peak RSS (anon)",
-            "capture peak RSS (anon)", "journal added: LMDB used (du)", "capture settle (s)"]
+            "capture peak RSS (anon)", "journal added: data (du)", "capture settle (s)"]
     body = []
     for r in rows:
         nc, c = r["nocap"], r["cap"]
@@ -159,7 +159,7 @@ def daemon_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def capture_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["1-byte edit + fsync in", "native fsync", "no-capture fsync", "capture fsync",
-            "journal added: LMDB used (du)", "target", "met?"]
+            "journal added: data (du)", "target", "met?"]
     body = []
     for r in rows:
         if not r["workload"].startswith("1-byte edit"):
@@ -215,7 +215,7 @@ def big_write_rows(big: dict) -> tuple[list[str], list[list[str]]]:
     """One row per mount: time, then anonymous and file-backed RSS at start / max / end."""
     head = ["target", "written", "write +fsync (s)", "settle (s)", "anon start → max → end",
             "anon at ¼ ½ ¾ end of the write", "file-backed start → max → end", "VmHWM",
-            "journal added: LMDB used (du)"]
+            "journal added: data (du)"]
     body = []
     for t, b in big.items():
         if "anon_max" not in b:   # a JSON from before the anon/file split

@@ -26,7 +26,7 @@ class Sample:
     anon: int = 0              # peak RssAnon sampled every 0.1 s (heap: Python objects, buffers)
     file: int = 0              # peak RssFile sampled likewise (resident LMDB map pages, libraries)
     journal: int = 0           # journal directory: allocated bytes added (du)
-    journal_used: int = 0      # LMDB pages in use added (free pages excluded)
+    journal_used: int = 0      # journal data added: pack files + LMDB pages in use (free pages excluded)
     settle: float = 0.0        # seconds waited afterwards for the daemon to go quiet
     error: str | None = None
 

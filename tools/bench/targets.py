@@ -125,11 +125,20 @@ def tree_bytes(path: str) -> int:
     return total
 
 
-def lmdb_used_bytes(path: str) -> int:
-    """Bytes in use inside an LMDB environment: pages of every database, free pages excluded.
+def journal_data_bytes(path: str) -> int:
+    """A journal's data as ``compact.data_bytes`` counts it, from outside the
+    daemon: its pack files plus the LMDB pages in use (free pages excluded).
 
     The data file's allocation (du) stops growing once LMDB reuses freed pages; this does not.
     Read-only, as an ordinary concurrent LMDB reader; 0 if there is no environment (yet)."""
+    packs = os.path.join(path, "packs")
+    pack_bytes = sum(e.stat().st_size for e in os.scandir(packs) if e.name.endswith(".pack")) \
+        if os.path.isdir(packs) else 0
+    return pack_bytes + lmdb_used_bytes(path)
+
+
+def lmdb_used_bytes(path: str) -> int:
+    """Bytes in use inside an LMDB environment: pages of every database, free pages excluded."""
     if not os.path.exists(os.path.join(path, "data.mdb")):
         return 0
     try:
@@ -273,7 +282,7 @@ class MountTarget(Target):
         return total
 
     def journal_used(self) -> int:
-        return lmdb_used_bytes(self.journal)
+        return journal_data_bytes(self.journal)
 
     def alive(self) -> bool:
         if self._pid is None or not os.path.exists(f"/proc/{self._pid}"):
