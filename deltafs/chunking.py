@@ -384,7 +384,7 @@ def _dict(base_raw: bytes) -> zstandard.ZstdCompressionDict:
 
 
 def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level: int = ZSTD_LEVEL,
-                   handicap: float = 1.0, delta_level: int = ZSTD_DELTA_LEVEL) -> bytes:
+                   handicap: float = 1.0) -> bytes:
     """Encode a chunk: one codec byte then the body (see CODEC_*).
 
     With ``base_raw`` the chunk is compressed with the base's raw bytes as
@@ -397,7 +397,7 @@ def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level
     raw = bytes(raw)
     delta = None
     if base_raw:
-        cctx = zstandard.ZstdCompressor(level=delta_level, dict_data=_dict(base_raw), write_dict_id=False)
+        cctx = zstandard.ZstdCompressor(level=ZSTD_DELTA_LEVEL, dict_data=_dict(base_raw), write_dict_id=False)
         delta = cctx.compress(raw)
         if len(delta) * 8 * handicap < len(raw):
             return bytes([CODEC_ZSTD_DELTA]) + delta  # the base clearly helped

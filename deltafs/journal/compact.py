@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-import lmdb
 import msgpack
 
 from deltafs.chunking import chunk_id, decompress_chunk
@@ -287,8 +286,13 @@ def _decref(txn, dbs, cid: bytes, zero: list[bytes]) -> None:
         zero.append(cid)
 
 
-def _incref(txn, dbs, cid: bytes) -> None:
-    incref(txn, dbs, cid)
+def _uncount(j, txn, seq: int, cid: bytes, zero: list[bytes]) -> None:
+    """Drop version ``seq``'s reference to ``cid``, unless a clone never
+    counted it (``Journal._uncounted``: the mirror no longer had the chunk)."""
+    if j._uncounted.get((seq, cid)):
+        j._uncounted[(seq, cid)] -= 1
+    else:
+        _decref(txn, j._dbs, cid, zero)
 
 
 def _chain_hits(r, seq: int, doomed: set[int], new_cps: set[int] = frozenset()) -> bool:
@@ -356,7 +360,7 @@ def prune(j, seqs: Iterable[int], retained: Iterable[int], dry_run: bool = False
                     full = r.chunk_list(s)
                     txn.put(S.u64(s), S.pack_list(full), db=dbs[S.DB_CHECKPOINTS])
                     for cid, _ in full:
-                        _incref(txn, dbs, cid)
+                        incref(txn, dbs, cid)
                     n += 1
             res.checkpoints_written += n
         res.transactions += 1
@@ -373,20 +377,14 @@ def prune(j, seqs: Iterable[int], retained: Iterable[int], dry_run: bool = False
                 if not rec.is_content:
                     raise ValueError(f"record {s} is a {rec.op}, not a content version")
                 txn.put(S.u64(s), _packb({"hlc": rec.hlc, "t": time.time_ns()}), db=db)
-                def uncount(cid: bytes) -> None:
-                    if j._uncounted.get((s, cid)):  # a clone never counted it (Journal._uncounted)
-                        j._uncounted[(s, cid)] -= 1
-                    else:
-                        _decref(txn, dbs, cid, zero)
-
                 for _, _, refs in rec.edit or []:
                     for cid, _ in refs:
-                        uncount(cid)
+                        _uncount(j, txn, s, cid, zero)
                 cp = txn.get(S.u64(s), db=dbs[S.DB_CHECKPOINTS])
                 if cp is not None:
                     txn.delete(S.u64(s), db=dbs[S.DB_CHECKPOINTS])
                     for cid, _ in S.unpack_list(cp):
-                        uncount(cid)
+                        _uncount(j, txn, s, cid, zero)
                 n_pruned += 1
             freed = freed_bytes = 0
             while zero:

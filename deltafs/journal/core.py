@@ -251,12 +251,9 @@ class Journal:
         entries = 0
         for _, _, refs in rec.edit or []:
             for cid, _ in refs:
-                if txn.get(cid, db=cdb) is None:
-                    if not lenient:
-                        raise CorruptionError(f"record {rec.seq}: chunk {cid.hex()} is missing")
-                    self._uncounted[(rec.seq, cid)] += 1  # the prune that follows skips it
-                    continue
-                self._incref(txn, cid)
+                if not lenient and txn.get(cid, db=cdb) is None:
+                    raise CorruptionError(f"record {rec.seq}: chunk {cid.hex()} is missing")
+                self._count(txn, rec.seq, cid, lenient)
             entries += len(refs)
         self._maybe_checkpoint(txn, rec.seq, base, new, total, depth + 1, accum + entries, lenient)
 
@@ -427,6 +424,15 @@ class Journal:
     def _incref(self, txn, cid: bytes, n: int = 1) -> None:
         incref(txn, self._dbs, cid, n)
 
+    def _count(self, txn, seq: int, cid: bytes, lenient: bool) -> None:
+        """Count version ``seq``'s reference to ``cid``.  ``lenient`` (a clone's
+        version pruned upstream): a chunk the mirror no longer had is
+        remembered in ``_uncounted`` instead, for the prune that follows."""
+        if lenient and txn.get(cid, db=self._dbs[S.DB_CHUNKS]) is None:
+            self._uncounted[(seq, cid)] += 1
+        else:
+            self._incref(txn, cid)
+
     def _put_value(self, txn, cid: bytes, val: bytes, depth: int) -> bool:
         """Append a chunk value to the pack and index it (refs 0), unless the
         chunk is stored already.  -> whether it was stored now."""
@@ -537,13 +543,8 @@ class Journal:
         entries = len(new) // S.ENTRY_LEN
         if base and (depth >= S.checkpoint_every(entries) or accum > 2 * entries + 64):
             txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS])
-            cdb = self._dbs[S.DB_CHUNKS]
             for o in range(0, len(new), S.ENTRY_LEN):
-                cid = new[o : o + S.ID_LEN]
-                if lenient and txn.get(cid, db=cdb) is None:
-                    self._uncounted[(seq, cid)] += 1
-                    continue
-                self._incref(txn, cid)
+                self._count(txn, seq, new[o : o + S.ID_LEN], lenient)
             depth = accum = 0
         self._cache_list(seq, new, total, depth, accum)
         return depth, accum

@@ -140,7 +140,7 @@ class PackFiles:
         """Add ``value`` at the end of the current pack (buffered until
         :meth:`sync`). -> (pack, offset)."""
         if self._wfd is None or (self.end + len(value) > PACK_MAX and self.end > len(PACK_MAGIC)):
-            self._roll()
+            self.roll()
         off = self.end
         with self._lock:
             self._buf += value
@@ -163,9 +163,6 @@ class PackFiles:
 
     def roll(self) -> None:
         """Close the current pack; the next value starts a new one."""
-        self._roll()
-
-    def _roll(self) -> None:
         if self._wfd is not None:
             self._flush()
         pack = self.current + 1
@@ -225,13 +222,11 @@ class PackFiles:
 
 
 # --- the chunk index and pack accounting (inside the writer's transactions) ------------
-def incref(txn, dbs, cid: bytes, n: int = 1, missing_ok: bool = False) -> None:
+def incref(txn, dbs, cid: bytes, n: int = 1) -> None:
     """Count ``n`` more references to a stored chunk (its index entry)."""
     db = dbs[S.DB_CHUNKS]
     v = txn.get(cid, db=db)
     if v is None:
-        if missing_ok:
-            return
         raise CorruptionError(f"chunk {cid.hex()} is named but not stored")
     txn.put(cid, S.with_refs(v, S.loc_refs(v) + n), db=db)
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class ChunkInfo:
     raw_len: int
-    stored_len: int  # bytes of the LMDB value (header + payload)
+    stored_len: int  # bytes of the stored chunk value in its pack (header + payload)
     base_id: bytes | None
     depth: int
 
