@@ -26,7 +26,7 @@ from deltafs.chunking import chunk_id, decompress_chunk
 
 from . import schema as S
 from .packs import PACK_MAGIC, add_pack_live, incref, pack_live
-from .records import ZERO_HASH, body_hash, decode_record, split_value
+from .records import ZERO_HASH, check_link, decode_record
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def content_versions(j, r) -> Versions:
         seq = S.from_u64(k)
         if seq in pruned:
             continue
-        rec = decode_record(v)
+        rec = decode_record(v, seq)
         if rec.is_content:
             out.by_file.setdefault(rec.file_id, []).append((seq, rec.hlc))
     return out
@@ -373,7 +373,7 @@ def prune(j, seqs: Iterable[int], retained: Iterable[int], dry_run: bool = False
             for s in batch:
                 if txn.get(S.u64(s), db=db) is not None:
                     continue
-                rec = decode_record(txn.get(S.u64(s), db=dbs[S.DB_CHANGES]))
+                rec = decode_record(txn.get(S.u64(s), db=dbs[S.DB_CHANGES]), s)
                 if not rec.is_content:
                     raise ValueError(f"record {s} is a {rec.op}, not a content version")
                 txn.put(S.u64(s), _packb({"hlc": rec.hlc, "t": time.time_ns()}), db=db)
@@ -498,13 +498,6 @@ class VerifyResult:
                 "problem": self.problem.to_dict() if self.problem else None}
 
 
-def _path_of(v: bytes) -> bytes | None:
-    try:
-        return decode_record(v).path
-    except Exception:  # noqa: BLE001 - a damaged body has no trustworthy path
-        return None
-
-
 def verify(j, full: bool = False) -> VerifyResult:
     """Walk the hash chain (and with ``full`` every retained version's list
     and chunks); stop at the first problem and name it (seq, path, what)."""
@@ -520,29 +513,16 @@ def verify(j, full: bool = False) -> VerifyResult:
             if seq != expected:
                 res.problem = Problem(f"record {expected} is missing (next key is {seq})", expected)
                 return res
-            h, body = split_value(v)
-            if body_hash(body) != h:
-                res.problem = Problem(f"record {seq} has been altered: its hash does not match its content",
-                                      seq, _path_of(v))
-                return res
-            try:
-                rec = decode_record(v)
-            except Exception as e:  # noqa: BLE001
-                res.problem = Problem(f"record {seq} cannot be decoded: {e}", seq)
-                return res
-            if rec.seq != seq:
-                res.problem = Problem(f"record {seq} claims to be record {rec.seq}", seq, rec.path)
-                return res
-            if rec.prev != prev:
-                res.problem = Problem(f"record {seq} does not continue the chain (its prev is not record "
-                                      f"{seq - 1}'s hash)", seq, rec.path)
+            rec, problem = check_link(v, seq, prev)
+            if problem:
+                res.problem = Problem(f"record {seq} {problem}", seq, rec.path if rec else None)
                 return res
             if rec.hlc <= last_hlc:
                 res.problem = Problem(f"record {seq} goes back in time (HLC {rec.hlc} <= {last_hlc})", seq, rec.path)
                 return res
             if full and rec.is_content and seq not in pruned:
                 content.append((seq, rec.path, rec.content_hash, rec.size))
-            prev, last_hlc, expected = h, rec.hlc, seq + 1
+            prev, last_hlc, expected = rec.hash, rec.hlc, seq + 1
             res.records += 1
         if not full:
             return res
@@ -662,5 +642,5 @@ def iter_retained_content(j, r) -> Iterator[int]:
     pruned = pruned_seqs(j, r.txn)
     for k, v in r.txn.cursor(db=r.dbs[S.DB_CHANGES]):
         seq = S.from_u64(k)
-        if seq not in pruned and decode_record(v).is_content:
+        if seq not in pruned and decode_record(v, seq).is_content:
             yield seq

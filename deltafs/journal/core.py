@@ -180,7 +180,7 @@ class Journal:
         """
         from deltafs.errors import CorruptionError
 
-        from .records import body_hash, split_value
+        from .records import check_link
 
         self._check_writable()
         chunks = chunks or {}
@@ -207,24 +207,18 @@ class Journal:
                 head, prev = rd.head_seq(), rd.head_hash()
                 last_hlc = rd.record(head).hlc if head else -1
                 for value in values:
-                    h, body = split_value(value)
-                    rec = decode_record(value)
-                    if body_hash(body) != h:
-                        raise CorruptionError(f"record {rec.seq} has been altered: its hash does not match its content")
-                    if rec.seq != head + 1 or rec.prev != prev:
-                        raise CorruptionError(f"record {rec.seq} does not continue the chain after record {head}")
+                    seq = head + 1
+                    rec, problem = check_link(value, seq, prev)
+                    if problem:
+                        raise CorruptionError(f"record {seq} {problem}")
                     if rec.hlc <= last_hlc:
-                        raise CorruptionError(f"record {rec.seq} goes back in time")
-                    seq = rec.seq
+                        raise CorruptionError(f"record {seq} goes back in time")
                     txn.put(S.u64(seq), bytes(value), db=self._dbs[S.DB_CHANGES], append=True)
                     if rec.is_content:
                         self._raw_content(txn, rd, rec, seq in pruned)
                     apply_record(LmdbStore(txn, self._dbs), rec)
-                    txn.put(S.history_key(rec.file_id, seq), b"", db=self._dbs[S.DB_HISTORY])
-                    for p in (rec.path, rec.path2):
-                        if p is not None:
-                            txn.put(S.path_key(p) + S.u64(seq), S.u64(rec.file_id), db=self._dbs[S.DB_PATHLOG])
-                    head, prev, last_hlc = seq, h, rec.hlc
+                    self._index(txn, rec)
+                    head, prev, last_hlc = seq, rec.hash, rec.hlc
                 mdb = self._dbs[S.DB_META]
                 if last_hlc > rd.meta(S.META_HLC, 0):
                     txn.put(S.META_HLC, _packb(last_hlc), db=mdb)
@@ -383,14 +377,15 @@ class Journal:
             stored, chash = self._content(txn, rd, ch, seq)
         value, _ = encode_record(seq, hlc, ch, prev, stored, chash)
         txn.put(S.u64(seq), value, db=self._dbs[S.DB_CHANGES], append=True)
-        rec = decode_record(value)
+        rec = decode_record(value, seq)
         apply_record(LmdbStore(txn, self._dbs), rec)
-        txn.put(S.history_key(ch.file_id, seq), b"", db=self._dbs[S.DB_HISTORY])
-        for p in (ch.path, ch.path2):
-            if p is not None:
-                txn.put(S.path_key(p) + S.u64(seq), S.u64(ch.file_id), db=self._dbs[S.DB_PATHLOG])
+        self._index(txn, rec)
         txn.put(S.META_HLC, _packb(hlc), db=self._dbs[S.DB_META])
         return seq
+
+    def _index(self, txn, rec) -> None:
+        """Add record ``rec`` to ``history`` and ``pathlog``."""
+        S.index_record(txn, self._dbs, rec.seq, rec.file_id, (rec.path, rec.path2))
 
     def _resolve_file_id(self, txn, rd: Reader, ch: Change) -> int:
         """file_id=0: the file at ``ch.path`` in the tree as of this record.
@@ -406,14 +401,9 @@ class Journal:
                 return fid
         elif rd.file_id_at(ch.path):
             return _new_id()
-        key = S.path_key(ch.path)
         cur = txn.cursor(db=self._dbs[S.DB_PATHLOG])
-        # seqs < 2**56 start with a zero byte and paths hold no NUL, so this
-        # path's entries are exactly the keys in [key + 00, key + 01).
-        positioned = cur.prev() if cur.set_range(key + b"\x01") else cur.last()
-        k = cur.key() if positioned else b""
-        if k[: len(key)] == key and len(k) == len(key) + 8:
-            fid = S.from_u64(cur.value())
+        if cur.set_key(S.path_key(ch.path)) and cur.last_dup():
+            fid = S.from_u64(cur.value()[8:])
             st = rd.file_state(fid)
             if st is not None and st.kind == "f" and st.last_seq and (st.deleted or ch.path not in st.links):
                 age = self._hlc._clock() - hlc_to_ns(rd.record(st.last_seq).hlc)
@@ -652,13 +642,13 @@ def _open_dbs(env: lmdb.Environment, path: str, readonly: bool) -> dict:
         meta = env.open_db(S.DB_META, create=not readonly)
     except lmdb.NotFoundError:
         raise JournalFormatError(f"{path} is not a deltafs journal (no meta database)") from None
-    upgrade = False
+    upgrade_from = None
     with env.begin(write=not readonly) as txn:
         fmt = txn.get(S.META_FORMAT, db=meta)
         if fmt is None and readonly:
             raise JournalFormatError(f"{path} is not an initialised deltafs journal")
-        if fmt is not None and msgpack.unpackb(fmt) == 1 and not readonly:
-            upgrade = True  # after this transaction (see upgrade.py)
+        if fmt is not None and msgpack.unpackb(fmt) in UPGRADABLE and not readonly:
+            upgrade_from = msgpack.unpackb(fmt)  # after this transaction (see upgrade.py)
         elif fmt is not None:
             _check_format(path, msgpack.unpackb(fmt), txn.get(S.META_CHUNKER, db=meta))
         else:
@@ -668,24 +658,29 @@ def _open_dbs(env: lmdb.Environment, path: str, readonly: bool) -> dict:
             txn.put(S.META_CHUNKER, _packb(CHUNKER_PARAMS), db=meta)
             txn.put(S.META_HLC, _packb(0), db=meta)
             log.info("created journal %s", path)
-    if upgrade:
-        from .upgrade import upgrade_1_to_2
+    if upgrade_from is not None:
+        from .upgrade import upgrade
 
         with env.begin() as txn:
             _check_chunker(path, txn.get(S.META_CHUNKER, db=meta))
-        upgrade_1_to_2(env, path, meta)
+        upgrade(env, path, meta, upgrade_from)
     for name in S.ALL_DBS:
+        dup = name in S.DUP_DBS
         try:
-            dbs[name] = meta if name == S.DB_META else env.open_db(name, create=not readonly)
+            dbs[name] = meta if name == S.DB_META else \
+                env.open_db(name, create=not readonly, dupsort=dup, dupfixed=dup)
         except lmdb.NotFoundError:
             raise JournalFormatError(f"journal {path} lacks database {name.decode()}: damaged or of another format") from None
     return dbs
 
 
+UPGRADABLE = (1, 2)  # formats a writer upgrades in place at open (upgrade.py)
+
+
 def _check_format(path: str, fmt, chunker: bytes | None) -> None:
-    if fmt == 1:
+    if fmt in UPGRADABLE:
         raise JournalFormatError(
-            f"journal {path} has format version 1; open it once for writing (deltafs mount, or "
+            f"journal {path} has format version {fmt}; open it once for writing (deltafs mount, or "
             f"deltafs compact --journal {path}) to upgrade it to format {S.FORMAT_VERSION}")
     if fmt != S.FORMAT_VERSION:
         raise JournalFormatError(

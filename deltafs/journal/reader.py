@@ -17,7 +17,7 @@ from deltafs.chunking import apply_edit, chunk_id, decompress_chunk
 from deltafs.errors import CorruptionError, NotFoundError
 
 from . import schema as S
-from .records import ZERO_HASH, Record, body_hash, decode_record, split_value
+from .records import ZERO_HASH, Record, check_link, decode_record, split_value
 from .state import FileState, MemStore, TreeEntry, apply_record, children_prefix, tree_entry
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Reader:
         if v is None:
             raise NotFoundError(f"no record {seq} in the journal (head is {self.head_seq()})")
         try:
-            return decode_record(v)
+            return decode_record(v, seq)
         except Exception as e:
             raise CorruptionError(f"record {seq} cannot be decoded: {e}") from e
 
@@ -122,7 +122,7 @@ class Reader:
                 seq = S.from_u64(k)
                 if end is not None and seq > end:
                     break
-                yield decode_record(v)
+                yield decode_record(v, seq)
         else:
             top = end if end is not None else self.head_seq()
             if not cur.set_range(S.u64(top + 1)):
@@ -134,7 +134,7 @@ class Reader:
                 seq = S.from_u64(k)
                 if seq < start:
                     break
-                yield decode_record(v)
+                yield decode_record(v, seq)
 
     def raw_records(self, start: int = 1, end: int | None = None) -> Iterator[tuple[int, bytes]]:
         """(seq, stored value ``hash || body``) for ``start <= seq <= end``,
@@ -175,13 +175,9 @@ class Reader:
     def versions_of(self, file_id: int) -> list[int]:
         """Seqs of every record about ``file_id``, newest first."""
         cur = self.txn.cursor(db=self.dbs[S.DB_HISTORY])
-        pre = S.u64(file_id)
-        out = []
-        if cur.set_range(pre):
-            for k in cur.iternext(values=False):
-                if not k.startswith(pre):
-                    break
-                out.append(S.from_u64(k[8:]))
+        if not cur.set_key(S.u64(file_id)):
+            return []
+        out = [S.from_u64(v) for v in cur.iternext_dup(keys=False)]
         out.reverse()
         return out
 
@@ -192,10 +188,10 @@ class Reader:
         scan = prefix[: S.PATH_KEY_PREFIX]
         seqs = set()
         if cur.set_range(scan):
-            for k in cur.iternext(values=False):
-                if not k.startswith(scan):
+            for pk, v in cur.iternext():
+                if not pk.startswith(scan):
                     break
-                pk, seq = k[:-8], S.from_u64(k[-8:])
+                seq = S.from_u64(v[:8])
                 if S.path_key_is_hashed(pk) or len(prefix) > S.PATH_KEY_PREFIX:
                     r = self.record(seq)
                     paths = [r.path, r.path2]
@@ -334,17 +330,9 @@ class Reader:
             seq = S.from_u64(k)
             if seq != expected:
                 raise CorruptionError(f"record {expected} is missing (next key is {seq})")
-            h, body = split_value(v)
-            if body_hash(body) != h:
-                raise CorruptionError(f"record {seq} has been altered: its hash does not match its content")
-            try:
-                r = decode_record(v)
-            except Exception as e:
-                raise CorruptionError(f"record {seq} cannot be decoded: {e}") from e
-            if r.seq != seq:
-                raise CorruptionError(f"record {seq} claims to be record {r.seq}")
-            if r.prev != prev:
-                raise CorruptionError(f"record {seq} does not continue the chain (prev hash mismatch)")
+            r, problem = check_link(v, seq, prev)
+            if problem:
+                raise CorruptionError(f"record {seq} {problem}")
             if r.hlc <= last_hlc:
                 raise CorruptionError(f"record {seq} goes back in time (HLC {r.hlc} <= {last_hlc})")
             if full and r.is_content:
@@ -352,7 +340,7 @@ class Reader:
                 if S.content_hash(refs) != r.content_hash or sum(n for _, n in refs) != r.size:
                     raise CorruptionError(f"record {seq}: chunk list does not match its content hash")
                 versions += 1
-            prev, last_hlc, expected, n = h, r.hlc, seq + 1, n + 1
+            prev, last_hlc, expected, n = r.hash, r.hlc, seq + 1, n + 1
         chunks = 0
         if full:
             for cid in self.txn.cursor(db=self.dbs[S.DB_CHUNKS]).iternext(values=False):

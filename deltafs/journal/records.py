@@ -1,10 +1,15 @@
 """Records: the immutable, hash-chained entries of the ``changes`` db.
 
-Stored value = ``hash (32 bytes) || body`` where body is a msgpack map and
-``hash = blake2b-256(body)``.  The body contains ``seq`` and ``prev`` (the
-previous record's hash, 32 zero bytes for seq 1), so the chain is checked
-by hashing the stored body bytes as they are: no re-encoding, nothing
-canonical to agree on.  Field names are in docs/format.md.
+Stored value = ``hash (32 bytes) || body`` where body is a msgpack map.
+Record version 2 (written since journal format 3) keys the map with small
+integers and ``hash = blake2b-256(prev || body)``, ``prev`` being the
+previous record's hash (32 zero bytes for seq 1); its seq is its position
+in the chain (the LMDB key, a mirror segment's first seq + index), so
+neither is repeated in the body.  Version 1 (formats 1-2) used string keys,
+carried ``seq`` and ``prev`` in the body and hashed the body alone; such
+records stay as they were written and are still read and checked.  Either
+way the chain is checked by hashing the stored bytes as they are: no
+re-encoding, nothing canonical to agree on.  Keys are in docs/format.md.
 """
 
 from __future__ import annotations
@@ -19,16 +24,19 @@ from deltafs.chunking import NewChunk
 
 from .schema import HASH_LEN, pack_list, unpack_list
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 ZERO_HASH = bytes(HASH_LEN)
 
-OPS = frozenset(
-    "create mkdir symlink mknod link unlink rmdir rename setattr setxattr removexattr write".split()
-)
-CAUSES = frozenset("write fsync preimage scan restore rename-over".split())
+# record v2 stores op and cause as their index in these tuples (never reorder; append only)
+OP_CODES = tuple("create mkdir symlink mknod link unlink rmdir rename setattr setxattr removexattr write".split())
+CAUSE_CODES = tuple("write fsync preimage scan restore rename-over".split())
+OPS = frozenset(OP_CODES)
+CAUSES = frozenset(CAUSE_CODES)
+_OP_NUM = {name: i for i, name in enumerate(OP_CODES)}
+_CAUSE_NUM = {name: i for i, name in enumerate(CAUSE_CODES)}
 RENAME_EXCHANGE = 2  # same value as Linux's flag
 
-# python attribute -> short msgpack key
+# python attribute -> msgpack key of record v1
 _FIELDS = {
     "op": "op",
     "file_id": "fid",
@@ -47,6 +55,14 @@ _FIELDS = {
     "cause": "c",
     "base_seq": "b",
 }
+
+# record v2: python attribute -> integer key (0 is the record version; see docs/format.md)
+_V2_KEYS = {
+    "hlc": 1, "op": 2, "file_id": 3, "path": 4, "path2": 5, "target": 6, "mode": 7, "uid": 8,
+    "gid": 9, "mtime_ns": 10, "size": 11, "rdev": 12, "flags": 13, "xattr_name": 14,
+    "xattr_value": 15, "cause": 16, "base_seq": 17, "edit": 18, "stored": 19, "content_hash": 20,
+}
+_V2_ATTRS = {k: a for a, k in _V2_KEYS.items()}
 
 
 @dataclass(slots=True)
@@ -137,20 +153,27 @@ class Record:
 
 
 def encode_record(seq: int, hlc: int, ch: Change, prev: bytes, stored: int | None, chash: bytes | None) -> tuple[bytes, bytes]:
-    """-> (stored value, hash)."""
-    body: dict[str, Any] = {"v": RECORD_VERSION, "seq": seq, "hlc": hlc, "prev": prev}
-    for attr, key in _FIELDS.items():
+    """-> (stored value, hash) of record ``seq`` (version 2) following the record hashed ``prev``.
+
+    ``seq`` is not stored: it is the record's place in the chain.
+    """
+    del seq
+    body: dict[int, Any] = {0: RECORD_VERSION, 1: hlc}
+    for attr in _FIELDS:
         v = getattr(ch, attr)
         if v is not None:
-            body[key] = v
+            body[_V2_KEYS[attr]] = v
+    body[2] = _OP_NUM[ch.op]
+    if ch.cause is not None:
+        body[16] = _CAUSE_NUM[ch.cause]
     if ch.edit is not None:
-        body["e"] = [[int(s), int(c), pack_list(refs)] for s, c, refs in ch.edit]
+        body[18] = [[int(s), int(c), pack_list(refs)] for s, c, refs in ch.edit]
     if stored is not None:
-        body["st"] = stored
+        body[19] = stored
     if chash is not None:
-        body["ch"] = chash
+        body[20] = chash
     raw = msgpack.packb(body, use_bin_type=True)
-    h = hashlib.blake2b(raw, digest_size=HASH_LEN).digest()
+    h = record_hash(prev, raw, RECORD_VERSION)
     return h + raw, h
 
 
@@ -159,15 +182,46 @@ def split_value(value: bytes) -> tuple[bytes, bytes]:
     return bytes(value[:HASH_LEN]), bytes(value[HASH_LEN:])
 
 
-def body_hash(body: bytes) -> bytes:
-    return hashlib.blake2b(body, digest_size=HASH_LEN).digest()
+def record_hash(prev: bytes, body: bytes, version: int) -> bytes:
+    """The chain hash of a record body: blake2b-256(prev || body), or of the body alone (v1)."""
+    h = hashlib.blake2b(digest_size=HASH_LEN)
+    if version >= 2:
+        h.update(prev)
+    h.update(body)
+    return h.digest()
 
 
-def decode_record(value: bytes) -> Record:
-    h, body = split_value(value)
-    d = msgpack.unpackb(body, raw=False)
-    if d.get("v") != RECORD_VERSION:
-        raise ValueError(f"unknown record version {d.get('v')}")
+def _body(value: bytes) -> dict:
+    d = msgpack.unpackb(memoryview(value)[HASH_LEN:], raw=False, strict_map_key=False)
+    if not isinstance(d, dict):
+        raise ValueError("record body is not a map")
+    return d
+
+
+def decode_record(value: bytes, seq: int) -> Record:
+    """The record stored as ``value`` under ``seq``.
+
+    For a version-1 record the seq and prev in its body are returned as
+    stored (check_link compares them); a version-2 record gets ``seq`` and
+    ``prev`` = ZERO_HASH (its prev is the previous record's hash, which
+    only the chain knows).
+    """
+    return _decode(value, seq)[0]
+
+
+def _decode(value: bytes, seq: int) -> tuple[Record, int]:
+    d = _body(value)
+    h = bytes(value[:HASH_LEN])
+    if d.get(0) == 2:
+        kw = {_V2_ATTRS[k]: v for k, v in d.items() if k in _V2_ATTRS}
+        kw["op"] = OP_CODES[kw["op"]]
+        if "cause" in kw:
+            kw["cause"] = CAUSE_CODES[kw["cause"]]
+        if "edit" in kw:
+            kw["edit"] = [(s, c, unpack_list(p)) for s, c, p in kw["edit"]]
+        return Record(seq=seq, hash=h, **kw), 2
+    if d.get("v") != 1:
+        raise ValueError(f"unknown record version {d.get('v', d.get(0))}")
     kw = {attr: d[key] for attr, key in _FIELDS.items() if key in d}
     edit = None
     if "e" in d:
@@ -175,4 +229,25 @@ def decode_record(value: bytes) -> Record:
     return Record(
         seq=d["seq"], hlc=d["hlc"], prev=d["prev"], hash=h, edit=edit,
         stored=d.get("st"), content_hash=d.get("ch"), **kw,
-    )
+    ), 1
+
+
+def check_link(value: bytes, seq: int, prev: bytes) -> tuple[Record | None, str | None]:
+    """Check that ``value`` is record ``seq`` continuing the chain after the record hashed ``prev``.
+
+    -> (record, None), or (record or None, what is wrong) in the words a
+    user reads after "record N ".
+    """
+    try:
+        rec, version = _decode(value, seq)
+    except Exception as e:  # noqa: BLE001 - any decode failure is the same problem
+        return None, f"cannot be decoded: {e}"
+    if record_hash(prev, bytes(value[HASH_LEN:]), version) != rec.hash:
+        if version == 2:
+            return rec, "has been altered or does not continue the chain: its hash does not match"
+        return rec, "has been altered: its hash does not match its content"
+    if rec.seq != seq:
+        return rec, f"claims to be record {rec.seq}"
+    if version == 1 and rec.prev != prev:
+        return rec, "does not continue the chain (its prev is not the previous record's hash)"
+    return rec, None

@@ -10,7 +10,7 @@ import hashlib
 import struct
 from typing import Iterable, Sequence
 
-FORMAT_VERSION = 2  # 2: chunk values in pack files, refs in the chunk index
+FORMAT_VERSION = 3  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index
 MAX_DBS = 16
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
 CHECKPOINT_MAX = 256  # a long one (>= 8192 entries) may need up to this many (see checkpoint_every)
@@ -30,8 +30,8 @@ DB_META = b"meta"
 DB_CHANGES = b"changes"
 DB_FILES = b"files"
 DB_PATHS = b"paths"
-DB_HISTORY = b"history"
-DB_PATHLOG = b"pathlog"
+DB_HISTORY = b"history"  # dupsort + dupfixed: u64 file id -> u64 seqs
+DB_PATHLOG = b"pathlog"  # dupsort + dupfixed: path key -> u64 seq || u64 file id
 DB_CHUNKS = b"chunks"  # chunk id -> location and refs (encode_loc); values in pack files
 DB_REFS = b"refs"  # format 1 only (refs are in the chunk index since format 2)
 DB_CHECKPOINTS = b"checkpoints"
@@ -41,6 +41,7 @@ ALL_DBS = (
     DB_META, DB_CHANGES, DB_FILES, DB_PATHS, DB_HISTORY, DB_PATHLOG,
     DB_CHUNKS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS,
 )
+DUP_DBS = frozenset({DB_HISTORY, DB_PATHLOG})  # opened dupsort=True, dupfixed=True since format 3
 KV_DBS = {"snapshots": DB_SNAPSHOTS, "mirrors": DB_MIRRORS}
 
 # meta keys
@@ -62,7 +63,7 @@ def pack_live_key(pack: int) -> bytes:
 
 _U64 = struct.Struct(">Q")
 _CHUNK_HDR = struct.Struct(">BBI")  # fmt, depth, raw_len
-_LOC = struct.Struct(">IIIIB")  # chunk index value: refs, pack, offset, length, depth
+_LOC_V2 = struct.Struct(">IIIIB")  # format-2 chunk index value (read by the upgrade only)
 CHUNK_HDR_MAX = _CHUNK_HDR.size + 16  # header + base id
 CHUNK_FMT = 1
 ID_LEN = 16
@@ -98,8 +99,21 @@ def path_key_is_hashed(key: bytes) -> bool:
     return len(key) > PATH_KEY_MAX
 
 
-def history_key(file_id: int, seq: int) -> bytes:
-    return _U64.pack(file_id) + _U64.pack(seq)
+def pathlog_value(seq: int, file_id: int) -> bytes:
+    return _U64.pack(seq) + _U64.pack(file_id)
+
+
+def index_record(txn, dbs, seq: int, file_id: int, paths) -> None:
+    """Add record ``seq`` to ``history`` and ``pathlog``.
+
+    Seqs only grow, so each goes at the end of its key's duplicates
+    (MDB_APPENDDUP), which keeps those pages full.
+    """
+    if not txn.put(_U64.pack(file_id), _U64.pack(seq), db=dbs[DB_HISTORY], append=True):
+        raise ValueError(f"history of file {file_id:016x} already goes past record {seq}")
+    for key in {path_key(p) for p in paths if p is not None}:
+        if not txn.put(key, pathlog_value(seq, file_id), db=dbs[DB_PATHLOG], append=True):
+            raise ValueError(f"pathlog of {key!r} already goes past record {seq}")
 
 
 def pack_list(refs: Iterable[tuple[bytes, int]]) -> bytes:
@@ -156,22 +170,51 @@ def encode_chunk(depth: int, raw_len: int, base_id: bytes | None, payload: bytes
     return hdr + payload
 
 
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def encode_loc(refs: int, pack: int, offset: int, length: int, depth: int) -> bytes:
-    """The ``chunks`` index value: where the chunk value is and who names it."""
-    return _LOC.pack(refs, pack, offset, length, depth)
+    """The ``chunks`` index value: where the chunk value is and who names it.
+
+    Five unsigned LEB128 varints (refs, pack, offset, length, depth): 8-11
+    bytes for a usual entry where fixed u32 fields took 17.
+    """
+    return b"".join(map(_uvarint, (refs, pack, offset, length, depth)))
 
 
 def decode_loc(v: bytes) -> tuple[int, int, int, int, int]:
     """-> (refs, pack, offset, length, depth)."""
-    return _LOC.unpack(v)
+    out = []
+    n = shift = 0
+    for b in bytes(v):
+        n |= (b & 0x7F) << shift
+        if b & 0x80:
+            shift += 7
+        else:
+            out.append(n)
+            n = shift = 0
+    if len(out) != 5 or shift:
+        raise ValueError("bad chunk index value")
+    return out[0], out[1], out[2], out[3], out[4]
+
+
+def decode_loc_v2(v: bytes) -> tuple[int, int, int, int, int]:
+    """A format-2 index value (fixed u32 refs, pack, offset, length, u8 depth)."""
+    return _LOC_V2.unpack(v)
 
 
 def with_refs(v: bytes, refs: int) -> bytes:
-    return refs.to_bytes(4, "big") + bytes(v[4:])
+    return encode_loc(refs, *decode_loc(v)[1:])
 
 
 def loc_refs(v: bytes) -> int:
-    return int.from_bytes(v[:4], "big")
+    return decode_loc(v)[0]
 
 
 def decode_chunk(value: bytes) -> tuple[int, int, bytes | None, memoryview]:

@@ -2,15 +2,18 @@
 
 Format 1 kept chunk values in LMDB (``chunks``: id -> value) and their
 reference counts in ``refs``.  Format 2 appends the values to pack files and
-keeps ``chunks`` as an index (docs/format.md, "Pack files").  The upgrade is
-one LMDB write transaction: a crash before it commits leaves the format-1
-journal as it was (the pack written so far is cut away at the next open).
-Records, their hashes and every other database are untouched.
+keeps ``chunks`` as an index (docs/format.md, "Pack files").  Format 3
+writes records v2, encodes the index values as varints and keeps
+``history`` and ``pathlog`` as sorted duplicates (docs/format.md, "Format
+log").  Each step is one LMDB write transaction: a crash before it commits
+leaves the journal in the format it had (a pack written so far is cut away
+at the next open).  Records and their hashes are never touched.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 
 import msgpack
 
@@ -19,7 +22,17 @@ from .packs import PackFiles
 
 log = logging.getLogger(__name__)
 
-_TMP = b"chunks.v2"
+_TMP = b"upgrade.tmp"
+_LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
+
+
+def upgrade(env, path: str, meta, fmt: int) -> None:
+    """Bring a journal of format ``fmt`` to the current one, step by step."""
+    if fmt == 1:
+        upgrade_1_to_2(env, path, meta)
+        fmt = 2
+    if fmt == 2:
+        upgrade_2_to_3(env, path, meta)
 
 
 def _packb(v) -> bytes:
@@ -41,12 +54,10 @@ def upgrade_1_to_2(env, path: str, meta) -> int:
                 depth = S.decode_chunk(val)[0]
                 r = txn.get(cid, db=refs)
                 pack, off = packs.append(bytes(val))
-                txn.put(cid, S.encode_loc(S.from_u64(r) if r else 0, pack, off, len(val), depth), db=tmp)
+                txn.put(cid, _LOC_V2.pack(S.from_u64(r) if r else 0, pack, off, len(val), depth), db=tmp)
                 live[pack] = live.get(pack, 0) + len(val)
                 n += 1
-            txn.drop(old, delete=False)
-            for cid, loc in txn.cursor(db=tmp):
-                txn.put(cid, loc, db=old, append=True)
+            _refill(txn, old, tmp)
             txn.drop(tmp, delete=True)
             txn.drop(refs, delete=True)
             for pack, nbytes in live.items():
@@ -59,3 +70,43 @@ def upgrade_1_to_2(env, path: str, meta) -> int:
         packs.close()
     log.warning("upgraded journal %s from format 1 to 2: %d chunk values moved to pack files", path, n)
     return n
+
+
+def upgrade_2_to_3(env, path: str, meta) -> None:
+    """Re-encode the chunk index; rebuild ``history`` and ``pathlog`` as sorted duplicates."""
+    with env.begin(write=True) as txn:
+        chunks = env.open_db(S.DB_CHUNKS, txn=txn)
+        tmp = env.open_db(_TMP, txn=txn)
+        n = 0
+        for cid, loc in txn.cursor(db=chunks):
+            txn.put(cid, S.encode_loc(*_LOC_V2.unpack(loc)), db=tmp, append=True)
+            n += 1
+        _refill(txn, chunks, tmp)
+        history = env.open_db(S.DB_HISTORY, txn=txn)
+        for k, _ in txn.cursor(db=history):  # u64 file id || u64 seq -> empty
+            txn.put(k, b"", db=tmp, append=True)
+        txn.drop(history, delete=True)
+        history = env.open_db(S.DB_HISTORY, txn=txn, dupsort=True, dupfixed=True)
+        for k, _ in txn.cursor(db=tmp):
+            if not txn.put(k[:8], k[8:], db=history, append=True):
+                raise ValueError("format-2 history out of order")
+        txn.drop(tmp, delete=False)
+        pathlog = env.open_db(S.DB_PATHLOG, txn=txn)
+        for k, fid in txn.cursor(db=pathlog):  # path key || u64 seq -> u64 file id
+            txn.put(k, fid, db=tmp, append=True)
+        txn.drop(pathlog, delete=True)
+        pathlog = env.open_db(S.DB_PATHLOG, txn=txn, dupsort=True, dupfixed=True)
+        for k, fid in txn.cursor(db=tmp):
+            if not txn.put(k[:-8], k[-8:] + bytes(fid), db=pathlog, append=True):
+                raise ValueError("format-2 pathlog out of order")
+        txn.drop(tmp, delete=True)
+        txn.put(S.META_FORMAT, _packb(3), db=meta)
+    log.warning("upgraded journal %s from format 2 to 3: %d chunk index entries re-encoded", path, n)
+
+
+def _refill(txn, db, tmp) -> None:
+    """Replace ``db``'s entries by ``tmp``'s (sorted, appended: full pages); empty ``tmp``."""
+    txn.drop(db, delete=False)
+    for k, v in txn.cursor(db=tmp):
+        txn.put(k, v, db=db, append=True)
+    txn.drop(tmp, delete=False)

@@ -19,7 +19,7 @@ from deltafs.errors import MirrorError
 from deltafs.journal import Journal
 from deltafs.journal import compact as JC
 from deltafs.journal import schema as S
-from deltafs.journal.records import ZERO_HASH, body_hash, decode_record, split_value
+from deltafs.journal.records import ZERO_HASH, check_link
 
 from . import format as F
 from .base import Mirror, MirrorObjectMissing
@@ -211,16 +211,12 @@ def verify_mirror(mirror: Mirror, *, full: bool = False, sample: int = 8,
             if p not in pack_names:
                 rep.errors.append(f"segment {name} names pack {p}, which the manifest does not")
         for value in d["r"]:
-            h, body = split_value(value)
-            try:
-                r = decode_record(value)
-            except Exception as e:  # noqa: BLE001
-                rep.errors.append(f"segment {name}: a record cannot be decoded: {e}")
+            r, problem = check_link(value, expect, prev)
+            if r is None:
+                rep.errors.append(f"segment {name}: record {expect} {problem}")
                 return rep
-            if body_hash(body) != h:
-                rep.errors.append(f"record {r.seq} (segment {name}) has been altered: its hash does not match")
-            if r.seq != expect or r.prev != prev:
-                rep.errors.append(f"record {r.seq} (segment {name}) does not continue the chain after {expect - 1}")
+            if problem:
+                rep.errors.append(f"record {expect} (segment {name}) {problem}")
             if r.hlc <= last_hlc:
                 rep.errors.append(f"record {r.seq} (segment {name}) goes back in time")
             if r.seq in seg_pruned:
@@ -228,7 +224,7 @@ def verify_mirror(mirror: Mirror, *, full: bool = False, sample: int = 8,
             else:
                 for _, _, refs in r.edit or []:
                     named.extend((r.seq, cid) for cid, _ in refs)
-            prev, last_hlc, expect = h, r.hlc, r.seq + 1
+            prev, last_hlc, expect = r.hash, r.hlc, expect + 1
             rep.records += 1
         if prev.hex() != seg.get("last_hash"):
             rep.errors.append(f"segment {name}: its last record hash does not match the manifest")

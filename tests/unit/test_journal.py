@@ -17,6 +17,7 @@ from deltafs.capture import capture_chunks
 from deltafs.errors import CorruptionError, JournalFormatError, JournalLockedError, NotFoundError
 from deltafs.journal import CHECKPOINT_EVERY, Change, Journal
 from deltafs.journal import schema as S
+from deltafs.journal.records import check_link
 
 
 class FakeClock:
@@ -62,7 +63,11 @@ def test_records_and_chain(journal):
         assert [x.seq for x in recs] == [1, 2, 3]
         assert [x.seq for x in r.records(2, reverse=True)] == [3, 2]
         assert [x.seq for x in r.records(1, 2, reverse=True)] == [2, 1]
-        assert recs[0].prev == bytes(32) and recs[1].prev == recs[0].hash and recs[2].prev == recs[1].hash
+        prev = bytes(32)
+        for seq, value in r.raw_records():  # each record's hash covers the previous one's
+            assert check_link(value, seq, prev) == (recs[seq - 1], None)
+            assert check_link(value, seq, b"x" * 32)[1] is not None
+            prev = recs[seq - 1].hash
         assert all(a.hlc < b.hlc for a, b in zip(recs, recs[1:]))
         assert r.record(2).uid == 1000 and r.record(2).path == b"d/f"
         assert r.verify().records == 3

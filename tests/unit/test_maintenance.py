@@ -149,7 +149,7 @@ def recount_refs(j: Journal) -> dict[bytes, int]:
     with j.reader() as r:
         pruned = JC.pruned_seqs(j, r.txn)
         for k, v in r.txn.cursor(db=r.dbs[S.DB_CHANGES]):
-            rec = decode_record(v)
+            rec = decode_record(v, S.from_u64(k))
             if rec.is_content and rec.seq not in pruned:
                 for _, _, lst in rec.edit:
                     for cid, _ in lst:

@@ -318,6 +318,7 @@ def play(name: str, base: str, sz: Sizes) -> HistoryResult:
 def journal_sizes(jdir: str, fname: str) -> dict:
     sys.path.insert(0, ROOT)
     from deltafs.journal import Journal
+    from deltafs.journal import schema as S
     from deltafs.journal.compact import data_bytes
     out: dict = {}
     with Journal.open(jdir, readonly=True) as j:
@@ -350,10 +351,11 @@ def journal_sizes(jdir: str, fname: str) -> dict:
                 kv = 0
                 for k, v in txn.cursor(db=db):
                     kv += len(k) + len(v)
-                    if nm == b"chunks" and len(v) == 17:   # index: refs, pack, offset, length, depth
-                        d = out.setdefault("chunk_depth", {}).setdefault(str(v[16]), [0, 0])
+                    if nm == b"chunks":   # index: refs, pack, offset, length, depth
+                        _, _, _, length, depth = S.decode_loc(v)
+                        d = out.setdefault("chunk_depth", {}).setdefault(str(depth), [0, 0])
                         d[0] += 1
-                        d[1] += int.from_bytes(v[12:16], "big")
+                        d[1] += length
             per_db[nm.decode(errors="replace")] = {
                 "pages": s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"],
                 "overflow_pages": s["overflow_pages"], "entries": s["entries"], "kv_bytes": kv}
