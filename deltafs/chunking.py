@@ -63,8 +63,11 @@ MAX_DELTA_DEPTH = 64  # longest delta chain (reads: <= 64 decompressions)
 SKIP_TO_DEPTH = MAX_DELTA_DEPTH // 2  # a base at MAX_DELTA_DEPTH is replaced by its ancestor at this depth
 
 CODEC_RAW = 0  # payload[1:] is the raw chunk (incompressible data)
-CODEC_ZSTD = 1  # payload[1:] is a zstd frame
-CODEC_ZSTD_DELTA = 2  # payload[1:] is a zstd frame, base chunk = raw dict
+CODEC_ZSTD_V1 = 1  # payload[1:] is a zstd frame (written by journal formats 1-2)
+CODEC_ZSTD_DELTA_V1 = 2  # payload[1:] is a zstd frame, base chunk = raw dict (formats 1-2)
+CODEC_ZSTD = 3  # payload[1:] is a magicless zstd frame (no 4-byte magic number)
+CODEC_ZSTD_DELTA = 4  # payload[1:] is a magicless zstd frame, base chunk = raw dict
+_DELTA_CODECS = (CODEC_ZSTD_DELTA, CODEC_ZSTD_DELTA_V1)
 
 Pread = Callable[[int, int], bytes]
 ChunkRef = tuple[bytes, int]  # (chunk id, length); offsets are prefix sums
@@ -361,6 +364,12 @@ SAMPLE = 4096
 _local = threading.local()
 
 
+def _params(level: int) -> zstandard.ZstdCompressionParameters:
+    """Magicless frames with the content size and no dict id (docs/format.md, codecs 3-4)."""
+    return zstandard.ZstdCompressionParameters.from_level(
+        level, format=zstandard.FORMAT_ZSTD1_MAGICLESS, write_content_size=True, write_dict_id=False)
+
+
 def _compressor(level: int) -> zstandard.ZstdCompressor:
     """A per-thread compressor (zstd contexts are reusable, not thread-safe)."""
     cache = getattr(_local, "cctx", None)
@@ -368,7 +377,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
         cache = _local.cctx = {}
     c = cache.get(level)
     if c is None:
-        c = cache[level] = zstandard.ZstdCompressor(level=level)
+        c = cache[level] = zstandard.ZstdCompressor(compression_params=_params(level))
     return c
 
 
@@ -397,7 +406,7 @@ def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level
     raw = bytes(raw)
     delta = None
     if base_raw:
-        cctx = zstandard.ZstdCompressor(level=ZSTD_DELTA_LEVEL, dict_data=_dict(base_raw), write_dict_id=False)
+        cctx = zstandard.ZstdCompressor(compression_params=_params(ZSTD_DELTA_LEVEL), dict_data=_dict(base_raw))
         delta = cctx.compress(raw)
         if len(delta) * 8 * handicap < len(raw):
             return bytes([CODEC_ZSTD_DELTA]) + delta  # the base clearly helped
@@ -412,7 +421,7 @@ def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level
 
 
 def payload_needs_base(payload: bytes) -> bool:
-    return bool(payload) and payload[0] == CODEC_ZSTD_DELTA
+    return bool(payload) and payload[0] in _DELTA_CODECS
 
 
 def decompress_chunk(payload: bytes | memoryview, base_raw: bytes | None = None) -> bytes:
@@ -424,12 +433,13 @@ def decompress_chunk(payload: bytes | memoryview, base_raw: bytes | None = None)
     body = payload[1:]
     if codec == CODEC_RAW:
         return bytes(body)
-    if codec == CODEC_ZSTD:
-        return zstandard.ZstdDecompressor().decompress(body)
-    if codec == CODEC_ZSTD_DELTA:
+    fmt = zstandard.FORMAT_ZSTD1_MAGICLESS if codec >= CODEC_ZSTD else zstandard.FORMAT_ZSTD1
+    if codec in (CODEC_ZSTD, CODEC_ZSTD_V1):
+        return zstandard.ZstdDecompressor(format=fmt).decompress(body)
+    if codec in _DELTA_CODECS:
         if base_raw is None:
             raise ValueError("delta chunk payload needs its base")
-        return zstandard.ZstdDecompressor(dict_data=_dict(base_raw)).decompress(body)
+        return zstandard.ZstdDecompressor(dict_data=_dict(base_raw), format=fmt).decompress(body)
     raise ValueError(f"unknown chunk codec {codec}")
 
 

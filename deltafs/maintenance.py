@@ -96,6 +96,7 @@ class CompactReport:
     data_bytes: int | None = None  # journal data after the pass (compact.data_bytes)
     packs_emptied: int = 0  # pack files whose live values were moved out (compact.repack)
     bytes_reclaimed: int = 0  # their dead bytes
+    index_pages_saved: int = 0  # chunk index rewritten in key order (compact.densify_index)
     data_file_before: int | None = None  # --vacuum
     data_file_after: int | None = None
     pruned: list[int] = field(default_factory=list)
@@ -141,6 +142,7 @@ def compact(j, policy: RetentionPolicy = RetentionPolicy(), dry_run: bool = Fals
     if not dry_run:
         rp = JC.repack(j, dead_ratio)
         rep.packs_emptied, rep.bytes_reclaimed = rp.packs_emptied, rp.bytes_reclaimed
+        rep.index_pages_saved = JC.densify_index(j)
     return rep
 
 

@@ -145,6 +145,58 @@ def data_bytes(j) -> int:
     return pages * psize + j._packs.total_bytes()
 
 
+# --- the chunk index ------------------------------------------------------------------
+INDEX_SLACK = 1.2  # rewrite the index once it spans this many times the leaf pages it needs
+INDEX_SAMPLE = 256  # entries whose size estimates the index's
+INDEX_REWRITE_MAX = 1_000_000  # entries: above this the rewrite would hold the writer for seconds
+TMP_DB = b"rewrite.tmp"
+
+
+def refill(txn, db, tmp) -> None:
+    """Replace ``db``'s entries by ``tmp``'s, appended in key order (full
+    pages: LMDB splits an appending page at its end), and empty ``tmp``."""
+    txn.drop(db, delete=False)
+    for k, v in txn.cursor(db=tmp):
+        txn.put(k, v, db=db, append=True)
+    txn.drop(tmp, delete=False)
+
+
+def densify_index(j, slack: float = INDEX_SLACK) -> int:
+    """Rewrite the chunk index in key order if its pages are mostly empty; -> pages saved.
+
+    Chunk ids are random, so inserts land all over the B-tree and every page
+    split leaves two half-full pages: the index settles at 50-70 % full.
+    Copying it out and appending it back in order fills every page.  One
+    write transaction (readers keep their snapshot); skipped above
+    INDEX_REWRITE_MAX entries.
+    """
+    j._check_writable()
+    db = j._dbs[S.DB_CHUNKS]
+    with j._wlock, j.env.begin(write=True) as txn:
+        st = txn.stat(db)
+        if not st["entries"] or st["entries"] > INDEX_REWRITE_MAX:
+            return 0
+        sizes = [_node_bytes(k, v) for _, (k, v) in zip(range(INDEX_SAMPLE), txn.cursor(db=db))]
+        need = -(-st["entries"] * sum(sizes) // (len(sizes) * (st["psize"] - 16)))  # page header: 16
+        before = st["leaf_pages"] + st["branch_pages"]
+        if st["leaf_pages"] <= need * slack:
+            return 0
+        tmp = j.env.open_db(TMP_DB, txn=txn)
+        for k, v in txn.cursor(db=db):
+            txn.put(k, v, db=tmp, append=True)
+        refill(txn, db, tmp)
+        txn.drop(tmp, delete=True)
+        st = txn.stat(db)
+        saved = before - st["leaf_pages"] - st["branch_pages"]
+    log.info("rewrote the chunk index in key order: %d pages fewer", saved)
+    return saved
+
+
+def _node_bytes(k: bytes, v: bytes) -> int:
+    """Bytes an entry takes on an LMDB leaf page: node header 8, key and value, even-aligned, slot 2."""
+    return (8 + len(k) + len(v) + 1) // 2 * 2 + 2
+
+
 # --- pack files ---------------------------------------------------------------------
 REPACK_DEAD_RATIO = 0.5  # a closed pack is rewritten once this share of it is dead
 REPACK_TXN_BYTES = 64 << 20  # values moved per transaction at most

@@ -532,7 +532,9 @@ class Journal:
         """Write a full list (checkpoint) when the edit chain got long; cache the list."""
         entries = len(new) // S.ENTRY_LEN
         if base and (depth >= S.checkpoint_every(entries) or accum > 2 * entries + 64):
-            txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS])
+            # the head's seq is above every checkpoint key: append (full pages)
+            if not txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS], append=True):
+                txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS])
             for o in range(0, len(new), S.ENTRY_LEN):
                 self._count(txn, seq, new[o : o + S.ID_LEN], lenient)
             depth = accum = 0

@@ -18,11 +18,11 @@ import struct
 import msgpack
 
 from . import schema as S
+from .compact import TMP_DB, refill
 from .packs import PackFiles
 
 log = logging.getLogger(__name__)
 
-_TMP = b"upgrade.tmp"
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 
 
@@ -47,7 +47,7 @@ def upgrade_1_to_2(env, path: str, meta) -> int:
         with env.begin(write=True) as txn:
             old = env.open_db(S.DB_CHUNKS, txn=txn)
             refs = env.open_db(S.DB_REFS, txn=txn)
-            tmp = env.open_db(_TMP, txn=txn)
+            tmp = env.open_db(TMP_DB, txn=txn)
             live: dict[int, int] = {}
             n = 0
             for cid, val in txn.cursor(db=old):
@@ -57,7 +57,7 @@ def upgrade_1_to_2(env, path: str, meta) -> int:
                 txn.put(cid, _LOC_V2.pack(S.from_u64(r) if r else 0, pack, off, len(val), depth), db=tmp)
                 live[pack] = live.get(pack, 0) + len(val)
                 n += 1
-            _refill(txn, old, tmp)
+            refill(txn, old, tmp)
             txn.drop(tmp, delete=True)
             txn.drop(refs, delete=True)
             for pack, nbytes in live.items():
@@ -76,12 +76,12 @@ def upgrade_2_to_3(env, path: str, meta) -> None:
     """Re-encode the chunk index; rebuild ``history`` and ``pathlog`` as sorted duplicates."""
     with env.begin(write=True) as txn:
         chunks = env.open_db(S.DB_CHUNKS, txn=txn)
-        tmp = env.open_db(_TMP, txn=txn)
+        tmp = env.open_db(TMP_DB, txn=txn)
         n = 0
         for cid, loc in txn.cursor(db=chunks):
             txn.put(cid, S.encode_loc(*_LOC_V2.unpack(loc)), db=tmp, append=True)
             n += 1
-        _refill(txn, chunks, tmp)
+        refill(txn, chunks, tmp)
         history = env.open_db(S.DB_HISTORY, txn=txn)
         for k, _ in txn.cursor(db=history):  # u64 file id || u64 seq -> empty
             txn.put(k, b"", db=tmp, append=True)
@@ -103,10 +103,3 @@ def upgrade_2_to_3(env, path: str, meta) -> None:
         txn.put(S.META_FORMAT, _packb(3), db=meta)
     log.warning("upgraded journal %s from format 2 to 3: %d chunk index entries re-encoded", path, n)
 
-
-def _refill(txn, db, tmp) -> None:
-    """Replace ``db``'s entries by ``tmp``'s (sorted, appended: full pages); empty ``tmp``."""
-    txn.drop(db, delete=False)
-    for k, v in txn.cursor(db=tmp):
-        txn.put(k, v, db=db, append=True)
-    txn.drop(tmp, delete=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -152,6 +153,24 @@ def test_compress_round_trip(with_base):
         assert len(payload) < 200
         with pytest.raises(ValueError):
             C.decompress_chunk(payload, None)
+
+    # magicless frames: the payload is 4 bytes shorter than a framed zstd one
+    assert payload[0] == (C.CODEC_ZSTD_DELTA if with_base else C.CODEC_ZSTD)
+    assert payload[1:5] != (0xFD2FB528).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_payloads_of_journal_formats_1_and_2_still_decode(with_base):
+    """Codecs 1 and 2 (zstd frames with their magic number) are in older journals and mirrors."""
+    base = _content(4, 60_000)
+    raw = base[:30_000] + b"edited!" + base[30_007:]
+    if with_base:
+        d = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        payload = bytes([C.CODEC_ZSTD_DELTA_V1]) + zstandard.ZstdCompressor(level=9, dict_data=d, write_dict_id=False).compress(raw)
+        assert C.payload_needs_base(payload)
+    else:
+        payload = bytes([C.CODEC_ZSTD_V1]) + zstandard.ZstdCompressor(level=3).compress(raw)
+    assert C.decompress_chunk(payload, base if with_base else None) == raw
 
 
 def test_incompressible_stored_raw():
