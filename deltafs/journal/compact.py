@@ -179,7 +179,7 @@ def densify_index(j, slack: float = INDEX_SLACK) -> int:
         sizes = [_node_bytes(k, v) for _, (k, v) in zip(range(INDEX_SAMPLE), txn.cursor(db=db))]
         need = -(-st["entries"] * sum(sizes) // (len(sizes) * (st["psize"] - 16)))  # page header: 16
         before = st["leaf_pages"] + st["branch_pages"]
-        if st["leaf_pages"] <= need * slack:
+        if st["leaf_pages"] - need < max(1, need * (slack - 1)):
             return 0
         tmp = j.env.open_db(TMP_DB, txn=txn)
         for k, v in txn.cursor(db=db):

@@ -403,7 +403,7 @@ class Journal:
             return _new_id()
         cur = txn.cursor(db=self._dbs[S.DB_PATHLOG])
         if cur.set_key(S.path_key(ch.path)) and cur.last_dup():
-            fid = S.from_u64(cur.value()[8:])
+            fid = rd.record(S.from_u64(cur.value())).file_id
             st = rd.file_state(fid)
             if st is not None and st.kind == "f" and st.last_seq and (st.deleted or ch.path not in st.links):
                 age = self._hlc._clock() - hlc_to_ns(rd.record(st.last_seq).hlc)

@@ -191,7 +191,7 @@ class Reader:
             for pk, v in cur.iternext():
                 if not pk.startswith(scan):
                     break
-                seq = S.from_u64(v[:8])
+                seq = S.from_u64(v)
                 if S.path_key_is_hashed(pk) or len(prefix) > S.PATH_KEY_PREFIX:
                     r = self.record(seq)
                     paths = [r.path, r.path2]

@@ -31,7 +31,7 @@ DB_CHANGES = b"changes"
 DB_FILES = b"files"
 DB_PATHS = b"paths"
 DB_HISTORY = b"history"  # dupsort + dupfixed: u64 file id -> u64 seqs
-DB_PATHLOG = b"pathlog"  # dupsort + dupfixed: path key -> u64 seq || u64 file id
+DB_PATHLOG = b"pathlog"  # dupsort + dupfixed: path key -> u64 seqs
 DB_CHUNKS = b"chunks"  # chunk id -> location and refs (encode_loc); values in pack files
 DB_REFS = b"refs"  # format 1 only (refs are in the chunk index since format 2)
 DB_CHECKPOINTS = b"checkpoints"
@@ -99,10 +99,6 @@ def path_key_is_hashed(key: bytes) -> bool:
     return len(key) > PATH_KEY_MAX
 
 
-def pathlog_value(seq: int, file_id: int) -> bytes:
-    return _U64.pack(seq) + _U64.pack(file_id)
-
-
 def index_record(txn, dbs, seq: int, file_id: int, paths) -> None:
     """Add record ``seq`` to ``history`` and ``pathlog``.
 
@@ -112,7 +108,7 @@ def index_record(txn, dbs, seq: int, file_id: int, paths) -> None:
     if not txn.put(_U64.pack(file_id), _U64.pack(seq), db=dbs[DB_HISTORY], append=True):
         raise ValueError(f"history of file {file_id:016x} already goes past record {seq}")
     for key in {path_key(p) for p in paths if p is not None}:
-        if not txn.put(key, pathlog_value(seq, file_id), db=dbs[DB_PATHLOG], append=True):
+        if not txn.put(key, _U64.pack(seq), db=dbs[DB_PATHLOG], append=True):
             raise ValueError(f"pathlog of {key!r} already goes past record {seq}")
 
 

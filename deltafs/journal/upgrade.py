@@ -92,12 +92,12 @@ def upgrade_2_to_3(env, path: str, meta) -> None:
                 raise ValueError("format-2 history out of order")
         txn.drop(tmp, delete=False)
         pathlog = env.open_db(S.DB_PATHLOG, txn=txn)
-        for k, fid in txn.cursor(db=pathlog):  # path key || u64 seq -> u64 file id
-            txn.put(k, fid, db=tmp, append=True)
+        for k, _ in txn.cursor(db=pathlog):  # path key || u64 seq -> u64 file id
+            txn.put(k, b"", db=tmp, append=True)
         txn.drop(pathlog, delete=True)
         pathlog = env.open_db(S.DB_PATHLOG, txn=txn, dupsort=True, dupfixed=True)
-        for k, fid in txn.cursor(db=tmp):
-            if not txn.put(k[:-8], k[-8:] + bytes(fid), db=pathlog, append=True):
+        for k, _ in txn.cursor(db=tmp):
+            if not txn.put(k[:-8], k[-8:], db=pathlog, append=True):
                 raise ValueError("format-2 pathlog out of order")
         txn.drop(tmp, delete=True)
         txn.put(S.META_FORMAT, _packb(3), db=meta)
