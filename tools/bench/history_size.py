@@ -449,17 +449,23 @@ breakdown above; the figures per history are in the list):
   random 16-byte keys left leaf pages 60–75% full and a value over ~2 KiB
   took whole 4 KiB overflow pages, which made the chunks db 1.6–1.8× the
   bytes it held (doc 2.17×, log 2.05×, sqlite 2.1–2.3× git then).
-- *The rest is per-version metadata in B-trees*, about 700 bytes per
-  version against ~250 for a git commit + tree: the record (~270 bytes:
-  two chain hashes, a content hash, the edit naming the changed chunks,
-  HLC, stat fields), `history` and `pathlog` entries, a 43-byte index
-  entry per new chunk in leaf pages ~55–70% full (random keys), and at
-  least one page for each of the ~8 databases. It is what keeps *doc* and
-  *sqlite* above 1.3× git; a SQLite transaction changes ~10 chunks, and
-  each costs an index entry and a delta header where git pays one delta
-  per commit. Compressing record bodies with zstd and a fixed dictionary
-  of template records would save 12–20% of their bytes (measured on these
-  journals; not built: it would not bring *doc* or *sqlite* near 1.3×).
+- *The rest is per-version metadata in B-trees.* Journal format 3 cut it
+  by a quarter to a third (records ~190 bytes instead of ~300: integer
+  keys, seq and prev out of the body; `history` and `pathlog` as sorted
+  fixed-size duplicates; varint index values), but it is still about 500
+  bytes per version against ~250 for a git commit + tree: the record (two
+  32-byte hashes and the 16-byte ids of the changed chunks are
+  incompressible), a ~36-byte index entry per new chunk in leaf pages
+  55–70% full (random keys; `deltafs compact` rewrites the index in key
+  order, the *after compact* column), and at least one 4 KiB page for each
+  of the ~8 databases. It is what keeps *doc* and *sqlite* above 1.3× git;
+  a SQLite transaction changes ~10 chunks, each an index entry, a delta
+  header and an edit entry, where git pays one delta per commit, and its
+  chunk bytes alone are ~1.2× git (git's delta against the whole previous
+  blob finds rows a page split moved; a chunk's delta sees one old chunk).
+  Measured, not built: moving compacted records into zstd-compressed
+  blocks (64 records per block: 0.63–0.70 of their bytes) would bring
+  *doc* to about 1.25× after compaction; *sqlite* would stay near 1.45×.
 - *SQLite's rollback journal* (`*.db-journal`) is ignored by the built-in
   patterns: the database's versions are taken at its commit fsyncs.
 - *Random binary overwrites* are where deltafs is closest: the bytes are
