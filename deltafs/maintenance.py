@@ -97,6 +97,7 @@ class CompactReport:
     packs_emptied: int = 0  # pack files whose live values were moved out (compact.repack)
     bytes_reclaimed: int = 0  # their dead bytes
     index_pages_saved: int = 0  # chunk index rewritten in key order (compact.densify_index)
+    records_archived: int = 0  # records moved into compressed blocks (compact.archive_records)
     data_file_before: int | None = None  # --vacuum
     data_file_after: int | None = None
     pruned: list[int] = field(default_factory=list)
@@ -142,6 +143,7 @@ def compact(j, policy: RetentionPolicy = RetentionPolicy(), dry_run: bool = Fals
     if not dry_run:
         rp = JC.repack(j, dead_ratio)
         rep.packs_emptied, rep.bytes_reclaimed = rp.packs_emptied, rp.bytes_reclaimed
+        rep.records_archived = JC.archive_records(j)
         rep.index_pages_saved = JC.densify_index(j)
     return rep
 
@@ -276,6 +278,7 @@ async def maintenance_service(daemon, task_status=None, interval: float | None =
     j = daemon.journal
     st = {"interval_s": interval, "retention": policy.spec(), "limit_bytes": limit, "passes": 0,
           "last_pass_ns": None, "last_pass_s": None, "versions_pruned": 0, "bytes_freed": 0,
+          "records_archived": 0,
           "pressure": False, "last_error": None}
     state = getattr(daemon, "state", None)
     if isinstance(state, dict):
@@ -319,6 +322,7 @@ async def maintenance_service(daemon, task_status=None, interval: float | None =
         st["last_pass_s"] = round(dt, 4)
         st["versions_pruned"] += rep.versions_pruned
         st["bytes_freed"] += rep.bytes_freed
+        st["records_archived"] += rep.records_archived
         st["last_error"] = None
         if under:
             after = await trio.to_thread.run_sync(pressure, j, limit)

@@ -23,9 +23,11 @@ from typing import Iterable, Iterator
 import msgpack
 
 from deltafs.chunking import chunk_id, decompress_chunk
+from deltafs.errors import CorruptionError
 
 from . import schema as S
 from .packs import PACK_MAGIC, add_pack_live, incref, pack_live
+from .reader import Reader
 from .records import ZERO_HASH, check_link, decode_record
 
 log = logging.getLogger(__name__)
@@ -178,23 +180,74 @@ def densify_index(j, slack: float = INDEX_SLACK) -> int:
             return 0
         sizes = [_node_bytes(k, v) for _, (k, v) in zip(range(INDEX_SAMPLE), txn.cursor(db=db))]
         need = -(-st["entries"] * sum(sizes) // (len(sizes) * (st["psize"] - 16)))  # page header: 16
-        before = st["leaf_pages"] + st["branch_pages"]
         if st["leaf_pages"] - need < max(1, need * (slack - 1)):
             return 0
-        tmp = j.env.open_db(TMP_DB, txn=txn)
-        for k, v in txn.cursor(db=db):
-            txn.put(k, v, db=tmp, append=True)
-        refill(txn, db, tmp)
-        txn.drop(tmp, delete=True)
-        st = txn.stat(db)
-        saved = before - st["leaf_pages"] - st["branch_pages"]
+        saved = rewrite_in_key_order(j.env, txn, db)
     log.info("rewrote the chunk index in key order: %d pages fewer", saved)
     return saved
+
+
+def rewrite_in_key_order(env, txn, db) -> int:
+    """Copy ``db`` out and append it back in key order (every page full); -> pages saved."""
+    st = txn.stat(db)
+    before = st["leaf_pages"] + st["branch_pages"] + st["overflow_pages"]
+    tmp = env.open_db(TMP_DB, txn=txn)
+    for k, v in txn.cursor(db=db):
+        txn.put(k, v, db=tmp, append=True)
+    refill(txn, db, tmp)
+    txn.drop(tmp, delete=True)
+    st = txn.stat(db)
+    return before - st["leaf_pages"] - st["branch_pages"] - st["overflow_pages"]
 
 
 def _node_bytes(k: bytes, v: bytes) -> int:
     """Bytes an entry takes on an LMDB leaf page: node header 8, key and value, even-aligned, slot 2."""
     return (8 + len(k) + len(v) + 1) // 2 * 2 + 2
+
+
+# --- record blocks ------------------------------------------------------------------
+RECORD_BLOCK = 64  # records per block
+RECORDS_KEPT = 64  # the newest records stay LMDB values (the writer and `log` read them)
+
+
+def archive_records(j, keep: int = RECORDS_KEPT) -> int:
+    """Move records older than the newest ``keep`` into zstd-compressed
+    blocks of RECORD_BLOCK in the pack files; -> records moved.
+
+    A record costs ~210 bytes as an LMDB value on a full page; a block of
+    64 compresses them to 0.6-0.7 of their bytes (their hashes and chunk
+    ids do not compress).  Records are immutable, so a block never
+    changes; each block is one write transaction (pack synced first), so
+    a reader finds every record either in ``changes`` or in a block.
+    """
+    j._check_writable()
+    moved = 0
+    changes, blocks = j._dbs[S.DB_CHANGES], j._dbs[S.DB_RECORD_BLOCKS]
+    while True:
+        with j._wlock, j.env.begin(write=True) as txn:
+            rd = Reader(j, txn)
+            first = rd.archived_upto() + 1
+            last = first + RECORD_BLOCK - 1
+            if last > rd.head_seq() - keep:
+                break
+            values = [txn.get(S.u64(s), db=changes) for s in range(first, last + 1)]
+            if any(v is None for v in values):
+                raise CorruptionError(f"records {first}..{last} are not all in the changes database")
+            blob = S.encode_record_block(values)
+            pack, off = j._packs.append(blob)
+            if not txn.put(S.u64(first), S.encode_block_loc(pack, off, len(blob), len(values)),
+                           db=blocks, append=True):
+                raise CorruptionError(f"a record block already starts after record {first}")
+            add_pack_live(txn, j._dbs, pack, len(blob))
+            for s in range(first, last + 1):
+                txn.delete(S.u64(s), db=changes)
+            j._seal(txn)
+        moved += len(values)
+    if moved:  # deleting from the front leaves its pages part empty: pack what stays
+        with j._wlock, j.env.begin(write=True) as txn:
+            rewrite_in_key_order(j.env, txn, changes)
+        log.info("moved %d records into record blocks", moved)
+    return moved
 
 
 # --- pack files ---------------------------------------------------------------------
@@ -237,23 +290,31 @@ def repack(j, dead_ratio: float = REPACK_DEAD_RATIO) -> RepackResult:
     with j._wlock:
         if j._packs.current in victims:  # close it: appends go to a new pack from now on
             j._packs.roll()
+    cdb, bdb = j._dbs[S.DB_CHUNKS], j._dbs[S.DB_RECORD_BLOCKS]
     with j.reader() as r:  # the entries to move (re-checked in each transaction)
-        todo = [bytes(k) for k, v in r.txn.cursor(db=j._dbs[S.DB_CHUNKS]) if S.decode_loc(v)[1] in victims]
-    cdb, i = j._dbs[S.DB_CHUNKS], 0
+        todo = [(cdb, bytes(k)) for k, v in r.txn.cursor(db=cdb) if S.decode_loc(v)[1] in victims]
+        todo += [(bdb, bytes(k)) for k, v in r.txn.cursor(db=bdb) if S.decode_block_loc(v)[0] in victims]
+    i = 0
     while i < len(todo):
         with j._wlock, j.env.begin(write=True) as txn:
             moved = 0
             while i < len(todo) and moved < REPACK_TXN_BYTES:
-                cid = todo[i]
+                db, key = todo[i]
                 i += 1
-                v = txn.get(cid, db=cdb)
+                v = txn.get(key, db=db)
                 if v is None:
                     continue
-                refs, pack, off, length, depth = S.decode_loc(v)
+                if db is cdb:
+                    refs, pack, off, length, depth = S.decode_loc(v)
+                else:
+                    pack, off, length, count = S.decode_block_loc(v)
                 if pack not in victims:
                     continue
                 np, noff = j._packs.append(j._packs.read(pack, off, length))
-                txn.put(cid, S.encode_loc(refs, np, noff, length, depth), db=cdb)
+                if db is cdb:
+                    txn.put(key, S.encode_loc(refs, np, noff, length, depth), db=cdb)
+                else:
+                    txn.put(key, S.encode_block_loc(np, noff, length, count), db=bdb)
                 add_pack_live(txn, j._dbs, pack, -length)
                 add_pack_live(txn, j._dbs, np, length)
                 moved += length
@@ -295,8 +356,7 @@ def content_versions(j, r) -> Versions:
     """Every content version not pruned yet, grouped by file id (one scan of ``changes``)."""
     out = Versions(head_hlc=r.meta(S.META_HLC, 0), head_seq=r.head_seq())
     pruned = pruned_seqs(j, r.txn)
-    for k, v in r.txn.cursor(db=r.dbs[S.DB_CHANGES]):
-        seq = S.from_u64(k)
+    for seq, v in r.raw_records():
         if seq in pruned:
             continue
         rec = decode_record(v, seq)
@@ -401,8 +461,6 @@ def prune(j, seqs: Iterable[int], retained: Iterable[int], dry_run: bool = False
     i = 0
     while i < len(keep):
         with j._wlock, j.env.begin(write=True) as txn:
-            from .reader import Reader
-
             r = Reader(j, txn)
             n = 0
             while i < len(keep) and n < CHECKPOINT_BATCH:
@@ -425,7 +483,7 @@ def prune(j, seqs: Iterable[int], retained: Iterable[int], dry_run: bool = False
             for s in batch:
                 if txn.get(S.u64(s), db=db) is not None:
                     continue
-                rec = decode_record(txn.get(S.u64(s), db=dbs[S.DB_CHANGES]), s)
+                rec = Reader(j, txn).record(s)
                 if not rec.is_content:
                     raise ValueError(f"record {s} is a {rec.op}, not a content version")
                 txn.put(S.u64(s), _packb({"hlc": rec.hlc, "t": time.time_ns()}), db=db)
@@ -560,8 +618,12 @@ def verify(j, full: bool = False) -> VerifyResult:
         res.versions_pruned = len(pruned)
         prev, expected, last_hlc = ZERO_HASH, 1, -1
         content: list[tuple[int, bytes, bytes | None, int | None]] = []
-        for k, v in r.txn.cursor(db=r.dbs[S.DB_CHANGES]):
-            seq = S.from_u64(k)
+        try:
+            records = list(r.raw_records())
+        except CorruptionError as e:
+            res.problem = Problem(str(e))
+            return res
+        for seq, v in records:
             if seq != expected:
                 res.problem = Problem(f"record {expected} is missing (next key is {seq})", expected)
                 return res
@@ -692,7 +754,6 @@ def vacuum(j) -> tuple[tuple[int, int], tuple[int, int]]:
 def iter_retained_content(j, r) -> Iterator[int]:
     """Seqs of every content version not pruned (tests, verify helpers)."""
     pruned = pruned_seqs(j, r.txn)
-    for k, v in r.txn.cursor(db=r.dbs[S.DB_CHANGES]):
-        seq = S.from_u64(k)
+    for seq, v in r.raw_records():
         if seq not in pruned and decode_record(v, seq).is_content:
             yield seq

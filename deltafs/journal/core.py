@@ -29,6 +29,7 @@ from .records import CAUSES, OPS, Change, decode_record, encode_record
 from .state import apply_record
 
 log = logging.getLogger(__name__)
+RECORD_BLOCKS_CACHED = 8  # decoded record blocks kept per journal (64 records each)
 
 MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
 MAX_BATCH = 1024  # submits folded into one transaction at most
@@ -63,6 +64,9 @@ class Journal:
         # uncount them either (in memory: a clone prunes before it closes the journal)
         self._uncounted: Counter[tuple[int, bytes]] = Counter()
         self._list_entries = 0
+        # decoded record blocks (immutable: a repack moves their bytes, not what they hold)
+        self._blocks: OrderedDict[int, list[bytes]] = OrderedDict()
+        self._blocks_lock = threading.Lock()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self.sync_count = 0  # write transactions committed (each one sync)
@@ -410,6 +414,21 @@ class Journal:
                 if age <= REUSE_WINDOW_NS:
                     return fid
         return _new_id()
+
+    def _record_block(self, first: int, loc: tuple[int, int, int, int]) -> list[bytes]:
+        """The stored values of the record block starting at ``first`` (a few kept decoded)."""
+        with self._blocks_lock:
+            values = self._blocks.get(first)
+            if values is not None:
+                self._blocks.move_to_end(first)
+                return values
+        pack, off, length, count = loc
+        values = S.decode_record_block(self._packs.read(pack, off, length), count)
+        with self._blocks_lock:
+            self._blocks[first] = values
+            while len(self._blocks) > RECORD_BLOCKS_CACHED:
+                self._blocks.popitem(last=False)
+        return values
 
     def _incref(self, txn, cid: bytes, n: int = 1) -> None:
         incref(txn, self._dbs, cid, n)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import msgpack
+import zstandard
 
 from deltafs.chunking import apply_edit, chunk_id, decompress_chunk
 from deltafs.errors import CorruptionError, NotFoundError
@@ -103,8 +104,40 @@ class Reader:
         cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
         return split_value(cur.value())[0] if cur.last() else ZERO_HASH
 
-    def record(self, seq: int) -> Record:
+    def archived_upto(self) -> int:
+        """The last seq moved into a record block by compaction (0: none).
+
+        Records ``1..archived_upto()`` are in ``record_blocks``, the rest in
+        ``changes``; the newest records always stay in ``changes``."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_RECORD_BLOCKS])
+        if not cur.last():
+            return 0
+        return S.from_u64(cur.key()) + S.decode_block_loc(cur.value())[3] - 1
+
+    def _block_at(self, seq: int) -> tuple[int, list[bytes]] | None:
+        """(first seq, stored values) of the record block holding ``seq``."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_RECORD_BLOCKS])
+        if not (cur.prev() if cur.set_range(S.u64(seq + 1)) else cur.last()):
+            return None
+        first = S.from_u64(cur.key())
+        try:
+            loc = S.decode_block_loc(cur.value())
+            if not first <= seq < first + loc[3]:
+                return None
+            return first, self._j._record_block(first, loc)
+        except (ValueError, zstandard.ZstdError) as e:
+            raise CorruptionError(f"the record block of records {first}.. cannot be read: {e}") from e
+
+    def raw_record(self, seq: int) -> bytes | None:
+        """The stored value ``hash || body`` of record ``seq``, or None."""
         v = self.txn.get(S.u64(seq), db=self.dbs[S.DB_CHANGES])
+        if v is not None or seq < 1:
+            return v
+        blk = self._block_at(seq)
+        return blk[1][seq - blk[0]] if blk else None
+
+    def record(self, seq: int) -> Record:
+        v = self.raw_record(seq)
         if v is None:
             raise NotFoundError(f"no record {seq} in the journal (head is {self.head_seq()})")
         try:
@@ -114,37 +147,62 @@ class Reader:
 
     def records(self, start: int = 1, end: int | None = None, reverse: bool = False) -> Iterator[Record]:
         """Records with ``start <= seq <= end`` (end None: to the head)."""
+        for seq, v in self.raw_records(start, end, reverse):
+            yield decode_record(v, seq)
+
+    def raw_records(self, start: int = 1, end: int | None = None,
+                    reverse: bool = False) -> Iterator[tuple[int, bytes]]:
+        """(seq, stored value ``hash || body``) for ``start <= seq <= end``,
+        exactly as stored (replication ships these bytes so the chain
+        verifies): from record blocks, then from ``changes``."""
+        start = max(start, 1)
+        archived = self.archived_upto()
+        if reverse:
+            yield from self._changes(max(start, archived + 1), end, True)
+            top = archived if end is None else min(end, archived)
+            seq = top
+            while seq >= start:
+                blk = self._block_at(seq)
+                if blk is None:
+                    raise CorruptionError(f"record {seq} is in no record block")
+                first, values = blk
+                for s in range(seq, max(first, start) - 1, -1):
+                    yield s, values[s - first]
+                seq = first - 1
+            return
+        seq = start
+        while seq <= archived and (end is None or seq <= end):
+            blk = self._block_at(seq)
+            if blk is None:
+                raise CorruptionError(f"record {seq} is in no record block")
+            first, values = blk
+            for s in range(seq, first + len(values)):
+                if end is not None and s > end:
+                    return
+                yield s, values[s - first]
+            seq = first + len(values)
+        yield from self._changes(max(start, archived + 1), end, False)
+
+    def _changes(self, start: int, end: int | None, reverse: bool) -> Iterator[tuple[int, bytes]]:
         cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
         if not reverse:
-            if not cur.set_range(S.u64(max(start, 0))):
+            if not cur.set_range(S.u64(start)):
                 return
             for k, v in cur:
                 seq = S.from_u64(k)
                 if end is not None and seq > end:
                     break
-                yield decode_record(v, seq)
-        else:
-            top = end if end is not None else self.head_seq()
-            if not cur.set_range(S.u64(top + 1)):
-                if not cur.last():
-                    return
-            elif not cur.prev():
-                return
-            for k, v in cur.iterprev():
-                seq = S.from_u64(k)
-                if seq < start:
-                    break
-                yield decode_record(v, seq)
-
-    def raw_records(self, start: int = 1, end: int | None = None) -> Iterator[tuple[int, bytes]]:
-        """(seq, stored value ``hash || body``) for ``start <= seq <= end``,
-        exactly as stored (replication ships these bytes so the chain verifies)."""
-        cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
-        if not cur.set_range(S.u64(max(start, 0))):
+                yield seq, bytes(v)
             return
-        for k, v in cur:
+        if end is None:
+            positioned = cur.last()
+        else:
+            positioned = cur.prev() if cur.set_range(S.u64(end + 1)) else cur.last()
+        if not positioned:
+            return
+        for k, v in cur.iterprev():
             seq = S.from_u64(k)
-            if end is not None and seq > end:
+            if seq < start:
                 break
             yield seq, bytes(v)
 
@@ -325,9 +383,7 @@ class Reader:
         Raises CorruptionError naming the first broken record or chunk.
         """
         prev, expected, last_hlc, n, versions = ZERO_HASH, 1, -1, 0, 0
-        cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
-        for k, v in cur:
-            seq = S.from_u64(k)
+        for seq, v in self.raw_records():
             if seq != expected:
                 raise CorruptionError(f"record {expected} is missing (next key is {seq})")
             r, problem = check_link(v, seq, prev)

@@ -10,6 +10,8 @@ import hashlib
 import struct
 from typing import Iterable, Sequence
 
+import zstandard
+
 FORMAT_VERSION = 3  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index
 MAX_DBS = 16
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
@@ -37,9 +39,10 @@ DB_REFS = b"refs"  # format 1 only (refs are in the chunk index since format 2)
 DB_CHECKPOINTS = b"checkpoints"
 DB_SNAPSHOTS = b"snapshots"
 DB_MIRRORS = b"mirrors"
+DB_RECORD_BLOCKS = b"record_blocks"  # u64 first seq -> location of a compressed block of records
 ALL_DBS = (
     DB_META, DB_CHANGES, DB_FILES, DB_PATHS, DB_HISTORY, DB_PATHLOG,
-    DB_CHUNKS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS,
+    DB_CHUNKS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS, DB_RECORD_BLOCKS,
 )
 DUP_DBS = frozenset({DB_HISTORY, DB_PATHLOG})  # opened dupsort=True, dupfixed=True since format 3
 KV_DBS = {"snapshots": DB_SNAPSHOTS, "mirrors": DB_MIRRORS}
@@ -175,6 +178,21 @@ def _uvarint(n: int) -> bytes:
     return bytes(out)
 
 
+def _uvarints(v: bytes, count: int, what: str) -> list[int]:
+    out = []
+    n = shift = 0
+    for b in bytes(v):
+        n |= (b & 0x7F) << shift
+        if b & 0x80:
+            shift += 7
+        else:
+            out.append(n)
+            n = shift = 0
+    if len(out) != count or shift:
+        raise ValueError(f"bad {what}")
+    return out
+
+
 def encode_loc(refs: int, pack: int, offset: int, length: int, depth: int) -> bytes:
     """The ``chunks`` index value: where the chunk value is and who names it.
 
@@ -186,18 +204,54 @@ def encode_loc(refs: int, pack: int, offset: int, length: int, depth: int) -> by
 
 def decode_loc(v: bytes) -> tuple[int, int, int, int, int]:
     """-> (refs, pack, offset, length, depth)."""
-    out = []
-    n = shift = 0
-    for b in bytes(v):
-        n |= (b & 0x7F) << shift
-        if b & 0x80:
+    refs, pack, offset, length, depth = _uvarints(v, 5, "chunk index value")
+    return refs, pack, offset, length, depth
+
+
+# --- record blocks: compacted records, zstd-compressed in packs ------------------------
+RECORD_BLOCK_MAGIC = b"R"  # first byte of a block in a pack (a chunk value starts with 1)
+RECORD_BLOCK_LEVEL = 19
+
+
+def encode_block_loc(pack: int, offset: int, length: int, count: int) -> bytes:
+    """The ``record_blocks`` value: four varints (pack, offset, length, records)."""
+    return b"".join(map(_uvarint, (pack, offset, length, count)))
+
+
+def decode_block_loc(v: bytes) -> tuple[int, int, int, int]:
+    """-> (pack, offset, length, number of records)."""
+    pack, offset, length, count = _uvarints(v, 4, "record block location")
+    return pack, offset, length, count
+
+
+def encode_record_block(values: Sequence[bytes]) -> bytes:
+    """``R`` then one magicless zstd frame of: for each record, varint length ‖ stored value."""
+    body = b"".join(_uvarint(len(v)) + bytes(v) for v in values)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        RECORD_BLOCK_LEVEL, format=zstandard.FORMAT_ZSTD1_MAGICLESS, write_content_size=True)
+    return RECORD_BLOCK_MAGIC + zstandard.ZstdCompressor(compression_params=params).compress(body)
+
+
+def decode_record_block(blob: bytes, count: int) -> list[bytes]:
+    """The ``count`` stored record values of a block (ValueError if it is not one)."""
+    if blob[:1] != RECORD_BLOCK_MAGIC:
+        raise ValueError("not a record block")
+    body = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS).decompress(blob[1:])
+    out, o = [], 0
+    while o < len(body):
+        n = shift = 0
+        while True:
+            b = body[o]
+            o += 1
+            n |= (b & 0x7F) << shift
+            if not b & 0x80:
+                break
             shift += 7
-        else:
-            out.append(n)
-            n = shift = 0
-    if len(out) != 5 or shift:
-        raise ValueError("bad chunk index value")
-    return out[0], out[1], out[2], out[3], out[4]
+        out.append(body[o : o + n])
+        o += n
+    if len(out) != count or o != len(body):
+        raise ValueError(f"record block holds {len(out)} records, its index says {count}")
+    return out
 
 
 def decode_loc_v2(v: bytes) -> tuple[int, int, int, int, int]:

@@ -15,7 +15,6 @@ from deltafs.capture import capture_chunks
 from deltafs.journal import Change, Journal, ns_to_hlc
 from deltafs.journal import compact as JC
 from deltafs.journal import schema as S
-from deltafs.journal.records import decode_record
 
 from test_journal import corrupt_chunk
 
@@ -148,8 +147,7 @@ def recount_refs(j: Journal) -> dict[bytes, int]:
     out: dict[bytes, int] = {}
     with j.reader() as r:
         pruned = JC.pruned_seqs(j, r.txn)
-        for k, v in r.txn.cursor(db=r.dbs[S.DB_CHANGES]):
-            rec = decode_record(v, S.from_u64(k))
+        for rec in r.records():  # LMDB values and record blocks
             if rec.is_content and rec.seq not in pruned:
                 for _, _, lst in rec.edit:
                     for cid, _ in lst:
