@@ -29,7 +29,7 @@ from .records import CAUSES, OPS, Change, decode_record, encode_record
 from .state import apply_record
 
 log = logging.getLogger(__name__)
-RECORD_BLOCKS_CACHED = 8  # decoded record blocks kept per journal (64 records each)
+RECORD_BLOCKS_CACHED = 8  # decoded record blocks kept per journal (RECORD_BLOCK records each)
 
 MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
 MAX_BATCH = 1024  # submits folded into one transaction at most

@@ -465,8 +465,8 @@ breakdown above; the figures per history are in the list):
   blob finds rows a page split moved; a chunk's delta sees one old chunk).
   The *after compact* column is the journal once a compaction pass (every
   10 minutes in a mount; `deltafs compact` here, keeping every version)
-  has rewritten the chunk index in key order and moved all but the newest
-  64 records into zstd-compressed blocks of 64 in the pack files (0.6–0.7
+  has rewritten the chunk index in key order and moved all but the newest 32–63
+  records (whole blocks) into zstd-compressed blocks of 32 in the pack files (0.6–0.7
   of their bytes: the hashes and chunk ids do not compress).
 - *SQLite's rollback journal* (`*.db-journal`) is ignored by the built-in
   patterns: the database's versions are taken at its commit fsyncs.
