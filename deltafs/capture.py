@@ -391,6 +391,11 @@ class Recorder:
             res, new = capture_chunks(r, lambda off, n: os.pread(fd, n, off), size, old, dirty,
                                       offsets, j.put_chunks, self.raw_cache)
         edit = res.edit_list(old)
+        if cause == "scan" and base and not edit and not new and size == sum(n for _, n in old):
+            # same bytes, other stat (touch while unmounted, or the kernel's
+            # writeback cache setting mtime after the last capture): no version
+            return Change(op="setattr", path=path, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                          mtime_ns=st.st_mtime_ns), None
         cache = None
         if len(old) + len(res.new_spans) >= LIST_CACHE_MIN:
             cache = (chunking.apply_edit(old, edit), chunking.edit_offsets(offsets, edit))

@@ -217,6 +217,20 @@ def test_changes_while_unmounted_are_recorded_at_remount(mounted):
     assert any(r.op == "unlink" and r.path == b"b.txt" for r in all_records(mounted.journal))
 
 
+def test_a_touch_while_unmounted_is_a_setattr_not_a_version(mounted):
+    save(mounted.mnt / "a.txt", b"same bytes\n")
+    mounted.umount()
+    os.utime(mounted.src / "a.txt", ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+    mounted.start()
+    mounted.umount()
+    assert [v[3] for v in content_versions(mounted.journal, "a.txt")] == [b"same bytes\n"]
+    last = [r for r in all_records(mounted.journal) if r.path == b"a.txt"][-1]
+    assert last.op == "setattr" and last.mtime_ns == 1_600_000_000 * 10**9
+    mounted.start()  # the journal now agrees with SRC: nothing more to record
+    mounted.umount()
+    assert [r for r in all_records(mounted.journal) if r.path == b"a.txt"][-1].seq == last.seq
+
+
 def test_kill_9_during_writes_then_remount_recovers(mounted):
     writer = subprocess.Popen(
         ["python3", "-c", "import os,sys\n"
