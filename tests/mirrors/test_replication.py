@@ -360,3 +360,24 @@ def test_mirror_keeps_working_after_shipped_versions_are_pruned(b, tmp_path):
     with Journal.open(tmp_path / "c", readonly=True) as c:
         for seq, (_, data) in {**versions, **more}.items():  # the mirror still has them all
             assert _content(c, seq) == data, f"version {seq}"
+
+
+def test_records_in_blocks_replicate_and_clone_unchanged(b, mirror_url, ep, tmp_path):
+    """Compaction moved most records into record blocks: the mirror still
+    gets every record byte for byte, and so does a clone."""
+    from deltafs.journal import compact as JC
+
+    b.history(rounds=60)
+    assert JC.archive_records(b.j) >= 2 * JC.RECORD_BLOCK
+    with open_mirror(mirror_url, endpoint_url=ep) as m:
+        half = replicate_once(b.j, m)  # then more records, and more blocks, after the cursor
+        for i in range(JC.RECORD_BLOCK):
+            b.write(b"d/more.txt", b"round %d\n" % i)
+        assert JC.archive_records(b.j) >= JC.RECORD_BLOCK
+        st = replicate_once(b.j, m)
+        assert st.last_seq == st.head_seq > half.last_seq
+        assert verify_mirror(m, full=True).errors == []
+        clone_journal(m, str(tmp_path / "c"))
+    with Journal.open(tmp_path / "c", readonly=True) as c:
+        assert log_of(c) == log_of(b.j)
+        assert JC.verify(c, full=True).ok
