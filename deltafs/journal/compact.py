@@ -209,12 +209,14 @@ def _node_bytes(k: bytes, v: bytes) -> int:
 # records per block: 32 compress to 0.65-0.71 of their bytes, 64 to 0.64-0.70
 # (16: 0.67-0.73), and the smaller block leaves fewer records as LMDB values
 RECORD_BLOCK = 32
-RECORDS_KEPT = 32  # the newest records stay LMDB values (the writer and `log` read them)
+# the head record always stays an LMDB value (the writer chains onto it); older
+# ones go in whole blocks: a reader decodes a block once and keeps a few decoded
+RECORDS_KEPT = 1
 
 
 def archive_records(j, keep: int = RECORDS_KEPT) -> int:
-    """Move records older than the newest ``keep`` into zstd-compressed
-    blocks of RECORD_BLOCK in the pack files; -> records moved.
+    """Move records older than the newest ``keep``, in whole blocks of
+    RECORD_BLOCK, into zstd-compressed blocks in the pack files; -> records moved.
 
     A record costs ~210 bytes as an LMDB value on a full page; a block of
     32 compresses them to 0.65-0.71 of their bytes (their hashes and chunk
