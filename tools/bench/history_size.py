@@ -465,10 +465,10 @@ breakdown above; the figures per history are in the list):
   blob finds rows a page split moved; a chunk's delta sees one old chunk).
   The *after compact* column is the journal once a compaction pass (every
   10 minutes in a mount; `deltafs compact` here, keeping every version)
-  has rewritten the chunk index in key order and moved every record but the newest
-  (whole blocks of 32, so up to 32 stay) into zstd-compressed blocks in the
-  pack files (0.65–0.71
-  of their bytes: the hashes and chunk ids do not compress).
+  has rewritten the chunk index in key order and moved every record but
+  the newest (whole blocks of 32, so up to 32 stay) into zstd-compressed
+  blocks in the pack files (0.65–0.71 of their bytes: the hashes and
+  chunk ids do not compress).
 - *SQLite's rollback journal* (`*.db-journal`) is ignored by the built-in
   patterns: the database's versions are taken at its commit fsyncs.
 - *Random binary overwrites* are where deltafs is closest: the bytes are
