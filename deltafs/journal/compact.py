@@ -622,26 +622,25 @@ def verify(j, full: bool = False) -> VerifyResult:
         res.versions_pruned = len(pruned)
         prev, expected, last_hlc = ZERO_HASH, 1, -1
         content: list[tuple[int, bytes, bytes | None, int | None]] = []
-        try:
-            records = list(r.raw_records())
-        except CorruptionError as e:
+        try:  # streamed: a journal may hold millions of records
+            for seq, v in r.raw_records():
+                if seq != expected:
+                    res.problem = Problem(f"record {expected} is missing (next key is {seq})", expected)
+                    return res
+                rec, problem = check_link(v, seq, prev)
+                if problem:
+                    res.problem = Problem(f"record {seq} {problem}", seq, rec.path if rec else None)
+                    return res
+                if rec.hlc <= last_hlc:
+                    res.problem = Problem(f"record {seq} goes back in time (HLC {rec.hlc} <= {last_hlc})", seq, rec.path)
+                    return res
+                if full and rec.is_content and seq not in pruned:
+                    content.append((seq, rec.path, rec.content_hash, rec.size))
+                prev, last_hlc, expected = rec.hash, rec.hlc, seq + 1
+                res.records += 1
+        except CorruptionError as e:  # a record block that cannot be read
             res.problem = Problem(str(e))
             return res
-        for seq, v in records:
-            if seq != expected:
-                res.problem = Problem(f"record {expected} is missing (next key is {seq})", expected)
-                return res
-            rec, problem = check_link(v, seq, prev)
-            if problem:
-                res.problem = Problem(f"record {seq} {problem}", seq, rec.path if rec else None)
-                return res
-            if rec.hlc <= last_hlc:
-                res.problem = Problem(f"record {seq} goes back in time (HLC {rec.hlc} <= {last_hlc})", seq, rec.path)
-                return res
-            if full and rec.is_content and seq not in pruned:
-                content.append((seq, rec.path, rec.content_hash, rec.size))
-            prev, last_hlc, expected = rec.hash, rec.hlc, seq + 1
-            res.records += 1
         if not full:
             return res
         good: set[bytes] = set()

@@ -221,7 +221,7 @@ class Journal:
                     if rec.is_content:
                         self._raw_content(txn, rd, rec, seq in pruned)
                     apply_record(LmdbStore(txn, self._dbs), rec)
-                    self._index(txn, rec)
+                    S.index_record(txn, self._dbs, seq, rec.file_id, (rec.path, rec.path2))
                     head, prev, last_hlc = seq, rec.hash, rec.hlc
                 mdb = self._dbs[S.DB_META]
                 if last_hlc > rd.meta(S.META_HLC, 0):
@@ -383,13 +383,9 @@ class Journal:
         txn.put(S.u64(seq), value, db=self._dbs[S.DB_CHANGES], append=True)
         rec = decode_record(value, seq)
         apply_record(LmdbStore(txn, self._dbs), rec)
-        self._index(txn, rec)
+        S.index_record(txn, self._dbs, seq, rec.file_id, (rec.path, rec.path2))
         txn.put(S.META_HLC, _packb(hlc), db=self._dbs[S.DB_META])
         return seq
-
-    def _index(self, txn, rec) -> None:
-        """Add record ``rec`` to ``history`` and ``pathlog``."""
-        S.index_record(txn, self._dbs, rec.seq, rec.file_id, (rec.path, rec.path2))
 
     def _resolve_file_id(self, txn, rd: Reader, ch: Change) -> int:
         """file_id=0: the file at ``ch.path`` in the tree as of this record.
