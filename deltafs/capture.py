@@ -73,7 +73,8 @@ class Item:
 
 
 def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
-                   cache: chunking.RawCache | None = None) -> tuple[chunking.Rechunk, list]:
+                   cache: chunking.RawCache | None = None,
+                   aligned: bool = False) -> tuple[chunking.Rechunk, list]:
     """Re-chunk a file around its dirty ranges and build the chunks it lacks.
 
     ``r`` is a journal reader: chunks it already has are not rebuilt, and
@@ -81,7 +82,9 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
     :class:`chunking.BaseFinder`).  With ``spill``, chunks are handed to it
     in batches of about CHUNK_FLUSH_BYTES so a big file is never held whole;
     the rest are returned with the re-chunking.  ``cache`` keeps the raw
-    bytes of bases and new chunks between captures.
+    bytes of bases and new chunks between captures.  ``aligned``: dirty
+    ranges recorded from writes, so an in-place write may be cut at aligned
+    offsets (:func:`chunking.prefers_aligned`).
     """
     if offsets is None:
         offsets = chunking.list_offsets(old)
@@ -129,7 +132,7 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
         seen.add(span.id)
         finder.feed(span, data)
 
-    res = chunking.rechunk(pread, size, old, dirty, on_chunk, offsets=offsets)
+    res = chunking.rechunk(pread, size, old, dirty, on_chunk, offsets=offsets, aligned=aligned)
     finder.finish()
     return res, new
 
@@ -376,8 +379,9 @@ class Recorder:
         st = os.fstat(fd)
         size = st.st_size
         j = self.journal
+        whole = dirty is _FULL
         with j.reader() as r:
-            if dirty is _FULL:
+            if whole:
                 if base is None:
                     fid = r.file_id_at(path)
                     fs = r.file_state(fid) if fid else None
@@ -388,8 +392,14 @@ class Recorder:
             else:
                 old = r.chunk_list(base) if base else []
                 offsets = chunking.list_offsets(old)
-            res, new = capture_chunks(r, lambda off, n: os.pread(fd, n, off), size, old, dirty,
-                                      offsets, j.put_chunks, self.raw_cache)
+            pread = lambda off, n: os.pread(fd, n, off)  # noqa: E731
+            if whole and cause == "scan" and old:
+                # changed behind our back: compare at the journal's own
+                # boundaries (an in-place file's list is not the content-
+                # defined one, so a fresh chunking would differ everywhere)
+                dirty = chunking.changed_ranges(pread, size, old, offsets)
+            res, new = capture_chunks(r, pread, size, old, dirty, offsets, j.put_chunks,
+                                      self.raw_cache, aligned=not whole)
         edit = res.edit_list(old)
         if cause == "scan" and base and not edit and not new and size == sum(n for _, n in old):
             # same bytes, other stat (touch while unmounted, or the kernel's

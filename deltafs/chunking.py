@@ -59,8 +59,16 @@ ZSTD_LEVEL = 3
 # edited, so they can afford more effort: level 9 takes 0.2-0.4 ms per chunk
 # (level 3: 0.1-0.17) and stores 3-8 % less (12-13: 6-12 % less, but 1.3-2 ms)
 ZSTD_DELTA_LEVEL = 9
-MAX_DELTA_DEPTH = 64  # longest delta chain (reads: <= 64 decompressions)
-SKIP_TO_DEPTH = MAX_DELTA_DEPTH // 2  # a base at MAX_DELTA_DEPTH is replaced by its ancestor at this depth
+# longest delta chain: a read decompresses at most this many deltas (10-15 us
+# each for a 16 KiB page-sized change).  128 rather than 64: a chain at its
+# longest restarts from an ancestor much older than its base, and that delta
+# is several times an ordinary one (a SQLite history stores 16 % less)
+MAX_DELTA_DEPTH = 128
+SKIP_TO_DEPTH = 32  # a base at MAX_DELTA_DEPTH is replaced by its ancestor at this depth
+# in-place writes (databases, VM images): re-cut the changed chunks at
+# multiples of ALIGNED_BLOCK of the file offset (see rechunk_aligned)
+ALIGNED_BLOCK = 16 * 1024
+ALIGNED_MIN_FILE = 64 * 1024  # smaller files are always chunked by content
 
 CODEC_RAW = 0  # payload[1:] is the raw chunk (incompressible data)
 CODEC_ZSTD_V1 = 1  # payload[1:] is a zstd frame (written by journal formats 1-2)
@@ -255,6 +263,142 @@ def edit_offsets(offsets: Sequence[int], edits) -> list[int]:
     return out
 
 
+def prefers_aligned(old_size: int, new_size: int, ranges: Sequence[tuple[int, int]]) -> bool:
+    """Is this an in-place write, better cut at fixed aligned offsets?
+
+    ``ranges`` as :func:`normalize_dirty` returns them.  A database or disk
+    image rewrites pages where they are: content-defined boundaries gain
+    nothing there (nothing shifts), and a page change that moves a cut
+    makes its neighbour chunk new too.  In-place means: the file did not
+    shrink, some bytes inside the old size changed, but at most half of
+    them (a rewrite or an insertion that shifts the rest is content-defined
+    work; so is a pure append, which a log does).
+    """
+    if old_size < ALIGNED_MIN_FILE or new_size < old_size:
+        return False
+    inside = sum(min(e, old_size) - s for s, e in ranges if s < old_size)
+    return 0 < inside <= old_size // 2
+
+
+def _aligned_cuts(a: int, b: int) -> list[int]:
+    """Cut ``[a, b)`` at multiples of ALIGNED_BLOCK; no piece under MIN_SIZE
+    unless the whole span is (a short end piece joins its neighbour)."""
+    cuts = [a]
+    c = (a // ALIGNED_BLOCK + 1) * ALIGNED_BLOCK
+    if c - a < MIN_SIZE:
+        c += ALIGNED_BLOCK
+    while c < b:
+        cuts.append(c)
+        c += ALIGNED_BLOCK
+    if len(cuts) > 1 and b - cuts[-1] < MIN_SIZE:
+        cuts.pop()
+    cuts.append(b)
+    return cuts
+
+
+def rechunk_aligned(
+    pread: Pread,
+    new_size: int,
+    old: Sequence[ChunkRef],
+    ranges: Sequence[tuple[int, int]],
+    on_chunk: Callable[[Span, memoryview], None] | None = None,
+    offsets: Sequence[int] | None = None,
+) -> Rechunk:
+    """Re-chunk an in-place write (:func:`prefers_aligned`) at aligned offsets.
+
+    Each old chunk a dirty range touches is read and hashed: if its bytes
+    are unchanged it stays; each run of changed chunks (and whatever lies
+    past the old EOF) is cut at multiples of ALIGNED_BLOCK.  The list stays
+    a correct list of the content, but no longer the content-defined one:
+    a later edit of the same page finds exactly one block to replace.  Only
+    the touched chunks are read.
+    """
+    if offsets is None:
+        offsets = list_offsets(old)
+    old_size = offsets[-1]
+    result = Rechunk(edits=[])
+    # old chunk indexes [k, end) touched by the dirty ranges, merged
+    runs: list[list[int]] = []
+    for s, e in ranges:
+        k = min(max(bisect.bisect_right(offsets, s) - 1, 0), len(old))
+        end = len(old) if e > old_size else bisect.bisect_left(offsets, e)
+        if runs and k <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([k, end])
+
+    def emit(start_k: int, count: int, a: int, b: int) -> None:
+        spans = []
+        cuts = _aligned_cuts(a, b)
+        for x, y in zip(cuts, cuts[1:]):
+            data = pread(x, y - x)
+            if len(data) != y - x:
+                raise EOFError(f"short read: wanted {y - x} bytes at offset {x}, got {len(data)}")
+            result.bytes_read += len(data)
+            span = Span(chunk_id(data), x, y - x)
+            spans.append(span)
+            if on_chunk is not None:
+                on_chunk(span, memoryview(data))
+        result.edits.append(Replace(start_k, count, tuple(spans)))
+        result.new_spans.extend(spans)
+
+    def unchanged(j: int) -> bool:
+        data = pread(offsets[j], old[j][1])
+        result.bytes_read += len(data)
+        return chunk_id(data) == old[j][0]
+
+    changed: list[tuple[int, int]] = []  # runs of changed old chunks [first, j)
+    for k, end in runs:
+        j = k
+        while j < end:
+            if unchanged(j):
+                j += 1
+                continue
+            first = j
+            j += 1
+            while j < end and not unchanged(j):
+                j += 1
+            changed.append((first, j))
+    if not changed:
+        # nothing inside the old size changed (the kernel's writeback cache
+        # rewrites the last page of an appended file): an append, which
+        # content-defined chunking stores better
+        rest = rechunk(pread, new_size, old, [(old_size, new_size)], on_chunk, offsets)
+        rest.bytes_read += result.bytes_read
+        return rest
+    for first, j in changed:
+        emit(first, j - first, offsets[first], new_size if j == len(old) else offsets[j])
+    if new_size > old_size and changed[-1][1] < len(old):
+        emit(len(old), 0, old_size, new_size)  # appended past an unchanged old tail
+    return result
+
+
+def changed_ranges(pread: Pread, size: int, old: Sequence[ChunkRef],
+                   offsets: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """Dirty ranges of a file against a chunk list of an older version of it,
+    found by hashing the content at the list's boundaries (the whole file
+    is read).  For a file changed behind deltafs' back: the list may not be
+    the content-defined chunking of its content, so a fresh chunking cannot
+    tell which chunks are unchanged."""
+    if offsets is None:
+        offsets = list_offsets(old)
+    out: list[tuple[int, int]] = []
+    for j, (cid, n) in enumerate(old):
+        a = offsets[j]
+        if a >= size:
+            break
+        b = min(a + n, size)
+        data = pread(a, b - a)
+        if b - a != n or chunk_id(data) != cid:
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+    if size > offsets[-1]:
+        out.append((offsets[-1], size))
+    return out
+
+
 def normalize_dirty(dirty: Sequence[tuple[int, int]], old_size: int, new_size: int) -> list[tuple[int, int]]:
     """Sort, merge and clip dirty ranges; a size change is dirty to EOF.
 
@@ -280,8 +424,12 @@ def rechunk(
     dirty: Sequence[tuple[int, int]],
     on_chunk: Callable[[Span, memoryview], None] | None = None,
     offsets: Sequence[int] | None = None,
+    aligned: bool = False,
 ) -> Rechunk:
     """Re-chunk only around the dirty ranges; equal to a full re-chunking.
+
+    With ``aligned``, an in-place write (:func:`prefers_aligned`) is cut at
+    fixed offsets instead (:func:`rechunk_aligned`), which is not.
 
     ``old`` is the chunk list of the version the dirty ranges were recorded
     against; ``dirty`` the ``[start, end)`` byte ranges changed since:
@@ -303,6 +451,8 @@ def rechunk(
         offsets = list_offsets(old)
     old_size = offsets[-1]
     ranges = normalize_dirty(dirty, old_size, new_size)
+    if aligned and prefers_aligned(old_size, new_size, ranges):
+        return rechunk_aligned(pread, new_size, old, ranges, on_chunk, offsets)
     result = Rechunk(edits=[])
     cur_k = 0  # old chunks before this index are settled
     i = 0

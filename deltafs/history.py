@@ -641,16 +641,24 @@ class _Restorer:
         if not stat.S_ISREG(st.st_mode):
             return
         fd = os.open(tgt, os.O_RDONLY | os.O_CLOEXEC)
+        pread = lambda o, n: os.pread(fd, n, o)  # noqa: E731
+        cur = self._cur(p)
         try:
+            if cur is not None and cur[1].kind == KIND_FILE and cur[1].content_seq:
+                # compare at the journal's boundaries (an in-place file's
+                # list is not what a fresh chunking would cut)
+                known = self.r.chunk_list(cur[1].content_seq)
+                if sum(n for _, n in known) == st.st_size and not chunking.changed_ranges(
+                        pread, st.st_size, known):
+                    return
             refs, new, seen = [], [], set()
-            for span, data in chunking.chunk_stream(lambda o, n: os.pread(fd, n, o), st.st_size):
+            for span, data in chunking.chunk_stream(pread, st.st_size):
                 refs.append((span.id, span.length))
                 if span.id not in seen and not self.r.has_chunk(span.id):
                     seen.add(span.id)
                     new.append(chunking.build_chunk(data))
         finally:
             os.close(fd)
-        cur = self._cur(p)
         if cur is not None and cur[1].kind == KIND_FILE:
             known = self.r.record(cur[1].content_seq).content_hash if cur[1].content_seq else content_hash([])
             if known == content_hash(refs):

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import msgpack
 
-from deltafs.chunking import chunk_id, decompress_chunk
+from deltafs.chunking import MAX_DELTA_DEPTH, chunk_id, decompress_chunk
 from deltafs.errors import CorruptionError
 
 from . import schema as S
@@ -673,7 +673,7 @@ def _check_chunk(r, cid: bytes, length: int, good: set[bytes], depth: int = 0) -
         return f"chunk {cid.hex()} cannot be read: {e}"
     if v is None:
         return f"chunk {cid.hex()} is missing"
-    if depth > 64:
+    if depth > MAX_DELTA_DEPTH:
         return f"chunk {cid.hex()}: delta chain loops"
     try:
         _, raw_len, base, payload = S.decode_chunk(v)

@@ -691,7 +691,7 @@ def _open_dbs(env: lmdb.Environment, path: str, readonly: bool) -> dict:
     return dbs
 
 
-UPGRADABLE = (1, 2)  # formats a writer upgrades in place at open (upgrade.py)
+UPGRADABLE = (1, 2, 3)  # formats a writer upgrades in place at open (upgrade.py)
 
 
 def _check_format(path: str, fmt, chunker: bytes | None) -> None:

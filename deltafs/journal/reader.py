@@ -14,7 +14,7 @@ from typing import Iterator
 import msgpack
 import zstandard
 
-from deltafs.chunking import apply_edit, chunk_id, decompress_chunk
+from deltafs.chunking import MAX_DELTA_DEPTH, apply_edit, chunk_id, decompress_chunk
 from deltafs.errors import CorruptionError, NotFoundError
 
 from . import schema as S
@@ -336,7 +336,7 @@ class Reader:
             raise CorruptionError(f"chunk {cid.hex()} is missing from the journal")
         try:
             depth, raw_len, base, payload = S.decode_chunk(v)
-            if _depth > 2 * 64:
+            if _depth > MAX_DELTA_DEPTH:
                 raise ValueError("delta chain loops")
             base_raw = self.read_chunk(base, cache, _depth + 1) if base else None
             raw = decompress_chunk(payload, base_raw)

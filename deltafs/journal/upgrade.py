@@ -33,6 +33,9 @@ def upgrade(env, path: str, meta, fmt: int) -> None:
         fmt = 2
     if fmt == 2:
         upgrade_2_to_3(env, path, meta)
+        fmt = 3
+    if fmt == 3:
+        upgrade_3_to_4(env, path, meta)
 
 
 def _packb(v) -> bytes:
@@ -102,4 +105,13 @@ def upgrade_2_to_3(env, path: str, meta) -> None:
         txn.drop(tmp, delete=True)
         txn.put(S.META_FORMAT, _packb(3), db=meta)
     log.warning("upgraded journal %s from format 2 to 3: %d chunk index entries re-encoded", path, n)
+
+
+def upgrade_3_to_4(env, path: str, meta) -> None:
+    """Format 4 stores nothing differently: it allows delta chains up to
+    128 and chunk lists cut at aligned offsets, which a format-3 reader
+    would report as corrupt or read slowly, so the number changes."""
+    with env.begin(write=True) as txn:
+        txn.put(S.META_FORMAT, _packb(4), db=meta)
+    log.warning("upgraded journal %s from format 3 to 4 (no data rewritten)", path)
 

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from deltafs.chunking import chunk_id, decompress_chunk
+from deltafs.chunking import MAX_DELTA_DEPTH, chunk_id, decompress_chunk
 from deltafs.errors import MirrorError
 from deltafs.journal import Journal
 from deltafs.journal import compact as JC
@@ -165,7 +165,7 @@ class _Chunks:
             if name is None:
                 raise ValueError(f"chunk {cid.hex()} is in no pack of the mirror")
             self.load(name)
-        if depth > 64:
+        if depth > MAX_DELTA_DEPTH:
             raise ValueError("delta chain loops")
         d, raw_len, base, payload = S.decode_chunk(self.values[cid])
         raw = decompress_chunk(payload, self.raw_of(base, depth + 1) if base else None)

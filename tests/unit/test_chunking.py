@@ -282,3 +282,83 @@ def test_base_finder_bounds_what_it_holds():
     assert len(got) == len(C.chunk_bytes(new_data)) and all(b is not None for b in got)
 
 
+
+
+# --- in-place writes: aligned re-chunking -------------------------------------------
+
+
+def _check_list(refs, data: bytes) -> None:
+    """``refs`` is a correct chunk list of ``data`` (whatever its cuts)."""
+    offs = C.list_offsets(refs)
+    assert offs[-1] == len(data)
+    for (cid, n), o in zip(refs, offs):
+        assert 0 < n <= C.MAX_SIZE and C.chunk_id(data[o : o + n]) == cid
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), pages=st.lists(st.integers(0, 10_000), min_size=1, max_size=8),
+       grow=st.integers(0, 3))
+def test_in_place_page_writes_are_cut_at_aligned_offsets(seed, pages, grow):
+    old_data = _content(seed, 300_000)
+    old = C.chunk_bytes(old_data)
+    new = bytearray(old_data)
+    rnd = random.Random(seed)
+    dirty = []
+    for p in pages:  # 4 KiB database pages rewritten where they are
+        off = (p * 4096) % len(old_data) // 4096 * 4096
+        n = min(4096, len(old_data) - off)
+        new[off : off + n] = rnd.randbytes(n)
+        dirty.append((off, off + n))
+    new += rnd.randbytes(grow * 4096)  # the database grew by a few pages
+    new = bytes(new)
+    seen = []
+    res = C.rechunk(_pread(new), len(new), old, dirty, lambda s, d: seen.append(s), aligned=True)
+    assert C.prefers_aligned(len(old_data), len(new), C.normalize_dirty(dirty, len(old_data), len(new)))
+    got = C.apply_edit(old, res.edit_list(old))
+    _check_list(got, new)
+    assert seen == res.new_spans
+    for r in res.edits:  # inner cuts of a replacement sit on ALIGNED_BLOCK multiples
+        assert all(s.offset % C.ALIGNED_BLOCK == 0 for s in r.new[1:])
+    # old chunks whose bytes no write touched are all still there
+    untouched = [ref for ref, o in zip(old, C.list_offsets(old))
+                 if not any(a < o + ref[1] and o < b for a, b in dirty)]
+    assert set(untouched) <= set(got)
+    # the next write to one of those pages replaces one block, reading little
+    off = (pages[0] * 4096) % len(old_data) // 4096 * 4096
+    newer = bytearray(new)
+    newer[off + 10] ^= 0xFF
+    newer = bytes(newer)
+    res2 = C.rechunk(_pread(newer), len(newer), got, [(off + 10, off + 11)], aligned=True)
+    _check_list(C.apply_edit(got, res2.edit_list(got)), newer)
+    assert len(res2.new_spans) == 1 and res2.new_spans[0].length < C.ALIGNED_BLOCK + C.MIN_SIZE
+    assert res2.bytes_read <= 2 * (C.ALIGNED_BLOCK + C.MIN_SIZE)
+
+
+def test_what_is_not_an_in_place_write_stays_content_defined():
+    data = _content(5, 400_000)
+    old = C.chunk_bytes(data)
+    n = len(data)
+    assert not C.prefers_aligned(n, n, [(0, n)])  # a rewrite
+    assert not C.prefers_aligned(n, n - 10, [(100, 200), (n - 10, n + 1)])  # it shrank
+    assert not C.prefers_aligned(40_000, 40_000, [(100, 200)])  # a small file
+    assert not C.prefers_aligned(n, n + 50, [(n, n + 51)])  # an append
+    # an append whose last page the kernel's writeback cache rewrote whole:
+    # the old bytes are unchanged, so it is chunked by content like any append
+    more = data + _content(6, 3000)
+    page = n // 4096 * 4096
+    res = C.rechunk(_pread(more), len(more), old, [(page, len(more))], aligned=True)
+    assert C.apply_edit(old, res.edits) == C.chunk_bytes(more)
+
+
+def test_changed_ranges_compares_at_the_lists_own_boundaries():
+    data = _content(8, 200_000)
+    refs = C.chunk_bytes(data)
+    offs = C.list_offsets(refs)
+    assert C.changed_ranges(_pread(data), len(data), refs) == []
+    changed = bytearray(data)
+    changed[offs[2] + 5] ^= 1
+    assert C.changed_ranges(_pread(bytes(changed)), len(data), refs) == [(offs[2], offs[3])]
+    longer = data + b"x" * 100
+    assert C.changed_ranges(_pread(longer), len(longer), refs) == [(len(data), len(longer))]
+    shorter = data[: offs[1] + 7]
+    assert C.changed_ranges(_pread(shorter), len(shorter), refs) == [(offs[1], offs[1] + 7)]

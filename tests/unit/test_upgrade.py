@@ -74,6 +74,14 @@ def downgrade_to_format_2(jp) -> None:
     env.close()
 
 
+def downgrade_to_format_3(jp) -> None:
+    """Format 3 stores exactly what format 4 does; only the number differs."""
+    env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        txn.put(S.META_FORMAT, msgpack.packb(3), db=env.open_db(S.DB_META, txn=txn))
+    env.close()
+
+
 def downgrade_to_format_1(jp) -> None:
     """Format 2, then values into ``chunks`` and counts into ``refs``."""
     downgrade_to_format_2(jp)
@@ -114,13 +122,14 @@ def old_journal(tmp_path, downgrade):
     return jp, content, refs, values
 
 
-@pytest.mark.parametrize("fmt,downgrade", [(1, downgrade_to_format_1), (2, downgrade_to_format_2)])
+@pytest.mark.parametrize("fmt,downgrade", [(1, downgrade_to_format_1), (2, downgrade_to_format_2),
+                                           (3, downgrade_to_format_3)])
 def test_an_older_journal_is_upgraded_by_its_first_writer(tmp_path, fmt, downgrade):
     jp, content, refs, values = old_journal(tmp_path, downgrade)
     with pytest.raises(JournalFormatError, match=f"format version {fmt}.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 3
+        assert j.format_version == S.FORMAT_VERSION == 4
         assert stored_refs(j) == refs
         with j.reader() as r:
             assert dict(r.raw_records()) == values  # records untouched, still version 1
