@@ -6,12 +6,15 @@ reads it: no counters of the daemon are trusted.
 """
 
 import os
+import random
 import signal
 import sqlite3
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from deltafs import chunking
 from deltafs.journal import Journal
 
 pytestmark = pytest.mark.timeout(120)
@@ -229,6 +232,54 @@ def test_a_touch_while_unmounted_is_a_setattr_not_a_version(mounted):
     mounted.start()  # the journal now agrees with SRC: nothing more to record
     mounted.umount()
     assert [r for r in all_records(mounted.journal) if r.path == b"a.txt"][-1].seq == last.seq
+
+
+def pack_bytes(journal_dir) -> int:
+    return sum(p.stat().st_size for p in (Path(journal_dir) / "packs").glob("*.pack"))
+
+
+def test_a_database_updated_in_place_stores_about_what_changed(mounted):
+    """SQLite rewrites pages where they are: each transaction is one version,
+    costs about the pages it changed, and every version restores exactly;
+    a touch while unmounted adds no version, and a change made while
+    unmounted is one scan version (the scan compares at the version's own
+    boundaries: an in-place list is not what a fresh chunking would cut)."""
+    rnd = random.Random(4)
+    db = sqlite3.connect(mounted.mnt / "notes.db", isolation_level=None)
+    db.execute("PRAGMA synchronous=FULL")  # the fsync returns once the version is committed
+    db.execute("create table notes (id integer primary key, body text)")
+    db.execute("begin")
+    db.executemany("insert into notes values (?, ?)", [(i, rnd.randbytes(100).hex()) for i in range(4000)])
+    db.execute("commit")
+    states = [(mounted.mnt / "notes.db").read_bytes()]
+    assert len(states[0]) > 512 * 1024
+    before = pack_bytes(mounted.journal)
+    for _ in range(30):
+        db.execute("update notes set body = ? where id = ?", (rnd.randbytes(100).hex(), rnd.randrange(4000)))
+        states.append((mounted.mnt / "notes.db").read_bytes())
+    grown = pack_bytes(mounted.journal) - before
+    db.close()
+    assert grown < 30 * 2048, f"{grown} bytes stored for 30 one-row updates"
+    mounted.umount()
+    vs = content_versions(mounted.journal, "notes.db")
+    assert [v[3] for v in vs[-31:]] == states  # one version per transaction, exact bytes
+    with Journal.open(str(mounted.journal), readonly=True) as j, j.reader() as r:
+        refs = r.chunk_list(vs[-1][0])
+    starts = chunking.list_offsets(refs)[:-1]
+    assert sum(o % chunking.ALIGNED_BLOCK == 0 for o in starts) > len(starts) // 4  # pages cut aligned
+    os.utime(mounted.src / "notes.db", ns=(1_600_000_000 * 10**9,) * 2)  # touched while unmounted
+    mounted.start()
+    mounted.umount()
+    assert content_versions(mounted.journal, "notes.db")[-1][0] == vs[-1][0]  # same bytes: no version
+    con = sqlite3.connect(mounted.src / "notes.db")  # changed behind deltafs' back
+    con.execute("update notes set body = 'offline' where id = 7")
+    con.commit()
+    con.close()
+    offline = (mounted.src / "notes.db").read_bytes()
+    mounted.start()
+    mounted.umount()
+    after = content_versions(mounted.journal, "notes.db")
+    assert len(after) == len(vs) + 1 and (after[-1][1], after[-1][3]) == ("scan", offline)
 
 
 def test_kill_9_during_writes_then_remount_recovers(mounted):

@@ -316,6 +316,7 @@ def test_in_place_page_writes_are_cut_at_aligned_offsets(seed, pages, grow):
     assert C.prefers_aligned(len(old_data), len(new), C.normalize_dirty(dirty, len(old_data), len(new)))
     got = C.apply_edit(old, res.edit_list(old))
     _check_list(got, new)
+    assert C.edit_offsets(C.list_offsets(old), res.edit_list(old)) == C.list_offsets(got)
     assert seen == res.new_spans
     for r in res.edits:  # inner cuts of a replacement sit on ALIGNED_BLOCK multiples
         assert all(s.offset % C.ALIGNED_BLOCK == 0 for s in r.new[1:])
