@@ -438,12 +438,19 @@ NOTES = """
 breakdown above; the figures per history are in the list):
 
 - *Chunk data alone is at or below git.* The compressed chunk bytes
-  (*chunk bytes stored*) are 0.7–1.3× git's whole pack: each changed
+  (*chunk bytes stored*) are 0.7–1.0× git's whole pack: each changed
   ~20 KiB chunk is a zstd delta against the chunk holding the same text
   in the previous version (`chunking.BaseFinder` aligns the two versions on
   unchanged chunks, so a deleted line or a whole-file rewrite does not
-  pair a chunk with its neighbour), and a chain at its longest (64)
-  restarts from an ancestor halfway down rather than from a full copy.
+  pair a chunk with its neighbour), and a chain at its longest (128)
+  restarts from an ancestor at depth 32 rather than from a full copy.
+- *In-place writes are cut at aligned offsets* (journal format 4). The
+  SQLite database and the binary image are rewritten page by page where
+  they are; the changed chunks of such a write are re-cut at 16 KiB
+  multiples of the offset, so the next change of a page replaces one
+  block. Content-defined chunks only: sqlite chunk bytes were 1.21× git
+  (a changed page made its ~20 KiB chunk new, a moved cut its neighbour
+  too); aligned blocks and chains of 128 instead of 64: 0.95×.
 - *Chunk values live in pack files* (journal format 2): appended back to
   back, so they cost exactly their size. In format 1 they were LMDB values:
   random 16-byte keys left leaf pages 60–75% full and a value over ~2 KiB
@@ -458,11 +465,10 @@ breakdown above; the figures per history are in the list):
   incompressible), a ~36-byte index entry per new chunk in leaf pages
   55–70% full (random keys; `deltafs compact` rewrites the index in key
   order, the *after compact* column), and at least one 4 KiB page for each
-  of the ~8 databases. It is what keeps *doc* and *sqlite* above 1.3× git;
-  a SQLite transaction changes ~10 chunks, each an index entry, a delta
-  header and an edit entry, where git pays one delta per commit, and its
-  chunk bytes alone are ~1.2× git (git's delta against the whole previous
-  blob finds rows a page split moved; a chunk's delta sees one old chunk).
+  of the ~8 databases. It is what keeps *doc* and *sqlite* above 1.3× git
+  as written; a SQLite transaction changes ~10 blocks, each an index
+  entry, a delta header and an edit entry, where git pays one delta per
+  commit.
   The *after compact* column is the journal once a compaction pass (every
   10 minutes in a mount; `deltafs compact` here, keeping every version)
   has rewritten the chunk index in key order and moved every record but
