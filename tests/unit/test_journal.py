@@ -40,12 +40,13 @@ def journal(jpath):
     j.close()
 
 
-def version(j: Journal, file_id: int, path: bytes, data: bytes, base_seq: int = 0, dirty=None, cause="write") -> Change:
+def version(j: Journal, file_id: int, path: bytes, data: bytes, base_seq: int = 0, dirty=None, cause="write",
+            aligned: bool = False) -> Change:
     """What the capture layer does: rechunk against the base, delta-compress."""
     with j.reader() as r:
         old = r.chunk_list(base_seq) if base_seq else []
         res, chunks = capture_chunks(r, lambda o, n: data[o : o + n], len(data), old,
-                                     dirty or [(0, len(data))])
+                                     dirty or [(0, len(data))], aligned=aligned)
     return Change(op="write", file_id=file_id, path=path, size=len(data), cause=cause,
                   base_seq=base_seq, edit=res.edit_list(old), chunks=chunks)
 
