@@ -17,6 +17,11 @@ Why these choices (measured numbers in docs/format.md, "Chunking"):
   byte after the cut*; it depends on the end of the input only when the
   chunk is cut by EOF or when fewer than ``MAX_SIZE`` bytes remain.  The
   streaming and incremental code below rely on exactly these two facts.
+* In-place writes (databases, disk images) are cut at fixed 16 KiB-aligned
+  offsets instead (``rechunk_aligned``), so a file's chunk list is a
+  correct list of its content but not always the content-defined one:
+  compare a file with a version at the version's own boundaries
+  (``changed_ranges``), never by chunking it afresh.
 """
 
 from __future__ import annotations
@@ -426,7 +431,9 @@ def rechunk(
     offsets: Sequence[int] | None = None,
     aligned: bool = False,
 ) -> Rechunk:
-    """Re-chunk only around the dirty ranges; equal to a full re-chunking.
+    """Re-chunk only around the dirty ranges; equal to a full re-chunking
+    when ``old`` is one (an earlier aligned capture's list is not: the
+    result is then still a correct list, and may re-cut up to EOF).
 
     With ``aligned``, an in-place write (:func:`prefers_aligned`) is cut at
     fixed offsets instead (:func:`rechunk_aligned`), which is not.
