@@ -123,6 +123,8 @@ class Journal:
     @contextmanager
     def reader(self) -> Iterator[Reader]:
         """A read snapshot; never blocks the writer (keep it short-lived)."""
+        if self.readonly:
+            self._packs.forget_deleted()  # another process may have deleted packs
         txn = self.env.begin(write=False)
         try:
             yield Reader(self, txn)

@@ -25,6 +25,7 @@ import mmap
 import os
 import re
 import threading
+import time
 
 import msgpack
 
@@ -36,6 +37,7 @@ PACK_DIR = "packs"
 PACK_MAGIC = b"DFSJPK2\n"  # first 8 bytes of every pack file
 PACK_MAX = 256 << 20  # a pack is closed once it holds this much
 FLUSH_BYTES = 4 << 20  # appended values are written out in pieces of about this size
+FORGET_EVERY = 5.0  # seconds between a reader's checks for pack files deleted elsewhere
 _NAME = re.compile(r"^([0-9a-f]{8})\.pack$")
 
 
@@ -51,6 +53,7 @@ class PackFiles:
         # read-only maps of the packs (reads are slices: no system call, so a
         # reader thread never hands the GIL to the busy FUSE thread mid-read)
         self._maps: dict[int, mmap.mmap] = {}
+        self._forgot = time.monotonic()  # last forget_deleted pass
         self._lock = threading.Lock()
         self.current = 0  # writer: the pack being appended to (0: none yet)
         self.end = 0  # writer: its length, buffered bytes included
@@ -95,6 +98,27 @@ class PackFiles:
                 os.close(fd)
             self._maps[pack] = m  # an old map stays valid for threads still slicing it
             return m
+
+    def forget_deleted(self, every: float = FORGET_EVERY) -> int:
+        """Drop the maps of pack files another process's compaction deleted
+        (at most once per ``every`` seconds); -> maps dropped.
+
+        A map keeps a deleted file's disk space allocated, so a long-lived
+        reader (``deltafs log --follow``, a replication pass from another
+        process) would otherwise hold every pack repacked while it runs.  No
+        snapshot still names a deleted pack (the writer deletes a pack only
+        once every older snapshot is gone), and a thread slicing a dropped
+        map keeps it alive until it is done.
+        """
+        now = time.monotonic()
+        if now - self._forgot < every:
+            return 0
+        self._forgot = now
+        with self._lock:
+            gone = [p for p in self._maps if not os.path.exists(self.path(p))]
+            for p in gone:
+                del self._maps[p]
+        return len(gone)
 
     def on_disk(self) -> dict[int, int]:
         """pack number -> file size, of every pack file present."""

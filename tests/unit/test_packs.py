@@ -178,3 +178,57 @@ def test_compaction_rewrites_a_sparse_chunk_index_in_key_order(tmp_path):
         assert after["leaf_pages"] <= before["leaf_pages"] * 0.8
         assert JC.data_bytes(j) == data_before - rep.index_pages_saved * after["psize"]
         assert M.compact(j).index_pages_saved == 0  # already dense: left alone
+
+
+def _maps_pack(pid: int, pack: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return any(P.pack_name(pack) in line for line in f)
+
+
+def _maps_deleted_pack(pid: int, pack: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return any(P.pack_name(pack) in line and "(deleted)" in line for line in f)
+
+
+@pytest.mark.timeout(60)
+def test_a_long_lived_reader_lets_go_of_packs_compaction_deleted(tmp_path):
+    """`deltafs log --follow` in another process maps the packs it read; once
+    compaction deletes one, the follower drops its map, so the disk space
+    really comes back (a map keeps a deleted file allocated)."""
+    import subprocess
+    import sys
+    import time
+
+    from fusetools import DELTAFS
+
+    jp = tmp_path / "j"
+    with Journal.open(jp, create=True, clock=FakeClock()) as j:
+        edits(j, 40)
+        big = j.commit([version(j, 9, b"big", random.Random(5).randbytes(300_000))])[0]
+        assert JC.archive_records(j) > 0  # record blocks in pack 1: the follower reads them
+        j._packs.roll()
+        edits(j, 1, fid=10)
+        out = open(tmp_path / "follow.jsonl", "wb")
+        follower = subprocess.Popen([*DELTAFS, "log", "--follow", "--json", "--journal", str(jp)],
+                                    stdout=out, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while not _maps_pack(follower.pid, 1):  # it has read the records in pack 1
+                assert time.monotonic() < deadline, "the follower never read pack 1"
+                time.sleep(0.05)
+            with j.reader() as r:
+                retained = [s for s in JC.iter_retained_content(j, r) if s != big]
+            JC.prune(j, [big], retained)
+            assert JC.repack(j).packs_emptied >= 1
+            while 1 in pack_files(jp):  # deleted at once, or once no snapshot needs it
+                j.delete_retired_packs()
+                assert time.monotonic() < deadline, "pack 1 was never deleted"
+                time.sleep(0.05)
+            while _maps_deleted_pack(follower.pid, 1):
+                assert time.monotonic() < deadline, "the follower still maps the deleted pack 1"
+                time.sleep(0.1)
+            assert follower.poll() is None  # and it is still following
+        finally:
+            follower.kill()
+            follower.wait()
+            out.close()
