@@ -34,7 +34,7 @@ import threading
 from collections import OrderedDict
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import xxhash
 import zstandard
@@ -410,11 +410,16 @@ def normalize_dirty(dirty: Sequence[tuple[int, int]], old_size: int, new_size: i
     The tail range ends at ``new_size + 1`` (past EOF) so it never allows a
     resynchronisation: bytes near EOF decide the last cuts.
     """
-    rs = sorted((max(0, s), min(e, new_size + 1)) for s, e in dirty if e > s and s < new_size)
+    rs = [(max(0, s), min(e, new_size + 1)) for s, e in dirty if e > s and s < new_size]
     if old_size != new_size:
         rs.append((min(old_size, new_size), new_size + 1))
+    return merge_ranges(rs)
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ``[start, end)`` ranges with overlapping or touching ones joined."""
     out: list[tuple[int, int]] = []
-    for s, e in sorted(rs):
+    for s, e in sorted(ranges):
         if out and s <= out[-1][1]:
             out[-1] = (out[-1][0], max(out[-1][1], e))
         else:

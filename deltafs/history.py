@@ -390,15 +390,9 @@ def same_content(r: Reader, la, lb) -> bool:
     if oa[-1] != ob[-1]:
         return False
     shared = set(zip(oa, la)) & set(zip(ob, lb))
-    spans = sorted([(o, o + n) for o, (c, n) in zip(oa, la) if (o, (c, n)) not in shared]
-                   + [(o, o + n) for o, (c, n) in zip(ob, lb) if (o, (c, n)) not in shared])
-    merged: list[list[int]] = []
-    for x, y in spans:
-        if merged and x <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], y)
-        else:
-            merged.append([x, y])
-    for x, y in merged:
+    differ = [(o, o + ref[1]) for offs, refs in ((oa, la), (ob, lb))
+              for o, ref in zip(offs, refs) if (o, ref) not in shared]
+    for x, y in chunking.merge_ranges(differ):
         for w in range(x, y, COMPARE_WINDOW):
             e = min(w + COMPARE_WINDOW, y)
             if _range_bytes(r, la, oa, w, e) != _range_bytes(r, lb, ob, w, e):
@@ -478,13 +472,12 @@ def _same(r: Reader, x: TreeEntry, y: TreeEntry) -> list[str]:
         return ["kind"]
     ch = []
     if x.kind == KIND_FILE and x.content_seq != y.content_seq:
-        hx = r.record(x.content_seq).content_hash if x.content_seq else content_hash([])
-        hy = r.record(y.content_seq).content_hash if y.content_seq else content_hash([])
-        if hx != hy and x.content_seq and y.content_seq and \
-                r.record(x.content_seq).size == r.record(y.content_seq).size and \
-                same_content(r, r.chunk_list(x.content_seq), r.chunk_list(y.content_seq)):
-            hx = hy  # the same bytes, cut differently
-        if hx != hy:
+        rx = r.record(x.content_seq) if x.content_seq else None
+        ry = r.record(y.content_seq) if y.content_seq else None
+        hx = rx.content_hash if rx else content_hash([])
+        hy = ry.content_hash if ry else content_hash([])
+        if hx != hy and not (rx and ry and rx.size == ry.size and  # the same bytes, cut differently?
+                             same_content(r, r.chunk_list(rx.seq), r.chunk_list(ry.seq))):
             ch.append("content")
     if x.target != y.target:
         ch.append("target")

@@ -108,9 +108,10 @@ def upgrade_2_to_3(env, path: str, meta) -> None:
 
 
 def upgrade_3_to_4(env, path: str, meta) -> None:
-    """Format 4 stores nothing differently: it allows delta chains up to
-    128 and chunk lists cut at aligned offsets, which a format-3 reader
-    would report as corrupt or read slowly, so the number changes."""
+    """Format 4 stores nothing differently, but allows delta chains up to
+    128 and chunk lists cut at aligned offsets: a format-3 deltafs would
+    call the deep chains loops and re-record aligned files at every
+    mount, so the number changes."""
     with env.begin(write=True) as txn:
         txn.put(S.META_FORMAT, _packb(4), db=meta)
     log.warning("upgraded journal %s from format 3 to 4 (no data rewritten)", path)
