@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh Debian machine (as root, or with sudo):
 #   make run    mount the built-in demo directory (SRC=demo/src MNT=demo/mnt) in the foreground
 #   make test   run the whole test suite
+#   make check  only the tests that need no kernel and no server (unit + ops), in under a minute
 #   make bench / make bench-full   regenerate docs/benchmarks.md (quick: ~10 min, full: ~40 min
 #               on a 2-core VM; full needs ~25 GiB of free disk)
 # All of them install what is missing first: the apt packages below and a .venv.
@@ -15,7 +16,7 @@ BENCH_APT_PACKAGES := borgbackup restic
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: run test bench bench-full deps bench-deps apt-install venv clean
+.PHONY: run test check bench bench-full deps bench-deps apt-install venv clean
 
 deps:
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES)"
@@ -33,28 +34,33 @@ apt-install:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml | deps
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
-	touch $@
-
-# pyfuse3 rebuilt from its hash-checked sdist with tools/pyfuse3/patch.py (no OPENDIR/RELEASEDIR
-# round trips, kernel-cached directory listings; see docs/fuse-notes.md). deltafs works on a
-# stock pyfuse3 too, only slower on directory-heavy work.
+# pyfuse3 is rebuilt from its hash-checked sdist with tools/pyfuse3/patch.py (no OPENDIR/RELEASEDIR
+# round trips, kernel-cached directory listings; see docs/fuse-notes.md). It is built once,
+# into a wheel, before the package is installed, so pip never builds the stock pyfuse3 as well; only
+# pyfuse3 comes from source (its build tools are wheels). deltafs works on a stock pyfuse3 too, only
+# slower on directory-heavy work.
 PYFUSE3_BUILD := build/pyfuse3
-$(VENV)/.pyfuse3-patched: tools/pyfuse3/patch.py tools/pyfuse3/requirements.txt $(VENV)/.installed
-	rm -rf $(PYFUSE3_BUILD) && mkdir -p $(PYFUSE3_BUILD)
-	$(VENV)/bin/pip download -q --no-binary :all: --no-deps --require-hashes \
+PYFUSE3_WHEEL_STAMP := $(PYFUSE3_BUILD)/.wheel
+$(VENV)/bin/python: | deps
+	$(PYTHON) -m venv $(VENV)
+
+$(PYFUSE3_WHEEL_STAMP): tools/pyfuse3/patch.py tools/pyfuse3/requirements.txt | $(VENV)/bin/python
+	rm -rf $(PYFUSE3_BUILD) && mkdir -p $(PYFUSE3_BUILD)/dist
+	$(VENV)/bin/pip download -q --no-binary pyfuse3 --no-deps --require-hashes \
 	  -r tools/pyfuse3/requirements.txt -d $(PYFUSE3_BUILD)
 	tar -xzf $(PYFUSE3_BUILD)/pyfuse3-3.5.0.tar.gz -C $(PYFUSE3_BUILD)
 	$(VENV)/bin/python tools/pyfuse3/patch.py $(PYFUSE3_BUILD)/pyfuse3-3.5.0
-	SETUPTOOLS_SCM_PRETEND_VERSION=3.5.0 $(VENV)/bin/pip install -q --no-deps \
-	  $(PYFUSE3_BUILD)/pyfuse3-3.5.0
+	SETUPTOOLS_SCM_PRETEND_VERSION=3.5.0 $(VENV)/bin/pip wheel -q --no-deps \
+	  $(PYFUSE3_BUILD)/pyfuse3-3.5.0 -w $(PYFUSE3_BUILD)/dist
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(PYFUSE3_WHEEL_STAMP)
+	$(VENV)/bin/pip install -q --force-reinstall --no-deps $(PYFUSE3_BUILD)/dist/pyfuse3-*.whl
+	$(VENV)/bin/pip install -q -e '.[test]'
 	$(VENV)/bin/python -c "import pyfuse3; assert 'dir_handle_is_inode' in pyfuse3.DELTAFS_PATCHES"
 	touch $@
 
-venv: deps $(VENV)/.installed $(VENV)/.pyfuse3-patched
+venv: deps $(VENV)/.installed
 
 run: venv
 	@$(VENV)/bin/python tools/make_demo.py $(SRC)
@@ -72,6 +78,11 @@ run: venv
 # pytest exit status 5 means no test ran: that is a failure too.
 test: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc = 5 ]; then echo "no tests were collected: failing"; exit 1; fi; exit $$rc
+
+# The no-kernel tiers only (unit + ops): no FUSE, no S3 server, under a minute.
+check: venv
+	$(VENV)/bin/python -m pytest -m "unit or ops" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "no tests were collected: failing"; exit 1; fi; exit $$rc
 
 # The three measurements of docs/benchmarks.md, one after the other, each writing its own

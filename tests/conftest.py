@@ -37,3 +37,18 @@ def mounted(mount_factory):
     yield m
     if m.proc is not None:
         m.umount()
+
+
+_TIERS = ("unit", "ops", "mount", "mirrors")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its tier (its directory under tests/): `make check` selects unit + ops."""
+    root = Path(__file__).parent
+    for item in items:
+        try:
+            tier = Path(item.fspath).relative_to(root).parts[0]
+        except ValueError:
+            continue
+        if tier in _TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
