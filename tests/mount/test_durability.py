@@ -15,6 +15,7 @@ before the version is committed fails most rounds.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import subprocess
 
@@ -107,12 +108,24 @@ def sync_writes(mnt, rel, data, i, crash):
     close_quietly(fd)
 
 
+def mmap_msync(mnt, rel, data, i, crash):
+    """Stores through a shared mapping, then msync(MS_SYNC) (the kernel calls fsync)."""
+    write_file(mnt / rel, bytes(len(data)))
+    fd = os.open(mnt / rel, os.O_RDWR)
+    with mmap.mmap(fd, len(data)) as m:
+        m[:] = data
+        m.flush()  # msync(MS_SYNC)
+        crash()
+    close_quietly(fd)
+
+
 PATTERNS = {
     "writing_descriptor": writing_descriptor,
     "readonly_after_close": readonly_after_close,
     "sync_file_command": sync_file_command,
     "atomic_save": atomic_save,
     "sync_writes": sync_writes,
+    "mmap_msync": mmap_msync,
 }
 
 
