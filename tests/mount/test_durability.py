@@ -1,9 +1,10 @@
 """fsync is a durability point through every descriptor and pattern (issue 17).
 
 Each round mounts SRC, saves a new version one way, and the moment the
-durability call returns (fsync, fsyncdir, `sync FILE`, an O_SYNC write)
-kills the daemon with SIGKILL and lazily unmounts.  The journal alone, read
-unmounted the way `deltafs cat` reads it, must then hold that version.
+durability call returns (fsync, fsyncdir, `sync FILE`, an O_SYNC write,
+msync) kills the daemon with SIGKILL and lazily unmounts.  The journal
+alone, read unmounted the way `deltafs cat` reads it, must then hold that
+version.
 SRC and the journal carry over from round to round: each remount recovers
 from the kill before the next save.
 
