@@ -84,15 +84,20 @@ def atomic_save(mnt, rel, data, i, crash):
     """write tmp; fsync(tmp); rename(tmp, f); fsync(dir).  Odd rounds use an
     ignored temp name (never journaled), even rounds one that is journaled
     (a new name each round: reusing one within two minutes is issue 18's
-    identity rule, not a durability question)."""
+    identity rule, not a durability question).  One round in four writes
+    the temp file in another directory and fsyncs that one, the rename's
+    source: either directory's fsync makes a rename durable."""
     target = mnt / rel
     tmp = target.with_name(f".{target.name}.tmp" if i % 2 else f"{target.name}.{i}.new")
+    if i % 4 == 3:
+        tmp = mnt / "staging" / tmp.name
+        tmp.parent.mkdir(exist_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.write(fd, data)
     os.fsync(fd)
     os.close(fd)
     os.rename(tmp, target)
-    dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    dfd = os.open(tmp.parent, os.O_RDONLY | os.O_DIRECTORY)
     os.fsync(dfd)
     crash()
     close_quietly(dfd)
