@@ -8,7 +8,7 @@ version.
 SRC and the journal carry over from round to round: each remount recovers
 from the kill before the next save.
 
-The saved file is a few MiB of fresh random bytes, so capturing it takes
+The saved file is 2 MiB of fresh random bytes, so capturing it takes
 longer than the kill after an early return: a durability call that returns
 before the version is committed fails most rounds.
 """
@@ -29,7 +29,7 @@ from fusetools import Mount
 pytestmark = pytest.mark.timeout(600)
 
 ROUNDS = 20  # per pattern, in CI too
-SIZE = 4 << 20
+SIZE = 2 << 20
 
 
 def journal_content(journal, rel: str) -> bytes | None:
