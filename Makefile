@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV := .venv
 SRC ?= demo/src
 MNT ?= demo/mnt
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv git sqlite3 rsync tar
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv git sqlite3 rsync tar vim-tiny
 BENCH_APT_PACKAGES := borgbackup restic
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=

@@ -58,7 +58,7 @@ _FULL = None  # dirty marker: the whole file
 class Item:
     """One pipeline entry: the changes it will commit, and who waits for it."""
 
-    __slots__ = ("changes", "ready", "done", "result", "after", "skip", "list_cache")
+    __slots__ = ("changes", "ready", "done", "result", "after", "skip", "list_cache", "inos")
 
     def __init__(self, changes: list[Change] | None = None, after=None) -> None:
         self.changes = changes
@@ -68,6 +68,7 @@ class Item:
         self.after = after
         self.skip = False  # queued while capture was paused: journal nothing
         self.list_cache = None  # (new chunk list, offsets) of a content item, for the next capture
+        self.inos: tuple[int, ...] = ()  # FUSE inodes whose latest queued item this is (Recorder.sync)
         if changes is not None:
             self.ready.set()
 
@@ -147,6 +148,10 @@ class Recorder:
         self.ignore = ignore or Ignore(src)
         self.queue: deque[Item] = deque()
         self.last_item: Item | None = None
+        # FUSE inode -> the latest queued item concerning it (a capture of the
+        # file, a record about it, or a directory's entry changing): fsync and
+        # fsyncdir wait for it, and so for everything queued before it (FIFO)
+        self._latest: dict[int, Item] = {}
         self._lists: OrderedDict[int, tuple[list, list]] = OrderedDict()  # seq -> (chunk list, offsets)
         self.raw_cache = chunking.RawCache(RAW_CACHE_BYTES)
         self._list_entries = 0
@@ -214,6 +219,26 @@ class Recorder:
     def pending(self) -> int:
         return len(self.queue)
 
+    def _concerns(self, item: Item, *inos: int) -> None:
+        """item is the latest queued item about these FUSE inodes."""
+        for ino in inos:
+            self._latest[ino] = item
+        item.inos += inos
+
+    def settled(self, node) -> bool:
+        """Nothing of this inode waits to be journaled (fsync's fast path)."""
+        if node.dirty or node.size_changed:
+            return False
+        item = self._latest.get(node.ino)
+        return item is None or item.done.is_set()
+
+    async def sync(self, ino: int) -> None:
+        """Return once every item queued so far about this inode is committed
+        (commits are in queue order, so with everything queued before them)."""
+        item = self._latest.get(ino)
+        if item is not None:
+            await self.committed(item)
+
     async def _committer(self) -> None:
         while True:
             while not self.queue:
@@ -247,6 +272,9 @@ class Recorder:
                         it.after(res)
                     except Exception:
                         log.exception("capture bookkeeping failed")
+                for ino in it.inos:
+                    if self._latest.get(ino) is it:
+                        del self._latest[ino]
                 it.done.set()
             if any(not isinstance(r, BaseException) and r for r in results):
                 self.last_capture_ns = time.time_ns()
@@ -322,6 +350,7 @@ class Recorder:
             ev = trio.Event()
             node.pending = ev
             node.last_item = item
+            self._concerns(item, node.ino)
 
         def after(res):
             if node is not None:
@@ -468,10 +497,12 @@ class Recorder:
         self._content_event(ops, node, "write")
 
     async def fsync(self, ops, node) -> None:
-        """Capture now and return once the version is durable."""
-        item = self._content_event(ops, node, "fsync")
-        if item is not None:
-            await self.committed(item)
+        """Capture what is dirty now, and return once it and everything queued
+        before about this inode (a capture queued at an earlier close, its
+        create, chmod, xattrs) is durable, whichever descriptor asks."""
+        if node.dirty or node.size_changed:
+            self._content_event(ops, node, "fsync")
+        await self.sync(node.ino)
 
     def _content_event(self, ops, node, cause: str) -> Item | None:
         dirty = [(s, e) for s, e in node.dirty]
@@ -490,13 +521,22 @@ class Recorder:
         return self._capture(ops, node, fd, path, cause, dirty if node.base is not None else _FULL,
                              node.base)
 
-    def event(self, op: str, *, ops, **f) -> None:
-        """A namespace change that already succeeded in SRC."""
+    def event(self, op: str, *, ops, also=None, **f) -> None:
+        """A namespace change that already succeeded in SRC.
+
+        What it queues is the latest item about its ``node``, its ``parent``
+        directory and ``also`` (a rename's source directory), which fsync and
+        fsyncdir of those inodes wait for.
+        """
         handler = getattr(self, "_ev_" + op)
+        before = self.last_item
         try:
             handler(ops, **f)
         except OSError as e:  # e.g. the entry vanished again; nothing to record
             log.debug("event %s: %s", op, e)
+        if self.last_item is not before:
+            self._concerns(self.last_item, *{n.ino for n in (f.get("node"), f.get("parent"), also)
+                                            if n is not None})
 
     def _ev_create(self, ops, parent, name, node, st) -> None:
         node.base = 0  # a new, empty file: later captures are edits of nothing
@@ -684,6 +724,8 @@ class Recorder:
                     log.warning("scan: cannot read %s: %s", os.fsdecode(path), e)
                     continue
                 item = self._capture(ops, None, fd, path, "scan", _FULL, None)
+                if ops is not None:  # an fsync of the file waits for this version too
+                    self._concerns(item, ops.fuse_ino(st.st_ino))
                 counts["new_or_changed"] += 1
                 done += st.st_size
                 if self.pending() > 64:  # bounded: wait for the head before queueing more

@@ -127,6 +127,12 @@ class NullRecorder:
     async def fsync(self, ops: "Operations", node: Node) -> None:
         node.dirty.clear()
 
+    def settled(self, node: Node) -> bool:
+        return True
+
+    async def sync(self, ino: int) -> None:
+        pass
+
 
 def _errors(fn):
     """OSError -> FUSEError(errno); anything else -> logged once, EIO."""
@@ -349,9 +355,11 @@ class Operations(pyfuse3.Operations):
                 node.mark_dirty(attr.st_size, 1 << 62)
             else:  # the new bytes are zeros
                 node.mark_dirty(before, attr.st_size)
+        chown = fields.update_uid or fields.update_gid
+        before = os.fstat(node.fd) if fields.update_mode or chown else None
         if fields.update_mode:
             os.chmod(self._proc(node), stat.S_IMODE(attr.st_mode))
-        if fields.update_uid or fields.update_gid:
+        if chown:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
             sc.chown_fd(node.fd, uid, gid)
@@ -361,12 +369,14 @@ class Operations(pyfuse3.Operations):
         st = os.fstat(node.fd)
         # With the writeback cache the kernel itself sets mtime+ctime after
         # writes; only a caller's utimens/chmod/chown is a change to journal
-        # (content versions carry the mtime anyway).
+        # (content versions carry the mtime anyway), and only if it changed
+        # something: vim chmods to the same mode after every save.  A chown
+        # that clears set-id bits records the mode too.
         times = fields.update_atime or (fields.update_mtime and not fields.update_ctime)
-        if fields.update_mode or fields.update_uid or fields.update_gid or times:
-            self.rec.event("setattr", ops=self, node=node, st=st,
-                           mode=fields.update_mode, owner=fields.update_uid or fields.update_gid,
-                           times=times)
+        mode = before is not None and st.st_mode != before.st_mode
+        owner = chown and (st.st_uid, st.st_gid) != (before.st_uid, before.st_gid)
+        if mode or owner or times:
+            self.rec.event("setattr", ops=self, node=node, st=st, mode=mode, owner=owner, times=times)
         if fields.update_size and not node.writers:
             # truncate(2) by path: no release will follow, capture now
             self.rec.release(self, node)
@@ -497,15 +507,19 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def fsyncdir(self, fh, datasync):
+        # Durable once the backing directory is synced and every record
+        # queued about it (entries created, renamed in or out, unlinked, an
+        # atomic save's new version) is committed.
         if self.dir_handle_is_inode:
-            fd = os.open(self._proc(self._node(fh)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            node = self._node(fh)
+            fd = os.open(self._proc(node), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                await trio.to_thread.run_sync(os.fsync, fd)
+                await self._durable(os.fsync, fd, self.rec.sync, node.ino)
             finally:
                 os.close(fd)
             return
         dh = self.dirs[fh]
-        await trio.to_thread.run_sync(os.fsync, dh.fd)
+        await self._durable(os.fsync, dh.fd, self.rec.sync, dh.node.ino)
 
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
@@ -596,7 +610,7 @@ class Operations(pyfuse3.Operations):
         sc.renameat2(old.fd, name_old, new.fd, name_new, flags)
         self.path_gen += 1
         self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
-                       parent=new, name=name_new, replaced=replaced)
+                       parent=new, name=name_new, replaced=replaced, also=old)
 
     # ---- files ----------------------------------------------------------
 
@@ -696,25 +710,32 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def fsync(self, fh, datasync):
+        # Through any descriptor (`sync FILE` opens read-only): what was
+        # written, and every capture or record already queued about the
+        # inode, is durable in the journal when this returns.
         h = self.handles[fh]
         fn = os.fdatasync if datasync else os.fsync
-        if not (h.node.dirty or h.node.size_changed):
+        if self.rec.settled(h.node):
             await trio.to_thread.run_sync(fn, h.fd)
             return
-        # The capture reads the page cache, not the disk: flush SRC and make
-        # the version durable in the journal at the same time, so the caller
-        # waits for the slower of the two, not their sum.
+        await self._durable(fn, h.fd, self.rec.fsync, self, h.node)
+
+    async def _durable(self, fn, fd: int, journal_wait, *args) -> None:
+        """fn(fd) in a thread while awaiting journal_wait(*args).  The capture reads
+        the page cache, not the disk: flushing SRC and committing the journal
+        at the same time makes the caller wait for the slower of the two, not
+        their sum."""
         failed: list[OSError] = []
 
         async def flush_src():
             try:
-                await trio.to_thread.run_sync(fn, h.fd)
+                await trio.to_thread.run_sync(fn, fd)
             except OSError as e:
                 failed.append(e)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flush_src)
-            await self.rec.fsync(self, h.node)
+            await journal_wait(*args)
         if failed:
             raise failed[0]
 
@@ -750,10 +771,25 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def setxattr(self, inode, name, value, ctx):
         node = self._node(inode)
+        before = self._xattr_state(node, name) if self.rec.enabled else None
         os.setxattr(self._proc(node), name, value)
         if name == _CAPS:
             node.nocaps = False
-        self.rec.event("setxattr", ops=self, node=node, name=name, value=value)
+        # Setting what is already there is no record: the same value again,
+        # or a system.posix_acl_access equal to the mode (vim writes one after
+        # every save; SRC's filesystem stores no ACL for it).
+        if before is None or self._xattr_state(node, name) != before:
+            self.rec.event("setxattr", ops=self, node=node, name=name, value=value)
+
+    def _xattr_state(self, node: Node, name: bytes) -> tuple | None:
+        """(the stored value or None, st_mode): what a setxattr can change; None if unreadable."""
+        try:
+            value = os.getxattr(self._proc(node), name)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                return None
+            value = None
+        return value, os.fstat(node.fd).st_mode
 
     @_errors
     async def removexattr(self, inode, name, ctx):
