@@ -131,17 +131,33 @@ def cmd_log(args: argparse.Namespace) -> int:
             return 0  # Ctrl-C is how --follow ends
 
 
+def _note_thinned(thinned, nearest: bool, verb: str = "given") -> None:
+    """The one stderr line about files given at an earlier retained version."""
+    from deltafs import history
+
+    if thinned:
+        _err(f"note: {history.thinned_note(thinned, nearest, verb)}")
+
+
+def _err(line: str) -> None:
+    from deltafs.names import one_line
+
+    print(f"deltafs: {one_line(line)}", file=sys.stderr, flush=True)
+
+
 def cmd_cat(args: argparse.Namespace) -> int:
     from deltafs import history
 
     loc, j = _history_open(args)
     out = sys.stdout.buffer
+    thinned: list = []
     with j, j.reader() as r:
-        _, chunks = history.cat_source(r, loc.rel, args.at, args.version)
-        for data in chunks:
+        _, chunks = history.cat_source(r, loc.rel, args.at, args.version, thinned=thinned)
+        for data in chunks:  # each chunk is verified before it is yielded
             out.write(data)
     out.flush()
-    return 0
+    _note_thinned(thinned, args.nearest)
+    return history.outcome_code(thinned=bool(thinned), nearest=args.nearest)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -166,7 +182,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
         _print_json(d)
     else:
         sys.stdout.write(history.diff_file_text(d, args.stat))
-    return 0
+    thinned = [history.Thinned(loc.rel, t["asked"], t["given"], t["side"]) for t in d.get("thinned", [])]
+    _note_thinned(thinned, args.nearest, "compared")
+    return history.outcome_code(thinned=bool(thinned), nearest=args.nearest)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -182,18 +200,26 @@ def cmd_restore(args: argparse.Namespace) -> int:
     finally:
         if progress:
             progress.close()
-    for w in rep.warnings:
-        print(f"deltafs: warning: {w}", file=sys.stderr)
-    for e in rep.errors:
-        print(f"deltafs: error: {e}", file=sys.stderr)
+    _report_restore(rep, args.nearest, args.dry_run)
     if args.json:
         _print_json(rep.to_dict())
     else:
         if args.dry_run:
+            from deltafs.names import quote_name
+
             for a in rep.plan:
-                print(f"{a['action']}\t{a['path']}\t{a['target']}")
+                print(f"{a['action']}\t{quote_name(a['path'])}\t{quote_name(a['target'])}")
         print(rep.summary())
-    return history.restore_exit_code(rep)
+    return history.restore_exit_code(rep, args.nearest)
+
+
+def _report_restore(rep, nearest: bool, dry_run: bool = False) -> None:
+    """Warnings, then one line per path not restored, then the thinned note (stderr)."""
+    for w in rep.warnings:
+        _err(f"warning: {w}")
+    for e in rep.errors:
+        _err(f"error: {e}")
+    _note_thinned(rep.thinned, nearest, "would be restored" if dry_run else "restored")
 
 
 # ---- status and the control socket (docs/cli.md "deltafs status" ... "Control socket")
@@ -380,6 +406,13 @@ def _add_control_parsers(sub) -> None:
     ss.set_defaults(func=cmd_snapshots)
 
 
+def _add_nearest(q) -> None:
+    q.add_argument("--nearest", action="store_true",
+                   help="where retention pruned the version asked for, the latest retained version "
+                        "before it is used and said so on stderr; with --nearest that is not a partial "
+                        "result (exit 0 instead of 1)")
+
+
 def _add_history_parsers(sub) -> None:
     fmt = argparse.HelpFormatter  # wrap the long descriptions
     when_help = ("WHEN: ISO 8601 (2026-11-23T09:00, local time unless a zone is given), relative "
@@ -390,6 +423,8 @@ def _add_history_parsers(sub) -> None:
         q.add_argument("--journal", metavar="DIR",
                        help="use this journal directly (PATH is then relative to its tree)")
         q.add_argument("path", metavar="PATH", nargs="?" if optional else None, help=path_help)
+
+    nearest = _add_nearest
 
     lg = sub.add_parser("log", help="list versions of a file, a directory or everything",
                         description="List the journal's versions of PATH (a file, everything under a "
@@ -418,6 +453,7 @@ def _add_history_parsers(sub) -> None:
     g = ct.add_mutually_exclusive_group()
     g.add_argument("--at", metavar="WHEN", help="the version current at WHEN")
     g.add_argument("--version", metavar="ID", help="this version id (see 'deltafs log')")
+    nearest(ct)
     ct.set_defaults(func=cmd_cat)
 
     df = sub.add_parser("diff", help="show what changed in a file or a directory",
@@ -432,6 +468,7 @@ def _add_history_parsers(sub) -> None:
     df.add_argument("to", metavar="TO", nargs="?", help="WHEN of the new side (default: now)")
     df.add_argument("--stat", action="store_true", help="only counts / a name-and-size list")
     df.add_argument("--json", action="store_true", help="JSON (a directory: JSON Lines)")
+    nearest(df)
     df.set_defaults(func=cmd_diff)
 
     rs = sub.add_parser("restore", help="bring back a file, a directory or the whole tree",
@@ -450,6 +487,7 @@ def _add_history_parsers(sub) -> None:
                     help="overwrite an existing DEST (a directory is merged into)")
     rs.add_argument("-n", "--dry-run", action="store_true", help="say what would be restored, write nothing")
     rs.add_argument("--json", action="store_true", help="print a JSON summary")
+    nearest(rs)
     rs.set_defaults(func=cmd_restore)
 
 
@@ -664,29 +702,33 @@ def cmd_clone(args: argparse.Namespace) -> int:
     from deltafs import history
     from deltafs.errors import UsageError
     from deltafs.mirrors import open_mirror
-    from deltafs.mirrors.clone import clone_journal
+    from deltafs.mirrors.clone import check_when, clone_journal
+    from deltafs.when import parse_when
 
     dest = os.path.abspath(args.dest)
     if os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise UsageError(f"{args.dest} exists and is not an empty directory")
+    if args.at is not None:
+        parse_when(args.at)  # a WHEN that does not parse: refused before the mirror is opened
     made = not os.path.lexists(dest)
     mirror = open_mirror(args.mirror, endpoint_url=args.endpoint_url)
     jdir = os.path.join(dest, ".deltafs")
     try:
         with mirror:
+            if args.at is not None:
+                check_when(mirror, args.at)  # before anything is downloaded
             os.makedirs(dest, exist_ok=True)
             rep = clone_journal(mirror, jdir)
         tree = history.restore(jdir, b"", at=args.at, dest=dest, force=True)
     except BaseException:
         shutil.rmtree(dest if made else jdir, ignore_errors=True)
         raise
-    for e in tree.errors:
-        print(f"deltafs: error: {e}", file=sys.stderr)
+    _report_restore(tree, args.nearest)
     if args.json:
         _print_json({**rep.to_dict(), "restore": tree.to_dict()})
     else:
         print(f"cloned {rep.records} records from {rep.mirror} into {jdir}; {tree.summary()}")
-    return history.restore_exit_code(tree)
+    return history.restore_exit_code(tree, args.nearest)
 
 
 def cmd_verify_mirror(args: argparse.Namespace) -> int:
@@ -755,6 +797,7 @@ def _add_mirror_parsers(sub) -> None:
     cl.add_argument("mirror", metavar="MIRROR")
     cl.add_argument("dest", metavar="DEST")
     cl.add_argument("--at", metavar="WHEN", help="the tree at WHEN (default: the latest)")
+    _add_nearest(cl)
     endpoint(cl)
     cl.add_argument("--json", action="store_true", help="print a JSON summary")
     cl.set_defaults(func=cmd_clone)
@@ -824,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DeltafsError as e:
-        print(f"deltafs: {e}", file=sys.stderr)
+        _err(str(e))  # one line, whatever a file name in it holds
         return e.exit_code
     except KeyboardInterrupt:
         print("deltafs: interrupted", file=sys.stderr)
