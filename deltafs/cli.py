@@ -519,37 +519,49 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from deltafs import maintenance
+    from deltafs import control, maintenance
     from deltafs.errors import JournalLockedError
     from deltafs.journal import Journal
     from deltafs.locate import locate
 
     from deltafs.config import retention_from_args
 
-    policy = retention_from_args(args.retention, args.coalesce)
+    policy = retention_from_args(args.retention, args.coalesce)  # bad values: exit 2 before anything
     loc = locate(args.path, args.journal)
-    try:
-        j = Journal.open(loc.journal)
-    except JournalLockedError as e:
-        raise JournalLockedError(f"{e}: a running mount holds it; stop the mount (deltafs umount) to "
-                                 "compact now (a mount compacts in the background, every --compact-every "
-                                 "minutes)") from None
-    try:
-        rep = maintenance.compact(j, policy, dry_run=args.dry_run)
+    rep = None
+    if loc.mount is not None:  # the daemon is the journal's only writer: it runs the pass
         if args.vacuum and not args.dry_run:
-            rep.data_file_before, rep.data_file_after = maintenance.vacuum(j)  # closes j
-    finally:
-        if j.env is not None:
-            j.close()
+            raise JournalLockedError(f"compact --vacuum needs the journal unmounted: {loc.mnt} is mounted "
+                                     f"on it (deltafs umount {loc.mnt}, then run it again; without "
+                                     "--vacuum, compact runs through the mount)")
+        try:
+            rep = control.request(loc.journal, "compact", timeout=None, dry_run=args.dry_run,
+                                  retention=args.retention, coalesce=args.coalesce)["report"]
+        except control.DaemonNotRunning:
+            pass  # a dead daemon: the journal lock tells whether it still lives
+    if rep is None:
+        try:
+            j = Journal.open(loc.journal)
+        except JournalLockedError as e:
+            raise JournalLockedError(f"{e}: another deltafs process holds its write lock; try again "
+                                     "once it is done") from None
+        try:
+            r = maintenance.compact(j, policy, dry_run=args.dry_run)
+            if args.vacuum and not args.dry_run:
+                r.data_file_before, r.data_file_after = maintenance.vacuum(j)  # closes j
+        finally:
+            if j.env is not None:
+                j.close()
+        rep = r.to_dict()
     if args.json:
-        _print_json(rep.to_dict())
+        _print_json(rep)
     else:
         verb = "would prune" if args.dry_run else "pruned"
-        print(f"{verb} {rep.versions_pruned} of {rep.versions} versions in {rep.files} files, "
-              f"freeing {rep.chunks_freed} chunks ({rep.bytes_freed} bytes); "
-              f"{rep.checkpoints_written} checkpoints written")
-        if rep.data_file_before is not None:
-            print(f"vacuum: data.mdb {rep.data_file_before} -> {rep.data_file_after} bytes")
+        print(f"{verb} {rep['versions_pruned']} of {rep['versions']} versions in {rep['files']} files, "
+              f"freeing {rep['chunks_freed']} chunks ({rep['bytes_freed']} bytes); "
+              f"{rep['checkpoints_written']} checkpoints written")
+        if rep["data_file_before"] is not None:
+            print(f"vacuum: data.mdb {rep['data_file_before']} -> {rep['data_file_after']} bytes")
     return 0
 
 
@@ -591,7 +603,9 @@ def _add_maintenance_parsers(sub) -> None:
                                    "hourly for 7 days, daily for 90 days, weekly after; bursts of saves "
                                    "within 10 s keep their last; the newest version of each file and "
                                    "versions named by snapshots are kept) and free chunks nothing refers "
-                                   "to. Needs the journal's write lock: stop the mount first.",
+                                   "to. While mounted, the mount's daemon runs the pass (with the mount's "
+                                   "retention unless --retention/--coalesce are given); --vacuum needs "
+                                   "the journal unmounted.",
                        epilog=EPILOG, formatter_class=fmt)
     common(c)
     c.add_argument("-n", "--dry-run", action="store_true", help="report what would be pruned, change nothing")
