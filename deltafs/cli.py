@@ -99,7 +99,12 @@ def _history_open(args: argparse.Namespace):
 def _print_json(d) -> None:
     import json
 
-    print(json.dumps(d, ensure_ascii=False), flush=True)
+    line = json.dumps(d, ensure_ascii=False)
+    try:
+        line.encode()
+    except UnicodeEncodeError:  # a name that is not UTF-8: its bytes as \udcXX escapes
+        line = json.dumps(d)
+    print(line, flush=True)
 
 
 def cmd_log(args: argparse.Namespace) -> int:

@@ -211,3 +211,45 @@ def test_no_wrong_byte_reaches_stdout_or_dest(hist, kind, capsysbinary, tmp_path
         manifest = mirror / "manifest.json"
         if manifest.exists():
             assert json.loads(manifest.read_text())["last_seq"] < bad
+
+
+def test_a_chunk_header_that_lies_about_its_length_says_so(hist, capsysbinary):
+    """The header's length is damaged, the chunk decodes to the length its
+    list gives: the message says which two disagree (it once read
+    "has length 11, expected 11")."""
+    src, jdir, files, content = hist
+    c = files[b"d/c"][0]
+    with Journal.open(jdir, readonly=True) as j, j.reader() as r:
+        (cid, n), = r.chunk_list(c)
+    corrupt_chunk(jdir, cid, at=5)  # the low byte of the header's raw length
+    rc, out, err = run(capsysbinary, "verify", "--journal", jdir, "--full")
+    assert rc == 3
+    assert f"chunk {cid.hex()} decompresses to {n} bytes but its header says {n ^ 0xFF}" in out.decode()
+    rc, out, err = run(capsysbinary, "cat", "--journal", jdir, "d/c")
+    assert rc == 3 and out == b"" and named(err, b"d/c", c) and cid.hex() in err
+
+
+def test_clone_at_a_bad_when_is_refused_before_anything_is_downloaded(hist, capsysbinary, tmp_path):
+    """Only the manifest (and the snapshots object, or the first segment for a
+    time) is read: with the packs gone, a bad --at still gets its own message."""
+    src, jdir, files, content = hist
+    mirror = tmp_path / "mirror"
+    assert run(capsysbinary, "mirror", "sync", f"file://{mirror}", "--journal", jdir)[0] == 0
+    for p in (mirror / "packs").iterdir():
+        p.unlink()
+    cases = [("garbage", "is not a time, a version id or a known snapshot name"),
+             ("99999", "unknown version 99999"),
+             ("2001-01-01", "is before the first version"),
+             ("2999-01-01", "is in the future"),
+             ("2026-13-45", "cannot read WHEN")]
+    for when, msg in cases:
+        dest = tmp_path / "clone"
+        rc, out, err = run(capsysbinary, "clone", f"file://{mirror}", dest, "--at", when)
+        assert rc == 2 and msg in err and err.count("\n") == 1, (when, err)
+        assert not dest.exists()
+    # a WHEN that cannot be read is refused before the mirror is even opened
+    rc, out, err = run(capsysbinary, "clone", f"file://{tmp_path / 'nowhere'}", tmp_path / "c2", "--at", "2026-13-45")
+    assert rc == 2 and "cannot read WHEN" in err
+    # what a good --at needs is there: the clone then fails on the missing packs, not on WHEN
+    rc, out, err = run(capsysbinary, "clone", f"file://{mirror}", tmp_path / "c3", "--at", str(files[b"d/a"][0]))
+    assert rc == 5 and "missing" in err
