@@ -118,10 +118,13 @@ def reading(rel: bytes, seq: int | None = None) -> Iterator[None]:
     try:
         yield
     except CorruptionError as e:
-        if e.version is not None:
+        if e.path is not None:  # named already
             raise
-        at = f" at version {seq}" if seq is not None else ""
-        raise CorruptionError(f"{show_name(rel)}{at}: {e.detail}") from e
+        if seq is not None:
+            raise CorruptionError(e.detail, rel, seq) from e
+        err = CorruptionError(f"{show_name(rel)}: {e.detail}")
+        err.path = rel
+        raise err from e
 
 
 # --- pruned versions (docs/format.md "Compaction and retention") ----------------------
@@ -386,7 +389,8 @@ def cat_source(r: Reader, rel: bytes, at: str | None = None, version: str | None
 
     The chunks are verified before each is yielded (``Reader.iter_content``);
     a pruned version gives the latest retained one before it, added to ``thinned``."""
-    point = resolve_point(r, at, version, now_ns)
+    with reading(rel):
+        point = resolve_point(r, at, version, now_ns)
     with reading(rel, point.seq):
         e = _content_entry(r, rel, point, thinned)
     if e.kind == KIND_DIR:
@@ -395,7 +399,13 @@ def cat_source(r: Reader, rel: bytes, at: str | None = None, version: str | None
         raise UsageError(f"{show_name(rel)} is a symlink to {show_name(e.target)}")
     if e.kind != KIND_FILE:
         raise UsageError(f"{show_name(rel)} is a special file, it has no content")
-    return e, (r.iter_content(e.content_seq) if e.content_seq else iter(()))
+    return e, (_named_chunks(rel, e.content_seq, r.iter_content(e.content_seq)) if e.content_seq
+               else iter(()))
+
+
+def _named_chunks(rel: bytes, seq: int, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    with reading(rel, seq):
+        yield from chunks
 
 
 # --- diff -----------------------------------------------------------------------------
@@ -1271,7 +1281,8 @@ def restore(journal_dir: str, rel: bytes, *, at: str | None = None, version: str
     try:
         open_pruned(journal)
         with journal.reader() as r:
-            point = resolve_point(r, at, version, now_ns)
+            with reading(rel):
+                point = resolve_point(r, at, version, now_ns)
             rep = RestoreReport(show_path(rel), point.seq, os.fsdecode(base), mode, dry_run)
             with reading(rel, point.seq):
                 entries = _restore_entries(r, rel, point, rep)

@@ -108,3 +108,30 @@ def test_json_lists_every_path_that_failed(tree, secret, tmp_path, capsys):
                               "corrupt": False}]
     assert err == "deltafs: error: d/f1: a directory is in the way\n"
     assert (dest / "d" / "f0").read_bytes() == b"file 0\n" * 1000
+
+
+def test_a_tree_with_more_directories_than_descriptors_kept(tmp_path, capsys):
+    """The restore keeps at most 64 directory descriptors open: a deeper and
+    wider tree still restores whole, and none is left open afterwards."""
+    b = Builder(tmp_path / "j")
+    paths = []
+    for i in range(12):
+        d = b"w%02d" % i
+        b.mkdir(d)
+        for k in range(8):
+            b.mkdir(d + b"/s%d" % k)
+            paths.append(d + b"/s%d/f" % k)
+            b.write(paths[-1], paths[-1])
+    deep = b"/".join(b"n%d" % i for i in range(80))  # deeper than the budget
+    for i in range(1, 81):
+        b.mkdir(b"/".join(deep.split(b"/")[:i]))
+    b.write(deep + b"/leaf", b"deep")
+    b.close()
+    before = len(os.listdir("/proc/self/fd"))
+    rc, out, err = rcli(capsys, "restore", "--journal", tmp_path / "j", "/", "--to", tmp_path / "out")
+    assert rc == 0, err
+    assert len(os.listdir("/proc/self/fd")) == before
+    for p in paths:
+        assert (tmp_path / "out" / os.fsdecode(p)).read_bytes() == p
+    assert (tmp_path / "out" / os.fsdecode(deep) / "leaf").read_bytes() == b"deep"
+    assert "restored / at version" in out and "189 dirs" in out  # 12 + 96 + 80 and the root
