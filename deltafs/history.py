@@ -923,20 +923,27 @@ class _Restorer:
     def _warn_meta(self, e: TreeEntry, what: str, err: OSError) -> None:
         self.rep.warnings.append(f"{show_name(e.path)}: cannot set {what}: {err.strerror}")
 
-    def _meta_fd(self, fd: int, e: TreeEntry) -> None:
-        """Owner, mode, xattrs and mtime of ``e`` on an open file or directory."""
+    def _owner(self, e: TreeEntry, chown: Callable[[int, int], None]) -> None:
         if self.root and e.uid is not None and e.gid is not None:
             try:
-                os.fchown(fd, e.uid, e.gid)
+                chown(e.uid, e.gid)
             except OSError as err:
                 self._warn_meta(e, "owner", err)
+
+    def _mode_xattrs(self, target: int | str, e: TreeEntry) -> None:
+        """Mode and xattrs on ``target``: a descriptor, or /proc/self/fd/N of one."""
         if e.mode is not None:
-            os.fchmod(fd, stat.S_IMODE(e.mode))
+            os.chmod(target, stat.S_IMODE(e.mode))
         for k, v in e.xattrs.items():
             try:
-                os.setxattr(fd, k, v)
+                os.setxattr(target, k, v)
             except OSError as err:
                 self._warn_meta(e, f"xattr {os.fsdecode(k)}", err)
+
+    def _meta_fd(self, fd: int, e: TreeEntry) -> None:
+        """Owner, mode, xattrs and mtime of ``e`` on an open file or directory."""
+        self._owner(e, lambda u, g: os.fchown(fd, u, g))
+        self._mode_xattrs(fd, e)
         if e.mtime_ns is not None:
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
@@ -944,24 +951,13 @@ class _Restorer:
         """The same on ``name`` in directory ``dfd``, never following it: a
         symlink gets owner and mtime; anything else is reached through an
         O_PATH descriptor of that very inode (/proc/self/fd/N)."""
-        if self.root and e.uid is not None and e.gid is not None:
-            try:
-                os.chown(name, e.uid, e.gid, dir_fd=dfd, follow_symlinks=False)
-            except OSError as err:
-                self._warn_meta(e, "owner", err)
+        self._owner(e, lambda u, g: os.chown(name, u, g, dir_fd=dfd, follow_symlinks=False))
         if e.kind != KIND_SYMLINK and (e.mode is not None or e.xattrs):
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
             try:
                 if stat.S_ISLNK(os.fstat(fd).st_mode):
                     raise Refused(f"{show_name(e.path)} became a symlink while it was restored")
-                inode = f"/proc/self/fd/{fd}"
-                if e.mode is not None:
-                    os.chmod(inode, stat.S_IMODE(e.mode))
-                for k, v in e.xattrs.items():
-                    try:
-                        os.setxattr(inode, k, v)
-                    except OSError as err:
-                        self._warn_meta(e, f"xattr {os.fsdecode(k)}", err)
+                self._mode_xattrs(f"/proc/self/fd/{fd}", e)
             finally:
                 os.close(fd)
         if e.mtime_ns is not None:
