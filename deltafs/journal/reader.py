@@ -15,7 +15,7 @@ from typing import Iterator
 import msgpack
 import zstandard
 
-from deltafs.chunking import MAX_DELTA_DEPTH, apply_edit, chunk_id, decompress_chunk
+from deltafs.chunking import MAX_DELTA_DEPTH, chunk_id, decompress_chunk
 from deltafs.errors import CorruptionError, NotFoundError
 
 from . import schema as S
@@ -24,7 +24,7 @@ from .state import FileState, MemStore, TreeEntry, apply_record, children_prefix
 
 log = logging.getLogger(__name__)
 
-_ENTRY_LEN = struct.Struct(f">{S.ID_LEN}xI")  # the length of one packed chunk-list entry
+_ENTRY_LENGTH = struct.Struct(f">{S.ID_LEN}xI")  # the chunk length in one packed chunk-list entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,20 +342,20 @@ class Reader:
                                       f"at record {s}")
             s = r.base_seq
 
-    def chunk_list(self, seq: int, verify: bool = True) -> list[tuple[bytes, int]]:
+    def chunk_list(self, seq: int) -> list[tuple[bytes, int]]:
         """Full chunk list [(id, length)] of content version ``seq``.
 
-        Checked (``verify``) against the version's size and content hash,
-        which cover every record and checkpoint it was rebuilt from: one hash
-        over the packed list.  A mismatch is a CorruptionError naming the
-        file and version; a list is never returned unchecked to a reader."""
-        packed, rec = self.packed_list(seq, verify)
+        Checked against the version's size and content hash, which cover
+        every record and checkpoint it was rebuilt from: one hash over the
+        packed list.  A mismatch is a CorruptionError naming the file and
+        version; a list is never returned unchecked."""
+        packed, rec = self.packed_list(seq)
         try:
             return S.unpack_list(packed)
         except ValueError as e:  # the hash matched, so this is not reachable from stored bytes
             raise CorruptionError(f"its chunk list cannot be read: {e}", rec.path, seq) from e
 
-    def packed_list(self, seq: int, verify: bool = True) -> tuple[bytes, Record]:
+    def packed_list(self, seq: int) -> tuple[bytes, Record]:
         """-> (packed full chunk list, the content record) of version ``seq``, checked."""
         start, chain = self._packed_chain(seq)
         rec = chain[-1] if chain else self._content_record(seq)
@@ -363,20 +363,19 @@ class Reader:
             if len(start) % S.ENTRY_LEN:
                 raise ValueError("a packed chunk list of bad length")
             packed = start
-            total = sum(n for (n,) in _ENTRY_LEN.iter_unpack(start))
+            total = sum(n for (n,) in _ENTRY_LENGTH.iter_unpack(start))
             for r in chain:
                 packed, total = S.apply_edit_packed(packed, total, r.edit or [])
         except (ValueError, TypeError, OverflowError) as e:
             raise CorruptionError(f"its chunk list cannot be rebuilt: {e} (record {rec.seq} or a "
                                   "record or checkpoint it builds on is damaged)", rec.path, seq) from e
-        if verify:
-            if rec.size is not None and total != rec.size:
-                raise CorruptionError(f"its chunk list adds up to {total} bytes but the version has "
-                                      f"{rec.size}: record {seq} or a record or checkpoint it builds on "
-                                      "is damaged", rec.path, seq)
-            if rec.content_hash is not None and S.packed_hash(packed) != rec.content_hash:
-                raise CorruptionError(f"its chunk list does not match its content hash: record {seq} or "
-                                      "a record or checkpoint it builds on is damaged", rec.path, seq)
+        if rec.size is not None and total != rec.size:
+            raise CorruptionError(f"its chunk list adds up to {total} bytes but the version has "
+                                  f"{rec.size}: record {seq} or a record or checkpoint it builds on "
+                                  "is damaged", rec.path, seq)
+        if rec.content_hash is not None and S.packed_hash(packed) != rec.content_hash:
+            raise CorruptionError(f"its chunk list does not match its content hash: record {seq} or "
+                                  "a record or checkpoint it builds on is damaged", rec.path, seq)
         return packed, rec
 
     # --- chunks ------------------------------------------------------------
@@ -447,9 +446,9 @@ class Reader:
                 raw = self.read_chunk(cid)
             except CorruptionError as e:
                 raise CorruptionError(e.detail, rec.path, seq) from e
-            if len(raw) != int.from_bytes(packed[o + S.ID_LEN : o + S.ENTRY_LEN], "big"):
-                raise CorruptionError(f"chunk {cid.hex()} holds {len(raw)} bytes, its chunk list says "
-                                      f"{int.from_bytes(packed[o + S.ID_LEN : o + S.ENTRY_LEN], 'big')}",
+            n = int.from_bytes(packed[o + S.ID_LEN : o + S.ENTRY_LEN], "big")
+            if len(raw) != n:
+                raise CorruptionError(f"chunk {cid.hex()} holds {len(raw)} bytes, its chunk list says {n}",
                                       rec.path, seq)
             yield raw
 
