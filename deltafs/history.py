@@ -892,9 +892,12 @@ class _Restorer:
             if cur is not None and cur[1].kind == KIND_FILE and cur[1].content_seq:
                 # compare at the journal's boundaries (an in-place file's
                 # list is not what a fresh chunking would cut)
-                known = self.r.chunk_list(cur[1].content_seq)
-                if sum(n for _, n in known) == st.st_size and not chunking.changed_ranges(
-                        pread, st.st_size, known):
+                try:
+                    known = self.r.chunk_list(cur[1].content_seq)
+                except CorruptionError:  # that version is damaged: compare by content hash below
+                    known = None
+                if known is not None and sum(n for _, n in known) == st.st_size and \
+                        not chunking.changed_ranges(pread, st.st_size, known):
                     return
             refs, new, seen = [], [], set()
             for span, data in chunking.chunk_stream(pread, st.st_size):

@@ -193,8 +193,17 @@ def test_no_wrong_byte_reaches_stdout_or_dest(hist, kind, capsysbinary, tmp_path
         else:
             assert now == content[want[path]], (kind, path)
 
-    # diff of d/a between its first and last versions: exact, or exit 3 with nothing printed
+    # a sound version restores in place even when the latest one (which SRC is
+    # compared with, to journal what changed outside deltafs first) is damaged
     a = files[b"d/a"]
+    if kind != "block":
+        path, seqs = next(((p, x) for p, x in files.items() if x[-1] in must_fail and x[0] not in must_fail),
+                          (b"d/a", a))
+        rc, out, err = run(capsysbinary, "restore", src / os.fsdecode(path), "--version", seqs[0])
+        assert rc == 0, err
+        assert (src / os.fsdecode(path)).read_bytes() == content[seqs[0]]
+
+    # diff of d/a between its first and last versions: exact, or exit 3 with nothing printed
     rc, out, err = run(capsysbinary, "diff", "--journal", jdir, "d/a", a[0], a[-1], "--json")
     if a[0] in must_fail or a[-1] in must_fail:
         assert rc == 3 and out == b"" and "d/a" in err and err.count("\n") == 1, err
