@@ -44,7 +44,7 @@ def head_version(mnt: Path) -> int:
 
 
 @pytest.mark.parametrize("through", ["mount", "src"])
-def test_restore_never_writes_through_a_symlink_swapped_in_by_another_user(mount_factory, public_dir, through):
+def test_restore_never_writes_through_a_symlink_swapped_in_by_another_user(public_dir, mount_factory, through):
     src, mnt = public_dir / "src", public_dir / "mnt"
     src.mkdir(mode=0o755)
     mnt.mkdir(mode=0o755)
