@@ -99,7 +99,12 @@ def _history_open(args: argparse.Namespace):
 def _print_json(d) -> None:
     import json
 
-    print(json.dumps(d, ensure_ascii=False), flush=True)
+    line = json.dumps(d, ensure_ascii=False)
+    try:
+        line.encode()
+    except UnicodeEncodeError:  # a name that is not UTF-8: its bytes as \udcXX escapes
+        line = json.dumps(d)
+    print(line, flush=True)
 
 
 def cmd_log(args: argparse.Namespace) -> int:
@@ -131,17 +136,33 @@ def cmd_log(args: argparse.Namespace) -> int:
             return 0  # Ctrl-C is how --follow ends
 
 
+def _note_thinned(thinned, nearest: bool, verb: str = "given") -> None:
+    """The one stderr line about files given at an earlier retained version."""
+    from deltafs import history
+
+    if thinned:
+        _err(f"note: {history.thinned_note(thinned, nearest, verb)}")
+
+
+def _err(line: str) -> None:
+    from deltafs.names import one_line
+
+    print(f"deltafs: {one_line(line)}", file=sys.stderr, flush=True)
+
+
 def cmd_cat(args: argparse.Namespace) -> int:
     from deltafs import history
 
     loc, j = _history_open(args)
     out = sys.stdout.buffer
+    thinned: list = []
     with j, j.reader() as r:
-        _, chunks = history.cat_source(r, loc.rel, args.at, args.version)
-        for data in chunks:
+        _, chunks = history.cat_source(r, loc.rel, args.at, args.version, thinned=thinned)
+        for data in chunks:  # each chunk is verified before it is yielded
             out.write(data)
     out.flush()
-    return 0
+    _note_thinned(thinned, args.nearest)
+    return history.outcome_code(thinned=bool(thinned), nearest=args.nearest)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -166,7 +187,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
         _print_json(d)
     else:
         sys.stdout.write(history.diff_file_text(d, args.stat))
-    return 0
+    thinned = [history.Thinned(loc.rel, t["asked"], t["given"], t["side"]) for t in d.get("thinned", [])]
+    _note_thinned(thinned, args.nearest, "compared")
+    return history.outcome_code(thinned=bool(thinned), nearest=args.nearest)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -182,18 +205,26 @@ def cmd_restore(args: argparse.Namespace) -> int:
     finally:
         if progress:
             progress.close()
-    for w in rep.warnings:
-        print(f"deltafs: warning: {w}", file=sys.stderr)
-    for e in rep.errors:
-        print(f"deltafs: error: {e}", file=sys.stderr)
+    _report_restore(rep, args.nearest, args.dry_run)
     if args.json:
         _print_json(rep.to_dict())
     else:
         if args.dry_run:
+            from deltafs.names import quote_name
+
             for a in rep.plan:
-                print(f"{a['action']}\t{a['path']}\t{a['target']}")
+                print(f"{a['action']}\t{quote_name(a['path'])}\t{quote_name(a['target'])}")
         print(rep.summary())
-    return history.restore_exit_code(rep)
+    return history.restore_exit_code(rep, args.nearest)
+
+
+def _report_restore(rep, nearest: bool, dry_run: bool = False) -> None:
+    """Warnings, then one line per path not restored, then the thinned note (stderr)."""
+    for w in rep.warnings:
+        _err(f"warning: {w}")
+    for e in rep.errors:
+        _err(f"error: {e}")
+    _note_thinned(rep.thinned, nearest, "would be restored" if dry_run else "restored")
 
 
 # ---- status and the control socket (docs/cli.md "deltafs status" ... "Control socket")
@@ -380,6 +411,13 @@ def _add_control_parsers(sub) -> None:
     ss.set_defaults(func=cmd_snapshots)
 
 
+def _add_nearest(q) -> None:
+    q.add_argument("--nearest", action="store_true",
+                   help="where retention pruned the version asked for, the latest retained version "
+                        "before it is used and said so on stderr; with --nearest that is not a partial "
+                        "result (exit 0 instead of 1)")
+
+
 def _add_history_parsers(sub) -> None:
     fmt = argparse.HelpFormatter  # wrap the long descriptions
     when_help = ("WHEN: ISO 8601 (2026-11-23T09:00, local time unless a zone is given), relative "
@@ -390,6 +428,8 @@ def _add_history_parsers(sub) -> None:
         q.add_argument("--journal", metavar="DIR",
                        help="use this journal directly (PATH is then relative to its tree)")
         q.add_argument("path", metavar="PATH", nargs="?" if optional else None, help=path_help)
+
+    nearest = _add_nearest
 
     lg = sub.add_parser("log", help="list versions of a file, a directory or everything",
                         description="List the journal's versions of PATH (a file, everything under a "
@@ -418,6 +458,7 @@ def _add_history_parsers(sub) -> None:
     g = ct.add_mutually_exclusive_group()
     g.add_argument("--at", metavar="WHEN", help="the version current at WHEN")
     g.add_argument("--version", metavar="ID", help="this version id (see 'deltafs log')")
+    nearest(ct)
     ct.set_defaults(func=cmd_cat)
 
     df = sub.add_parser("diff", help="show what changed in a file or a directory",
@@ -432,6 +473,7 @@ def _add_history_parsers(sub) -> None:
     df.add_argument("to", metavar="TO", nargs="?", help="WHEN of the new side (default: now)")
     df.add_argument("--stat", action="store_true", help="only counts / a name-and-size list")
     df.add_argument("--json", action="store_true", help="JSON (a directory: JSON Lines)")
+    nearest(df)
     df.set_defaults(func=cmd_diff)
 
     rs = sub.add_parser("restore", help="bring back a file, a directory or the whole tree",
@@ -450,6 +492,7 @@ def _add_history_parsers(sub) -> None:
                     help="overwrite an existing DEST (a directory is merged into)")
     rs.add_argument("-n", "--dry-run", action="store_true", help="say what would be restored, write nothing")
     rs.add_argument("--json", action="store_true", help="print a JSON summary")
+    nearest(rs)
     rs.set_defaults(func=cmd_restore)
 
 
@@ -481,37 +524,49 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from deltafs import maintenance
+    from deltafs import control, maintenance
     from deltafs.errors import JournalLockedError
     from deltafs.journal import Journal
     from deltafs.locate import locate
 
     from deltafs.config import retention_from_args
 
-    policy = retention_from_args(args.retention, args.coalesce)
+    policy = retention_from_args(args.retention, args.coalesce)  # bad values: exit 2 before anything
     loc = locate(args.path, args.journal)
-    try:
-        j = Journal.open(loc.journal)
-    except JournalLockedError as e:
-        raise JournalLockedError(f"{e}: a running mount holds it; stop the mount (deltafs umount) to "
-                                 "compact now (a mount compacts in the background, every --compact-every "
-                                 "minutes)") from None
-    try:
-        rep = maintenance.compact(j, policy, dry_run=args.dry_run)
+    rep = None
+    if loc.mount is not None:  # the daemon is the journal's only writer: it runs the pass
         if args.vacuum and not args.dry_run:
-            rep.data_file_before, rep.data_file_after = maintenance.vacuum(j)  # closes j
-    finally:
-        if j.env is not None:
-            j.close()
+            raise JournalLockedError(f"compact --vacuum needs the journal unmounted: {loc.mnt} is mounted "
+                                     f"on it (deltafs umount {loc.mnt}, then run it again; without "
+                                     "--vacuum, compact runs through the mount)")
+        try:
+            rep = control.request(loc.journal, "compact", timeout=None, dry_run=args.dry_run,
+                                  retention=args.retention, coalesce=args.coalesce)["report"]
+        except control.DaemonNotRunning:
+            pass  # a dead daemon: the journal lock tells whether it still lives
+    if rep is None:
+        try:
+            j = Journal.open(loc.journal)
+        except JournalLockedError as e:
+            raise JournalLockedError(f"{e}: another deltafs process holds its write lock; try again "
+                                     "once it is done") from None
+        try:
+            r = maintenance.compact(j, policy, dry_run=args.dry_run)
+            if args.vacuum and not args.dry_run:
+                r.data_file_before, r.data_file_after = maintenance.vacuum(j)  # closes j
+        finally:
+            if j.env is not None:
+                j.close()
+        rep = r.to_dict()
     if args.json:
-        _print_json(rep.to_dict())
+        _print_json(rep)
     else:
         verb = "would prune" if args.dry_run else "pruned"
-        print(f"{verb} {rep.versions_pruned} of {rep.versions} versions in {rep.files} files, "
-              f"freeing {rep.chunks_freed} chunks ({rep.bytes_freed} bytes); "
-              f"{rep.checkpoints_written} checkpoints written")
-        if rep.data_file_before is not None:
-            print(f"vacuum: data.mdb {rep.data_file_before} -> {rep.data_file_after} bytes")
+        print(f"{verb} {rep['versions_pruned']} of {rep['versions']} versions in {rep['files']} files, "
+              f"freeing {rep['chunks_freed']} chunks ({rep['bytes_freed']} bytes); "
+              f"{rep['checkpoints_written']} checkpoints written")
+        if rep["data_file_before"] is not None:
+            print(f"vacuum: data.mdb {rep['data_file_before']} -> {rep['data_file_after']} bytes")
     return 0
 
 
@@ -553,7 +608,9 @@ def _add_maintenance_parsers(sub) -> None:
                                    "hourly for 7 days, daily for 90 days, weekly after; bursts of saves "
                                    "within 10 s keep their last; the newest version of each file and "
                                    "versions named by snapshots are kept) and free chunks nothing refers "
-                                   "to. Needs the journal's write lock: stop the mount first.",
+                                   "to. While mounted, the mount's daemon runs the pass (with the mount's "
+                                   "retention unless --retention/--coalesce are given); --vacuum needs "
+                                   "the journal unmounted.",
                        epilog=EPILOG, formatter_class=fmt)
     common(c)
     c.add_argument("-n", "--dry-run", action="store_true", help="report what would be pruned, change nothing")
@@ -664,29 +721,33 @@ def cmd_clone(args: argparse.Namespace) -> int:
     from deltafs import history
     from deltafs.errors import UsageError
     from deltafs.mirrors import open_mirror
-    from deltafs.mirrors.clone import clone_journal
+    from deltafs.mirrors.clone import check_when, clone_journal
+    from deltafs.when import parse_when
 
     dest = os.path.abspath(args.dest)
     if os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise UsageError(f"{args.dest} exists and is not an empty directory")
+    if args.at is not None:
+        parse_when(args.at)  # a WHEN that does not parse: refused before the mirror is opened
     made = not os.path.lexists(dest)
     mirror = open_mirror(args.mirror, endpoint_url=args.endpoint_url)
     jdir = os.path.join(dest, ".deltafs")
     try:
         with mirror:
+            if args.at is not None:
+                check_when(mirror, args.at)  # before anything is downloaded
             os.makedirs(dest, exist_ok=True)
             rep = clone_journal(mirror, jdir)
         tree = history.restore(jdir, b"", at=args.at, dest=dest, force=True)
     except BaseException:
         shutil.rmtree(dest if made else jdir, ignore_errors=True)
         raise
-    for e in tree.errors:
-        print(f"deltafs: error: {e}", file=sys.stderr)
+    _report_restore(tree, args.nearest)
     if args.json:
         _print_json({**rep.to_dict(), "restore": tree.to_dict()})
     else:
         print(f"cloned {rep.records} records from {rep.mirror} into {jdir}; {tree.summary()}")
-    return history.restore_exit_code(tree)
+    return history.restore_exit_code(tree, args.nearest)
 
 
 def cmd_verify_mirror(args: argparse.Namespace) -> int:
@@ -755,6 +816,7 @@ def _add_mirror_parsers(sub) -> None:
     cl.add_argument("mirror", metavar="MIRROR")
     cl.add_argument("dest", metavar="DEST")
     cl.add_argument("--at", metavar="WHEN", help="the tree at WHEN (default: the latest)")
+    _add_nearest(cl)
     endpoint(cl)
     cl.add_argument("--json", action="store_true", help="print a JSON summary")
     cl.set_defaults(func=cmd_clone)
@@ -824,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DeltafsError as e:
-        print(f"deltafs: {e}", file=sys.stderr)
+        _err(str(e))  # one line, whatever a file name in it holds
         return e.exit_code
     except KeyboardInterrupt:
         print("deltafs: interrupted", file=sys.stderr)

@@ -314,8 +314,34 @@ async def _op_mirror_register(daemon, state, req) -> dict:
     return {"changed": changed, "active": url in daemon.cfg.mirrors}
 
 
+async def _op_compact(daemon, state, req) -> dict:
+    """deltafs compact while mounted: one pass by the daemon, the journal's
+    only writer (``--vacuum`` needs the journal closed: refused)."""
+    import trio
+
+    from deltafs import maintenance
+    from deltafs.config import RetentionPolicy, retention_from_args
+    from deltafs.errors import JournalLockedError
+
+    if req.get("vacuum"):
+        raise JournalLockedError(f"compact --vacuum needs the journal unmounted: {daemon.cfg.mnt} is "
+                                 "mounted on it (stop the mount with deltafs umount, then run it again)")
+    for k in ("retention", "coalesce"):
+        if req.get(k) is not None and not isinstance(req[k], str):
+            raise UsageError(f'"{k}" must be a string')
+    if req.get("retention") is not None or req.get("coalesce") is not None:
+        policy = retention_from_args(req.get("retention"), req.get("coalesce"))
+    else:  # the mount's own policy
+        policy = getattr(daemon.cfg, "retention", None) or RetentionPolicy()
+    rep = await trio.to_thread.run_sync(maintenance.compact, daemon.journal, policy, bool(req.get("dry_run")))
+    log.info("compaction requested through the control socket: pruned %d versions, freed %d chunks (%d bytes)",
+             rep.versions_pruned, rep.chunks_freed, rep.bytes_freed)
+    return {"report": rep.to_dict()}
+
+
 _OPS = {"status": _op_status, "flush": _op_flush, "pause": _op_pause, "resume": _op_resume,
-        "snapshot": _op_snapshot, "snapshots": _op_snapshots, "mirror_register": _op_mirror_register}
+        "snapshot": _op_snapshot, "snapshots": _op_snapshots, "mirror_register": _op_mirror_register,
+        "compact": _op_compact}
 
 
 # ---- client (blocking; used by the CLI) ------------------------------------------

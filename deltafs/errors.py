@@ -45,7 +45,23 @@ class JournalLockedError(JournalError):
 
 
 class CorruptionError(JournalError):
-    """A chunk whose bytes do not match its hash, or a broken hash chain."""
+    """A chunk whose bytes do not match its hash, a chunk list that does not
+    match its version, or a broken hash chain.
+
+    ``path`` and ``version`` (when known) name the file version whose read
+    found it; the message then starts with them.  ``detail`` is the message
+    without that prefix (for callers that name the file their own way)."""
+
+    def __init__(self, message: str, path: bytes | None = None, version: int | None = None) -> None:
+        self.detail = message
+        self.path = path
+        self.version = version
+        if version is not None:
+            from deltafs.names import show_name
+
+            where = f"{show_name(path)} (version {version})" if path is not None else f"version {version}"
+            message = f"{where}: {message}"
+        super().__init__(message)
 
 
 class MountError(DeltafsError):

@@ -29,16 +29,20 @@ import secrets
 import stat
 import sys
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Callable, Iterator
 
 from deltafs import chunking
-from deltafs.errors import CorruptionError, NotFoundError, UsageError
+from deltafs.errors import (EXIT_JOURNAL, EXIT_OK, EXIT_PARTIAL, CorruptionError, NotFoundError,
+                            PartialError, UsageError)
 from deltafs.journal import (KIND_DIR, KIND_FILE, KIND_SPECIAL, KIND_SYMLINK, Change, Journal,
                              Reader, TreeEntry, content_hash)
 from deltafs.journal import compact as JC
 from deltafs.journal.state import tree_entry
+from deltafs.names import quote_name, show_name
 from deltafs.when import Point, parse_when, resolve_when, since_seq
 
 log = logging.getLogger(__name__)
@@ -93,7 +97,7 @@ def _root_entry() -> TreeEntry:
 
 
 def _missing(r: Reader, rel: bytes, seq: int) -> NotFoundError:
-    name = show_path(rel)
+    name = show_name(rel)
     seqs = r.versions_under(rel)
     if not seqs:
         return NotFoundError(f"{name}: never seen in this journal")
@@ -104,6 +108,23 @@ def _missing(r: Reader, rel: bytes, seq: int) -> NotFoundError:
     if seq < first:
         return NotFoundError(f"{name} did not exist yet at version {seq} (first seen in version {first})")
     return NotFoundError(f"{name} did not exist at version {seq}")
+
+
+@contextmanager
+def reading(rel: bytes, seq: int | None = None) -> Iterator[None]:
+    """Name PATH (and the version asked for) in a CorruptionError that does
+    not name a file version itself (a damaged record block met while the
+    tree at a moment is rebuilt, say)."""
+    try:
+        yield
+    except CorruptionError as e:
+        if e.path is not None:  # named already
+            raise
+        if seq is not None:
+            raise CorruptionError(e.detail, rel, seq) from e
+        err = CorruptionError(f"{show_name(rel)}: {e.detail}")
+        err.path = rel
+        raise err from e
 
 
 # --- pruned versions (docs/format.md "Compaction and retention") ----------------------
@@ -127,27 +148,71 @@ def _retained_of(r: Reader, file_id: int) -> list[int]:
     return [s for s in r.versions_of(file_id) if s not in pruned and r.record(s).is_content]
 
 
+@dataclass(frozen=True)
+class Thinned:
+    """A file given at an earlier version than the one asked for: retention
+    pruned ``asked`` (the version the file had at that moment) and ``given``
+    is the latest retained version at or before it."""
+
+    path: bytes
+    asked: int
+    given: int
+    side: str | None = None  # diff: "from" or "to"
+
+    def to_dict(self) -> dict:
+        d = {"path": show_path(self.path), "asked": self.asked, "given": self.given}
+        if self.side:
+            d["side"] = self.side
+        return d
+
+
+def thinned_note(thinned: list[Thinned], nearest: bool, verb: str = "given") -> str:
+    """The one stderr line saying that (and how many) files were given at an
+    earlier retained version than asked."""
+    if len(thinned) == 1:
+        t = thinned[0]
+        what = (f"{show_name(t.path)} {verb} at version {t.given} instead of {t.asked}, which retention "
+                f"pruned ({t.given} is the latest version of it retained before that)")
+    else:
+        what = (f"{len(thinned)} files {verb} at an earlier version than asked: retention pruned the "
+                "versions they had then, so the latest retained version before each was used (--json "
+                "lists them)")
+    return what if nearest else what + "; exit status 1 (--nearest accepts this)"
+
+
+def outcome_code(*, corrupt: bool = False, failed: bool = False, thinned: bool = False,
+                 nearest: bool = False) -> int:
+    """Exit status of a history read: 3 when anything read was corrupt (it wins),
+    1 (partial) for other failures or, without ``--nearest``, for thinned files."""
+    if corrupt:
+        return EXIT_JOURNAL
+    if failed or (thinned and not nearest):
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
 def pruned_error(r: Reader, rel: bytes, seq: int, file_id: int) -> NotFoundError:
-    """"version N of PATH was pruned by retention on ...; nearest retained: M"."""
+    """"version N of PATH was pruned by retention on ...; no earlier version is retained"."""
     info = JC.pruned_info(r._j, r.txn, seq) or {}
     on = f" on {iso_time(info['t'], table=True)}" if info.get("t") else ""
-    kept = _retained_of(r, file_id)
-    near = min(kept, key=lambda s: (abs(s - seq), s)) if kept else None
-    return NotFoundError(f"version {seq} of {show_path(rel)} was pruned by retention{on}; "
-                         f"nearest retained: {near if near is not None else 'none'}")
+    later = [s for s in _retained_of(r, file_id) if s > seq]
+    nxt = f" (the next retained one is version {min(later)})" if later else ""
+    return NotFoundError(f"version {seq} of {show_name(rel)} was pruned by retention{on} and no "
+                         f"earlier version of it is retained{nxt}")
 
 
-def retained_entry(r: Reader, rel: bytes, e: TreeEntry, explicit: int | None = None) -> TreeEntry:
-    """``e`` with its content version replaced by the latest retained one at or
-    before it when it was pruned.  ``explicit``: the version id the user
-    named; naming a pruned version is an error, never a silent substitute."""
+def retained_entry(r: Reader, rel: bytes, e: TreeEntry, thinned: list[Thinned] | None = None,
+                   side: str | None = None) -> TreeEntry:
+    """``e`` with a pruned content version replaced by the latest retained one
+    at or before it, and the substitution added to ``thinned``.  NotFoundError
+    when no earlier version of the file is retained."""
     if e.kind != KIND_FILE or not e.content_seq or not _is_pruned(r, e.content_seq):
         return e
-    if explicit is not None and explicit == e.content_seq:
-        raise pruned_error(r, rel, e.content_seq, e.file_id)
     older = [s for s in _retained_of(r, e.file_id) if s < e.content_seq]
     if not older:
         raise pruned_error(r, rel, e.content_seq, e.file_id)
+    if thinned is not None:
+        thinned.append(Thinned(rel, e.content_seq, older[0], side))
     return replace(e, content_seq=older[0], size=r.record(older[0]).size or 0)
 
 
@@ -164,21 +229,19 @@ def resolve_point(r: Reader, at: str | None = None, version: str | None = None,
     return resolve_when(r, at if at is not None else "now", now_ns)
 
 
-def _content_entry(r: Reader, rel: bytes, point: Point) -> TreeEntry:
+def _content_entry(r: Reader, rel: bytes, point: Point, thinned: list[Thinned] | None) -> TreeEntry:
     """The file entry at ``rel`` at ``point``; a content record of ``rel``
     named by --version is used directly (no tree replay)."""
     if point.when.seq is not None:
         rec = r.record(point.seq)
-        if rec.is_content and rec.path == rel:
-            if _is_pruned(r, rec.seq):
-                raise pruned_error(r, rel, rec.seq, rec.file_id)
-            st = r.file_state(rec.file_id)
-            return TreeEntry(rel, KIND_FILE, rec.file_id, rec.seq, rec.size or 0, None, None, None,
-                             None, None, None, {}, None) if st else entry_at(r, rel, point.seq)
+        if rec.is_content and rec.path == rel and r.file_state(rec.file_id):
+            e = TreeEntry(rel, KIND_FILE, rec.file_id, rec.seq, rec.size or 0, None, None, None,
+                          None, None, None, {}, None)
+            return retained_entry(r, rel, e, thinned)
     e = entry_at(r, rel, point.seq)
     if e is None:
         raise _missing(r, rel, point.seq)
-    return retained_entry(r, rel, e, point.when.seq)
+    return retained_entry(r, rel, e, thinned)
 
 
 # --- log ----------------------------------------------------------------------------
@@ -302,7 +365,7 @@ def _matches(rec, rel: bytes) -> bool:
 def log_line(d: dict, table: bool) -> str:
     """One entry as a table row (terminal) or tab-separated plain line."""
     op = d.get("cause") or d["op"]
-    path = d["path"] + (f" -> {d['path2']}" if "path2" in d else "")
+    path = quote_name(d["path"]) + (f" -> {quote_name(d['path2'])}" if "path2" in d else "")
     if d["op"] == "deleted":
         path += f" (deleted in {d['deleted_version']} at {d['deleted_time']})"
     if d.get("pruned"):
@@ -320,17 +383,29 @@ LOG_HEADER = f"{'VERSION':>8}  {'TIME':<19}  {'OP':<11} {'SIZE':>10} {'STORED':>
 
 # --- cat ------------------------------------------------------------------------------
 def cat_source(r: Reader, rel: bytes, at: str | None = None, version: str | None = None,
-               now_ns: int | None = None) -> tuple[TreeEntry, Iterator[bytes]]:
-    """-> (entry, chunks of its content) of PATH at --at/--version (default: now)."""
-    point = resolve_point(r, at, version, now_ns)
-    e = _content_entry(r, rel, point)
+               now_ns: int | None = None, thinned: list[Thinned] | None = None
+               ) -> tuple[TreeEntry, Iterator[bytes]]:
+    """-> (entry, chunks of its content) of PATH at --at/--version (default: now).
+
+    The chunks are verified before each is yielded (``Reader.iter_content``);
+    a pruned version gives the latest retained one before it, added to ``thinned``."""
+    with reading(rel):
+        point = resolve_point(r, at, version, now_ns)
+    with reading(rel, point.seq):
+        e = _content_entry(r, rel, point, thinned)
     if e.kind == KIND_DIR:
-        raise UsageError(f"{show_path(rel)} is a directory (use 'deltafs log' or 'deltafs restore')")
+        raise UsageError(f"{show_name(rel)} is a directory (use 'deltafs log' or 'deltafs restore')")
     if e.kind == KIND_SYMLINK:
-        raise UsageError(f"{show_path(rel)} is a symlink to {show_path(e.target)}")
+        raise UsageError(f"{show_name(rel)} is a symlink to {show_name(e.target)}")
     if e.kind != KIND_FILE:
-        raise UsageError(f"{show_path(rel)} is a special file, it has no content")
-    return e, (r.iter_content(e.content_seq) if e.content_seq else iter(()))
+        raise UsageError(f"{show_name(rel)} is a special file, it has no content")
+    return e, (_named_chunks(rel, e.content_seq, r.iter_content(e.content_seq)) if e.content_seq
+               else iter(()))
+
+
+def _named_chunks(rel: bytes, seq: int, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    with reading(rel, seq):
+        yield from chunks
 
 
 # --- diff -----------------------------------------------------------------------------
@@ -344,14 +419,15 @@ class Side:
     exists: bool = True
 
 
-def _side(r: Reader, rel: bytes, text: str | None, now_ns) -> tuple[Side, TreeEntry | None]:
+def _side(r: Reader, rel: bytes, text: str | None, now_ns, thinned: list[Thinned],
+          side: str) -> tuple[Side, TreeEntry | None]:
     p = resolve_when(r, text or "now", now_ns)
     e = entry_at(r, rel, p.seq)
     if e is None:
         return Side(p.seq, exists=False), None
     if e.kind != KIND_FILE:
-        raise UsageError(f"{show_path(rel)} is not a regular file at version {p.seq}")
-    e = retained_entry(r, rel, e, p.when.seq)
+        raise UsageError(f"{show_name(rel)} is not a regular file at version {p.seq}")
+    e = retained_entry(r, rel, e, thinned, side)
     return Side(p.seq, e.content_seq, e.size), e
 
 
@@ -406,12 +482,22 @@ def _read_all(r: Reader, side: Side) -> bytes:
 
 def diff_file(r: Reader, rel: bytes, frm: str | None = None, to: str | None = None,
               stat_only: bool = False, now_ns: int | None = None) -> dict:
-    """Between two versions of a file (default: its previous and current one)."""
+    """Between two versions of a file (default: its previous and current one).
+
+    A side whose version retention pruned is the latest retained version
+    before it; the result's ``thinned`` lists such sides."""
+    with reading(rel):
+        return _diff_file(r, rel, frm, to, stat_only, now_ns)
+
+
+def _diff_file(r: Reader, rel: bytes, frm: str | None, to: str | None, stat_only: bool,
+               now_ns: int | None) -> dict:
     if not path_seen(r, rel):
         raise _missing(r, rel, r.head_seq())
-    b, eb = _side(r, rel, to, now_ns)
+    thinned: list[Thinned] = []
+    b, eb = _side(r, rel, to, now_ns, thinned, "to")
     if frm is not None:
-        a, _ = _side(r, rel, frm, now_ns)
+        a, _ = _side(r, rel, frm, now_ns, thinned, "from")
     else:
         seqs = set(_path_seqs(r, rel) or [])
         if eb is not None:
@@ -425,6 +511,8 @@ def diff_file(r: Reader, rel: bytes, frm: str | None = None, to: str | None = No
     out = {"path": show_path(rel), "type": "file",
            "from": {"version": a.seq, "content_version": a.content_seq, "size": a.size, "exists": a.exists},
            "to": {"version": b.seq, "content_version": b.content_seq, "size": b.size, "exists": b.exists}}
+    if thinned:
+        out["thinned"] = [t.to_dict() for t in thinned]
     la = r.chunk_list(a.content_seq) if a.content_seq else []
     lb = r.chunk_list(b.content_seq) if b.content_seq else []
     out["identical"] = same_content(r, la, lb)
@@ -441,7 +529,7 @@ def diff_file(r: Reader, rel: bytes, frm: str | None = None, to: str | None = No
         return out
     la_lines = da.decode().splitlines(keepends=True)
     lb_lines = db.decode().splitlines(keepends=True)
-    name = show_path(rel)
+    name = show_name(rel)
     lines = []
     for line in difflib.unified_diff(la_lines, lb_lines, f"a/{name}@{a.seq}" if a.exists else "/dev/null",
                                      f"b/{name}@{b.seq}" if b.exists else "/dev/null"):
@@ -455,14 +543,15 @@ def diff_file(r: Reader, rel: bytes, frm: str | None = None, to: str | None = No
 
 def diff_file_text(d: dict, stat_only: bool) -> str:
     a, b = d["from"], d["to"]
+    name = quote_name(d["path"])
     if d["identical"] and a["exists"] == b["exists"]:
-        return f"{d['path']}: identical (versions {a['version']} and {b['version']})\n"
+        return f"{name}: identical (versions {a['version']} and {b['version']})\n"
     if d["binary"]:
         c = d["chunks"]
-        return (f"Binary {d['path']}: {a['size']} -> {b['size']} bytes (versions {a['version']} -> "
+        return (f"Binary {name}: {a['size']} -> {b['size']} bytes (versions {a['version']} -> "
                 f"{b['version']}); {c['new']} of {c['to']} chunks new ({c['new_bytes']} bytes)\n")
     if stat_only:
-        return f"{d['path']} | +{d['added_lines']} -{d['removed_lines']}\n"
+        return f"{name} | +{d['added_lines']} -{d['removed_lines']}\n"
     return d["diff"]
 
 
@@ -476,8 +565,11 @@ def _same(r: Reader, x: TreeEntry, y: TreeEntry) -> list[str]:
         ry = r.record(y.content_seq) if y.content_seq else None
         hx = rx.content_hash if rx else content_hash([])
         hy = ry.content_hash if ry else content_hash([])
-        if hx != hy and not (rx and ry and rx.size == ry.size and  # the same bytes, cut differently?
-                             same_content(r, r.chunk_list(rx.seq), r.chunk_list(ry.seq))):
+        # the records' content hashes are exact, pruned versions included; only
+        # the same bytes cut differently need reading (and a pruned one cannot be)
+        if hx != hy and not (rx and ry and rx.size == ry.size and not _is_pruned(r, rx.seq)
+                             and not _is_pruned(r, ry.seq)
+                             and same_content(r, r.chunk_list(rx.seq), r.chunk_list(ry.seq))):
             ch.append("content")
     if x.target != y.target:
         ch.append("target")
@@ -493,14 +585,17 @@ def _same(r: Reader, x: TreeEntry, y: TreeEntry) -> list[str]:
 def diff_tree(r: Reader, rel: bytes, frm: str | None = None, to: str | None = None,
               now_ns: int | None = None) -> Iterator[dict]:
     """Added/removed/changed paths below a directory between two moments
-    (default: just before the newest change below it, and now)."""
+    (default: just before the newest change below it, and now).  Contents are
+    compared by the content hashes the records keep, so the answer is exact
+    even where retention pruned a version."""
     b = resolve_when(r, to or "now", now_ns).seq
     if frm is not None:
         a = resolve_when(r, frm, now_ns).seq
     else:
         seqs = [s for s in (_path_seqs(r, rel) or [r.head_seq()]) if s <= b]
         a = seqs[0] - 1 if seqs else b
-    ta, tb = r.tree_at(a, prefix=rel), r.tree_at(b, prefix=rel)
+    with reading(rel):
+        ta, tb = r.tree_at(a, prefix=rel), r.tree_at(b, prefix=rel)
     for p in sorted(set(ta) | set(tb)):
         if p == rel:
             continue
@@ -510,7 +605,8 @@ def diff_tree(r: Reader, rel: bytes, frm: str | None = None, to: str | None = No
         elif y is None:
             status, changes = "removed", []
         else:
-            changes = _same(r, x, y)
+            with reading(p):
+                changes = _same(r, x, y)
             if not changes:
                 continue
             status = "changed"
@@ -521,7 +617,7 @@ def diff_tree(r: Reader, rel: bytes, frm: str | None = None, to: str | None = No
 
 def diff_tree_line(d: dict, stat_only: bool) -> str:
     s = {"added": "A", "removed": "D", "changed": "M"}[d["status"]]
-    line = f"{s}\t{d['path']}"
+    line = f"{s}\t{quote_name(d['path'])}"
     if d["changes"] and d["changes"] != ["content"]:
         line += f"\t({', '.join(d['changes'])})"
     if stat_only:
@@ -548,22 +644,36 @@ class RestoreReport:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     corrupt: bool = False
+    failed: list[dict] = field(default_factory=list)  # {path, version, error, corrupt}: not restored
+    thinned: list[Thinned] = field(default_factory=list)  # restored at an earlier retained version
     plan: list[dict] = field(default_factory=list)  # --dry-run
 
+    def fail(self, path: bytes, version: int | None, why: str, corrupt: bool = False) -> None:
+        """A path that was not restored (the rest goes on)."""
+        self.corrupt |= corrupt
+        at = f" (version {version})" if version else ""
+        self.errors.append(f"{show_name(path)}{at}: {why}")
+        self.failed.append({"path": show_path(path), "version": version or None, "error": why,
+                            "corrupt": corrupt})
+
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "plan"}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("plan", "thinned")}
+        d["thinned"] = [t.to_dict() for t in self.thinned]
         if self.dry_run:
             d["plan"] = self.plan
         return d
 
     def summary(self) -> str:
         verb = "would restore" if self.dry_run else "restored"
-        s = (f"{verb} {self.path} at version {self.version} to {self.destination}: {self.files} files "
-             f"({human_size(self.bytes)}), {self.dirs} dirs, {self.symlinks} symlinks, {self.links} hard links")
+        s = (f"{verb} {quote_name(self.path)} at version {self.version} to {quote_name(self.destination)}: "
+             f"{self.files} files ({human_size(self.bytes)}), {self.dirs} dirs, {self.symlinks} symlinks, "
+             f"{self.links} hard links")
         if self.specials:
             s += f", {self.specials} special files"
         if not self.dry_run:
             s += f" in {self.seconds:.1f}s"
+        if self.thinned:
+            s += f"; {len(self.thinned)} at an earlier retained version"
         if self.errors:
             s += f"; {len(self.errors)} FAILED"
         return s
@@ -601,12 +711,102 @@ class ProgressLine:
             self.stream.flush()
 
 
+class Refused(Exception):
+    """A path the restore will not write through: a symlink or a file where a
+    directory must be, or a directory moved while the restore ran."""
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _lstat_at(dfd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _what(st: os.stat_result | None) -> str:
+    if st is None:
+        return "gone"
+    if stat.S_ISLNK(st.st_mode):
+        return "a symlink"
+    return "a directory" if stat.S_ISDIR(st.st_mode) else "not a directory"
+
+
+class _Dirs:
+    """Directory descriptors below the restore's anchor, each opened from its
+    parent's descriptor with O_NOFOLLOW | O_DIRECTORY, so no path a restore
+    writes through is ever redirected by a symlink (one swapped in for a
+    directory by another user, say).  The anchor is the directory the user
+    named (DEST's parent, or SRC/MNT for a restore in place).  At most
+    ``limit`` stay open (least recently used closed first): a big tree does
+    not hold a descriptor per directory; reopening walks again, each step
+    O_NOFOLLOW."""
+
+    def __init__(self, anchor_fd: int, anchor: bytes, limit: int = 64) -> None:
+        self.anchor_fd = anchor_fd
+        self.anchor = anchor
+        self.limit = limit
+        self.open: OrderedDict[tuple[bytes, ...], int] = OrderedDict()
+
+    def path(self, parts: tuple[bytes, ...]) -> bytes:
+        return os.path.join(self.anchor, *parts) if parts else self.anchor
+
+    def show(self, parts: tuple[bytes, ...]) -> str:
+        return quote_name(os.fsdecode(self.path(parts)))
+
+    def fd(self, parts: tuple[bytes, ...]) -> int:
+        """The directory at ``parts`` (valid until the next call)."""
+        fd = self.open.get(parts) if parts else self.anchor_fd
+        if fd is not None:
+            if parts:
+                self.open.move_to_end(parts)
+            return fd
+        k = len(parts) - 1
+        while k > 0 and parts[:k] not in self.open:
+            k -= 1
+        fd = self.open[parts[:k]] if k else self.anchor_fd
+        for i in range(k, len(parts)):
+            try:
+                fd = os.open(parts[i], _DIR_FLAGS, dir_fd=fd)
+            except OSError as err:  # ENOTDIR: also what O_NOFOLLOW | O_DIRECTORY gives a symlink
+                if err.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                st = _lstat_at(fd, parts[i])
+                raise Refused(f"{self.show(parts[:i + 1])} is {_what(st)} now, not a directory; deltafs "
+                              "does not restore through it (the tree changed under the restore?)") from None
+            self.open[parts[: i + 1]] = fd
+        while len(self.open) > self.limit:
+            _, old = self.open.popitem(last=False)
+            os.close(old)
+        return self.open[parts]
+
+    def forget(self, parts: tuple[bytes, ...]) -> None:
+        """Close ``parts`` and everything below it (it is being replaced)."""
+        n = len(parts)
+        for k in [k for k in self.open if k[:n] == parts]:
+            os.close(self.open.pop(k))
+
+    def close(self) -> None:
+        for fd in self.open.values():
+            os.close(fd)
+        self.open.clear()
+
+
 class _Restorer:
-    def __init__(self, r: Reader, rep: RestoreReport, base: bytes, rel: bytes, progress: Progress | None,
-                 journaling: bool, through_mount: bool) -> None:
+    """Writes entries below ``dirs`` (see _Dirs): every directory is reached by
+    descriptor, every name created with O_EXCL or replaced by rename/unlink at
+    that descriptor, and nothing is followed."""
+
+    def __init__(self, r: Reader, rep: RestoreReport, dirs: _Dirs | None, prefix: tuple[bytes, ...],
+                 anchor: bytes, rel: bytes, progress: Progress | None, journaling: bool,
+                 through_mount: bool) -> None:
         self.r = r
         self.rep = rep
-        self.base = base
+        self.dirs = dirs  # None: a dry run
+        self.prefix = prefix  # where rel goes, below the anchor
+        self.anchor = anchor
         self.rel = rel
         self.progress = progress
         self.journaling = journaling  # "src" mode: build Change records as we go
@@ -614,17 +814,25 @@ class _Restorer:
         self.changes: list[Change] = []
         self.root = os.geteuid() == 0
         self.files_total = self.bytes_total = self.files_done = self.bytes_done = 0
-        self.done: dict[int, bytes] = {}  # link group -> first restored target
+        self.done: dict[int, tuple[bytes, ...]] = {}  # link group -> parts of the first restored path
+        self.made: dict[tuple[bytes, ...], tuple[int, int]] = {}  # dir parts -> (st_dev, st_ino)
         self.new_fids: dict[int, int] = {}  # old file id -> file id used for the restored path
         self.used_fids: set[int] = set()
         self.group_fid: dict[int, tuple[bytes, int]] = {}  # link group -> (first path, file id)
         self.seq_counter = 0
-        self.swept: set[bytes] = set()  # directories cleared of stale temp files
+        self.swept: set[tuple[bytes, ...]] = set()  # directories cleared of stale temp files
 
     # where an entry goes
-    def target(self, p: bytes) -> bytes:
+    def parts(self, p: bytes) -> tuple[bytes, ...]:
         sub = p[len(self.rel):].lstrip(b"/") if self.rel else p
-        return os.path.join(self.base, sub) if sub else self.base
+        return self.prefix + (tuple(sub.split(b"/")) if sub else ())
+
+    def target(self, p: bytes) -> bytes:
+        parts = self.parts(p)
+        return os.path.join(self.anchor, *parts) if parts else self.anchor
+
+    def _parent(self, parts: tuple[bytes, ...]) -> tuple[int, bytes]:
+        return self.dirs.fd(parts[:-1]), parts[-1]
 
     def tick(self, nbytes: int = 0, file_done: bool = False) -> None:
         self.bytes_done += nbytes
@@ -670,25 +878,26 @@ class _Restorer:
             if k not in e.xattrs:
                 self.changes.append(Change(op="removexattr", file_id=fid, path=p, xattr_name=k))
 
-    def _preimage(self, p: bytes, tgt: bytes) -> None:
+    def _preimage(self, p: bytes, dfd: int, name: bytes) -> None:
         """SRC's file at p differs from the journal's latest version (changed
         behind deltafs' back): journal it first so the restore loses nothing."""
-        try:
-            st = os.lstat(tgt)
-        except FileNotFoundError:
+        st = _lstat_at(dfd, name)
+        if st is None or not stat.S_ISREG(st.st_mode):
             return
-        if not stat.S_ISREG(st.st_mode):
-            return
-        fd = os.open(tgt, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
         pread = lambda o, n: os.pread(fd, n, o)  # noqa: E731
         cur = self._cur(p)
         try:
+            st = os.fstat(fd)
             if cur is not None and cur[1].kind == KIND_FILE and cur[1].content_seq:
                 # compare at the journal's boundaries (an in-place file's
                 # list is not what a fresh chunking would cut)
-                known = self.r.chunk_list(cur[1].content_seq)
-                if sum(n for _, n in known) == st.st_size and not chunking.changed_ranges(
-                        pread, st.st_size, known):
+                try:
+                    known = self.r.chunk_list(cur[1].content_seq)
+                except CorruptionError:  # that version is damaged: compare by content hash below
+                    known = None
+                if known is not None and sum(n for _, n in known) == st.st_size and \
+                        not chunking.changed_ranges(pread, st.st_size, known):
                     return
             refs, new, seen = [], [], set()
             for span, data in chunking.chunk_stream(pread, st.st_size):
@@ -710,71 +919,84 @@ class _Restorer:
                                        uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns))
         self.changes.append(Change(op="write", file_id=fid, path=p, size=st.st_size, cause="scan",
                                    base_seq=0, edit=[(0, 0, refs)], chunks=new))
-        self.rep.warnings.append(f"{show_path(p)} had changed outside deltafs; that content was "
+        self.rep.warnings.append(f"{show_name(p)} had changed outside deltafs; that content was "
                                  "journaled (cause scan) before the restore")
 
     # ---- filesystem work ----
-    def _set_meta(self, path: bytes, e: TreeEntry, fd: int | None = None) -> None:
-        is_link = e.kind == KIND_SYMLINK
+    def _warn_meta(self, e: TreeEntry, what: str, err: OSError) -> None:
+        self.rep.warnings.append(f"{show_name(e.path)}: cannot set {what}: {err.strerror}")
+
+    def _owner(self, e: TreeEntry, chown: Callable[[int, int], None]) -> None:
         if self.root and e.uid is not None and e.gid is not None:
             try:
-                if fd is not None:
-                    os.fchown(fd, e.uid, e.gid)
-                else:
-                    os.chown(path, e.uid, e.gid, follow_symlinks=False)
+                chown(e.uid, e.gid)
             except OSError as err:
-                self.rep.warnings.append(f"{show_path(e.path)}: cannot set owner: {err.strerror}")
-        if e.mode is not None and not is_link:
-            if fd is not None:
-                os.fchmod(fd, stat.S_IMODE(e.mode))
-            else:
-                os.chmod(path, stat.S_IMODE(e.mode))
-        if not is_link:
-            for k, v in e.xattrs.items():
-                try:
-                    os.setxattr(fd if fd is not None else path, k, v)
-                except OSError as err:
-                    self.rep.warnings.append(f"{show_path(e.path)}: cannot set xattr "
-                                             f"{os.fsdecode(k)}: {err.strerror}")
-        if e.mtime_ns is not None:
-            if fd is not None:
-                os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
-            else:
-                os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+                self._warn_meta(e, "owner", err)
 
-    def _clear(self, tgt: bytes, keep_dir: bool = False) -> None:
-        """Remove what is at tgt so something else can take its place."""
-        try:
-            st = os.lstat(tgt)
-        except FileNotFoundError:
+    def _mode_xattrs(self, target: int | str, e: TreeEntry) -> None:
+        """Mode and xattrs on ``target``: a descriptor, or /proc/self/fd/N of one."""
+        if e.mode is not None:
+            os.chmod(target, stat.S_IMODE(e.mode))
+        for k, v in e.xattrs.items():
+            try:
+                os.setxattr(target, k, v)
+            except OSError as err:
+                self._warn_meta(e, f"xattr {os.fsdecode(k)}", err)
+
+    def _meta_fd(self, fd: int, e: TreeEntry) -> None:
+        """Owner, mode, xattrs and mtime of ``e`` on an open file or directory."""
+        self._owner(e, lambda u, g: os.fchown(fd, u, g))
+        self._mode_xattrs(fd, e)
+        if e.mtime_ns is not None:
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+
+    def _meta_at(self, dfd: int, name: bytes, e: TreeEntry) -> None:
+        """The same on ``name`` in directory ``dfd``, never following it: a
+        symlink gets owner and mtime; anything else is reached through an
+        O_PATH descriptor of that very inode (/proc/self/fd/N)."""
+        self._owner(e, lambda u, g: os.chown(name, u, g, dir_fd=dfd, follow_symlinks=False))
+        if e.kind != KIND_SYMLINK and (e.mode is not None or e.xattrs):
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                if stat.S_ISLNK(os.fstat(fd).st_mode):
+                    raise Refused(f"{show_name(e.path)} became a symlink while it was restored")
+                self._mode_xattrs(f"/proc/self/fd/{fd}", e)
+            finally:
+                os.close(fd)
+        if e.mtime_ns is not None:
+            os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+
+    def _clear(self, parts: tuple[bytes, ...]) -> None:
+        """Remove what is at ``parts`` (never a directory) so something else can take its place."""
+        dfd, name = self._parent(parts)
+        st = _lstat_at(dfd, name)
+        if st is None:
             return
         if stat.S_ISDIR(st.st_mode):
-            if keep_dir:
-                return
-            raise IsADirectoryError(21, "a directory is in the way", os.fsdecode(tgt))
-        os.unlink(tgt)
+            raise IsADirectoryError(errno.EISDIR, "a directory is in the way", os.fsdecode(self.dirs.path(parts)))
+        os.unlink(name, dir_fd=dfd)
 
-    def _sweep(self, d: bytes) -> None:
-        """Remove temp files a killed restore left in d (once per directory).
+    def _sweep(self, dparts: tuple[bytes, ...]) -> None:
+        """Remove temp files a killed restore left in a directory (once per directory).
 
         Stale: its flock (held while it is written) is free and its PID is not
         alive here.  A live restore's file is left alone, whatever its age."""
-        if d in self.swept:
+        if dparts in self.swept:
             return
-        self.swept.add(d)
+        self.swept.add(dparts)
+        dfd = self.dirs.fd(dparts)
         try:
-            names = [n for n in os.listdir(d) if n.startswith(TMP_PREFIX)]
+            names = [n for n in os.listdir(dfd) if n.startswith(os.fsdecode(TMP_PREFIX))]
         except OSError:
             return
-        for name in names:
+        for name in map(os.fsencode, names):
             m = _TMP_NAME.match(name)
             if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
                 continue
-            path = os.path.join(d, name)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
             except OSError:
-                continue  # not ours to judge (another user's, or gone)
+                continue  # not ours to judge (another user's, a symlink, or gone)
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     continue
@@ -783,26 +1005,33 @@ class _Restorer:
                 except OSError as err:
                     if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                         continue  # being written
-                os.unlink(path)
-                self.rep.warnings.append(f"removed {os.fsdecode(path)}, left by an interrupted restore")
+                os.unlink(name, dir_fd=dfd)
+                self.rep.warnings.append(f"removed {self.dirs.show(dparts + (name,))}, left by an "
+                                         "interrupted restore")
             except OSError as err:
-                log.debug("cannot remove stale %r: %s", path, err)
+                log.debug("cannot remove stale %r: %s", name, err)
             finally:
                 os.close(fd)
 
-    def _tmp_name(self, tgt: bytes) -> bytes:
-        self._sweep(os.path.dirname(tgt))
+    def _tmp_name(self, dparts: tuple[bytes, ...]) -> bytes:
+        self._sweep(dparts)
         self.seq_counter += 1
-        return os.path.join(os.path.dirname(tgt), TMP_PREFIX + b"%d-%d.tmp" % (os.getpid(), self.seq_counter))
+        return TMP_PREFIX + b"%d-%d.tmp" % (os.getpid(), self.seq_counter)
 
     def write_file(self, e: TreeEntry) -> None:
-        tgt = self.target(e.path)
-        if os.path.isdir(tgt) and not os.path.islink(tgt):
-            raise IsADirectoryError(21, "a directory is in the way", os.fsdecode(tgt))
+        parts = self.parts(e.path)
+        dfd, name = self._parent(parts)
+        st = _lstat_at(dfd, name)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a directory is in the way", os.fsdecode(self.dirs.path(parts)))
         if self.journaling:
-            self._preimage(e.path, tgt)
-        tmp = self._tmp_name(tgt)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._preimage(e.path, dfd, name)
+        tmp = self._tmp_name(parts[:-1])
+        dfd = self.dirs.fd(parts[:-1])
+        # O_EXCL: never follows, never reuses; the content is verified chunk by
+        # chunk as it is written, and the file gets its name only once whole
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dfd)
         try:
             try:
                 try:
@@ -815,24 +1044,24 @@ class _Restorer:
                         while mv:
                             mv = mv[os.write(fd, mv):]
                         self.tick(len(data))
-                self._set_meta(tmp, e, fd)
+                self._meta_fd(fd, e)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, tgt)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             try:
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=dfd)
             except OSError:
                 pass
             raise
         if self.through_mount:  # the daemon journals attributes set on the real path
-            self._set_meta(tgt, e)
+            self._meta_at(dfd, name, e)
         self.rep.files += 1
         self.rep.bytes += e.size
         self.tick(file_done=True)
         if e.link_group is not None:
-            self.done[e.link_group] = tgt
+            self.done[e.link_group] = parts
         if self.journaling:
             fid, create = self._fid_for(e, e.path)
             cur = self._cur(e.path)
@@ -850,10 +1079,15 @@ class _Restorer:
                 self.group_fid[e.link_group] = (e.path, fid)
 
     def make_link(self, e: TreeEntry) -> None:
-        tgt = self.target(e.path)
+        parts = self.parts(e.path)
         first = self.done[e.link_group]
-        self._clear(tgt)
-        os.link(first, tgt)
+        self._clear(parts)
+        src_fd = os.dup(self.dirs.fd(first[:-1]))  # the next fd() may close a cached one
+        try:
+            dfd, name = self._parent(parts)
+            os.link(first[-1], name, src_dir_fd=src_fd, dst_dir_fd=dfd, follow_symlinks=False)
+        finally:
+            os.close(src_fd)
         self.rep.links += 1
         self.tick(file_done=True)
         if self.journaling:
@@ -862,13 +1096,23 @@ class _Restorer:
             self.changes.append(Change(op="link", file_id=fid, path=primary, path2=e.path))
 
     def make_dir(self, e: TreeEntry) -> None:
-        tgt = self.target(e.path)
-        if os.path.lexists(tgt) and not os.path.isdir(tgt):
-            self._clear(tgt)
-        existed = os.path.isdir(tgt)
-        os.makedirs(tgt, mode=0o700, exist_ok=True)
+        parts = self.parts(e.path)
+        existed = True
+        if parts:
+            dfd, name = self._parent(parts)
+            st = _lstat_at(dfd, name)
+            if st is not None and not stat.S_ISDIR(st.st_mode):  # a file or a symlink is in the way
+                self.dirs.forget(parts)
+                os.unlink(name, dir_fd=dfd)
+                st = None
+            existed = st is not None
+            if not existed:
+                os.mkdir(name, 0o700, dir_fd=dfd)
+        fd = self.dirs.fd(parts)
         if not existed and e.mode is not None:
-            os.chmod(tgt, 0o700)  # writable while filling; the real mode is set at the end
+            os.fchmod(fd, 0o700)  # writable while filling; the real mode is set at the end
+        st = os.fstat(fd)
+        self.made[parts] = (st.st_dev, st.st_ino)
         self.rep.dirs += 1
         if self.journaling and e.path:
             fid, create = self._fid_for(e, e.path)
@@ -877,8 +1121,17 @@ class _Restorer:
                 self.changes.append(Change(op="mkdir", file_id=fid, path=e.path, **self._attrs(e)))
 
     def finish_dir(self, e: TreeEntry) -> None:
-        tgt = self.target(e.path)
-        self._set_meta(tgt, e)
+        parts = self.parts(e.path)
+        # still the directory make_dir made or opened, and still at its path?
+        now = _lstat_at(self.dirs.fd(parts[:-1]), parts[-1]) if parts else None
+        fd = self.dirs.fd(parts)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self.made.get(parts) or \
+                (parts and (now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino))):
+            raise Refused(f"{self.dirs.show(parts)} was moved or replaced while the restore ran (the tree "
+                          "changed under it): what it holds may not be where it belongs; its mode and "
+                          "times were not restored")
+        self._meta_fd(fd, e)
         if self.journaling and e.path:
             cur = self._cur(e.path)
             fid = self.new_fids.get(e.file_id, cur[0] if cur else e.file_id)
@@ -886,10 +1139,11 @@ class _Restorer:
             self._xattr_changes(fid, e.path, e, dict(cur[1].xattrs) if cur and cur[0] == fid else {})
 
     def make_symlink(self, e: TreeEntry) -> None:
-        tgt = self.target(e.path)
-        self._clear(tgt)
-        os.symlink(e.target or b"", tgt)
-        self._set_meta(tgt, e)
+        parts = self.parts(e.path)
+        self._clear(parts)
+        dfd, name = self._parent(parts)
+        os.symlink(e.target or b"", name, dir_fd=dfd)
+        self._meta_at(dfd, name, e)
         self.rep.symlinks += 1
         self.tick(file_done=True)
         if self.journaling:
@@ -901,10 +1155,11 @@ class _Restorer:
             self.changes.append(Change(op="symlink", file_id=fid, path=e.path, target=e.target, **self._attrs(e)))
 
     def make_special(self, e: TreeEntry) -> None:
-        tgt = self.target(e.path)
-        self._clear(tgt)
-        os.mknod(tgt, e.mode or (stat.S_IFIFO | 0o600), e.rdev or 0)
-        self._set_meta(tgt, e)
+        parts = self.parts(e.path)
+        self._clear(parts)
+        dfd, name = self._parent(parts)
+        os.mknod(name, e.mode or (stat.S_IFIFO | 0o600), e.rdev or 0, dir_fd=dfd)
+        self._meta_at(dfd, name, e)
         self.rep.specials += 1
         self.tick(file_done=True)
         if self.journaling:
@@ -949,24 +1204,28 @@ class _Restorer:
             self._do(e, fn)
         for e in links:
             if e.link_group not in self.done:
-                self.rep.errors.append(f"{show_path(e.path)}: not linked, its first path failed")
+                self.rep.fail(e.path, None, "not linked, its first path failed")
                 continue
             self._do(e, self.make_link)
         for e in sorted(made_dirs, key=lambda e: e.path, reverse=True):
             self._do(e, self.finish_dir)
         if self.through_mount or not self.journaling:
-            for d in {os.path.dirname(self.target(e.path)) for e in entries}:
-                _fsync_dir(d)
+            for parts in {self.parts(e.path)[:-1] for e in entries if self.parts(e.path)}:
+                try:
+                    os.fsync(self.dirs.fd(parts))
+                except (OSError, Refused):
+                    pass
 
     def _do(self, e: TreeEntry, fn) -> bool:
         try:
             fn(e)
             return True
         except CorruptionError as err:
-            self.rep.corrupt = True
-            self.rep.errors.append(f"{show_path(e.path)} (version {e.content_seq}): {err}")
+            self.rep.fail(e.path, e.content_seq, err.detail, corrupt=True)
+        except Refused as err:
+            self.rep.fail(e.path, None, f"not restored: {err}")
         except OSError as err:
-            self.rep.errors.append(f"{show_path(e.path)}: {err.strerror or err}")
+            self.rep.fail(e.path, None, err.strerror or str(err))
         return False
 
 
@@ -978,19 +1237,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's process
     return True
-
-
-def _fsync_dir(d: bytes) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def restore(journal_dir: str, rel: bytes, *, at: str | None = None, version: str | None = None,
@@ -1007,72 +1253,106 @@ def restore(journal_dir: str, rel: bytes, *, at: str | None = None, version: str
       journal's write lock; JournalLockedError if a mount holds it).
 
     In place, paths created after WHEN are left alone (nothing is deleted).
-    Per-item failures (a corrupt chunk, an unwritable path) are collected in
-    ``report.errors`` and the rest is restored.
+    Below DEST's parent (or SRC/MNT in place) every directory is walked by
+    descriptor and no symlink is followed (_Dirs).  Per-item failures (a
+    corrupt chunk, an unwritable path, a tree that changed under the restore)
+    are collected in ``report.failed``/``report.errors`` and the rest is
+    restored.  A file whose version retention pruned is restored at the
+    latest retained version before it, listed in ``report.thinned``.
     """
     t0 = time.monotonic()
     if dest is not None:
         mode, base = "to", os.fsencode(os.path.abspath(dest))
+        anchor, prefix = os.path.dirname(base), (os.path.basename(base),)
+        if not prefix[0]:
+            raise UsageError(f"cannot restore to {dest}: name a directory below it")
         if os.path.lexists(base) and not force:
             raise UsageError(f"{dest} exists (use --force to overwrite it)")
-    elif mnt is not None:
-        mode, base = "mount", os.path.join(os.fsencode(mnt), rel) if rel else os.fsencode(mnt)
-    elif src is not None:
-        mode, base = "src", os.path.join(os.fsencode(src), rel) if rel else os.fsencode(src)
+    elif mnt is not None or src is not None:
+        mode = "mount" if mnt is not None else "src"
+        anchor = os.fsencode(mnt if mnt is not None else src)
+        prefix = tuple(rel.split(b"/")) if rel else ()
+        base = os.path.join(anchor, rel) if rel else anchor
     else:
         raise UsageError("this journal's SRC is unknown: give --to DEST")
     journal = Journal.open(journal_dir, readonly=(mode != "src" or dry_run))
+    dirs = None
     try:
         open_pruned(journal)
         with journal.reader() as r:
-            point = resolve_point(r, at, version, now_ns)
-            entries = r.tree_at(point.seq, prefix=rel)
-            if rel not in entries:
-                if rel != b"":
-                    raise _missing(r, rel, point.seq)
-                entries[b""] = _root_entry()
-            entries[rel] = retained_entry(r, rel, entries[rel], point.when.seq)  # may raise
-            gone: list[str] = []
-            for p, e in list(entries.items()):  # pruned content: the latest retained at or before
-                try:
-                    entries[p] = retained_entry(r, p, e)
-                except NotFoundError as err:
-                    gone.append(str(err))
-                    del entries[p]
-            top = entries[rel]
-            if dest is not None and os.path.lexists(base) and force and top.kind == KIND_DIR \
-                    and not os.path.isdir(base):
-                raise UsageError(f"{dest} exists and is not a directory")
+            with reading(rel):
+                point = resolve_point(r, at, version, now_ns)
             rep = RestoreReport(show_path(rel), point.seq, os.fsdecode(base), mode, dry_run)
-            rep.errors += gone
-            if top.kind != KIND_DIR:
-                entries = {rel: top}
+            with reading(rel, point.seq):
+                entries = _restore_entries(r, rel, point, rep)
+            top = entries[rel]
+            if mode == "to" and force and top.kind == KIND_DIR and os.path.lexists(base) \
+                    and not (os.path.isdir(base) and not os.path.islink(base)):
+                what = "a symlink (not followed)" if os.path.islink(base) else "not a directory"
+                raise UsageError(f"{dest} exists and is {what}")
             if not dry_run:
-                parent = os.path.dirname(base)
-                if parent and not os.path.isdir(parent):
-                    if mode == "to":
-                        os.makedirs(parent, exist_ok=True)
-                    else:
-                        raise UsageError(f"{os.fsdecode(parent)} does not exist: restore the directory "
-                                         "that contains it, or give --to DEST")
-            rs = _Restorer(r, rep, base, rel, progress, journaling=(mode == "src"),
+                dirs = _open_anchor(mode, anchor, prefix)
+            rs = _Restorer(r, rep, dirs, prefix, anchor, rel, progress, journaling=(mode == "src"),
                            through_mount=(mode == "mount"))
-            if top.kind != KIND_DIR and top.link_group is not None:
-                entries = {rel: replace(top, link_group=None)}  # one path of a hard-linked file
             rs.run(list(entries.values()), dry_run)
         if rs.changes and not dry_run:
             rep.records = journal.commit(rs.changes)
             log.info("restore of %s journaled as records %s..%s", rep.path, rep.records[0], rep.records[-1])
     finally:
+        if dirs is not None:
+            dirs.close()
+            os.close(dirs.anchor_fd)
         journal.close()
     rep.seconds = time.monotonic() - t0
     return rep
 
 
-def restore_exit_code(rep: RestoreReport) -> int:
-    """0 ok; 3 (journal) when a chunk was corrupt; 1 (partial) for other failures."""
-    from deltafs.errors import EXIT_JOURNAL, EXIT_OK, EXIT_PARTIAL
+def _restore_entries(r: Reader, rel: bytes, point: Point, rep: RestoreReport) -> dict[bytes, TreeEntry]:
+    """The entries to restore, pruned versions resolved (into ``rep.thinned``);
+    a file with no retained version at or before is a failure of its own."""
+    entries = r.tree_at(point.seq, prefix=rel)
+    if rel not in entries:
+        if rel != b"":
+            raise _missing(r, rel, point.seq)
+        entries[b""] = _root_entry()
+    top = entries[rel]
+    if top.kind != KIND_DIR:
+        entries = {rel: replace(top, link_group=None)}  # one path of a hard-linked file
+    for p, e in list(entries.items()):
+        try:
+            entries[p] = retained_entry(r, p, e, rep.thinned)
+        except NotFoundError as err:
+            if p == rel:
+                raise
+            rep.fail(p, None, str(err))
+            del entries[p]
+    return entries
 
-    if not rep.errors:
-        return EXIT_OK
-    return EXIT_JOURNAL if rep.corrupt else EXIT_PARTIAL
+
+def _open_anchor(mode: str, anchor: bytes, prefix: tuple[bytes, ...]) -> _Dirs:
+    """The directory the restore starts from (DEST's parent, made if missing,
+    or SRC/MNT: paths the user named, so they are followed), and the
+    directory that will hold PATH, reached without following anything."""
+    if mode == "to":
+        os.makedirs(anchor, exist_ok=True)
+    dirs = _Dirs(os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), anchor)
+    try:
+        dirs.fd(prefix[:-1])
+    except FileNotFoundError:
+        dirs.close()
+        os.close(dirs.anchor_fd)
+        raise UsageError(f"{os.fsdecode(os.path.join(anchor, *prefix[:-1]))} does not exist: restore the "
+                         "directory that contains it, or give --to DEST") from None
+    except Refused as e:
+        dirs.close()
+        os.close(dirs.anchor_fd)
+        raise PartialError(f"nothing restored: {e}") from None
+    return dirs
+
+
+def restore_exit_code(rep: RestoreReport, nearest: bool = False) -> int:
+    """3 (journal) when a chunk or list was corrupt; 1 (partial) for other
+    failures, or for files restored at an earlier retained version than
+    asked unless ``nearest``; else 0."""
+    return outcome_code(corrupt=rep.corrupt, failed=bool(rep.errors), thinned=bool(rep.thinned),
+                        nearest=nearest)

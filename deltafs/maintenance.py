@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
@@ -127,10 +129,27 @@ def plan(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: int | None = N
     return sorted(prune), sorted(kept), len(vs.by_file)
 
 
+_PASS_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PASS_LOCKS_LOCK = threading.Lock()
+
+
+def pass_lock(j) -> threading.RLock:
+    """One compaction pass at a time per journal (the mount's background
+    service and `deltafs compact` through the control socket)."""
+    with _PASS_LOCKS_LOCK:
+        return _PASS_LOCKS.setdefault(j, threading.RLock())
+
+
 def compact(j, policy: RetentionPolicy = RetentionPolicy(), dry_run: bool = False,
             now_hlc: int | None = None, dead_ratio: float = JC.REPACK_DEAD_RATIO) -> CompactReport:
     """Apply retention, free unreferenced chunks and rewrite pack files more
     than ``dead_ratio`` dead, now (``j``: a writer)."""
+    with pass_lock(j):
+        return _compact(j, policy, dry_run, now_hlc, dead_ratio)
+
+
+def _compact(j, policy: RetentionPolicy, dry_run: bool, now_hlc: int | None,
+             dead_ratio: float) -> CompactReport:
     prune, kept, files = plan(j, policy, now_hlc)
     rep = CompactReport(dry_run=dry_run, files=files, versions=len(prune) + len(kept), pruned=prune)
     if prune:
@@ -221,6 +240,11 @@ def compact_to_fit(j, policy: RetentionPolicy, limit: int | None, now_hlc: int |
     """A normal pass, then, while the journal is over ``limit`` (or its disk is
     low), passes with ever tighter policies (:func:`tighter`).  Each file's
     newest version and pinned versions survive every step."""
+    with pass_lock(j):
+        return _compact_to_fit(j, policy, limit, now_hlc)
+
+
+def _compact_to_fit(j, policy: RetentionPolicy, limit: int | None, now_hlc: int | None) -> CompactReport:
     rep = compact(j, policy, now_hlc=now_hlc)
     p = policy
     pr = pressure(j, limit)

@@ -67,6 +67,7 @@ class Journal:
         # decoded record blocks (immutable: a repack moves their bytes, not what they hold)
         self._blocks: OrderedDict[int, list[bytes]] = OrderedDict()
         self._blocks_lock = threading.Lock()
+        self._blocks_checked: set[tuple[int, int, int]] = set()  # (first seq, pack, offset) whose chain was checked
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self.sync_count = 0  # write transactions committed (each one sync)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from typing import Iterator
 
 import msgpack
 import zstandard
 
-from deltafs.chunking import MAX_DELTA_DEPTH, apply_edit, chunk_id, decompress_chunk
+from deltafs.chunking import MAX_DELTA_DEPTH, chunk_id, decompress_chunk
 from deltafs.errors import CorruptionError, NotFoundError
 
 from . import schema as S
@@ -22,6 +23,8 @@ from .records import ZERO_HASH, Record, check_link, decode_record, split_value
 from .state import FileState, MemStore, TreeEntry, apply_record, children_prefix, tree_entry
 
 log = logging.getLogger(__name__)
+
+_ENTRY_LENGTH = struct.Struct(f">{S.ID_LEN}xI")  # the chunk length in one packed chunk-list entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +117,13 @@ class Reader:
             return 0
         return S.from_u64(cur.key()) + S.decode_block_loc(cur.value())[3] - 1
 
-    def _block_at(self, seq: int) -> tuple[int, list[bytes]] | None:
-        """(first seq, stored values) of the record block holding ``seq``."""
+    def _block_at(self, seq: int, check: bool = True) -> tuple[int, list[bytes]] | None:
+        """(first seq, stored values) of the record block holding ``seq``.
+
+        A block is checked the first time it is decoded (``check``): every
+        record in it must hash right and continue the chain from the record
+        before the block, so bytes flipped in a block (zstd frames carry no
+        checksum) are caught instead of read as other records."""
         cur = self.txn.cursor(db=self.dbs[S.DB_RECORD_BLOCKS])
         if not (cur.prev() if cur.set_range(S.u64(seq + 1)) else cur.last()):
             return None
@@ -124,13 +132,42 @@ class Reader:
             loc = S.decode_block_loc(cur.value())
             if not first <= seq < first + loc[3]:
                 return None
-            return first, self._j._record_block(first, loc)
+            values = self._j._record_block(first, loc)
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptionError(f"the record block of records {first}.. cannot be read: {e}") from e
+        if check and (first, loc[0], loc[1]) not in self._j._blocks_checked:
+            self._check_block(first, values)
+            self._j._blocks_checked.add((first, loc[0], loc[1]))
+        return first, values
+
+    def _check_block(self, first: int, values: list[bytes]) -> None:
+        prev: bytes | None = ZERO_HASH
+        if first > 1:
+            before = self._changes_get(first - 1)
+            if before is None:
+                try:
+                    blk = self._block_at(first - 1, check=False)
+                except CorruptionError:
+                    blk = None  # that block is damaged (and says so when read): check from here on
+                before = blk[1][first - 1 - blk[0]] if blk else None
+            prev = split_value(before)[0] if before is not None else None
+        last = first + len(values) - 1
+        for i, v in enumerate(values):
+            if prev is None:  # the record before cannot be read: the first link goes unchecked
+                prev = split_value(v)[0]
+                continue
+            r, problem = check_link(v, first + i, prev)
+            if problem:
+                raise CorruptionError(f"the record block of records {first}..{last} is damaged: "
+                                      f"record {first + i} {problem}")
+            prev = r.hash
+
+    def _changes_get(self, seq: int) -> bytes | None:
+        return self.txn.get(S.u64(seq), db=self.dbs[S.DB_CHANGES])
 
     def raw_record(self, seq: int) -> bytes | None:
         """The stored value ``hash || body`` of record ``seq``, or None."""
-        v = self.txn.get(S.u64(seq), db=self.dbs[S.DB_CHANGES])
+        v = self._changes_get(seq)
         if v is not None or seq < 1:
             return v
         blk = self._block_at(seq)
@@ -148,13 +185,19 @@ class Reader:
     def records(self, start: int = 1, end: int | None = None, reverse: bool = False) -> Iterator[Record]:
         """Records with ``start <= seq <= end`` (end None: to the head)."""
         for seq, v in self.raw_records(start, end, reverse):
-            yield decode_record(v, seq)
+            try:
+                rec = decode_record(v, seq)
+            except Exception as e:  # noqa: BLE001 - any decode failure is damage
+                raise CorruptionError(f"record {seq} cannot be decoded: {e}") from e
+            yield rec
 
     def raw_records(self, start: int = 1, end: int | None = None,
-                    reverse: bool = False) -> Iterator[tuple[int, bytes]]:
+                    reverse: bool = False, check: bool = True) -> Iterator[tuple[int, bytes]]:
         """(seq, stored value ``hash || body``) for ``start <= seq <= end``,
         exactly as stored (replication ships these bytes so the chain
-        verifies): from record blocks, then from ``changes``."""
+        verifies): from record blocks, then from ``changes``.  ``check=False``
+        leaves record blocks unchecked (for verify, which checks every link
+        itself and names the first broken record)."""
         start = max(start, 1)
         archived = self.archived_upto()
         if reverse:
@@ -162,7 +205,7 @@ class Reader:
             top = archived if end is None else min(end, archived)
             seq = top
             while seq >= start:
-                blk = self._block_at(seq)
+                blk = self._block_at(seq, check)
                 if blk is None:
                     raise CorruptionError(f"record {seq} is in no record block")
                 first, values = blk
@@ -172,7 +215,7 @@ class Reader:
             return
         seq = start
         while seq <= archived and (end is None or seq <= end):
-            blk = self._block_at(seq)
+            blk = self._block_at(seq, check)
             if blk is None:
                 raise CorruptionError(f"record {seq} is in no record block")
             first, values = blk
@@ -260,9 +303,12 @@ class Reader:
         return sorted(seqs, reverse=True)
 
     # --- chunk lists -------------------------------------------------------
-    def _content_record(self, seq: int) -> Record:
+    def _content_record(self, seq: int, base_of: int | None = None) -> Record:
         r = self.record(seq)
         if not r.is_content:
+            if base_of is not None:  # the chain of a version names a record that is not one
+                raise CorruptionError(f"record {base_of} builds on record {seq}, a {r.op}, "
+                                      "not a content version")
             raise NotFoundError(f"record {seq} is a {r.op}, not a content version")
         return r
 
@@ -272,29 +318,65 @@ class Reader:
         The start is a checkpoint, or empty when the oldest record of the
         chain has ``base_seq == 0`` (its edit is a full list).
         """
+        start, chain = self._packed_chain(seq)
+        try:
+            return S.unpack_list(start), chain
+        except ValueError as e:
+            raise CorruptionError(f"the checkpoint of record {chain[0].base_seq if chain else seq} "
+                                  f"cannot be read: {e}") from e
+
+    def _packed_chain(self, seq: int) -> tuple[bytes, list[Record]]:
+        """(packed starting list, edits oldest first) of content version ``seq``."""
         chain: list[Record] = []
         s = seq
         while True:
             cp = self.txn.get(S.u64(s), db=self.dbs[S.DB_CHECKPOINTS])
             if cp is not None:
-                return S.unpack_list(cp), chain[::-1]
-            r = self._content_record(s)
+                return bytes(cp), chain[::-1]
+            r = self._content_record(s, chain[-1].seq if chain else None)
             chain.append(r)
             if not r.base_seq:
-                return [], chain[::-1]
-            if len(chain) > S.CHECKPOINT_MAX + 10:
-                raise CorruptionError(f"chunk list of record {seq}: edit chain too long at record {s}")
+                return b"", chain[::-1]
+            if len(chain) > S.CHECKPOINT_MAX + 10 or r.base_seq >= s:
+                raise CorruptionError(f"chunk list of record {seq}: edit chain too long or looping "
+                                      f"at record {s}")
             s = r.base_seq
 
     def chunk_list(self, seq: int) -> list[tuple[bytes, int]]:
-        """Full chunk list [(id, length)] of content version ``seq``."""
-        refs, chain = self.list_chain(seq)
-        for r in chain:
-            try:
-                refs = apply_edit(refs, r.edit or [])
-            except ValueError as e:
-                raise CorruptionError(f"record {r.seq}: chunk-list edit does not apply: {e}") from e
-        return refs
+        """Full chunk list [(id, length)] of content version ``seq``.
+
+        Checked against the version's size and content hash, which cover
+        every record and checkpoint it was rebuilt from: one hash over the
+        packed list.  A mismatch is a CorruptionError naming the file and
+        version; a list is never returned unchecked."""
+        packed, rec = self.packed_list(seq)
+        try:
+            return S.unpack_list(packed)
+        except ValueError as e:  # the hash matched, so this is not reachable from stored bytes
+            raise CorruptionError(f"its chunk list cannot be read: {e}", rec.path, seq) from e
+
+    def packed_list(self, seq: int) -> tuple[bytes, Record]:
+        """-> (packed full chunk list, the content record) of version ``seq``, checked."""
+        start, chain = self._packed_chain(seq)
+        rec = chain[-1] if chain else self._content_record(seq)
+        try:
+            if len(start) % S.ENTRY_LEN:
+                raise ValueError("a packed chunk list of bad length")
+            packed = start
+            total = sum(n for (n,) in _ENTRY_LENGTH.iter_unpack(start))
+            for r in chain:
+                packed, total = S.apply_edit_packed(packed, total, r.edit or [])
+        except (ValueError, TypeError, OverflowError) as e:
+            raise CorruptionError(f"its chunk list cannot be rebuilt: {e} (record {rec.seq} or a "
+                                  "record or checkpoint it builds on is damaged)", rec.path, seq) from e
+        if rec.size is not None and total != rec.size:
+            raise CorruptionError(f"its chunk list adds up to {total} bytes but the version has "
+                                  f"{rec.size}: record {seq} or a record or checkpoint it builds on "
+                                  "is damaged", rec.path, seq)
+        if rec.content_hash is not None and S.packed_hash(packed) != rec.content_hash:
+            raise CorruptionError(f"its chunk list does not match its content hash: record {seq} or "
+                                  "a record or checkpoint it builds on is damaged", rec.path, seq)
+        return packed, rec
 
     # --- chunks ------------------------------------------------------------
     def has_chunk(self, cid: bytes) -> bool:
@@ -351,9 +433,24 @@ class Reader:
         return raw
 
     def iter_content(self, seq: int) -> Iterator[bytes]:
-        """The bytes of content version ``seq``, one chunk at a time."""
-        for cid, _ in self.chunk_list(seq):
-            yield self.read_chunk(cid)
+        """The bytes of content version ``seq``, one chunk at a time.
+
+        Nothing unverified is ever yielded: the chunk list is checked against
+        the version's size and content hash before the first chunk, and each
+        chunk against its id and its length in the list before it is yielded.
+        A CorruptionError names the file and version."""
+        packed, rec = self.packed_list(seq)
+        for o in range(0, len(packed), S.ENTRY_LEN):
+            cid = packed[o : o + S.ID_LEN]
+            try:
+                raw = self.read_chunk(cid)
+            except CorruptionError as e:
+                raise CorruptionError(e.detail, rec.path, seq) from e
+            n = int.from_bytes(packed[o + S.ID_LEN : o + S.ENTRY_LEN], "big")
+            if len(raw) != n:
+                raise CorruptionError(f"chunk {cid.hex()} holds {len(raw)} bytes, its chunk list says {n}",
+                                      rec.path, seq)
+            yield raw
 
     def read_content(self, seq: int) -> bytes:
         """Whole content of a version (small files and tests only)."""
@@ -383,7 +480,7 @@ class Reader:
         Raises CorruptionError naming the first broken record or chunk.
         """
         prev, expected, last_hlc, n, versions = ZERO_HASH, 1, -1, 0, 0
-        for seq, v in self.raw_records():
+        for seq, v in self.raw_records(check=False):
             if seq != expected:
                 raise CorruptionError(f"record {expected} is missing (next key is {seq})")
             r, problem = check_link(v, seq, prev)
@@ -392,9 +489,7 @@ class Reader:
             if r.hlc <= last_hlc:
                 raise CorruptionError(f"record {seq} goes back in time (HLC {r.hlc} <= {last_hlc})")
             if full and r.is_content:
-                refs = self.chunk_list(seq)
-                if S.content_hash(refs) != r.content_hash or sum(n for _, n in refs) != r.size:
-                    raise CorruptionError(f"record {seq}: chunk list does not match its content hash")
+                self.chunk_list(seq)  # checked against the record's size and content hash
                 versions += 1
             prev, last_hlc, expected, n = r.hash, r.hlc, seq + 1, n + 1
         chunks = 0

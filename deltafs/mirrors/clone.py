@@ -19,7 +19,7 @@ from deltafs.errors import MirrorError
 from deltafs.journal import Journal
 from deltafs.journal import compact as JC
 from deltafs.journal import schema as S
-from deltafs.journal.records import ZERO_HASH, check_link
+from deltafs.journal.records import ZERO_HASH, check_link, decode_record
 
 from . import format as F
 from .base import Mirror, MirrorObjectMissing
@@ -114,6 +114,43 @@ def clone_journal(mirror: Mirror, journal_dir: str) -> CloneReport:
     rep.seconds = time.monotonic() - t0
     log.info("cloned %d records from %s into %s", rep.records, mirror.url, journal_dir)
     return rep
+
+
+class _MirrorPoints:
+    """What ``when.resolve_when`` asks of a journal, answered from a mirror's
+    manifest, its snapshots object and (only for a time) its first record."""
+
+    def __init__(self, mirror: Mirror, m: F.Manifest) -> None:
+        self.mirror, self.m = mirror, m
+        self._first = None
+
+    def head_seq(self) -> int:
+        return self.m.last_seq
+
+    def kv_get(self, db: str, key: str, default=None):
+        snaps = F.decode_snapshots(_get(self.mirror, self.m.snapshots), self.m.snapshots,
+                                   self.mirror.url) if self.m.snapshots else {}
+        return snaps.get(key, default)
+
+    def record(self, seq: int):
+        if self._first is None:
+            seg = self.m.segments[0]
+            self._first = decode_record(F.decode_segment(_get(self.mirror, seg["name"]), seg["name"],
+                                                         self.mirror.url)["r"][0], 1)
+        return self._first
+
+    def seq_at_time(self, time_ns: int) -> int:  # only "before the first record or not" matters here
+        return int(self.m.last_seq > 0 and self.record(1).time_ns <= time_ns)
+
+
+def check_when(mirror: Mirror, text: str) -> None:
+    """Refuse ``clone --at WHEN`` the mirror cannot satisfy before the mirror
+    is downloaded: a WHEN that does not parse, a time in the future, an
+    unknown version id or snapshot (manifest and snapshots object only), a
+    time before the first record (the first segment only)."""
+    from deltafs.when import resolve_when
+
+    resolve_when(_MirrorPoints(mirror, require_manifest(mirror)), text)
 
 
 # --- verify ------------------------------------------------------------------

@@ -32,9 +32,11 @@ from dataclasses import asdict, dataclass
 
 import trio
 
-from deltafs.errors import MirrorError
+from deltafs.chunking import RawCache
+from deltafs.errors import CorruptionError, MirrorError
 from deltafs.journal import compact as JC
 from deltafs.journal import schema as S
+from deltafs.journal.records import check_link
 
 from . import format as F
 from .base import Mirror, MirrorObjectMissing
@@ -173,9 +175,10 @@ class Replicator:
         last_hash = m.last_hash
         pruned: list[int] = []
         JC.pruned_db(self.journal)  # before the read transaction (see its docstring)
+        cache = RawCache(8 << 20)  # delta bases just checked
         with self.journal.reader() as r:
 
-            def want(cid: bytes, optional: bool) -> None:
+            def want(cid: bytes, optional: bool, rec) -> None:
                 nonlocal chunk_bytes
                 while cid not in shipped and cid not in chunks:
                     val = r.raw_chunk(cid)
@@ -183,6 +186,10 @@ class Replicator:
                         if optional:  # freed by compaction: the version is shipped as pruned
                             return
                         raise MirrorError(f"chunk {cid.hex()} is missing from the journal; cannot replicate it")
+                    try:
+                        r.read_chunk(cid, cache)  # never ship a chunk that does not match its id
+                    except CorruptionError as e:
+                        raise CorruptionError(e.detail, rec.path, rec.seq) from e
                     chunks[cid] = val
                     chunk_bytes += len(val)
                     base = S.decode_chunk(val)[2]
@@ -191,14 +198,20 @@ class Replicator:
                     cid = base
 
             last = first - 1
+            prev = bytes.fromhex(m.last_hash)
             for seq, value in r.raw_records(first, min(head, first + MAX_SEGMENT_RECORDS - 1)):
-                rec = r.record(seq)
+                rec, problem = check_link(value, seq, prev)  # ship only what continues the chain
+                if problem:
+                    raise CorruptionError(f"record {seq} {problem}", rec.path if rec else None, seq)
+                prev = rec.hash
                 gone = rec.is_content and JC.is_pruned(self.journal, r.txn, seq)
                 if gone:
                     pruned.append(seq)
+                elif rec.is_content:
+                    r.packed_list(seq)  # its chunk list matches its size and content hash
                 for _, _, refs in rec.edit or []:
                     for cid, _ in refs:
-                        want(cid, gone)  # a pruned version's surviving chunks still ship (later ones need them)
+                        want(cid, gone, rec)  # a pruned version's surviving chunks still ship (later ones need them)
                 values.append(value)
                 last, last_hash = seq, rec.hash.hex()
                 if chunk_bytes >= MAX_SEGMENT_CHUNK_BYTES:

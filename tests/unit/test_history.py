@@ -417,3 +417,36 @@ def test_restore_bad_input(b, tmp_path, capsys):
     with pytest.raises(UsageError, match="SRC is unknown"):
         history.restore(jdir(b), b"f")
     assert EXIT_PARTIAL == 1
+
+
+def test_control_characters_in_names_never_split_a_line(b, tmp_path, capsys):
+    """A newline (or an escape sequence, or a byte that is not UTF-8) in a
+    file name is shown quoted with C escapes, like git does: plain `log`
+    lines and error messages stay one line each; JSON keeps the raw name."""
+    b.mkdir(b"d")
+    b.write(b"d/two\nlines", b"x")
+    b.write(b"d/\x1b[31mred", b"y")
+    b.write(b"d/caf\xe9", b"z")
+    b.write(b"d/plain \"quoted\" \\ name", b"w")
+    rc, out, err = rcli(capsys, "log", "--journal", jdir(b), "d")
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    with b.j.reader() as r:
+        assert len(lines) == len(list(history.log_entries(r, b"d")))
+    paths = [x.split("\t")[5] for x in lines]
+    assert '"d/two\\nlines"' in paths and '"d/\\x1b[31mred"' in paths and '"d/caf\\xe9"' in paths
+    assert 'd/plain "quoted" \\ name' in paths  # nothing to escape: shown as it is
+    assert "\x1b" not in out
+    rc, out, _ = rcli(capsys, "log", "--journal", jdir(b), "d", "--json")
+    names = {os.fsencode(json.loads(x)["path"]) for x in out.splitlines()}
+    assert {b"d/two\nlines", b"d/caf\xe9"} <= names  # undecodable bytes as \udcXX escapes
+    # errors: one line
+    rc, out, err = rcli(capsys, "cat", "--journal", jdir(b), "d/no\nsuch")
+    assert rc == EXIT_USAGE and err == 'deltafs: "d/no\\nsuch": never seen in this journal\n'
+    dest = tmp_path / "out"
+    (dest / "two\nlines").mkdir(parents=True)  # a directory in the way of that file
+    rc, out, err = rcli(capsys, "restore", "--journal", jdir(b), "d", "--to", dest, "--force")
+    assert rc == EXIT_PARTIAL
+    assert err == 'deltafs: error: "d/two\\nlines": a directory is in the way\n'
+    rc, out, err = rcli(capsys, "diff", "--journal", jdir(b), "d", "1", "now")
+    assert rc == 0 and out.count("\n") == 4 and 'A\t"d/two\\nlines"\n' in out

@@ -384,7 +384,7 @@ def test_cli_compact_refuses_a_locked_journal(tmp_path, capsys):
         assert cli.main(["compact", "--journal", str(tmp_path / "j")]) == 3
     finally:
         j.close()
-    assert "stop the mount" in capsys.readouterr().err
+    assert "holds its write lock" in capsys.readouterr().err  # a mount: compact goes through it
 
 
 def test_cli_verify_exit_status_3(tmp_path, capsys):
@@ -581,8 +581,10 @@ def test_log_hides_pruned_versions_unless_all(pruned_journal, capsys):
 
 
 def test_cat_diff_restore_of_a_pruned_version_say_so(pruned_journal, capsys, tmp_path):
+    """The file's first versions were pruned: nothing retained at or before them."""
     jdir, h, kept, pruned, _ = pruned_journal
     victim = sorted(s for s in pruned if s in h.content)[0]
+    assert not [s for s in kept if s < victim and s != 4]  # seq 4 is f2's
     for argv in (["cat", "--version", str(victim)], ["diff"], ["restore", "--to", str(tmp_path / "out"),
                                                                "--version", str(victim)]):
         args = [argv[0], "--journal", str(jdir), *argv[1:], "f1"]
@@ -592,8 +594,9 @@ def test_cat_diff_restore_of_a_pruned_version_say_so(pruned_journal, capsys, tmp
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
         assert f"version {victim} of f1 was pruned by retention on " in err, err
-        near = int(err.rsplit("nearest retained: ", 1)[1])
-        assert near in kept
+        assert "no earlier version of it is retained" in err, err
+        near = int(err.rsplit("the next retained one is version ", 1)[1].rstrip(")\n"))
+        assert near in kept and near > victim
     assert not (tmp_path / "out").exists()
 
 
@@ -612,16 +615,33 @@ def test_at_a_time_uses_the_latest_retained_version(pruned_journal, capsys, tmp_
 
     old = sys.stdout
     sys.stdout = Out()
-    try:
-        assert cli.main(["cat", "--journal", str(jdir), "--at", iso(times[victim] + 1_000_000), "f1"]) == 0
+    try:  # said on stderr, and a partial result unless --nearest
+        at = iso(times[victim] + 1_000_000)
+        assert cli.main(["cat", "--journal", str(jdir), "--at", at, "f1"]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"deltafs: note: f1 given at version {expect} instead of {victim}, which retention "
+                       f"pruned ({expect} is the latest version of it retained before that); exit status 1 "
+                       "(--nearest accepts this)\n")
+        assert buf.getvalue() == h.content[expect]
+        assert cli.main(["cat", "--journal", str(jdir), "--at", at, "f1", "--nearest"]) == 0
+        assert capsys.readouterr().err.count("\n") == 1
+        # a version id names a moment too: the same answer
+        assert cli.main(["cat", "--journal", str(jdir), "--version", str(victim), "f1", "--nearest"]) == 0
+        assert "instead of" in capsys.readouterr().err
     finally:
         sys.stdout = old
-    assert buf.getvalue() == h.content[expect]
+    assert buf.getvalue() == h.content[expect] * 3
     # a whole-tree restore at that time, too
-    assert cli.main(["restore", "--journal", str(jdir), "--at", iso(times[victim] + 1_000_000), "--to",
-                     str(tmp_path / "tree"), ""]) == 0, capsys.readouterr().err
+    assert cli.main(["restore", "--journal", str(jdir), "--at", at, "--to", str(tmp_path / "tree"), "",
+                     "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["thinned"] == [{"path": "f1", "asked": victim, "given": expect}]
+    assert err.count("\n") == 1 and f"f1 restored at version {expect} instead of {victim}" in err
     assert (tmp_path / "tree" / "f1").read_bytes() == h.content[expect]
     assert (tmp_path / "tree" / "f2").read_bytes() == h.content[4]
+    assert cli.main(["restore", "--journal", str(jdir), "--at", at, "--to", str(tmp_path / "t2"), "",
+                     "--nearest"]) == 0
+    assert (tmp_path / "t2" / "f1").read_bytes() == h.content[expect]
 
 
 # --- the journal size limit --------------------------------------------------------------------

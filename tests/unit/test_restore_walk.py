@@ -1,0 +1,137 @@
+"""Restores that cannot be redirected: symlinks where directories were are
+replaced, never followed, and a tree that changes while a restore runs is
+refused with a clear message (tests/mount/test_restore_safety.py runs the
+attack itself, as root against another user, through a real mount)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from deltafs import cli, history
+from deltafs.errors import EXIT_PARTIAL, EXIT_USAGE
+
+from test_history import Builder, rcli
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """SRC/.deltafs holding d/ with three files; -> (src, version of that tree)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    b = Builder(src / ".deltafs")
+    b.mkdir(b"d", mode=0o40755)
+    for i in range(3):
+        b.write(b"d/f%d" % i, b"file %d\n" % i * 1000)
+    with b.j.reader() as r:
+        at = r.head_seq()
+    b.close()
+    return src, at
+
+
+@pytest.fixture
+def secret(tmp_path):
+    """A directory the restore must never write into."""
+    d = tmp_path / "secret"
+    d.mkdir(mode=0o700)
+    (d / "keep").write_bytes(b"keep")
+    yield d
+    assert sorted(os.listdir(d)) == ["keep"] and (d / "keep").read_bytes() == b"keep"
+    assert os.stat(d).st_mode & 0o7777 == 0o700
+
+
+def test_a_symlink_swapped_in_for_a_directory_is_replaced_not_followed(tree, secret, tmp_path, capsys):
+    src, at = tree
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    os.symlink(secret, dest / "d")  # the recorded directory is a symlink now
+    rc, out, err = rcli(capsys, "restore", "--journal", src / ".deltafs", "/", "--version", at, "--to", dest,
+                        "--force")
+    assert rc == 0, err
+    assert not (dest / "d").is_symlink() and (dest / "d" / "f1").read_bytes() == b"file 1\n" * 1000
+    # in place (not mounted): the same
+    os.symlink(secret, src / "d")
+    rc, out, err = rcli(capsys, "restore", src, "--version", at)
+    assert rc == 0, err
+    assert not (src / "d").is_symlink() and (src / "d" / "f2").read_bytes() == b"file 2\n" * 1000
+
+
+def test_restoring_a_file_below_a_symlinked_directory_is_refused(tree, secret, tmp_path, capsys):
+    src, at = tree
+    os.symlink(secret, src / "d")
+    rc, out, err = rcli(capsys, "restore", "--journal", src / ".deltafs", "d/f0", "--version", at)
+    assert rc == EXIT_PARTIAL and err.count("\n") == 1, err
+    assert "is a symlink now, not a directory" in err and "nothing restored" in err
+    # DEST itself a symlink: a directory is never merged into its target
+    os.symlink(secret, tmp_path / "dest")
+    rc, out, err = rcli(capsys, "restore", "--journal", src / ".deltafs", "d", "--version", at, "--to",
+                        tmp_path / "dest", "--force")
+    assert rc == EXIT_USAGE and "is a symlink (not followed)" in err, err
+
+
+def test_a_tree_changed_under_the_restore_is_refused_with_a_clear_message(tree, secret, tmp_path):
+    """Another user moves a directory the restore just made and puts a symlink
+    in its place while files are being written into it."""
+    src, at = tree
+    dest = tmp_path / "dest"
+    swapped = []
+
+    def progress(files_done, files_total, bytes_done, bytes_total):
+        if not swapped:  # while the first file is written
+            os.rename(dest / "d", tmp_path / "moved")
+            os.symlink(secret, dest / "d")
+            swapped.append(1)
+
+    rep = history.restore(str(src / ".deltafs"), b"", version=str(at), dest=str(dest), progress=progress)
+    assert swapped
+    assert history.restore_exit_code(rep) == EXIT_PARTIAL
+    assert [f["path"] for f in rep.failed] == ["d"]
+    assert "was moved or replaced while the restore ran (the tree changed under it)" in rep.errors[0]
+    # what was written went into the directory the restore made, wherever it is now
+    assert sorted(os.listdir(tmp_path / "moved")) == ["f0", "f1", "f2"]
+
+
+def test_json_lists_every_path_that_failed(tree, secret, tmp_path, capsys):
+    src, at = tree
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "d").mkdir()
+    (dest / "d" / "f1").mkdir()  # a directory in the way of a file
+    rc = cli.main(["restore", "--journal", str(src / ".deltafs"), "/", "--version", str(at), "--to", str(dest),
+                   "--force", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == EXIT_PARTIAL
+    rep = json.loads(out)
+    assert rep["failed"] == [{"path": "d/f1", "version": None, "error": "a directory is in the way",
+                              "corrupt": False}]
+    assert err == "deltafs: error: d/f1: a directory is in the way\n"
+    assert (dest / "d" / "f0").read_bytes() == b"file 0\n" * 1000
+
+
+def test_a_tree_with_more_directories_than_descriptors_kept(tmp_path, capsys):
+    """The restore keeps at most 64 directory descriptors open: a deeper and
+    wider tree still restores whole, and none is left open afterwards."""
+    b = Builder(tmp_path / "j")
+    paths = []
+    for i in range(12):
+        d = b"w%02d" % i
+        b.mkdir(d)
+        for k in range(8):
+            b.mkdir(d + b"/s%d" % k)
+            paths.append(d + b"/s%d/f" % k)
+            b.write(paths[-1], paths[-1])
+    deep = b"/".join(b"n%d" % i for i in range(80))  # deeper than the budget
+    for i in range(1, 81):
+        b.mkdir(b"/".join(deep.split(b"/")[:i]))
+    b.write(deep + b"/leaf", b"deep")
+    b.close()
+    before = len(os.listdir("/proc/self/fd"))
+    rc, out, err = rcli(capsys, "restore", "--journal", tmp_path / "j", "/", "--to", tmp_path / "out")
+    assert rc == 0, err
+    assert len(os.listdir("/proc/self/fd")) == before
+    for p in paths:
+        assert (tmp_path / "out" / os.fsdecode(p)).read_bytes() == p
+    assert (tmp_path / "out" / os.fsdecode(deep) / "leaf").read_bytes() == b"deep"
+    assert "restored / at version" in out and "189 dirs" in out  # 12 + 96 + 80 and the root
