@@ -33,10 +33,11 @@ class DownThenUp:
         self.url = inner.url
         self.down = down
         self.attempts: list[float] = []
+        self.token = trio.lowlevel.current_trio_token()  # calls run in the worker's own I/O thread
 
     def get(self, name):
         if name == "manifest.json":
-            self.attempts.append(trio.from_thread.run_sync(trio.current_time))
+            self.attempts.append(trio.from_thread.run_sync(trio.current_time, trio_token=self.token))
             if self.down > 0:
                 self.down -= 1
                 raise MirrorUnreachable(f"cannot reach {self.url}: connection refused")
