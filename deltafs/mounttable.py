@@ -119,8 +119,12 @@ def open_runtime_dir(create: bool = True) -> int | None:
             raise MountError(f"the runtime directory {d} vanished while it was created") from None
         return None
     except OSError as e:
-        what = {errno.ELOOP: "is a symlink", errno.ENOTDIR: "is not a directory"}.get(
-            e.errno, f"cannot be opened ({e.strerror})")
+        if os.path.islink(d):  # O_NOFOLLOW | O_DIRECTORY says ELOOP or ENOTDIR
+            what = "is a symlink"
+        elif e.errno == errno.ENOTDIR:
+            what = "is not a directory"
+        else:
+            what = f"cannot be opened ({e.strerror})"
         raise MountError(f"the runtime directory {d} {what}: remove it (or set XDG_RUNTIME_DIR "
                          "to a directory only you can use)") from None
     st = os.fstat(fd)
