@@ -413,6 +413,8 @@ def unmount(mnt: str, timeout: float = 120.0) -> None:
     if entry.fstype != mounttable.FSTYPE:
         raise UsageError(f"{mnt} is not a deltafs mount (it is {entry.fstype})")
     rec = mounttable.read_record(entry.mnt) or {}
+    if rec.get("src") != entry.src:  # left by an earlier mount at this MNT: its pid is not ours to wait for
+        rec = {}
     pid = rec.get("pid")
     pidfd = None
     if pid:

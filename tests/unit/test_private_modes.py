@@ -1,7 +1,7 @@
 """What deltafs keeps for itself is its owner's alone: journal modes, the
 daemon's log and its rotations, the runtime directory and mount records
 (docs/design.md, "Against other local users").  No FUSE needed here;
-tests/mount/test_private.py checks the same on real mounts, as another user."""
+tests/mount/test_other_users.py checks the same on real mounts, as another user."""
 
 from __future__ import annotations
 
