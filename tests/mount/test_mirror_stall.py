@@ -46,15 +46,12 @@ def test_hung_s3_server_is_stalled_umount_is_quick_and_the_next_mount_catches_up
     assert run_cli("status", m.mnt, "--check").returncode == 0
 
     s3.freeze()
-    t0 = time.monotonic()
     for i in range(5):  # every write and fsync returns: the mount never waits for a mirror
         save(m.mnt / f"during{i}.txt", os.urandom(2000) + b"written while the server hangs %d\n" % i)
     run_cli("flush", m.mnt, check=True)
+    # the product's bound is 60 s (STALL_AFTER after the pass starts); the poll allows for a loaded machine
     mi = await_status(m.mnt, url, lambda mi: mi["state"] == "stalled", "reported stalled", deadline=120)
-    seen_after = time.monotonic() - t0
-    assert mi["stalled_s"] >= STALL_AFTER and mi["lag_records"] > 0
-    # the product's bound is 60 s (STALL_AFTER after the pass starts); the poll above allows for load
-    assert seen_after < 120, seen_after
+    assert mi["stalled_s"] >= STALL_AFTER and mi["lag_records"] > 0 and mi["in_flight"], mi
 
     chk = run_cli("status", m.mnt, "--check")
     out = chk.stdout.decode()
@@ -62,7 +59,7 @@ def test_hung_s3_server_is_stalled_umount_is_quick_and_the_next_mount_catches_up
     text = run_cli("status", m.mnt, check=True).stdout.decode()
     assert f"{url}: stalled" in text and "no progress for" in text, text
     prom = run_cli("status", m.mnt, "--prometheus", check=True).stdout.decode()
-    assert f'deltafs_mirror_state{{' in prom
+    assert 'deltafs_mirror_state{' in prom
     stalled_line = [ln for ln in prom.splitlines()
                     if ln.startswith("deltafs_mirror_state{") and 'state="stalled"' in ln]
     assert stalled_line and stalled_line[0].endswith(" 1.0"), stalled_line
