@@ -294,9 +294,26 @@ def cmd_flush(args: argparse.Namespace) -> int:
         if "is not mounted" not in str(e):
             raise
         out = {"seconds": 0.0, "mounted": False}  # nothing is pending without a daemon
+        if args.mirrors:
+            _check_mirrors_offline(_control_target(args))
     if args.json:
         _print_json(out)
     return 0
+
+
+def _check_mirrors_offline(loc) -> None:
+    """flush --mirrors without a mount: nothing ships; fail if a registered mirror lacks records."""
+    from deltafs import status
+    from deltafs.errors import MirrorError
+    from deltafs.journal import Journal
+
+    with Journal.open(loc.journal, readonly=True) as j, j.reader() as r:
+        behind = [mi for mi in status.stored_mirrors(r) if mi["registered"] and mi["lag_records"]]
+    if behind:
+        mi = behind[0]
+        raise MirrorError(f"{loc.src or loc.journal} is not mounted, and mirror {mi['url']} lacks "
+                          f"{mi['lag_records']} records: ship them with deltafs mirror sync {mi['url']}"
+                          + (f" (and {len(behind) - 1} more mirror(s))" if len(behind) > 1 else ""))
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
@@ -691,27 +708,36 @@ def cmd_mirror_register(args: argparse.Namespace) -> int:
 
 
 def cmd_mirror_list(args: argparse.Namespace) -> int:
-    from deltafs import mounttable
+    from deltafs import control, mounttable, status
     from deltafs.journal import Journal
-    from deltafs.mirrors import registry
 
     jdir, mount = _mirror_journal(args)
     with Journal.open(jdir, readonly=True) as j, j.reader() as r:
-        rows = {url: dict(v, url=url) for url, v in r.kv_items("mirrors")}
+        rows = {d["url"]: d for d in status.stored_mirrors(r)}  # lag computed now, not copied
         head = r.head_seq()
-        registered = {m["url"] for m in registry.configured(r)}
     rec = (mounttable.read_record(mount.mnt) or {}) if mount else {}
-    for url in [*rec.get("mirrors", []), *registered]:
-        rows.setdefault(url, {"url": url, "seq": None, "head_seq": head})
+    live = {}
+    if mount is not None:  # the running mount's own view is the freshest
+        try:
+            live = {mi["url"]: mi for mi in control.request(jdir, "status", timeout=10)["status"]["mirrors"]}
+        except control.DaemonNotRunning:
+            pass
+    for url in [*rec.get("mirrors", []), *live]:
+        rows.setdefault(url, {"url": url, "seq": None, "head_seq": head, "registered": False})
     for url in sorted(rows):
         d = rows[url]
+        if url in live:
+            keep = ("seq", "head_seq", "lag_records", "lag_seconds", "last_success_ns", "last_error",
+                    "failures", "state")
+            d.update({k: live[url].get(k) for k in keep})
         d["configured"] = url in rec.get("mirrors", [])
-        d["registered"] = url in registered
+        d["registered"] = bool(d.get("registered"))
         if args.json:
             _print_json(d)
         else:
             err = f"  error: {d['last_error']}" if d.get("last_error") else ""
-            print(f"{url}\tat {d.get('seq')} of {head}\tlag {d.get('lag_records', '?')} records{err}")
+            print(f"{url}\tat {d.get('seq')} of {d.get('head_seq', head)}\tlag {d.get('lag_records', '?')} "
+                  f"records{err}")
     return 0
 
 

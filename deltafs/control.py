@@ -228,8 +228,28 @@ async def _op_flush(daemon, state, req) -> dict:
         await daemon.rec.drain()
     out: dict = {}
     if req.get("mirrors"):  # then every mirror ships what is journaled now (MirrorError if one cannot)
-        out["mirrors"] = [await w.flush() for _, w in sorted((daemon.state.get("mirrors") or {}).items())]
+        workers = daemon.state.get("mirrors") or {}
+        out["mirrors"] = [await w.flush() for _, w in sorted(workers.items())]
+        await _check_registered_replicated(daemon, workers)
     return {"seconds": round(time.monotonic() - t0, 3), **out}
+
+
+async def _check_registered_replicated(daemon, workers: dict) -> None:
+    """A mirror registered (mirror add) after this mount started gets nothing
+    from it: flush --mirrors cannot promise it holds anything."""
+    import trio
+
+    from deltafs.errors import MirrorError
+    from deltafs.mirrors import registry
+
+    def registered() -> list[str]:
+        with daemon.journal.reader() as r:
+            return [m["url"] for m in registry.configured(r)]
+
+    for url in await trio.to_thread.run_sync(registered):
+        if url not in workers and url not in daemon.cfg.mirrors:
+            raise MirrorError(f"mirror {url} is registered, but this mount does not replicate to it (it was "
+                              f"added after mounting): remount, or ship it now with deltafs mirror sync {url}")
 
 
 def _mirror_pause(daemon, req, pause: bool) -> dict | None:

@@ -52,7 +52,8 @@ def _rel(p: str, root: str) -> bytes:
 
 def mount_journal(e: MountEntry) -> str:
     rec = mounttable.read_record(e.mnt)
-    if rec and rec.get("journal"):
+    # a record left by an earlier mount at the same MNT names another SRC: not this mount's
+    if rec and rec.get("journal") and rec.get("src") == e.src:
         return rec["journal"]
     return os.path.join(e.src, JOURNAL_NAME)
 

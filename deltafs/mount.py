@@ -26,7 +26,7 @@ import trio
 
 from deltafs import mounttable
 from deltafs.config import MountConfig
-from deltafs.errors import DeltafsError, FuseUnavailableError, MountError, UsageError
+from deltafs.errors import DeltafsError, FuseUnavailableError, JournalError, MountError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,9 @@ def check_mount_args(src: str, mnt: str, journal: str | None) -> tuple[str, str,
     mnt_r = os.path.realpath(mnt_a)
     if entry is not None or os.path.ismount(mnt_r):
         raise UsageError(f"MNT {mnt} is already a mount point")
+    if mnt_r == src_r:
+        raise UsageError(f"SRC and MNT are the same directory ({src_r}): mount SRC on an empty "
+                         "directory outside it")
     if _inside(mnt_r, src_r):
         raise UsageError(f"MNT {mnt} is inside SRC {src}: choose a mount point outside it")
     if _inside(src_r, mnt_r):
@@ -87,7 +90,46 @@ def check_mount_args(src: str, mnt: str, journal: str | None) -> tuple[str, str,
         raise UsageError(f"journal {journal} is inside MNT {mnt}")
     if j_r == src_r:
         raise UsageError("the journal cannot be SRC itself")
+    if os.path.lexists(j_r) and not os.path.isdir(j_r):
+        raise UsageError(f"the journal {j} is not a directory")
+    if not os.path.isdir(j_r) or not os.access(j_r, os.W_OK | os.X_OK):
+        _check_writable(j_r, default=journal is None)
+    mounttable.check_runtime_dir()  # ours alone, or a clear error now
     return src_r, mnt_r, j_r
+
+
+def _check_writable(journal: str, default: bool) -> None:
+    """A journal that cannot be created or written: one line, before anything starts."""
+    from deltafs.journal.private import reason
+
+    p = journal
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if os.access(p, os.W_OK | os.X_OK):
+        return
+    why = reason(None, p)
+    if default and "read-only" in why:
+        why = "SRC's filesystem is read-only (give --journal DIR on a writable filesystem)"
+    raise JournalError(f"cannot write the journal {journal}: {why}")
+
+
+class PrivateLogFile(logging.handlers.RotatingFileHandler):
+    """The daemon's log, mode 0600 whatever the umask: it names every path
+    captured.  Rotations are renames of it, so they keep that mode."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.fchmod(fd, 0o600)  # also a log made before this rule
+            return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+LOG_MAX_BYTES = 8 << 20
+LOG_BACKUPS = 3
 
 
 def _setup_logging(cfg: MountConfig) -> None:
@@ -95,8 +137,10 @@ def _setup_logging(cfg: MountConfig) -> None:
     root = logging.getLogger()
     root.setLevel(level)
     if cfg.log_file:
-        h: logging.Handler = logging.handlers.RotatingFileHandler(
-            cfg.log_file, maxBytes=8 << 20, backupCount=3)
+        try:
+            h: logging.Handler = PrivateLogFile(cfg.log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+        except OSError as e:
+            raise MountError(f"cannot write the log {cfg.log_file}: {e.strerror or e}") from None
     else:
         h = logging.StreamHandler(sys.stderr)
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -112,9 +156,11 @@ def _raise_fd_limit() -> None:
 
 def spawn_daemon(cfg: MountConfig, argv: list[str]) -> None:
     """Start the daemon detached; return once MNT is usable, or raise its error."""
+    from deltafs.journal.private import make_dir
+
+    make_dir(cfg.journal)  # mode 0700; its log goes there before the daemon opens it
     r, w = os.pipe()
     os.set_inheritable(w, True)
-    os.makedirs(cfg.journal, exist_ok=True)
     log_file = os.path.join(cfg.journal, "deltafs.log")
     cmd = [sys.executable, "-m", "deltafs", *argv, "--foreground", "--ready-fd", str(w),
            "--log-file", log_file]
@@ -161,10 +207,9 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted or signalled.  Returns the exit status."""
     from deltafs.journal import Journal
 
-    _setup_logging(cfg)
-
     def fail(err: DeltafsError) -> int:
-        log.error("%s", err)
+        if logging.getLogger().handlers:  # else logging's last resort would print it a second time
+            log.error("%s", err)
         if ready_fd is not None:
             os.write(ready_fd, f"ERROR {err.exit_code} {err}\n".encode())
             os.close(ready_fd)
@@ -173,7 +218,9 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
         return err.exit_code
 
     try:
+        _setup_logging(cfg)
         check_fuse()
+        mounttable.check_runtime_dir()
         journal = Journal.open(cfg.journal, create=True)
     except DeltafsError as e:
         return fail(e)
@@ -203,7 +250,8 @@ def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
     from deltafs.capture import Recorder
     from deltafs.ops import Operations
 
-    os.umask(0)  # modes arrive already masked by the caller's umask
+    # No umask(0): the daemon's own files get explicit modes, and ops gives
+    # new entries exactly the (caller-masked) mode the kernel passes.
     # Capture and commit threads run Python code; with the default 5 ms GIL
     # switch interval the FUSE loop could wait that long for every request.
     sys.setswitchinterval(float(os.environ.get("DELTAFS_SWITCH_INTERVAL", "0.0005")))
@@ -365,6 +413,8 @@ def unmount(mnt: str, timeout: float = 120.0) -> None:
     if entry.fstype != mounttable.FSTYPE:
         raise UsageError(f"{mnt} is not a deltafs mount (it is {entry.fstype})")
     rec = mounttable.read_record(entry.mnt) or {}
+    if rec.get("src") != entry.src:  # left by an earlier mount at this MNT: its pid is not ours to wait for
+        rec = {}
     pid = rec.get("pid")
     pidfd = None
     if pid:

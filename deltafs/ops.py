@@ -134,6 +134,20 @@ class NullRecorder:
         pass
 
 
+def process_umask() -> int:
+    """The process's umask, read without changing it (no window for other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o077)  # kernels before 4.7: narrowing it for a moment is harmless
+    os.umask(old)
+    return old
+
+
 def _errors(fn):
     """OSError -> FUSEError(errno); anything else -> logged once, EIO."""
 
@@ -189,6 +203,7 @@ class Operations(pyfuse3.Operations):
         self._negative.entry_timeout = timeout
         self._dir_serial = 0
         self.path_gen = 0  # bumped by every rename/unlink/rmdir: cached node paths expire
+        self.umask = process_umask()  # the daemon's own (never 0): see _give_mode
 
     # ---- helpers -------------------------------------------------------
 
@@ -297,6 +312,33 @@ class Operations(pyfuse3.Operations):
         pst = os.fstat(parent.fd)
         gid = -1 if pst.st_mode & stat.S_ISGID else ctx.gid
         os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=follow)
+
+    def _give_mode(self, parent: Node, node: Node, mode: int, e: pyfuse3.EntryAttributes,
+                   fd: int | None = None) -> pyfuse3.EntryAttributes:
+        """Give a new entry the permission bits the caller asked for.
+
+        The kernel passes ``mode`` with the caller's umask already applied;
+        creating it in SRC applies the daemon's umask once more (deltafs
+        never sets umask 0).  Bits only the daemon's umask removed are put
+        back, unless the parent has a default ACL (the backing filesystem
+        then ignored the umask and derived the mode from the ACL, as it
+        would natively).  Costs nothing when the caller's umask is at least
+        as strict as the daemon's (the common case).
+        """
+        lost = mode & self.umask & ~e.st_mode & 0o777
+        if not lost:
+            return e
+        try:
+            os.getxattr(self._proc(parent), b"system.posix_acl_default")
+            return e
+        except OSError:
+            pass
+        perm = stat.S_IMODE(e.st_mode) | lost
+        if fd is not None:
+            os.fchmod(fd, perm)
+        else:
+            os.chmod(self._proc(node), perm)
+        return self.attrs(os.fstat(node.fd), e.st_ino)
 
     def init(self):
         """pyfuse3 calls this while answering the kernel's INIT; the reply is
@@ -527,7 +569,9 @@ class Operations(pyfuse3.Operations):
         os.mkdir(name, mode, dir_fd=parent.fd)
         self._own(parent, name, ctx)
         e = self._entry(parent, name)
-        self.rec.event("mkdir", ops=self, parent=parent, name=name, node=self.nodes[e.st_ino])
+        node = self.nodes[e.st_ino]
+        e = self._give_mode(parent, node, mode, e)
+        self.rec.event("mkdir", ops=self, parent=parent, name=name, node=node)
         return e
 
     @_errors
@@ -546,7 +590,9 @@ class Operations(pyfuse3.Operations):
         os.mknod(name, mode, rdev, dir_fd=parent.fd)
         self._own(parent, name, ctx)
         e = self._entry(parent, name)
-        self.rec.event("mknod", ops=self, parent=parent, name=name, node=self.nodes[e.st_ino])
+        node = self.nodes[e.st_ino]
+        e = self._give_mode(parent, node, mode, e)
+        self.rec.event("mknod", ops=self, parent=parent, name=name, node=node)
         return e
 
     @_errors
@@ -670,6 +716,9 @@ class Operations(pyfuse3.Operations):
             raise
         e = self._remember(pfd, st)
         node = self.nodes[e.st_ino]
+        e2 = self._give_mode(parent, node, mode, e, fd)
+        if e2 is not e:
+            e, st = e2, os.fstat(fd)
         self.rec.event("create", ops=self, parent=parent, name=name, node=node, st=st)
         return self._new_handle(fd, node, writable), e
 

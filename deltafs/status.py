@@ -5,10 +5,11 @@ A status is a plain dict (the ``--json`` output, documented in docs/cli.md):
 ``mnt``, ``pid``, ``started``, ``uptime_s``, ``journal`` (path, sizes and
 history counts), ``capture`` (counters since the daemon started; null
 without a daemon), ``snapshots``, ``mirrors`` (one object per mirror:
-``url``, ``state`` ok / retrying / circuit open / paused, ``lag_records``,
-``lag_bytes``, ``lag_seconds``, ``last_success_ns``, ``last_error``; live
+``url``, ``state`` ok / retrying / stalled / circuit open / paused / not
+replicating, ``lag_records``, ``lag_bytes``, ``lag_seconds``,
+``last_success_ns``, ``last_error``, ``stalled_s``, ``in_flight``; live
 from the daemon, else the replicator's last status copy in the journal
-with ``state`` null).  ``problems`` turns one into the reasons
+with ``state`` null and the lag computed from the journal now).  ``problems`` turns one into the reasons
 ``--check`` fails; ``prometheus`` renders several as Prometheus text.
 """
 
@@ -23,6 +24,8 @@ MAP_FULL_RATIO = 0.9  # --check fails when data.mdb holds this share of the LMDB
 DISK_FREE_MIN_BYTES = 256 << 20  # ... or the journal's filesystem has less free space
 DISK_FREE_MIN_RATIO = 0.02  # ... or less than this share of it free
 MAX_MIRROR_LAG_S = 3600.0  # --check fails when a mirror lags more (--max-lag)
+NOT_REPLICATING = "not replicating"  # a registered mirror the running mount does not replicate to
+MIRROR_STATES = ("ok", "retrying", "stalled", "circuit open", "paused", NOT_REPLICATING)
 
 
 def journal_status(journal) -> dict:
@@ -34,7 +37,7 @@ def journal_status(journal) -> dict:
     with journal.reader() as r:
         st = r.stats()
         snaps = list_snapshots(r)
-        journal_mirrors = {url: v for url, v in r.kv_items("mirrors") if isinstance(v, dict)}
+        journal_mirrors = stored_mirrors(r)
     vfs = os.statvfs(journal.path)
     raw, stored = st["raw_bytes"], st["stored_bytes"]
     return {
@@ -57,12 +60,37 @@ def journal_status(journal) -> dict:
     }, snaps
 
 
-def _stored_mirror(url: str, v: dict) -> dict:
-    """A mirror's status from the journal's ``mirrors`` kv (no daemon: no live state)."""
-    return {"url": url, "state": None, "paused": None, "seq": v.get("seq"), "head_seq": v.get("head_seq"),
-            "lag_records": v.get("lag_records"), "lag_bytes": None, "lag_seconds": v.get("lag_seconds"),
-            "failures": v.get("failures", 0), "last_success_ns": v.get("last_success_ns"),
-            "last_error": v.get("last_error"), "last_error_ns": v.get("last_error_ns"), "retry_in_s": None}
+def stored_mirrors(reader) -> list[dict]:
+    """Every mirror a journal knows: its ``mirrors`` status kv (what the
+    replicator last wrote) and its registered mirrors (``deltafs mirror
+    add``; ``seq`` null until one received something), with ``lag_*``
+    computed now from the journal rather than copied from the kv (which is
+    only as fresh as the mirror's last pass).  No live state: ``state`` null."""
+    from deltafs.mirrors import registry
+
+    head = reader.head_seq()
+    known = {url: v for url, v in reader.kv_items("mirrors") if isinstance(v, dict)}
+    registered = {m["url"] for m in registry.configured(reader)}
+    for url in registered:
+        known.setdefault(url, {})
+    out = []
+    for url, v in sorted(known.items()):
+        seq = v.get("seq") if isinstance(v.get("seq"), int) else None
+        out.append({"url": url, "state": None, "paused": None, "seq": seq, "head_seq": head,
+                    **mirror_lag(reader, seq or 0, head),
+                    "failures": v.get("failures", 0), "last_success_ns": v.get("last_success_ns"),
+                    "last_error": v.get("last_error"), "last_error_ns": v.get("last_error_ns"),
+                    "retry_in_s": None, "stalled_s": None, "in_flight": None,
+                    "registered": url in registered})
+    return out
+
+
+def mirror_lag(reader, seq: int, head: int) -> dict:
+    """Records a mirror at ``seq`` lacks, and the age of the oldest of them."""
+    lag_s = 0.0
+    if seq < head:
+        lag_s = max(0.0, (time.time_ns() - reader.record(seq + 1).time_ns) / 1e9)
+    return {"lag_records": max(0, head - seq), "lag_bytes": None, "lag_seconds": round(lag_s, 3)}
 
 
 async def daemon_status(daemon) -> dict:
@@ -71,8 +99,12 @@ async def daemon_status(daemon) -> dict:
 
     j, snaps = await trio.to_thread.run_sync(journal_status, daemon.journal)
     j["limit_bytes"] = getattr(daemon.cfg, "journal_limit", None)
-    j.pop("_mirrors", None)
-    mirrors = [await w.status() for _, w in sorted((daemon.state.get("mirrors") or {}).items())]
+    workers = daemon.state.get("mirrors") or {}
+    mirrors = [await w.status() for _, w in sorted(workers.items())]
+    # registered (deltafs mirror add) after this mount started: nothing replicates to them now
+    for mi in j.pop("_mirrors", []):
+        if mi["registered"] and mi["url"] not in workers and mi["url"] not in daemon.cfg.mirrors:
+            mirrors.append({**mi, "state": NOT_REPLICATING})
     rec = daemon.rec
     cfg = daemon.cfg
     capture = None
@@ -114,7 +146,7 @@ def offline_status(journal_dir: str, src: str | None, mnt: str | None = None,
 
     with Journal.open(journal_dir, readonly=True) as jr:
         j, snaps = journal_status(jr)
-    mirrors = [_stored_mirror(url, v) for url, v in sorted(j.pop("_mirrors").items())]
+    mirrors = j.pop("_mirrors")
     return {"mounted": mnt is not None, "daemon": daemon, "src": src, "mnt": mnt, "pid": None,
             "started": None, "uptime_s": None, "journal": j, "capture": None, "snapshots": snaps,
             "mirrors": mirrors}
@@ -177,6 +209,16 @@ def problems(st: dict, max_lag: float = MAX_MIRROR_LAG_S) -> list[str]:
         if mi.get("state") == "circuit open":
             out.append(f"{where}: mirror {mi['url']} is unreachable (circuit open after "
                        f"{mi.get('failures')} failures){err}")
+        elif mi.get("state") == "stalled":
+            doing = f" ({mi['in_flight']})" if mi.get("in_flight") else ""
+            out.append(f"{where}: mirror {mi['url']} is stalled: no progress for "
+                       f"{_ago(mi.get('stalled_s') or 0)}{doing}; the server does not answer{err}")
+        elif mi.get("seq") is None and mi.get("state") != "ok" and mi.get("lag_records"):
+            why = {None: "", NOT_REPLICATING: " (registered after this mount started: remount, or "
+                                              f"deltafs mirror sync {mi['url']})"}.get(mi.get("state"),
+                                                                                       f" ({mi['state']})")
+            out.append(f"{where}: mirror {mi['url']} has never received anything: "
+                       f"{mi['lag_records']} records behind{why}{err}")
         elif (mi.get("lag_seconds") or 0) > max_lag:
             out.append(f"{where}: mirror {mi['url']} lags {_ago(mi['lag_seconds'])} "
                        f"({mi.get('lag_records')} records) behind the journal{err}")
@@ -258,6 +300,8 @@ def format_text(st: dict) -> str:
         if mi.get("last_success_ns"):
             last = f"{_ago(time.time() - mi['last_success_ns'] / 1e9)} ago"
         lines.append(f"  mirror     {mi['url']}: {state}, {lag}, last success {last}")
+        if mi.get("in_flight") and state == "stalled":
+            lines.append(f"             no progress for {_ago(mi.get('stalled_s') or 0)}: {mi['in_flight']}")
         if mi.get("last_error") and state != "ok":
             retry = f" (retry in {_ago(mi['retry_in_s'])})" if mi.get("retry_in_s") is not None else ""
             lines.append(f"             last error: {mi['last_error']}{retry}")
@@ -331,6 +375,8 @@ def prometheus(statuses: list[dict]) -> bytes:
                         ml, registry=reg),
         "m_state": Gauge("deltafs_mirror_state", "1 for the mirror's current state", [*ml, "state"],
                          registry=reg),
+        "m_stall": Gauge("deltafs_mirror_stalled_seconds", "seconds without progress of a stalled mirror",
+                         ml, registry=reg),
     }
     for st in statuses:
         j = st.get("journal") or {}
@@ -343,7 +389,9 @@ def prometheus(statuses: list[dict]) -> bytes:
                     mg[key].labels(*mv).set(mi[fld])
             if mi.get("last_success_ns"):
                 mg["m_last"].labels(*mv).set(mi["last_success_ns"] / 1e9)
+            if mi.get("stalled_s") is not None:
+                mg["m_stall"].labels(*mv).set(mi["stalled_s"])
             if mi.get("state"):
-                for state in ("ok", "retrying", "circuit open", "paused"):
+                for state in MIRROR_STATES:
                     mg["m_state"].labels(*mv, state).set(1 if mi["state"] == state else 0)
     return generate_latest(reg)

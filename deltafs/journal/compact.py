@@ -722,7 +722,7 @@ def vacuum(j) -> tuple[tuple[int, int], tuple[int, int]]:
     repack(j, 0.0)
     before = data_file_sizes(j.path)
     tmp = os.path.join(j.path, "vacuum.tmp")
-    os.makedirs(tmp, exist_ok=True)
+    os.makedirs(tmp, mode=0o700, exist_ok=True)
     for name in ("data.mdb", "lock.mdb"):
         try:
             os.unlink(os.path.join(tmp, name))
@@ -733,6 +733,7 @@ def vacuum(j) -> tuple[tuple[int, int], tuple[int, int]]:
         j.env.copy(tmp, compact=True)
         fd = os.open(os.path.join(tmp, "data.mdb"), os.O_RDONLY)
         try:
+            os.fchmod(fd, 0o600)  # LMDB's copy is created 0666 less the umask: the journal's is 0600
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -21,6 +21,7 @@ import msgpack
 from deltafs.chunking import CHUNKER_PARAMS
 from deltafs.errors import JournalError, JournalFormatError, JournalLockedError, NotFoundError
 
+from . import private
 from . import schema as S
 from .hlc import HLC, hlc_to_ns
 from .packs import PackFiles, add_pack_live, incref, oldest_reader_txn
@@ -85,7 +86,7 @@ class Journal:
     def open(cls, path, *, readonly: bool = False, create: bool = False, clock: Callable[[], int] | None = None) -> "Journal":
         path = os.path.abspath(os.fspath(path))
         if create and not readonly:
-            os.makedirs(path, exist_ok=True)
+            private.make_dir(path)
         if not os.path.exists(os.path.join(path, "data.mdb")) and not (create and not readonly):
             raise NotFoundError(f"no deltafs journal at {path}")
         lock_fd = None if readonly else _take_lock(path)
@@ -100,6 +101,8 @@ class Journal:
             _unshare_env(path)
             _release_lock(lock_fd)
             raise
+        if not readonly:
+            private.tighten(path)  # the owner's alone, also a journal made before this rule
         log.info("opened journal %s (%s, id %s)", path, "read-only" if readonly else "writer", j.journal_id)
         return j
 
@@ -606,6 +609,7 @@ def _share_env(path: str, readonly: bool):
             env = lmdb.open(
                 path, map_size=MAP_SIZE, max_dbs=S.MAX_DBS, readonly=readonly, lock=True,
                 sync=True, metasync=True, readahead=False, max_readers=510, subdir=True,
+                mode=private.FILE_MODE,
             )
         except lmdb.Error as exc:
             raise JournalError(f"cannot open journal {path}: {exc}") from exc
@@ -639,7 +643,10 @@ def _translate(e: Exception, path: str) -> Exception:
 
 def _take_lock(path: str) -> int:
     lock_path = os.path.join(path, "lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, private.FILE_MODE)
+    except OSError as e:
+        raise JournalError(f"cannot open the journal {path} for writing: {private.reason(e, path)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -145,7 +145,7 @@ class PackFiles:
         cut the current pack back to ``end``, delete packs a crashed
         transaction created after it."""
         self.close_writer()
-        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
         for p in self.on_disk():
             if p > pack:
                 os.unlink(self.path(p))
@@ -191,6 +191,7 @@ class PackFiles:
             self._flush()
         pack = self.current + 1
         fd = os.open(self.path(pack), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)  # whatever the umask (journal/private.py)
         os.pwrite(fd, PACK_MAGIC, 0)
         old = self._wfd
         if old is not None and self.current not in self._unsynced:

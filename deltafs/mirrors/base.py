@@ -41,6 +41,11 @@ class MirrorUnreachable(MirrorError):
     """
 
 
+class MirrorTimeout(MirrorUnreachable):
+    """The mirror accepted the request but did not answer in time (a hung
+    server).  The replicator shows the mirror as ``stalled``."""
+
+
 class MirrorAccessDenied(MirrorError):
     """Credentials refused or permission missing.  Retrying will not help."""
 

@@ -20,13 +20,17 @@ journal's ``mirrors`` kv (key = mirror URL) is a status copy for
 
 :func:`mirror_service` is the mount's background service: one task per
 mirror, polling the journal head every second, with backoff, jitter and a
-circuit breaker.
+circuit breaker.  Each mirror call of its passes goes through a
+:class:`Watch`: a total deadline per call, progress for ``stalled``, and
+a gate that lets unmount stop a pass at a clean point.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -39,7 +43,7 @@ from deltafs.journal import schema as S
 from deltafs.journal.records import check_link
 
 from . import format as F
-from .base import Mirror, MirrorObjectMissing
+from .base import Mirror, MirrorObjectMissing, MirrorTimeout
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,10 @@ BACKOFF_BASE = 1.0
 BACKOFF_CAP = 120.0
 BREAKER_FAILURES = 5  # consecutive failures that open the circuit
 PROBE_INTERVAL = 300.0  # then one probe pass this often
-FINAL_FLUSH_TIMEOUT = 30.0
+FINAL_FLUSH_TIMEOUT = 15.0  # unmount: the last pass (and waiting for one in flight), at most
+STALL_AFTER = 30.0  # seconds without progress that make a pass with work to do "stalled"
+CALL_DEADLINE = 90.0  # seconds one mirror call may take in all, plus its bytes at CALL_MIN_RATE
+CALL_MIN_RATE = 64 << 10  # bytes/s
 LAG_SCAN_MAX = 100_000  # records read to estimate a mirror's lag in bytes
 
 
@@ -302,6 +309,129 @@ def mirror_lag(journal, seq: int) -> dict:
     return {"head_seq": head, "lag_records": head - seq, "lag_bytes": nbytes, "lag_seconds": round(lag_s, 3)}
 
 
+class _Caller:
+    """Runs mirror calls one at a time in a daemon thread of its own, so the
+    pass that asked can stop waiting for one (a hung server) while it
+    finishes or fails in the background.  Calls stay in order: the next one
+    starts after the one left behind, never beside it (an old manifest PUT
+    can never land after a newer one).  A daemon thread: one stuck in a
+    call never holds up the daemon's exit."""
+
+    def __init__(self, name: str) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._name = name
+        self._thread: threading.Thread | None = None
+
+    def call(self, timeout: float, fn, *args):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+            self._thread.start()
+        done, box = threading.Event(), []
+        self._q.put((fn, args, done, box))
+        if not done.wait(timeout):
+            raise TimeoutError
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._q.put(None)  # after the call in progress, if any
+
+    def _loop(self) -> None:
+        while (item := self._q.get()) is not None:
+            fn, args, done, box = item
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                box.append((False, e))
+            done.set()
+
+
+class Watch:
+    """The mirror as a worker's passes use it (the Mirror methods a pass calls).
+
+    * every call has a total deadline, ``CALL_DEADLINE`` plus its bytes at
+      ``CALL_MIN_RATE``: past it the pass fails with :class:`MirrorTimeout`
+      (boto's own timeouts bound each socket read, not a trickle);
+    * ``call`` is the call in flight (op, name, bytes, monotonic start) and
+      ``progress`` the monotonic time of the last sign of life: a call that
+      returned, or a piece of a PUT body sent (``on_progress`` of S3);
+    * ``gate`` is held by a pass thread whenever it is not waiting for the
+      mirror, i.e. while it reads the journal.  :meth:`close` (unmount)
+      takes it for good: a pass left running can then never touch the
+      journal again, which the daemon is about to close.
+    """
+
+    def __init__(self, mirror: Mirror) -> None:
+        self.mirror = mirror
+        self.url = mirror.url
+        self.call: tuple[str, str | None, int, float] | None = None
+        self.progress = time.monotonic()
+        self.gate = threading.Lock()
+        self._caller = _Caller(f"deltafs-mirror-io {mirror.url}")
+        if hasattr(mirror, "on_progress"):
+            mirror.on_progress = self._tick
+
+    def _tick(self, n: int) -> None:
+        self.progress = time.monotonic()
+
+    def _call(self, op: str, name: str | None, nbytes: int, fn, *args):
+        deadline = CALL_DEADLINE + nbytes / CALL_MIN_RATE
+        self.call = (op, name, nbytes, time.monotonic())
+        self.gate.release()
+        try:
+            value = self._caller.call(deadline, fn, *args)
+        except TimeoutError:
+            raise MirrorTimeout(f"mirror {self.url}: {op} {name} had no complete answer within "
+                                f"{deadline:.0f}s") from None
+        finally:
+            self.call = None
+            self.gate.acquire()  # blocks for good once the worker closed: the journal is going away
+        self.progress = time.monotonic()
+        return value
+
+    def get(self, name: str) -> bytes:
+        return self._call("get", name, 0, self.mirror.get, name)
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        return self._call("get", name, length, self.mirror.get_range, name, offset, length)
+
+    def put(self, name: str, data: bytes) -> None:
+        return self._call("put", name, len(data), self.mirror.put, name, data)
+
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        return self._call("put", name, len(data), self.mirror.put_if_absent, name, data)
+
+    def exists(self, name: str) -> bool:
+        return self._call("head", name, 0, self.mirror.exists, name)
+
+    def list(self, prefix: str = "") -> list[tuple[str, int]]:
+        return self._call("list", prefix or None, 0, lambda: list(self.mirror.list(prefix)))
+
+    def delete(self, name: str) -> None:
+        return self._call("delete", name, 0, self.mirror.delete, name)
+
+    def run_pass(self, fn):
+        """Run ``fn`` (a pass, in a worker thread) holding the gate."""
+        with self.gate:
+            return fn()
+
+    def close(self) -> None:
+        """Blocking: wait until no pass reads the journal, and keep it so."""
+        self.gate.acquire()
+        self._caller.stop()
+
+    def in_flight(self) -> str | None:
+        c = self.call
+        if c is None:
+            return None
+        op, name, nbytes, t0 = c
+        size = f", {nbytes} bytes" if nbytes else ""
+        return f"{op} {name}{size}, for {time.monotonic() - t0:.0f}s"
+
+
 class MirrorWorker:
     """One mirror of a running mount: its replication loop and live state.
 
@@ -310,6 +440,9 @@ class MirrorWorker:
     :func:`backoff_delay` (exponential, full jitter, capped); after
     ``BREAKER_FAILURES`` failures in a row the circuit opens and only one
     probe pass runs every ``PROBE_INTERVAL``; the first success closes it.
+    A pass with work to do that has seen no progress for ``STALL_AFTER``
+    seconds (a call without an answer, or failures by timeout since) is
+    ``stalled``.
     :meth:`pause`, :meth:`resume` and :meth:`flush` (``deltafs pause
     --mirror``, ``flush --mirrors``) wake the loop at once.  A mirror never
     blocks local writes: every pass runs in a worker thread behind this
@@ -322,7 +455,8 @@ class MirrorWorker:
         self.journal = journal
         self.mirror = mirror
         self.url = mirror.url
-        self.rep = Replicator(journal, mirror)
+        self.watch = Watch(mirror)
+        self.rep = Replicator(journal, self.watch)
         self.limiter = trio.CapacityLimiter(1)
         self.rnd = rnd or random.Random()
         self.drain = drain  # awaitable callable: pending captures made durable (unmount)
@@ -333,6 +467,7 @@ class MirrorWorker:
         self.last_success_ns: int | None = None
         self.last_error: str | None = None
         self.last_error_ns: int | None = None
+        self.timed_out = False  # the last failure was a call the mirror did not answer in time
         self.passes = 0
         self.next_attempt: float | None = None  # trio time of the next retry or probe
         self._force = False
@@ -346,9 +481,20 @@ class MirrorWorker:
             return "paused"
         if self.failures >= BREAKER_FAILURES:
             return "circuit open"
+        if self.stalled_s is not None:
+            return "stalled"
         if self.failures:
             return "retrying"
         return "ok"
+
+    @property
+    def stalled_s(self) -> float | None:
+        """Seconds without progress, once past ``STALL_AFTER``, while a call
+        is in flight or the last failure was a timeout; else None."""
+        if self.paused or (self.watch.call is None and not (self.failures and self.timed_out)):
+            return None
+        idle = time.monotonic() - self.watch.progress
+        return idle if idle >= STALL_AFTER else None
 
     async def status(self) -> dict:
         """The live status (``deltafs status``, key ``mirrors``); no secrets in it."""
@@ -357,10 +503,12 @@ class MirrorWorker:
         retry_in = None
         if self.failures and self.next_attempt is not None and not self.paused:
             retry_in = round(max(0.0, self.next_attempt - trio.current_time()), 3)
+        stalled = self.stalled_s
         return {"url": self.url, "state": self.state, "paused": self.paused, "seq": self.seq,
                 **lag, "failures": self.failures, "last_success_ns": self.last_success_ns,
                 "last_error": self.last_error, "last_error_ns": self.last_error_ns,
-                "retry_in_s": retry_in}
+                "retry_in_s": retry_in, "stalled_s": None if stalled is None else round(stalled, 1),
+                "in_flight": self.watch.in_flight()}
 
     def _kick(self) -> None:
         self._wake.set()
@@ -415,11 +563,16 @@ class MirrorWorker:
             self._wake = trio.Event()
 
     async def attempt(self) -> bool:
-        """One pass; -> whether it succeeded.  Never raises but Cancelled."""
+        """One pass; -> whether it succeeded.  Never raises but Cancelled
+        (which leaves the pass thread behind: see :meth:`run`)."""
+        if not self.failures:
+            self.watch.progress = time.monotonic()  # work starts now: stalled counts from here
         try:
-            stats = await trio.to_thread.run_sync(self.rep.run_once, limiter=self.limiter)
+            stats = await trio.to_thread.run_sync(self.watch.run_pass, self.rep.run_once,
+                                                  limiter=self.limiter, abandon_on_cancel=True)
         except Exception as e:  # noqa: BLE001 - a mirror must never take the mount down
             self.failures += 1
+            self.timed_out = isinstance(e, MirrorTimeout)
             n = self.failures
             msg = str(e) if isinstance(e, MirrorError) else f"{type(e).__name__}: {e}"
             self.last_error, self.last_error_ns = msg, time.time_ns()
@@ -432,20 +585,19 @@ class MirrorWorker:
                 log.debug("mirror %s: unexpected error", self.url, exc_info=True)
             self.next_attempt = trio.current_time() + backoff_delay(n, self.rnd)
             ok = False
-            await trio.to_thread.run_sync(lambda: record_status(self.journal, self.url, error=msg, failures=n),
-                                          limiter=self.limiter)
+            await trio.to_thread.run_sync(lambda: record_status(self.journal, self.url, error=msg, failures=n))
         else:
             if self.failures:
                 log.info("mirror %s: replicating again after %d failures", self.url, self.failures)
             self.failures = 0
+            self.timed_out = False
             self.next_attempt = None
             self.seq = stats.last_seq
             self.done_head = stats.head_seq
             self.last_success_ns = time.time_ns()
             ok = True
             if stats.records or stats.lag == 0:
-                await trio.to_thread.run_sync(lambda: record_status(self.journal, self.url, stats),
-                                              limiter=self.limiter)
+                await trio.to_thread.run_sync(lambda: record_status(self.journal, self.url, stats))
         self.passes += 1
         self._passed.set()
         self._passed = trio.Event()
@@ -476,12 +628,18 @@ class MirrorWorker:
                 else:
                     await self._sleep(POLL_INTERVAL)
         except trio.Cancelled:
-            # Unmount: one last pass for what was journaled since, unless the mirror is down or paused.
-            if self.failures == 0 and not self.paused:
+            # Unmount: one last pass for what was journaled since, unless the mirror is down,
+            # stalled or paused; a pass in flight is waited for (the limiter), within the same bound.
+            if self.failures == 0 and not self.paused and self.stalled_s is None:
                 with trio.move_on_after(FINAL_FLUSH_TIMEOUT, shield=True):
                     if self.drain is not None:
                         await self.drain()
                     await self.attempt()
+            # Whatever a pass left running still does, it never touches the journal again
+            # (the daemon closes it next); the mirror's manifest is the cursor, so the
+            # next mount resumes from what the mirror really holds.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.watch.close)
             raise
 
 

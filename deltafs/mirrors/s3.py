@@ -11,8 +11,14 @@ SeaweedFS).
 * Every object is one PutObject with a Content-MD5, so a body corrupted on
   the way is refused by the server (every S3-compatible server checks it;
   the newer CRC trailers are not universally supported, so they are off).
-* Bounded connect/read timeouts and at most one boto-level retry: the
-  replicator does its own backoff with jitter and a circuit breaker.
+* Bounded connect/read timeouts and at most two attempts per call inside
+  boto (``total_max_attempts``: boto's ``max_attempts`` does not count the
+  first attempt), so a hung server fails a call within about a minute:
+  the replicator does its own backoff with jitter and a circuit breaker,
+  and bounds each call's total time (replicate.py).  A timeout is a
+  :class:`MirrorTimeout`.  ``on_progress``, when set, is called as the
+  HTTP layer takes each piece of a PUT body, so a slow upload is told
+  from a stalled one.
 * ``put_if_absent`` sends ``If-None-Match: *`` (AWS since 2024, MinIO,
   SeaweedFS, recent Ceph RGW and Garage).  A server that answers it with
   501/NotImplemented is remembered, and from then on we fall back to a
@@ -28,10 +34,11 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import io
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
@@ -42,6 +49,7 @@ from .base import (
     MirrorAccessDenied,
     MirrorNotFound,
     MirrorObjectMissing,
+    MirrorTimeout,
     MirrorUnreachable,
     check_range,
     validate_name,
@@ -52,8 +60,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"
 CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 60.0
-MAX_ATTEMPTS = 2  # boto's own: one retry; the replicator backs off itself
+READ_TIMEOUT = 30.0  # seconds without a byte from the server (each socket read or write)
+MAX_ATTEMPTS = 2  # attempts per call in all (one retry); the replicator backs off itself
 
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "TokenRefreshRequired", "InvalidClientTokenId", "AuthorizationHeaderMalformed"}
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed", "ConditionalRequestConflict", "OperationAborted", "503", "500", "502", "504"}
@@ -79,15 +87,32 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _network_reason(exc: BaseException, connect_timeout: float, read_timeout: float) -> str:
-    """A short human reason ('connection refused', 'timed out after 5s') for a
-    botocore/urllib3 network exception, found by walking its causes."""
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """exc, then what caused it (botocore keeps the cause in ``kwargs["error"]``)."""
     from botocore import exceptions as bx
 
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        yield e
+        nxt = getattr(e, "kwargs", {}).get("error") if isinstance(e, bx.BotoCoreError) else None
+        e = nxt if isinstance(nxt, BaseException) else (e.__cause__ or e.__context__)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    from botocore import exceptions as bx
+
+    return any(isinstance(e, bx.ConnectTimeoutError | bx.ReadTimeoutError | TimeoutError | socket.timeout)
+               for e in _causes(exc))
+
+
+def _network_reason(exc: BaseException, connect_timeout: float, read_timeout: float) -> str:
+    """A short human reason ('connection refused', 'timed out after 5s') for a
+    botocore/urllib3 network exception, found by walking its causes."""
+    from botocore import exceptions as bx
+
+    for e in _causes(exc):
         if isinstance(e, bx.ConnectTimeoutError):
             return f"connection timed out after {connect_timeout:g}s"
         if isinstance(e, bx.ReadTimeoutError):
@@ -108,12 +133,30 @@ def _network_reason(exc: BaseException, connect_timeout: float, read_timeout: fl
             return e.strerror or os.strerror(e.errno)
         if isinstance(e, bx.SSLError):
             return "TLS error: " + _one_line(str(e.kwargs.get("error", e)), 120)
-        nxt = getattr(e, "kwargs", {}).get("error") if isinstance(e, bx.BotoCoreError) else None
-        e = nxt if isinstance(nxt, BaseException) else (e.__cause__ or e.__context__)
     text = str(exc)
     if "refused" in text.lower():
         return "connection refused"
     return _one_line(text, 120)
+
+
+class _Body(io.BytesIO):
+    """A PUT body that reports each piece the HTTP layer reads from it."""
+
+    def __init__(self, data: bytes, tick: Callable[[int], None]) -> None:
+        super().__init__(data)
+        self._tick = tick
+
+    def read(self, size: int | None = -1) -> bytes:
+        b = super().read(size)
+        if b:
+            self._tick(len(b))
+        return b
+
+
+def _no_expect(params: dict, **_: Any) -> None:
+    """botocore asks for ``Expect: 100-continue`` when a body is a file
+    object (ours is, for progress): keep the request as it is for bytes."""
+    params.get("headers", {}).pop("Expect", None)
 
 
 class S3Mirror(Mirror):
@@ -159,7 +202,7 @@ class S3Mirror(Mirror):
             region_name=region,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
             s3={"addressing_style": addressing},
             # Content-MD5 on every PUT instead of CRC trailers, which many
             # S3-compatible servers do not understand.
@@ -174,8 +217,11 @@ class S3Mirror(Mirror):
             raise MirrorError(f"invalid S3 endpoint URL {redact_url(endpoint_url or '')}: {_one_line(str(e), 120)}") from None
         except Exception as e:
             raise MirrorError(f"cannot configure S3 client: {_one_line(str(e), 160)}") from None
+        self._client.meta.events.register_last("before-call.s3", _no_expect)  # after boto adds it
         self.endpoint_url = redact_url(self._client.meta.endpoint_url)
         self.region = region
+        #: called with a byte count as each piece of a PUT body is sent (the replicator's stall detection)
+        self.on_progress: Callable[[int], None] | None = None
 
     @property
     def url(self) -> str:
@@ -228,7 +274,8 @@ class S3Mirror(Mirror):
             raise MirrorError(f"S3 error on {what} at {where}: {code or status} {message}".rstrip()) from None
         if isinstance(exc, bx.EndpointConnectionError | bx.ConnectionError | bx.HTTPClientError):
             reason = _network_reason(exc, self.connect_timeout, self.read_timeout)
-            raise MirrorUnreachable(f"cannot reach S3 endpoint {self.endpoint_url}: {reason}") from None
+            cls = MirrorTimeout if _timed_out(exc) else MirrorUnreachable
+            raise cls(f"cannot reach S3 endpoint {self.endpoint_url}: {reason}") from None
         if isinstance(exc, bx.ParamValidationError):
             raise MirrorError(f"invalid S3 request for {what} on {self.url}: {_one_line(str(exc), 160)}") from None
         if isinstance(exc, bx.BotoCoreError):
@@ -245,11 +292,15 @@ class S3Mirror(Mirror):
 
     # -- Mirror --------------------------------------------------------------
 
+    def _body(self, data: bytes) -> Any:
+        tick = self.on_progress
+        return bytes(data) if tick is None else _Body(bytes(data), tick)
+
     def _put(self, name: str, data: bytes, *, if_none_match: bool) -> None:
         key = self._key(name)
         md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
         extra = {"IfNoneMatch": "*"} if if_none_match else {}
-        self._call("put", name, self._client.put_object, Bucket=self.bucket, Key=key, Body=bytes(data), ContentMD5=md5, **extra)
+        self._call("put", name, self._client.put_object, Bucket=self.bucket, Key=key, Body=self._body(data), ContentMD5=md5, **extra)
 
     def put(self, name: str, data: bytes) -> None:
         self._put(name, data, if_none_match=False)
@@ -265,7 +316,7 @@ class S3Mirror(Mirror):
         try:
             key = self._key(name)
             md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), ContentMD5=md5, IfNoneMatch="*")
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=self._body(data), ContentMD5=md5, IfNoneMatch="*")
         except bx.ClientError as e:
             code = str(e.response.get("Error", {}).get("Code", ""))
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -292,7 +343,8 @@ class S3Mirror(Mirror):
             return body.read()
         except (bx.BotoCoreError, OSError) as e:
             reason = _network_reason(e, self.connect_timeout, self.read_timeout)
-            raise MirrorUnreachable(f"reading {name} from {self.url} at {self.endpoint_url} failed: {reason}") from None
+            cls = MirrorTimeout if _timed_out(e) else MirrorUnreachable
+            raise cls(f"reading {name} from {self.url} at {self.endpoint_url} failed: {reason}") from None
         finally:
             body.close()
 

@@ -10,7 +10,7 @@ Usable without pytest::
     server.close()              # stop for good
 
 and from pytest through the fixtures in ``tests/mirrors/conftest.py``
-(``s3_server``, ``s3_env``, ``s3_outage``), which other test packages can
+(``s3_server``, ``s3_env``, ``s3_outage``, ``s3_frozen``), which other test packages can
 re-export from their own conftest::
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "mirrors"))
@@ -133,6 +133,7 @@ class S3Server:
         self._probe_written = False
         self.startup_seconds = 0.0
         self.proc: subprocess.Popen[bytes] | None = None
+        self.frozen = False
         self.access_key = ACCESS_KEY
         self.secret_key = SECRET_KEY
         self.region = REGION
@@ -302,6 +303,7 @@ class S3Server:
         are kept.  weed takes 10-15 s to stop gracefully; acknowledged writes
         are already on disk (volume files, filer leveldb), so they survive
         the kill, like after a crash of a real server."""
+        self.thaw()  # a stopped process does not act on SIGTERM
         proc, self.proc = self.proc, None
         if proc is None:
             return
@@ -330,6 +332,20 @@ class S3Server:
                         if time.monotonic() > deadline:
                             raise S3ServerError(f"port {port} still busy {timeout:g}s after weed stopped") from None
                 time.sleep(0.05)
+
+    def freeze(self) -> None:
+        """SIGSTOP the server: it keeps accepting TCP connections (the
+        kernel's backlog) but never answers, like a hung server."""
+        assert self.running
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        """SIGCONT after :meth:`freeze` (harmless when not frozen)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGCONT)
+        self.frozen = False
 
     def restart(self, timeout: float = START_TIMEOUT) -> None:
         self.stop()
@@ -382,6 +398,16 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture
+def s3_frozen(s3_env: S3Server) -> Iterator[S3Server]:
+    """The session server for a test that hangs it (``s3_frozen.freeze()``,
+    SIGSTOP); it is always thawed (SIGCONT) afterwards, whatever happened."""
+    try:
+        yield s3_env
+    finally:
+        s3_env.thaw()
 
 
 @pytest.fixture

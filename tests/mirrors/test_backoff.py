@@ -5,6 +5,7 @@ take no real time."""
 from __future__ import annotations
 
 import random
+import threading
 import sys
 from pathlib import Path
 
@@ -33,10 +34,11 @@ class DownThenUp:
         self.url = inner.url
         self.down = down
         self.attempts: list[float] = []
+        self.token = trio.lowlevel.current_trio_token()  # calls run in the worker's own I/O thread
 
     def get(self, name):
         if name == "manifest.json":
-            self.attempts.append(trio.from_thread.run_sync(trio.current_time))
+            self.attempts.append(trio.from_thread.run_sync(trio.current_time, trio_token=self.token))
             if self.down > 0:
                 self.down -= 1
                 raise MirrorUnreachable(f"cannot reach {self.url}: connection refused")
@@ -128,3 +130,86 @@ async def test_pause_stops_uploads_resume_catches_up(autojump_clock, b, tmp_path
         await _passes(w, lambda: w.seq == _head(b))
         assert (await w.flush())["seq"] == _head(b)
         n.cancel_scope.cancel()
+
+
+class Hung:
+    """Stands in for a server that takes requests and answers none (or one
+    that trickles forever, which boto's per-read timeouts never end): its
+    first manifest GET (or PUT) blocks until ``answer`` is set.  A real
+    hung server (SIGSTOP) is tests/mount/test_mirror_stall.py; this one
+    runs on real time with short limits."""
+
+    def __init__(self, inner, op: str = "get") -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.op = op
+        self.answer = threading.Event()
+        self.answered = threading.Event()
+
+    def _hang(self, op, name) -> None:
+        if op == self.op and name == "manifest.json" and not self.answer.is_set():
+            self.answer.wait(60)
+            self.answered.set()
+
+    def get(self, name):
+        self._hang("get", name)
+        return self.inner.get(name)
+
+    def put(self, name, data):
+        self._hang("put", name)
+        return self.inner.put(name, data)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def short_limits(monkeypatch):
+    monkeypatch.setattr(R, "CALL_DEADLINE", 1.0)
+    monkeypatch.setattr(R, "STALL_AFTER", 0.3)
+    monkeypatch.setattr(R, "FINAL_FLUSH_TIMEOUT", 0.5)
+
+
+async def test_a_call_without_an_answer_is_stalled_then_times_out(b, tmp_path, short_limits):
+    b.write(b"a.txt", b"one\n")
+    hung = Hung(open_mirror(f"file://{tmp_path}/m"))
+    w = MirrorWorker(b.j, hung, rnd=random.Random(2))
+    async with trio.open_nursery() as n:
+        await n.start(w.run)
+        while w.state != "stalled":  # the manifest GET is in flight, nothing moves
+            await trio.sleep(0.05)
+        st = await w.status()
+        assert st["stalled_s"] >= R.STALL_AFTER and st["in_flight"].startswith("get manifest.json")
+        await _passes(w, lambda: w.failures >= 1)  # the call's deadline ends the pass
+        assert isinstance(w.last_error, str) and "no complete answer within" in w.last_error
+        assert w.timed_out and w.state == "stalled"  # still no progress since: still stalled
+        hung.answer.set()  # the server answers again: the call left behind completes first
+        await _passes(w, lambda: w.seq == _head(b))
+        assert w.state == "ok" and (await w.status())["stalled_s"] is None
+        n.cancel_scope.cancel()
+
+
+async def test_unmount_leaves_a_hung_pass_behind_and_it_never_touches_the_journal(
+        b, tmp_path, short_limits, monkeypatch):
+    monkeypatch.setattr(R, "MAX_SEGMENT_RECORDS", 1)  # after each manifest PUT the pass reads the journal
+    b.write(b"a.txt", b"one\n")
+    hung = Hung(open_mirror(f"file://{tmp_path}/m"), op="put")
+    w = MirrorWorker(b.j, hung)
+    async with trio.open_nursery() as n:
+        await n.start(w.run)
+        while w.watch.call is None:
+            await trio.sleep(0.01)
+        t0 = trio.current_time()
+        n.cancel_scope.cancel()  # unmount while the pass waits for the server
+    assert trio.current_time() - t0 < R.CALL_DEADLINE  # did not wait for the call
+    touched = threading.Event()
+    real_reader = b.j.reader
+
+    def spy():
+        touched.set()
+        return real_reader()
+
+    b.j.reader = spy  # the daemon would close the journal now
+    hung.answer.set()
+    assert await trio.to_thread.run_sync(hung.answered.wait, 10)
+    assert not await trio.to_thread.run_sync(touched.wait, 0.5)  # the pass stopped at the gate

@@ -185,3 +185,74 @@ def test_umount_of_a_mount_that_is_not_deltafs():
     require_fuse()
     check_failure(run_cli("umount", "/proc"), 2, "not a deltafs mount")
     assert os.path.exists("/proc/self/mountinfo")
+
+
+def test_src_is_mnt(dirs):
+    src, _ = dirs
+    bad_mount(src, src, 2, "SRC and MNT are the same directory")
+
+
+@pytest.fixture
+def readonly_fs(tmp_path):
+    """A real read-only filesystem: a small tmpfs, filled, then remounted ro.
+
+    The test fills it through ``fill(rel)`` before ``freeze()``; the tmpfs
+    is always unmounted at teardown."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(ro)], check=True)
+    try:
+        yield ro, lambda: subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    finally:
+        if subprocess.run(["umount", str(ro)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
+def test_journal_on_a_read_only_filesystem(dirs, readonly_fs):
+    src, mnt = dirs
+    ro, freeze = readonly_fs
+    freeze()
+    line = bad_mount(src, mnt, 3, "read-only", args=("--journal", str(ro / "j")))
+    assert str(ro / "j") in line
+
+
+def test_read_only_src_with_its_journal(dirs, readonly_fs):
+    _, mnt = dirs
+    ro, freeze = readonly_fs
+    src = ro / "src"
+    src.mkdir()
+    (src / "keep.txt").write_text("precious\n")
+    freeze()
+    bad_mount(src, mnt, 3, "read-only", "--journal DIR")
+
+
+def test_read_only_src_with_an_old_journal(dirs, readonly_fs, mount_factory, tmp_path):
+    """The journal was made while the filesystem was writable; now it is not."""
+    ro, freeze = readonly_fs
+    src = ro / "src"
+    src.mkdir()
+    m = mount_factory(src, mnt=tmp_path / "mnt-rw")
+    (m.mnt / "keep.txt").write_text("precious\n")
+    m.umount()
+    freeze()
+    _, mnt = dirs
+    bad_mount(src, mnt, 3, "read-only")
+
+
+def test_read_only_src_with_a_journal_elsewhere_mounts_read_only(readonly_fs, mount_factory, tmp_path):
+    """Nothing to refuse: the mount passes reads through, and writes fail as on SRC itself."""
+    import errno
+    ro, freeze = readonly_fs
+    src = ro / "src"
+    src.mkdir()
+    (src / "keep.txt").write_text("precious\n")
+    freeze()
+    m = mount_factory(src, journal=tmp_path / "journal")
+    assert (m.mnt / "keep.txt").read_text() == "precious\n"
+    with pytest.raises(OSError) as e:
+        (m.mnt / "new.txt").write_text("x")
+    assert e.value.errno == errno.EROFS
+    m.umount()

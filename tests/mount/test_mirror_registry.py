@@ -62,3 +62,49 @@ def test_add_unreachable_mirror_is_a_clear_error(mount_factory):
     err = res.stderr.decode().strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]
     m.umount()
+
+
+def test_registered_mirror_that_never_received_anything_fails_flush_and_check(mount_factory, tmp_path):
+    m = mount_factory()
+    (m.mnt / "a.txt").write_text("one\n")
+    run_cli("flush", m.mnt, check=True)
+    assert run_cli("status", m.mnt, "--check").returncode == 0
+    url = f"file://{tmp_path}/late"
+    run_cli("mirror", "add", url, "-m", m.mnt, check=True)  # the running mount does not replicate to it
+    res = run_cli("flush", m.mnt, "--mirrors")
+    err = res.stderr.decode().strip().splitlines()
+    assert res.returncode == 5 and len(err) == 1 and url in err[0] and "mirror sync" in err[0], err
+    chk = run_cli("status", m.mnt, "--check")
+    out = chk.stdout.decode()
+    assert chk.returncode == 1 and url in out and "never received anything" in out, out
+    st = json.loads(run_cli("status", m.mnt, "--json", check=True).stdout)
+    mi = next(mi for mi in st["mirrors"] if mi["url"] == url)
+    assert mi["state"] == "not replicating" and mi["seq"] is None and mi["lag_records"] > 0
+    m.umount()
+
+    # unmounted: flush --mirrors cannot ship, so it says which mirror lacks what
+    res = run_cli("flush", m.src, "--mirrors")
+    assert res.returncode == 5 and b"not mounted" in res.stderr and url.encode() in res.stderr
+    chk = run_cli("status", m.src, "--check")
+    assert chk.returncode == 1 and b"never received anything" in chk.stdout
+    run_cli("mirror", "sync", url, "--journal", m.journal, check=True)
+    assert run_cli("flush", m.src, "--mirrors").returncode == 0
+    assert run_cli("status", m.src, "--check").returncode == 0
+
+
+def test_mirror_list_shows_the_lag_of_now(mount_factory, tmp_path):
+    url = f"file://{tmp_path}/mirror"
+    m = mount_factory(None, "--mirror", url)
+    (m.mnt / "a.txt").write_text("one\n")
+    run_cli("flush", m.mnt, "--mirrors", check=True)
+    assert listed(m.journal)[url]["lag_records"] == 0
+    run_cli("pause", m.mnt, "--mirror", url, check=True)
+    for i in range(3):
+        (m.mnt / f"n{i}.txt").write_text(f"new {i}\n")
+    run_cli("flush", m.mnt, check=True)
+    row = listed(m.journal)[url]
+    head = json.loads(run_cli("status", m.mnt, "--json", check=True).stdout)["journal"]["records"]
+    assert row["head_seq"] == head and row["lag_records"] == head - row["seq"] >= 6, row
+    m.umount()  # paused: no last pass
+    row = listed(m.journal)[url]  # from the journal alone: still computed now
+    assert row["lag_records"] == head - row["seq"] >= 6 and row["lag_seconds"] > 0, row
