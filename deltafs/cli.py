@@ -49,7 +49,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
         for url in args.mirror:  # bad URLs fail here, before any fork (no network yet)
             open_mirror(url, endpoint_url=args.endpoint_url).close()
-    if args.encrypt and args.ready_fd is None:  # keys into the journal before the daemon starts
+    if args.encrypt:  # keys into the journal before the daemon starts (not in its argv)
         _unlock_mount_mirrors(args, journal)
     cfg = MountConfig(src=src, mnt=mnt, journal=journal, foreground=args.foreground,
                       fuse_options=tuple(args.option), debug=args.debug,
@@ -698,10 +698,13 @@ def _register_key(jdir: str, mount, url: str, endpoint_url: str | None, key, onl
     from deltafs.journal import Journal
     from deltafs.mirrors import keys, registry
 
-    if only_if is not None:
-        with Journal.open(jdir, readonly=True) as j, j.reader() as r:
-            if only_if not in {m["url"] for m in registry.configured(r)}:
-                return False
+    with Journal.open(jdir, readonly=True) as j, j.reader() as r:
+        registered = {m["url"] for m in registry.configured(r)}
+    if only_if is not None and only_if not in registered:
+        return False
+    stored = keys.KeyStore(jdir).load(url)
+    if url in registered and (key is None or (stored is not None and stored.key_id == key.key_id)):
+        return True  # already so
     if mount is not None:
         control.request(jdir, "mirror_register", url=url, endpoint_url=endpoint_url,
                         **({"key": keys.key_to_wire(key)} if key is not None else {}))

@@ -30,6 +30,7 @@ from deltafs.errors import MirrorError
 from . import crypto as C
 from .base import Mirror, MirrorObjectMissing
 from .encrypted import EncryptedMirror, SeenStore, write_private
+from .format import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,11 @@ def open_reader(backend: Mirror, secrets: Secrets, journal_dirs: tuple[str, ...]
         return backend
     stored = next((k for k in (KeyStore(j).load(backend.url) for j in journal_dirs) if k is not None), None)
     key = unlock(backend, blob, secrets, stored=stored)
-    return EncryptedMirror(backend, key, seen_store(key, journal_dirs))
+    mirror = EncryptedMirror(backend, key, seen_store(key, journal_dirs))
+    if not mirror.exists(MANIFEST) and has_sealed_objects(backend):
+        raise C.KeyBlobCorrupt(f"mirror {backend.url}: its key blob does not open its objects (no manifest sealed "
+                               "with that key): the blob was replaced; restore it with `deltafs mirror key import`")
+    return mirror
 
 
 def missing_blob(url: str) -> MirrorError:
@@ -249,8 +254,6 @@ def create(backend: Mirror, secrets: Secrets) -> tuple[EncryptedMirror, C.Mirror
     is written there, and a passphrase slot is added only if a passphrase
     is given (file or environment); else a passphrase is required.
     """
-    from .format import MANIFEST
-
     if backend.exists(MANIFEST):
         raise MirrorError(f"mirror {backend.url} holds a plain (unencrypted) mirror: encrypt a copy of it with "
                           f"`deltafs mirror sync {backend.url} --to-encrypted NEW_URL`")
@@ -308,9 +311,9 @@ def import_key(backend: Mirror, key: C.MirrorKey, new: Secrets, *, key_file: str
     if blob is not None:
         blob.check_key(key, backend.url, f"the key file {key_file}")
     else:
-        if not had and backend.exists("manifest.json"):
+        if not had and backend.exists(MANIFEST):
             raise C.MirrorKeyError(f"mirror {backend.url} is a plain (unencrypted) mirror; a key cannot be imported")
-        if has_sealed_objects(backend) and not EncryptedMirror(backend, key).exists("manifest.json"):
+        if has_sealed_objects(backend) and not EncryptedMirror(backend, key).exists(MANIFEST):
             raise C.MirrorKeyError(f"the key file {key_file} does not open mirror {backend.url} (no manifest "
                                    "sealed with it): it is the key of another mirror")
     pw = new.passphrase(backend.url, new=True, what="new passphrase")
