@@ -596,9 +596,10 @@ def _optional_journal(args: argparse.Namespace, path: str | None = None):
     from deltafs.errors import UsageError
     from deltafs.locate import locate
 
-    named = path or getattr(args, "mount", None) or args.journal
+    where = path or getattr(args, "mount", None)
+    named = where or args.journal
     try:
-        loc = locate(named, args.journal)
+        loc = locate(where, args.journal)
     except UsageError:
         if named:
             raise
