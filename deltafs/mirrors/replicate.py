@@ -486,7 +486,7 @@ async def mirror_service(daemon, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from .keys import open_for_journal
 
         return open_for_journal(open_mirror(url, endpoint_url=getattr(daemon.cfg, "endpoint_url", None)),
-                                daemon.cfg.journal)
+                                daemon.journal.path)
 
     mirrors = [opened(url) for url in daemon.cfg.mirrors]
     workers = daemon.state.setdefault("mirrors", {})
