@@ -51,6 +51,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             open_mirror(url, endpoint_url=args.endpoint_url).close()
     if args.encrypt:  # keys into the journal before the daemon starts (not in its argv)
         _unlock_mount_mirrors(args, journal)
+    elif args.passphrase_file or args.key_file:
+        from deltafs.errors import UsageError
+        raise UsageError("--passphrase-file and --key-file go with --encrypt")
     cfg = MountConfig(src=src, mnt=mnt, journal=journal, foreground=args.foreground,
                       fuse_options=tuple(args.option), debug=args.debug,
                       capture=not args.no_capture, log_level=args.log_level,
@@ -808,7 +811,7 @@ def cmd_mirror_key(args: argparse.Namespace) -> int:
 def cmd_mirror_list(args: argparse.Namespace) -> int:
     from deltafs import mounttable
     from deltafs.journal import Journal
-    from deltafs.mirrors import registry
+    from deltafs.mirrors import keys, registry
 
     jdir, mount = _mirror_journal(args)
     with Journal.open(jdir, readonly=True) as j, j.reader() as r:
@@ -818,15 +821,19 @@ def cmd_mirror_list(args: argparse.Namespace) -> int:
     rec = (mounttable.read_record(mount.mnt) or {}) if mount else {}
     for url in [*rec.get("mirrors", []), *registered]:
         rows.setdefault(url, {"url": url, "seq": None, "head_seq": head})
+    store = keys.KeyStore(jdir)
     for url in sorted(rows):
         d = rows[url]
         d["configured"] = url in rec.get("mirrors", [])
         d["registered"] = url in registered
+        key = store.load(url)
+        d["encrypted"], d["key_id"] = key is not None, key.key_id if key else None
         if args.json:
             _print_json(d)
         else:
             err = f"  error: {d['last_error']}" if d.get("last_error") else ""
-            print(f"{url}\tat {d.get('seq')} of {head}\tlag {d.get('lag_records', '?')} records{err}")
+            enc = f"\tencrypted (key id {d['key_id']})" if d["encrypted"] else ""
+            print(f"{url}\tat {d.get('seq')} of {head}\tlag {d.get('lag_records', '?')} records{enc}{err}")
     return 0
 
 

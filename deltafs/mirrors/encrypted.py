@@ -171,6 +171,7 @@ class EncryptedMirror(Mirror):
 
         blob = read_blob(self.backend)
         if blob is None:
+            self.backend.check()  # an unplugged drive or a missing bucket says so, not "no key blob"
             raise C.MirrorKeyError(f"mirror {self.url} has no key blob ({C.KEY_BLOB}) but this journal holds a "
                                    "key for it: it was replaced or damaged (restore the blob with "
                                    "`deltafs mirror key import`)")

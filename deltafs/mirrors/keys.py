@@ -259,6 +259,9 @@ def create(backend: Mirror, secrets: Secrets) -> tuple[EncryptedMirror, C.Mirror
                           f"`deltafs mirror sync {backend.url} --to-encrypted NEW_URL`")
     if has_sealed_objects(backend):
         raise missing_blob(backend.url)
+    if secrets.key_file and os.path.lexists(secrets.key_file):
+        raise C.MirrorKeyError(f"{secrets.key_file} exists, and a new encrypted mirror gets a new key: give a "
+                               "--key-file path that does not exist yet")
     key = C.MirrorKey.generate()
     passphrase = None
     if not secrets.key_file or secrets.passphrase_file or os.environ.get(secrets.env_var):
@@ -282,6 +285,9 @@ def add_or_unlock(backend: Mirror, secrets: Secrets, *, encrypt: bool,
     if not encrypt:
         if has_sealed_objects(backend):
             raise missing_blob(backend.url)
+        if secrets.key_file:
+            raise C.MirrorKeyError(f"mirror {backend.url} is not encrypted: --key-file opens encrypted mirrors "
+                                   "(add --encrypt to make a new one)")
         return None
     return create(backend, secrets)[1]
 

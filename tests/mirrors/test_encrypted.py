@@ -440,3 +440,48 @@ def test_sync_to_encrypted_converts_and_resumes(b, tmp_path, capsys):
     assert rc == 0, err
     key2 = keys.KeyStore(b.j.path).load(f"file://{tmp_path}/enc2")
     assert key2.key_id != key.key_id
+
+
+async def test_service_backs_off_then_catches_up_and_reports_lag(b, tmp_path, monkeypatch, caplog):
+    """The mount's mirror service on an encrypted mirror whose drive is gone for
+    a while: it backs off, says why in its status, and catches up when it is
+    back, with the key the journal keeps (no passphrase)."""
+    import trio
+
+    from deltafs.mirrors import replicate as R
+
+    monkeypatch.setattr(R, "POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(R, "BACKOFF_BASE", 0.05)
+    monkeypatch.delenv("DELTAFS_PASSPHRASE")
+    (tmp_path / "usb").mkdir()
+    url = f"file://{tmp_path}/usb/m"
+    _, key = keys.create(open_mirror(url), keys.Secrets(key_file=str(tmp_path / "k")))
+    keys.KeyStore(b.j.path).save(url, key)
+
+    class D:
+        pass
+
+    d = D()
+    d.journal, d.rec, d.state = b.j, None, {}
+    d.cfg = type("C", (), {"mirrors": (url,), "endpoint_url": None})()
+    async with trio.open_nursery() as n:
+        await n.start(R.mirror_service, d)
+        w = d.state["mirrors"][url]
+        os.rename(tmp_path / "usb", tmp_path / "usb-away")  # unplugged
+        await trio.to_thread.run_sync(b.history)
+        with trio.fail_after(30):
+            while w.failures < 2:
+                await trio.sleep(0.02)
+        st = await w.status()
+        with b.j.reader() as r:
+            assert st["encrypted"] and st["state"] == "retrying" and st["lag_records"] == r.head_seq()
+        assert "does not exist" in st["last_error"], st["last_error"]
+        os.rename(tmp_path / "usb-away", tmp_path / "usb")
+        with trio.fail_after(30):
+            await w.flush()
+        assert (await w.status())["lag_records"] == 0
+        n.cancel_scope.cancel()
+    assert any("replication failed, will retry" in r.getMessage() for r in caplog.records)
+    mirror = keys.open_reader(open_mirror(url), keys.Secrets(key_file=str(tmp_path / "k")))
+    with b.j.reader() as r:
+        assert F.Manifest.decode(mirror.get(F.MANIFEST), url).last_seq == r.head_seq()
