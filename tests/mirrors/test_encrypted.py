@@ -423,8 +423,9 @@ def test_sync_to_encrypted_converts_and_resumes(b, tmp_path, capsys):
     assert rc == 0 and "replicates to" in out, err
     key = keys.KeyStore(b.j.path).load(enc)
     assert key is not None
-    victim = next(n for n in os.listdir(tmp_path / "enc" / "o"))
-    os.unlink(tmp_path / "enc" / "o" / victim)  # as if interrupted: run again, only that one is copied
+    man = F.Manifest.decode(EncryptedMirror(open_mirror(enc), key).get(F.MANIFEST), enc)
+    victim = tmp_path / "enc" / key.encode_name(man.packs[0]["name"])
+    victim.unlink()  # as if interrupted: run again, only that one is copied
     rc, out, err = run(capsys, "mirror", "sync", plain, "--to-encrypted", enc, "--journal", b.j.path, "--json")
     assert rc == 0 and '"objects": 1' in out, err
     b.write(b"after.txt", b"shipped to the new mirror by the journal\n")
