@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from deltafs.mirrors.crypto import KEY_BLOB, NAME_DIR, MirrorKey, MirrorKeyError
 from deltafs.mirrors.encrypted import EncryptedMirror
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_replication import Builder, endpoint, log_of  # noqa: E402
+from test_replication import Builder, b, endpoint, log_of, mirror_url  # noqa: E402,F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(180)
 PASS = "correct horse battery staple"
@@ -39,21 +38,6 @@ def cheap_kdf(monkeypatch):
     monkeypatch.setenv("DELTAFS_PASSPHRASE", PASS)
     for var in ("DELTAFS_NEW_PASSPHRASE", "DELTAFS_FROM_PASSPHRASE"):
         monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture
-def b(tmp_path):
-    bl = Builder(tmp_path / "j")
-    yield bl
-    bl.j.close()
-
-
-@pytest.fixture(params=["file", "s3"])
-def mirror_url(request, tmp_path):
-    if request.param == "file":
-        return f"file://{tmp_path}/mirror"
-    request.getfixturevalue("s3_env")
-    return f"s3://deltafs-test/{uuid.uuid4().hex}"
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
