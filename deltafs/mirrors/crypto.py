@@ -18,8 +18,8 @@ the secrets.
 * Object names are AES-SIV encryptions of the plaintext names (deterministic
   and keyed: the same name always gives the same stored name, so retries
   stay idempotent; a reader with the key can list).
-* Plaintext is padded to a bucket before sealing: a power of two below
-  1 MiB (at least 512 bytes), a multiple of 1 MiB above.
+* Plaintext is padded to a bucket before sealing (Padmé, at least 512
+  bytes: at most 6.25 % more, sizes reveal their top few bits only).
 """
 
 from __future__ import annotations
@@ -146,12 +146,17 @@ MiB = 1 << 20
 
 
 def padded_size(n: int) -> int:
-    """The bucket ``n`` plaintext bytes are padded to."""
+    """The bucket ``n`` plaintext bytes are padded to: Padmé (Nikitin et al.,
+    "Reducing Metadata Leakage from Encrypted Files and Communication with
+    PURBs", PETS 2019), at least 512 bytes.  With E = floor(log2 n), n is
+    rounded up to a multiple of 2^(E - bitlen(E)): a size reveals its top
+    bitlen(E) + 1 bits only (1 MiB to 32 KiB, 16 MiB to 512 KiB), and the
+    overhead is at most 6.25 % above 512 bytes (powers of two: up to 100 %)."""
     if n <= MIN_BUCKET:
         return MIN_BUCKET
-    if n < MiB:
-        return 1 << (n - 1).bit_length()
-    return -(-n // MiB) * MiB
+    e = n.bit_length() - 1
+    mask = (1 << (e - e.bit_length())) - 1
+    return (n + mask) & ~mask
 
 
 # --- sealed objects --------------------------------------------------------------
@@ -211,26 +216,34 @@ class Meta:
         return start, end - start
 
 
-def seal(key: MirrorKey, name: str, data, seq: int = 1, prev: bytes = ZERO_ID) -> tuple[bytes, Meta]:
+_INTO = hasattr(AESGCM, "encrypt_into")  # cryptography >= 45: no per-block allocations
+
+
+def seal(key: MirrorKey, name: str, data, seq: int = 1, prev: bytes = ZERO_ID) -> tuple[bytearray, Meta]:
     """The stored bytes of ``data`` as object ``name`` (version ``seq``)."""
-    data = bytes(data)
-    n = len(data)
+    src = memoryview(data).cast("B")
+    n = len(src)
     padded = padded_size(n)
     salt = os.urandom(SALT_LEN)
     aead = key.object_cipher(salt)
     aad = _aad(name, salt)
     head = MAGIC + salt + aead.encrypt(_META_NONCE, _META.pack(n, padded, seq, prev), aad)
-    out = [head]
+    out = bytearray(stored_size(padded))
+    out[:HEAD] = head
+    view = memoryview(out)
     nb = -(-padded // BLOCK)
-    full = n // BLOCK
+    pos = HEAD
     for i in range(nb):
-        if i < full:
-            block = data[i * BLOCK:(i + 1) * BLOCK]
+        start = i * BLOCK
+        plen = min(BLOCK, padded - start)
+        block = src[start:start + plen] if start + plen <= n else bytes(src[start:n]).ljust(plen, b"\0")
+        if _INTO:
+            aead.encrypt_into(_nonce(i, i == nb - 1), block, aad, view[pos:pos + plen + TAG])
         else:
-            block = data[i * BLOCK:(i + 1) * BLOCK].ljust(min(BLOCK, padded - i * BLOCK), b"\0")
-        out.append(aead.encrypt(_nonce(i, i == nb - 1), block, aad))
+            view[pos:pos + plen + TAG] = aead.encrypt(_nonce(i, i == nb - 1), block, aad)
+        pos += plen + TAG
     meta = Meta(n, padded, seq, prev, hashlib.blake2b(head, digest_size=32).digest(), salt)
-    return b"".join(out), meta
+    return out, meta
 
 
 def open_meta(key: MirrorKey, name: str, head: bytes, url: str) -> Meta:
@@ -239,7 +252,7 @@ def open_meta(key: MirrorKey, name: str, head: bytes, url: str) -> Meta:
         raise ObjectTampered(f"mirror {url}: {name} is truncated ({len(head)} bytes)")
     if head[:len(MAGIC)] != MAGIC:
         raise ObjectTampered(f"mirror {url}: {name} is not an encrypted deltafs object (bad magic)")
-    salt = head[len(MAGIC):len(MAGIC) + SALT_LEN]
+    salt = bytes(head[len(MAGIC):len(MAGIC) + SALT_LEN])
     try:
         plain = key.object_cipher(salt).decrypt(_META_NONCE, head[len(MAGIC) + SALT_LEN:HEAD], _aad(name, salt))
     except InvalidTag:
@@ -248,31 +261,40 @@ def open_meta(key: MirrorKey, name: str, head: bytes, url: str) -> Meta:
     n, padded, seq, prev = _META.unpack(plain)
     if n > padded or seq < 1:
         raise ObjectTampered(f"mirror {url}: {name} has an impossible header")
-    return Meta(n, padded, seq, prev, hashlib.blake2b(head[:HEAD], digest_size=32).digest(), salt)
+    return Meta(n, padded, seq, prev, hashlib.blake2b(bytes(head[:HEAD]), digest_size=32).digest(), salt)
 
 
-def open_blocks(key: MirrorKey, name: str, meta: Meta, first: int, stored: bytes, url: str) -> bytes:
+def open_blocks(key: MirrorKey, name: str, meta: Meta, first: int, stored, url: str) -> bytearray:
     """Plaintext of blocks first.. (padding included) from their stored bytes."""
     aead = key.object_cipher(meta.salt)
     aad = _aad(name, meta.salt)
-    out = []
-    pos = 0
-    i = first
+    stored = memoryview(stored)
+    spans = []
+    pos, i = 0, first
     while pos < len(stored):
         plen = min(BLOCK, meta.padded - i * BLOCK)
         if plen <= 0:
             raise ObjectTampered(f"mirror {url}: {name} is longer than its header says")
-        ct = stored[pos:pos + plen + TAG]
-        if len(ct) != plen + TAG:
+        if len(stored) - pos < plen + TAG:
             raise ObjectTampered(f"mirror {url}: {name} is truncated")
+        spans.append((i, pos, plen))
+        pos += plen + TAG
+        i += 1
+    out = bytearray(sum(p for _, _, p in spans))
+    view = memoryview(out)
+    at = 0
+    for i, pos, plen in spans:
+        ct = stored[pos:pos + plen + TAG]
         try:
-            out.append(aead.decrypt(_nonce(i, i == meta.blocks - 1), ct, aad))
+            if _INTO:
+                aead.decrypt_into(_nonce(i, i == meta.blocks - 1), ct, aad, view[at:at + plen])
+            else:
+                view[at:at + plen] = aead.decrypt(_nonce(i, i == meta.blocks - 1), ct, aad)
         except InvalidTag:
             raise ObjectTampered(f"mirror {url}: {name} fails authentication at block {i} (altered, swapped, "
                                  "or sealed with another key)") from None
-        pos += plen + TAG
-        i += 1
-    return b"".join(out)
+        at += plen
+    return out
 
 
 def open_object(key: MirrorKey, name: str, stored: bytes, url: str) -> tuple[Meta, bytes]:
@@ -282,7 +304,8 @@ def open_object(key: MirrorKey, name: str, stored: bytes, url: str) -> tuple[Met
         what = "truncated" if len(stored) < meta.stored else "longer than its header says"
         raise ObjectTampered(f"mirror {url}: {name} is {what} ({len(stored)} bytes, expected {meta.stored})")
     plain = open_blocks(key, name, meta, 0, memoryview(stored)[HEAD:], url)
-    return meta, plain[:meta.length]
+    del plain[meta.length:]  # the padding
+    return meta, bytes(plain)
 
 
 # --- passphrase KDF --------------------------------------------------------------

@@ -280,9 +280,9 @@ class EncryptedMirror(Mirror):
             raw = self.backend.get_range(stored, start, span)
         if len(raw) != span:
             raise C.ObjectTampered(f"mirror {self.url}: {name} is truncated")
-        plain = C.open_blocks(self.key, name, meta, first, raw, self.url)
+        plain = memoryview(C.open_blocks(self.key, name, meta, first, raw, self.url))
         skip = offset - first * C.BLOCK
-        return plain[skip:skip + end - offset]
+        return bytes(plain[skip:skip + end - offset])
 
     def exists(self, name: str) -> bool:
         stored = self._stored(name)

@@ -470,3 +470,54 @@ async def test_service_backs_off_then_catches_up_and_reports_lag(b, tmp_path, mo
     mirror = keys.open_reader(open_mirror(url), keys.Secrets(key_file=str(tmp_path / "k")))
     with b.j.reader() as r:
         assert F.Manifest.decode(mirror.get(F.MANIFEST), url).last_seq == r.head_seq()
+
+
+def test_passphrase_prompt_on_a_terminal(b, tmp_path):
+    """On a terminal the passphrase is asked (twice for a new one), never echoed or taken from argv."""
+    import pty
+    import select
+    import subprocess
+
+    def converse(args, answers) -> tuple[int, bytes]:
+        master, slave = pty.openpty()
+        env = {k: v for k, v in os.environ.items() if k != "DELTAFS_PASSPHRASE"}
+        p = subprocess.Popen([sys.executable, "-m", "deltafs", *map(str, args)], stdin=slave, stdout=slave,
+                             stderr=slave, env=env, start_new_session=True)
+        os.close(slave)
+        seen = b""
+        try:
+            for want, answer in answers:
+                while want not in seen:
+                    r, _, _ = select.select([master], [], [], 60)
+                    assert r, f"no {want!r} prompt; got {seen!r}"
+                    seen += os.read(master, 4096)
+                seen = seen.split(want, 1)[1]
+                os.write(master, answer + b"\n")
+            rc = p.wait(timeout=120)
+            with contextlib.suppress(OSError):
+                while select.select([master], [], [], 0.5)[0]:
+                    chunk = os.read(master, 4096)
+                    if not chunk:
+                        break
+                    seen += chunk
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            os.close(master)
+        return rc, seen
+
+    url = f"file://{tmp_path}/m"
+    path = b.j.path
+    b.j.close()
+    try:
+        rc, out = converse(["mirror", "add", url, "--encrypt", "--journal", path],
+                           [(b"new passphrase for", b"typed secret"), (b"again", b"typed secret")])
+        assert rc == 0 and b"typed secret" not in out, out
+        assert cli.main(["mirror", "sync", url, "--journal", str(path)]) == 0  # the journal's key: no prompt
+        rc, out = converse(["verify", "--mirror", url], [(b"passphrase for", b"typed wrong")])
+        assert rc == EXIT_USAGE and b"wrong passphrase" in out
+        rc, out = converse(["verify", "--mirror", url], [(b"passphrase for", b"typed secret")])
+        assert rc == 0 and b"typed secret" not in out, out
+    finally:
+        b.j = Journal.open(path, clock=b.clock)

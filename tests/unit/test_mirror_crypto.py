@@ -17,8 +17,12 @@ MiB = 1 << 20
 
 def test_padding_buckets():
     assert [C.padded_size(n) for n in (0, 1, 512, 513, 4096, 4097, MiB - 1)] == \
-        [512, 512, 512, 1024, 4096, 8192, MiB]
-    assert [C.padded_size(n) for n in (MiB, MiB + 1, 16 * MiB + 7)] == [MiB, 2 * MiB, 17 * MiB]
+        [512, 512, 512, 544, 4096, 4352, MiB]
+    assert [C.padded_size(n) for n in (MiB, MiB + 1, 16 * MiB + 7)] == [MiB, MiB + 32768, 16 * MiB + 524288]
+    rnd = random.Random(3)
+    for n in [rnd.randrange(513, 1 << 34) for _ in range(20000)]:
+        p = C.padded_size(n)
+        assert n <= p <= n * 1.0625 and C.padded_size(p) == p  # buckets are fixed points
     for n in (700, 70_000, 3 * MiB):  # the stored size depends on the bucket only
         key = C.MirrorKey.generate()
         assert len(C.seal(key, "x", b"a" * n)[0]) == len(C.seal(key, "x", b"b" * C.padded_size(n))[0])
