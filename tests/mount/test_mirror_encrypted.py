@@ -5,6 +5,7 @@ nothing secret reaches argv, the log, the mount table or the mirror."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import uuid
@@ -86,6 +87,8 @@ def test_mirror_add_encrypt_while_mounted_starts_at_once(mount_factory, tmp_path
     run_cli("flush", m.mnt, "--mirrors", check=True)  # the daemon got the key: no remount
     ps = Path(f"/proc/{m.proc.pid}/cmdline").read_bytes()
     assert PASS.encode() not in ps and b"--passphrase" not in ps
+    from deltafs import mounttable
+    assert PASS not in json.dumps(mounttable.read_record(str(m.mnt)))  # the mount table neither
     res = run_cli("clone", url, tmp_path / "clone", env=env)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "clone" / "a.txt").read_text() == "before the mirror\n"
