@@ -85,11 +85,12 @@ check: venv
 	$(VENV)/bin/python -m pytest -m "unit or ops" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "no tests were collected: failing"; exit 1; fi; exit $$rc
 
-# The three measurements of docs/benchmarks.md, one after the other, each writing its own
+# The measurements of docs/benchmarks.md, one after the other, each writing its own
 # section (--write-docs keeps the others'): the paired native/no-capture/capture table, then
-# mirrors/log/diff/restore at scale, then journal size on edit histories. All three run even if
-# one fails; the exit status says whether any did. Ctrl-C stops the whole sequence.
-BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size
+# mirrors/log/diff/restore at scale, then journal size on edit histories, then encrypted
+# mirrors against plain ones. All run even if one fails; the exit status says whether any did.
+# Ctrl-C stops the whole sequence.
+BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size tools.bench.encrypted
 define run_benches
 	@failed=""; for prog in $(BENCH_PROGRAMS); do \
 	  echo "== $$(date -u +%H:%M:%S) python -m $$prog $(1)" >&2; start=$$(date +%s); \

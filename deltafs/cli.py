@@ -49,6 +49,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
         for url in args.mirror:  # bad URLs fail here, before any fork (no network yet)
             open_mirror(url, endpoint_url=args.endpoint_url).close()
+    if args.encrypt:  # keys into the journal before the daemon starts (not in its argv)
+        _unlock_mount_mirrors(args, journal)
+    elif args.passphrase_file or args.key_file:
+        from deltafs.errors import UsageError
+        raise UsageError("--passphrase-file and --key-file go with --encrypt")
     cfg = MountConfig(src=src, mnt=mnt, journal=journal, foreground=args.foreground,
                       fuse_options=tuple(args.option), debug=args.debug,
                       capture=not args.no_capture, log_level=args.log_level,
@@ -74,6 +79,21 @@ def cmd_mount(args: argparse.Namespace) -> int:
         mount.spawn_daemon(cfg, argv)
         return 0
     return mount.run_daemon(cfg, args.ready_fd)
+
+
+def _unlock_mount_mirrors(args: argparse.Namespace, journal: str) -> None:
+    """mount --mirror URL --encrypt: create or unlock each mirror, keep its key in the journal."""
+    from deltafs.errors import UsageError
+    from deltafs.mirrors import keys, open_mirror
+
+    if not args.mirror:
+        raise UsageError("--encrypt needs --mirror URL")
+    store = keys.KeyStore(journal)
+    for url in args.mirror:
+        with open_mirror(url, endpoint_url=args.endpoint_url) as backend:
+            backend.check()
+            key = keys.add_or_unlock(backend, _secrets(args), encrypt=True, stored=store.load(backend.url))
+            store.save(backend.url, key)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -618,6 +638,7 @@ def _add_maintenance_parsers(sub) -> None:
                    help="verify this mirror instead: manifest, chain across segments, pack chunks "
                         "(a sample of packs; with --full every pack)")
     v.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for an s3:// --mirror")
+    secret_options(v)
     v.set_defaults(func=cmd_verify)
 
     c = sub.add_parser("compact", help="apply retention now and free unreferenced chunks",
@@ -647,14 +668,58 @@ def _mirror_journal(args: argparse.Namespace):
     return loc.journal, loc.mount
 
 
+def _optional_journal(args: argparse.Namespace, path: str | None = None):
+    """Like _mirror_journal, but (None, None) when no journal is named or found."""
+    from deltafs.errors import UsageError
+    from deltafs.locate import locate
+
+    where = path or getattr(args, "mount", None)
+    named = where or args.journal
+    try:
+        loc = locate(where, args.journal)
+    except UsageError:
+        if named:
+            raise
+        return None, None
+    return loc.journal, loc.mount
+
+
+def _prompt(text: str) -> str:
+    import getpass
+
+    try:
+        return getpass.getpass(text)
+    except EOFError:
+        return ""
+
+
+def _secrets(args: argparse.Namespace, *, new: bool = False, source: bool = False):
+    """Where a mirror command takes its passphrase or key from (docs/mirrors.md)."""
+    from deltafs.mirrors.keys import NEW_PASSPHRASE_ENV, PASSPHRASE_ENV, SOURCE_PASSPHRASE_ENV, Secrets
+
+    prompt = _prompt if sys.stdin.isatty() else None
+    if source:
+        return Secrets(key_file=args.from_key_file, prompt=prompt, env_var=SOURCE_PASSPHRASE_ENV)
+    if new:
+        return Secrets(passphrase_file=args.new_passphrase_file, prompt=prompt, env_var=NEW_PASSPHRASE_ENV)
+    return Secrets(passphrase_file=getattr(args, "passphrase_file", None), key_file=getattr(args, "key_file", None),
+                   prompt=prompt, env_var=PASSPHRASE_ENV)
+
+
 def cmd_mirror_sync(args: argparse.Namespace) -> int:
     from deltafs.errors import JournalLockedError
     from deltafs.journal import Journal
-    from deltafs.mirrors import open_mirror
+    from deltafs.mirrors import keys, open_mirror
     from deltafs.mirrors.replicate import record_status, replicate_once
 
+    if args.to_encrypted:
+        return _sync_to_encrypted(args)
     jdir, _ = _mirror_journal(args)
-    mirror = open_mirror(args.url, endpoint_url=args.endpoint_url)
+    backend = open_mirror(args.url, endpoint_url=args.endpoint_url)
+    with backend:
+        mirror = keys.open_for_journal(backend, jdir)
+        if mirror is backend:  # no stored key: plain, or unlocked with the passphrase or key file
+            mirror = keys.open_reader(backend, _secrets(args), (jdir,))
     try:
         j = Journal.open(jdir)
     except JournalLockedError:  # a running mount: replicate read-only, the manifest is the cursor
@@ -670,46 +735,157 @@ def cmd_mirror_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync_to_encrypted(args: argparse.Namespace) -> int:
+    """mirror sync URL --to-encrypted NEW_URL: copy every object into a new encrypted mirror."""
+    from deltafs.mirrors import keys, open_mirror
+    from deltafs.mirrors.convert import copy_mirror
+    from deltafs.mirrors.encrypted import EncryptedMirror
+
+    jdir, mount = _optional_journal(args)
+    jdirs = (jdir,) if jdir else ()
+    src_backend = open_mirror(args.url, endpoint_url=args.endpoint_url)
+    dst_backend = open_mirror(args.to_encrypted, endpoint_url=args.endpoint_url)
+    if dst_backend.url == src_backend.url:
+        from deltafs.errors import UsageError
+        raise UsageError("--to-encrypted needs another URL than the mirror it copies")
+    with src_backend, dst_backend:
+        src = keys.open_reader(src_backend, _secrets(args, source=True), jdirs)
+        dst_backend.check()
+        key = keys.add_or_unlock(dst_backend, _secrets(args), encrypt=True)
+        if getattr(src, "key", None) is not None and src.key.key_id == key.key_id:
+            from deltafs.errors import UsageError
+            raise UsageError(f"{dst_backend.url} has the same key as {src_backend.url}; copy into a new mirror")
+        rep = copy_mirror(src, EncryptedMirror(dst_backend, key, keys.seen_store(key, jdirs)))
+        registered = jdir is not None and _register_key(jdir, mount, dst_backend.url, args.endpoint_url, key,
+                                                        only_if=src_backend.url)
+    if args.json:
+        _print_json({**rep.to_dict(), "key_id": key.key_id, "registered": registered})
+    else:
+        print(f"copied {rep.objects} objects ({rep.bytes} bytes; {rep.skipped} already there) of {rep.source} "
+              f"into encrypted mirror {rep.dest} (key id {key.key_id}); it holds records up to {rep.last_seq}")
+        if registered:
+            print(f"the journal now replicates to {rep.dest} too; stop using the old one with "
+                  f"`deltafs mirror remove {rep.source}`")
+    return 0
+
+
+def _register_key(jdir: str, mount, url: str, endpoint_url: str | None, key, only_if: str | None = None) -> bool:
+    """Register mirror ``url`` in the journal with its key (through the daemon when mounted).
+    ``only_if``: only when that mirror is registered there.  -> registered."""
+    from deltafs import control
+    from deltafs.journal import Journal
+    from deltafs.mirrors import keys, registry
+
+    with Journal.open(jdir, readonly=True) as j, j.reader() as r:
+        registered = {m["url"] for m in registry.configured(r)}
+    if only_if is not None and only_if not in registered:
+        return False
+    stored = keys.KeyStore(jdir).load(url)
+    if url in registered and (key is None or (stored is not None and stored.key_id == key.key_id)):
+        return True  # already so
+    if mount is not None:
+        control.request(jdir, "mirror_register", url=url, endpoint_url=endpoint_url,
+                        **({"key": keys.key_to_wire(key)} if key is not None else {}))
+        return True
+    if key is not None:
+        keys.KeyStore(jdir).save(url, key)
+    with Journal.open(jdir) as j:
+        registry.add(j, url, endpoint_url)
+    return True
+
+
 def cmd_mirror_register(args: argparse.Namespace) -> int:
     """mirror add / mirror remove: registered in the journal, used by every mount of it."""
     from deltafs import control
     from deltafs.journal import Journal
-    from deltafs.mirrors import open_mirror, registry
+    from deltafs.mirrors import keys, open_mirror, registry
 
     remove = args.mirror_command == "remove"
     jdir, mount = _mirror_journal(args)
     mirror = open_mirror(args.url, endpoint_url=getattr(args, "endpoint_url", None))
     url = mirror.url
+    key = None
     if not remove:
         with mirror:
             mirror.check()  # an unreachable mirror or wrong credentials: say so now
-    active = False
+            # an encrypted mirror (or a new one with --encrypt): its key, kept in the journal
+            key = keys.add_or_unlock(mirror, _secrets(args), encrypt=args.encrypt,
+                                     stored=keys.KeyStore(jdir).load(url))
+    active = started = False
     if mount is not None:  # the daemon is the journal's only writer
         resp = control.request(jdir, "mirror_register", url=url, remove=remove,
-                               endpoint_url=getattr(args, "endpoint_url", None))
-        changed, active = resp["changed"], resp["active"]
+                               endpoint_url=getattr(args, "endpoint_url", None),
+                               **({"key": keys.key_to_wire(key)} if key is not None else {}))
+        changed, active, started = resp["changed"], resp["active"], resp.get("started", False)
     else:
+        if key is not None:
+            keys.KeyStore(jdir).save(url, key)
         with Journal.open(jdir) as j:
             changed = (registry.remove(j, url) if remove
                        else registry.add(j, url, getattr(args, "endpoint_url", None)))
     if remove and not changed:
         from deltafs.errors import NotFoundError
         raise NotFoundError(f"{url} is not a registered mirror of {jdir}")
+    if remove:
+        keys.KeyStore(jdir).remove(url)
     if args.json:
-        _print_json({"url": url, "registered": not remove, "changed": changed, "mounted": mount is not None})
+        _print_json({"url": url, "registered": not remove, "changed": changed, "mounted": mount is not None,
+                     "encrypted": key is not None, "key_id": key.key_id if key else None, "started": started})
     elif remove:
         note = " (the running mount keeps replicating to it until it is unmounted)" if active else ""
         print(f"removed mirror {url}{note}")
     else:
-        note = ("; the running mount replicates to it from its next mount on — "
-                f"`deltafs mirror sync {url}` ships everything now") if mount is not None and not active else ""
-        print(f"added mirror {url}: every mount of this journal replicates to it{note}")
+        what = f"encrypted mirror {url} (key id {key.key_id})" if key is not None else f"mirror {url}"
+        if started:
+            note = "; the running mount replicates to it now"
+        elif mount is not None and not active:
+            note = ("; the running mount replicates to it from its next mount on — "
+                    f"`deltafs mirror sync {url}` ships everything now")
+        else:
+            note = ""
+        print(f"added {what}: every mount of this journal replicates to it{note}")
+    return 0
+
+
+def cmd_mirror_passwd(args: argparse.Namespace) -> int:
+    from deltafs.mirrors import keys, open_mirror
+
+    with open_mirror(args.url, endpoint_url=args.endpoint_url) as mirror:
+        blob = keys.passwd(mirror, _secrets(args), _secrets(args, new=True))
+    if args.json:
+        _print_json({"url": mirror.url, "key_id": blob.key_id, "kdf": {k: v for k, v in blob.kdf.to_dict().items()
+                                                                         if k != "salt"}})
+    else:
+        print(f"changed the passphrase of {mirror.url} (key id {blob.key_id}); the old one no longer opens it")
+    return 0
+
+
+def cmd_mirror_key(args: argparse.Namespace) -> int:
+    from deltafs.mirrors import crypto, keys, open_mirror
+
+    with open_mirror(args.url, endpoint_url=args.endpoint_url) as backend:
+        if args.key_command == "export":
+            jdir, _ = _optional_journal(args)
+            key = keys.export_key(backend, _secrets(args), (jdir,) if jdir else ())
+            text = crypto.export_key(key, backend.url)
+            if args.output and args.output != "-":
+                keys.write_key_file(args.output, key, backend.url)
+                print(f"wrote the key of {backend.url} (key id {key.key_id}) to {args.output}: keep it safe",
+                      file=sys.stderr)
+            else:
+                sys.stdout.write(text)
+            return 0
+        key = keys.Secrets(key_file=args.file).load_key_file()
+        had = keys.import_key(backend, key, _secrets(args), key_file=args.file)
+    print(f"{'replaced' if had else 'wrote'} the key blob of {backend.url} (key id {key.key_id}): it opens with "
+          "the new passphrase")
     return 0
 
 
 def cmd_mirror_list(args: argparse.Namespace) -> int:
     from deltafs import control, mounttable, status
     from deltafs.journal import Journal
+    from deltafs.mirrors import keys
 
     jdir, mount = _mirror_journal(args)
     with Journal.open(jdir, readonly=True) as j, j.reader() as r:
@@ -724,6 +900,7 @@ def cmd_mirror_list(args: argparse.Namespace) -> int:
             pass
     for url in [*rec.get("mirrors", []), *live]:
         rows.setdefault(url, {"url": url, "seq": None, "head_seq": head, "registered": False})
+    store = keys.KeyStore(jdir)
     for url in sorted(rows):
         d = rows[url]
         if url in live:
@@ -732,12 +909,15 @@ def cmd_mirror_list(args: argparse.Namespace) -> int:
             d.update({k: live[url].get(k) for k in keep})
         d["configured"] = url in rec.get("mirrors", [])
         d["registered"] = bool(d.get("registered"))
+        key = store.load(url)
+        d["encrypted"], d["key_id"] = key is not None, key.key_id if key else None
         if args.json:
             _print_json(d)
         else:
             err = f"  error: {d['last_error']}" if d.get("last_error") else ""
+            enc = f"\tencrypted (key id {d['key_id']})" if d["encrypted"] else ""
             print(f"{url}\tat {d.get('seq')} of {d.get('head_seq', head)}\tlag {d.get('lag_records', '?')} "
-                  f"records{err}")
+                  f"records{enc}{err}")
     return 0
 
 
@@ -746,7 +926,7 @@ def cmd_clone(args: argparse.Namespace) -> int:
 
     from deltafs import history
     from deltafs.errors import UsageError
-    from deltafs.mirrors import open_mirror
+    from deltafs.mirrors import keys, open_mirror
     from deltafs.mirrors.clone import check_when, clone_journal
     from deltafs.when import parse_when
 
@@ -756,7 +936,12 @@ def cmd_clone(args: argparse.Namespace) -> int:
     if args.at is not None:
         parse_when(args.at)  # a WHEN that does not parse: refused before the mirror is opened
     made = not os.path.lexists(dest)
-    mirror = open_mirror(args.mirror, endpoint_url=args.endpoint_url)
+    backend = open_mirror(args.mirror, endpoint_url=args.endpoint_url)
+    try:
+        mirror = keys.open_reader(backend, _secrets(args))  # encrypted: unlocked before DEST is touched
+    except BaseException:
+        backend.close()
+        raise
     jdir = os.path.join(dest, ".deltafs")
     try:
         with mirror:
@@ -764,6 +949,7 @@ def cmd_clone(args: argparse.Namespace) -> int:
                 check_when(mirror, args.at)  # before anything is downloaded
             os.makedirs(dest, exist_ok=True)
             rep = clone_journal(mirror, jdir)
+            keys.remember_in(mirror, jdir)  # the clone's journal knows the versions it saw (rollbacks)
         tree = history.restore(jdir, b"", at=args.at, dest=dest, force=True)
     except BaseException:
         shutil.rmtree(dest if made else jdir, ignore_errors=True)
@@ -778,19 +964,33 @@ def cmd_clone(args: argparse.Namespace) -> int:
 
 def cmd_verify_mirror(args: argparse.Namespace) -> int:
     from deltafs.errors import EXIT_MIRROR
-    from deltafs.mirrors import open_mirror
+    from deltafs.mirrors import keys, open_mirror
     from deltafs.mirrors.clone import verify_mirror
 
-    with open_mirror(args.mirror, endpoint_url=args.endpoint_url) as mirror:
+    jdir, _ = _optional_journal(args, args.path)  # a journal that has seen the mirror knows its versions
+    with open_mirror(args.mirror, endpoint_url=args.endpoint_url) as backend:
+        mirror = keys.open_reader(backend, _secrets(args), (jdir,) if jdir else ())
         rep = verify_mirror(mirror, full=args.full)
+    key = getattr(mirror, "key", None)
     for e in rep.errors:
         print(f"deltafs: {mirror.url}: {e}", file=sys.stderr)
     if args.json:
-        _print_json(rep.to_dict())
+        _print_json({**rep.to_dict(), "encrypted": key is not None, "key_id": key.key_id if key else None})
     elif not rep.errors:
-        print(f"{mirror.url}: ok: {rep.records} records in {rep.segments} segments, "
+        enc = f" (encrypted, key id {key.key_id})" if key is not None else ""
+        print(f"{mirror.url}: ok{enc}: {rep.records} records in {rep.segments} segments, "
               f"{rep.chunks_checked} chunks in {rep.packs_checked} of {rep.packs} packs checked")
     return EXIT_MIRROR if rep.errors else 0
+
+
+def secret_options(q, key_file: bool = True) -> None:
+    """--passphrase-file and --key-file of the commands that open an encrypted mirror."""
+    q.add_argument("--passphrase-file", metavar="FILE",
+                   help="an encrypted mirror's passphrase, from FILE (else $DELTAFS_PASSPHRASE, else a prompt "
+                        "on a terminal)")
+    if key_file:
+        q.add_argument("--key-file", metavar="FILE",
+                       help="an encrypted mirror's key file (deltafs mirror key export) instead of a passphrase")
 
 
 def _add_mirror_parsers(sub) -> None:
@@ -816,6 +1016,13 @@ def _add_mirror_parsers(sub) -> None:
     sy.add_argument("url", metavar="URL")
     where(sy)
     endpoint(sy)
+    secret_options(sy)
+    sy.add_argument("--to-encrypted", metavar="NEW_URL",
+                    help="instead: copy every object of mirror URL (plain or encrypted) into NEW_URL, a new "
+                         "encrypted mirror with a new key (resumable); the journal then replicates to it too")
+    sy.add_argument("--from-key-file", metavar="FILE",
+                    help="with --to-encrypted: the key file of URL when it is encrypted and the journal holds "
+                         "no key for it (else its passphrase is asked, or read from $DELTAFS_FROM_PASSPHRASE)")
     sy.add_argument("--json", action="store_true", help="print the pass's statistics as JSON")
     sy.set_defaults(func=cmd_mirror_sync)
     for verb, text in (("add", "register a mirror: every mount of the journal replicates to it"),
@@ -828,8 +1035,47 @@ def _add_mirror_parsers(sub) -> None:
         where(mr)
         if verb == "add":
             endpoint(mr)
+            mr.add_argument("--encrypt", action="store_true",
+                            help="make a new (empty) mirror an encrypted one: a new key, wrapped by a passphrase "
+                                 "(or written to --key-file). An encrypted mirror is recognised without it")
+            secret_options(mr)
         mr.add_argument("--json", action="store_true", help="print the result as JSON")
         mr.set_defaults(func=cmd_mirror_register)
+    pw = msub.add_parser("passwd", help="change the passphrase of an encrypted mirror",
+                         description="Wrap the mirror's data key under a new passphrase (Argon2id parameters "
+                                     "calibrated anew). Nothing else is re-encrypted; the old passphrase no "
+                                     "longer opens the mirror. The current one comes from --passphrase-file, "
+                                     "$DELTAFS_PASSPHRASE or a prompt (or give --key-file); the new one from "
+                                     "--new-passphrase-file, $DELTAFS_NEW_PASSPHRASE or a prompt.",
+                         epilog=EPILOG, formatter_class=fmt)
+    pw.add_argument("url", metavar="URL")
+    endpoint(pw)
+    secret_options(pw)
+    pw.add_argument("--new-passphrase-file", metavar="FILE", help="read the new passphrase from FILE")
+    pw.add_argument("--json", action="store_true", help="print the result as JSON")
+    pw.set_defaults(func=cmd_mirror_passwd)
+    ky = msub.add_parser("key", help="export or import the key of an encrypted mirror (backup)",
+                         description="export: print (or write to -o FILE, mode 0600) the mirror's data key "
+                                     "as a key file, a backup for paper or a safe place; it opens the mirror "
+                                     "without the passphrase. import: write a new key blob into the mirror from "
+                                     "such a backup, under a new passphrase (a lost or corrupted blob, a "
+                                     "forgotten passphrase).", epilog=EPILOG, formatter_class=fmt)
+    ksub = ky.add_subparsers(dest="key_command", metavar="ACTION")
+    ksub.required = True
+    ke = ksub.add_parser("export", help="print or write the data key", epilog=EPILOG, formatter_class=fmt)
+    ke.add_argument("url", metavar="URL")
+    ke.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (never overwritten) instead of stdout")
+    where(ke)
+    endpoint(ke)
+    secret_options(ke, key_file=False)
+    ke.set_defaults(func=cmd_mirror_key)
+    ki = ksub.add_parser("import", help="write a new key blob from a key file", epilog=EPILOG, formatter_class=fmt)
+    ki.add_argument("url", metavar="URL")
+    ki.add_argument("file", metavar="KEYFILE")
+    endpoint(ki)
+    ki.add_argument("--passphrase-file", metavar="FILE",
+                    help="the new passphrase (else $DELTAFS_PASSPHRASE, else a prompt)")
+    ki.set_defaults(func=cmd_mirror_key)
     ls = msub.add_parser("list", help="mirrors of a journal and their lag", epilog=EPILOG, formatter_class=fmt)
     where(ls)
     ls.add_argument("--json", action="store_true", help="JSON Lines, one object per mirror")
@@ -844,6 +1090,7 @@ def _add_mirror_parsers(sub) -> None:
     cl.add_argument("--at", metavar="WHEN", help="the tree at WHEN (default: the latest)")
     _add_nearest(cl)
     endpoint(cl)
+    secret_options(cl)
     cl.add_argument("--json", action="store_true", help="print a JSON summary")
     cl.set_defaults(func=cmd_clone)
 
@@ -877,6 +1124,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mirror", metavar="URL", action="append", default=[],
                    help="replicate the journal to this mirror (file:///path or s3://bucket/prefix; repeatable)")
     m.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for s3:// mirrors (self-hosted S3)")
+    m.add_argument("--encrypt", action="store_true",
+                   help="the --mirror URLs are encrypted: a new (empty) one gets a new key, an existing one is "
+                        "unlocked; the key is kept in the journal, so later mounts need no passphrase")
+    secret_options(m)
     _add_retention_options(m)
     m.add_argument("--compact-every", metavar="MINUTES",
                    help="minutes between background compaction passes (default 10; fractions allowed)")

@@ -192,6 +192,7 @@ def _encode(d: dict) -> bytes:
 
 
 async def _dispatch(daemon, state, line: bytes) -> dict:
+    req = None
     try:
         req = json.loads(line)
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
@@ -205,8 +206,9 @@ async def _dispatch(daemon, state, line: bytes) -> dict:
         return {"ok": False, "error": str(e), "code": e.exit_code}
     except ValueError as e:
         return {"ok": False, "error": f"bad request: {e}", "code": EXIT_USAGE}
-    except Exception as e:
-        log.exception("control request %r failed", line[:200])
+    except Exception as e:  # the request may carry a mirror key: log its op only
+        op = req.get("op") if isinstance(req, dict) else None
+        log.exception("control request %r failed", op if op is not None else "<unparsed>")
         return {"ok": False, "error": f"internal error: {e}", "code": EXIT_DAEMON}
 
 
@@ -329,9 +331,19 @@ async def _op_mirror_register(daemon, state, req) -> dict:
         raise UsageError('mirror add/remove needs a "url" string')
     if req.get("remove"):
         changed = await trio.to_thread.run_sync(registry.remove, daemon.journal, url)
-    else:
-        changed = await trio.to_thread.run_sync(registry.add, daemon.journal, url, req.get("endpoint_url"))
-    return {"changed": changed, "active": url in daemon.cfg.mirrors}
+        return {"changed": changed, "active": url in (daemon.state.get("mirrors") or {})}
+    key = req.get("key")  # an encrypted mirror's unwrapped data key (this socket serves our uid only)
+    if key is not None:
+        from deltafs.mirrors.keys import KeyStore, key_from_wire
+
+        await trio.to_thread.run_sync(KeyStore(daemon.cfg.journal).save, url, key_from_wire(key))
+    changed = await trio.to_thread.run_sync(registry.add, daemon.journal, url, req.get("endpoint_url"))
+    add = daemon.state.get("mirror_add")
+    started = False
+    if add is not None and (key is not None or url not in (daemon.state.get("mirrors") or {})):
+        await add(url)  # replicate at once
+        started = True
+    return {"changed": changed, "active": url in (daemon.state.get("mirrors") or {}), "started": started}
 
 
 async def _op_compact(daemon, state, req) -> dict:

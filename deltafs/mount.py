@@ -304,11 +304,10 @@ def _services(cfg: MountConfig) -> list:
     """
     from deltafs import control, maintenance
 
-    services = [control.serve, maintenance.maintenance_service]
-    if cfg.mirrors:
-        from deltafs.mirrors.replicate import mirror_service
+    from deltafs.mirrors.replicate import mirror_service
 
-        services.append(mirror_service)
+    # mirror_service runs without mirrors too: `mirror add` may start one while mounted
+    services = [control.serve, maintenance.maintenance_service, mirror_service]
     if cfg.metrics_addr:
         from deltafs.metrics import metrics_service
 

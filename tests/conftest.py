@@ -9,6 +9,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fusetools import Mount  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _private_state_home(tmp_path_factory, monkeypatch):
+    """Per-user state (the mirror versions an encrypted mirror's readers have
+    seen) goes to a temp dir, never to the real ~/.local/state."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def mount_factory(tmp_path):
     """Make mounts on demand; every one is unmounted at teardown, even on failure."""

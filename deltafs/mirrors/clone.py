@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 def require_manifest(mirror: Mirror) -> F.Manifest:
     m = load_manifest(mirror)
+    if m is None and mirror.exists(F.KEY_BLOB):
+        raise MirrorError(f"mirror {mirror.url} is encrypted: open it with its passphrase or key file")
     if m is None:
         raise MirrorError(f"no deltafs mirror at {mirror.url} (no {F.MANIFEST})")
     return m
@@ -267,6 +269,11 @@ def verify_mirror(mirror: Mirror, *, full: bool = False, sample: int = 8,
             rep.errors.append(f"segment {name}: its last record hash does not match the manifest")
     if expect - 1 != m.last_seq or prev.hex() != m.last_hash:
         rep.errors.append(f"the manifest says the mirror ends at record {m.last_seq}, the segments end at {expect - 1}")
+    if m.snapshots:
+        try:
+            F.decode_snapshots(_get(mirror, m.snapshots), m.snapshots, mirror.url)
+        except MirrorError as e:
+            rep.errors.append(str(e))
     src = _Chunks(mirror, [p for p in m.packs if p["name"] in present])
     names = [p["name"] for p in m.packs if p["name"] in present]
     if not full and len(names) > sample:

@@ -15,6 +15,7 @@ from deltafs.errors import MirrorError
 
 MIRROR_FORMAT = 1
 MANIFEST = "manifest.json"
+KEY_BLOB = "deltafs-key.json"  # present only in encrypted mirrors (crypto.py)
 SEGMENT_MAGIC = b"DFSSEG1\n"
 PACK_MAGIC = b"DFSPACK1"
 PACK_TRAILER = b"DFSPIDX1"

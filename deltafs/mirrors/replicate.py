@@ -118,6 +118,9 @@ class Replicator:
 
     def _claim(self) -> F.Manifest:
         m = load_manifest(self.mirror)
+        if m is None and self.mirror.exists(F.KEY_BLOB):  # a plain manifest would leak into a sealed mirror
+            raise MirrorError(f"mirror {self.mirror.url} is encrypted and this journal holds no key for it: "
+                              f"unlock it with `deltafs mirror add {self.mirror.url}`")
         if m is None:
             m = F.Manifest(journal_id=self.journal.journal_id, updated_ns=time.time_ns())
             if not self.mirror.put_if_absent(F.MANIFEST, m.encode()):
@@ -505,6 +508,7 @@ class MirrorWorker:
             retry_in = round(max(0.0, self.next_attempt - trio.current_time()), 3)
         stalled = self.stalled_s
         return {"url": self.url, "state": self.state, "paused": self.paused, "seq": self.seq,
+                "encrypted": getattr(self.mirror, "key", None) is not None,
                 **lag, "failures": self.failures, "last_success_ns": self.last_success_ns,
                 "last_error": self.last_error, "last_error_ns": self.last_error_ns,
                 "retry_in_s": retry_in, "stalled_s": None if stalled is None else round(stalled, 1),
@@ -649,20 +653,44 @@ async def mirror_service(daemon, task_status=trio.TASK_STATUS_IGNORED) -> None:
     control socket (status, pause/resume --mirror, flush --mirrors)."""
     from . import open_mirror
 
-    mirrors = [open_mirror(url, endpoint_url=getattr(daemon.cfg, "endpoint_url", None))
-               for url in daemon.cfg.mirrors]
+    def opened(url: str) -> Mirror:  # sealed with the journal's key for an encrypted mirror
+        from .keys import open_for_journal
+
+        return open_for_journal(open_mirror(url, endpoint_url=getattr(daemon.cfg, "endpoint_url", None)),
+                                daemon.journal.path)
+
+    mirrors = [opened(url) for url in daemon.cfg.mirrors]
     workers = daemon.state.setdefault("mirrors", {})
     drain = daemon.rec.drain if daemon.rec is not None else None
     try:
         async with trio.open_nursery() as nursery:
+            async def add(url: str) -> None:
+                """Replicate to ``url`` from now on (``mirror add`` while mounted), or
+                reopen it with a key the journal has just been given."""
+                mirror = opened(url)
+                mirrors.append(mirror)
+                old = workers.get(mirror.url)
+                if old is not None:
+                    old.mirror = old.rep.mirror = mirror
+                    old.failures, old._force = 0, True
+                    old._kick()
+                    return
+                w = MirrorWorker(daemon.journal, mirror, drain=drain)
+                workers[w.url] = w
+                await nursery.start(w.run)
+
+            daemon.state["mirror_add"] = add
             for mirror in mirrors:
                 w = MirrorWorker(daemon.journal, mirror, drain=drain)
                 workers[w.url] = w
                 await nursery.start(w.run)
             task_status.started()
+            await trio.sleep_forever()  # mirrors may be added while mounted
     finally:
+        daemon.state.pop("mirror_add", None)
         for mirror in mirrors:
-            workers.pop(mirror.url, None)
+            if workers.get(mirror.url) is not None and workers[mirror.url].mirror is mirror:
+                workers.pop(mirror.url, None)
             mirror.close()
 
 

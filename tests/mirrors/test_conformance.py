@@ -34,6 +34,8 @@ from deltafs.mirrors import (
     open_mirror,
 )
 from deltafs.mirrors.base import TEMP_PREFIX
+from deltafs.mirrors.crypto import MirrorKey, padded_size, stored_size
+from deltafs.mirrors.encrypted import EncryptedMirror
 from deltafs.mirrors.file import FileMirror
 from deltafs.mirrors.s3 import S3Mirror
 
@@ -55,18 +57,21 @@ def assert_one_line(exc: BaseException, *, secrets: tuple[str, ...] = (SECRET_KE
     return msg
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "s3", "file-encrypted", "s3-encrypted"])
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
 @pytest.fixture
 def mirror(backend: str, request: pytest.FixtureRequest, tmp_path) -> Mirror:
-    if backend == "file":
+    """Each backend plain, and wrapped by EncryptedMirror (the same contract on sealed objects)."""
+    if backend.startswith("file"):
         m = open_mirror(f"file://{tmp_path}/mirror")
     else:
         server: S3Server = request.getfixturevalue("s3_env")
         m = open_mirror(f"s3://{BUCKET}/t-{uuid.uuid4().hex[:12]}", endpoint_url=server.endpoint_url)
+    if backend.endswith("-encrypted"):
+        m = EncryptedMirror(m, MirrorKey.generate())
     try:
         yield m
     finally:
@@ -343,6 +348,27 @@ def test_file_put_if_absent_fallbacks(tmp_path, monkeypatch: pytest.MonkeyPatch)
     assert os.listdir(tmp_path / "m2") == ["x"]
 
 
+@pytest.mark.parametrize("backend", ["file-encrypted", "s3-encrypted"], indirect=True)
+def test_encrypted_storage_sees_keyed_names_and_bucket_sizes(mirror: Mirror) -> None:
+    """What the storage below an encrypted mirror holds: no plaintext name,
+    sizes that depend only on the padding bucket, the same stored name for
+    the same object (idempotent retries)."""
+    objects = {"manifest.json": b"{}", "packs/" + "ab" * 32 + ".pack": os.urandom(3 * MiB + 5),
+               "segments/0000000000000001-0000000000000002.seg": b"s" * 700}
+    for name, data in objects.items():
+        mirror.put(name, data)
+    stored = dict(mirror.backend.list())
+    assert len(stored) == len(objects)
+    for name, data in objects.items():
+        sname = mirror.key.encode_name(name)
+        assert sname in stored and sname == mirror.key.encode_name(name)
+        assert not any(part in sname for part in name.replace(".", "/").split("/") if len(part) > 3)
+        assert stored[sname] == stored_size(padded_size(len(data)))
+    assert padded_size(3 * MiB + 5) == 3 * MiB + 65536 and padded_size(700) == 704 and padded_size(0) == 512
+    mirror.put("segments/0000000000000001-0000000000000002.seg", b"t" * 703)  # same bucket
+    assert dict(mirror.backend.list()) == stored
+
+
 # -- check() and URLs ---------------------------------------------------------
 
 
@@ -351,7 +377,7 @@ def test_check_ok(mirror: Mirror) -> None:
 
 
 def test_url_has_no_secrets(mirror: Mirror, backend: str) -> None:
-    assert mirror.url.startswith(f"{backend}://")
+    assert mirror.url.startswith(f"{backend.split('-')[0]}://")
     assert SECRET_KEY not in mirror.url and SECRET_KEY not in repr(mirror)
 
 

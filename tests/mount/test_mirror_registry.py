@@ -45,13 +45,16 @@ def test_add_while_mounted_goes_through_the_daemon(mount_factory, tmp_path):
     url = f"file://{tmp_path}/mirror2"
     res = run_cli("mirror", "add", url, "-m", m.mnt)
     assert res.returncode == 0, res.stderr
-    assert "next mount" in res.stdout.decode()
+    assert "replicates to it now" in res.stdout.decode()
+    run_cli("flush", m.mnt, "--mirrors", check=True)  # the daemon started replicating to it at once
+    assert (tmp_path / "mirror2" / "manifest.json").exists()
     m.umount()  # the daemon wrote the setting: the journal lock was never taken by the CLI
     m.start()
     (m.mnt / "c.txt").write_text("three\n")
     run_cli("flush", m.mnt, "--mirrors", check=True)
     m.umount()
-    assert (tmp_path / "mirror2" / "manifest.json").exists()
+    assert run_cli("clone", url, tmp_path / "clone", check=True).returncode == 0
+    assert (tmp_path / "clone" / "c.txt").read_text() == "three\n"
 
 
 def test_add_unreachable_mirror_is_a_clear_error(mount_factory):

@@ -42,3 +42,10 @@ def test_ops_knows_only_the_recorder_not_the_journal():
 def test_lower_layers_never_import_the_cli_or_the_mount(path):
     bad = {m for m in imports_of(path) if m.startswith(("deltafs.cli", "deltafs.mount", "deltafs.ops"))}
     assert not bad, f"{path.name} imports {bad}"
+
+
+def test_only_the_mirror_crypto_module_imports_cryptography():
+    """Ciphers, KDF and key wrapping live in deltafs/mirrors/crypto.py alone (docs/design.md)."""
+    users = sorted(p.name for p in PKG.rglob("*.py")
+                   if any(m.split(".")[0] in ("cryptography", "argon2") for m in imports_of(p)))
+    assert users == ["crypto.py"], users

@@ -559,7 +559,7 @@ def render(res: dict, meta: dict) -> str:
     return "\n".join(L).rstrip() + "\n"
 
 
-def write_docs(section: str) -> None:
+def write_docs(section: str, heading: str = HEADING) -> None:
     """Replace our section below the marker in place (or append it), keeping everyone else's:
     the text above the marker (tools.bench) and every other "## " section below it."""
     with open(DOC) as f:
@@ -571,7 +571,7 @@ def write_docs(section: str) -> None:
     out, skipping, placed = [], False, False
     for ln in lines:
         if ln.startswith("## "):
-            skipping = ln.strip() == HEADING
+            skipping = ln.strip() == heading
             if skipping and not placed:
                 out += section.rstrip("\n").split("\n") + [""]
                 placed = True
