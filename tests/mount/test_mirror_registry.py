@@ -72,24 +72,24 @@ def test_registered_mirror_that_never_received_anything_fails_flush_and_check(mo
     (m.mnt / "a.txt").write_text("one\n")
     run_cli("flush", m.mnt, check=True)
     assert run_cli("status", m.mnt, "--check").returncode == 0
-    url = f"file://{tmp_path}/late"
-    run_cli("mirror", "add", url, "-m", m.mnt, check=True)  # the running mount does not replicate to it
-    res = run_cli("flush", m.mnt, "--mirrors")
-    err = res.stderr.decode().strip().splitlines()
-    assert res.returncode == 5 and len(err) == 1 and url in err[0] and "mirror sync" in err[0], err
-    chk = run_cli("status", m.mnt, "--check")
-    out = chk.stdout.decode()
-    assert chk.returncode == 1 and url in out and "never received anything" in out, out
-    st = json.loads(run_cli("status", m.mnt, "--json", check=True).stdout)
-    mi = next(mi for mi in st["mirrors"] if mi["url"] == url)
-    assert mi["state"] == "not replicating" and mi["seq"] is None and mi["lag_records"] > 0
+    live = f"file://{tmp_path}/live"
+    run_cli("mirror", "add", live, "-m", m.mnt, check=True)  # the running mount replicates to it at once
+    assert run_cli("flush", m.mnt, "--mirrors").returncode == 0
+    assert run_cli("status", m.mnt, "--check").returncode == 0
     m.umount()
 
-    # unmounted: flush --mirrors cannot ship, so it says which mirror lacks what
+    # registered while unmounted: nothing can ship it until a mount or a mirror sync does
+    url = f"file://{tmp_path}/late"
+    run_cli("mirror", "add", url, "--journal", m.journal, check=True)
     res = run_cli("flush", m.src, "--mirrors")
-    assert res.returncode == 5 and b"not mounted" in res.stderr and url.encode() in res.stderr
+    err = res.stderr.decode().strip().splitlines()
+    assert res.returncode == 5 and len(err) == 1 and b"not mounted" in res.stderr and url in err[0], err
     chk = run_cli("status", m.src, "--check")
-    assert chk.returncode == 1 and b"never received anything" in chk.stdout
+    out = chk.stdout.decode()
+    assert chk.returncode == 1 and url in out and "never received anything" in out, out
+    st = json.loads(run_cli("status", m.src, "--json", check=True).stdout)
+    mi = next(mi for mi in st["mirrors"] if mi["url"] == url)
+    assert mi["seq"] is None and mi["lag_records"] > 0, mi
     run_cli("mirror", "sync", url, "--journal", m.journal, check=True)
     assert run_cli("flush", m.src, "--mirrors").returncode == 0
     assert run_cli("status", m.src, "--check").returncode == 0
