@@ -160,6 +160,16 @@ class EncryptedMirror(Mirror):
     def list_page_size(self, n: int) -> None:
         self.backend.list_page_size = n
 
+    @property
+    def on_progress(self):
+        """The backend's upload-progress hook (S3), so a stall watch sees sealed uploads move."""
+        return getattr(self.backend, "on_progress", None)
+
+    @on_progress.setter
+    def on_progress(self, fn) -> None:
+        if hasattr(self.backend, "on_progress"):
+            self.backend.on_progress = fn
+
     def __repr__(self) -> str:
         return f"<EncryptedMirror {self.url} key {self.key.key_id}>"
 

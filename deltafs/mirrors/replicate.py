@@ -647,6 +647,81 @@ class MirrorWorker:
             raise
 
 
+class Unopened(Mirror):
+    """A mirror that could not be opened when the mount started (a USB drive
+    not plugged in, an NFS share not mounted): every call tries to open it
+    again, so its worker fails, backs off and retries like any unreachable
+    mirror, ``status`` says why, and the mount itself works."""
+
+    def __init__(self, url: str, open_fn, error: MirrorError) -> None:
+        self._url = url
+        self._open = open_fn
+        self._mirror: Mirror | None = None
+        self._progress = None
+        self.error = error
+
+    @property
+    def url(self) -> str:
+        return self._mirror.url if self._mirror is not None else self._url
+
+    @property
+    def on_progress(self):
+        return self._progress
+
+    @on_progress.setter
+    def on_progress(self, fn) -> None:
+        self._progress = fn
+        if self._mirror is not None and hasattr(self._mirror, "on_progress"):
+            self._mirror.on_progress = fn
+
+    def _m(self) -> Mirror:
+        if self._mirror is None:
+            m = self._open()
+            if hasattr(m, "on_progress"):
+                m.on_progress = self._progress
+            self._mirror = m
+            log.warning("mirror %s can be reached again", self._url)
+        return self._mirror
+
+    def put(self, name, data):
+        return self._m().put(name, data)
+
+    def put_if_absent(self, name, data):
+        return self._m().put_if_absent(name, data)
+
+    def get(self, name):
+        return self._m().get(name)
+
+    def get_range(self, name, offset, length):
+        return self._m().get_range(name, offset, length)
+
+    def exists(self, name):
+        return self._m().exists(name)
+
+    def list(self, prefix=""):
+        return self._m().list(prefix)
+
+    def delete(self, name):
+        return self._m().delete(name)
+
+    def check(self):
+        return self._m().check()
+
+    def close(self) -> None:
+        if self._mirror is not None:
+            self._mirror.close()
+
+
+def _open_or_retry(url: str, open_fn) -> Mirror:
+    """``open_fn()``, or an :class:`Unopened` stand-in when the mirror cannot be
+    opened now: a mirror that is down never stops a mount (DESIGN.md)."""
+    try:
+        return open_fn()
+    except MirrorError as e:
+        log.error("mirror %s cannot be opened now (%s): the mount goes on and retries it", url, e)
+        return Unopened(url, open_fn, e)
+
+
 async def mirror_service(daemon, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Background service of a mount: one :class:`MirrorWorker` per mirror,
     registered in ``daemon.state["mirrors"]`` (URL -> worker) for the
@@ -659,7 +734,7 @@ async def mirror_service(daemon, task_status=trio.TASK_STATUS_IGNORED) -> None:
         return open_for_journal(open_mirror(url, endpoint_url=getattr(daemon.cfg, "endpoint_url", None)),
                                 daemon.journal.path)
 
-    mirrors = [opened(url) for url in daemon.cfg.mirrors]
+    mirrors = [_open_or_retry(url, lambda url=url: opened(url)) for url in daemon.cfg.mirrors]
     workers = daemon.state.setdefault("mirrors", {})
     drain = daemon.rec.drain if daemon.rec is not None else None
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -153,3 +154,27 @@ def test_kill_during_upload_then_resume(mount_factory, s3_env, tmp_path):
     assert [s["first"] for s in segs] == [1] + [s["last"] + 1 for s in segs[:-1]]
     if man is not None:  # the killed pass had named some records already: kept, never shipped twice
         assert F.Manifest.decode(man, url).last_seq <= segs[-1]["last"]
+
+
+def test_a_registered_mirror_on_an_unplugged_drive_never_stops_the_mount(mount_factory, tmp_path):
+    """A USB drive not plugged in at mount time: the mount comes up, the mirror
+    is `retrying` with the reason, and once the drive is back it catches up."""
+    first = mount_factory()
+    first.umount()
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    url = f"file://{usb}/m"
+    run_cli("mirror", "add", url, "--journal", first.journal, check=True)
+    shutil.rmtree(usb)  # unplugged (mirror add wrote its first objects there)
+    m = mount_factory(first.src)
+    save(m.mnt / "a.txt", b"while the drive is away\n")
+    run_cli("flush", m.mnt, check=True)
+    mi = await_status(m.mnt, url, lambda mi: mi["last_error"], "reported its error")
+    assert "does not exist" in mi["last_error"] and mi["seq"] is None, mi
+    usb.mkdir()  # plugged in again
+    run_cli("flush", m.mnt, "--mirrors", check=True)
+    assert mirror_status(m.mnt, url)["lag_records"] == 0
+    umount_expecting_mirror_warnings(m)
+    clone = tmp_path / "clone"
+    run_cli("clone", url, clone, check=True)
+    assert (clone / "a.txt").read_bytes() == b"while the drive is away\n"
