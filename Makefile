@@ -40,7 +40,7 @@ $(VENV)/.installed: pyproject.toml | deps
 	touch $@
 
 # pyfuse3 rebuilt from its hash-checked sdist with tools/pyfuse3/patch.py (no OPENDIR/RELEASEDIR
-# round trips, kernel-cached directory listings; see docs/fuse-notes.md). deltafs works on a
+# round trips, kernel-cached directory listings, a fallocate handler; see docs/fuse-notes.md). deltafs works on a
 # stock pyfuse3 too, only slower on directory-heavy work.
 PYFUSE3_BUILD := build/pyfuse3
 $(VENV)/.pyfuse3-patched: tools/pyfuse3/patch.py tools/pyfuse3/requirements.txt $(VENV)/.installed
@@ -51,7 +51,7 @@ $(VENV)/.pyfuse3-patched: tools/pyfuse3/patch.py tools/pyfuse3/requirements.txt 
 	$(VENV)/bin/python tools/pyfuse3/patch.py $(PYFUSE3_BUILD)/pyfuse3-3.5.0
 	SETUPTOOLS_SCM_PRETEND_VERSION=3.5.0 $(VENV)/bin/pip install -q --no-deps \
 	  $(PYFUSE3_BUILD)/pyfuse3-3.5.0
-	$(VENV)/bin/python -c "import pyfuse3; assert 'dir_handle_is_inode' in pyfuse3.DELTAFS_PATCHES"
+	$(VENV)/bin/python -c "import pyfuse3; assert {'dir_handle_is_inode', 'fallocate'} <= set(pyfuse3.DELTAFS_PATCHES)"
 	touch $@
 
 venv: deps $(VENV)/.installed $(VENV)/.pyfuse3-patched

@@ -214,6 +214,11 @@ class Recorder:
     def pending(self) -> int:
         return len(self.queue)
 
+    async def throttle(self, limit: int) -> None:
+        """Wait until at most ``limit`` items are queued (each capture holds a descriptor)."""
+        while len(self.queue) > limit:
+            await self.committed(self.queue[0])
+
     async def _committer(self) -> None:
         while True:
             while not self.queue:
