@@ -100,6 +100,7 @@ def chunk_id(data: bytes | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
+_LONG_HOLE = 4 * MAX_SIZE  # a hole a read window stops before
 ZERO_CHUNK = memoryview(bytes(MAX_SIZE))  # the chunk every MAX_SIZE of a long zero run is
 ZERO_ID = chunk_id(ZERO_CHUNK)
 
@@ -160,14 +161,18 @@ def cut_from(pread: Pread, start: int, end: int, hint: int = 0,
             if pos >= hole[1]:
                 hole = holes(pos)
             hs, he = hole[0], min(hole[1], end)
-            if hs <= pos:
-                if he - pos > MAX_SIZE:
-                    for _ in range((he - pos - 1) // MAX_SIZE):
-                        yield pos, ZERO_CHUNK
-                        pos += MAX_SIZE
-                    continue
-            elif he - hs > 4 * MAX_SIZE:
-                n = min(n, hs - pos + 2 * MAX_SIZE)
+            if hs <= pos and he - pos > MAX_SIZE:
+                for _ in range((he - pos - 1) // MAX_SIZE):
+                    yield pos, ZERO_CHUNK
+                    pos += MAX_SIZE
+                continue
+            # stop reading soon after the start of the next long hole in this window
+            h, looked = hole, 0
+            while (h[0] <= pos or h[1] - h[0] <= _LONG_HOLE) and h[0] < pos + n and h[1] < end \
+                    and looked < 16:
+                h, looked = holes(h[1]), looked + 1
+            if pos < h[0] < pos + n and h[1] - h[0] > _LONG_HOLE:
+                n = min(n, h[0] - pos + 2 * MAX_SIZE)
         buf = pread(pos, n)
         if len(buf) != n:
             raise EOFError(f"short read: wanted {n} bytes at offset {pos}, got {len(buf)}")
