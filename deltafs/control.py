@@ -233,7 +233,13 @@ async def _dispatch(daemon, state, line: bytes) -> dict:
         fn = _OPS.get(req["op"])
         if fn is None:
             raise UsageError(f"unknown op {req['op']!r} (known: {', '.join(sorted(_OPS))})")
-        out = await fn(daemon, state, req)
+        try:
+            out = await fn(daemon, state, req)
+        except OSError as e:  # descriptors ran short: free cached ones, then once more
+            shed = getattr(daemon.ops, "shed", None)
+            if e.errno not in _SHORT or shed is None or not shed(f"a control request ({req['op']})"):
+                raise
+            out = await fn(daemon, state, req)
         return {"ok": True, **out}
     except DeltafsError as e:
         return {"ok": False, "error": str(e), "code": e.exit_code}

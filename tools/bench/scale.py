@@ -559,9 +559,10 @@ def render(res: dict, meta: dict) -> str:
     return "\n".join(L).rstrip() + "\n"
 
 
-def write_docs(section: str) -> None:
+def write_docs(section: str, heading: str = HEADING) -> None:
     """Replace our section below the marker in place (or append it), keeping everyone else's:
-    the text above the marker (tools.bench) and every other "## " section below it."""
+    the text above the marker (tools.bench) and every other "## " section below it.
+    ``heading``: the section's "## " line (tools.bench.fds writes its own section too)."""
     with open(DOC) as f:
         text = f.read()
     if MARKER not in text:
@@ -571,7 +572,7 @@ def write_docs(section: str) -> None:
     out, skipping, placed = [], False, False
     for ln in lines:
         if ln.startswith("## "):
-            skipping = ln.strip() == HEADING
+            skipping = ln.strip() == heading
             if skipping and not placed:
                 out += section.rstrip("\n").split("\n") + [""]
                 placed = True
