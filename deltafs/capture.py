@@ -316,8 +316,8 @@ class Recorder:
         self.rescanning = True
         self.needs_rescan = False
         try:
-            log.warning("the journal accepts writes again: rescanning SRC for %d missed change(s)",
-                        len(self.gap))
+            log.warning("the journal accepts writes again: rescanning SRC for %d change(s) that "
+                        "could not be recorded", len(self.gap))
             gap = len(self.gap)
             counts = await self.scan(self.ops, self.hidden_ino)
             if not self.needs_rescan:

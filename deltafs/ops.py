@@ -618,9 +618,15 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def readdir(self, fh, start_id, token):
         parent, entries = self._listing(fh, start_id)
+        held = self._hold(parent)  # pfd stays valid whatever the names below do to the LRU
+        try:
+            self._readdir(parent, parent.fd, entries, fh, start_id, token)
+        finally:
+            self._unhold(held)
+
+    def _readdir(self, parent: Node, pfd: int, entries: list, fh, start_id: int, token) -> None:
         hidden = self.hidden_ino
         nodes = self.nodes
-        pfd = parent.fd  # nothing below opens a descriptor: stays valid
         for i in range(start_id, len(entries)):
             name, d_ino = entries[i]
             if i < 2:
