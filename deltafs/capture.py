@@ -521,7 +521,7 @@ class Recorder:
         try:
             handler(ops, **f)
         except OSError as e:
-            self._not_recorded(f"a {op}", e, getattr(e, "filename", None))
+            self._not_recorded(f"a {op}", e)
 
     def _not_recorded(self, what: str, err: OSError, path=None) -> None:
         """A change that happened in SRC cannot be journaled: never silently.

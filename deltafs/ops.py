@@ -223,7 +223,8 @@ class Operations(pyfuse3.Operations):
             import resource
             fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fc = FdCache(fd_limit, fd_budget, root_ino=self.root_ino)
-        self.capture_backlog = min(CAPTURE_BACKLOG, self.fc.budget)
+        # queued captures hold a descriptor each, out of the reserve: at most half of it
+        self.capture_backlog = max(16, min(CAPTURE_BACKLOG, self.fc.reserve // 2))
         root = Node(ROOT, self.fc, None, b"")
         root.lookups = 1 << 62  # never forgotten
         self.fc.add(root, root_fd)

@@ -168,6 +168,10 @@ def problems(st: dict, max_lag: float = MAX_MIRROR_LAG_S) -> list[str]:
                    + (f"; last error: {cap['last_error']}" if cap.get("last_error") else ""))
     elif cap.get("last_error"):
         out.append(f"{where}: capture error: {cap['last_error']}")
+    fds = st.get("descriptors") or {}
+    if fds.get("shortages"):
+        out.append(f"{where}: descriptors ran short {fds['shortages']} time(s) (limit {fds['limit']}, "
+                   f"{fds['refused']} open(s) refused): raise the daemon's RLIMIT_NOFILE")
     j = st.get("journal") or {}
     if j.get("map_size") and j.get("data_file_bytes", 0) >= MAP_FULL_RATIO * j["map_size"]:
         out.append(f"{where}: the journal uses {j['data_file_bytes'] / j['map_size']:.0%} of its "

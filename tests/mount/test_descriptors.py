@@ -14,6 +14,7 @@ import os
 import subprocess
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fusetools import run_cli
 
@@ -49,6 +50,8 @@ def test_control_socket_answers_when_the_limit_drops_below_what_the_daemon_holds
     assert (d / "f1").read_bytes() == b"x"  # the mount works on
     (d / "new").write_bytes(b"new")
     assert status(m)["capture"]["failures"] == 0
+    check = run_cli("status", m.mnt, "--check")
+    assert check.returncode == 1 and b"descriptors ran short 1 time(s)" in check.stdout + check.stderr
     warned = warnings(m)
     assert len(warned) == 1 and "descriptors ran short" in warned[0], warned  # once per incident
     m.umount(check=False)
@@ -85,6 +88,10 @@ def test_open_files_beyond_the_reserve_are_refused_and_the_mount_recovers(mount_
     assert st["capture"]["failures"] == 0 and st["descriptors"]["handles"] == 0
     text = run_cli("status", m.mnt, check=True).stdout.decode()
     assert "descriptors" in text and "refused" in text
+    prom = {f.name: f.samples[0].value for f in text_string_to_metric_families(
+        run_cli("status", m.mnt, "--prometheus", check=True).stdout.decode())}
+    assert prom["deltafs_descriptors_limit"] == LIMIT and prom["deltafs_descriptor_shortages"] == 1
+    assert prom["deltafs_descriptors_budget"] == LIMIT // 4 and prom["deltafs_inodes"] >= LIMIT
     warned = warnings(m)
     assert len(warned) == 1 and "descriptors ran short" in warned[0], warned
     m.umount(check=False)
