@@ -74,11 +74,12 @@ test: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "no tests were collected: failing"; exit 1; fi; exit $$rc
 
-# The three measurements of docs/benchmarks.md, one after the other, each writing its own
+# The four measurements of docs/benchmarks.md, one after the other, each writing its own
 # section (--write-docs keeps the others'): the paired native/no-capture/capture table, then
-# mirrors/log/diff/restore at scale, then journal size on edit histories. All three run even if
+# mirrors/log/diff/restore at scale, then journal size on edit histories, then descriptors
+# (peak descriptors and memory for 100k files, 1M in a full run; hot-path cost fits vs evicts). All three run even if
 # one fails; the exit status says whether any did. Ctrl-C stops the whole sequence.
-BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size
+BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size tools.bench.fds
 define run_benches
 	@failed=""; for prog in $(BENCH_PROGRAMS); do \
 	  echo "== $$(date -u +%H:%M:%S) python -m $$prog $(1)" >&2; start=$$(date +%s); \
