@@ -180,3 +180,30 @@ async def test_shortage_sheds_cache_and_refuses_user_opens_beyond_the_reserve(tm
         await o.release(fh)
     fi = await o.open(inos[0], os.O_RDONLY, CTX)  # room again
     await o.release(fi.fh)
+
+
+async def test_an_fsync_error_is_its_errno_not_eio(tmp_path):
+    """fsync flushes SRC and records the version in a nursery; an error there reached the
+    wrapper as an ExceptionGroup and became EIO.  The recorder below fails on purpose: a
+    journal-side OSError during an fsync capture cannot be caused on demand (the tests of a
+    full journal disk cover the real one)."""
+    from deltafs.ops import NullRecorder
+
+    class FailingRecorder(NullRecorder):
+        enabled = True
+
+        async def fsync(self, ops, node):
+            raise OSError(errno.ENOSPC, "no space left for the journal")
+
+        async def before_change(self, *a, **kw):
+            pass
+
+    src = tmp_path / "src"
+    src.mkdir()
+    o = Operations(str(src), fd_limit=1024, recorder=FailingRecorder())
+    fi, _ = await o.create(ROOT, b"f", 0o644, os.O_WRONLY, CTX)
+    await o.write(fi.fh, 0, b"data")
+    with pytest.raises(FUSEError) as e:
+        await o.fsync(fi.fh, False)
+    assert e.value.errno == errno.ENOSPC
+    await o.release(fi.fh)
