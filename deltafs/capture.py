@@ -323,6 +323,7 @@ class Recorder:
             if not self.needs_rescan:
                 del self.gap[:gap]
                 self.last_error = None
+                self._incident = None  # repaired: the next failure is a new incident
                 log.warning("rescan after journal failures recorded %s", counts)
         except Exception:
             log.exception("rescan after journal failures failed")
@@ -532,8 +533,10 @@ class Recorder:
         del self.gap[:-1000]
         self.needs_rescan = True
         msg = f"{what} could not be recorded: {err}"
-        if msg != self.last_error:
+        incident = ("not recorded", err.errno)
+        if incident != getattr(self, "_incident", None):  # once per incident, not per change
             log.error("%s; SRC is rescanned after the next successful commit", msg)
+            self._incident = incident
         self.last_error = msg
 
     def _at(self, path: bytes, fn, *args, **kw):

@@ -36,8 +36,6 @@ import os
 import time
 from collections import OrderedDict
 
-from pyfuse3 import FUSEError
-
 log = logging.getLogger(__name__)
 
 RESERVE = 256  # descriptors always left free for the journal, control socket, mirrors, captures
@@ -149,8 +147,8 @@ class FdCache:
         chain = []
         n = node
         while n._fd < 0:
-            if n.parent is None:
-                raise FUSEError(errno.ESTALE)  # unlinked while not held: nothing to open
+            if n.parent is None:  # unlinked while not held: nothing leads to it
+                raise OSError(errno.ESTALE, "no name leads to this inode any more")
             chain.append(n)
             n = n.parent
         if not n.pinned:
@@ -181,7 +179,7 @@ class FdCache:
                 raise
             os.close(fd)
         log.debug("inode %d: none of its names leads to it any more", n.ino)
-        raise FUSEError(errno.ESTALE)  # changed behind the mount's back
+        raise OSError(errno.ESTALE, "changed behind the mount's back")
 
     def open(self, path, flags: int, mode: int = 0o777, *, dir_fd: int | None = None,
              handle: bool = False) -> int:
