@@ -42,6 +42,7 @@ RESERVE = 256  # descriptors always left free for the journal, control socket, m
 MIN_BUDGET = 4  # the LRU never holds fewer (tests use 4 to evict all the time)
 KEEP_ON_SHED = 8  # most recently used descriptors a shed never closes: a handler may hold them
 RECOUNT_EVERY = 1.0  # seconds between recounts of /proc/self/fd near the limit
+RECOUNT_OPENS = 4095  # and once every 4,096 opens anyway (a mask)
 INCIDENT_GAP = 60.0  # seconds without a shortage that end an incident (one WARNING each)
 _SHORT = (errno.EMFILE, errno.ENFILE)
 O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -79,6 +80,7 @@ class FdCache:
         self.handles = 0  # descriptors of open file and directory handles
         self.others = count_open()  # descriptors neither cached, pinned nor handles (estimate)
         self._recounted = time.monotonic()
+        self._opens = 0
         self.high = limit - self.reserve  # a descriptor numbered this or more: the reserve is in use
         # counters shown by status
         self.evictions = 0  # descriptors closed by the LRU (budget reached)
@@ -195,6 +197,9 @@ class FdCache:
             if e.errno not in _SHORT or not self.shed("an open"):
                 raise
             fd = os.open(path, flags, mode, dir_fd=dir_fd)
+        self._opens += 1
+        if not self._opens & RECOUNT_OPENS:  # the others (journal, captures...) drift: recount
+            self.others = max(0, count_open(self.limit) - self.owned())
         if fd >= self.high or self.owned() + self.others + self.reserve >= self.limit:
             if not self._room(handle):
                 os.close(fd)
