@@ -22,7 +22,7 @@ O_PATH descriptor is an *entry of this cache*, not a fixture of the node:
 
 Whether descriptors are short is judged from what this process owns (the
 cache, pinned descriptors, open handles) plus an estimate of the rest,
-recounted from /proc/self/fd only near the limit, and from the number an
+recounted from /proc/self/fd every 4,096 opens and near the limit, and from the number an
 open returns (the kernel gives the lowest free number, so a descriptor
 numbered n means n descriptors below it are in use).  The hot path pays an
 ``OrderedDict.move_to_end`` per use, nothing more.
