@@ -192,7 +192,9 @@ def make_tree(root: str, files: int, per_dir: int = 1000, content: bool = False)
 
 def timed(cmd: list[str], cwd: str | None = None) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    r = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()[-600:]}")
     return time.perf_counter() - t0
 
 
@@ -258,8 +260,10 @@ def hot_part(w: str, files: int, rounds: int, res: dict, mounts: list) -> None:
             shutil.copytree(tree_src, os.path.join(src, "tree"), symlinks=True)
             subprocess.run(["git", "init", "-q"], cwd=os.path.join(src, "tree"), check=True)
             subprocess.run(["git", "add", "-A"], cwd=os.path.join(src, "tree"), check=True)
-            subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "t"],
-                           cwd=os.path.join(src, "tree"), check=True)
+            # gc.auto=0: no `git gc --auto` packing loose objects in the background (behind
+            # the mount's back, and under a running find natively)
+            subprocess.run(["git", "-c", "gc.auto=0", "-c", "user.name=b", "-c", "user.email=b@b",
+                            "commit", "-qm", "t"], cwd=os.path.join(src, "tree"), check=True)
             m = None
             where = src
             if target != "native":
