@@ -35,7 +35,7 @@ apt-install:
 	fi
 
 # pyfuse3 is rebuilt from its hash-checked sdist with tools/pyfuse3/patch.py (no OPENDIR/RELEASEDIR
-# round trips, kernel-cached directory listings; see docs/fuse-notes.md). It is built once,
+# round trips, kernel-cached directory listings, a fallocate handler; see docs/fuse-notes.md). It is built once,
 # into a wheel, before the package is installed, so pip never builds the stock pyfuse3 as well; only
 # pyfuse3 comes from source (its build tools are wheels). deltafs works on a stock pyfuse3 too, only
 # slower on directory-heavy work.
@@ -57,7 +57,7 @@ $(PYFUSE3_WHEEL_STAMP): tools/pyfuse3/patch.py tools/pyfuse3/requirements.txt | 
 $(VENV)/.installed: pyproject.toml $(PYFUSE3_WHEEL_STAMP)
 	$(VENV)/bin/pip install -q --force-reinstall --no-deps $(PYFUSE3_BUILD)/dist/pyfuse3-*.whl
 	$(VENV)/bin/pip install -q -e '.[test]'
-	$(VENV)/bin/python -c "import pyfuse3; assert 'dir_handle_is_inode' in pyfuse3.DELTAFS_PATCHES"
+	$(VENV)/bin/python -c "import pyfuse3; assert {'dir_handle_is_inode', 'fallocate'} <= set(pyfuse3.DELTAFS_PATCHES)"
 	touch $@
 
 venv: deps $(VENV)/.installed
@@ -88,9 +88,10 @@ check: venv
 # The measurements of docs/benchmarks.md, one after the other, each writing its own
 # section (--write-docs keeps the others'): the paired native/no-capture/capture table, then
 # mirrors/log/diff/restore at scale, then journal size on edit histories, then encrypted
-# mirrors against plain ones. All run even if one fails; the exit status says whether any did.
+# mirrors against plain ones, then descriptors (peak descriptors and memory for 100k files, 1M in
+# a full run; hot-path cost when the descriptor cache fits vs evicts). All run even if one fails; the exit status says whether any did.
 # Ctrl-C stops the whole sequence.
-BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size tools.bench.encrypted
+BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size tools.bench.encrypted tools.bench.fds
 define run_benches
 	@failed=""; for prog in $(BENCH_PROGRAMS); do \
 	  echo "== $$(date -u +%H:%M:%S) python -m $$prog $(1)" >&2; start=$$(date +%s); \

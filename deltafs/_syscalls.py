@@ -1,4 +1,5 @@
-"""Syscalls the os module lacks: renameat2 and the AT_EMPTY_PATH forms.
+"""Syscalls the os module lacks: renameat2, fallocate with modes, the AT_EMPTY_PATH forms,
+and paths longer than PATH_MAX (``at_path``).
 
 The mount keeps one O_PATH descriptor per inode the kernel knows; these
 wrappers act on the inode behind such a descriptor (also a symlink's own
@@ -83,3 +84,53 @@ def link_fd(fd: int, newdirfd: int, newname: bytes) -> None:
         raise OSError(err, f"linkat: {os.strerror(err)}")
     src = f"/proc/self/fd/{fd}".encode()
     _check(_libc.linkat(-100, src, newdirfd, newname, AT_SYMLINK_FOLLOW), "linkat")
+
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+FALLOC_FL_UNSHARE_RANGE = 0x40
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate has none)."""
+    _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
+
+
+PATH_SAFE = 3072  # joined paths up to this long are used as they are
+
+
+def at_path(root: bytes, rel: bytes, fn, *args, **kw):
+    """``fn(name, *args, dir_fd=D, **kw)`` for the file at root/rel, at any depth.
+
+    A path longer than PATH_MAX is refused by the kernel, though the file
+    is reachable step by step: the directories are opened a few components
+    at a time (``O_PATH``, following symlinks as a whole path would), and
+    fn gets the last component relative to the last of them.  Short paths
+    go in one call (dir_fd=None).  ``fn`` is any os function with dir_fd:
+    os.open, os.stat, os.readlink...
+    """
+    path = os.path.join(root, rel) if rel else root
+    if len(path) <= PATH_SAFE:
+        return fn(path, *args, dir_fd=None, **kw)
+    head, name = os.path.split(path)
+    parts = head.split(b"/")
+    dfd = os.open(b"/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        i = 1  # parts[0] is b"" (absolute path)
+        while i < len(parts):
+            j, size = i, 0
+            while j < len(parts) and (j == i or size + len(parts[j]) + 1 <= PATH_SAFE):
+                size += len(parts[j]) + 1
+                j += 1
+            nxt = os.open(b"/".join(parts[i:j]) or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                          dir_fd=dfd)
+            os.close(dfd)
+            dfd = nxt
+            i = j
+        return fn(name or b".", *args, dir_fd=dfd, **kw)
+    finally:
+        os.close(dfd)

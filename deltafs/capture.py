@@ -38,6 +38,7 @@ from collections import OrderedDict, deque
 import lmdb
 import trio
 
+from deltafs import _syscalls as sc
 from deltafs import chunking
 from deltafs.ignore import IGNORE_FILE, Ignore
 from deltafs.journal import Change, Journal
@@ -75,7 +76,7 @@ class Item:
 
 def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
                    cache: chunking.RawCache | None = None,
-                   aligned: bool = False) -> tuple[chunking.Rechunk, list]:
+                   aligned: bool = False, holes=None) -> tuple[chunking.Rechunk, list]:
     """Re-chunk a file around its dirty ranges and build the chunks it lacks.
 
     ``r`` is a journal reader: chunks it already has are not rebuilt, and
@@ -85,7 +86,8 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
     the rest are returned with the re-chunking.  ``cache`` keeps the raw
     bytes of bases and new chunks between captures.  ``aligned``: dirty
     ranges recorded from writes, so an in-place write may be cut at aligned
-    offsets (:func:`chunking.prefers_aligned`).
+    offsets (:func:`chunking.prefers_aligned`).  ``holes`` (:func:`file_holes`):
+    the holes of a sparse file are not read.
     """
     if offsets is None:
         offsets = chunking.list_offsets(old)
@@ -127,15 +129,33 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
     finder = chunking.BaseFinder(old, offsets, emit)
 
     def on_chunk(span, data):
-        if span.id in seen or r.has_chunk(span.id):
+        if span.id in seen:  # handled already (a hole's chunks are one id)
             finder.feed(span, None)
             return
         seen.add(span.id)
-        finder.feed(span, data)
+        finder.feed(span, None if r.has_chunk(span.id) else data)
 
-    res = chunking.rechunk(pread, size, old, dirty, on_chunk, offsets=offsets, aligned=aligned)
+    res = chunking.rechunk(pread, size, old, dirty, on_chunk, offsets=offsets, aligned=aligned,
+                           holes=holes)
     finder.finish()
     return res, new
+
+
+def file_holes(fd: int, size: int) -> chunking.Holes:
+    """The holes of the file open as fd (SEEK_HOLE/SEEK_DATA), for chunking."""
+    def holes(off: int) -> tuple[int, int]:
+        try:
+            start = os.lseek(fd, off, os.SEEK_HOLE)
+        except OSError:  # ENXIO: off is at EOF; EINVAL: no SEEK_HOLE here
+            return size, size
+        if start >= size:
+            return size, size
+        try:
+            end = os.lseek(fd, start, os.SEEK_DATA)
+        except OSError:  # ENXIO: a hole up to EOF
+            end = size
+        return start, min(end, size)
+    return holes
 
 
 class Recorder:
@@ -239,6 +259,11 @@ class Recorder:
         if item is not None:
             await self.committed(item)
 
+    async def throttle(self, limit: int) -> None:
+        """Wait until at most ``limit`` items are queued (each capture holds a descriptor)."""
+        while len(self.queue) > limit:
+            await self.committed(self.queue[0])
+
     async def _committer(self) -> None:
         while True:
             while not self.queue:
@@ -319,13 +344,14 @@ class Recorder:
         self.rescanning = True
         self.needs_rescan = False
         try:
-            log.warning("the journal accepts writes again: rescanning SRC for %d missed change(s)",
-                        len(self.gap))
+            log.warning("the journal accepts writes again: rescanning SRC for %d change(s) that "
+                        "could not be recorded", len(self.gap))
             gap = len(self.gap)
             counts = await self.scan(self.ops, self.hidden_ino)
             if not self.needs_rescan:
                 del self.gap[:gap]
                 self.last_error = None
+                self._incident = None  # repaired: the next failure is a new incident
                 log.warning("rescan after journal failures recorded %s", counts)
         except Exception:
             log.exception("rescan after journal failures failed")
@@ -422,13 +448,14 @@ class Recorder:
                 old = r.chunk_list(base) if base else []
                 offsets = chunking.list_offsets(old)
             pread = lambda off, n: os.pread(fd, n, off)  # noqa: E731
+            holes = file_holes(fd, size)
             if whole and cause == "scan" and old:
                 # changed behind our back: compare at the journal's own
                 # boundaries (an in-place file's list is not the content-
                 # defined one, so a fresh chunking would differ everywhere)
-                dirty = chunking.changed_ranges(pread, size, old, offsets)
+                dirty = chunking.changed_ranges(pread, size, old, offsets, holes)
             res, new = capture_chunks(r, pread, size, old, dirty, offsets, j.put_chunks,
-                                      self.raw_cache, aligned=not whole)
+                                      self.raw_cache, aligned=not whole, holes=holes)
         edit = res.edit_list(old)
         if cause == "scan" and base and not edit and not new and size == sum(n for _, n in old):
             # same bytes, other stat (touch while unmounted, or the kernel's
@@ -476,8 +503,7 @@ class Recorder:
             if node is not None:
                 fd = os.open(f"/proc/self/fd/{node.fd}", os.O_RDONLY | os.O_CLOEXEC)
             else:
-                fd = os.open(os.path.join(os.fsencode(self.src), path),
-                             os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = self._at(path, os.open, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -516,7 +542,7 @@ class Recorder:
         try:
             fd = os.open(f"/proc/self/fd/{node.fd}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            log.warning("cannot read %s for capture: %s", os.fsdecode(path), e)
+            self._not_recorded(f"the capture of {os.fsdecode(path)}", e, path)
             return None
         return self._capture(ops, node, fd, path, cause, dirty if node.base is not None else _FULL,
                              node.base)
@@ -532,11 +558,37 @@ class Recorder:
         before = self.last_item
         try:
             handler(ops, **f)
-        except OSError as e:  # e.g. the entry vanished again; nothing to record
-            log.debug("event %s: %s", op, e)
+        except OSError as e:
+            self._not_recorded(f"a {op}", e)
         if self.last_item is not before:
             self._concerns(self.last_item, *{n.ino for n in (f.get("node"), f.get("parent"), also)
                                             if n is not None})
+
+    def _not_recorded(self, what: str, err: OSError, path=None) -> None:
+        """A change that happened in SRC cannot be journaled: never silently.
+        It shows in status (failures, gap), is logged once per incident, and
+        the next successful commit rescans SRC, which records it."""
+        self.failures += 1
+        self.gap.append(os.fsencode(path) if path else b"")
+        del self.gap[:-1000]
+        self.needs_rescan = True
+        msg = f"{what} could not be recorded: {err}"
+        incident = ("not recorded", err.errno)
+        if incident != getattr(self, "_incident", None):  # once per incident, not per change
+            log.error("%s; SRC is rescanned after the next successful commit", msg)
+            self._incident = incident
+        self.last_error = msg
+
+    def _at(self, path: bytes, fn, *args, **kw):
+        """fn on SRC/path, also beyond PATH_MAX (_syscalls.at_path)."""
+        return sc.at_path(os.fsencode(self.src), path, fn, *args, **kw)
+
+    def _lexists(self, path: bytes) -> bool:
+        try:
+            self._at(path, os.stat, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
 
     def _ev_create(self, ops, parent, name, node, st) -> None:
         node.base = 0  # a new, empty file: later captures are edits of nothing
@@ -642,12 +694,11 @@ class Recorder:
         self._capture(ops, node, fd, path, "rename-over", _FULL, None)
 
     def _capture_path(self, ops, path: bytes) -> None:
-        root = os.fsencode(self.src)
-        st = os.lstat(os.path.join(root, path))
+        st = self._at(path, os.stat, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
             self._record_tree(ops, path)
             return
-        fd = os.open(os.path.join(root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = self._at(path, os.open, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._capture(ops, None, fd, path, "rename-over", _FULL, None)
 
     def _record_tree(self, ops, path: bytes) -> None:
@@ -658,7 +709,7 @@ class Recorder:
                 self.submit(Change(op="mkdir", path=rel, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                                    mtime_ns=st.st_mtime_ns))
             elif stat.S_ISLNK(st.st_mode):
-                self.submit(Change(op="symlink", path=rel, target=os.readlink(os.path.join(root, rel)),
+                self.submit(Change(op="symlink", path=rel, target=self._at(rel, os.readlink),
                                    mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns))
             elif stat.S_ISREG(st.st_mode):
                 self._capture_path(ops, rel)
@@ -688,7 +739,6 @@ class Recorder:
         t0 = time.monotonic()
         self.ops, self.hidden_ino = ops, hidden_ino
         actions = await trio.to_thread.run_sync(self._scan_diff, hidden_ino)
-        root = os.fsencode(self.src)
         total = sum(st.st_size for kind, _, st in actions if kind == "file")
         done = 0
         last = 0.0
@@ -697,9 +747,9 @@ class Recorder:
             # While mounted (resume, recovery) the tree may have moved on since
             # the walk: re-check in the trio thread, where no FUSE handler can
             # interleave between this check and the push.
-            if kind == "gone" and os.path.lexists(os.path.join(root, path)):
+            if kind == "gone" and self._lexists(path):
                 continue
-            if kind in ("dir", "symlink") and not os.path.lexists(os.path.join(root, path)):
+            if kind in ("dir", "symlink") and not self._lexists(path):
                 continue
             if kind == "file":
                 node = ops.nodes.get(ops.fuse_ino(st.st_ino)) if ops is not None else None
@@ -713,13 +763,12 @@ class Recorder:
                                    mtime_ns=st.st_mtime_ns))
                 counts["dirs"] += 1
             elif kind == "symlink":
-                target = os.readlink(os.path.join(os.fsencode(self.src), path))
+                target = self._at(path, os.readlink)
                 self.submit(Change(op="symlink", path=path, target=target, mode=st.st_mode, uid=st.st_uid,
                                    gid=st.st_gid, mtime_ns=st.st_mtime_ns))
             else:
                 try:
-                    fd = os.open(os.path.join(os.fsencode(self.src), path),
-                                 os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+                    fd = self._at(path, os.open, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
                 except OSError as e:
                     log.warning("scan: cannot read %s: %s", os.fsdecode(path), e)
                     continue
@@ -770,10 +819,10 @@ class Recorder:
 
 
 def _walk(root: bytes, start: bytes, ignore: Ignore, hidden_ino: int = -1):
-    """Yield (relative path, lstat) for start and everything under it, parents first."""
-    first = os.path.join(root, start) if start else root
+    """Yield (relative path, lstat) for start and everything under it, parents first
+    (at any depth: directories are opened through _syscalls.at_path)."""
     try:
-        st = os.lstat(first)
+        st = sc.at_path(root, start, os.stat, follow_symlinks=False)
     except OSError:
         return
     if start:
@@ -784,21 +833,30 @@ def _walk(root: bytes, start: bytes, ignore: Ignore, hidden_ino: int = -1):
     while stack:
         rel_dir = stack.pop()
         try:
-            it = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
+            dfd = sc.at_path(root, rel_dir, os.open, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             continue
-        with it:
-            for e in it:
-                if e.inode() == hidden_ino:
-                    continue
-                rel = os.path.join(rel_dir, e.name) if rel_dir else os.fsencode(e.name)
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                is_dir = stat.S_ISDIR(st.st_mode)
-                if ignore.match(rel, is_dir):
-                    continue
-                yield rel, st
-                if is_dir:
-                    stack.append(rel)
+        try:
+            it = os.scandir(dfd)
+        except OSError:
+            os.close(dfd)
+            continue
+        try:
+            with it:
+                for e in it:
+                    if e.inode() == hidden_ino:
+                        continue
+                    name = os.fsencode(e.name)
+                    rel = rel_dir + b"/" + name if rel_dir else name
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    is_dir = stat.S_ISDIR(st.st_mode)
+                    if ignore.match(rel, is_dir):
+                        continue
+                    yield rel, st
+                    if is_dir:
+                        stack.append(rel)
+        finally:
+            os.close(dfd)

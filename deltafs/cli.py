@@ -31,12 +31,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from deltafs import mount
     from deltafs.config import MountConfig
 
-    from deltafs.config import parse_metrics_addr, parse_minutes, parse_size, retention_from_args
+    from deltafs.config import (parse_fd_budget, parse_metrics_addr, parse_minutes, parse_size,
+                                retention_from_args)
 
     retention = retention_from_args(args.retention, args.coalesce)  # bad options: one line, exit 2
     compact_every = parse_minutes(args.compact_every) if args.compact_every is not None else None
     limit = parse_size(args.journal_limit) if args.journal_limit is not None else None
     metrics_addr = parse_metrics_addr(args.metrics_addr) if args.metrics_addr is not None else None
+    fd_budget = parse_fd_budget(args.fd_budget) if args.fd_budget is not None else None
     if args.ready_fd is None:  # the daemon re-checks; the user gets errors before any fork
         mount.check_fuse()
         if metrics_addr is not None:
@@ -59,7 +61,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                       capture=not args.no_capture, log_level=args.log_level,
                       log_file=args.log_file, mirrors=tuple(args.mirror),
                       endpoint_url=args.endpoint_url, retention=retention, journal_limit=limit,
-                      metrics_addr=metrics_addr,
+                      metrics_addr=metrics_addr, fd_budget=fd_budget,
                       **({"compact_every": compact_every} if compact_every else {}))
     if not args.foreground:
         argv = ["mount", src, mnt, "--journal", journal, "--log-level", args.log_level]
@@ -73,7 +75,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             argv += ["--mirror", url]
         if args.endpoint_url:
             argv += ["--endpoint-url", args.endpoint_url]
-        for opt in ("retention", "coalesce", "compact_every", "journal_limit", "metrics_addr"):
+        for opt in ("retention", "coalesce", "compact_every", "journal_limit", "metrics_addr", "fd_budget"):
             if getattr(args, opt) is not None:
                 argv += ["--" + opt.replace("_", "-"), getattr(args, opt)]
         mount.spawn_daemon(cfg, argv)
@@ -1137,6 +1139,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help="serve the mount's Prometheus metrics over HTTP at http://HOST:PORT/metrics "
                         "(default: off)")
+    m.add_argument("--fd-budget", metavar="N",
+                   help="descriptors the daemon may keep open for the inodes it caches (default: a "
+                        "quarter of its RLIMIT_NOFILE); 256 more always stay free")
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)

@@ -169,6 +169,17 @@ def parse_metrics_addr(text: str, what: str = "--metrics-addr") -> tuple[str, in
     return host, int(port_t)
 
 
+def parse_fd_budget(text: str, what: str = "--fd-budget") -> int:
+    """N descriptors (at least 4) the mount may keep open for inodes it caches."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"bad {what} {text!r}: expected a number of descriptors, e.g. 4096") from None
+    if n < 4:
+        raise UsageError(f"bad {what} {text!r}: must be at least 4")
+    return n
+
+
 def retention_from_args(retention: str | None, coalesce: str | None) -> RetentionPolicy:
     """--retention / --coalesce of mount and compact -> a policy (defaults for what is missing)."""
     burst = parse_seconds(coalesce) if coalesce is not None else RetentionPolicy.burst
@@ -195,6 +206,7 @@ class MountConfig:
     compact_every: float = DEFAULT_COMPACT_EVERY  # seconds (--compact-every MINUTES)
     journal_limit: int | None = None  # bytes of journal data (--journal-limit SIZE)
     metrics_addr: tuple[str, int] | None = None  # (host, port) of /metrics (--metrics-addr)
+    fd_budget: int | None = None  # descriptors cached for inodes (--fd-budget; default limit/4)
 
     @property
     def journal_in_src(self) -> bool:

@@ -14,6 +14,7 @@ running mount's journal (snapshot) are carried out by the daemon.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -137,14 +138,11 @@ async def serve(daemon, task_status=None) -> None:
         from deltafs.errors import MountError
         raise MountError(f"cannot create the control socket {path}: {e.strerror or e}") from e
     st = os.stat(path)
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
     state = daemon.state.setdefault("control", {"lock": trio.Lock()})
     log.info("control socket %s", path)
     try:
-        async def handler(stream):
-            await _handle(daemon, state, stream)
-        await trio.serve_listeners(handler, [listener],
-                                   task_status=task_status or trio.TASK_STATUS_IGNORED)
+        await _serve(daemon, state, trio.socket.from_stdlib_socket(raw),
+                     task_status or trio.TASK_STATUS_IGNORED)
     finally:
         raw.close()
         try:
@@ -153,6 +151,42 @@ async def serve(daemon, task_status=None) -> None:
                 os.unlink(path)
         except OSError:
             pass
+
+
+_SHORT = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+async def _serve(daemon, state, sock, task_status) -> None:
+    """Accept connections until cancelled; descriptors running short never stops it.
+
+    trio.serve_listeners logs an ERROR with a traceback and sleeps 0.1 s on
+    every EMFILE, forever, while the pending connection stays unanswered.
+    Here the daemon first closes descriptors it only caches (ops.shed) and
+    accepts again at once; only when nothing could be freed does it wait.
+    """
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        waiting = False
+        while True:
+            try:
+                conn, _ = await sock.accept()
+            except OSError as e:
+                if e.errno not in _SHORT:
+                    raise
+                shed = getattr(daemon.ops, "shed", None)
+                if shed is None or not shed("the control socket could not accept a connection"):
+                    if not waiting:
+                        log.warning("the control socket cannot accept connections: %s; retrying",
+                                    os.strerror(e.errno))
+                    waiting = True
+                    await trio.sleep(0.1)
+                continue
+            if waiting:
+                log.info("the control socket accepts connections again")
+                waiting = False
+            nursery.start_soon(_handle, daemon, state, trio.SocketStream(conn))
 
 
 async def _handle(daemon, state, stream) -> None:
@@ -200,7 +234,13 @@ async def _dispatch(daemon, state, line: bytes) -> dict:
         fn = _OPS.get(req["op"])
         if fn is None:
             raise UsageError(f"unknown op {req['op']!r} (known: {', '.join(sorted(_OPS))})")
-        out = await fn(daemon, state, req)
+        try:
+            out = await fn(daemon, state, req)
+        except OSError as e:  # descriptors ran short: free cached ones, then once more
+            shed = getattr(daemon.ops, "shed", None)
+            if e.errno not in _SHORT or shed is None or not shed(f"a control request ({req['op']})"):
+                raise
+            out = await fn(daemon, state, req)
         return {"ok": True, **out}
     except DeltafsError as e:
         return {"ok": False, "error": str(e), "code": e.exit_code}

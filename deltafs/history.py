@@ -1039,11 +1039,7 @@ class _Restorer:
                 except OSError:
                     pass  # no flock here: _sweep goes by the PID alone
                 if e.content_seq:
-                    for data in self.r.iter_content(e.content_seq):
-                        mv = memoryview(data)
-                        while mv:
-                            mv = mv[os.write(fd, mv):]
-                        self.tick(len(data))
+                    write_content(self.r, e.content_seq, fd, self.tick)
                 self._meta_fd(fd, e)
                 os.fsync(fd)
             finally:
@@ -1227,6 +1223,28 @@ class _Restorer:
         except OSError as err:
             self.rep.fail(e.path, None, err.strerror or str(err))
         return False
+
+
+def write_content(r: Reader, seq: int, fd: int, tick=None) -> None:
+    """Write content version ``seq`` into the empty file open as fd, keeping it sparse.
+
+    An all-zero chunk (the id of zeros of its length: a hole when it was
+    captured, or zeros written) is neither read nor written: the file
+    gets a hole there, and its size from ftruncate at the end.  The id is
+    the hash of the content, so knowing it is knowing the bytes.
+    """
+    pos = 0
+    for cid, n in r.chunk_list(seq):
+        if cid != chunking.zero_id(n):
+            mv = memoryview(r.read_chunk(cid))
+            at = pos
+            while mv:
+                k = os.pwrite(fd, mv, at)
+                mv, at = mv[k:], at + k
+        pos += n
+        if tick is not None:
+            tick(n)
+    os.ftruncate(fd, pos)
 
 
 def _pid_alive(pid: int) -> bool:

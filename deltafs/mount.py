@@ -147,11 +147,18 @@ def _setup_logging(cfg: MountConfig) -> None:
     root.handlers[:] = [h]
 
 
-def _raise_fd_limit() -> None:
-    # One O_PATH descriptor per inode the kernel knows: allow many.
+def _raise_fd_limit() -> int:
+    """Raise the soft descriptor limit to the hard one; -> the limit now in force.
+
+    Cached inode descriptors then use at most a budget of it (fdcache.py)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as e:  # e.g. an infinite hard limit some kernels refuse
+            log.info("descriptor limit left at %d: %s", soft, e)
+    return soft
 
 
 def spawn_daemon(cfg: MountConfig, argv: list[str]) -> None:
@@ -255,10 +262,13 @@ def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
     # Capture and commit threads run Python code; with the default 5 ms GIL
     # switch interval the FUSE loop could wait that long for every request.
     sys.setswitchinterval(float(os.environ.get("DELTAFS_SWITCH_INTERVAL", "0.0005")))
-    _raise_fd_limit()
+    fd_limit = _raise_fd_limit()
     jst = os.stat(cfg.journal)
     rec = Recorder(journal, cfg.src) if cfg.capture else None
-    ops = Operations(cfg.src, hidden=(jst.st_dev, jst.st_ino), timeout=cfg.timeout, recorder=rec)
+    ops = Operations(cfg.src, hidden=(jst.st_dev, jst.st_ino), timeout=cfg.timeout, recorder=rec,
+                     fd_limit=fd_limit, fd_budget=cfg.fd_budget)
+    log.info("descriptors: limit %d, up to %d cached for inodes, %d kept free",
+             ops.fc.limit, ops.fc.budget, ops.fc.reserve)
     state = {"mounted": False, "error": None}
     profile = os.environ.get("DELTAFS_PROFILE")  # developers: cProfile stats of the daemon
     try:

@@ -2,10 +2,14 @@
 
 Design (docs/fuse-notes.md has the why of each point):
 
-* One O_PATH descriptor per inode the kernel knows (lookup count > 0).
-  Every request works relative to it with *at calls, so renames of
-  ancestors, long paths and unlinked-but-open files need no bookkeeping,
-  and the backing inode number cannot be reused while the kernel knows it.
+* One Node per inode the kernel knows (lookup count > 0).  A node knows
+  its parent node and name (kept right by lookup, create, link, rename and
+  unlink: deltafs is SRC's only writer while mounted), so its path comes
+  from the node tree at any depth, and its O_PATH descriptor is an entry of
+  a bounded cache (fdcache.py): an evicted node is opened again relative to
+  its parent.  Requests work relative to descriptors with *at calls.  A
+  node with open handles, or one that lost its last name (unlinked but
+  open), keeps its descriptor.
 * FUSE inode numbers are the backing st_ino (SRC's root is swapped with 1),
   so hard links are one inode through the mount and numbers are stable.
 * Every change goes through the mount, so the kernel may cache entries,
@@ -33,47 +37,83 @@ import trio
 from pyfuse3 import FUSEError
 
 from deltafs import _syscalls as sc
+from deltafs.fdcache import FdCache
 
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
 _CAPS = b"security.capability"
-_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_FALLOC_MODES = sc.FALLOC_FL_KEEP_SIZE | sc.FALLOC_FL_PUNCH_HOLE | sc.FALLOC_FL_ZERO_RANGE
+MAX_LINKS = 16  # extra names remembered per hard-linked inode
+CAPTURE_BACKLOG = 256  # queued captures (each holds a descriptor) before release waits
 LISTINGS_KEPT = 256  # unfinished readdir passes remembered without open handles
 # Flags that must not reach an open of /proc/self/fd/N: the kernel already
 # resolved and created the file, and O_NOFOLLOW would refuse the magic link.
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY | os.O_DIRECT
 
 
+class _NoRanges(tuple):
+    """The dirty ranges of a node never written: shared, empty, and ``clear()`` is a
+    no-op, so code that empties ``node.dirty`` in place works on it too (a list per
+    node would cost 56 bytes for each of a million inodes)."""
+
+    __slots__ = ()
+
+    def clear(self) -> None:
+        pass
+
+
+NO_RANGES = _NoRanges()
+
+
 class Node:
     """One inode known to the kernel."""
 
-    __slots__ = ("ino", "fd", "lookups", "handles", "writers", "dirty", "pending", "size_changed",
-                 "base", "last_item", "path", "path_gen", "nocaps")
+    __slots__ = ("ino", "_fd", "fc", "parent", "name", "links", "kids", "pinned", "gen", "lookups",
+                 "handles", "writers", "dirty", "pending", "size_changed", "base", "last_item", "nocaps")
 
-    def __init__(self, ino: int, fd: int) -> None:
+    def __init__(self, ino: int, fc: FdCache, parent: "Node | None", name: bytes) -> None:
         self.ino = ino
-        self.fd = fd  # O_PATH descriptor of the backing inode
+        self._fd = -1  # O_PATH descriptor of the backing inode, -1 when not held (see fd)
+        self.fc = fc
+        self.parent = parent  # the directory holding ``name``; None: the root, or no name left
+        self.name = name
+        self.links: list[tuple[Node, bytes]] | None = None  # more names of a hard-linked file
+        self.kids = 0  # names of other nodes in this directory (keeps the node while > 0)
+        self.pinned = parent is None  # the descriptor stays while open or nameless (fdcache.py)
+        self.gen = 0  # FUSE generation: bumped when a forgotten-to-be number is reused
         self.lookups = 0
         self.handles = 0  # open file handles
         self.writers = 0  # open file handles that may write
-        self.dirty: list[list[int]] = []  # [start, end) ranges written since the last capture
+        self.dirty: list[list[int]] | _NoRanges = NO_RANGES  # [start, end) ranges written since the last capture
         self.pending: trio.Event | None = None  # set when an in-flight capture finished
         self.size_changed = False  # truncated/extended by setattr since the last capture
         self.base: int | None = None  # capture's: journal version the dirty ranges apply to
         self.last_item = None  # capture's: this inode's latest queued capture
-        self.path: bytes | None = None  # cached path_of(), valid while path_gen is current
-        self.path_gen = -1
         self.nocaps = False  # known to have no security.capability xattr
+
+    @property
+    def fd(self) -> int:
+        """The node's O_PATH descriptor, opened again if the cache closed it.
+
+        Valid until the next few descriptors are opened: use it at once."""
+        fd = self._fd
+        if fd < 0:
+            return self.fc.reopen(self)
+        if not self.pinned:
+            self.fc.lru.move_to_end(self)
+        return fd
 
     def mark_dirty(self, start: int, end: int) -> None:
         d = self.dirty
-        if d:
-            last = d[-1]
-            if last[0] <= start <= last[1]:
-                if end > last[1]:
-                    last[1] = end
-                return
+        if not d:
+            self.dirty = [[start, end]]
+            return
+        last = d[-1]
+        if last[0] <= start <= last[1]:
+            if end > last[1]:
+                last[1] = end
+            return
         d.append([start, end])
         if len(d) > 4096:  # random writes: keep memory bounded, coarsen
             self.dirty = coalesce(d, gap=64 << 10)
@@ -133,6 +173,12 @@ class NullRecorder:
     async def sync(self, ino: int) -> None:
         pass
 
+    def pending(self) -> int:
+        return 0
+
+    async def throttle(self, limit: int) -> None:
+        pass
+
 
 def process_umask() -> int:
     """The process's umask, read without changing it (no window for other threads)."""
@@ -159,11 +205,26 @@ def _errors(fn):
             raise
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
+        except ExceptionGroup as eg:  # from a nursery (fsync): answer its one error
+            err = _single(eg)
+            if isinstance(err, FUSEError):
+                raise err from None
+            if isinstance(err, OSError):
+                raise FUSEError(err.errno or errno.EIO) from None
+            log.exception("internal error in %s%r", fn.__name__, args[:2])
+            raise FUSEError(errno.EIO) from None
         except Exception:
             log.exception("internal error in %s%r", fn.__name__, args[:2])
             raise FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+def _single(eg: BaseExceptionGroup) -> BaseException:
+    """The first leaf of an exception group (a nursery's errors), unwrapped."""
+    while isinstance(eg, BaseExceptionGroup) and eg.exceptions:
+        eg = eg.exceptions[0]
+    return eg
 
 
 class Operations(pyfuse3.Operations):
@@ -174,7 +235,7 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(self, src: str, *, hidden: tuple[int, int] | None = None, timeout: float = 86400.0,
-                 recorder=None) -> None:
+                 recorder=None, fd_limit: int | None = None, fd_budget: int | None = None) -> None:
         super().__init__()
         self.src = os.path.abspath(src)
         self.src_b = os.fsencode(self.src)
@@ -192,8 +253,15 @@ class Operations(pyfuse3.Operations):
         self.timeout = timeout
         self.initialized = trio.Event()  # the kernel's INIT has been answered (see init)
         self.rec = recorder or NullRecorder()
-        root = Node(ROOT, root_fd)
+        if fd_limit is None:
+            import resource
+            fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fc = FdCache(fd_limit, fd_budget, root_ino=self.root_ino)
+        # queued captures hold a descriptor each, out of the reserve: at most half of it
+        self.capture_backlog = max(16, min(CAPTURE_BACKLOG, self.fc.reserve // 2))
+        root = Node(ROOT, self.fc, None, b"")
         root.lookups = 1 << 62  # never forgotten
+        self.fc.add(root, root_fd)
         self.nodes: dict[int, Node] = {ROOT: root}
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
@@ -202,7 +270,6 @@ class Operations(pyfuse3.Operations):
         self._negative.st_ino = 0
         self._negative.entry_timeout = timeout
         self._dir_serial = 0
-        self.path_gen = 0  # bumped by every rename/unlink/rmdir: cached node paths expire
         self.umask = process_umask()  # the daemon's own (never 0): see _give_mode
 
     # ---- helpers -------------------------------------------------------
@@ -238,63 +305,151 @@ class Operations(pyfuse3.Operations):
         except KeyError:
             raise FUSEError(errno.ESTALE) from None
 
-    def _check_name(self, parent: Node, name: bytes, err: int) -> None:
-        """Refuse to touch the journal directory (err is what the caller sees)."""
-        if self.hidden_ino < 0:
-            return
+    def _stat_entry(self, parent: Node, name: bytes, err: int) -> os.stat_result | None:
+        """lstat of parent/name (None if missing); the journal directory answers ``err``."""
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        except OSError:
-            return
+        except FileNotFoundError:
+            return None
         if st.st_ino == self.hidden_ino and st.st_dev == self.dev:
             raise FUSEError(err)
+        return st
 
-    def _remember(self, fd: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        """Count one lookup of the inode behind fd (taking ownership of fd)."""
+    def _known(self, st: os.stat_result | None) -> Node | None:
+        return None if st is None else self.nodes.get(self.fuse_ino(st.st_ino))
+
+    def _remember(self, parent: Node, name: bytes, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Count one lookup of the inode at parent/name (st: its lstat)."""
         ino = self.fuse_ino(st.st_ino)
         node = self.nodes.get(ino)
         if node is None:
-            node = self.nodes[ino] = Node(ino, fd)
-        else:
-            os.close(fd)
+            node = self.nodes[ino] = Node(ino, self.fc, parent, name)
+            parent.kids += 1
+        elif node.parent is not parent or node.name != name:
+            self._saw_name(node, parent, name, st)
         node.lookups += 1
-        return self.attrs(st, ino)
-
-    def _lookup_fd(self, parent: Node, name: bytes) -> tuple[int, os.stat_result]:
-        fd = os.open(name, _O_PATH, dir_fd=parent.fd)
-        try:
-            st = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        if st.st_ino == self.hidden_ino and st.st_dev == self.dev:
-            os.close(fd)
-            raise FUSEError(errno.ENOENT)
-        return fd, st
+        e = self.attrs(st, ino)
+        e.generation = node.gen
+        return e
 
     def _entry(self, parent: Node, name: bytes) -> pyfuse3.EntryAttributes:
-        fd, st = self._lookup_fd(parent, name)
-        return self._remember(fd, st)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        if st.st_ino == self.hidden_ino and st.st_dev == self.dev:
+            raise FUSEError(errno.ENOENT)
+        return self._remember(parent, name, st)
+
+    # ---- names: every node knows where it is ----------------------------
+
+    def _saw_name(self, node: Node, parent: Node, name: bytes, st: os.stat_result) -> None:
+        """A lookup found node at parent/name, which is not its (first) known name."""
+        if node.ino == ROOT:
+            return
+        if node.links and any(p is parent and n == name for p, n in node.links):
+            return
+        if node.parent is None:
+            # It had lost its last known name.  Held open, the inode cannot
+            # have been freed: this is a link of it we had not seen.  Not
+            # held, the number may belong to a new inode: tell the kernel.
+            if node._fd < 0:
+                node.gen += 1
+            self._set_name(node, parent, name)
+        elif stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
+            self._set_name(node, parent, name)  # moved behind the mount's back
+        else:  # another name of a hard-linked file
+            if node.links is None:
+                node.links = []
+            node.links.append((parent, name))
+            parent.kids += 1
+            if len(node.links) > MAX_LINKS:
+                self._drop_name(node, *node.links[0])
+
+    def _set_name(self, node: Node, parent: Node, name: bytes) -> None:
+        """node's only known name is now parent/name."""
+        while node.links:
+            self._drop_name(node, *node.links[-1])
+        old = node.parent
+        node.parent, node.name = parent, name
+        parent.kids += 1
+        if old is not None:
+            self._unkid(old)
+        self._repin(node)
+
+    def _drop_name(self, node: Node, parent: Node, name: bytes) -> None:
+        """parent/name no longer names node (unlinked, renamed away or over)."""
+        if node.parent is parent and node.name == name:
+            if node.links:
+                node.parent, node.name = node.links.pop()
+                if not node.links:
+                    node.links = None
+            else:
+                node.parent, node.name = None, b""
+                self._repin(node)
+        elif node.links:
+            try:
+                node.links.remove((parent, name))
+            except ValueError:
+                return
+            if not node.links:
+                node.links = None
+        else:
+            return
+        self._unkid(parent)
+
+    def _move_name(self, node: Node, parent: Node, name: bytes, new_parent: Node, new_name: bytes) -> None:
+        if node.parent is parent and node.name == name:
+            node.parent, node.name = new_parent, new_name
+        elif node.links and (parent, name) in node.links:
+            node.links[node.links.index((parent, name))] = (new_parent, new_name)
+        else:
+            self._set_name(node, new_parent, new_name)  # its name was never seen
+            return
+        new_parent.kids += 1
+        self._unkid(parent)
+
+    def _unkid(self, parent: Node) -> None:
+        parent.kids -= 1
+        if parent.kids <= 0:
+            self.release_node_if_unused(parent)
+
+    def _repin(self, node: Node) -> None:
+        self.fc.pin(node, node.handles > 0 or node.parent is None)
+
+    def _hold(self, *nodes: Node) -> list[Node]:
+        """Keep these nodes' descriptors open while a request uses them together
+        (opening one may otherwise evict the other)."""
+        held = [n for n in nodes if not n.pinned]
+        for n in held:
+            self.fc.pin(n, True)
+        return held
+
+    def _unhold(self, held: list[Node]) -> None:
+        for n in held:
+            self._repin(n)
+
+    def _before_last_name(self, node: Node | None, parent: Node, name: bytes, is_dir: bool) -> None:
+        """parent/name is about to go: if it is node's last known name and
+        the kernel may still use the node (open handles, a directory someone
+        is in), take a descriptor now, while a name still leads to it."""
+        if node is None or node._fd >= 0 or node.links or not (node.handles or is_dir):
+            return
+        if node.parent is parent and node.name == name:
+            node.fd  # noqa: B018 (opens it)
 
     def path_of(self, node: Node) -> bytes | None:
         """The node's path relative to SRC ('' is the root), None if unlinked.
 
-        Off the hot path: capture calls it at release, fsync and namespace
-        changes.  Hard links give whichever name the kernel resolves.
+        Derived from the node tree, so it works at any depth; a hard link
+        gives its first known name.
         """
-        if node.ino == ROOT:
-            return b""
-        if node.path_gen == self.path_gen:
-            return node.path
-        p = os.readlink(f"/proc/self/fd/{node.fd}".encode())
-        if p.endswith(b" (deleted)") and not os.path.lexists(p):
-            rel = None
-        elif p.startswith(self.src_b + b"/"):
-            rel = p[len(self.src_b) + 1:]
-        else:
-            rel = None
-        node.path, node.path_gen = rel, self.path_gen
-        return rel
+        parts = []
+        n = node
+        while n.ino != ROOT:
+            if n.parent is None:
+                return None
+            parts.append(n.name)
+            n = n.parent
+        parts.reverse()
+        return b"/".join(parts)
 
     def child_path(self, parent: Node, name: bytes) -> bytes | None:
         pp = self.path_of(parent)
@@ -304,6 +459,25 @@ class Operations(pyfuse3.Operations):
 
     def _proc(self, node: Node) -> bytes:
         return f"/proc/self/fd/{node.fd}".encode()
+
+    def _stat(self, node: Node) -> os.stat_result:
+        """lstat of node's inode, through its name when it holds no descriptor."""
+        if node._fd < 0 and node.parent is not None:
+            try:
+                st = os.stat(node.name, dir_fd=node.parent.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and self.fuse_ino(st.st_ino) == node.ino:
+                return st
+        return os.fstat(node.fd)
+
+    def descriptor_status(self) -> dict:
+        """For status: descriptor use, the budget, evictions; inodes known."""
+        return {**self.fc.status(), "inodes": len(self.nodes)}
+
+    def shed(self, why: str) -> int:
+        """Descriptors ran short elsewhere (the control socket): close cached ones."""
+        return self.fc.shed(why)
 
     def _own(self, parent: Node, name: bytes, ctx, follow: bool = False) -> None:
         """Give a new entry the caller's uid (and gid unless the parent is setgid)."""
@@ -365,20 +539,30 @@ class Operations(pyfuse3.Operations):
             if node is None or ino == ROOT:
                 continue
             node.lookups -= n
-            if node.lookups <= 0 and node.handles == 0 and node.pending is None:
-                del self.nodes[ino]
-                os.close(node.fd)
+            if node.lookups <= 0:
+                self.release_node_if_unused(node)
 
     def release_node_if_unused(self, node: Node) -> None:
-        if node.lookups <= 0 and node.handles == 0 and node.pending is None and node.ino != ROOT:
-            if self.nodes.get(node.ino) is node:
-                del self.nodes[node.ino]
-                os.close(node.fd)
+        """Forget node once nothing needs it: no lookups, handles, capture, children."""
+        while (node.lookups <= 0 and node.handles == 0 and node.pending is None and node.kids <= 0
+               and node.ino != ROOT and self.nodes.get(node.ino) is node):
+            del self.nodes[node.ino]
+            self.fc.drop(node)
+            for p, _ in node.links or ():
+                p.kids -= 1
+                self.release_node_if_unused(p)
+            node.links = None
+            parent = node.parent
+            if parent is None:
+                return
+            node.parent = None
+            parent.kids -= 1
+            node = parent  # its last child may have been what kept it
 
     @_errors
     async def getattr(self, inode, ctx=None):
         node = self._node(inode)
-        return self.attrs(os.fstat(node.fd), inode)
+        return self.attrs(self._stat(node), inode)
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -426,7 +610,10 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def readlink(self, inode, ctx):
-        return os.readlink(b"", dir_fd=self._node(inode).fd)
+        node = self._node(inode)
+        if node._fd < 0 and node.parent is not None:
+            return os.readlink(node.name, dir_fd=node.parent.fd)
+        return os.readlink(b"", dir_fd=node.fd)
 
     @_errors
     async def access(self, inode, mode, ctx):
@@ -459,11 +646,12 @@ class Operations(pyfuse3.Operations):
             # Patched pyfuse3: ENOSYS makes the kernel stop sending OPENDIR
             # and RELEASEDIR and cache listings (docs/fuse-notes.md).
             raise FUSEError(errno.ENOSYS)
-        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
+        fd = self.fc.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd, handle=True)
         self._dir_serial += 1
         fh = self._dir_serial
         self.dirs[fh] = DirHandle(fd, node)
         node.handles += 1
+        self._repin(node)
         return fh
 
     def _listing(self, fh: int, start_id: int) -> tuple[Node, list]:
@@ -479,7 +667,7 @@ class Operations(pyfuse3.Operations):
             node = self._node(fh)
             entries = self._listings.get(fh)
             if start_id == 0 or entries is None:
-                entries = self._listings[fh] = self._scan_dir(node.fd)
+                entries = self._listings[fh] = self.fc.retry(self._scan_dir, node)
                 while len(self._listings) > LISTINGS_KEPT:
                     self._listings.popitem(last=False)
             return node, entries
@@ -489,13 +677,21 @@ class Operations(pyfuse3.Operations):
         return dh.node, dh.entries
 
     @staticmethod
-    def _scan_dir(fd: int) -> list:
+    def _scan_dir(where: Node | int) -> list:
+        fd = where.fd if isinstance(where, Node) else where
         with os.scandir(f"/proc/self/fd/{fd}") as it:
             return [(b".", 0), (b"..", 0)] + [(os.fsencode(e.name), e.inode()) for e in it]
 
     @_errors
     async def readdir(self, fh, start_id, token):
         parent, entries = self._listing(fh, start_id)
+        held = self._hold(parent)  # pfd stays valid whatever the names below do to the LRU
+        try:
+            self._readdir(parent, parent.fd, entries, fh, start_id, token)
+        finally:
+            self._unhold(held)
+
+    def _readdir(self, parent: Node, pfd: int, entries: list, fh, start_id: int, token) -> None:
         hidden = self.hidden_ino
         nodes = self.nodes
         for i in range(start_id, len(entries)):
@@ -503,7 +699,7 @@ class Operations(pyfuse3.Operations):
             if i < 2:
                 # The kernel keeps no lookup count for '.' and '..': neither do we.
                 try:
-                    st = os.stat(name, dir_fd=parent.fd)
+                    st = os.stat(name, dir_fd=pfd)
                 except OSError:
                     continue
                 if not pyfuse3.readdir_reply(token, name, self.attrs(st, self.fuse_ino(st.st_ino)), i + 1):
@@ -511,31 +707,25 @@ class Operations(pyfuse3.Operations):
                 continue
             if d_ino == hidden:
                 continue
-            ino = self.fuse_ino(d_ino)
-            node = nodes.get(ino)
             try:
-                if node is not None:
-                    st = os.fstat(node.fd)
-                    fd = -1
-                else:
-                    fd = os.open(name, _O_PATH, dir_fd=parent.fd)
-                    st = os.fstat(fd)
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             except OSError:
                 continue  # removed while listing
             if st.st_ino != d_ino:  # replaced while listing
-                if fd >= 0:
-                    os.close(fd)
                 continue
-            if not pyfuse3.readdir_reply(token, name, self.attrs(st, ino), i + 1):
-                if fd >= 0:
-                    os.close(fd)
+            ino = self.fuse_ino(d_ino)
+            node = nodes.get(ino)
+            e = self.attrs(st, ino)
+            if node is not None:
+                e.generation = node.gen
+            if not pyfuse3.readdir_reply(token, name, e, i + 1):
                 return
+            # readdirplus counts as a lookup of every entry it returns
             if node is None:
-                node = nodes.get(ino)
-                if node is None:
-                    node = nodes[ino] = Node(ino, fd)
-                else:
-                    os.close(fd)
+                node = nodes[ino] = Node(ino, self.fc, parent, name)
+                parent.kids += 1
+            elif node.parent is not parent or node.name != name:
+                self._saw_name(node, parent, name, st)
             node.lookups += 1
         if self.dir_handle_is_inode:
             self._listings.pop(fh, None)  # the pass is complete
@@ -543,8 +733,9 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def releasedir(self, fh):
         dh = self.dirs.pop(fh)
-        os.close(dh.fd)
+        self.fc.close_handle(dh.fd)
         dh.node.handles -= 1
+        self._repin(dh.node)
         self.release_node_if_unused(dh.node)
 
     @_errors
@@ -577,10 +768,12 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
         parent = self._node(parent_inode)
-        self._check_name(parent, name, errno.EACCES)
+        node = self._known(self._stat_entry(parent, name, errno.EACCES))
+        self._before_last_name(node, parent, name, True)
         os.rmdir(name, dir_fd=parent.fd)
-        self.path_gen += 1
         self.rec.event("rmdir", ops=self, parent=parent, name=name)
+        if node is not None:
+            self._drop_name(node, parent, name)
 
     # ---- namespace ------------------------------------------------------
 
@@ -609,21 +802,37 @@ class Operations(pyfuse3.Operations):
     async def link(self, inode, new_parent_inode, new_name, ctx):
         node = self._node(inode)
         parent = self._node(new_parent_inode)
-        sc.link_fd(node.fd, parent.fd, new_name)
-        st = os.fstat(node.fd)
+        held = self._hold(node, parent)
+        try:
+            sc.link_fd(node.fd, parent.fd, new_name)
+            st = os.fstat(node.fd)
+        finally:
+            self._unhold(held)
         node.lookups += 1
+        if node.parent is None:
+            self._set_name(node, parent, new_name)
+        else:
+            if node.links is None:
+                node.links = []
+            node.links.append((parent, new_name))
+            parent.kids += 1
         self.rec.event("link", ops=self, node=node, parent=parent, name=new_name)
-        return self.attrs(st, inode)
+        e = self.attrs(st, inode)
+        e.generation = node.gen
+        return e
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):
         parent = self._node(parent_inode)
-        self._check_name(parent, name, errno.EACCES)
+        st = self._stat_entry(parent, name, errno.EACCES)
         if self.rec.enabled:
             await self._before_replace(parent, name)
+        node = self._known(st)
+        self._before_last_name(node, parent, name, False)
         os.unlink(name, dir_fd=parent.fd)
-        self.path_gen += 1
         self.rec.event("unlink", ops=self, parent=parent, name=name)
+        if node is not None:
+            self._drop_name(node, parent, name)
 
     async def _before_replace(self, parent: Node, name: bytes) -> bool:
         """Pre-image of a file about to be unlinked or renamed over.  -> it exists."""
@@ -643,8 +852,8 @@ class Operations(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         old = self._node(parent_inode_old)
         new = self._node(parent_inode_new)
-        self._check_name(old, name_old, errno.EACCES)
-        self._check_name(new, name_new, errno.EACCES)
+        st_old = self._stat_entry(old, name_old, errno.EACCES)
+        st_new = self._stat_entry(new, name_new, errno.EACCES)
         src_path = dst_path = None
         replaced = False
         if self.rec.enabled:
@@ -653,10 +862,25 @@ class Operations(pyfuse3.Operations):
                 await self._before_replace(old, name_old)
             src_path = self.child_path(old, name_old)
             dst_path = self.child_path(new, name_new)
-        sc.renameat2(old.fd, name_old, new.fd, name_new, flags)
-        self.path_gen += 1
+        moved, over = self._known(st_old), self._known(st_new)
+        if over is moved:
+            moved = over = None  # two names of one inode: rename changes nothing
+        elif over is not None and not flags & sc.RENAME_EXCHANGE:
+            self._before_last_name(over, new, name_new, stat.S_ISDIR(st_new.st_mode))
+        held = self._hold(old, new)
+        try:
+            sc.renameat2(old.fd, name_old, new.fd, name_new, flags)
+        finally:
+            self._unhold(held)
         self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
                        parent=new, name=name_new, replaced=replaced, also=old)
+        if flags & sc.RENAME_EXCHANGE:
+            if over is not None:
+                self._move_name(over, new, name_new, old, name_old)
+        elif over is not None:
+            self._drop_name(over, new, name_new)
+        if moved is not None:
+            self._move_name(moved, old, name_old, new, name_new)
 
     # ---- files ----------------------------------------------------------
 
@@ -672,17 +896,34 @@ class Operations(pyfuse3.Operations):
     def _open_fd(self, node: Node, flags: int) -> tuple[int, bool]:
         f, writable = self._backing_flags(flags)
         try:
-            fd = os.open(self._proc(node), f)
+            fd = self._reopen_file(node, f)
         except PermissionError:
             if not writable:
                 raise
             f = (f & ~os.O_ACCMODE) | (flags & os.O_ACCMODE)  # write-only file mode
-            fd = os.open(self._proc(node), f)
+            fd = self._reopen_file(node, f)
         return fd, writable
+
+    def _reopen_file(self, node: Node, flags: int) -> int:
+        """A new descriptor of node's file with flags: through its name relative
+        to its parent (one openat) when the node holds no descriptor, else
+        through /proc/self/fd (also for unlinked files)."""
+        if node._fd < 0 and node.parent is not None:
+            fd = self.fc.open(node.name, flags | os.O_NOFOLLOW, dir_fd=node.parent.fd, handle=True)
+            try:
+                if self.fuse_ino(os.fstat(fd).st_ino) == node.ino:
+                    return fd
+            except BaseException:
+                self.fc.close_handle(fd)
+                raise
+            self.fc.close_handle(fd)  # replaced behind the mount's back: go by the inode
+        return self.fc.open(self._proc(node), flags, handle=True)
 
     def _new_handle(self, fd: int, node: Node, writable: bool) -> pyfuse3.FileInfo:
         self.handles[fd] = Handle(fd, node, writable)
         node.handles += 1
+        if node.handles == 1:
+            self._repin(node)
         if writable:
             node.writers += 1
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
@@ -703,19 +944,20 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         parent = self._node(parent_inode)
         f, writable = self._backing_flags(flags)
-        fd = os.open(name, f | os.O_CREAT, mode, dir_fd=parent.fd)
+        fd = self.fc.open(name, f | os.O_CREAT, mode, dir_fd=parent.fd, handle=True)
         try:
             st = os.fstat(fd)
             if os.geteuid() == 0 and (st.st_uid != ctx.uid or st.st_gid != ctx.gid):
                 pst = os.fstat(parent.fd)
                 os.fchown(fd, ctx.uid, -1 if pst.st_mode & stat.S_ISGID else ctx.gid)
                 st = os.fstat(fd)
-            pfd = os.open(name, _O_PATH, dir_fd=parent.fd)
         except BaseException:
-            os.close(fd)
+            self.fc.close_handle(fd)
             raise
-        e = self._remember(pfd, st)
+        e = self._remember(parent, name, st)
         node = self.nodes[e.st_ino]
+        if st.st_size == 0 and st.st_nlink == 1:
+            node.nocaps = True  # a new file has no security.capability: no getxattr per write
         e2 = self._give_mode(parent, node, mode, e, fd)
         if e2 is not e:
             e, st = e2, os.fstat(fd)
@@ -748,13 +990,18 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def release(self, fh):
         h = self.handles.pop(fh)
-        os.close(h.fd)
+        self.fc.close_handle(h.fd)
         node = h.node
         node.handles -= 1
+        if node.handles == 0:
+            self._repin(node)
         if h.writable:
             node.writers -= 1
             if node.writers == 0 and (node.dirty or node.size_changed):
                 self.rec.release(self, node)
+                if self.rec.pending() > self.capture_backlog:
+                    # each queued capture holds a descriptor: let the journal catch up
+                    await self.rec.throttle(self.capture_backlog)
         self.release_node_if_unused(node)
 
     @_errors
@@ -787,6 +1034,28 @@ class Operations(pyfuse3.Operations):
             await journal_wait(*args)
         if failed:
             raise failed[0]
+
+    @_errors
+    async def fallocate(self, fh, mode, offset, length):
+        """fallocate(2) in the modes the kernel passes on (deltafs's pyfuse3 build;
+        a stock pyfuse3 never calls this, and the kernel answers EOPNOTSUPP)."""
+        if mode & ~_FALLOC_MODES:
+            raise FUSEError(errno.EOPNOTSUPP)
+        h = self.handles[fh]
+        node = h.node
+        if node.pending is not None:
+            await self.wait_capture(node)
+        before = os.fstat(h.fd).st_size
+        sc.fallocate(h.fd, mode, offset, length)
+        end = offset + length
+        keep = mode & sc.FALLOC_FL_KEEP_SIZE
+        if mode & (sc.FALLOC_FL_PUNCH_HOLE | sc.FALLOC_FL_ZERO_RANGE):
+            zeroed = min(end, before) if keep else end  # these bytes read as zeros now
+            if zeroed > offset:
+                node.mark_dirty(offset, zeroed)
+        if not keep and end > before:
+            node.mark_dirty(before, end)  # the file grew: the new bytes are zeros
+            node.size_changed = True
 
     # ---- extended attributes ------------------------------------------
 

@@ -9,7 +9,10 @@ without a daemon), ``snapshots``, ``mirrors`` (one object per mirror:
 replicating, ``lag_records``, ``lag_bytes``, ``lag_seconds``,
 ``last_success_ns``, ``last_error``, ``stalled_s``, ``in_flight``; live
 from the daemon, else the replicator's last status copy in the journal
-with ``state`` null and the lag computed from the journal now).  ``problems`` turns one into the reasons
+with ``state`` null and the lag computed from the journal now), ``descriptors``
+(live only: ``open``, ``limit``, ``reserve``, ``budget``, ``cached``,
+``pinned``, ``handles``, ``evictions``, ``reopens``, ``shed``,
+``shortages``, ``refused``, ``inodes``).  ``problems`` turns one into the reasons
 ``--check`` fails; ``prometheus`` renders several as Prometheus text.
 """
 
@@ -136,6 +139,7 @@ async def daemon_status(daemon) -> dict:
         "snapshots": snaps,
         "mirrors": mirrors,
         "maintenance": daemon.state.get("maintenance"),  # maintenance.maintenance_service
+        "descriptors": daemon.ops.descriptor_status(),
     }
 
 
@@ -196,6 +200,10 @@ def problems(st: dict, max_lag: float = MAX_MIRROR_LAG_S) -> list[str]:
                    + (f"; last error: {cap['last_error']}" if cap.get("last_error") else ""))
     elif cap.get("last_error"):
         out.append(f"{where}: capture error: {cap['last_error']}")
+    fds = st.get("descriptors") or {}
+    if fds.get("shortages"):
+        out.append(f"{where}: descriptors ran short {fds['shortages']} time(s) (limit {fds['limit']}, "
+                   f"{fds['refused']} open(s) refused): raise the daemon's RLIMIT_NOFILE")
     j = st.get("journal") or {}
     if j.get("map_size") and j.get("data_file_bytes", 0) >= MAP_FULL_RATIO * j["map_size"]:
         out.append(f"{where}: the journal uses {j['data_file_bytes'] / j['map_size']:.0%} of its "
@@ -283,6 +291,14 @@ def format_text(st: dict) -> str:
                          f"{cap['pending']} pending, last {last}")
             if cap["failures"] or cap["last_error"]:
                 lines.append(f"  failures   {cap['failures']}; last error: {cap['last_error']}")
+    fds = st.get("descriptors")
+    if fds:
+        lines.append(f"  descriptors {fds['open']} of {fds['limit']} open: {fds['cached']} cached for "
+                     f"{fds['inodes']} inodes (budget {fds['budget']}), {fds['pinned']} pinned, "
+                     f"{fds['handles']} handles; {fds['evictions']} evictions")
+        if fds["shortages"] or fds["refused"]:
+            lines.append(f"             SHORT {fds['shortages']} time(s): {fds['shed']} cached closed, "
+                         f"{fds['refused']} open(s) refused to keep {fds['reserve']} free")
     snaps = st.get("snapshots") or []
     if snaps:
         s = snaps[-1]
@@ -339,6 +355,13 @@ def prometheus(statuses: list[dict]) -> bytes:
         "failures": g("deltafs_capture_failures", "captures that failed since the daemon started"),
         "paused": g("deltafs_capture_paused", "1 while capture is paused"),
         "last": g("deltafs_capture_last_timestamp_seconds", "time of the last committed capture"),
+        "fd_open": g("deltafs_descriptors_open", "descriptors the daemon has open"),
+        "fd_limit": g("deltafs_descriptors_limit", "the daemon's RLIMIT_NOFILE"),
+        "fd_budget": g("deltafs_descriptors_budget", "descriptors the daemon may cache for inodes"),
+        "fd_cached": g("deltafs_descriptors_cached", "inode descriptors in the cache"),
+        "fd_evictions": g("deltafs_descriptor_evictions", "inode descriptors closed by the cache's budget"),
+        "fd_shortages": g("deltafs_descriptor_shortages", "times descriptors ran short (one warning each)"),
+        "inodes": g("deltafs_inodes", "inodes the kernel knows through the mount"),
     }
     for st in statuses:
         j = st.get("journal") or {}
@@ -363,6 +386,12 @@ def prometheus(statuses: list[dict]) -> bytes:
             m["paused"].labels(*lv).set(1 if cap["paused"] else 0)
             if cap["last_capture_ns"]:
                 m["last"].labels(*lv).set(cap["last_capture_ns"] / 1e9)
+        fds = st.get("descriptors")
+        if fds:
+            for key, field in (("fd_open", "open"), ("fd_limit", "limit"), ("fd_budget", "budget"),
+                               ("fd_cached", "cached"), ("fd_evictions", "evictions"),
+                               ("fd_shortages", "shortages"), ("inodes", "inodes")):
+                m[key].labels(*lv).set(fds[field])
     ml = [*labels, "mirror"]
     mg = {
         "m_lag": Gauge("deltafs_mirror_lag_records", "journal records the mirror lacks", ml, registry=reg),

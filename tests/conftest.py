@@ -22,13 +22,13 @@ def mount_factory(tmp_path):
     made: list[Mount] = []
 
     def make(src: Path | None = None, *extra: str, journal: Path | None = None,
-             mnt: Path | None = None, start: bool = True) -> Mount:
+             mnt: Path | None = None, start: bool = True, prefix: list[str] | None = None) -> Mount:
         n = len(made)
         src = src or tmp_path / f"src{n}"
         mnt = mnt or tmp_path / f"mnt{n}"
         src.mkdir(exist_ok=True)
         mnt.mkdir(exist_ok=True)
-        m = Mount(src, mnt, *extra, journal=journal)
+        m = Mount(src, mnt, *extra, journal=journal, prefix=prefix)
         made.append(m)
         return m.start() if start else m
 

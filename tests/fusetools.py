@@ -45,18 +45,21 @@ def run_cli(*args: str, check: bool = False, input: bytes | None = None, timeout
 
 
 class Mount:
-    def __init__(self, src: Path, mnt: Path, *extra: str, journal: Path | None = None) -> None:
+    def __init__(self, src: Path, mnt: Path, *extra: str, journal: Path | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.src = Path(src)
         self.mnt = Path(mnt)
         self.journal = Path(journal) if journal else self.src / ".deltafs"
         self.extra = list(extra)
+        self.prefix = list(prefix or [])  # e.g. ["prlimit", "--nofile=1024:1024"]
         self.proc: subprocess.Popen | None = None
         self.stderr_path = self.mnt.parent / f"{self.mnt.name}.daemon.log"
 
     def start(self) -> "Mount":
         require_fuse()
         r, w = os.pipe()
-        args = [*DELTAFS, "mount", "--foreground", str(self.src), str(self.mnt), "--ready-fd", str(w)]
+        args = [*self.prefix, *DELTAFS, "mount", "--foreground", str(self.src), str(self.mnt),
+                "--ready-fd", str(w)]
         if self.journal != self.src / ".deltafs":
             args += ["--journal", str(self.journal)]
         args += self.extra

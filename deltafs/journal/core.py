@@ -536,12 +536,15 @@ class Journal:
             raise ValueError(f"chunk list of {ch.path!r} sums to {new_total} bytes, size is {ch.size}")
         ch.edit = edit
         entries = 0
+        named: dict[bytes, int] = {}  # one incref per distinct chunk (a hole names one id 160k times)
         for _, _, refs in edit:
             for cid, _ in refs:
-                if txn.get(cid, db=cdb) is None and not self._chunk_present(txn, cid):
-                    raise ValueError(f"chunk {cid.hex()} named by the edit is not stored")
-                self._incref(txn, cid)
+                named[cid] = named.get(cid, 0) + 1
             entries += len(refs)
+        for cid, n in named.items():
+            if txn.get(cid, db=cdb) is None and not self._chunk_present(txn, cid):
+                raise ValueError(f"chunk {cid.hex()} named by the edit is not stored")
+            self._incref(txn, cid, n)
         depth, accum = self._maybe_checkpoint(txn, seq, base, new, new_total, depth + 1, accum + entries)
         mdb = self._dbs[S.DB_META]
         txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)

@@ -408,3 +408,60 @@ def test_aligned_and_content_defined_captures_mix(seed, ops):
             # unchanged bytes: nothing replaced (a file under 64 KiB is cut by
             # content, which may re-cut pieces an earlier in-place write left)
             assert edit == []
+
+
+def _sparse(layout: list[tuple[str, int]]) -> tuple[bytes, list[tuple[int, int]]]:
+    """Content from ("data", n) / ("hole", n) pieces, and its holes as a file would report them."""
+    rnd = random.Random(7)
+    out, holes, pos = [], [], 0
+    for kind, n in layout:
+        out.append(bytes(n) if kind == "hole" else rnd.randbytes(n))
+        if kind == "hole":
+            holes.append((pos, pos + n))
+        pos += n
+    return b"".join(out), holes
+
+
+def _holes_fn(holes: list[tuple[int, int]], size: int):
+    def holes_at(off: int) -> tuple[int, int]:
+        for s, e in holes:
+            if e > off:
+                return max(s, off), e
+        return size, size
+    return holes_at
+
+
+@pytest.mark.parametrize("layout", [
+    [("hole", 10 * C.MAX_SIZE + 123)],
+    [("data", 5000), ("hole", 40 * C.MAX_SIZE), ("data", 1)],
+    [("hole", 3 * C.MAX_SIZE), ("data", 70000), ("hole", C.MAX_SIZE + 1), ("data", 3), ("hole", 9 * C.MAX_SIZE)],
+    [("data", 100), ("hole", C.MAX_SIZE - 1), ("data", 100)],  # too short to skip
+])
+def test_holes_are_skipped_and_cut_exactly_as_if_read(layout):
+    """A sparse file's holes are not read, and its chunk list is the one reading every byte gives."""
+    data, holes = _sparse(layout)
+    read: list[tuple[int, int]] = []
+
+    def pread(off, n):
+        read.append((off, n))
+        return memoryview(data)[off : off + n]
+
+    fast = C.rechunk(pread, len(data), [], [(0, len(data))], holes=_holes_fn(holes, len(data)))
+    slow = C.rechunk(C._buffer_pread(data), len(data), [], [(0, len(data))])
+    assert [(s.id, s.offset, s.length) for s in fast.new_spans] == \
+           [(s.id, s.offset, s.length) for s in slow.new_spans]
+    hole_bytes = sum(e - s for s, e in holes)
+    if hole_bytes > 4 * C.MAX_SIZE:
+        assert sum(n for _, n in read) < len(data) - hole_bytes + 8 * C.MAX_SIZE
+    # a later capture that compares against this list skips the holes too
+    old = [(s.id, s.length) for s in slow.new_spans]
+    read.clear()
+    assert C.changed_ranges(pread, len(data), old, holes=_holes_fn(holes, len(data))) == []
+    if hole_bytes > 4 * C.MAX_SIZE:
+        assert sum(n for _, n in read) < len(data) - hole_bytes + 8 * C.MAX_SIZE
+
+
+def test_zero_chunks_are_max_size_and_one_id():
+    refs = C.chunk_bytes(bytes(20 * C.MAX_SIZE))
+    assert {n for _, n in refs} == {C.MAX_SIZE} and {i for i, _ in refs} == {C.ZERO_ID}
+    assert C.zero_id(100) == C.chunk_id(bytes(100)) and C.zero_id(C.MAX_SIZE) == C.ZERO_ID

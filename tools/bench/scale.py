@@ -561,7 +561,8 @@ def render(res: dict, meta: dict) -> str:
 
 def write_docs(section: str, heading: str = HEADING) -> None:
     """Replace our section below the marker in place (or append it), keeping everyone else's:
-    the text above the marker (tools.bench) and every other "## " section below it."""
+    the text above the marker (tools.bench) and every other "## " section below it.
+    ``heading``: the section's "## " line (tools.bench.fds writes its own section too)."""
     with open(DOC) as f:
         text = f.read()
     if MARKER not in text:

@@ -1,4 +1,4 @@
-"""Patch a pyfuse3 3.5.0 source tree so deltafs can cache directory listings.
+"""Patch a pyfuse3 3.5.0 source tree: cached directory listings, and fallocate.
 
     python tools/pyfuse3/patch.py SRC_DIR      # the unpacked pyfuse3-3.5.0 sdist
 
@@ -6,7 +6,10 @@ Stock pyfuse3 sends every ``opendir``/``releasedir`` to the daemon (two
 round trips per directory a program opens) and gives no way to set
 FOPEN_CACHE_DIR, so every listing of every directory is a request too:
 ``find``, ``du`` and ``git status`` on a warm tree spend most of their time
-there.  This patch changes three handlers, nothing else:
+there.  And pyfuse3 has no fallocate handler, so libfuse answers ENOSYS and
+the kernel gives every fallocate(2) on the mount EOPNOTSUPP (databases,
+torrent clients and ``fallocate -l`` use it).  This patch changes three
+handlers and adds one, nothing else:
 
 * ``opendir``: if the file system's ``opendir`` raises ENOSYS, pyfuse3
   replies ENOSYS, and the kernel (Linux >= 5.1) stops sending OPENDIR and
@@ -16,8 +19,14 @@ there.  This patch changes three handlers, nothing else:
 * ``readdirplus`` and ``fsyncdir``: with no open handle the kernel sends
   fh 0; the patched handlers pass the directory's inode instead when the
   operations class sets ``dir_handle_is_inode = True``.
+* ``fallocate``: a new handler, registered with libfuse, that calls
+  ``operations.fallocate(fh, mode, offset, length)``; the base class's
+  default raises ENOSYS, which makes the kernel stop sending FALLOCATE
+  (what a stock pyfuse3 gets for every file system).
 * the module gets ``DELTAFS_PATCHES``, so deltafs can tell the patched
-  build from a stock one and fall back to normal opendir handles.
+  build from a stock one: ``dir_handle_is_inode`` (else it falls back to
+  normal opendir handles) and ``fallocate`` (else fallocate(2) on the mount
+  answers EOPNOTSUPP, as with any stock pyfuse3 file system).
 
 Every replacement is checked: on any other pyfuse3 version this fails
 loudly instead of building something half-patched.
@@ -50,11 +59,62 @@ PATCHES = {
         c.fh = ino
     save_retval(fuse_fsyncdir_async(c))
 """),
+        ("""    if ret != 0:
+        log.error('fuse_fsync(): fuse_reply_* failed with %s', strerror(-ret))
+""", """    if ret != 0:
+        log.error('fuse_fsync(): fuse_reply_* failed with %s', strerror(-ret))
+
+
+cdef void fuse_fallocate (fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
+                          off_t length, fuse_file_info *fi):
+    cdef _Container c = _Container()
+    c.req = req
+    c.ino = ino
+    c.flags = mode
+    c.off = offset
+    c.size = length
+    c.fh = fi.fh
+    save_retval(fuse_fallocate_async(c))
+
+async def fuse_fallocate_async (_Container c):
+    cdef int ret
+
+    try:
+        await operations.fallocate(c.fh, c.flags, c.off, c.size)
+    except FUSEError as e:
+        ret = fuse_reply_err(c.req, e.errno)
+    else:
+        ret = fuse_reply_err(c.req, 0)
+
+    if ret != 0:
+        log.error('fuse_fallocate(): fuse_reply_* failed with %s', strerror(-ret))
+"""),
+    ],
+    "src/pyfuse3/internal.pxi": [
+        ("    fuse_ops.poll = fuse_poll\n",
+         "    fuse_ops.poll = fuse_poll\n"
+         "    fuse_ops.fallocate = fuse_fallocate\n"),
+    ],
+    "src/pyfuse3/_pyfuse3.py": [
+        ("""    async def poll(
+""", '''    async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:
+        """Allocate or deallocate space of open file *fh* (fallocate(2)).
+
+        *mode* is 0, or FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE and
+        FALLOC_FL_ZERO_RANGE combined.  The default (ENOSYS) makes the
+        kernel stop asking: fallocate(2) then answers EOPNOTSUPP.
+        (Added by deltafs's tools/pyfuse3/patch.py.)
+        """
+
+        raise FUSEError(errno.ENOSYS)
+
+    async def poll(
+'''),
     ],
     "src/pyfuse3/__init__.pyx": [
         ("ROOT_INODE = FUSE_ROOT_ID\n",
          "ROOT_INODE = FUSE_ROOT_ID\n"
-         "DELTAFS_PATCHES = ('dir_handle_is_inode',)  # see deltafs tools/pyfuse3/patch.py\n"),
+         "DELTAFS_PATCHES = ('dir_handle_is_inode', 'fallocate')  # see deltafs tools/pyfuse3/patch.py\n"),
     ],
 }
 
