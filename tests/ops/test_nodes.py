@@ -192,6 +192,9 @@ async def test_an_fsync_error_is_its_errno_not_eio(tmp_path):
     class FailingRecorder(NullRecorder):
         enabled = True
 
+        def settled(self, node):
+            return False  # a capture is queued: fsync must wait for the journal
+
         async def fsync(self, ops, node):
             raise OSError(errno.ENOSPC, "no space left for the journal")
 
