@@ -108,11 +108,8 @@ def _history_open(args: argparse.Namespace):
     from deltafs.journal import Journal
     from deltafs.locate import locate
 
-    from deltafs.history import open_pruned
-
     loc = locate(args.path, args.journal)
     j = Journal.open(loc.journal, readonly=True)
-    open_pruned(j)
     return loc, j
 
 
@@ -536,7 +533,6 @@ def _add_history_parsers(sub) -> None:
 # ---- verify and compact (docs/cli.md "deltafs verify", "deltafs compact")
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from deltafs import maintenance
     from deltafs.errors import EXIT_JOURNAL
     from deltafs.journal import Journal
     from deltafs.locate import locate
@@ -545,7 +541,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return cmd_verify_mirror(args)
     loc = locate(args.path, args.journal)
     with Journal.open(loc.journal, readonly=True) as j:
-        res = maintenance.verify(j, full=args.full)
+        res = j.verify(full=args.full)
     if args.json:
         _print_json(res.to_dict())
     elif res.ok:
@@ -592,8 +588,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
             if args.vacuum and not args.dry_run:
                 r.data_file_before, r.data_file_after = maintenance.vacuum(j)  # closes j
         finally:
-            if j.env is not None:
-                j.close()
+            j.close()  # closed already after a vacuum: nothing happens
         rep = r.to_dict()
     if args.json:
         _print_json(rep)
