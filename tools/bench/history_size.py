@@ -11,7 +11,7 @@ borg repository and a restic repository (one archive / snapshot per state,
 default compression), so all four stores hold exactly the same states.
 
 Reported per history: the sum of the states' sizes, the journal's live data
-(``compact.data_bytes``: pack files + LMDB pages in use), ``data.mdb`` allocated, the
+(``Journal.data_bytes()``: pack files + LMDB pages in use), ``data.mdb`` allocated, the
 chunk bytes stored (``stats()['stored_bytes']``) and a per-database page
 breakdown, ``git gc --aggressive --prune=now`` pack size, borg and restic
 repository sizes (du). Every mount is unmounted in a ``finally``
@@ -607,7 +607,7 @@ def render(results: list[HistoryResult], meta: dict) -> str:
          "default lz4 compression, files cache off) and a restic repository (`restic init`, "
          "`restic backup --force` per state; restic 0.14 makes a v2 repository with its "
          "default `auto` zstd compression); their size is du of the repository (borg's and "
-         "restic's local caches excluded). *journal data* is `compact.data_bytes` (the pack "
+         "restic's local caches excluded). *journal data* is `Journal.data_bytes()` (the pack "
          "files, which hold the chunk values, plus the LMDB pages in use, free pages excluded), "
          "the figure judged; *data.mdb alloc* is the LMDB file's allocation; *chunk bytes stored* "
          "is `stats()['stored_bytes']`, the chunk values written. Ratios use journal data and du.",
