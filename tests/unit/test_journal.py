@@ -13,7 +13,7 @@ import pytest
 
 from deltafs import chunking as C
 from deltafs.capture import capture_chunks
-from deltafs.errors import CorruptionError, JournalFormatError, JournalLockedError, NotFoundError
+from deltafs.errors import CorruptionError, JournalError, JournalFormatError, JournalLockedError, NotFoundError
 from deltafs.journal import CHECKPOINT_EVERY, Change, Journal, check_link
 from deltafs.journal import schema as S
 
@@ -307,3 +307,44 @@ def test_raw_cache_stops_chain_decoding_and_keeps_its_budget(journal):
         assert r.read_chunk(cid, cache) == bytes(data)
         assert len(cache._d) == 8 and cache.size <= cache.budget  # the chain, oldest evicted
         assert cache.get(cid) == bytes(data)
+
+
+def test_lmdb_errors_leave_the_journal_as_journal_errors(journal):
+    """capture and the CLI catch JournalError, never lmdb's own: a reader
+    past LMDB's reader table (a real limit, 510 slots) says so as one."""
+    import contextlib
+
+    journal.commit([Change(op="create", file_id=1, path=b"a")])
+    with contextlib.ExitStack() as held, pytest.raises(JournalError, match="MDB_READERS_FULL"):
+        for _ in range(600):
+            held.enter_context(journal.reader())
+    with journal.reader() as r:  # every slot is free again
+        assert r.head_seq() == 1
+
+
+def test_a_reader_sees_what_a_writer_in_another_process_pruned(jpath):
+    """Every database is open when the journal is: a read-only opener of a
+    journal that has never been pruned (here: last written by a deltafs
+    that made ``pruned`` on the first prune only) learns of the pruning a
+    writer in another process does later, without reopening."""
+    data = [random.Random(i).randbytes(30_000) for i in range(3)]
+    with Journal.open(jpath, create=True, clock=FakeClock()) as j:
+        seqs = [j.commit([version(j, 7, b"f", data[0])])[0]]
+        for d in data[1:]:
+            seqs.append(j.commit([version(j, 7, b"f", d, base_seq=seqs[-1])])[0])
+    env = lmdb.open(str(jpath), max_dbs=S.MAX_DBS)
+    with env.begin(write=True) as txn:  # as an older deltafs left it
+        for name in S.WRITER_DBS:
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+    env.close()
+    with Journal.open(jpath, readonly=True) as ro:
+        with ro.reader() as r:
+            assert r.pruned_seqs() == set() and r.read_content(seqs[0]) == data[0]
+        code = ("import sys; from deltafs.journal import Journal\n"
+                "with Journal.open(sys.argv[1]) as j:\n"
+                f"    assert j.prune([{seqs[0]}], {seqs[1:]}).versions_pruned == 1\n")
+        subprocess.run([sys.executable, "-c", code, str(jpath)], check=True, capture_output=True)
+        with ro.reader() as r:
+            assert r.pruned_seqs() == {seqs[0]} and r.is_pruned(seqs[0])
+            assert r.pruned_info(seqs[0])["t"] > 0
+            assert r.read_content(seqs[2]) == data[2]
