@@ -13,7 +13,7 @@ internal, and code outside it imports only from ``deltafs.journal``
         # and never block the writer.  Unknown format -> JournalFormatError.
         # clock: () -> wall time in ns (tests drive the HLC with it).
         # Every database is open once the journal is.
-    j.path, j.journal_id (uuid str), j.format_version, j.readonly, j.closed
+    j.path, j.journal_id (uuid str), j.format_version, j.readonly
     j.sync_count            # write transactions committed so far (each one fsync)
     j.data_size() -> int    # bytes allocated by data.mdb
     j.close()  /  with Journal.open(...) as j: ...   # close twice: no-op

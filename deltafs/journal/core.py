@@ -104,10 +104,6 @@ class Journal:
         release_lock(self._lock_fd)
         self._lock_fd = None
 
-    @property
-    def closed(self) -> bool:
-        return self._storage is None
-
     def __enter__(self) -> "Journal":
         return self
 

@@ -104,10 +104,6 @@ class Storage:
                 self.env.close()
                 self.env = None
 
-    @property
-    def closed(self) -> bool:
-        return self.env is None
-
     def only_user(self) -> bool:
         """Nothing else in this process has the journal open."""
         return self.users == 1
