@@ -533,6 +533,7 @@ def _add_history_parsers(sub) -> None:
 # ---- verify and compact (docs/cli.md "deltafs verify", "deltafs compact")
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from deltafs import maintenance
     from deltafs.errors import EXIT_JOURNAL
     from deltafs.journal import Journal
     from deltafs.locate import locate
@@ -541,7 +542,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return cmd_verify_mirror(args)
     loc = locate(args.path, args.journal)
     with Journal.open(loc.journal, readonly=True) as j:
-        res = j.verify(full=args.full)
+        res = maintenance.verify(j, full=args.full)
     if args.json:
         _print_json(res.to_dict())
     elif res.ok:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 from deltafs.config import DEFAULT_COMPACT_EVERY, HOUR as HOUR_F, WEEK as WEEK_F, RetentionPolicy
-from deltafs.journal import REPACK_DEAD_RATIO, hlc_to_ns
+from deltafs.journal import REPACK_DEAD_RATIO, VerifyResult, hlc_to_ns
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,10 @@ def _compact(j, policy: RetentionPolicy, dry_run: bool, now_hlc: int | None,
         rep.records_archived = j.archive_records()
         rep.index_pages_saved = j.densify_index()
     return rep
+
+
+def verify(j, full: bool = False) -> VerifyResult:
+    return j.verify(full)
 
 
 def vacuum(j) -> tuple[int, int]:
