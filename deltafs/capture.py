@@ -35,11 +35,11 @@ import stat
 import time
 from collections import OrderedDict, deque
 
-import lmdb
 import trio
 
 from deltafs import _syscalls as sc
 from deltafs import chunking
+from deltafs.errors import JournalError
 from deltafs.ignore import IGNORE_FILE, Ignore
 from deltafs.journal import Change, Journal
 
@@ -416,7 +416,7 @@ class Recorder:
             msg = self._explain(e)
             if msg != self.last_error:  # once per incident, not per file
                 log.error("capture of %s failed (the next successful write rescans SRC): %s",
-                          os.fsdecode(path), msg, exc_info=not isinstance(e, (OSError, lmdb.Error)))
+                          os.fsdecode(path), msg, exc_info=not isinstance(e, (OSError, JournalError)))
             self.last_error = msg
             item.changes = []
             if node is not None:

@@ -110,11 +110,8 @@ def _history_open(args: argparse.Namespace):
     from deltafs.journal import Journal
     from deltafs.locate import locate
 
-    from deltafs.history import open_pruned
-
     loc = locate(args.path, args.journal)
     j = Journal.open(loc.journal, readonly=True)
-    open_pruned(j)
     return loc, j
 
 
@@ -594,8 +591,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
             if args.vacuum and not args.dry_run:
                 r.data_file_before, r.data_file_after = maintenance.vacuum(j)  # closes j
         finally:
-            if j.env is not None:
-                j.close()
+            j.close()  # closed already after a vacuum: nothing happens
         rep = r.to_dict()
     if args.json:
         _print_json(rep)

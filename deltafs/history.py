@@ -39,9 +39,7 @@ from deltafs import chunking
 from deltafs.errors import (EXIT_JOURNAL, EXIT_OK, EXIT_PARTIAL, CorruptionError, NotFoundError,
                             PartialError, UsageError)
 from deltafs.journal import (KIND_DIR, KIND_FILE, KIND_SPECIAL, KIND_SYMLINK, Change, Journal,
-                             Reader, TreeEntry, content_hash)
-from deltafs.journal import compact as JC
-from deltafs.journal.state import tree_entry
+                             Reader, TreeEntry, content_hash, tree_entry)
 from deltafs.names import quote_name, show_name
 from deltafs.when import Point, parse_when, resolve_when, since_seq
 
@@ -128,18 +126,12 @@ def reading(rel: bytes, seq: int | None = None) -> Iterator[None]:
 
 
 # --- pruned versions (docs/format.md "Compaction and retention") ----------------------
-def open_pruned(j: Journal) -> None:
-    """Open the journal's ``pruned`` db handle; call it before the readers of
-    these tools begin (else every version looks retained)."""
-    JC.pruned_db(j)
-
-
 def pruned_seqs(r: Reader) -> set[int]:
-    return JC.pruned_seqs(r._j, r.txn)
+    return r.pruned_seqs()
 
 
 def _is_pruned(r: Reader, seq: int) -> bool:
-    return bool(seq) and JC.is_pruned(r._j, r.txn, seq)
+    return bool(seq) and r.is_pruned(seq)
 
 
 def _retained_of(r: Reader, file_id: int) -> list[int]:
@@ -193,7 +185,7 @@ def outcome_code(*, corrupt: bool = False, failed: bool = False, thinned: bool =
 
 def pruned_error(r: Reader, rel: bytes, seq: int, file_id: int) -> NotFoundError:
     """"version N of PATH was pruned by retention on ...; no earlier version is retained"."""
-    info = JC.pruned_info(r._j, r.txn, seq) or {}
+    info = r.pruned_info(seq) or {}
     on = f" on {iso_time(info['t'], table=True)}" if info.get("t") else ""
     later = [s for s in _retained_of(r, file_id) if s > seq]
     nxt = f" (the next retained one is version {min(later)})" if later else ""
@@ -1296,7 +1288,6 @@ def restore(journal_dir: str, rel: bytes, *, at: str | None = None, version: str
     journal = Journal.open(journal_dir, readonly=(mode != "src" or dry_run))
     dirs = None
     try:
-        open_pruned(journal)
         with journal.reader() as r:
             with reading(rel):
                 point = resolve_point(r, at, version, now_ns)

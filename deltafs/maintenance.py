@@ -2,8 +2,8 @@
 
 Retention is a pure function (:func:`retain`) of a file's content versions,
 the journal's time and a :class:`RetentionPolicy`.  :func:`compact` asks it
-about every file and hands the answer to ``deltafs.journal.compact``, which
-prunes in small transactions (docs/format.md, "Compaction and retention").
+about every file and hands the answer to the journal (``Journal.prune``),
+which prunes in small transactions (docs/format.md, "Compaction and retention").
 Times are the journal's HLC times, never file mtimes; "now" is the HLC of
 the journal's newest record, so an idle journal is not thinned further and
 a wall clock that jumps ahead cannot expire history.
@@ -20,9 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 from deltafs.config import DEFAULT_COMPACT_EVERY, HOUR as HOUR_F, WEEK as WEEK_F, RetentionPolicy
-from deltafs.errors import JournalError
-from deltafs.journal import compact as JC
-from deltafs.journal.hlc import hlc_to_ns
+from deltafs.journal import REPACK_DEAD_RATIO, VerifyResult, hlc_to_ns
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +93,11 @@ class CompactReport:
     transactions: int = 0
     pressure_steps: int = 0  # extra thinning rounds to get under --journal-limit / disk-free floor
     policy: str | None = None  # the policy of the last round (its --retention text)
-    data_bytes: int | None = None  # journal data after the pass (compact.data_bytes)
-    packs_emptied: int = 0  # pack files whose live values were moved out (compact.repack)
+    data_bytes: int | None = None  # journal data after the pass (Journal.data_bytes)
+    packs_emptied: int = 0  # pack files whose live values were moved out (Journal.repack)
     bytes_reclaimed: int = 0  # their dead bytes
-    index_pages_saved: int = 0  # chunk index rewritten in key order (compact.densify_index)
-    records_archived: int = 0  # records moved into compressed blocks (compact.archive_records)
+    index_pages_saved: int = 0  # chunk index rewritten in key order (Journal.densify_index)
+    records_archived: int = 0  # records moved into compressed blocks (Journal.archive_records)
     data_file_before: int | None = None  # --vacuum
     data_file_after: int | None = None
     pruned: list[int] = field(default_factory=list)
@@ -112,10 +110,9 @@ class CompactReport:
 
 def plan(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: int | None = None) -> tuple[list[int], list[int], int]:
     """-> (seqs to prune, seqs retained, files examined), nothing written."""
-    JC.pruned_db(j)
     with j.reader() as r:
-        vs = JC.content_versions(j, r)
-        snaps = JC.snapshot_seqs(r).values()
+        vs = r.content_versions()
+        snaps = snapshot_seqs(r).values()
         # a mirror that has not shipped a version yet still needs its chunks
         floor = min((v.get("seq", 0) for _, v in r.kv_items("mirrors") if isinstance(v, dict)),
                     default=vs.head_seq)
@@ -127,6 +124,15 @@ def plan(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: int | None = N
         for s, _ in versions:
             (kept if s in keep else prune).append(s)
     return sorted(prune), sorted(kept), len(vs.by_file)
+
+
+def snapshot_seqs(r) -> dict[str, int]:
+    """Named snapshots -> their seq (``snapshots`` values ``{"seq": N}``)."""
+    out = {}
+    for name, v in r.kv_items("snapshots"):
+        if isinstance(v, dict) and isinstance(v.get("seq"), int):
+            out[name] = v["seq"]
+    return out
 
 
 _PASS_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -141,7 +147,7 @@ def pass_lock(j) -> threading.RLock:
 
 
 def compact(j, policy: RetentionPolicy = RetentionPolicy(), dry_run: bool = False,
-            now_hlc: int | None = None, dead_ratio: float = JC.REPACK_DEAD_RATIO) -> CompactReport:
+            now_hlc: int | None = None, dead_ratio: float = REPACK_DEAD_RATIO) -> CompactReport:
     """Apply retention, free unreferenced chunks and rewrite pack files more
     than ``dead_ratio`` dead, now (``j``: a writer)."""
     with pass_lock(j):
@@ -153,30 +159,27 @@ def _compact(j, policy: RetentionPolicy, dry_run: bool, now_hlc: int | None,
     prune, kept, files = plan(j, policy, now_hlc)
     rep = CompactReport(dry_run=dry_run, files=files, versions=len(prune) + len(kept), pruned=prune)
     if prune:
-        res = JC.prune(j, prune, kept, dry_run=dry_run)
+        res = j.prune(prune, kept, dry_run=dry_run)
         rep.versions_pruned = res.versions_pruned
         rep.checkpoints_written = res.checkpoints_written
         rep.chunks_freed = res.chunks_freed
         rep.bytes_freed = res.bytes_freed
         rep.transactions = res.transactions
     if not dry_run:
-        rp = JC.repack(j, dead_ratio)
+        rp = j.repack(dead_ratio)
         rep.packs_emptied, rep.bytes_reclaimed = rp.packs_emptied, rp.bytes_reclaimed
-        rep.records_archived = JC.archive_records(j)
-        rep.index_pages_saved = JC.densify_index(j)
+        rep.records_archived = j.archive_records()
+        rep.index_pages_saved = j.densify_index()
     return rep
 
 
-def verify(j, full: bool = False) -> JC.VerifyResult:
-    return JC.verify(j, full)
+def verify(j, full: bool = False) -> VerifyResult:
+    return j.verify(full)
 
 
 def vacuum(j) -> tuple[int, int]:
     """Compacting copy of data.mdb swapped in; closes ``j``.  -> (size before, after)."""
-    try:
-        before, after = JC.vacuum(j)
-    except RuntimeError as e:
-        raise JournalError(f"cannot vacuum {j.path}: {e}") from e
+    before, after = j.vacuum()
     return before[0], after[0]
 
 
@@ -218,7 +221,7 @@ def pressure(j, limit: int | None) -> Pressure:
     """Journal data size (live pages, graveyard excluded) against ``limit``, and disk free."""
     vfs = os.statvfs(j.path)
     ratio = vfs.f_bavail / vfs.f_blocks if vfs.f_blocks else 1.0
-    return Pressure(JC.data_bytes(j), limit, ratio)
+    return Pressure(j.data_bytes(), limit, ratio)
 
 
 def tighter(p: RetentionPolicy) -> RetentionPolicy | None:
@@ -249,7 +252,7 @@ def _compact_to_fit(j, policy: RetentionPolicy, limit: int | None, now_hlc: int 
     p = policy
     pr = pressure(j, limit)
     if pr.active:  # dead bytes in packs first, before thinning harder
-        rp = JC.repack(j, PRESSURE_DEAD_RATIO)
+        rp = j.repack(PRESSURE_DEAD_RATIO)
         rep.packs_emptied += rp.packs_emptied
         rep.bytes_reclaimed += rp.bytes_reclaimed
         pr = pressure(j, limit)

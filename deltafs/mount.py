@@ -100,14 +100,14 @@ def check_mount_args(src: str, mnt: str, journal: str | None) -> tuple[str, str,
 
 def _check_writable(journal: str, default: bool) -> None:
     """A journal that cannot be created or written: one line, before anything starts."""
-    from deltafs.journal.private import reason
+    from deltafs.journal import access_problem
 
     p = journal
     while not os.path.exists(p):
         p = os.path.dirname(p)
     if os.access(p, os.W_OK | os.X_OK):
         return
-    why = reason(None, p)
+    why = access_problem(None, p)
     if default and "read-only" in why:
         why = "SRC's filesystem is read-only (give --journal DIR on a writable filesystem)"
     raise JournalError(f"cannot write the journal {journal}: {why}")
@@ -163,9 +163,9 @@ def _raise_fd_limit() -> int:
 
 def spawn_daemon(cfg: MountConfig, argv: list[str]) -> None:
     """Start the daemon detached; return once MNT is usable, or raise its error."""
-    from deltafs.journal.private import make_dir
+    from deltafs.journal import make_journal_dir
 
-    make_dir(cfg.journal)  # mode 0700; its log goes there before the daemon opens it
+    make_journal_dir(cfg.journal)  # mode 0700; its log goes there before the daemon opens it
     r, w = os.pipe()
     os.set_inheritable(w, True)
     log_file = os.path.join(cfg.journal, "deltafs.log")

@@ -194,6 +194,21 @@ def process_umask() -> int:
     return old
 
 
+def _no_reply(fn):
+    """For a request the kernel wants no answer to (forget): an exception,
+    OSError and FUSEError too, is logged and dropped.  Raised, it would end
+    pyfuse3's main loop and leave a hung mount."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except Exception:
+            log.exception("internal error in %s (no reply to send)", fn.__name__)
+
+    return wrapper
+
+
 def _errors(fn):
     """OSError -> FUSEError(errno); anything else -> logged once, EIO."""
 
@@ -533,6 +548,7 @@ class Operations(pyfuse3.Operations):
             # replaces the kernel's negative dentry.
             return self._negative
 
+    @_no_reply
     async def forget(self, inode_list):
         for ino, n in inode_list:
             node = self.nodes.get(ino)

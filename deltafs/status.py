@@ -34,8 +34,7 @@ MIRROR_STATES = ("ok", "retrying", "stalled", "circuit open", "paused", NOT_REPL
 def journal_status(journal) -> dict:
     """History counts and sizes of an open journal (blocking)."""
     from deltafs.control import list_snapshots
-    from deltafs.journal.compact import data_bytes
-    from deltafs.journal.core import MAP_SIZE
+    from deltafs.journal import MAP_SIZE
 
     with journal.reader() as r:
         st = r.stats()
@@ -57,7 +56,7 @@ def journal_status(journal) -> dict:
         "map_size": MAP_SIZE,
         "fs_free_bytes": vfs.f_bavail * vfs.f_frsize,
         "fs_size_bytes": vfs.f_blocks * vfs.f_frsize,
-        "data_bytes": data_bytes(journal),  # packs + live pages: what --journal-limit counts
+        "data_bytes": journal.data_bytes(),  # packs + live pages: what --journal-limit counts
         "limit_bytes": None,  # --journal-limit of the running mount
         "_mirrors": journal_mirrors,
     }, snaps

@@ -1,6 +1,8 @@
 """The journal: the only owner of LMDB (see docs/format.md for the bytes).
 
-Public API (everything else in this package is internal)::
+Public API: the names exported here.  Everything else in this package is
+internal, and code outside it imports only from ``deltafs.journal``
+(tests/unit/test_imports.py keeps it so)::
 
     from deltafs.journal import Journal, Change, NewChunk
 
@@ -10,23 +12,31 @@ Public API (everything else in this package is internal)::
         # JournalLockedError naming the pid.  Read-only openers never lock
         # and never block the writer.  Unknown format -> JournalFormatError.
         # clock: () -> wall time in ns (tests drive the HLC with it).
+        # Every database is open once the journal is.
     j.path, j.journal_id (uuid str), j.format_version, j.readonly
     j.sync_count            # write transactions committed so far (each one fsync)
     j.data_size() -> int    # bytes allocated by data.mdb
-    j.close()  /  with Journal.open(...) as j: ...
+    j.close()  /  with Journal.open(...) as j: ...   # close twice: no-op
 
     # writing (writer only)
     j.commit(changes: Sequence[Change]) -> list[int]     # one durable txn, seqs
-    j.start_writer()                                      # group-commit thread
-    j.submit(changes, callback)   # callback(list[int] | Exception) from the
-                                  # writer thread once its txn is synced; all
-                                  # queued submits share one txn (each nested,
-                                  # so a bad one fails alone)
-    j.stop_writer()               # drains the queue, then stops
+    j.commit_many(groups) -> list[list[int] | Exception] # one durable txn; each
+                                  # group nested, so a bad one fails alone
+    j.put_chunks(chunks: Sequence[NewChunk]) -> int       # chunks ahead of their record
     j.set_setting(name: str, value)                 # msgpack-able value
     j.kv_put(db, key: str, value) / j.kv_delete(db, key)   # db: "snapshots" | "mirrors"
-    j.append_raw(values, chunks) -> int   # clone: append stored records + chunk
-                                          # values verbatim (chain checked); -> head
+    j.append_raw(values, chunks, pruned=()) -> int  # clone: append stored records + chunk
+                                                    # values verbatim (chain checked); -> head
+
+    # compaction (writer only; decisions are deltafs.maintenance's)
+    j.prune(seqs, retained, dry_run=False) -> PruneResult
+    j.repack(dead_ratio=0.5) -> RepackResult
+    j.archive_records(keep=1) -> int ; j.densify_index() -> int
+    j.vacuum() -> ((size, allocated) before, after)   # only opener; closes j
+    j.data_bytes() -> int      # packs + LMDB pages in use (--journal-limit)
+
+    # checking (any opener)
+    j.verify(full=False) -> VerifyResult   # .ok, .problem (seq, path, chunk, what)
 
     # reading (any opener; one LMDB snapshot per `with`)
     with j.reader() as r:
@@ -47,9 +57,12 @@ Public API (everything else in this package is internal)::
         r.iter_content(seq) -> Iterator[bytes]        # chunk by chunk
         r.read_content(seq) -> bytes                  # small files / tests
         r.tree_at(seq=None, prefix=b"") -> dict[path, TreeEntry]   # replays records
-        r.verify(full=False) -> VerifyReport          # CorruptionError names the record
+        r.pruned_seqs() -> set[int] ; r.is_pruned(seq) ; r.pruned_info(seq) -> dict | None
+        r.retained_content() -> Iterator[int] ; r.content_versions() -> Versions
         r.stats() -> dict  # records, chunks, files, stored_bytes, raw_bytes, data_file_bytes, data_file_allocated
         r.setting(name, default=None) ; r.kv_get(db, key, default=None) ; r.kv_items(db)
+
+    An LMDB error inside a reader or a write is a JournalError (deltafs.errors).
 
 Change (input, built by capture in worker threads; the writer assigns seq,
 HLC, hashes): op in {create, mkdir, symlink, mknod, link, unlink, rmdir,
@@ -70,23 +83,35 @@ Capture recipe for a content version (worker thread, no journal lock)::
         # re-chunk around the dirty ranges; each new chunk is compressed
         # against the old chunk it replaces (chunking.BaseFinder)
         res, new_chunks = capture.capture_chunks(r, pread, new_size, old, dirty)
-    j.submit([Change(op="write", file_id=..., path=..., size=new_size,
-                     cause="fsync", base_seq=base_seq, edit=res.edit_list(old),
-                     chunks=new_chunks)], callback)
+    j.commit_many([[Change(op="write", file_id=..., path=..., size=new_size,
+                           cause="fsync", base_seq=base_seq, edit=res.edit_list(old),
+                           chunks=new_chunks)]])
+
+The codecs (``check_link``, ``decode_record``, ``decode_chunk``,
+``ZERO_HASH``) are exported for mirrors, which ship stored records and
+chunk values as they are.
 """
 
 from deltafs.chunking import NewChunk
 
+from .compact import REPACK_DEAD_RATIO, PruneResult, RepackResult
 from .core import Journal
 from .hlc import hlc_to_ns, ns_to_hlc
-from .reader import ChunkInfo, Reader, VerifyReport
-from .records import CAUSES, OPS, RENAME_EXCHANGE, Change, Record
-from .schema import CHECKPOINT_EVERY, FORMAT_VERSION, content_hash
-from .state import KIND_DIR, KIND_FILE, KIND_SPECIAL, KIND_SYMLINK, FileState, TreeEntry
+from .private import make_dir as make_journal_dir, reason as access_problem
+from .reader import ChunkInfo, Reader, Versions
+from .records import CAUSES, OPS, RENAME_EXCHANGE, ZERO_HASH, Change, Record, check_link, decode_record
+from .schema import CHECKPOINT_EVERY, FORMAT_VERSION, content_hash, decode_chunk
+from .state import KIND_DIR, KIND_FILE, KIND_SPECIAL, KIND_SYMLINK, FileState, MemStore, TreeEntry, apply_record, \
+    tree_entry
+from .storage import MAP_SIZE
+from .upgrade import UPGRADABLE
+from .verify import Problem, VerifyResult
 
 __all__ = [
     "CAUSES", "CHECKPOINT_EVERY", "FORMAT_VERSION", "KIND_DIR", "KIND_FILE", "KIND_SPECIAL",
-    "KIND_SYMLINK", "OPS", "RENAME_EXCHANGE", "Change", "ChunkInfo", "FileState", "Journal",
-    "NewChunk", "Reader", "Record", "TreeEntry", "VerifyReport", "content_hash", "hlc_to_ns",
-    "ns_to_hlc",
+    "KIND_SYMLINK", "MAP_SIZE", "OPS", "RENAME_EXCHANGE", "REPACK_DEAD_RATIO", "UPGRADABLE", "ZERO_HASH", "Change",
+    "ChunkInfo", "FileState", "Journal", "MemStore", "NewChunk", "Problem", "PruneResult", "Reader",
+    "Record", "RepackResult", "TreeEntry", "VerifyResult", "Versions", "access_problem",
+    "apply_record", "check_link", "content_hash", "decode_chunk", "decode_record", "hlc_to_ns",
+    "make_journal_dir", "ns_to_hlc", "tree_entry",
 ]

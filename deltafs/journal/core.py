@@ -1,45 +1,40 @@
-"""The Journal: opening, locking, the single writer and group commit."""
+"""The Journal: opening, locking, the single writer; it owns its storage and its compaction.
+
+Layers inside the package (each uses only the public names of those below):
+``core`` (Journal: the writer, the public face) -> ``compact`` (Compactor),
+``verify`` -> ``reader`` (Reader) -> ``storage`` (Storage: LMDB environment,
+databases, packs, write lock; the only ``lmdb`` importer) -> ``upgrade``,
+``packs``, ``state``, ``records``, ``schema``, ``hlc``, ``private``.
+"""
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
-import queue
-import sys
-import threading
 import time
-import uuid
 from collections import Counter, OrderedDict
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-import lmdb
 import msgpack
 
-from deltafs.chunking import CHUNKER_PARAMS
-from deltafs.errors import JournalError, JournalFormatError, JournalLockedError, NotFoundError
+from deltafs.errors import JournalError, NotFoundError
 
 from . import private
 from . import schema as S
+from .compact import INDEX_SLACK, RECORDS_KEPT, REPACK_DEAD_RATIO, Compactor, PruneResult, RepackResult
 from .hlc import HLC, hlc_to_ns
-from .packs import PackFiles, add_pack_live, incref, oldest_reader_txn
+from .packs import incref
 from .reader import LmdbStore, Reader
 from .records import CAUSES, OPS, Change, decode_record, encode_record
 from .state import apply_record
+from .storage import Storage, release_lock, take_lock, translate
+from .verify import VerifyResult, verify
 
 log = logging.getLogger(__name__)
-RECORD_BLOCKS_CACHED = 8  # decoded record blocks kept per journal (RECORD_BLOCK records each)
 
-MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
-MAX_BATCH = 1024  # submits folded into one transaction at most
-QUEUE_SIZE = 4096
 LIST_CACHE_ENTRIES = 2_000_000  # chunk-list entries kept for the writer
-_STOP = object()
 REUSE_WINDOW_NS = 120 * 1_000_000_000  # a path re-created this soon continues its history
-
-Callback = Callable[[object], None]
 
 
 def _packb(v) -> bytes:
@@ -49,28 +44,21 @@ def _packb(v) -> bytes:
 class Journal:
     """An open journal.  Use :meth:`open`; see the package docstring."""
 
-    def __init__(self, path: str, env: lmdb.Environment, dbs: dict, packs: PackFiles, readonly: bool,
-                 lock_fd: int | None, clock) -> None:
+    def __init__(self, path: str, storage: Storage, readonly: bool, lock_fd: int | None, clock) -> None:
         self.path = path
-        self.env = env
-        self._dbs = dbs
-        self._packs = packs
+        self._storage: Storage | None = storage
+        self._dbs = storage.dbs  # the storage's database handles (the commit path's)
+        self._wlock = storage.wlock
         self.readonly = readonly
         self._lock_fd = lock_fd
-        self._wlock = threading.Lock()
         self._hlc = HLC(clock or time.time_ns)
         self._lists: OrderedDict[int, tuple[list, int, int]] = OrderedDict()
         # (seq, chunk id) of entries of pruned records appended by append_raw whose
-        # chunk the mirror no longer had: not counted, so compact.prune must not
+        # chunk the mirror no longer had: not counted, so the compactor must not
         # uncount them either (in memory: a clone prunes before it closes the journal)
         self._uncounted: Counter[tuple[int, bytes]] = Counter()
         self._list_entries = 0
-        # decoded record blocks (immutable: a repack moves their bytes, not what they hold)
-        self._blocks: OrderedDict[int, list[bytes]] = OrderedDict()
-        self._blocks_lock = threading.Lock()
-        self._blocks_checked: set[tuple[int, int, int]] = set()  # (first seq, pack, offset) whose chain was checked
-        self._queue: queue.Queue | None = None
-        self._thread: threading.Thread | None = None
+        self._compactor = Compactor(storage, self._uncounted)
         self.sync_count = 0  # write transactions committed (each one sync)
         with self.reader() as r:
             self.journal_id: str = r.meta(S.META_JOURNAL_ID)
@@ -78,8 +66,8 @@ class Journal:
             self._hlc.restore(r.meta(S.META_HLC, 0))
             pack_end = r.meta(S.META_PACK_END, [0, 0])
         if not readonly:
-            packs.open_writer(*pack_end)
-            self.delete_retired_packs()
+            storage.packs.open_writer(*pack_end)
+            storage.delete_retired_packs()
 
     # --- opening -------------------------------------------------------------
     @classmethod
@@ -89,17 +77,17 @@ class Journal:
             private.make_dir(path)
         if not os.path.exists(os.path.join(path, "data.mdb")) and not (create and not readonly):
             raise NotFoundError(f"no deltafs journal at {path}")
-        lock_fd = None if readonly else _take_lock(path)
+        lock_fd = None if readonly else take_lock(path)
         try:
-            env, dbs, packs = _share_env(path, readonly)
+            storage = Storage.share(path, readonly)
         except BaseException:
-            _release_lock(lock_fd)
+            release_lock(lock_fd)
             raise
         try:
-            j = cls(path, env, dbs, packs, readonly, lock_fd, clock)
+            j = cls(path, storage, readonly, lock_fd, clock)
         except BaseException:
-            _unshare_env(path)
-            _release_lock(lock_fd)
+            storage.release()
+            release_lock(lock_fd)
             raise
         if not readonly:
             private.tighten(path)  # the owner's alone, also a journal made before this rule
@@ -107,14 +95,13 @@ class Journal:
         return j
 
     def close(self) -> None:
-        if self._thread is not None:
-            self.stop_writer()
-        if not self.readonly and self.env is not None:
-            self._packs.close_writer()
-        if self.env is not None:
-            _unshare_env(self.path)
-            self.env = None
-        _release_lock(self._lock_fd)
+        """Close (again: nothing happens); the writer lock goes last."""
+        if self._storage is not None:
+            if not self.readonly:
+                self._storage.packs.close_writer()
+            self._storage.release()
+            self._storage = None
+        release_lock(self._lock_fd)
         self._lock_fd = None
 
     def __enter__(self) -> "Journal":
@@ -127,13 +114,12 @@ class Journal:
     @contextmanager
     def reader(self) -> Iterator[Reader]:
         """A read snapshot; never blocks the writer (keep it short-lived)."""
+        st = self._storage
         if self.readonly:
-            self._packs.forget_deleted()  # another process may have deleted packs
-        txn = self.env.begin(write=False)
-        try:
-            yield Reader(self, txn)
-        finally:
-            txn.abort()
+            st.packs.forget_deleted()  # another process may have deleted packs
+            st.open_new_dbs()  # or made the databases a writer makes
+        with st.read() as txn:  # an LMDB error in the block leaves it as JournalError
+            yield Reader(st, txn)
 
     def data_size(self) -> int:
         """Bytes allocated on disk by data.mdb (the map is sparse)."""
@@ -142,7 +128,7 @@ class Journal:
     # --- writing ---------------------------------------------------------------
     def commit(self, changes: Sequence[Change]) -> list[int]:
         """Journal ``changes`` in one durable transaction; -> their seqs."""
-        (res,) = self._commit_batch([(list(changes), None)])
+        (res,) = self._commit_batch([list(changes)])
         if isinstance(res, BaseException):
             raise res
         return res
@@ -150,7 +136,7 @@ class Journal:
     def commit_many(self, groups: Sequence[Sequence[Change]]) -> list:
         """One durable transaction for several groups; each group commits or
         fails alone.  -> per group: list of seqs, or the exception."""
-        return self._commit_batch([(list(g), None) for g in groups])
+        return self._commit_batch([list(g) for g in groups])
 
     def put_chunks(self, chunks: Sequence[NewChunk]) -> int:
         """Store chunks ahead of the record that will name them (large captures
@@ -158,19 +144,18 @@ class Journal:
         synced: a crash leaves unreferenced chunks, which GC frees.  -> bytes stored."""
         self._check_writable()
         stored = 0
-        with self._wlock, self.env.begin(write=True) as txn:
+        with self._storage.write() as txn:  # packs synced before it commits
             for nc in chunks:
                 depth = nc.depth if nc.base_id else 0
                 val = S.encode_chunk(depth, nc.raw_len, nc.base_id, nc.payload)
-                if self._put_value(txn, nc.id, val, depth):
+                if self._storage.put_value(txn, nc.id, val, depth):
                     stored += len(val)
                     if nc.base_id is not None:
                         self._incref(txn, nc.base_id)
             if stored:
                 mdb = self._dbs[S.DB_META]
-                rd = Reader(self, txn)
+                rd = Reader(self._storage, txn)
                 txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
-            self._seal(txn)
         return stored
 
     def append_raw(self, values: Sequence[bytes], chunks: dict[bytes, bytes] | None = None,
@@ -195,15 +180,15 @@ class Journal:
         self._check_writable()
         chunks = chunks or {}
         with self._wlock:
-            txn = self.env.begin(write=True)
+            txn = self._storage.env.begin(write=True)
             try:
-                rd = Reader(self, txn)
+                rd = Reader(self._storage, txn)
                 cdb = self._dbs[S.DB_CHUNKS]
                 stored = raw = 0
                 new_bases = []  # a delta may come before its base: count bases once all are in
                 for cid, val in chunks.items():
                     depth, raw_len, base, _ = S.decode_chunk(val)
-                    if self._put_value(txn, cid, bytes(val), depth):
+                    if self._storage.put_value(txn, cid, bytes(val), depth):
                         stored += len(val)
                         raw += raw_len
                         if base is not None:
@@ -235,13 +220,16 @@ class Journal:
                     self._hlc.restore(last_hlc)
                 txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
                 txn.put(S.META_RAW, _packb(rd.meta(S.META_RAW, 0) + raw), db=mdb)
-                self._seal(txn)
+                self._storage.seal(txn)
                 txn.commit()
                 self.sync_count += 1
-            except BaseException:
+            except BaseException as e:
                 txn.abort()
                 self._clear_list_cache()
-                raise
+                err = translate(e, self.path)
+                if err is e:
+                    raise
+                raise err from e
         return head
 
     def _raw_content(self, txn, rd: Reader, rec, lenient: bool = False) -> None:
@@ -261,35 +249,6 @@ class Journal:
             entries += len(refs)
         self._maybe_checkpoint(txn, rec.seq, base, new, total, depth + 1, accum + entries, lenient)
 
-    def start_writer(self) -> None:
-        """Start the group-commit thread used by :meth:`submit`."""
-        self._check_writable()
-        if self._thread is not None:
-            return
-        self._queue = queue.Queue(maxsize=QUEUE_SIZE)
-        self._thread = threading.Thread(target=self._writer_loop, name="deltafs-journal-writer", daemon=True)
-        self._thread.start()
-
-    def submit(self, changes: Sequence[Change], callback: Callback | None = None) -> None:
-        """Queue ``changes`` for the writer thread (blocks when the queue is full).
-
-        ``callback(list_of_seqs | exception)`` runs in the writer thread once
-        the transaction holding them is synced; keep it short (e.g.
-        ``trio.from_thread.run_sync`` of a memory-channel send).
-        """
-        if self._queue is None:
-            raise RuntimeError("journal writer not started")
-        self._queue.put((list(changes), callback))
-
-    def stop_writer(self) -> None:
-        """Commit everything queued, then stop the writer thread."""
-        if self._thread is None:
-            return
-        self._queue.put(_STOP)
-        self._thread.join()
-        self._thread = None
-        self._queue = None
-
     def set_setting(self, name: str, value) -> None:
         self._small_write(S.DB_META, S.META_SETTING_PREFIX + name.encode(), _packb(value))
 
@@ -300,6 +259,56 @@ class Journal:
     def kv_delete(self, db: str, key: str) -> None:
         self._small_write(S.KV_DBS[db], key.encode(), None)
 
+    # --- compaction (writer only; compact.py carries it out) ----------------------
+    def prune(self, seqs: Iterable[int], retained: Iterable[int], dry_run: bool = False) -> PruneResult:
+        """Prune content versions ``seqs`` (docs/format.md, "Pruning procedure");
+        ``retained``: every content version that stays.  ``dry_run``: the
+        counts, nothing written."""
+        self._check_writable()
+        res = self._compactor.prune(seqs, retained, dry_run)
+        if res.transactions:
+            with self._wlock:  # the commit path uses the cache under this lock
+                self._clear_list_cache()
+        return res
+
+    def repack(self, dead_ratio: float = REPACK_DEAD_RATIO) -> RepackResult:
+        """Rewrite the live values of packs more than ``dead_ratio`` dead; delete emptied packs."""
+        self._check_writable()
+        return self._compactor.repack(dead_ratio)
+
+    def archive_records(self, keep: int = RECORDS_KEPT) -> int:
+        """Move all records but the newest ``keep`` into compressed blocks; -> records moved."""
+        self._check_writable()
+        return self._compactor.archive_records(keep)
+
+    def densify_index(self, slack: float = INDEX_SLACK) -> int:
+        """Rewrite the chunk index in key order when its pages are mostly empty; -> pages saved."""
+        self._check_writable()
+        return self._compactor.densify_index(slack)
+
+    def vacuum(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Rewrite data.mdb compactly; the journal must be its only opener in
+        this process, and is closed afterwards.  -> ((size, allocated) before, after)."""
+        self._check_writable()
+        if not self._storage.only_user():
+            raise JournalError(f"cannot vacuum {self.path}: vacuum needs the only opener of the journal")
+        return self._compactor.vacuum(self._close_keeping_lock)
+
+    def _close_keeping_lock(self) -> int | None:
+        fd, self._lock_fd = self._lock_fd, None
+        self.close()
+        return fd
+
+    def data_bytes(self) -> int:
+        """Journal data: pack files plus LMDB pages in use (what --journal-limit counts)."""
+        return self._compactor.data_bytes()
+
+    def verify(self, full: bool = False) -> VerifyResult:
+        """Walk the hash chain (with ``full`` every retained version's chunks);
+        the first problem is named in the result, never raised."""
+        with self.reader() as r:
+            return verify(r, full)
+
     # --- internals ---------------------------------------------------------------
     def _check_writable(self) -> None:
         if self.readonly:
@@ -307,48 +316,24 @@ class Journal:
 
     def _small_write(self, db: bytes, key: bytes, value: bytes | None) -> None:
         self._check_writable()
-        with self._wlock, self.env.begin(write=True) as txn:
+        with self._storage.write() as txn:
             if value is None:
                 txn.delete(key, db=self._dbs[db])
             else:
                 txn.put(key, value, db=self._dbs[db])
         self.sync_count += 1
 
-    def _writer_loop(self) -> None:
-        q = self._queue
-        stop = False
-        while not stop:
-            item = q.get()
-            if item is _STOP:
-                break
-            batch = [item]
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                batch.append(nxt)
-            results = self._commit_batch(batch)
-            for (_, cb), res in zip(batch, results):
-                if cb is not None:
-                    try:
-                        cb(res)
-                    except Exception:
-                        log.exception("journal submit callback failed")
-
-    def _commit_batch(self, batch: list[tuple[list[Change], Callback | None]]) -> list:
-        """One write transaction for the batch; each submit in a nested
-        transaction so one bad submit fails alone."""
+    def _commit_batch(self, groups: list[list[Change]]) -> list:
+        """One write transaction for the groups; each group in a nested
+        transaction so one bad group fails alone."""
         self._check_writable()
         results: list = []
+        env = self._storage.env
         with self._wlock:
-            txn = self.env.begin(write=True)
+            txn = env.begin(write=True)
             try:
-                for changes, _ in batch:
-                    child = self.env.begin(write=True, parent=txn)
+                for changes in groups:
+                    child = env.begin(write=True, parent=txn)
                     try:
                         seqs = [self._apply(child, ch) for ch in changes]
                         child.commit()
@@ -357,8 +342,8 @@ class Journal:
                         child.abort()
                         self._clear_list_cache()
                         log.warning("journal rejected a change: %s", e)
-                        results.append(e)
-                self._seal(txn)
+                        results.append(translate(e, self.path))
+                self._storage.seal(txn)
                 txn.commit()
                 self.sync_count += 1
             except BaseException as e:
@@ -367,8 +352,8 @@ class Journal:
                 if not isinstance(e, Exception):
                     raise
                 log.debug("journal commit failed: %s", e)  # the caller reports it, once
-                err = _translate(e, self.path)
-                results = [err for _ in batch]
+                err = translate(e, self.path)
+                results = [err for _ in groups]
         return results
 
     def _apply(self, txn, ch: Change) -> int:
@@ -376,7 +361,7 @@ class Journal:
             raise ValueError(f"unknown op {ch.op!r}")
         if ch.op in ("rename", "link") and ch.path2 is None:
             raise ValueError(f"{ch.op} needs path2")
-        rd = Reader(self, txn)
+        rd = Reader(self._storage, txn)
         if not ch.file_id:
             ch.file_id = self._resolve_file_id(txn, rd, ch)
         seq = rd.head_seq() + 1
@@ -417,21 +402,6 @@ class Journal:
                     return fid
         return _new_id()
 
-    def _record_block(self, first: int, loc: tuple[int, int, int, int]) -> list[bytes]:
-        """The stored values of the record block starting at ``first`` (a few kept decoded)."""
-        with self._blocks_lock:
-            values = self._blocks.get(first)
-            if values is not None:
-                self._blocks.move_to_end(first)
-                return values
-        pack, off, length, count = loc
-        values = S.decode_record_block(self._packs.read(pack, off, length), count)
-        with self._blocks_lock:
-            self._blocks[first] = values
-            while len(self._blocks) > RECORD_BLOCKS_CACHED:
-                self._blocks.popitem(last=False)
-        return values
-
     def _incref(self, txn, cid: bytes, n: int = 1) -> None:
         incref(txn, self._dbs, cid, n)
 
@@ -444,67 +414,10 @@ class Journal:
         else:
             self._incref(txn, cid)
 
-    def _put_value(self, txn, cid: bytes, val: bytes, depth: int) -> bool:
-        """Append a chunk value to the pack and index it (refs 0), unless the
-        chunk is stored already.  -> whether it was stored now."""
-        cdb = self._dbs[S.DB_CHUNKS]
-        if txn.get(cid, db=cdb) is not None:
-            return False
-        pack, off = self._packs.append(val)
-        txn.put(cid, S.encode_loc(0, pack, off, len(val), depth), db=cdb)
-        add_pack_live(txn, self._dbs, pack, len(val))
-        return True
-
-    def _seal(self, txn) -> None:
-        """Before a commit: make the pack bytes it names durable and record
-        the pack's committed end (docs/format.md, "Pack files")."""
-        pos = self._packs.sync()
-        if pos is not None:
-            txn.put(S.META_PACK_END, _packb(list(pos)), db=self._dbs[S.DB_META])
-
-    def delete_retired_packs(self) -> list[int]:
-        """Delete packs emptied by compaction once no LMDB reader (in any
-        process) holds a snapshot older than the move.  -> packs deleted."""
-        with self.env.begin() as txn:
-            v = txn.get(S.META_PACKS_RETIRED, db=self._dbs[S.DB_META])
-        retired = msgpack.unpackb(v) if v else []
-        if not retired:
-            return []
-        self.env.reader_check()  # forget slots of dead processes
-        oldest = oldest_reader_txn(self.env)
-        done = [p for p, t in retired if oldest is None or oldest >= t]
-        if not done:
-            return []
-        with self._wlock, self.env.begin(write=True) as txn:
-            v = txn.get(S.META_PACKS_RETIRED, db=self._dbs[S.DB_META])
-            left = [[p, t] for p, t in (msgpack.unpackb(v) if v else []) if p not in done]
-            self._packs.delete(done)
-            if left:
-                txn.put(S.META_PACKS_RETIRED, _packb(left), db=self._dbs[S.DB_META])
-            else:
-                txn.delete(S.META_PACKS_RETIRED, db=self._dbs[S.DB_META])
-        log.info("deleted %d emptied pack file(s)", len(done))
-        return done
-
     def _chunk_present(self, txn, cid: bytes) -> bool:
         """Is the chunk stored?  One freed by GC after a capture saw it is
-        brought back from the graveyard (see compact.graveyard_db)."""
-        if txn.get(cid, db=self._dbs[S.DB_CHUNKS]) is not None:
-            return True
-        gdb = self._dbs.get(b"graveyard")
-        v = txn.get(cid, db=gdb) if gdb is not None else None
-        if v is None:
-            return False
-        val = bytes(v[8:])
-        depth, _, base, _ = S.decode_chunk(val)
-        if base is not None:
-            if not self._chunk_present(txn, base):
-                return False
-            self._incref(txn, base)
-        self._put_value(txn, cid, val, depth)
-        txn.delete(cid, db=gdb)
-        log.info("chunk %s freed by compaction is named again: brought back", cid.hex())
-        return True
+        brought back from the graveyard (``Compactor.chunk_present``)."""
+        return self._compactor.chunk_present(txn, cid)
 
     def _content(self, txn, rd: Reader, ch: Change, seq: int) -> tuple[int, bytes]:
         if ch.size is None or ch.edit is None:
@@ -520,14 +433,13 @@ class Journal:
                 raise ValueError(f"base chunk {nc.base_id.hex()} of chunk {nc.id.hex()} is not stored")
             depth = nc.depth if nc.base_id else 0
             val = S.encode_chunk(depth, nc.raw_len, nc.base_id, nc.payload)
-            if self._put_value(txn, nc.id, val, depth):
+            if self._storage.put_value(txn, nc.id, val, depth):
                 stored += len(val)
                 raw += nc.raw_len
                 if nc.base_id is not None:
                     self._incref(txn, nc.base_id)
         base = ch.base_seq or 0
-        pdb = self._dbs.get(b"pruned")  # compact.DB_PRUNED: its chunks may be freed
-        if base and pdb is not None and txn.get(S.u64(base), db=pdb) is not None:
+        if base and rd.is_pruned(base):  # its chunks may be freed
             raise ValueError(f"base version {base} of {ch.path!r} has been pruned by compaction")
         old, total, depth, accum = self._list_for(rd, base) if base else (b"", 0, -1, 0)
         edit = [(int(s), int(c), [(bytes(i), int(n)) for i, n in refs]) for s, c, refs in ch.edit]
@@ -591,137 +503,6 @@ class Journal:
     def _clear_list_cache(self) -> None:
         self._lists.clear()
         self._list_entries = 0
-
-
-# python-lmdb refuses to open one environment twice in a process, so a
-# read-only opener in the writer's process (history tools run in-process,
-# tests) shares the writer's environment.
-_ENVS: dict[str, list] = {}  # path -> [env, dbs, readonly, users, PackFiles]
-_ENVS_LOCK = threading.Lock()
-
-
-def _share_env(path: str, readonly: bool):
-    with _ENVS_LOCK:
-        e = _ENVS.get(path)
-        if e is not None:
-            if e[2] and not readonly:
-                raise JournalError(f"journal {path} is already open read-only in this process")
-            e[3] += 1
-            return e[0], e[1], e[4]
-        try:
-            env = lmdb.open(
-                path, map_size=MAP_SIZE, max_dbs=S.MAX_DBS, readonly=readonly, lock=True,
-                sync=True, metasync=True, readahead=False, max_readers=510, subdir=True,
-                mode=private.FILE_MODE,
-            )
-        except lmdb.Error as exc:
-            raise JournalError(f"cannot open journal {path}: {exc}") from exc
-        try:
-            dbs = _open_dbs(env, path, readonly)
-        except BaseException:
-            env.close()
-            raise
-        packs = PackFiles(path)
-        _ENVS[path] = [env, dbs, readonly, 1, packs]
-        return env, dbs, packs
-
-
-def _unshare_env(path: str) -> None:
-    with _ENVS_LOCK:
-        e = _ENVS[path]
-        e[3] -= 1
-        if e[3] == 0:
-            del _ENVS[path]
-            e[4].close()
-            e[0].close()
-
-
-def _translate(e: Exception, path: str) -> Exception:
-    if isinstance(e, lmdb.MapFullError):
-        return JournalError(f"journal {path} is full (LMDB map size reached)")
-    if isinstance(e, lmdb.DiskError) or (isinstance(e, OSError) and e.errno == errno.ENOSPC):
-        return JournalError(f"journal {path}: disk full or I/O error: {e}")
-    return e
-
-
-def _take_lock(path: str) -> int:
-    lock_path = os.path.join(path, "lock")
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, private.FILE_MODE)
-    except OSError as e:
-        raise JournalError(f"cannot open the journal {path} for writing: {private.reason(e, path)}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise JournalLockedError(f"journal {path} is locked by another writer (pid {pid})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _release_lock(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)  # closing the only fd drops the flock
-
-
-def _open_dbs(env: lmdb.Environment, path: str, readonly: bool) -> dict:
-    dbs = {}
-    try:
-        meta = env.open_db(S.DB_META, create=not readonly)
-    except lmdb.NotFoundError:
-        raise JournalFormatError(f"{path} is not a deltafs journal (no meta database)") from None
-    upgrade_from = None
-    with env.begin(write=not readonly) as txn:
-        fmt = txn.get(S.META_FORMAT, db=meta)
-        if fmt is None and readonly:
-            raise JournalFormatError(f"{path} is not an initialised deltafs journal")
-        if fmt is not None and msgpack.unpackb(fmt) in UPGRADABLE and not readonly:
-            upgrade_from = msgpack.unpackb(fmt)  # after this transaction (see upgrade.py)
-        elif fmt is not None:
-            _check_format(path, msgpack.unpackb(fmt), txn.get(S.META_CHUNKER, db=meta))
-        else:
-            txn.put(S.META_FORMAT, _packb(S.FORMAT_VERSION), db=meta)
-            txn.put(S.META_JOURNAL_ID, _packb(str(uuid.uuid4())), db=meta)
-            txn.put(S.META_CREATED, _packb(time.time_ns()), db=meta)
-            txn.put(S.META_CHUNKER, _packb(CHUNKER_PARAMS), db=meta)
-            txn.put(S.META_HLC, _packb(0), db=meta)
-            log.info("created journal %s", path)
-    if upgrade_from is not None:
-        from .upgrade import upgrade
-
-        with env.begin() as txn:
-            _check_chunker(path, txn.get(S.META_CHUNKER, db=meta))
-        upgrade(env, path, meta, upgrade_from)
-    for name in S.ALL_DBS:
-        dup = name in S.DUP_DBS
-        try:
-            dbs[name] = meta if name == S.DB_META else \
-                env.open_db(name, create=not readonly, dupsort=dup, dupfixed=dup)
-        except lmdb.NotFoundError:
-            raise JournalFormatError(f"journal {path} lacks database {name.decode()}: damaged or of another format") from None
-    return dbs
-
-
-UPGRADABLE = (1, 2, 3)  # formats a writer upgrades in place at open (upgrade.py)
-
-
-def _check_format(path: str, fmt, chunker: bytes | None) -> None:
-    if fmt in UPGRADABLE:
-        raise JournalFormatError(
-            f"journal {path} has format version {fmt}; open it once for writing (deltafs mount, or "
-            f"deltafs compact --journal {path}) to upgrade it to format {S.FORMAT_VERSION}")
-    if fmt != S.FORMAT_VERSION:
-        raise JournalFormatError(
-            f"journal {path} has format version {fmt}; this deltafs reads format version {S.FORMAT_VERSION}"
-        )
-    _check_chunker(path, chunker)
-
-
-def _check_chunker(path: str, chunker: bytes | None) -> None:
-    if chunker is None or msgpack.unpackb(chunker, raw=False) != CHUNKER_PARAMS:
-        raise JournalFormatError(f"journal {path} was chunked with other parameters than this deltafs uses")
 
 
 def _new_id() -> int:

@@ -1,7 +1,9 @@
 """Read access to a journal: one LMDB read snapshot per ``Reader``.
 
 Works in read-only openers (CLI history tools, other processes) and inside
-the writer (it is handed the write transaction to rebuild chunk lists).
+the writer and compaction (they hand it their write transaction).  It
+stands on :class:`~deltafs.journal.storage.Storage` (databases, packs,
+the record-block cache) and on nothing else of the journal.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import msgpack
@@ -35,11 +37,13 @@ class ChunkInfo:
     depth: int
 
 
-@dataclass(frozen=True, slots=True)
-class VerifyReport:
-    records: int
-    chunks_checked: int
-    versions_checked: int
+@dataclass
+class Versions:
+    """Retained content versions by file id, oldest first: [(seq, hlc)]."""
+
+    by_file: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    head_hlc: int = 0  # the journal's time: HLC of the newest record
+    head_seq: int = 0
 
 
 class LmdbStore:
@@ -92,10 +96,10 @@ class LmdbStore:
 class Reader:
     """A consistent view of the journal (see the package docstring for the API)."""
 
-    def __init__(self, journal, txn) -> None:
-        self._j = journal
+    def __init__(self, storage, txn) -> None:
+        self._st = storage
         self.txn = txn
-        self.dbs = journal._dbs
+        self.dbs = storage.dbs
         self.store = LmdbStore(txn, self.dbs)
 
     # --- records -----------------------------------------------------------
@@ -132,12 +136,12 @@ class Reader:
             loc = S.decode_block_loc(cur.value())
             if not first <= seq < first + loc[3]:
                 return None
-            values = self._j._record_block(first, loc)
+            values = self._st.record_block(first, loc)
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptionError(f"the record block of records {first}.. cannot be read: {e}") from e
-        if check and (first, loc[0], loc[1]) not in self._j._blocks_checked:
+        if check and not self._st.block_checked((first, loc[0], loc[1])):
             self._check_block(first, values)
-            self._j._blocks_checked.add((first, loc[0], loc[1]))
+            self._st.mark_block_checked((first, loc[0], loc[1]))
         return first, values
 
     def _check_block(self, first: int, values: list[bytes]) -> None:
@@ -387,7 +391,7 @@ class Reader:
         if v is None:
             return None
         _, pack, off, length, _ = S.decode_loc(v)
-        depth, raw_len, base, _ = S.decode_chunk(self._j._packs.read(pack, off, min(length, S.CHUNK_HDR_MAX)))
+        depth, raw_len, base, _ = S.decode_chunk(self._st.packs.read(pack, off, min(length, S.CHUNK_HDR_MAX)))
         return ChunkInfo(raw_len, length, base, depth)
 
     def raw_chunk(self, cid: bytes) -> bytes | None:
@@ -396,7 +400,7 @@ class Reader:
         if v is None:
             return None
         _, pack, off, length, _ = S.decode_loc(v)
-        return self._j._packs.read(pack, off, length)
+        return self._st.packs.read(pack, off, length)
 
     def chunk_refs(self, cid: bytes) -> int:
         v = self.txn.get(cid, db=self.dbs[S.DB_CHUNKS])
@@ -473,31 +477,43 @@ class Reader:
             out[p] = tree_entry(p, fid, store.files[fid])
         return out
 
-    # --- integrity ---------------------------------------------------------
-    def verify(self, full: bool = False) -> VerifyReport:
-        """Walk the hash chain; with ``full`` also every chunk and chunk list.
+    # --- pruned versions (docs/format.md, "Compaction and retention") -------------
+    def pruned_seqs(self) -> set[int]:
+        """Seqs of every content version compaction pruned."""
+        db = self.dbs.get(S.DB_PRUNED)
+        if db is None:
+            return set()
+        return {S.from_u64(k) for k in self.txn.cursor(db=db).iternext(values=False)}
 
-        Raises CorruptionError naming the first broken record or chunk.
-        """
-        prev, expected, last_hlc, n, versions = ZERO_HASH, 1, -1, 0, 0
-        for seq, v in self.raw_records(check=False):
-            if seq != expected:
-                raise CorruptionError(f"record {expected} is missing (next key is {seq})")
-            r, problem = check_link(v, seq, prev)
-            if problem:
-                raise CorruptionError(f"record {seq} {problem}")
-            if r.hlc <= last_hlc:
-                raise CorruptionError(f"record {seq} goes back in time (HLC {r.hlc} <= {last_hlc})")
-            if full and r.is_content:
-                self.chunk_list(seq)  # checked against the record's size and content hash
-                versions += 1
-            prev, last_hlc, expected, n = r.hash, r.hlc, seq + 1, n + 1
-        chunks = 0
-        if full:
-            for cid in self.txn.cursor(db=self.dbs[S.DB_CHUNKS]).iternext(values=False):
-                self.read_chunk(cid)
-                chunks += 1
-        return VerifyReport(n, chunks, versions)
+    def is_pruned(self, seq: int) -> bool:
+        db = self.dbs.get(S.DB_PRUNED)
+        return db is not None and self.txn.get(S.u64(seq), db=db) is not None
+
+    def pruned_info(self, seq: int) -> dict | None:
+        """The ``pruned`` value of ``seq`` (``{"hlc", "t"}``; ``t``: wall time ns of
+        the prune, missing in entries written before it was recorded), or None."""
+        db = self.dbs.get(S.DB_PRUNED)
+        v = self.txn.get(S.u64(seq), db=db) if db is not None else None
+        return None if v is None else msgpack.unpackb(v, raw=False)
+
+    def retained_content(self) -> Iterator[int]:
+        """Seqs of every content version not pruned, oldest first."""
+        pruned = self.pruned_seqs()
+        for seq, v in self.raw_records():
+            if seq not in pruned and decode_record(v, seq).is_content:
+                yield seq
+
+    def content_versions(self) -> Versions:
+        """Every content version not pruned, grouped by file id (one scan of the records)."""
+        out = Versions(head_hlc=self.meta(S.META_HLC, 0), head_seq=self.head_seq())
+        pruned = self.pruned_seqs()
+        for seq, v in self.raw_records():
+            if seq in pruned:
+                continue
+            rec = decode_record(v, seq)
+            if rec.is_content:
+                out.by_file.setdefault(rec.file_id, []).append((seq, rec.hlc))
+        return out
 
     # --- stats and small key/value stores -------------------------------------
     def meta(self, key: bytes, default=None):
@@ -505,7 +521,7 @@ class Reader:
         return msgpack.unpackb(v, raw=False) if v is not None else default
 
     def stats(self) -> dict:
-        data = os.path.join(self._j.path, "data.mdb")
+        data = os.path.join(self._st.path, "data.mdb")
         return {
             "records": self.head_seq(),
             "chunks": self.txn.stat(self.dbs[S.DB_CHUNKS])["entries"],
@@ -514,7 +530,7 @@ class Reader:
             "raw_bytes": self.meta(S.META_RAW, 0),
             "data_file_bytes": os.stat(data).st_size,
             "data_file_allocated": os.stat(data).st_blocks * 512,
-            "pack_bytes": self._j._packs.total_bytes(),
+            "pack_bytes": self._st.packs.total_bytes(),
         }
 
     def setting(self, name: str, default=None):

@@ -45,6 +45,12 @@ ALL_DBS = (
     DB_META, DB_CHANGES, DB_FILES, DB_PATHS, DB_HISTORY, DB_PATHLOG,
     DB_CHUNKS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS, DB_RECORD_BLOCKS,
 )
+DB_PRUNED = b"pruned"  # u64 seq of a pruned content version -> msgpack {"hlc", "t"}
+DB_GRAVEYARD = b"graveyard"  # chunk id -> u64 time freed || the freed chunk value
+# made (empty) by a writer when it opens the journal; a journal last written
+# by an older deltafs may lack them (then nothing is pruned or freed yet)
+WRITER_DBS = (DB_PRUNED, DB_GRAVEYARD)
+TMP_DB = b"rewrite.tmp"  # scratch database of an in-place rewrite (emptied and dropped in its transaction)
 DUP_DBS = frozenset({DB_HISTORY, DB_PATHLOG})  # opened dupsort=True, dupfixed=True since format 3
 KV_DBS = {"snapshots": DB_SNAPSHOTS, "mirrors": DB_MIRRORS}
 
@@ -114,6 +120,28 @@ def index_record(txn, dbs, seq: int, file_id: int, paths) -> None:
     for key in {path_key(p) for p in paths if p is not None}:
         if not txn.put(key, _U64.pack(seq), db=dbs[DB_PATHLOG], append=True):
             raise ValueError(f"pathlog of {key!r} already goes past record {seq}")
+
+
+def refill(txn, db, tmp) -> None:
+    """Replace ``db``'s entries by ``tmp``'s, appended in key order (full
+    pages: LMDB splits an appending page at its end), and empty ``tmp``."""
+    txn.drop(db, delete=False)
+    for k, v in txn.cursor(db=tmp):
+        txn.put(k, v, db=db, append=True)
+    txn.drop(tmp, delete=False)
+
+
+def rewrite_in_key_order(env, txn, db) -> int:
+    """Copy ``db`` out and append it back in key order (every page full); -> pages saved."""
+    st = txn.stat(db)
+    before = st["leaf_pages"] + st["branch_pages"] + st["overflow_pages"]
+    tmp = env.open_db(TMP_DB, txn=txn)
+    for k, v in txn.cursor(db=db):
+        txn.put(k, v, db=tmp, append=True)
+    refill(txn, db, tmp)
+    txn.drop(tmp, delete=True)
+    st = txn.stat(db)
+    return before - st["leaf_pages"] - st["branch_pages"] - st["overflow_pages"]
 
 
 def pack_list(refs: Iterable[tuple[bytes, int]]) -> bytes:

@@ -18,10 +18,12 @@ import struct
 import msgpack
 
 from . import schema as S
-from .compact import TMP_DB, refill
 from .packs import PackFiles
+from .schema import TMP_DB, refill
 
 log = logging.getLogger(__name__)
+
+UPGRADABLE = (1, 2, 3)  # formats a writer upgrades in place at open (a reader refuses them)
 
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 

@@ -16,10 +16,7 @@ from dataclasses import dataclass, field
 
 from deltafs.chunking import MAX_DELTA_DEPTH, chunk_id, decompress_chunk
 from deltafs.errors import MirrorError
-from deltafs.journal import Journal
-from deltafs.journal import compact as JC
-from deltafs.journal import schema as S
-from deltafs.journal.records import ZERO_HASH, check_link, decode_record
+from deltafs.journal import ZERO_HASH, Journal, check_link, decode_chunk, decode_record
 
 from . import format as F
 from .base import Mirror, MirrorObjectMissing
@@ -66,7 +63,7 @@ def clone_journal(mirror: Mirror, journal_dir: str) -> CloneReport:
     in one transaction with the chunks of the packs it names.  Versions a
     segment lists as ``pruned`` (shipped after compaction freed their
     chunks) may lack chunks; once all records are in they are pruned in the
-    clone as well (``compact.prune``: refs and checkpoints as in the
+    clone as well (``Journal.prune``: refs and checkpoints as in the
     original)."""
     t0 = time.monotonic()
     m = require_manifest(mirror)
@@ -99,10 +96,9 @@ def clone_journal(mirror: Mirror, journal_dir: str) -> CloneReport:
             raise F.MirrorCorruptError(f"mirror {mirror.url}: segments end at record {expect - 1}, "
                                        f"the manifest says {m.last_seq}")
         if pruned:  # versions shipped after compaction freed their chunks: pruned here too
-            JC.pruned_db(j)
             with j.reader() as r:
-                retained = [s for s in JC.iter_retained_content(j, r) if s not in pruned]
-            JC.prune(j, pruned, retained)
+                retained = [s for s in r.retained_content() if s not in pruned]
+            j.prune(pruned, retained)
             rep.pruned = len(pruned)
         if m.snapshots:
             snaps = F.decode_snapshots(_get(mirror, m.snapshots), m.snapshots, mirror.url)
@@ -206,7 +202,7 @@ class _Chunks:
             self.load(name)
         if depth > MAX_DELTA_DEPTH:
             raise ValueError("delta chain loops")
-        d, raw_len, base, payload = S.decode_chunk(self.values[cid])
+        d, raw_len, base, payload = decode_chunk(self.values[cid])
         raw = decompress_chunk(payload, self.raw_of(base, depth + 1) if base else None)
         if len(raw) != raw_len or chunk_id(raw) != cid:
             raise ValueError(f"chunk {cid.hex()} does not match its id")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from deltafs.errors import MirrorError
-from deltafs.journal.records import ZERO_HASH, check_link
+from deltafs.journal import ZERO_HASH, check_link
 
 from . import format as F
 from .base import Mirror

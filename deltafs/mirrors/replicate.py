@@ -38,9 +38,7 @@ import trio
 
 from deltafs.chunking import RawCache
 from deltafs.errors import CorruptionError, MirrorError
-from deltafs.journal import compact as JC
-from deltafs.journal import schema as S
-from deltafs.journal.records import check_link
+from deltafs.journal import check_link, decode_chunk
 
 from . import format as F
 from .base import Mirror, MirrorObjectMissing, MirrorTimeout
@@ -184,7 +182,6 @@ class Replicator:
         chunk_bytes = 0
         last_hash = m.last_hash
         pruned: list[int] = []
-        JC.pruned_db(self.journal)  # before the read transaction (see its docstring)
         cache = RawCache(8 << 20)  # delta bases just checked
         with self.journal.reader() as r:
 
@@ -202,7 +199,7 @@ class Replicator:
                         raise CorruptionError(e.detail, rec.path, rec.seq) from e
                     chunks[cid] = val
                     chunk_bytes += len(val)
-                    base = S.decode_chunk(val)[2]
+                    base = decode_chunk(val)[2]
                     if base is None:
                         return
                     cid = base
@@ -214,7 +211,7 @@ class Replicator:
                 if problem:
                     raise CorruptionError(f"record {seq} {problem}", rec.path if rec else None, seq)
                 prev = rec.hash
-                gone = rec.is_content and JC.is_pruned(self.journal, r.txn, seq)
+                gone = rec.is_content and r.is_pruned(seq)
                 if gone:
                     pruned.append(seq)
                 elif rec.is_content:

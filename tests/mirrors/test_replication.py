@@ -112,8 +112,7 @@ def test_replicate_clone_roundtrip(b, mirror_url, ep, tmp_path):
     assert cli.main(args) == 0
     with Journal.open(tmp_path / "dest" / ".deltafs", readonly=True) as c:
         assert log_of(c) == log_of(b.j)  # same records, seqs and hashes
-        with c.reader() as r:
-            r.verify(full=True)
+        assert (v := c.verify(full=True)).ok, v.problem
     for p, data in b.files.items():
         assert (tmp_path / "dest" / os.fsdecode(p)).read_bytes() == data
     assert sorted(os.listdir(tmp_path / "dest")) == [".deltafs", "blob.bin", "d", "empty"]
@@ -307,20 +306,16 @@ def _versions(b: Builder, rounds: int = 4) -> dict[int, tuple[bytes, bytes]]:
 
 
 def _prune_middle(b: Builder, versions: dict) -> set[int]:
-    from deltafs.journal import compact as JC
-
     by_path: dict[bytes, list[int]] = {}
     for seq, (p, _) in sorted(versions.items()):
         by_path.setdefault(p, []).append(seq)
     doomed = {s for seqs in by_path.values() for s in seqs[1:-1]}
-    res = JC.prune(b.j, doomed, [s for s in versions if s not in doomed])
+    res = b.j.prune(doomed, [s for s in versions if s not in doomed])
     assert res.versions_pruned == len(doomed) and res.chunks_freed > 0
     return doomed
 
 
 def test_replicate_and_clone_after_compaction(b, mirror_url, ep, tmp_path):
-    from deltafs.journal import compact as JC
-
     versions = _versions(b)
     doomed = _prune_middle(b, versions)
     with open_mirror(mirror_url, endpoint_url=ep) as m:
@@ -332,13 +327,12 @@ def test_replicate_and_clone_after_compaction(b, mirror_url, ep, tmp_path):
         assert crep.pruned == len(doomed)
     with Journal.open(tmp_path / "c") as c:
         assert log_of(c) == log_of(b.j)
-        JC.pruned_db(c)
         with c.reader() as r:
-            assert JC.pruned_seqs(c, r.txn) == doomed
+            assert r.pruned_seqs() == doomed
         for seq, (_, data) in versions.items():
             if seq not in doomed:
                 assert _content(c, seq) == data, f"version {seq}"
-        assert JC.verify(c, full=True).ok
+        assert c.verify(full=True).ok
     args = ["clone", mirror_url, str(tmp_path / "dest")] + (["--endpoint-url", ep] if ep else [])
     assert cli.main(args) == 0
     for p, data in b.files.items():
@@ -368,16 +362,16 @@ def test_records_in_blocks_replicate_and_clone_unchanged(b, mirror_url, ep, tmp_
     from deltafs.journal import compact as JC
 
     b.history(rounds=60)
-    assert JC.archive_records(b.j) >= 2 * JC.RECORD_BLOCK
+    assert b.j.archive_records() >= 2 * JC.RECORD_BLOCK
     with open_mirror(mirror_url, endpoint_url=ep) as m:
         half = replicate_once(b.j, m)  # then more records, and more blocks, after the cursor
         for i in range(JC.RECORD_BLOCK):
             b.write(b"d/more.txt", b"round %d\n" % i)
-        assert JC.archive_records(b.j) >= JC.RECORD_BLOCK
+        assert b.j.archive_records() >= JC.RECORD_BLOCK
         st = replicate_once(b.j, m)
         assert st.last_seq == st.head_seq > half.last_seq
         assert verify_mirror(m, full=True).errors == []
         clone_journal(m, str(tmp_path / "c"))
     with Journal.open(tmp_path / "c", readonly=True) as c:
         assert log_of(c) == log_of(b.j)
-        assert JC.verify(c, full=True).ok
+        assert c.verify(full=True).ok

@@ -22,7 +22,6 @@ import subprocess
 
 import pytest
 
-from deltafs import history
 from deltafs.journal import Journal
 from fusetools import Mount
 
@@ -35,7 +34,6 @@ SIZE = 2 << 20
 def journal_content(journal, rel: str) -> bytes | None:
     """What the journal alone says rel holds now (None: no such file)."""
     with Journal.open(str(journal), readonly=True) as j, j.reader() as r:
-        history.open_pruned(j)
         fid = r.file_id_at(rel.encode())
         fs = r.file_state(fid) if fid else None
         if fs is None or fs.deleted:

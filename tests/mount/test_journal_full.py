@@ -63,4 +63,4 @@ def test_full_journal_disk_keeps_mount_working_and_recovers(mount_factory, tmp_p
         assert r.read_content(tree[b"big.bin"].content_seq) == big
         assert r.read_content(tree[b"after.txt"].content_seq) == b"written while the journal is full\n"
         assert r.read_content(tree[b"small.txt"].content_seq) == b"fits\n"
-        r.verify(full=True)
+        assert (v := j.verify(full=True)).ok, v.problem

@@ -397,11 +397,10 @@ def test_restore_in_place_into_src_journals_a_new_version(tmp_path, capsys):
         rc, out, _ = rcli(capsys, "cat", src / "dir" / "x", "--version", scans[0]["version"])
         assert out == "edited offline"
         with Journal.open(src / ".deltafs", readonly=True) as j, j.reader() as r:
-            r.verify(full=True)
+            assert (v := j.verify(full=True)).ok, v.problem
             assert {p for p, _, _ in r.current_tree()} == {b"notes.txt", b"dir", b"dir/x"}
     finally:
-        if not b.j.env is None:
-            b.close()
+        b.close()
 
 
 def test_restore_bad_input(b, tmp_path, capsys):

@@ -6,7 +6,6 @@ import os
 import random
 import subprocess
 import sys
-import threading
 
 import lmdb
 import msgpack
@@ -14,10 +13,9 @@ import pytest
 
 from deltafs import chunking as C
 from deltafs.capture import capture_chunks
-from deltafs.errors import CorruptionError, JournalFormatError, JournalLockedError, NotFoundError
-from deltafs.journal import CHECKPOINT_EVERY, Change, Journal
+from deltafs.errors import CorruptionError, JournalError, JournalFormatError, JournalLockedError, NotFoundError
+from deltafs.journal import CHECKPOINT_EVERY, Change, Journal, check_link
 from deltafs.journal import schema as S
-from deltafs.journal.records import check_link
 
 
 class FakeClock:
@@ -71,7 +69,7 @@ def test_records_and_chain(journal):
             prev = recs[seq - 1].hash
         assert all(a.hlc < b.hlc for a, b in zip(recs, recs[1:]))
         assert r.record(2).uid == 1000 and r.record(2).path == b"d/f"
-        assert r.verify().records == 3
+        assert journal.verify().records == 3
         assert r.file_state(2).xattrs == {b"user.k": b"v"}
         with pytest.raises(NotFoundError):
             r.record(99)
@@ -88,9 +86,9 @@ def test_tamper_one_byte_is_named(journal, jpath):
         v[i + 1] = ord("X")
         txn.put(S.u64(3), bytes(v), db=db)
     env.close()
-    with Journal.open(jpath, readonly=True) as j, j.reader() as r:
-        with pytest.raises(CorruptionError, match="record 3 "):
-            r.verify()
+    with Journal.open(jpath, readonly=True) as j:
+        res = j.verify()
+        assert not res.ok and res.problem.seq == 3 and "record 3 " in res.problem.what
 
 
 def corrupt_chunk(journal_path, cid: bytes, at: int = -1) -> None:
@@ -114,10 +112,12 @@ def test_corrupt_chunk_is_named(journal, jpath):
         cid = r.chunk_list(seq)[0][0]
     journal.close()
     corrupt_chunk(jpath, cid)
-    with Journal.open(jpath, readonly=True) as j, j.reader() as r:
-        r.verify()  # the chain itself is fine
-        with pytest.raises(CorruptionError, match=cid.hex()):
-            r.verify(full=True)
+    with Journal.open(jpath, readonly=True) as j:
+        assert j.verify().ok  # the chain itself is fine
+        res = j.verify(full=True)
+        assert not res.ok and res.problem.chunk == cid.hex() and res.problem.seq == seq
+        with j.reader() as r, pytest.raises(CorruptionError, match=cid.hex()):
+            r.read_content(seq)
 
 
 def test_lock_second_writer_refused_readers_fine(journal, jpath):
@@ -175,32 +175,22 @@ def test_hlc_monotonic_when_clock_goes_back(jpath):
             assert hlcs == sorted(hlcs) and len(set(hlcs)) == len(hlcs)
             assert r.seq_at_time(clock.ns + 40 * 86400 * 10**9) == 10
             assert r.seq_at_time(0) == 0
-            assert r.verify().records == 10
+            assert j.verify().records == 10
 
 
-def test_group_commit_fewer_syncs_all_callbacks(journal):
-    journal.start_writer()
-    results = []
-    done = threading.Event()
+def test_commit_many_one_sync_each_group_alone(journal):
+    """What capture's committer relies on: many groups, one durable
+    transaction, and a bad group fails alone (its error handed back)."""
     n = 200
-
-    def cb(res):
-        results.append(res)
-        if len(results) == n:
-            done.set()
-
+    groups = [[Change(op="create", file_id=i + 1, path=b"f%d" % i)] for i in range(n)]
+    groups.insert(100, [Change(op="bogus")])
     before = journal.sync_count
-    for i in range(n):
-        journal.submit([Change(op="create", file_id=i + 1, path=b"f%d" % i)], cb)
-    journal.submit([Change(op="bogus")], results.append)  # fails alone
-    journal.stop_writer()
-    assert done.is_set()
-    seqs = sorted(s for r in results if isinstance(r, list) for s in r)
+    results = journal.commit_many(groups)
+    assert journal.sync_count == before + 1
+    assert isinstance(results[100], ValueError)
+    seqs = [s for r in results if isinstance(r, list) for s in r]
     assert seqs == list(range(1, n + 1))
-    assert isinstance(results[-1], ValueError)
-    assert journal.sync_count - before < n
-    with journal.reader() as r:
-        assert r.verify().records == n
+    assert journal.verify().records == n
 
 
 def test_one_byte_edit_stores_little(journal):
@@ -238,8 +228,8 @@ def test_many_versions_round_trip_and_checkpoints(journal):
             assert b"".join(r.iter_content(seq)) == content
             assert len(r.list_chain(seq)[1]) <= CHECKPOINT_EVERY
         assert r.versions_of(7) == sorted(expected, reverse=True)
-        rep = r.verify(full=True)
-        assert rep.versions_checked == len(expected)
+        rep = journal.verify(full=True)
+        assert rep.ok and rep.versions_checked == len(expected)
         assert r.file_state(7).content_seq == base
         st = r.stats()
         assert st["stored_bytes"] < st["raw_bytes"]
@@ -317,3 +307,44 @@ def test_raw_cache_stops_chain_decoding_and_keeps_its_budget(journal):
         assert r.read_chunk(cid, cache) == bytes(data)
         assert len(cache._d) == 8 and cache.size <= cache.budget  # the chain, oldest evicted
         assert cache.get(cid) == bytes(data)
+
+
+def test_lmdb_errors_leave_the_journal_as_journal_errors(journal):
+    """capture and the CLI catch JournalError, never lmdb's own: a reader
+    past LMDB's reader table (a real limit, 510 slots) says so as one."""
+    import contextlib
+
+    journal.commit([Change(op="create", file_id=1, path=b"a")])
+    with contextlib.ExitStack() as held, pytest.raises(JournalError, match="MDB_READERS_FULL"):
+        for _ in range(600):
+            held.enter_context(journal.reader())
+    with journal.reader() as r:  # every slot is free again
+        assert r.head_seq() == 1
+
+
+def test_a_reader_sees_what_a_writer_in_another_process_pruned(jpath):
+    """Every database is open when the journal is: a read-only opener of a
+    journal that has never been pruned (here: last written by a deltafs
+    that made ``pruned`` on the first prune only) learns of the pruning a
+    writer in another process does later, without reopening."""
+    data = [random.Random(i).randbytes(30_000) for i in range(3)]
+    with Journal.open(jpath, create=True, clock=FakeClock()) as j:
+        seqs = [j.commit([version(j, 7, b"f", data[0])])[0]]
+        for d in data[1:]:
+            seqs.append(j.commit([version(j, 7, b"f", d, base_seq=seqs[-1])])[0])
+    env = lmdb.open(str(jpath), max_dbs=S.MAX_DBS)
+    with env.begin(write=True) as txn:  # as an older deltafs left it
+        for name in S.WRITER_DBS:
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+    env.close()
+    with Journal.open(jpath, readonly=True) as ro:
+        with ro.reader() as r:
+            assert r.pruned_seqs() == set() and r.read_content(seqs[0]) == data[0]
+        code = ("import sys; from deltafs.journal import Journal\n"
+                "with Journal.open(sys.argv[1]) as j:\n"
+                f"    assert j.prune([{seqs[0]}], {seqs[1:]}).versions_pruned == 1\n")
+        subprocess.run([sys.executable, "-c", code, str(jpath)], check=True, capture_output=True)
+        with ro.reader() as r:
+            assert r.pruned_seqs() == {seqs[0]} and r.is_pruned(seqs[0])
+            assert r.pruned_info(seqs[0])["t"] > 0
+            assert r.read_content(seqs[2]) == data[2]

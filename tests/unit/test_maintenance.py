@@ -13,7 +13,6 @@ from deltafs import chunking as C
 from deltafs import cli, maintenance as M
 from deltafs.capture import capture_chunks
 from deltafs.journal import Change, Journal, ns_to_hlc
-from deltafs.journal import compact as JC
 from deltafs.journal import schema as S
 
 from test_journal import corrupt_chunk
@@ -146,7 +145,7 @@ def recount_refs(j: Journal) -> dict[bytes, int]:
     """refs as docs/format.md defines them, from scratch (pruned records excluded)."""
     out: dict[bytes, int] = {}
     with j.reader() as r:
-        pruned = JC.pruned_seqs(j, r.txn)
+        pruned = r.pruned_seqs()
         for rec in r.records():  # LMDB values and record blocks
             if rec.is_content and rec.seq not in pruned:
                 for _, _, lst in rec.edit:
@@ -169,7 +168,7 @@ def stored_refs(j: Journal) -> dict[bytes, int]:
 
 def check_everything_readable(j: Journal, h: History, kept: set[int]) -> None:
     with j.reader() as r:
-        retained = set(JC.iter_retained_content(j, r))
+        retained = set(r.retained_content())
         assert retained == kept
         for seq in kept:
             assert r.read_content(seq) == h.content[seq], seq
@@ -178,7 +177,7 @@ def check_everything_readable(j: Journal, h: History, kept: set[int]) -> None:
     assert stored_refs(j) == refs
     assert set(refs) <= chunks  # nothing referenced was freed
     assert chunks <= set(refs)  # and everything unreferenced was
-    assert M.verify(j, full=True).ok
+    assert j.verify(full=True).ok
 
 
 @pytest.fixture
@@ -221,7 +220,7 @@ def test_compact_over_simulated_weeks(jc):
     # exactly the versions retention chose remain, and they are exactly
     # what retain() says per file
     with j.reader() as r:
-        vs = JC.content_versions(j, r)
+        vs = r.content_versions()
     now = vs.head_hlc
     for fid, versions in vs.by_file.items():
         assert {s for s, _ in versions} == set(expect_keep) & {s for s, _ in versions}
@@ -251,7 +250,7 @@ def test_snapshot_pins_versions(jc):
     last = h.save(1)
     M.compact(j)
     with j.reader() as r:
-        kept = set(JC.iter_retained_content(j, r))
+        kept = set(r.retained_content())
     assert snap_seq in kept and last in kept
     check_everything_readable(j, h, kept)
 
@@ -269,7 +268,7 @@ def test_version_shared_as_base_keeps_delta_base(jc):
     h.save(1)
     M.compact(j)
     with j.reader() as r:
-        kept = set(JC.iter_retained_content(j, r))
+        kept = set(r.retained_content())
     assert first not in kept
     check_everything_readable(j, h, kept)
 
@@ -313,15 +312,15 @@ def raw_edit(path, fn):
 
 def test_verify_names_a_corrupt_chunk(tmp_path):
     j, h = small_journal(tmp_path / "j")
-    assert M.verify(j, full=True).ok
+    assert j.verify(full=True).ok
     with j.reader() as r:
         victim = r.chunk_list(max(h.content))[-1][0]
     j.close()
 
     corrupt_chunk(tmp_path / "j", victim, at=-3)
     with Journal.open(tmp_path / "j", readonly=True) as j2:
-        assert M.verify(j2).ok  # the chain is intact
-        res = M.verify(j2, full=True)
+        assert j2.verify().ok  # the chain is intact
+        res = j2.verify(full=True)
     assert not res.ok and res.problem.chunk == victim.hex()
     assert res.problem.path == b"f1" and res.problem.seq in h.content
     assert victim.hex() in res.problem.what
@@ -340,7 +339,7 @@ def test_verify_names_a_broken_chain_link(tmp_path):
 
     raw_edit(tmp_path / "j", alter)
     with Journal.open(tmp_path / "j", readonly=True) as j2:
-        res = M.verify(j2)
+        res = j2.verify()
     assert not res.ok and res.problem.seq == 3 and res.problem.path == b"fX"
     assert "altered" in res.problem.what
 
@@ -420,9 +419,8 @@ async def test_background_service_compacts(jc, autojump_clock):
             await trio.sleep(1)
         assert trio.current_time() - t0 >= 60
         n.cancel_scope.cancel()
-    JC.pruned_db(j)
     with j.reader() as r:
-        kept = set(JC.iter_retained_content(j, r))
+        kept = set(r.retained_content())
     assert len(kept) < len(h.content)
     check_everything_readable(j, h, kept)
 
@@ -431,7 +429,6 @@ def test_chunk_freed_by_gc_comes_back_when_a_late_commit_names_it(tmp_path):
     """A capture saw a chunk as stored, GC freed it, then the version naming it commits."""
     from deltafs import chunking
     from deltafs.journal import Change, Journal
-    from deltafs.journal import compact
 
     data = os.urandom(50_000)
     refs = chunking.chunk_bytes(data)
@@ -442,7 +439,7 @@ def test_chunk_freed_by_gc_comes_back_when_a_late_commit_names_it(tmp_path):
                                  edit=[(0, 0, refs)], chunks=list(chunks.values()))])
         (s2,) = j.commit([Change(op="write", path=b"a", size=0, cause="write", base_seq=s1,
                                  edit=[(0, len(refs), [])])])
-        res = compact.prune(j, [s1], [s2])
+        res = j.prune([s1], [s2])
         assert res.chunks_freed == len(refs)
         with j.reader() as r:
             assert not any(r.has_chunk(cid) for cid, _ in refs)
@@ -451,7 +448,7 @@ def test_chunk_freed_by_gc_comes_back_when_a_late_commit_names_it(tmp_path):
                                  edit=[(0, 0, refs)])])
         with j.reader() as r:
             assert r.read_content(s3) == data
-        compact.purge_graveyard(j, 0)
+        j._compactor.purge_graveyard(0)
         with j.reader() as r:
             assert r.read_content(s3) == data  # brought back chunks are live, not purged
 
@@ -519,9 +516,8 @@ def test_cli_compact_with_a_retention_policy(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["versions_pruned"] == 11 - 2  # the ones 0 and 20 s old stay
     with Journal.open(tmp_path / "j", readonly=True) as j2:
-        JC.pruned_db(j2)
         with j2.reader() as r:
-            kept = set(JC.iter_retained_content(j2, r))
+            kept = set(r.retained_content())
             for s in kept:
                 assert r.read_content(s) == h.content[s]
     assert len(kept) == 2
@@ -554,7 +550,7 @@ def pruned_journal(tmp_path):
     rep = M.compact(j)
     assert rep.versions_pruned > 0
     with j.reader() as r:
-        kept = set(JC.iter_retained_content(j, r))
+        kept = set(r.retained_content())
     j.close()
     return jdir, h, kept, set(h.content) - kept, times
 
@@ -564,7 +560,6 @@ def test_log_hides_pruned_versions_unless_all(pruned_journal, capsys):
 
     jdir, h, kept, pruned, _ = pruned_journal
     with Journal.open(jdir, readonly=True) as j:
-        history.open_pruned(j)
         with j.reader() as r:
             shown = [d["version"] for d in history.log_entries(r, b"f1") if d["op"] == "write"]
             every = list(history.log_entries(r, b"f1", show_pruned=True))
@@ -662,21 +657,20 @@ def test_compact_to_fit_thins_under_a_small_limit(jc):
     h = limit_history(j, clock)
     pinned = sorted(h.content)[3]
     j.kv_put("snapshots", "pin", {"seq": pinned})
-    before = JC.data_bytes(j)
+    before = j.data_bytes()
     assert M.compact(j).versions_pruned == 0  # all younger than a day
     limit = before // 4
     rep = M.compact_to_fit(j, M.RetentionPolicy(), limit)
     assert rep.pressure_steps > 0 and rep.versions_pruned > 0
     assert rep.data_bytes <= limit < before
-    JC.pruned_db(j)
     with j.reader() as r:
-        kept = set(JC.iter_retained_content(j, r))
+        kept = set(r.retained_content())
     assert pinned in kept and h.head[1] in kept and h.head[2] in kept
     check_everything_readable(j, h, kept)
     # an unreachable limit: thins as far as it goes, never below newest + pinned
     rep = M.compact_to_fit(j, M.RetentionPolicy(), 1)
     with j.reader() as r:
-        kept = set(JC.iter_retained_content(j, r))
+        kept = set(r.retained_content())
     at_snap = {max(s for s in h.content if s <= pinned and s % 2 == p) for p in (0, 1)}  # files alternate
     assert pinned in at_snap and kept == at_snap | {h.head[1], h.head[2]}
     check_everything_readable(j, h, kept)
@@ -699,7 +693,7 @@ async def test_service_compacts_at_once_over_the_limit(jc, idle_jump_clock, capl
 
     j, clock = jc
     h = limit_history(j, clock)
-    limit = JC.data_bytes(j) // 4
+    limit = j.data_bytes() // 4
     state: dict = {}
     daemon = SimpleNamespace(journal=j, state=state, cfg=SimpleNamespace(
         compact_every=1e9, retention=M.RetentionPolicy(), journal_limit=limit))
@@ -716,23 +710,23 @@ async def test_service_compacts_at_once_over_the_limit(jc, idle_jump_clock, capl
     assert took <= 2 * M.PRESSURE_CHECK_EVERY  # at the first check, not the regular pass (1e9 s)
     st = state["maintenance"]
     assert st["versions_pruned"] > 0 and st["limit_bytes"] == limit
-    assert JC.data_bytes(j) <= limit
+    assert j.data_bytes() <= limit
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
     assert len(warnings) == 1 and "exceeds its limit" in warnings[0] and "thinning harder" in warnings[0]
     with j.reader() as r:
-        kept = set(JC.iter_retained_content(j, r))
+        kept = set(r.retained_content())
     assert h.head[1] in kept and h.head[2] in kept
     check_everything_readable(j, h, kept)
 
 
-def test_looking_up_optional_dbs_never_races_the_writer(tmp_path):
-    """Regression: asking for a not-yet-created db started a write transaction
+def test_reading_beside_a_committing_writer_never_deadlocks(tmp_path):
+    """Regression: opening a db for a reader started a write transaction
     outside the journal's lock; against a committing thread that froze the
-    daemon (both waited inside LMDB, one holding the GIL)."""
+    daemon (both waited inside LMDB, one holding the GIL).  Every database is
+    now open once the journal is; readers and data_bytes beside commits."""
     import threading
 
     from deltafs.journal import Change, Journal
-    from deltafs.journal import compact
 
     with Journal.open(str(tmp_path / "j"), create=True) as j:
         stop = threading.Event()
@@ -748,15 +742,16 @@ def test_looking_up_optional_dbs_never_races_the_writer(tmp_path):
         done = threading.Event()
 
         def lookups():
-            for _ in range(300):
-                assert compact.pruned_db(j) is None
-                assert compact.graveyard_db(j) is None
-                compact.data_bytes(j)
+            with Journal.open(str(tmp_path / "j"), readonly=True) as ro:  # shares the writer's environment
+                for _ in range(300):
+                    with ro.reader() as r:
+                        assert r.pruned_seqs() == set() and not r.is_pruned(1)
+                    j.data_bytes()
             done.set()
 
         u = threading.Thread(target=lookups, daemon=True)
         u.start()
-        assert done.wait(60), "lookups of optional dbs deadlocked against the writer"
+        assert done.wait(60), "readers deadlocked against the writer"
         stop.set()
         t.join(10)
         assert not t.is_alive()

@@ -10,7 +10,6 @@ import pytest
 from deltafs import maintenance as M
 from deltafs.chunking import build_chunk
 from deltafs.journal import Journal
-from deltafs.journal import compact as JC
 from deltafs.journal import packs as P
 from deltafs.journal import schema as S
 
@@ -61,7 +60,7 @@ def test_chunk_values_are_in_pack_files_and_counted_in_journal_data(tmp_path):
         on_disk = pack_files(jp)
         assert list(on_disk) == [1]
         assert on_disk[1] == len(P.PACK_MAGIC) + stored  # values back to back, nothing else
-        assert JC.data_bytes(j) >= on_disk[1]
+        assert j.data_bytes() >= on_disk[1]
 
 
 def test_bytes_of_an_uncommitted_transaction_are_cut_at_the_next_open(tmp_path):
@@ -77,7 +76,7 @@ def test_bytes_of_an_uncommitted_transaction_are_cut_at_the_next_open(tmp_path):
     with Journal.open(jp, clock=FakeClock()) as j:
         assert pack_files(jp) == {1: committed}
         more, content2 = edits(j, 2, fid=8)
-        assert M.verify(j, full=True).ok
+        assert j.verify(full=True).ok
         with j.reader() as r:
             for s, data in {**content, **content2}.items():
                 assert r.read_content(s) == data
@@ -109,31 +108,31 @@ def test_repack_reclaims_dead_bytes_but_keeps_old_packs_while_a_reader_needs_the
     with Journal.open(jp, create=True, clock=clock) as j:
         seqs, content = edits(j, 12)
         big = j.commit([version(j, 9, b"big", random.Random(5).randbytes(300_000))])[0]
-        j._packs.roll()  # close pack 1 (as 256 MiB of appends would)
+        j._storage.packs.roll()  # close pack 1 (as 256 MiB of appends would)
         keep = edits(j, 1, fid=10)[0][0]
-        before = JC.data_bytes(j)
+        before = j.data_bytes()
         with j.reader() as r:  # everything in pack 1 but `big` is about to die
-            retained = [s for s in JC.iter_retained_content(j, r) if s != big]
-        JC.prune(j, [big], retained)
+            retained = [s for s in r.retained_content() if s != big]
+        j.prune([big], retained)
         assert pack_files(jp).keys() == {1, 2}
-        old_reader = j.env.begin()  # a snapshot that still sees the old locations
+        old_reader = j._storage.env.begin()  # a snapshot that still sees the old locations
         try:
-            res = JC.repack(j)
+            res = j.repack()
             assert res.packs_emptied == 1 and res.packs_deleted == 0
             assert 1 in pack_files(jp)  # kept: the reader may still read from it
-            from deltafs.journal.reader import Reader
-            assert Reader(j, old_reader).read_content(seqs[-1]) == content[seqs[-1]]
+            from deltafs.journal import Reader
+            assert Reader(j._storage, old_reader).read_content(seqs[-1]) == content[seqs[-1]]
         finally:
             old_reader.abort()
-        assert j.delete_retired_packs() == [1]
+        assert j.repack().packs_deleted == 1  # the next pass deletes it
         assert 1 not in pack_files(jp)
-        assert JC.data_bytes(j) < before - 250_000
+        assert j.data_bytes() < before - 250_000
         with j.reader() as r:
             for s, data in content.items():
                 assert r.read_content(s) == data
             assert r.read_content(keep)
         assert stored_refs(j) == recount_refs(j)
-        assert M.verify(j, full=True).ok
+        assert j.verify(full=True).ok
 
 
 def test_compact_under_a_size_limit_rewrites_the_current_pack(tmp_path):
@@ -147,11 +146,11 @@ def test_compact_under_a_size_limit_rewrites_the_current_pack(tmp_path):
             clock.ns += 10**9
         j.commit([version(j, 20, b"r0", b"small now\n", base_seq=1)])
         clock.ns += 400 * 86400 * 10**9
-        before = JC.data_bytes(j)
+        before = j.data_bytes()
         rep = M.compact_to_fit(j, M.RetentionPolicy(), limit=before - 150_000)
         assert rep.versions_pruned >= 1 and rep.packs_emptied >= 1
-        assert JC.data_bytes(j) <= before - 150_000
-        assert M.verify(j, full=True).ok
+        assert j.data_bytes() <= before - 150_000
+        assert j.verify(full=True).ok
 
 
 def test_compaction_rewrites_a_sparse_chunk_index_in_key_order(tmp_path):
@@ -165,7 +164,7 @@ def test_compaction_rewrites_a_sparse_chunk_index_in_key_order(tmp_path):
         with j.reader() as r:
             before = r.txn.stat(r.dbs[S.DB_CHUNKS])
             index = {bytes(k): bytes(v) for k, v in r.txn.cursor(db=r.dbs[S.DB_CHUNKS])}
-        data_before = JC.data_bytes(j)
+        data_before = j.data_bytes()
         rep = M.compact(j)
         with j.reader() as r:
             after = r.txn.stat(r.dbs[S.DB_CHUNKS])
@@ -176,7 +175,7 @@ def test_compaction_rewrites_a_sparse_chunk_index_in_key_order(tmp_path):
         assert rep.index_pages_saved == before["leaf_pages"] + before["branch_pages"] \
             - after["leaf_pages"] - after["branch_pages"] > 0
         assert after["leaf_pages"] <= before["leaf_pages"] * 0.8
-        assert JC.data_bytes(j) == data_before - rep.index_pages_saved * after["psize"]
+        assert j.data_bytes() == data_before - rep.index_pages_saved * after["psize"]
         assert M.compact(j).index_pages_saved == 0  # already dense: left alone
 
 
@@ -205,8 +204,8 @@ def test_a_long_lived_reader_lets_go_of_packs_compaction_deleted(tmp_path):
     with Journal.open(jp, create=True, clock=FakeClock()) as j:
         edits(j, 40)
         big = j.commit([version(j, 9, b"big", random.Random(5).randbytes(300_000))])[0]
-        assert JC.archive_records(j) > 0  # record blocks in pack 1: the follower reads them
-        j._packs.roll()
+        assert j.archive_records() > 0  # record blocks in pack 1: the follower reads them
+        j._storage.packs.roll()
         edits(j, 1, fid=10)
         out = open(tmp_path / "follow.jsonl", "wb")
         follower = subprocess.Popen([*DELTAFS, "log", "--follow", "--json", "--journal", str(jp)],
@@ -217,11 +216,11 @@ def test_a_long_lived_reader_lets_go_of_packs_compaction_deleted(tmp_path):
                 assert time.monotonic() < deadline, "the follower never read pack 1"
                 time.sleep(0.05)
             with j.reader() as r:
-                retained = [s for s in JC.iter_retained_content(j, r) if s != big]
-            JC.prune(j, [big], retained)
-            assert JC.repack(j).packs_emptied >= 1
+                retained = [s for s in r.retained_content() if s != big]
+            j.prune([big], retained)
+            assert j.repack().packs_emptied >= 1
             while 1 in pack_files(jp):  # deleted at once, or once no snapshot needs it
-                j.delete_retired_packs()
+                j.repack()
                 assert time.monotonic() < deadline, "pack 1 was never deleted"
                 time.sleep(0.05)
             while _maps_deleted_pack(follower.pid, 1):

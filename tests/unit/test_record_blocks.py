@@ -39,16 +39,16 @@ def test_compaction_moves_old_records_into_blocks_and_readers_still_find_them(tm
             head = r.head_seq()
             before = list(r.raw_records())
         assert len(before) == head == 300
-        changes_pages = j.env.begin().stat(j._dbs[S.DB_CHANGES])["leaf_pages"]
-        data = JC.data_bytes(j)
+        changes_pages = j._storage.env.begin().stat(j._dbs[S.DB_CHANGES])["leaf_pages"]
+        data = j.data_bytes()
 
         rep = M.compact(j, parse_retention("*:all", burst=0))
         # whole blocks, the newest records left as they were
         blocks = (head - JC.RECORDS_KEPT) // JC.RECORD_BLOCK * JC.RECORD_BLOCK
         assert blocks >= 4 * JC.RECORD_BLOCK and head - blocks > JC.RECORDS_KEPT
         assert rep.records_archived == blocks and lmdb_records(j) == head - blocks
-        assert j.env.begin().stat(j._dbs[S.DB_CHANGES])["leaf_pages"] < changes_pages
-        assert JC.data_bytes(j) < data  # the blocks take less than the pages they freed
+        assert j._storage.env.begin().stat(j._dbs[S.DB_CHANGES])["leaf_pages"] < changes_pages
+        assert j.data_bytes() < data  # the blocks take less than the pages they freed
         with j.reader() as r:
             assert r.archived_upto() == blocks
             assert list(r.raw_records()) == before
@@ -58,16 +58,16 @@ def test_compaction_moves_old_records_into_blocks_and_readers_still_find_them(tm
             assert r.record(100).hash == before[99][1][:32]
             for s in seqs:  # content versions whose records are now in blocks
                 assert r.read_content(s) == content[s]
-            assert r.verify(full=True).records == head
+            assert j.verify(full=True).records == head
             assert r.versions_of(7) == seqs[::-1]
             assert r.seq_at_time(FakeClock().ns) == head
-        assert M.verify(j, full=True).ok
+        assert j.verify(full=True).ok
         assert M.compact(j, parse_retention("*:all", burst=0)).records_archived == 0  # nothing new
 
         more, more_content = edits(j, 2 * JC.RECORD_BLOCK, fid=11)  # the writer goes on after the blocks
         assert M.compact(j, parse_retention("*:all", burst=0)).records_archived == 2 * JC.RECORD_BLOCK
     with Journal.open(tmp_path / "j", readonly=True) as j, j.reader() as r:
-        assert r.verify(full=True).records == head + 2 * JC.RECORD_BLOCK
+        assert j.verify(full=True).records == head + 2 * JC.RECORD_BLOCK
         assert r.read_content(more[-1]) == more_content[more[-1]]
 
 
@@ -76,20 +76,20 @@ def test_a_repack_moves_record_blocks_with_the_chunks(tmp_path):
     with Journal.open(jp, create=True, clock=FakeClock()) as j:
         seqs, content = edits(j, 150)
         big = j.commit([version(j, 9, b"big", random.Random(5).randbytes(300_000))])[0]
-        assert JC.archive_records(j) > 0  # the blocks go into pack 1 too
+        assert j.archive_records() > 0  # the blocks go into pack 1 too
         with j.reader() as r:
             before = list(r.raw_records())
-            retained = [s for s in JC.iter_retained_content(j, r) if s != big]
-        j._packs.roll()
-        JC.prune(j, [big], retained)  # pack 1 is now mostly dead
-        assert JC.repack(j).packs_emptied == 1
-        assert j.delete_retired_packs() == [] and 1 not in pack_files(jp)
+            retained = [s for s in r.retained_content() if s != big]
+        j._storage.packs.roll()
+        j.prune([big], retained)  # pack 1 is now mostly dead
+        assert j.repack().packs_emptied == 1
+        assert j.repack().packs_deleted == 0 and 1 not in pack_files(jp)  # deleted at once
         with j.reader() as r:
             assert r.txn.get(S.u64(1), db=r.dbs[S.DB_RECORD_BLOCKS]) is not None
             assert S.decode_block_loc(r.txn.get(S.u64(1), db=r.dbs[S.DB_RECORD_BLOCKS]))[0] == 2
             assert list(r.raw_records()) == before
             assert r.read_content(seqs[-1]) == content[seqs[-1]]
-        assert M.verify(j, full=True).ok
+        assert j.verify(full=True).ok
 
 
 def flip(jp, pack: int, at: int) -> None:
@@ -107,12 +107,12 @@ def test_a_damaged_record_block_is_reported_not_raised(tmp_path, where):
     jp = tmp_path / "j"
     with Journal.open(jp, create=True, clock=FakeClock()) as j:
         many_records(j, 140)
-        assert JC.archive_records(j) >= JC.RECORD_BLOCK
+        assert j.archive_records() >= JC.RECORD_BLOCK
         with j.reader() as r:
             pack, off, length, _ = S.decode_block_loc(r.txn.get(S.u64(1), db=r.dbs[S.DB_RECORD_BLOCKS]))
     flip(jp, pack, off + 1 if where == "frame header" else off + length // 2)
     with Journal.open(jp, readonly=True) as j:
-        res = M.verify(j)
+        res = j.verify()
         assert not res.ok
         if where == "frame header":
             assert "record block of records 1.." in res.problem.what
@@ -129,12 +129,15 @@ def test_a_block_that_names_the_wrong_count_is_corruption(tmp_path):
     jp = tmp_path / "j"
     with Journal.open(jp, create=True, clock=FakeClock()) as j:
         many_records(j, 140)
-        JC.archive_records(j)
+        j.archive_records()
     env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
     with env.begin(write=True) as txn:
         db = env.open_db(S.DB_RECORD_BLOCKS, txn=txn)
         pack, off, length, _ = S.decode_block_loc(txn.get(S.u64(1), db=db))
         txn.put(S.u64(1), S.encode_block_loc(pack, off, length, JC.RECORD_BLOCK + 1), db=db)
     env.close()
-    with Journal.open(jp, readonly=True) as j, j.reader() as r, pytest.raises(CorruptionError):
-        r.verify()
+    with Journal.open(jp, readonly=True) as j:
+        res = j.verify()
+        assert not res.ok and "record block" in res.problem.what
+        with j.reader() as r, pytest.raises(CorruptionError):
+            list(r.records())

@@ -118,7 +118,7 @@ def damage(kind: str, jdir, files) -> set[int]:
         return broken
     if kind == "block":  # move the records into blocks, then flip a byte inside the first block
         with Journal.open(jdir) as j:
-            assert JC.archive_records(j, keep=1) >= JC.RECORD_BLOCK
+            assert j.archive_records(keep=1) >= JC.RECORD_BLOCK
             with j.reader() as r:
                 pack, off, length, _ = S.decode_block_loc(r.txn.get(S.u64(1), db=r.dbs[S.DB_RECORD_BLOCKS]))
         with open(jdir / "packs" / f"{pack:08x}.pack", "r+b") as f:

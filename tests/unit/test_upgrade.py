@@ -14,7 +14,6 @@ import lmdb
 import msgpack
 import pytest
 
-from deltafs import maintenance as M
 from deltafs.errors import JournalFormatError
 from deltafs.journal import Journal
 from deltafs.journal import packs as P
@@ -137,12 +136,12 @@ def test_an_older_journal_is_upgraded_by_its_first_writer(tmp_path, fmt, downgra
                 assert r.read_content(s) == data
             assert r.versions_of(7) == sorted(values, reverse=True)
             assert r.versions_under(b"f") == sorted(values, reverse=True)
-        assert M.verify(j, full=True).ok
+        assert j.verify(full=True).ok
         more, more_content = edits(j, 2, fid=11)  # version-2 records continue the version-1 chain
     with Journal.open(jp, readonly=True) as j:
-        assert M.verify(j, full=True).ok and list(pack_files(jp)) == [1]
+        assert j.verify(full=True).ok and list(pack_files(jp)) == [1]
+        assert j.verify(full=True).records == len(values) + 2
         with j.reader() as r:
-            assert r.verify(full=True).records == len(values) + 2
             assert r.read_content(more[-1]) == more_content[more[-1]]
             assert r.versions_of(11) == more[::-1]
             assert r.versions_under(b"f") == sorted(list(values) + more, reverse=True)
@@ -159,5 +158,5 @@ def test_an_altered_version_1_record_is_caught_after_the_upgrade(tmp_path):
         txn.put(S.u64(3), bytes(v), db=env.open_db(S.DB_CHANGES, txn=txn))
     env.close()
     with Journal.open(jp, readonly=True) as j:
-        res = M.verify(j)
+        res = j.verify()
         assert not res.ok and res.problem.seq == 3 and "altered" in res.problem.what

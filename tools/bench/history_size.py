@@ -11,7 +11,7 @@ borg repository and a restic repository (one archive / snapshot per state,
 default compression), so all four stores hold exactly the same states.
 
 Reported per history: the sum of the states' sizes, the journal's live data
-(``compact.data_bytes``: pack files + LMDB pages in use), ``data.mdb`` allocated, the
+(``Journal.data_bytes()``: pack files + LMDB pages in use), ``data.mdb`` allocated, the
 chunk bytes stored (``stats()['stored_bytes']``) and a per-database page
 breakdown, ``git gc --aggressive --prune=now`` pack size, borg and restic
 repository sizes (du). Every mount is unmounted in a ``finally``
@@ -322,11 +322,9 @@ def play(name: str, base: str, sz: Sizes) -> HistoryResult:
 def journal_sizes(jdir: str, fname: str) -> dict:
     sys.path.insert(0, ROOT)
     from deltafs.journal import Journal
-    from deltafs.journal import schema as S
-    from deltafs.journal.compact import data_bytes
     out: dict = {}
     with Journal.open(jdir, readonly=True) as j:
-        out["data_bytes"] = data_bytes(j)
+        out["data_bytes"] = j.data_bytes()
         out["data_mdb_allocated"] = j.data_size()
         with j.reader() as r:
             st = r.stats()
@@ -337,20 +335,33 @@ def journal_sizes(jdir: str, fname: str) -> dict:
             out["versions"] = sum(1 for v in versions if v.path == fname.encode())
             out["versions_other"] = len(versions) - out["versions"]
             out["versions_new_bytes"] = sum(v.stored or 0 for v in versions)
-        psize = j.env.stat()["psize"]
+    out.update(lmdb_sizes(jdir))
+    return out
+
+
+def lmdb_sizes(jdir: str) -> dict:
+    """Pages, entries and bytes of every LMDB database of a journal (closed
+    in this process), read from data.mdb the way another program would."""
+    import lmdb
+
+    from deltafs.journal import schema as S
+    out: dict = {}
+    env = lmdb.open(jdir, readonly=True, max_dbs=S.MAX_DBS, subdir=True)
+    try:
+        psize = env.stat()["psize"]
         out["psize"] = psize
         per_db: dict = {}
-        with j.env.begin() as txn:
+        with env.begin() as txn:
             names = [k for k, _ in txn.cursor()]
-            st = j.env.stat()
+            st = env.stat()
             per_db["(main)"] = {"pages": st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"],
                                 "entries": st["entries"], "kv_bytes": 0}
         for nm in names:
             try:
-                db = j._dbs.get(nm) or j.env.open_db(nm, create=False)
+                db = env.open_db(nm, create=False)
             except Exception:
                 continue
-            with j.env.begin() as txn:
+            with env.begin() as txn:
                 s = txn.stat(db)
                 kv = 0
                 for k, v in txn.cursor(db=db):
@@ -363,10 +374,12 @@ def journal_sizes(jdir: str, fname: str) -> dict:
             per_db[nm.decode(errors="replace")] = {
                 "pages": s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"],
                 "overflow_pages": s["overflow_pages"], "entries": s["entries"], "kv_bytes": kv}
-        for v in per_db.values():
-            v["bytes"] = v["pages"] * psize
-        out["per_db"] = per_db
-        out["live_chunk_value_bytes"] = sum(b for _, b in out.get("chunk_depth", {}).values())
+    finally:
+        env.close()
+    for v in per_db.values():
+        v["bytes"] = v["pages"] * psize
+    out["per_db"] = per_db
+    out["live_chunk_value_bytes"] = sum(b for _, b in out.get("chunk_depth", {}).values())
     return out
 
 
@@ -594,7 +607,7 @@ def render(results: list[HistoryResult], meta: dict) -> str:
          "default lz4 compression, files cache off) and a restic repository (`restic init`, "
          "`restic backup --force` per state; restic 0.14 makes a v2 repository with its "
          "default `auto` zstd compression); their size is du of the repository (borg's and "
-         "restic's local caches excluded). *journal data* is `compact.data_bytes` (the pack "
+         "restic's local caches excluded). *journal data* is `Journal.data_bytes()` (the pack "
          "files, which hold the chunk values, plus the LMDB pages in use, free pages excluded), "
          "the figure judged; *data.mdb alloc* is the LMDB file's allocation; *chunk bytes stored* "
          "is `stats()['stored_bytes']`, the chunk values written. Ratios use journal data and du.",

@@ -126,7 +126,7 @@ def tree_bytes(path: str) -> int:
 
 
 def journal_data_bytes(path: str) -> int:
-    """A journal's data as ``compact.data_bytes`` counts it, from outside the
+    """A journal's data as ``Journal.data_bytes()`` counts it, from outside the
     daemon: its pack files plus the LMDB pages in use (free pages excluded).
 
     The data file's allocation (du) stops growing once LMDB reuses freed pages; this does not.

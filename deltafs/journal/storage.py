@@ -1,0 +1,341 @@
+"""The ground floor of the journal: an open journal directory.
+
+:class:`Storage` is the LMDB environment with every database open, the
+pack files and the write lock of one journal in one process
+(docs/format.md, "Environment", "Named databases", "Pack files").  The
+writer (core.py), the reader (reader.py) and compaction (compact.py) all
+stand on it and use only its public methods; nothing above the journal
+package sees it.  It is also the only place that imports ``lmdb``: an
+LMDB error that leaves a transaction here is a :class:`JournalError`.
+
+python-lmdb refuses to open one environment twice in a process, so a
+read-only opener in the writer's process (history tools run in-process,
+tests) shares the writer's Storage (:meth:`Storage.share`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Iterator
+
+import lmdb
+import msgpack
+
+from deltafs.chunking import CHUNKER_PARAMS
+from deltafs.errors import JournalError, JournalFormatError, JournalLockedError
+
+from . import private
+from . import schema as S
+from .packs import PackFiles, add_pack_live, oldest_reader_txn
+from .upgrade import UPGRADABLE, upgrade
+
+log = logging.getLogger(__name__)
+
+MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
+RECORD_BLOCKS_CACHED = 8  # decoded record blocks kept per journal (RECORD_BLOCK records each)
+
+_SHARED: dict[str, "Storage"] = {}  # path -> the Storage open on it in this process
+_SHARED_LOCK = threading.Lock()
+
+
+def _packb(v) -> bytes:
+    return msgpack.packb(v, use_bin_type=True)
+
+
+class Storage:
+    """One journal directory open in this process (see the module docstring)."""
+
+    def __init__(self, path: str, env: lmdb.Environment, dbs: dict[bytes, object], readonly: bool) -> None:
+        self.path = path
+        self.env: lmdb.Environment | None = env
+        self.dbs = dbs  # every database of S.ALL_DBS and S.WRITER_DBS (the latter once they exist)
+        self.readonly = readonly  # the environment's mode (a read-only Journal may share a writer's)
+        self.packs = PackFiles(path)
+        self.wlock = threading.Lock()  # one write transaction at a time (never wait inside LMDB)
+        self.users = 1
+        # decoded record blocks (immutable: a repack moves their bytes, not what they hold)
+        self._blocks: OrderedDict[int, list[bytes]] = OrderedDict()
+        self._blocks_lock = threading.Lock()
+        self._blocks_checked: set[tuple[int, int, int]] = set()  # (first seq, pack, offset)
+
+    # --- opening and closing ----------------------------------------------------
+    @classmethod
+    def share(cls, path: str, readonly: bool) -> "Storage":
+        """The Storage of ``path`` in this process, opened now if it is not yet."""
+        with _SHARED_LOCK:
+            st = _SHARED.get(path)
+            if st is not None:
+                if st.readonly and not readonly:
+                    raise JournalError(f"journal {path} is already open read-only in this process")
+                st.users += 1
+                return st
+            try:
+                env = lmdb.open(
+                    path, map_size=MAP_SIZE, max_dbs=S.MAX_DBS, readonly=readonly, lock=True,
+                    sync=True, metasync=True, readahead=False, max_readers=510, subdir=True,
+                    mode=private.FILE_MODE,
+                )
+            except lmdb.Error as exc:
+                raise JournalError(f"cannot open journal {path}: {exc}") from exc
+            try:
+                dbs = _open_dbs(env, path, readonly)
+            except BaseException:
+                env.close()
+                raise
+            st = _SHARED[path] = cls(path, env, dbs, readonly)
+            return st
+
+    def release(self) -> None:
+        """One user fewer; the last one closes the environment and the packs."""
+        with _SHARED_LOCK:
+            self.users -= 1
+            if self.users == 0:
+                del _SHARED[self.path]
+                self.packs.close()
+                self.env.close()
+                self.env = None
+
+    def only_user(self) -> bool:
+        """Nothing else in this process has the journal open."""
+        return self.users == 1
+
+    def open_new_dbs(self) -> None:
+        """A read-only opener: open the databases a writer created since."""
+        if all(n in self.dbs for n in S.WRITER_DBS):
+            return
+        with self.wlock:  # never two opens at once (LMDB opens a database in a transaction)
+            with self.env.begin() as txn:  # names of named dbs are keys of the main db
+                new = [n for n in S.WRITER_DBS if n not in self.dbs and txn.get(n) is not None]
+            for name in new:
+                self.dbs[name] = self.env.open_db(name, create=False)
+
+    # --- transactions -------------------------------------------------------------
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction (a snapshot; never blocks the writer)."""
+        with translated(self.path):
+            txn = self.env.begin(write=False)
+            try:
+                yield txn
+            finally:
+                txn.abort()
+
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction under the write lock, committed at the end of
+        the block (pack bytes it names synced first: :meth:`seal`), aborted
+        on an exception."""
+        with translated(self.path), self.wlock:
+            txn = self.env.begin(write=True)
+            try:
+                yield txn
+                self.seal(txn)
+            except BaseException:
+                txn.abort()
+                raise
+            txn.commit()
+
+    def seal(self, txn) -> None:
+        """Before a commit: make the pack bytes it names durable and record
+        the pack's committed end (docs/format.md, "Pack files")."""
+        pos = self.packs.sync()
+        if pos is not None:
+            txn.put(S.META_PACK_END, _packb(list(pos)), db=self.dbs[S.DB_META])
+
+    def put_value(self, txn, cid: bytes, val: bytes, depth: int) -> bool:
+        """Append a chunk value to the pack and index it (refs 0), unless the
+        chunk is stored already.  -> whether it was stored now."""
+        cdb = self.dbs[S.DB_CHUNKS]
+        if txn.get(cid, db=cdb) is not None:
+            return False
+        pack, off = self.packs.append(val)
+        txn.put(cid, S.encode_loc(0, pack, off, len(val), depth), db=cdb)
+        add_pack_live(txn, self.dbs, pack, len(val))
+        return True
+
+    def rewrite_in_key_order(self, txn, db) -> int:
+        """Copy ``db`` out and append it back in key order (every page full); -> pages saved."""
+        return S.rewrite_in_key_order(self.env, txn, db)
+
+    # --- record blocks --------------------------------------------------------------
+    def record_block(self, first: int, loc: tuple[int, int, int, int]) -> list[bytes]:
+        """The stored values of the record block starting at ``first`` (a few kept decoded)."""
+        with self._blocks_lock:
+            values = self._blocks.get(first)
+            if values is not None:
+                self._blocks.move_to_end(first)
+                return values
+        pack, off, length, count = loc
+        values = S.decode_record_block(self.packs.read(pack, off, length), count)
+        with self._blocks_lock:
+            self._blocks[first] = values
+            while len(self._blocks) > RECORD_BLOCKS_CACHED:
+                self._blocks.popitem(last=False)
+        return values
+
+    def block_checked(self, key: tuple[int, int, int]) -> bool:
+        """Has the chain through the block (first seq, pack, offset) been checked?"""
+        return key in self._blocks_checked
+
+    def mark_block_checked(self, key: tuple[int, int, int]) -> None:
+        self._blocks_checked.add(key)
+
+    # --- pack files and the data file -----------------------------------------------
+    def delete_retired_packs(self) -> list[int]:
+        """Delete packs emptied by compaction once no LMDB reader (in any
+        process) holds a snapshot older than the move.  -> packs deleted."""
+        with self.read() as txn:
+            v = txn.get(S.META_PACKS_RETIRED, db=self.dbs[S.DB_META])
+        retired = msgpack.unpackb(v) if v else []
+        if not retired:
+            return []
+        self.env.reader_check()  # forget slots of dead processes
+        oldest = oldest_reader_txn(self.env)
+        done = [p for p, t in retired if oldest is None or oldest >= t]
+        if not done:
+            return []
+        with self.write() as txn:
+            v = txn.get(S.META_PACKS_RETIRED, db=self.dbs[S.DB_META])
+            left = [[p, t] for p, t in (msgpack.unpackb(v) if v else []) if p not in done]
+            self.packs.delete(done)
+            if left:
+                txn.put(S.META_PACKS_RETIRED, _packb(left), db=self.dbs[S.DB_META])
+            else:
+                txn.delete(S.META_PACKS_RETIRED, db=self.dbs[S.DB_META])
+        log.info("deleted %d emptied pack file(s)", len(done))
+        return done
+
+    def page_bytes(self, skip: frozenset[bytes] = frozenset()) -> int:
+        """Bytes of the LMDB pages in use by every database but ``skip``
+        (data.mdb minus its free pages)."""
+        with self.read() as txn:
+            psize = self.env.stat()["psize"]
+            st = self.env.stat()  # the main db: names of the databases
+            pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+            for db in {h for name, h in self.dbs.items() if name not in skip}:
+                st = txn.stat(db)
+                pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return pages * psize
+
+    def copy_compacted(self, dest: str) -> None:
+        """Write a compacted copy of data.mdb into the directory ``dest``, synced, mode 0600."""
+        with translated(self.path):
+            self.env.copy(dest, compact=True)
+        fd = os.open(os.path.join(dest, "data.mdb"), os.O_RDONLY)
+        try:
+            os.fchmod(fd, 0o600)  # LMDB's copy is created 0666 less the umask: the journal's is 0600
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- errors ---------------------------------------------------------------------------
+def translate(e: BaseException, path: str) -> BaseException:
+    """An LMDB error (or a full disk) as the JournalError a caller can report."""
+    if isinstance(e, lmdb.MapFullError):
+        return JournalError(f"journal {path} is full (LMDB map size reached)")
+    if isinstance(e, lmdb.DiskError) or (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+        return JournalError(f"journal {path}: disk full or I/O error: {e}")
+    if isinstance(e, lmdb.Error):
+        return JournalError(f"journal {path}: {e}")
+    return e
+
+
+@contextmanager
+def translated(path: str) -> Iterator[None]:
+    """LMDB errors raised in the block leave it as JournalError."""
+    try:
+        yield
+    except lmdb.Error as e:
+        raise translate(e, path) from e
+
+
+# --- the writer's lock file -------------------------------------------------------------
+def take_lock(path: str) -> int:
+    lock_path = os.path.join(path, "lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, private.FILE_MODE)
+    except OSError as e:
+        raise JournalError(f"cannot open the journal {path} for writing: {private.reason(e, path)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise JournalLockedError(f"journal {path} is locked by another writer (pid {pid})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def release_lock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the only fd drops the flock
+
+
+# --- opening the databases ---------------------------------------------------------------
+def _open_dbs(env: lmdb.Environment, path: str, readonly: bool) -> dict:
+    dbs = {}
+    try:
+        meta = env.open_db(S.DB_META, create=not readonly)
+    except lmdb.NotFoundError:
+        raise JournalFormatError(f"{path} is not a deltafs journal (no meta database)") from None
+    upgrade_from = None
+    with env.begin(write=not readonly) as txn:
+        fmt = txn.get(S.META_FORMAT, db=meta)
+        if fmt is None and readonly:
+            raise JournalFormatError(f"{path} is not an initialised deltafs journal")
+        if fmt is not None and msgpack.unpackb(fmt) in UPGRADABLE and not readonly:
+            upgrade_from = msgpack.unpackb(fmt)  # after this transaction (see upgrade.py)
+        elif fmt is not None:
+            _check_format(path, msgpack.unpackb(fmt), txn.get(S.META_CHUNKER, db=meta))
+        else:
+            txn.put(S.META_FORMAT, _packb(S.FORMAT_VERSION), db=meta)
+            txn.put(S.META_JOURNAL_ID, _packb(str(uuid.uuid4())), db=meta)
+            txn.put(S.META_CREATED, _packb(time.time_ns()), db=meta)
+            txn.put(S.META_CHUNKER, _packb(CHUNKER_PARAMS), db=meta)
+            txn.put(S.META_HLC, _packb(0), db=meta)
+            log.info("created journal %s", path)
+    if upgrade_from is not None:
+        with env.begin() as txn:
+            _check_chunker(path, txn.get(S.META_CHUNKER, db=meta))
+        upgrade(env, path, meta, upgrade_from)
+    for name in S.ALL_DBS:
+        dup = name in S.DUP_DBS
+        try:
+            dbs[name] = meta if name == S.DB_META else \
+                env.open_db(name, create=not readonly, dupsort=dup, dupfixed=dup)
+        except lmdb.NotFoundError:
+            raise JournalFormatError(f"journal {path} lacks database {name.decode()}: damaged or of another format") from None
+    for name in S.WRITER_DBS:  # a writer makes them; a reader of a journal without them has none yet
+        try:
+            dbs[name] = env.open_db(name, create=not readonly)
+        except lmdb.NotFoundError:
+            pass
+    return dbs
+
+
+def _check_format(path: str, fmt, chunker: bytes | None) -> None:
+    if fmt in UPGRADABLE:
+        raise JournalFormatError(
+            f"journal {path} has format version {fmt}; open it once for writing (deltafs mount, or "
+            f"deltafs compact --journal {path}) to upgrade it to format {S.FORMAT_VERSION}")
+    if fmt != S.FORMAT_VERSION:
+        raise JournalFormatError(
+            f"journal {path} has format version {fmt}; this deltafs reads format version {S.FORMAT_VERSION}"
+        )
+    _check_chunker(path, chunker)
+
+
+def _check_chunker(path: str, chunker: bytes | None) -> None:
+    if chunker is None or msgpack.unpackb(chunker, raw=False) != CHUNKER_PARAMS:
+        raise JournalFormatError(f"journal {path} was chunked with other parameters than this deltafs uses")
