@@ -83,7 +83,7 @@ LAYERS = [
      "deltafs.locate"],
     ["deltafs.journal", "deltafs.mounttable", "deltafs.when", "deltafs.config", "deltafs.ignore"],
     ["deltafs.chunking", "deltafs.errors"],
-    ["deltafs.names", "deltafs._syscalls", "deltafs"],
+    ["deltafs.names", "deltafs._syscalls", "deltafs.fdcache", "deltafs"],
 ]
 
 # inside a package: its modules' own order (the package face may import any of them)
