@@ -10,7 +10,7 @@ import os
 import sys
 
 from deltafs import __version__
-from deltafs.errors import EXIT_INTERRUPTED, DeltafsError
+from deltafs.errors import EXIT_INTERRUPTED, CODE_MEANINGS, DeltafsError
 
 DESCRIPTION = """\
 deltafs mounts a directory (SRC) at a mount point (MNT) and passes every
@@ -20,79 +20,60 @@ default SRC/.deltafs), so any version of any file, or the whole tree at any
 moment, can be brought back.
 """
 
-EPILOG = """\
-exit status: 0 ok, 1 partial, 2 bad input, 3 journal problem, 4 mount
-problem, 5 mirror problem, 6 daemon not answering, 130 interrupted.
-See docs/cli.md for every command and its JSON output.
-"""
+def exit_status_epilog() -> str:
+    """The --help epilog: the exit-code table of deltafs/errors.py, wrapped."""
+    import textwrap
+
+    codes = ", ".join(f"{code} {text}" for code, text in CODE_MEANINGS.items())
+    return (textwrap.fill(f"exit status: {codes}.", 79)
+            + "\nSee docs/cli.md for every command and its JSON output.\n")
+
+
+EPILOG = exit_status_epilog()
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from deltafs import mount
     from deltafs.config import MountConfig
 
-    from deltafs.config import (parse_fd_budget, parse_metrics_addr, parse_minutes, parse_size,
-                                retention_from_args)
-
-    retention = retention_from_args(args.retention, args.coalesce)  # bad options: one line, exit 2
-    compact_every = parse_minutes(args.compact_every) if args.compact_every is not None else None
-    limit = parse_size(args.journal_limit) if args.journal_limit is not None else None
-    metrics_addr = parse_metrics_addr(args.metrics_addr) if args.metrics_addr is not None else None
-    fd_budget = parse_fd_budget(args.fd_budget) if args.fd_budget is not None else None
+    # every option parsed first: bad ones give one line and exit 2 before any fork
+    cfg = MountConfig.from_args(args, args.src, args.mnt, args.journal, log_file=args.log_file)
     if args.ready_fd is None:  # the daemon re-checks; the user gets errors before any fork
         mount.check_fuse()
-        if metrics_addr is not None:
+        if cfg.metrics_addr is not None:
             from deltafs.metrics import check_addr
 
-            check_addr(*metrics_addr)  # unresolvable HOST: exit 2; port in use: exit 4
+            check_addr(*cfg.metrics_addr)  # unresolvable HOST: exit 2; port in use: exit 4
     src, mnt, journal = mount.check_mount_args(args.src, args.mnt, args.journal)
-    if args.mirror:
+    cfg = dataclasses.replace(cfg, src=src, mnt=mnt, journal=journal)
+    if cfg.mirrors:
         from deltafs.mirrors import open_mirror
 
-        for url in args.mirror:  # bad URLs fail here, before any fork (no network yet)
-            open_mirror(url, endpoint_url=args.endpoint_url).close()
+        for url in cfg.mirrors:  # bad URLs fail here, before any fork (no network yet)
+            open_mirror(url, endpoint_url=cfg.endpoint_url).close()
     if args.encrypt:  # keys into the journal before the daemon starts (not in its argv)
-        _unlock_mount_mirrors(args, journal)
+        _unlock_mount_mirrors(args, cfg)
     elif args.passphrase_file or args.key_file:
         from deltafs.errors import UsageError
         raise UsageError("--passphrase-file and --key-file go with --encrypt")
-    cfg = MountConfig(src=src, mnt=mnt, journal=journal, foreground=args.foreground,
-                      fuse_options=tuple(args.option), debug=args.debug,
-                      capture=not args.no_capture, log_level=args.log_level,
-                      log_file=args.log_file, mirrors=tuple(args.mirror),
-                      endpoint_url=args.endpoint_url, retention=retention, journal_limit=limit,
-                      metrics_addr=metrics_addr, fd_budget=fd_budget,
-                      **({"compact_every": compact_every} if compact_every else {}))
-    if not args.foreground:
-        argv = ["mount", src, mnt, "--journal", journal, "--log-level", args.log_level]
-        for o in args.option:
-            argv += ["-o", o]
-        if args.no_capture:
-            argv.append("--no-capture")
-        if args.debug:
-            argv.append("--debug")
-        for url in args.mirror:
-            argv += ["--mirror", url]
-        if args.endpoint_url:
-            argv += ["--endpoint-url", args.endpoint_url]
-        for opt in ("retention", "coalesce", "compact_every", "journal_limit", "metrics_addr", "fd_budget"):
-            if getattr(args, opt) is not None:
-                argv += ["--" + opt.replace("_", "-"), getattr(args, opt)]
-        mount.spawn_daemon(cfg, argv)
+    if not cfg.foreground:
+        mount.spawn_daemon(cfg)
         return 0
     return mount.run_daemon(cfg, args.ready_fd)
 
 
-def _unlock_mount_mirrors(args: argparse.Namespace, journal: str) -> None:
+def _unlock_mount_mirrors(args: argparse.Namespace, cfg) -> None:
     """mount --mirror URL --encrypt: create or unlock each mirror, keep its key in the journal."""
     from deltafs.errors import UsageError
     from deltafs.mirrors import keys, open_mirror
 
-    if not args.mirror:
+    if not cfg.mirrors:
         raise UsageError("--encrypt needs --mirror URL")
-    store = keys.KeyStore(journal)
-    for url in args.mirror:
-        with open_mirror(url, endpoint_url=args.endpoint_url) as backend:
+    store = keys.KeyStore(cfg.journal)
+    for url in cfg.mirrors:
+        with open_mirror(url, endpoint_url=cfg.endpoint_url) as backend:
             backend.check()
             key = keys.add_or_unlock(backend, _secrets(args), encrypt=True, stored=store.load(backend.url))
             store.save(backend.url, key)
@@ -295,23 +276,36 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _daemon_request(args: argparse.Namespace, op: str, **fields) -> dict:
+    """Ask the mount's daemon; NotMountedError when PATH is not mounted."""
     from deltafs import control
-    from deltafs.errors import UsageError
+    from deltafs.errors import NotMountedError
 
     loc = _control_target(args)
     if loc.mount is None:
-        raise UsageError(f"{loc.src or loc.journal} is not mounted")
+        raise NotMountedError(f"{loc.src or loc.journal} is not mounted")
     return control.request(loc.journal, op, timeout=args.timeout, **fields)
 
 
+def _ask_daemon(journal: str, mount, op: str, timeout: float | None, **fields) -> dict | None:
+    """The daemon's answer when the journal is mounted (``mount``: its mount-table
+    entry) and its daemon listens, else None: the caller then opens the journal
+    itself (a dead daemon's journal lock tells whether it still lives)."""
+    from deltafs import control
+
+    if mount is None:
+        return None
+    try:
+        return control.request(journal, op, timeout=timeout, **fields)
+    except control.DaemonNotRunning:
+        return None
+
+
 def cmd_flush(args: argparse.Namespace) -> int:
-    from deltafs.errors import UsageError
+    from deltafs.errors import NotMountedError
 
     try:
         out = _daemon_request(args, "flush", **({"mirrors": True} if args.mirrors else {}))
-    except UsageError as e:
-        if "is not mounted" not in str(e):
-            raise
+    except NotMountedError:
         out = {"seconds": 0.0, "mounted": False}  # nothing is pending without a daemon
         if args.mirrors:
             _check_mirrors_offline(_control_target(args))
@@ -347,20 +341,17 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from deltafs import control
+    from deltafs import snapshots
     from deltafs.journal import Journal
 
     loc = _control_target(args)
-    snap = None
-    if loc.mount is not None:
-        try:
-            snap = control.request(loc.journal, "snapshot", timeout=args.timeout, name=args.name)["snapshot"]
-        except control.DaemonNotRunning:
-            pass  # a dead daemon: write directly (the journal lock tells if it still lives)
-    if snap is None:
-        control.check_snapshot_name(args.name)
+    out = _ask_daemon(loc.journal, loc.mount, "snapshot", args.timeout, name=args.name)
+    if out is not None:
+        snap = out["snapshot"]
+    else:
+        snapshots.check_name(args.name)
         with Journal.open(loc.journal) as j:
-            snap = control.make_snapshot(j, args.name)
+            snap = snapshots.make(j, args.name)
     if args.json:
         _print_json(snap)
     else:
@@ -371,12 +362,12 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def cmd_snapshots(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from deltafs import control
+    from deltafs import snapshots
     from deltafs.journal import Journal
 
     loc = _control_target(args)
     with Journal.open(loc.journal, readonly=True) as j, j.reader() as r:
-        snaps = control.list_snapshots(r)
+        snaps = snapshots.listing(r)
     for s in snaps:
         if args.json:
             _print_json(s)
@@ -560,7 +551,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from deltafs import control, maintenance
+    from deltafs import maintenance
     from deltafs.errors import JournalLockedError
     from deltafs.journal import Journal
     from deltafs.locate import locate
@@ -569,17 +560,14 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
     policy = retention_from_args(args.retention, args.coalesce)  # bad values: exit 2 before anything
     loc = locate(args.path, args.journal)
-    rep = None
-    if loc.mount is not None:  # the daemon is the journal's only writer: it runs the pass
-        if args.vacuum and not args.dry_run:
-            raise JournalLockedError(f"compact --vacuum needs the journal unmounted: {loc.mnt} is mounted "
-                                     f"on it (deltafs umount {loc.mnt}, then run it again; without "
-                                     "--vacuum, compact runs through the mount)")
-        try:
-            rep = control.request(loc.journal, "compact", timeout=None, dry_run=args.dry_run,
-                                  retention=args.retention, coalesce=args.coalesce)["report"]
-        except control.DaemonNotRunning:
-            pass  # a dead daemon: the journal lock tells whether it still lives
+    if loc.mount is not None and args.vacuum and not args.dry_run:
+        raise JournalLockedError(f"compact --vacuum needs the journal unmounted: {loc.mnt} is mounted "
+                                 f"on it (deltafs umount {loc.mnt}, then run it again; without "
+                                 "--vacuum, compact runs through the mount)")
+    # the daemon is the journal's only writer: it runs the pass when there is one
+    out = _ask_daemon(loc.journal, loc.mount, "compact", None, dry_run=args.dry_run, retention=args.retention,
+                      coalesce=args.coalesce)
+    rep = out["report"] if out is not None else None
     if rep is None:
         try:
             j = Journal.open(loc.journal)
@@ -605,17 +593,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_retention_options(q) -> None:
-    q.add_argument("--retention", metavar="POLICY",
-                   help="AGE:EVERY,...,*:EVERY: versions younger than AGE keep one per EVERY ('all': "
-                        "every one); '*' is everything older ('none': drop). Ages s/m/h/d/w. Default "
-                        "24h:all,7d:1h,90d:1d,*:1w")
-    q.add_argument("--coalesce", metavar="SECONDS",
-                   help="a version followed within SECONDS by the next one is dropped once older than "
-                        "a minute (default 10; 0: off)")
-
-
 def _add_maintenance_parsers(sub) -> None:
+    from deltafs.config import add_retention_options
+
     fmt = argparse.HelpFormatter
 
     def common(q) -> None:
@@ -652,7 +632,7 @@ def _add_maintenance_parsers(sub) -> None:
     c.add_argument("-n", "--dry-run", action="store_true", help="report what would be pruned, change nothing")
     c.add_argument("--vacuum", action="store_true",
                    help="then rewrite data.mdb compactly so the file shrinks on disk")
-    _add_retention_options(c)
+    add_retention_options(c)
     c.set_defaults(func=cmd_compact)
 
 
@@ -881,7 +861,7 @@ def cmd_mirror_key(args: argparse.Namespace) -> int:
 
 
 def cmd_mirror_list(args: argparse.Namespace) -> int:
-    from deltafs import control, mounttable, status
+    from deltafs import mounttable, status
     from deltafs.journal import Journal
     from deltafs.mirrors import keys
 
@@ -890,12 +870,8 @@ def cmd_mirror_list(args: argparse.Namespace) -> int:
         rows = {d["url"]: d for d in status.stored_mirrors(r)}  # lag computed now, not copied
         head = r.head_seq()
     rec = (mounttable.read_record(mount.mnt) or {}) if mount else {}
-    live = {}
-    if mount is not None:  # the running mount's own view is the freshest
-        try:
-            live = {mi["url"]: mi for mi in control.request(jdir, "status", timeout=10)["status"]["mirrors"]}
-        except control.DaemonNotRunning:
-            pass
+    out = _ask_daemon(jdir, mount, "status", 10)  # the running mount's view is the freshest
+    live = {mi["url"]: mi for mi in out["status"]["mirrors"]} if out is not None else {}
     for url in [*rec.get("mirrors", []), *live]:
         rows.setdefault(url, {"url": url, "seq": None, "head_seq": head, "registered": False})
     store = keys.KeyStore(jdir)
@@ -1094,6 +1070,8 @@ def _add_mirror_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deltafs.config import MountConfig
+
     p = argparse.ArgumentParser(prog="deltafs", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"deltafs {__version__}")
@@ -1109,35 +1087,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("src", metavar="SRC", help="the directory whose history is kept")
     m.add_argument("mnt", metavar="MNT", help="an empty directory to mount it on")
-    m.add_argument("-f", "--foreground", action="store_true",
-                   help="stay attached, log to stderr; Ctrl-C unmounts cleanly")
     m.add_argument("--journal", metavar="DIR", help="where the journal lives (default SRC/.deltafs)")
-    m.add_argument("-o", dest="option", metavar="OPTION", action="append", default=[],
-                   help="a FUSE mount option, e.g. allow_other (repeatable, comma lists allowed)")
-    m.add_argument("--no-capture", action="store_true",
-                   help="pass-through only: record nothing (for benchmarks and debugging)")
-    m.add_argument("--debug", action="store_true", help="log every FUSE request (slow)")
-    m.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="log level of the daemon (default INFO)")
-    m.add_argument("--mirror", metavar="URL", action="append", default=[],
-                   help="replicate the journal to this mirror (file:///path or s3://bucket/prefix; repeatable)")
-    m.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for s3:// mirrors (self-hosted S3)")
+    MountConfig.add_arguments(m)  # every option the daemon runs with: deltafs/config.py
     m.add_argument("--encrypt", action="store_true",
                    help="the --mirror URLs are encrypted: a new (empty) one gets a new key, an existing one is "
                         "unlocked; the key is kept in the journal, so later mounts need no passphrase")
     secret_options(m)
-    _add_retention_options(m)
-    m.add_argument("--compact-every", metavar="MINUTES",
-                   help="minutes between background compaction passes (default 10; fractions allowed)")
-    m.add_argument("--journal-limit", metavar="SIZE",
-                   help="journal data size (e.g. 10G, 500M) above which compaction runs at once and "
-                        "thins harder than the retention policy (default: no limit)")
-    m.add_argument("--metrics-addr", metavar="HOST:PORT",
-                   help="serve the mount's Prometheus metrics over HTTP at http://HOST:PORT/metrics "
-                        "(default: off)")
-    m.add_argument("--fd-budget", metavar="N",
-                   help="descriptors the daemon may keep open for the inodes it caches (default: a "
-                        "quarter of its RLIMIT_NOFILE); 256 more always stay free")
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
 
 from deltafs.errors import UsageError
 
@@ -188,25 +189,170 @@ def retention_from_args(retention: str | None, coalesce: str | None) -> Retentio
     return parse_retention(retention, burst)
 
 
+class Option:
+    """One ``deltafs mount`` option of a MountConfig field, declared once.
+
+    ``add`` puts it on the mount parser, ``read`` turns the parsed text into
+    the field's value (a UsageError when bad), ``argv`` gives the arguments
+    that recreate a value for the background daemon ([] for the default).
+    """
+
+    def __init__(self, flags: tuple[str, ...], *, help: str, parse: Callable[[str], Any] | None = None,
+                 show: Callable[[Any], str] = str, metavar: str | None = None, kind: str = "value",
+                 choices: tuple[str, ...] | None = None, daemon: bool = True) -> None:
+        self.flags, self.help, self.parse, self.show = flags, help, parse, show
+        self.metavar, self.kind, self.choices, self.daemon = metavar, kind, choices, daemon
+        self.name = ""  # the field's name, set by MountConfig
+
+    @property
+    def dest(self) -> str:
+        return "cfg_" + self.name
+
+    def add(self, parser) -> None:
+        kw: dict[str, Any] = {"dest": self.dest, "help": self.help}
+        if self.kind in ("flag", "negated"):
+            kw["action"] = "store_true"
+        else:
+            kw["metavar"] = self.metavar
+            if self.choices:
+                kw["choices"] = self.choices
+            if self.kind == "repeat":
+                kw.update(action="append", default=[])
+        parser.add_argument(*self.flags, **kw)
+
+    def read(self, args, default: Any) -> Any:
+        v = getattr(args, self.dest)
+        if self.kind == "flag":
+            return bool(v)
+        if self.kind == "negated":
+            return not v
+        if self.kind == "repeat":
+            return tuple(v)
+        if v is None:
+            return default
+        return self.parse(v) if self.parse else v
+
+    def argv(self, value: Any, default: Any) -> list[str]:
+        if not self.daemon or value == default:
+            return []
+        if self.kind in ("flag", "negated"):
+            return [self.flags[0]]
+        if self.kind == "repeat":
+            return [a for v in value for a in (self.flags[0], v)]
+        return [self.flags[-1], self.show(value)]
+
+
+class RetentionOption(Option):
+    """--retention and --coalesce: two flags, one RetentionPolicy field."""
+
+    def add(self, parser) -> None:
+        add_retention_options(parser)
+
+    def read(self, args, default: Any) -> Any:
+        return retention_from_args(args.retention, args.coalesce)
+
+    def argv(self, value: Any, default: Any) -> list[str]:
+        if value == default:
+            return []
+        return ["--retention", value.spec(), "--coalesce", repr(value.burst)]
+
+
+def add_retention_options(q) -> None:
+    """--retention and --coalesce of mount and compact."""
+    q.add_argument("--retention", metavar="POLICY",
+                   help="AGE:EVERY,...,*:EVERY: versions younger than AGE keep one per EVERY ('all': "
+                        "every one); '*' is everything older ('none': drop). Ages s/m/h/d/w. Default "
+                        "24h:all,7d:1h,90d:1d,*:1w")
+    q.add_argument("--coalesce", metavar="SECONDS",
+                   help="a version followed within SECONDS by the next one is dropped once older than "
+                        "a minute (default 10; 0: off)")
+
+
+def option(*flags: str, default: Any = None, **kw) -> Any:
+    """A MountConfig field that is a ``deltafs mount`` option (see Option)."""
+    cls = kw.pop("cls", Option)
+    return field(default=default, metadata={"option": cls(flags, **kw)})
+
+
+def _fmt_addr(a: tuple[str, int]) -> str:
+    return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+
+
 @dataclass(frozen=True)
 class MountConfig:
+    """Everything a mount runs with.  Each option is declared once, here:
+    ``add_arguments`` makes the parser, ``from_args`` reads it,
+    ``to_argv`` gives the background daemon the same configuration."""
+
     src: str
     mnt: str
     journal: str
-    foreground: bool = False
-    fuse_options: tuple[str, ...] = ()
-    debug: bool = False
-    capture: bool = True
-    log_level: str = "INFO"
-    log_file: str | None = None
+    foreground: bool = option("-f", "--foreground", default=False, kind="flag", daemon=False,
+                              help="stay attached, log to stderr; Ctrl-C unmounts cleanly")
+    fuse_options: tuple[str, ...] = option("-o", default=(), kind="repeat", metavar="OPTION",
+                                           help="a FUSE mount option, e.g. allow_other (repeatable, comma "
+                                                "lists allowed)")
+    debug: bool = option("--debug", default=False, kind="flag", help="log every FUSE request (slow)")
+    capture: bool = option("--no-capture", default=True, kind="negated",
+                           help="pass-through only: record nothing (for benchmarks and debugging)")
+    log_level: str = option("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                            help="log level of the daemon (default INFO)")
+    log_file: str | None = None  # set by spawn_daemon for the background daemon (--log-file)
     timeout: float = 86400.0  # kernel entry/attribute cache lifetime, seconds
-    mirrors: tuple[str, ...] = field(default_factory=tuple)
-    endpoint_url: str | None = None  # S3 endpoint for s3:// mirrors (--endpoint-url)
-    retention: RetentionPolicy = RetentionPolicy()  # --retention, --coalesce
-    compact_every: float = DEFAULT_COMPACT_EVERY  # seconds (--compact-every MINUTES)
-    journal_limit: int | None = None  # bytes of journal data (--journal-limit SIZE)
-    metrics_addr: tuple[str, int] | None = None  # (host, port) of /metrics (--metrics-addr)
-    fd_budget: int | None = None  # descriptors cached for inodes (--fd-budget; default limit/4)
+    mirrors: tuple[str, ...] = option("--mirror", default=(), kind="repeat", metavar="URL",
+                                      help="replicate the journal to this mirror (file:///path or "
+                                           "s3://bucket/prefix; repeatable)")
+    endpoint_url: str | None = option("--endpoint-url", metavar="URL",
+                                      help="S3 endpoint for s3:// mirrors (self-hosted S3)")
+    retention: RetentionPolicy = option("--retention", "--coalesce", default=RetentionPolicy(),
+                                        cls=RetentionOption, help="")
+    compact_every: float = option("--compact-every", default=DEFAULT_COMPACT_EVERY, metavar="MINUTES",
+                                  parse=parse_minutes, show=lambda s: repr(s / 60.0),
+                                  help="minutes between background compaction passes (default 10; "
+                                       "fractions allowed)")
+    journal_limit: int | None = option("--journal-limit", metavar="SIZE", parse=parse_size,
+                                       help="journal data size (e.g. 10G, 500M) above which compaction "
+                                            "runs at once and thins harder than the retention policy "
+                                            "(default: no limit)")
+    metrics_addr: tuple[str, int] | None = option("--metrics-addr", metavar="HOST:PORT",
+                                                  parse=parse_metrics_addr, show=_fmt_addr,
+                                                  help="serve the mount's Prometheus metrics over HTTP at "
+                                                       "http://HOST:PORT/metrics (default: off)")
+    fd_budget: int | None = option("--fd-budget", metavar="N", parse=parse_fd_budget,
+                                   help="descriptors the daemon may keep open for the inodes it caches "
+                                        "(default: a quarter of its RLIMIT_NOFILE); 256 more always "
+                                        "stay free")
+
+    @classmethod
+    def options(cls) -> list[Option]:
+        out = []
+        for f in fields(cls):
+            opt = f.metadata.get("option")
+            if opt is not None:
+                opt.name = f.name
+                out.append(opt)
+        return out
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """Every mount option onto ``parser`` (SRC, MNT and --journal are the caller's)."""
+        for opt in cls.options():
+            opt.add(parser)
+
+    @classmethod
+    def from_args(cls, args, src: str, mnt: str, journal: str, **more) -> "MountConfig":
+        """The parsed options -> a config; a bad value raises a one-line UsageError."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        vals = {o.name: o.read(args, defaults[o.name]) for o in cls.options()}
+        return cls(src=src, mnt=mnt, journal=journal, **vals, **more)
+
+    def to_argv(self) -> list[str]:
+        """``mount`` arguments that give the background daemon this configuration."""
+        defaults = {f.name: f.default for f in fields(self)}
+        argv = ["mount", self.src, self.mnt, "--journal", self.journal]
+        for o in self.options():
+            argv += o.argv(getattr(self, o.name), defaults[o.name])
+        return argv
 
     @property
     def journal_in_src(self) -> bool:

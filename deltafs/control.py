@@ -22,6 +22,7 @@ import socket
 import struct
 import time
 
+from deltafs import snapshots
 from deltafs.errors import EXIT_DAEMON, EXIT_USAGE, DaemonError, DeltafsError, UsageError
 
 log = logging.getLogger(__name__)
@@ -61,46 +62,6 @@ def peer_uid(sock: socket.socket) -> int:
     _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                           struct.calcsize("3i")))
     return uid
-
-
-# ---- snapshots (shared by the daemon and the CLI on an unmounted journal) ------
-
-def check_snapshot_name(name: str) -> None:
-    from deltafs.when import parse_when
-
-    if not name or name != name.strip() or any(c in name for c in "\n\r\0/") or len(name) > 200:
-        raise UsageError(f"bad snapshot name {name!r}: use a short name without '/', newlines or "
-                         "surrounding spaces")
-    try:
-        w = parse_when(name)
-    except DeltafsError:
-        w = None
-    if w is None or w.snapshot != name:
-        raise UsageError(f"bad snapshot name {name!r}: it reads as a time or a version id, so it "
-                         "could never be used as a WHEN")
-
-
-def make_snapshot(journal, name: str) -> dict:
-    """Name the journal's current head (blocking: run it in a thread in the daemon)."""
-    check_snapshot_name(name)
-    with journal.reader() as r:
-        if r.kv_get("snapshots", name) is not None:
-            raise UsageError(f"snapshot {name!r} already exists")
-        seq = r.head_seq()
-    value = {"seq": seq, "time_ns": time.time_ns()}
-    journal.kv_put("snapshots", name, value)
-    return {"name": name, **value}
-
-
-def list_snapshots(reader) -> list[dict]:
-    out = []
-    for name, v in reader.kv_items("snapshots"):
-        if isinstance(v, dict):
-            out.append({"name": name, "seq": int(v.get("seq", 0)), "time_ns": v.get("time_ns")})
-        else:
-            out.append({"name": name, "seq": int(v), "time_ns": None})
-    out.sort(key=lambda d: (d["seq"], d["name"]))
-    return out
 
 
 # ---- server (runs in the daemon's trio loop) -----------------------------------
@@ -343,10 +304,10 @@ async def _op_snapshot(daemon, state, req) -> dict:
     name = req.get("name")
     if not isinstance(name, str):
         raise UsageError('snapshot needs a "name" string')
-    check_snapshot_name(name)
+    snapshots.check_name(name)
     if daemon.rec is not None:
         await daemon.rec.drain()  # the snapshot holds every save made before it
-    snap = await trio.to_thread.run_sync(make_snapshot, daemon.journal, name)
+    snap = await trio.to_thread.run_sync(snapshots.make, daemon.journal, name)
     log.info("snapshot %r at version %d", name, snap["seq"])
     return {"snapshot": snap}
 
@@ -356,7 +317,7 @@ async def _op_snapshots(daemon, state, req) -> dict:
 
     def read():
         with daemon.journal.reader() as r:
-            return list_snapshots(r)
+            return snapshots.listing(r)
     return {"snapshots": await trio.to_thread.run_sync(read)}
 
 

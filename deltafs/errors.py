@@ -15,6 +15,19 @@ EXIT_MIRROR = 5  # mirror unreachable, refused, inconsistent
 EXIT_DAEMON = 6  # the daemon of a mount did not answer
 EXIT_INTERRUPTED = 130
 
+# What each exit status means, in the words of `deltafs --help` (its epilog is
+# made from this table; docs/cli.md "Exit status" says the same at length).
+CODE_MEANINGS = {
+    EXIT_OK: "ok",
+    EXIT_PARTIAL: "partial",
+    EXIT_USAGE: "bad input",
+    EXIT_JOURNAL: "journal problem",
+    EXIT_MOUNT: "mount problem",
+    EXIT_MIRROR: "mirror problem",
+    EXIT_DAEMON: "daemon not answering",
+    EXIT_INTERRUPTED: "interrupted",
+}
+
 
 class DeltafsError(Exception):
     """An error a user can act on.  str(err) is the one line printed."""
@@ -30,6 +43,15 @@ class UsageError(DeltafsError):
 
 class NotFoundError(UsageError):
     """A path, version or snapshot the journal has never seen."""
+
+
+class NotMountedError(UsageError):
+    """A command that needs a running mount (flush, pause, resume) found none.
+
+    Commands that can do without the daemon catch it (flush: nothing is
+    pending without one)."""
+
+    exit_code = EXIT_USAGE
 
 
 class JournalError(DeltafsError):

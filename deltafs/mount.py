@@ -161,15 +161,16 @@ def _raise_fd_limit() -> int:
     return soft
 
 
-def spawn_daemon(cfg: MountConfig, argv: list[str]) -> None:
-    """Start the daemon detached; return once MNT is usable, or raise its error."""
+def spawn_daemon(cfg: MountConfig) -> None:
+    """Start the daemon detached with ``cfg`` (MountConfig.to_argv); return once
+    MNT is usable, or raise its error."""
     from deltafs.journal import make_journal_dir
 
     make_journal_dir(cfg.journal)  # mode 0700; its log goes there before the daemon opens it
     r, w = os.pipe()
     os.set_inheritable(w, True)
     log_file = os.path.join(cfg.journal, "deltafs.log")
-    cmd = [sys.executable, "-m", "deltafs", *argv, "--foreground", "--ready-fd", str(w),
+    cmd = [sys.executable, "-m", "deltafs", *cfg.to_argv(), "--foreground", "--ready-fd", str(w),
            "--log-file", log_file]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True,

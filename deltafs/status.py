@@ -33,7 +33,7 @@ MIRROR_STATES = ("ok", "retrying", "stalled", "circuit open", "paused", NOT_REPL
 
 def journal_status(journal) -> dict:
     """History counts and sizes of an open journal (blocking)."""
-    from deltafs.control import list_snapshots
+    from deltafs.snapshots import listing as list_snapshots
     from deltafs.journal import MAP_SIZE
 
     with journal.reader() as r:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from deltafs import cli, control
+from deltafs import cli, snapshots
 from deltafs.errors import EXIT_MIRROR, EXIT_USAGE
 from deltafs.journal import Journal
 from deltafs.mirrors import format as F
@@ -85,7 +85,7 @@ def test_encrypted_replicate_verify_clone(b, mirror_url, request, tmp_path, caps
     assert rc == 0 and "encrypted mirror" in out, err
     sync(capsys, b, mirror_url, *ep)
     b.write(b"d/notes.txt", b"second segment\n")
-    control.make_snapshot(b.j, "before-lunch")
+    snapshots.make(b.j, "before-lunch")
     sync(capsys, b, mirror_url, *ep)
     rc, out, err = run(capsys, "verify", "--mirror", mirror_url, "--full", *ep)
     assert rc == 0 and "encrypted" in out, err
@@ -180,14 +180,14 @@ def template(tmp_path_factory):
     bl = Builder(base / "j")
     try:
         bl.history(rounds=2)
-        control.make_snapshot(bl.j, "one")
+        snapshots.make(bl.j, "one")
         with released(bl) as path:
             assert cli.main(["mirror", "add", url, "--encrypt", "--journal", str(path)]) == 0
         assert cli.main(["mirror", "sync", url, "--journal", str(bl.j.path)]) == 0
         key = keys.KeyStore(bl.j.path).load(url)
         old_manifest = (base / "mirror" / key.encode_name(F.MANIFEST)).read_bytes()
         bl.write(b"blob2.bin", os.urandom(80_000))
-        control.make_snapshot(bl.j, "two")
+        snapshots.make(bl.j, "two")
         assert cli.main(["mirror", "sync", url, "--journal", str(bl.j.path)]) == 0
         bl.write(b"d/notes.txt", b"third\n")
         assert cli.main(["mirror", "sync", url, "--journal", str(bl.j.path)]) == 0

@@ -80,7 +80,7 @@ LAYERS = [
     ["deltafs.control"],
     # services and tools: the FUSE side, capture, compaction, mirrors, history
     ["deltafs.ops", "deltafs.capture", "deltafs.maintenance", "deltafs.mirrors", "deltafs.history",
-     "deltafs.locate"],
+     "deltafs.locate", "deltafs.snapshots"],
     ["deltafs.journal", "deltafs.mounttable", "deltafs.when", "deltafs.config", "deltafs.ignore"],
     ["deltafs.chunking", "deltafs.errors"],
     ["deltafs.names", "deltafs._syscalls", "deltafs.fdcache", "deltafs"],
