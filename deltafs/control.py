@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 import time
+from typing import Any, Awaitable, Callable
 
 from deltafs import snapshots
 from deltafs.errors import EXIT_DAEMON, EXIT_USAGE, DaemonError, DeltafsError, UsageError
@@ -88,8 +89,25 @@ def _bind(path: str) -> socket.socket:
     return s
 
 
-async def serve(daemon, task_status=None) -> None:
-    """Service: answer control requests until cancelled; removes the socket on exit."""
+class ControlServer:
+    """The control socket service's handle (and what each op gets as ``server``):
+    where it listens, how it gets the mount's status, and the lock that keeps
+    pause and resume from interleaving."""
+
+    def __init__(self, path: str, status: Callable[[Any], Awaitable[dict]]) -> None:
+        import trio
+
+        self.path = path
+        self.status = status
+        self.lock = trio.Lock()
+
+
+async def serve(daemon, status: Callable[[Any], Awaitable[dict]], task_status=None) -> None:
+    """Service: answer control requests until cancelled; removes the socket on exit.
+
+    ``status(daemon)`` gives the ``status`` op's answer (status.daemon_status:
+    passed in, so this module does not import the one that uses its client).
+    Hands its :class:`ControlServer` to ``task_status.started``."""
     import trio
 
     path = socket_path(daemon.cfg.journal)
@@ -99,10 +117,10 @@ async def serve(daemon, task_status=None) -> None:
         from deltafs.errors import MountError
         raise MountError(f"cannot create the control socket {path}: {e.strerror or e}") from e
     st = os.stat(path)
-    state = daemon.state.setdefault("control", {"lock": trio.Lock()})
+    server = ControlServer(path, status)
     log.info("control socket %s", path)
     try:
-        await _serve(daemon, state, trio.socket.from_stdlib_socket(raw),
+        await _serve(daemon, server, trio.socket.from_stdlib_socket(raw),
                      task_status or trio.TASK_STATUS_IGNORED)
     finally:
         raw.close()
@@ -117,7 +135,7 @@ async def serve(daemon, task_status=None) -> None:
 _SHORT = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-async def _serve(daemon, state, sock, task_status) -> None:
+async def _serve(daemon, server, sock, task_status) -> None:
     """Accept connections until cancelled; descriptors running short never stops it.
 
     trio.serve_listeners logs an ERROR with a traceback and sleeps 0.1 s on
@@ -128,7 +146,7 @@ async def _serve(daemon, state, sock, task_status) -> None:
     import trio
 
     async with trio.open_nursery() as nursery:
-        task_status.started()
+        task_status.started(server)
         waiting = False
         while True:
             try:
@@ -147,10 +165,10 @@ async def _serve(daemon, state, sock, task_status) -> None:
             if waiting:
                 log.info("the control socket accepts connections again")
                 waiting = False
-            nursery.start_soon(_handle, daemon, state, trio.SocketStream(conn))
+            nursery.start_soon(_handle, daemon, server, trio.SocketStream(conn))
 
 
-async def _handle(daemon, state, stream) -> None:
+async def _handle(daemon, server, stream) -> None:
     import trio
 
     try:
@@ -171,7 +189,7 @@ async def _handle(daemon, state, stream) -> None:
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
                     if line.strip():
-                        await stream.send_all(_encode(await _dispatch(daemon, state, line)))
+                        await stream.send_all(_encode(await _dispatch(daemon, server, line)))
                 if len(buf) > MAX_REQUEST:
                     await stream.send_all(_encode({"ok": False, "code": EXIT_USAGE,
                                                    "error": "request too long"}))
@@ -186,7 +204,7 @@ def _encode(d: dict) -> bytes:
     return json.dumps(d, ensure_ascii=False).encode() + b"\n"
 
 
-async def _dispatch(daemon, state, line: bytes) -> dict:
+async def _dispatch(daemon, server, line: bytes) -> dict:
     req = None
     try:
         req = json.loads(line)
@@ -196,12 +214,12 @@ async def _dispatch(daemon, state, line: bytes) -> dict:
         if fn is None:
             raise UsageError(f"unknown op {req['op']!r} (known: {', '.join(sorted(_OPS))})")
         try:
-            out = await fn(daemon, state, req)
+            out = await fn(daemon, server, req)
         except OSError as e:  # descriptors ran short: free cached ones, then once more
             shed = getattr(daemon.ops, "shed", None)
             if e.errno not in _SHORT or shed is None or not shed(f"a control request ({req['op']})"):
                 raise
-            out = await fn(daemon, state, req)
+            out = await fn(daemon, server, req)
         return {"ok": True, **out}
     except DeltafsError as e:
         return {"ok": False, "error": str(e), "code": e.exit_code}
@@ -219,25 +237,23 @@ def _recorder(daemon):
     return daemon.rec
 
 
-async def _op_status(daemon, state, req) -> dict:
-    from deltafs import status
-
-    return {"status": await status.daemon_status(daemon)}
+async def _op_status(daemon, server, req) -> dict:
+    return {"status": await server.status(daemon)}
 
 
-async def _op_flush(daemon, state, req) -> dict:
+async def _op_flush(daemon, server, req) -> dict:
     t0 = time.monotonic()
     if daemon.rec is not None:
         await daemon.rec.drain()
     out: dict = {}
     if req.get("mirrors"):  # then every mirror ships what is journaled now (MirrorError if one cannot)
-        workers = daemon.state.get("mirrors") or {}
-        out["mirrors"] = [await w.flush() for _, w in sorted(workers.items())]
-        await _check_registered_replicated(daemon, workers)
+        mirrors = daemon.services.mirrors
+        out["mirrors"] = [await w.flush() for w in mirrors]
+        await _check_registered_replicated(daemon, mirrors)
     return {"seconds": round(time.monotonic() - t0, 3), **out}
 
 
-async def _check_registered_replicated(daemon, workers: dict) -> None:
+async def _check_registered_replicated(daemon, mirrors) -> None:
     """A mirror registered (mirror add) after this mount started gets nothing
     from it: flush --mirrors cannot promise it holds anything."""
     import trio
@@ -250,7 +266,7 @@ async def _check_registered_replicated(daemon, workers: dict) -> None:
             return [m["url"] for m in registry.configured(r)]
 
     for url in await trio.to_thread.run_sync(registered):
-        if url not in workers and url not in daemon.cfg.mirrors:
+        if url not in mirrors and url not in daemon.cfg.mirrors:
             raise MirrorError(f"mirror {url} is registered, but this mount does not replicate to it (it was "
                               f"added after mounting): remount, or ship it now with deltafs mirror sync {url}")
 
@@ -262,19 +278,17 @@ def _mirror_pause(daemon, req, pause: bool) -> dict | None:
         return None
     if not isinstance(url, str):
         raise UsageError('"mirror" must be a mirror URL string')
-    from deltafs.mirrors.replicate import find_worker
-
-    w = find_worker(daemon, url)
+    w = daemon.services.mirrors.find(url)
     was = w.pause() if pause else w.resume()
     return {"mirror": w.url, "paused": pause, "was_paused": was}
 
 
-async def _op_pause(daemon, state, req) -> dict:
+async def _op_pause(daemon, server, req) -> dict:
     mirror = _mirror_pause(daemon, req, True)
     if mirror is not None:
         return mirror
     rec = _recorder(daemon)
-    async with state["lock"]:
+    async with server.lock:
         was = rec.paused
         rec.paused = True
         await rec.drain()  # what happened before the pause is durable
@@ -283,12 +297,12 @@ async def _op_pause(daemon, state, req) -> dict:
     return {"paused": True, "was_paused": was}
 
 
-async def _op_resume(daemon, state, req) -> dict:
+async def _op_resume(daemon, server, req) -> dict:
     mirror = _mirror_pause(daemon, req, False)
     if mirror is not None:
         return mirror
     rec = _recorder(daemon)
-    async with state["lock"]:
+    async with server.lock:
         if not rec.paused:
             return {"paused": False, "was_paused": False, "rescan": None}
         rec.paused = False
@@ -298,7 +312,7 @@ async def _op_resume(daemon, state, req) -> dict:
     return {"paused": False, "was_paused": True, "rescan": counts}
 
 
-async def _op_snapshot(daemon, state, req) -> dict:
+async def _op_snapshot(daemon, server, req) -> dict:
     import trio
 
     name = req.get("name")
@@ -312,7 +326,7 @@ async def _op_snapshot(daemon, state, req) -> dict:
     return {"snapshot": snap}
 
 
-async def _op_snapshots(daemon, state, req) -> dict:
+async def _op_snapshots(daemon, server, req) -> dict:
     import trio
 
     def read():
@@ -321,7 +335,7 @@ async def _op_snapshots(daemon, state, req) -> dict:
     return {"snapshots": await trio.to_thread.run_sync(read)}
 
 
-async def _op_mirror_register(daemon, state, req) -> dict:
+async def _op_mirror_register(daemon, server, req) -> dict:
     """mirror add/remove while mounted: the daemon writes the journal setting."""
     import trio
 
@@ -332,22 +346,22 @@ async def _op_mirror_register(daemon, state, req) -> dict:
         raise UsageError('mirror add/remove needs a "url" string')
     if req.get("remove"):
         changed = await trio.to_thread.run_sync(registry.remove, daemon.journal, url)
-        return {"changed": changed, "active": url in (daemon.state.get("mirrors") or {})}
+        return {"changed": changed, "active": url in daemon.services.mirrors}
     key = req.get("key")  # an encrypted mirror's unwrapped data key (this socket serves our uid only)
     if key is not None:
         from deltafs.mirrors.keys import KeyStore, key_from_wire
 
         await trio.to_thread.run_sync(KeyStore(daemon.cfg.journal).save, url, key_from_wire(key))
     changed = await trio.to_thread.run_sync(registry.add, daemon.journal, url, req.get("endpoint_url"))
-    add = daemon.state.get("mirror_add")
+    mirrors = daemon.services.mirrors
     started = False
-    if add is not None and (key is not None or url not in (daemon.state.get("mirrors") or {})):
-        await add(url)  # replicate at once
+    if mirrors.can_add and (key is not None or url not in mirrors):
+        await mirrors.add(url)  # replicate at once
         started = True
-    return {"changed": changed, "active": url in (daemon.state.get("mirrors") or {}), "started": started}
+    return {"changed": changed, "active": url in mirrors, "started": started}
 
 
-async def _op_compact(daemon, state, req) -> dict:
+async def _op_compact(daemon, server, req) -> dict:
     """deltafs compact while mounted: one pass by the daemon, the journal's
     only writer (``--vacuum`` needs the journal closed: refused)."""
     import trio

@@ -283,6 +283,27 @@ DEFAULT_INTERVAL = DEFAULT_COMPACT_EVERY  # seconds between passes
 PRESSURE_CHECK_EVERY = 5.0  # seconds between checks of the size limit / disk free
 
 
+@dataclass
+class MaintenanceProgress:
+    """The background compactor's progress: maintenance_service's handle
+    (``deltafs status`` shows it as "maintenance")."""
+
+    interval_s: float
+    retention: str  # the policy's --retention text
+    limit_bytes: int | None
+    passes: int = 0
+    last_pass_ns: int | None = None
+    last_pass_s: float | None = None
+    versions_pruned: int = 0
+    bytes_freed: int = 0
+    records_archived: int = 0
+    pressure: bool = False
+    last_error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 async def maintenance_service(daemon, task_status=None, interval: float | None = None,
                               policy: RetentionPolicy | None = None) -> None:
     """A compaction pass every ``interval`` seconds (``daemon.cfg.compact_every``,
@@ -290,8 +311,8 @@ async def maintenance_service(daemon, task_status=None, interval: float | None =
     mount's writer interleaves.  Every PRESSURE_CHECK_EVERY seconds it also
     checks ``daemon.cfg.journal_limit`` and the disk: under pressure a pass
     runs at once and thins harder (:func:`compact_to_fit`).  A failed pass is
-    logged and retried next time.  Progress goes to ``daemon.state["maintenance"]``
-    (``deltafs status``)."""
+    logged and retried next time.  Hands its :class:`MaintenanceProgress` to
+    ``task_status.started`` (``deltafs status``)."""
     import trio
 
     if task_status is None:
@@ -303,15 +324,9 @@ async def maintenance_service(daemon, task_status=None, interval: float | None =
         policy = getattr(cfg, "retention", None) or RetentionPolicy()
     limit = getattr(cfg, "journal_limit", None)
     j = daemon.journal
-    st = {"interval_s": interval, "retention": policy.spec(), "limit_bytes": limit, "passes": 0,
-          "last_pass_ns": None, "last_pass_s": None, "versions_pruned": 0, "bytes_freed": 0,
-          "records_archived": 0,
-          "pressure": False, "last_error": None}
-    state = getattr(daemon, "state", None)
-    if isinstance(state, dict):
-        state["maintenance"] = st
+    st = MaintenanceProgress(interval_s=interval, retention=policy.spec(), limit_bytes=limit)
     check = min(interval, PRESSURE_CHECK_EVERY)
-    task_status.started()
+    task_status.started(st)
     next_pass = trio.current_time() + interval
     stuck = False  # under pressure and thinned as far as it goes: wait for the next regular pass
     while True:
@@ -323,13 +338,13 @@ async def maintenance_service(daemon, task_status=None, interval: float | None =
             log.exception("cannot measure the journal")
             pr = None
         under = pr is not None and pr.active
-        if under and not st["pressure"]:
+        if under and not st.pressure:
             log.warning("%s: compacting now and thinning harder than the retention policy", pr.why())
-            st["pressure"] = True
+            st.pressure = True
             stuck = False
-        elif pr is not None and not under and st["pressure"]:
+        elif pr is not None and not under and st.pressure:
             log.info("journal back under its limit (%s of data)", _mib(pr.data_bytes))
-            st["pressure"] = False
+            st.pressure = False
         if not due and not (under and not stuck):
             continue
         next_pass = trio.current_time() + interval
@@ -341,16 +356,16 @@ async def maintenance_service(daemon, task_status=None, interval: float | None =
                 rep = await trio.to_thread.run_sync(compact, j, policy)
         except Exception as e:  # keep the mount running; one ERROR per failed pass
             log.exception("compaction pass failed")
-            st["last_error"] = str(e)
+            st.last_error = str(e)
             continue
         dt = time.monotonic() - t0
-        st["passes"] += 1
-        st["last_pass_ns"] = time.time_ns()
-        st["last_pass_s"] = round(dt, 4)
-        st["versions_pruned"] += rep.versions_pruned
-        st["bytes_freed"] += rep.bytes_freed
-        st["records_archived"] += rep.records_archived
-        st["last_error"] = None
+        st.passes += 1
+        st.last_pass_ns = time.time_ns()
+        st.last_pass_s = round(dt, 4)
+        st.versions_pruned += rep.versions_pruned
+        st.bytes_freed += rep.bytes_freed
+        st.records_archived += rep.records_archived
+        st.last_error = None
         if under:
             after = await trio.to_thread.run_sync(pressure, j, limit)
             was, stuck = stuck, after.active

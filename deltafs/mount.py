@@ -10,6 +10,7 @@ signal drains pending captures before it closes the journal.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import logging.handlers
 import os
@@ -19,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import pyfuse3
 import trio
@@ -241,8 +241,6 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
 
 def _with_registered_mirrors(cfg: MountConfig, journal) -> MountConfig:
     """Add the mirrors registered in the journal (`deltafs mirror add`) to --mirror's."""
-    import dataclasses
-
     from deltafs.mirrors import registry
 
     with journal.reader() as r:
@@ -270,7 +268,7 @@ def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
                      fd_limit=fd_limit, fd_budget=cfg.fd_budget)
     log.info("descriptors: limit %d, up to %d cached for inodes, %d kept free",
              ops.fc.limit, ops.fc.budget, ops.fc.reserve)
-    state = {"mounted": False, "error": None}
+    state = _RunState()
     profile = os.environ.get("DELTAFS_PROFILE")  # developers: cProfile stats of the daemon
     try:
         if profile:
@@ -282,48 +280,16 @@ def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        if state["mounted"]:
+        if state.mounted:
             mounttable.remove_record(cfg.mnt)
             try:
                 pyfuse3.close(unmount=True)
             except Exception:  # the kernel may already have unmounted it
                 log.debug("pyfuse3.close", exc_info=True)
             log.info("unmounted %s", cfg.mnt)
-    if state["error"] is not None:
-        return fail(state["error"])
+    if state.error is not None:
+        return fail(state.error)
     return 0
-
-
-@dataclass
-class Daemon:
-    """What background services get: start with ``await nursery.start(svc, daemon)``."""
-
-    cfg: MountConfig
-    journal: object
-    ops: object
-    rec: object  # capture.Recorder, or None with --no-capture
-    nursery: trio.Nursery
-    started: float
-    state: dict
-
-
-def _services(cfg: MountConfig) -> list:
-    """Background services of a mount: ``async def svc(daemon, task_status)``.
-
-    Each is started once the mount is up and cancelled at unmount, after
-    pending captures are drained.
-    """
-    from deltafs import control, maintenance
-
-    from deltafs.mirrors.replicate import mirror_service
-
-    # mirror_service runs without mirrors too: `mirror add` may start one while mounted
-    services = [control.serve, maintenance.maintenance_service, mirror_service]
-    if cfg.metrics_addr:
-        from deltafs.metrics import metrics_service
-
-        services.append(metrics_service)
-    return services
 
 
 READAHEAD_KIB = 1024  # = max_write: one read request per MiB of a sequential read
@@ -355,6 +321,14 @@ async def _raise_readahead(mnt: str, ops) -> None:
         log.debug("read-ahead of %s left at the default: %s", mnt, e)
 
 
+@dataclasses.dataclass
+class _RunState:
+    """How far run_daemon's trio loop got: shared with the signal handler."""
+
+    mounted: bool = False
+    error: DeltafsError | None = None
+
+
 async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, nursery, state)
@@ -370,22 +344,23 @@ async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino
         try:
             pyfuse3.init(ops, cfg.mnt, fuse_options(cfg))
         except RuntimeError as e:
-            state["error"] = MountError(f"cannot mount {cfg.mnt}: {e} (see the log for libfuse's reason)")
+            state.error = MountError(f"cannot mount {cfg.mnt}: {e} (see the log for libfuse's reason)")
             nursery.cancel_scope.cancel()
             return
-        state["mounted"] = True
+        state.mounted = True
         nursery.start_soon(_raise_readahead, cfg.mnt, ops)
         mounttable.write_record(cfg.mnt, {"pid": os.getpid(), "src": cfg.src, "mnt": cfg.mnt,
                                           "journal": cfg.journal, "started": time.time(),
                                           "mirrors": list(cfg.mirrors)})
         log.info("mounted %s at %s (journal %s)", cfg.src, cfg.mnt, cfg.journal)
-        daemon = Daemon(cfg, journal, ops, rec, nursery, time.time(), state)
+        from deltafs.services import Daemon, start_all
+
+        daemon = Daemon(cfg, journal, ops, rec, nursery, time.time())
         async with trio.open_nursery() as services:
             try:
-                for svc in _services(cfg):
-                    await services.start(svc, daemon)
+                await start_all(daemon, services)
             except DeltafsError as e:  # e.g. --metrics-addr in use: fail the mount, not half-start
-                state["error"] = e
+                state.error = e
             else:
                 if ready_fd is not None:
                     os.write(ready_fd, READY)
@@ -400,10 +375,10 @@ async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino
         nursery.cancel_scope.cancel()
 
 
-async def _signals(nursery: trio.Nursery, state: dict) -> None:
+async def _signals(nursery: trio.Nursery, state: _RunState) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
         async for sig in sigs:
-            if not state["mounted"]:
+            if not state.mounted:
                 log.info("signal %s before mounting: stopping", signal.Signals(sig).name)
                 nursery.cancel_scope.cancel()
                 return

@@ -101,8 +101,8 @@ async def daemon_status(daemon) -> dict:
 
     j, snaps = await trio.to_thread.run_sync(journal_status, daemon.journal)
     j["limit_bytes"] = getattr(daemon.cfg, "journal_limit", None)
-    workers = daemon.state.get("mirrors") or {}
-    mirrors = [await w.status() for _, w in sorted(workers.items())]
+    workers = daemon.services.mirrors
+    mirrors = [await w.status() for w in workers]
     # registered (deltafs mirror add) after this mount started: nothing replicates to them now
     for mi in j.pop("_mirrors", []):
         if mi["registered"] and mi["url"] not in workers and mi["url"] not in daemon.cfg.mirrors:
@@ -137,7 +137,8 @@ async def daemon_status(daemon) -> dict:
         "capture": capture,
         "snapshots": snaps,
         "mirrors": mirrors,
-        "maintenance": daemon.state.get("maintenance"),  # maintenance.maintenance_service
+        "maintenance": (daemon.services.maintenance.to_dict()  # maintenance.maintenance_service
+                        if daemon.services.maintenance is not None else None),
         "descriptors": daemon.ops.descriptor_status(),
     }
 

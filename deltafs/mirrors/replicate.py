@@ -719,10 +719,47 @@ def _open_or_retry(url: str, open_fn) -> Mirror:
         return Unopened(url, open_fn, e)
 
 
+class Mirrors:
+    """The mirror workers of a running mount: mirror_service's handle, used by
+    the control socket (status, pause/resume --mirror, flush --mirrors,
+    mirror add while mounted)."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, MirrorWorker] = {}  # URL -> its worker
+        self._add = None  # set while the service runs
+
+    def __contains__(self, url: str) -> bool:
+        return url in self.workers
+
+    def __iter__(self):
+        """The workers, in URL order."""
+        return iter([w for _, w in sorted(self.workers.items())])
+
+    def find(self, url: str) -> MirrorWorker:
+        """The worker of mirror ``url``, else UsageError."""
+        from deltafs.errors import UsageError
+
+        w = self.workers.get(url) or self.workers.get(url.rstrip("/"))
+        if w is None:
+            known = ", ".join(sorted(self.workers)) or "none"
+            raise UsageError(f"{url} is not a mirror of this mount (its mirrors: {known})")
+        return w
+
+    @property
+    def can_add(self) -> bool:
+        return self._add is not None
+
+    async def add(self, url: str) -> None:
+        """Replicate to ``url`` from now on (``mirror add`` while mounted), or
+        reopen it with a key the journal has just been given."""
+        if self._add is None:
+            raise RuntimeError("the mirror service is not running")
+        await self._add(url)
+
+
 async def mirror_service(daemon, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Background service of a mount: one :class:`MirrorWorker` per mirror,
-    registered in ``daemon.state["mirrors"]`` (URL -> worker) for the
-    control socket (status, pause/resume --mirror, flush --mirrors)."""
+    in the :class:`Mirrors` it hands to ``task_status.started``."""
     from . import open_mirror
 
     def opened(url: str) -> Mirror:  # sealed with the journal's key for an encrypted mirror
@@ -732,13 +769,12 @@ async def mirror_service(daemon, task_status=trio.TASK_STATUS_IGNORED) -> None:
                                 daemon.journal.path)
 
     mirrors = [_open_or_retry(url, lambda url=url: opened(url)) for url in daemon.cfg.mirrors]
-    workers = daemon.state.setdefault("mirrors", {})
+    handle = Mirrors()
+    workers = handle.workers
     drain = daemon.rec.drain if daemon.rec is not None else None
     try:
         async with trio.open_nursery() as nursery:
             async def add(url: str) -> None:
-                """Replicate to ``url`` from now on (``mirror add`` while mounted), or
-                reopen it with a key the journal has just been given."""
                 mirror = opened(url)
                 mirrors.append(mirror)
                 old = workers.get(mirror.url)
@@ -751,28 +787,16 @@ async def mirror_service(daemon, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 workers[w.url] = w
                 await nursery.start(w.run)
 
-            daemon.state["mirror_add"] = add
+            handle._add = add
             for mirror in mirrors:
                 w = MirrorWorker(daemon.journal, mirror, drain=drain)
                 workers[w.url] = w
                 await nursery.start(w.run)
-            task_status.started()
+            task_status.started(handle)
             await trio.sleep_forever()  # mirrors may be added while mounted
     finally:
-        daemon.state.pop("mirror_add", None)
+        handle._add = None
         for mirror in mirrors:
             if workers.get(mirror.url) is not None and workers[mirror.url].mirror is mirror:
                 workers.pop(mirror.url, None)
             mirror.close()
-
-
-def find_worker(daemon, url: str) -> MirrorWorker:
-    """The worker of mirror ``url`` in a running mount, else UsageError."""
-    from deltafs.errors import UsageError
-
-    workers = (getattr(daemon, "state", None) or {}).get("mirrors") or {}
-    w = workers.get(url) or workers.get(url.rstrip("/"))
-    if w is None:
-        known = ", ".join(sorted(workers)) or "none"
-        raise UsageError(f"{url} is not a mirror of this mount (its mirrors: {known})")
-    return w

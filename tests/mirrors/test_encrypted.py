@@ -447,11 +447,11 @@ async def test_service_backs_off_then_catches_up_and_reports_lag(b, tmp_path, mo
         pass
 
     d = D()
-    d.journal, d.rec, d.state = b.j, None, {}
+    d.journal, d.rec = b.j, None
     d.cfg = type("C", (), {"mirrors": (url,), "endpoint_url": None})()
     async with trio.open_nursery() as n:
-        await n.start(R.mirror_service, d)
-        w = d.state["mirrors"][url]
+        mirrors = await n.start(R.mirror_service, d)
+        w = mirrors.find(url)
         os.rename(tmp_path / "usb", tmp_path / "usb-away")  # unplugged
         await trio.to_thread.run_sync(b.history)
         with trio.fail_after(30):

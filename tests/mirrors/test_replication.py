@@ -260,7 +260,6 @@ async def test_service_replicates_new_commits(b, tmp_path, monkeypatch):
     d = D()
     d.journal = b.j
     d.rec = None
-    d.state = {}
     d.cfg = type("C", (), {"mirrors": (f"file://{tmp_path}/m",), "endpoint_url": None})()
     b.write(b"a", b"x")
     async with trio.open_nursery() as n:

@@ -410,12 +410,11 @@ async def test_background_service_compacts(jc, autojump_clock):
         h.save(1)
     h.advance(10 * DAY)
     h.save(1)
-    state: dict = {}
-    daemon = SimpleNamespace(journal=j, state=state, cfg=SimpleNamespace(compact_every=60.0))
+    daemon = SimpleNamespace(journal=j, cfg=SimpleNamespace(compact_every=60.0))
     async with trio.open_nursery() as n:
-        await n.start(M.maintenance_service, daemon)
+        progress = await n.start(M.maintenance_service, daemon)
         t0 = trio.current_time()
-        while state["maintenance"]["passes"] == 0:
+        while progress.passes == 0:
             await trio.sleep(1)
         assert trio.current_time() - t0 >= 60
         n.cancel_scope.cancel()
@@ -694,22 +693,20 @@ async def test_service_compacts_at_once_over_the_limit(jc, idle_jump_clock, capl
     j, clock = jc
     h = limit_history(j, clock)
     limit = j.data_bytes() // 4
-    state: dict = {}
-    daemon = SimpleNamespace(journal=j, state=state, cfg=SimpleNamespace(
+    daemon = SimpleNamespace(journal=j, cfg=SimpleNamespace(
         compact_every=1e9, retention=M.RetentionPolicy(), journal_limit=limit))
     with caplog.at_level(logging.INFO, logger="deltafs.maintenance"):
         async with trio.open_nursery() as n:
-            await n.start(M.maintenance_service, daemon)
+            progress = await n.start(M.maintenance_service, daemon)
             t0 = trio.current_time()
-            while not state["maintenance"]["pressure"]:  # set as the pressure pass starts
+            while not progress.pressure:  # set as the pressure pass starts
                 await trio.sleep(1)
             took = trio.current_time() - t0
-            while state["maintenance"]["passes"] == 0:
+            while progress.passes == 0:
                 await trio.sleep(1)
             n.cancel_scope.cancel()
     assert took <= 2 * M.PRESSURE_CHECK_EVERY  # at the first check, not the regular pass (1e9 s)
-    st = state["maintenance"]
-    assert st["versions_pruned"] > 0 and st["limit_bytes"] == limit
+    assert progress.versions_pruned > 0 and progress.limit_bytes == limit
     assert j.data_bytes() <= limit
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
     assert len(warnings) == 1 and "exceeds its limit" in warnings[0] and "thinning harder" in warnings[0]
