@@ -26,7 +26,8 @@ import trio
 
 from deltafs import mounttable
 from deltafs.config import MountConfig
-from deltafs.errors import DeltafsError, FuseUnavailableError, JournalError, MountError, UsageError
+from deltafs.errors import (DeltafsError, FuseUnavailableError, JournalError, MountError, NotMountedError,
+                            UsageError)
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +395,7 @@ def unmount(mnt: str, timeout: float = 120.0) -> None:
     if entry is None:
         entry = mounttable.mount_at(os.path.realpath(mnt_a)) if os.path.exists(mnt_a) else None
     if entry is None:
-        raise UsageError(f"{mnt} is not mounted")
+        raise NotMountedError(f"{mnt} is not mounted")
     if entry.fstype != mounttable.FSTYPE:
         raise UsageError(f"{mnt} is not a deltafs mount (it is {entry.fstype})")
     rec = mounttable.read_record(entry.mnt) or {}
