@@ -282,7 +282,13 @@ def _fmt_addr(a: tuple[str, int]) -> str:
 class MountConfig:
     """Everything a mount runs with.  Each option is declared once, here:
     ``add_arguments`` makes the parser, ``from_args`` reads it,
-    ``to_argv`` gives the background daemon the same configuration."""
+    ``to_argv`` gives the background daemon the same configuration.
+
+    A new mount option is one field with ``option(...)`` (its flags, help,
+    ``parse`` from text and ``show`` back to text) plus its entry in
+    EVERY_OPTION of tests/unit/test_cli.py, which round-trips each one.
+    Checks that need more than the text (FUSE present, a mirror URL, an
+    address free) stay in cli.cmd_mount, before any fork."""
 
     src: str
     mnt: str
