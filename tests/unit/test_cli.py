@@ -12,8 +12,6 @@ import pytest
 from deltafs import cli, errors
 from deltafs.config import MountConfig, RetentionPolicy
 
-pytestmark = pytest.mark.unit
-
 # One value per mount option, each different from its default.  A new option
 # needs an entry here (test_every_option_is_listed fails until it has one).
 EVERY_OPTION = {
