@@ -139,20 +139,20 @@ def cmd_log(args: argparse.Namespace) -> int:
                 rows = history.deleted_entries(r, loc.rel, args.since, args.until, args.limit)
             else:
                 rows = list(history.log_entries(r, loc.rel, args.since, args.until, args.limit,
-                                                show_pruned=args.all))
-        if args.follow and not args.deleted:
+                                                show_pruned=args.all, follow=args.follow))
+        if args.watch and not args.deleted:
             rows.reverse()  # following: oldest first, new records appended below
         if table and rows:
             print(history.LOG_HEADER)
         for d in rows:
             emit(d)
-        if not args.follow:
+        if not args.watch:
             return 0
         try:
             for d in history.follow_entries(j, loc.rel, head):
                 emit(d)
         except KeyboardInterrupt:
-            return 0  # Ctrl-C is how --follow ends
+            return 0  # Ctrl-C is how --watch ends
 
 
 def _note_thinned(thinned, nearest: bool, verb: str = "given") -> None:
@@ -482,7 +482,10 @@ def _add_history_parsers(sub) -> None:
     lg.add_argument("--deleted", action="store_true", help="list deleted files and their last version")
     lg.add_argument("--all", action="store_true",
                     help="also list versions pruned by retention, marked (pruned); they cannot be restored")
-    lg.add_argument("-f", "--follow", action="store_true",
+    lg.add_argument("--follow", action="store_true",
+                    help="a file's history across renames (like git log --follow); without it only "
+                         "the records of PATH itself")
+    lg.add_argument("-w", "--watch", action="store_true",
                     help="oldest first, then print new records as they are committed until Ctrl-C "
                          "(exit status 0)")
     lg.set_defaults(func=cmd_log)

@@ -846,7 +846,7 @@ class Operations(pyfuse3.Operations):
         node = self._known(st)
         self._before_last_name(node, parent, name, False)
         os.unlink(name, dir_fd=parent.fd)
-        self.rec.event("unlink", ops=self, parent=parent, name=name)
+        self.rec.event("unlink", ops=self, parent=parent, name=name, last=st is None or st.st_nlink <= 1)
         if node is not None:
             self._drop_name(node, parent, name)
 
@@ -888,8 +888,10 @@ class Operations(pyfuse3.Operations):
             sc.renameat2(old.fd, name_old, new.fd, name_new, flags)
         finally:
             self._unhold(held)
-        self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
-                       parent=new, name=name_new, replaced=replaced, also=old)
+        if st_new is None or (st_new.st_dev, st_new.st_ino) != (st_old.st_dev, st_old.st_ino):
+            # (two names of one inode: rename(2) does nothing, so nothing to record)
+            self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
+                           parent=new, name=name_new, replaced=replaced, also=old, over=st_new)
         if flags & sc.RENAME_EXCHANGE:
             if over is not None:
                 self._move_name(over, new, name_new, old, name_old)
