@@ -548,8 +548,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     loc = locate(args.path, args.journal)
     with Journal.open(loc.journal, readonly=True) as j:
         res = maintenance.verify(j, full=args.full)
+        drift = maintenance.tree_drift(j, loc.src, loc.journal) if args.full and loc.src and res.ok else []
+    for d in drift:  # the current tree against SRC (docs/cli.md "deltafs verify")
+        print(f"DIFFERS {os.fsdecode(d.path)}: {d.what}" + (
+            f"; versions recorded under it from another file: {', '.join(map(str, d.suspect))}" if d.suspect else ""),
+            file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        _print_json(res.to_dict())
+        _print_json({**res.to_dict(), "tree_differs": [d.to_dict() for d in drift]})
     elif res.ok:
         what = f", {res.versions_checked} versions and {res.chunks_checked} chunks checked" if args.full else ""
         print(f"ok: {res.records} records, hash chain intact{what}")
@@ -559,7 +564,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if p.path is not None:
             where += f" ({p.path.decode('utf-8', 'surrogateescape') or '/'})"
         print(f"BROKEN at {where}: {p.what}")
-    return 0 if res.ok else EXIT_JOURNAL
+    return EXIT_JOURNAL if not res.ok else 1 if drift else 0
 
 
 def cmd_compact(args: argparse.Namespace) -> int:

@@ -184,3 +184,70 @@ def test_delete_then_rename_another_file_onto_the_path(case):
     c.step(lambda m: os.unlink(m / "f"))
     c.step(lambda m: os.rename(m / "g", m / "f"))
     c.step(lambda m: save(m / "g", b"G2\n"))
+
+
+# --- journals written by the old rule ------------------------------------------------
+
+def _old_rule_journal(src: Path) -> None:
+    """What the old re-created-path rule wrote for `echo A > a.txt; mv a.txt
+    c.txt; echo A2 > a.txt`: the new a.txt continued the identity of the file
+    now at c.txt, so c.txt's current content in the journal is A2."""
+    from deltafs import chunking
+    from deltafs.journal import Change, Journal
+
+    def write(fid, path, data):
+        nc = chunking.build_chunk(data, None)
+        st = os.stat(src / path.decode())
+        return Change(op="write", file_id=fid, path=path, size=len(data), cause="write", base_seq=0,
+                      edit=[(0, 0, [(nc.id, len(data))])], chunks=[nc], mode=st.st_mode,
+                      mtime_ns=st.st_mtime_ns)
+
+    fid = 0x1234
+    (src / "c.txt").write_bytes(b"A\n")
+    (src / "a.txt").write_bytes(b"A2\n")
+    with Journal.open(str(src / ".deltafs"), create=True) as j:
+        j.commit([Change(op="create", file_id=fid, path=b"a.txt", mode=0o100644)])
+        j.commit([write(fid, b"a.txt", b"A\n")])
+        j.commit([Change(op="rename", file_id=fid, path=b"a.txt", path2=b"c.txt")])
+        j.commit([Change(op="create", file_id=fid, path=b"a.txt", mode=0o100644)])  # the old rule
+        j.commit([write(fid, b"a.txt", b"A2\n")])
+
+
+def test_verify_full_reports_a_merged_history_and_a_mount_repairs_it(mount_factory, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _old_rule_journal(src)
+    assert run_cli("cat", src / "c.txt", check=True).stdout == b"A2\n"  # the merged history
+    res = run_cli("verify", "--full", src)
+    assert res.returncode == 1, res.stderr.decode()
+    out = res.stdout.decode()
+    assert "DIFFERS c.txt: merged history" in out and "a.txt" not in out.split("DIFFERS c.txt")[0]
+    assert "versions recorded under it from another file: 5" in out  # A2, written at a.txt
+    js = json.loads(run_cli("verify", "--full", "--json", src).stdout.decode().splitlines()[-1])
+    assert [d["path"] for d in js["tree_differs"]] == ["c.txt"]
+
+    m = mount_factory(src)  # its scan records c.txt again, on its own
+    assert (m.mnt / "c.txt").read_bytes() == b"A\n"
+    assert run_cli("cat", m.mnt / "c.txt", check=True).stdout == b"A\n"
+    assert run_cli("cat", m.mnt / "a.txt", check=True).stdout == b"A2\n"
+    rows = log_json(m.mnt / "c.txt")
+    assert rows[0]["op"] == "write" and rows[0]["cause"] == "repair"
+    m.umount(check=False)
+    assert "recorded again (cause repair" in m.log_text()
+    res = run_cli("verify", "--full", src)
+    assert res.returncode == 0 and "DIFFERS" not in res.stdout.decode(), res.stdout.decode()
+
+
+def test_verify_full_reports_content_and_presence_drift(mount_factory, tmp_path):
+    m = mount_factory()
+    save(m.mnt / "kept", b"same\n")
+    save(m.mnt / "changed", b"old\n")
+    m.umount()
+    (m.src / "changed").write_bytes(b"new\n")  # behind the journal's back (the next mount's scan records it)
+    (m.src / "added").write_bytes(b"x")
+    os.unlink(m.src / "kept")
+    out = run_cli("verify", "--full", m.src).stdout.decode()
+    assert "DIFFERS added: in SRC, missing from the journal" in out
+    assert "DIFFERS changed: content differs from SRC" in out
+    assert "DIFFERS kept: in the journal, not in SRC" in out
+    assert run_cli("verify", m.src).returncode == 0  # without --full: the chain only
