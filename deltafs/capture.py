@@ -655,7 +655,7 @@ class Recorder:
         if not self._skip(path, True):
             self.submit(Change(op="rmdir", path=path))
 
-    def _ev_rename(self, ops, old, new, flags, parent, name, replaced, over=None) -> None:
+    def _ev_rename(self, ops, old, new, flags, parent, name, replaced, over=None, over_xattrs=()) -> None:
         """File identity (docs/design.md): a file renamed to a live name keeps
         its identity; renamed over a regular file whose last name that was, or
         onto the path of a file just gone, it is that file's next version (an
@@ -693,7 +693,7 @@ class Recorder:
             # there, continuing a gone file's history: the journal decides)
             if replaced and not over_is_save_target:  # the replaced file lives on elsewhere
                 self.submit(Change(op="unlink", path=new))
-            self._capture_entry(ops, parent, name, new)
+            self._capture_entry(ops, parent, name, new, over_xattrs if over_is_save_target else ())
             if not ign_old:
                 self.submit(Change(op="unlink", path=old))
             return
@@ -703,16 +703,26 @@ class Recorder:
             return
         self.submit(Change(op="rename", path=old, path2=new))
 
-    def _capture_entry(self, ops, parent, name: bytes, path: bytes) -> None:
-        """Capture the whole file now at parent/name as a version of path."""
+    def _capture_entry(self, ops, parent, name: bytes, path: bytes, old_xattrs=()) -> None:
+        """Capture the whole file now at parent/name as a version of path,
+        with its xattrs (``old_xattrs``: names the replaced file had)."""
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             self._record_tree(ops, path)
             return
+        try:
+            xattrs = {n: os.getxattr(fd, n) for n in os.listxattr(fd)}
+        except OSError:
+            xattrs = {}
         node = ops.nodes.get(ops.fuse_ino(st.st_ino))
         self._capture(ops, node, fd, path, "rename-over", _FULL, None)
+        for n in old_xattrs:  # the new file is another inode: its xattrs, not the old one's
+            if n not in xattrs:
+                self.submit(Change(op="removexattr", path=path, xattr_name=os.fsencode(n)))
+        for n, v in xattrs.items():
+            self.submit(Change(op="setxattr", path=path, xattr_name=os.fsencode(n), xattr_value=v))
 
     def _capture_path(self, ops, path: bytes) -> None:
         st = self._at(path, os.stat, follow_symlinks=False)
