@@ -38,10 +38,13 @@ TEMPS = [b"a.swp", b"x.tmp", b"a.new"]
 DIRS = [b"d", b"e"]
 
 
+_IGNORES: dict[str, Ignore] = {}
+
+
 def snapshot(root: str) -> dict:
     """SRC as the journal should see it (ignored names, such as a temp file
     left by a failed save, are not journaled)."""
-    ignore = Ignore(root)
+    ignore = _IGNORES.get(root) or _IGNORES.setdefault(root, Ignore(root))
     out, inodes = {}, {}
     for dirpath, dirnames, filenames in os.walk(root):
         if dirpath == root:
