@@ -712,14 +712,14 @@ class Recorder:
             os.close(fd)
             self._record_tree(ops, path)
             return
-        try:
-            xattrs = {n: os.getxattr(fd, n) for n in os.listxattr(fd)}
+        try:  # (security.* are the system's labels, set by the kernel, not the user's)
+            xattrs = {n: os.getxattr(fd, n) for n in os.listxattr(fd) if not n.startswith("security.")}
         except OSError:
             xattrs = {}
         node = ops.nodes.get(ops.fuse_ino(st.st_ino))
         self._capture(ops, node, fd, path, "rename-over", _FULL, None)
         for n in old_xattrs:  # the new file is another inode: its xattrs, not the old one's
-            if n not in xattrs:
+            if n not in xattrs and not n.startswith("security."):
                 self.submit(Change(op="removexattr", path=path, xattr_name=os.fsencode(n)))
         for n, v in xattrs.items():
             self.submit(Change(op="setxattr", path=path, xattr_name=os.fsencode(n), xattr_value=v))
