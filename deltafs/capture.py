@@ -17,9 +17,10 @@ The rules that make history follow what the user sees (docs/design.md):
   file to a real name, is the next *content version of the target path*
   (cause ``rename-over``), stored against that path's previous chunks;
 * a file renamed to an ignored name (``todo.md~``) leaves history like a
-  delete, and a path re-created within two minutes continues the history
-  of the file that last had it (the journal resolves file ids by path at
-  commit time);
+  delete; a path re-created within two minutes continues the history of
+  the file that last had it only if that file is gone (no name left in the
+  tree), never a file still reachable elsewhere (the journal resolves file
+  ids by path at commit time; docs/design.md, "File identity");
 * ignored paths (editor swap and temp files, .deltaignore) are passed
   through and never journaled.
 
@@ -593,12 +594,14 @@ class Recorder:
     def _ev_create(self, ops, parent, name, node, st) -> None:
         node.base = 0  # a new, empty file: later captures are edits of nothing
         path = ops.child_path(parent, name)
+        self.recently_gone.pop(path, None)  # the path has a file again
         if not self._skip(path):
             self.submit(Change(op="create", path=path, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                                mtime_ns=st.st_mtime_ns))
 
     def _new_entry(self, ops, op, parent, name, **extra) -> None:
         path = ops.child_path(parent, name)
+        self.recently_gone.pop(path, None)
         if self._skip(path, op == "mkdir"):
             return
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
@@ -617,6 +620,7 @@ class Recorder:
 
     def _ev_link(self, ops, node, parent, name) -> None:
         new = ops.child_path(parent, name)
+        self.recently_gone.pop(new, None)
         if self._skip(new):
             return
         old = ops.path_of(node)
@@ -639,10 +643,11 @@ class Recorder:
         t = self.recently_gone.pop(path, None)
         return t is not None and time.monotonic() - t < REUSE_SECONDS
 
-    def _ev_unlink(self, ops, parent, name) -> None:
+    def _ev_unlink(self, ops, parent, name, last: bool = True) -> None:
         path = ops.child_path(parent, name)
         if not self._skip(path):
-            self._gone(path)
+            if last:  # its last name: the file is gone (another link keeps it alive)
+                self._gone(path)
             self.submit(Change(op="unlink", path=path))
 
     def _ev_rmdir(self, ops, parent, name) -> None:
@@ -650,7 +655,12 @@ class Recorder:
         if not self._skip(path, True):
             self.submit(Change(op="rmdir", path=path))
 
-    def _ev_rename(self, ops, old, new, flags, parent, name, replaced) -> None:
+    def _ev_rename(self, ops, old, new, flags, parent, name, replaced, over=None, over_xattrs=()) -> None:
+        """File identity (docs/design.md): a file renamed to a live name keeps
+        its identity; renamed over a regular file whose last name that was, or
+        onto the path of a file just gone, it is that file's next version (an
+        atomic save); renamed to an ignored name it is gone.  A replaced file
+        that keeps another name keeps its identity there."""
         if old is None or new is None:
             return
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
@@ -667,31 +677,52 @@ class Recorder:
                 self._capture_path(ops, old)
             return
         if not ign_old and ign_new:  # todo.md -> todo.md~ : gone from the visible tree
-            if not is_dir:
+            if not is_dir and st.st_nlink <= 1:
                 self._gone(old)
             self.submit(Change(op="rmdir" if is_dir else "unlink", path=old))
             return
-        if stat.S_ISREG(st.st_mode) and (ign_old or replaced or self._was_gone(new)):
+        if over is not None:  # what the rename replaced, as it was before
+            replaced = True
+            over_is_save_target = stat.S_ISREG(over.st_mode) and over.st_nlink <= 1
+        else:
+            over_is_save_target = replaced = bool(replaced)
+        if stat.S_ISREG(st.st_mode) and (ign_old or st.st_nlink <= 1) and (
+                ign_old or over_is_save_target or (not replaced and self._was_gone(new))):
             # an atomic save: the new content is the next version of the target
-            self._capture_entry(ops, parent, name, new)
+            # (or, renamed from an ignored name onto a free path, a new file
+            # there, continuing a gone file's history: the journal decides)
+            if replaced and not over_is_save_target:  # the replaced file lives on elsewhere
+                self.submit(Change(op="unlink", path=new))
+            self._capture_entry(ops, parent, name, new, over_xattrs if over_is_save_target else ())
             if not ign_old:
                 self.submit(Change(op="unlink", path=old))
             return
+        self.recently_gone.pop(new, None)
         if ign_old:  # a directory or symlink appears under a real name
             self._record_tree(ops, new)
             return
         self.submit(Change(op="rename", path=old, path2=new))
 
-    def _capture_entry(self, ops, parent, name: bytes, path: bytes) -> None:
-        """Capture the whole file now at parent/name as a version of path."""
+    def _capture_entry(self, ops, parent, name: bytes, path: bytes, old_xattrs=()) -> None:
+        """Capture the whole file now at parent/name as a version of path,
+        with its xattrs (``old_xattrs``: names the replaced file had)."""
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             self._record_tree(ops, path)
             return
+        try:  # (security.* are the system's labels, set by the kernel, not the user's)
+            xattrs = {n: os.getxattr(fd, n) for n in os.listxattr(fd) if not n.startswith("security.")}
+        except OSError:
+            xattrs = {}
         node = ops.nodes.get(ops.fuse_ino(st.st_ino))
         self._capture(ops, node, fd, path, "rename-over", _FULL, None)
+        for n in old_xattrs:  # the new file is another inode: its xattrs, not the old one's
+            if n not in xattrs and not n.startswith("security."):
+                self.submit(Change(op="removexattr", path=path, xattr_name=os.fsencode(n)))
+        for n, v in xattrs.items():
+            self.submit(Change(op="setxattr", path=path, xattr_name=os.fsencode(n), xattr_value=v))
 
     def _capture_path(self, ops, path: bytes) -> None:
         st = self._at(path, os.stat, follow_symlinks=False)
@@ -751,7 +782,7 @@ class Recorder:
                 continue
             if kind in ("dir", "symlink") and not self._lexists(path):
                 continue
-            if kind == "file":
+            if kind in ("file", "repair"):
                 node = ops.nodes.get(ops.fuse_ino(st.st_ino)) if ops is not None else None
                 if node is not None and (node.writers or node.pending is not None):
                     continue  # open for writing: its release captures it
@@ -772,7 +803,14 @@ class Recorder:
                 except OSError as e:
                     log.warning("scan: cannot read %s: %s", os.fsdecode(path), e)
                     continue
-                item = self._capture(ops, None, fd, path, "scan", _FULL, None)
+                cause = "scan"
+                if kind == "repair":  # off the merged identity first: the write gets its own
+                    log.warning("scan: %s shared its history with another file; recorded again "
+                                "(cause repair; 'deltafs verify --full' lists the versions)", os.fsdecode(path))
+                    self.submit(Change(op="unlink", path=path))
+                    counts["repaired"] = counts.get("repaired", 0) + 1
+                    cause = "repair"
+                item = self._capture(ops, None, fd, path, cause, _FULL, 0 if kind == "repair" else None)
                 if ops is not None:  # an fsync of the file waits for this version too
                     self._concerns(item, ops.fuse_ino(st.st_ino))
                 counts["new_or_changed"] += 1
@@ -808,7 +846,12 @@ class Recorder:
                         actions.append(("symlink", rel, st))
                 elif stat.S_ISREG(mode):
                     fs = r.file_state(k[0]) if k else None
-                    if fs is None or fs.content_seq == 0 and st.st_size or fs.size != st.st_size \
+                    if fs is not None and fs.kind == "f" and rel not in fs.links:
+                        # a history merged by the old re-created-path rule: the
+                        # path's file id belongs to another file (docs/design.md,
+                        # "File identity"): record the file again, on its own
+                        actions.append(("repair", rel, st))
+                    elif fs is None or fs.content_seq == 0 and st.st_size or fs.size != st.st_size \
                             or fs.mtime_ns != st.st_mtime_ns:
                         actions.append(("file", rel, st))
             gone = sorted((p for p in known if p not in seen and p), reverse=True)

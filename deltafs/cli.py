@@ -120,20 +120,20 @@ def cmd_log(args: argparse.Namespace) -> int:
                 rows = history.deleted_entries(r, loc.rel, args.since, args.until, args.limit)
             else:
                 rows = list(history.log_entries(r, loc.rel, args.since, args.until, args.limit,
-                                                show_pruned=args.all))
-        if args.follow and not args.deleted:
+                                                show_pruned=args.all, follow=args.follow))
+        if args.watch and not args.deleted:
             rows.reverse()  # following: oldest first, new records appended below
         if table and rows:
             print(history.LOG_HEADER)
         for d in rows:
             emit(d)
-        if not args.follow:
+        if not args.watch:
             return 0
         try:
             for d in history.follow_entries(j, loc.rel, head):
                 emit(d)
         except KeyboardInterrupt:
-            return 0  # Ctrl-C is how --follow ends
+            return 0  # Ctrl-C is how --watch ends
 
 
 def _note_thinned(thinned, nearest: bool, verb: str = "given") -> None:
@@ -473,7 +473,10 @@ def _add_history_parsers(sub) -> None:
     lg.add_argument("--deleted", action="store_true", help="list deleted files and their last version")
     lg.add_argument("--all", action="store_true",
                     help="also list versions pruned by retention, marked (pruned); they cannot be restored")
-    lg.add_argument("-f", "--follow", action="store_true",
+    lg.add_argument("--follow", action="store_true",
+                    help="a file's history across renames (like git log --follow); without it only "
+                         "the records of PATH itself")
+    lg.add_argument("-w", "--watch", action="store_true",
                     help="oldest first, then print new records as they are committed until Ctrl-C "
                          "(exit status 0)")
     lg.set_defaults(func=cmd_log)
@@ -536,8 +539,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     loc = locate(args.path, args.journal)
     with Journal.open(loc.journal, readonly=True) as j:
         res = maintenance.verify(j, full=args.full)
+        drift = maintenance.tree_drift(j, loc.src, loc.journal) if args.full and loc.src and res.ok else []
+    for d in drift:  # the current tree against SRC (docs/cli.md "deltafs verify")
+        print(f"DIFFERS {os.fsdecode(d.path)}: {d.what}" + (
+            f"; versions recorded under it from another file: {', '.join(map(str, d.suspect))}" if d.suspect else ""),
+            file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        _print_json(res.to_dict())
+        _print_json({**res.to_dict(), "tree_differs": [d.to_dict() for d in drift]})
     elif res.ok:
         what = f", {res.versions_checked} versions and {res.chunks_checked} chunks checked" if args.full else ""
         print(f"ok: {res.records} records, hash chain intact{what}")
@@ -547,7 +555,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if p.path is not None:
             where += f" ({p.path.decode('utf-8', 'surrogateescape') or '/'})"
         print(f"BROKEN at {where}: {p.what}")
-    return 0 if res.ok else EXIT_JOURNAL
+    return EXIT_JOURNAL if not res.ok else 1 if drift else 0
 
 
 def cmd_compact(args: argparse.Namespace) -> int:

@@ -259,12 +259,22 @@ def record_entry(rec) -> dict:
     return d
 
 
-def _path_seqs(r: Reader, rel: bytes) -> list[int] | None:
-    """Newest-first seqs of PATH's history (None: the root, i.e. everything)."""
+def _path_seqs(r: Reader, rel: bytes, follow: bool = True) -> list[int] | None:
+    """Newest-first seqs of PATH's history (None: the root, i.e. everything).
+
+    Without ``follow``: the records that name PATH or a path below it, i.e.
+    exactly what that path held.  With ``follow`` a file's history across
+    renames is added (``git log --follow``): every record of the file now
+    at PATH, or of the file that last had PATH if nothing is there now."""
     if rel == b"":
         return None
     seqs = set(r.versions_under(rel))
+    if not follow:
+        return sorted(seqs, reverse=True)
     fid = r.file_id_at(rel)
+    if fid is None and seqs:
+        last = r.record(max(seqs))
+        fid = last.file_id if rel in (last.path, last.path2) else None
     if fid is not None:
         st = r.file_state(fid)
         if st is not None and st.kind != KIND_DIR:
@@ -274,12 +284,13 @@ def _path_seqs(r: Reader, rel: bytes) -> list[int] | None:
 
 def log_entries(r: Reader, rel: bytes, since: str | None = None, until: str | None = None,
                 limit: int | None = None, now_ns: int | None = None,
-                show_pruned: bool = False) -> Iterator[dict]:
+                show_pruned: bool = False, follow: bool = False) -> Iterator[dict]:
     """Records of PATH, newest first, filtered by --since/--until (inclusive).
-    Pruned versions are left out, or with ``show_pruned`` marked ``"pruned": True``."""
+    Pruned versions are left out, or with ``show_pruned`` marked ``"pruned": True``.
+    ``follow``: a file's records across renames too (:func:`_path_seqs`)."""
     lo = since_seq(r, since, now_ns) if since else 1
     hi = resolve_when(r, until, now_ns, clamp=True).seq if until else r.head_seq()
-    seqs = _path_seqs(r, rel)
+    seqs = _path_seqs(r, rel, follow)
     if seqs is not None and not seqs:
         raise _missing(r, rel, r.head_seq())
     if seqs is None:

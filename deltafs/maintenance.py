@@ -379,3 +379,115 @@ async def maintenance_service(daemon, task_status=None, interval: float | None =
         if rep.versions_pruned:
             log.info("compaction: pruned %d versions, freed %d chunks (%d bytes) in %.3fs",
                      rep.versions_pruned, rep.chunks_freed, rep.bytes_freed, dt)
+
+
+# --- the journal's current tree against SRC (verify --full, issue 18) ------------------
+@dataclass
+class Drift:
+    """One path where the journal's current tree disagrees with SRC."""
+
+    path: bytes
+    what: str
+    suspect: list[int] = field(default_factory=list)  # content versions recorded under a merged identity
+
+    def to_dict(self) -> dict:
+        return {"path": os.fsdecode(self.path), "what": self.what, "suspect_versions": self.suspect}
+
+
+def tree_drift(j, src: str, hidden: str | None = None) -> list[Drift]:
+    """Compare the journal's current tree with SRC: presence, kind, symlink
+    targets, content (every chunk of the journal's current version hashed
+    against SRC's bytes) and identity (a path whose file id does not list it
+    among its links: a history merged by the old re-created-path rule, whose
+    current content is another file's).  ``hidden``: the journal directory
+    inside SRC, left out.  A mount's start-up scan records each of these
+    paths again (cause ``repair``)."""
+    import stat as st_
+
+    from deltafs.ignore import Ignore
+
+    ignore = Ignore(src)
+    hidden = os.path.realpath(hidden) if hidden else None
+    seen: dict[bytes, os.stat_result] = {}
+    root = os.fsencode(src)
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root) if dirpath != root else b""
+        keep = []
+        for name in sorted(dirnames) + sorted(filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.join(rel_dir, name) if rel_dir else name
+            try:
+                s = os.lstat(full)
+            except OSError:
+                continue
+            is_dir = st_.S_ISDIR(s.st_mode)
+            if ignore.match(rel, is_dir) or (hidden and is_dir and os.path.realpath(full) == os.fsencode(hidden)):
+                continue
+            seen[rel] = s
+            if is_dir:
+                keep.append(name)
+        dirnames[:] = [d for d in dirnames if d in keep]
+    out: list[Drift] = []
+    with j.reader() as r:
+        known = {p: (fid, kind) for p, fid, kind in r.current_tree() if p}
+        for p in sorted(set(seen) | set(known)):
+            s, k = seen.get(p), known.get(p)
+            if k is None:
+                out.append(Drift(p, "in SRC, missing from the journal"))
+                continue
+            if s is None:
+                out.append(Drift(p, "in the journal, not in SRC"))
+                continue
+            fid, kind = k
+            want = "d" if st_.S_ISDIR(s.st_mode) else "l" if st_.S_ISLNK(s.st_mode) else \
+                "f" if st_.S_ISREG(s.st_mode) else "n"
+            if want != kind:
+                out.append(Drift(p, f"the journal has a {kind!r}, SRC a {want!r}"))
+                continue
+            fs = r.file_state(fid)
+            if fs is None:
+                out.append(Drift(p, "the journal names a file id it has no state for"))
+                continue
+            if kind == "l":
+                if os.readlink(os.path.join(root, p)) != fs.target:
+                    out.append(Drift(p, "symlink target differs"))
+                continue
+            if kind != "f":
+                continue
+            merged = p not in fs.links
+            suspect = []
+            if merged:  # the identity's versions since another file took it (its second create)
+                recs = [r.record(q) for q in reversed(r.versions_of(fid))]
+                creates = [x.seq for x in recs if x.op == "create"]
+                since = creates[1] if len(creates) > 1 else 0
+                suspect = [x.seq for x in recs if x.is_content and x.seq > since]
+            if merged:
+                out.append(Drift(p, "merged history: its file id belongs to "
+                                    f"{os.fsdecode(b', '.join(fs.links) or b'a deleted file')}", sorted(suspect)))
+                continue
+            if not _same_content(r, fs, os.path.join(root, p), s.st_size):
+                out.append(Drift(p, "content differs from SRC"))
+    return out
+
+
+def _same_content(r, fs, path: bytes, size: int) -> bool:
+    from deltafs.chunking import chunk_id
+
+    if fs.size != size:
+        return False
+    refs = r.chunk_list(fs.content_seq) if fs.content_seq else []
+    if sum(n for _, n in refs) != size:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        off = 0
+        for cid, n in refs:
+            if chunk_id(os.pread(fd, n, off)) != cid:
+                return False
+            off += n
+    finally:
+        os.close(fd)
+    return True

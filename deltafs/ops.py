@@ -846,7 +846,7 @@ class Operations(pyfuse3.Operations):
         node = self._known(st)
         self._before_last_name(node, parent, name, False)
         os.unlink(name, dir_fd=parent.fd)
-        self.rec.event("unlink", ops=self, parent=parent, name=name)
+        self.rec.event("unlink", ops=self, parent=parent, name=name, last=st is None or st.st_nlink <= 1)
         if node is not None:
             self._drop_name(node, parent, name)
 
@@ -878,6 +878,12 @@ class Operations(pyfuse3.Operations):
                 await self._before_replace(old, name_old)
             src_path = self.child_path(old, name_old)
             dst_path = self.child_path(new, name_new)
+        over_xattrs: list = []  # a replaced file's xattr names: an atomic save drops those the new file lacks
+        if self.rec.enabled and st_new is not None and stat.S_ISREG(st_new.st_mode):
+            try:
+                over_xattrs = os.listxattr(b"/proc/self/fd/%d/%s" % (new.fd, name_new), follow_symlinks=False)
+            except OSError:
+                pass
         moved, over = self._known(st_old), self._known(st_new)
         if over is moved:
             moved = over = None  # two names of one inode: rename changes nothing
@@ -888,8 +894,11 @@ class Operations(pyfuse3.Operations):
             sc.renameat2(old.fd, name_old, new.fd, name_new, flags)
         finally:
             self._unhold(held)
-        self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
-                       parent=new, name=name_new, replaced=replaced, also=old)
+        if st_new is None or (st_new.st_dev, st_new.st_ino) != (st_old.st_dev, st_old.st_ino):
+            # (two names of one inode: rename(2) does nothing, so nothing to record)
+            self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
+                           parent=new, name=name_new, replaced=replaced, also=old, over=st_new,
+                           over_xattrs=over_xattrs)
         if flags & sc.RENAME_EXCHANGE:
             if over is not None:
                 self._move_name(over, new, name_new, old, name_old)

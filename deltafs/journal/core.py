@@ -27,14 +27,15 @@ from .hlc import HLC, hlc_to_ns
 from .packs import incref
 from .reader import LmdbStore, Reader
 from .records import CAUSES, OPS, Change, decode_record, encode_record
-from .state import apply_record
+from .state import KIND_FILE, apply_record
 from .storage import Storage, release_lock, take_lock, translate
 from .verify import VerifyResult, verify
 
 log = logging.getLogger(__name__)
 
 LIST_CACHE_ENTRIES = 2_000_000  # chunk-list entries kept for the writer
-REUSE_WINDOW_NS = 120 * 1_000_000_000  # a path re-created this soon continues its history
+REUSE_WINDOW_NS = 120 * 1_000_000_000  # a gone file's path re-created this soon continues its history
+_CREATES = frozenset(("create", "mkdir", "symlink", "mknod"))
 
 
 def _packb(v) -> bytes:
@@ -364,6 +365,15 @@ class Journal:
         rd = Reader(self._storage, txn)
         if not ch.file_id:
             ch.file_id = self._resolve_file_id(txn, rd, ch)
+        if ch.op == "write" and rd.file_id_at(ch.path) is None:
+            st = rd.file_state(ch.file_id)
+            if st is not None and st.deleted:
+                # a gone file's identity continues at its path (an editor's
+                # save through a temp name): it is there again, so create it
+                # there first (a write alone leaves a deleted file deleted)
+                self._apply(txn, Change(op="create", file_id=ch.file_id, path=ch.path, mode=ch.mode,
+                                        uid=ch.uid, gid=ch.gid, mtime_ns=ch.mtime_ns))
+                rd = Reader(self._storage, txn)
         seq = rd.head_seq() + 1
         prev = rd.head_hash()
         hlc = self._hlc.tick()
@@ -381,26 +391,36 @@ class Journal:
     def _resolve_file_id(self, txn, rd: Reader, ch: Change) -> int:
         """file_id=0: the file at ``ch.path`` in the tree as of this record.
 
-        A path that names nothing gets the id of the file that last had
-        this path if that file was deleted or renamed away within
-        REUSE_WINDOW_NS (an editor's delete-old-write-new or backup-rename
-        save continues the same history), else a new random id.
+        A file created or written at a path that names nothing continues
+        the identity of the file that last had this path only if that file
+        is *gone*: no path of the tree names it any more (its last link was
+        unlinked, or it was renamed to an ignored name, which capture
+        records as an unlink), and it went within REUSE_WINDOW_NS (an
+        editor's delete-old-write-new or backup-rename save).  A file still
+        reachable under any name keeps its identity alone; anything else
+        gets a new random id (docs/design.md, "File identity").
         """
-        if ch.op not in ("create", "mkdir", "symlink", "mknod"):
-            fid = rd.file_id_at(ch.path)
-            if fid:
-                return fid
-        elif rd.file_id_at(ch.path):
+        fid = rd.file_id_at(ch.path)
+        if fid and ch.op not in _CREATES:
+            return fid
+        if fid or ch.op not in ("create", "write"):
             return _new_id()
+        return self._gone_file(txn, rd, ch.path) or _new_id()
+
+    def _gone_file(self, txn, rd: Reader, path: bytes) -> int:
+        """The id of the regular file that last had ``path`` if it is gone
+        from the tree and went within REUSE_WINDOW_NS, else 0."""
         cur = txn.cursor(db=self._dbs[S.DB_PATHLOG])
-        if cur.set_key(S.path_key(ch.path)) and cur.last_dup():
-            fid = rd.record(S.from_u64(cur.value())).file_id
-            st = rd.file_state(fid)
-            if st is not None and st.kind == "f" and st.last_seq and (st.deleted or ch.path not in st.links):
-                age = self._hlc._clock() - hlc_to_ns(rd.record(st.last_seq).hlc)
-                if age <= REUSE_WINDOW_NS:
-                    return fid
-        return _new_id()
+        if not (cur.set_key(S.path_key(path)) and cur.last_dup()):
+            return 0
+        rec = rd.record(S.from_u64(cur.value()))
+        if path not in (rec.path, rec.path2):  # a hashed key's other path
+            return 0
+        st = rd.file_state(rec.file_id)
+        if st is None or st.kind != KIND_FILE or not st.deleted or st.links or not st.last_seq:
+            return 0
+        age = self._hlc._clock() - hlc_to_ns(rd.record(st.last_seq).hlc)
+        return rec.file_id if age <= REUSE_WINDOW_NS else 0
 
     def _incref(self, txn, cid: bytes, n: int = 1) -> None:
         incref(txn, self._dbs, cid, n)

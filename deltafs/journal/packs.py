@@ -104,7 +104,7 @@ class PackFiles:
         (at most once per ``every`` seconds); -> maps dropped.
 
         A map keeps a deleted file's disk space allocated, so a long-lived
-        reader (``deltafs log --follow``, a replication pass from another
+        reader (``deltafs log --watch``, a replication pass from another
         process) would otherwise hold every pack repacked while it runs.  No
         snapshot still names a deleted pack (the writer deletes a pack only
         once every older snapshot is gone), and a thread slicing a dropped

@@ -29,7 +29,7 @@ ZERO_HASH = bytes(HASH_LEN)
 
 # record v2 stores op and cause as their index in these tuples (never reorder; append only)
 OP_CODES = tuple("create mkdir symlink mknod link unlink rmdir rename setattr setxattr removexattr write".split())
-CAUSE_CODES = tuple("write fsync preimage scan restore rename-over".split())
+CAUSE_CODES = tuple("write fsync preimage scan restore rename-over repair".split())
 OPS = frozenset(OP_CODES)
 CAUSES = frozenset(CAUSE_CODES)
 _OP_NUM = {name: i for i, name in enumerate(OP_CODES)}

@@ -12,8 +12,9 @@ from typing import Iterable, Sequence
 
 import zstandard
 
-FORMAT_VERSION = 4  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
-# 4: delta chains up to 128 (chunking.MAX_DELTA_DEPTH), in-place files cut at aligned offsets
+FORMAT_VERSION = 5  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
+# 4: delta chains up to 128 (chunking.MAX_DELTA_DEPTH), in-place files cut at aligned offsets;
+# 5: content cause 6 = "repair" (a file recorded again after a merged history, issue 18)
 MAX_DBS = 16
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
 CHECKPOINT_MAX = 256  # a long one (>= 8192 entries) may need up to this many (see checkpoint_every)

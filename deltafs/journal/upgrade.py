@@ -23,7 +23,7 @@ from .schema import TMP_DB, refill
 
 log = logging.getLogger(__name__)
 
-UPGRADABLE = (1, 2, 3)  # formats a writer upgrades in place at open (a reader refuses them)
+UPGRADABLE = (1, 2, 3, 4)  # formats a writer upgrades in place at open (a reader refuses them)
 
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 
@@ -38,6 +38,9 @@ def upgrade(env, path: str, meta, fmt: int) -> None:
         fmt = 3
     if fmt == 3:
         upgrade_3_to_4(env, path, meta)
+        fmt = 4
+    if fmt == 4:
+        upgrade_4_to_5(env, path, meta)
 
 
 def _packb(v) -> bytes:
@@ -118,3 +121,12 @@ def upgrade_3_to_4(env, path: str, meta) -> None:
         txn.put(S.META_FORMAT, _packb(4), db=meta)
     log.warning("upgraded journal %s from format 3 to 4 (no data rewritten)", path)
 
+
+
+def upgrade_4_to_5(env, path: str, meta) -> None:
+    """Format 5 stores nothing differently, but records may carry the
+    content cause ``repair`` (index 6), which a format-4 deltafs cannot
+    decode, so the number changes."""
+    with env.begin(write=True) as txn:
+        txn.put(S.META_FORMAT, _packb(5), db=meta)
+    log.warning("upgraded journal %s from format 4 to 5 (no data rewritten)", path)

@@ -191,7 +191,7 @@ def _maps_deleted_pack(pid: int, pack: int) -> bool:
 
 @pytest.mark.timeout(60)
 def test_a_long_lived_reader_lets_go_of_packs_compaction_deleted(tmp_path):
-    """`deltafs log --follow` in another process maps the packs it read; once
+    """`deltafs log --watch` in another process maps the packs it read; once
     compaction deletes one, the follower drops its map, so the disk space
     really comes back (a map keeps a deleted file allocated)."""
     import subprocess
@@ -208,7 +208,7 @@ def test_a_long_lived_reader_lets_go_of_packs_compaction_deleted(tmp_path):
         j._storage.packs.roll()
         edits(j, 1, fid=10)
         out = open(tmp_path / "follow.jsonl", "wb")
-        follower = subprocess.Popen([*DELTAFS, "log", "--follow", "--json", "--journal", str(jp)],
+        follower = subprocess.Popen([*DELTAFS, "log", "--watch", "--json", "--journal", str(jp)],
                                     stdout=out, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 20
