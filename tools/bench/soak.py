@@ -153,14 +153,14 @@ class Workload:
 class Compactor(threading.Thread):
     """``deltafs compact MNT`` every COMPACT_EVERY_S seconds; records each pass's wall time."""
 
-    def __init__(self, mnt: str, t0: float) -> None:
+    def __init__(self, mnt: str, t0: float, every: float = COMPACT_EVERY_S) -> None:
         super().__init__(daemon=True)
-        self.mnt, self.t0 = mnt, t0
+        self.mnt, self.t0, self.every = mnt, t0, every
         self.passes: list[dict] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while not self.stop.wait(COMPACT_EVERY_S):
+        while self.every > 0 and not self.stop.wait(self.every):
             start = time.perf_counter()
             r = subprocess.run([*DELTAFS, "compact", self.mnt, "--json"], cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
@@ -182,7 +182,8 @@ def status(mnt: str) -> dict:
     return json.loads(r.stdout)
 
 
-def soak(w: str, minutes: float, rate: float, seed: int, res: dict, mounts: list) -> None:
+def soak(w: str, minutes: float, rate: float, seed: int, res: dict, mounts: list,
+         compact_every: float = COMPACT_EVERY_S) -> None:
     rng = random.Random(seed)
     src, mnt, dest = (os.path.join(w, x) for x in ("src", "mnt", "dest"))
     log(f"generating {FILES} files in SRC")
@@ -196,7 +197,7 @@ def soak(w: str, minutes: float, rate: float, seed: int, res: dict, mounts: list
     wl = Workload(mnt, names, rng)
     per_min: list[dict] = []
     t0 = time.perf_counter()
-    comp = Compactor(mnt, t0)
+    comp = Compactor(mnt, t0, compact_every)
     comp.start()
     end = t0 + minutes * 60
     lat: list[float] = []
@@ -267,7 +268,7 @@ def soak(w: str, minutes: float, rate: float, seed: int, res: dict, mounts: list
     ok, detail = compare(tree_hashes(src), tree_hashes(dest))
     log(f"restore in {t_restore:.1f} s: {detail}")
     res.update({"files": FILES, "minutes": minutes, "rate": rate, "seed": seed, "ops_mix": dict(OPS),
-                "mount_s": m.mount_seconds, "per_minute": per_min, "compactions": comp.passes,
+                "mount_s": m.mount_seconds, "compact_every_s": compact_every, "per_minute": per_min, "compactions": comp.passes,
                 "flush_s": t_flush, "restore_s": t_restore, "restore_equal": ok, "restore_detail": detail,
                 "journal_bytes_end": du(journal)})
     m.umount()
@@ -306,7 +307,7 @@ def render(res: dict, meta: dict) -> str:
          f"fixed offered rate of {res.get('rate', 0):g} operations/s through the mount ("
          + ", ".join(f"{k.replace('_', ' ')} {v}%" for k, v in res.get("ops_mix", dict(OPS)).items())
          + "; every close is a capture), and `deltafs compact MNT` every "
-         f"{COMPACT_EVERY_S:.0f} s. Latency is one operation's own duration (open to close, through "
+         f"{res.get('compact_every_s', COMPACT_EVERY_S):g} s (0: never). Latency is one operation's own duration (open to close, through "
          "FUSE, throttling by the capture backlog included).", "",
          "| minute | ops/s | missed slots | p50 | p99 | versions captured | capture backlog | daemon RssAnon "
          "| journal on disk |",
@@ -339,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--minutes", type=float, help="run this many minutes (for development)")
     p.add_argument("--rate", type=float, default=300.0, help="offered operations per second (300)")
     p.add_argument("--seed", type=int, default=18, help="random seed (18)")
+    p.add_argument("--compact-every", type=float, default=COMPACT_EVERY_S, metavar="SECONDS",
+                   help=f"seconds between compaction passes ({COMPACT_EVERY_S:g}; 0: none)")
     p.add_argument("--write-docs", action="store_true",
                    help="rewrite this program's section of docs/benchmarks.md (the others are kept)")
     p.add_argument("--json", metavar="FILE", help="write the raw numbers as JSON")
@@ -350,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--minutes must be positive")
     if args.rate <= 0:
         p.error("--rate must be positive")
+    if args.compact_every < 0:
+        p.error("--compact-every must be 0 or more")
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     if args.from_json:
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     mounts: list[Mount] = []
     failure = None
     try:
-        soak(w, minutes, args.rate, args.seed, res, mounts)
+        soak(w, minutes, args.rate, args.seed, res, mounts, args.compact_every)
     except KeyboardInterrupt:
         log("interrupted")
         return 130
