@@ -50,6 +50,7 @@ CHUNK_FLUSH_BYTES = 8 << 20  # store new chunks ahead of their record beyond thi
 GROUP_WINDOW = 0.005  # seconds a commit may wait for more records when nobody waits for it
 LIST_CACHE_ENTRIES = 300_000  # chunk lists kept between captures, in entries (~40 MB at most)
 LIST_CACHE_OVERHEAD = 8  # a kept version counts as this many entries more (its tuple, dict slot)
+LIST_CACHE_VERSIONS = 50_000  # and at most this many versions (deleted files' lists age out)
 RAW_CACHE_BYTES = 32 << 20  # raw bytes of recent bases and new chunks (chunking.RawCache)
 RESTART_HANDICAP = 2.0  # a delta against a skipped-to ancestor must be half a full copy
 GONE_KEPT = 100_000  # paths remembered for REUSE_SECONDS after they lost their file
@@ -345,7 +346,8 @@ class Recorder:
             return
         self._lists[seq] = (refs, offsets)
         self._list_entries += len(refs) + LIST_CACHE_OVERHEAD
-        while self._list_entries > LIST_CACHE_ENTRIES and len(self._lists) > 1:
+        while (self._list_entries > LIST_CACHE_ENTRIES or len(self._lists) > LIST_CACHE_VERSIONS) \
+                and len(self._lists) > 1:
             _, (old_refs, _) = self._lists.popitem(last=False)
             self._list_entries -= len(old_refs) + LIST_CACHE_OVERHEAD
 

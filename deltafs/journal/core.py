@@ -34,6 +34,7 @@ from .verify import VerifyResult, verify
 log = logging.getLogger(__name__)
 
 LIST_CACHE_ENTRIES = 2_000_000  # chunk-list entries kept for the writer
+LIST_CACHE_VERSIONS = 50_000  # and lists at most (one per file edited lately; deleted files' age out)
 REUSE_WINDOW_NS = 120 * 1_000_000_000  # a path re-created this soon continues its history
 
 
@@ -502,7 +503,8 @@ class Journal:
     def _cache_list(self, seq: int, packed: bytes, total: int, depth: int, accum: int) -> None:
         self._lists[seq] = (packed, total, depth, accum)
         self._list_entries += len(packed) // S.ENTRY_LEN
-        while self._list_entries > LIST_CACHE_ENTRIES and len(self._lists) > 1:
+        while (self._list_entries > LIST_CACHE_ENTRIES or len(self._lists) > LIST_CACHE_VERSIONS) \
+                and len(self._lists) > 1:
             _, (old, _, _, _) = self._lists.popitem(last=False)
             self._list_entries -= len(old) // S.ENTRY_LEN
 

@@ -209,3 +209,27 @@ def test_writer_list_cache_survives_compaction_and_stays_per_file(tmp_path, monk
         for s in all_seqs[n][:1] + all_seqs[n][-1:]:
             d.content(s)  # the retained versions still read (and verify)
     d.j.close()
+
+
+def test_list_caches_are_bounded_and_a_miss_reads_the_journal(tmp_path, monkeypatch):
+    from deltafs import capture
+    from deltafs.journal import core
+    monkeypatch.setattr(capture, "LIST_CACHE_VERSIONS", 5)
+    monkeypatch.setattr(core, "LIST_CACHE_VERSIONS", 5)
+    d = Daemon(tmp_path)
+    rnd = random.Random(3)
+    heads, datas = {}, {}
+    for i in range(20):  # 20 files, e.g. created then deleted: their lists age out
+        n = b"f%02d.txt" % i
+        datas[n] = bytearray(b"".join(_line(rnd, k) for k in range(50)))
+        (d.src / n.decode()).write_bytes(datas[n])
+        heads[n] = d.capture(n)
+    assert len(d.rec._lists) <= 5 and len(d.j._lists) <= 5
+    counts = Counts(monkeypatch)
+    n = b"f00.txt"  # long evicted: its next capture rebuilds the list from the records
+    datas[n][:3] = b"new"
+    (d.src / n.decode()).write_bytes(datas[n])
+    seq = d.capture(n, [(0, 3)], heads[n])
+    assert counts.lists == 1
+    assert d.content(seq) == bytes(datas[n])
+    d.j.close()

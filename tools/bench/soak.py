@@ -306,8 +306,10 @@ def render(res: dict, meta: dict) -> str:
          f"{res.get('files', FILES):,} text files (1-16 KiB) in {DIRS} directories, a random mix at a "
          f"fixed offered rate of {res.get('rate', 0):g} operations/s through the mount ("
          + ", ".join(f"{k.replace('_', ' ')} {v}%" for k, v in res.get("ops_mix", dict(OPS)).items())
-         + "; every close is a capture), and `deltafs compact MNT` every "
-         f"{res.get('compact_every_s', COMPACT_EVERY_S):g} s (0: never). Latency is one operation's own duration (open to close, through "
+         + "; every close is a capture), and "
+         + (f"`deltafs compact MNT` every {res.get('compact_every_s', COMPACT_EVERY_S):g} s"
+            if res.get("compact_every_s", COMPACT_EVERY_S) else "no compaction")
+         + ". Latency is one operation's own duration (open to close, through "
          "FUSE, throttling by the capture backlog included).", "",
          "| minute | ops/s | missed slots | p50 | p99 | versions captured | capture backlog | daemon RssAnon "
          "| journal on disk |",
