@@ -330,6 +330,8 @@ def render(res: dict, meta: dict) -> str:
     if "restore_equal" in res:
         L += ["", f"`deltafs restore MNT --to DEST` after `deltafs flush` ({res['flush_s']:.1f} s) took "
               f"{res['restore_s']:.1f} s; DEST against SRC: {res['restore_detail']}."]
+    if res.get("notes"):
+        L.append("")
     for n in res.get("notes", []):
         L.append(f"* {n}")
     return "\n".join(L).rstrip() + "\n"
