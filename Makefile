@@ -2,7 +2,7 @@
 #   make run    mount the built-in demo directory (SRC=demo/src MNT=demo/mnt) in the foreground
 #   make test   run the whole test suite
 #   make check  only the tests that need no kernel and no server (unit + ops), in under a minute
-#   make bench / make bench-full   regenerate docs/benchmarks.md (quick: ~10 min, full: ~40 min
+#   make bench / make bench-full   regenerate docs/benchmarks.md (quick: ~20 min, full: ~100 min with the soak;
 #               on a 2-core VM; full needs ~25 GiB of free disk)
 # All of them install what is missing first: the apt packages below and a .venv.
 
@@ -89,9 +89,11 @@ check: venv
 # section (--write-docs keeps the others'): the paired native/no-capture/capture table, then
 # mirrors/log/diff/restore at scale, then journal size on edit histories, then encrypted
 # mirrors against plain ones, then descriptors (peak descriptors and memory for 100k files, 1M in
-# a full run; hot-path cost when the descriptor cache fits vs evicts). All run even if one fails; the exit status says whether any did.
+# a full run; hot-path cost when the descriptor cache fits vs evicts), then the soak (throughput,
+# latency and daemon memory per minute under a fixed offered load with compaction every 30 s:
+# 10 min quick, 60 full). All run even if one fails; the exit status says whether any did.
 # Ctrl-C stops the whole sequence.
-BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size tools.bench.encrypted tools.bench.fds
+BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size tools.bench.encrypted tools.bench.fds tools.bench.soak
 define run_benches
 	@failed=""; for prog in $(BENCH_PROGRAMS); do \
 	  echo "== $$(date -u +%H:%M:%S) python -m $$prog $(1)" >&2; start=$$(date +%s); \

@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 REUSE_SECONDS = 120  # as the journal's REUSE_WINDOW_NS
 CHUNK_FLUSH_BYTES = 8 << 20  # store new chunks ahead of their record beyond this much
 GROUP_WINDOW = 0.005  # seconds a commit may wait for more records when nobody waits for it
-LIST_CACHE_MIN = 64  # chunk lists at least this long are kept between captures
-LIST_CACHE_ENTRIES = 300_000  # bound of that cache (about 30 MB; a 1 GiB file has 65k chunks)
+LIST_CACHE_ENTRIES = 300_000  # chunk lists kept between captures, in entries (~40 MB at most)
+LIST_CACHE_OVERHEAD = 8  # a kept version counts as this many entries more (its tuple, dict slot)
+LIST_CACHE_VERSIONS = 50_000  # and at most this many versions (deleted files' lists age out)
 RAW_CACHE_BYTES = 32 << 20  # raw bytes of recent bases and new chunks (chunking.RawCache)
 RESTART_HANDICAP = 2.0  # a delta against a skipped-to ancestor must be half a full copy
 GONE_KEPT = 100_000  # paths remembered for REUSE_SECONDS after they lost their file
@@ -96,12 +97,32 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
     seen: set[bytes] = set()
     buffered = 0
 
+    def cheap(bid: bytes, info) -> bool:
+        """Does reading ``bid`` decode at most CAPTURE_DECODE_MAX deltas? (With a
+        cache: the chain down to the first chunk in it; without one: its depth.)"""
+        if cache is None or info.depth <= chunking.CAPTURE_DECODE_MAX or bid in cache:
+            return True
+        for _ in range(chunking.CAPTURE_DECODE_MAX):
+            bid = info.base_id
+            if bid is None or bid in cache:
+                return True
+            info = r.chunk_info(bid)
+            if info is None:  # freed since: read_chunk says so, if it gets there
+                return True
+        return False
+
     def base_for(bid: bytes) -> tuple[chunking.Base | None, float]:
-        """-> (base, handicap of a delta against it)."""
+        """-> (base, handicap of a delta against it).
+
+        A base that is neither in the cache nor within CAPTURE_DECODE_MAX
+        deltas of a chunk in it is not decoded (that cost grows with
+        history): the new chunk is stored standalone and starts a fresh chain."""
         info = r.chunk_info(bid)
         if info is None:
             return None, 1.0
         if info.depth < chunking.MAX_DELTA_DEPTH:
+            if not cheap(bid, info):
+                return None, 1.0
             return chunking.Base(bid, r.read_chunk(bid, cache), info.depth), 1.0
         # a chain at its longest restarts from an ancestor halfway down (a
         # database page rewritten on every save: a delta against content a
@@ -120,6 +141,10 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
         nc = chunking.build_chunk(raw, b, handicap=handicap)
         if cache is not None:
             cache.put(nc.id, raw)
+            if base_ref is not None and base_ref[0] != nc.id:
+                # replaced: the new chunk is this region's next base (keeps the
+                # cache to about one chunk per hot region, not one per save)
+                cache.discard(base_ref[0])
         new.append(nc)
         buffered += len(nc.payload)
         if spill is not None and buffered >= CHUNK_FLUSH_BYTES:
@@ -307,14 +332,25 @@ class Recorder:
                 if self.needs_rescan and not self.rescanning and self.ops is not None:
                     self.nursery.start_soon(self._rescan)
 
-    def _remember_list(self, seq: int, refs: list, offsets: list) -> None:
-        """Keep the chunk list of a content version (versions are immutable,
-        so the cache outlives the kernel's inode and needs no invalidation)."""
+    def _remember_list(self, seq: int, refs: list, offsets: list, base: int = 0) -> None:
+        """Keep the chunk list of a content version for the file's next capture,
+        which otherwise rebuilds it from records (O(history) reads of record
+        blocks).  Versions are immutable, so an entry is never wrong; one of a
+        version compaction pruned is not used (``_compute_sync`` asks the
+        journal).  ``base``: the version it replaces, dropped (the next capture
+        of the file builds on ``seq``), so the cache holds about one list per
+        file, not one per save; bounded in entries either way."""
+        old = self._lists.pop(base, None) if base else None
+        if old is not None:
+            self._list_entries -= len(old[0]) + LIST_CACHE_OVERHEAD
+        if seq in self._lists:
+            return
         self._lists[seq] = (refs, offsets)
-        self._list_entries += len(refs)
-        while self._list_entries > LIST_CACHE_ENTRIES and len(self._lists) > 1:
-            _, (old, _) = self._lists.popitem(last=False)
-            self._list_entries -= len(old)
+        self._list_entries += len(refs) + LIST_CACHE_OVERHEAD
+        while (self._list_entries > LIST_CACHE_ENTRIES or len(self._lists) > LIST_CACHE_VERSIONS) \
+                and len(self._lists) > 1:
+            _, (old_refs, _) = self._lists.popitem(last=False)
+            self._list_entries -= len(old_refs) + LIST_CACHE_OVERHEAD
 
     def _failed(self, it: Item, err: BaseException) -> None:
         paths = sorted({c.path for c in it.changes or ()})
@@ -386,8 +422,8 @@ class Recorder:
                 else:
                     node.base = res[-1]
             if item.list_cache is not None and not isinstance(res, BaseException) and res:
-                # the new list, so the next capture of a big file does not
-                # rebuild it from the journal (that costs O(chunks))
+                # the new list, so the next capture of the file does not
+                # rebuild it from the journal (that costs O(chunks + edits))
                 self._remember_list(res[-1], *item.list_cache)
         item.after = after
         self._push(item)
@@ -437,13 +473,22 @@ class Recorder:
         j = self.journal
         whole = dirty is _FULL
         with j.reader() as r:
+            if base and r.is_pruned(base):
+                # compaction pruned the version the dirty ranges apply to (its
+                # chunks may be freed; the writer refuses it as a base): the
+                # whole file, against the path's latest version
+                whole, base, cached, dirty = True, None, None, _FULL
             if whole:
                 if base is None:
                     fid = r.file_id_at(path)
                     fs = r.file_state(fid) if fid else None
                     base = fs.content_seq if fs is not None and not fs.deleted else 0
                 dirty = [(0, max(size, 1))]
-            if cached is not None and base:
+            if cached is None and base:
+                hit = self._lists.get(base)  # (GIL-atomic; the trio thread writes it)
+                if hit is not None:
+                    cached = (base, *hit)
+            if cached is not None and base and cached[0] == base:
                 _, old, offsets = cached
             else:
                 old = r.chunk_list(base) if base else []
@@ -463,9 +508,7 @@ class Recorder:
             # writeback cache setting mtime after the last capture): no version
             return Change(op="setattr", path=path, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                           mtime_ns=st.st_mtime_ns), None
-        cache = None
-        if len(old) + len(res.new_spans) >= LIST_CACHE_MIN:
-            cache = (chunking.apply_edit(old, edit), chunking.edit_offsets(offsets, edit))
+        cache = (chunking.apply_edit(old, edit), chunking.edit_offsets(offsets, edit), base or 0)
         return Change(op="write", path=path, size=size, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                       mtime_ns=st.st_mtime_ns, cause=cause, base_seq=base or 0,
                       edit=edit, chunks=new), cache

@@ -77,6 +77,11 @@ ZSTD_DELTA_LEVEL = 9
 # is several times an ordinary one (a SQLite history stores 16 % less)
 MAX_DELTA_DEPTH = 128
 SKIP_TO_DEPTH = 32  # a base at MAX_DELTA_DEPTH is replaced by its ancestor at this depth
+# most deltas a capture decodes to get one base: a base whose chain is not in
+# the RawCache within this many steps is cold, and the new chunk is stored
+# standalone instead (a fresh chain), so a capture costs O(change) however
+# long the history (a restart from the ancestor at SKIP_TO_DEPTH still fits)
+CAPTURE_DECODE_MAX = SKIP_TO_DEPTH
 # in-place writes (databases, VM images): re-cut the changed chunks at
 # multiples of ALIGNED_BLOCK of the file offset (see rechunk_aligned)
 ALIGNED_BLOCK = 16 * 1024
@@ -790,3 +795,13 @@ class RawCache:
             while self.size > self.budget:
                 _, old = self._d.popitem(last=False)
                 self.size -= len(old)
+
+    def __contains__(self, cid: bytes) -> bool:
+        return cid in self._d
+
+    def discard(self, cid: bytes) -> None:
+        """Forget a chunk (one a capture just replaced: its successor is the next base)."""
+        with self._lock:
+            raw = self._d.pop(cid, None)
+            if raw is not None:
+                self.size -= len(raw)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 LIST_CACHE_ENTRIES = 2_000_000  # chunk-list entries kept for the writer
 REUSE_WINDOW_NS = 120 * 1_000_000_000  # a gone file's path re-created this soon continues its history
 _CREATES = frozenset(("create", "mkdir", "symlink", "mknod"))
+LIST_CACHE_VERSIONS = 50_000  # and lists at most (one per file edited lately; deleted files' age out)
 
 
 def _packb(v) -> bytes:
@@ -266,10 +267,14 @@ class Journal:
         ``retained``: every content version that stays.  ``dry_run``: the
         counts, nothing written."""
         self._check_writable()
+        seqs = list(seqs)
         res = self._compactor.prune(seqs, retained, dry_run)
         if res.transactions:
             with self._wlock:  # the commit path uses the cache under this lock
-                self._clear_list_cache()
+                # the lists of retained versions are unchanged (a checkpoint
+                # only shortens how they are rebuilt); pruned ones go
+                for s in seqs:
+                    self._uncache_list(s)
         return res
 
     def repack(self, dead_ratio: float = REPACK_DEAD_RATIO) -> RepackResult:
@@ -478,6 +483,8 @@ class Journal:
                 raise ValueError(f"chunk {cid.hex()} named by the edit is not stored")
             self._incref(txn, cid, n)
         depth, accum = self._maybe_checkpoint(txn, seq, base, new, new_total, depth + 1, accum + entries)
+        if base:  # the file's next version builds on seq: one cached list per file, not per save
+            self._uncache_list(base)
         mdb = self._dbs[S.DB_META]
         txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
         txn.put(S.META_RAW, _packb(rd.meta(S.META_RAW, 0) + raw), db=mdb)
@@ -516,9 +523,15 @@ class Journal:
     def _cache_list(self, seq: int, packed: bytes, total: int, depth: int, accum: int) -> None:
         self._lists[seq] = (packed, total, depth, accum)
         self._list_entries += len(packed) // S.ENTRY_LEN
-        while self._list_entries > LIST_CACHE_ENTRIES and len(self._lists) > 1:
+        while (self._list_entries > LIST_CACHE_ENTRIES or len(self._lists) > LIST_CACHE_VERSIONS) \
+                and len(self._lists) > 1:
             _, (old, _, _, _) = self._lists.popitem(last=False)
             self._list_entries -= len(old) // S.ENTRY_LEN
+
+    def _uncache_list(self, seq: int) -> None:
+        hit = self._lists.pop(seq, None)
+        if hit is not None:
+            self._list_entries -= len(hit[0]) // S.ENTRY_LEN
 
     def _clear_list_cache(self) -> None:
         self._lists.clear()

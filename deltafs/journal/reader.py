@@ -411,7 +411,10 @@ class Reader:
 
         ``cache`` (a :class:`deltafs.chunking.RawCache`) is asked first at
         every step of a delta chain, so a chain is decoded only down to the
-        first chunk already known, and what is decoded is kept in it.
+        first chunk already known.  Only the chunk asked for is kept in it,
+        not the ancestors decoded on the way: a capture's next base is the
+        chunk it asks for (or its successor), never an ancestor, and up to
+        MAX_DELTA_DEPTH ancestors would evict the other files' bases.
         """
         if cache is not None:
             raw = cache.get(cid)
@@ -432,7 +435,7 @@ class Reader:
             raise CorruptionError(f"chunk {cid.hex()} cannot be decoded: {e}") from e
         if len(raw) != raw_len or chunk_id(raw) != cid:
             raise CorruptionError(f"chunk {cid.hex()} is corrupt: its content does not match its id")
-        if cache is not None:
+        if cache is not None and not _depth:
             cache.put(cid, raw)
         return raw
 

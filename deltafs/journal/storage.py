@@ -41,7 +41,7 @@ from .upgrade import UPGRADABLE, upgrade
 log = logging.getLogger(__name__)
 
 MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
-RECORD_BLOCKS_CACHED = 8  # decoded record blocks kept per journal (RECORD_BLOCK records each)
+RECORD_BLOCKS_CACHED = 64  # decoded record blocks kept per journal (RECORD_BLOCK records each, ~8 KB)
 
 _SHARED: dict[str, "Storage"] = {}  # path -> the Storage open on it in this process
 _SHARED_LOCK = threading.Lock()

@@ -305,8 +305,15 @@ def test_raw_cache_stops_chain_decoding_and_keeps_its_budget(journal):
         cid = r.chunk_list(seq)[0][0]
         assert r.chunk_info(cid).depth == 9
         assert r.read_chunk(cid, cache) == bytes(data)
-        assert len(cache._d) == 8 and cache.size <= cache.budget  # the chain, oldest evicted
+        # only the chunk asked for is kept, not the 9 ancestors decoded on the way
+        # (they would evict other files' bases)
+        assert list(cache._d) == [cid] and cache.size == len(data)
         assert cache.get(cid) == bytes(data)
+        for i in range(20):  # the budget holds
+            cache.put(b"%016d" % i, bytes(len(data)))
+        assert cache.size <= cache.budget and len(cache._d) == 8
+        cache.discard(b"%016d" % 19)
+        assert b"%016d" % 19 not in cache and cache.size == 7 * len(data)
 
 
 def test_lmdb_errors_leave_the_journal_as_journal_errors(journal):
