@@ -39,6 +39,20 @@ import sys
 
 PATCHES = {
     "src/pyfuse3/handlers.pxi": [
+        ("""cdef void fuse_getxattr (fuse_req_t req, fuse_ino_t ino, const_char *name,
+                         size_t size):
+    cdef _Container c = _Container()
+""", """cdef void fuse_getxattr (fuse_req_t req, fuse_ino_t ino, const_char *name,
+                         size_t size):
+    if (nocaps_inodes is not None and ino in nocaps_inodes
+            and string.strcmp(name, b'security.capability') == 0):
+        # nocaps_inodes: answered here, no coroutine, no trio (the kernel
+        # asks before every write(2))
+        if fuse_reply_err(req, ENOATTR) != 0:
+            log.error('fuse_getxattr(): fuse_reply_err failed')
+        return
+    cdef _Container c = _Container()
+"""),
         ("""    c.size = size
     c.off = off
     c.fh = fi.fh
@@ -91,9 +105,51 @@ async def fuse_fallocate_async (_Container c):
 """),
     ],
     "src/pyfuse3/internal.pxi": [
+        ("""        async with worker_data.read_lock:
+            #log.debug('%s: Waiting for fuse fd to become readable...', name)
+            if fuse_session_exited(session):
+                log.debug('FUSE session exit flag set while waiting for FUSE fd '
+                          'to become readable.')
+                return False
+            await trio.lowlevel.wait_readable(session_fd)
+""", """        if not worker_data.read_lock.locked() and hasattr(worker_data.read_lock, 'acquire_nowait'):
+            # inline_loop: the usual case, no other reader.  acquire_nowait
+            # does not yield to the scheduler (``async with`` does, a whole
+            # run-loop pass per request); wait_readable below still does.
+            # (trio only: asyncio.Lock has no acquire_nowait)
+            worker_data.read_lock.acquire_nowait()
+            try:
+                if fuse_session_exited(session):
+                    return False
+                await trio.lowlevel.wait_readable(session_fd)
+            finally:
+                worker_data.read_lock.release()
+            return True
+        async with worker_data.read_lock:
+            #log.debug('%s: Waiting for fuse fd to become readable...', name)
+            if fuse_session_exited(session):
+                log.debug('FUSE session exit flag set while waiting for FUSE fd '
+                          'to become readable.')
+                return False
+            await trio.lowlevel.wait_readable(session_fd)
+"""),
         ("    fuse_ops.poll = fuse_poll\n",
          "    fuse_ops.poll = fuse_poll\n"
          "    fuse_ops.fallocate = fuse_fallocate\n"),
+    ],
+    "src/pyfuse3/__init__.pyx": [
+        ("ROOT_INODE = FUSE_ROOT_ID\n",
+         "ROOT_INODE = FUSE_ROOT_ID\n"
+         "DELTAFS_PATCHES = ('dir_handle_is_inode', 'fallocate', 'nocaps_inodes', 'inline_loop')"
+         "  # see deltafs tools/pyfuse3/patch.py\n"),
+        ("cdef object py_retval\n",
+         "cdef object py_retval\n"
+         "cdef object nocaps_inodes = None  # operations.nocaps_inodes (deltafs patch)\n"),
+        ("""    operations = ops
+""", """    operations = ops
+    global nocaps_inodes
+    nocaps_inodes = getattr(ops, 'nocaps_inodes', None)
+"""),
     ],
     "src/pyfuse3/_pyfuse3.py": [
         ("""    async def poll(
@@ -110,11 +166,6 @@ async def fuse_fallocate_async (_Container c):
 
     async def poll(
 '''),
-    ],
-    "src/pyfuse3/__init__.pyx": [
-        ("ROOT_INODE = FUSE_ROOT_ID\n",
-         "ROOT_INODE = FUSE_ROOT_ID\n"
-         "DELTAFS_PATCHES = ('dir_handle_is_inode', 'fallocate')  # see deltafs tools/pyfuse3/patch.py\n"),
     ],
 }
 
