@@ -139,6 +139,8 @@ STATIC_NOTES = """\
 - fsync through FUSE is a writeback flush, a round trip and the backing
   fsync; with capture on, it also waits until the version is durable in the
   journal (a second disk flush unless grouped).
+- What each change bought and why targets are met or missed (hand-written,
+  figures quoted with their date and commit): [performance-notes.md](performance-notes.md).
 """
 
 

@@ -151,6 +151,9 @@ def group_seq_1m(m, d, ctx) -> None:
             m(f"read {label} cold", cold, before=drop_caches)
         read_file(path)   # make sure it is warm, whatever the cold run did
         m(f"read {label} warm", lambda: read_file(path))
+        # the file is captured now (every timed part settles): rewriting it with new data
+        # pairs each new chunk with an old one, the delta path a new file never takes
+        m(f"overwrite {label} bs=1M +fsync (captured file)", lambda: write_file(path, size, MiB))
     finally:
         _unlink(path)
 
