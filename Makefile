@@ -35,7 +35,8 @@ apt-install:
 	fi
 
 # pyfuse3 is rebuilt from its hash-checked sdist with tools/pyfuse3/patch.py (no OPENDIR/RELEASEDIR
-# round trips, kernel-cached directory listings, a fallocate handler; see docs/fuse-notes.md). It is built once,
+# round trips, kernel-cached directory listings, a fallocate handler, security.capability answered in C,
+# one scheduler pass per request; see docs/fuse-notes.md). It is built once,
 # into a wheel, before the package is installed, so pip never builds the stock pyfuse3 as well; only
 # pyfuse3 comes from source (its build tools are wheels). deltafs works on a stock pyfuse3 too, only
 # slower on directory-heavy work.

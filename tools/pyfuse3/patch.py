@@ -1,4 +1,4 @@
-"""Patch a pyfuse3 3.5.0 source tree: cached directory listings, and fallocate.
+"""Patch a pyfuse3 3.5.0 source tree: cached directory listings, fallocate, cheaper requests.
 
     python tools/pyfuse3/patch.py SRC_DIR      # the unpacked pyfuse3-3.5.0 sdist
 
@@ -8,8 +8,8 @@ FOPEN_CACHE_DIR, so every listing of every directory is a request too:
 ``find``, ``du`` and ``git status`` on a warm tree spend most of their time
 there.  And pyfuse3 has no fallocate handler, so libfuse answers ENOSYS and
 the kernel gives every fallocate(2) on the mount EOPNOTSUPP (databases,
-torrent clients and ``fallocate -l`` use it).  This patch changes three
-handlers and adds one, nothing else:
+torrent clients and ``fallocate -l`` use it).  This patch changes four
+handlers and the read loop, and adds one handler, nothing else:
 
 * ``opendir``: if the file system's ``opendir`` raises ENOSYS, pyfuse3
   replies ENOSYS, and the kernel (Linux >= 5.1) stops sending OPENDIR and
@@ -23,10 +23,20 @@ handlers and adds one, nothing else:
   ``operations.fallocate(fh, mode, offset, length)``; the base class's
   default raises ENOSYS, which makes the kernel stop sending FALLOCATE
   (what a stock pyfuse3 gets for every file system).
+* ``getxattr`` (``nocaps_inodes``): the kernel asks for
+  ``security.capability`` before every write(2).  If the operations object
+  has a ``nocaps_inodes`` container (read once, at ``init``) and the inode
+  is in it, the C callback replies ENODATA itself: no coroutine, no trio.
+  The file system keeps the container right (deltafs: inodes known to have
+  no such attribute; a file that has one is never in it).
+* the request loop (``inline_loop``): the read lock is taken with
+  ``acquire_nowait`` when free, so a request costs one scheduler pass (the
+  wait for the fd) instead of two (trio's ``async with lock`` yields too).
 * the module gets ``DELTAFS_PATCHES``, so deltafs can tell the patched
   build from a stock one: ``dir_handle_is_inode`` (else it falls back to
-  normal opendir handles) and ``fallocate`` (else fallocate(2) on the mount
-  answers EOPNOTSUPP, as with any stock pyfuse3 file system).
+  normal opendir handles), ``fallocate`` (else fallocate(2) on the mount
+  answers EOPNOTSUPP, as with any stock pyfuse3 file system),
+  ``nocaps_inodes`` and ``inline_loop`` (else the same answers, from Python).
 
 Every replacement is checked: on any other pyfuse3 version this fails
 loudly instead of building something half-patched.
