@@ -70,7 +70,7 @@ def summarize(res: Results) -> list[dict]:
         if kind == "edit":
             lat = row["cap"]["median_s"]
             jb = row["cap"]["journal_used"]
-            row["met"] = None if lat is None else (lat < limit and (jb or 0) < 100 * 1024)
+            row["met"] = None if lat is None else (lat <= limit and (jb or 0) < 100 * 1024)
         else:
             med = row["cap"]["median"]
             row["met"] = None if (med is None or limit is None) else med <= limit
