@@ -76,6 +76,10 @@ class Item:
             self.ready.set()
 
 
+BASE_MISSES = 8  # see capture_chunks
+BASE_RETRY = 16
+
+
 def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
                    cache: chunking.RawCache | None = None,
                    aligned: bool = False, holes=None) -> tuple[chunking.Rechunk, list]:
@@ -135,10 +139,21 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
                 return None, 1.0
         return chunking.Base(bid, r.read_chunk(bid, cache), info.depth), RESTART_HANDICAP
 
+    misses = 0  # bases in a row that gave no delta (an overwrite with unrelated data)
+    tried = 0
+
     def emit(span, raw, base_ref):
-        nonlocal buffered
+        nonlocal buffered, misses, tried
+        if base_ref is not None and misses >= BASE_MISSES:
+            # reading a base back costs as much as the chunk: after BASE_MISSES useless
+            # ones, try only every BASE_RETRY-th chunk until a delta pays again
+            tried += 1
+            if tried % BASE_RETRY:
+                base_ref = None
         b, handicap = base_for(base_ref[0]) if base_ref is not None else (None, 1.0)
         nc = chunking.build_chunk(raw, b, handicap=handicap)
+        if b is not None:
+            misses = 0 if nc.base_id is not None else misses + 1
         if cache is not None:
             cache.put(nc.id, raw)
             if base_ref is not None and base_ref[0] != nc.id:

@@ -611,6 +611,31 @@ def _compressible(raw: bytes) -> bool:
     return len(_compressor(1).compress(sample)) < SAMPLE * 0.97
 
 
+PROBE_WINDOW = 64  # bytes of the new chunk looked up in the base (find: ~13 GiB/s)
+PROBE_COUNT = 8  # windows, evenly spaced across the new chunk
+
+
+def _shares_with(raw: bytes, base_raw: bytes) -> bool:
+    """Does any of PROBE_COUNT evenly spaced PROBE_WINDOW-byte windows of ``raw`` occur in the base?
+
+    A delta pays only for bytes the new chunk shares with its base.  Building
+    a zstd dictionary from the base and compressing against it runs at
+    ~190 MiB/s; these look-ups (memchr-speed scans) at GB/s, so an overwrite
+    with unrelated data (fresh random bytes, a re-encrypted or recompressed
+    file) skips the delta.  A chunk sharing less than about 1/PROBE_COUNT of
+    its bytes with the base may be missed: such a delta saves little.
+    """
+    n = len(raw)
+    if n <= PROBE_WINDOW or len(base_raw) < PROBE_WINDOW:
+        return True  # too small to sample: let the delta decide
+    step = (n - PROBE_WINDOW) / (PROBE_COUNT - 1)
+    for k in range(PROBE_COUNT):
+        o = int(k * step)
+        if base_raw.find(raw[o:o + PROBE_WINDOW]) >= 0:
+            return True
+    return False
+
+
 def _dict(base_raw: bytes) -> zstandard.ZstdCompressionDict:
     return zstandard.ZstdCompressionDict(bytes(base_raw), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
@@ -628,7 +653,7 @@ def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level
     """
     raw = bytes(raw)
     delta = None
-    if base_raw:
+    if base_raw and _shares_with(raw, base_raw := bytes(base_raw)):
         cctx = zstandard.ZstdCompressor(compression_params=_params(ZSTD_DELTA_LEVEL), dict_data=_dict(base_raw))
         delta = cctx.compress(raw)
         if len(delta) * 8 * handicap < len(raw):

@@ -70,7 +70,7 @@ class Node:
     """One inode known to the kernel."""
 
     __slots__ = ("ino", "_fd", "fc", "parent", "name", "links", "kids", "pinned", "gen", "lookups",
-                 "handles", "writers", "dirty", "pending", "size_changed", "base", "last_item", "nocaps")
+                 "handles", "writers", "dirty", "pending", "size_changed", "base", "last_item")
 
     def __init__(self, ino: int, fc: FdCache, parent: "Node | None", name: bytes) -> None:
         self.ino = ino
@@ -90,7 +90,6 @@ class Node:
         self.size_changed = False  # truncated/extended by setattr since the last capture
         self.base: int | None = None  # capture's: journal version the dirty ranges apply to
         self.last_item = None  # capture's: this inode's latest queued capture
-        self.nocaps = False  # known to have no security.capability xattr
 
     @property
     def fd(self) -> int:
@@ -286,6 +285,10 @@ class Operations(pyfuse3.Operations):
         self._negative.entry_timeout = timeout
         self._dir_serial = 0
         self.umask = process_umask()  # the daemon's own (never 0): see _give_mode
+        # inodes known to have no security.capability xattr: the kernel asks
+        # before every write(2); a patched pyfuse3 (DELTAFS_PATCHES
+        # 'nocaps_inodes') answers these in C without calling getxattr
+        self.nocaps_inodes: set[int] = set()
 
     # ---- helpers -------------------------------------------------------
 
@@ -563,6 +566,7 @@ class Operations(pyfuse3.Operations):
         while (node.lookups <= 0 and node.handles == 0 and node.pending is None and node.kids <= 0
                and node.ino != ROOT and self.nodes.get(node.ino) is node):
             del self.nodes[node.ino]
+            self.nocaps_inodes.discard(node.ino)
             self.fc.drop(node)
             for p, _ in node.links or ():
                 p.kids -= 1
@@ -982,7 +986,7 @@ class Operations(pyfuse3.Operations):
         e = self._remember(parent, name, st)
         node = self.nodes[e.st_ino]
         if st.st_size == 0 and st.st_nlink == 1:
-            node.nocaps = True  # a new file has no security.capability: no getxattr per write
+            self.nocaps_inodes.add(node.ino)  # a new file has no security.capability
         e2 = self._give_mode(parent, node, mode, e, fd)
         if e2 is not e:
             e, st = e2, os.fstat(fd)
@@ -1092,13 +1096,13 @@ class Operations(pyfuse3.Operations):
         if node is None:
             raise FUSEError(errno.ESTALE)
         if name == _CAPS:
-            if node.nocaps:
+            if inode in self.nocaps_inodes:
                 raise FUSEError(errno.ENODATA)
             try:
                 return os.getxattr(self._proc(node), name)
             except OSError as e:
                 if e.errno == errno.ENODATA:
-                    node.nocaps = True
+                    self.nocaps_inodes.add(inode)
                 raise FUSEError(e.errno or errno.EIO) from None
         return await self._getxattr(node, name)
 
@@ -1117,7 +1121,7 @@ class Operations(pyfuse3.Operations):
         before = self._xattr_state(node, name) if self.rec.enabled else None
         os.setxattr(self._proc(node), name, value)
         if name == _CAPS:
-            node.nocaps = False
+            self.nocaps_inodes.discard(node.ino)
         # Setting what is already there is no record: the same value again,
         # or a system.posix_acl_access equal to the mode (vim writes one after
         # every save; SRC's filesystem stores no ACL for it).

@@ -296,3 +296,30 @@ def test_allow_other_lets_other_users_in(open_dir, mount_factory):
     assert res.returncode != 0 and b"Permission denied" in res.stderr
     res = _as_nobody("touch", str(shared.mnt / "new"))
     assert res.returncode != 0 and not (shared.src / "new").exists()
+
+
+def test_security_capability_is_real_with_the_inline_answer(mounted):
+    """The patched pyfuse3 answers security.capability in C for inodes deltafs
+    knows have none ('nocaps_inodes'); a file in SRC that has one still shows it,
+    and a write through the mount strips it as on ext4."""
+    import struct
+    blob = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # VFS_CAP_REVISION_2, cap_net_raw+ep
+    (mounted.src / "capped").write_bytes(b"#!/bin/true\n")
+    try:
+        os.setxattr(mounted.src / "capped", "security.capability", blob)
+    except OSError as e:
+        pytest.skip(f"cannot set security.capability here: {e}")
+    assert os.getxattr(mounted.mnt / "capped", "security.capability") == blob
+    (mounted.mnt / "new").write_bytes(b"x" * 10000)  # created through the mount: known to have none
+    for _ in range(2):  # the second answer comes from the inline path
+        with pytest.raises(OSError) as ei:
+            os.getxattr(mounted.mnt / "new", "security.capability")
+        assert ei.value.errno == errno.ENODATA
+    assert os.getxattr(mounted.mnt / "capped", "security.capability") == blob
+    with open(mounted.mnt / "capped", "r+b") as f:  # the kernel removes capabilities on write
+        f.write(b"#")
+    with pytest.raises(OSError) as ei:
+        os.getxattr(mounted.src / "capped", "security.capability")
+    assert ei.value.errno == errno.ENODATA
+    os.setxattr(mounted.mnt / "new", "security.capability", blob)  # set through the mount: shown
+    assert os.getxattr(mounted.mnt / "new", "security.capability") == blob

@@ -180,6 +180,25 @@ def test_incompressible_stored_raw():
     assert C.decompress_chunk(payload) == raw
 
 
+def test_delta_probe_skips_unrelated_bases_only():
+    """Overwriting with unrelated data tries no delta; an edit of incompressible data still gets one."""
+    rnd = random.Random(7)
+    base = rnd.randbytes(40_000)
+    assert not C._shares_with(rnd.randbytes(30_000), base)
+    payload = C.compress_chunk(rnd.randbytes(30_000), base)
+    assert payload[0] == C.CODEC_RAW  # no delta, and random data stays raw
+    edited = base[:20_000] + rnd.randbytes(50) + base[20_050:]
+    assert C._shares_with(edited, base)
+    payload = C.compress_chunk(edited, base)
+    assert payload[0] == C.CODEC_ZSTD_DELTA and len(payload) < 300
+    assert C.decompress_chunk(payload, base) == edited
+    # shifted content (an insertion before the chunk) is found too
+    shifted = b"inserted" + base[:30_000]
+    assert C.compress_chunk(shifted, base)[0] == C.CODEC_ZSTD_DELTA
+    # tiny chunks are not sampled: the delta decides
+    assert C._shares_with(b"x" * 10, base)
+
+
 def test_build_chunk_depth_bound():
     base_raw = _content(6, 30_000)
     raw = base_raw[:-10] + b"0123456789"

@@ -355,3 +355,27 @@ def test_a_reader_sees_what_a_writer_in_another_process_pruned(jpath):
             assert r.pruned_seqs() == {seqs[0]} and r.is_pruned(seqs[0])
             assert r.pruned_info(seqs[0])["t"] > 0
             assert r.read_content(seqs[2]) == data[2]
+
+
+def test_overwrite_with_unrelated_data_stops_reading_bases(journal):
+    """A whole file rewritten with unrelated data reads only a few old chunks back
+    (each would cost as much as the chunk); an edit still gets its delta."""
+    rnd = random.Random(11)
+    old_data = rnd.randbytes(4 << 20)
+    seq = journal.commit([version(journal, 1, b"f", old_data)])[0]
+    reads = []
+    with journal.reader() as r:
+        orig = r.read_chunk
+        r.read_chunk = lambda cid, *a: reads.append(cid) or orig(cid, *a)
+        old = r.chunk_list(seq)
+        new_data = rnd.randbytes(4 << 20)
+        res, chunks = capture_chunks(r, lambda o, n: new_data[o:o + n], len(new_data), old,
+                                     [(0, len(new_data))])
+        assert len(res.edits) and len(chunks) > 100
+        assert all(c.base_id is None for c in chunks)
+        assert len(reads) < 8 + len(chunks) // 16 + 2
+        reads.clear()
+        edited = old_data[:1 << 20] + b"edit" + old_data[(1 << 20) + 4:]
+        res, chunks = capture_chunks(r, lambda o, n: edited[o:o + n], len(edited), old,
+                                     [(1 << 20, (1 << 20) + 4)])
+        assert chunks and all(c.base_id is not None for c in chunks)

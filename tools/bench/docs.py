@@ -27,11 +27,13 @@ METHOD = """\
   outside. After each workload the bench waits until the daemon's CPU time
   stops moving (pending captures written) before the next one starts; that
   wait is not counted in the time but its CPU is counted in the daemon CPU
-  column, and shown as "capture settle".
+  column, and shown as "capture settle": a settle above 2 s fails the row
+  (captures fell behind: the time was moved out of the measurement, not saved).
 - **Writes** are dd-like from Python, identical on every target: `os.write`
-  of 1 MiB (or 4 KiB) blocks of random, incompressible data with each 4 KiB
-  page stamped with its index and a per-write salt (nothing dedups, not even
-  against an earlier round), one `fsync` at the end,
+  of 1 MiB (or 4 KiB) blocks of random, incompressible data (a new 1 MiB
+  pool per file) with each 4 KiB page stamped with its index and a per-write
+  salt (nothing dedups or deltas, not even against an earlier round or the
+  file it overwrites), one `fsync` at the end,
   included in the time. **Reads** use 1 MiB `readinto`; *cold* means
   `sync; echo 3 > /proc/sys/vm/drop_caches` just before ({drop}).
 - **Small-file tree**: the first {files} regular files (sorted walk, files
@@ -139,6 +141,8 @@ STATIC_NOTES = """\
 - fsync through FUSE is a writeback flush, a round trip and the backing
   fsync; with capture on, it also waits until the version is durable in the
   journal (a second disk flush unless grouped).
+- What each change bought and why targets are met or missed (hand-written,
+  figures quoted with their date and commit): [performance-notes.md](performance-notes.md).
 """
 
 
