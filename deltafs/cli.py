@@ -34,6 +34,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from deltafs.config import (parse_fd_budget, parse_metrics_addr, parse_minutes, parse_size,
                                 retention_from_args)
 
+    if args.at is not None or args.mnt is None:  # a read-only view of the past (pastfs)
+        return mount.mount_at(args)
     retention = retention_from_args(args.retention, args.coalesce)  # bad options: one line, exit 2
     compact_every = parse_minutes(args.compact_every) if args.compact_every is not None else None
     limit = parse_size(args.journal_limit) if args.journal_limit is not None else None
@@ -1108,7 +1110,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "JOURNAL/deltafs.log. Unmount with 'deltafs umount MNT'.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("src", metavar="SRC", help="the directory whose history is kept")
-    m.add_argument("mnt", metavar="MNT", help="an empty directory to mount it on")
+    m.add_argument("mnt", metavar="MNT", nargs="?", help="an empty directory to mount it on")
+    m.add_argument("--at", metavar="WHEN", help="mount the tree as it was at WHEN, read-only (time, "
+                   "'10 minutes ago', version id, snapshot name); with --journal DIR, give MNT only")
+    m.add_argument("--cache-size", metavar="SIZE", help="with --at: decoded-chunk cache size (default 64M)")
     m.add_argument("-f", "--foreground", action="store_true",
                    help="stay attached, log to stderr; Ctrl-C unmounts cleanly")
     m.add_argument("--journal", metavar="DIR", help="where the journal lives (default SRC/.deltafs)")
