@@ -366,6 +366,27 @@ def serve(journal_dir: str, when: str, mnt: str, *, cache_size: int = DEFAULT_CA
     return 0
 
 
+def view_statuses() -> list[dict]:
+    """``deltafs status`` entries of the mount --at views in the mount table."""
+    from deltafs import mounttable
+
+    out = []
+    for e in mounttable.mounts():
+        if e.fstype != FSTYPE:
+            continue
+        rec = mounttable.read_record(e.mnt) or {}
+        out.append({"mounted": True, "view": "past", "mnt": e.mnt, "journal": {"path": e.src},
+                    "at": rec.get("at"), "version": rec.get("seq"), "pid": rec.get("pid"),
+                    "note": rec.get("note")})
+    return out
+
+
+def format_view(st: dict) -> str:
+    line = (f"{st['mnt']}: read-only view of {st['journal']['path']} at {st.get('at')} "
+            f"(version {st.get('version')}), pid {st.get('pid')}")
+    return line + (f"\n  note       {st['note']}" if st.get("note") else "")
+
+
 def spawn(argv: list[str], log_path: str | None) -> None:
     """Background mount: run ``deltafs mount --at ... --foreground`` detached, wait for READY."""
     import subprocess

@@ -226,3 +226,15 @@ def test_bad_input_gives_one_clear_line(history, past):
         assert words in err, err
     res = run_cli("mount", "--at", "v1", history, check=False)  # no MNT, no --journal
     assert res.returncode == 2 and "Traceback" not in res.stderr.decode()
+
+
+def test_status_shows_the_view(history, past):
+    import json
+
+    mnt, _ = past.mount("--at", "v10", history)
+    res = run_cli("status", "--json", check=True)
+    views = [json.loads(x) for x in res.stdout.decode().splitlines() if x.strip()]
+    mine = [v for v in views if v.get("mnt") == str(mnt)]
+    assert mine and mine[0]["view"] == "past" and mine[0]["version"] == 10
+    text = run_cli("status", check=True).stdout.decode()
+    assert f"{mnt}: read-only view" in text
