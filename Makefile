@@ -91,7 +91,7 @@ check: venv
 # mirrors against plain ones, then descriptors (peak descriptors and memory for 100k files, 1M in
 # a full run; hot-path cost when the descriptor cache fits vs evicts). All run even if one fails; the exit status says whether any did.
 # Ctrl-C stops the whole sequence.
-BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size tools.bench.encrypted tools.bench.fds
+BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size tools.bench.encrypted tools.bench.fds tools.bench.pastview
 define run_benches
 	@failed=""; for prog in $(BENCH_PROGRAMS); do \
 	  echo "== $$(date -u +%H:%M:%S) python -m $$prog $(1)" >&2; start=$$(date +%s); \
