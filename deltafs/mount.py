@@ -484,5 +484,5 @@ def mount_at(args) -> int:
         argv += ["--cache-size", args.cache_size]
     for o in args.option:
         argv += ["-o", o]
-    pastfs.spawn(argv, None)
+    pastfs.spawn(argv, os.path.join(journal, "past-view.log") if os.access(journal, os.W_OK) else None)
     return 0

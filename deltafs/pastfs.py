@@ -395,7 +395,12 @@ def spawn(argv: list[str], log_path: str | None) -> None:
     from deltafs.errors import MountError
 
     r, w = os.pipe()
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    out = subprocess.DEVNULL
+    if log_path:
+        try:  # owner-only, never through a symlink
+            out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            log_path, out = None, subprocess.DEVNULL
     try:
         subprocess.Popen([sys.executable, "-m", "deltafs", *argv, "--foreground", "--ready-fd", str(w)],
                          pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
@@ -403,7 +408,7 @@ def spawn(argv: list[str], log_path: str | None) -> None:
     finally:
         os.close(w)
         if log_path:
-            out.close()
+            os.close(out)
     with os.fdopen(r, "rb") as f:
         msg = f.readline()
     if msg == b"READY\n":
