@@ -238,3 +238,23 @@ def test_status_shows_the_view(history, past):
     assert mine and mine[0]["view"] == "past" and mine[0]["version"] == 10
     text = run_cli("status", check=True).stdout.decode()
     assert f"{mnt}: read-only view" in text
+
+
+def test_view_beside_a_live_mount_of_the_same_src(mount_factory, past):
+    m = mount_factory()
+    _save(m.mnt / "a.txt", b"first\n")
+    (m.mnt / "d").mkdir()
+    os.symlink("a.txt", m.mnt / "d" / "s")
+    _save(m.mnt / "a.txt", b"second, longer\n")
+    head = head_seq(m.src)
+    view, _ = past.mount("--at", "v2", m.src)
+    assert (view / "a.txt").read_bytes() == b"first\n"
+    assert not (view / "d").exists()
+    now, _ = past.mount("--at", f"v{head}", m.src)
+    assert (now / "a.txt").read_bytes() == b"second, longer\n"
+    assert os.readlink(now / "d" / "s") == "a.txt"
+    _save(m.mnt / "a.txt", b"the live mount keeps working\n")
+    assert (now / "a.txt").read_bytes() == b"second, longer\n"
+    run_cli("umount", view, check=True)
+    run_cli("umount", now, check=True)
+    m.umount()
