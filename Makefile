@@ -94,7 +94,7 @@ check: venv
 # latency and daemon memory per minute under a fixed offered load with compaction every 30 s:
 # 10 min quick, 60 full). All run even if one fails; the exit status says whether any did.
 # Ctrl-C stops the whole sequence.
-BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size tools.bench.encrypted tools.bench.fds tools.bench.soak
+BENCH_PROGRAMS := tools.bench tools.bench.scale tools.bench.history_size tools.bench.encrypted tools.bench.fds tools.bench.soak tools.bench.pastview
 define run_benches
 	@failed=""; for prog in $(BENCH_PROGRAMS); do \
 	  echo "== $$(date -u +%H:%M:%S) python -m $$prog $(1)" >&2; start=$$(date +%s); \

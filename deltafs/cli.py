@@ -38,6 +38,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from deltafs import mount
     from deltafs.config import MountConfig
 
+    if args.at is not None or args.mnt is None:  # a read-only view of the past (pastfs)
+        return mount.mount_at(args)
     # every option parsed first: bad ones give one line and exit 2 before any fork
     cfg = MountConfig.from_args(args, args.src, args.mnt, args.journal, log_file=args.log_file)
     if args.ready_fd is None:  # the daemon re-checks; the user gets errors before any fork
@@ -1094,7 +1096,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "JOURNAL/deltafs.log. Unmount with 'deltafs umount MNT'.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("src", metavar="SRC", help="the directory whose history is kept")
-    m.add_argument("mnt", metavar="MNT", help="an empty directory to mount it on")
+    m.add_argument("mnt", metavar="MNT", nargs="?", help="an empty directory to mount it on")
+    m.add_argument("--at", metavar="WHEN", help="mount the tree as it was at WHEN, read-only (time, "
+                   "'10 minutes ago', version id, snapshot name); with --journal DIR, give MNT only")
+    m.add_argument("--cache-size", metavar="SIZE", help="with --at: decoded-chunk cache size (default 64M)")
     m.add_argument("--journal", metavar="DIR", help="where the journal lives (default SRC/.deltafs)")
     MountConfig.add_arguments(m)  # every option the daemon runs with: deltafs/config.py
     m.add_argument("--encrypt", action="store_true",

@@ -396,7 +396,7 @@ def unmount(mnt: str, timeout: float = 120.0) -> None:
         entry = mounttable.mount_at(os.path.realpath(mnt_a)) if os.path.exists(mnt_a) else None
     if entry is None:
         raise NotMountedError(f"{mnt} is not mounted")
-    if entry.fstype != mounttable.FSTYPE:
+    if entry.fstype not in (mounttable.FSTYPE, mounttable.FSTYPE + "-past"):
         raise UsageError(f"{mnt} is not a deltafs mount (it is {entry.fstype})")
     rec = mounttable.read_record(entry.mnt) or {}
     if rec.get("src") != entry.src:  # left by an earlier mount at this MNT: its pid is not ours to wait for
@@ -425,3 +425,41 @@ def unmount(mnt: str, timeout: float = 120.0) -> None:
             raise MountError(f"unmounted {mnt}, but its daemon (pid {pid}) is still finishing after "
                              f"{timeout:.0f}s")
 
+
+
+def mount_at(args) -> int:
+    """``deltafs mount --at WHEN SRC MNT`` / ``--at WHEN --journal DIR MNT``: a read-only past view."""
+    from deltafs import pastfs
+    from deltafs.config import parse_size
+
+    if args.at is None:
+        raise UsageError("give SRC and MNT (MNT alone goes with --at WHEN --journal DIR)")
+    if args.mnt is None:
+        if args.journal is None:
+            raise UsageError("give SRC and MNT, or --journal DIR and MNT")
+        src, mnt = None, args.src
+    else:
+        src, mnt = args.src, args.mnt
+    journal = os.path.abspath(args.journal or os.path.join(src, ".deltafs"))
+    if not os.path.exists(os.path.join(journal, "data.mdb")):
+        raise UsageError(f"no deltafs journal at {journal}")
+    mnt = os.path.abspath(mnt)
+    if not os.path.isdir(mnt):
+        raise UsageError(f"{mnt} is not a directory")
+    if mounttable.mount_at(mnt) is not None:
+        raise UsageError(f"{mnt} is already a mount point")
+    cache = parse_size(args.cache_size, "--cache-size") if args.cache_size else pastfs.DEFAULT_CACHE
+    if args.ready_fd is None:
+        check_fuse()
+    if args.foreground or args.ready_fd is not None:
+        if args.foreground:
+            logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+        return pastfs.serve(journal, args.at, mnt, cache_size=cache, options=tuple(args.option),
+                            ready_fd=args.ready_fd)
+    argv = ["mount", "--at", args.at, "--journal", journal, mnt, "--log-level", args.log_level]
+    if args.cache_size:
+        argv += ["--cache-size", args.cache_size]
+    for o in args.option:
+        argv += ["-o", o]
+    pastfs.spawn(argv, os.path.join(journal, "past-view.log") if os.access(journal, os.W_OK) else None)
+    return 0

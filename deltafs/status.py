@@ -182,13 +182,17 @@ def all_mounts(timeout: float = 10.0) -> list[dict]:
             out.append({"mounted": True, "daemon": None, "src": e.src, "mnt": e.mnt,
                         "journal": {"path": loc.journal}, "capture": None, "snapshots": [],
                         "error": str(err)})
-    return out
+    from deltafs.pastfs import view_statuses
+
+    return out + view_statuses()
 
 
 def problems(st: dict, max_lag: float = MAX_MIRROR_LAG_S) -> list[str]:
     """Why a mount is unhealthy (empty: healthy).  ``max_lag``: seconds a
     mirror may lag behind the journal."""
     out = []
+    if st.get("view") == "past":  # a read-only mount --at view: nothing to lag or fail
+        return out
     where = st.get("mnt") or st.get("src") or st.get("journal", {}).get("path")
     if st.get("error"):
         out.append(f"{where}: {st['error']}")
@@ -257,6 +261,10 @@ def _ago(seconds: float) -> str:
 
 
 def format_text(st: dict) -> str:
+    if st.get("view") == "past":
+        from deltafs.pastfs import format_view
+
+        return format_view(st)
     j = st.get("journal") or {}
     cap = st.get("capture")
     if st.get("mnt"):

@@ -79,6 +79,7 @@ LAYERS = [
     ["deltafs.metrics"],
     ["deltafs.status"],
     ["deltafs.control"],
+    ["deltafs.pastfs"],  # mount --at: a read-only view built from history
     # services and tools: the FUSE side, capture, compaction, mirrors, history
     ["deltafs.ops", "deltafs.capture", "deltafs.maintenance", "deltafs.mirrors", "deltafs.history",
      "deltafs.locate", "deltafs.snapshots"],
