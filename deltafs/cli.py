@@ -237,6 +237,54 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return history.restore_exit_code(rep, args.nearest)
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """docs/cli.md "deltafs rollback"; the work is history.rollback (docs/guard.md)."""
+    from deltafs import history
+    from deltafs.locate import locate
+
+    loc = locate(args.path, args.journal)
+    snap = None
+    if not args.dry_run:
+        snap = _snapshot_before(loc, history.snapshot_name(history.ROLLBACK_PREFIX))
+    rep = history.rollback(loc.journal, loc.rel, at=args.to, mnt=loc.mnt, src=loc.src, dry_run=args.dry_run)
+    _report_restore(rep, False, args.dry_run)
+    if args.json:
+        _print_json({**rep.to_dict(), "undo_snapshot": snap})
+    else:
+        if args.dry_run:
+            from deltafs.names import quote_name
+
+            for a in rep.plan:
+                print(f"{a['action']}\t{quote_name(a['path'])}")
+        print(rep.summary().replace("would restore ", "would roll back ", 1).replace("restored ", "rolled back ", 1))
+        if snap:
+            print(f"undo with: deltafs rollback {quote_arg(args.path or '.')} --to {snap}")
+    return history.restore_exit_code(rep, True)
+
+
+def _snapshot_before(loc, name: str) -> str:
+    """Name the head before a rollback changes anything (through the daemon when mounted)."""
+    from deltafs import control
+    from deltafs.journal import Journal
+
+    if loc.mnt is not None:
+        control.request(loc.journal, "flush")
+        control.request(loc.journal, "snapshot", name=name)
+    else:
+        j = Journal.open(loc.journal)
+        try:
+            control.make_snapshot(j, name)
+        finally:
+            j.close()
+    return name
+
+
+def quote_arg(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
 def _report_restore(rep, nearest: bool, dry_run: bool = False) -> None:
     """Warnings, then one line per path not restored, then the thinned note (stderr)."""
     for w in rep.warnings:
@@ -530,6 +578,18 @@ def _add_history_parsers(sub) -> None:
     rs.add_argument("--json", action="store_true", help="print a JSON summary")
     nearest(rs)
     rs.set_defaults(func=cmd_restore)
+
+    rb = sub.add_parser("rollback", help="return a file, a directory or the whole tree to a moment",
+                        description="Return PATH (default: the whole tree) to WHEN in place: files created "
+                                    "since are removed, deleted ones come back, renamed ones go home. "
+                                    "Through the running mount when mounted (journaled), else into SRC. "
+                                    "A snapshot rollback-<time> is taken first: roll back to it to undo. "
+                                    + when_help, epilog=EPILOG, formatter_class=fmt)
+    common(rb, "a file, a directory or the root, inside MNT or SRC (default: the current directory)", optional=True)
+    rb.add_argument("--to", metavar="WHEN", required=True, help="the moment (also a guard-<time> snapshot)")
+    rb.add_argument("-n", "--dry-run", action="store_true", help="list what would change, change nothing")
+    rb.add_argument("--json", action="store_true", help="print a JSON summary")
+    rb.set_defaults(func=cmd_rollback)
 
 
 # ---- verify and compact (docs/cli.md "deltafs verify", "deltafs compact")
