@@ -61,7 +61,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
                       capture=not args.no_capture, log_level=args.log_level,
                       log_file=args.log_file, mirrors=tuple(args.mirror),
                       endpoint_url=args.endpoint_url, retention=retention, journal_limit=limit,
-                      metrics_addr=metrics_addr, fd_budget=fd_budget,
+                      metrics_addr=metrics_addr, fd_budget=fd_budget, guard=args.guard or "normal",
+                      on_alert=args.on_alert,
                       **({"compact_every": compact_every} if compact_every else {}))
     if not args.foreground:
         argv = ["mount", src, mnt, "--journal", journal, "--log-level", args.log_level]
@@ -75,7 +76,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             argv += ["--mirror", url]
         if args.endpoint_url:
             argv += ["--endpoint-url", args.endpoint_url]
-        for opt in ("retention", "coalesce", "compact_every", "journal_limit", "metrics_addr", "fd_budget"):
+        for opt in ("retention", "coalesce", "compact_every", "journal_limit", "metrics_addr", "fd_budget",
+                    "guard", "on_alert"):
             if getattr(args, opt) is not None:
                 argv += ["--" + opt.replace("_", "-"), getattr(args, opt)]
         mount.spawn_daemon(cfg, argv)
@@ -434,6 +436,54 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guard(args: argparse.Namespace) -> int:
+    """docs/cli.md "deltafs guard"; docs/guard.md."""
+    from deltafs import control
+
+    loc = _control_target(args)
+    if args.action == "test":
+        from deltafs import guard
+        from deltafs.journal import Journal
+        from deltafs.when import resolve_when
+
+        with Journal.open(loc.journal, readonly=True) as j, j.reader() as r:
+            start = resolve_when(r, args.since).seq + 1 if args.since else 1
+            end = resolve_when(r, args.until).seq if args.until else r.head_seq()
+            out = guard.replay(r, start, end, args.level)
+        if args.json:
+            _print_json(out)
+        else:
+            for a in out["alerts"]:
+                ex = ", ".join(e["path"] for e in a["examples"][:5])
+                print(f"ALERT at version {a['examples'][-1]['version'] if a['examples'] else '?'}: {a['files']} files, "
+                      f"score {a['score']} >= {a['threshold']}; the attack began after version "
+                      f"{a['before_version']} (e.g. {ex})")
+            print(f"{out['records']} records (versions {start}..{end}) at level {args.level}: "
+                  f"{len(out['alerts'])} alert(s); score at the end {out['score']}")
+        return 1 if out["alerts"] else 0
+    if loc.mount is None:
+        from deltafs.errors import UsageError
+
+        raise UsageError(f"{args.path or '.'} is not mounted: the guard runs in a mount's daemon "
+                         "(deltafs guard test works on the journal alone)")
+    g = control.request(loc.journal, "guard", timeout=args.timeout,
+                        action="resume" if args.action == "resume" else "status")["guard"]
+    if args.json:
+        _print_json(g)
+    elif args.action == "resume":
+        print("alert cleared; the guard watches again" if g.get("cleared") else "no alert stood; nothing to clear")
+    else:
+        a = g["alert"]
+        print(f"guard {g['level']}: score {g['score']} of {g['threshold']:g} in a {g['window_s']:g}s window; "
+              + ("ALERT" if a else "no alert"))
+        if a:
+            print(f"  {a['files']} files look destroyed; the attack began after version {a['before_version']}"
+                  f" (snapshot {a['snapshot']}); {a['changes_since']} suspicious changes since")
+            print(f"  undo: deltafs rollback {loc.mnt} --to {a['snapshot'] or 'v%d' % a['before_version']}"
+                  f" ; then: deltafs guard resume {loc.mnt}")
+    return 1 if args.action == "status" and g.get("alert") else 0
+
+
 def _add_control_parsers(sub) -> None:
     fmt = argparse.HelpFormatter
 
@@ -488,6 +538,21 @@ def _add_control_parsers(sub) -> None:
     common(sn)
     sn.add_argument("--json", action="store_true")
     sn.set_defaults(func=cmd_snapshot)
+
+    gd = sub.add_parser("guard", help="the mass-damage guard: status, resume after an alert, test",
+                        description="status: the guard's score and any standing alert (exit 1 while "
+                                    "one stands). resume: clear the alert (compaction resumes). test: run "
+                                    "the detector over records --since..--until of the journal and list "
+                                    "what it would have flagged (exit 1 if anything). docs/guard.md.",
+                        epilog=EPILOG, formatter_class=fmt)
+    gd.add_argument("action", choices=("status", "resume", "test"))
+    common(gd)
+    gd.add_argument("--since", metavar="WHEN", help="test: from right after WHEN (default: the first record)")
+    gd.add_argument("--until", metavar="WHEN", help="test: up to WHEN (default: now)")
+    gd.add_argument("--level", choices=("low", "normal", "high"), default="normal",
+                    help="test: the sensitivity to test (default normal)")
+    gd.add_argument("--json", action="store_true")
+    gd.set_defaults(func=cmd_guard)
 
     ss = sub.add_parser("snapshots", help="list named snapshots", epilog=EPILOG, formatter_class=fmt)
     common(ss)
@@ -1198,6 +1263,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fd-budget", metavar="N",
                    help="descriptors the daemon may keep open for the inodes it caches (default: a "
                         "quarter of its RLIMIT_NOFILE); 256 more always stay free")
+    m.add_argument("--guard", choices=("off", "low", "normal", "high"),
+                   help="mass-damage guard sensitivity (default normal; docs/guard.md)")
+    m.add_argument("--on-alert", metavar="CMD", help="shell command run when the guard raises an alert")
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)

@@ -207,6 +207,8 @@ class MountConfig:
     journal_limit: int | None = None  # bytes of journal data (--journal-limit SIZE)
     metrics_addr: tuple[str, int] | None = None  # (host, port) of /metrics (--metrics-addr)
     fd_budget: int | None = None  # descriptors cached for inodes (--fd-budget; default limit/4)
+    guard: str = "normal"  # --guard off|low|normal|high (deltafs.guard)
+    on_alert: str | None = None  # --on-alert CMD
 
     @property
     def journal_in_src(self) -> bool:

@@ -317,7 +317,9 @@ def _services(cfg: MountConfig) -> list:
     from deltafs.mirrors.replicate import mirror_service
 
     # mirror_service runs without mirrors too: `mirror add` may start one while mounted
-    services = [control.serve, maintenance.maintenance_service, mirror_service]
+    from deltafs.guard import guard_service
+
+    services = [control.serve, guard_service, maintenance.maintenance_service, mirror_service]
     if cfg.metrics_addr:
         from deltafs.metrics import metrics_service
 

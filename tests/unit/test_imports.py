@@ -81,7 +81,8 @@ LAYERS = [
     # services and tools: the FUSE side, capture, compaction, mirrors, history
     ["deltafs.ops", "deltafs.capture", "deltafs.maintenance", "deltafs.mirrors", "deltafs.history",
      "deltafs.locate"],
-    ["deltafs.journal", "deltafs.mounttable", "deltafs.when", "deltafs.config", "deltafs.ignore"],
+    ["deltafs.journal", "deltafs.mounttable", "deltafs.when", "deltafs.config", "deltafs.ignore",
+     "deltafs.guard"],
     ["deltafs.chunking", "deltafs.errors"],
     ["deltafs.names", "deltafs._syscalls", "deltafs.fdcache", "deltafs"],
 ]
