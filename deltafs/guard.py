@@ -335,6 +335,7 @@ class Detector:
         self.memory: dict[bytes, tuple] = {}  # path -> (type, head entropy) last seen
         # new opaque files, in time order: b"\1"+path, stem (a.pdf.locked -> a.pdf), b"\0"+stem -> when
         self.fresh: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self.created: dict[bytes, int] = {}  # path -> seq of its create record (recent ones)
         self.alert: Alert | None = None  # the standing alert (until resume)
         self.observed = 0
         self._added = 0
@@ -376,6 +377,7 @@ class Detector:
                     for k in (b"\1" + c.path, stem_of(c.path), b"\0" + stem_of(c.path)):
                         self.fresh.pop(k, None)
                         self.fresh[k] = now
+                    seq = self.created.pop(c.path, seq)  # the attack began with its create
                 self._hit(c.path, s, why, seq, now)
             elif op == "unlink" or (op == "rename" and c.path2 is not None and
                                     ext_of(c.path2) != ext_of(c.path)):
@@ -385,6 +387,10 @@ class Detector:
                     self._hit(c.path, 0.75, ["replaced"], seq, now)
             elif op == "rename" and c.path2 is not None:
                 self._move(c.path, c.path2)
+            elif op == "create":
+                self.created[c.path] = seq
+                if len(self.created) > 10_000:
+                    self.created.pop(next(iter(self.created)))
         while self.hits and now - self.hits[0].t > self.window:
             self.hits.popleft()
         while self.fresh and now - next(iter(self.fresh.values())) > self.window:
@@ -410,10 +416,10 @@ class Detector:
 
     def _renamed(self, c, seq: int, now: float) -> None:
         old_ext, new_ext = ext_of(c.path), ext_of(c.path2)
-        known_before = expected_type(c.path) is not None or c.path in self.memory
+        known_before = expected_type(c.path) is not None  # a.pdf, not HEAD.lock -> HEAD
         appended = c.path2.startswith(c.path + b".")
         self._move(c.path, c.path2)
-        if new_ext not in BENIGN_EXT and (known_before or appended) and old_ext != new_ext:
+        if new_ext and new_ext not in BENIGN_EXT and (known_before or appended) and old_ext != new_ext:
             self._hit(c.path2, 0.5, ["extension"], seq, now)
 
     def _replaced_by_fresh(self, path: bytes, now: float) -> bool:
@@ -435,12 +441,12 @@ def guard_snapshot_name(now_ns: int | None = None) -> str:
     return SNAPSHOT_PREFIX + time.strftime("%Y%m%dT%H%M%S", t) + "Z"
 
 
-def pin_snapshot(journal, seq: int, alert: Alert) -> str:
+def pin_snapshot(journal, seq: int, alert: Alert, name: str | None = None) -> str:
     """Name the record before the attack ``guard-<time>`` (blocking; a worker thread).
 
     A snapshot pins the versions current at it against retention
     (maintenance.pinned_by_snapshots), so they are never thinned."""
-    name = guard_snapshot_name(alert.time_ns)
+    name = name or guard_snapshot_name(alert.time_ns)
     with journal.reader() as r:
         n = 1
         base = name
@@ -475,6 +481,7 @@ class Guard:
             return
         if alert is not None:
             self.alerts += 1
+            self.snapshot = guard_snapshot_name(alert.time_ns)  # status names it at once
             self.nursery.start_soon(self._alerted, alert)
 
     async def _alerted(self, alert: Alert) -> None:
@@ -482,7 +489,7 @@ class Guard:
 
         try:
             self.snapshot = await trio.to_thread.run_sync(pin_snapshot, self.journal,
-                                                          max(0, alert.first_seq - 1), alert)
+                                                          max(0, alert.first_seq - 1), alert, self.snapshot)
         except Exception as e:  # noqa: BLE001 - the alert still goes out
             log.exception("guard: cannot pin the snapshot before the attack")
             self.snapshot = None
@@ -597,9 +604,9 @@ def replay(r, start: int, end: int, level: str = "normal") -> dict:
     for rec in r.records(start, end):
         n += 1
         now[0] = rec.time_ns / 1e9
-        if rec.op == "write" and rec.edit:
+        if rec.op == "write":
             chunks = []
-            for _, _, refs in rec.edit:
+            for _, _, refs in rec.edit or ():
                 for cid, _ in refs:
                     if cid not in seen:
                         seen.add(cid)
