@@ -27,7 +27,11 @@ and ``restore`` causes are not the user's writes and are skipped):
 * ``type``    0.5  the file's type (magic number at its start, known from
                    the old first chunk, the guard's memory of the path, or
                    its extension) is gone: a PDF no longer starts ``%PDF-``,
-                   a text file's head is no longer text;
+                   a text file's head is no longer text (its byte entropy
+                   reached 5.5 bits); 0.75 for a document or archive format
+                   that always starts with its magic (PDF, PNG, JPEG, GIF,
+                   zip and the office formats, gzip, xz, zstd, bzip2, 7z,
+                   SQLite);
 * ``entropy`` 0.5  the changed bytes are incompressible (their chunks were
                    stored raw) where the file was compressible (its old head
                    sample, or its extension's class, says so), or the head
@@ -141,6 +145,8 @@ EXT_FORMAT = {
     ".so": "elf", ".mp4": "mp4", ".m4a": "mp4", ".mov": "mp4", ".webp": "riff", ".wav": "riff",
     ".avi": "riff",
 }
+# formats that always start with their magic number: losing it scores 0.75 (see write_signals)
+STRONG_TYPES = frozenset({"pdf", "png", "jpeg", "gif", "zip", "gzip", "xz", "zstd", "bzip2", "7z", "sqlite"})
 TEXT_EXT = frozenset(
     ".txt .md .rst .csv .tsv .json .xml .html .htm .css .js .ts .py .c .h .cc .cpp .hpp .java .go .rs "
     ".rb .pl .sh .yml .yaml .toml .ini .cfg .conf .log .tex .sql .svg .eml .ics .vcf .srt .org .php".split())
@@ -294,7 +300,8 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
     score, why = 0.0, []
     if new_head is not None and old_type is not None and new_type != old_type and \
             (old_type != "text" or new_ent >= 5.5):  # text that merely gained a few odd bytes is not gone
-        score += 0.5
+        # a document format whose magic number is gone is broken for every program that opens it
+        score += 0.75 if old_type in STRONG_TYPES and ext_of(path) in EXT_FORMAT else 0.5
         why.append("type")
     compressible_before = (old_ent is not None and old_ent < 6.0) or \
         (old_ent is None and old_type is not None and old_type not in COMPRESSED)
