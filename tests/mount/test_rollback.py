@@ -54,7 +54,7 @@ def test_rollback_through_the_mount_and_back(mount_factory, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     make_corpus(src, 120)
-    m = mount_factory(src)
+    m = mount_factory(src, "--guard", "off")  # the damage here is an attack: tests/mount/test_guard_mount.py
     tag(m.mnt / "dir0" / "notes0.txt")
     before = fingerprint(m.mnt)
     snapshot(m.mnt, "clean")
@@ -96,7 +96,7 @@ def test_rollback_unmounted_is_journaled(mount_factory, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     make_corpus(src, 40)
-    m = mount_factory(src)
+    m = mount_factory(src, "--guard", "off")  # the damage here is an attack: tests/mount/test_guard_mount.py
     tag(m.mnt / "dir0" / "notes0.txt")
     before = fingerprint(m.mnt)
     snapshot(m.mnt, "clean")
