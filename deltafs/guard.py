@@ -46,9 +46,10 @@ and ``restore`` causes are not the user's writes and are skipped):
                    changed everywhere a little (16-byte stripes);
 
 A new file whose content is >= 90% incompressible and not a recognised
-format scores ``opaque`` 0.25; the delete (or rename away) of a file whose
-name it extends or shares the stem of within the window scores ``replaced``
-0.75 (write-new-then-delete-old).  A rename that gives a file of a known
+format is remembered as ``opaque`` (it scores nothing alone: new random
+files are no damage); the delete (or rename away) of a file whose name it
+extends or shares the stem of within the window scores ``replaced`` 1.0
+(write-new-then-delete-old).  A rename that gives a file of a known
 type an unknown extension scores ``extension`` 0.5.
 
 A version whose new head is a recognised container or compressed format
@@ -341,7 +342,7 @@ class Detector:
         self.hits: collections.deque[Hit] = collections.deque()
         self.memory: dict[bytes, tuple] = {}  # path -> (type, head entropy) last seen
         # new opaque files, in time order: b"\1"+path, stem (a.pdf.locked -> a.pdf), b"\0"+stem -> when
-        self.fresh: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self.fresh: collections.OrderedDict[bytes, tuple[float, int]] = collections.OrderedDict()
         self.created: dict[bytes, int] = {}  # path -> seq of its create record (recent ones)
         self.alert: Alert | None = None  # the standing alert (until resume)
         self.observed = 0
@@ -380,18 +381,21 @@ class Detector:
                 if c.cause in SKIP_CAUSES:
                     continue
                 s, why = write_signals(c, self.raw, self.memory)
-                if "opaque" in why:  # remembered under the name it extends, and under its stem
+                if "opaque" in why:  # remembered under the name it extends, and under its stem;
+                    # it scores only once an original goes (new random files alone are no damage)
+                    first = self.created.pop(c.path, seq)  # the attack began with its create
                     for k in (b"\1" + c.path, stem_of(c.path), b"\0" + stem_of(c.path)):
                         self.fresh.pop(k, None)
-                        self.fresh[k] = now
-                    seq = self.created.pop(c.path, seq)  # the attack began with its create
+                        self.fresh[k] = (now, first)
+                    continue
                 self._hit(c.path, s, why, seq, now)
             elif op == "unlink" or (op == "rename" and c.path2 is not None and
                                     ext_of(c.path2) != ext_of(c.path)):
                 if op == "rename":
                     self._renamed(c, seq, now)
-                if self._replaced_by_fresh(c.path, now):
-                    self._hit(c.path, 0.75, ["replaced"], seq, now)
+                first = self._replaced_by_fresh(c.path, now)
+                if first is not None:
+                    self._hit(c.path, 1.0, ["opaque", "replaced"], first, now)
             elif op == "rename" and c.path2 is not None:
                 self._move(c.path, c.path2)
             elif op == "create":
@@ -400,7 +404,7 @@ class Detector:
                     self.created.pop(next(iter(self.created)))
         while self.hits and now - self.hits[0].t > self.window:
             self.hits.popleft()
-        while self.fresh and now - next(iter(self.fresh.values())) > self.window:
+        while self.fresh and now - next(iter(self.fresh.values()))[0] > self.window:
             self.fresh.popitem(last=False)
         if self.alert is not None:
             self.damaged_since_alert += self._added
@@ -429,15 +433,15 @@ class Detector:
         if new_ext and new_ext not in BENIGN_EXT and (known_before or appended) and old_ext != new_ext:
             self._hit(c.path2, 0.5, ["extension"], seq, now)
 
-    def _replaced_by_fresh(self, path: bytes, now: float) -> bool:
+    def _replaced_by_fresh(self, path: bytes, now: float) -> int | None:
         """Was a new opaque file written whose name extends this one's
-        (a.pdf -> a.pdf.locked) or shares its stem (a.pdf -> a.enc)?"""
+        (a.pdf -> a.pdf.locked) or shares its stem (a.pdf -> a.enc)? -> its create seq"""
         if b"\1" + path in self.fresh:
-            return False  # the new file itself goes
-        t = self.fresh.get(path)
-        if t is None:
-            t = self.fresh.get(b"\0" + stem_of(path))
-        return t is not None and now - t <= self.window
+            return None  # the new file itself goes
+        v = self.fresh.get(path)
+        if v is None:
+            v = self.fresh.get(b"\0" + stem_of(path))
+        return v[1] if v is not None and now - v[0] <= self.window else None
 
 
 # ---- the daemon side -------------------------------------------------------------------------------
