@@ -236,6 +236,7 @@ class Recorder:
         # regular files just deleted or renamed away: a file renamed onto one
         # of these paths is the next version of it (write-new-then-delete-old)
         self.recently_gone: dict[bytes, float] = {}
+        self.guard = None  # deltafs.guard.Guard (set by guard_service): sees each committed item
 
     # ---- pipeline ---------------------------------------------------------
 
@@ -333,6 +334,8 @@ class Recorder:
                 else:
                     self.records += len(res)
                     self.versions += sum(1 for c in it.changes or () if c.op == "write")
+                    if self.guard is not None and res:
+                        self.guard.observe(it.changes, res)
                 if it.after is not None:
                     try:
                         it.after(res)

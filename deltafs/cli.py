@@ -220,6 +220,54 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return history.restore_exit_code(rep, args.nearest)
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """docs/cli.md "deltafs rollback"; the work is history.rollback (docs/guard.md)."""
+    from deltafs import history
+    from deltafs.locate import locate
+
+    loc = locate(args.path, args.journal)
+    snap = None
+    if not args.dry_run:
+        snap = _snapshot_before(loc, history.snapshot_name(history.ROLLBACK_PREFIX))
+    rep = history.rollback(loc.journal, loc.rel, at=args.to, mnt=loc.mnt, src=loc.src, dry_run=args.dry_run)
+    _report_restore(rep, False, args.dry_run)
+    if args.json:
+        _print_json({**rep.to_dict(), "undo_snapshot": snap})
+    else:
+        if args.dry_run:
+            from deltafs.names import quote_name
+
+            for a in rep.plan:
+                print(f"{a['action']}\t{quote_name(a['path'])}")
+        print(rep.summary().replace("would restore ", "would roll back ", 1).replace("restored ", "rolled back ", 1))
+        if snap:
+            print(f"undo with: deltafs rollback {quote_arg(args.path or '.')} --to {snap}")
+    return history.restore_exit_code(rep, True)
+
+
+def _snapshot_before(loc, name: str) -> str:
+    """Name the head before a rollback changes anything (through the daemon when mounted)."""
+    from deltafs import control
+    from deltafs.journal import Journal
+
+    if loc.mnt is not None:
+        control.request(loc.journal, "flush")
+        control.request(loc.journal, "snapshot", name=name)
+    else:
+        j = Journal.open(loc.journal)
+        try:
+            control.make_snapshot(j, name)
+        finally:
+            j.close()
+    return name
+
+
+def quote_arg(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
 def _report_restore(rep, nearest: bool, dry_run: bool = False) -> None:
     """Warnings, then one line per path not restored, then the thinned note (stderr)."""
     for w in rep.warnings:
@@ -379,6 +427,54 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guard(args: argparse.Namespace) -> int:
+    """docs/cli.md "deltafs guard"; docs/guard.md."""
+    from deltafs import control
+
+    loc = _control_target(args)
+    if args.action == "test":
+        from deltafs import guard
+        from deltafs.journal import Journal
+        from deltafs.when import resolve_when
+
+        with Journal.open(loc.journal, readonly=True) as j, j.reader() as r:
+            start = resolve_when(r, args.since).seq + 1 if args.since else 1
+            end = resolve_when(r, args.until).seq if args.until else r.head_seq()
+            out = guard.replay(r, start, end, args.level)
+        if args.json:
+            _print_json(out)
+        else:
+            for a in out["alerts"]:
+                ex = ", ".join(e["path"] for e in a["examples"][:5])
+                print(f"ALERT at version {a['examples'][-1]['version'] if a['examples'] else '?'}: {a['files']} files, "
+                      f"score {a['score']} >= {a['threshold']}; the attack began after version "
+                      f"{a['before_version']} (e.g. {ex})")
+            print(f"{out['records']} records (versions {start}..{end}) at level {args.level}: "
+                  f"{len(out['alerts'])} alert(s); score at the end {out['score']}")
+        return 1 if out["alerts"] else 0
+    if loc.mount is None:
+        from deltafs.errors import UsageError
+
+        raise UsageError(f"{args.path or '.'} is not mounted: the guard runs in a mount's daemon "
+                         "(deltafs guard test works on the journal alone)")
+    g = control.request(loc.journal, "guard", timeout=args.timeout,
+                        action="resume" if args.action == "resume" else "status")["guard"]
+    if args.json:
+        _print_json(g)
+    elif args.action == "resume":
+        print("alert cleared; the guard watches again" if g.get("cleared") else "no alert stood; nothing to clear")
+    else:
+        a = g["alert"]
+        print(f"guard {g['level']}: score {g['score']} of {g['threshold']:g} in a {g['window_s']:g}s window; "
+              + ("ALERT" if a else "no alert"))
+        if a:
+            print(f"  {a['files']} files look destroyed; the attack began after version {a['before_version']}"
+                  f" (snapshot {a['snapshot']}); {a['changes_since']} suspicious changes since")
+            print(f"  undo: deltafs rollback {loc.mnt} --to {a['snapshot'] or 'v%d' % a['before_version']}"
+                  f" ; then: deltafs guard resume {loc.mnt}")
+    return 1 if args.action == "status" and g.get("alert") else 0
+
+
 def _add_control_parsers(sub) -> None:
     fmt = argparse.HelpFormatter
 
@@ -433,6 +529,21 @@ def _add_control_parsers(sub) -> None:
     common(sn)
     sn.add_argument("--json", action="store_true")
     sn.set_defaults(func=cmd_snapshot)
+
+    gd = sub.add_parser("guard", help="the mass-damage guard: status, resume after an alert, test",
+                        description="status: the guard's score and any standing alert (exit 1 while "
+                                    "one stands). resume: clear the alert (compaction resumes). test: run "
+                                    "the detector over records --since..--until of the journal and list "
+                                    "what it would have flagged (exit 1 if anything). docs/guard.md.",
+                        epilog=EPILOG, formatter_class=fmt)
+    gd.add_argument("action", choices=("status", "resume", "test"))
+    common(gd)
+    gd.add_argument("--since", metavar="WHEN", help="test: from right after WHEN (default: the first record)")
+    gd.add_argument("--until", metavar="WHEN", help="test: up to WHEN (default: now)")
+    gd.add_argument("--level", choices=("low", "normal", "high"), default="normal",
+                    help="test: the sensitivity to test (default normal)")
+    gd.add_argument("--json", action="store_true")
+    gd.set_defaults(func=cmd_guard)
 
     ss = sub.add_parser("snapshots", help="list named snapshots", epilog=EPILOG, formatter_class=fmt)
     common(ss)
@@ -526,6 +637,18 @@ def _add_history_parsers(sub) -> None:
     rs.add_argument("--json", action="store_true", help="print a JSON summary")
     nearest(rs)
     rs.set_defaults(func=cmd_restore)
+
+    rb = sub.add_parser("rollback", help="return a file, a directory or the whole tree to a moment",
+                        description="Return PATH (default: the whole tree) to WHEN in place: files created "
+                                    "since are removed, deleted ones come back, renamed ones go home. "
+                                    "Through the running mount when mounted (journaled), else into SRC. "
+                                    "A snapshot rollback-<time> is taken first: roll back to it to undo. "
+                                    + when_help, epilog=EPILOG, formatter_class=fmt)
+    common(rb, "a file, a directory or the root, inside MNT or SRC (default: the current directory)", optional=True)
+    rb.add_argument("--to", metavar="WHEN", required=True, help="the moment (also a guard-<time> snapshot)")
+    rb.add_argument("-n", "--dry-run", action="store_true", help="list what would change, change nothing")
+    rb.add_argument("--json", action="store_true", help="print a JSON summary")
+    rb.set_defaults(func=cmd_rollback)
 
 
 # ---- verify and compact (docs/cli.md "deltafs verify", "deltafs compact")

@@ -328,6 +328,10 @@ class MountConfig:
                                    help="descriptors the daemon may keep open for the inodes it caches "
                                         "(default: a quarter of its RLIMIT_NOFILE); 256 more always "
                                         "stay free")
+    guard: str = option("--guard", default="normal", choices=("off", "low", "normal", "high"),
+                        help="mass-damage guard sensitivity (default normal; docs/guard.md)")
+    on_alert: str | None = option("--on-alert", metavar="CMD",
+                                  help="shell command run when the guard raises an alert")
 
     @classmethod
     def options(cls) -> list[Option]:

@@ -386,7 +386,17 @@ async def _op_compact(daemon, server, req) -> dict:
     return {"report": rep.to_dict()}
 
 
-_OPS = {"status": _op_status, "flush": _op_flush, "pause": _op_pause, "resume": _op_resume,
+async def _op_guard(daemon, server, req) -> dict:
+    """``{"op": "guard", "action": "status"|"resume"}`` (deltafs guard; docs/guard.md)."""
+    g = daemon.services.guard
+    if g is None:
+        raise UsageError(f"the guard is off for {daemon.cfg.mnt} (mounted with --guard off or --no-capture)")
+    if req.get("action") == "resume":
+        return {"guard": {**g.resume(), **g.status()}}
+    return {"guard": g.status()}
+
+
+_OPS = {"guard": _op_guard, "status": _op_status, "flush": _op_flush, "pause": _op_pause, "resume": _op_resume,
         "snapshot": _op_snapshot, "snapshots": _op_snapshots, "mirror_register": _op_mirror_register,
         "compact": _op_compact}
 

@@ -641,6 +641,7 @@ class RestoreReport:
     symlinks: int = 0
     links: int = 0
     specials: int = 0
+    removed: int = 0  # rollback: paths created after WHEN, removed
     bytes: int = 0
     seconds: float = 0.0
     records: list[int] = field(default_factory=list)  # seqs journaled (mode "src")
@@ -673,6 +674,8 @@ class RestoreReport:
              f"{self.links} hard links")
         if self.specials:
             s += f", {self.specials} special files"
+        if self.removed:
+            s += f"; {'would remove' if self.dry_run else 'removed'} {self.removed} newer paths"
         if not self.dry_run:
             s += f" in {self.seconds:.1f}s"
         if self.thinned:
@@ -824,6 +827,7 @@ class _Restorer:
         self.group_fid: dict[int, tuple[bytes, int]] = {}  # link group -> (first path, file id)
         self.seq_counter = 0
         self.swept: set[tuple[bytes, ...]] = set()  # directories cleared of stale temp files
+        self.gone: set[bytes] = set()  # paths a rollback removed (journaled as such already)
 
     # where an entry goes
     def parts(self, p: bytes) -> tuple[bytes, ...]:
@@ -845,7 +849,7 @@ class _Restorer:
 
     # ---- journal bookkeeping (mode "src") ----
     def _cur(self, p: bytes) -> tuple[int, object] | None:
-        fid = self.r.file_id_at(p) if p else None
+        fid = self.r.file_id_at(p) if p and p not in self.gone else None
         return (fid, self.r.file_state(fid)) if fid is not None else None
 
     def _fid_for(self, e: TreeEntry, p: bytes) -> tuple[int, bool]:
@@ -1166,6 +1170,30 @@ class _Restorer:
             self._drop_existing(e.path, KIND_SPECIAL)
             self.changes.append(Change(op="mknod", file_id=fid, path=e.path, rdev=e.rdev, **self._attrs(e)))
 
+    def remove(self, entries: list[TreeEntry]) -> None:
+        """Rollback: remove these paths (children before their directory), by
+        descriptor, never following; journaled as unlink/rmdir in mode "src"."""
+        for e in entries:
+            if self._do(e, self._remove_one):
+                self.rep.removed += 1
+
+    def _remove_one(self, e: TreeEntry) -> None:
+        parts = self.parts(e.path)
+        dfd, name = self._parent(parts)
+        st = _lstat_at(dfd, name)
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                self.dirs.forget(parts)
+                os.rmdir(name, dir_fd=dfd)
+            else:
+                os.unlink(name, dir_fd=dfd)
+        if self.journaling:
+            cur = self._cur(e.path)
+            if cur is not None:
+                self.changes.append(Change(op="rmdir" if cur[1].kind == KIND_DIR else "unlink",
+                                           file_id=cur[0], path=e.path))
+            self.gone.add(e.path)
+
     def run(self, entries: list[TreeEntry], dry_run: bool) -> None:
         dirs = [e for e in entries if e.kind == KIND_DIR]
         others = [e for e in entries if e.kind != KIND_DIR]
@@ -1376,3 +1404,112 @@ def restore_exit_code(rep: RestoreReport, nearest: bool = False) -> int:
     asked unless ``nearest``; else 0."""
     return outcome_code(corrupt=rep.corrupt, failed=bool(rep.errors), thinned=bool(rep.thinned),
                         nearest=nearest)
+
+
+# --- rollback: restore in place, and remove what came later ----------------------------
+
+ROLLBACK_PREFIX = "rollback-"  # + UTC time: the snapshot taken right before a rollback
+
+
+def snapshot_name(prefix: str, now_ns: int | None = None) -> str:
+    """``<prefix>YYYYMMDDTHHMMSS.ffffffZ``: a snapshot name no WHEN parser reads as a time."""
+    ns = time.time_ns() if now_ns is None else now_ns
+    t = time.gmtime(ns // 10**9)
+    return prefix + time.strftime("%Y%m%dT%H%M%S", t) + ".%06dZ" % ((ns // 1000) % 10**6)
+
+
+def _ancestors(p: bytes, rel: bytes) -> Iterator[bytes]:
+    while p != rel:
+        p = p.rpartition(b"/")[0]
+        yield p
+
+
+def rollback_plan(r: Reader, rel: bytes, point: Point, rep: RestoreReport
+                  ) -> tuple[list[TreeEntry], list[TreeEntry]]:
+    """-> (entries to remove, deepest first; entries to restore) so that the
+    tree below ``rel`` becomes what it was at ``point``: paths that exist now
+    but not then are removed (or are in the way of another kind), paths that
+    differ or are missing are restored, and directories above a change get
+    their attributes back once it is done."""
+    target = _restore_entries(r, rel, point, rep)
+    now = r.tree_at(r.head_seq(), prefix=rel)
+    if target[rel].kind != KIND_DIR:
+        now = {rel: now[rel]} if rel in now else {}
+    # a path of another kind then is replaced by the restore itself, except a
+    # directory in the way of a file, which must be emptied and removed first
+    remove = [e for p, e in now.items() if p != rel and (
+        p not in target or (target[p].kind != e.kind and KIND_DIR in (e.kind, target[p].kind)))]
+    gone = {e.path for e in remove}
+    for p, e in now.items():  # what is below a removed directory goes with it
+        if p not in gone and any(a in gone for a in _ancestors(p, rel)):
+            remove.append(e)
+    remove.sort(key=lambda e: e.path.count(b"/"), reverse=True)
+    restore: dict[bytes, TreeEntry] = {}
+    for p, e in target.items():
+        cur = now.get(p)
+        if cur is None or cur.kind != e.kind or _same(r, cur, e) or \
+                (e.kind != KIND_DIR and cur.mtime_ns != e.mtime_ns):
+            restore[p] = e
+    groups = {e.link_group for e in restore.values() if e.link_group is not None}
+    for p, e in target.items():  # a hard link is restored with all its paths
+        if e.link_group in groups:
+            restore[p] = e
+    changed = set(restore) | {e.path for e in remove}
+    for p in list(changed):
+        for a in _ancestors(p, rel):
+            if a in target and target[a].kind == KIND_DIR:
+                restore[a] = target[a]
+    return remove, list(restore.values())
+
+
+def rollback(journal_dir: str, rel: bytes, *, at: str, mnt: str | None = None, src: str | None = None,
+             dry_run: bool = False, progress: Progress | None = None,
+             now_ns: int | None = None) -> RestoreReport:
+    """Return PATH (a file, a directory, or the root ``b""``) to WHEN, in place.
+
+    :func:`restore` in place (the same _Restorer, through MNT when mounted so
+    the daemon journals it, else into SRC journaled here) plus the cleanup
+    of whatever came later: paths created since are removed, deleted ones
+    come back, a renamed one is written back at its old path and removed
+    from its new one.  Only what differs is written.  The caller takes the
+    ``rollback-<time>`` snapshot before (the daemon's, when mounted), so the
+    rollback itself can be undone by rolling back to it.
+    """
+    t0 = time.monotonic()
+    if mnt is None and src is None:
+        raise UsageError("this journal's SRC is unknown: rollback works in place only")
+    mode = "mount" if mnt is not None else "src"
+    anchor = os.fsencode(mnt if mnt is not None else src)
+    prefix = tuple(rel.split(b"/")) if rel else ()
+    base = os.path.join(anchor, rel) if rel else anchor
+    journal = Journal.open(journal_dir, readonly=(mode != "src" or dry_run))
+    dirs = None
+    try:
+        with journal.reader() as r:
+            with reading(rel):
+                point = resolve_point(r, at, None, now_ns)
+            rep = RestoreReport(show_path(rel), point.seq, os.fsdecode(base), mode, dry_run)
+            with reading(rel, point.seq):
+                remove, entries = rollback_plan(r, rel, point, rep)
+            if dry_run:
+                for e in remove:
+                    rep.plan.append({"action": "remove", "path": show_path(e.path),
+                                     "target": os.fsdecode(os.path.join(anchor, e.path)),
+                                     "version": None, "size": e.size})
+                rep.removed = len(remove)
+            else:
+                dirs = _open_anchor(mode, anchor, prefix)
+            rs = _Restorer(r, rep, dirs, prefix, anchor, rel, progress, journaling=(mode == "src"),
+                           through_mount=(mode == "mount"))
+            if not dry_run:
+                rs.remove(remove)
+            rs.run(entries, dry_run)
+        if rs.changes and not dry_run:
+            rep.records = journal.commit(rs.changes)
+    finally:
+        if dirs is not None:
+            dirs.close()
+            os.close(dirs.anchor_fd)
+        journal.close()
+    rep.seconds = time.monotonic() - t0
+    return rep

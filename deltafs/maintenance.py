@@ -315,6 +315,8 @@ async def maintenance_service(daemon, task_status=None, interval: float | None =
     ``task_status.started`` (``deltafs status``)."""
     import trio
 
+    from deltafs.guard import holding
+
     if task_status is None:
         task_status = trio.TASK_STATUS_IGNORED
     cfg = daemon.cfg
@@ -346,6 +348,10 @@ async def maintenance_service(daemon, task_status=None, interval: float | None =
             log.info("journal back under its limit (%s of data)", _mib(pr.data_bytes))
             st.pressure = False
         if not due and not (under and not stuck):
+            continue
+        if holding(daemon.services.guard if hasattr(daemon, "services") else None):  # a guard alert stands: prune nothing (so mirrors prune nothing either)
+            next_pass = trio.current_time() + interval
+            log.warning("compaction held: the guard's alert stands (deltafs guard resume)")
             continue
         next_pass = trio.current_time() + interval
         t0 = time.monotonic()

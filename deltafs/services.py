@@ -15,6 +15,7 @@ import trio
 
 from deltafs.config import MountConfig
 from deltafs.control import ControlServer
+from deltafs.guard import Guard
 from deltafs.maintenance import MaintenanceProgress
 from deltafs.mirrors.replicate import Mirrors
 
@@ -25,6 +26,7 @@ class Services:
 
     control: ControlServer | None = None  # control.serve
     maintenance: MaintenanceProgress | None = None  # maintenance.maintenance_service
+    guard: "Guard | None" = None  # guard.guard_service (None: --guard off or --no-capture)
     mirrors: Mirrors = field(default_factory=Mirrors)  # mirrors.replicate.mirror_service (empty until then)
 
 
@@ -47,10 +49,12 @@ async def start_all(daemon: Daemon, nursery: trio.Nursery) -> None:
     A service that fails to start (e.g. --metrics-addr in use) raises its
     DeltafsError here: the mount fails rather than half-start."""
     from deltafs import control, maintenance, status
+    from deltafs.guard import guard_service
     from deltafs.mirrors.replicate import mirror_service
 
     s = daemon.services
     s.control = await nursery.start(control.serve, daemon, status.daemon_status)
+    s.guard = await nursery.start(guard_service, daemon)  # before maintenance: an alert holds its passes
     s.maintenance = await nursery.start(maintenance.maintenance_service, daemon)
     # mirror_service runs without mirrors too: `mirror add` may start one while mounted
     s.mirrors = await nursery.start(mirror_service, daemon)

@@ -140,6 +140,7 @@ async def daemon_status(daemon) -> dict:
         "maintenance": (daemon.services.maintenance.to_dict()  # maintenance.maintenance_service
                         if daemon.services.maintenance is not None else None),
         "descriptors": daemon.ops.descriptor_status(),
+        "guard": g.status() if (g := daemon.services.guard) is not None else None,  # deltafs.guard
     }
 
 
@@ -204,6 +205,11 @@ def problems(st: dict, max_lag: float = MAX_MIRROR_LAG_S) -> list[str]:
                    + (f"; last error: {cap['last_error']}" if cap.get("last_error") else ""))
     elif cap.get("last_error"):
         out.append(f"{where}: capture error: {cap['last_error']}")
+    ga = (st.get("guard") or {}).get("alert")
+    if ga:
+        out.append(f"{where}: GUARD ALERT: {ga['files']} files look destroyed since version "
+                   f"{ga['before_version']}; undo with deltafs rollback {where} --to "
+                   f"{ga.get('snapshot') or 'v%d' % ga['before_version']}, then deltafs guard resume {where}")
     fds = st.get("descriptors") or {}
     if fds.get("shortages"):
         out.append(f"{where}: descriptors ran short {fds['shortages']} time(s) (limit {fds['limit']}, "
@@ -299,6 +305,13 @@ def format_text(st: dict) -> str:
                          f"{cap['pending']} pending, last {last}")
             if cap["failures"] or cap["last_error"]:
                 lines.append(f"  failures   {cap['failures']}; last error: {cap['last_error']}")
+    gd = st.get("guard")
+    if gd:
+        ga = gd.get("alert")
+        lines.append(f"  guard      {gd['level']}: " + (
+            f"ALERT: {ga['files']} files look destroyed after version {ga['before_version']} (snapshot "
+            f"{ga.get('snapshot')}); deltafs rollback, then deltafs guard resume" if ga else
+            f"watching, score {gd['score']} of {gd['threshold']:g}"))
     fds = st.get("descriptors")
     if fds:
         lines.append(f"  descriptors {fds['open']} of {fds['limit']} open: {fds['cached']} cached for "
@@ -370,6 +383,8 @@ def prometheus(statuses: list[dict]) -> bytes:
         "fd_evictions": g("deltafs_descriptor_evictions", "inode descriptors closed by the cache's budget"),
         "fd_shortages": g("deltafs_descriptor_shortages", "times descriptors ran short (one warning each)"),
         "inodes": g("deltafs_inodes", "inodes the kernel knows through the mount"),
+        "guard_alert": g("deltafs_guard_alert", "1 while a mass-damage guard alert stands (docs/guard.md)"),
+        "guard_score": g("deltafs_guard_score", "the guard's score of damaged-looking files in its window"),
     }
     for st in statuses:
         j = st.get("journal") or {}
@@ -394,6 +409,10 @@ def prometheus(statuses: list[dict]) -> bytes:
             m["paused"].labels(*lv).set(1 if cap["paused"] else 0)
             if cap["last_capture_ns"]:
                 m["last"].labels(*lv).set(cap["last_capture_ns"] / 1e9)
+        gd = st.get("guard")
+        if gd:
+            m["guard_alert"].labels(*lv).set(1 if gd.get("alert") else 0)
+            m["guard_score"].labels(*lv).set(gd.get("score") or 0)
         fds = st.get("descriptors")
         if fds:
             for key, field in (("fd_open", "open"), ("fd_limit", "limit"), ("fd_budget", "budget"),

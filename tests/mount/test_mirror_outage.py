@@ -78,7 +78,7 @@ def test_s3_outage_mount_keeps_working_then_catches_up(mount_factory, s3_outage,
 
     s3.stop()
     for i in range(30):  # keep editing: every write and fsync returns
-        save(m.mnt / "docs" / f"f{i % 7}.txt", os.urandom(1000 + i) + b"during %d\n" % i)
+        save(m.mnt / "docs" / f"f{i % 7}.txt", b"edit %d, " % i * (100 + i) + b"during %d\n" % i)
     (m.mnt / "docs" / "f1.txt").rename(m.mnt / "docs" / "renamed.txt")
     run_cli("flush", m.mnt, check=True)
     mi = await_status(m.mnt, url, lambda mi: mi["state"] in ("retrying", "circuit open") and mi["last_error"],

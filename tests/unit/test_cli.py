@@ -27,6 +27,8 @@ EVERY_OPTION = {
     "journal_limit": 500 << 20,
     "metrics_addr": ("::1", 9108),
     "fd_budget": 64,
+    "guard": "high",
+    "on_alert": "notify-send deltafs",
 }
 NOT_TO_DAEMON = {"foreground"}  # spawn_daemon adds --foreground itself
 

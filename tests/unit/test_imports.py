@@ -83,7 +83,8 @@ LAYERS = [
     # services and tools: the FUSE side, capture, compaction, mirrors, history
     ["deltafs.ops", "deltafs.capture", "deltafs.maintenance", "deltafs.mirrors", "deltafs.history",
      "deltafs.locate", "deltafs.snapshots"],
-    ["deltafs.journal", "deltafs.mounttable", "deltafs.when", "deltafs.config", "deltafs.ignore"],
+    ["deltafs.journal", "deltafs.mounttable", "deltafs.when", "deltafs.config", "deltafs.ignore",
+     "deltafs.guard"],
     ["deltafs.chunking", "deltafs.errors"],
     ["deltafs.names", "deltafs._syscalls", "deltafs.fdcache", "deltafs"],
 ]

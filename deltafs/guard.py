@@ -1,0 +1,642 @@
+"""The mass-damage guard: notice ransomware-like or runaway destruction of
+many files while it happens (docs/guard.md).
+
+Two parts:
+
+* :class:`Detector` -- pure: it is fed the changes the capture pipeline has
+  just committed (``observe(changes, seqs)``, called once per committed
+  item by ``capture.Recorder``, on the trio thread, never from a FUSE
+  handler) and returns an :class:`Alert` when the score of distinct
+  damaged-looking files in its sliding window reaches the level's
+  threshold.  It reads no file and makes no pass over the data: it looks at
+  what capture already computed (each new chunk's compressed size, whether
+  it was delta-coded against the chunk it replaces, the edit list) and at
+  the first 4 KiB of the file's first chunk when capture's raw-chunk cache
+  still holds it (that of the old first chunk too, when it was the base).
+* :class:`Guard` -- the daemon side: on an alert it pins a snapshot
+  ``guard-<time>`` at the record before the first suspicious change, holds
+  back compaction (so mirrors prune nothing either), logs at ERROR, runs
+  ``--on-alert CMD`` and, with ``--guard-action block``, names the
+  offending processes for ops to refuse (not implemented: see docs).
+
+The scoring rule (docs/guard.md has the user's view):
+
+per content version (a write of an existing file; ``scan``, ``preimage``
+and ``restore`` causes are not the user's writes and are skipped):
+
+* ``type``    0.5  the file's type (magic number at its start, known from
+                   the old first chunk, the guard's memory of the path, or
+                   its extension) is gone: a PDF no longer starts ``%PDF-``,
+                   a text file's head is no longer text (its byte entropy
+                   reached 5.5 bits); 0.75 for a document or archive format
+                   that always starts with its magic (PDF, PNG, JPEG, GIF,
+                   zip and the office formats, gzip, xz, zstd, bzip2, 7z,
+                   SQLite);
+* ``entropy`` 0.5  the changed bytes are incompressible (their chunks were
+                   stored raw) where the file was compressible (its old head
+                   sample, or its extension's class, says so), or the head
+                   sample's byte entropy rose by >= 1.5 bits/byte to >= 7.2;
+                   0.25 when nothing is known about the old content;
+* ``dissimilar`` 0.25 on top of ``type`` or ``entropy``: new chunks replaced
+                   old ones and (almost) none of them could be coded as a
+                   delta of the chunk it replaces (a build rewriting its
+                   outputs is dissimilar too, so alone it scores nothing);
+* ``rewritten`` 0.25 every chunk of a file of 3 chunks or more was replaced,
+                   and each new chunk is still a delta of the one it replaces:
+                   changed everywhere a little (16-byte stripes);
+
+A new file whose content is >= 90% incompressible and not a recognised
+format is remembered as ``opaque`` (it scores nothing alone: new random
+files are no damage); the delete (or rename away) of a file whose name it
+extends or shares the stem of within the window scores ``replaced`` 1.0
+(write-new-then-delete-old).  A rename that gives a file of a known
+type an unknown extension scores ``extension`` 0.5.
+
+A version whose new head is a recognised container or compressed format
+with a valid-looking structure (gzip, zip, xz, zstd, bzip2, 7z, PNG, JPEG,
+GIF, WebP, MP4, PDF, SQLite, git pack/index, ELF) of the same type as
+before scores a quarter of the above: that keeps ``gzip -r`` and image
+editors quiet, and lets an attacker who fakes a header pass at a quarter
+weight (docs/guard.md, "Limits").
+
+A file's score is the sum of its signals, at most 1.0, and a file counts
+once (its highest score) in the window.  The alert fires when the sum over
+distinct files in the window reaches the level's threshold: ``low`` 10
+files-worth in 10 minutes, ``normal`` 5 in one hour, ``high`` 3 in six
+hours.  A slow attack (one file every 30 s) is inside every window.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+LEVELS = {  # name -> (threshold in files-worth of score, window in seconds)
+    "low": (10.0, 600.0),
+    "normal": (5.0, 3600.0),
+    "high": (3.0, 6 * 3600.0),
+}
+LEVEL_NAMES = ("off", *LEVELS)
+SKIP_CAUSES = frozenset({"scan", "preimage", "restore"})
+HEAD = 4096  # bytes of the head sample
+SNAPSHOT_PREFIX = "guard-"
+
+# Recognised formats: name -> check(head) -> bool (a valid-looking structure, not just 2 bytes)
+
+
+def _zip(h: bytes) -> bool:
+    return h[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08") and (len(h) < 8 or h[4] < 64)
+
+
+def _png(h: bytes) -> bool:
+    return h[:8] == b"\x89PNG\r\n\x1a\n" and (len(h) < 16 or h[12:16] == b"IHDR")
+
+
+def _gzip(h: bytes) -> bool:
+    return h[:3] == b"\x1f\x8b\x08" and (len(h) < 4 or h[3] < 32)
+
+
+def _jpeg(h: bytes) -> bool:
+    return h[:3] == b"\xff\xd8\xff"
+
+
+def _mp4(h: bytes) -> bool:
+    return h[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free")
+
+
+def _riff(h: bytes) -> bool:
+    return h[:4] == b"RIFF" and h[8:12] in (b"WEBP", b"WAVE", b"AVI ")
+
+
+FORMATS: dict[str, Callable[[bytes], bool]] = {
+    "zip": _zip,
+    "png": _png,
+    "gzip": _gzip,
+    "jpeg": _jpeg,
+    "gif": lambda h: h[:6] in (b"GIF87a", b"GIF89a"),
+    "xz": lambda h: h[:6] == b"\xfd7zXZ\x00",
+    "zstd": lambda h: h[:4] == b"\x28\xb5\x2f\xfd",
+    "bzip2": lambda h: h[:3] == b"BZh" and h[3:4].isdigit(),
+    "7z": lambda h: h[:6] == b"7z\xbc\xaf\x27\x1c",
+    "pdf": lambda h: h[:5] == b"%PDF-",
+    "sqlite": lambda h: h[:16] == b"SQLite format 3\x00",
+    "gitpack": lambda h: h[:4] == b"PACK" and h[4:8] in (b"\0\0\0\2", b"\0\0\0\3"),
+    "gitidx": lambda h: h[:4] == b"\xfftOc",
+    "elf": lambda h: h[:4] == b"\x7fELF",
+    "mp4": _mp4,
+    "riff": _riff,
+    "zlib": lambda h: len(h) >= 2 and h[0] == 0x78 and ((h[0] << 8) | h[1]) % 31 == 0,
+}
+# formats whose content is compressed: incompressible chunks are normal for them
+COMPRESSED = frozenset({"zip", "png", "gzip", "jpeg", "gif", "xz", "zstd", "bzip2", "7z", "gitpack",
+                        "mp4", "riff", "zlib"})
+EXT_FORMAT = {
+    ".zip": "zip", ".docx": "zip", ".xlsx": "zip", ".pptx": "zip", ".odt": "zip", ".ods": "zip",
+    ".odp": "zip", ".jar": "zip", ".epub": "zip", ".whl": "zip", ".apk": "zip",
+    ".png": "png", ".gz": "gzip", ".tgz": "gzip", ".jpg": "jpeg", ".jpeg": "jpeg", ".gif": "gif",
+    ".xz": "xz", ".zst": "zstd", ".bz2": "bzip2", ".7z": "7z", ".pdf": "pdf",
+    ".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite", ".pack": "gitpack", ".idx": "gitidx",
+    ".so": "elf", ".mp4": "mp4", ".m4a": "mp4", ".mov": "mp4", ".webp": "riff", ".wav": "riff",
+    ".avi": "riff",
+}
+# formats that always start with their magic number: losing it scores 0.75 (see write_signals)
+STRONG_TYPES = frozenset({"pdf", "png", "jpeg", "gif", "zip", "gzip", "xz", "zstd", "bzip2", "7z", "sqlite"})
+TEXT_EXT = frozenset(
+    ".txt .md .rst .csv .tsv .json .xml .html .htm .css .js .ts .py .c .h .cc .cpp .hpp .java .go .rs "
+    ".rb .pl .sh .yml .yaml .toml .ini .cfg .conf .log .tex .sql .svg .eml .ics .vcf .srt .org .php".split())
+# extensions a rename may add or change to without looking like a ransom note
+BENIGN_EXT = frozenset(
+    ".bak .old .orig .tmp .temp .swp .part .partial .crdownload .download .lock .new .save .backup "
+    ".gpg .asc .sig .pgp .age .enc .1 .2 .3 .0 .rej .pyc .o .a .d .dep".split()) | frozenset(EXT_FORMAT) | TEXT_EXT
+# .gpg/.age/.enc: a user encrypting on purpose renames this way too; ransomware's
+# own extensions (.locked, .crypt, random ones) are not in this list
+
+
+def ext_of(path: bytes) -> str:
+    name = path.rpartition(b"/")[2]
+    stem, dot, ext = name.rpartition(b".")
+    if not dot or not stem or len(ext) > 12:
+        return ""
+    return "." + ext.decode("latin-1").lower()
+
+
+def stem_of(path: bytes) -> bytes:
+    """dir/name without its last extension (dir/a.pdf -> dir/a)."""
+    d, _, name = path.rpartition(b"/")
+    stem, dot, _ = name.rpartition(b".")
+    s = stem if dot and stem else name
+    return d + b"/" + s if d else s
+
+
+def format_of(head: bytes) -> str | None:
+    for name, check in FORMATS.items():
+        if check(head):
+            return name
+    return None
+
+
+def entropy(sample: bytes) -> float:
+    """Shannon entropy of a byte sample, bits per byte (0..8)."""
+    n = len(sample)
+    if not n:
+        return 0.0
+    return -sum(c / n * math.log2(c / n) for c in collections.Counter(sample).values())
+
+
+def looks_text(head: bytes) -> bool:
+    if not head:
+        return True
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+        return True
+    except UnicodeDecodeError as e:
+        if e.start >= len(head) - 4:  # a character cut at the sample's end
+            return True
+    bad = sum(1 for b in head if b < 9 or 13 < b < 32 or b == 127)
+    return bad < len(head) * 0.05 and entropy(head) < 6.5
+
+
+def expected_type(path: bytes) -> str | None:
+    """What the extension promises: a format name, "text", or None."""
+    e = ext_of(path)
+    if e in EXT_FORMAT:
+        return EXT_FORMAT[e]
+    return "text" if e in TEXT_EXT else None
+
+
+def type_of(head: bytes) -> str | None:
+    f = format_of(head)
+    if f is not None:
+        return f
+    return "text" if looks_text(head) else None
+
+
+# ---- the detector --------------------------------------------------------------------------------
+
+@dataclass
+class Hit:
+    """One file's suspicious change."""
+
+    key: bytes  # the file's path (moves with renames)
+    score: float
+    reasons: tuple[str, ...]
+    seq: int  # its record
+    t: float  # monotonic seconds
+
+    def to_dict(self) -> dict:
+        return {"path": os.fsdecode(self.key), "score": round(self.score, 2), "reasons": list(self.reasons),
+                "version": self.seq}
+
+
+@dataclass
+class Alert:
+    level: str
+    score: float
+    threshold: float
+    first_seq: int  # the first suspicious record in the window: the attack began after first_seq - 1
+    time_ns: int
+    hits: list[Hit] = field(default_factory=list)
+
+    @property
+    def files(self) -> int:
+        return len({h.key for h in self.hits})
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "score": round(self.score, 2), "threshold": self.threshold,
+                "first_version": self.first_seq, "before_version": max(0, self.first_seq - 1),
+                "time_ns": self.time_ns, "files": self.files,
+                "examples": [h.to_dict() for h in self.hits[:20]]}
+
+
+def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) -> tuple[float, list[str]]:
+    """Score one committed content version (a Change with op "write")."""
+    new = change.chunks or []
+    new_bytes = sum(c.raw_len for c in new)
+    opaque = sum(c.raw_len for c in new if c.base_id is None and
+                 (c.payload[:1] == b"\0" or len(c.payload) >= 0.9 * c.raw_len))
+    delta = sum(c.raw_len for c in new if c.base_id is not None)
+    edit = change.edit or []
+    replaced = sum(n for _, n, _ in edit)
+    has_old = bool(change.base_seq) and replaced > 0
+    # the head sample: the new first chunk (if the edit rewrote it) and the old one it replaced
+    new_head = old_head = None
+    if edit and edit[0][0] == 0 and edit[0][2]:
+        first = edit[0][2][0][0]
+        got = raw(first)
+        if got is not None:
+            new_head = got[:HEAD]
+            nc = next((c for c in new if c.id == first), None)
+            if nc is not None and nc.base_id is not None:
+                b = raw(nc.base_id)
+                old_head = b[:HEAD] if b is not None else None
+    path = change.path
+    mem = memory.get(path)
+    if old_head is not None:
+        old_type, old_ent = type_of(old_head), entropy(old_head)
+    elif mem is not None:
+        old_type, old_ent = mem
+    else:
+        old_type, old_ent = expected_type(path), None
+    new_type = new_ent = None
+    if new_head is not None:
+        new_type, new_ent = type_of(new_head), entropy(new_head)
+        memory[path] = (new_type, new_ent)
+        if len(memory) > 100_000:
+            memory.pop(next(iter(memory)))
+    if not has_old:
+        # a new file (or one written from empty): opaque content of no known format
+        if new_bytes >= 512 and opaque >= 0.9 * new_bytes and new_type is None and \
+                (new_head is None or format_of(new_head) is None):
+            return 0.25, ["opaque"]
+        return 0.0, []
+    score, why = 0.0, []
+    if new_head is not None and old_type is not None and new_type != old_type and \
+            (old_type != "text" or new_ent >= 5.5):  # text that merely gained a few odd bytes is not gone
+        # a document format whose magic number is gone is broken for every program that opens it
+        score += 0.75 if old_type in STRONG_TYPES and ext_of(path) in EXT_FORMAT else 0.5
+        why.append("type")
+    compressible_before = (old_ent is not None and old_ent < 6.0) or \
+        (old_ent is None and old_type is not None and old_type not in COMPRESSED)
+    if new_bytes and opaque >= 0.5 * new_bytes and compressible_before:
+        score += 0.5
+        why.append("entropy")
+    elif new_ent is not None and old_ent is not None and new_ent >= 7.2 and new_ent - old_ent >= 1.5:
+        score += 0.5
+        why.append("entropy")
+    elif new_bytes and opaque >= 0.9 * new_bytes and old_type is None and old_ent is None:
+        score += 0.25
+        why.append("entropy?")
+    if why and why != ["entropy?"] and new_bytes >= 1024 and delta < 0.1 * new_bytes:
+        score += 0.25  # only on top of a type or entropy signal: a build rewrites its outputs too
+        why.append("dissimilar")
+    if edit and len(edit) == 1 and edit[0][0] == 0 and len(edit[0][2]) >= 3 and \
+            sum(n for _, n in edit[0][2]) == change.size and delta >= 0.9 * new_bytes and \
+            {cid for cid, _ in edit[0][2]} <= {c.id for c in new}:
+        score += 0.25  # every chunk changed, each still like the one it replaced: intermittent encryption
+        why.append("rewritten")
+    if new_head is not None and new_type is not None and new_type == old_type and new_type in FORMATS:
+        score *= 0.25  # a valid container of the same type: a re-save, not a destruction
+    return min(score, 1.0), why
+
+
+class Detector:
+    """Scores committed changes; see the module docstring for the rule."""
+
+    def __init__(self, level: str = "normal", raw: Callable[[bytes], bytes | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"guard level {level!r}: use one of {', '.join(LEVEL_NAMES)}")
+        self.level = level
+        self.threshold, self.window = LEVELS[level]
+        self.raw = raw or (lambda cid: None)
+        self.clock = clock
+        self.hits: collections.deque[Hit] = collections.deque()
+        self.memory: dict[bytes, tuple] = {}  # path -> (type, head entropy) last seen
+        # new opaque files, in time order: b"\1"+path, stem (a.pdf.locked -> a.pdf), b"\0"+stem -> when
+        self.fresh: collections.OrderedDict[bytes, tuple[float, int]] = collections.OrderedDict()
+        self.created: dict[bytes, int] = {}  # path -> seq of its create record (recent ones)
+        self.alert: Alert | None = None  # the standing alert (until resume)
+        self.observed = 0
+        self._added = 0
+        self.damaged_since_alert = 0
+
+    def resume(self) -> None:
+        self.alert = None
+        self.hits.clear()
+        self.fresh.clear()
+        self.damaged_since_alert = 0
+
+    def score(self) -> float:
+        best: dict[bytes, float] = {}
+        for h in self.hits:
+            best[h.key] = max(best.get(h.key, 0.0), h.score)
+        return sum(best.values())
+
+    def _hit(self, key: bytes, score: float, why: list[str], seq: int, now: float) -> None:
+        if score > 0:
+            self.hits.append(Hit(key, score, tuple(why), seq, now))
+            self._added += 1
+
+    def observe(self, changes: Iterable, seqs: Iterable[int]) -> Alert | None:
+        """Feed one committed item (its changes and their record seqs); -> a new Alert or None."""
+        now = self.clock()
+        self._added = 0
+        changes = list(changes or ())
+        seqs = list(seqs or ())
+        if len(seqs) != len(changes):
+            seqs = (seqs + [0] * len(changes))[: len(changes)]
+        for c, seq in zip(changes, seqs):
+            self.observed += 1
+            op = c.op
+            if op == "write":
+                if c.cause in SKIP_CAUSES:
+                    continue
+                s, why = write_signals(c, self.raw, self.memory)
+                if "opaque" in why:  # remembered under the name it extends, and under its stem;
+                    # it scores only once an original goes (new random files alone are no damage)
+                    first = self.created.pop(c.path, seq)  # the attack began with its create
+                    for k in (b"\1" + c.path, stem_of(c.path), b"\0" + stem_of(c.path)):
+                        self.fresh.pop(k, None)
+                        self.fresh[k] = (now, first)
+                    continue
+                self._hit(c.path, s, why, seq, now)
+            elif op == "unlink" or (op == "rename" and c.path2 is not None and
+                                    ext_of(c.path2) != ext_of(c.path)):
+                if op == "rename":
+                    self._renamed(c, seq, now)
+                first = self._replaced_by_fresh(c.path, now)
+                if first is not None:
+                    self._hit(c.path, 1.0, ["opaque", "replaced"], first, now)
+            elif op == "rename" and c.path2 is not None:
+                self._move(c.path, c.path2)
+            elif op == "create":
+                self.created[c.path] = seq
+                if len(self.created) > 10_000:
+                    self.created.pop(next(iter(self.created)))
+        while self.hits and now - self.hits[0].t > self.window:
+            self.hits.popleft()
+        while self.fresh and now - next(iter(self.fresh.values()))[0] > self.window:
+            self.fresh.popitem(last=False)
+        if self.alert is not None:
+            self.damaged_since_alert += self._added
+            return None
+        if not self._added:
+            return None  # the score rises only with a new hit
+        total = self.score()
+        if total >= self.threshold:
+            first = min(h.seq for h in self.hits if h.seq) if any(h.seq for h in self.hits) else 0
+            self.alert = Alert(self.level, total, self.threshold, first, time.time_ns(), list(self.hits))
+            return self.alert
+        return None
+
+    def _move(self, old: bytes, new: bytes) -> None:
+        for h in self.hits:
+            if h.key == old:
+                h.key = new
+        if old in self.memory:
+            self.memory[new] = self.memory.pop(old)
+
+    def _renamed(self, c, seq: int, now: float) -> None:
+        old_ext, new_ext = ext_of(c.path), ext_of(c.path2)
+        known_before = expected_type(c.path) is not None  # a.pdf, not HEAD.lock -> HEAD
+        appended = c.path2.startswith(c.path + b".")
+        self._move(c.path, c.path2)
+        if new_ext and new_ext not in BENIGN_EXT and (known_before or appended) and old_ext != new_ext:
+            self._hit(c.path2, 0.5, ["extension"], seq, now)
+
+    def _replaced_by_fresh(self, path: bytes, now: float) -> int | None:
+        """Was a new opaque file written whose name extends this one's
+        (a.pdf -> a.pdf.locked) or shares its stem (a.pdf -> a.enc)? -> its create seq"""
+        if b"\1" + path in self.fresh:
+            return None  # the new file itself goes
+        v = self.fresh.get(path)
+        if v is None:
+            v = self.fresh.get(b"\0" + stem_of(path))
+        return v[1] if v is not None and now - v[0] <= self.window else None
+
+
+# ---- the daemon side -------------------------------------------------------------------------------
+
+def guard_snapshot_name(now_ns: int | None = None) -> str:
+    ns = time.time_ns() if now_ns is None else now_ns
+    t = time.gmtime(ns // 10**9)
+    return SNAPSHOT_PREFIX + time.strftime("%Y%m%dT%H%M%S", t) + "Z"
+
+
+def pin_snapshot(journal, seq: int, alert: Alert, name: str | None = None) -> str:
+    """Name the record before the attack ``guard-<time>`` (blocking; a worker thread).
+
+    A snapshot pins the versions current at it against retention
+    (maintenance.pinned_by_snapshots), so they are never thinned."""
+    name = name or guard_snapshot_name(alert.time_ns)
+    with journal.reader() as r:
+        n = 1
+        base = name
+        while r.kv_get("snapshots", name) is not None:
+            n += 1
+            name = f"{base}-{n}"
+    journal.kv_put("snapshots", name, {"seq": seq, "time_ns": alert.time_ns, "guard": alert.to_dict()})
+    return name
+
+
+class Guard:
+    """The detector wired into a mount: ``Recorder.guard`` (observe) and
+    ``daemon.services.guard`` (status, resume)."""
+
+    def __init__(self, detector: Detector, journal, nursery, on_alert: str | None = None,
+                 mnt: str = "") -> None:
+        self.detector = detector
+        self.journal = journal
+        self.nursery = nursery
+        self.on_alert = on_alert
+        self.mnt = mnt
+        self.snapshot: str | None = None
+        self.alerts = 0
+        self.hook_error: str | None = None
+
+    def observe(self, changes, seqs) -> None:
+        """Called by capture.Recorder for each committed item (trio thread, never a FUSE handler)."""
+        try:
+            alert = self.detector.observe(changes, seqs)
+        except Exception:  # the guard must never break capture
+            log.exception("guard: scoring failed")
+            return
+        if alert is not None:
+            self.alerts += 1
+            self.snapshot = guard_snapshot_name(alert.time_ns)  # status names it at once
+            self.nursery.start_soon(self._alerted, alert)
+
+    async def _alerted(self, alert: Alert) -> None:
+        import trio
+
+        try:
+            self.snapshot = await trio.to_thread.run_sync(pin_snapshot, self.journal,
+                                                          max(0, alert.first_seq - 1), alert, self.snapshot)
+        except Exception as e:  # noqa: BLE001 - the alert still goes out
+            log.exception("guard: cannot pin the snapshot before the attack")
+            self.snapshot = None
+            self.hook_error = f"snapshot failed: {e}"
+        ex = ", ".join(os.fsdecode(h.key) for h in alert.hits[:5])
+        log.error("GUARD ALERT on %s: %d files look destroyed (score %.1f >= %.1f, level %s; e.g. %s). "
+                  "Compaction is held. Undo with: deltafs rollback %s --to %s ; then deltafs guard resume %s",
+                  self.mnt, alert.files, alert.score, alert.threshold, alert.level, ex, self.mnt,
+                  self.snapshot or f"v{max(0, alert.first_seq - 1)}", self.mnt)
+        if self.on_alert:
+            env = {**os.environ, "DELTAFS_MNT": self.mnt, "DELTAFS_GUARD_SNAPSHOT": self.snapshot or "",
+                   "DELTAFS_GUARD_FILES": str(alert.files), "DELTAFS_GUARD_SCORE": f"{alert.score:.2f}",
+                   "DELTAFS_GUARD_VERSION": str(max(0, alert.first_seq - 1))}
+            try:
+                with trio.fail_after(60):
+                    res = await trio.run_process(self.on_alert, shell=True, env=env, check=False,
+                                                 stdin=b"", capture_stdout=True, capture_stderr=True)
+                if res.returncode:
+                    self.hook_error = f"--on-alert exited {res.returncode}: {res.stderr.decode(errors='replace')[-200:]}"
+                    log.error("guard: %s", self.hook_error)
+            except (OSError, trio.TooSlowError) as e:
+                self.hook_error = f"--on-alert failed: {e}"
+                log.error("guard: %s", self.hook_error)
+
+    @property
+    def alerted(self) -> bool:
+        return self.detector.alert is not None
+
+    def resume(self) -> dict:
+        was = self.detector.alert
+        self.detector.resume()
+        self.snapshot = None
+        self.hook_error = None
+        if was is not None:
+            log.warning("guard: alert cleared by the user (deltafs guard resume); compaction resumes")
+        return {"cleared": was is not None}
+
+    def status(self) -> dict:
+        d = self.detector
+        a = d.alert
+        return {"level": d.level, "threshold": d.threshold, "window_s": d.window,
+                "score": round(d.score(), 2), "alert": None if a is None else {
+                    **a.to_dict(), "snapshot": self.snapshot, "changes_since": d.damaged_since_alert,
+                    "hook_error": self.hook_error},
+                "alerts": self.alerts}
+
+
+def holding(g: "Guard | None") -> bool:
+    """Is compaction held by a standing guard alert (maintenance asks before each pass)?"""
+    return bool(g is not None and getattr(g, "alerted", False))
+
+
+async def guard_service(daemon, task_status=None) -> None:
+    """Install the guard on the mount's recorder (``--guard``, default normal)."""
+    import trio
+
+    if task_status is None:
+        task_status = trio.TASK_STATUS_IGNORED
+    level = getattr(daemon.cfg, "guard", None) or "normal"
+    if level == "off" or daemon.rec is None:
+        task_status.started(None)
+        return
+    rec = daemon.rec
+    g = Guard(Detector(level, raw=rec.raw_cache.get), daemon.journal, daemon.nursery,
+              getattr(daemon.cfg, "on_alert", None), daemon.cfg.mnt)
+    rec.guard = g
+    task_status.started(g)  # services.Services.guard: control (guard status|resume), status, maintenance
+    try:
+        await trio.sleep_forever()
+    finally:
+        rec.guard = None
+
+
+# ---- deltafs guard test: the detector over a past window of the journal ---------------------------
+
+class _Stored:
+    """A chunk as the journal keeps it, looking like capture's NewChunk to write_signals."""
+
+    __slots__ = ("id", "raw_len", "payload", "base_id")
+
+    def __init__(self, cid: bytes, info) -> None:
+        self.id = cid
+        self.raw_len = info.raw_len
+        self.base_id = info.base_id
+        # stored at >= 90% of its size without a base: it was incompressible
+        self.payload = b"\0" if info.base_id is None and info.stored_len >= 0.9 * info.raw_len else b"\3"
+
+
+def replay(r, start: int, end: int, level: str = "normal") -> dict:
+    """Run a fresh Detector over records start..end of reader ``r`` (record
+    times as its clock); -> {"alerts": [...], "records": n, "score": s, "hits": [...]}.
+
+    Each alert is followed by a resume, so every attack in the window shows."""
+    now = [0.0]
+    cache: dict[bytes, bytes] = {}
+
+    def raw(cid: bytes) -> bytes | None:
+        if cid not in cache:
+            try:
+                cache[cid] = r.read_chunk(cid)[:HEAD]
+            except Exception:  # noqa: BLE001 - a pruned or damaged chunk: no head sample
+                cache[cid] = None
+            if len(cache) > 4096:
+                cache.pop(next(iter(cache)))
+        return cache[cid]
+
+    det = Detector(level, raw=raw, clock=lambda: now[0])
+    seen: set[bytes] = set()
+    alerts, hits, n = [], [], 0
+    for rec in r.records(start, end):
+        n += 1
+        now[0] = rec.time_ns / 1e9
+        if rec.op == "write":
+            chunks = []
+            for _, _, refs in rec.edit or ():
+                for cid, _ in refs:
+                    if cid not in seen:
+                        seen.add(cid)
+                        info = r.chunk_info(cid)
+                        if info is not None:
+                            chunks.append(_Stored(cid, info))
+            rec = _ReplayChange(rec, chunks)
+        before = len(det.hits)
+        a = det.observe([rec], [getattr(rec, "seq", 0)])
+        hits.extend(h.to_dict() for h in list(det.hits)[before:])
+        if a is not None:
+            alerts.append(a.to_dict())
+            det.resume()
+    return {"level": level, "from": start, "to": end, "records": n, "alerts": alerts,
+            "score": round(det.score(), 2), "hits": hits[-200:]}
+
+
+class _ReplayChange:
+    __slots__ = ("op", "path", "path2", "cause", "base_seq", "edit", "size", "chunks", "seq")
+
+    def __init__(self, rec, chunks) -> None:
+        self.op, self.path, self.path2, self.cause = rec.op, rec.path, rec.path2, rec.cause
+        self.base_seq, self.edit, self.size, self.seq = rec.base_seq, rec.edit, rec.size, rec.seq
+        self.chunks = chunks

@@ -1,0 +1,189 @@
+"""The guard's detector on synthetic committed changes (docs/guard.md): the
+scoring rule, each attack shape, the benign shapes, the window."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import zlib
+
+import pytest
+
+from deltafs import chunking, guard
+from deltafs.journal import Change
+
+TEXT = b"".join(b"line %d of a quarterly report, the customer total\n" % i for i in range(400))
+
+
+class World:
+    """A fake capture side: raw chunks by id (capture's RawCache) and a clock."""
+
+    def __init__(self, level="normal"):
+        self.raw = {}
+        self.t = 1000.0
+        self.seq = 0
+        self.det = guard.Detector(level, raw=self.raw.get, clock=lambda: self.t)
+        self.old = {}  # path -> chunk id of its current content (one chunk per file here)
+
+    def _chunk(self, data: bytes, base: bytes | None):
+        b = chunking.Base(base, self.raw[base], 0) if base is not None else None
+        nc = chunking.build_chunk(data, b)
+        self.raw[nc.id] = data
+        return nc
+
+    def put(self, path: bytes, data: bytes, cause="write"):
+        """A save of path: an edit of its previous content if it had one."""
+        base = self.old.get(path)
+        nc = self._chunk(data, base)
+        self.old[path] = nc.id
+        ch = Change(op="write", path=path, size=len(data), cause=cause, base_seq=1 if base else 0,
+                    edit=[(0, 1 if base else 0, [(nc.id, len(data))])], chunks=[nc])
+        return self.feed(ch)
+
+    def feed(self, *changes):
+        seqs = []
+        for _ in changes:
+            self.seq += 1
+            seqs.append(self.seq)
+        return self.det.observe(changes, seqs)
+
+    def unlink(self, path):
+        self.old.pop(path, None)
+        return self.feed(Change(op="unlink", path=path))
+
+    def rename(self, a, b):
+        self.old[b] = self.old.pop(a, None)
+        return self.feed(Change(op="rename", path=a, path2=b))
+
+
+def corpus(w: World, n=30):
+    rng = random.Random(1)
+    paths = []
+    for i in range(n):
+        p = b"docs/file%d.%s" % (i, [b"txt", b"pdf", b"csv"][i % 3])
+        body = TEXT[rng.randint(0, 1000):] + b"%d\n" % i
+        if p.endswith(b".pdf"):
+            body = b"%PDF-1.4\n" + body
+        w.put(p, body, cause="scan")  # the mount-time scan: not scored
+        paths.append(p)
+    return paths
+
+
+def enc(data: bytes) -> bytes:
+    return os.urandom(len(data))  # as good as AES output for every signal here
+
+
+def test_signals_of_one_encrypted_file():
+    w = World()
+    p = corpus(w)[1]  # a .pdf
+    w.put(p, enc(w.raw[w.old[p]]))
+    (h,) = w.det.hits
+    assert h.score == 1.0 and {"type", "entropy"} <= set(h.reasons)
+
+
+def test_in_place_encryption_alerts_at_five_files():
+    w = World()
+    paths = corpus(w)
+    for i, p in enumerate(paths):
+        a = w.put(p, enc(w.raw[w.old[p]]))
+        if a:
+            break
+    assert a is not None and i + 1 == 5
+    assert a.first_seq == len(paths) + 1  # the first damaged version: roll back to the record before it
+    assert w.det.alert is a
+    assert w.put(paths[-1], enc(b"x" * 2000)) is None  # one alert until resume
+    w.det.resume()
+    assert w.det.alert is None and w.det.score() == 0
+
+
+@pytest.mark.parametrize("level,files", [("high", 3), ("normal", 5), ("low", 10)])
+def test_levels(level, files):
+    w = World(level)
+    paths = corpus(w)
+    n = next(i + 1 for i, p in enumerate(paths) if w.put(p, enc(w.raw[w.old[p]])))
+    assert n == files
+
+
+def test_first_4k_and_stripes_and_header_kept():
+    for attack in ("head", "stripes", "keep-header"):
+        w = World()
+        paths = corpus(w)
+        for i, p in enumerate(paths):
+            d = bytearray(w.raw[w.old[p]])
+            if attack == "head":
+                d[:4096] = enc(bytes(d[:4096]))
+            elif attack == "stripes":
+                for o in range(0, len(d), 64):
+                    d[o:o + 16] = enc(bytes(d[o:o + 16]))
+            else:
+                d[16:] = enc(bytes(d[16:]))
+            if w.put(p, bytes(d)):
+                break
+        assert w.det.alert is not None and i + 1 <= 20, (attack, i)
+
+
+def test_encrypt_and_rename_and_write_new_delete_old():
+    w = World()
+    paths = corpus(w)
+    for i, p in enumerate(paths):
+        if w.put(p, enc(w.raw[w.old[p]])) or w.rename(p, p + b".locked"):
+            break
+    assert w.det.alert and i + 1 <= 5
+    w = World()
+    paths = corpus(w)
+    for i, p in enumerate(paths):
+        w.put(p + b".enc", enc(w.raw[w.old[p]]))  # a new file...
+        if w.unlink(p):  # ...then the old one goes
+            break
+    assert w.det.alert and i + 1 <= 10
+    assert any("replaced" in h.reasons for h in w.det.alert.hits)
+
+
+def test_slow_attack_stays_in_the_window():
+    w = World()
+    paths = corpus(w)
+    for i, p in enumerate(paths):
+        w.t += 30
+        if w.put(p, enc(w.raw[w.old[p]])):
+            break
+    assert w.det.alert and i + 1 == 5
+    # but an hour between files at normal is outside the window
+    w = World()
+    paths = corpus(w)
+    for p in paths[:10]:
+        w.t += 3601
+        assert w.put(p, enc(w.raw[w.old[p]])) is None
+
+
+def test_benign_shapes_stay_quiet():
+    w = World("high")
+    paths = corpus(w, 60)
+    for p in paths:  # edits of text
+        w.put(p, w.raw[w.old[p]].replace(b"customer", b"client"))
+    for p in paths:  # gzip -r: a valid .gz appears, the original goes
+        data = w.raw[w.old[p]]
+        w.put(p + b".gz", gzip.compress(data))
+        w.unlink(p)
+    for i in range(60):  # a build rewriting outputs with other bytes
+        w.put(b"build/obj%d.o" % i, b"\x7fELF" + os.urandom(50) + TEXT[:3000])
+        w.put(b"build/obj%d.o" % i, b"\x7fELF" + os.urandom(50) + TEXT[1000:4000])
+    for i in range(60):  # images imported (compressed, valid) and re-saved
+        png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + zlib.compress(os.urandom(3000))
+        w.put(b"photos/img%d.png" % i, png)
+        w.put(b"photos/img%d.png" % i, png[:16] + os.urandom(3000))
+    for i in range(60):  # rsync's temp names renamed into place
+        w.put(b"dst/.f%d.txt.Ab3dE" % i, TEXT)
+        w.rename(b"dst/.f%d.txt.Ab3dE" % i, b"dst/f%d.txt" % i)
+    w.put(b"secret.txt.gpg", os.urandom(5000))  # gpg -c of one file
+    assert w.det.alert is None, [h.to_dict() for h in w.det.hits]
+
+
+def test_helpers():
+    assert guard.ext_of(b"a/b.PDF") == ".pdf" and guard.ext_of(b"a/.bashrc") == ""
+    assert guard.stem_of(b"a/b.pdf.locked") == b"a/b.pdf" and guard.stem_of(b"x") == b"x"
+    assert guard.format_of(gzip.compress(b"x")) == "gzip"
+    assert guard.type_of(TEXT[:4096]) == "text" and guard.type_of(os.urandom(4096)) is None
+    assert 7.5 < guard.entropy(os.urandom(4096)) <= 8 and guard.entropy(b"aaaa") == 0
+    with pytest.raises(ValueError):
+        guard.Detector("loud")
