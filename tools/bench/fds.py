@@ -50,7 +50,7 @@ from collections import OrderedDict
 
 from tools.bench import report
 from tools.bench.scale import Mount, _terminate, run, write_docs
-from tools.bench.targets import DELTAFS, ROOT, force_unmount, is_mountpoint
+from tools.bench.targets import DELTAFS, ROOT, fresh_work_dir
 
 HEADING = "## Descriptors: a bounded cache at any tree size"
 
@@ -383,15 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"mode": "quick" if args.quick else "full", "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "machine": report.machine(), "software": report.software()}
     res: dict = {"notes": args.note}
-    base = os.path.join(ROOT, "bench-work")
-    w = os.path.join(base, "fds")
-    if os.path.isdir(w):
-        for dirpath, dirnames, _ in os.walk(w):
-            if is_mountpoint(dirpath):
-                force_unmount(dirpath)
-                dirnames.clear()
-    shutil.rmtree(w, ignore_errors=True)
-    os.makedirs(w)
+    base, w = fresh_work_dir("fds")
     mounts: list[Mount] = []
     failures = {}
     try:

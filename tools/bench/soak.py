@@ -49,7 +49,7 @@ import time
 
 from tools.bench import report
 from tools.bench.scale import Mount, _terminate, compare, run, tree_hashes, write_docs
-from tools.bench.targets import DELTAFS, ROOT, force_unmount, is_mountpoint
+from tools.bench.targets import DELTAFS, ROOT, fresh_work_dir
 
 HEADING = "## Soak: throughput and memory over an hour of history"
 FILES = 2000
@@ -379,15 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"mode": mode, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "machine": report.machine(), "software": report.software()}
     res: dict = {"notes": args.note}
-    base = os.path.join(ROOT, "bench-work")
-    w = os.path.join(base, "soak")
-    if os.path.isdir(w):
-        for dirpath, dirnames, _ in os.walk(w):
-            if is_mountpoint(dirpath):
-                force_unmount(dirpath)
-                dirnames.clear()
-    shutil.rmtree(w, ignore_errors=True)
-    os.makedirs(w)
+    base, w = fresh_work_dir("soak")
     mounts: list[Mount] = []
     failure = None
     try:

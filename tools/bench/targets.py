@@ -367,6 +367,21 @@ def cleanup_stale(work: str) -> list[str]:
     return left
 
 
+def fresh_work_dir(name: str) -> tuple[str, str]:
+    """``(bench-work, bench-work/NAME)``, NAME made empty: anything an earlier, killed run left
+    mounted under it is unmounted first (never descended into)."""
+    base = os.path.join(ROOT, "bench-work")
+    w = os.path.join(base, name)
+    if os.path.isdir(w):
+        for dirpath, dirnames, _ in os.walk(w):
+            if is_mountpoint(dirpath):
+                force_unmount(dirpath)
+                dirnames.clear()
+    shutil.rmtree(w, ignore_errors=True)
+    os.makedirs(w)
+    return base, w
+
+
 def remove_tree(path: str) -> None:
     if os.path.isdir(path) and not is_mountpoint(path):
         shutil.rmtree(path, ignore_errors=True)
