@@ -1318,10 +1318,7 @@ def restore(journal_dir: str, rel: bytes, *, at: str | None = None, version: str
         if os.path.lexists(base) and not force:
             raise UsageError(f"{dest} exists (use --force to overwrite it)")
     elif mnt is not None or src is not None:
-        mode = "mount" if mnt is not None else "src"
-        anchor = os.fsencode(mnt if mnt is not None else src)
-        prefix = tuple(rel.split(b"/")) if rel else ()
-        base = os.path.join(anchor, rel) if rel else anchor
+        mode, anchor, prefix, base = _in_place(rel, mnt, src)
     else:
         raise UsageError("this journal's SRC is unknown: give --to DEST")
     journal = Journal.open(journal_dir, readonly=(mode != "src" or dry_run))
@@ -1462,6 +1459,15 @@ def rollback_plan(r: Reader, rel: bytes, point: Point, rep: RestoreReport
     return remove, list(restore.values())
 
 
+def _in_place(rel: bytes, mnt: str | None, src: str | None) -> tuple[str, bytes, tuple, bytes]:
+    """``(mode, anchor, prefix, base)`` of a restore in place: through MNT when
+    mounted (the daemon journals it), else into SRC (journaled here)."""
+    mode = "mount" if mnt is not None else "src"
+    anchor = os.fsencode(mnt if mnt is not None else src)
+    prefix = tuple(rel.split(b"/")) if rel else ()
+    return mode, anchor, prefix, (os.path.join(anchor, rel) if rel else anchor)
+
+
 def rollback(journal_dir: str, rel: bytes, *, at: str, mnt: str | None = None, src: str | None = None,
              dry_run: bool = False, progress: Progress | None = None,
              now_ns: int | None = None) -> RestoreReport:
@@ -1478,10 +1484,7 @@ def rollback(journal_dir: str, rel: bytes, *, at: str, mnt: str | None = None, s
     t0 = time.monotonic()
     if mnt is None and src is None:
         raise UsageError("this journal's SRC is unknown: rollback works in place only")
-    mode = "mount" if mnt is not None else "src"
-    anchor = os.fsencode(mnt if mnt is not None else src)
-    prefix = tuple(rel.split(b"/")) if rel else ()
-    base = os.path.join(anchor, rel) if rel else anchor
+    mode, anchor, prefix, base = _in_place(rel, mnt, src)
     journal = Journal.open(journal_dir, readonly=(mode != "src" or dry_run))
     dirs = None
     try:
