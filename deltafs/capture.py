@@ -534,7 +534,9 @@ class Recorder:
     # ---- hooks called by ops ------------------------------------------------
 
     def _skip(self, path: bytes | None, is_dir: bool = False) -> bool:
-        return path is None or self.ignore.match(path, is_dir)
+        # b"": the root itself, which is no entry of the journal's tree (its mode,
+        # owner and xattrs are the mount point's; docs/format.md "Path keys")
+        return not path or self.ignore.match(path, is_dir)
 
     async def before_change(self, ops, node, path: bytes | None, need_base: bool = True) -> None:
         """Make sure the file's current content is in the journal (pre-image).

@@ -5,6 +5,7 @@ capture), with a read-only Journal in this process, the way `deltafs log`
 reads it: no counters of the daemon are trusted.
 """
 
+import json
 import os
 import random
 import signal
@@ -16,6 +17,7 @@ import pytest
 
 from deltafs import chunking
 from deltafs.journal import Journal
+from fusetools import run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -340,3 +342,18 @@ def test_git_and_sqlite_are_journaled(mounted):
         f.flush()
         assert sqlite3.connect(f.name).execute("select count(*) from t").fetchone()[0] == 200
     assert content_versions(mounted.journal, "repo/m3.py")[-1][3] == b"x = 3\n"
+
+
+def test_metadata_of_the_mount_root_is_not_a_failure(mounted):
+    """The root is no entry of the journal's tree: chmod and xattrs on MNT itself
+    change SRC's root as natively and are not recorded (they used to be
+    refused by the journal, counted as failures, and force a rescan)."""
+    os.setxattr(mounted.mnt, "user.k", b"v")
+    os.chmod(mounted.mnt, 0o750)
+    save(mounted.mnt / "f", b"after\n")
+    assert os.getxattr(mounted.src, "user.k") == b"v"
+    assert os.stat(mounted.src).st_mode & 0o777 == 0o750
+    st = json.loads(run_cli("status", mounted.mnt, "--json", check=True).stdout)
+    assert st["capture"]["failures"] == 0 and st["capture"]["gap"] == 0
+    mounted.umount()
+    assert [v[3] for v in content_versions(mounted.journal, "f")] == [b"after\n"]
