@@ -775,15 +775,15 @@ class Recorder:
             os.close(fd)
             self._record_tree(ops, path)
             return
-        try:  # (security.* are the system's labels, set by the kernel, not the user's)
-            xattrs = {n: os.getxattr(fd, n) for n in os.listxattr(fd) if not n.startswith("security.")}
-        except OSError:
-            xattrs = {}
+        xattrs = _user_xattrs(fd)
         node = ops.nodes.get(ops.fuse_ino(st.st_ino))
         self._capture(ops, node, fd, path, "rename-over", _FULL, None)
         for n in old_xattrs:  # the new file is another inode: its xattrs, not the old one's
             if n not in xattrs and not n.startswith("security."):
                 self.submit(Change(op="removexattr", path=path, xattr_name=os.fsencode(n)))
+        self._submit_xattrs(path, xattrs)
+
+    def _submit_xattrs(self, path: bytes, xattrs: dict) -> None:
         for n, v in xattrs.items():
             self.submit(Change(op="setxattr", path=path, xattr_name=os.fsencode(n), xattr_value=v))
 
@@ -855,6 +855,15 @@ class Recorder:
             elif kind == "dir":
                 self.submit(Change(op="mkdir", path=path, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                                    mtime_ns=st.st_mtime_ns))
+                try:
+                    dfd = self._at(path, os.open, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    dfd = None
+                if dfd is not None:
+                    try:
+                        self._submit_xattrs(path, _user_xattrs(dfd))
+                    finally:
+                        os.close(dfd)
                 counts["dirs"] += 1
             elif kind == "symlink":
                 target = self._at(path, os.readlink)
@@ -873,7 +882,9 @@ class Recorder:
                     self.submit(Change(op="unlink", path=path))
                     counts["repaired"] = counts.get("repaired", 0) + 1
                     cause = "repair"
+                xattrs = _user_xattrs(fd)  # (SRC's xattrs set while unmounted, or before the first mount)
                 item = self._capture(ops, None, fd, path, cause, _FULL, 0 if kind == "repair" else None)
+                self._submit_xattrs(path, xattrs)
                 if ops is not None:  # an fsync of the file waits for this version too
                     self._concerns(item, ops.fuse_ino(st.st_ino))
                 counts["new_or_changed"] += 1
@@ -966,3 +977,12 @@ def _walk(root: bytes, start: bytes, ignore: Ignore, hidden_ino: int = -1):
                         stack.append(rel)
         finally:
             os.close(dfd)
+
+
+def _user_xattrs(fd: int) -> dict:
+    """A file's xattrs by name, without security.* (the system's labels, set by
+    the kernel, not the user's); {} if they cannot be read."""
+    try:
+        return {n: os.getxattr(fd, n) for n in os.listxattr(fd) if not n.startswith("security.")}
+    except OSError:
+        return {}

@@ -357,3 +357,20 @@ def test_metadata_of_the_mount_root_is_not_a_failure(mounted):
     assert st["capture"]["failures"] == 0 and st["capture"]["gap"] == 0
     mounted.umount()
     assert [v[3] for v in content_versions(mounted.journal, "f")] == [b"after\n"]
+
+
+def test_scan_records_xattrs_set_in_src_before_mounting(mount_factory, tmp_path):
+    """Files and directories found by the mount's scan keep their user xattrs:
+    a restore brings them back (they used to be dropped)."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"tagged\n")
+    os.setxattr(src / "d" / "f", "user.tag", b"blue")
+    os.setxattr(src / "d", "user.dir", b"yes")
+    m = mount_factory(src)
+    m.umount()
+    dest = tmp_path / "dest"
+    run_cli("restore", "--journal", m.journal, "", "--to", dest, check=True)
+    assert (dest / "d" / "f").read_bytes() == b"tagged\n"
+    assert os.getxattr(dest / "d" / "f", "user.tag") == b"blue"
+    assert os.getxattr(dest / "d", "user.dir") == b"yes"
