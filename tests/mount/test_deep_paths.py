@@ -125,10 +125,11 @@ def test_deep_paths_behave_as_on_ext4(mounted, tmp_path):
         assert a == b, f"{what}: native {a!r} != mount {b!r}"
     assert got_native[0][1][0] == "ok" and len(got_mount) == len(steps())
 
-    # every save is a version `cat` returns (the journal knows the deep path)
+    # every save is a version `cat` returns (the journal knows the deep path); g was f before a
+    # rename, so its history before that is under f: log --follow lists it
     run_cli("flush", mounted.mnt, check=True)
     rel = deep_rel + "/g"
-    res = run_cli("log", "--journal", mounted.journal, rel, "--json", check=True)
+    res = run_cli("log", "--follow", "--journal", mounted.journal, rel, "--json", check=True)
     versions = [json.loads(x) for x in res.stdout.decode().splitlines()]
     writes = sorted((v for v in versions if v["op"] == "write"), key=lambda v: v["version"])
     assert {v["path"] for v in writes} == {deep_rel + "/f"}  # saved before the rename
