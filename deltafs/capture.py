@@ -82,7 +82,7 @@ BASE_RETRY = 16
 
 def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
                    cache: chunking.RawCache | None = None,
-                   aligned: bool = False, holes=None) -> tuple[chunking.Rechunk, list]:
+                   aligned: bool = False, holes=None, hint=None) -> tuple[chunking.Rechunk, list]:
     """Re-chunk a file around its dirty ranges and build the chunks it lacks.
 
     ``r`` is a journal reader: chunks it already has are not rebuilt, and
@@ -93,7 +93,9 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
     bytes of bases and new chunks between captures.  ``aligned``: dirty
     ranges recorded from writes, so an in-place write may be cut at aligned
     offsets (:func:`chunking.prefers_aligned`).  ``holes`` (:func:`file_holes`):
-    the holes of a sparse file are not read.
+    the holes of a sparse file are not read.  ``hint``: (chunk list, offsets)
+    of the file this one replaced (a delete-and-create of the path): delta
+    bases only, when ``old`` is empty.
     """
     if offsets is None:
         offsets = chunking.list_offsets(old)
@@ -167,7 +169,8 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             new.clear()
             buffered = 0
 
-    finder = chunking.BaseFinder(old, offsets, emit)
+    finder = chunking.BaseFinder(old, offsets, emit) if old or not hint else \
+        chunking.BaseFinder(hint[0], hint[1], emit)
 
     def on_chunk(span, data):
         if span.id in seen:  # handled already (a hole's chunks are one id)
@@ -236,6 +239,10 @@ class Recorder:
         # regular files just deleted or renamed away: a file renamed onto one
         # of these paths is the next version of it (write-new-then-delete-old)
         self.recently_gone: dict[bytes, float] = {}
+        # delta base hints (never identity): path -> (time, last content version of
+        # the file that left it); inode created there -> that version
+        self.base_hints: dict[bytes, tuple[float, int]] = {}
+        self._ino_hints: dict[int, int] = {}
         self.guard = None  # deltafs.guard.Guard (set by guard_service): sees each committed item
 
     # ---- pipeline ---------------------------------------------------------
@@ -461,8 +468,9 @@ class Recorder:
                 dirty = _FULL
             hit = self._lists.get(base) if base else None
             cached = (base, *hit) if hit is not None else None
+            hint = self._ino_hints.pop(node.ino, 0) if node is not None and not base else 0
             change, item.list_cache = await trio.to_thread.run_sync(
-                self._compute_sync, fd, path, cause, dirty, base, cached, limiter=self.limiter)
+                self._compute_sync, fd, path, cause, dirty, base, cached, hint, limiter=self.limiter)
             item.changes = [change]
         except Exception as e:
             self.failures += 1
@@ -485,7 +493,7 @@ class Recorder:
             item.ready.set()
 
     def _compute_sync(self, fd: int, path: bytes, cause: str, dirty, base: int | None,
-                      cached=None) -> tuple[Change, tuple | None]:
+                      cached=None, hint: int = 0) -> tuple[Change, tuple | None]:
         st = os.fstat(fd)
         size = st.st_size
         j = self.journal
@@ -519,7 +527,8 @@ class Recorder:
                 # defined one, so a fresh chunking would differ everywhere)
                 dirty = chunking.changed_ranges(pread, size, old, offsets, holes)
             res, new = capture_chunks(r, pread, size, old, dirty, offsets, j.put_chunks,
-                                      self.raw_cache, aligned=not whole, holes=holes)
+                                      self.raw_cache, aligned=not whole, holes=holes,
+                                      hint=self._hint_list(r, hint) if hint and not old else None)
         edit = res.edit_list(old)
         if cause == "scan" and base and not edit and not new and size == sum(n for _, n in old):
             # same bytes, other stat (touch while unmounted, or the kernel's
@@ -530,6 +539,33 @@ class Recorder:
         return Change(op="write", path=path, size=size, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                       mtime_ns=st.st_mtime_ns, cause=cause, base_seq=base or 0,
                       edit=edit, chunks=new), cache
+
+    def _hint_list(self, r, seq: int) -> tuple[list, list] | None:
+        """(chunk list, offsets) of version ``seq`` as delta bases, if it still exists."""
+        hit = self._lists.get(seq)
+        if hit is not None:
+            return hit
+        if r.is_pruned(seq):
+            return None
+        try:
+            refs = r.chunk_list(seq)
+        except (JournalError, KeyError):  # gone since: no hint, never a failed capture
+            return None
+        return refs, chunking.list_offsets(refs)
+
+    def _remember_base(self, path: bytes) -> None:
+        """The file at ``path`` is leaving it: its last version is the delta base
+        hint of a file created there within REUSE_SECONDS (git checkout, cp over rm)."""
+        seq = self._latest_content(path)
+        hints = self.base_hints
+        hints.pop(path, None)
+        if not seq:
+            return
+        now = time.monotonic()
+        hints[path] = (now, seq)
+        oldest = next(iter(hints))
+        if now - hints[oldest][0] >= REUSE_SECONDS or len(hints) > GONE_KEPT:
+            del hints[oldest]
 
     # ---- hooks called by ops ------------------------------------------------
 
@@ -658,6 +694,11 @@ class Recorder:
         node.base = 0  # a new, empty file: later captures are edits of nothing
         path = ops.child_path(parent, name)
         self.recently_gone.pop(path, None)  # the path has a file again
+        hint = self.base_hints.pop(path, None)
+        if hint is not None and time.monotonic() - hint[0] < REUSE_SECONDS:
+            self._ino_hints[node.ino] = hint[1]  # its first capture's delta bases
+            while len(self._ino_hints) > GONE_KEPT:
+                del self._ino_hints[next(iter(self._ino_hints))]
         if not self._skip(path):
             self.submit(Change(op="create", path=path, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                                mtime_ns=st.st_mtime_ns))
@@ -711,6 +752,7 @@ class Recorder:
         if not self._skip(path):
             if last:  # its last name: the file is gone (another link keeps it alive)
                 self._gone(path)
+                self._remember_base(path)
             self.submit(Change(op="unlink", path=path))
 
     def _ev_rmdir(self, ops, parent, name) -> None:
@@ -742,6 +784,7 @@ class Recorder:
         if not ign_old and ign_new:  # todo.md -> todo.md~ : gone from the visible tree
             if not is_dir and st.st_nlink <= 1:
                 self._gone(old)
+                self._remember_base(old)
             self.submit(Change(op="rmdir" if is_dir else "unlink", path=old))
             return
         if over is not None:  # what the rename replaced, as it was before
@@ -764,6 +807,8 @@ class Recorder:
         if ign_old:  # a directory or symlink appears under a real name
             self._record_tree(ops, new)
             return
+        if stat.S_ISREG(st.st_mode):
+            self._remember_base(old)  # renamed away: a file created at old deltas against it
         self.submit(Change(op="rename", path=old, path2=new))
 
     def _capture_entry(self, ops, parent, name: bytes, path: bytes, old_xattrs=()) -> None:
