@@ -169,8 +169,14 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             new.clear()
             buffered = 0
 
-    finder = chunking.BaseFinder(old, offsets, emit) if old or not hint else \
-        chunking.BaseFinder(hint[0], hint[1], emit)
+    if old:
+        # an in-place write shifts nothing: bases at the same offsets
+        old_size = offsets[-1]
+        same = aligned and chunking.prefers_aligned(
+            old_size, size, chunking.normalize_dirty(dirty, old_size, size))
+        finder = chunking.BaseFinder(old, offsets, emit, same_offset=same)
+    else:
+        finder = chunking.BaseFinder(*(hint or ([], [0])), emit)
 
     def on_chunk(span, data):
         if span.id in seen:  # handled already (a hole's chunks are one id)

@@ -721,11 +721,18 @@ class BaseFinder:
     storing, ``base`` an old ``(id, length)`` or ``None``.  Chunks wait for
     the next anchor at most ``hold`` bytes (then the shift alone decides),
     so memory stays bounded on big rewrites.
+
+    ``same_offset``: nothing shifted (an in-place write, :func:`prefers_aligned`):
+    each chunk's base is the old chunk it overlaps most at its own offset, a
+    chunk past the old end the last old chunk.  Anchors are then not needed,
+    and relative positions would drift as soon as the file also grows.
     """
 
     def __init__(self, old: Sequence[ChunkRef], offsets: Sequence[int],
-                 emit: Callable[[Span, bytes, ChunkRef | None], None], hold: int = 8 << 20) -> None:
+                 emit: Callable[[Span, bytes, ChunkRef | None], None], hold: int = 8 << 20,
+                 same_offset: bool = False) -> None:
         self.old, self.offsets, self.emit, self.hold = old, offsets, emit, hold
+        self.same_offset = same_offset and bool(old)
         self.shift = 0  # new offset - old offset at the last anchor
         self.after = 0  # old index just past the last anchor
         self.pending: list[tuple[Span, bytes]] = []
@@ -746,6 +753,10 @@ class BaseFinder:
 
     def feed(self, span: Span, raw: bytes | memoryview | None) -> None:
         """One chunk of the new version; ``raw`` is None if it needs no storing."""
+        if self.same_offset:
+            if raw is not None:
+                self.emit(span, bytes(raw), self.old[self._overlapping(span)])
+            return
         j = self._anchor(span)
         if j is not None:
             self._flush(j)
@@ -761,6 +772,18 @@ class BaseFinder:
         if self.held >= self.hold:
             last = self.pending[-1][0]
             self._flush(self._old_index(last.offset + last.length - self.shift) + 1)
+
+    def _overlapping(self, span: Span) -> int:
+        """Index of the old chunk sharing the most bytes with ``span``'s offsets."""
+        end = span.offset + span.length
+        k = self._old_index(span.offset)
+        best, most = k, -1
+        while k < len(self.old) and self.offsets[k] < end:
+            n = min(end, self.offsets[k + 1]) - max(span.offset, self.offsets[k])
+            if n > most:
+                best, most = k, n
+            k += 1
+        return best
 
     def finish(self) -> None:
         if self.pending:
