@@ -145,19 +145,21 @@ class Journal:
         stream this way instead of holding every chunk in memory).  Not
         synced: a crash leaves unreferenced chunks, which GC frees.  -> bytes stored."""
         self._check_writable()
-        stored = 0
+        stored = raw = 0
         with self._storage.write() as txn:  # packs synced before it commits
             for nc in chunks:
                 depth = nc.depth if nc.base_id else 0
                 val = S.encode_chunk(depth, nc.raw_len, nc.base_id, nc.payload)
                 if self._storage.put_value(txn, nc.id, val, depth):
                     stored += len(val)
+                    raw += nc.raw_len  # as _content counts them (status's ratio is raw / stored)
                     if nc.base_id is not None:
                         self._incref(txn, nc.base_id)
             if stored:
                 mdb = self._dbs[S.DB_META]
                 rd = Reader(self._storage, txn)
                 txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
+                txn.put(S.META_RAW, _packb(rd.meta(S.META_RAW, 0) + raw), db=mdb)
         return stored
 
     def append_raw(self, values: Sequence[bytes], chunks: dict[bytes, bytes] | None = None,

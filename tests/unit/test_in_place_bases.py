@@ -71,3 +71,20 @@ def test_growing_file_with_in_place_edits_deltas_at_the_same_offset(tmp_path):
     print("per save: edits only", flat, "edits + append", grown, "append alone", append)
     for f, g in zip(flat, grown):
         assert g <= f * 1.5 + append * 1.3 + 4096, (flat, grown, append)
+
+
+def test_raw_bytes_counts_chunks_streamed_ahead_of_their_record(tmp_path):
+    """A capture over CHUNK_FLUSH_BYTES stores most chunks before its record
+    (Journal.put_chunks): raw_bytes must count them as stored_bytes does."""
+    from deltafs.capture import CHUNK_FLUSH_BYTES
+
+    tmp_path.mkdir(exist_ok=True)
+    d = Daemon(tmp_path)
+    size = CHUNK_FLUSH_BYTES * 3
+    (d.src / "big").write_bytes(_text(random.Random(3), size))
+    d.capture(b"big")
+    with d.j.reader() as r:
+        st = r.stats()
+    d.j.close()
+    assert st["raw_bytes"] == size, st  # no chunk repeats in this text
+    assert st["stored_bytes"] < st["raw_bytes"]
