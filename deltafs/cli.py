@@ -39,7 +39,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from deltafs.config import MountConfig
 
     if args.at is not None or args.mnt is None:  # a read-only view of the past (pastfs)
-        return mount.mount_at(args)
+        return mount.mount_at(args, MountConfig.from_args(args, args.src, args.mnt, args.journal))
     # every option parsed first: bad ones give one line and exit 2 before any fork
     cfg = MountConfig.from_args(args, args.src, args.mnt, args.journal, log_file=args.log_file)
     if args.ready_fd is None:  # the daemon re-checks; the user gets errors before any fork
