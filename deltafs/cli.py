@@ -247,7 +247,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def _snapshot_before(loc, name: str) -> str:
     """Name the head before a rollback changes anything (through the daemon when mounted)."""
-    from deltafs import control
+    from deltafs import control, snapshots
     from deltafs.journal import Journal
 
     if loc.mnt is not None:
@@ -256,7 +256,7 @@ def _snapshot_before(loc, name: str) -> str:
     else:
         j = Journal.open(loc.journal)
         try:
-            control.make_snapshot(j, name)
+            snapshots.make(j, name)
         finally:
             j.close()
     return name
