@@ -580,8 +580,9 @@ def _add_history_parsers(sub) -> None:
     lg = sub.add_parser("log", help="list versions of a file, a directory or everything",
                         description="List the journal's versions of PATH (a file, everything under a "
                                     "directory, or the whole tree; default the current directory), "
-                                    "newest first: version id, time, operation (the cause for content "
-                                    "versions), size, bytes newly stored, path. Works with or without a "
+                                    "newest first, one line per save (an editor's save groups its records; "
+                                    "--records: one per record): version id, time, cause (or operation), "
+                                    "size, bytes newly stored, path. Works with or without a "
                                     "running mount. " + when_help,
                         epilog=EPILOG, formatter_class=fmt)
     common(lg, "a path inside MNT or SRC (default: the current directory)", optional=True)

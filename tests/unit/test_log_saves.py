@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from deltafs import history
 
 SEC = 10**9
@@ -67,3 +69,25 @@ def test_save_entries_reads_newest_first_and_never_splits_a_save():
     assert list(history.save_entries(iter(()))) == []
     # every record is in exactly one save
     assert sorted(d["version"] for s in saves for d in s["records"]) == list(range(1, 19))
+
+
+def test_cli_lists_saves_by_default_and_records_on_request(tmp_path, capsys):
+    from test_history import Builder, jdir, rcli
+
+    b = Builder(tmp_path / "j")
+    try:
+        b.write(b"a", b"one")  # create + write, 1 s apart: one save
+        b.tick(10)
+        b.write(b"a", b"two")  # a second save
+        b.write(b"b", b"x")  # another file: its own save
+        rc, out, err = rcli(capsys, "log", "--journal", jdir(b), "--json")
+        assert rc == 0 and err == ""
+        saves = [json.loads(x) for x in out.splitlines()]
+        assert [(s["path"], s["cause"], len(s["records"])) for s in saves] == [
+            ("b", "save", 2), ("a", "save", 1), ("a", "save", 2)]
+        rc, out, _ = rcli(capsys, "log", "--journal", jdir(b), "-n", "2")
+        assert [x.split("\t")[2] for x in out.splitlines()] == ["save", "save"]
+        rc, out, _ = rcli(capsys, "log", "--journal", jdir(b), "--records", "--json")
+        assert [json.loads(x)["op"] for x in out.splitlines()] == ["write", "create", "write", "write", "create"]
+    finally:
+        b.close()
