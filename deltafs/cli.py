@@ -40,7 +40,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from deltafs.config import MountConfig
 
     if args.at is not None or args.mnt is None:  # a read-only view of the past (pastfs)
-        return mount.mount_at(args)
+        return mount.mount_at(args, MountConfig.from_args(args, args.src, args.mnt, args.journal))
     # every option parsed first: bad ones give one line and exit 2 before any fork
     cfg = MountConfig.from_args(args, args.src, args.mnt, args.journal, log_file=args.log_file)
     if args.ready_fd is None:  # the daemon re-checks; the user gets errors before any fork
@@ -253,7 +253,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def _snapshot_before(loc, name: str) -> str:
     """Name the head before a rollback changes anything (through the daemon when mounted)."""
-    from deltafs import control
+    from deltafs import control, snapshots
     from deltafs.journal import Journal
 
     if loc.mnt is not None:
@@ -262,7 +262,7 @@ def _snapshot_before(loc, name: str) -> str:
     else:
         j = Journal.open(loc.journal)
         try:
-            control.make_snapshot(j, name)
+            snapshots.make(j, name)
         finally:
             j.close()
     return name

@@ -427,8 +427,10 @@ def unmount(mnt: str, timeout: float = 120.0) -> None:
 
 
 
-def mount_at(args) -> int:
-    """``deltafs mount --at WHEN SRC MNT`` / ``--at WHEN --journal DIR MNT``: a read-only past view."""
+def mount_at(args, cfg: MountConfig) -> int:
+    """``deltafs mount --at WHEN SRC MNT`` / ``--at WHEN --journal DIR MNT``: a read-only past view
+    (``args``: --at, --cache-size, --journal, --ready-fd; ``cfg``: the mount options it shares:
+    foreground, log level, FUSE options)."""
     from deltafs import pastfs
     from deltafs.config import parse_size
 
@@ -451,15 +453,15 @@ def mount_at(args) -> int:
     cache = parse_size(args.cache_size, "--cache-size") if args.cache_size else pastfs.DEFAULT_CACHE
     if args.ready_fd is None:
         check_fuse()
-    if args.foreground or args.ready_fd is not None:
-        if args.foreground:
-            logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-        return pastfs.serve(journal, args.at, mnt, cache_size=cache, options=tuple(args.option),
+    if cfg.foreground or args.ready_fd is not None:
+        if cfg.foreground:
+            logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(message)s")
+        return pastfs.serve(journal, args.at, mnt, cache_size=cache, options=tuple(cfg.fuse_options),
                             ready_fd=args.ready_fd)
-    argv = ["mount", "--at", args.at, "--journal", journal, mnt, "--log-level", args.log_level]
+    argv = ["mount", "--at", args.at, "--journal", journal, mnt, "--log-level", cfg.log_level]
     if args.cache_size:
         argv += ["--cache-size", args.cache_size]
-    for o in args.option:
+    for o in cfg.fuse_options:
         argv += ["-o", o]
     pastfs.spawn(argv, os.path.join(journal, "past-view.log") if os.access(journal, os.W_OK) else None)
     return 0
