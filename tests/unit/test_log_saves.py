@@ -91,3 +91,29 @@ def test_cli_lists_saves_by_default_and_records_on_request(tmp_path, capsys):
         assert [json.loads(x)["op"] for x in out.splitlines()] == ["write", "create", "write", "write", "create"]
     finally:
         b.close()
+
+
+def test_watch_groups_what_one_poll_returns(tmp_path):
+    """`log --watch` (without --records) prints the saves of each poll's records."""
+    from test_history import Builder
+
+    b = Builder(tmp_path / "j")
+    try:
+        b.write(b"f", b"1")
+        with b.j.reader() as r:
+            head = r.head_seq()
+        polls = []
+
+        def sleep(_):
+            polls.append(1)
+            if len(polls) == 1:
+                b.write(b"g", b"2")  # create + write of a new file: one save
+            if len(polls) > 5:
+                raise RuntimeError("follow did not stream the new records")
+
+        batch = next(history.follow_batches(b.j, b"", head, sleep=sleep))
+        assert [d["op"] for d in batch] == ["create", "write"]
+        (s,) = history.group_saves(batch)
+        assert (s["path"], s["cause"], [d["op"] for d in s["records"]]) == ("g", "save", ["write", "create"])
+    finally:
+        b.close()
