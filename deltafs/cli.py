@@ -6,6 +6,7 @@ Only ``main`` catches DeltafsError and prints its one line on stderr.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -120,9 +121,13 @@ def cmd_log(args: argparse.Namespace) -> int:
             head = r.head_seq()
             if args.deleted:
                 rows = history.deleted_entries(r, loc.rel, args.since, args.until, args.limit)
-            else:
+            elif args.records:
                 rows = list(history.log_entries(r, loc.rel, args.since, args.until, args.limit,
                                                 show_pruned=args.all, follow=args.follow))
+            else:  # saves: each groups its records (docs/cli.md "deltafs log")
+                recs = history.log_entries(r, loc.rel, args.since, args.until,
+                                           show_pruned=args.all, follow=args.follow)
+                rows = list(itertools.islice(history.save_entries(recs), args.limit))
         if args.watch and not args.deleted:
             rows.reverse()  # following: oldest first, new records appended below
         if table and rows:
@@ -132,8 +137,9 @@ def cmd_log(args: argparse.Namespace) -> int:
         if not args.watch:
             return 0
         try:
-            for d in history.follow_entries(j, loc.rel, head):
-                emit(d)
+            for batch in history.follow_batches(j, loc.rel, head):
+                for d in (batch if args.records else history.group_saves(batch)):
+                    emit(d)
         except KeyboardInterrupt:
             return 0  # Ctrl-C is how --watch ends
 
@@ -574,15 +580,20 @@ def _add_history_parsers(sub) -> None:
     lg = sub.add_parser("log", help="list versions of a file, a directory or everything",
                         description="List the journal's versions of PATH (a file, everything under a "
                                     "directory, or the whole tree; default the current directory), "
-                                    "newest first: version id, time, operation (the cause for content "
-                                    "versions), size, bytes newly stored, path. Works with or without a "
+                                    "newest first, one line per save (an editor's save groups its records; "
+                                    "--records: one per record): version id, time, cause (or operation), "
+                                    "size, bytes newly stored, path. Works with or without a "
                                     "running mount. " + when_help,
                         epilog=EPILOG, formatter_class=fmt)
     common(lg, "a path inside MNT or SRC (default: the current directory)", optional=True)
     lg.add_argument("--since", metavar="WHEN", help="only records at or after WHEN")
     lg.add_argument("--until", metavar="WHEN", help="only records at or before WHEN")
-    lg.add_argument("-n", "--limit", type=int, metavar="N", help="at most N records")
-    lg.add_argument("--json", action="store_true", help="JSON Lines, one object per record")
+    lg.add_argument("-n", "--limit", type=int, metavar="N", help="at most N saves (records with --records)")
+    lg.add_argument("--json", action="store_true",
+                    help="JSON Lines, one object per save (its records in \"records\"; with "
+                         "--records one object per record)")
+    lg.add_argument("--records", action="store_true",
+                    help="one line per journal record instead of one per save")
     lg.add_argument("--deleted", action="store_true", help="list deleted files and their last version")
     lg.add_argument("--all", action="store_true",
                     help="also list versions pruned by retention, marked (pruned); they cannot be restored")

@@ -33,7 +33,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from deltafs import chunking
 from deltafs.errors import (EXIT_JOURNAL, EXIT_OK, EXIT_PARTIAL, CorruptionError, NotFoundError,
@@ -346,15 +346,102 @@ def follow_entries(j: Journal, rel: bytes, after: int, interval: float = 0.2,
                    sleep: Callable[[float], None] = time.sleep) -> Iterator[dict]:
     """New records of PATH after seq ``after``, oldest first, as they are
     committed (polls the head; ends only when the caller stops iterating)."""
+    for batch in follow_batches(j, rel, after, interval, sleep):
+        yield from batch
+
+
+def follow_batches(j: Journal, rel: bytes, after: int, interval: float = 0.2,
+                   sleep: Callable[[float], None] = time.sleep) -> Iterator[list[dict]]:
+    """:func:`follow_entries` one poll at a time: the non-empty lists of
+    PATH's records committed since the previous poll, oldest first."""
     while True:
         with j.reader() as r:
             head = r.head_seq()
             if head > after:
-                for rec in r.records(after + 1, head):
-                    if _matches(rec, rel):
-                        yield record_entry(rec)
+                batch = [record_entry(rec) for rec in r.records(after + 1, head) if _matches(rec, rel)]
                 after = head
+                if batch:
+                    yield batch
         sleep(interval)
+
+
+# --- saves: a log of what the user did, not of each record (docs/cli.md "deltafs log") ---
+SAVE_GAP_NS = 2_000_000_000
+"""Records further apart than this are never one save."""
+_SAVE_CAUSES = ("restore", "repair", "scan", "preimage")
+
+
+def _save_keys(d: dict) -> set:
+    keys = {("f", d["file_id"]), ("p", d["path"])}
+    if "path2" in d:
+        keys.add(("p", d["path2"]))
+    return keys
+
+
+def save_entry(recs: list[dict]) -> dict:
+    """One save from its records (oldest first): the newest record's version
+    and time, the cause, the path the saved file has after it, and the records
+    themselves (newest first, like the log)."""
+    content = [d for d in recs if "cause" in d]
+    main = content[-1] if content else recs[-1]
+    path = main["path"]
+    for d in recs[recs.index(main) + 1:]:
+        if d["op"] == "rename" and d["file_id"] == main["file_id"] and d["path"] == path:
+            path = d["path2"]
+    causes = {d["cause"] for d in content}
+    cause = next((c for c in _SAVE_CAUSES if c in causes), None)
+    if cause is None:
+        if "rename-over" in causes or any(d["op"] == "rename" and d.get("path2") == path
+                                         for d in recs):
+            cause = "atomic save"
+        elif content:
+            cause = "save"
+        else:
+            cause = recs[0]["op"]
+    last = recs[-1]
+    e = {"version": last["version"], "first_version": recs[0]["version"], "time": last["time"],
+         "time_ns": last["time_ns"], "op": "save", "cause": cause, "path": path,
+         "file_id": main["file_id"]}
+    if "size" in main:
+        e["size"] = main["size"]
+    if content:
+        e["stored"] = sum(d["stored"] for d in content)
+    if all(d.get("pruned") for d in recs):
+        e["pruned"] = True
+    e["records"] = recs[::-1]
+    return e
+
+
+def group_saves(recs: list[dict]) -> list[dict]:
+    """Records in version order (oldest first) -> saves, oldest first.  A
+    record joins the save before it when it is within ``SAVE_GAP_NS`` of that
+    save's last record and shares a file id or a path (path or rename target)
+    with one of its records; anything else starts a new save."""
+    saves: list[list[dict]] = []
+    keys: set = set()
+    for d in recs:
+        k = _save_keys(d)
+        if saves and d["time_ns"] - saves[-1][-1]["time_ns"] <= SAVE_GAP_NS and k & keys:
+            saves[-1].append(d)
+            keys |= k
+        else:
+            saves.append([d])
+            keys = k
+    return [save_entry(g) for g in saves]
+
+
+def save_entries(entries: Iterable[dict]) -> Iterator[dict]:
+    """Newest-first records (:func:`log_entries`) -> newest-first saves.
+    Records are read a burst at a time (runs with gaps of at most
+    ``SAVE_GAP_NS``), so a save is never split by where reading stops."""
+    burst: list[dict] = []
+    for d in entries:
+        if burst and burst[-1]["time_ns"] - d["time_ns"] > SAVE_GAP_NS:
+            yield from reversed(group_saves(burst[::-1]))
+            burst = []
+        burst.append(d)
+    if burst:
+        yield from reversed(group_saves(burst[::-1]))
 
 
 def _under(p: bytes | None, rel: bytes) -> bool:

@@ -36,7 +36,7 @@ def test_compact_runs_through_the_daemon(mounted):
     rep = json.loads(res.stdout)
     assert rep["versions_pruned"] == 4 and rep["bytes_freed"] == dry["bytes_freed"]
     assert rep["data_file_before"] is None
-    pruned = [json.loads(x) for x in run_cli("log", f, "--all", "--json", check=True).stdout.splitlines()
+    pruned = [json.loads(x) for x in run_cli("log", "--records", f, "--all", "--json", check=True).stdout.splitlines()
               if b'"pruned": true' in x]
     assert len(pruned) == 4
     assert run_cli("cat", f, check=True).stdout == versions[-1]

@@ -24,7 +24,7 @@ def cli_json(*args) -> dict | list:
 
 
 def log_paths(mnt: Path) -> list[str]:
-    res = run_cli("log", mnt, "--json", check=True)
+    res = run_cli("log", "--records", mnt, "--json", check=True)
     return [json.loads(x)["path"] for x in res.stdout.decode().splitlines()]
 
 
@@ -64,7 +64,7 @@ def test_flush_makes_versions_visible_to_another_process(mounted):
         write(mounted.mnt / "doc.txt", b"version %d\n" % i)
         run_cli("flush", mounted.mnt, check=True)
         entries = [json.loads(x) for x in
-                   run_cli("log", mounted.mnt / "doc.txt", "--json", check=True).stdout.decode().splitlines()]
+                   run_cli("log", "--records", mounted.mnt / "doc.txt", "--json", check=True).stdout.decode().splitlines()]
         writes = [e for e in entries if e.get("op") == "write"]
         assert len(writes) == i + 1
 

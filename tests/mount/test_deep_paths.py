@@ -129,7 +129,7 @@ def test_deep_paths_behave_as_on_ext4(mounted, tmp_path):
     # rename, so its history before that is under f: log --follow lists it
     run_cli("flush", mounted.mnt, check=True)
     rel = deep_rel + "/g"
-    res = run_cli("log", "--follow", "--journal", mounted.journal, rel, "--json", check=True)
+    res = run_cli("log", "--records", "--follow", "--journal", mounted.journal, rel, "--json", check=True)
     versions = [json.loads(x) for x in res.stdout.decode().splitlines()]
     writes = sorted((v for v in versions if v["op"] == "write"), key=lambda v: v["version"])
     assert {v["path"] for v in writes} == {deep_rel + "/f"}  # saved before the rename

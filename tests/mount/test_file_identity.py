@@ -54,7 +54,7 @@ def snapshot(root: Path) -> dict:
 
 
 def log_json(*args) -> list[dict]:
-    res = run_cli("log", *args, "--json", check=True)
+    res = run_cli("log", "--records", *args, "--json", check=True)
     return [json.loads(x) for x in res.stdout.decode().splitlines()]
 
 
@@ -94,7 +94,7 @@ class Case:
             elif e[0] == "f":
                 assert res.returncode == 0, f"cat {p}: {res.stderr.decode()}"
                 assert res.stdout == e[1], f"cat {p}: {res.stdout!r} but SRC holds {e[1]!r}"
-            if run_cli("log", self.m.mnt / p).returncode != 0:
+            if run_cli("log", "--records", self.m.mnt / p).returncode != 0:
                 assert e is None, f"log {p} fails but SRC has it"
                 continue
             listed = self.contents(log_json(self.m.mnt / p))

@@ -87,7 +87,7 @@ def differences(a: dict, b: dict) -> dict:
 
 
 def log_json(*args) -> list[dict]:
-    res = run_cli("log", *args, "--json", check=True)
+    res = run_cli("log", "--records", *args, "--json", check=True)
     return [json.loads(x) for x in res.stdout.decode().splitlines()]
 
 

@@ -25,7 +25,7 @@ def write_version(path, data: bytes) -> None:
 
 
 def log_json(*args) -> list[dict]:
-    res = run_cli("log", *args, "--json", check=True)
+    res = run_cli("log", "--records", *args, "--json", check=True)
     return [json.loads(x) for x in res.stdout.decode().splitlines()]
 
 
@@ -68,7 +68,7 @@ def test_log_cat_restore_match_what_was_written(mounted, tmp_path):
         assert sha(dest.read_bytes()) == sha(d)
     # the same history from SRC, with and without the mount
     assert [v["version"] for v in content_versions(mounted.src / "notes.txt")] == [v["version"] for v in vers]
-    res = run_cli("log", mounted.mnt, check=True)
+    res = run_cli("log", "--records", mounted.mnt, check=True)
     assert b"notes.txt" in res.stdout
     mounted.umount()
     assert [v["version"] for v in content_versions(mounted.src / "notes.txt")] == [v["version"] for v in vers]

@@ -85,7 +85,7 @@ def test_compaction_keeps_the_journal_bounded(mount_factory, tmp_path):
     retained = pruned = 0
     for f in range(FILES):
         rel = f"f{f}"
-        out = run_cli("log", "--journal", m.journal, "--all", "--json", rel, check=True).stdout
+        out = run_cli("log", "--records", "--journal", m.journal, "--all", "--json", rel, check=True).stdout
         rows = [json.loads(x) for x in out.splitlines()]
         writes = [d for d in rows if d["op"] == "write"]
         for d in writes:
@@ -107,7 +107,7 @@ def test_compaction_keeps_the_journal_bounded(mount_factory, tmp_path):
             retained += 1
             rnd, ff = parse(res.stdout)
             assert ff == f and res.stdout == content(rnd, f), d
-        shown = run_cli("log", "--journal", m.journal, "--json", rel, check=True).stdout.splitlines()
+        shown = run_cli("log", "--records", "--journal", m.journal, "--json", rel, check=True).stdout.splitlines()
         assert not any(json.loads(x).get("pruned") for x in shown)
     assert retained >= FILES and pruned > retained
     v = run_cli("verify", "--journal", m.journal, "--full", "--json", check=True)

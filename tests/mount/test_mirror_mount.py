@@ -67,5 +67,5 @@ def test_mount_with_mirror_then_clone(mount_factory, tmp_path, request, kind):
     run_cli("clone", url, dest, *extra, check=True, env=env)
     assert tree(dest) == expected
     run_cli("verify", "--mirror", url, "--full", *extra, check=True, env=env)
-    log = run_cli("log", "--journal", dest / ".deltafs", "--json", check=True, env=env)
+    log = run_cli("log", "--records", "--journal", dest / ".deltafs", "--json", check=True, env=env)
     assert b"b.txt" in log.stdout and b"gone.txt" in log.stdout

@@ -61,7 +61,7 @@ def history(tmp_path_factory):
         m.umount()
     finally:
         m.cleanup()
-    res = run_cli("log", src / "big.bin", "--json", check=True)
+    res = run_cli("log", "--records", src / "big.bin", "--json", check=True)
     writes = [json.loads(x) for x in res.stdout.decode().splitlines()]
     (big,) = [d["version"] for d in writes if d["op"] == "write" and d["size"] == BIG]
     (small,) = [d["version"] for d in writes if d["op"] == "write" and d["size"] == len(CURRENT)]
@@ -136,7 +136,7 @@ def test_killed_in_place_restore_leaves_src_as_it_was(history):
     assert temp_files(src) == []
     assert sha_file(target) == history["sha"]
     # and the journal knows the restore: its latest content version is the big one again
-    writes = [json.loads(x) for x in run_cli("log", target, "--json", check=True).stdout.decode().splitlines()]
+    writes = [json.loads(x) for x in run_cli("log", "--records", target, "--json", check=True).stdout.decode().splitlines()]
     assert [d for d in writes if d["op"] == "write"][0]["size"] == BIG
 
 

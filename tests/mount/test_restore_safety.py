@@ -39,7 +39,7 @@ def as_nobody(*cmd) -> None:
 
 def head_version(mnt: Path) -> int:
     run_cli("flush", mnt, check=True)
-    res = run_cli("log", mnt, "--json", "-n", "1", check=True)
+    res = run_cli("log", "--records", mnt, "--json", "-n", "1", check=True)
     return json.loads(res.stdout.decode().splitlines()[0])["version"]
 
 

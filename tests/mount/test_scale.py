@@ -111,7 +111,7 @@ def test_100k_files_under_a_1024_descriptor_limit(mount_factory):
     assert last["capture"]["failures"] == 0 and last["capture"]["gap"] == 0 and last["capture"]["pending"] == 0
 
     # every file is in the log: created (and saved, when it has content), in the tree and the copy
-    res = run_cli("log", m.mnt, "--json", check=True, timeout=600)
+    res = run_cli("log", "--records", m.mnt, "--json", check=True, timeout=600)
     ops: dict[str, set] = {}
     for line in res.stdout.splitlines():
         rec = json.loads(line)

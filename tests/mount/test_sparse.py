@@ -39,7 +39,7 @@ def test_a_10_gib_file_with_one_byte_is_captured_and_restored_sparse(mounted, tm
     run_cli("flush", mounted.mnt, check=True)
     assert daemon_read(pid) - before < 64 * MiB  # the 10 GiB of holes were not read
     assert allocated(mounted.src / "big.img") < MiB  # and SRC stays sparse
-    log = [json.loads(x) for x in run_cli("log", mounted.mnt / "big.img", "--json", check=True).stdout.splitlines()]
+    log = [json.loads(x) for x in run_cli("log", "--records", mounted.mnt / "big.img", "--json", check=True).stdout.splitlines()]
     assert [e["size"] for e in log if e["op"] == "write"] == [10 * GiB]
 
     dest = tmp_path / "restored.img"

@@ -142,14 +142,14 @@ def test_log_file_dir_root_and_filters(b, capsys):
         with pytest.raises(NotFoundError, match="never seen"):
             list(history.log_entries(r, b"nope"))
 
-    rc, out, err = rcli(capsys, "log", "--journal", jdir(b), "docs/a.txt", "--json")
+    rc, out, err = rcli(capsys, "log", "--records", "--journal", jdir(b), "docs/a.txt", "--json")
     assert rc == 0 and err == ""
     rows = [json.loads(x) for x in out.splitlines()]
     assert rows[0]["version"] == s2 and rows[0]["path"] == "docs/a.txt"
     assert {"version", "time", "time_ns", "op", "path", "file_id"} <= set(rows[0])
-    rc, out, _ = rcli(capsys, "log", "--journal", jdir(b), "/docs/a.txt")
+    rc, out, _ = rcli(capsys, "log", "--records", "--journal", jdir(b), "/docs/a.txt")
     assert rc == 0 and out.splitlines()[0].split("\t")[0] == str(s2)  # plain lines, no header
-    rc, out, err = rcli(capsys, "log", "--journal", jdir(b), "nope")
+    rc, out, err = rcli(capsys, "log", "--records", "--journal", jdir(b), "nope")
     assert rc == EXIT_USAGE and out == "" and err.count("\n") == 1 and "never seen" in err
 
 
@@ -157,7 +157,7 @@ def test_log_deleted(b, capsys):
     s = b.write(b"gone.txt", b"bye")
     b.write(b"stays.txt", b"hi")
     u = b.commit(Change(op="unlink", file_id=b.fid(b"gone.txt"), path=b"gone.txt"))[0]
-    rc, out, _ = rcli(capsys, "log", "--journal", jdir(b), "--deleted", "--json")
+    rc, out, _ = rcli(capsys, "log", "--records", "--journal", jdir(b), "--deleted", "--json")
     rows = [json.loads(x) for x in out.splitlines()]
     assert rc == 0 and len(rows) == 1
     assert rows[0]["path"] == "gone.txt" and rows[0]["version"] == s and rows[0]["deleted_version"] == u
@@ -378,7 +378,7 @@ def test_restore_in_place_into_src_journals_a_new_version(tmp_path, capsys):
         rc, out, err = rcli(capsys, "restore", src / "notes.txt", "--version", s1)
         assert rc == 0, err
         assert (src / "notes.txt").read_bytes() == b"version one\n"
-        rc, out, _ = rcli(capsys, "log", src / "notes.txt", "--json")
+        rc, out, _ = rcli(capsys, "log", "--records", src / "notes.txt", "--json")
         rows = [json.loads(x) for x in out.splitlines()]
         restored = [r for r in rows if r.get("cause") == "restore"]
         assert restored and restored[0]["version"] > s2
@@ -391,7 +391,7 @@ def test_restore_in_place_into_src_journals_a_new_version(tmp_path, capsys):
         assert rc == 0, err
         assert (src / "dir" / "x").read_bytes() == b"x1" and (src / "notes.txt").read_bytes() == b"version two\n"
         assert "changed outside deltafs" in err
-        rc, out, _ = rcli(capsys, "log", src / "dir" / "x", "--json")
+        rc, out, _ = rcli(capsys, "log", "--records", src / "dir" / "x", "--json")
         scans = [json.loads(x) for x in out.splitlines() if '"scan"' in x]
         assert scans
         rc, out, _ = rcli(capsys, "cat", src / "dir" / "x", "--version", scans[0]["version"])
@@ -427,7 +427,7 @@ def test_control_characters_in_names_never_split_a_line(b, tmp_path, capsys):
     b.write(b"d/\x1b[31mred", b"y")
     b.write(b"d/caf\xe9", b"z")
     b.write(b"d/plain \"quoted\" \\ name", b"w")
-    rc, out, err = rcli(capsys, "log", "--journal", jdir(b), "d")
+    rc, out, err = rcli(capsys, "log", "--records", "--journal", jdir(b), "d")
     assert rc == 0 and err == ""
     lines = out.splitlines()
     with b.j.reader() as r:
@@ -436,7 +436,7 @@ def test_control_characters_in_names_never_split_a_line(b, tmp_path, capsys):
     assert '"d/two\\nlines"' in paths and '"d/\\x1b[31mred"' in paths and '"d/caf\\xe9"' in paths
     assert 'd/plain "quoted" \\ name' in paths  # nothing to escape: shown as it is
     assert "\x1b" not in out
-    rc, out, _ = rcli(capsys, "log", "--journal", jdir(b), "d", "--json")
+    rc, out, _ = rcli(capsys, "log", "--records", "--journal", jdir(b), "d", "--json")
     names = {os.fsencode(json.loads(x)["path"]) for x in out.splitlines()}
     assert {b"d/two\nlines", b"d/caf\xe9"} <= names  # undecodable bytes as \udcXX escapes
     # errors: one line

@@ -565,10 +565,10 @@ def test_log_hides_pruned_versions_unless_all(pruned_journal, capsys):
     f1 = set(h.content) - {4}  # seq 4 is f2's only version
     assert set(shown) == kept & f1 and pruned & f1
     assert {d["version"] for d in every if d.get("pruned")} == pruned & {d["version"] for d in every}
-    assert cli.main(["log", "--journal", str(jdir), "f1"]) == 0
+    assert cli.main(["log", "--records", "--journal", str(jdir), "f1"]) == 0
     out = capsys.readouterr().out
     assert "pruned" not in out
-    assert cli.main(["log", "--journal", str(jdir), "--all", "f1"]) == 0
+    assert cli.main(["log", "--records", "--journal", str(jdir), "--all", "f1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     marked = {int(x.split("\t")[0]) for x in lines if x.endswith("(pruned)")}
     assert marked and marked <= pruned

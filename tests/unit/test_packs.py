@@ -208,7 +208,7 @@ def test_a_long_lived_reader_lets_go_of_packs_compaction_deleted(tmp_path):
         j._storage.packs.roll()
         edits(j, 1, fid=10)
         out = open(tmp_path / "follow.jsonl", "wb")
-        follower = subprocess.Popen([*DELTAFS, "log", "--watch", "--json", "--journal", str(jp)],
+        follower = subprocess.Popen([*DELTAFS, "log", "--records", "--watch", "--json", "--journal", str(jp)],
                                     stdout=out, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 20
