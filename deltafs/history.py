@@ -416,13 +416,26 @@ def group_saves(recs: list[dict]) -> list[dict]:
     """Records in version order (oldest first) -> saves, oldest first.  A
     record joins the save before it when it is within ``SAVE_GAP_NS`` of that
     save's last record and shares a file id or a path (path or rename target)
-    with one of its records; anything else starts a new save."""
+    with one of its records, unless both hold a content version: a save has at
+    most one; anything else starts a new save."""
     saves: list[list[dict]] = []
     keys: set = set()
     for d in recs:
         k = _save_keys(d)
         if saves and d["time_ns"] - saves[-1][-1]["time_ns"] <= SAVE_GAP_NS and k & keys:
-            saves[-1].append(d)
+            cur = saves[-1]
+            if "cause" in d and any("cause" in x for x in cur):
+                # a second content version is a second save (never hide a version): the
+                # renames and creates after the first one's content prepared this one
+                last = max(i for i, x in enumerate(cur) if "cause" in x)
+                cut = len(cur)
+                while cut > last + 1 and cur[cut - 1]["op"] in ("rename", "create"):
+                    cut -= 1
+                saves[-1], nxt = cur[:cut], cur[cut:] + [d]
+                saves.append(nxt)
+                keys = set().union(*(_save_keys(x) for x in nxt))
+                continue
+            cur.append(d)
             keys |= k
         else:
             saves.append([d])
