@@ -31,6 +31,7 @@ import logging
 import os
 import stat
 from collections import OrderedDict
+from typing import Protocol
 
 import pyfuse3
 import trio
@@ -149,6 +150,55 @@ class DirHandle:
         self.entries: list[tuple[bytes, int]] | None = None
 
 
+class Capture(Protocol):
+    """What ops asks of capture (deltafs.capture.Recorder; NullRecorder with
+    --no-capture).  ops never imports capture: the recorder is handed in.
+    Every ``on_*`` hook reports a namespace change that already succeeded in
+    SRC, from the FUSE handler, and returns at once (it queues records)."""
+
+    enabled: bool
+
+    async def before_change(self, ops: Operations, node: Node | None, path: bytes | None,
+                            need_base: bool = True) -> None: ...  # journal the pre-image first
+
+    def release(self, ops: Operations, node: Node) -> None: ...  # last close of a written file
+
+    async def fsync(self, ops: Operations, node: Node) -> None: ...  # capture now, wait until durable
+
+    def settled(self, node: Node) -> bool: ...  # nothing of this inode waits to be journaled
+
+    async def sync(self, ino: int) -> None: ...  # wait for what is queued about this inode
+
+    def pending(self) -> int: ...
+
+    async def throttle(self, limit: int) -> None: ...  # wait until at most limit items are queued
+
+    def on_create(self, ops: Operations, parent: Node, name: bytes, node: Node, st: os.stat_result) -> None: ...
+
+    def on_mkdir(self, ops: Operations, parent: Node, name: bytes, node: Node) -> None: ...
+
+    def on_mknod(self, ops: Operations, parent: Node, name: bytes, node: Node) -> None: ...
+
+    def on_symlink(self, ops: Operations, parent: Node, name: bytes, node: Node, target: bytes) -> None: ...
+
+    def on_link(self, ops: Operations, node: Node, parent: Node, name: bytes) -> None: ...
+
+    def on_unlink(self, ops: Operations, parent: Node, name: bytes, last: bool) -> None: ...
+
+    def on_rmdir(self, ops: Operations, parent: Node, name: bytes) -> None: ...
+
+    def on_rename(self, ops: Operations, old: bytes | None, new: bytes | None, flags: int, parent: Node,
+                  name: bytes, replaced, src_parent: Node, over: os.stat_result | None = None,
+                  over_xattrs=()) -> None: ...
+
+    def on_setattr(self, ops: Operations, node: Node, st: os.stat_result, mode: bool, owner: bool,
+                   times: bool) -> None: ...
+
+    def on_setxattr(self, ops: Operations, node: Node, name: bytes, value: bytes) -> None: ...
+
+    def on_removexattr(self, ops: Operations, node: Node, name: bytes) -> None: ...
+
+
 class NullRecorder:
     """Capture turned off (--no-capture): every hook does nothing."""
 
@@ -157,8 +207,11 @@ class NullRecorder:
     async def before_change(self, ops: "Operations", node: Node, path: bytes, need_base: bool = True) -> None:
         pass
 
-    def event(self, op: str, **fields) -> None:
+    def _nothing(self, *args, **kw) -> None:
         pass
+
+    on_create = on_mkdir = on_mknod = on_symlink = on_link = on_unlink = on_rmdir = on_rename = _nothing
+    on_setattr = on_setxattr = on_removexattr = _nothing
 
     def release(self, ops: "Operations", node: Node) -> None:
         node.dirty.clear()
@@ -266,7 +319,7 @@ class Operations(pyfuse3.Operations):
                 self.root_nlink_hidden = int(any(e.inode() == self.hidden_ino for e in it))
         self.timeout = timeout
         self.initialized = trio.Event()  # the kernel's INIT has been answered (see init)
-        self.rec = recorder or NullRecorder()
+        self.rec: Capture = recorder or NullRecorder()
         if fd_limit is None:
             import resource
             fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -622,7 +675,7 @@ class Operations(pyfuse3.Operations):
         mode = before is not None and st.st_mode != before.st_mode
         owner = chown and (st.st_uid, st.st_gid) != (before.st_uid, before.st_gid)
         if mode or owner or times:
-            self.rec.event("setattr", ops=self, node=node, st=st, mode=mode, owner=owner, times=times)
+            self.rec.on_setattr(self, node, st, mode=mode, owner=owner, times=times)
         if fields.update_size and not node.writers:
             # truncate(2) by path: no release will follow, capture now
             self.rec.release(self, node)
@@ -782,7 +835,7 @@ class Operations(pyfuse3.Operations):
         e = self._entry(parent, name)
         node = self.nodes[e.st_ino]
         e = self._give_mode(parent, node, mode, e)
-        self.rec.event("mkdir", ops=self, parent=parent, name=name, node=node)
+        self.rec.on_mkdir(self, parent, name, node)
         return e
 
     @_errors
@@ -791,7 +844,7 @@ class Operations(pyfuse3.Operations):
         node = self._known(self._stat_entry(parent, name, errno.EACCES))
         self._before_last_name(node, parent, name, True)
         os.rmdir(name, dir_fd=parent.fd)
-        self.rec.event("rmdir", ops=self, parent=parent, name=name)
+        self.rec.on_rmdir(self, parent, name)
         if node is not None:
             self._drop_name(node, parent, name)
 
@@ -805,7 +858,7 @@ class Operations(pyfuse3.Operations):
         e = self._entry(parent, name)
         node = self.nodes[e.st_ino]
         e = self._give_mode(parent, node, mode, e)
-        self.rec.event("mknod", ops=self, parent=parent, name=name, node=node)
+        self.rec.on_mknod(self, parent, name, node)
         return e
 
     @_errors
@@ -814,8 +867,7 @@ class Operations(pyfuse3.Operations):
         os.symlink(target, name, dir_fd=parent.fd)
         self._own(parent, name, ctx)
         e = self._entry(parent, name)
-        self.rec.event("symlink", ops=self, parent=parent, name=name, node=self.nodes[e.st_ino],
-                       target=target)
+        self.rec.on_symlink(self, parent, name, self.nodes[e.st_ino], target)
         return e
 
     @_errors
@@ -836,7 +888,7 @@ class Operations(pyfuse3.Operations):
                 node.links = []
             node.links.append((parent, new_name))
             parent.kids += 1
-        self.rec.event("link", ops=self, node=node, parent=parent, name=new_name)
+        self.rec.on_link(self, node, parent, new_name)
         e = self.attrs(st, inode)
         e.generation = node.gen
         return e
@@ -850,7 +902,7 @@ class Operations(pyfuse3.Operations):
         node = self._known(st)
         self._before_last_name(node, parent, name, False)
         os.unlink(name, dir_fd=parent.fd)
-        self.rec.event("unlink", ops=self, parent=parent, name=name, last=st is None or st.st_nlink <= 1)
+        self.rec.on_unlink(self, parent, name, last=st is None or st.st_nlink <= 1)
         if node is not None:
             self._drop_name(node, parent, name)
 
@@ -900,9 +952,8 @@ class Operations(pyfuse3.Operations):
             self._unhold(held)
         if st_new is None or (st_new.st_dev, st_new.st_ino) != (st_old.st_dev, st_old.st_ino):
             # (two names of one inode: rename(2) does nothing, so nothing to record)
-            self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
-                           parent=new, name=name_new, replaced=replaced, also=old, over=st_new,
-                           over_xattrs=over_xattrs)
+            self.rec.on_rename(self, src_path, dst_path, flags, new, name_new, replaced, src_parent=old,
+                               over=st_new, over_xattrs=over_xattrs)
         if flags & sc.RENAME_EXCHANGE:
             if over is not None:
                 self._move_name(over, new, name_new, old, name_old)
@@ -990,7 +1041,7 @@ class Operations(pyfuse3.Operations):
         e2 = self._give_mode(parent, node, mode, e, fd)
         if e2 is not e:
             e, st = e2, os.fstat(fd)
-        self.rec.event("create", ops=self, parent=parent, name=name, node=node, st=st)
+        self.rec.on_create(self, parent, name, node, st)
         return self._new_handle(fd, node, writable), e
 
     async def wait_capture(self, node: Node) -> None:
@@ -1126,7 +1177,7 @@ class Operations(pyfuse3.Operations):
         # or a system.posix_acl_access equal to the mode (vim writes one after
         # every save; SRC's filesystem stores no ACL for it).
         if before is None or self._xattr_state(node, name) != before:
-            self.rec.event("setxattr", ops=self, node=node, name=name, value=value)
+            self.rec.on_setxattr(self, node, name, value)
 
     def _xattr_state(self, node: Node, name: bytes) -> tuple | None:
         """(the stored value or None, st_mode): what a setxattr can change; None if unreadable."""
@@ -1142,4 +1193,4 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         node = self._node(inode)
         os.removexattr(self._proc(node), name)
-        self.rec.event("removexattr", ops=self, node=node, name=name)
+        self.rec.on_removexattr(self, node, name)

@@ -3,7 +3,7 @@
 What a capture needs of the previous version (its chunk list, the raw bytes
 of the chunks it replaces) is cached in the daemon: in the Recorder (chunk
 lists by version, the RawCache of bases) and in the writer (packed lists by
-version).  These tests drive the real capture code (``Recorder._compute_sync``,
+version).  These tests drive the real capture code (``ContentCapture.compute``,
 what a worker thread runs) against a real journal and count the expensive
 reads by wrapping the reader's functions (counting, not replacing them):
 
@@ -22,7 +22,7 @@ import os
 import random
 
 from deltafs import chunking as C
-from deltafs.capture import _FULL, Recorder
+from deltafs.capture import FULL, Recorder
 from deltafs.journal import Journal
 from deltafs.journal import reader as reader_mod
 
@@ -66,15 +66,15 @@ class Daemon:
         self.j = journal or Journal.open(tmp_path / "journal", create=True)
         self.rec = Recorder(self.j, str(self.src))
 
-    def capture(self, name: bytes, dirty=_FULL, base: int | None = None, cause: str = "write") -> int:
+    def capture(self, name: bytes, dirty=FULL, base: int | None = None, cause: str = "write") -> int:
         fd = os.open(os.path.join(os.fsencode(self.src), name), os.O_RDONLY)
         try:
-            ch, list_cache = self.rec._compute_sync(fd, name, cause, dirty, base)
+            ch, list_cache = self.rec.content.compute(fd, name, cause, dirty, base)
         finally:
             os.close(fd)
         seq = self.j.commit([ch])[-1]
         if list_cache is not None:
-            self.rec._remember_list(seq, *list_cache)
+            self.rec.content.remember_list(seq, *list_cache)
         return seq
 
     def content(self, seq: int) -> bytes:
@@ -146,14 +146,14 @@ def test_a_cached_list_of_a_pruned_version_is_not_used(tmp_path):
     data[100:110] = b"0123456789"
     path.write_bytes(data)
     v2 = d.capture(b"f.txt", [(100, 110)], v1)
-    assert v2 in d.rec._lists  # the inode's base is cached
+    assert v2 in d.rec.content.lists  # the inode's base is cached
     # another route records v3 (a scan after the mount, a rename over it) ...
     data[5000:5010] = b"abcdefghij"
     path.write_bytes(data)
     other = Recorder(d.j, str(d.src))
     fd = os.open(path, os.O_RDONLY)
     try:
-        ch, _ = other._compute_sync(fd, b"f.txt", "write", _FULL, None)
+        ch, _ = other.content.compute(fd, b"f.txt", "write", FULL, None)
     finally:
         os.close(fd)
     v3 = d.j.commit([ch])[-1]
@@ -163,7 +163,7 @@ def test_a_cached_list_of_a_pruned_version_is_not_used(tmp_path):
     with d.j.reader() as r:
         assert r.is_pruned(v2)
     assert v2 not in d.j._lists and v1 not in d.j._lists  # the writer's cache dropped them
-    assert v2 in d.rec._lists  # still cached here: the capture must notice by itself
+    assert v2 in d.rec.content.lists  # still cached here: the capture must notice by itself
     data[200:204] = b"WXYZ"
     path.write_bytes(data)
     v4 = d.capture(b"f.txt", [(200, 204)], v2)  # the inode still thinks v2 is its base
@@ -192,7 +192,7 @@ def test_writer_list_cache_survives_compaction_and_stays_per_file(tmp_path, monk
             heads[n] = d.capture(n, [(at, at + 6)], heads[n])
             all_seqs[n].append(heads[n])
     # one cached list per file, in the Recorder and in the writer (not one per save)
-    assert set(d.rec._lists) == set(heads.values())
+    assert set(d.rec.content.lists) == set(heads.values())
     assert set(d.j._lists) == set(heads.values())
     doomed = [s for n in files for s in all_seqs[n][1:-1]]
     kept = [s for n in files for s in (all_seqs[n][0], all_seqs[n][-1])]
@@ -212,7 +212,7 @@ def test_writer_list_cache_survives_compaction_and_stays_per_file(tmp_path, monk
 
 
 def test_list_caches_are_bounded_and_a_miss_reads_the_journal(tmp_path, monkeypatch):
-    from deltafs import capture
+    from deltafs.capture import content as capture  # where the cache bounds are read
     from deltafs.journal import core
     monkeypatch.setattr(capture, "LIST_CACHE_VERSIONS", 5)
     monkeypatch.setattr(core, "LIST_CACHE_VERSIONS", 5)
@@ -224,7 +224,7 @@ def test_list_caches_are_bounded_and_a_miss_reads_the_journal(tmp_path, monkeypa
         datas[n] = bytearray(b"".join(_line(rnd, k) for k in range(50)))
         (d.src / n.decode()).write_bytes(datas[n])
         heads[n] = d.capture(n)
-    assert len(d.rec._lists) <= 5 and len(d.j._lists) <= 5
+    assert len(d.rec.content.lists) <= 5 and len(d.j._lists) <= 5
     counts = Counts(monkeypatch)
     n = b"f00.txt"  # long evicted: its next capture rebuilds the list from the records
     datas[n][:3] = b"new"

@@ -1,0 +1,297 @@
+"""Content capture: a file's dirty ranges -> a content version (a ``write`` Change).
+
+Re-chunk around the dirty ranges, hash, compress each new chunk against the
+old chunk it replaces (delta bases), and keep what the next capture of the
+file needs (its chunk list, the raw bytes of its bases) in bounded caches,
+so a capture costs O(change) however long the history (docs/design.md).
+A file created where another just left takes that file's last version as
+delta bases: a hint for the compressor only, never an identity.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+
+from deltafs import chunking
+from deltafs.capture.identity import GONE_KEPT, REUSE_SECONDS
+from deltafs.errors import JournalError
+from deltafs.journal import Change, Journal
+
+CHUNK_FLUSH_BYTES = 8 << 20  # store new chunks ahead of their record beyond this much
+LIST_CACHE_ENTRIES = 300_000  # chunk lists kept between captures, in entries (~40 MB at most)
+LIST_CACHE_OVERHEAD = 8  # a kept version counts as this many entries more (its tuple, dict slot)
+LIST_CACHE_VERSIONS = 50_000  # and at most this many versions (deleted files' lists age out)
+RAW_CACHE_BYTES = 32 << 20  # raw bytes of recent bases and new chunks (chunking.RawCache)
+RESTART_HANDICAP = 2.0  # a delta against a skipped-to ancestor must be half a full copy
+FULL = None  # dirty marker: the whole file
+
+
+BASE_MISSES = 8  # see capture_chunks
+BASE_RETRY = 16
+
+
+def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
+                   cache: chunking.RawCache | None = None,
+                   aligned: bool = False, holes=None, hint=None) -> tuple[chunking.Rechunk, list]:
+    """Re-chunk a file around its dirty ranges and build the chunks it lacks.
+
+    ``r`` is a journal reader: chunks it already has are not rebuilt, and
+    each new chunk is compressed against the old chunk it replaces (found by
+    :class:`chunking.BaseFinder`).  With ``spill``, chunks are handed to it
+    in batches of about CHUNK_FLUSH_BYTES so a big file is never held whole;
+    the rest are returned with the re-chunking.  ``cache`` keeps the raw
+    bytes of bases and new chunks between captures.  ``aligned``: dirty
+    ranges recorded from writes, so an in-place write may be cut at aligned
+    offsets (:func:`chunking.prefers_aligned`).  ``holes`` (:func:`file_holes`):
+    the holes of a sparse file are not read.  ``hint``: (chunk list, offsets)
+    of the file this one replaced (a delete-and-create of the path): delta
+    bases only, when ``old`` is empty.
+    """
+    if offsets is None:
+        offsets = chunking.list_offsets(old)
+    new: list = []
+    seen: set[bytes] = set()
+    buffered = 0
+
+    def cheap(bid: bytes, info) -> bool:
+        """Does reading ``bid`` decode at most CAPTURE_DECODE_MAX deltas? (With a
+        cache: the chain down to the first chunk in it; without one: its depth.)"""
+        if cache is None or info.depth <= chunking.CAPTURE_DECODE_MAX or bid in cache:
+            return True
+        for _ in range(chunking.CAPTURE_DECODE_MAX):
+            bid = info.base_id
+            if bid is None or bid in cache:
+                return True
+            info = r.chunk_info(bid)
+            if info is None:  # freed since: read_chunk says so, if it gets there
+                return True
+        return False
+
+    def base_for(bid: bytes) -> tuple[chunking.Base | None, float]:
+        """-> (base, handicap of a delta against it).
+
+        A base that is neither in the cache nor within CAPTURE_DECODE_MAX
+        deltas of a chunk in it is not decoded (that cost grows with
+        history): the new chunk is stored standalone and starts a fresh chain."""
+        info = r.chunk_info(bid)
+        if info is None:
+            return None, 1.0
+        if info.depth < chunking.MAX_DELTA_DEPTH:
+            if not cheap(bid, info):
+                return None, 1.0
+            return chunking.Base(bid, r.read_chunk(bid, cache), info.depth), 1.0
+        # a chain at its longest restarts from an ancestor halfway down (a
+        # database page rewritten on every save: a delta against content a
+        # few dozen saves old, not a full copy), unless that ancestor is
+        # unrelated content (a log's tail chunk chains across chunks)
+        while info.depth > chunking.SKIP_TO_DEPTH:
+            bid = info.base_id
+            info = r.chunk_info(bid)
+            if info is None:
+                return None, 1.0
+        return chunking.Base(bid, r.read_chunk(bid, cache), info.depth), RESTART_HANDICAP
+
+    misses = 0  # bases in a row that gave no delta (an overwrite with unrelated data)
+    tried = 0
+
+    def emit(span, raw, base_ref):
+        nonlocal buffered, misses, tried
+        if base_ref is not None and misses >= BASE_MISSES:
+            # reading a base back costs as much as the chunk: after BASE_MISSES useless
+            # ones, try only every BASE_RETRY-th chunk until a delta pays again
+            tried += 1
+            if tried % BASE_RETRY:
+                base_ref = None
+        b, handicap = base_for(base_ref[0]) if base_ref is not None else (None, 1.0)
+        nc = chunking.build_chunk(raw, b, handicap=handicap)
+        if b is not None:
+            misses = 0 if nc.base_id is not None else misses + 1
+        if cache is not None:
+            cache.put(nc.id, raw)
+            if base_ref is not None and base_ref[0] != nc.id:
+                # replaced: the new chunk is this region's next base (keeps the
+                # cache to about one chunk per hot region, not one per save)
+                cache.discard(base_ref[0])
+        new.append(nc)
+        buffered += len(nc.payload)
+        if spill is not None and buffered >= CHUNK_FLUSH_BYTES:
+            spill(new)
+            new.clear()
+            buffered = 0
+
+    if old:
+        # an in-place write shifts nothing: bases at the same offsets
+        old_size = offsets[-1]
+        same = aligned and chunking.prefers_aligned(
+            old_size, size, chunking.normalize_dirty(dirty, old_size, size))
+        finder = chunking.BaseFinder(old, offsets, emit, same_offset=same)
+    else:
+        finder = chunking.BaseFinder(*(hint or ([], [0])), emit)
+
+    def on_chunk(span, data):
+        if span.id in seen:  # handled already (a hole's chunks are one id)
+            finder.feed(span, None)
+            return
+        seen.add(span.id)
+        finder.feed(span, None if r.has_chunk(span.id) else data)
+
+    res = chunking.rechunk(pread, size, old, dirty, on_chunk, offsets=offsets, aligned=aligned,
+                           holes=holes)
+    finder.finish()
+    return res, new
+
+
+def file_holes(fd: int, size: int) -> chunking.Holes:
+    """The holes of the file open as fd (SEEK_HOLE/SEEK_DATA), for chunking."""
+    def holes(off: int) -> tuple[int, int]:
+        try:
+            start = os.lseek(fd, off, os.SEEK_HOLE)
+        except OSError:  # ENXIO: off is at EOF; EINVAL: no SEEK_HOLE here
+            return size, size
+        if start >= size:
+            return size, size
+        try:
+            end = os.lseek(fd, start, os.SEEK_DATA)
+        except OSError:  # ENXIO: a hole up to EOF
+            end = size
+        return start, min(end, size)
+    return holes
+
+
+
+class ContentCapture:
+    """Computes content versions against a journal, with the caches that keep
+    a capture O(change): chunk lists of the latest versions (``lists``), raw
+    bytes of recent bases and new chunks (``raw_cache``), and delta-base
+    hints for files created where another just left (``base_hints``)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.lists: OrderedDict[int, tuple[list, list]] = OrderedDict()  # seq -> (chunk list, offsets)
+        self.raw_cache = chunking.RawCache(RAW_CACHE_BYTES)
+        self.list_entries = 0
+        # delta base hints (never identity): path -> (time, last content version of
+        # the file that left it); inode created there -> that version
+        self.base_hints: dict[bytes, tuple[float, int]] = {}
+        self.ino_hints: dict[int, int] = {}
+
+    def cached(self, base: int | None) -> tuple | None:
+        """(base, chunk list, offsets) of version ``base`` if its list is cached."""
+        hit = self.lists.get(base) if base else None
+        return (base, *hit) if hit is not None else None
+
+    def remember_list(self, seq: int, refs: list, offsets: list, base: int = 0) -> None:
+        """Keep the chunk list of a content version for the file's next capture,
+        which otherwise rebuilds it from records (O(history) reads of record
+        blocks).  Versions are immutable, so an entry is never wrong; one of a
+        version compaction pruned is not used (``compute`` asks the
+        journal).  ``base``: the version it replaces, dropped (the next capture
+        of the file builds on ``seq``), so the cache holds about one list per
+        file, not one per save; bounded in entries either way."""
+        old = self.lists.pop(base, None) if base else None
+        if old is not None:
+            self.list_entries -= len(old[0]) + LIST_CACHE_OVERHEAD
+        if seq in self.lists:
+            return
+        self.lists[seq] = (refs, offsets)
+        self.list_entries += len(refs) + LIST_CACHE_OVERHEAD
+        while (self.list_entries > LIST_CACHE_ENTRIES or len(self.lists) > LIST_CACHE_VERSIONS) \
+                and len(self.lists) > 1:
+            _, (old_refs, _) = self.lists.popitem(last=False)
+            self.list_entries -= len(old_refs) + LIST_CACHE_OVERHEAD
+
+    def compute(self, fd: int, path: bytes, cause: str, dirty, base: int | None,
+                      cached=None, hint: int = 0) -> tuple[Change, tuple | None]:
+        st = os.fstat(fd)
+        size = st.st_size
+        j = self.journal
+        whole = dirty is FULL
+        with j.reader() as r:
+            if base and r.is_pruned(base):
+                # compaction pruned the version the dirty ranges apply to (its
+                # chunks may be freed; the writer refuses it as a base): the
+                # whole file, against the path's latest version
+                whole, base, cached, dirty = True, None, None, FULL
+            if whole:
+                if base is None:
+                    fid = r.file_id_at(path)
+                    fs = r.file_state(fid) if fid else None
+                    base = fs.content_seq if fs is not None and not fs.deleted else 0
+                dirty = [(0, max(size, 1))]
+            if cached is None and base:
+                hit = self.lists.get(base)  # (GIL-atomic; the trio thread writes it)
+                if hit is not None:
+                    cached = (base, *hit)
+            if cached is not None and base and cached[0] == base:
+                _, old, offsets = cached
+            else:
+                old = r.chunk_list(base) if base else []
+                offsets = chunking.list_offsets(old)
+            pread = lambda off, n: os.pread(fd, n, off)  # noqa: E731
+            holes = file_holes(fd, size)
+            if whole and cause == "scan" and old:
+                # changed behind our back: compare at the journal's own
+                # boundaries (an in-place file's list is not the content-
+                # defined one, so a fresh chunking would differ everywhere)
+                dirty = chunking.changed_ranges(pread, size, old, offsets, holes)
+            res, new = capture_chunks(r, pread, size, old, dirty, offsets, j.put_chunks,
+                                      self.raw_cache, aligned=not whole, holes=holes,
+                                      hint=self.hint_list(r, hint) if hint and not old else None)
+        edit = res.edit_list(old)
+        if cause == "scan" and base and not edit and not new and size == sum(n for _, n in old):
+            # same bytes, other stat (touch while unmounted, or the kernel's
+            # writeback cache setting mtime after the last capture): no version
+            return Change(op="setattr", path=path, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                          mtime_ns=st.st_mtime_ns), None
+        cache = (chunking.apply_edit(old, edit), chunking.edit_offsets(offsets, edit), base or 0)
+        return Change(op="write", path=path, size=size, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                      mtime_ns=st.st_mtime_ns, cause=cause, base_seq=base or 0,
+                      edit=edit, chunks=new), cache
+
+    def hint_list(self, r, seq: int) -> tuple[list, list] | None:
+        """(chunk list, offsets) of version ``seq`` as delta bases, if it still exists."""
+        hit = self.lists.get(seq)
+        if hit is not None:
+            return hit
+        if r.is_pruned(seq):
+            return None
+        try:
+            refs = r.chunk_list(seq)
+        except (JournalError, KeyError):  # gone since: no hint, never a failed capture
+            return None
+        return refs, chunking.list_offsets(refs)
+
+    def remember_base(self, path: bytes) -> None:
+        """The file at ``path`` is leaving it: its last version is the delta base
+        hint of a file created there within REUSE_SECONDS (git checkout, cp over rm)."""
+        seq = self.latest_content(path)
+        hints = self.base_hints
+        hints.pop(path, None)
+        if not seq:
+            return
+        now = time.monotonic()
+        hints[path] = (now, seq)
+        oldest = next(iter(hints))
+        if now - hints[oldest][0] >= REUSE_SECONDS or len(hints) > GONE_KEPT:
+            del hints[oldest]
+    def latest_content(self, path: bytes) -> int:
+        with self.journal.reader() as r:
+            fid = r.file_id_at(path)
+            fs = r.file_state(fid) if fid else None
+            return fs.content_seq if fs is not None and not fs.deleted and fs.content_seq else 0
+
+    def created(self, path: bytes, ino: int) -> None:
+        """A file was created at ``path`` as FUSE inode ``ino``: if a file left
+        the path within REUSE_SECONDS, its last version is the delta base
+        hint of this one's first capture."""
+        hint = self.base_hints.pop(path, None)
+        if hint is not None and time.monotonic() - hint[0] < REUSE_SECONDS:
+            self.ino_hints[ino] = hint[1]  # its first capture's delta bases
+            while len(self.ino_hints) > GONE_KEPT:
+                del self.ino_hints[next(iter(self.ino_hints))]
+
+    def take_hint(self, ino: int) -> int:
+        """The delta-base hint of inode ``ino``'s first capture (0: none), used once."""
+        return self.ino_hints.pop(ino, 0)

@@ -1,0 +1,225 @@
+"""The ordered pipeline: every event is an item in one FIFO queue, committed
+in event order by one committer task (group commit), whoever computes it.
+
+Namespace items are ready at once, content items when their worker thread
+is done; the committer takes the ready items at the head, in order, into
+one journal transaction.  fsync waits for the latest item about its inode
+(and so for everything queued before it).  Failures are counted here
+(status shows them) and logged once per incident.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from typing import Callable
+
+import trio
+
+from deltafs.journal import Change, Journal
+
+log = logging.getLogger(__name__)
+
+GROUP_WINDOW = 0.005  # seconds a commit may wait for more records when nobody waits for it
+
+
+class Item:
+    """One pipeline entry: the changes it will commit, and who waits for it."""
+
+    __slots__ = ("changes", "ready", "done", "result", "after", "skip", "list_cache", "inos")
+
+    def __init__(self, changes: list[Change] | None = None, after=None) -> None:
+        self.changes = changes
+        self.ready = trio.Event()
+        self.done = trio.Event()
+        self.result: list[int] | BaseException | None = None
+        self.after = after
+        self.skip = False  # queued while capture was paused: journal nothing
+        self.list_cache = None  # (new chunk list, offsets) of a content item, for the next capture
+        self.inos: tuple[int, ...] = ()  # FUSE inodes whose latest queued item this is (Recorder.sync)
+        if changes is not None:
+            self.ready.set()
+
+
+class Pipeline:
+    """The queue, the committer, who waits for what, and the failure counters."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.queue: deque[Item] = deque()
+        self.last_item: Item | None = None
+        # FUSE inode -> the latest queued item concerning it (a capture of the
+        # file, a record about it, or a directory's entry changing): fsync and
+        # fsyncdir wait for it, and so for everything queued before it (FIFO)
+        self._latest: dict[int, Item] = {}
+        self._waiters = 0  # tasks waiting for a commit (fsync, flush, pre-image)
+        self._hurry = trio.Event()  # set while anyone waits: no group-commit delay
+        self._more = trio.Event()
+        # status counters (read by status/control)
+        self.versions = 0
+        self.records = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.last_capture_ns = 0
+        self.gap: list[bytes] = []  # paths whose capture could not be journaled
+        self.needs_rescan = False  # a commit or capture failed: rescan once writes work again
+        self.incident = None  # the last "not recorded" incident logged
+        self.paused = False  # control socket: events are dropped until resume rescans
+        self.guard = None  # deltafs.guard.Guard (set by guard_service): sees each committed item
+        # called when a commit succeeds while needs_rescan is set (the Recorder rescans)
+        self.on_recovered: Callable[[], None] | None = None
+
+    def push(self, item: Item) -> Item:
+        if self.paused:
+            item.skip = True
+            if item.changes:
+                item.changes = []
+        self.queue.append(item)
+        self.last_item = item
+        self._more.set()
+        return item
+
+    def submit(self, *changes: Change, after=None) -> Item:
+        return self.push(Item(list(changes), after))
+
+    async def drain(self) -> None:
+        """Return once every item queued so far is committed (or failed)."""
+        last = self.last_item
+        if last is not None:
+            await self.committed(last)
+
+    async def committed(self, item: Item) -> None:
+        """Wait until item is committed; while anyone waits, commits are not delayed."""
+        if item.done.is_set():
+            return
+        self._waiters += 1
+        self._hurry.set()
+        try:
+            await item.done.wait()
+        finally:
+            self._waiters -= 1
+            if not self._waiters:
+                self._hurry = trio.Event()
+
+    def pending(self) -> int:
+        return len(self.queue)
+
+    def concerns(self, item: Item, *inos: int) -> None:
+        """item is the latest queued item about these FUSE inodes."""
+        for ino in inos:
+            self._latest[ino] = item
+        item.inos += inos
+
+    def settled(self, node) -> bool:
+        """Nothing of this inode waits to be journaled (fsync's fast path)."""
+        if node.dirty or node.size_changed:
+            return False
+        item = self._latest.get(node.ino)
+        return item is None or item.done.is_set()
+
+    async def sync(self, ino: int) -> None:
+        """Return once every item queued so far about this inode is committed
+        (commits are in queue order, so with everything queued before them)."""
+        item = self._latest.get(ino)
+        if item is not None:
+            await self.committed(item)
+
+    async def throttle(self, limit: int) -> None:
+        """Wait until at most ``limit`` items are queued (each capture holds a descriptor)."""
+        while len(self.queue) > limit:
+            await self.committed(self.queue[0])
+
+    async def committer(self) -> None:
+        while True:
+            while not self.queue:
+                await self._more.wait()
+                self._more = trio.Event()
+            await self.queue[0].ready.wait()
+            if not self._hurry.is_set():
+                # Nobody waits for durability (fsync, flush, a pre-image):
+                # gather what arrives in the next few ms into the same
+                # transaction, instead of one commit and thread hand-off per
+                # record (rm -rf, cp -a, untar).
+                with trio.move_on_after(GROUP_WINDOW):
+                    await self._hurry.wait()
+            batch: list[Item] = []
+            while self.queue and self.queue[0].ready.is_set() and len(batch) < 512:
+                batch.append(self.queue.popleft())
+            groups = [it.changes or [] for it in batch]
+            try:
+                results = await trio.to_thread.run_sync(self.journal.commit_many, groups)
+            except Exception as e:  # the whole transaction failed (disk full...)
+                results = [e] * len(batch)
+            for it, res in zip(batch, results):
+                it.result = res
+                if isinstance(res, BaseException):
+                    self.failed(it, res)
+                else:
+                    self.records += len(res)
+                    self.versions += sum(1 for c in it.changes or () if c.op == "write")
+                    if self.guard is not None and res:
+                        self.guard.observe(it.changes, res)
+                if it.after is not None:
+                    try:
+                        it.after(res)
+                    except Exception:
+                        log.exception("capture bookkeeping failed")
+                for ino in it.inos:
+                    if self._latest.get(ino) is it:
+                        del self._latest[ino]
+                it.done.set()
+            if any(not isinstance(r, BaseException) and r for r in results):
+                self.last_capture_ns = time.time_ns()
+                if self.needs_rescan and self.on_recovered is not None:
+                    self.on_recovered()
+
+    def failed(self, it: Item, err: BaseException) -> None:
+        paths = sorted({c.path for c in it.changes or ()})
+        self.failures += 1
+        self.gap.extend(paths)
+        del self.gap[:-1000]
+        msg = self.explain(err)
+        self.needs_rescan = True
+        if msg != self.last_error:  # once per incident, not per record
+            log.error("journal write failed, %d change(s) not recorded (%s): %s; the mount keeps "
+                      "working and SRC is rescanned once the journal accepts writes again",
+                      len(it.changes or ()), b", ".join(paths[:5]).decode(errors="replace"), msg)
+        self.last_error = msg
+
+    def explain(self, err: BaseException) -> str:
+        """LMDB reports a full disk as EIO at commit: say what it is."""
+        try:
+            sv = os.statvfs(self.journal.path)
+            free = sv.f_bavail * sv.f_frsize
+        except OSError:
+            return str(err)
+        if free < 4 << 20 or getattr(err, "errno", None) == 28:
+            return f"journal disk full ({free >> 10} KiB free at {self.journal.path}): {err}"
+        return str(err)
+    def not_recorded(self, what: str, err: OSError, path=None) -> None:
+        """A change that happened in SRC cannot be journaled: never silently.
+        It shows in status (failures, gap), is logged once per incident, and
+        the next successful commit rescans SRC, which records it."""
+        self.failures += 1
+        self.gap.append(os.fsencode(path) if path else b"")
+        del self.gap[:-1000]
+        self.needs_rescan = True
+        msg = f"{what} could not be recorded: {err}"
+        incident = ("not recorded", err.errno)
+        if incident != self.incident:  # once per incident, not per change
+            log.error("%s; SRC is rescanned after the next successful commit", msg)
+            self.incident = incident
+        self.last_error = msg
+
+    def capture_failed(self, path: bytes, err: Exception, logged_trace: bool) -> None:
+        """A content capture failed: counted, in the gap, logged once per incident."""
+        self.failures += 1
+        self.gap.append(path)
+        self.needs_rescan = True
+        msg = self.explain(err)
+        if msg != self.last_error:  # once per incident, not per file
+            log.error("capture of %s failed (the next successful write rescans SRC): %s",
+                      os.fsdecode(path), msg, exc_info=logged_trace)
+        self.last_error = msg
