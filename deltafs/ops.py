@@ -902,7 +902,7 @@ class Operations(pyfuse3.Operations):
             # (two names of one inode: rename(2) does nothing, so nothing to record)
             self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
                            parent=new, name=name_new, replaced=replaced, also=old, over=st_new,
-                           over_xattrs=over_xattrs)
+                           over_xattrs=over_xattrs, moved_st=st_old)
         if flags & sc.RENAME_EXCHANGE:
             if over is not None:
                 self._move_name(over, new, name_new, old, name_old)

@@ -94,6 +94,7 @@ PACKAGE_LAYERS = {
     "deltafs.journal": [  # deltafs/journal/core.py's docstring
         ["core"],  # Journal: the writer, the public face
         ["compact", "verify"],  # the Compactor; verify
+        ["planstate"],  # compaction's planning state
         ["reader", "storage"],  # Reader; Storage: env, every db, packs, lock (the lmdb owner)
         ["upgrade", "state", "private", "hlc"],
         ["packs", "records"],
