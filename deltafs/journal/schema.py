@@ -146,6 +146,47 @@ def rewrite_in_key_order(env, txn, db) -> int:
     return before - st["leaf_pages"] - st["branch_pages"] - st["overflow_pages"]
 
 
+def dup_pages_needed(txn, db) -> int:
+    """Leaf pages a ``DUP_DBS`` database (u64 duplicates) needs when packed full.
+
+    An LMDB leaf node of a key with one value is node header 8 + key + 8;
+    with a few duplicates, node header + key + a sub-page (header 16 + 8
+    per duplicate, grown 4 slots at a time); one whose sub-page would pass
+    half a page holds a sub-database instead (node 8 + key + 48, its own
+    pages)."""
+    psize = txn.stat(db)["psize"] - 16
+    used = pages = 0
+    cur = txn.cursor(db=db)
+    ok = cur.first()
+    while ok:
+        n = cur.count()
+        sub = 8 if n == 1 else 16 + 8 * -(-n // 4) * 4
+        node = 8 + len(cur.key()) + (sub if sub <= psize // 2 else 48)
+        used += (node + 1) // 2 * 2 + 2
+        if sub > psize // 2:
+            pages += -(-8 * n // psize)
+        ok = cur.next_nodup()
+    return pages + -(-used // psize)
+
+
+def rewrite_dups_in_key_order(txn, db) -> int:
+    """Put a ``DUP_DBS`` database back in key order; -> pages saved.
+
+    ``index_record`` appends each record's seq under its file id / path: the
+    keys are all over the tree, every page split leaves two half-full pages
+    (60-75 % full); written in key order every page fills."""
+    st = txn.stat(db)
+    before = st["leaf_pages"] + st["branch_pages"] + st["overflow_pages"]
+    pairs = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]
+    txn.drop(db, delete=False)
+    cur = txn.cursor(db=db)
+    for k, v in pairs:
+        if not cur.put(k, v, append=True):
+            raise ValueError(f"{k!r} out of order while rewriting")
+    st = txn.stat(db)
+    return before - st["leaf_pages"] - st["branch_pages"] - st["overflow_pages"]
+
+
 def pack_list(refs: Iterable[tuple[bytes, int]]) -> bytes:
     """Packed chunk list: for each chunk, id (16 bytes) || length (u32 BE)."""
     return b"".join(i + n.to_bytes(4, "big") for i, n in refs)
