@@ -22,11 +22,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections import defaultdict
 
 import msgpack
 
-from tools.bench.history_size import GIT_ENV, lmdb_sizes, run
+from tools.bench import report as rp
+from tools.bench.history_size import GIT_ENV, lmdb_sizes, run, write_docs
 from tools.bench.targets import DELTAFS, ROOT, force_unmount, is_mountpoint
 
 sys.path.insert(0, ROOT)
@@ -83,7 +85,7 @@ def snapshot(jdir: str) -> dict:
                 raw = bytes(r.raw_record(s))
                 rec = decode_record(raw, s)
                 body = msgpack.unpackb(raw[32:], raw=False, strict_map_key=False)
-                recs.append((s, rec.op, len(raw), {k: len(msgpack.packb(k)) + len(msgpack.packb(v, use_bin_type=True))
+                recs.append((s, rec.op, raw, {k: len(msgpack.packb(k)) + len(msgpack.packb(v, use_bin_type=True))
                                                    for k, v in body.items()}))
             out["records"] = recs
     out.update(lmdb_sizes(jdir))
@@ -92,7 +94,8 @@ def snapshot(jdir: str) -> dict:
 
 def diff(before: dict, after: dict) -> dict:
     seen = {s for s, *_ in before["records"]}
-    new = [r for r in after["records"] if r[0] not in seen]
+    new = [(s, op, len(raw), f) for s, op, raw, f in after["records"] if s not in seen]
+    raws = [(op, raw) for s, op, raw, _ in after["records"] if s not in seen]
     by_op: dict = defaultdict(lambda: {"n": 0, "bytes": 0, "fields": defaultdict(int)})
     for _, op, n, flds in new:
         d = by_op[op]
@@ -111,7 +114,22 @@ def diff(before: dict, after: dict) -> dict:
             "pack_bytes": after["pack_bytes"] - before["pack_bytes"],
             "record_bytes": sum(n for _, _, n, _ in new), "records": len(new),
             "by_op": {k: {"n": v["n"], "bytes": v["bytes"], "fields": dict(v["fields"])} for k, v in by_op.items()},
-            "per_db": per_db}
+            "per_db": per_db,
+            # S blocks (as compaction writes them) of the new records, and of their writes alone:
+            # what records would cost at rest if unlink + create were folded into the write
+            "blocks_all": blocks_bytes([r for _, r in raws]),
+            "blocks_writes_only": blocks_bytes([r for op, r in raws if op == "write"])}
+
+
+def blocks_bytes(values: list[bytes]) -> int:
+    from deltafs.journal import compact as JC
+    from deltafs.journal import schema as S
+    total = 0
+    for i in range(0, len(values), JC.RECORD_BLOCK):   # the S layout (schema.encode_record_block)
+        blk = values[i:i + JC.RECORD_BLOCK]
+        total += 1 + len(S._zstd(blk[0][:32] + blk[-1][:32] + b"".join(
+            S._uvarint(len(v) - 32) + v[32:] for v in blk)))
+    return total
 
 
 def compact(jdir: str) -> None:
@@ -158,24 +176,54 @@ def measure(files: int, work: str) -> dict:
     return d
 
 
-def report(d: dict) -> None:
-    g = d["git_growth"]
-    print(f"git checkout of {d['files']} files (3 lines changed each); git gc --aggressive pack +{g} B")
-    print(f"journal data_bytes +{d['data_bytes']} B ({d['data_bytes'] / g:.2f}x git); "
-          f"chunk values +{d['stored_bytes']} B; packs +{d['pack_bytes']} B; "
-          f"records {d['records']} = {d['record_bytes']} B ({d['record_bytes'] / max(1, d['files']):.0f} B per file)")
-    print(f"compacted before and after: journal +{d['compacted_growth']} B ({d['compacted_growth'] / g:.2f}x git), "
-          f"packs +{d['compacted_pack_growth']} B (chunk values and record blocks)")
-    print("records by op: count, bytes, bytes per field key (msgpack key+value)")
+TITLE = "## Where a git checkout's journal bytes go"
+
+
+def render(d: dict, meta: dict | None = None) -> list[str]:
+    """The measurement as a Markdown section (docs/benchmarks.md)."""
+    g, n = d["git_growth"], d["files"]
+    pd, cd = d["per_db"], d["compacted_per_db"]
+    chunks_v = d["stored_bytes"]
+    blocks = d["compacted_pack_growth"] - chunks_v
+    L = [TITLE, "",
+         "Measured by `python -m tools.bench.history_size_where --files "
+         f"{n} --write-docs` (issue 20)" + (f", {meta['date']}, deltafs at commit `{meta['commit']}`" if meta else "")
+         + f". A git repository of {n} Python files of ~18 KiB (commit a), then 3 lines changed "
+         "in every file (commit b); a is checked out into a fresh mount (`git --git-dir R --work-tree "
+         "MNT/work checkout`), the journal compacted, then b checked out, and the journal compacted "
+         "again (`deltafs compact --retention '*:all'`, every version kept). git replaces each file by "
+         "unlink + create + write: three records per file.", "",
+         f"| what b added | bytes | per file | × git's pack growth ({g:,} B) |", "|---|---|---|---|"]
+
+    def row(what, v):
+        L.append(f"| {what} | {v:,} | {v / n:.0f} | {v / g:.2f}× |")
+    row("whole journal, as written (`Journal.data_bytes()`)", d["data_bytes"])
+    row("whole journal, both compacted", d["compacted_growth"])
+    row("· chunk values (zstd deltas against the file's previous content)", chunks_v)
+    row(f"· {d['records']} records in compressed blocks", blocks)
+    for name in ("chunks", "history", "pathlog", "changes", "files", "paths", "checkpoints"):
+        if cd.get(name, {}).get("bytes"):
+            row(f"· `{name}` LMDB pages", cd[name]["bytes"])
+    row("records as LMDB values (before compaction)", d["record_bytes"])
+    row("same records as compaction's S blocks (computed)", d["blocks_all"])
+    row("only the write records as S blocks (if unlink + create were folded into the write)",
+        d["blocks_writes_only"])
+    L += ["", "Records as written, by op (bytes of each msgpack field, key + value; `hash` is the "
+          "32-byte chain hash):", "", "| op | records | bytes | per record | largest fields |", "|---|---|---|---|---|"]
+    names = {"0": "version", "1": "hlc", "2": "op", "3": "file id", "4": "path", "7": "mode", "8": "uid",
+             "9": "gid", "10": "mtime", "11": "size", "16": "cause", "17": "base", "18": "edit",
+             "19": "stored", "20": "content hash", "hash": "hash"}
     for op, v in sorted(d["by_op"].items()):
-        f = ", ".join(f"{k}:{n}" for k, n in sorted(v["fields"].items(), key=lambda x: -x[1]))
-        print(f"  {op:8s} {v['n']:4d} {v['bytes']:7d} B ({v['bytes'] / v['n']:.0f}/rec)  {f}")
-    print("LMDB databases (growth): pages, bytes, entries, key+value bytes")
-    for name, v in sorted(d["per_db"].items()):
-        if any(v.values()):
-            c = d["compacted_per_db"][name]
-            print(f"  {name:14s} {v['pages']:4d} {v['bytes']:7d} {v['entries']:5d} {v['kv_bytes']:7d}"
-                  f"   compacted: {c['pages']:4d} {c['bytes']:7d} {c['entries']:5d} {c['kv_bytes']:7d}")
+        f = ", ".join(f"{names.get(k, k)} {x}" for k, x in sorted(v["fields"].items(), key=lambda x: -x[1])[:6])
+        L.append(f"| {op} | {v['n']} | {v['bytes']:,} | {v['bytes'] / v['n']:.0f} | {f} |")
+    L += ["", "LMDB databases, growth in pages (entries) as written → after compaction: " + "; ".join(
+        f"`{k}` {pd[k]['pages']} ({pd[k]['entries']}) → {cd[k]['pages']} ({cd[k]['entries']})"
+        for k in sorted(pd) if any(pd[k].values()) or any(cd[k].values())) + "."]
+    return L
+
+
+def report(d: dict) -> None:
+    print("\n".join(render(d)))
 
 
 def main(argv=None) -> int:
@@ -183,20 +231,33 @@ def main(argv=None) -> int:
     p.add_argument("--files", type=int, default=60)
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--write-docs", action="store_true", help="write the section into docs/benchmarks.md")
+    p.add_argument("--from-json", metavar="FILE", help="do not run: report a saved --json run")
     args = p.parse_args(argv)
-    work = tempfile.mkdtemp(prefix="deltafs-where-")
-    try:
-        d = measure(args.files, work)
-    finally:
-        mnt = os.path.join(work, "mnt")
-        if is_mountpoint(mnt):
-            force_unmount(mnt)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+    if args.files < 1:
+        print("history_size_where: --files must be at least 1", file=sys.stderr)
+        return 2
+    if args.from_json:
+        with open(args.from_json) as f:
+            d = json.load(f)
+    else:
+        work = tempfile.mkdtemp(prefix="deltafs-where-")
+        try:
+            d = measure(args.files, work)
+        finally:
+            mnt = os.path.join(work, "mnt")
+            if is_mountpoint(mnt):
+                force_unmount(mnt)
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        sw = rp.software()
+        d["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": sw.get("commit")}
     report(d)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(d, f, indent=1)
+    if args.write_docs:
+        print(f"wrote {write_docs(chr(10).join(render(d, d.get('meta'))) + chr(10), TITLE)}")
     return 0
 
 
