@@ -79,6 +79,7 @@ LAYERS = [
     ["deltafs.metrics"],
     ["deltafs.status"],
     ["deltafs.control"],
+    ["deltafs.historyview"],  # the history view inside a live mount (uses pastfs's trees)
     ["deltafs.pastfs"],  # mount --at: a read-only view built from history
     # services and tools: the FUSE side, capture, compaction, mirrors, history
     ["deltafs.ops", "deltafs.capture", "deltafs.maintenance", "deltafs.mirrors", "deltafs.history",
