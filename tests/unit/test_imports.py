@@ -80,6 +80,7 @@ LAYERS = [
     ["deltafs.status"],
     ["deltafs.control"],
     ["deltafs.pastfs"],  # mount --at: a read-only view built from history
+    ["deltafs.sync"],  # sync groups: publish, pull and apply over capture, mirrors, journal
     # services and tools: the FUSE side, capture, compaction, mirrors, history
     ["deltafs.ops", "deltafs.capture", "deltafs.maintenance", "deltafs.mirrors", "deltafs.history",
      "deltafs.locate", "deltafs.snapshots"],
