@@ -43,9 +43,8 @@ def open_store(url: str, journal_dir: str, endpoint_url: str | None = None):
     return keys.open_for_journal(open_mirror(url, endpoint_url=endpoint_url), journal_dir)
 
 
-def join(journal, url: str, *, name: str = "", endpoint_url: str | None = None, secrets=None,
-         encrypt: bool = False) -> SyncState:
-    """Make ``journal`` a member of the group stored at ``url`` (made if the store is empty)."""
+def _prepare(journal, url: str, *, name: str = "", endpoint_url: str | None = None, secrets=None,
+             encrypt: bool = False, create: bool = True) -> SyncState:
     from deltafs.mirrors import keys, open_mirror
 
     old = membership(journal.path)
@@ -59,17 +58,49 @@ def join(journal, url: str, *, name: str = "", endpoint_url: str | None = None, 
     if key is not None:
         keys.KeyStore(journal.path).save(backend.url, key)
     store = open_store(url, journal.path, endpoint_url)
-    g = G.create_group(store)
+    g = G.create_group(store) if create else G.read_group(store)
+    if g is None:
+        raise GroupError(f"{backend.url} holds no sync group (no {G.GROUP_OBJ})")
     dev = device_of(journal.journal_id)
     prev = G.read_head(store, dev)
-    st = SyncState(url=backend.url, device=dev, group_id=g["group_id"], name=name or os.uname().nodename,
-                   endpoint_url=endpoint_url, joined_ns=time.time_ns())
     if prev is not None and prev.last:
         raise GroupError(f"device {dev} already has a stream in {backend.url} (this journal left the group or "
                          "is a copy of a member's journal): join from a fresh clone "
                          "(`deltafs clone URL DEST --join`)")
+    return SyncState(url=backend.url, device=dev, group_id=g["group_id"], name=name or os.uname().nodename,
+                     endpoint_url=endpoint_url, joined_ns=time.time_ns())
+
+
+def join(journal, url: str, *, name: str = "", endpoint_url: str | None = None, secrets=None,
+         encrypt: bool = False) -> SyncState:
+    """Make ``journal`` a member of the group stored at ``url`` (made if the store is empty)."""
+    st = _prepare(journal, url, name=name, endpoint_url=endpoint_url, secrets=secrets, encrypt=encrypt)
     S.save(journal.path, st)
     return st
+
+
+def is_group_store(url: str, endpoint_url: str | None = None) -> bool:
+    """Does the (plain) store at url hold a group? Encrypted stores cannot tell before unlocking."""
+    from deltafs.mirrors import open_mirror
+
+    with open_mirror(url, endpoint_url=endpoint_url) as backend:
+        return backend.exists(G.GROUP_OBJ)
+
+
+def clone(journal, src: str, url: str, *, join: bool, name: str = "", endpoint_url: str | None = None,
+          secrets=None) -> PassReport:
+    """The group's merged tree into an empty ``src`` with a new ``journal``; a member with ``join``."""
+    st = _prepare(journal, url, name=name, endpoint_url=endpoint_url, secrets=secrets, create=False)
+    S.save(journal.path, st)
+    try:
+        store = open_store(st.url, journal.path, st.endpoint_url)
+        with store:
+            eng = Engine(journal, src, store, st, LocalIO(journal, src), publish=join)
+            rep = eng.run_pass()
+    finally:
+        if not join:
+            S.remove(journal.path)
+    return rep
 
 
 def leave(journal) -> SyncState:
@@ -91,9 +122,35 @@ def _require(journal_dir: str) -> SyncState:
     return st
 
 
-def run_pass(journal, src: str, *, pull: bool = True) -> PassReport:
-    """One pass for an unmounted member (this process holds the journal writer)."""
+def scan(journal, src: str) -> dict:
+    """Journal what changed in an unmounted SRC (the mount-time scan), before a pass."""
+    import trio
+
+    from deltafs.capture import Recorder
+
+    rec = Recorder(journal, src)
+    try:
+        hidden = os.stat(journal.path).st_ino
+    except OSError:
+        hidden = -1
+    out: dict = {}
+
+    async def go() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rec.run)
+            out.update(await rec.scan(None, hidden))
+            nursery.cancel_scope.cancel()
+
+    trio.run(go)
+    return out
+
+
+def run_pass(journal, src: str, *, pull: bool = True, scan_first: bool = True) -> PassReport:
+    """One pass for an unmounted member (this process holds the journal writer): scan SRC
+    for local changes, then publish, pull and apply."""
     st = _require(journal.path)
+    if scan_first:
+        scan(journal, src)
     store = open_store(st.url, journal.path, st.endpoint_url)
     with store:
         return Engine(journal, src, store, st, LocalIO(journal, src)).run_pass(pull=pull)
@@ -123,6 +180,7 @@ def conflicts(journal_dir: str) -> list[dict]:
 def resolve(journal, src: str, path: bytes, take: str, *, pull: bool = True) -> dict:
     """End the conflict on ``path`` and publish the result (one pass)."""
     st = _require(journal.path)
+    scan(journal, src)
     store = open_store(st.url, journal.path, st.endpoint_url)
     with store:
         eng = Engine(journal, src, store, st, LocalIO(journal, src))

@@ -79,7 +79,9 @@ class PassReport(dict):
 
 
 class Engine:
-    def __init__(self, journal, src: str, store, st: S.SyncState, io, *, clock=time.time_ns) -> None:
+    def __init__(self, journal, src: str, store, st: S.SyncState, io, *, clock=time.time_ns,
+                 publish: bool = True) -> None:
+        self.publishing = publish  # False: a plain clone, which never writes into the store
         self.journal = journal
         self.jdir = journal.path
         self.src = src
@@ -180,7 +182,7 @@ class Engine:
     # ---- publishing ---------------------------------------------------------------------
     def publish(self, force_head: bool = False) -> int:
         st = self.st
-        if not st.outbox and not force_head:
+        if not self.publishing or not st.outbox and not force_head:
             return 0
         if st.outbox_chunks:
             with self.journal.reader() as r:
