@@ -1252,17 +1252,14 @@ def _add_mirror_parsers(sub) -> None:
 
 
 def _group_journal(args: argparse.Namespace, write: bool = True):
-    """-> (journal dir, SRC) of the unmounted tree a group command works on."""
+    """-> (journal dir, SRC, mount entry or None) of the tree a group command works on."""
     from deltafs.errors import UsageError
     from deltafs.locate import locate
 
     loc = locate(args.mount, args.journal)
-    if loc.mount is not None and write:
-        raise UsageError(f"{loc.mount.mnt} is mounted: run group commands on an unmounted tree for now "
-                         "(the mount's sync service is not built yet; docs/sync.md)")
     if loc.src is None:
         raise UsageError(f"the journal {loc.journal} is not SRC/.deltafs of a tree: name the tree with -m SRC")
-    return loc.journal, loc.src
+    return loc.journal, loc.src, loc.mount
 
 
 def _print_pass(rep, as_json: bool) -> None:
@@ -1280,7 +1277,16 @@ def cmd_group(args: argparse.Namespace) -> int:
     from deltafs.journal import Journal
 
     verb = args.group_command
-    jdir, src = _group_journal(args, write=verb != "list")
+    jdir, src, mount = _group_journal(args)
+    if mount is not None and verb != "list":
+        from deltafs import control
+        from deltafs.errors import UsageError
+
+        if verb != "sync":
+            raise UsageError(f"{mount.mnt} is mounted: `group {verb}` works on an unmounted tree (unmount, "
+                             f"{verb}, mount again)")
+        _print_pass(control.request(jdir, "group", timeout=600)["report"], args.json)
+        return 0
     if verb == "list":
         st = sync.membership(jdir)
         if st is None:
@@ -1323,7 +1329,7 @@ def cmd_group(args: argparse.Namespace) -> int:
 def cmd_conflicts(args: argparse.Namespace) -> int:
     from deltafs import sync
 
-    jdir, _ = _group_journal(args, write=False)
+    jdir, _, _ = _group_journal(args)
     rows = sync.conflicts(jdir)
     for c in rows:
         if args.json:
@@ -1346,7 +1352,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         raise UsageError("give PATH or --all")
     if args.take not in ("local", "remote") and ":" not in args.take:
         raise UsageError(f"--take {args.take!r}: give local, remote or DEVICE:N (from `deltafs conflicts`)")
-    jdir, src = _group_journal(args)
+    jdir, src, mount = _group_journal(args)
     if args.all:
         paths = [os.fsencode(c["path"]) for c in sync.conflicts(jdir)]
     else:
@@ -1354,9 +1360,16 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
         paths = [locate(args.path, jdir).rel]
     done = []
-    with Journal.open(jdir) as j:
+    if mount is not None:  # the daemon resolves, in a pass of its sync service
+        from deltafs import control
+
         for p in paths:
-            done.append((p, sync.resolve(j, src, p, args.take)))
+            done.append((p, control.request(jdir, "group", timeout=600, action="resolve", path=os.fsdecode(p),
+                                            take=args.take)["resolved"]))
+    else:
+        with Journal.open(jdir) as j:
+            for p in paths:
+                done.append((p, sync.resolve(j, src, p, args.take)))
     for p, d in done:
         if args.json:
             _print_json({"path": os.fsdecode(p), **d})

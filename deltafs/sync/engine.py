@@ -128,8 +128,8 @@ class Engine:
                         touched.update(q for q, _, _ in r.current_tree(pre))
             made = 0
             for p in sorted(touched):
-                if p in st.intents or p in st.pending:
-                    continue  # handled by recovery / the next retry (after this detection)
+                if p in st.intents:
+                    continue  # being applied: execute_intents checks it is still untouched
                 v = journal_view(r, p)
                 if v.kind == "n":
                     continue
