@@ -81,6 +81,7 @@ LAYERS = [
     ["deltafs.control"],
     ["deltafs.historyview"],  # the history view inside a live mount (uses pastfs's trees)
     ["deltafs.pastfs"],  # mount --at: a read-only view built from history
+    ["deltafs.sync"],  # sync groups: publish, pull and apply over capture, mirrors, journal
     # services and tools: the FUSE side, capture, compaction, mirrors, history
     ["deltafs.ops", "deltafs.capture", "deltafs.maintenance", "deltafs.mirrors", "deltafs.history",
      "deltafs.locate", "deltafs.snapshots"],
