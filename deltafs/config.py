@@ -332,6 +332,10 @@ class MountConfig:
                         help="mass-damage guard sensitivity (default normal; docs/guard.md)")
     on_alert: str | None = option("--on-alert", metavar="CMD",
                                   help="shell command run when the guard raises an alert")
+    guard_action: str = option("--guard-action", default="alert", choices=("alert", "block"),
+                               help="on a guard alert: alert only (default), or also block: refuse "
+                                    "changes through the mount (EPERM) until deltafs guard resume; "
+                                    "reads go on (docs/guard.md)")
 
     @classmethod
     def options(cls) -> list[Option]:

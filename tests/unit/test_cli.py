@@ -29,6 +29,7 @@ EVERY_OPTION = {
     "fd_budget": 64,
     "guard": "high",
     "on_alert": "notify-send deltafs",
+    "guard_action": "block",
 }
 NOT_TO_DAEMON = {"foreground"}  # spawn_daemon adds --foreground itself
 
