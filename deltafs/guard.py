@@ -313,6 +313,8 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
         memory[path] = (new_type, new_ent)
         if len(memory) > 100_000:
             memory.pop(next(iter(memory)))
+    elif mem is not None:
+        del memory[path]  # new content the guard did not see: what it remembered is stale
     if not has_old:
         # a new file (or one written from empty): opaque content of no known format
         if new_bytes >= 512 and opaque >= 0.9 * new_bytes and new_type is None and \
@@ -365,6 +367,7 @@ class Detector:
         # new opaque files, in time order: b"\1"+path, stem (a.pdf.locked -> a.pdf), b"\0"+stem -> when
         self.fresh: collections.OrderedDict[bytes, tuple[float, int]] = collections.OrderedDict()
         self.created: dict[bytes, int] = {}  # path -> seq of its create record (recent ones)
+        self.written: dict[bytes, tuple[float, int]] = {}  # path -> (when, seq) of its last content version
         # paths recently opened read-only (ops.open via Guard.drain_opens) -> when (monotonic)
         self.opened: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         # new opaque files no delete has been paired with yet: path -> (when, seq of its create)
@@ -417,6 +420,10 @@ class Detector:
             if op == "write":
                 if c.cause in SKIP_CAUSES:
                     continue
+                self.written.pop(c.path, None)
+                self.written[c.path] = (now, seq)
+                if len(self.written) > 100_000:
+                    self.written.pop(next(iter(self.written)))
                 s, why = write_signals(c, self.raw, self.memory)
                 if "opaque" in why:  # remembered under the name it extends, and under its stem;
                     # it scores only once an original goes (new random files alone are no damage)
@@ -474,6 +481,8 @@ class Detector:
             self.orphans[new] = self.orphans.pop(old)
         if old in self.memory:
             self.memory[new] = self.memory.pop(old)
+        if old in self.written:
+            self.written[new] = self.written.pop(old)
 
     def _renamed(self, c, seq: int, now: float) -> None:
         old_ext, new_ext = ext_of(c.path), ext_of(c.path2)
@@ -481,7 +490,10 @@ class Detector:
         appended = c.path2.startswith(c.path + b".")
         self._move(c.path, c.path2)
         if new_ext and new_ext not in BENIGN_EXT and (known_before or appended) and old_ext != new_ext:
-            self._hit(c.path2, 0.5, ["extension"], seq, now)
+            # its content may have been destroyed just before, by a write that scored nothing
+            # (the guard knew nothing of the old content): the attack on it began there
+            w = self.written.get(c.path2)
+            self._hit(c.path2, 0.5, ["extension"], w[1] if w and now - w[0] <= self.window and w[1] else seq, now)
 
     def _replaced_by_fresh(self, path: bytes, now: float) -> int | None:
         """Was a new opaque file written whose name extends this one's

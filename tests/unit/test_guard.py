@@ -283,3 +283,26 @@ def test_block_refuses_all_but_allowed_processes():
     with pytest.raises(PermissionError):
         b.check(Ctx(os.getppid()))
     assert b.status()["refused"] == 2 and b.status()["processes"][0]["pid"] == os.getppid()
+
+
+def test_a_write_the_guard_cannot_see_clears_its_memory_and_renames_point_at_the_write():
+    w = World()
+    paths = corpus(w)
+    p = paths[0]  # a .txt
+    w.put(p, enc(w.raw[w.old[p]]))  # remembered as opaque
+    w.det.resume()
+    # a restore whose chunks were all known already (dedup): no head sample reaches the guard
+    w.feed(Change(op="write", path=p, size=100, cause="write", base_seq=1, edit=[(0, 1, [(b"known", 100)])],
+                  chunks=[]))
+    assert p not in w.det.memory
+    w.put(p, enc(TEXT[:3000]))
+    assert w.det.hits and w.det.hits[-1].key == p  # scored again: the extension says text
+    write_seq = w.seq
+    w.det.hits.clear()
+    w.det.memory[p] = (None, 7.9)  # even if the write scored nothing...
+    w.put(p, enc(TEXT[:3000]))
+    w.det.hits.clear()
+    write_seq = w.seq
+    w.rename(p, p + b".locked")
+    (h,) = w.det.hits
+    assert h.reasons == ("extension",) and h.seq == write_seq  # ...the attack on it began at the write
