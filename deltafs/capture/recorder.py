@@ -124,6 +124,7 @@ class Recorder:
     last_error = property(lambda self: self.pipe.last_error)
     last_capture_ns = property(lambda self: self.pipe.last_capture_ns)
     gap = property(lambda self: self.pipe.gap)
+    needs_rescan = property(lambda self: self.pipe.needs_rescan)
     raw_cache = property(lambda self: self.content.raw_cache)
 
     # ---- pipeline ---------------------------------------------------------
@@ -335,9 +336,10 @@ class Recorder:
         self._event("rmdir", (parent,), self._ev_rmdir, ops=ops, parent=parent, name=name)
 
     def on_rename(self, ops, old: bytes | None, new: bytes | None, flags: int, parent, name: bytes,
-                  replaced, src_parent, over=None, over_xattrs=()) -> None:
+                  replaced, src_parent, over=None, over_xattrs=(), moved_st=None) -> None:
         self._event("rename", (parent, src_parent), self._ev_rename, ops=ops, old=old, new=new, flags=flags,
-                    parent=parent, name=name, replaced=replaced, over=over, over_xattrs=over_xattrs)
+                    parent=parent, name=name, replaced=replaced, over=over, over_xattrs=over_xattrs,
+                    moved_st=moved_st)
 
     def on_setattr(self, ops, node, st, mode: bool, owner: bool, times: bool) -> None:
         self._event("setattr", (node,), self._ev_setattr, ops=ops, node=node, st=st, mode=mode, owner=owner,
@@ -412,11 +414,15 @@ class Recorder:
         if not self._skip(path, True):
             self.submit(Change(op="rmdir", path=path))
 
-    def _ev_rename(self, ops, old, new, flags, parent, name, replaced, over=None, over_xattrs=()) -> None:
+    def _ev_rename(self, ops, old, new, flags, parent, name, replaced, over=None, over_xattrs=(),
+                   moved_st=None) -> None:
         """What the rename means (saves.classify_rename), recorded."""
         if old is None or new is None:
             return
-        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        # what moved, as ops.rename saw it just before (a rename changes no
+        # type or link count): recording a plain rename opens no descriptor,
+        # so it is recorded even when descriptors run short (parent.fd may reopen)
+        st = moved_st or os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         is_dir = stat.S_ISDIR(st.st_mode)
         ign_old, ign_new = self.ignore.match(old, is_dir), self.ignore.match(new, is_dir)
         what = saves.classify_rename(st, ign_old, ign_new, flags, replaced, over,
