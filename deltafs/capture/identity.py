@@ -12,6 +12,7 @@ capture sees (:mod:`deltafs.capture.saves`).
 
 from __future__ import annotations
 
+import secrets
 import time
 
 REUSE_SECONDS = 120  # as the journal's REUSE_WINDOW_NS
@@ -42,3 +43,26 @@ class GonePaths:
     def back(self, path: bytes) -> None:
         """``path`` has a file again: a rename onto it is no longer a save."""
         self.paths.pop(path, None)
+
+
+def new_file_id() -> int:
+    """A random 63-bit file id (never 0: 0 asks the journal's writer to resolve one)."""
+    return secrets.randbits(63) or 1
+
+
+def restored_file_id(old_id: int | None, old_alive: bool, used: set[int]) -> int:
+    """The file id of a file a journaled restore writes at a path that has no
+    file of its kind (a restore names its ids; the writer resolves none).
+
+    The file takes back the identity it had (``old_id``, the restored
+    version's file: its history continues) unless that file is still alive
+    under another name (``old_alive``) or this restore already gave that
+    identity to another path (in ``used``): an identity never passes to a
+    second living file (docs/design.md, "File identity").  Else, or with no
+    ``old_id`` (content found in SRC that the journal never saw), a new one.
+    The id given is added to ``used``."""
+    fid = old_id
+    if not fid or old_alive or fid in used:
+        fid = new_file_id()
+    used.add(fid)
+    return fid

@@ -7,7 +7,6 @@ import fcntl
 import logging
 import os
 import re
-import secrets
 import stat
 import time
 from collections import OrderedDict
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from deltafs import chunking
+from deltafs.capture.identity import restored_file_id
 from deltafs.errors import CorruptionError, NotFoundError, PartialError, UsageError
 from deltafs.history.diff import entry_changes
 from deltafs.history.format import human_size, show_path
@@ -235,11 +235,8 @@ class _Restorer:
         if e.file_id in self.new_fids:
             return self.new_fids[e.file_id], True
         st = self.r.file_state(e.file_id)
-        fid = e.file_id
-        if (st is not None and not st.deleted) or fid in self.used_fids:
-            fid = secrets.randbits(63) or 1
+        fid = restored_file_id(e.file_id, st is not None and not st.deleted, self.used_fids)
         self.new_fids[e.file_id] = fid
-        self.used_fids.add(fid)
         return fid, True
 
     def _drop_existing(self, p: bytes, kind: str) -> None:
@@ -295,8 +292,7 @@ class _Restorer:
                 return
             fid = cur[0]
         else:
-            fid = secrets.randbits(63) or 1
-            self.used_fids.add(fid)
+            fid = restored_file_id(None, False, self.used_fids)
             self.changes.append(Change(op="create", file_id=fid, path=p, mode=st.st_mode,
                                        uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns))
         self.changes.append(Change(op="write", file_id=fid, path=p, size=st.st_size, cause="scan",

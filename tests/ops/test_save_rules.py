@@ -238,3 +238,18 @@ def test_ops_only_passes_what_the_rules_need():
     what = saves.classify_rename(st(), False, False, 0, True, SimpleNamespace(st_mode=REG, st_nlink=1),
                                  never_gone)
     assert what.kind == saves.SAVE
+
+
+# --- a journaled restore's identities (capture/identity.py, used by history/restore.py) -----------
+def test_a_restored_file_takes_back_its_identity_unless_it_lives_on():
+    from deltafs.capture.identity import restored_file_id
+
+    used: set[int] = set()
+    assert restored_file_id(42, False, used) == 42  # deleted since: its history continues
+    again = restored_file_id(42, False, used)  # a second path of this restore: never the same file
+    assert again not in (0, 42)
+    alive = restored_file_id(7, True, used)  # still alive under another name
+    assert alive not in (0, 7)
+    fresh = restored_file_id(None, False, used)  # content the journal never saw
+    assert fresh and fresh < 2**63
+    assert used == {42, again, alive, fresh}

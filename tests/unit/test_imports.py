@@ -82,8 +82,9 @@ LAYERS = [
     ["deltafs.historyview"],  # the history view inside a live mount (uses pastfs's trees)
     ["deltafs.pastfs"],  # mount --at: a read-only view built from history
     ["deltafs.sync"],  # sync groups: publish, pull and apply over capture, mirrors, journal
-    # services and tools: the FUSE side, capture, compaction, mirrors, history
-    ["deltafs.ops", "deltafs.capture", "deltafs.maintenance", "deltafs.mirrors", "deltafs.history",
+    ["deltafs.history"],  # log, cat, diff, restore (a journaled restore takes capture's identity rule)
+    # services and tools: the FUSE side, capture, compaction, mirrors
+    ["deltafs.ops", "deltafs.capture", "deltafs.maintenance", "deltafs.mirrors",
      "deltafs.locate", "deltafs.snapshots"],
     ["deltafs.journal", "deltafs.mounttable", "deltafs.when", "deltafs.config", "deltafs.ignore",
      "deltafs.guard"],
