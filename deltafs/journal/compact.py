@@ -337,6 +337,11 @@ class Compactor:
 
     # --- the chunk index ------------------------------------------------------------------
     def densify_index(self, slack: float = INDEX_SLACK) -> int:
+        """Rewrite the chunk index, ``history`` and ``pathlog`` in key order
+        where their pages are mostly empty; -> pages saved."""
+        return self._densify_chunks(slack) + self._densify_logs(slack)
+
+    def _densify_chunks(self, slack: float) -> int:
         """Rewrite the chunk index in key order if its pages are mostly empty; -> pages saved.
 
         Chunk ids are random, so inserts land all over the B-tree and every page
@@ -356,6 +361,23 @@ class Compactor:
                 return 0
             saved = self._st.rewrite_in_key_order(txn, db)
         log.info("rewrote the chunk index in key order: %d pages fewer", saved)
+        return saved
+
+    def _densify_logs(self, slack: float) -> int:
+        """``history`` and ``pathlog`` likewise (schema.rewrite_dups_in_key_order)."""
+        saved = 0
+        for name in (S.DB_HISTORY, S.DB_PATHLOG):
+            db = self._dbs[name]
+            with self._st.write() as txn:
+                st = txn.stat(db)
+                if not st["entries"] or st["entries"] > INDEX_REWRITE_MAX:
+                    continue
+                need = S.dup_pages_needed(txn, db)
+                if st["leaf_pages"] - need < max(1, need * (slack - 1)):
+                    continue
+                n = S.rewrite_dups_in_key_order(txn, db)
+            log.info("rewrote %s in key order: %d pages fewer", name.decode(), n)
+            saved += n
         return saved
 
     # --- record blocks ------------------------------------------------------------------
