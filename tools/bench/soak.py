@@ -23,7 +23,11 @@ bursts of saves older than a minute, so passes really rewrite records and
 packs); its wall time is recorded.  Every minute: operations per second,
 p50/p99 latency of one operation (its own duration: open to close through
 the mount, throttling by the capture backlog included), versions the daemon
-captured, its RssAnon (/proc/PID/status) and the journal's size on disk.
+captured, its RssAnon (/proc/PID/status), its CPU seconds (/proc/PID/stat;
+also per operation, which the machine's load does not set the way it sets
+operations per second), the load average, the journal's size on disk, and
+the daemon-side time of that minute's compaction pass (``deltafs compact
+--json``: planning, pruning, record blocks, index rewrite).
 At the end ``deltafs flush``, then ``deltafs restore MNT --to DEST`` of the
 whole tree, compared with SRC (paths, content, modes).
 
@@ -220,7 +224,7 @@ def soak(w: str, minutes: float, rate: float, seed: int, res: dict, mounts: list
     minute_end = t0 + 60
     versions0 = st["capture"]["versions"]
     sampler_res: dict = {}
-    cpu_prev = [cpu_s(pid), sum(os.times()[:2])]
+    cpu_prev = [cpu_s(pid), sum(os.times()[:2]), sum(os.times()[2:4])]
 
     def sample(idx: int, lat_: list[float], kinds_: dict, late_: int, secs: float) -> None:
         # off the workload's thread: `deltafs status` takes a moment
@@ -231,9 +235,9 @@ def soak(w: str, minutes: float, rate: float, seed: int, res: dict, mounts: list
             v, pending = None, None
             log(f"status failed: {e}")
         lat_.sort()
-        dcpu, own = cpu_s(pid), sum(os.times()[:2])
-        cpu_d, cpu_o = dcpu - cpu_prev[0], own - cpu_prev[1]
-        cpu_prev[:] = [dcpu, own]
+        dcpu, own, kids = cpu_s(pid), sum(os.times()[:2]), sum(os.times()[2:4])
+        cpu_d, cpu_o, cpu_k = dcpu - cpu_prev[0], own - cpu_prev[1], kids - cpu_prev[2]
+        cpu_prev[:] = [dcpu, own, kids]
         lo, hi = 60.0 * idx, 60.0 * (idx + 1)
         passes = [c for c in comp.passes if lo <= c["at_s"] < hi and c.get("exit") == 0]
         row = {"minute": idx + 1, "ops": len(lat_), "ops_s": round(len(lat_) / secs, 1),
@@ -241,7 +245,7 @@ def soak(w: str, minutes: float, rate: float, seed: int, res: dict, mounts: list
                "p99_ms": round(1000 * lat_[min(len(lat_) - 1, int(len(lat_) * 0.99))], 2) if lat_ else None,
                "missed": late_, "kinds": kinds_, "versions": v, "pending": pending,
                "rss_anon": rss_anon(pid), "journal_bytes": du(journal),
-               "daemon_cpu_s": round(cpu_d, 2), "soak_cpu_s": round(cpu_o, 2),
+               "daemon_cpu_s": round(cpu_d, 2), "soak_cpu_s": round(cpu_o, 2), "cli_cpu_s": round(cpu_k, 2),
                "load1": round(os.getloadavg()[0], 2),
                "compact_pass_s": max((c.get("pass_s") or 0.0 for c in passes), default=None),
                "compact_cli_s": max((c["seconds"] for c in passes), default=None),
@@ -317,10 +321,46 @@ def summary(res: dict) -> dict:
             **_cpu_summary(full)}
 
 
+COUNTS = ("files planned", "versions pruned")
+
+
+def _pass_parts(passes: list[dict]) -> dict:
+    """{part: (median of the first 10 passes, of the last 10)} of the daemon-side pass times."""
+    ok = [c for c in passes if c.get("exit") == 0 and c.get("pass_s") is not None]
+    if len(ok) < 4:
+        return {}
+    n = min(10, len(ok) // 2)
+    out = {}
+    for k, name in (("pass_s", "whole pass"), ("plan_s", "planning"), ("prune_s", "pruning"),
+                    ("archive_s", "record blocks"), ("densify_s", "index rewrite"), ("repack_s", "repacking")):
+        a = [c[k] for c in ok[:n] if c.get(k) is not None]
+        b = [c[k] for c in ok[-n:] if c.get(k) is not None]
+        if a and b:
+            out[name] = (statistics.median(a), statistics.median(b))
+    for k, name in (("files_examined", "files planned"), ("versions_pruned", "versions pruned")):
+        a = [c[k] for c in ok[:n] if c.get(k) is not None]
+        b = [c[k] for c in ok[-n:] if c.get(k) is not None]
+        if a and b:
+            out[name] = (statistics.median(a), statistics.median(b))
+    return out
+
+
+def _per_op_ms(r: dict) -> str:
+    """Daemon CPU per operation (compaction included): unlike ops/s, not set by the machine's load."""
+    if r.get("daemon_cpu_s") is None or not r.get("ops"):
+        return ""
+    return f"{1000 * r['daemon_cpu_s'] / r['ops']:.2f}"
+
+
 def _cpu_summary(rows: list[dict]) -> dict:
     if not rows or "daemon_cpu_s" not in rows[0]:
         return {}
-    return {"daemon_cpu_s": sum(r["daemon_cpu_s"] for r in rows), "soak_cpu_s": sum(r["soak_cpu_s"] for r in rows),
+    ops = sum(r["ops"] for r in rows)
+    first, last = rows[0], rows[-1]
+    return {"ops": ops, "cpu_ms_first": 1000 * first["daemon_cpu_s"] / max(first["ops"], 1),
+            "cpu_ms_last": 1000 * last["daemon_cpu_s"] / max(last["ops"], 1),
+            "daemon_cpu_s": sum(r["daemon_cpu_s"] for r in rows), "soak_cpu_s": sum(r["soak_cpu_s"] for r in rows),
+            "cli_cpu_s": sum(r.get("cli_cpu_s") or 0 for r in rows) if "cli_cpu_s" in first else None,
             "wall_s": 60.0 * len(rows), "load_min": min(r["load1"] for r in rows),
             "load_max": max(r["load1"] for r in rows)}
 
@@ -346,14 +386,15 @@ def render(res: dict, meta: dict) -> str:
          + ". Latency is one operation's own duration (open to close, through "
          "FUSE, throttling by the capture backlog included).", "",
          "| minute | ops/s | missed slots | p50 | p99 | versions captured | capture backlog | daemon RssAnon "
-         "| journal on disk | daemon CPU s | load (1 min) | compaction pass | files planned |",
-         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "| journal on disk | daemon CPU s | CPU ms/op | load (1 min) | compaction pass | files planned |",
+         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res.get("per_minute", []):
         cp = r.get("compact_pass_s")
         L.append(f"| {r['minute']} | {r['ops_s']:.0f} | {r.get('missed', r.get('late', 0)):,} | "
                  f"{r['p50_ms']} ms | {r['p99_ms']} ms | "
                  f"{r.get('captured', '')} | {r.get('pending', '')} | {_mib(r['rss_anon'])} | "
-                 f"{_mib(r['journal_bytes'])} | {r.get('daemon_cpu_s', '')} | {r.get('load1', '')} | "
+                 f"{_mib(r['journal_bytes'])} | {r.get('daemon_cpu_s', '')} | "
+                 f"{_per_op_ms(r)} | {r.get('load1', '')} | "
                  f"{'' if cp is None else f'{cp:.2f} s'} | {r.get('compact_examined') or ''} |")
     sm = summary(res)
     if sm:
@@ -364,10 +405,22 @@ def render(res: dict, meta: dict) -> str:
             L.append(f"Compaction passes: {sm['compactions']}, median {sm['compact_median_s']:.2f} s, "
                      f"longest {sm['compact_max_s']:.2f} s (`deltafs compact` wall time, its own start-up "
                      "included; the column is the daemon's pass time, the longest in that minute).")
+        parts = _pass_parts(res.get("compactions", []))
+        if parts:
+            L.append("Inside the daemon's passes, median of the first 10 against the last 10: "
+                     + ", ".join(f"{k} {a:.2f} → {b:.2f} s" if isinstance(a, float) and k not in COUNTS
+                                 else f"{k} {a:,.0f} → {b:,.0f}" for k, (a, b) in parts.items()) + ".")
+        if sm.get("daemon_cpu_s") is not None and sm.get("ops"):
+            L.append(f"Daemon CPU per operation (compaction included; independent of how many other "
+                     f"processes share the cores): {sm['cpu_ms_first']:.2f} ms in the first minute, "
+                     f"{sm['cpu_ms_last']:.2f} ms in the last.")
         if sm.get("daemon_cpu_s") is not None:
             L.append(f"CPU: the daemon used {sm['daemon_cpu_s']:.0f} CPU-seconds over the run "
                      f"({sm['daemon_cpu_s'] / max(sm['wall_s'], 1):.2f} of a core), the load generator "
-                     f"{sm['soak_cpu_s']:.0f}; the machine's 1-minute load average was "
+                     f"{sm['soak_cpu_s']:.0f}"
+                     + (f", the `deltafs compact`/`status` commands it ran {sm['cli_cpu_s']:.0f}"
+                        if sm.get("cli_cpu_s") is not None else "")
+                     + "; the machine's 1-minute load average was "
                      f"{sm['load_min']:.1f}-{sm['load_max']:.1f} on {meta['machine']['cores']} cores.")
     if "restore_equal" in res:
         L += ["", f"`deltafs restore MNT --to DEST` after `deltafs flush` ({res['flush_s']:.1f} s) took "
