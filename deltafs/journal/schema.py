@@ -49,9 +49,10 @@ ALL_DBS = (
 )
 DB_PRUNED = b"pruned"  # u64 seq of a pruned content version -> msgpack {"hlc", "t"}
 DB_GRAVEYARD = b"graveyard"  # chunk id -> u64 time freed || the freed chunk value
+DB_PLAN = b"plan"  # compaction's planning state (journal/planstate.py), derived, rebuildable
 # made (empty) by a writer when it opens the journal; a journal last written
 # by an older deltafs may lack them (then nothing is pruned or freed yet)
-WRITER_DBS = (DB_PRUNED, DB_GRAVEYARD)
+WRITER_DBS = (DB_PRUNED, DB_GRAVEYARD, DB_PLAN)
 TMP_DB = b"rewrite.tmp"  # scratch database of an in-place rewrite (emptied and dropped in its transaction)
 DUP_DBS = frozenset({DB_HISTORY, DB_PATHLOG})  # opened dupsort=True, dupfixed=True since format 3
 KV_DBS = {"snapshots": DB_SNAPSHOTS, "mirrors": DB_MIRRORS}
@@ -67,6 +68,7 @@ META_RAW = b"raw_bytes"
 META_SETTING_PREFIX = b"set:"
 META_PACK_END = b"pack_end"  # [pack, length]: the committed end of the current pack
 META_PACK_LIVE_PREFIX = b"pack_live:"  # + u32 pack: bytes of chunk values the index names in it
+META_PRUNED_VERSIONS = b"pruned_versions"  # counter (compaction; journal/compact.py)
 META_PACKS_RETIRED = b"packs_retired"  # [[pack, txnid], ...]: emptied packs to delete
 
 
