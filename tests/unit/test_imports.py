@@ -95,6 +95,7 @@ PACKAGE_LAYERS = {
         ["core"],  # Journal: the writer, the public face
         ["compact", "verify"],  # the Compactor; verify
         ["reader", "storage"],  # Reader; Storage: env, every db, packs, lock (the lmdb owner)
+        ["checkpoints"],  # tree checkpoints (format 6): the replay state every few thousand records
         ["upgrade", "state", "private", "hlc"],
         ["packs", "records"],
         ["schema"],
