@@ -474,7 +474,8 @@ class Reader:
         """
         if seq is None:
             seq = self.head_seq()
-        return checkpoints.state_at(self, seq).tree(prefix)
+        with checkpoints.gc_paused():
+            return checkpoints.state_at(self, seq).tree(prefix)
 
     def tree_changes(self, a: int, b: int, prefix: bytes = b""
                      ) -> tuple[dict[bytes, TreeEntry], dict[bytes, TreeEntry]]:
@@ -483,7 +484,8 @@ class Reader:
         other path is the same at both.  One tree state (at ``a``, from its
         checkpoint) and the records in between: O(entries + b - a), not two
         trees."""
-        st = checkpoints.state_at(self, a)
+        with checkpoints.gc_paused():
+            st = checkpoints.state_at(self, a)
         st.mark(keep_orig=True)
         checkpoints.replay(self, st, a + 1, b)
         fids = st.dirty_files
