@@ -23,7 +23,7 @@ from deltafs.errors import CorruptionError, NotFoundError
 from . import checkpoints
 from . import schema as S
 from .records import ZERO_HASH, Record, check_link, decode_record, split_value
-from .state import FileState, TreeEntry, children_prefix
+from .state import FileState, TreeEntry, children_prefix, tree_entry
 
 log = logging.getLogger(__name__)
 
@@ -476,6 +476,34 @@ class Reader:
             seq = self.head_seq()
         with checkpoints.gc_paused():
             return checkpoints.state_at(self, seq).tree(prefix)
+
+    def entry_at(self, seq: int, path: bytes) -> TreeEntry | None:
+        """The entry of one path right after record ``seq`` (None: nothing there).
+
+        When no record after ``seq`` names the path, one of its ancestors
+        (a rename or removal of a directory names the directory) or the file
+        now at the path, the current indexes hold the answer: a few lookups.
+        Otherwise it is the tree state at ``seq`` (tree checkpoint + records)."""
+        if path and self._untouched_since(seq, path):
+            fid = self.file_id_at(path)
+            if fid is None:
+                return None
+            st = self.file_state(fid)
+            if st is not None and (not st.last_seq or st.last_seq <= seq):
+                return tree_entry(path, fid, st)
+        with checkpoints.gc_paused():
+            st = checkpoints.state_at(self, seq)
+        return st.entry(path) if path in st.paths else None
+
+    def _untouched_since(self, seq: int, path: bytes) -> bool:
+        """No record after ``seq`` names ``path`` or a directory above it."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_PATHLOG])
+        p = path
+        while p:
+            if cur.set_key(S.path_key(p)) and cur.last_dup() and S.from_u64(cur.value()) > seq:
+                return False
+            p = p.rpartition(b"/")[0]
+        return True
 
     def tree_changes(self, a: int, b: int, prefix: bytes = b""
                      ) -> tuple[dict[bytes, TreeEntry], dict[bytes, TreeEntry]]:

@@ -6,8 +6,9 @@ attribute and xattr changes, and prunes of old content versions; tree
 checkpoints written every few records while the history grows (full ones
 and deltas).  At every seq the tree from ``Reader.tree_at`` (nearest
 checkpoint + records after it) must equal the tree of a replay from record 1,
-and ``Reader.tree_changes`` must name every path that differs between two
-moments, with the right entries.
+``Reader.entry_at`` must give each path's entry, and ``Reader.tree_changes``
+must name every path that differs between two moments, with the right
+entries.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def test_tree_from_checkpoint_equals_full_replay(tmp_path_factory, ops, every):
                 assert r.tree_at(s) == trees[s], f"tree at {s} (checkpoints {cps})"
                 assert r.tree_at(s, prefix=b"d") == {k: v for k, v in trees[s].items()
                                                      if k == b"d" or k.startswith(b"d/")}
+                for name in NAMES:  # one path: the current index when nothing touched it since
+                    assert r.entry_at(s, name) == trees[s].get(name), (s, name)
             for a in range(0, head + 1, 3):
                 for b in (a, min(head, a + 5), head):
                     before, after = r.tree_changes(a, b)
