@@ -25,7 +25,7 @@ import stat
 from collections import OrderedDict
 from contextlib import contextmanager
 
-from deltafs.errors import CorruptionError, UsageError
+from deltafs.errors import UsageError
 from deltafs.journal import KIND_DIR, KIND_FILE, KIND_SYMLINK, Journal, TreeEntry
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,10 @@ class ChunkCache:
     def get(self, cid: bytes) -> bytes | None:
         raw = self._d.get(cid)
         if raw is not None:
-            self._d.move_to_end(cid)
+            try:
+                self._d.move_to_end(cid)
+            except KeyError:  # evicted meanwhile by a put in another thread (the history view)
+                pass
         return raw
 
     def put(self, cid: bytes, raw: bytes) -> None:
@@ -99,7 +102,7 @@ class PastTree:
         by_fid: dict[int, int] = {}
         next_ino = 2
         # a parent's path is a prefix of its children's, so it sorts before them
-        for path in sorted(tree) if not _is_sorted(tree) else tree:
+        for path in tree if _is_sorted(tree) else sorted(tree):
             if path == b"":
                 continue
             e = tree[path]
@@ -153,45 +156,40 @@ class PastTree:
         return e.size or 0
 
 
-def _open_tree(journal: Journal, when: str, cache_limit: int):
-    """-> (PastTree, Point, note or None) for WHEN in ``journal``."""
-    from deltafs.when import resolve_when
-
-    with journal.reader() as r, _gc_paused():
-        point = resolve_when(r, when)
-        if point.seq <= 0:
-            raise UsageError(f"the journal has no version at or before {when}")
-        rec = r.record(point.seq)
+def load_tree(r, seq: int, uid: int, gid: int) -> tuple[PastTree, list]:
+    """The tree right after record ``seq`` read through reader ``r`` -> (PastTree,
+    thinned): pruned file versions are replaced by the latest retained one at or
+    before them (``thinned`` lists them).  Blocking: the daemon runs it in a thread."""
+    with _gc_paused():
+        rec = r.record(seq)
         moment = getattr(rec, "time_ns", None) or 0
-        tree = r.tree_at(point.seq)
+        tree = r.tree_at(seq)
         pruned = r.pruned_seqs()
         thinned: list = []
-        if pruned:
+        if pruned:  # only the entries at a pruned version need a look (one set, no query per file)
             for p, e in tree.items():
                 if e.kind == KIND_FILE and e.content_seq in pruned:
                     tree[p] = _retained(r, e, pruned, thinned)
-        note = None
-        if thinned:
-            note = (f"{len(thinned)} file version(s) at {when} were pruned; the view shows the latest "
-                    "retained version at or before it")
-        return PastTree(tree, moment, os.getuid(), os.getgid()), point, note
+        return PastTree(tree, moment, uid, gid), thinned
 
 
 def _retained(r, e: TreeEntry, pruned: set[int], thinned: list) -> TreeEntry:
     """``e`` at the latest retained version at or before its pruned one (and
     that noted in ``thinned``); ``e`` itself if none is: reads fail EIO."""
+    from deltafs.history import Thinned
+
     for s in r.versions_of(e.file_id):  # newest first
         if s < e.content_seq and s not in pruned:
             rec = r.record(s)
             if rec.is_content:
-                thinned.append((e.path, e.content_seq, s))
+                thinned.append(Thinned(e.path, e.content_seq, s, None))
                 return dataclasses.replace(e, content_seq=s, size=rec.size or 0)
     return e
 
 
 @contextmanager
 def _gc_paused():
-    """No cyclic GC while the tree is built: a few objects per entry, no
+    """No cyclic GC while a tree is built: a few objects per entry, no
     cycles, and every gen-2 pass on the way would walk all of them."""
     was = gc.isenabled()
     gc.disable()
@@ -202,6 +200,113 @@ def _gc_paused():
             gc.enable()
 
 
+def _open_tree(journal: Journal, when: str, cache_limit: int):
+    """-> (PastTree, Point, note or None) for WHEN in ``journal``."""
+    from deltafs.when import resolve_when
+
+    with journal.reader() as r:
+        point = resolve_when(r, when)
+        if point.seq <= 0:
+            raise UsageError(f"the journal has no version at or before {when}")
+        tree, thinned = load_tree(r, point.seq, os.getuid(), os.getgid())
+        note = None
+        if thinned:
+            note = (f"{len(thinned)} file version(s) at {when} were pruned; the view shows the latest "
+                    "retained version at or before it")
+    return tree, point, note
+
+
+def entry_attributes(tree: PastTree, n: _Node, ino: int, timeout: float):
+    """pyfuse3 attributes of node ``n`` of ``tree``, numbered ``ino``."""
+    import pyfuse3
+
+    a = pyfuse3.EntryAttributes()
+    e = n.entry
+    a.st_ino = ino
+    a.st_mode = tree.mode(n)
+    a.st_nlink = n.nlink
+    a.st_uid = e.uid if e.uid is not None else tree.uid
+    a.st_gid = e.gid if e.gid is not None else tree.gid
+    a.st_size = tree.size(n)
+    a.st_rdev = e.rdev or 0
+    a.st_blksize = 4096
+    a.st_blocks = (a.st_size + 511) // 512
+    a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = n.mtime_ns
+    a.entry_timeout = a.attr_timeout = timeout
+    return a
+
+
+class FileStream:
+    """One open past version: its chunk list, read a range at a time.
+
+    ``read`` decodes only the chunks a range covers; ``cache`` (a
+    ChunkCache) serves delta chains and re-reads.  Each chunk is verified
+    against its id (``Reader.read_chunk``): a CorruptionError or a chunk
+    that is gone raises OSError(EIO)."""
+
+    __slots__ = ("cids", "offs", "size", "path", "seq")
+
+    def __init__(self, journal: Journal, content_seq: int, size: int, path: bytes = b"") -> None:
+        self.cids: list[bytes] = []
+        self.offs: list[int] = []
+        self.size, self.path, self.seq = size, path, content_seq
+        if content_seq and size:
+            try:
+                with journal.reader() as r:
+                    refs = r.chunk_list(content_seq)
+            except Exception as e:
+                log.error("%s: cannot read version %s: %s", path, content_seq, e)
+                raise OSError(errno.EIO, "unreadable version") from None
+            o = 0
+            for cid, ln in refs:
+                self.cids.append(cid)
+                self.offs.append(o)
+                o += ln
+
+    def cached(self, cache: ChunkCache, off: int, size: int) -> bytes | None:
+        """The range if every chunk of it is in ``cache`` (no LMDB), else None."""
+        cids, offs = self.cids, self.offs
+        end = min(off + size, self.size)
+        if off >= end or not cids:
+            return b""
+        out = []
+        k = bisect.bisect_right(offs, off) - 1
+        while k < len(cids) and offs[k] < end:
+            raw = cache.get(cids[k])
+            if raw is None:
+                return None
+            out.append(raw[max(off - offs[k], 0): end - offs[k]])
+            k += 1
+        return b"".join(out)
+
+    def read(self, journal: Journal, cache: ChunkCache, off: int, size: int) -> bytes:
+        cids, offs = self.cids, self.offs
+        end = min(off + size, self.size)
+        if off >= end or not cids:
+            return b""
+        out = []
+        k = bisect.bisect_right(offs, off) - 1
+        r_ctx = None
+        try:
+            while k < len(cids) and offs[k] < end:
+                raw = cache.get(cids[k])
+                if raw is None:
+                    if r_ctx is None:
+                        r_ctx = journal.reader()
+                        reader = r_ctx.__enter__()
+                    raw = reader.read_chunk(cids[k], cache)
+                a, b = off - offs[k], end - offs[k]
+                out.append(raw if a <= 0 and b >= len(raw) else raw[max(a, 0):b])
+                k += 1
+        except Exception as e:  # CorruptionError, a chunk compaction freed, LMDB trouble
+            log.error("read of %s (version %s) failed: %s", self.path.decode(errors="replace"), self.seq, e)
+            raise OSError(errno.EIO, "unreadable version") from None
+        finally:
+            if r_ctx is not None:
+                r_ctx.__exit__(None, None, None)
+        return b"".join(out)
+
+
 def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
     import pyfuse3
 
@@ -210,7 +315,7 @@ def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
 
         def __init__(self) -> None:
             super().__init__()
-            self.fhs: dict[int, tuple[list[bytes], list[int], int, int]] = {}
+            self.fhs: dict[int, FileStream] = {}
             self.next_fh = 1
             self.initialized = None  # a trio.Event made inside trio.run (serve)
 
@@ -219,20 +324,7 @@ def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
                 self.initialized.set()
 
         def _attr(self, n: _Node):
-            a = pyfuse3.EntryAttributes()
-            e = n.entry
-            a.st_ino = n.ino
-            a.st_mode = tree.mode(n)
-            a.st_nlink = n.nlink
-            a.st_uid = e.uid if e.uid is not None else tree.uid
-            a.st_gid = e.gid if e.gid is not None else tree.gid
-            a.st_size = tree.size(n)
-            a.st_rdev = e.rdev or 0
-            a.st_blksize = 4096
-            a.st_blocks = (a.st_size + 511) // 512
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = n.mtime_ns
-            a.entry_timeout = a.attr_timeout = 3600
-            return a
+            return entry_attributes(tree, n, n.ino, 3600)
 
         def _node(self, ino: int) -> _Node:
             n = tree.nodes.get(ino)
@@ -279,55 +371,20 @@ def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
                 raise pyfuse3.FUSEError(errno.EROFS)
             if n.entry.kind != KIND_FILE:
                 raise pyfuse3.FUSEError(errno.EINVAL)
-            cids: list[bytes] = []
-            offs: list[int] = []
-            if n.entry.content_seq and n.entry.size:
-                try:
-                    with journal.reader() as r:
-                        refs = r.chunk_list(n.entry.content_seq)
-                except Exception as e:
-                    log.error("%s: cannot read version %s: %s", n.entry.path, n.entry.content_seq, e)
-                    raise pyfuse3.FUSEError(errno.EIO) from None
-                o = 0
-                for cid, ln in refs:
-                    cids.append(cid)
-                    offs.append(o)
-                    o += ln
+            try:
+                stream = FileStream(journal, n.entry.content_seq, tree.size(n), n.entry.path)
+            except OSError as e:
+                raise pyfuse3.FUSEError(e.errno) from None
             fh = self.next_fh
             self.next_fh += 1
-            self.fhs[fh] = (cids, offs, tree.size(n), inode)
+            self.fhs[fh] = stream
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-        def _read_range(self, cids, offs, off: int, end: int) -> bytes:
-            out = []
-            k = bisect.bisect_right(offs, off) - 1
-            r_ctx = None
-            try:
-                while k < len(cids) and offs[k] < end:
-                    raw = cache.get(cids[k])
-                    if raw is None:
-                        if r_ctx is None:
-                            r_ctx = journal.reader()
-                            reader = r_ctx.__enter__()
-                        raw = reader.read_chunk(cids[k], cache)
-                    a, b = off - offs[k], end - offs[k]
-                    out.append(raw if a <= 0 and b >= len(raw) else raw[max(a, 0):b])
-                    k += 1
-            finally:
-                if r_ctx is not None:
-                    r_ctx.__exit__(None, None, None)
-            return b"".join(out)
-
         async def read(self, fh, off, size):
-            cids, offs, total, _ = self.fhs[fh]
-            end = min(off + size, total)
-            if off >= end or not cids:
-                return b""
-            try:  # (decoding in worker threads was measured slower: 400 vs 500-670 MB/s)
-                return self._read_range(cids, offs, off, end)
-            except CorruptionError as e:
-                log.error("read of a past version failed: %s", e)
-                raise pyfuse3.FUSEError(errno.EIO) from None
+            try:
+                return self.fhs[fh].read(journal, cache, off, size)
+            except OSError as e:
+                raise pyfuse3.FUSEError(e.errno) from None
 
         async def release(self, fh):
             self.fhs.pop(fh, None)
@@ -372,11 +429,11 @@ async def _raise_readahead(mnt: str, ops, kib: int) -> None:
     """Let the kernel read ahead ``kib`` KiB on the view instead of 128 KiB.
 
     A sequential read is then one FUSE request per MiB (max_pages 256), not
-    per 128 KiB: each request is a Python round trip.  The kernel caps
-    read-ahead when INIT is answered, so this waits for that; the device
-    number comes from /proc/self/mountinfo (touching the mount point would
-    ask this very daemon).  Needs root; otherwise the default stays.
-    (mount.py does the same for the live mount.)"""
+    per 128 KiB: each request is a Python round trip (256 MiB past file:
+    261 -> 420-500 MB/s).  The kernel caps read-ahead when INIT is answered,
+    so this waits for that; the device number comes from /proc/self/mountinfo
+    (touching the mount point would ask this very daemon).  Needs root;
+    otherwise the default stays.  (mount.py does the same for the live mount.)"""
     await ops.initialized.wait()
     want = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in mnt)
     try:
@@ -429,7 +486,6 @@ def serve(journal_dir: str, when: str, mnt: str, *, cache_size: int = DEFAULT_CA
     if ready_fd is not None:
         os.write(ready_fd, b"READY\n")
         os.close(ready_fd)
-
     async def main() -> None:
         ops.initialized = trio.Event()
         async with trio.open_nursery() as n:

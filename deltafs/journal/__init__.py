@@ -32,7 +32,7 @@ internal, and code outside it imports only from ``deltafs.journal``
     j.prune(seqs, retained, dry_run=False) -> PruneResult
     j.repack(dead_ratio=0.5) -> RepackResult
     j.archive_records(keep=1) -> int ; j.densify_index() -> int
-    j.checkpoint_trees() -> int  # tree checkpoints due (format 6); all of them on a fresh upgrade
+    j.checkpoint_trees() -> int  # tree checkpoints due (format 7); all of them on a fresh upgrade
     j.vacuum() -> ((size, allocated) before, after)   # only opener; closes j
     j.data_bytes() -> int      # packs + LMDB pages in use (--journal-limit)
 

@@ -1,4 +1,4 @@
-"""Tree checkpoints (format 6): the tree state every few thousand records.
+"""Tree checkpoints (format 7): the tree state every few thousand records.
 
 ``Reader.tree_at(seq)`` used to replay every record from 1.  A tree
 checkpoint is the replay state (the ``paths`` and ``files`` dicts of

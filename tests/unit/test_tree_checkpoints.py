@@ -1,4 +1,4 @@
-"""Tree checkpoints (format 6): a tree from a checkpoint equals a full replay.
+"""Tree checkpoints (format 7): a tree from a checkpoint equals a full replay.
 
 Random histories of creates, mkdirs, writes, hard links, renames (of files
 and of directories with their contents), exchanges, unlinks, rmdirs,
@@ -138,7 +138,7 @@ def test_checkpoints_full_and_delta_and_a_damaged_one_is_ignored(tmp_path):
         assert checkpoints.write_due(j._storage, j.reader, every_records=20) <= 1
 
 
-def test_a_format_5_journal_gets_checkpoints_lazily(tmp_path):
+def test_a_format_6_journal_gets_checkpoints_lazily(tmp_path):
     import lmdb
     import msgpack
 
@@ -149,12 +149,12 @@ def test_a_format_5_journal_gets_checkpoints_lazily(tmp_path):
     env = lmdb.open(path, max_dbs=S.MAX_DBS)
     with env.begin(write=True) as txn:
         txn.drop(env.open_db(S.DB_TREES, txn=txn), delete=True)
-        txn.put(S.META_FORMAT, msgpack.packb(5), db=env.open_db(S.DB_META, txn=txn))
+        txn.put(S.META_FORMAT, msgpack.packb(6), db=env.open_db(S.DB_META, txn=txn))
     env.close()
-    with pytest.raises(Exception, match="format version 5"):
+    with pytest.raises(Exception, match="format version 6"):
         Journal.open(path, readonly=True)
     with Journal.open(path) as j:
-        assert j.format_version == 6
+        assert j.format_version == 7
         with j.reader() as r:
             assert checkpoints.seqs(r) == []
             assert len(r.tree_at()) == 50
