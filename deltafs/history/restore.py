@@ -218,6 +218,7 @@ class _Restorer:
         self.group_fid: dict[int, tuple[bytes, int]] = {}  # link group -> (first path, file id)
         self.seq_counter = 0
         self.swept: set[tuple[bytes, ...]] = set()  # directories cleared of stale temp files
+        self.fresh: set[tuple[bytes, ...]] = set()  # directories this restore created (empty then)
         self.gone: set[bytes] = set()  # paths a rollback removed (journaled as such already)
 
     # where an entry goes
@@ -424,7 +425,8 @@ class _Restorer:
     def _prepare_file(self, e: TreeEntry) -> "_FileJob":
         parts = self.parts(e.path)
         dfd, name = self._parent(parts)
-        st = _lstat_at(dfd, name)
+        # a directory this restore made (0700 while it fills) holds only what it put there
+        st = None if parts[:-1] in self.fresh else _lstat_at(dfd, name)
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "a directory is in the way", os.fsdecode(self.dirs.path(parts)))
         if self.journaling:
@@ -566,6 +568,8 @@ class _Restorer:
             existed = st is not None
             if not existed:
                 os.mkdir(name, 0o700, dir_fd=dfd)
+                self.fresh.add(parts)
+                self.swept.add(parts)  # nothing stale in a directory made just now
         fd = self.dirs.fd(parts)
         if not existed and e.mode is not None:
             os.fchmod(fd, 0o700)  # writable while filling; the real mode is set at the end
