@@ -134,3 +134,12 @@ def at_path(root: bytes, rel: bytes, fn, *args, **kw):
         return fn(name or b".", *args, dir_fd=dfd, **kw)
     finally:
         os.close(dfd)
+
+
+_libc.syncfs.argtypes = [ctypes.c_int]
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): write out every dirty page and inode of the filesystem holding ``fd``
+    (one call instead of an fsync per file)."""
+    _check(_libc.syncfs(fd), "syncfs")

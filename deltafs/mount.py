@@ -469,10 +469,7 @@ def mount_at(args, cfg: MountConfig) -> int:
             logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(message)s")
         return pastfs.serve(journal, args.at, mnt, cache_size=cache, options=tuple(cfg.fuse_options),
                             ready_fd=args.ready_fd)
-    argv = ["mount", "--at", args.at, "--journal", journal, mnt, "--log-level", cfg.log_level]
-    if args.cache_size:
-        argv += ["--cache-size", args.cache_size]
-    for o in cfg.fuse_options:
-        argv += ["-o", o]
-    pastfs.spawn(argv, os.path.join(journal, "past-view.log") if os.access(journal, os.W_OK) else None)
+    pastfs.fork_serve(journal, args.at, mnt, cache_size=cache, options=tuple(cfg.fuse_options),
+                      log_path=os.path.join(journal, "past-view.log") if os.access(journal, os.W_OK) else None,
+                      log_level=cfg.log_level)
     return 0

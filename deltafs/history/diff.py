@@ -11,7 +11,7 @@ from deltafs import chunking
 from deltafs.errors import UsageError
 from deltafs.history.format import show_path
 from deltafs.history.query import (Thinned, entry_at, is_pruned, missing_error, path_seen, path_seqs,
-                                   pruned_seqs, reading, retained_entry)
+                                   reading, retained_entry)
 from deltafs.journal import KIND_FILE, Reader, TreeEntry, content_hash
 from deltafs.names import show_name
 from deltafs.when import resolve_when
@@ -114,8 +114,7 @@ def _diff_file(r: Reader, rel: bytes, frm: str | None, to: str | None, stat_only
         if eb is not None:
             seqs.update(r.versions_of(eb.file_id))
         limit = b.content_seq if b.content_seq else b.seq
-        pruned = pruned_seqs(r)
-        prev = [s for s in seqs if s < limit and s not in pruned and r.record(s).is_content]
+        prev = [s for s in seqs if s < limit and r.record(s).is_content and not r.is_pruned(s)]
         a = Side(max(prev), max(prev), r.record(max(prev)).size or 0) if prev else Side(0, exists=False)
     if not a.exists and not b.exists:
         raise missing_error(r, rel, b.seq)
@@ -191,8 +190,9 @@ def diff_tree(r: Reader, rel: bytes, frm: str | None = None, to: str | None = No
     else:
         seqs = [s for s in (path_seqs(r, rel) or [r.head_seq()]) if s <= b]
         a = seqs[0] - 1 if seqs else b
-    with reading(rel):
-        ta, tb = r.tree_at(a, prefix=rel), r.tree_at(b, prefix=rel)
+    with reading(rel):  # one tree (at the earlier moment) and the records in between
+        lo, hi = r.tree_changes(min(a, b), max(a, b), prefix=rel)
+    ta, tb = (lo, hi) if a <= b else (hi, lo)
     for p in sorted(set(ta) | set(tb)):
         if p == rel:
             continue

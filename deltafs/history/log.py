@@ -27,13 +27,14 @@ def log_entries(r: Reader, rel: bytes, since: str | None = None, until: str | No
         it = r.records(lo, hi, reverse=True) if hi >= lo else iter(())
     else:
         it = (r.record(s) for s in seqs if lo <= s <= hi)
-    pruned = pruned_seqs(r)
+    # one PATH: a lookup per content record (O(versions of PATH), not O(pruned versions))
+    pruned = pruned_seqs(r) if seqs is None else None
     n = 0
     for rec in it:
         if limit is not None and n >= limit:
             return
         d = record_entry(rec)
-        if rec.seq in pruned:
+        if (rec.seq in pruned) if pruned is not None else (rec.is_content and r.is_pruned(rec.seq)):
             if not show_pruned:
                 continue
             d["pruned"] = True

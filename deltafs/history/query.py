@@ -25,7 +25,7 @@ def entry_at(r: Reader, rel: bytes, seq: int) -> TreeEntry | None:
         if fid is None:
             return root_entry() if rel == b"" else None
         return tree_entry(rel, fid, r.file_state(fid))
-    e = r.tree_at(seq, prefix=rel).get(rel)
+    e = r.entry_at(seq, rel) if rel else None  # the current index when nothing touched rel since
     return e if e is not None or rel != b"" else root_entry()
 
 
@@ -75,8 +75,7 @@ def is_pruned(r: Reader, seq: int) -> bool:
 
 def _retained_of(r: Reader, file_id: int) -> list[int]:
     """Retained content versions of a file, newest first."""
-    pruned = pruned_seqs(r)
-    return [s for s in r.versions_of(file_id) if s not in pruned and r.record(s).is_content]
+    return [s for s in r.versions_of(file_id) if not r.is_pruned(s) and r.record(s).is_content]
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ import os
 import re
 import stat
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from deltafs import chunking
+from deltafs._syscalls import syncfs
 from deltafs.capture.identity import restored_file_id
 from deltafs.errors import CorruptionError, NotFoundError, PartialError, UsageError
 from deltafs.history.diff import entry_changes
@@ -175,6 +176,20 @@ class _Dirs:
         self.open.clear()
 
 
+RESTORE_THREADS = 4  # files written at once (their syscalls overlap; Python work does not)
+RESTORE_IN_FLIGHT = 64  # jobs submitted ahead of the one whose result is taken (each holds a descriptor)
+
+
+@dataclass
+class _FileJob:
+    entry: TreeEntry
+    parts: tuple[bytes, ...]
+    dfd: int  # the job's own descriptor of the file's directory
+    name: bytes
+    tmp: bytes
+    sync: bool  # fsync before the rename
+
+
 class _Restorer:
     """Writes entries below ``dirs`` (see _Dirs): every directory is reached by
     descriptor, every name created with O_EXCL or replaced by rename/unlink at
@@ -182,8 +197,9 @@ class _Restorer:
 
     def __init__(self, r: Reader, rep: RestoreReport, dirs: _Dirs | None, prefix: tuple[bytes, ...],
                  anchor: bytes, rel: bytes, progress: Progress | None, journaling: bool,
-                 through_mount: bool) -> None:
+                 through_mount: bool, open_reader=None) -> None:
         self.r = r
+        self.open_reader = open_reader  # () -> a Reader context (a worker thread's own); None: one by one
         self.rep = rep
         self.dirs = dirs  # None: a dry run
         self.prefix = prefix  # where rel goes, below the anchor
@@ -202,6 +218,7 @@ class _Restorer:
         self.group_fid: dict[int, tuple[bytes, int]] = {}  # link group -> (first path, file id)
         self.seq_counter = 0
         self.swept: set[tuple[bytes, ...]] = set()  # directories cleared of stale temp files
+        self.fresh: set[tuple[bytes, ...]] = set()  # directories this restore created (empty then)
         self.gone: set[bytes] = set()  # paths a rollback removed (journaled as such already)
 
     # where an entry goes
@@ -396,16 +413,32 @@ class _Restorer:
         self.seq_counter += 1
         return TMP_PREFIX + b"%d-%d.tmp" % (os.getpid(), self.seq_counter)
 
-    def write_file(self, e: TreeEntry) -> None:
+    # A file is written in three steps, so that many can be in flight (run):
+    # _prepare_file (this thread: checks, pre-image, temp name, a descriptor of
+    # its directory of its own), _write_job (any thread: the temp file, its
+    # content and metadata, the rename; nothing shared but the journal) and
+    # _finish_file (this thread again, in entry order: counts and records).
+    def _prepare_file(self, e: TreeEntry) -> "_FileJob":
         parts = self.parts(e.path)
         dfd, name = self._parent(parts)
-        st = _lstat_at(dfd, name)
+        # a directory this restore made (0700 while it fills) holds only what it put there
+        st = None if parts[:-1] in self.fresh else _lstat_at(dfd, name)
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "a directory is in the way", os.fsdecode(self.dirs.path(parts)))
         if self.journaling:
             self._preimage(e.path, dfd, name)
         tmp = self._tmp_name(parts[:-1])
-        dfd = self.dirs.fd(parts[:-1])
+        # the job's own descriptor of the directory: the _Dirs cache may close its
+        # one meanwhile; a dup is the same open directory, reached without following
+        dfd = os.dup(self.dirs.fd(parts[:-1]))
+        # fsync before the rename only where it replaces something (old or new
+        # content, never an empty file, after a crash) or where an fsync is what
+        # makes the mount journal the file; new names are synced once (syncfs) at the end
+        return _FileJob(e, parts, dfd, name, tmp, sync=st is not None or self.through_mount)
+
+    def _write_job(self, job: "_FileJob", r: Reader) -> None:
+        """The temp file, written and renamed into place (any thread)."""
+        e, dfd, tmp = job.entry, job.dfd, job.tmp
         # O_EXCL: never follows, never reuses; the content is verified chunk by
         # chunk as it is written, and the file gets its name only once whole
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -417,12 +450,13 @@ class _Restorer:
                 except OSError:
                     pass  # no flock here: _sweep goes by the PID alone
                 if e.content_seq:
-                    write_content(self.r, e.content_seq, fd, self.tick)
+                    write_content(r, e.content_seq, fd)
                 self._meta_fd(fd, e)
-                os.fsync(fd)
+                if job.sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.rename(tmp, job.name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             try:
                 os.unlink(tmp, dir_fd=dfd)
@@ -430,12 +464,15 @@ class _Restorer:
                 pass
             raise
         if self.through_mount:  # the daemon journals attributes set on the real path
-            self._meta_at(dfd, name, e)
+            self._meta_at(dfd, job.name, e)
+
+    def _finish_file(self, job: "_FileJob") -> None:
+        e = job.entry
         self.rep.files += 1
         self.rep.bytes += e.size
-        self.tick(file_done=True)
+        self.tick(e.size, file_done=True)
         if e.link_group is not None:
-            self.done[e.link_group] = parts
+            self.done[e.link_group] = job.parts
         if self.journaling:
             fid, create = self._fid_for(e, e.path)
             cur = self._cur(e.path)
@@ -451,6 +488,51 @@ class _Restorer:
             self._xattr_changes(fid, e.path, e, old_x)
             if e.link_group is not None:
                 self.group_fid[e.link_group] = (e.path, fid)
+
+    def write_file(self, e: TreeEntry) -> None:
+        """One file, start to end, in this thread."""
+        job = self._prepare_file(e)
+        try:
+            self._write_job(job, self.r)
+        finally:
+            os.close(job.dfd)
+        self._finish_file(job)
+
+    def write_files(self, files: list[TreeEntry]) -> None:
+        """Many files, up to RESTORE_THREADS written at once (``open_reader``
+        gives each job a read snapshot of its own: an LMDB transaction belongs
+        to one thread); results are taken in entry order, so the records of a
+        journaled restore come in the same order as one by one."""
+        if self.open_reader is None or len(files) < 2 or RESTORE_THREADS < 2:
+            for e in files:
+                self._do(e, self.write_file)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        def work(job: _FileJob) -> None:
+            try:
+                with self.open_reader() as r:
+                    self._write_job(job, r)
+            finally:
+                os.close(job.dfd)
+
+        pending: deque = deque()
+        with ThreadPoolExecutor(RESTORE_THREADS, thread_name_prefix="restore") as pool:
+            def take_one() -> None:
+                job, fut = pending.popleft()
+                self._do(job.entry, lambda e: (fut.result(), self._finish_file(job)))
+
+            for e in files:
+                try:
+                    job = self._prepare_file(e)
+                except (CorruptionError, Refused, OSError) as err:
+                    self._failed(e, err)
+                    continue
+                pending.append((job, pool.submit(work, job)))
+                while len(pending) > RESTORE_IN_FLIGHT:
+                    take_one()
+            while pending:
+                take_one()
 
     def make_link(self, e: TreeEntry) -> None:
         parts = self.parts(e.path)
@@ -482,6 +564,8 @@ class _Restorer:
             existed = st is not None
             if not existed:
                 os.mkdir(name, 0o700, dir_fd=dfd)
+                self.fresh.add(parts)
+                self.swept.add(parts)  # nothing stale in a directory made just now
         fd = self.dirs.fd(parts)
         if not existed and e.mode is not None:
             os.fchmod(fd, 0o700)  # writable while filling; the real mode is set at the end
@@ -598,8 +682,9 @@ class _Restorer:
             if self._do(e, self.make_dir):
                 made_dirs.append(e)
         for e in primaries:
-            fn = {KIND_FILE: self.write_file, KIND_SYMLINK: self.make_symlink, KIND_SPECIAL: self.make_special}[e.kind]
-            self._do(e, fn)
+            if e.kind != KIND_FILE:
+                self._do(e, {KIND_SYMLINK: self.make_symlink, KIND_SPECIAL: self.make_special}[e.kind])
+        self.write_files([e for e in primaries if e.kind == KIND_FILE])
         for e in links:
             if e.link_group not in self.done:
                 self.rep.fail(e.path, None, "not linked, its first path failed")
@@ -607,24 +692,34 @@ class _Restorer:
             self._do(e, self.make_link)
         for e in sorted(made_dirs, key=lambda e: e.path, reverse=True):
             self._do(e, self.finish_dir)
-        if self.through_mount or not self.journaling:
+        if self.through_mount:
             for parts in {self.parts(e.path)[:-1] for e in entries if self.parts(e.path)}:
                 try:
                     os.fsync(self.dirs.fd(parts))
                 except (OSError, Refused):
                     pass
+        else:  # one sync of the filesystem for every new file and directory entry (before
+            # a journaled restore's records are committed), not an fsync per file
+            try:
+                syncfs(self.dirs.anchor_fd)
+            except OSError as err:
+                self.rep.warnings.append(f"cannot sync the restored files to disk: {err.strerror}")
 
     def _do(self, e: TreeEntry, fn) -> bool:
         try:
             fn(e)
             return True
-        except CorruptionError as err:
-            self.rep.fail(e.path, e.content_seq, err.detail, corrupt=True)
-        except Refused as err:
-            self.rep.fail(e.path, None, f"not restored: {err}")
-        except OSError as err:
-            self.rep.fail(e.path, None, err.strerror or str(err))
+        except (CorruptionError, Refused, OSError) as err:
+            self._failed(e, err)
         return False
+
+    def _failed(self, e: TreeEntry, err: Exception) -> None:
+        if isinstance(err, CorruptionError):
+            self.rep.fail(e.path, e.content_seq, err.detail, corrupt=True)
+        elif isinstance(err, Refused):
+            self.rep.fail(e.path, None, f"not restored: {err}")
+        else:
+            self.rep.fail(e.path, None, err.strerror or str(err))
 
 
 def write_content(r: Reader, seq: int, fd: int, tick=None) -> None:
@@ -704,7 +799,7 @@ def restore(journal_dir: str, rel: bytes, *, at: str | None = None, version: str
         if not dry_run:
             s.dirs = _open_anchor(mode, anchor, prefix)
         rs = _Restorer(r, rep, s.dirs, prefix, anchor, rel, progress, journaling=(mode == "src"),
-                       through_mount=(mode == "mount"))
+                       through_mount=(mode == "mount"), open_reader=s.journal.reader)
         rs.run(list(entries.values()), dry_run)
         s.changes = rs.changes
     rep.seconds = time.monotonic() - t0
@@ -714,8 +809,9 @@ def restore(journal_dir: str, rel: bytes, *, at: str | None = None, version: str
 class _Session:
     """What a restore or rollback has open while it runs (:func:`_restore_session`)."""
 
-    def __init__(self, r: Reader, point: Point, rep: RestoreReport) -> None:
+    def __init__(self, r: Reader, point: Point, rep: RestoreReport, journal: Journal | None = None) -> None:
         self.r = r
+        self.journal = journal
         self.point = point
         self.rep = rep
         self.dirs: _Dirs | None = None  # set once the anchor is open (not in a dry run)
@@ -735,7 +831,8 @@ def _restore_session(journal_dir: str, rel: bytes, mode: str, base: bytes, dry_r
         with journal.reader() as r:
             with reading(rel):
                 point = resolve_point(r, at, version, now_ns)
-            s = _Session(r, point, RestoreReport(show_path(rel), point.seq, os.fsdecode(base), mode, dry_run))
+            s = _Session(r, point, RestoreReport(show_path(rel), point.seq, os.fsdecode(base), mode, dry_run),
+                         journal)
             yield s
         if s.changes and not dry_run:
             rep = s.rep
@@ -894,7 +991,7 @@ def rollback(journal_dir: str, rel: bytes, *, at: str, mnt: str | None = None, s
         else:
             s.dirs = _open_anchor(mode, anchor, prefix)
         rs = _Restorer(r, rep, s.dirs, prefix, anchor, rel, progress, journaling=(mode == "src"),
-                       through_mount=(mode == "mount"))
+                       through_mount=(mode == "mount"), open_reader=s.journal.reader)
         if not dry_run:
             rs.remove(remove)
         rs.run(entries, dry_run)

@@ -32,6 +32,7 @@ internal, and code outside it imports only from ``deltafs.journal``
     j.prune(seqs, retained, dry_run=False) -> PruneResult
     j.repack(dead_ratio=0.5) -> RepackResult
     j.archive_records(keep=1) -> int ; j.densify_index() -> int
+    j.checkpoint_trees() -> int  # tree checkpoints due (format 7); all of them on a fresh upgrade
     j.vacuum() -> ((size, allocated) before, after)   # only opener; closes j
     j.data_bytes() -> int      # packs + LMDB pages in use (--journal-limit)
 
@@ -56,7 +57,10 @@ internal, and code outside it imports only from ``deltafs.journal``
         r.raw_chunk(id) -> bytes | None               # stored chunk value (replication)
         r.iter_content(seq) -> Iterator[bytes]        # chunk by chunk
         r.read_content(seq) -> bytes                  # small files / tests
-        r.tree_at(seq=None, prefix=b"") -> dict[path, TreeEntry]   # replays records
+        r.tree_at(seq=None, prefix=b"") -> dict[path, TreeEntry]   # nearest tree checkpoint
+                                      # + the records after it (O(entries + records since))
+        r.tree_changes(a, b, prefix=b"") -> (before, after)  # entries at a and at b of the
+                                      # paths records a+1..b may have changed (diff)
         r.pruned_seqs() -> set[int] ; r.is_pruned(seq) ; r.pruned_info(seq) -> dict | None
         r.retained_content() -> Iterator[int] ; r.content_versions() -> Versions
         r.stats() -> dict  # records, chunks, files, stored_bytes, raw_bytes, data_file_bytes, data_file_allocated

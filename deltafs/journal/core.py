@@ -2,7 +2,7 @@
 
 Layers inside the package (each uses only the public names of those below):
 ``core`` (Journal: the writer, the public face) -> ``compact`` (Compactor),
-``verify`` -> ``reader`` (Reader) -> ``storage`` (Storage: LMDB environment,
+``verify`` -> ``reader`` (Reader) -> ``checkpoints`` (tree checkpoints) -> ``storage`` (Storage: LMDB environment,
 databases, packs, write lock; the only ``lmdb`` importer) -> ``upgrade``,
 ``packs``, ``state``, ``records``, ``schema``, ``hlc``, ``private``.
 """
@@ -20,7 +20,7 @@ import msgpack
 
 from deltafs.errors import JournalError, NotFoundError
 
-from . import private
+from . import checkpoints, private
 from . import schema as S
 from .compact import INDEX_SLACK, RECORDS_KEPT, REPACK_DEAD_RATIO, Compactor, PruneResult, RepackResult
 from .hlc import HLC, hlc_to_ns
@@ -294,6 +294,12 @@ class Journal:
         """Move all records but the newest ``keep`` into compressed blocks; -> records moved."""
         self._check_writable()
         return self._compactor.archive_records(keep)
+
+    def checkpoint_trees(self) -> int:
+        """Write the tree checkpoints due (all of them the first time on an
+        older journal; docs/format.md, "Tree checkpoints"); -> written."""
+        self._check_writable()
+        return checkpoints.write_due(self._storage, self.reader)
 
     def densify_index(self, slack: float = INDEX_SLACK) -> int:
         """Rewrite the chunk index in key order when its pages are mostly empty; -> pages saved."""

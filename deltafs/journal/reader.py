@@ -20,9 +20,10 @@ import zstandard
 from deltafs.chunking import MAX_DELTA_DEPTH, chunk_id, decompress_chunk
 from deltafs.errors import CorruptionError, NotFoundError
 
+from . import checkpoints
 from . import schema as S
 from .records import ZERO_HASH, Record, check_link, decode_record, split_value
-from .state import FileState, MemStore, TreeEntry, apply_record, children_prefix, tree_entry
+from .state import FileState, TreeEntry, children_prefix, tree_entry
 
 log = logging.getLogger(__name__)
 
@@ -467,18 +468,78 @@ class Reader:
     def tree_at(self, seq: int | None = None, prefix: bytes = b"") -> dict[bytes, TreeEntry]:
         """The tree right after record ``seq`` (None: head).
 
-        Replays every record from 1 (O(history)); fine for now, snapshots of
-        the tree can make it incremental later without a format change.
+        Built from the nearest tree checkpoint at or before ``seq`` and the
+        records after it (journal/checkpoints.py): O(entries + records since
+        that checkpoint); a journal without checkpoints replays from 1.
         """
-        store = MemStore()
-        for r in self.records(1, seq):
-            apply_record(store, r)
-        out = {}
-        for p, (fid, _) in sorted(store.paths.items()):
-            if prefix and not (p == prefix or p.startswith(prefix + b"/")):
+        if seq is None:
+            seq = self.head_seq()
+        with checkpoints.gc_paused():
+            return checkpoints.state_at(self, seq).tree(prefix)
+
+    def entry_at(self, seq: int, path: bytes) -> TreeEntry | None:
+        """The entry of one path right after record ``seq`` (None: nothing there).
+
+        When no record after ``seq`` names the path, one of its ancestors
+        (a rename or removal of a directory names the directory) or the file
+        now at the path, the current indexes hold the answer: a few lookups.
+        Otherwise it is the tree state at ``seq`` (tree checkpoint + records)."""
+        if path and self._untouched_since(seq, path):
+            fid = self.file_id_at(path)
+            if fid is None:
+                return None
+            st = self.file_state(fid)
+            if st is not None and (not st.last_seq or st.last_seq <= seq):
+                return tree_entry(path, fid, st)
+        with checkpoints.gc_paused():
+            st = checkpoints.state_at(self, seq)
+        return st.entry(path) if path in st.paths else None
+
+    def _untouched_since(self, seq: int, path: bytes) -> bool:
+        """No record after ``seq`` names ``path`` or a directory above it."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_PATHLOG])
+        p = path
+        while p:
+            if cur.set_key(S.path_key(p)) and cur.last_dup() and S.from_u64(cur.value()) > seq:
+                return False
+            p = p.rpartition(b"/")[0]
+        return True
+
+    def tree_changes(self, a: int, b: int, prefix: bytes = b""
+                     ) -> tuple[dict[bytes, TreeEntry], dict[bytes, TreeEntry]]:
+        """(before, after): the entries at ``a`` and at ``b`` (a <= b) of every
+        path below ``prefix`` that records ``a+1 .. b`` may have changed; every
+        other path is the same at both.  One tree state (at ``a``, from its
+        checkpoint) and the records in between: O(entries + b - a), not two
+        trees."""
+        with checkpoints.gc_paused():
+            st = checkpoints.state_at(self, a)
+        st.mark(keep_orig=True)
+        checkpoints.replay(self, st, a + 1, b)
+        fids = st.dirty_files
+        sub = prefix + b"/"
+
+        def under(p: bytes) -> bool:
+            return not prefix or p == prefix or p.startswith(sub)
+
+        touched = set(st.dirty_paths)
+        touched.update(p for p, v in st.paths.items() if v[0] in fids)
+        touched.update(p for p, v in st.orig_paths.items() if v is not None and v[0] in fids)
+        files_before = {fid: st.orig_files[fid] if fid in st.orig_files else st.files.get(fid)
+                        for fid in {v[0] for v in st.orig_paths.values() if v is not None} | fids}
+        before, after = {}, {}
+        for p in sorted(touched):
+            if not under(p):
                 continue
-            out[p] = tree_entry(p, fid, store.files[fid])
-        return out
+            was = st.orig_paths[p] if p in st.orig_paths else st.paths.get(p)
+            if was is not None:
+                fb = files_before.get(was[0], st.files.get(was[0]))
+                if fb is not None:
+                    before[p] = st.entry(p, was, {was[0]: fb})
+            now = st.paths.get(p)
+            if now is not None:
+                after[p] = st.entry(p, now)
+        return before, after
 
     # --- pruned versions (docs/format.md, "Compaction and retention") -------------
     def pruned_seqs(self) -> set[int]:

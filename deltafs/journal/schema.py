@@ -12,11 +12,12 @@ from typing import Iterable, Sequence
 
 import zstandard
 
-FORMAT_VERSION = 6  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
+FORMAT_VERSION = 7  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
 # 4: delta chains up to 128 (chunking.MAX_DELTA_DEPTH), in-place files cut at aligned offsets;
 # 5: content cause 6 = "repair" (a file recorded again after a merged history, issue 18);
 # 6: record blocks "S" keep two hashes, not one per record; raw_bytes recounted (issue 20)
-MAX_DBS = 16
+# 7: tree checkpoints (the ``trees`` database, journal/checkpoints.py)
+MAX_DBS = 32
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
 CHECKPOINT_MAX = 256  # a long one (>= 8192 entries) may need up to this many (see checkpoint_every)
 
@@ -43,9 +44,10 @@ DB_CHECKPOINTS = b"checkpoints"
 DB_SNAPSHOTS = b"snapshots"
 DB_MIRRORS = b"mirrors"
 DB_RECORD_BLOCKS = b"record_blocks"  # u64 first seq -> location of a compressed block of records
+DB_TREES = b"trees"  # u64 seq -> tree checkpoint: the tree right after that record (format 6)
 ALL_DBS = (
     DB_META, DB_CHANGES, DB_FILES, DB_PATHS, DB_HISTORY, DB_PATHLOG,
-    DB_CHUNKS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS, DB_RECORD_BLOCKS,
+    DB_CHUNKS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS, DB_RECORD_BLOCKS, DB_TREES,
 )
 DB_PRUNED = b"pruned"  # u64 seq of a pruned content version -> msgpack {"hlc", "t"}
 DB_GRAVEYARD = b"graveyard"  # chunk id -> u64 time freed || the freed chunk value

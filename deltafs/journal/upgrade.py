@@ -23,7 +23,7 @@ from .schema import TMP_DB, refill
 
 log = logging.getLogger(__name__)
 
-UPGRADABLE = (1, 2, 3, 4, 5)  # formats a writer upgrades in place at open (a reader refuses them)
+UPGRADABLE = (1, 2, 3, 4, 5, 6)  # formats a writer upgrades in place at open (a reader refuses them)
 
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 
@@ -44,6 +44,9 @@ def upgrade(env, path: str, meta, fmt: int) -> None:
         fmt = 5
     if fmt == 5:
         upgrade_5_to_6(env, path, meta)
+        fmt = 6
+    if fmt == 6:
+        upgrade_6_to_7(env, path, meta)
 
 
 def _packb(v) -> bytes:
@@ -175,3 +178,15 @@ def upgrade_5_to_6(env, path: str, meta) -> None:
         txn.put(S.META_FORMAT, _packb(6), db=meta)
     log.warning("upgraded journal %s from format 5 to 6 (raw_bytes %d -> %d; nothing rewritten)",
                 path, old, new)
+
+
+def upgrade_6_to_7(env, path: str, meta) -> None:
+    """Format 7 adds tree checkpoints (the ``trees`` database,
+    docs/format.md "Tree checkpoints").  The step makes the database, empty:
+    the checkpoints of the existing history are built lazily, by the first
+    ``checkpoints.write_due`` (the mount's maintenance, ``deltafs compact``);
+    until then ``tree_at`` replays from record 1 as before."""
+    with env.begin(write=True) as txn:
+        env.open_db(S.DB_TREES, txn=txn, create=True)
+        txn.put(S.META_FORMAT, _packb(7), db=meta)
+    log.warning("upgraded journal %s from format 6 to 7 (tree checkpoints; built lazily)", path)

@@ -99,6 +99,7 @@ PACKAGE_LAYERS = {
         ["compact", "verify"],  # the Compactor; verify
         ["planstate"],  # compaction's planning state
         ["reader", "storage"],  # Reader; Storage: env, every db, packs, lock (the lmdb owner)
+        ["checkpoints"],  # tree checkpoints (format 7): the replay state every few thousand records
         ["upgrade", "state", "private", "hlc"],
         ["packs", "records"],
         ["schema"],
