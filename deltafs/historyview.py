@@ -42,6 +42,7 @@ import logging
 import os
 import stat
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ from pyfuse3 import FUSEError
 
 from deltafs.errors import DeltafsError, UsageError
 from deltafs.journal import KIND_DIR, KIND_FILE, KIND_SYMLINK, MemStore, apply_record
+from deltafs.maintenance import held_versions
 from deltafs.ops import ROOT, VIEW_INODES, Operations
 from deltafs.pastfs import DEFAULT_CACHE, ChunkCache, FileStream, entry_attributes, load_tree
 
@@ -182,11 +184,21 @@ def _answer(fn):
 class _Dyn:
     """A node of slot 0: the view's own directories, version listings, version files."""
 
-    __slots__ = ("ino", "kind", "path", "info", "lookups", "key")
+    __slots__ = ("ino", "kind", "path", "info", "lookups", "key", "stamp")
 
     def __init__(self, ino: int, kind: str, path: bytes, info=None, key=None) -> None:
         self.ino, self.kind, self.path, self.info, self.key = ino, kind, path, info, key
         self.lookups = 0
+        self.stamp: int | None = None  # mtime of a listing that changes (see _stamp)
+
+
+def _stamp(base_ns: int, names) -> int:
+    """An mtime for a generated listing: ``base_ns`` to the millisecond, a
+    fingerprint of the names below it.  The kernel keeps a directory's listing
+    until its mtime changes, so a listing that lost or gained a name must show
+    another mtime; journal times have millisecond precision, so the shown time
+    stays the base time."""
+    return base_ns // 10**6 * 10**6 + zlib.crc32(b"\0".join(names)) % 10**6
 
 
 class _Slot:
@@ -224,6 +236,7 @@ class HistoryView:
         self._next_fh = VIEW_INODES
         self._listings: OrderedDict[int, list] = OrderedDict()
         self._content_paths: dict[bytes, set[int]] = {}  # deleted/: every path that held a version
+        self.held = held_versions(journal)  # versions open here: compaction keeps them
         self._scanned = 0
 
     # ---- numbers -------------------------------------------------------------
@@ -428,9 +441,9 @@ class HistoryView:
     def _dyn_attr(self, d: _Dyn):
         owner = (self.uid, self.gid)
         if d.ino == _ROOT or d.ino in (_AT, _SNAPS):
-            return self._dir_attr(self._ino0(d.ino), 0o555, *owner, self.started_ns, SHORT)
+            return self._dir_attr(self._ino0(d.ino), 0o555, *owner, d.stamp or self.started_ns, SHORT)
         if d.kind == "ddir":
-            return self._dir_attr(self._ino0(d.ino), 0o500, *owner, self.started_ns, SHORT)
+            return self._dir_attr(self._ino0(d.ino), 0o500, *owner, d.stamp or self.started_ns, SHORT)
         if d.kind == "vdir":  # a current directory: its mode and owner now, read-only
             st = self._src_stat(d.path)
             if st is None or not stat.S_ISDIR(st.st_mode):
@@ -444,7 +457,7 @@ class HistoryView:
                 for shift in (6, 3, 0):
                     if st.st_mode >> shift & 4:
                         perm |= 5 << shift
-            newest = d.info[-1].time_ns if d.info else self.started_ns
+            newest = _stamp(d.info[-1].time_ns, [v.name for v in d.info]) if d.info else self.started_ns
             return self._dir_attr(self._ino0(d.ino), perm, st.st_uid if st else self.uid,
                                   st.st_gid if st else self.gid, newest, SHORT)
         if d.kind == "tree":  # the root of a past tree (at/<WHEN>, snapshots/<name>)
@@ -637,6 +650,8 @@ class HistoryView:
             return self._tree_attr(slot, n)
         if d.kind == "vfile":
             d.info = await self._run(self._versions, d.path)
+        elif d.kind == "ddir" or d.ino == _SNAPS:
+            await self._entries(inode)  # its listing's stamp is its mtime
         return self._dyn_attr(d)
 
     @_answer
@@ -671,6 +686,7 @@ class HistoryView:
             out = []
             for name, seq in sorted(await self._run(self._snapshots)):
                 out.append((os.fsencode(name), self._dyn_node("tree", b"", info=seq, key=("tree", seq))))
+            d.stamp = _stamp(self.started_ns, [k for k, _ in out])
             return out
         if d.kind == "tree":
             slot = await self._slot(d.info)
@@ -698,6 +714,7 @@ class HistoryView:
             kids = sorted(p[len(prefix):] for p in deleted
                           if p.startswith(prefix) and p != d.path and b"/" not in p[len(prefix):])
             out += [(k, self._dyn_node("ddir", prefix + k)) for k in kids]
+            d.stamp = _stamp(self.started_ns, [k for k, _ in out])
             return out
         raise FUSEError(errno.ENOTDIR)
 
@@ -731,21 +748,56 @@ class HistoryView:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise FUSEError(errno.EROFS)
         d, slot, n = self._get(inode)
+        entry = None
         if slot is not None:
             if n.entry.kind != KIND_FILE:
                 raise FUSEError(errno.EINVAL)
             self._check_tree(ctx, slot, n, 4)
-            seq, size, path = n.entry.content_seq, slot.tree.size(n), n.entry.path
+            entry, seq, size, path = n.entry, n.entry.content_seq, slot.tree.size(n), n.entry.path
         elif d.kind == "ver":
             self._check_dyn(ctx, d)
             seq, size, path = d.info.seq, d.info.size, d.path
         else:
             raise FUSEError(errno.EISDIR)
-        stream = await self._run(FileStream, self.journal, seq, size, path)
+        # Compaction keeps a version while a view has it open (maintenance.held_versions):
+        # held before its chunk list is read, so a pass planned from now on cannot free it.
+        self._hold(seq, 1)
+        try:
+            stream = await self._run(self._open_version, entry, seq, size, path)
+        finally:
+            self._hold(seq, -1)
+        self._hold(stream.seq, 1)
         fh = self._next_fh
         self._next_fh += 1
         self.files[fh] = stream
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _hold(self, seq: int, n: int) -> None:
+        if not seq:
+            return
+        held = self.held
+        held[seq] += n
+        if held[seq] <= 0:
+            del held[seq]
+
+    def _open_version(self, entry, seq: int, size: int, path: bytes) -> FileStream:
+        """The stream of version ``seq``.  A past tree's file whose version compaction
+        pruned since the tree was built gets the latest retained version at or before
+        it, as a new tree would show (a version file names its version: EIO instead)."""
+        if entry is not None and seq:
+            with self.journal.reader() as r:
+                if r.is_pruned(seq):
+                    from deltafs import history
+
+                    try:
+                        e = history.retained_entry(r, path, entry)
+                    except DeltafsError as err:
+                        log.error("history view: %s", err)
+                        raise OSError(errno.EIO, "pruned") from None
+                    log.info("history view: %s version %d was pruned since its tree was built; "
+                             "reading version %d", path.decode(errors="replace"), seq, e.content_seq)
+                    seq, size = e.content_seq, e.size
+        return FileStream(self.journal, seq, size, path)
 
     @_answer
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -758,7 +810,9 @@ class HistoryView:
         return data
 
     def release(self, fh: int) -> None:
-        self.files.pop(fh, None)
+        stream = self.files.pop(fh, None)
+        if stream is not None:
+            self._hold(stream.seq, -1)
 
     def releasedir(self, fh: int) -> None:
         self._listings.pop(fh, None)

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import weakref
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
@@ -108,8 +109,18 @@ class CompactReport:
         return d
 
 
+_HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def held_versions(j) -> Counter:
+    """Content versions open in a view of this journal in this process (the
+    history view, historyview.py): seq -> opens.  Compaction keeps them."""
+    return _HELD.setdefault(j, Counter())
+
+
 def plan(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: int | None = None) -> tuple[list[int], list[int], int]:
     """-> (seqs to prune, seqs retained, files examined), nothing written."""
+    held = set(_HELD.get(j, ()))
     with j.reader() as r:
         vs = r.content_versions()
         snaps = snapshot_seqs(r).values()
@@ -119,7 +130,7 @@ def plan(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: int | None = N
     now = vs.head_hlc if now_hlc is None else now_hlc
     prune, kept = [], []
     for _, versions in vs.by_file.items():
-        pinned = pinned_by_snapshots(versions, snaps) | {s for s, _ in versions if s > floor}
+        pinned = pinned_by_snapshots(versions, snaps) | {s for s, _ in versions if s > floor or s in held}
         keep = retain(versions, now, policy, pinned)
         for s, _ in versions:
             (kept if s in keep else prune).append(s)

@@ -233,3 +233,26 @@ def test_other_users_see_only_what_they_may_read_now_and_then(mount_factory):
         for p in (base / "mnt",):
             force_unmount(p)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_open_version_survives_compaction(mount_factory):
+    """A version file open in the view keeps its chunks through a compaction that prunes
+    it (maintenance.held_versions); once closed, the next pass prunes it."""
+    m = mount_factory()
+    old, new = os.urandom(300_000), os.urandom(300_000)  # nothing shared: pruning frees every chunk
+    _save(m.mnt / "f.bin", old)
+    _save(m.mnt / "f.bin", new)
+    run_cli("flush", m.mnt, check=True)
+    listing = m.mnt / NAME / "versions" / "f.bin"
+    first = sorted(os.listdir(listing))[0]
+    prune_all = ["--retention", "1s:all,*:none", "--coalesce", "0"]
+    time.sleep(1.1)  # both versions older than the policy's 1 s (ages are journal times)
+    _save(m.mnt / "later.txt", b"moves the journal's clock on\n")
+    with open(listing / first, "rb") as f:  # nothing read yet: no page is cached
+        res = json.loads(run_cli("compact", m.mnt, *prune_all, "--json", check=True).stdout)
+        assert res["versions_pruned"] == 0, res  # the open version is held
+        assert f.read() == old
+    res = json.loads(run_cli("compact", m.mnt, *prune_all, "--json", check=True).stdout)
+    assert res["versions_pruned"] >= 1, res
+    assert first not in os.listdir(listing)
+    m.umount()
