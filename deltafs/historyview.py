@@ -202,10 +202,12 @@ def _stamp(base_ns: int, names) -> int:
 
 
 class _Slot:
-    __slots__ = ("n", "seq", "tree", "lookups")
+    """The inode numbers of one past tree under one name (``key``: its proxy's)."""
 
-    def __init__(self, n: int, seq: int, tree) -> None:
-        self.n, self.seq, self.tree = n, seq, tree
+    __slots__ = ("n", "key", "tree", "lookups")
+
+    def __init__(self, n: int, key: tuple, tree) -> None:
+        self.n, self.key, self.tree = n, key, tree
         self.lookups = 0
 
 
@@ -230,7 +232,8 @@ class HistoryView:
             self.dyn[ino] = _Dyn(ino, kind, b"")
             self.dyn[ino].lookups = 1 << 62  # never forgotten
         self.slots: dict[int, _Slot] = {}
-        self.slot_of_seq: dict[int, int] = {}
+        self.slot_of_key: dict[tuple, int] = {}
+        self.trees: OrderedDict[int, object] = OrderedDict()  # seq -> PastTree, recently used
         self.idle: OrderedDict[int, None] = OrderedDict()  # loaded slots the kernel holds nothing of
         self.files: dict[int, FileStream] = {}
         self._next_fh = VIEW_INODES
@@ -299,8 +302,8 @@ class HistoryView:
         while len(self.idle) > TREES_KEPT:
             n, _ = self.idle.popitem(last=False)
             s = self.slots.pop(n)
-            if self.slot_of_seq.get(s.seq) == n:
-                del self.slot_of_seq[s.seq]
+            if self.slot_of_key.get(s.key) == n:
+                del self.slot_of_key[s.key]
 
     # ---- blocking work, in a thread -------------------------------------------
 
@@ -315,11 +318,12 @@ class HistoryView:
             log.exception("history view: %s failed", getattr(fn, "__name__", fn))
             raise FUSEError(errno.EIO) from None
 
-    async def _slot(self, seq: int) -> _Slot:
-        """The loaded tree right after record ``seq`` (loaded now if need be)."""
-        n = self.slot_of_seq.get(seq)
-        if n is not None:
-            return self.slots[n]
+    async def _tree(self, seq: int):
+        """The PastTree right after record ``seq``, built in a thread unless cached."""
+        tree = self.trees.get(seq)
+        if tree is not None:
+            self.trees.move_to_end(seq)
+            return tree
 
         def build():
             with self.journal.reader() as r:
@@ -330,20 +334,33 @@ class HistoryView:
             return tree
 
         tree = await self._run(build)
-        n = self.slot_of_seq.get(seq)  # loaded meanwhile by another request
+        self.trees[seq] = tree
+        while len(self.trees) > TREES_KEPT:
+            self.trees.popitem(last=False)
+        return tree
+
+    async def _slot(self, proxy: _Dyn) -> _Slot:
+        """The inode slot of the past tree under ``proxy`` (at/<WHEN>, snapshots/<name>).
+
+        Each name has a slot of its own, also when two names stand for the same
+        version (their trees are one object): a directory inode must have one
+        name, or the kernel moves dentries (and a shell's cwd) between them."""
+        n = self.slot_of_key.get(proxy.key)
+        if n is not None:
+            return self.slots[n]
+        tree = await self._tree(proxy.info)
+        n = self.slot_of_key.get(proxy.key)  # made meanwhile by another request
         if n is not None:
             return self.slots[n]
         free = next((i for i in range(1, MAX_SLOTS + 1) if i not in self.slots), None)
         if free is None and self.idle:
-            old, _ = self.idle.popitem(last=False)
-            s = self.slots.pop(old)
-            self.slot_of_seq.pop(s.seq, None)
-            free = old
+            free, _ = self.idle.popitem(last=False)
+            self.slot_of_key.pop(self.slots.pop(free).key, None)
         if free is None:
             log.warning("history view: %d past trees are in use; close some before opening more", MAX_SLOTS)
             raise FUSEError(errno.ENFILE)
-        slot = self.slots[free] = _Slot(free, seq, tree)
-        self.slot_of_seq[seq] = free
+        slot = self.slots[free] = _Slot(free, proxy.key, tree)
+        self.slot_of_key[proxy.key] = free
         self._idle(slot)
         return slot
 
@@ -461,7 +478,7 @@ class HistoryView:
             return self._dir_attr(self._ino0(d.ino), perm, st.st_uid if st else self.uid,
                                   st.st_gid if st else self.gid, newest, SHORT)
         if d.kind == "tree":  # the root of a past tree (at/<WHEN>, snapshots/<name>)
-            slot = self.slots.get(self.slot_of_seq.get(d.info, 0))
+            slot = self.slots.get(self.slot_of_key.get(d.key, 0))
             if slot is not None:
                 a = entry_attributes(slot.tree, slot.tree.nodes[1], self._ino0(d.ino), SHORT)
                 a.st_mode &= ~0o222
@@ -612,10 +629,11 @@ class HistoryView:
                         return None
             except DeltafsError:
                 return None
-            await self._slot(seq)
-            return self._dyn_node("tree", b"", info=seq, key=("tree", seq))
+            proxy = self._dyn_node("tree", b"", info=seq, key=("tree", kind, name, seq))
+            await self._slot(proxy)  # built now: its root's attributes are the tree's
+            return proxy
         if kind == "tree":
-            slot = await self._slot(pd.info)
+            slot = await self._slot(pd)
             local = slot.tree.nodes[1].children.get(name)
             return (slot, slot.tree.nodes[local]) if local is not None else None
         if kind == "vdir":
@@ -685,11 +703,12 @@ class HistoryView:
         if d.kind == "snaps":
             out = []
             for name, seq in sorted(await self._run(self._snapshots)):
-                out.append((os.fsencode(name), self._dyn_node("tree", b"", info=seq, key=("tree", seq))))
+                k = os.fsencode(name)
+                out.append((k, self._dyn_node("tree", b"", info=seq, key=("tree", "snaps", k, seq))))
             d.stamp = _stamp(self.started_ns, [k for k, _ in out])
             return out
         if d.kind == "tree":
-            slot = await self._slot(d.info)
+            slot = await self._slot(d)
             root = slot.tree.nodes[1]
             return [(k, (slot, slot.tree.nodes[root.children[k]])) for k in sorted(root.children)]
         if d.kind == "vdir":

@@ -34,14 +34,14 @@ def head(mnt: Path) -> int:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    """A live mount with a generated history of 150 saves, kept mounted."""
+    """A live mount with a generated history of 300 saves, kept mounted."""
     base = tmp_path_factory.mktemp("hv")
     src, mnt = base / "src", base / "mnt"
     src.mkdir()
     mnt.mkdir()
     m = Mount(src, mnt).start()
     try:
-        make_history(mnt, 150)
+        make_history(mnt, 300)
         run_cli("flush", mnt, check=True)
         yield m
         m.umount()
@@ -52,7 +52,8 @@ def live(tmp_path_factory):
 def test_view_equals_restore_at_several_moments(live, tmp_path):
     view = live.mnt / NAME / "at"
     top = head(live.mnt)
-    moments = sorted({max(1, top * f // 10) for f in (1, 3, 5, 8, 10)})
+    moments = sorted({max(1, top * f // 10) for f in range(1, 11)})
+    assert len(moments) == 10
     for k, seq in enumerate(moments):
         dest = tmp_path / f"restored{k}"
         run_cli("restore", live.mnt, "--at", f"v{seq}", "--to", dest, check=True)
@@ -125,6 +126,12 @@ def test_hidden_from_root_listing_and_never_journaled(live):
     h = live.mnt / NAME
     assert NAME not in os.listdir(live.mnt)
     assert h.is_dir()
+    # the view's inode numbers are apart from the live ones (SRC's st_ino)
+    from deltafs.ops import VIEW_INODES
+
+    view_inos = {os.lstat(p).st_ino for p in [h, *(h / "at" / "now").rglob("*"), *(h / "versions").rglob("*")]}
+    live_inos = {os.lstat(p).st_ino for p in live.mnt.rglob("*") if NAME not in p.parts}
+    assert min(view_inos) >= VIEW_INODES > max(live_inos)
     for p in (h / "at" / "now").rglob("*"):
         if p.is_file():
             p.read_bytes()
@@ -148,6 +155,12 @@ def test_snapshots_and_relative_names(live):
         assert time.monotonic() < deadline, "at/now never showed a new file"
         time.sleep(0.1)
     assert (h / "at" / "0 seconds ago" / "fresh.txt").read_bytes() == b"new\n"
+    # two names of one version are two directories (one name per directory inode: a
+    # shell's cwd in at/now never moves to at/vN)
+    top = head(live.mnt)
+    a, b = os.stat(h / "at" / "now" / "d1"), os.stat(h / "at" / f"v{top}" / "d1")
+    assert a.st_ino != b.st_ino
+    assert os.stat(h / "at" / "now").st_ino != os.stat(h / "at" / f"v{top}").st_ino
     assert not (h / "at" / "not a moment").exists()
     assert not (h / "at" / "2999-01-01").exists()
 
