@@ -215,8 +215,13 @@ class HistoryView:
     """The view's inode space and requests (HistoryOperations routes them here)."""
 
     def __init__(self, journal, src: str, name: bytes, *, owner: tuple[int, int] | None = None,
-                 cache_size: int = DEFAULT_CACHE, dir_handle_is_inode: bool = False) -> None:
+                 cache_size: int = DEFAULT_CACHE, dir_handle_is_inode: bool = False,
+                 shared: bool = False) -> None:
         self.journal = journal
+        # shared (-o allow_other): no entry is cached by the kernel, so every path walk
+        # by every user comes through lookup and its checks (a dentry cached for the
+        # owner would let another user skip them)
+        self.shared = shared
         self.src = src
         self.name = name
         self.uid, self.gid = owner if owner is not None else (os.getuid(), os.getgid())
@@ -509,6 +514,8 @@ class HistoryView:
 
     def _counted(self, d: _Dyn | None, slot: _Slot | None, attr):
         """attr, with one more kernel lookup counted on its inode."""
+        if self.shared:
+            attr.entry_timeout = 0
         if d is not None:
             d.lookups += 1
         else:
@@ -757,6 +764,8 @@ class HistoryView:
                 if d.ino >= _FIRST_DYNAMIC and self.dyn.get(d.ino) is not d:
                     self.dyn[d.ino] = d  # forgotten while the pass ran: known again
                     self.dyn_by_key[d.key] = d.ino
+            if self.shared:
+                attr.entry_timeout = 0
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 return
             self._counted(d, slot, attr)
@@ -866,9 +875,11 @@ class HistoryOperations(Operations):
     handlers below only route the view's inodes and handles
     (``>= VIEW_INODES``) here and everything else to the live mount."""
 
-    def attach_view(self, journal, name: str, cache_size: int = DEFAULT_CACHE) -> HistoryView:
+    def attach_view(self, journal, name: str, *, shared: bool = False,
+                    cache_size: int = DEFAULT_CACHE) -> HistoryView:
+        """Show the history view as ``name`` in the root (shared: -o allow_other)."""
         self.view = HistoryView(journal, self.src, os.fsencode(name), cache_size=cache_size,
-                                dir_handle_is_inode=self.dir_handle_is_inode)
+                                dir_handle_is_inode=self.dir_handle_is_inode, shared=shared)
         self.view_name = self.view.name
         return self.view
 

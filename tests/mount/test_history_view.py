@@ -224,6 +224,10 @@ def test_other_users_see_only_what_they_may_read_now_and_then(mount_factory):
         run_cli("flush", m.mnt, check=True)
         h = m.mnt / NAME
         past = h / "at" / f"v{then}"
+        os.listdir(past)  # the owner's walk: nothing the kernel caches lets another user skip a check
+        assert (past / "closed.txt").stat().st_size > 0
+        res = as_nobody("stat", str(past / "closed.txt"))
+        assert res.returncode != 0 and b"Permission denied" in res.stderr, res
         res = as_nobody("cat", str(past / "public.txt"))
         assert res.returncode == 0 and res.stdout == b"public.txt\n", res.stderr
         for name in ("secret.txt", "opened.txt", "closed.txt"):
