@@ -367,6 +367,10 @@ class MountConfig:
                                   help="shell command run when the guard raises an alert")
     history_dir: str | None = option("--history-dir", "--no-history-dir", default=DEFAULT_HISTORY_DIR,
                                      cls=HistoryDirOption, help="")
+    guard_action: str = option("--guard-action", default="alert", choices=("alert", "block"),
+                               help="on a guard alert: alert only (default), or also block: refuse "
+                                    "changes through the mount (EPERM) until deltafs guard resume; "
+                                    "reads go on (docs/guard.md)")
 
     @classmethod
     def options(cls) -> list[Option]:

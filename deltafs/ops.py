@@ -295,6 +295,11 @@ class Operations(pyfuse3.Operations):
         # before every write(2); a patched pyfuse3 (DELTAFS_PATCHES
         # 'nocaps_inodes') answers these in C without calling getxattr
         self.nocaps_inodes: set[int] = set()
+        # the mass-damage guard (deltafs/guard.py, docs/guard.md): while an alert
+        # stands under --guard-action block, a Block whose check(ctx) refuses
+        # changes (EPERM); else None, one attribute test per request
+        self.guard_block = None
+        self.guard_opens = None  # a bounded deque: (parent, name) of read-only opens, for the guard
 
     # ---- helpers -------------------------------------------------------
 
@@ -598,6 +603,9 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
+        if self.guard_block is not None and (fields.update_size or fields.update_mode or fields.update_uid
+                                             or fields.update_gid):
+            self.guard_block.check(ctx)
         node = self._node(inode)
         if fields.update_size:
             await self.rec.before_change(self, node, self.path_of(node))
@@ -788,6 +796,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         os.mkdir(name, mode, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -799,6 +809,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         node = self._known(self._stat_entry(parent, name, errno.EACCES))
         self._before_last_name(node, parent, name, True)
@@ -811,6 +823,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         os.mknod(name, mode, rdev, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -822,6 +836,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         os.symlink(target, name, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -832,6 +848,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         node = self._node(inode)
         parent = self._node(new_parent_inode)
         held = self._hold(node, parent)
@@ -855,6 +873,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         st = self._stat_entry(parent, name, errno.EACCES)
         if self.rec.enabled:
@@ -882,6 +902,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         old = self._node(parent_inode_old)
         new = self._node(parent_inode_new)
         st_old = self._stat_entry(old, name_old, errno.EACCES)
@@ -914,7 +936,7 @@ class Operations(pyfuse3.Operations):
             # (two names of one inode: rename(2) does nothing, so nothing to record)
             self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
                            parent=new, name=name_new, replaced=replaced, also=old, over=st_new,
-                           over_xattrs=over_xattrs)
+                           over_xattrs=over_xattrs, moved_st=st_old)
         if flags & sc.RENAME_EXCHANGE:
             if over is not None:
                 self._move_name(over, new, name_new, old, name_old)
@@ -973,8 +995,12 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            if self.guard_block is not None:
+                self.guard_block.check(ctx)
             await self.rec.before_change(self, node, self.path_of(node))
             await self.wait_capture(node)
+        elif self.guard_opens is not None:  # the guard's open-then-delete signal counts opens
+            self.guard_opens.append((node.parent, node.name))
         fd, writable = self._open_fd(node, flags)
         if flags & os.O_TRUNC and writable:
             node.size_changed = True
@@ -983,6 +1009,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         f, writable = self._backing_flags(flags)
         fd = self.fc.open(name, f | os.O_CREAT, mode, dir_fd=parent.fd, handle=True)
@@ -1135,6 +1163,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def setxattr(self, inode, name, value, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         node = self._node(inode)
         before = self._xattr_state(node, name) if self.rec.enabled else None
         os.setxattr(self._proc(node), name, value)
@@ -1158,6 +1188,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def removexattr(self, inode, name, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         node = self._node(inode)
         os.removexattr(self._proc(node), name)
         self.rec.event("removexattr", ops=self, node=node, name=name)

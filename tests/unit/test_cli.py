@@ -30,6 +30,7 @@ EVERY_OPTION = {
     "guard": "high",
     "on_alert": "notify-send deltafs",
     "history_dir": ".past",
+    "guard_action": "block",
 }
 NOT_TO_DAEMON = {"foreground"}  # spawn_daemon adds --foreground itself
 
