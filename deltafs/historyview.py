@@ -42,6 +42,7 @@ import logging
 import os
 import stat
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ from pyfuse3 import FUSEError
 
 from deltafs.errors import DeltafsError, UsageError
 from deltafs.journal import KIND_DIR, KIND_FILE, KIND_SYMLINK, MemStore, apply_record
+from deltafs.maintenance import held_versions
 from deltafs.ops import ROOT, VIEW_INODES, Operations
 from deltafs.pastfs import DEFAULT_CACHE, ChunkCache, FileStream, entry_attributes, load_tree
 
@@ -182,18 +184,30 @@ def _answer(fn):
 class _Dyn:
     """A node of slot 0: the view's own directories, version listings, version files."""
 
-    __slots__ = ("ino", "kind", "path", "info", "lookups", "key")
+    __slots__ = ("ino", "kind", "path", "info", "lookups", "key", "stamp")
 
     def __init__(self, ino: int, kind: str, path: bytes, info=None, key=None) -> None:
         self.ino, self.kind, self.path, self.info, self.key = ino, kind, path, info, key
         self.lookups = 0
+        self.stamp: int | None = None  # mtime of a listing that changes (see _stamp)
+
+
+def _stamp(base_ns: int, names) -> int:
+    """An mtime for a generated listing: ``base_ns`` to the millisecond, a
+    fingerprint of the names below it.  The kernel keeps a directory's listing
+    until its mtime changes, so a listing that lost or gained a name must show
+    another mtime; journal times have millisecond precision, so the shown time
+    stays the base time."""
+    return base_ns // 10**6 * 10**6 + zlib.crc32(b"\0".join(names)) % 10**6
 
 
 class _Slot:
-    __slots__ = ("n", "seq", "tree", "lookups")
+    """The inode numbers of one past tree under one name (``key``: its proxy's)."""
 
-    def __init__(self, n: int, seq: int, tree) -> None:
-        self.n, self.seq, self.tree = n, seq, tree
+    __slots__ = ("n", "key", "tree", "lookups")
+
+    def __init__(self, n: int, key: tuple, tree) -> None:
+        self.n, self.key, self.tree = n, key, tree
         self.lookups = 0
 
 
@@ -201,8 +215,13 @@ class HistoryView:
     """The view's inode space and requests (HistoryOperations routes them here)."""
 
     def __init__(self, journal, src: str, name: bytes, *, owner: tuple[int, int] | None = None,
-                 cache_size: int = DEFAULT_CACHE, dir_handle_is_inode: bool = False) -> None:
+                 cache_size: int = DEFAULT_CACHE, dir_handle_is_inode: bool = False,
+                 shared: bool = False) -> None:
         self.journal = journal
+        # shared (-o allow_other): no entry is cached by the kernel, so every path walk
+        # by every user comes through lookup and its checks (a dentry cached for the
+        # owner would let another user skip them)
+        self.shared = shared
         self.src = src
         self.name = name
         self.uid, self.gid = owner if owner is not None else (os.getuid(), os.getgid())
@@ -218,12 +237,14 @@ class HistoryView:
             self.dyn[ino] = _Dyn(ino, kind, b"")
             self.dyn[ino].lookups = 1 << 62  # never forgotten
         self.slots: dict[int, _Slot] = {}
-        self.slot_of_seq: dict[int, int] = {}
+        self.slot_of_key: dict[tuple, int] = {}
+        self.trees: OrderedDict[int, object] = OrderedDict()  # seq -> PastTree, recently used
         self.idle: OrderedDict[int, None] = OrderedDict()  # loaded slots the kernel holds nothing of
         self.files: dict[int, FileStream] = {}
         self._next_fh = VIEW_INODES
         self._listings: OrderedDict[int, list] = OrderedDict()
         self._content_paths: dict[bytes, set[int]] = {}  # deleted/: every path that held a version
+        self.held = held_versions(journal)  # versions open here: compaction keeps them
         self._scanned = 0
 
     # ---- numbers -------------------------------------------------------------
@@ -286,8 +307,8 @@ class HistoryView:
         while len(self.idle) > TREES_KEPT:
             n, _ = self.idle.popitem(last=False)
             s = self.slots.pop(n)
-            if self.slot_of_seq.get(s.seq) == n:
-                del self.slot_of_seq[s.seq]
+            if self.slot_of_key.get(s.key) == n:
+                del self.slot_of_key[s.key]
 
     # ---- blocking work, in a thread -------------------------------------------
 
@@ -302,11 +323,12 @@ class HistoryView:
             log.exception("history view: %s failed", getattr(fn, "__name__", fn))
             raise FUSEError(errno.EIO) from None
 
-    async def _slot(self, seq: int) -> _Slot:
-        """The loaded tree right after record ``seq`` (loaded now if need be)."""
-        n = self.slot_of_seq.get(seq)
-        if n is not None:
-            return self.slots[n]
+    async def _tree(self, seq: int):
+        """The PastTree right after record ``seq``, built in a thread unless cached."""
+        tree = self.trees.get(seq)
+        if tree is not None:
+            self.trees.move_to_end(seq)
+            return tree
 
         def build():
             with self.journal.reader() as r:
@@ -317,20 +339,33 @@ class HistoryView:
             return tree
 
         tree = await self._run(build)
-        n = self.slot_of_seq.get(seq)  # loaded meanwhile by another request
+        self.trees[seq] = tree
+        while len(self.trees) > TREES_KEPT:
+            self.trees.popitem(last=False)
+        return tree
+
+    async def _slot(self, proxy: _Dyn) -> _Slot:
+        """The inode slot of the past tree under ``proxy`` (at/<WHEN>, snapshots/<name>).
+
+        Each name has a slot of its own, also when two names stand for the same
+        version (their trees are one object): a directory inode must have one
+        name, or the kernel moves dentries (and a shell's cwd) between them."""
+        n = self.slot_of_key.get(proxy.key)
+        if n is not None:
+            return self.slots[n]
+        tree = await self._tree(proxy.info)
+        n = self.slot_of_key.get(proxy.key)  # made meanwhile by another request
         if n is not None:
             return self.slots[n]
         free = next((i for i in range(1, MAX_SLOTS + 1) if i not in self.slots), None)
         if free is None and self.idle:
-            old, _ = self.idle.popitem(last=False)
-            s = self.slots.pop(old)
-            self.slot_of_seq.pop(s.seq, None)
-            free = old
+            free, _ = self.idle.popitem(last=False)
+            self.slot_of_key.pop(self.slots.pop(free).key, None)
         if free is None:
             log.warning("history view: %d past trees are in use; close some before opening more", MAX_SLOTS)
             raise FUSEError(errno.ENFILE)
-        slot = self.slots[free] = _Slot(free, seq, tree)
-        self.slot_of_seq[seq] = free
+        slot = self.slots[free] = _Slot(free, proxy.key, tree)
+        self.slot_of_key[proxy.key] = free
         self._idle(slot)
         return slot
 
@@ -428,9 +463,9 @@ class HistoryView:
     def _dyn_attr(self, d: _Dyn):
         owner = (self.uid, self.gid)
         if d.ino == _ROOT or d.ino in (_AT, _SNAPS):
-            return self._dir_attr(self._ino0(d.ino), 0o555, *owner, self.started_ns, SHORT)
+            return self._dir_attr(self._ino0(d.ino), 0o555, *owner, d.stamp or self.started_ns, SHORT)
         if d.kind == "ddir":
-            return self._dir_attr(self._ino0(d.ino), 0o500, *owner, self.started_ns, SHORT)
+            return self._dir_attr(self._ino0(d.ino), 0o500, *owner, d.stamp or self.started_ns, SHORT)
         if d.kind == "vdir":  # a current directory: its mode and owner now, read-only
             st = self._src_stat(d.path)
             if st is None or not stat.S_ISDIR(st.st_mode):
@@ -444,11 +479,11 @@ class HistoryView:
                 for shift in (6, 3, 0):
                     if st.st_mode >> shift & 4:
                         perm |= 5 << shift
-            newest = d.info[-1].time_ns if d.info else self.started_ns
+            newest = _stamp(d.info[-1].time_ns, [v.name for v in d.info]) if d.info else self.started_ns
             return self._dir_attr(self._ino0(d.ino), perm, st.st_uid if st else self.uid,
                                   st.st_gid if st else self.gid, newest, SHORT)
         if d.kind == "tree":  # the root of a past tree (at/<WHEN>, snapshots/<name>)
-            slot = self.slots.get(self.slot_of_seq.get(d.info, 0))
+            slot = self.slots.get(self.slot_of_key.get(d.key, 0))
             if slot is not None:
                 a = entry_attributes(slot.tree, slot.tree.nodes[1], self._ino0(d.ino), SHORT)
                 a.st_mode &= ~0o222
@@ -479,6 +514,8 @@ class HistoryView:
 
     def _counted(self, d: _Dyn | None, slot: _Slot | None, attr):
         """attr, with one more kernel lookup counted on its inode."""
+        if self.shared:
+            attr.entry_timeout = 0
         if d is not None:
             d.lookups += 1
         else:
@@ -599,10 +636,11 @@ class HistoryView:
                         return None
             except DeltafsError:
                 return None
-            await self._slot(seq)
-            return self._dyn_node("tree", b"", info=seq, key=("tree", seq))
+            proxy = self._dyn_node("tree", b"", info=seq, key=("tree", kind, name, seq))
+            await self._slot(proxy)  # built now: its root's attributes are the tree's
+            return proxy
         if kind == "tree":
-            slot = await self._slot(pd.info)
+            slot = await self._slot(pd)
             local = slot.tree.nodes[1].children.get(name)
             return (slot, slot.tree.nodes[local]) if local is not None else None
         if kind == "vdir":
@@ -637,6 +675,8 @@ class HistoryView:
             return self._tree_attr(slot, n)
         if d.kind == "vfile":
             d.info = await self._run(self._versions, d.path)
+        elif d.kind == "ddir" or d.ino == _SNAPS:
+            await self._entries(inode)  # its listing's stamp is its mtime
         return self._dyn_attr(d)
 
     @_answer
@@ -670,10 +710,12 @@ class HistoryView:
         if d.kind == "snaps":
             out = []
             for name, seq in sorted(await self._run(self._snapshots)):
-                out.append((os.fsencode(name), self._dyn_node("tree", b"", info=seq, key=("tree", seq))))
+                k = os.fsencode(name)
+                out.append((k, self._dyn_node("tree", b"", info=seq, key=("tree", "snaps", k, seq))))
+            d.stamp = _stamp(self.started_ns, [k for k, _ in out])
             return out
         if d.kind == "tree":
-            slot = await self._slot(d.info)
+            slot = await self._slot(d)
             root = slot.tree.nodes[1]
             return [(k, (slot, slot.tree.nodes[root.children[k]])) for k in sorted(root.children)]
         if d.kind == "vdir":
@@ -698,6 +740,7 @@ class HistoryView:
             kids = sorted(p[len(prefix):] for p in deleted
                           if p.startswith(prefix) and p != d.path and b"/" not in p[len(prefix):])
             out += [(k, self._dyn_node("ddir", prefix + k)) for k in kids]
+            d.stamp = _stamp(self.started_ns, [k for k, _ in out])
             return out
         raise FUSEError(errno.ENOTDIR)
 
@@ -721,6 +764,8 @@ class HistoryView:
                 if d.ino >= _FIRST_DYNAMIC and self.dyn.get(d.ino) is not d:
                     self.dyn[d.ino] = d  # forgotten while the pass ran: known again
                     self.dyn_by_key[d.key] = d.ino
+            if self.shared:
+                attr.entry_timeout = 0
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 return
             self._counted(d, slot, attr)
@@ -731,21 +776,56 @@ class HistoryView:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise FUSEError(errno.EROFS)
         d, slot, n = self._get(inode)
+        entry = None
         if slot is not None:
             if n.entry.kind != KIND_FILE:
                 raise FUSEError(errno.EINVAL)
             self._check_tree(ctx, slot, n, 4)
-            seq, size, path = n.entry.content_seq, slot.tree.size(n), n.entry.path
+            entry, seq, size, path = n.entry, n.entry.content_seq, slot.tree.size(n), n.entry.path
         elif d.kind == "ver":
             self._check_dyn(ctx, d)
             seq, size, path = d.info.seq, d.info.size, d.path
         else:
             raise FUSEError(errno.EISDIR)
-        stream = await self._run(FileStream, self.journal, seq, size, path)
+        # Compaction keeps a version while a view has it open (maintenance.held_versions):
+        # held before its chunk list is read, so a pass planned from now on cannot free it.
+        self._hold(seq, 1)
+        try:
+            stream = await self._run(self._open_version, entry, seq, size, path)
+        finally:
+            self._hold(seq, -1)
+        self._hold(stream.seq, 1)
         fh = self._next_fh
         self._next_fh += 1
         self.files[fh] = stream
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _hold(self, seq: int, n: int) -> None:
+        if not seq:
+            return
+        held = self.held
+        held[seq] += n
+        if held[seq] <= 0:
+            del held[seq]
+
+    def _open_version(self, entry, seq: int, size: int, path: bytes) -> FileStream:
+        """The stream of version ``seq``.  A past tree's file whose version compaction
+        pruned since the tree was built gets the latest retained version at or before
+        it, as a new tree would show (a version file names its version: EIO instead)."""
+        if entry is not None and seq:
+            with self.journal.reader() as r:
+                if r.is_pruned(seq):
+                    from deltafs import history
+
+                    try:
+                        e = history.retained_entry(r, path, entry)
+                    except DeltafsError as err:
+                        log.error("history view: %s", err)
+                        raise OSError(errno.EIO, "pruned") from None
+                    log.info("history view: %s version %d was pruned since its tree was built; "
+                             "reading version %d", path.decode(errors="replace"), seq, e.content_seq)
+                    seq, size = e.content_seq, e.size
+        return FileStream(self.journal, seq, size, path)
 
     @_answer
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -758,7 +838,9 @@ class HistoryView:
         return data
 
     def release(self, fh: int) -> None:
-        self.files.pop(fh, None)
+        stream = self.files.pop(fh, None)
+        if stream is not None:
+            self._hold(stream.seq, -1)
 
     def releasedir(self, fh: int) -> None:
         self._listings.pop(fh, None)
@@ -793,9 +875,11 @@ class HistoryOperations(Operations):
     handlers below only route the view's inodes and handles
     (``>= VIEW_INODES``) here and everything else to the live mount."""
 
-    def attach_view(self, journal, name: str, cache_size: int = DEFAULT_CACHE) -> HistoryView:
+    def attach_view(self, journal, name: str, *, shared: bool = False,
+                    cache_size: int = DEFAULT_CACHE) -> HistoryView:
+        """Show the history view as ``name`` in the root (shared: -o allow_other)."""
         self.view = HistoryView(journal, self.src, os.fsencode(name), cache_size=cache_size,
-                                dir_handle_is_inode=self.dir_handle_is_inode)
+                                dir_handle_is_inode=self.dir_handle_is_inode, shared=shared)
         self.view_name = self.view.name
         return self.view
 

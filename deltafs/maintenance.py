@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import weakref
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
@@ -116,11 +117,22 @@ class CompactReport:
         return d
 
 
+_HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WAS_HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # held at the last incremental plan
+
+
+def held_versions(j) -> Counter:
+    """Content versions open in a view of this journal in this process (the
+    history view, historyview.py): seq -> opens.  Compaction keeps them."""
+    return _HELD.setdefault(j, Counter())
+
+
 def plan(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: int | None = None) -> tuple[list[int], list[int], int]:
     """The full plan: every content version of the journal decoded and asked
     about.  -> (seqs to prune, seqs retained, files examined), nothing
     written.  (Dry runs use it; a pass uses :func:`plan_incremental`, which
     must prune exactly what this prunes.)"""
+    held = set(_HELD.get(j, ()))
     with j.reader() as r:
         vs = r.content_versions()
         snaps = snapshot_seqs(r).values()
@@ -130,7 +142,7 @@ def plan(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: int | None = N
     now = vs.head_hlc if now_hlc is None else now_hlc
     prune, kept = [], []
     for _, versions in vs.by_file.items():
-        pinned = pinned_by_snapshots(versions, snaps) | {s for s, _ in versions if s > floor}
+        pinned = pinned_by_snapshots(versions, snaps) | {s for s, _ in versions if s > floor or s in held}
         keep = retain(versions, now, policy, pinned)
         for s, _ in versions:
             (kept if s in keep else prune).append(s)
@@ -200,17 +212,21 @@ def plan_incremental(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: in
     pins keeps them all.  tests/unit/test_maintenance.py checks it against
     :func:`plan` over random histories."""
     store = j.planning()
+    held = set(_HELD.get(j, ()))
+    released = _WAS_HELD.get(j, set()) - held  # their files are asked about again
     for _ in range(3):
         with store.update() as p:
-            out = _plan_in(p, policy, now_hlc)
+            out = _plan_in(p, policy, now_hlc, held, released)
         if out is not None:
+            _WAS_HELD[j] = held
             return out
         if not store.rebuild():
             log.info("compaction planning state: a prune ran during the rebuild; trying again")
     raise RuntimeError("compaction planning state could not be rebuilt")
 
 
-def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None) -> Plan | None:
+def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None, held: set = frozenset(),
+             released: set = frozenset()) -> Plan | None:
     r = p.reader
     head = r.head_seq()
     m = p.meta()
@@ -239,6 +255,11 @@ def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None) -> Plan | None:
             rec = decode_record(v, seq)
             if rec.is_content:
                 dirty.add(rec.file_id)
+    for seq in released:  # a version a view held (held_versions) may go now
+        try:
+            dirty.add(r.record(seq).file_id)
+        except Exception:  # noqa: BLE001 (gone: nothing to ask about)
+            pass
     files = p.files() if everything else sorted(dirty.union(p.due(now_ns)))
     th = _thresholds_ns(policy)
     prune: list[int] = []
@@ -249,6 +270,8 @@ def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None) -> Plan | None:
         pinned = pinned_by_snapshots(versions, snaps)
         if floor is not None:
             pinned |= {s for s, _ in versions if s > floor}
+        if held:
+            pinned |= {s for s, _ in versions if s in held}
         keep = retain(versions, now, policy, pinned)
         prune += [s for s, _ in versions if s not in keep]
         p.set_wake(fid, _wake_ns([v for v in versions if v[0] in keep], now_ns, th))

@@ -277,7 +277,8 @@ def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
     ops = ops_class(cfg.src, hidden=(jst.st_dev, jst.st_ino), timeout=cfg.timeout, recorder=rec,
                     fd_limit=fd_limit, fd_budget=cfg.fd_budget)
     if cfg.history_dir:
-        ops.attach_view(journal, cfg.history_dir)
+        shared = "allow_other" in {p for o in cfg.fuse_options for p in o.split(",")}
+        ops.attach_view(journal, cfg.history_dir, shared=shared)
     log.info("descriptors: limit %d, up to %d cached for inodes, %d kept free",
              ops.fc.limit, ops.fc.budget, ops.fc.reserve)
     state = _RunState()

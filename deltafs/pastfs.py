@@ -8,6 +8,12 @@ chunks (``ChunkCache``, ``--cache-size``) serves delta chains and re-reads
 without decoding again.  Every chunk is verified against its id
 (``Reader.read_chunk``).  Anything that would change the tree fails EROFS.
 
+The pieces are shared with the history view inside every live mount
+(historyview.py): ``load_tree`` builds a PastTree from a reader,
+``entry_attributes`` gives a node's attributes under any inode number,
+``FileStream`` is one open version read a range at a time.  ``serve``
+mounts them standalone; the view embeds them in the live mount's inode space.
+
 Directory mtimes: the journal records a directory's mtime when a record
 carries one (mkdir, setattr/utimes); otherwise the view shows the mount
 time's resolution moment (the time of the record WHEN resolved to).

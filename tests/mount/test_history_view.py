@@ -34,14 +34,14 @@ def head(mnt: Path) -> int:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    """A live mount with a generated history of 150 saves, kept mounted."""
+    """A live mount with a generated history of 300 saves, kept mounted."""
     base = tmp_path_factory.mktemp("hv")
     src, mnt = base / "src", base / "mnt"
     src.mkdir()
     mnt.mkdir()
-    m = Mount(src, mnt).start()
+    m = Mount(src, mnt, "--guard", "off").start()  # random edits that the guard may call damage
     try:
-        make_history(mnt, 150)
+        make_history(mnt, 300)
         run_cli("flush", mnt, check=True)
         yield m
         m.umount()
@@ -52,7 +52,8 @@ def live(tmp_path_factory):
 def test_view_equals_restore_at_several_moments(live, tmp_path):
     view = live.mnt / NAME / "at"
     top = head(live.mnt)
-    moments = sorted({max(1, top * f // 10) for f in (1, 3, 5, 8, 10)})
+    moments = sorted({max(1, top * f // 10) for f in range(1, 11)})
+    assert len(moments) == 10
     for k, seq in enumerate(moments):
         dest = tmp_path / f"restored{k}"
         run_cli("restore", live.mnt, "--at", f"v{seq}", "--to", dest, check=True)
@@ -125,6 +126,12 @@ def test_hidden_from_root_listing_and_never_journaled(live):
     h = live.mnt / NAME
     assert NAME not in os.listdir(live.mnt)
     assert h.is_dir()
+    # the view's inode numbers are apart from the live ones (SRC's st_ino)
+    from deltafs.ops import VIEW_INODES
+
+    view_inos = {os.lstat(p).st_ino for p in [h, *(h / "at" / "now").rglob("*"), *(h / "versions").rglob("*")]}
+    live_inos = {os.lstat(p).st_ino for p in live.mnt.rglob("*") if NAME not in p.parts}
+    assert min(view_inos) >= VIEW_INODES > max(live_inos)
     for p in (h / "at" / "now").rglob("*"):
         if p.is_file():
             p.read_bytes()
@@ -148,6 +155,12 @@ def test_snapshots_and_relative_names(live):
         assert time.monotonic() < deadline, "at/now never showed a new file"
         time.sleep(0.1)
     assert (h / "at" / "0 seconds ago" / "fresh.txt").read_bytes() == b"new\n"
+    # two names of one version are two directories (one name per directory inode: a
+    # shell's cwd in at/now never moves to at/vN)
+    top = head(live.mnt)
+    a, b = os.stat(h / "at" / "now" / "d1"), os.stat(h / "at" / f"v{top}" / "d1")
+    assert a.st_ino != b.st_ino
+    assert os.stat(h / "at" / "now").st_ino != os.stat(h / "at" / f"v{top}").st_ino
     assert not (h / "at" / "not a moment").exists()
     assert not (h / "at" / "2999-01-01").exists()
 
@@ -211,6 +224,10 @@ def test_other_users_see_only_what_they_may_read_now_and_then(mount_factory):
         run_cli("flush", m.mnt, check=True)
         h = m.mnt / NAME
         past = h / "at" / f"v{then}"
+        os.listdir(past)  # the owner's walk: nothing the kernel caches lets another user skip a check
+        assert (past / "closed.txt").stat().st_size > 0
+        res = as_nobody("stat", str(past / "closed.txt"))
+        assert res.returncode != 0 and b"Permission denied" in res.stderr, res
         res = as_nobody("cat", str(past / "public.txt"))
         assert res.returncode == 0 and res.stdout == b"public.txt\n", res.stderr
         for name in ("secret.txt", "opened.txt", "closed.txt"):
@@ -233,3 +250,29 @@ def test_other_users_see_only_what_they_may_read_now_and_then(mount_factory):
         for p in (base / "mnt",):
             force_unmount(p)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_open_version_survives_compaction(mount_factory):
+    """A version file open in the view keeps its chunks through a compaction that prunes
+    it (maintenance.held_versions); once closed, the next pass prunes it."""
+    m = mount_factory()
+    old, new = os.urandom(300_000), os.urandom(300_000)  # nothing shared: pruning frees every chunk
+    _save(m.mnt / "f.bin", old)
+    _save(m.mnt / "f.bin", new)
+    run_cli("flush", m.mnt, check=True)
+    listing = m.mnt / NAME / "versions" / "f.bin"
+    first = sorted(os.listdir(listing))[0]
+    prune_all = ["--retention", "1s:all,*:none", "--coalesce", "0"]
+    time.sleep(1.1)  # both versions older than the policy's 1 s (ages are journal times)
+    _save(m.mnt / "later.txt", b"moves the journal's clock on\n")
+    with open(listing / first, "rb") as f:  # nothing read yet: no page is cached
+        res = json.loads(run_cli("compact", m.mnt, *prune_all, "--json", check=True).stdout)
+        assert res["versions_pruned"] == 0, res  # the open version is held
+        assert f.read() == old
+    res = json.loads(run_cli("compact", m.mnt, *prune_all, "--json", check=True).stdout)
+    assert res["versions_pruned"] >= 1, res
+    deadline = time.monotonic() + 5  # the kernel keeps the listing's attributes for up to 1 s
+    while first in os.listdir(listing):
+        assert time.monotonic() < deadline, "the pruned version stayed listed"
+        time.sleep(0.1)
+    m.umount()
