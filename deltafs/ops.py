@@ -593,7 +593,7 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         if self.guard_block is not None and (fields.update_size or fields.update_mode or fields.update_uid
                                              or fields.update_gid):
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         node = self._node(inode)
         if fields.update_size:
             await self.rec.before_change(self, node, self.path_of(node))
@@ -785,7 +785,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         os.mkdir(name, mode, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -798,7 +798,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         node = self._known(self._stat_entry(parent, name, errno.EACCES))
         self._before_last_name(node, parent, name, True)
@@ -812,7 +812,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         os.mknod(name, mode, rdev, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -825,7 +825,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         os.symlink(target, name, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -837,7 +837,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         node = self._node(inode)
         parent = self._node(new_parent_inode)
         held = self._hold(node, parent)
@@ -862,7 +862,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def unlink(self, parent_inode, name, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         st = self._stat_entry(parent, name, errno.EACCES)
         if self.rec.enabled:
@@ -891,7 +891,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         old = self._node(parent_inode_old)
         new = self._node(parent_inode_new)
         st_old = self._stat_entry(old, name_old, errno.EACCES)
@@ -984,7 +984,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             if self.guard_block is not None:
-                self.guard_block.check(ctx)
+                await self.guard_block.check(ctx)
             await self.rec.before_change(self, node, self.path_of(node))
             await self.wait_capture(node)
         elif self.guard_opens is not None:  # the guard's open-then-delete signal counts opens
@@ -998,7 +998,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         f, writable = self._backing_flags(flags)
         fd = self.fc.open(name, f | os.O_CREAT, mode, dir_fd=parent.fd, handle=True)
@@ -1146,7 +1146,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def setxattr(self, inode, name, value, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         node = self._node(inode)
         before = self._xattr_state(node, name) if self.rec.enabled else None
         os.setxattr(self._proc(node), name, value)
@@ -1171,7 +1171,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def removexattr(self, inode, name, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         node = self._node(inode)
         os.removexattr(self._proc(node), name)
         self.rec.event("removexattr", ops=self, node=node, name=name)
