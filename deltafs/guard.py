@@ -826,7 +826,8 @@ class Guard:
                     **a.to_dict(), "snapshot": self.snapshot, "changes_since": d.damaged_since_alert,
                     "hook_error": self.hook_error, "from_earlier_mount": self.since_mount,
                     "blocking": None if self.block is None or not self.block.blocking else self.block.status()},
-                "alerts": self.alerts}
+                "alerts": self.alerts,
+                "pacing": self.block is not None and not self.block.blocking}
 
 
 def holding(g: "Guard | None") -> bool:

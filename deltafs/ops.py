@@ -289,9 +289,10 @@ class Operations(pyfuse3.Operations):
         # before every write(2); a patched pyfuse3 (DELTAFS_PATCHES
         # 'nocaps_inodes') answers these in C without calling getxattr
         self.nocaps_inodes: set[int] = set()
-        # the mass-damage guard (deltafs/guard.py, docs/guard.md): while an alert
-        # stands under --guard-action block, a Block whose check(ctx) refuses
-        # changes (EPERM); else None, one attribute test per request
+        # the mass-damage guard (deltafs/guard.py, docs/guard.md): under
+        # --guard-action block, while suspicious or alerted, a Block whose
+        # check(ctx) paces or refuses changes (EPERM); else None: one
+        # attribute test per request
         self.guard_block = None
         self.guard_opens = None  # a bounded deque: (parent, name) of read-only opens, for the guard
 
