@@ -400,7 +400,22 @@ async def _op_guard(daemon, server, req) -> dict:
     return {"guard": g.status()}
 
 
-_OPS = {"guard": _op_guard, "status": _op_status, "flush": _op_flush, "pause": _op_pause, "resume": _op_resume,
+async def _op_group(daemon, server, req) -> dict:
+    """Sync group: a pass now, or a resolve in one (deltafs/sync/service.py)."""
+    g = daemon.services.sync
+    if g is None:
+        raise UsageError("this mount is in no sync group (`deltafs group join URL` on the unmounted tree, "
+                         "then mount it)")
+    if req.get("action") == "resolve":
+        path, take = os.fsencode(req["path"]), str(req["take"])
+        rep = await g.run(lambda eng: eng.resolve(path, take))
+        from deltafs.sync import describe
+
+        return {"report": {k: v for k, v in rep.items() if k != "result"}, "resolved": describe(rep.get("result"))}
+    return {"report": await g.run()}
+
+
+_OPS = {"group": _op_group, "guard": _op_guard, "status": _op_status, "flush": _op_flush, "pause": _op_pause, "resume": _op_resume,
         "snapshot": _op_snapshot, "snapshots": _op_snapshots, "mirror_register": _op_mirror_register,
         "compact": _op_compact}
 

@@ -42,6 +42,10 @@ from deltafs.fdcache import FdCache
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
+# Inode numbers from here up belong to an embedded read-only view (the history
+# view, historyview.py), never to SRC: live numbers are SRC's st_ino, and no
+# filesystem deltafs runs on hands out numbers with the top 24 bits all set.
+VIEW_INODES = 0xFFFF_FF00_0000_0000
 _CAPS = b"security.capability"
 _FALLOC_MODES = sc.FALLOC_FL_KEEP_SIZE | sc.FALLOC_FL_PUNCH_HOLE | sc.FALLOC_FL_ZERO_RANGE
 MAX_LINKS = 16  # extra names remembered per hard-linked inode
@@ -247,6 +251,8 @@ class Operations(pyfuse3.Operations):
     # round trips, listings cached by the kernel, readdir gets the inode
     dir_handle_is_inode = "dir_handle_is_inode" in getattr(pyfuse3, "DELTAFS_PATCHES", ())
     supports_dot_lookup = False
+    view = None  # an embedded view (historyview.HistoryOperations sets it): inodes >= VIEW_INODES
+    view_name: bytes | None = None  # its name in the root
 
     def __init__(self, src: str, *, hidden: tuple[int, int] | None = None, timeout: float = 86400.0,
                  recorder=None, fd_limit: int | None = None, fd_budget: int | None = None) -> None:
@@ -326,8 +332,8 @@ class Operations(pyfuse3.Operations):
     def _node(self, ino: int) -> Node:
         try:
             return self.nodes[ino]
-        except KeyError:
-            raise FUSEError(errno.ESTALE) from None
+        except KeyError:  # a view's inode: nothing of it may change
+            raise FUSEError(errno.EROFS if ino >= VIEW_INODES else errno.ESTALE) from None
 
     def _stat_entry(self, parent: Node, name: bytes, err: int) -> os.stat_result | None:
         """lstat of parent/name (None if missing); the journal directory answers ``err``."""
@@ -548,6 +554,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode >= VIEW_INODES or parent_inode == ROOT and name == self.view_name:
+            return await self.view.lookup(parent_inode, name, ctx)
         try:
             return self._entry(self._node(parent_inode), name)
         except FileNotFoundError:
@@ -587,7 +595,11 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode, ctx=None):
-        node = self._node(inode)
+        node = self.nodes.get(inode)
+        if node is None:
+            if inode >= VIEW_INODES and self.view is not None:
+                return await self.view.getattr(inode, ctx)
+            raise FUSEError(errno.ESTALE)
         return self.attrs(self._stat(node), inode)
 
     @_errors
@@ -925,7 +937,7 @@ class Operations(pyfuse3.Operations):
             # (two names of one inode: rename(2) does nothing, so nothing to record)
             self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
                            parent=new, name=name_new, replaced=replaced, also=old, over=st_new,
-                           over_xattrs=over_xattrs)
+                           over_xattrs=over_xattrs, moved_st=st_old)
         if flags & sc.RENAME_EXCHANGE:
             if over is not None:
                 self._move_name(over, new, name_new, old, name_old)
@@ -1029,7 +1041,13 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def read(self, fh, off, size):
-        return os.pread(self.handles[fh].fd, size, off)
+        try:
+            fd = self.handles[fh].fd
+        except KeyError:  # not a live handle: the view's (fh >= VIEW_INODES)
+            if fh >= VIEW_INODES and self.view is not None:
+                return await self.view.read(fh, off, size)
+            raise
+        return os.pread(fd, size, off)
 
     @_errors
     async def write(self, fh, off, buf):
