@@ -206,6 +206,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     loc = locate(args.path, args.journal)
     progress = history.ProgressLine(sys.stderr) if sys.stderr.isatty() and not args.dry_run else None
+    if loc.mnt is not None and not args.dry_run:
+        _guard_allow_me(loc)  # an in-place restore through a blocking mount is the user's repair
     try:
         rep = history.restore(loc.journal, loc.rel, at=args.at, version=args.version, dest=args.to,
                               mnt=loc.mnt, src=loc.src, force=args.force, dry_run=args.dry_run,

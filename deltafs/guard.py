@@ -79,7 +79,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ LEVEL_NAMES = ("off", *LEVELS)
 SKIP_CAUSES = frozenset({"scan", "preimage", "restore"})
 HEAD = 4096  # bytes of the head sample
 SNAPSHOT_PREFIX = "guard-"
+SUSPECT = 0.4  # --guard-action block: from this share of the threshold on, changes wait for capture
 OPENED_KEPT = 20_000  # read-only opens (and unpaired new opaque files) the detector remembers
 OPENS_QUEUED = 4096  # opens ops.open may queue between two drains (the oldest are dropped)
 ACTIONS = ("alert", "block")
@@ -374,11 +375,13 @@ class Detector:
         self.orphans: collections.OrderedDict[bytes, tuple[float, int]] = collections.OrderedDict()
         self.alert: Alert | None = None  # the standing alert (until resume)
         self.observed = 0
+        self.last_score = 0.0  # the window's score after the last observe that added a hit
         self._added = 0
         self.damaged_since_alert = 0
 
     def resume(self) -> None:
         self.alert = None
+        self.last_score = 0.0
         self.hits.clear()
         self.fresh.clear()
         self.orphans.clear()
@@ -454,8 +457,10 @@ class Detector:
                 self.created[c.path] = seq
                 if len(self.created) > 10_000:
                     self.created.pop(next(iter(self.created)))
+        expired = False
         while self.hits and now - self.hits[0].t > self.window:
             self.hits.popleft()
+            expired = True
         while self.fresh and now - next(iter(self.fresh.values()))[0] > self.window:
             self.fresh.popitem(last=False)
         while self.orphans and (len(self.orphans) > OPENED_KEPT or
@@ -464,9 +469,11 @@ class Detector:
         if self.alert is not None:
             self.damaged_since_alert += self._added
             return None
-        if not self._added:
-            return None  # the score rises only with a new hit
-        total = self.score()
+        if not self._added:  # the score rises only with a new hit
+            if expired:
+                self.last_score = self.score()
+            return None
+        total = self.last_score = self.score()
         if total >= self.threshold:
             first = min(h.seq for h in self.hits if h.seq) if any(h.seq for h in self.hits) else 0
             self.alert = Alert(self.level, total, self.threshold, first, time.time_ns(), list(self.hits))
@@ -561,6 +568,13 @@ class Block:
     :meth:`check` first (a request that is not blocked costs ops one
     attribute test: ``ops.guard_block is None``).
 
+    Before the alert, while the window's score is at least SUSPECT of the
+    threshold, the guard installs one that only paces (``blocking`` False):
+    each such request first waits until every capture queued before it is
+    committed and scored (``drain``), so an attacker cannot run ahead of the
+    capture pipeline; the request that follows the change crossing the
+    threshold is refused.
+
     Refused with EPERM, for every process but the ones allowed (the
     ``deltafs rollback`` that undoes the attack registers its own): opens
     for writing or with O_TRUNC, creates, mknod, mkdir, symlink, link,
@@ -569,15 +583,24 @@ class Block:
     writes) and WRITE requests on descriptors opened before the alert (they
     arrive at writeback time, not attributable to a process) go through."""
 
-    def __init__(self) -> None:
+    def __init__(self, blocking: bool = True, drain: Callable[[], Awaitable] | None = None) -> None:
+        self.blocking = blocking
+        self.drain = drain
         self.allowed: set[int] = set()  # pids (their threads too) that may change the tree
         self.refused = 0
+        self.paced = 0
         self.processes: dict[int, str] = {}  # pid -> command name of the first few refused
 
     def allow(self, pid: int) -> None:
         self.allowed = {p for p in self.allowed if os.path.exists(f"/proc/{p}")} | {pid}
 
-    def check(self, ctx) -> None:
+    async def check(self, ctx) -> None:
+        if not self.blocking:
+            if self.drain is not None:
+                self.paced += 1
+                await self.drain()
+            if not self.blocking:
+                return
         pid = getattr(ctx, "pid", 0)
         for a in self.allowed:  # FUSE gives the calling thread's id: accept a thread of an allowed pid
             if pid == a or os.path.exists(f"/proc/{a}/task/{pid}"):
@@ -652,7 +675,8 @@ class Guard:
         self.snapshot: str | None = None
         self.alerts = 0
         self.hook_error: str | None = None
-        self.block: Block | None = None
+        self.block: Block | None = None  # installed in ops while pacing or blocking
+        self.drain = None  # capture.Recorder.drain (set by guard_service)
         self.since_mount = False  # the standing alert was raised by an earlier daemon
         # ops.open appends (parent node, name) of each read-only open; drained before each observe
         self.opens: collections.deque = collections.deque(maxlen=OPENS_QUEUED)
@@ -683,10 +707,24 @@ class Guard:
             self.snapshot = guard_snapshot_name(alert.time_ns)  # status names it at once
             self._start_blocking()
             self.nursery.start_soon(self._alerted, alert)
+        elif self.action == "block" and self.ops is not None and self.detector.alert is None:
+            self._pace(self.detector.last_score >= SUSPECT * self.detector.threshold)
+
+    def _pace(self, on: bool) -> None:
+        if on and self.block is None:
+            self.block = Block(blocking=False, drain=self.drain)
+            self.ops.guard_block = self.block
+            log.info("guard: score %.2f of %g: changes wait for capture until it falls (--guard-action block)",
+                     self.detector.last_score, self.detector.threshold)
+        elif not on and self.block is not None and not self.block.blocking:
+            self.block = None
+            self.ops.guard_block = None
 
     def _start_blocking(self) -> None:
-        if self.action == "block" and self.ops is not None and self.block is None:
-            self.block = Block()
+        if self.action == "block" and self.ops is not None:
+            if self.block is None:
+                self.block = Block(drain=self.drain)
+            self.block.blocking = True
             self.ops.guard_block = self.block  # from the next request on
 
     def _state(self) -> dict:
@@ -787,8 +825,9 @@ class Guard:
                 "action": self.action, "score": round(d.score(), 2), "alert": None if a is None else {
                     **a.to_dict(), "snapshot": self.snapshot, "changes_since": d.damaged_since_alert,
                     "hook_error": self.hook_error, "from_earlier_mount": self.since_mount,
-                    "blocking": None if self.block is None else self.block.status()},
-                "alerts": self.alerts}
+                    "blocking": None if self.block is None or not self.block.blocking else self.block.status()},
+                "alerts": self.alerts,
+                "pacing": self.block is not None and not self.block.blocking}
 
 
 def holding(g: "Guard | None") -> bool:
@@ -817,6 +856,7 @@ async def guard_service(daemon, task_status=None) -> None:
     g = Guard(Detector(level if level != "off" else "normal", raw=rec.raw_cache.get), daemon.journal,
               daemon.nursery, getattr(cfg, "on_alert", None), cfg.mnt, getattr(cfg, "guard_action", "alert"),
               daemon.ops, state_path, watching=level != "off")
+    g.drain = rec.drain
     if state is not None:
         g.restore(state)
     if g.watching:

@@ -348,9 +348,10 @@ class Operations(pyfuse3.Operations):
         # before every write(2); a patched pyfuse3 (DELTAFS_PATCHES
         # 'nocaps_inodes') answers these in C without calling getxattr
         self.nocaps_inodes: set[int] = set()
-        # the mass-damage guard (deltafs/guard.py, docs/guard.md): while an alert
-        # stands under --guard-action block, a Block whose check(ctx) refuses
-        # changes (EPERM); else None, one attribute test per request
+        # the mass-damage guard (deltafs/guard.py, docs/guard.md): under
+        # --guard-action block, while suspicious or alerted, a Block whose
+        # check(ctx) paces or refuses changes (EPERM); else None: one
+        # attribute test per request
         self.guard_block = None
         self.guard_opens = None  # a bounded deque: (parent, name) of read-only opens, for the guard
 
@@ -658,7 +659,7 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         if self.guard_block is not None and (fields.update_size or fields.update_mode or fields.update_uid
                                              or fields.update_gid):
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         node = self._node(inode)
         if fields.update_size:
             await self.rec.before_change(self, node, self.path_of(node))
@@ -850,7 +851,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         os.mkdir(name, mode, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -863,7 +864,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         node = self._known(self._stat_entry(parent, name, errno.EACCES))
         self._before_last_name(node, parent, name, True)
@@ -877,7 +878,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         os.mknod(name, mode, rdev, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -890,7 +891,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         os.symlink(target, name, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -901,7 +902,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         node = self._node(inode)
         parent = self._node(new_parent_inode)
         held = self._hold(node, parent)
@@ -926,7 +927,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def unlink(self, parent_inode, name, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         st = self._stat_entry(parent, name, errno.EACCES)
         if self.rec.enabled:
@@ -955,7 +956,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         old = self._node(parent_inode_old)
         new = self._node(parent_inode_new)
         st_old = self._stat_entry(old, name_old, errno.EACCES)
@@ -1047,7 +1048,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             if self.guard_block is not None:
-                self.guard_block.check(ctx)
+                await self.guard_block.check(ctx)
             await self.rec.before_change(self, node, self.path_of(node))
             await self.wait_capture(node)
         elif self.guard_opens is not None:  # the guard's open-then-delete signal counts opens
@@ -1061,7 +1062,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         f, writable = self._backing_flags(flags)
         fd = self.fc.open(name, f | os.O_CREAT, mode, dir_fd=parent.fd, handle=True)
@@ -1215,7 +1216,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def setxattr(self, inode, name, value, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         node = self._node(inode)
         before = self._xattr_state(node, name) if self.rec.enabled else None
         os.setxattr(self._proc(node), name, value)
@@ -1240,7 +1241,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def removexattr(self, inode, name, ctx):
         if self.guard_block is not None:
-            self.guard_block.check(ctx)
+            await self.guard_block.check(ctx)
         node = self._node(inode)
         os.removexattr(self._proc(node), name)
         self.rec.on_removexattr(self, node, name)

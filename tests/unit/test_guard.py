@@ -261,13 +261,13 @@ class Ctx:
         self.pid = pid
 
 
-def test_block_refuses_all_but_allowed_processes():
+async def test_block_refuses_all_but_allowed_processes():
     b = guard.Block()
     with pytest.raises(PermissionError) as e:
-        b.check(Ctx(os.getppid()))
+        await b.check(Ctx(os.getppid()))
     assert e.value.errno == 1  # EPERM
     b.allow(os.getpid())
-    b.check(Ctx(os.getpid()))  # allowed
+    await b.check(Ctx(os.getpid()))  # allowed
     import threading  # FUSE names the calling thread: a thread of an allowed process is allowed
     go, tid = threading.Event(), []
     t = threading.Thread(target=lambda: (tid.append(threading.get_native_id()), go.wait(10)))
@@ -276,12 +276,12 @@ def test_block_refuses_all_but_allowed_processes():
         time.sleep(0.001)
     try:
         assert tid[0] != os.getpid()
-        b.check(Ctx(tid[0]))
+        await b.check(Ctx(tid[0]))
     finally:
         go.set()
         t.join()
     with pytest.raises(PermissionError):
-        b.check(Ctx(os.getppid()))
+        await b.check(Ctx(os.getppid()))
     assert b.status()["refused"] == 2 and b.status()["processes"][0]["pid"] == os.getppid()
 
 
@@ -306,3 +306,60 @@ def test_a_write_the_guard_cannot_see_clears_its_memory_and_renames_point_at_the
     w.rename(p, p + b".locked")
     (h,) = w.det.hits
     assert h.reasons == ("extension",) and h.seq == write_seq  # ...the attack on it began at the write
+
+
+class FakeOps:
+    guard_block = None
+    guard_opens = None
+
+    def child_path(self, parent, name):
+        return name
+
+
+async def test_block_paces_changes_while_suspicious_then_refuses():
+    """Under --guard-action block, from SUSPECT of the threshold on, each change
+    waits for capture (drain) so the attacker cannot outrun the guard."""
+    w = World()
+    ops = FakeOps()
+    drained = []
+
+    async def drain():
+        drained.append(1)
+
+    g = guard.Guard(w.det, None, None, action="block", ops=ops)
+    g.drain = drain
+    paths = corpus(w)
+
+    def feed(*changes):  # through the Guard, as capture.Recorder does
+        seqs = list(range(w.seq + 1, w.seq + 1 + len(changes)))
+        w.seq += len(changes)
+        g.observe(changes, seqs)
+    w.feed = feed
+
+    class Nursery:
+        def start_soon(self, fn, *a):
+            pass
+    g.nursery = Nursery()
+    for i, p in enumerate(paths):
+        w.put(p, enc(w.raw[w.old[p]]))
+        if i + 1 < 2:
+            assert ops.guard_block is None  # 1 file's worth: nothing installed
+        elif i + 1 < 5:
+            assert ops.guard_block is not None and not ops.guard_block.blocking
+            await ops.guard_block.check(Ctx(os.getppid()))  # paced, not refused
+        else:
+            break
+    assert drained and g.alerted and ops.guard_block.blocking
+    with pytest.raises(PermissionError):
+        await ops.guard_block.check(Ctx(os.getppid()))
+    g.resume()
+    assert ops.guard_block is None
+
+
+def test_opens_are_drained_into_the_detector():
+    w = World()
+    ops = FakeOps()
+    g = guard.Guard(w.det, None, None, ops=ops)
+    g.opens.append((None, b"docs/a.txt"))
+    g.observe([], [])
+    assert b"docs/a.txt" in w.det.opened and not g.opens
