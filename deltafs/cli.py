@@ -251,6 +251,18 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return history.restore_exit_code(rep, True)
 
 
+def _guard_allow_me(loc) -> None:
+    """Under --guard-action block a standing alert refuses changes through the
+    mount: the rollback that undoes the attack is let through (docs/guard.md)."""
+    from deltafs import control
+    from deltafs.errors import DeltafsError
+
+    try:
+        control.request(loc.journal, "guard", action="allow", pid=os.getpid())
+    except DeltafsError:
+        pass  # the guard is off: nothing blocks
+
+
 def _snapshot_before(loc, name: str) -> str:
     """Name the head before a rollback changes anything (through the daemon when mounted)."""
     from deltafs import control, snapshots
@@ -259,6 +271,7 @@ def _snapshot_before(loc, name: str) -> str:
     if loc.mnt is not None:
         control.request(loc.journal, "flush")
         control.request(loc.journal, "snapshot", name=name)
+        _guard_allow_me(loc)
     else:
         j = Journal.open(loc.journal)
         try:
@@ -476,6 +489,11 @@ def cmd_guard(args: argparse.Namespace) -> int:
         if a:
             print(f"  {a['files']} files look destroyed; the attack began after version {a['before_version']}"
                   f" (snapshot {a['snapshot']}); {a['changes_since']} suspicious changes since")
+            if a.get("blocking"):
+                b = a["blocking"]
+                who = ", ".join(f"{p['name']} (pid {p['pid']})" for p in b["processes"][:5])
+                print(f"  changes through the mount are refused (--guard-action block): {b['refused']} so far"
+                      + (f", by {who}" if who else ""))
             print(f"  undo: deltafs rollback {loc.mnt} --to {a['snapshot'] or 'v%d' % a['before_version']}"
                   f" ; then: deltafs guard resume {loc.mnt}")
     return 1 if args.action == "status" and g.get("alert") else 0

@@ -387,12 +387,16 @@ async def _op_compact(daemon, server, req) -> dict:
 
 
 async def _op_guard(daemon, server, req) -> dict:
-    """``{"op": "guard", "action": "status"|"resume"}`` (deltafs guard; docs/guard.md)."""
+    """``{"op": "guard", "action": "status"|"resume"|"allow", "pid": N}`` (deltafs guard; docs/guard.md)."""
     g = daemon.services.guard
     if g is None:
         raise UsageError(f"the guard is off for {daemon.cfg.mnt} (mounted with --guard off or --no-capture)")
     if req.get("action") == "resume":
         return {"guard": {**g.resume(), **g.status()}}
+    if req.get("action") == "allow":  # deltafs rollback while --guard-action block refuses changes
+        if not isinstance(req.get("pid"), int):
+            raise UsageError('guard allow needs a "pid" number')
+        return {"guard": {**g.allow(req["pid"]), **g.status()}}
     return {"guard": g.status()}
 
 

@@ -79,6 +79,7 @@ LAYERS = [
     ["deltafs.metrics"],
     ["deltafs.status"],
     ["deltafs.control"],
+    ["deltafs.historyview"],  # the history view inside a live mount (uses pastfs's trees)
     ["deltafs.pastfs"],  # mount --at: a read-only view built from history
     ["deltafs.sync"],  # sync groups: publish, pull and apply over capture, mirrors, journal
     # services and tools: the FUSE side, capture, compaction, mirrors, history
@@ -95,10 +96,17 @@ PACKAGE_LAYERS = {
     "deltafs.journal": [  # deltafs/journal/core.py's docstring
         ["core"],  # Journal: the writer, the public face
         ["compact", "verify"],  # the Compactor; verify
+        ["planstate"],  # compaction's planning state
         ["reader", "storage"],  # Reader; Storage: env, every db, packs, lock (the lmdb owner)
         ["upgrade", "state", "private", "hlc"],
         ["packs", "records"],
         ["schema"],
+    ],
+    "deltafs.history": [  # deltafs/history/__init__.py re-exports every public name
+        ["restore"],  # restore, rollback (writes, journals a restore into SRC)
+        ["log", "diff"],  # log / saves; diff of a file or a tree
+        ["query"],  # a path at a moment: entries, WHEN, pruned versions, cat
+        ["format"],  # text and JSON output
     ],
 }
 
