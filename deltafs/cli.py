@@ -317,7 +317,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     while True:
         sts = gather()
         if args.check:
-            probs = [p for st in sts for p in status.problems(st, args.max_lag)]
+            probs = [p for st in sts for p in status.problems(st, args.max_lag, args.max_peer_age)]
             for p in probs:
                 print(f"CRITICAL: {p}", flush=True)
             if not probs:
@@ -521,6 +521,8 @@ def _add_control_parsers(sub) -> None:
                    help="exit 1 and say why when capture is failing or the journal is near a limit")
     st.add_argument("--max-lag", type=float, default=3600.0, metavar="SECONDS",
                     help="with --check: fail when a mirror lags more than this (default 3600)")
+    st.add_argument("--max-peer-age", type=float, metavar="SECONDS",
+                    help="with --check: fail when a sync group's peer was last heard longer ago (docs/sync.md)")
     st.add_argument("--watch", action="store_true", help="repeat every --interval seconds until Ctrl-C")
     st.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help=argparse.SUPPRESS)
     st.set_defaults(func=cmd_status)

@@ -192,12 +192,26 @@ def resolve(journal, src: str, path: bytes, take: str, *, pull: bool = True) -> 
         return describe(ev)
 
 
+def group_status(journal_dir: str, handle=None) -> dict | None:
+    """``status``'s "group" object (None: the journal is in no group); ``handle``: the mount's service."""
+    st = membership(journal_dir)
+    if st is None:
+        return None
+    out = {"url": st.url, "device": st.device, "name": st.name, "published": st.published,
+           "pending_out": st.numbered - st.published, "pending_in": sum(len(v) for v in st.pending.values()),
+           "conflicts": len(st.conflicts), "conflict_paths": [_show(p) for p in sorted(st.conflicts)[:10]],
+           "peers": peers(journal_dir)}
+    if handle is not None:
+        out.update(service=handle.status())
+    return out
+
+
 def peers(journal_dir: str, now_ns: int | None = None) -> list[dict]:
     st = _require(journal_dir)
     now_ns = now_ns or time.time_ns()
     out = []
     for dev, p in sorted(st.peers.items()):
-        seen_ns = p.get("seen_ns", 0)
+        seen_ns = p.get("heard_ns", 0)
         out.append({"device": dev, "name": p.get("name", ""), "left": p.get("left", False),
                     "last_seen_ns": seen_ns, "age_s": round((now_ns - seen_ns) / 1e9, 1) if seen_ns else None,
                     "events": p.get("last", 0), "pending_in": p.get("last", 0) - p.get("n", 0),

@@ -22,6 +22,7 @@ from .local import View, journal_view, lstat, read_target, same_bytes
 log = logging.getLogger(__name__)
 
 APPLY_BATCH = 256  # intents journaled per commit
+HEARTBEAT_NS = 60 * 1_000_000_000  # an idle member rewrites its head.json this often (status: last heard)
 EMPTY_HASH = G.blake(b"")
 
 
@@ -182,8 +183,11 @@ class Engine:
     # ---- publishing ---------------------------------------------------------------------
     def publish(self, force_head: bool = False) -> int:
         st = self.st
+        seen = {d: p.get("n", 0) for d, p in st.peers.items()}
         if not self.publishing or not st.outbox and not force_head:
             return 0
+        if not st.outbox and seen == st.head_seen and self.clock() - st.head_ns < HEARTBEAT_NS and not st.left:
+            return 0  # nothing new to say: head.json is rewritten only as a heartbeat
         if st.outbox_chunks:
             with self.journal.reader() as r:
                 items = []
@@ -210,9 +214,9 @@ class Engine:
             st.segments.append({"name": name, "first": first, "last": last})
         head = G.Head(device=self.dev, name=st.name, last=st.numbered, last_hash=st.last_hash.hex(),
                       segments=st.segments, packs=st.packs,
-                      seen={d: p.get("n", 0) for d, p in st.peers.items()}, left=st.left,
-                      updated_ns=self.clock())
+                      seen=seen, left=st.left, updated_ns=self.clock())
         self.store.put(G.head_name(self.dev), head.encode())
+        st.head_ns, st.head_seen = head.updated_ns, seen
         st.published = st.numbered
         st.outbox, st.outbox_chunks = [], []
         self.report["published"] += n
@@ -230,6 +234,8 @@ class Engine:
             if head is None:
                 continue
             peer = st.peers.setdefault(dev, {"n": 0, "hash": bytes(32), "packs": []})
+            if peer.get("seen_ns") != head.updated_ns or peer.get("last") != head.last:
+                peer["heard_ns"] = time.time_ns()  # by this machine's clock (the peer's may be off)
             peer.update(name=head.name, last=head.last, seen_ns=head.updated_ns, left=head.left,
                         seen=dict(head.seen))
             for name in head.packs:
