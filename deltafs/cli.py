@@ -1383,13 +1383,13 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     if mount is not None:  # the daemon resolves, in a pass of its sync service
         from deltafs import control
 
-        for p in paths:
-            done.append((p, control.request(jdir, "group", timeout=600, action="resolve", path=os.fsdecode(p),
-                                            take=args.take)["resolved"]))
+        if paths:
+            resp = control.request(jdir, "group", timeout=600, action="resolve", take=args.take,
+                                   paths=[os.fsdecode(p) for p in paths])
+            done = list(zip(paths, resp["all"]))
     else:
         with Journal.open(jdir) as j:
-            for p in paths:
-                done.append((p, sync.resolve(j, src, p, args.take)))
+            done = list(zip(paths, sync.resolve_many(j, src, paths, args.take) if paths else []))
     for p, d in done:
         if args.json:
             _print_json({"path": os.fsdecode(p), **d})

@@ -177,8 +177,13 @@ def conflicts(journal_dir: str) -> list[dict]:
     return out
 
 
-def resolve(journal, src: str, path: bytes, take: str, *, pull: bool = True) -> dict:
+def resolve(journal, src: str, path: bytes, take: str) -> dict:
     """End the conflict on ``path`` and publish the result (one pass)."""
+    return resolve_many(journal, src, [path], take)[0]
+
+
+def resolve_many(journal, src: str, paths, take: str) -> list[dict]:
+    """End the conflicts on ``paths`` with one scan, one apply batch and one upload."""
     st = _require(journal.path)
     scan(journal, src)
     store = open_store(st.url, journal.path, st.endpoint_url)
@@ -186,10 +191,10 @@ def resolve(journal, src: str, path: bytes, take: str, *, pull: bool = True) -> 
         eng = Engine(journal, src, store, st, LocalIO(journal, src))
         eng.recover_intents()
         eng.detect_local()
-        ev = eng.resolve(path, take)
+        out = [describe(eng.resolve(p, take)) for p in paths]
         eng.execute_intents()
         eng.publish()
-        return describe(ev)
+        return out
 
 
 def group_status(journal_dir: str, handle=None) -> dict | None:
