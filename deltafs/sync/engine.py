@@ -426,6 +426,8 @@ class Engine:
                 touched.extend(created)
                 for c in created:
                     reached.setdefault(c, None)
+            if touched:
+                self.io.flush()
             seqs = self.io.record(touched) if touched else {}
             with self.journal.reader() as r:
                 for p, t in reached.items():
@@ -510,5 +512,4 @@ class Engine:
             st.files[p] = dict(full, ls=(cur or {}).get("ls", 0))
         else:
             st.intents[p] = full
-        self.save()
-        return full
+        return full  # the caller saves (execute_intents, publish)
