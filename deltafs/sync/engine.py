@@ -92,9 +92,11 @@ class Engine:
         self.dev = st.device
         self.clock = clock
         self.report = PassReport(published=0, received=0, applied=0, conflicts=0, merged=0, pending=0)
+        self.dirty = False  # state changed since the last save
 
     def save(self) -> None:
         S.save(self.jdir, self.st)
+        self.dirty = False
 
     # ---- the pass ---------------------------------------------------------------
     def run_pass(self, pull: bool = True) -> PassReport:
@@ -106,6 +108,8 @@ class Engine:
             self.pull()
         self.execute_intents()
         self.publish(force_head=pull)
+        if self.dirty:
+            self.save()
         self.report["pending"] = sum(len(v) for v in self.st.pending.values())
         self.report["open_conflicts"] = len(self.st.conflicts)
         return self.report
@@ -136,8 +140,9 @@ class Engine:
                     continue
                 cur = st.files.get(p)
                 if same_local(cur, v):
-                    if cur is not None and v.kind == "f":
+                    if cur is not None and v.kind == "f" and cur.get("ls") != v.seq:
                         cur["ls"] = v.seq
+                        self.dirty = True
                     continue
                 if cur is None and v.kind is None:
                     continue
@@ -276,6 +281,7 @@ class Engine:
         """Decide what a remote event means here (docs/sync.md, the rules)."""
         st = self.st
         p = ev["p"]
+        self.dirty = True
         if not self._settled(p):
             st.pending.setdefault(p, []).append(ev)
             return "pending"
@@ -438,8 +444,10 @@ class Engine:
                         t.setdefault("eq", [t["v"]])
                     else:
                         st.intents.pop(p, None)
-                        if p in seqs:
-                            st.origins[seqs[p]] = head_id(t)
+                        seq = seqs.get(p) or (v.seq if v.kind == "f" and v.seq != (st.files.get(p) or {}).get("ls")
+                                              else 0)
+                        if seq:
+                            st.origins[seq] = head_id(t)  # which device's version this journal version is
                         done += 1
                     st.files[p] = dict(t, ls=v.seq)
             self.save()

@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--no-s3", action="store_true")
+    ap.add_argument("--only-propagation", action="store_true", help="measure 1 only (docs: the other rows stay)")
     args = ap.parse_args(argv)
     n = 20 if args.quick else 60
     files, size = (1000, 32 << 20) if args.quick else (10_000, 1 << 30)
@@ -180,6 +181,10 @@ def main(argv=None) -> int:
                     print("propagation s3://", out["s3"], flush=True)
                 finally:
                     server.close()
+        if args.only_propagation:
+            if args.write_docs:
+                update_propagation(out)
+            return 0
         d = os.path.join(base, "f")
         os.makedirs(d)
         out["first"] = first_sync(d, f"file://{d}/store", files, size)
@@ -197,17 +202,37 @@ def main(argv=None) -> int:
     return 0
 
 
+def _propagation_rows(out: dict) -> list[str]:
+    rows = []
+    for key, what in (("file", "file://"), ("s3", "s3:// (SeaweedFS, 127.0.0.1)")):
+        if key in out:
+            p = out[key]
+            rows.append(f"| propagation of a save through {what}, passes back to back ({p['n']} saves) | "
+                        f"median {p['median_s'] * 1000:.0f} ms, p99 {p['p99_s'] * 1000:.0f} ms |")
+    return rows
+
+
+def update_propagation(out: dict) -> None:
+    """--only-propagation --write-docs: replace the propagation rows of the section, keep the rest."""
+    from tools.bench.scale import DOC
+
+    with open(DOC) as f:
+        lines = f.read().split("\n")
+    at = [i for i, ln in enumerate(lines) if ln.startswith("| propagation of a save through")]
+    if not at:
+        raise SystemExit("no propagation rows in the Sync groups section: run the whole bench with --write-docs")
+    lines[at[0]:at[-1] + 1] = _propagation_rows(out)
+    with open(DOC, "w") as f:
+        f.write("\n".join(lines))
+
+
 def render(out: dict, quick: bool) -> str:
     L = [HEADING, "", "Written by `python -m tools.bench.sync" + (" --quick" if quick else "") + " --write-docs` "
          f"on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} cores, shared and loaded). Members are unmounted "
          "trees driven in one process by the sync engine (what a mount's sync service runs, minus the mount); "
          "see the module's docstring for the method.", "",
          "| measure | result |", "|---|---|"]
-    for key, what in (("file", "file://"), ("s3", "s3:// (SeaweedFS, 127.0.0.1)")):
-        if key in out:
-            p = out[key]
-            L.append(f"| propagation of a save through {what}, passes back to back ({p['n']} saves) | "
-                     f"median {p['median_s'] * 1000:.0f} ms, p99 {p['p99_s'] * 1000:.0f} ms |")
+    L += _propagation_rows(out)
     f = out["first"]
     L.append(f"| a new member's first sync (`clone --join`), {f['files']:,} files / {f['bytes'] / 2**20:.0f} MiB | "
              f"{f['clone_s']:.1f} s ({f['mib_s']:.1f} MiB/s); publishing them took {f['publish_s']:.1f} s |")
