@@ -108,7 +108,7 @@ def run_group(tmp_path: Path, url: str, env=None, members=3, extra=(), join_extr
 
     listing = json.loads(cli("group", "list", "-m", a, "--json", env=env).stdout)
     assert len(listing["peers"]) == members - 1
-    assert all(p["pending_in"] == 0 and p["pending_out"] == 0 for p in listing["peers"])
+    assert all(p["pending_in"] == 0 and p["pending_out"] == 0 for p in listing["peers"]), [(p["pending_in"], p["pending_out"], p["events"]) for p in listing["peers"]]
     return trees
 
 
