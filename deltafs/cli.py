@@ -319,7 +319,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     while True:
         sts = gather()
         if args.check:
-            probs = [p for st in sts for p in status.problems(st, args.max_lag)]
+            probs = [p for st in sts for p in status.problems(st, args.max_lag, args.max_peer_age)]
             for p in probs:
                 print(f"CRITICAL: {p}", flush=True)
             if not probs:
@@ -523,6 +523,8 @@ def _add_control_parsers(sub) -> None:
                    help="exit 1 and say why when capture is failing or the journal is near a limit")
     st.add_argument("--max-lag", type=float, default=3600.0, metavar="SECONDS",
                     help="with --check: fail when a mirror lags more than this (default 3600)")
+    st.add_argument("--max-peer-age", type=float, metavar="SECONDS",
+                    help="with --check: fail when a sync group's peer was last heard longer ago (docs/sync.md)")
     st.add_argument("--watch", action="store_true", help="repeat every --interval seconds until Ctrl-C")
     st.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help=argparse.SUPPRESS)
     st.set_defaults(func=cmd_status)
@@ -1383,13 +1385,13 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     if mount is not None:  # the daemon resolves, in a pass of its sync service
         from deltafs import control
 
-        for p in paths:
-            done.append((p, control.request(jdir, "group", timeout=600, action="resolve", path=os.fsdecode(p),
-                                            take=args.take)["resolved"]))
+        if paths:
+            resp = control.request(jdir, "group", timeout=600, action="resolve", take=args.take,
+                                   paths=[os.fsdecode(p) for p in paths])
+            done = list(zip(paths, resp["all"]))
     else:
         with Journal.open(jdir) as j:
-            for p in paths:
-                done.append((p, sync.resolve(j, src, p, args.take)))
+            done = list(zip(paths, sync.resolve_many(j, src, paths, args.take) if paths else []))
     for p, d in done:
         if args.json:
             _print_json({"path": os.fsdecode(p), **d})

@@ -407,11 +407,14 @@ async def _op_group(daemon, server, req) -> dict:
         raise UsageError("this mount is in no sync group (`deltafs group join URL` on the unmounted tree, "
                          "then mount it)")
     if req.get("action") == "resolve":
-        path, take = os.fsencode(req["path"]), str(req["take"])
-        rep = await g.run(lambda eng: eng.resolve(path, take))
+        paths = [os.fsencode(p) for p in (req.get("paths") or [req["path"]])]
+        take = str(req["take"])
+        rep = await g.run(lambda eng: [eng.resolve(p, take) for p in paths])
         from deltafs.sync import describe
 
-        return {"report": {k: v for k, v in rep.items() if k != "result"}, "resolved": describe(rep.get("result"))}
+        done = [describe(ev) for ev in rep.get("result") or []]
+        return {"report": {k: v for k, v in rep.items() if k != "result"}, "resolved": done[0] if done else None,
+                "all": done}
     return {"report": await g.run()}
 
 

@@ -141,7 +141,18 @@ async def daemon_status(daemon) -> dict:
                         if daemon.services.maintenance is not None else None),
         "descriptors": daemon.ops.descriptor_status(),
         "guard": g.status() if (g := daemon.services.guard) is not None else None,  # deltafs.guard
+        "group": await trio.to_thread.run_sync(_group, cfg.journal, getattr(daemon.services, "sync", None)),
     }
+
+
+def _group(journal_dir: str, handle=None) -> dict | None:
+    """The sync group's figures (docs/sync.md), None outside a group."""
+    from deltafs import sync
+
+    try:
+        return sync.group_status(journal_dir, handle)
+    except (OSError, ValueError) as e:
+        return {"error": f"sync state unreadable: {e}"}
 
 
 def offline_status(journal_dir: str, src: str | None, mnt: str | None = None,
@@ -154,7 +165,7 @@ def offline_status(journal_dir: str, src: str | None, mnt: str | None = None,
     mirrors = j.pop("_mirrors")
     return {"mounted": mnt is not None, "daemon": daemon, "src": src, "mnt": mnt, "pid": None,
             "started": None, "uptime_s": None, "journal": j, "capture": None, "snapshots": snaps,
-            "mirrors": mirrors}
+            "mirrors": mirrors, "group": _group(journal_dir)}
 
 
 def status_of(loc, timeout: float = 10.0) -> dict:
@@ -188,10 +199,20 @@ def all_mounts(timeout: float = 10.0) -> list[dict]:
     return out + view_statuses()
 
 
-def problems(st: dict, max_lag: float = MAX_MIRROR_LAG_S) -> list[str]:
+def problems(st: dict, max_lag: float = MAX_MIRROR_LAG_S, max_peer_age: float | None = None) -> list[str]:
     """Why a mount is unhealthy (empty: healthy).  ``max_lag``: seconds a
-    mirror may lag behind the journal."""
+    mirror may lag behind the journal; ``max_peer_age``: seconds a sync
+    group's peer may go unheard (None: not checked)."""
     out = []
+    grp = st.get("group") or {}
+    where0 = st.get("mnt") or st.get("src") or st.get("journal", {}).get("path")
+    if grp.get("error") or (grp.get("service") or {}).get("last_error"):
+        out.append(f"{where0}: sync group: {grp.get('error') or grp['service']['last_error']}")
+    if max_peer_age is not None:
+        for p in grp.get("peers") or []:
+            if not p.get("left") and (p.get("age_s") is None or p["age_s"] > max_peer_age):
+                seen = "never" if p.get("age_s") is None else f"{_ago(p['age_s'])} ago"
+                out.append(f"{where0}: sync peer {p['device']} ({p.get('name') or '-'}) last heard {seen}")
     if st.get("view") == "past":  # a read-only mount --at view: nothing to lag or fail
         return out
     where = st.get("mnt") or st.get("src") or st.get("journal", {}).get("path")
@@ -321,6 +342,15 @@ def format_text(st: dict) -> str:
         if fds["shortages"] or fds["refused"]:
             lines.append(f"             SHORT {fds['shortages']} time(s): {fds['shed']} cached closed, "
                          f"{fds['refused']} open(s) refused to keep {fds['reserve']} free")
+    grp = st.get("group")
+    if grp and not grp.get("error"):
+        lines.append(f"  group      {grp['url']}: device {grp['device']}, {grp['conflicts']} conflict(s) open"
+                     + (f" ({', '.join(grp['conflict_paths'])})" if grp["conflicts"] else "")
+                     + f", pending out {grp['pending_out']}, waiting in {grp['pending_in']}")
+        for p in grp.get("peers") or []:
+            seen = "never" if p.get("age_s") is None else f"{_ago(p['age_s'])} ago"
+            lines.append(f"  peer       {p['device']} {p.get('name') or '-'}: last heard {seen}, "
+                         f"pending in {p['pending_in']}, out {p['pending_out']}" + (" (left)" if p.get("left") else ""))
     snaps = st.get("snapshots") or []
     if snaps:
         s = snaps[-1]
@@ -451,4 +481,30 @@ def prometheus(statuses: list[dict]) -> bytes:
             if mi.get("state"):
                 for state in MIRROR_STATES:
                     mg["m_state"].labels(*mv, state).set(1 if mi["state"] == state else 0)
+    _group_metrics(reg, labels, statuses)
     return generate_latest(reg)
+
+
+def _group_metrics(reg, labels, statuses) -> None:
+    """The sync group's figures (docs/sync.md): conflicts, pending, each peer's age and lag."""
+    from prometheus_client import Gauge
+
+    pl = [*labels, "peer"]
+    conf = Gauge("deltafs_sync_conflicts", "open sync conflicts", labels, registry=reg)
+    out = Gauge("deltafs_sync_pending_out", "local events not yet published", labels, registry=reg)
+    age = Gauge("deltafs_sync_peer_age_seconds", "seconds since the peer's stream last moved", pl, registry=reg)
+    pin = Gauge("deltafs_sync_peer_pending_in", "the peer's events not yet applied here", pl, registry=reg)
+    pout = Gauge("deltafs_sync_peer_pending_out", "events of this member the peer has not taken", pl, registry=reg)
+    for st in statuses:
+        grp = st.get("group") or {}
+        if not grp or grp.get("error"):
+            continue
+        j = st.get("journal") or {}
+        lv = (st.get("mnt") or "", st.get("src") or "", j.get("path") or "")
+        conf.labels(*lv).set(grp["conflicts"])
+        out.labels(*lv).set(grp["pending_out"])
+        for p in grp.get("peers") or []:
+            if p.get("age_s") is not None:
+                age.labels(*lv, p["device"]).set(p["age_s"])
+            pin.labels(*lv, p["device"]).set(p["pending_in"])
+            pout.labels(*lv, p["device"]).set(p["pending_out"])

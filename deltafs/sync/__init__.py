@@ -177,8 +177,13 @@ def conflicts(journal_dir: str) -> list[dict]:
     return out
 
 
-def resolve(journal, src: str, path: bytes, take: str, *, pull: bool = True) -> dict:
+def resolve(journal, src: str, path: bytes, take: str) -> dict:
     """End the conflict on ``path`` and publish the result (one pass)."""
+    return resolve_many(journal, src, [path], take)[0]
+
+
+def resolve_many(journal, src: str, paths, take: str) -> list[dict]:
+    """End the conflicts on ``paths`` with one scan, one apply batch and one upload."""
     st = _require(journal.path)
     scan(journal, src)
     store = open_store(st.url, journal.path, st.endpoint_url)
@@ -186,10 +191,24 @@ def resolve(journal, src: str, path: bytes, take: str, *, pull: bool = True) -> 
         eng = Engine(journal, src, store, st, LocalIO(journal, src))
         eng.recover_intents()
         eng.detect_local()
-        ev = eng.resolve(path, take)
+        out = [describe(eng.resolve(p, take)) for p in paths]
         eng.execute_intents()
         eng.publish()
-        return describe(ev)
+        return out
+
+
+def group_status(journal_dir: str, handle=None) -> dict | None:
+    """``status``'s "group" object (None: the journal is in no group); ``handle``: the mount's service."""
+    st = membership(journal_dir)
+    if st is None:
+        return None
+    out = {"url": st.url, "device": st.device, "name": st.name, "published": st.published,
+           "pending_out": st.numbered - st.published, "pending_in": sum(len(v) for v in st.pending.values()),
+           "conflicts": len(st.conflicts), "conflict_paths": [_show(p) for p in sorted(st.conflicts)[:10]],
+           "peers": peers(journal_dir)}
+    if handle is not None:
+        out.update(service=handle.status())
+    return out
 
 
 def peers(journal_dir: str, now_ns: int | None = None) -> list[dict]:
@@ -197,7 +216,7 @@ def peers(journal_dir: str, now_ns: int | None = None) -> list[dict]:
     now_ns = now_ns or time.time_ns()
     out = []
     for dev, p in sorted(st.peers.items()):
-        seen_ns = p.get("seen_ns", 0)
+        seen_ns = p.get("heard_ns", 0)
         out.append({"device": dev, "name": p.get("name", ""), "left": p.get("left", False),
                     "last_seen_ns": seen_ns, "age_s": round((now_ns - seen_ns) / 1e9, 1) if seen_ns else None,
                     "events": p.get("last", 0), "pending_in": p.get("last", 0) - p.get("n", 0),

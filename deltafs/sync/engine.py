@@ -22,6 +22,7 @@ from .local import View, journal_view, lstat, read_target, same_bytes
 log = logging.getLogger(__name__)
 
 APPLY_BATCH = 256  # intents journaled per commit
+HEARTBEAT_NS = 60 * 1_000_000_000  # an idle member rewrites its head.json this often (status: last heard)
 EMPTY_HASH = G.blake(b"")
 
 
@@ -91,9 +92,11 @@ class Engine:
         self.dev = st.device
         self.clock = clock
         self.report = PassReport(published=0, received=0, applied=0, conflicts=0, merged=0, pending=0)
+        self.dirty = False  # state changed since the last save
 
     def save(self) -> None:
         S.save(self.jdir, self.st)
+        self.dirty = False
 
     # ---- the pass ---------------------------------------------------------------
     def run_pass(self, pull: bool = True) -> PassReport:
@@ -105,6 +108,8 @@ class Engine:
             self.pull()
         self.execute_intents()
         self.publish(force_head=pull)
+        if self.dirty:
+            self.save()
         self.report["pending"] = sum(len(v) for v in self.st.pending.values())
         self.report["open_conflicts"] = len(self.st.conflicts)
         return self.report
@@ -135,8 +140,9 @@ class Engine:
                     continue
                 cur = st.files.get(p)
                 if same_local(cur, v):
-                    if cur is not None and v.kind == "f":
+                    if cur is not None and v.kind == "f" and cur.get("ls") != v.seq:
                         cur["ls"] = v.seq
+                        self.dirty = True
                     continue
                 if cur is None and v.kind is None:
                     continue
@@ -182,8 +188,11 @@ class Engine:
     # ---- publishing ---------------------------------------------------------------------
     def publish(self, force_head: bool = False) -> int:
         st = self.st
+        seen = {d: p.get("n", 0) for d, p in st.peers.items()}
         if not self.publishing or not st.outbox and not force_head:
             return 0
+        if not st.outbox and seen == st.head_seen and self.clock() - st.head_ns < HEARTBEAT_NS and not st.left:
+            return 0  # nothing new to say: head.json is rewritten only as a heartbeat
         if st.outbox_chunks:
             with self.journal.reader() as r:
                 items = []
@@ -210,9 +219,9 @@ class Engine:
             st.segments.append({"name": name, "first": first, "last": last})
         head = G.Head(device=self.dev, name=st.name, last=st.numbered, last_hash=st.last_hash.hex(),
                       segments=st.segments, packs=st.packs,
-                      seen={d: p.get("n", 0) for d, p in st.peers.items()}, left=st.left,
-                      updated_ns=self.clock())
+                      seen=seen, left=st.left, updated_ns=self.clock())
         self.store.put(G.head_name(self.dev), head.encode())
+        st.head_ns, st.head_seen = head.updated_ns, seen
         st.published = st.numbered
         st.outbox, st.outbox_chunks = [], []
         self.report["published"] += n
@@ -230,6 +239,8 @@ class Engine:
             if head is None:
                 continue
             peer = st.peers.setdefault(dev, {"n": 0, "hash": bytes(32), "packs": []})
+            if peer.get("seen_ns") != head.updated_ns or peer.get("last") != head.last:
+                peer["heard_ns"] = time.time_ns()  # by this machine's clock (the peer's may be off)
             peer.update(name=head.name, last=head.last, seen_ns=head.updated_ns, left=head.left,
                         seen=dict(head.seen))
             for name in head.packs:
@@ -270,6 +281,7 @@ class Engine:
         """Decide what a remote event means here (docs/sync.md, the rules)."""
         st = self.st
         p = ev["p"]
+        self.dirty = True
         if not self._settled(p):
             st.pending.setdefault(p, []).append(ev)
             return "pending"
@@ -420,6 +432,8 @@ class Engine:
                 touched.extend(created)
                 for c in created:
                     reached.setdefault(c, None)
+            if touched:
+                self.io.flush()
             seqs = self.io.record(touched) if touched else {}
             with self.journal.reader() as r:
                 for p, t in reached.items():
@@ -430,8 +444,10 @@ class Engine:
                         t.setdefault("eq", [t["v"]])
                     else:
                         st.intents.pop(p, None)
-                        if p in seqs:
-                            st.origins[seqs[p]] = head_id(t)
+                        seq = seqs.get(p) or (v.seq if v.kind == "f" and v.seq != (st.files.get(p) or {}).get("ls")
+                                              else 0)
+                        if seq:
+                            st.origins[seq] = head_id(t)  # which device's version this journal version is
                         done += 1
                     st.files[p] = dict(t, ls=v.seq)
             self.save()
@@ -504,5 +520,4 @@ class Engine:
             st.files[p] = dict(full, ls=(cur or {}).get("ls", 0))
         else:
             st.intents[p] = full
-        self.save()
-        return full
+        return full  # the caller saves (execute_intents, publish)

@@ -44,6 +44,8 @@ class SyncState:
     pending: dict = field(default_factory=dict)  # path -> [remote events waiting for the path to settle]
     origins: dict = field(default_factory=dict)  # local journal seq -> "device:n" it applied
     left: bool = False
+    head_ns: int = 0  # when head.json was last written (heartbeat)
+    head_seen: dict = field(default_factory=dict)  # the "seen" map it carried
 
     def to_wire(self) -> bytes:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -2,7 +2,7 @@
 
 A group store is a mirror URL (any :class:`deltafs.mirrors.base.Mirror`,
 plain or encrypted) holding ``group.json`` and, per member device,
-``members/<device>/head.json`` (the only object a member replaces), its
+``heads/<device>.json`` (the only object a member replaces), its
 event segments ``members/<device>/events/<first>-<last>.seg`` and its packs
 ``members/<device>/packs/<blake2b>.pack``.  Only the member itself writes
 under its prefix.
@@ -59,7 +59,7 @@ def unpack_list(b: bytes) -> list[tuple[bytes, int]]:
 
 # --- names -------------------------------------------------------------------
 def head_name(dev: str) -> str:
-    return f"members/{dev}/head.json"
+    return f"heads/{dev}.json"  # apart from members/: listing the members lists only these
 
 
 def segment_name(dev: str, first: int, last: int) -> str:
@@ -102,7 +102,7 @@ def create_group(store) -> dict:
 # --- head.json ---------------------------------------------------------------
 @dataclass
 class Head:
-    """``members/<device>/head.json``: names the member's segments and packs."""
+    """``heads/<device>.json``: names the member's segments and packs."""
 
     device: str
     name: str = ""
@@ -149,10 +149,10 @@ def read_head(store, dev: str) -> Head | None:
 
 def list_members(store) -> list[str]:
     out = []
-    for name, _ in store.list("members/"):
+    for name, _ in store.list("heads/"):
         parts = name.split("/")
-        if len(parts) == 3 and parts[2] == "head.json":
-            out.append(parts[1])
+        if len(parts) == 2 and parts[1].endswith(".json"):
+            out.append(parts[1][:-len(".json")])
     return sorted(out)
 
 

@@ -92,6 +92,10 @@ def run_group(tmp_path: Path, url: str, env=None, members=3, extra=(), join_extr
     assert (a / "notes.md").read_text() == "from a\n"
     assert (others[-1] / "notes.md").read_text() == "from the last\n"
     assert not any(n.startswith("notes") and n != "notes.md" for t in trees for n in os.listdir(t))  # no junk
+    grp = json.loads(cli("status", a, "--json", env=env).stdout)["group"]
+    assert grp["conflicts"] == 1 and grp["conflict_paths"] == ["notes.md"]
+    assert len(grp["peers"]) == members - 1
+    assert "deltafs_sync_conflicts" in cli("status", a, "--prometheus", env=env).stdout
 
     # resolve on a member that edited neither: everyone converges
     middle = others[0] if members > 2 else a
@@ -104,7 +108,7 @@ def run_group(tmp_path: Path, url: str, env=None, members=3, extra=(), join_extr
 
     listing = json.loads(cli("group", "list", "-m", a, "--json", env=env).stdout)
     assert len(listing["peers"]) == members - 1
-    assert all(p["pending_in"] == 0 and p["pending_out"] == 0 for p in listing["peers"])
+    assert all(p["pending_in"] == 0 and p["pending_out"] == 0 for p in listing["peers"]), [(p["pending_in"], p["pending_out"], p["events"]) for p in listing["peers"]]
     return trees
 
 

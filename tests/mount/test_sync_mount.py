@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -87,9 +88,14 @@ def test_two_mounted_members(tmp_path, mount_factory):
     assert (a.mnt / "notes.md").read_text() == "three, from a\n"
     assert conflict_set(a.mnt) == set() and conflict_set(b.mnt) == set()
 
-    # a delete propagates
+    # a delete propagates, and a's service takes it by itself (its timer: every 5 s)
     (b.mnt / "sub" / "new.txt").unlink()
-    sync_all(b.mnt, a.mnt)
+    cli("group", "sync", "-m", b.mnt)
+    deadline = time.monotonic() + 30
+    while (a.src / "sub" / "new.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling a's SRC: the pass comes from a's own timer
     assert not (a.mnt / "sub" / "new.txt").exists()
+    st = json.loads(cli("status", a.mnt, "--json").stdout)["group"]
+    assert st["service"]["passes"] >= 1 and st["service"]["last_error"] is None and st["conflicts"] == 0
     a.umount()
     b.umount()
