@@ -99,6 +99,12 @@ PACKAGE_LAYERS = {
         ["packs", "records"],
         ["schema"],
     ],
+    "deltafs.history": [  # deltafs/history/__init__.py re-exports every public name
+        ["restore"],  # restore, rollback (writes, journals a restore into SRC)
+        ["log", "diff"],  # log / saves; diff of a file or a tree
+        ["query"],  # a path at a moment: entries, WHEN, pruned versions, cat
+        ["format"],  # text and JSON output
+    ],
 }
 
 # Upward imports that exist today, each a later restructuring's to remove.

@@ -1,25 +1,7 @@
-"""History tools over a journal reader: log, cat, diff, restore (no mount needed).
-
-Everything here takes a :class:`deltafs.journal.Reader` (or a Journal and
-opens its own short readers) and a path relative to SRC (bytes, ``b""`` is
-the root).  Nothing here prints: functions return data or strings, and
-``cli`` prints them.
-
-Path semantics:
-
-* ``log PATH`` of a file lists every record whose path (or rename/link
-  target) is PATH, plus every record of the file currently at PATH (so a
-  file renamed into place shows its earlier versions); of a directory,
-  every record at or below it; of the root, every record.
-* ``cat``/``diff``/``restore`` resolve PATH in the tree *as it was* at the
-  chosen moment (``Reader.tree_at``), so deleted and renamed-away paths
-  work.
-"""
+"""restore and rollback: writing a tree as it was, below a directory walked by descriptor."""
 
 from __future__ import annotations
 
-import bisect
-import difflib
 import errno
 import fcntl
 import logging
@@ -27,705 +9,27 @@ import os
 import re
 import secrets
 import stat
-import sys
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 from deltafs import chunking
-from deltafs.errors import (EXIT_JOURNAL, EXIT_OK, EXIT_PARTIAL, CorruptionError, NotFoundError,
-                            PartialError, UsageError)
-from deltafs.journal import (KIND_DIR, KIND_FILE, KIND_SPECIAL, KIND_SYMLINK, Change, Journal,
-                             Reader, TreeEntry, content_hash, tree_entry)
+from deltafs.errors import CorruptionError, NotFoundError, PartialError, UsageError
+from deltafs.history.diff import entry_changes
+from deltafs.history.format import human_size, show_path
+from deltafs.history.query import (Thinned, missing_error, outcome_code, reading, resolve_point,
+                                   retained_entry, root_entry)
+from deltafs.journal import (KIND_DIR, KIND_FILE, KIND_SPECIAL, KIND_SYMLINK, Change, Journal, Reader,
+                             TreeEntry, content_hash)
 from deltafs.names import quote_name, show_name
-from deltafs.when import Point, parse_when, resolve_when, since_seq
+from deltafs.when import Point
 
 log = logging.getLogger(__name__)
 
-TEXT_DIFF_MAX = 8 << 20  # larger files get the chunk summary, never a text diff
 TMP_PREFIX = b".deltafs-restore-"  # + b"PID-N.tmp": a restore's file before its rename
 _TMP_NAME = re.compile(re.escape(TMP_PREFIX) + rb"(\d+)-\d+\.tmp\Z")
-
-
-# --- small formatting helpers ------------------------------------------------------
-def iso_time(ns: int, table: bool = False) -> str:
-    dt = datetime.fromtimestamp(ns / 10**9).astimezone()
-    if table:
-        return dt.strftime("%Y-%m-%d %H:%M:%S")
-    return dt.isoformat(timespec="milliseconds")
-
-
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def show_path(p: bytes | None) -> str:
-    if p is None:
-        return ""
-    return os.fsdecode(p) if p else "/"
-
-
-# --- resolving a path at a moment --------------------------------------------------
-def path_seen(r: Reader, rel: bytes) -> bool:
-    return rel == b"" and r.head_seq() > 0 or bool(r.versions_under(rel))
-
-
-def entry_at(r: Reader, rel: bytes, seq: int) -> TreeEntry | None:
-    """The tree entry at ``rel`` right after record ``seq`` (None: absent)."""
-    if seq >= r.head_seq():
-        fid = r.file_id_at(rel) if rel else None
-        if fid is None:
-            return _root_entry() if rel == b"" else None
-        return tree_entry(rel, fid, r.file_state(fid))
-    e = r.tree_at(seq, prefix=rel).get(rel)
-    return e if e is not None or rel != b"" else _root_entry()
-
-
-def _root_entry() -> TreeEntry:
-    return TreeEntry(b"", KIND_DIR, 0, 0, 0, None, None, None, None, None, None, {}, None)
-
-
-def _missing(r: Reader, rel: bytes, seq: int) -> NotFoundError:
-    name = show_name(rel)
-    seqs = r.versions_under(rel)
-    if not seqs:
-        return NotFoundError(f"{name}: never seen in this journal")
-    if seq >= r.head_seq():
-        return NotFoundError(f"{name} does not exist now (last change in version {seqs[0]}); "
-                             "give --at or --version to name a moment it existed")
-    first = seqs[-1]
-    if seq < first:
-        return NotFoundError(f"{name} did not exist yet at version {seq} (first seen in version {first})")
-    return NotFoundError(f"{name} did not exist at version {seq}")
-
-
-@contextmanager
-def reading(rel: bytes, seq: int | None = None) -> Iterator[None]:
-    """Name PATH (and the version asked for) in a CorruptionError that does
-    not name a file version itself (a damaged record block met while the
-    tree at a moment is rebuilt, say)."""
-    try:
-        yield
-    except CorruptionError as e:
-        if e.path is not None:  # named already
-            raise
-        if seq is not None:
-            raise CorruptionError(e.detail, rel, seq) from e
-        err = CorruptionError(f"{show_name(rel)}: {e.detail}")
-        err.path = rel
-        raise err from e
-
-
-# --- pruned versions (docs/format.md "Compaction and retention") ----------------------
-def pruned_seqs(r: Reader) -> set[int]:
-    return r.pruned_seqs()
-
-
-def _is_pruned(r: Reader, seq: int) -> bool:
-    return bool(seq) and r.is_pruned(seq)
-
-
-def _retained_of(r: Reader, file_id: int) -> list[int]:
-    """Retained content versions of a file, newest first."""
-    pruned = pruned_seqs(r)
-    return [s for s in r.versions_of(file_id) if s not in pruned and r.record(s).is_content]
-
-
-@dataclass(frozen=True)
-class Thinned:
-    """A file given at an earlier version than the one asked for: retention
-    pruned ``asked`` (the version the file had at that moment) and ``given``
-    is the latest retained version at or before it."""
-
-    path: bytes
-    asked: int
-    given: int
-    side: str | None = None  # diff: "from" or "to"
-
-    def to_dict(self) -> dict:
-        d = {"path": show_path(self.path), "asked": self.asked, "given": self.given}
-        if self.side:
-            d["side"] = self.side
-        return d
-
-
-def thinned_note(thinned: list[Thinned], nearest: bool, verb: str = "given") -> str:
-    """The one stderr line saying that (and how many) files were given at an
-    earlier retained version than asked."""
-    if len(thinned) == 1:
-        t = thinned[0]
-        what = (f"{show_name(t.path)} {verb} at version {t.given} instead of {t.asked}, which retention "
-                f"pruned ({t.given} is the latest version of it retained before that)")
-    else:
-        what = (f"{len(thinned)} files {verb} at an earlier version than asked: retention pruned the "
-                "versions they had then, so the latest retained version before each was used (--json "
-                "lists them)")
-    return what if nearest else what + "; exit status 1 (--nearest accepts this)"
-
-
-def outcome_code(*, corrupt: bool = False, failed: bool = False, thinned: bool = False,
-                 nearest: bool = False) -> int:
-    """Exit status of a history read: 3 when anything read was corrupt (it wins),
-    1 (partial) for other failures or, without ``--nearest``, for thinned files."""
-    if corrupt:
-        return EXIT_JOURNAL
-    if failed or (thinned and not nearest):
-        return EXIT_PARTIAL
-    return EXIT_OK
-
-
-def pruned_error(r: Reader, rel: bytes, seq: int, file_id: int) -> NotFoundError:
-    """"version N of PATH was pruned by retention on ...; no earlier version is retained"."""
-    info = r.pruned_info(seq) or {}
-    on = f" on {iso_time(info['t'], table=True)}" if info.get("t") else ""
-    later = [s for s in _retained_of(r, file_id) if s > seq]
-    nxt = f" (the next retained one is version {min(later)})" if later else ""
-    return NotFoundError(f"version {seq} of {show_name(rel)} was pruned by retention{on} and no "
-                         f"earlier version of it is retained{nxt}")
-
-
-def retained_entry(r: Reader, rel: bytes, e: TreeEntry, thinned: list[Thinned] | None = None,
-                   side: str | None = None) -> TreeEntry:
-    """``e`` with a pruned content version replaced by the latest retained one
-    at or before it, and the substitution added to ``thinned``.  NotFoundError
-    when no earlier version of the file is retained."""
-    if e.kind != KIND_FILE or not e.content_seq or not _is_pruned(r, e.content_seq):
-        return e
-    older = [s for s in _retained_of(r, e.file_id) if s < e.content_seq]
-    if not older:
-        raise pruned_error(r, rel, e.content_seq, e.file_id)
-    if thinned is not None:
-        thinned.append(Thinned(rel, e.content_seq, older[0], side))
-    return replace(e, content_seq=older[0], size=r.record(older[0]).size or 0)
-
-
-def resolve_point(r: Reader, at: str | None = None, version: str | None = None,
-                  now_ns: int | None = None) -> Point:
-    """--at WHEN / --version ID (at most one) -> Point; neither: the head."""
-    if at is not None and version is not None:
-        raise UsageError("give either --at or --version, not both")
-    if version is not None:
-        w = parse_when(version, now_ns)
-        if w.seq is None:
-            raise UsageError(f"--version takes a version id (123, v123 or @123), not {version!r}")
-        return resolve_when(r, w, now_ns)
-    return resolve_when(r, at if at is not None else "now", now_ns)
-
-
-def _content_entry(r: Reader, rel: bytes, point: Point, thinned: list[Thinned] | None) -> TreeEntry:
-    """The file entry at ``rel`` at ``point``; a content record of ``rel``
-    named by --version is used directly (no tree replay)."""
-    if point.when.seq is not None:
-        rec = r.record(point.seq)
-        if rec.is_content and rec.path == rel and r.file_state(rec.file_id):
-            e = TreeEntry(rel, KIND_FILE, rec.file_id, rec.seq, rec.size or 0, None, None, None,
-                          None, None, None, {}, None)
-            return retained_entry(r, rel, e, thinned)
-    e = entry_at(r, rel, point.seq)
-    if e is None:
-        raise _missing(r, rel, point.seq)
-    return retained_entry(r, rel, e, thinned)
-
-
-# --- log ----------------------------------------------------------------------------
-def record_entry(rec) -> dict:
-    """One line of ``log``: JSON-ready."""
-    d = {
-        "version": rec.seq,
-        "time": iso_time(rec.time_ns),
-        "time_ns": rec.time_ns,
-        "op": rec.op,
-        "path": show_path(rec.path),
-        "file_id": rec.file_id,
-    }
-    if rec.path2 is not None:
-        d["path2"] = show_path(rec.path2)
-    if rec.is_content:
-        d["cause"] = rec.cause
-        d["size"] = rec.size or 0
-        d["stored"] = rec.stored or 0
-        d["base"] = rec.base_seq or 0
-    elif rec.size is not None:
-        d["size"] = rec.size
-    return d
-
-
-def _path_seqs(r: Reader, rel: bytes, follow: bool = True) -> list[int] | None:
-    """Newest-first seqs of PATH's history (None: the root, i.e. everything).
-
-    Without ``follow``: the records that name PATH or a path below it, i.e.
-    exactly what that path held.  With ``follow`` a file's history across
-    renames is added (``git log --follow``): every record of the file now
-    at PATH, or of the file that last had PATH if nothing is there now."""
-    if rel == b"":
-        return None
-    seqs = set(r.versions_under(rel))
-    if not follow:
-        return sorted(seqs, reverse=True)
-    fid = r.file_id_at(rel)
-    if fid is None and seqs:
-        last = r.record(max(seqs))
-        fid = last.file_id if rel in (last.path, last.path2) else None
-    if fid is not None:
-        st = r.file_state(fid)
-        if st is not None and st.kind != KIND_DIR:
-            seqs.update(r.versions_of(fid))
-    return sorted(seqs, reverse=True)
-
-
-def log_entries(r: Reader, rel: bytes, since: str | None = None, until: str | None = None,
-                limit: int | None = None, now_ns: int | None = None,
-                show_pruned: bool = False, follow: bool = False) -> Iterator[dict]:
-    """Records of PATH, newest first, filtered by --since/--until (inclusive).
-    Pruned versions are left out, or with ``show_pruned`` marked ``"pruned": True``.
-    ``follow``: a file's records across renames too (:func:`_path_seqs`)."""
-    lo = since_seq(r, since, now_ns) if since else 1
-    hi = resolve_when(r, until, now_ns, clamp=True).seq if until else r.head_seq()
-    seqs = _path_seqs(r, rel, follow)
-    if seqs is not None and not seqs:
-        raise _missing(r, rel, r.head_seq())
-    if seqs is None:
-        it = r.records(lo, hi, reverse=True) if hi >= lo else iter(())
-    else:
-        it = (r.record(s) for s in seqs if lo <= s <= hi)
-    pruned = pruned_seqs(r)
-    n = 0
-    for rec in it:
-        if limit is not None and n >= limit:
-            return
-        d = record_entry(rec)
-        if rec.seq in pruned:
-            if not show_pruned:
-                continue
-            d["pruned"] = True
-        yield d
-        n += 1
-
-
-def deleted_entries(r: Reader, rel: bytes, since: str | None = None, until: str | None = None,
-                    limit: int | None = None, now_ns: int | None = None) -> list[dict]:
-    """Files at or below PATH that are deleted now, newest deletion first, each
-    with its last version (``version``; 0 = it never had content)."""
-    lo = since_seq(r, since, now_ns) if since else 1
-    hi = resolve_when(r, until, now_ns, clamp=True).seq if until else r.head_seq()
-    if rel:
-        seqs = r.versions_under(rel)
-        if not seqs:
-            raise _missing(r, rel, r.head_seq())
-        fids = {r.record(s).file_id for s in seqs}
-    else:
-        fids = {rec.file_id for rec in r.records()}
-    out = []
-    for fid in fids:
-        st = r.file_state(fid)
-        if st is None or not st.deleted or not lo <= st.last_seq <= hi:
-            continue
-        if rel and not (st.path == rel or st.path.startswith(rel + b"/")):
-            continue
-        last = r.record(st.content_seq) if st.content_seq else r.record(st.last_seq)
-        gone = r.record(st.last_seq)
-        out.append({
-            "version": st.content_seq, "time": iso_time(last.time_ns), "time_ns": last.time_ns,
-            "op": "deleted", "path": show_path(st.path), "file_id": fid, "kind": st.kind,
-            "size": st.size, "deleted_version": st.last_seq, "deleted_time": iso_time(gone.time_ns),
-        })
-    out.sort(key=lambda d: d["deleted_version"], reverse=True)
-    return out[:limit] if limit is not None else out
-
-
-def follow_entries(j: Journal, rel: bytes, after: int, interval: float = 0.2,
-                   sleep: Callable[[float], None] = time.sleep) -> Iterator[dict]:
-    """New records of PATH after seq ``after``, oldest first, as they are
-    committed (polls the head; ends only when the caller stops iterating)."""
-    for batch in follow_batches(j, rel, after, interval, sleep):
-        yield from batch
-
-
-def follow_batches(j: Journal, rel: bytes, after: int, interval: float = 0.2,
-                   sleep: Callable[[float], None] = time.sleep) -> Iterator[list[dict]]:
-    """:func:`follow_entries` one poll at a time: the non-empty lists of
-    PATH's records committed since the previous poll, oldest first."""
-    while True:
-        with j.reader() as r:
-            head = r.head_seq()
-            if head > after:
-                batch = [record_entry(rec) for rec in r.records(after + 1, head) if _matches(rec, rel)]
-                after = head
-                if batch:
-                    yield batch
-        sleep(interval)
-
-
-# --- saves: a log of what the user did, not of each record (docs/cli.md "deltafs log") ---
-SAVE_GAP_NS = 2_000_000_000
-"""Records further apart than this are never one save."""
-_SAVE_CAUSES = ("restore", "repair", "scan", "preimage")
-
-
-def _save_keys(d: dict) -> set:
-    keys = {("f", d["file_id"]), ("p", d["path"])}
-    if "path2" in d:
-        keys.add(("p", d["path2"]))
-    return keys
-
-
-def save_entry(recs: list[dict]) -> dict:
-    """One save from its records (oldest first): the newest record's version
-    and time, the cause, the path the saved file has after it, and the records
-    themselves (newest first, like the log)."""
-    content = [d for d in recs if "cause" in d]
-    main = content[-1] if content else recs[-1]
-    path = main["path"]
-    for d in recs[recs.index(main) + 1:]:
-        if d["op"] == "rename" and d["file_id"] == main["file_id"] and d["path"] == path:
-            path = d["path2"]
-    causes = {d["cause"] for d in content}
-    cause = next((c for c in _SAVE_CAUSES if c in causes), None)
-    if cause is None:
-        if "rename-over" in causes or any(d["op"] == "rename" and d.get("path2") == path
-                                         for d in recs):
-            cause = "atomic save"
-        elif content:
-            cause = "save"
-        else:
-            cause = recs[0]["op"]
-    last = recs[-1]
-    e = {"version": last["version"], "first_version": recs[0]["version"], "time": last["time"],
-         "time_ns": last["time_ns"], "op": "save", "cause": cause, "path": path,
-         "file_id": main["file_id"]}
-    if "size" in main:
-        e["size"] = main["size"]
-    if content:
-        e["stored"] = sum(d["stored"] for d in content)
-    if all(d.get("pruned") for d in recs):
-        e["pruned"] = True
-    e["records"] = recs[::-1]
-    return e
-
-
-def group_saves(recs: list[dict]) -> list[dict]:
-    """Records in version order (oldest first) -> saves, oldest first.  A
-    record joins the save before it when it is within ``SAVE_GAP_NS`` of that
-    save's last record and shares a file id or a path (path or rename target)
-    with one of its records, unless both hold a content version: a save has at
-    most one; anything else starts a new save."""
-    saves: list[list[dict]] = []
-    keys: set = set()
-    for d in recs:
-        k = _save_keys(d)
-        if saves and d["time_ns"] - saves[-1][-1]["time_ns"] <= SAVE_GAP_NS and k & keys:
-            cur = saves[-1]
-            if "cause" in d and any("cause" in x for x in cur):
-                # a second content version is a second save (never hide a version): the
-                # renames and creates after the first one's content prepared this one
-                last = max(i for i, x in enumerate(cur) if "cause" in x)
-                cut = len(cur)
-                while cut > last + 1 and cur[cut - 1]["op"] in ("rename", "create"):
-                    cut -= 1
-                saves[-1], nxt = cur[:cut], cur[cut:] + [d]
-                saves.append(nxt)
-                keys = set().union(*(_save_keys(x) for x in nxt))
-                continue
-            cur.append(d)
-            keys |= k
-        else:
-            saves.append([d])
-            keys = k
-    return [save_entry(g) for g in saves]
-
-
-def save_entries(entries: Iterable[dict]) -> Iterator[dict]:
-    """Newest-first records (:func:`log_entries`) -> newest-first saves.
-    Records are read a burst at a time (runs with gaps of at most
-    ``SAVE_GAP_NS``), so a save is never split by where reading stops."""
-    burst: list[dict] = []
-    for d in entries:
-        if burst and burst[-1]["time_ns"] - d["time_ns"] > SAVE_GAP_NS:
-            yield from reversed(group_saves(burst[::-1]))
-            burst = []
-        burst.append(d)
-    if burst:
-        yield from reversed(group_saves(burst[::-1]))
-
-
-def _under(p: bytes | None, rel: bytes) -> bool:
-    return p is not None and (not rel or p == rel or p.startswith(rel + b"/"))
-
-
-def _matches(rec, rel: bytes) -> bool:
-    return _under(rec.path, rel) or _under(rec.path2, rel)
-
-
-def log_line(d: dict, table: bool) -> str:
-    """One entry as a table row (terminal) or tab-separated plain line."""
-    op = d.get("cause") or d["op"]
-    path = quote_name(d["path"]) + (f" -> {quote_name(d['path2'])}" if "path2" in d else "")
-    if d["op"] == "deleted":
-        path += f" (deleted in {d['deleted_version']} at {d['deleted_time']})"
-    if d.get("pruned"):
-        path += " (pruned)"
-    if table:
-        t = iso_time(d["time_ns"], table=True)
-        stored = human_size(d["stored"]) if "stored" in d else "-"
-        return f"{d['version']:>8}  {t}  {op:<11} {human_size(d.get('size')):>10} {stored:>10}  {path}"
-    return "\t".join(str(x) for x in (d["version"], d["time"], op, d.get("size", "-"),
-                                       d.get("stored", "-"), path))
-
-
-LOG_HEADER = f"{'VERSION':>8}  {'TIME':<19}  {'OP':<11} {'SIZE':>10} {'STORED':>10}  PATH"
-
-
-# --- cat ------------------------------------------------------------------------------
-def cat_source(r: Reader, rel: bytes, at: str | None = None, version: str | None = None,
-               now_ns: int | None = None, thinned: list[Thinned] | None = None
-               ) -> tuple[TreeEntry, Iterator[bytes]]:
-    """-> (entry, chunks of its content) of PATH at --at/--version (default: now).
-
-    The chunks are verified before each is yielded (``Reader.iter_content``);
-    a pruned version gives the latest retained one before it, added to ``thinned``."""
-    with reading(rel):
-        point = resolve_point(r, at, version, now_ns)
-    with reading(rel, point.seq):
-        e = _content_entry(r, rel, point, thinned)
-    if e.kind == KIND_DIR:
-        raise UsageError(f"{show_name(rel)} is a directory (use 'deltafs log' or 'deltafs restore')")
-    if e.kind == KIND_SYMLINK:
-        raise UsageError(f"{show_name(rel)} is a symlink to {show_name(e.target)}")
-    if e.kind != KIND_FILE:
-        raise UsageError(f"{show_name(rel)} is a special file, it has no content")
-    return e, (_named_chunks(rel, e.content_seq, r.iter_content(e.content_seq)) if e.content_seq
-               else iter(()))
-
-
-def _named_chunks(rel: bytes, seq: int, chunks: Iterator[bytes]) -> Iterator[bytes]:
-    with reading(rel, seq):
-        yield from chunks
-
-
-# --- diff -----------------------------------------------------------------------------
-@dataclass
-class Side:
-    """One side of a diff: the moment, the file's content version (0: empty/absent)."""
-
-    seq: int
-    content_seq: int = 0
-    size: int = 0
-    exists: bool = True
-
-
-def _side(r: Reader, rel: bytes, text: str | None, now_ns, thinned: list[Thinned],
-          side: str) -> tuple[Side, TreeEntry | None]:
-    p = resolve_when(r, text or "now", now_ns)
-    e = entry_at(r, rel, p.seq)
-    if e is None:
-        return Side(p.seq, exists=False), None
-    if e.kind != KIND_FILE:
-        raise UsageError(f"{show_name(rel)} is not a regular file at version {p.seq}")
-    e = retained_entry(r, rel, e, thinned, side)
-    return Side(p.seq, e.content_seq, e.size), e
-
-
-def _is_text(data: bytes) -> bool:
-    if b"\0" in data[:8192]:
-        return False
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-COMPARE_WINDOW = 4 << 20  # bytes of each version held at once when comparing contents
-
-
-def _range_bytes(r: Reader, refs, offs: list[int], x: int, y: int) -> bytes:
-    """Bytes ``[x, y)`` of the content whose chunk list is ``refs``."""
-    out = []
-    k = bisect.bisect_right(offs, x) - 1
-    while k < len(refs) and offs[k] < y:
-        raw = r.read_chunk(refs[k][0])
-        out.append(raw[max(x - offs[k], 0) : y - offs[k]])
-        k += 1
-    return b"".join(out)
-
-
-def same_content(r: Reader, la, lb) -> bool:
-    """Do two chunk lists hold the same bytes?  Equal lists do; otherwise
-    only the byte ranges where the lists do not share a chunk at the same
-    offset are read and compared (an in-place file's list is cut where it
-    was written, so one content may have two lists: docs/format.md)."""
-    if content_hash(la) == content_hash(lb):
-        return True
-    oa, ob = chunking.list_offsets(la), chunking.list_offsets(lb)
-    if oa[-1] != ob[-1]:
-        return False
-    shared = set(zip(oa, la)) & set(zip(ob, lb))
-    differ = [(o, o + ref[1]) for offs, refs in ((oa, la), (ob, lb))
-              for o, ref in zip(offs, refs) if (o, ref) not in shared]
-    for x, y in chunking.merge_ranges(differ):
-        for w in range(x, y, COMPARE_WINDOW):
-            e = min(w + COMPARE_WINDOW, y)
-            if _range_bytes(r, la, oa, w, e) != _range_bytes(r, lb, ob, w, e):
-                return False
-    return True
-
-
-def _read_all(r: Reader, side: Side) -> bytes:
-    return r.read_content(side.content_seq) if side.content_seq else b""
-
-
-def diff_file(r: Reader, rel: bytes, frm: str | None = None, to: str | None = None,
-              stat_only: bool = False, now_ns: int | None = None) -> dict:
-    """Between two versions of a file (default: its previous and current one).
-
-    A side whose version retention pruned is the latest retained version
-    before it; the result's ``thinned`` lists such sides."""
-    with reading(rel):
-        return _diff_file(r, rel, frm, to, stat_only, now_ns)
-
-
-def _diff_file(r: Reader, rel: bytes, frm: str | None, to: str | None, stat_only: bool,
-               now_ns: int | None) -> dict:
-    if not path_seen(r, rel):
-        raise _missing(r, rel, r.head_seq())
-    thinned: list[Thinned] = []
-    b, eb = _side(r, rel, to, now_ns, thinned, "to")
-    if frm is not None:
-        a, _ = _side(r, rel, frm, now_ns, thinned, "from")
-    else:
-        seqs = set(_path_seqs(r, rel) or [])
-        if eb is not None:
-            seqs.update(r.versions_of(eb.file_id))
-        limit = b.content_seq if b.content_seq else b.seq
-        pruned = pruned_seqs(r)
-        prev = [s for s in seqs if s < limit and s not in pruned and r.record(s).is_content]
-        a = Side(max(prev), max(prev), r.record(max(prev)).size or 0) if prev else Side(0, exists=False)
-    if not a.exists and not b.exists:
-        raise _missing(r, rel, b.seq)
-    out = {"path": show_path(rel), "type": "file",
-           "from": {"version": a.seq, "content_version": a.content_seq, "size": a.size, "exists": a.exists},
-           "to": {"version": b.seq, "content_version": b.content_seq, "size": b.size, "exists": b.exists}}
-    if thinned:
-        out["thinned"] = [t.to_dict() for t in thinned]
-    la = r.chunk_list(a.content_seq) if a.content_seq else []
-    lb = r.chunk_list(b.content_seq) if b.content_seq else []
-    out["identical"] = same_content(r, la, lb)
-    ids_a = {c for c, _ in la}
-    new = [(c, n) for c, n in lb if c not in ids_a]
-    out["chunks"] = {"from": len(la), "to": len(lb), "new": len(new), "new_bytes": sum(n for _, n in new)}
-    da = db = None
-    binary = True
-    if a.size <= TEXT_DIFF_MAX and b.size <= TEXT_DIFF_MAX:
-        da, db = _read_all(r, a), _read_all(r, b)
-        binary = not (_is_text(da) and _is_text(db))
-    out["binary"] = binary
-    if binary:
-        return out
-    la_lines = da.decode().splitlines(keepends=True)
-    lb_lines = db.decode().splitlines(keepends=True)
-    name = show_name(rel)
-    lines = []
-    for line in difflib.unified_diff(la_lines, lb_lines, f"a/{name}@{a.seq}" if a.exists else "/dev/null",
-                                     f"b/{name}@{b.seq}" if b.exists else "/dev/null"):
-        lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
-    out["added_lines"] = sum(1 for x in lines if x.startswith("+") and not x.startswith("+++"))
-    out["removed_lines"] = sum(1 for x in lines if x.startswith("-") and not x.startswith("---"))
-    if not stat_only:
-        out["diff"] = "".join(lines)
-    return out
-
-
-def diff_file_text(d: dict, stat_only: bool) -> str:
-    a, b = d["from"], d["to"]
-    name = quote_name(d["path"])
-    if d["identical"] and a["exists"] == b["exists"]:
-        return f"{name}: identical (versions {a['version']} and {b['version']})\n"
-    if d["binary"]:
-        c = d["chunks"]
-        return (f"Binary {name}: {a['size']} -> {b['size']} bytes (versions {a['version']} -> "
-                f"{b['version']}); {c['new']} of {c['to']} chunks new ({c['new_bytes']} bytes)\n")
-    if stat_only:
-        return f"{name} | +{d['added_lines']} -{d['removed_lines']}\n"
-    return d["diff"]
-
-
-def _same(r: Reader, x: TreeEntry, y: TreeEntry) -> list[str]:
-    """What differs between two entries of one path ([] = nothing)."""
-    if x.kind != y.kind:
-        return ["kind"]
-    ch = []
-    if x.kind == KIND_FILE and x.content_seq != y.content_seq:
-        rx = r.record(x.content_seq) if x.content_seq else None
-        ry = r.record(y.content_seq) if y.content_seq else None
-        hx = rx.content_hash if rx else content_hash([])
-        hy = ry.content_hash if ry else content_hash([])
-        # the records' content hashes are exact, pruned versions included; only
-        # the same bytes cut differently need reading (and a pruned one cannot be)
-        if hx != hy and not (rx and ry and rx.size == ry.size and not _is_pruned(r, rx.seq)
-                             and not _is_pruned(r, ry.seq)
-                             and same_content(r, r.chunk_list(rx.seq), r.chunk_list(ry.seq))):
-            ch.append("content")
-    if x.target != y.target:
-        ch.append("target")
-    if x.mode != y.mode:
-        ch.append("mode")
-    if (x.uid, x.gid) != (y.uid, y.gid):
-        ch.append("owner")
-    if x.xattrs != y.xattrs:
-        ch.append("xattrs")
-    return ch
-
-
-def diff_tree(r: Reader, rel: bytes, frm: str | None = None, to: str | None = None,
-              now_ns: int | None = None) -> Iterator[dict]:
-    """Added/removed/changed paths below a directory between two moments
-    (default: just before the newest change below it, and now).  Contents are
-    compared by the content hashes the records keep, so the answer is exact
-    even where retention pruned a version."""
-    b = resolve_when(r, to or "now", now_ns).seq
-    if frm is not None:
-        a = resolve_when(r, frm, now_ns).seq
-    else:
-        seqs = [s for s in (_path_seqs(r, rel) or [r.head_seq()]) if s <= b]
-        a = seqs[0] - 1 if seqs else b
-    with reading(rel):
-        ta, tb = r.tree_at(a, prefix=rel), r.tree_at(b, prefix=rel)
-    for p in sorted(set(ta) | set(tb)):
-        if p == rel:
-            continue
-        x, y = ta.get(p), tb.get(p)
-        if x is None:
-            status, changes = "added", []
-        elif y is None:
-            status, changes = "removed", []
-        else:
-            with reading(p):
-                changes = _same(r, x, y)
-            if not changes:
-                continue
-            status = "changed"
-        e = y or x
-        yield {"status": status, "path": show_path(p), "kind": e.kind, "changes": changes,
-               "from": a, "to": b, "from_size": x.size if x else None, "to_size": y.size if y else None}
-
-
-def diff_tree_line(d: dict, stat_only: bool) -> str:
-    s = {"added": "A", "removed": "D", "changed": "M"}[d["status"]]
-    line = f"{s}\t{quote_name(d['path'])}"
-    if d["changes"] and d["changes"] != ["content"]:
-        line += f"\t({', '.join(d['changes'])})"
-    if stat_only:
-        line += f"\t{human_size(d['from_size'])} -> {human_size(d['to_size'])}"
-    return line
 
 
 # --- restore --------------------------------------------------------------------------
@@ -786,35 +90,6 @@ class RestoreReport:
 
 
 Progress = Callable[[int, int, int, int], None]  # files done, files total, bytes done, bytes total
-
-
-class ProgressLine:
-    """A one-line progress printer (files, bytes, rate, ETA) for a terminal stream."""
-
-    def __init__(self, stream=None, interval: float = 0.2) -> None:
-        self.stream = stream or sys.stderr
-        self.interval = interval
-        self.t0 = time.monotonic()
-        self.last = 0.0
-        self.shown = False
-
-    def __call__(self, fd: int, ft: int, bd: int, bt: int) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval and bd < bt:
-            return
-        self.last = now
-        el = max(now - self.t0, 1e-6)
-        rate = bd / el
-        eta = (bt - bd) / rate if rate > 0 else 0
-        self.stream.write(f"\r{fd}/{ft} files  {human_size(bd)}/{human_size(bt)}  "
-                          f"{human_size(int(rate))}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}  \x1b[K")
-        self.stream.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
 
 
 class Refused(Exception):
@@ -1421,35 +696,60 @@ def restore(journal_dir: str, rel: bytes, *, at: str | None = None, version: str
         mode, anchor, prefix, base = _in_place(rel, mnt, src)
     else:
         raise UsageError("this journal's SRC is unknown: give --to DEST")
+    with _restore_session(journal_dir, rel, mode, base, dry_run, at, version, now_ns) as s:
+        r, point, rep = s.r, s.point, s.rep
+        with reading(rel, point.seq):
+            entries = _restore_entries(r, rel, point, rep)
+        top = entries[rel]
+        if mode == "to" and force and top.kind == KIND_DIR and os.path.lexists(base) \
+                and not (os.path.isdir(base) and not os.path.islink(base)):
+            what = "a symlink (not followed)" if os.path.islink(base) else "not a directory"
+            raise UsageError(f"{dest} exists and is {what}")
+        if not dry_run:
+            s.dirs = _open_anchor(mode, anchor, prefix)
+        rs = _Restorer(r, rep, s.dirs, prefix, anchor, rel, progress, journaling=(mode == "src"),
+                       through_mount=(mode == "mount"))
+        rs.run(list(entries.values()), dry_run)
+        s.changes = rs.changes
+    rep.seconds = time.monotonic() - t0
+    return rep
+
+
+class _Session:
+    """What a restore or rollback has open while it runs (:func:`_restore_session`)."""
+
+    def __init__(self, r: Reader, point: Point, rep: RestoreReport) -> None:
+        self.r = r
+        self.point = point
+        self.rep = rep
+        self.dirs: _Dirs | None = None  # set once the anchor is open (not in a dry run)
+        self.changes: list[Change] = []  # journaled when the session ends (mode "src")
+
+
+@contextmanager
+def _restore_session(journal_dir: str, rel: bytes, mode: str, base: bytes, dry_run: bool,
+                     at: str | None, version: str | None, now_ns: int | None) -> Iterator[_Session]:
+    """The set-up restore and rollback share: the journal open (writable only
+    to journal a restore into SRC), the point resolved, the report begun; at
+    the end ``changes`` committed (after the reader is closed), the anchor's
+    descriptors closed and the journal closed, also on failure."""
     journal = Journal.open(journal_dir, readonly=(mode != "src" or dry_run))
-    dirs = None
+    s = None
     try:
         with journal.reader() as r:
             with reading(rel):
                 point = resolve_point(r, at, version, now_ns)
-            rep = RestoreReport(show_path(rel), point.seq, os.fsdecode(base), mode, dry_run)
-            with reading(rel, point.seq):
-                entries = _restore_entries(r, rel, point, rep)
-            top = entries[rel]
-            if mode == "to" and force and top.kind == KIND_DIR and os.path.lexists(base) \
-                    and not (os.path.isdir(base) and not os.path.islink(base)):
-                what = "a symlink (not followed)" if os.path.islink(base) else "not a directory"
-                raise UsageError(f"{dest} exists and is {what}")
-            if not dry_run:
-                dirs = _open_anchor(mode, anchor, prefix)
-            rs = _Restorer(r, rep, dirs, prefix, anchor, rel, progress, journaling=(mode == "src"),
-                           through_mount=(mode == "mount"))
-            rs.run(list(entries.values()), dry_run)
-        if rs.changes and not dry_run:
-            rep.records = journal.commit(rs.changes)
+            s = _Session(r, point, RestoreReport(show_path(rel), point.seq, os.fsdecode(base), mode, dry_run))
+            yield s
+        if s.changes and not dry_run:
+            rep = s.rep
+            rep.records = journal.commit(s.changes)
             log.info("restore of %s journaled as records %s..%s", rep.path, rep.records[0], rep.records[-1])
     finally:
-        if dirs is not None:
-            dirs.close()
-            os.close(dirs.anchor_fd)
+        if s is not None and s.dirs is not None:
+            s.dirs.close()
+            os.close(s.dirs.anchor_fd)
         journal.close()
-    rep.seconds = time.monotonic() - t0
-    return rep
 
 
 def _restore_entries(r: Reader, rel: bytes, point: Point, rep: RestoreReport) -> dict[bytes, TreeEntry]:
@@ -1458,8 +758,8 @@ def _restore_entries(r: Reader, rel: bytes, point: Point, rep: RestoreReport) ->
     entries = r.tree_at(point.seq, prefix=rel)
     if rel not in entries:
         if rel != b"":
-            raise _missing(r, rel, point.seq)
-        entries[b""] = _root_entry()
+            raise missing_error(r, rel, point.seq)
+        entries[b""] = root_entry()
     top = entries[rel]
     if top.kind != KIND_DIR:
         entries = {rel: replace(top, link_group=None)}  # one path of a hard-linked file
@@ -1544,7 +844,7 @@ def rollback_plan(r: Reader, rel: bytes, point: Point, rep: RestoreReport
     restore: dict[bytes, TreeEntry] = {}
     for p, e in target.items():
         cur = now.get(p)
-        if cur is None or cur.kind != e.kind or _same(r, cur, e) or \
+        if cur is None or cur.kind != e.kind or entry_changes(r, cur, e) or \
                 (e.kind != KIND_DIR and cur.mtime_ns != e.mtime_ns):
             restore[p] = e
     groups = {e.link_group for e in restore.values() if e.link_group is not None}
@@ -1585,34 +885,23 @@ def rollback(journal_dir: str, rel: bytes, *, at: str, mnt: str | None = None, s
     if mnt is None and src is None:
         raise UsageError("this journal's SRC is unknown: rollback works in place only")
     mode, anchor, prefix, base = _in_place(rel, mnt, src)
-    journal = Journal.open(journal_dir, readonly=(mode != "src" or dry_run))
-    dirs = None
-    try:
-        with journal.reader() as r:
-            with reading(rel):
-                point = resolve_point(r, at, None, now_ns)
-            rep = RestoreReport(show_path(rel), point.seq, os.fsdecode(base), mode, dry_run)
-            with reading(rel, point.seq):
-                remove, entries = rollback_plan(r, rel, point, rep)
-            if dry_run:
-                for e in remove:
-                    rep.plan.append({"action": "remove", "path": show_path(e.path),
-                                     "target": os.fsdecode(os.path.join(anchor, e.path)),
-                                     "version": None, "size": e.size})
-                rep.removed = len(remove)
-            else:
-                dirs = _open_anchor(mode, anchor, prefix)
-            rs = _Restorer(r, rep, dirs, prefix, anchor, rel, progress, journaling=(mode == "src"),
-                           through_mount=(mode == "mount"))
-            if not dry_run:
-                rs.remove(remove)
-            rs.run(entries, dry_run)
-        if rs.changes and not dry_run:
-            rep.records = journal.commit(rs.changes)
-    finally:
-        if dirs is not None:
-            dirs.close()
-            os.close(dirs.anchor_fd)
-        journal.close()
+    with _restore_session(journal_dir, rel, mode, base, dry_run, at, None, now_ns) as s:
+        r, point, rep = s.r, s.point, s.rep
+        with reading(rel, point.seq):
+            remove, entries = rollback_plan(r, rel, point, rep)
+        if dry_run:
+            for e in remove:
+                rep.plan.append({"action": "remove", "path": show_path(e.path),
+                                 "target": os.fsdecode(os.path.join(anchor, e.path)),
+                                 "version": None, "size": e.size})
+            rep.removed = len(remove)
+        else:
+            s.dirs = _open_anchor(mode, anchor, prefix)
+        rs = _Restorer(r, rep, s.dirs, prefix, anchor, rel, progress, journaling=(mode == "src"),
+                       through_mount=(mode == "mount"))
+        if not dry_run:
+            rs.remove(remove)
+        rs.run(entries, dry_run)
+        s.changes = rs.changes
     rep.seconds = time.monotonic() - t0
     return rep
