@@ -12,7 +12,7 @@ VENV := .venv
 SRC ?= demo/src
 MNT ?= demo/mnt
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv git sqlite3 rsync tar vim-tiny
-BENCH_APT_PACKAGES := borgbackup restic
+BENCH_APT_PACKAGES := borgbackup restic xdelta3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 deps:
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES)"
 
-# borg and restic are what history_size compares the journal with (issue 4's targets)
+# borg, restic and xdelta3 are what history_size compares the journal with (issues 4 and 20)
 bench-deps:
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(BENCH_APT_PACKAGES)"
 

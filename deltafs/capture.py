@@ -766,7 +766,8 @@ class Recorder:
         if not self._skip(path, True):
             self.submit(Change(op="rmdir", path=path))
 
-    def _ev_rename(self, ops, old, new, flags, parent, name, replaced, over=None, over_xattrs=()) -> None:
+    def _ev_rename(self, ops, old, new, flags, parent, name, replaced, over=None, over_xattrs=(),
+                   moved_st=None) -> None:
         """File identity (docs/design.md): a file renamed to a live name keeps
         its identity; renamed over a regular file whose last name that was, or
         onto the path of a file just gone, it is that file's next version (an
@@ -774,7 +775,10 @@ class Recorder:
         that keeps another name keeps its identity there."""
         if old is None or new is None:
             return
-        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        # what moved, as ops.rename saw it just before (a rename changes no
+        # type or link count): recording a plain rename opens no descriptor,
+        # so it is recorded even when descriptors run short (parent.fd may reopen)
+        st = moved_st or os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         is_dir = stat.S_ISDIR(st.st_mode)
         ign_old, ign_new = self.ignore.match(old, is_dir), self.ignore.match(new, is_dir)
         if ign_old and ign_new:

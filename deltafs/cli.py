@@ -251,6 +251,18 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return history.restore_exit_code(rep, True)
 
 
+def _guard_allow_me(loc) -> None:
+    """Under --guard-action block a standing alert refuses changes through the
+    mount: the rollback that undoes the attack is let through (docs/guard.md)."""
+    from deltafs import control
+    from deltafs.errors import DeltafsError
+
+    try:
+        control.request(loc.journal, "guard", action="allow", pid=os.getpid())
+    except DeltafsError:
+        pass  # the guard is off: nothing blocks
+
+
 def _snapshot_before(loc, name: str) -> str:
     """Name the head before a rollback changes anything (through the daemon when mounted)."""
     from deltafs import control, snapshots
@@ -259,6 +271,7 @@ def _snapshot_before(loc, name: str) -> str:
     if loc.mnt is not None:
         control.request(loc.journal, "flush")
         control.request(loc.journal, "snapshot", name=name)
+        _guard_allow_me(loc)
     else:
         j = Journal.open(loc.journal)
         try:
@@ -476,6 +489,11 @@ def cmd_guard(args: argparse.Namespace) -> int:
         if a:
             print(f"  {a['files']} files look destroyed; the attack began after version {a['before_version']}"
                   f" (snapshot {a['snapshot']}); {a['changes_since']} suspicious changes since")
+            if a.get("blocking"):
+                b = a["blocking"]
+                who = ", ".join(f"{p['name']} (pid {p['pid']})" for p in b["processes"][:5])
+                print(f"  changes through the mount are refused (--guard-action block): {b['refused']} so far"
+                      + (f", by {who}" if who else ""))
             print(f"  undo: deltafs rollback {loc.mnt} --to {a['snapshot'] or 'v%d' % a['before_version']}"
                   f" ; then: deltafs guard resume {loc.mnt}")
     return 1 if args.action == "status" and g.get("alert") else 0
@@ -1051,6 +1069,8 @@ def cmd_clone(args: argparse.Namespace) -> int:
     dest = os.path.abspath(args.dest)
     if os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise UsageError(f"{args.dest} exists and is not an empty directory")
+    if args.join or _is_group_store(args):
+        return _clone_group(args, dest)
     if args.at is not None:
         parse_when(args.at)  # a WHEN that does not parse: refused before the mirror is opened
     made = not os.path.lexists(dest)
@@ -1078,6 +1098,40 @@ def cmd_clone(args: argparse.Namespace) -> int:
     else:
         print(f"cloned {rep.records} records from {rep.mirror} into {jdir}; {tree.summary()}")
     return history.restore_exit_code(tree, args.nearest)
+
+
+def _is_group_store(args: argparse.Namespace) -> bool:
+    from deltafs import sync
+
+    return sync.is_group_store(args.mirror, args.endpoint_url)
+
+
+def _clone_group(args: argparse.Namespace, dest: str) -> int:
+    """clone of a sync group's store: its merged tree; a new member with --join (docs/sync.md)."""
+    import shutil
+
+    from deltafs import sync
+    from deltafs.errors import UsageError
+    from deltafs.journal import Journal
+
+    if args.at is not None:
+        raise UsageError("--at is not supported for a sync group's store: clone, then `deltafs restore --at`")
+    made = not os.path.lexists(dest)
+    os.makedirs(dest, exist_ok=True)
+    jdir = os.path.join(dest, ".deltafs")
+    try:
+        with Journal.open(jdir, create=True) as j:
+            rep = sync.clone(j, dest, args.mirror, join=args.join, endpoint_url=args.endpoint_url,
+                             secrets=_secrets(args))
+    except BaseException:
+        shutil.rmtree(dest if made else jdir, ignore_errors=True)
+        raise
+    if args.json:
+        _print_json({"group": args.mirror, "joined": args.join, "journal": jdir, **rep})
+    else:
+        print(f"cloned the group at {args.mirror} into {dest}: {rep['applied']} path(s), "
+              f"{rep['open_conflicts']} conflict(s) open" + ("; this tree is a member now" if args.join else ""))
+    return 0
 
 
 def cmd_verify_mirror(args: argparse.Namespace) -> int:
@@ -1209,8 +1263,185 @@ def _add_mirror_parsers(sub) -> None:
     _add_nearest(cl)
     endpoint(cl)
     secret_options(cl)
+    cl.add_argument("--join", action="store_true",
+                    help="MIRROR is a sync group's store: DEST becomes a member of the group (docs/sync.md)")
     cl.add_argument("--json", action="store_true", help="print a JSON summary")
     cl.set_defaults(func=cmd_clone)
+
+
+def _group_journal(args: argparse.Namespace, write: bool = True):
+    """-> (journal dir, SRC, mount entry or None) of the tree a group command works on."""
+    from deltafs.errors import UsageError
+    from deltafs.locate import locate
+
+    loc = locate(args.mount, args.journal)
+    if loc.src is None:
+        raise UsageError(f"the journal {loc.journal} is not SRC/.deltafs of a tree: name the tree with -m SRC")
+    return loc.journal, loc.src, loc.mount
+
+
+def _print_pass(rep, as_json: bool) -> None:
+    if as_json:
+        _print_json(dict(rep))
+        return
+    print(f"published {rep['published']}, received {rep['received']}, applied {rep['applied']}; "
+          f"{rep['open_conflicts']} conflict(s) open" + (f", {rep['pending']} waiting" if rep["pending"] else ""))
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    import time
+
+    from deltafs import sync
+    from deltafs.journal import Journal
+
+    verb = args.group_command
+    jdir, src, mount = _group_journal(args)
+    if mount is not None and verb != "list":
+        from deltafs import control
+        from deltafs.errors import UsageError
+
+        if verb != "sync":
+            raise UsageError(f"{mount.mnt} is mounted: `group {verb}` works on an unmounted tree (unmount, "
+                             f"{verb}, mount again)")
+        _print_pass(control.request(jdir, "group", timeout=600)["report"], args.json)
+        return 0
+    if verb == "list":
+        st = sync.membership(jdir)
+        if st is None:
+            from deltafs.errors import UsageError
+            raise UsageError(f"journal {jdir} is in no sync group (`deltafs group join URL`)")
+        peers = sync.peers(jdir)
+        if args.json:
+            _print_json({"url": st.url, "device": st.device, "name": st.name, "group_id": st.group_id,
+                         "published": st.published, "conflicts": len(st.conflicts), "peers": peers})
+            return 0
+        print(f"group {st.url} (id {st.group_id}); this member: {st.device} {st.name}, "
+              f"{st.published} events published, {len(st.conflicts)} conflict(s) open")
+        now = time.time_ns()
+        for p in peers:
+            age = f"{(now - p['last_seen_ns']) / 1e9:.0f}s ago" if p["last_seen_ns"] else "never"
+            print(f"  {p['device']} {p['name'] or '-':<16} last seen {age}, {p['events']} events, "
+                  f"pending in {p['pending_in']}, out {p['pending_out']}" + (" (left)" if p["left"] else ""))
+        return 0
+    with Journal.open(jdir) as j:
+        if verb == "join":
+            st = sync.join(j, args.url, name=args.name or "", endpoint_url=args.endpoint_url,
+                           secrets=_secrets(args), encrypt=args.encrypt)
+            rep = sync.run_pass(j, src)
+            if args.json:
+                _print_json({"url": st.url, "device": st.device, "group_id": st.group_id, **rep})
+            else:
+                print(f"joined group {st.url} as device {st.device}")
+                _print_pass(rep, False)
+        elif verb == "leave":
+            st = sync.leave(j)
+            if args.json:
+                _print_json({"url": st.url, "device": st.device, "left": True})
+            else:
+                print(f"left group {st.url}; this tree is no longer synced")
+        else:  # sync
+            _print_pass(sync.run_pass(j, src), args.json)
+    return 0
+
+
+def cmd_conflicts(args: argparse.Namespace) -> int:
+    from deltafs import sync
+
+    jdir, _, _ = _group_journal(args)
+    rows = sync.conflicts(jdir)
+    for c in rows:
+        if args.json:
+            _print_json(c)
+            continue
+        def one(d):
+            return "deleted" if d["deleted"] else f"{d['version']} ({d.get('size') or 0} bytes)"
+        print(f"{c['path']}: local {one(c['local'])}; remote " + ", ".join(one(h) for h in c["remote"]))
+    if not rows and not args.json:
+        print("no open conflicts")
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    from deltafs import sync
+    from deltafs.errors import UsageError
+    from deltafs.journal import Journal
+
+    if bool(args.all) == bool(args.path):
+        raise UsageError("give PATH or --all")
+    if args.take not in ("local", "remote") and ":" not in args.take:
+        raise UsageError(f"--take {args.take!r}: give local, remote or DEVICE:N (from `deltafs conflicts`)")
+    jdir, src, mount = _group_journal(args)
+    if args.all:
+        paths = [os.fsencode(c["path"]) for c in sync.conflicts(jdir)]
+    else:
+        from deltafs.locate import locate
+
+        paths = [locate(args.path, jdir).rel]
+    done = []
+    if mount is not None:  # the daemon resolves, in a pass of its sync service
+        from deltafs import control
+
+        for p in paths:
+            done.append((p, control.request(jdir, "group", timeout=600, action="resolve", path=os.fsdecode(p),
+                                            take=args.take)["resolved"]))
+    else:
+        with Journal.open(jdir) as j:
+            for p in paths:
+                done.append((p, sync.resolve(j, src, p, args.take)))
+    for p, d in done:
+        if args.json:
+            _print_json({"path": os.fsdecode(p), **d})
+        else:
+            print(f"{os.fsdecode(p)}: resolved with {args.take} ({d['version']})")
+    if not done and not args.json:
+        print("no open conflicts")
+    return 0
+
+
+def _add_sync_parsers(sub) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    def where(q) -> None:
+        q.add_argument("-m", "--mount", metavar="PATH", help="the tree (SRC) or mount (default: the current directory)")
+        q.add_argument("--journal", metavar="DIR", help="the journal (DIR of SRC/.deltafs)")
+        q.add_argument("--json", action="store_true", help="print JSON")
+
+    g = sub.add_parser("group", help="sync this tree with other machines through a shared store",
+                       description="Sync groups (docs/sync.md): every member publishes its changes into a "
+                                   "shared store (a mirror URL) and applies the others'; concurrent edits become "
+                                   "conflicts kept as branches of a file's history, never files in the tree.",
+                       epilog=EPILOG, formatter_class=fmt)
+    gs = g.add_subparsers(dest="group_command", metavar="VERB")
+    gs.required = True
+    j = gs.add_parser("join", help="join the group stored at URL (a new group if the store is empty)",
+                      epilog=EPILOG, formatter_class=fmt)
+    j.add_argument("url", metavar="URL", help="file:///path or s3://bucket/prefix")
+    j.add_argument("--name", help="this member's name as others see it (default: the host name)")
+    j.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for s3:// stores (self-hosted S3)")
+    j.add_argument("--encrypt", action="store_true", help="a new (empty) store is made encrypted")
+    secret_options(j)
+    where(j)
+    for verb, text in (("list", "the group and its members: last seen, lag, pending in and out"),
+                       ("leave", "stop syncing this tree (its stream stays in the store, marked left)"),
+                       ("sync", "one pass now: publish local changes, apply the others' (unmounted tree)")):
+        q = gs.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".", epilog=EPILOG,
+                          formatter_class=fmt)
+        where(q)
+    g.set_defaults(func=cmd_group)
+    c = sub.add_parser("conflicts", help="list open sync conflicts", epilog=EPILOG, formatter_class=fmt,
+                       description="Paths changed concurrently on two members: the local state stays in the tree, "
+                                   "each remote version is kept as a branch (JSON Lines with --json).")
+    where(c)
+    c.set_defaults(func=cmd_conflicts)
+    r = sub.add_parser("resolve", help="end a sync conflict", epilog=EPILOG, formatter_class=fmt,
+                       description="End the conflict on PATH (or every one with --all) with the local version, "
+                                   "the remote one, or a named version DEVICE:N (from `deltafs conflicts`); every "
+                                   "member takes the result.")
+    r.add_argument("path", metavar="PATH", nargs="?", help="a path in the tree (relative to SRC)")
+    r.add_argument("--all", action="store_true", help="every open conflict")
+    r.add_argument("--take", required=True, metavar="local|remote|DEVICE:N")
+    where(r)
+    r.set_defaults(func=cmd_resolve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1257,6 +1488,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_history_parsers(sub)
     _add_mirror_parsers(sub)
     _add_control_parsers(sub)
+    _add_sync_parsers(sub)
     return p
 
 

@@ -257,6 +257,39 @@ class RetentionOption(Option):
         return ["--retention", value.spec(), "--coalesce", repr(value.burst)]
 
 
+DEFAULT_HISTORY_DIR = ".deltafs-history"
+
+
+def parse_history_dir(text: str, what: str = "--history-dir") -> str:
+    """NAME of the history view in MNT's root: one path component."""
+    if not text or "/" in text or "\0" in text or text in (".", "..") or len(os.fsencode(text)) > 255:
+        raise UsageError(f"bad {what} {text!r}: give one name without '/', e.g. .deltafs-history")
+    return text
+
+
+class HistoryDirOption(Option):
+    """--history-dir NAME and --no-history-dir: one field, the view's name or None (off)."""
+
+    def add(self, parser) -> None:
+        g = parser.add_mutually_exclusive_group()
+        g.add_argument("--history-dir", dest=self.dest, metavar="NAME",
+                       help="name of the read-only history view in MNT's root (at/WHEN, snapshots/, "
+                            f"versions/PATH, deleted/PATH; default {DEFAULT_HISTORY_DIR})")
+        g.add_argument("--no-history-dir", dest=self.dest + "_off", action="store_true",
+                       help="no history view in the mount")
+
+    def read(self, args, default: Any) -> Any:
+        if getattr(args, self.dest + "_off", False):
+            return None
+        v = getattr(args, self.dest, None)
+        return default if v is None else parse_history_dir(v)
+
+    def argv(self, value: Any, default: Any) -> list[str]:
+        if value == default:
+            return []
+        return ["--no-history-dir"] if value is None else ["--history-dir", value]
+
+
 def add_retention_options(q) -> None:
     """--retention and --coalesce of mount and compact."""
     q.add_argument("--retention", metavar="POLICY",
@@ -332,6 +365,12 @@ class MountConfig:
                         help="mass-damage guard sensitivity (default normal; docs/guard.md)")
     on_alert: str | None = option("--on-alert", metavar="CMD",
                                   help="shell command run when the guard raises an alert")
+    history_dir: str | None = option("--history-dir", "--no-history-dir", default=DEFAULT_HISTORY_DIR,
+                                     cls=HistoryDirOption, help="")
+    guard_action: str = option("--guard-action", default="alert", choices=("alert", "block"),
+                               help="on a guard alert: alert only (default), or also block: refuse "
+                                    "changes through the mount (EPERM) until deltafs guard resume; "
+                                    "reads go on (docs/guard.md)")
 
     @classmethod
     def options(cls) -> list[Option]:

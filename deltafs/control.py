@@ -387,16 +387,35 @@ async def _op_compact(daemon, server, req) -> dict:
 
 
 async def _op_guard(daemon, server, req) -> dict:
-    """``{"op": "guard", "action": "status"|"resume"}`` (deltafs guard; docs/guard.md)."""
+    """``{"op": "guard", "action": "status"|"resume"|"allow", "pid": N}`` (deltafs guard; docs/guard.md)."""
     g = daemon.services.guard
     if g is None:
         raise UsageError(f"the guard is off for {daemon.cfg.mnt} (mounted with --guard off or --no-capture)")
     if req.get("action") == "resume":
         return {"guard": {**g.resume(), **g.status()}}
+    if req.get("action") == "allow":  # deltafs rollback while --guard-action block refuses changes
+        if not isinstance(req.get("pid"), int):
+            raise UsageError('guard allow needs a "pid" number')
+        return {"guard": {**g.allow(req["pid"]), **g.status()}}
     return {"guard": g.status()}
 
 
-_OPS = {"guard": _op_guard, "status": _op_status, "flush": _op_flush, "pause": _op_pause, "resume": _op_resume,
+async def _op_group(daemon, server, req) -> dict:
+    """Sync group: a pass now, or a resolve in one (deltafs/sync/service.py)."""
+    g = daemon.services.sync
+    if g is None:
+        raise UsageError("this mount is in no sync group (`deltafs group join URL` on the unmounted tree, "
+                         "then mount it)")
+    if req.get("action") == "resolve":
+        path, take = os.fsencode(req["path"]), str(req["take"])
+        rep = await g.run(lambda eng: eng.resolve(path, take))
+        from deltafs.sync import describe
+
+        return {"report": {k: v for k, v in rep.items() if k != "result"}, "resolved": describe(rep.get("result"))}
+    return {"report": await g.run()}
+
+
+_OPS = {"group": _op_group, "guard": _op_guard, "status": _op_status, "flush": _op_flush, "pause": _op_pause, "resume": _op_resume,
         "snapshot": _op_snapshot, "snapshots": _op_snapshots, "mirror_register": _op_mirror_register,
         "compact": _op_compact}
 

@@ -16,8 +16,9 @@ Two parts:
 * :class:`Guard` -- the daemon side: on an alert it pins a snapshot
   ``guard-<time>`` at the record before the first suspicious change, holds
   back compaction (so mirrors prune nothing either), logs at ERROR, runs
-  ``--on-alert CMD`` and, with ``--guard-action block``, names the
-  offending processes for ops to refuse (not implemented: see docs).
+  ``--on-alert CMD``, saves the alert in ``JOURNAL/guard-alert.json`` (a
+  remounted daemon takes it over) and, with ``--guard-action block``,
+  installs a :class:`Block` that ops asks before every change.
 
 The scoring rule (docs/guard.md has the user's view):
 
@@ -49,7 +50,9 @@ A new file whose content is >= 90% incompressible and not a recognised
 format is remembered as ``opaque`` (it scores nothing alone: new random
 files are no damage); the delete (or rename away) of a file whose name it
 extends or shares the stem of within the window scores ``replaced`` 1.0
-(write-new-then-delete-old).  A rename that gives a file of a known
+(write-new-then-delete-old); so does the delete of a file of a known type
+that was opened for reading (ops.open counts opens) before a new opaque
+file of any name appeared that no delete was paired with yet (``read``).  A rename that gives a file of a known
 type an unknown extension scores ``extension`` 0.5.
 
 A version whose new head is a recognised container or compressed format
@@ -69,6 +72,8 @@ hours.  A slow attack (one file every 30 s) is inside every window.
 from __future__ import annotations
 
 import collections
+import errno
+import json
 import logging
 import math
 import os
@@ -87,6 +92,10 @@ LEVEL_NAMES = ("off", *LEVELS)
 SKIP_CAUSES = frozenset({"scan", "preimage", "restore"})
 HEAD = 4096  # bytes of the head sample
 SNAPSHOT_PREFIX = "guard-"
+OPENED_KEPT = 20_000  # read-only opens (and unpaired new opaque files) the detector remembers
+OPENS_QUEUED = 4096  # opens ops.open may queue between two drains (the oldest are dropped)
+ACTIONS = ("alert", "block")
+STATE_FILE = "guard-alert.json"  # in the journal directory while an alert stands (docs/format.md)
 
 # Recognised formats: name -> check(head) -> bool (a valid-looking structure, not just 2 bytes)
 
@@ -246,9 +255,21 @@ class Alert:
     time_ns: int
     hits: list[Hit] = field(default_factory=list)
 
+    nfiles: int | None = None  # restored from a saved alert (its hits are only the examples)
+
     @property
     def files(self) -> int:
-        return len({h.key for h in self.hits})
+        return self.nfiles if self.nfiles is not None else len({h.key for h in self.hits})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Alert":
+        """Back from :meth:`to_dict` (the alert state a remounted daemon takes over)."""
+        hits = [Hit(os.fsencode(e["path"]), float(e["score"]), tuple(e["reasons"]), int(e["version"]), 0.0)
+                for e in d.get("examples") or ()]
+        a = cls(str(d["level"]), float(d["score"]), float(d["threshold"]), int(d["first_version"]),
+                int(d["time_ns"]), hits)
+        a.nfiles = int(d.get("files", len(hits)))
+        return a
 
     def to_dict(self) -> dict:
         return {"level": self.level, "score": round(self.score, 2), "threshold": self.threshold,
@@ -292,6 +313,8 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
         memory[path] = (new_type, new_ent)
         if len(memory) > 100_000:
             memory.pop(next(iter(memory)))
+    elif mem is not None:
+        del memory[path]  # new content the guard did not see: what it remembered is stale
     if not has_old:
         # a new file (or one written from empty): opaque content of no known format
         if new_bytes >= 512 and opaque >= 0.9 * new_bytes and new_type is None and \
@@ -344,6 +367,11 @@ class Detector:
         # new opaque files, in time order: b"\1"+path, stem (a.pdf.locked -> a.pdf), b"\0"+stem -> when
         self.fresh: collections.OrderedDict[bytes, tuple[float, int]] = collections.OrderedDict()
         self.created: dict[bytes, int] = {}  # path -> seq of its create record (recent ones)
+        self.written: dict[bytes, tuple[float, int]] = {}  # path -> (when, seq) of its last content version
+        # paths recently opened read-only (ops.open via Guard.drain_opens) -> when (monotonic)
+        self.opened: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        # new opaque files no delete has been paired with yet: path -> (when, seq of its create)
+        self.orphans: collections.OrderedDict[bytes, tuple[float, int]] = collections.OrderedDict()
         self.alert: Alert | None = None  # the standing alert (until resume)
         self.observed = 0
         self._added = 0
@@ -353,7 +381,19 @@ class Detector:
         self.alert = None
         self.hits.clear()
         self.fresh.clear()
+        self.orphans.clear()
         self.damaged_since_alert = 0
+
+    def note_opens(self, paths: Iterable[bytes]) -> None:
+        """Files opened read-only through the mount (counted in ops.open: reads
+        served from the page cache never reach the daemon, opens do)."""
+        now = self.clock()
+        op = self.opened
+        for p in paths:
+            op.pop(p, None)
+            op[p] = now
+        while op and (len(op) > OPENED_KEPT or now - next(iter(op.values())) > self.window):
+            op.popitem(last=False)
 
     def score(self) -> float:
         best: dict[bytes, float] = {}
@@ -380,13 +420,19 @@ class Detector:
             if op == "write":
                 if c.cause in SKIP_CAUSES:
                     continue
+                self.written.pop(c.path, None)
+                self.written[c.path] = (now, seq)
+                if len(self.written) > 100_000:
+                    self.written.pop(next(iter(self.written)))
                 s, why = write_signals(c, self.raw, self.memory)
                 if "opaque" in why:  # remembered under the name it extends, and under its stem;
                     # it scores only once an original goes (new random files alone are no damage)
                     first = self.created.pop(c.path, seq)  # the attack began with its create
                     for k in (b"\1" + c.path, stem_of(c.path), b"\0" + stem_of(c.path)):
                         self.fresh.pop(k, None)
-                        self.fresh[k] = (now, first)
+                        self.fresh[k] = (now, first, c.path)
+                    self.orphans.pop(c.path, None)
+                    self.orphans[c.path] = (now, first)
                     continue
                 self._hit(c.path, s, why, seq, now)
             elif op == "unlink" or (op == "rename" and c.path2 is not None and
@@ -396,6 +442,12 @@ class Detector:
                 first = self._replaced_by_fresh(c.path, now)
                 if first is not None:
                     self._hit(c.path, 1.0, ["opaque", "replaced"], first, now)
+                elif op == "unlink":
+                    first = self._read_then_deleted(c.path, now)
+                    if first is not None:
+                        self._hit(c.path, 1.0, ["read", "opaque", "deleted"], first, now)
+                self.orphans.pop(c.path, None)
+                self.opened.pop(c.path, None)
             elif op == "rename" and c.path2 is not None:
                 self._move(c.path, c.path2)
             elif op == "create":
@@ -406,6 +458,9 @@ class Detector:
             self.hits.popleft()
         while self.fresh and now - next(iter(self.fresh.values()))[0] > self.window:
             self.fresh.popitem(last=False)
+        while self.orphans and (len(self.orphans) > OPENED_KEPT or
+                                now - next(iter(self.orphans.values()))[0] > self.window):
+            self.orphans.popitem(last=False)
         if self.alert is not None:
             self.damaged_since_alert += self._added
             return None
@@ -422,8 +477,12 @@ class Detector:
         for h in self.hits:
             if h.key == old:
                 h.key = new
+        if old in self.orphans:
+            self.orphans[new] = self.orphans.pop(old)
         if old in self.memory:
             self.memory[new] = self.memory.pop(old)
+        if old in self.written:
+            self.written[new] = self.written.pop(old)
 
     def _renamed(self, c, seq: int, now: float) -> None:
         old_ext, new_ext = ext_of(c.path), ext_of(c.path2)
@@ -431,7 +490,10 @@ class Detector:
         appended = c.path2.startswith(c.path + b".")
         self._move(c.path, c.path2)
         if new_ext and new_ext not in BENIGN_EXT and (known_before or appended) and old_ext != new_ext:
-            self._hit(c.path2, 0.5, ["extension"], seq, now)
+            # its content may have been destroyed just before, by a write that scored nothing
+            # (the guard knew nothing of the old content): the attack on it began there
+            w = self.written.get(c.path2)
+            self._hit(c.path2, 0.5, ["extension"], w[1] if w and now - w[0] <= self.window and w[1] else seq, now)
 
     def _replaced_by_fresh(self, path: bytes, now: float) -> int | None:
         """Was a new opaque file written whose name extends this one's
@@ -441,7 +503,32 @@ class Detector:
         v = self.fresh.get(path)
         if v is None:
             v = self.fresh.get(b"\0" + stem_of(path))
-        return v[1] if v is not None and now - v[0] <= self.window else None
+        if v is None or now - v[0] > self.window:
+            return None
+        self.orphans.pop(v[2], None)  # paired: it cannot pair with an unrelated delete as well
+        return v[1]
+
+    def _read_then_deleted(self, path: bytes, now: float) -> int | None:
+        """Open-then-delete: ``path`` was opened for reading, a new opaque file
+        (any name) appeared after that open and no delete was paired with it
+        yet, and now ``path`` goes.  Each new opaque file pairs once, so N new
+        random files explain at most N deletes.  A file that was itself
+        opaque (an encrypted backup's pack: restic prune, borg compact) is
+        no loss.  -> the new file's create seq"""
+        t_open = self.opened.get(path)
+        if t_open is None or now - t_open > self.window or not self.orphans:
+            return None
+        mem = self.memory.get(path)
+        if mem is not None:
+            if mem[0] is None:
+                return None  # opaque before: nothing readable was destroyed
+        elif expected_type(path) is None:
+            return None  # nothing known about it: no evidence of a loss
+        for k, (t, first) in self.orphans.items():
+            if t >= t_open:
+                del self.orphans[k]
+                return first
+        return None
 
 
 # ---- the daemon side -------------------------------------------------------------------------------
@@ -468,24 +555,125 @@ def pin_snapshot(journal, seq: int, alert: Alert, name: str | None = None) -> st
     return name
 
 
+class Block:
+    """``--guard-action block``: while an alert stands, ``ops.guard_block`` is
+    one of these and every request that would change the tree asks
+    :meth:`check` first (a request that is not blocked costs ops one
+    attribute test: ``ops.guard_block is None``).
+
+    Refused with EPERM, for every process but the ones allowed (the
+    ``deltafs rollback`` that undoes the attack registers its own): opens
+    for writing or with O_TRUNC, creates, mknod, mkdir, symlink, link,
+    unlink, rmdir, rename, truncate, chmod, chown, setxattr and removexattr.
+    Reads, listings, stat, timestamps (the kernel sets them itself after
+    writes) and WRITE requests on descriptors opened before the alert (they
+    arrive at writeback time, not attributable to a process) go through."""
+
+    def __init__(self) -> None:
+        self.allowed: set[int] = set()  # pids (their threads too) that may change the tree
+        self.refused = 0
+        self.processes: dict[int, str] = {}  # pid -> command name of the first few refused
+
+    def allow(self, pid: int) -> None:
+        self.allowed = {p for p in self.allowed if os.path.exists(f"/proc/{p}")} | {pid}
+
+    def check(self, ctx) -> None:
+        pid = getattr(ctx, "pid", 0)
+        for a in self.allowed:  # FUSE gives the calling thread's id: accept a thread of an allowed pid
+            if pid == a or os.path.exists(f"/proc/{a}/task/{pid}"):
+                return
+        self.refused += 1
+        if pid not in self.processes and len(self.processes) < 20:
+            try:
+                with open(f"/proc/{pid}/comm", "rb") as f:
+                    name = f.read().strip().decode(errors="replace")
+            except OSError:
+                name = "?"
+            self.processes[pid] = name
+            log.warning("guard: refused a change by pid %d (%s): an alert stands and --guard-action is "
+                        "block (deltafs guard resume re-allows changes)", pid, name)
+        raise PermissionError(errno.EPERM, "refused by the deltafs guard (deltafs guard resume)")
+
+    def status(self) -> dict:
+        return {"refused": self.refused,
+                "processes": [{"pid": p, "name": n} for p, n in self.processes.items()]}
+
+
+def save_state(path: str, state: dict) -> None:
+    """Write the standing alert to ``path`` (owner-only, atomic, no symlink followed)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, json.dumps(state, indent=1).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def load_state(path: str) -> dict | None:
+    """The alert a previous daemon left standing, or None (a damaged file is logged and ignored)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.error("guard: cannot read %s: %s", path, e.strerror)
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            d = json.loads(f.read(1 << 20))
+        if not isinstance(d, dict) or d.get("version") != 1 or not isinstance(d.get("alert"), dict):
+            raise ValueError("not a guard alert record")
+        Alert.from_dict(d["alert"])  # checks the fields
+        return d
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.error("guard: ignoring the damaged alert state %s (%s)", path, e)
+        return None
+
+
 class Guard:
     """The detector wired into a mount: ``Recorder.guard`` (observe) and
-    ``daemon.services.guard`` (status, resume)."""
+    ``daemon.services.guard`` (status, resume, allow)."""
 
     def __init__(self, detector: Detector, journal, nursery, on_alert: str | None = None,
-                 mnt: str = "") -> None:
+                 mnt: str = "", action: str = "alert", ops=None, state_path: str | None = None,
+                 watching: bool = True) -> None:
         self.detector = detector
         self.journal = journal
         self.nursery = nursery
         self.on_alert = on_alert
         self.mnt = mnt
+        self.action = action
+        self.ops = ops
+        self.state_path = state_path
+        self.watching = watching  # False: --guard off, only a standing alert from an earlier mount
         self.snapshot: str | None = None
         self.alerts = 0
         self.hook_error: str | None = None
+        self.block: Block | None = None
+        self.since_mount = False  # the standing alert was raised by an earlier daemon
+        # ops.open appends (parent node, name) of each read-only open; drained before each observe
+        self.opens: collections.deque = collections.deque(maxlen=OPENS_QUEUED)
+
+    def drain_opens(self) -> None:
+        q = self.opens
+        if not q or self.ops is None:
+            return
+        paths = []
+        child_path = self.ops.child_path
+        while q:
+            parent, name = q.popleft()
+            p = child_path(parent, name)
+            if p is not None:
+                paths.append(p)
+        self.detector.note_opens(paths)
 
     def observe(self, changes, seqs) -> None:
         """Called by capture.Recorder for each committed item (trio thread, never a FUSE handler)."""
         try:
+            self.drain_opens()
             alert = self.detector.observe(changes, seqs)
         except Exception:  # the guard must never break capture
             log.exception("guard: scoring failed")
@@ -493,7 +681,39 @@ class Guard:
         if alert is not None:
             self.alerts += 1
             self.snapshot = guard_snapshot_name(alert.time_ns)  # status names it at once
+            self._start_blocking()
             self.nursery.start_soon(self._alerted, alert)
+
+    def _start_blocking(self) -> None:
+        if self.action == "block" and self.ops is not None and self.block is None:
+            self.block = Block()
+            self.ops.guard_block = self.block  # from the next request on
+
+    def _state(self) -> dict:
+        return {"version": 1, "alert": self.detector.alert.to_dict(), "snapshot": self.snapshot,
+                "action": self.action, "mnt": self.mnt}
+
+    def _persist(self) -> None:
+        if self.state_path is None or self.detector.alert is None:
+            return
+        try:
+            save_state(self.state_path, self._state())
+        except OSError as e:
+            log.error("guard: cannot save the alert in %s (a remount would forget it): %s",
+                      self.state_path, e.strerror)
+
+    def restore(self, state: dict) -> None:
+        """Take over the alert an earlier daemon left standing (at mount)."""
+        self.detector.alert = Alert.from_dict(state["alert"])
+        self.snapshot = state.get("snapshot")
+        self.since_mount = True
+        self._start_blocking()
+        a = self.detector.alert
+        log.error("GUARD ALERT from before the remount stands on %s: %d files looked destroyed after version %d "
+                  "(snapshot %s). Compaction is held%s. Undo with: deltafs rollback %s --to %s ; then deltafs "
+                  "guard resume %s", self.mnt, a.files, max(0, a.first_seq - 1), self.snapshot,
+                  "; changes through the mount are refused" if self.block else "", self.mnt,
+                  self.snapshot or f"v{max(0, a.first_seq - 1)}", self.mnt)
 
     async def _alerted(self, alert: Alert) -> None:
         import trio
@@ -505,10 +725,13 @@ class Guard:
             log.exception("guard: cannot pin the snapshot before the attack")
             self.snapshot = None
             self.hook_error = f"snapshot failed: {e}"
+        if self.detector.alert is alert:  # not resumed meanwhile
+            await trio.to_thread.run_sync(self._persist)
         ex = ", ".join(os.fsdecode(h.key) for h in alert.hits[:5])
         log.error("GUARD ALERT on %s: %d files look destroyed (score %.1f >= %.1f, level %s; e.g. %s). "
-                  "Compaction is held. Undo with: deltafs rollback %s --to %s ; then deltafs guard resume %s",
-                  self.mnt, alert.files, alert.score, alert.threshold, alert.level, ex, self.mnt,
+                  "Compaction is held%s. Undo with: deltafs rollback %s --to %s ; then deltafs guard resume %s",
+                  self.mnt, alert.files, alert.score, alert.threshold, alert.level, ex,
+                  "; changes through the mount are refused" if self.block else "", self.mnt,
                   self.snapshot or f"v{max(0, alert.first_seq - 1)}", self.mnt)
         if self.on_alert:
             env = {**os.environ, "DELTAFS_MNT": self.mnt, "DELTAFS_GUARD_SNAPSHOT": self.snapshot or "",
@@ -529,22 +752,42 @@ class Guard:
     def alerted(self) -> bool:
         return self.detector.alert is not None
 
+    def allow(self, pid: int) -> dict:
+        """Let process ``pid`` change the tree while blocking (deltafs rollback registers itself)."""
+        if self.block is not None:
+            self.block.allow(pid)
+        return {"allowed": pid, "blocking": self.block is not None}
+
     def resume(self) -> dict:
         was = self.detector.alert
         self.detector.resume()
         self.snapshot = None
         self.hook_error = None
+        self.since_mount = False
+        if self.ops is not None:
+            self.ops.guard_block = None
+        self.block = None
+        if self.state_path is not None:
+            try:
+                os.unlink(self.state_path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.error("guard: cannot remove %s (a remount would raise the alert again): %s",
+                          self.state_path, e.strerror)
         if was is not None:
-            log.warning("guard: alert cleared by the user (deltafs guard resume); compaction resumes")
+            log.warning("guard: alert cleared by the user (deltafs guard resume); compaction resumes%s",
+                        "; changes are allowed again" if self.action == "block" else "")
         return {"cleared": was is not None}
 
     def status(self) -> dict:
         d = self.detector
         a = d.alert
-        return {"level": d.level, "threshold": d.threshold, "window_s": d.window,
-                "score": round(d.score(), 2), "alert": None if a is None else {
+        return {"level": d.level if self.watching else "off", "threshold": d.threshold, "window_s": d.window,
+                "action": self.action, "score": round(d.score(), 2), "alert": None if a is None else {
                     **a.to_dict(), "snapshot": self.snapshot, "changes_since": d.damaged_since_alert,
-                    "hook_error": self.hook_error},
+                    "hook_error": self.hook_error, "from_earlier_mount": self.since_mount,
+                    "blocking": None if self.block is None else self.block.status()},
                 "alerts": self.alerts}
 
 
@@ -554,24 +797,40 @@ def holding(g: "Guard | None") -> bool:
 
 
 async def guard_service(daemon, task_status=None) -> None:
-    """Install the guard on the mount's recorder (``--guard``, default normal)."""
+    """Install the guard on the mount's recorder (``--guard``, default normal;
+    ``--guard-action``), taking over an alert an earlier daemon left standing."""
     import trio
 
     if task_status is None:
         task_status = trio.TASK_STATUS_IGNORED
-    level = getattr(daemon.cfg, "guard", None) or "normal"
-    if level == "off" or daemon.rec is None:
+    cfg = daemon.cfg
+    level = getattr(cfg, "guard", None) or "normal"
+    if daemon.rec is None:
+        task_status.started(None)
+        return
+    state_path = os.path.join(cfg.journal, STATE_FILE)
+    state = await trio.to_thread.run_sync(load_state, state_path)
+    if level == "off" and state is None:
         task_status.started(None)
         return
     rec = daemon.rec
-    g = Guard(Detector(level, raw=rec.raw_cache.get), daemon.journal, daemon.nursery,
-              getattr(daemon.cfg, "on_alert", None), daemon.cfg.mnt)
-    rec.guard = g
+    g = Guard(Detector(level if level != "off" else "normal", raw=rec.raw_cache.get), daemon.journal,
+              daemon.nursery, getattr(cfg, "on_alert", None), cfg.mnt, getattr(cfg, "guard_action", "alert"),
+              daemon.ops, state_path, watching=level != "off")
+    if state is not None:
+        g.restore(state)
+    if g.watching:
+        rec.guard = g
+        if daemon.ops is not None:
+            daemon.ops.guard_opens = g.opens
     task_status.started(g)  # services.Services.guard: control (guard status|resume), status, maintenance
     try:
         await trio.sleep_forever()
     finally:
         rec.guard = None
+        if daemon.ops is not None:
+            daemon.ops.guard_opens = None
+            daemon.ops.guard_block = None
 
 
 # ---- deltafs guard test: the detector over a past window of the journal ---------------------------

@@ -49,7 +49,7 @@ class Ignore:
             pass
         except OSError as e:
             log.warning("cannot read %s: %s", IGNORE_FILE, e)
-        self.spec = pathspec.PathSpec.from_lines("gitwildmatch", lines)
+        self.spec = pathspec.GitIgnoreSpec.from_lines(lines)
         self._cache: dict[tuple[bytes, bool], bool] = {}
 
     def match(self, path: bytes | None, is_dir: bool = False) -> bool:

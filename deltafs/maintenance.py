@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 from deltafs.config import DEFAULT_COMPACT_EVERY, HOUR as HOUR_F, WEEK as WEEK_F, RetentionPolicy
-from deltafs.journal import REPACK_DEAD_RATIO, VerifyResult, hlc_to_ns
+from deltafs.journal import REPACK_DEAD_RATIO, VerifyResult, decode_record, hlc_to_ns
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,13 @@ class CompactReport:
     bytes_reclaimed: int = 0  # their dead bytes
     index_pages_saved: int = 0  # chunk index rewritten in key order (Journal.densify_index)
     records_archived: int = 0  # records moved into compressed blocks (Journal.archive_records)
+    files_examined: int | None = None  # files the plan asked about (all of them: full plan)
+    plan_s: float | None = None  # seconds planning
+    prune_s: float | None = None  # seconds in Journal.prune (checkpoints, prune, GC)
+    repack_s: float | None = None
+    archive_s: float | None = None
+    densify_s: float | None = None
+    pass_s: float | None = None  # seconds for the whole pass
     data_file_before: int | None = None  # --vacuum
     data_file_after: int | None = None
     pruned: list[int] = field(default_factory=list)
@@ -109,7 +116,10 @@ class CompactReport:
 
 
 def plan(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: int | None = None) -> tuple[list[int], list[int], int]:
-    """-> (seqs to prune, seqs retained, files examined), nothing written."""
+    """The full plan: every content version of the journal decoded and asked
+    about.  -> (seqs to prune, seqs retained, files examined), nothing
+    written.  (Dry runs use it; a pass uses :func:`plan_incremental`, which
+    must prune exactly what this prunes.)"""
     with j.reader() as r:
         vs = r.content_versions()
         snaps = snapshot_seqs(r).values()
@@ -124,6 +134,140 @@ def plan(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: int | None = N
         for s, _ in versions:
             (kept if s in keep else prune).append(s)
     return sorted(prune), sorted(kept), len(vs.by_file)
+
+
+# --- incremental planning (issue 18) ------------------------------------------------------
+NEVER_NS = (1 << 64) - 1
+WAKE_MARGIN_NS = 1_000  # an age threshold this close behind "now" is looked at again next pass
+
+
+@dataclass
+class Plan:
+    prune: list[int]  # content versions to prune
+    checkpoint: list[int]  # retained versions whose chain may read one of them (Journal.prune's "retained")
+    examined: int  # files asked about
+    files: int  # files with content versions
+    versions: int  # content versions not pruned (before this pass)
+    full: bool = False  # every file was asked about
+
+
+def _policy_key(p: RetentionPolicy) -> list:
+    return [p.keep_all, [list(t) for t in p.tiers], p.after, p.burst, p.burst_min_age]
+
+
+def _thresholds_ns(p: RetentionPolicy) -> list[int]:
+    """Ages at which :func:`retain`'s answer about a version can change."""
+    th = [p.burst_min_age] if p.burst > 0 else []
+    th += [p.keep_all] if p.keep_all > 0 else []
+    th += [u for u, _ in p.tiers]
+    return sorted({int(x * S_NS) for x in th})
+
+
+def _wake_ns(versions: Sequence[tuple[int, int]], now_ns: int, th: list[int]) -> int:
+    """When :func:`retain` may next answer otherwise about these versions
+    with time alone (same versions, pins and policy): the first age
+    threshold a version reaches after ``now_ns``.  One just behind
+    ``now_ns`` (WAKE_MARGIN_NS: float ages) counts as ahead.  A lone
+    version is never pruned (the newest): never."""
+    if len(versions) < 2:
+        return NEVER_NS
+    best = NEVER_NS
+    for _, hlc in versions:
+        t = hlc_to_ns(hlc)
+        for d in th:
+            if t + d > now_ns - WAKE_MARGIN_NS:
+                best = min(best, t + d)
+                break
+    return best
+
+
+def plan_incremental(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: int | None = None) -> Plan:
+    """Plan a pass from the journal's planning state (``Journal.planning``):
+    only the records since the last plan are decoded, and only files that
+    changed, whose versions reached an age threshold (their wake-up time),
+    or whose mirror pins were released are asked about.  A different policy,
+    other snapshots or a journal time before the last plan's asks every file
+    in the state (no record decoded).  The state is rebuilt from the records
+    when it disagrees with the journal's pruned counter (a prune by other
+    code, a crash between a plan and its prune, a new journal).
+
+    Why this prunes what :func:`plan` prunes: a file not asked about has not
+    changed since it was last asked, when everything it did not keep was
+    pruned; its versions crossed no age threshold since (else it would be
+    due); pins only grew (a new mirror, a mirror floor lower than before).
+    :func:`retain` of a file's kept versions with the same ages and more
+    pins keeps them all.  tests/unit/test_maintenance.py checks it against
+    :func:`plan` over random histories."""
+    store = j.planning()
+    for _ in range(3):
+        with store.update() as p:
+            out = _plan_in(p, policy, now_hlc)
+        if out is not None:
+            return out
+        if not store.rebuild():
+            log.info("compaction planning state: a prune ran during the rebuild; trying again")
+    raise RuntimeError("compaction planning state could not be rebuilt")
+
+
+def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None) -> Plan | None:
+    r = p.reader
+    head = r.head_seq()
+    m = p.meta()
+    if m is None or m.get("pruned") != p.pruned_counter() or m.get("upto", 0) > head:
+        return None
+    now = p.head_hlc() if now_hlc is None else now_hlc
+    now_ns = hlc_to_ns(now)
+    snaps = sorted(set(snapshot_seqs(r).values()))
+    mirrors = [v.get("seq", 0) for _, v in r.kv_items("mirrors") if isinstance(v, dict)]
+    floor = min(mirrors) if mirrors else None
+    key = _policy_key(policy)
+    everything = m.get("policy") != key or m.get("snaps") != snaps or now_ns < m.get("now_ns", 0)
+    upto, nv, nf = m["upto"], m.get("versions", 0), m.get("files", 0)
+    dirty: set[int] = set()
+    for seq, v in r.raw_records(upto + 1, head):  # new since the last plan
+        rec = decode_record(v, seq)
+        if rec.is_content and not r.is_pruned(seq):
+            nf += p.add_version(rec.file_id, seq, rec.hlc, rec.base_seq or 0)
+            nv += 1
+            dirty.add(rec.file_id)
+    f0 = m.get("floor")
+    if not everything and f0 is not None and (floor is None or floor > f0):
+        # the mirror floor rose: versions in (f0, new floor] are pinned no more
+        hi = upto if floor is None else min(floor, upto)
+        for seq, v in r.raw_records(f0 + 1, hi):
+            rec = decode_record(v, seq)
+            if rec.is_content:
+                dirty.add(rec.file_id)
+    files = p.files() if everything else sorted(dirty.union(p.due(now_ns)))
+    th = _thresholds_ns(policy)
+    prune: list[int] = []
+    for fid in files:
+        versions = [(s, h) for s, h, _ in p.versions(fid)]
+        if not versions:
+            continue
+        pinned = pinned_by_snapshots(versions, snaps)
+        if floor is not None:
+            pinned |= {s for s, _ in versions if s > floor}
+        keep = retain(versions, now, policy, pinned)
+        prune += [s for s, _ in versions if s not in keep]
+        p.set_wake(fid, _wake_ns([v for v in versions if v[0] in keep], now_ns, th))
+    prune.sort()
+    doomed = set(prune)
+    cands: set[int] = set()  # every retained version whose chain may read a doomed one
+    stack, seen = list(prune), set()
+    while stack:
+        for c in p.children(stack.pop()):
+            if c in seen:
+                continue
+            seen.add(c)
+            if c not in doomed:
+                cands.add(c)
+                if p.has_checkpoint(c):
+                    continue  # a chain through c stops at c
+            stack.append(c)
+    p.set_meta({**m, "upto": head, "policy": key, "snaps": snaps, "floor": floor, "now_ns": now_ns,
+                "versions": nv, "files": nf})
+    return Plan(prune, sorted(cands), len(files), nf, nv, everything)
 
 
 def snapshot_seqs(r) -> dict[str, int]:
@@ -156,20 +300,42 @@ def compact(j, policy: RetentionPolicy = RetentionPolicy(), dry_run: bool = Fals
 
 def _compact(j, policy: RetentionPolicy, dry_run: bool, now_hlc: int | None,
              dead_ratio: float) -> CompactReport:
-    prune, kept, files = plan(j, policy, now_hlc)
-    rep = CompactReport(dry_run=dry_run, files=files, versions=len(prune) + len(kept), pruned=prune)
+    t0 = time.monotonic()
+    if dry_run:
+        prune, kept, files = plan(j, policy, now_hlc)
+        rep = CompactReport(dry_run=dry_run, files=files, versions=len(prune) + len(kept), pruned=prune,
+                            files_examined=files)
+    else:
+        pl = plan_incremental(j, policy, now_hlc)
+        prune, kept = pl.prune, pl.checkpoint
+        rep = CompactReport(dry_run=dry_run, files=pl.files, versions=pl.versions, pruned=prune,
+                            files_examined=pl.examined)
+    rep.plan_s = round(time.monotonic() - t0, 4)
+    t1 = time.monotonic()
     if prune:
-        res = j.prune(prune, kept, dry_run=dry_run)
+        try:
+            res = j.prune(prune, kept, dry_run=dry_run)
+        except BaseException:
+            if not dry_run:  # the plan's wake-ups assumed these went: plan everything again
+                j.planning().invalidate()
+            raise
         rep.versions_pruned = res.versions_pruned
         rep.checkpoints_written = res.checkpoints_written
         rep.chunks_freed = res.chunks_freed
         rep.bytes_freed = res.bytes_freed
         rep.transactions = res.transactions
+    t2 = time.monotonic()
+    rep.prune_s = round(t2 - t1, 4)
     if not dry_run:
         rp = j.repack(dead_ratio)
+        t3 = time.monotonic()
         rep.packs_emptied, rep.bytes_reclaimed = rp.packs_emptied, rp.bytes_reclaimed
         rep.records_archived = j.archive_records()
+        t4 = time.monotonic()
         rep.index_pages_saved = j.densify_index()
+        rep.repack_s, rep.archive_s = round(t3 - t2, 4), round(t4 - t3, 4)
+        rep.densify_s = round(time.monotonic() - t4, 4)
+    rep.pass_s = round(time.monotonic() - t0, 4)
     return rep
 
 

@@ -265,8 +265,19 @@ def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
     fd_limit = _raise_fd_limit()
     jst = os.stat(cfg.journal)
     rec = Recorder(journal, cfg.src) if cfg.capture else None
-    ops = Operations(cfg.src, hidden=(jst.st_dev, jst.st_ino), timeout=cfg.timeout, recorder=rec,
-                     fd_limit=fd_limit, fd_budget=cfg.fd_budget)
+    ops_class = Operations
+    if cfg.history_dir:  # the history view in MNT's root (historyview.py)
+        from deltafs import historyview
+
+        try:
+            historyview.check_free(cfg.src, cfg.history_dir)
+        except DeltafsError as e:
+            return fail(e)
+        ops_class = historyview.HistoryOperations
+    ops = ops_class(cfg.src, hidden=(jst.st_dev, jst.st_ino), timeout=cfg.timeout, recorder=rec,
+                    fd_limit=fd_limit, fd_budget=cfg.fd_budget)
+    if cfg.history_dir:
+        ops.attach_view(journal, cfg.history_dir)
     log.info("descriptors: limit %d, up to %d cached for inodes, %d kept free",
              ops.fc.limit, ops.fc.budget, ops.fc.reserve)
     state = _RunState()

@@ -42,6 +42,10 @@ from deltafs.fdcache import FdCache
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
+# Inode numbers from here up belong to an embedded read-only view (the history
+# view, historyview.py), never to SRC: live numbers are SRC's st_ino, and no
+# filesystem deltafs runs on hands out numbers with the top 24 bits all set.
+VIEW_INODES = 0xFFFF_FF00_0000_0000
 _CAPS = b"security.capability"
 _FALLOC_MODES = sc.FALLOC_FL_KEEP_SIZE | sc.FALLOC_FL_PUNCH_HOLE | sc.FALLOC_FL_ZERO_RANGE
 MAX_LINKS = 16  # extra names remembered per hard-linked inode
@@ -247,6 +251,8 @@ class Operations(pyfuse3.Operations):
     # round trips, listings cached by the kernel, readdir gets the inode
     dir_handle_is_inode = "dir_handle_is_inode" in getattr(pyfuse3, "DELTAFS_PATCHES", ())
     supports_dot_lookup = False
+    view = None  # an embedded view (historyview.HistoryOperations sets it): inodes >= VIEW_INODES
+    view_name: bytes | None = None  # its name in the root
 
     def __init__(self, src: str, *, hidden: tuple[int, int] | None = None, timeout: float = 86400.0,
                  recorder=None, fd_limit: int | None = None, fd_budget: int | None = None) -> None:
@@ -289,6 +295,11 @@ class Operations(pyfuse3.Operations):
         # before every write(2); a patched pyfuse3 (DELTAFS_PATCHES
         # 'nocaps_inodes') answers these in C without calling getxattr
         self.nocaps_inodes: set[int] = set()
+        # the mass-damage guard (deltafs/guard.py, docs/guard.md): while an alert
+        # stands under --guard-action block, a Block whose check(ctx) refuses
+        # changes (EPERM); else None, one attribute test per request
+        self.guard_block = None
+        self.guard_opens = None  # a bounded deque: (parent, name) of read-only opens, for the guard
 
     # ---- helpers -------------------------------------------------------
 
@@ -320,8 +331,8 @@ class Operations(pyfuse3.Operations):
     def _node(self, ino: int) -> Node:
         try:
             return self.nodes[ino]
-        except KeyError:
-            raise FUSEError(errno.ESTALE) from None
+        except KeyError:  # a view's inode: nothing of it may change
+            raise FUSEError(errno.EROFS if ino >= VIEW_INODES else errno.ESTALE) from None
 
     def _stat_entry(self, parent: Node, name: bytes, err: int) -> os.stat_result | None:
         """lstat of parent/name (None if missing); the journal directory answers ``err``."""
@@ -542,6 +553,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode >= VIEW_INODES or parent_inode == ROOT and name == self.view_name:
+            return await self.view.lookup(parent_inode, name, ctx)
         try:
             return self._entry(self._node(parent_inode), name)
         except FileNotFoundError:
@@ -581,11 +594,18 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode, ctx=None):
-        node = self._node(inode)
+        node = self.nodes.get(inode)
+        if node is None:
+            if inode >= VIEW_INODES and self.view is not None:
+                return await self.view.getattr(inode, ctx)
+            raise FUSEError(errno.ESTALE)
         return self.attrs(self._stat(node), inode)
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
+        if self.guard_block is not None and (fields.update_size or fields.update_mode or fields.update_uid
+                                             or fields.update_gid):
+            self.guard_block.check(ctx)
         node = self._node(inode)
         if (fields.update_ctime and not node.handles and not (
                 fields.update_size or fields.update_mode or fields.update_uid
@@ -785,6 +805,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         os.mkdir(name, mode, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -796,6 +818,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         node = self._known(self._stat_entry(parent, name, errno.EACCES))
         self._before_last_name(node, parent, name, True)
@@ -808,6 +832,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         os.mknod(name, mode, rdev, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -819,6 +845,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         os.symlink(target, name, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -829,6 +857,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         node = self._node(inode)
         parent = self._node(new_parent_inode)
         held = self._hold(node, parent)
@@ -852,6 +882,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         st = self._stat_entry(parent, name, errno.EACCES)
         if self.rec.enabled:
@@ -879,6 +911,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         old = self._node(parent_inode_old)
         new = self._node(parent_inode_new)
         st_old = self._stat_entry(old, name_old, errno.EACCES)
@@ -911,7 +945,7 @@ class Operations(pyfuse3.Operations):
             # (two names of one inode: rename(2) does nothing, so nothing to record)
             self.rec.event("rename", ops=self, old=src_path, new=dst_path, flags=flags,
                            parent=new, name=name_new, replaced=replaced, also=old, over=st_new,
-                           over_xattrs=over_xattrs)
+                           over_xattrs=over_xattrs, moved_st=st_old)
         if flags & sc.RENAME_EXCHANGE:
             if over is not None:
                 self._move_name(over, new, name_new, old, name_old)
@@ -970,8 +1004,12 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            if self.guard_block is not None:
+                self.guard_block.check(ctx)
             await self.rec.before_change(self, node, self.path_of(node))
             await self.wait_capture(node)
+        elif self.guard_opens is not None:  # the guard's open-then-delete signal counts opens
+            self.guard_opens.append((node.parent, node.name))
         fd, writable = self._open_fd(node, flags)
         if flags & os.O_TRUNC and writable:
             node.size_changed = True
@@ -980,6 +1018,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         parent = self._node(parent_inode)
         f, writable = self._backing_flags(flags)
         fd = self.fc.open(name, f | os.O_CREAT, mode, dir_fd=parent.fd, handle=True)
@@ -1009,7 +1049,13 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def read(self, fh, off, size):
-        return os.pread(self.handles[fh].fd, size, off)
+        try:
+            fd = self.handles[fh].fd
+        except KeyError:  # not a live handle: the view's (fh >= VIEW_INODES)
+            if fh >= VIEW_INODES and self.view is not None:
+                return await self.view.read(fh, off, size)
+            raise
+        return os.pread(fd, size, off)
 
     @_errors
     async def write(self, fh, off, buf):
@@ -1126,6 +1172,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def setxattr(self, inode, name, value, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         node = self._node(inode)
         before = self._xattr_state(node, name) if self.rec.enabled else None
         os.setxattr(self._proc(node), name, value)
@@ -1149,6 +1197,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def removexattr(self, inode, name, ctx):
+        if self.guard_block is not None:
+            self.guard_block.check(ctx)
         node = self._node(inode)
         os.removexattr(self._proc(node), name)
         self.rec.event("removexattr", ops=self, node=node, name=name)

@@ -22,7 +22,7 @@ import os
 import stat
 from collections import OrderedDict
 
-from deltafs.errors import CorruptionError, UsageError
+from deltafs.errors import UsageError
 from deltafs.journal import KIND_DIR, KIND_FILE, KIND_SYMLINK, Journal, TreeEntry
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,10 @@ class ChunkCache:
     def get(self, cid: bytes) -> bytes | None:
         raw = self._d.get(cid)
         if raw is not None:
-            self._d.move_to_end(cid)
+            try:
+                self._d.move_to_end(cid)
+            except KeyError:  # evicted meanwhile by a put in another thread (the history view)
+                pass
         return raw
 
     def put(self, cid: bytes, raw: bytes) -> None:
@@ -138,30 +141,129 @@ class PastTree:
         return e.size or 0
 
 
+def load_tree(r, seq: int, uid: int, gid: int) -> tuple[PastTree, list]:
+    """The tree right after record ``seq`` read through reader ``r`` -> (PastTree,
+    thinned): pruned file versions are replaced by the latest retained one at or
+    before them (``thinned`` lists them).  Blocking: the daemon runs it in a thread."""
+    from deltafs import history
+
+    rec = r.record(seq)
+    moment = getattr(rec, "time_ns", None) or 0
+    tree = r.tree_at(seq)
+    thinned: list = []
+    for p, e in list(tree.items()):
+        if e.kind == KIND_FILE:
+            try:
+                tree[p] = history.retained_entry(r, p, e, thinned)
+            except Exception:
+                tree[p] = e  # no retained version: reads will fail EIO
+    return PastTree(tree, moment, uid, gid), thinned
+
+
 def _open_tree(journal: Journal, when: str, cache_limit: int):
     """-> (PastTree, Point, note or None) for WHEN in ``journal``."""
-    from deltafs import history
     from deltafs.when import resolve_when
 
     with journal.reader() as r:
         point = resolve_when(r, when)
         if point.seq <= 0:
             raise UsageError(f"the journal has no version at or before {when}")
-        rec = r.record(point.seq)
-        moment = getattr(rec, "time_ns", None) or 0
-        tree = r.tree_at(point.seq)
-        thinned: list = []
-        for p, e in list(tree.items()):
-            if e.kind == KIND_FILE:
-                try:
-                    tree[p] = history.retained_entry(r, p, e, thinned)
-                except Exception:
-                    tree[p] = e  # no retained version: reads will fail EIO
+        tree, thinned = load_tree(r, point.seq, os.getuid(), os.getgid())
         note = None
         if thinned:
             note = (f"{len(thinned)} file version(s) at {when} were pruned; the view shows the latest "
                     "retained version at or before it")
-    return PastTree(tree, moment, os.getuid(), os.getgid()), point, note
+    return tree, point, note
+
+
+def entry_attributes(tree: PastTree, n: _Node, ino: int, timeout: float):
+    """pyfuse3 attributes of node ``n`` of ``tree``, numbered ``ino``."""
+    import pyfuse3
+
+    a = pyfuse3.EntryAttributes()
+    e = n.entry
+    a.st_ino = ino
+    a.st_mode = tree.mode(n)
+    a.st_nlink = n.nlink
+    a.st_uid = e.uid if e.uid is not None else tree.uid
+    a.st_gid = e.gid if e.gid is not None else tree.gid
+    a.st_size = tree.size(n)
+    a.st_rdev = e.rdev or 0
+    a.st_blksize = 4096
+    a.st_blocks = (a.st_size + 511) // 512
+    a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = n.mtime_ns
+    a.entry_timeout = a.attr_timeout = timeout
+    return a
+
+
+class FileStream:
+    """One open past version: its chunk list, read a range at a time.
+
+    ``read`` decodes only the chunks a range covers; ``cache`` (a
+    ChunkCache) serves delta chains and re-reads.  Each chunk is verified
+    against its id (``Reader.read_chunk``): a CorruptionError or a chunk
+    that is gone raises OSError(EIO)."""
+
+    __slots__ = ("cids", "offs", "size", "path", "seq")
+
+    def __init__(self, journal: Journal, content_seq: int, size: int, path: bytes = b"") -> None:
+        self.cids: list[bytes] = []
+        self.offs: list[int] = []
+        self.size, self.path, self.seq = size, path, content_seq
+        if content_seq and size:
+            try:
+                with journal.reader() as r:
+                    refs = r.chunk_list(content_seq)
+            except Exception as e:
+                log.error("%s: cannot read version %s: %s", path, content_seq, e)
+                raise OSError(errno.EIO, "unreadable version") from None
+            o = 0
+            for cid, ln in refs:
+                self.cids.append(cid)
+                self.offs.append(o)
+                o += ln
+
+    def cached(self, cache: ChunkCache, off: int, size: int) -> bytes | None:
+        """The range if every chunk of it is in ``cache`` (no LMDB), else None."""
+        cids, offs = self.cids, self.offs
+        end = min(off + size, self.size)
+        if off >= end or not cids:
+            return b""
+        out = []
+        k = bisect.bisect_right(offs, off) - 1
+        while k < len(cids) and offs[k] < end:
+            raw = cache.get(cids[k])
+            if raw is None:
+                return None
+            out.append(raw[max(off - offs[k], 0): end - offs[k]])
+            k += 1
+        return b"".join(out)
+
+    def read(self, journal: Journal, cache: ChunkCache, off: int, size: int) -> bytes:
+        cids, offs = self.cids, self.offs
+        end = min(off + size, self.size)
+        if off >= end or not cids:
+            return b""
+        out = []
+        k = bisect.bisect_right(offs, off) - 1
+        r_ctx = None
+        try:
+            while k < len(cids) and offs[k] < end:
+                raw = cache.get(cids[k])
+                if raw is None:
+                    if r_ctx is None:
+                        r_ctx = journal.reader()
+                        reader = r_ctx.__enter__()
+                    raw = reader.read_chunk(cids[k], cache)
+                out.append(raw[max(off - offs[k], 0): end - offs[k]])
+                k += 1
+        except Exception as e:  # CorruptionError, a chunk compaction freed, LMDB trouble
+            log.error("read of %s (version %s) failed: %s", self.path.decode(errors="replace"), self.seq, e)
+            raise OSError(errno.EIO, "unreadable version") from None
+        finally:
+            if r_ctx is not None:
+                r_ctx.__exit__(None, None, None)
+        return b"".join(out)
 
 
 def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
@@ -172,24 +274,11 @@ def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
 
         def __init__(self) -> None:
             super().__init__()
-            self.fhs: dict[int, tuple[list[bytes], list[int], int, int]] = {}
+            self.fhs: dict[int, FileStream] = {}
             self.next_fh = 1
 
         def _attr(self, n: _Node):
-            a = pyfuse3.EntryAttributes()
-            e = n.entry
-            a.st_ino = n.ino
-            a.st_mode = tree.mode(n)
-            a.st_nlink = n.nlink
-            a.st_uid = e.uid if e.uid is not None else tree.uid
-            a.st_gid = e.gid if e.gid is not None else tree.gid
-            a.st_size = tree.size(n)
-            a.st_rdev = e.rdev or 0
-            a.st_blksize = 4096
-            a.st_blocks = (a.st_size + 511) // 512
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = n.mtime_ns
-            a.entry_timeout = a.attr_timeout = 3600
-            return a
+            return entry_attributes(tree, n, n.ino, 3600)
 
         def _node(self, ino: int) -> _Node:
             n = tree.nodes.get(ino)
@@ -236,50 +325,20 @@ def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
                 raise pyfuse3.FUSEError(errno.EROFS)
             if n.entry.kind != KIND_FILE:
                 raise pyfuse3.FUSEError(errno.EINVAL)
-            cids: list[bytes] = []
-            offs: list[int] = []
-            if n.entry.content_seq and n.entry.size:
-                try:
-                    with journal.reader() as r:
-                        refs = r.chunk_list(n.entry.content_seq)
-                except Exception as e:
-                    log.error("%s: cannot read version %s: %s", n.entry.path, n.entry.content_seq, e)
-                    raise pyfuse3.FUSEError(errno.EIO) from None
-                o = 0
-                for cid, ln in refs:
-                    cids.append(cid)
-                    offs.append(o)
-                    o += ln
+            try:
+                stream = FileStream(journal, n.entry.content_seq, tree.size(n), n.entry.path)
+            except OSError as e:
+                raise pyfuse3.FUSEError(e.errno) from None
             fh = self.next_fh
             self.next_fh += 1
-            self.fhs[fh] = (cids, offs, tree.size(n), inode)
+            self.fhs[fh] = stream
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
         async def read(self, fh, off, size):
-            cids, offs, total, _ = self.fhs[fh]
-            end = min(off + size, total)
-            if off >= end or not cids:
-                return b""
-            out = []
-            k = bisect.bisect_right(offs, off) - 1
-            r_ctx = None
             try:
-                while k < len(cids) and offs[k] < end:
-                    raw = cache.get(cids[k])
-                    if raw is None:
-                        if r_ctx is None:
-                            r_ctx = journal.reader()
-                            reader = r_ctx.__enter__()
-                        raw = reader.read_chunk(cids[k], cache)
-                    out.append(raw[max(off - offs[k], 0): end - offs[k]])
-                    k += 1
-            except CorruptionError as e:
-                log.error("read of a past version failed: %s", e)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            finally:
-                if r_ctx is not None:
-                    r_ctx.__exit__(None, None, None)
-            return b"".join(out)
+                return self.fhs[fh].read(journal, cache, off, size)
+            except OSError as e:
+                raise pyfuse3.FUSEError(e.errno) from None
 
         async def release(self, fh):
             self.fhs.pop(fh, None)

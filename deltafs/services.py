@@ -18,6 +18,7 @@ from deltafs.control import ControlServer
 from deltafs.guard import Guard
 from deltafs.maintenance import MaintenanceProgress
 from deltafs.mirrors.replicate import Mirrors
+from deltafs.sync.service import GroupSync
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Services:
     maintenance: MaintenanceProgress | None = None  # maintenance.maintenance_service
     guard: "Guard | None" = None  # guard.guard_service (None: --guard off or --no-capture)
     mirrors: Mirrors = field(default_factory=Mirrors)  # mirrors.replicate.mirror_service (empty until then)
+    sync: GroupSync | None = None  # sync.service.sync_service (None: the journal is in no sync group)
 
 
 @dataclass
@@ -58,6 +60,9 @@ async def start_all(daemon: Daemon, nursery: trio.Nursery) -> None:
     s.maintenance = await nursery.start(maintenance.maintenance_service, daemon)
     # mirror_service runs without mirrors too: `mirror add` may start one while mounted
     s.mirrors = await nursery.start(mirror_service, daemon)
+    from deltafs.sync.service import sync_service
+
+    s.sync = await nursery.start(sync_service, daemon)
     if daemon.cfg.metrics_addr:
         from deltafs.metrics import metrics_service
 

@@ -310,7 +310,8 @@ def format_text(st: dict) -> str:
         ga = gd.get("alert")
         lines.append(f"  guard      {gd['level']}: " + (
             f"ALERT: {ga['files']} files look destroyed after version {ga['before_version']} (snapshot "
-            f"{ga.get('snapshot')}); deltafs rollback, then deltafs guard resume" if ga else
+            f"{ga.get('snapshot')}); deltafs rollback, then deltafs guard resume"
+            + ("; changes are refused (--guard-action block)" if ga.get("blocking") else "") if ga else
             f"watching, score {gd['score']} of {gd['threshold']:g}"))
     fds = st.get("descriptors")
     if fds:

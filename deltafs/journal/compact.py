@@ -55,6 +55,7 @@ import msgpack
 
 from deltafs.errors import CorruptionError
 
+from . import planstate
 from . import schema as S
 from .packs import PACK_MAGIC, add_pack_live, incref, pack_live
 from .reader import Reader
@@ -63,7 +64,7 @@ from .storage import Storage, release_lock
 log = logging.getLogger(__name__)
 
 GRAVEYARD_GRACE_NS = 600 * 1_000_000_000  # freed chunks a late commit may still name
-META_PRUNED_VERSIONS = b"pruned_versions"  # counters, see docs/format.md
+META_PRUNED_VERSIONS = S.META_PRUNED_VERSIONS  # counters, see docs/format.md
 META_FREED_CHUNKS = b"freed_chunks"
 META_FREED_BYTES = b"freed_bytes"
 CHECKPOINT_BATCH = 64  # checkpoints written per transaction
@@ -125,6 +126,10 @@ class Compactor:
         with self._st.read() as txn:
             yield Reader(self._st, txn)
 
+    def planning(self) -> planstate.PlanStore:
+        """Compaction's planning state (journal/planstate.py)."""
+        return planstate.PlanStore(self._st)
+
     # --- pruning ---------------------------------------------------------------------
     def prune(self, seqs: Iterable[int], retained: Iterable[int], dry_run: bool = False) -> PruneResult:
         """Prune content versions ``seqs``; ``retained`` = every content version
@@ -139,9 +144,8 @@ class Compactor:
            leaves every count consistent.
         """
         res = PruneResult()
-        with self._snapshot() as r:
-            already = r.pruned_seqs()
-        doomed = sorted(set(seqs) - already)
+        with self._snapshot() as r:  # per seq: the pruned set grows with history
+            doomed = sorted(s for s in set(seqs) if not r.is_pruned(s))
         if not doomed:
             return res
         doomed_set = set(doomed)
@@ -198,6 +202,7 @@ class Compactor:
                 txn.delete(S.u64(s), db=dbs[S.DB_CHECKPOINTS])
                 for cid, _ in S.unpack_list(cp):
                     self._uncount(txn, s, cid, zero)
+            planstate.forget(txn, dbs, rec)
             n_pruned += 1
         freed = freed_bytes = 0
         while zero:
@@ -216,6 +221,7 @@ class Compactor:
             if base is not None:
                 _decref(txn, dbs, base, zero)
         _bump_meta(txn, dbs, META_PRUNED_VERSIONS, n_pruned)
+        planstate.bump_pruned(txn, dbs, n_pruned)
         _bump_meta(txn, dbs, META_FREED_CHUNKS, freed)
         _bump_meta(txn, dbs, META_FREED_BYTES, freed_bytes)
         res.versions_pruned += n_pruned
@@ -331,6 +337,11 @@ class Compactor:
 
     # --- the chunk index ------------------------------------------------------------------
     def densify_index(self, slack: float = INDEX_SLACK) -> int:
+        """Rewrite the chunk index, ``history`` and ``pathlog`` in key order
+        where their pages are mostly empty; -> pages saved."""
+        return self._densify_chunks(slack) + self._densify_logs(slack)
+
+    def _densify_chunks(self, slack: float) -> int:
         """Rewrite the chunk index in key order if its pages are mostly empty; -> pages saved.
 
         Chunk ids are random, so inserts land all over the B-tree and every page
@@ -350,6 +361,23 @@ class Compactor:
                 return 0
             saved = self._st.rewrite_in_key_order(txn, db)
         log.info("rewrote the chunk index in key order: %d pages fewer", saved)
+        return saved
+
+    def _densify_logs(self, slack: float) -> int:
+        """``history`` and ``pathlog`` likewise (schema.rewrite_dups_in_key_order)."""
+        saved = 0
+        for name in (S.DB_HISTORY, S.DB_PATHLOG):
+            db = self._dbs[name]
+            with self._st.write() as txn:
+                st = txn.stat(db)
+                if not st["entries"] or st["entries"] > INDEX_REWRITE_MAX:
+                    continue
+                need = S.dup_pages_needed(txn, db)
+                if st["leaf_pages"] - need < max(1, need * (slack - 1)):
+                    continue
+                n = S.rewrite_dups_in_key_order(txn, db)
+            log.info("rewrote %s in key order: %d pages fewer", name.decode(), n)
+            saved += n
         return saved
 
     # --- record blocks ------------------------------------------------------------------

@@ -279,6 +279,12 @@ class Journal:
                     self._uncache_list(s)
         return res
 
+    def planning(self):
+        """A write transaction over compaction's planning state, as a
+        ``journal.planstate.PlanTxn`` (used by ``deltafs.maintenance.plan_incremental``)."""
+        self._check_writable()
+        return self._compactor.planning()
+
     def repack(self, dead_ratio: float = REPACK_DEAD_RATIO) -> RepackResult:
         """Rewrite the live values of packs more than ``dead_ratio`` dead; delete emptied packs."""
         self._check_writable()

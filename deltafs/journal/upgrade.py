@@ -23,7 +23,7 @@ from .schema import TMP_DB, refill
 
 log = logging.getLogger(__name__)
 
-UPGRADABLE = (1, 2, 3, 4)  # formats a writer upgrades in place at open (a reader refuses them)
+UPGRADABLE = (1, 2, 3, 4, 5)  # formats a writer upgrades in place at open (a reader refuses them)
 
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 
@@ -41,6 +41,9 @@ def upgrade(env, path: str, meta, fmt: int) -> None:
         fmt = 4
     if fmt == 4:
         upgrade_4_to_5(env, path, meta)
+        fmt = 5
+    if fmt == 5:
+        upgrade_5_to_6(env, path, meta)
 
 
 def _packb(v) -> bytes:
@@ -130,3 +133,45 @@ def upgrade_4_to_5(env, path: str, meta) -> None:
     with env.begin(write=True) as txn:
         txn.put(S.META_FORMAT, _packb(5), db=meta)
     log.warning("upgraded journal %s from format 4 to 5 (no data rewritten)", path)
+
+
+def recount_raw_bytes(env, path: str, meta, txn) -> tuple[int, int]:
+    """``raw_bytes`` from the chunk values themselves.  -> (old, new).
+
+    Before format 6 the chunks a large capture streamed ahead of its record
+    added to ``stored_bytes`` but not to ``raw_bytes`` (status showed a
+    ratio below 1).  Both count every value ever inserted, freed ones
+    included, and a freed value's raw length is gone, so: the live values'
+    raw and stored sums (each value's header holds its raw length) give
+    the ratio, and ``raw_bytes`` becomes ``stored_bytes`` times it, never
+    less than it was.  Exact when compaction never freed a value (then
+    ``stored_bytes`` is the live sum)."""
+    chunks = env.open_db(S.DB_CHUNKS, txn=txn)
+    packs = PackFiles(path)
+    live_raw = live_stored = 0
+    try:
+        for _, loc in txn.cursor(db=chunks):
+            _, pack, off, length, _ = S.decode_loc(loc)
+            live_raw += S.decode_chunk(packs.read(pack, off, min(length, S.CHUNK_HDR_MAX)))[1]
+            live_stored += length
+    finally:
+        packs.close()
+    old_raw = msgpack.unpackb(txn.get(S.META_RAW, db=meta) or _packb(0))
+    stored = msgpack.unpackb(txn.get(S.META_STORED, db=meta) or _packb(0))
+    new_raw = old_raw
+    if live_stored:
+        new_raw = max(old_raw, live_raw if stored == live_stored else round(stored * live_raw / live_stored))
+    txn.put(S.META_RAW, _packb(new_raw), db=meta)
+    return old_raw, new_raw
+
+
+def upgrade_5_to_6(env, path: str, meta) -> None:
+    """Format 6 compacts records into ``S`` blocks (two hashes per block,
+    not one per record), which a format-5 deltafs cannot read, so the
+    number changes; nothing already written is rewritten.  ``raw_bytes``
+    is recounted (:func:`recount_raw_bytes`)."""
+    with env.begin(write=True) as txn:
+        old, new = recount_raw_bytes(env, path, meta, txn)
+        txn.put(S.META_FORMAT, _packb(6), db=meta)
+    log.warning("upgraded journal %s from format 5 to 6 (raw_bytes %d -> %d; nothing rewritten)",
+                path, old, new)

@@ -6,9 +6,11 @@ with 3 lines changed each: 369 KB of chunks; git's pack grows 5.5 KB).
 Here the chunks a checkout between two such commits stores must cost less
 than `git gc --aggressive` grows the repository's pack for the same
 change.  The records (unlink, create and write per file, about 330 bytes
-together) are not counted: they are still about 4x git's growth on their
-own, a record-format matter left open in issue 20.  The repository's .git
-lives outside the mount, so only the work tree is journaled.
+together as LMDB values, 3.6x git's growth) are checked as compaction
+stores them: in record blocks that keep two hashes per block (format 6),
+about 126 bytes per file, 1.4x git's growth (tools/bench/history_size_where
+has the whole breakdown).  The repository's .git lives outside the mount,
+so only the work tree is journaled.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from deltafs.journal import Journal
+from deltafs.journal import compact as JC
+from deltafs.journal import schema as S
 from fusetools import run_cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -43,11 +47,17 @@ def pack_bytes(repo: Path) -> int:
     return sum(p.stat().st_size for p in (repo / ".git" / "objects" / "pack").glob("*.pack"))
 
 
-def journal_size(journal: Path) -> tuple[int, int]:
-    """(chunk bytes stored, bytes of every record)."""
+def journal_size(journal: Path) -> tuple[int, int, list[bytes]]:
+    """(chunk bytes stored, bytes of every record, every record's stored value)."""
     with Journal.open(str(journal), readonly=True) as j, j.reader() as r:
-        recs = sum(len(r.raw_record(s)) for s in range(1, r.head_seq() + 1))
-        return r.stats()["stored_bytes"], recs
+        values = [bytes(r.raw_record(s)) for s in range(1, r.head_seq() + 1)]
+        return r.stats()["stored_bytes"], sum(map(len, values)), values
+
+
+def block_bytes(values: list[bytes]) -> int:
+    """What compaction stores for these records (schema.encode_record_block, 32 a block)."""
+    return sum(len(S.encode_record_block(values[i:i + JC.RECORD_BLOCK]))
+               for i in range(0, len(values), JC.RECORD_BLOCK))
 
 
 def _source(rnd: random.Random, i: int) -> list[str]:
@@ -90,7 +100,9 @@ def test_git_checkout_grows_the_journal_less_than_git_gc(mounted, tmp_path):
     growth = chunks + records
     for name, lines in files.items():
         assert (work / name).read_text() == "".join(lines)
+    blocks = block_bytes(after[2][len(before[2]):])
     print(f"git checkout of {FILES} files, 3 lines each: journal +{growth} bytes ({chunks} chunks, "
-          f"{records} records), "
+          f"{records} records, {blocks} once in record blocks), "
           f"git gc --aggressive +{git_growth} bytes")
     assert chunks < git_growth, (chunks, records, git_growth)
+    assert blocks < 2 * git_growth, (blocks, records, git_growth)

@@ -221,3 +221,142 @@ def test_guard_off_and_bad_level(mount_factory, tmp_path):
     assert res.returncode == 2 and b"off" in res.stderr
     res = run_cli("mount", tmp_path / "s", tmp_path / "m2", "--guard", "loud")
     assert res.returncode == 2
+
+
+# ---- --guard-action block, open-then-delete through opens, the alert across a remount ------------
+
+def _attack_until_alert(m, hit, limit=60) -> int:
+    damaged = 0
+    for p in victims(m.mnt):
+        hit(p)
+        damaged += 1
+        if guard_state(m)["alert"] or damaged >= limit:
+            break
+    return damaged
+
+
+@pytest.mark.skipif(Cipher is None, reason="needs cryptography")
+def test_block_stops_the_attack_and_resume_reallows(mount_factory, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_corpus(src, CORPUS)
+    clean_src = fingerprint(src)
+    m = mount_factory(src, "--guard-action", "block")
+    clean = fingerprint(m.mnt)
+    damaged, refused = [], 0
+    for p in victims(m.mnt):  # the attacker goes on through the whole tree
+        try:
+            in_place(p)
+            damaged.append(p)
+        except PermissionError as e:
+            assert e.errno == 1  # EPERM
+            refused += 1
+            for act in (lambda: p.unlink(), lambda: p.rename(p.with_name(p.name + ".locked")),
+                        lambda: p.with_name(p.name + ".crypt").write_bytes(b"x"), lambda: os.truncate(p, 0),
+                        lambda: p.chmod(0o000)):
+                with pytest.raises(PermissionError):
+                    act()
+            assert p.read_bytes() == clean[os.path.relpath(p, m.mnt)][2]  # reads keep working
+    g = guard_state(m)
+    assert g["alert"] and g["alert"]["blocking"]["refused"] >= refused > 0
+    print(f"GUARD block: {len(damaged)} files damaged, {refused} refused", file=sys.stderr)
+    assert len(damaged) <= MAX_DAMAGED
+    # every file after the block stood is untouched in SRC itself
+    after = fingerprint(src)
+    hurt = {os.path.relpath(p, m.mnt) for p in damaged}
+    assert set(after) == set(clean_src)
+    for k, v in clean_src.items():
+        if k not in hurt:
+            assert after[k] == v, k
+    st = run_cli("guard", "status", m.mnt)
+    assert st.returncode == 1 and b"refused" in st.stdout
+    # the rollback that undoes it is let through; everyone else still is not
+    snap = g["alert"]["snapshot"]
+    for _ in range(100):
+        if run_cli("rollback", m.mnt, "--to", snap, "--dry-run").returncode == 0:
+            break
+        time.sleep(0.05)
+    run_cli("rollback", m.mnt, "--to", snap, check=True)
+    assert differences(clean, fingerprint(m.mnt)) == []
+    with pytest.raises(PermissionError):
+        (Path(m.mnt) / "new.txt").write_text("no")
+    run_cli("guard", "resume", m.mnt, check=True)
+    (Path(m.mnt) / "new.txt").write_text("yes")
+    (Path(m.mnt) / "new.txt").unlink()
+    assert not g["alert"]["from_earlier_mount"]
+
+
+@pytest.mark.skipif(Cipher is None, reason="needs cryptography")
+def test_open_then_delete_with_random_names_is_caught_through_opens(corpus_mount):
+    """No name links the new file to the old one: only the open of the
+    original for reading (ops.open) does."""
+    m = corpus_mount
+    clean = fingerprint(m.mnt)
+    n = [0]
+
+    def attack(p: Path) -> None:
+        n[0] += 1
+        data = p.read_bytes()
+        (Path(m.mnt) / f"{os.urandom(16).hex()}").write_bytes(aes(data))
+        p.unlink()
+
+    damaged = _attack_until_alert(m, attack)
+    g = guard_state(m)
+    assert g["alert"], f"no alert after {damaged} files (score {g['score']})"
+    print(f"GUARD open-then-delete: alert after {damaged} files", file=sys.stderr)
+    assert damaged <= MAX_DAMAGED
+    assert any("read" in e["reasons"] for e in g["alert"]["examples"])
+    snap = g["alert"]["snapshot"]
+    for _ in range(100):
+        if run_cli("rollback", m.mnt, "--to", snap, "--dry-run").returncode == 0:
+            break
+        time.sleep(0.05)
+    run_cli("rollback", m.mnt, "--to", snap, check=True)
+    assert differences(clean, fingerprint(m.mnt)) == []
+
+
+@pytest.mark.skipif(Cipher is None, reason="needs cryptography")
+def test_alert_survives_a_remount(mount_factory, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_corpus(src, 60)
+    m = mount_factory(src)
+    damaged = _attack_until_alert(m, in_place)
+    g = guard_state(m)
+    assert g["alert"], damaged
+    snap = g["alert"]["snapshot"]
+    state = m.journal / "guard-alert.json"
+    for _ in range(200):  # saved right after the snapshot is pinned
+        if state.exists():
+            break
+        time.sleep(0.05)
+    assert state.stat().st_mode & 0o777 == 0o600
+    m.umount(check=False)
+
+    m.extra = ["--guard-action", "block", "--compact-every", "0.01"]
+    m.start()
+    g = guard_state(m)
+    assert g["alert"] and g["alert"]["snapshot"] == snap and g["alert"]["from_earlier_mount"]
+    assert g["alert"]["files"] >= 5
+    st = run_cli("status", m.mnt, "--check")
+    assert st.returncode == 1 and b"GUARD ALERT" in st.stdout
+    assert run_cli("guard", "status", m.mnt).returncode == 1
+    with pytest.raises(PermissionError):  # block holds after the remount too
+        (Path(m.mnt) / "after-remount.txt").write_text("no")
+    for _ in range(400):  # a compaction pass is due every 0.6 s: each is held
+        if "compaction held: the guard's alert stands" in m.log_text():
+            break
+        time.sleep(0.05)
+    assert "compaction held: the guard's alert stands" in m.log_text()
+    m.umount(check=False)
+
+    m.extra = ["--guard", "off"]  # the alert stands until resumed, whatever the level now
+    m.start()
+    assert guard_state(m)["alert"]["snapshot"] == snap
+    run_cli("guard", "resume", m.mnt, check=True)
+    assert not state.exists()
+    (Path(m.mnt) / "after-resume.txt").write_text("yes")
+    m.umount(check=False)
+    m.extra = []
+    m.start()
+    assert guard_state(m)["alert"] is None

@@ -29,6 +29,8 @@ EVERY_OPTION = {
     "fd_budget": 64,
     "guard": "high",
     "on_alert": "notify-send deltafs",
+    "history_dir": ".past",
+    "guard_action": "block",
 }
 NOT_TO_DAEMON = {"foreground"}  # spawn_daemon adds --foreground itself
 
@@ -59,6 +61,19 @@ def test_all_options_at_once_round_trip():
 
 def test_defaults_give_a_short_argv():
     assert MountConfig(src="/s", mnt="/m", journal="/j").to_argv() == ["mount", "/s", "/m", "--journal", "/j"]
+
+
+def test_no_history_dir_round_trips():
+    cfg = MountConfig(src="/s", mnt="/m", journal="/j", history_dir=None)
+    assert "--no-history-dir" in cfg.to_argv()
+    assert _parse(cfg.to_argv()) == cfg
+
+
+@pytest.mark.parametrize("bad", ["a/b", ".", ".."])
+def test_bad_history_dir_is_one_usage_error(bad):
+    args = cli.build_parser().parse_args(["mount", "/s", "/m", "--history-dir", bad])
+    with pytest.raises(errors.UsageError, match="--history-dir"):
+        MountConfig.from_args(args, "/s", "/m", "/j")
 
 
 def test_bad_option_is_one_usage_error():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import random
+import time
 import zlib
 
 import pytest
@@ -187,3 +188,121 @@ def test_helpers():
     assert 7.5 < guard.entropy(os.urandom(4096)) <= 8 and guard.entropy(b"aaaa") == 0
     with pytest.raises(ValueError):
         guard.Detector("loud")
+
+
+def test_open_then_delete_counts_opens():
+    """Random names: no name pairs the new file with the old one; the open
+    of the original for reading (ops.open) does."""
+    w = World()
+    paths = corpus(w)
+    for i, p in enumerate(paths):
+        w.det.note_opens([p])  # the attacker reads the original...
+        w.put(b"x/%032x" % random.Random(i).getrandbits(128), enc(w.raw[w.old[p]]))  # ...writes a random name
+        if w.unlink(p):  # ...and deletes the original
+            break
+    assert w.det.alert and i + 1 <= 5, i
+    assert all("read" in h.reasons for h in w.det.alert.hits)
+    # without the opens the same attack scores nothing (new opaque files alone are no damage)
+    w = World()
+    paths = corpus(w)
+    for i, p in enumerate(paths):
+        w.put(b"x/%032x" % random.Random(i).getrandbits(128), enc(w.raw[w.old[p]]))
+        assert w.unlink(p) is None
+    assert w.det.score() == 0
+
+
+def test_open_then_delete_stays_quiet_when_nothing_explains_it():
+    w = World("high")
+    paths = corpus(w)
+    w.put(b"download.bin", os.urandom(5000))  # one new opaque file pairs with at most one delete
+    for p in paths:
+        w.det.note_opens([p])
+        w.unlink(p)
+    assert w.det.alert is None and w.det.score() == 1.0
+    # a file opened only after the new opaque file appeared is not explained by it
+    w = World("high")
+    paths = corpus(w)
+    for i, p in enumerate(paths[:10]):
+        w.put(b"n%d.bin" % i, os.urandom(5000))
+        w.t += 1
+        w.det.note_opens([p])
+        w.unlink(p)
+    assert w.det.score() == 0
+    # restic prune: opaque packs read and deleted, new opaque packs written
+    w = World("high")
+    for i in range(20):
+        w.put(b"repo/data/%02d/p%d" % (i, i), os.urandom(5000))
+    for i in range(20):
+        w.det.note_opens([b"repo/data/%02d/p%d" % (i, i)])
+        w.put(b"repo/data/%02d/q%d" % (i, i), os.urandom(5000))
+        w.unlink(b"repo/data/%02d/p%d" % (i, i))
+    assert w.det.score() == 0
+
+
+def test_alert_round_trips_through_its_saved_state(tmp_path):
+    w = World()
+    for p in corpus(w):
+        if w.put(p, enc(w.raw[w.old[p]])):
+            break
+    a = w.det.alert
+    path = str(tmp_path / guard.STATE_FILE)
+    guard.save_state(path, {"version": 1, "alert": a.to_dict(), "snapshot": "guard-x", "action": "block"})
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    st = guard.load_state(path)
+    b = guard.Alert.from_dict(st["alert"])
+    assert b.to_dict() == a.to_dict() and st["snapshot"] == "guard-x"
+    (tmp_path / "bad").write_text("{not json")
+    assert guard.load_state(str(tmp_path / "bad")) is None
+    assert guard.load_state(str(tmp_path / "missing")) is None
+
+
+class Ctx:
+    def __init__(self, pid):
+        self.pid = pid
+
+
+def test_block_refuses_all_but_allowed_processes():
+    b = guard.Block()
+    with pytest.raises(PermissionError) as e:
+        b.check(Ctx(os.getppid()))
+    assert e.value.errno == 1  # EPERM
+    b.allow(os.getpid())
+    b.check(Ctx(os.getpid()))  # allowed
+    import threading  # FUSE names the calling thread: a thread of an allowed process is allowed
+    go, tid = threading.Event(), []
+    t = threading.Thread(target=lambda: (tid.append(threading.get_native_id()), go.wait(10)))
+    t.start()
+    while not tid:
+        time.sleep(0.001)
+    try:
+        assert tid[0] != os.getpid()
+        b.check(Ctx(tid[0]))
+    finally:
+        go.set()
+        t.join()
+    with pytest.raises(PermissionError):
+        b.check(Ctx(os.getppid()))
+    assert b.status()["refused"] == 2 and b.status()["processes"][0]["pid"] == os.getppid()
+
+
+def test_a_write_the_guard_cannot_see_clears_its_memory_and_renames_point_at_the_write():
+    w = World()
+    paths = corpus(w)
+    p = paths[0]  # a .txt
+    w.put(p, enc(w.raw[w.old[p]]))  # remembered as opaque
+    w.det.resume()
+    # a restore whose chunks were all known already (dedup): no head sample reaches the guard
+    w.feed(Change(op="write", path=p, size=100, cause="write", base_seq=1, edit=[(0, 1, [(b"known", 100)])],
+                  chunks=[]))
+    assert p not in w.det.memory
+    w.put(p, enc(TEXT[:3000]))
+    assert w.det.hits and w.det.hits[-1].key == p  # scored again: the extension says text
+    write_seq = w.seq
+    w.det.hits.clear()
+    w.det.memory[p] = (None, 7.9)  # even if the write scored nothing...
+    w.put(p, enc(TEXT[:3000]))
+    w.det.hits.clear()
+    write_seq = w.seq
+    w.rename(p, p + b".locked")
+    (h,) = w.det.hits
+    assert h.reasons == ("extension",) and h.seq == write_seq  # ...the attack on it began at the write

@@ -79,7 +79,9 @@ LAYERS = [
     ["deltafs.metrics"],
     ["deltafs.status"],
     ["deltafs.control"],
+    ["deltafs.historyview"],  # the history view inside a live mount (uses pastfs's trees)
     ["deltafs.pastfs"],  # mount --at: a read-only view built from history
+    ["deltafs.sync"],  # sync groups: publish, pull and apply over capture, mirrors, journal
     # services and tools: the FUSE side, capture, compaction, mirrors, history
     ["deltafs.ops", "deltafs.capture", "deltafs.maintenance", "deltafs.mirrors", "deltafs.history",
      "deltafs.locate", "deltafs.snapshots"],
@@ -94,6 +96,7 @@ PACKAGE_LAYERS = {
     "deltafs.journal": [  # deltafs/journal/core.py's docstring
         ["core"],  # Journal: the writer, the public face
         ["compact", "verify"],  # the Compactor; verify
+        ["planstate"],  # compaction's planning state
         ["reader", "storage"],  # Reader; Storage: env, every db, packs, lock (the lmdb owner)
         ["upgrade", "state", "private", "hlc"],
         ["packs", "records"],

@@ -70,6 +70,16 @@ def rss_anon(pid: int) -> int:
     return 0
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def du(path: str) -> int:
     total = 0
     for dirpath, _, filenames in os.walk(path):
@@ -168,7 +178,10 @@ class Compactor(threading.Thread):
             p = {"at_s": round(start - self.t0, 1), "seconds": round(dt, 3), "exit": r.returncode}
             with contextlib.suppress(ValueError):
                 out = json.loads(r.stdout)
-                for k in ("pruned_versions", "pruned", "freed_chunks", "freed_bytes", "versions_pruned"):
+                for k in ("pruned_versions", "pruned", "freed_chunks", "freed_bytes", "versions_pruned",
+                          "versions", "files", "files_examined", "plan_s", "pass_s", "checkpoints_written",
+                          "prune_s", "repack_s", "archive_s", "densify_s", "records_archived",
+                          "packs_emptied", "index_pages_saved"):
                     if k in out:
                         p[k] = out[k]
             if r.returncode != 0:
@@ -207,6 +220,7 @@ def soak(w: str, minutes: float, rate: float, seed: int, res: dict, mounts: list
     minute_end = t0 + 60
     versions0 = st["capture"]["versions"]
     sampler_res: dict = {}
+    cpu_prev = [cpu_s(pid), sum(os.times()[:2])]
 
     def sample(idx: int, lat_: list[float], kinds_: dict, late_: int, secs: float) -> None:
         # off the workload's thread: `deltafs status` takes a moment
@@ -217,15 +231,26 @@ def soak(w: str, minutes: float, rate: float, seed: int, res: dict, mounts: list
             v, pending = None, None
             log(f"status failed: {e}")
         lat_.sort()
+        dcpu, own = cpu_s(pid), sum(os.times()[:2])
+        cpu_d, cpu_o = dcpu - cpu_prev[0], own - cpu_prev[1]
+        cpu_prev[:] = [dcpu, own]
+        lo, hi = 60.0 * idx, 60.0 * (idx + 1)
+        passes = [c for c in comp.passes if lo <= c["at_s"] < hi and c.get("exit") == 0]
         row = {"minute": idx + 1, "ops": len(lat_), "ops_s": round(len(lat_) / secs, 1),
                "p50_ms": round(1000 * lat_[len(lat_) // 2], 2) if lat_ else None,
                "p99_ms": round(1000 * lat_[min(len(lat_) - 1, int(len(lat_) * 0.99))], 2) if lat_ else None,
                "missed": late_, "kinds": kinds_, "versions": v, "pending": pending,
-               "rss_anon": rss_anon(pid), "journal_bytes": du(journal)}
+               "rss_anon": rss_anon(pid), "journal_bytes": du(journal),
+               "daemon_cpu_s": round(cpu_d, 2), "soak_cpu_s": round(cpu_o, 2),
+               "load1": round(os.getloadavg()[0], 2),
+               "compact_pass_s": max((c.get("pass_s") or 0.0 for c in passes), default=None),
+               "compact_cli_s": max((c["seconds"] for c in passes), default=None),
+               "compact_examined": max((c.get("files_examined") or 0 for c in passes), default=None)}
         sampler_res[idx] = row
         log(f"minute {idx + 1}: {row['ops_s']} ops/s, p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
             f"RssAnon {row['rss_anon'] / 2**20:.1f} MiB, journal {row['journal_bytes'] / 2**20:.1f} MiB, "
-            f"versions {v}, pending {pending}")
+            f"versions {v}, pending {pending}, daemon CPU {row['daemon_cpu_s']} s, load {row['load1']}, "
+            f"compaction pass {row['compact_pass_s']} s")
 
     samplers = []
     while True:
@@ -288,7 +313,16 @@ def summary(res: dict) -> dict:
             "rss_warm": warm["rss_anon"], "rss_last": last["rss_anon"],
             "rss_max": max(r["rss_anon"] for r in full),
             "compact_median_s": statistics.median(comp) if comp else None,
-            "compact_max_s": max(comp) if comp else None, "compactions": len(comp)}
+            "compact_max_s": max(comp) if comp else None, "compactions": len(comp),
+            **_cpu_summary(full)}
+
+
+def _cpu_summary(rows: list[dict]) -> dict:
+    if not rows or "daemon_cpu_s" not in rows[0]:
+        return {}
+    return {"daemon_cpu_s": sum(r["daemon_cpu_s"] for r in rows), "soak_cpu_s": sum(r["soak_cpu_s"] for r in rows),
+            "wall_s": 60.0 * len(rows), "load_min": min(r["load1"] for r in rows),
+            "load_max": max(r["load1"] for r in rows)}
 
 
 def _mib(n: float) -> str:
@@ -312,13 +346,15 @@ def render(res: dict, meta: dict) -> str:
          + ". Latency is one operation's own duration (open to close, through "
          "FUSE, throttling by the capture backlog included).", "",
          "| minute | ops/s | missed slots | p50 | p99 | versions captured | capture backlog | daemon RssAnon "
-         "| journal on disk |",
-         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "| journal on disk | daemon CPU s | load (1 min) | compaction pass | files planned |",
+         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res.get("per_minute", []):
+        cp = r.get("compact_pass_s")
         L.append(f"| {r['minute']} | {r['ops_s']:.0f} | {r.get('missed', r.get('late', 0)):,} | "
                  f"{r['p50_ms']} ms | {r['p99_ms']} ms | "
                  f"{r.get('captured', '')} | {r.get('pending', '')} | {_mib(r['rss_anon'])} | "
-                 f"{_mib(r['journal_bytes'])} |")
+                 f"{_mib(r['journal_bytes'])} | {r.get('daemon_cpu_s', '')} | {r.get('load1', '')} | "
+                 f"{'' if cp is None else f'{cp:.2f} s'} | {r.get('compact_examined') or ''} |")
     sm = summary(res)
     if sm:
         L += ["", f"Last full minute against the first: {sm['last_ops_s']:.0f} vs {sm['first_ops_s']:.0f} "
@@ -326,7 +362,13 @@ def render(res: dict, meta: dict) -> str:
               f"{_mib(sm['rss_last'])} at the end (peak {_mib(sm['rss_max'])})."]
         if sm["compactions"]:
             L.append(f"Compaction passes: {sm['compactions']}, median {sm['compact_median_s']:.2f} s, "
-                     f"longest {sm['compact_max_s']:.2f} s.")
+                     f"longest {sm['compact_max_s']:.2f} s (`deltafs compact` wall time, its own start-up "
+                     "included; the column is the daemon's pass time, the longest in that minute).")
+        if sm.get("daemon_cpu_s") is not None:
+            L.append(f"CPU: the daemon used {sm['daemon_cpu_s']:.0f} CPU-seconds over the run "
+                     f"({sm['daemon_cpu_s'] / max(sm['wall_s'], 1):.2f} of a core), the load generator "
+                     f"{sm['soak_cpu_s']:.0f}; the machine's 1-minute load average was "
+                     f"{sm['load_min']:.1f}-{sm['load_max']:.1f} on {meta['machine']['cores']} cores.")
     if "restore_equal" in res:
         L += ["", f"`deltafs restore MNT --to DEST` after `deltafs flush` ({res['flush_s']:.1f} s) took "
               f"{res['restore_s']:.1f} s; DEST against SRC: {res['restore_detail']}."]

@@ -1,0 +1,232 @@
+"""The planning state of compaction (database ``plan``; docs/format.md,
+"Planning state"): what ``deltafs.maintenance`` needs to plan a pass from
+the records since the last one instead of decoding the whole history.
+
+It is derived data, rebuilt from the records whenever it cannot be
+trusted, so an older deltafs that ignores it loses nothing:
+
+* ``b"M"`` -> msgpack map: ``upto`` (the last record planned), ``pruned``
+  (the journal's ``pruned_versions`` counter the state agrees with), and
+  the planner's own fields (policy, snapshots, mirror floor, time of the
+  last plan, counts);
+* ``b"v" + u64 file id + u64 seq`` -> msgpack ``[hlc, base_seq]``: every
+  content version up to ``upto`` that is not pruned;
+* ``b"c" + u64 base_seq + u64 seq`` -> empty: the same versions by their
+  base (whose chain reads a version);
+* ``b"f" + u64 file id`` -> u64 ns, and ``b"w" + u64 ns + u64 file id`` ->
+  empty: when the file's retention may next change with age.
+
+The compactor deletes a pruned version's ``v`` and ``c`` entries and
+bumps ``pruned`` in the transaction that prunes it (:func:`forget`), so
+the state agrees with ``pruned`` exactly as long as every prune went
+through this code; the planner compares the two before trusting it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import msgpack
+
+from . import schema as S
+from .reader import Reader
+from .records import decode_record
+
+META = b"M"
+NEVER = (1 << 64) - 1
+
+
+def _packb(v) -> bytes:
+    return msgpack.packb(v, use_bin_type=True)
+
+
+def _vkey(fid: int, seq: int) -> bytes:
+    return b"v" + S.u64(fid) + S.u64(seq)
+
+
+def _ckey(base: int, seq: int) -> bytes:
+    return b"c" + S.u64(base) + S.u64(seq)
+
+
+class PlanTxn:
+    """The planning state inside one write transaction (``Journal.planning``)."""
+
+    def __init__(self, storage, txn) -> None:
+        self._txn = txn
+        self._db = storage.dbs[S.DB_PLAN]
+        self.reader = Reader(storage, txn)
+
+    # --- meta -------------------------------------------------------------------------
+    def meta(self) -> dict | None:
+        v = self._txn.get(META, db=self._db)
+        return None if v is None else msgpack.unpackb(v, raw=False)
+
+    def set_meta(self, m: dict) -> None:
+        self._txn.put(META, _packb(m), db=self._db)
+
+    def head_hlc(self) -> int:
+        """The journal's time: the HLC of its newest record."""
+        return self.reader.meta(S.META_HLC, 0)
+
+    def pruned_counter(self) -> int:
+        return self.reader.meta(S.META_PRUNED_VERSIONS, 0)
+
+    def clear(self) -> None:
+        """Empty the state (invalid until set_meta)."""
+        self._txn.drop(self._db, delete=False)
+
+    # --- versions ---------------------------------------------------------------------
+    def add_version(self, fid: int, seq: int, hlc: int, base: int) -> bool:
+        """-> True when ``fid`` had no version in the state before."""
+        new_file = self._txn.get(b"f" + S.u64(fid), db=self._db) is None
+        self._txn.put(_vkey(fid, seq), _packb([hlc, base]), db=self._db)
+        if base:
+            self._txn.put(_ckey(base, seq), b"", db=self._db)
+        if new_file:
+            self.set_wake(fid, NEVER)
+        return new_file
+
+    def versions(self, fid: int) -> list[tuple[int, int, int]]:
+        """[(seq, hlc, base_seq)] of ``fid``, oldest first."""
+        pre = b"v" + S.u64(fid)
+        out = []
+        cur = self._txn.cursor(db=self._db)
+        if cur.set_range(pre):
+            for k, v in cur:
+                if k[:9] != pre:
+                    break
+                hlc, base = msgpack.unpackb(v)
+                out.append((S.from_u64(k[9:17]), hlc, base))
+        return out
+
+    def files(self) -> list[int]:
+        """Every file id with a version in the state."""
+        out = []
+        cur = self._txn.cursor(db=self._db)
+        if cur.set_range(b"f"):
+            for k in cur.iternext(values=False):
+                if k[:1] != b"f":
+                    break
+                out.append(S.from_u64(k[1:9]))
+        return out
+
+    def children(self, seq: int) -> list[int]:
+        """Versions in the state whose base is ``seq``."""
+        pre = b"c" + S.u64(seq)
+        out = []
+        cur = self._txn.cursor(db=self._db)
+        if cur.set_range(pre):
+            for k in cur.iternext(values=False):
+                if k[:9] != pre:
+                    break
+                out.append(S.from_u64(k[9:17]))
+        return out
+
+    def has_checkpoint(self, seq: int) -> bool:
+        return self._txn.get(S.u64(seq), db=self.reader.dbs[S.DB_CHECKPOINTS]) is not None
+
+    # --- wake-ups ---------------------------------------------------------------------
+    def set_wake(self, fid: int, ns: int) -> None:
+        fk = b"f" + S.u64(fid)
+        old = self._txn.get(fk, db=self._db)
+        if old is not None:
+            self._txn.delete(b"w" + bytes(old) + S.u64(fid), db=self._db)
+        ns = min(max(ns, 0), NEVER)
+        self._txn.put(fk, S.u64(ns), db=self._db)
+        self._txn.put(b"w" + S.u64(ns) + S.u64(fid), b"", db=self._db)
+
+    def due(self, now_ns: int) -> list[int]:
+        """Files whose wake-up time is ``now_ns`` or earlier."""
+        out = []
+        cur = self._txn.cursor(db=self._db)
+        if cur.set_range(b"w"):
+            for k in cur.iternext(values=False):
+                if k[:1] != b"w" or S.from_u64(k[1:9]) > now_ns:
+                    break
+                out.append(S.from_u64(k[9:17]))
+        return out
+
+
+REBUILD_BATCH = 20_000  # versions written per transaction while rebuilding
+
+
+class PlanStore:
+    """The planning state of one writing journal (``Journal.planning()``)."""
+
+    def __init__(self, storage) -> None:
+        self._st = storage
+
+    @contextmanager
+    def update(self) -> Iterator[PlanTxn]:
+        """A write transaction over the planning state."""
+        with self._st.write() as txn:
+            yield PlanTxn(self._st, txn)
+
+    def invalidate(self) -> None:
+        """Forget the state: the next plan rebuilds it."""
+        with self._st.write() as txn:
+            txn.delete(META, db=self._st.dbs[S.DB_PLAN])
+
+    def rebuild(self) -> bool:
+        """Rebuild the state from the records: one scan in a read snapshot,
+        written in transactions of REBUILD_BATCH versions (the mount's writer
+        interleaves), valid once the last one sets ``M``.  The result has no
+        planner fields, so the next plan examines every file.  -> False when a
+        prune ran meanwhile (then try again later)."""
+        with self._st.read() as txn:
+            r = Reader(self._st, txn)
+            head = r.head_seq()
+            counter = r.meta(S.META_PRUNED_VERSIONS, 0)
+            pruned = r.pruned_seqs()
+            entries = []
+            for seq, v in r.raw_records():
+                if seq in pruned:
+                    continue
+                rec = decode_record(v, seq)
+                if rec.is_content:
+                    entries.append((rec.file_id, seq, rec.hlc, rec.base_seq or 0))
+        del pruned
+        with self.update() as p:
+            p.clear()
+        files = 0
+        for b in range(0, len(entries), REBUILD_BATCH):
+            with self.update() as p:
+                for e in entries[b : b + REBUILD_BATCH]:
+                    files += p.add_version(*e)
+        with self.update() as p:
+            if p.pruned_counter() != counter:
+                p.clear()
+                return False
+            p.set_meta({"upto": head, "pruned": counter, "versions": len(entries), "files": files})
+        return True
+
+
+def forget(txn, dbs, rec) -> None:
+    """Drop pruned content version ``rec`` from the state (in the pruning transaction)."""
+    db = dbs.get(S.DB_PLAN)
+    if db is None:
+        return
+    txn.delete(_vkey(rec.file_id, rec.seq), db=db)
+    if rec.base_seq:
+        txn.delete(_ckey(rec.base_seq, rec.seq), db=db)
+    pre = b"c" + S.u64(rec.seq)
+    cur = txn.cursor(db=db)
+    if cur.set_range(pre):
+        while cur.key()[:9] == pre:
+            if not cur.delete():
+                break
+
+
+def bump_pruned(txn, dbs, n: int) -> None:
+    """The state's ``pruned`` follows the journal's counter (same transaction)."""
+    db = dbs.get(S.DB_PLAN)
+    if not n or db is None:
+        return
+    v = txn.get(META, db=db)
+    if v is None:
+        return
+    m = msgpack.unpackb(v, raw=False)
+    m["pruned"] = m.get("pruned", 0) + n
+    m["versions"] = max(0, m.get("versions", 0) - n)
+    txn.put(META, _packb(m), db=db)

@@ -1,0 +1,508 @@
+"""One sync pass of a member: publish local changes, pull the others', apply (docs/sync.md).
+
+The engine is blocking (run it in a thread from trio).  What it does to SRC
+and the journal goes through an ``io`` object: :class:`deltafs.sync.local.LocalIO`
+for an unmounted member; the mount's service gives its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat as _s
+import time
+
+from deltafs import chunking
+from deltafs.errors import DeltafsError, MirrorError
+
+from . import state as S
+from . import store as G
+from . import vv as V
+from .local import View, journal_view, lstat, read_target, same_bytes
+
+log = logging.getLogger(__name__)
+
+APPLY_BATCH = 256  # intents journaled per commit
+EMPTY_HASH = G.blake(b"")
+
+
+def device_of(journal_id: str) -> str:
+    return journal_id.replace("-", "")[:16]
+
+
+def head_id(ev: dict) -> str:
+    return f"{ev.get('d', '?')}:{ev.get('n', 0)}"
+
+
+def _deleted(ev: dict | None) -> bool:
+    return ev is None or bool(ev.get("x"))
+
+
+def same_state(a: dict | None, b: dict | None) -> bool:
+    """Equal content (or both gone): never a conflict."""
+    if _deleted(a) or _deleted(b):
+        return _deleted(a) and _deleted(b)
+    if a["k"] != b["k"]:
+        return False
+    if a["k"] == "f":
+        return a.get("c") == b.get("c") and a.get("m") == b.get("m")
+    if a["k"] == "l":
+        return a.get("tg") == b.get("tg")
+    return True
+
+
+def state_key(ev: dict | None) -> tuple:
+    """What makes two states equal (same_state), hashable: a conflict is the set of its states' keys."""
+    if _deleted(ev):
+        return ("x",)
+    if ev["k"] == "f":
+        return ("f", bytes(ev.get("c") or b""), ev.get("m"))
+    if ev["k"] == "l":
+        return ("l", bytes(ev.get("tg") or b""))
+    return (ev["k"],)
+
+
+def same_local(cur: dict | None, v: View) -> bool:
+    """Does the journal's view of a path still equal its synced state (no local change)?"""
+    if _deleted(cur):
+        return v.kind is None
+    if v.kind is None or v.kind != cur["k"]:
+        return False
+    if v.kind == "f":
+        return (cur.get("ls") == v.seq or (v.chash or EMPTY_HASH) == cur.get("c")) and cur.get("m") == v.mode
+    if v.kind == "l":
+        return cur.get("tg") == v.target
+    return True
+
+
+class PassReport(dict):
+    pass
+
+
+class Engine:
+    def __init__(self, journal, src: str, store, st: S.SyncState, io, *, clock=time.time_ns,
+                 publish: bool = True) -> None:
+        self.publishing = publish  # False: a plain clone, which never writes into the store
+        self.journal = journal
+        self.jdir = journal.path
+        self.src = src
+        self.store = store
+        self.st = st
+        self.io = io
+        self.dev = st.device
+        self.clock = clock
+        self.report = PassReport(published=0, received=0, applied=0, conflicts=0, merged=0, pending=0)
+
+    def save(self) -> None:
+        S.save(self.jdir, self.st)
+
+    # ---- the pass ---------------------------------------------------------------
+    def run_pass(self, pull: bool = True) -> PassReport:
+        self.recover_intents()
+        self.detect_local()
+        self.publish()
+        self.retry_pending()
+        if pull:
+            self.pull()
+        self.execute_intents()
+        self.publish(force_head=pull)
+        self.report["pending"] = sum(len(v) for v in self.st.pending.values())
+        self.report["open_conflicts"] = len(self.st.conflicts)
+        return self.report
+
+    # ---- local changes -> events ----------------------------------------------------
+    def detect_local(self) -> int:
+        st = self.st
+        with self.journal.reader() as r:
+            head = r.head_seq()
+            if head <= st.cursor:
+                return 0
+            touched: set[bytes] = set()
+            for rec in r.records(st.cursor + 1, head):
+                for p in (rec.path, rec.path2):
+                    if p:
+                        touched.add(p)
+                if rec.op == "rename":
+                    for p in (rec.path, rec.path2):
+                        pre = p + b"/"
+                        touched.update(k for k in st.files if k.startswith(pre))
+                        touched.update(q for q, _, _ in r.current_tree(pre))
+            made = 0
+            for p in sorted(touched):
+                if p in st.intents:
+                    continue  # being applied: execute_intents checks it is still untouched
+                v = journal_view(r, p)
+                if v.kind == "n":
+                    continue
+                cur = st.files.get(p)
+                if same_local(cur, v):
+                    if cur is not None and v.kind == "f":
+                        cur["ls"] = v.seq
+                    continue
+                if cur is None and v.kind is None:
+                    continue
+                full = self._local_event(r, p, v, cur)
+                made += 1
+                if full.get("x") and st.conflicts.get(p):
+                    # deleted while in conflict: a delete never wins over the concurrent edits
+                    target, rest = self._edit_over_delete(full, st.conflicts.pop(p))
+                    if rest:
+                        st.conflicts[p] = rest
+                    st.intents[p] = target
+            st.cursor = head
+        if made:
+            self.save()
+        return made
+
+    def _local_event(self, r, p: bytes, v: View, cur: dict | None) -> dict:
+        st = self.st
+        n = st.numbered + 1
+        vec = dict(cur["v"]) if cur else {}
+        vec[self.dev] = n
+        ev = {"p": p, "k": v.kind or (cur["k"] if cur else "f"), "x": v.kind is None, "v": vec,
+              "h": v.hlc or (self.clock() // 1_000_000) << 16}
+        if v.kind == "f":
+            refs = r.chunk_list(v.seq) if v.seq else []
+            ev.update(c=v.chash or EMPTY_HASH, l=G.pack_list(refs), s=v.size, m=v.mode, t=v.mtime_ns, o=v.seq)
+            queued = set(st.outbox_chunks)
+            for cid, ln in refs:
+                if cid not in st.chunks and cid not in queued and cid != chunking.zero_id(ln):
+                    st.outbox_chunks.append(cid)
+                    queued.add(cid)
+        elif v.kind == "l":
+            ev["tg"] = v.target
+        elif v.kind == "d":
+            ev["m"] = v.mode
+        value, h = G.event_value(st.last_hash, ev)
+        st.outbox.append(value)
+        st.last_hash, st.numbered = h, n
+        full = dict(ev, d=self.dev, n=n, ls=v.seq, eq=[vec])
+        st.files[p] = full
+        return full
+
+    # ---- publishing ---------------------------------------------------------------------
+    def publish(self, force_head: bool = False) -> int:
+        st = self.st
+        if not self.publishing or not st.outbox and not force_head:
+            return 0
+        if st.outbox_chunks:
+            with self.journal.reader() as r:
+                items = []
+                for cid in st.outbox_chunks:
+                    if cid in st.chunks:
+                        continue
+                    items.append((cid, chunking.compress_chunk(r.read_chunk(cid))))
+            from deltafs.mirrors import format as F
+
+            for group in F.split_packs(items):
+                data = G.encode_pack(group)
+                name = G.pack_name(self.dev, data)
+                self.store.put(name, data)
+                off = len(F.PACK_MAGIC)
+                for cid, val in group:
+                    st.chunks[cid] = [name, off, len(val)]
+                    off += len(val)
+                st.packs.append(name)
+        n = len(st.outbox)
+        if n:
+            first, last = st.published + 1, st.numbered
+            name = G.segment_name(self.dev, first, last)
+            self.store.put(name, G.encode_segment(self.dev, first, last, list(st.outbox)))
+            st.segments.append({"name": name, "first": first, "last": last})
+        head = G.Head(device=self.dev, name=st.name, last=st.numbered, last_hash=st.last_hash.hex(),
+                      segments=st.segments, packs=st.packs,
+                      seen={d: p.get("n", 0) for d, p in st.peers.items()}, left=st.left,
+                      updated_ns=self.clock())
+        self.store.put(G.head_name(self.dev), head.encode())
+        st.published = st.numbered
+        st.outbox, st.outbox_chunks = [], []
+        self.report["published"] += n
+        self.save()
+        return n
+
+    # ---- pulling --------------------------------------------------------------------------
+    def pull(self) -> int:
+        st = self.st
+        got = 0
+        for dev in G.list_members(self.store):
+            if dev == self.dev:
+                continue
+            head = G.read_head(self.store, dev)
+            if head is None:
+                continue
+            peer = st.peers.setdefault(dev, {"n": 0, "hash": bytes(32), "packs": []})
+            peer.update(name=head.name, last=head.last, seen_ns=head.updated_ns, left=head.left,
+                        seen=dict(head.seen))
+            for name in head.packs:
+                if name in peer["packs"]:
+                    continue
+                for cid, off, ln in G.read_pack_index(self.store, name):
+                    st.chunks.setdefault(cid, [name, off, ln])
+                peer["packs"].append(name)
+            for seg in head.segments:
+                if seg["last"] <= peer["n"]:
+                    continue
+                if seg["first"] != peer["n"] + 1:
+                    raise G.GroupCorruptError(f"group store {self.store.url}: {dev}'s segments changed "
+                                              f"under this member (expected one from event {peer['n'] + 1})")
+                events, h = G.decode_segment(self.store.get(seg["name"]), seg["name"], self.store.url, dev,
+                                             seg["first"], seg["last"], peer["hash"])
+                for ev in events:
+                    self.handle(ev)
+                    got += 1
+                peer["n"], peer["hash"] = seg["last"], h
+                self.save()
+        self.report["received"] += got
+        return got
+
+    def effective(self, p: bytes) -> dict | None:
+        return self.st.intents.get(p) or self.st.files.get(p)
+
+    def _settled(self, p: bytes) -> bool:
+        if p in self.st.intents:
+            return True
+        if self.st.pending.get(p):
+            return False
+        with self.journal.reader() as r:
+            v = journal_view(r, p)
+        return same_local(self.st.files.get(p), v) and self.io.settled(p, v) and not self.io.busy(p)
+
+    def handle(self, ev: dict) -> str:
+        """Decide what a remote event means here (docs/sync.md, the rules)."""
+        st = self.st
+        p = ev["p"]
+        if not self._settled(p):
+            st.pending.setdefault(p, []).append(ev)
+            return "pending"
+        cur = self.effective(p)
+        if cur is None:
+            cur = {"p": p, "k": ev["k"], "x": True, "v": {}}
+        heads = st.conflicts.get(p, [])
+        cv = cur["v"]  # everything known about p (rejected deletes, equal states included)
+        eqs = cur.get("eq") or [cv]  # vectors of the versions whose state p holds now
+        if V.includes(cv, ev["v"]) or any(V.includes(h["v"], ev["v"]) for h in heads):
+            return "known"
+        heads = [h for h in heads if not V.includes(ev["v"], h["v"])]
+        target, apply = None, False
+        if any(V.includes(ev["v"], q) for q in eqs):  # made on top of what p holds: newer
+            target, apply = dict(ev, v=V.merge(cv, ev["v"]), eq=[ev["v"]]), True
+        elif same_state(cur, ev):
+            target = dict(cur, v=V.merge(cv, ev["v"]), eq=eqs + [ev["v"]])
+            self.report["merged"] += 1
+        elif _deleted(cur):  # a delete never wins over a concurrent edit: it comes back
+            target, apply = dict(ev, v=V.merge(cv, ev["v"]), eq=[ev["v"]]), True
+        elif _deleted(ev):  # the edit stays; the delete is known (and rejected)
+            target = dict(cur, v=V.merge(cv, ev["v"]), eq=eqs)
+        else:
+            heads.append(ev)
+            self.report["conflicts"] += 1
+            log.info("conflict on %r: local %s, remote %s", p, head_id(cur), head_id(ev))
+        if target is not None:
+            keep = []
+            for h in heads:
+                if any(V.includes(q, h["v"]) for q in target["eq"]):
+                    continue
+                if same_state(target, h):
+                    target["v"] = V.merge(target["v"], h["v"])
+                    target["eq"] = target["eq"] + [h["v"]]
+                    continue
+                keep.append(h)
+            heads = keep
+            if _deleted(target) and heads:  # the delete lost to the concurrent edits: one comes back
+                target, heads = self._edit_over_delete(target, heads)
+                apply = True
+        if heads:
+            st.conflicts[p] = heads
+        else:
+            st.conflicts.pop(p, None)
+        if target is None:
+            return "conflict"
+        if apply:
+            st.intents[p] = target
+            return "apply"
+        if p in st.intents:
+            st.intents[p] = dict(st.intents[p], v=target["v"], eq=target["eq"])
+        else:
+            st.files[p] = dict(st.files.get(p) or {}, **target)
+        return "merged"
+
+    @staticmethod
+    def _edit_over_delete(target: dict, heads: list) -> tuple[dict, list]:
+        """A delete with concurrent edits left: the edits win; the same one on every member."""
+        h = max(heads, key=lambda e: (state_key(e), head_id(e)))
+        rest = [e for e in heads if e is not h]
+        return dict(h, v=V.merge(target["v"], h["v"]), eq=[h["v"]]), rest
+
+    def retry_pending(self) -> None:
+        st = self.st
+        for p in sorted(st.pending):
+            evs = st.pending.pop(p)
+            if not self._settled(p):
+                st.pending[p] = evs
+                continue
+            for ev in evs:
+                self.handle(ev)
+
+    # ---- applying ---------------------------------------------------------------------------
+    def _pieces(self, refs):
+        """The bytes of a chunk list, chunk by chunk, each checked against its id."""
+        with self.journal.reader() as r:
+            for cid, ln in refs:
+                if cid == chunking.zero_id(ln):
+                    yield bytes(ln)
+                elif r.has_chunk(cid):
+                    yield r.read_chunk(cid)
+                else:
+                    loc = self.st.chunks.get(cid)
+                    if loc is None:
+                        raise G.GroupCorruptError(f"group store {self.store.url}: chunk {cid.hex()} is in no pack")
+                    name, off, n = loc
+                    payload = self.store.get_range(name, off, n)
+                    try:
+                        raw = chunking.decompress_chunk(payload)
+                    except Exception as e:  # noqa: BLE001
+                        raise G.GroupCorruptError(f"group store {self.store.url}: chunk {cid.hex()} in {name} "
+                                                  f"cannot be decoded: {e}") from None
+                    if len(raw) != ln or chunking.chunk_id(raw) != cid:
+                        raise G.GroupCorruptError(f"group store {self.store.url}: chunk {cid.hex()} in {name} "
+                                                  "does not match its id")
+                    yield raw
+
+    def _write(self, p: bytes, t: dict, created: list) -> dict:
+        """Make SRC hold state t at p; -> the state actually reached."""
+        io = self.io
+        if t.get("x"):
+            if not io.remove(p):  # a directory with files this delete did not know: it stays
+                return dict(t, x=False, k="d")
+        elif t["k"] == "f":
+            io.write_file(p, self._pieces(G.unpack_list(t.get("l", b""))), t.get("m") or 0o644, t.get("t"), created)
+        elif t["k"] == "l":
+            io.write_symlink(p, t["tg"], created)
+        elif t["k"] == "d":
+            io.make_dir(p, t.get("m") or 0o755, created)
+        return t
+
+    def _in_src(self, p: bytes, t: dict) -> bool:
+        """Does SRC already hold state t at p?"""
+        st = lstat(self.src, p)
+        if t.get("x"):
+            return st is None
+        if st is None:
+            return False
+        if t["k"] == "d":
+            return _s.S_ISDIR(st.st_mode)
+        if t["k"] == "l":
+            return _s.S_ISLNK(st.st_mode) and read_target(self.src, p) == t["tg"]
+        return (st.st_mode & 0o7777) == (t.get("m") or 0o644) and \
+            same_bytes(self.src, p, G.unpack_list(t.get("l", b"")))
+
+    def execute_intents(self) -> int:
+        st = self.st
+        done = 0
+        while st.intents:
+            batch = list(st.intents.items())[:APPLY_BATCH]
+            self.save()  # the intents are durable before SRC changes
+            touched: list[bytes] = []
+            reached: dict[bytes, dict] = {}
+            for p, t in batch:
+                created: list[bytes] = []
+                if self.io.busy(p) or not self.io.settled(p, self._view(p)):
+                    del st.intents[p]  # a local change came in: meet it after its detection
+                    st.pending.setdefault(p, []).append(t)
+                    continue
+                try:
+                    reached[p] = self._write(p, t, created)
+                except (OSError, MirrorError, DeltafsError) as e:
+                    log.warning("sync: cannot apply %s to %s: %s (retried next pass)", head_id(t), p, e)
+                    del st.intents[p]
+                    st.pending.setdefault(p, []).append(t)
+                    continue
+                touched.append(p)
+                touched.extend(created)
+                for c in created:
+                    reached.setdefault(c, None)
+            seqs = self.io.record(touched) if touched else {}
+            with self.journal.reader() as r:
+                for p, t in reached.items():
+                    v = journal_view(r, p)
+                    if t is None:  # a parent directory made for a child: present, vector unchanged
+                        old = st.files.get(p)
+                        t = dict(old or {"p": p, "v": {}}, k="d", x=False, m=v.mode)
+                        t.setdefault("eq", [t["v"]])
+                    else:
+                        st.intents.pop(p, None)
+                        if p in seqs:
+                            st.origins[seqs[p]] = head_id(t)
+                        done += 1
+                    st.files[p] = dict(t, ls=v.seq)
+            self.save()
+        self.report["applied"] += done
+        return done
+
+    def _view(self, p: bytes) -> View:
+        with self.journal.reader() as r:
+            return journal_view(r, p)
+
+    def recover_intents(self) -> int:
+        """Intents left by a crash: finish them, or meet them again after detection."""
+        st = self.st
+        if not st.intents:
+            return 0
+        n = 0
+        for p, t in list(st.intents.items()):
+            v = self._view(p)
+            if self._in_src(p, t):
+                if not (v.kind is None if t.get("x") else v.kind == t["k"] and
+                        (t["k"] != "f" or v.chash == t.get("c"))):
+                    self.io.record([p])
+                    v = self._view(p)
+                st.files[p] = dict(t, ls=v.seq)
+                del st.intents[p]
+                n += 1
+            elif same_local(st.files.get(p), v) and self.io.settled(p, v):
+                continue  # SRC untouched: execute_intents applies it
+            else:
+                del st.intents[p]
+                st.pending.setdefault(p, []).append(t)
+        self.save()
+        return n
+
+    # ---- conflicts ----------------------------------------------------------------------------
+    def resolve(self, p: bytes, take: str) -> dict:
+        """End the conflict on p with the local state, the remote one, or a named head."""
+        st = self.st
+        heads = st.conflicts.get(p)
+        if not heads:
+            raise G.GroupError(f"{p.decode('utf-8', 'surrogateescape')} has no open conflict")
+        cur = st.files.get(p)
+        if take == "local":
+            chosen = cur
+        elif take == "remote":
+            if len(heads) > 1:
+                raise G.GroupError(f"{p.decode('utf-8', 'surrogateescape')} has {len(heads)} remote versions ("
+                                   + ", ".join(head_id(h) for h in heads) + "): name one with --take DEVICE:N")
+            chosen = heads[0]
+        else:
+            chosen = next((h for h in [cur, *heads] if h is not None and
+                           (head_id(h) == take or head_id(h).startswith(take.split(":")[0]) and
+                            head_id(h).endswith(":" + take.split(":")[-1]) and ":" in take)), None)
+            if chosen is None:
+                raise G.GroupError(f"{take!r} is none of the versions of {p.decode('utf-8', 'surrogateescape')} "
+                                   f"in conflict ({', '.join(head_id(h) for h in [cur, *heads] if h)})")
+        n = st.numbered + 1
+        vec = V.merge(cur["v"] if cur else {}, *(h["v"] for h in heads))
+        vec[self.dev] = n
+        ev = {k: chosen[k] for k in ("p", "k", "x", "h", "c", "l", "s", "m", "t", "tg", "o") if k in (chosen or {})}
+        ev.update(p=p, v=vec, r=[head_id(h) for h in [cur, *heads] if h])
+        if "k" not in ev:
+            ev.update(k="f", x=True)
+        value, h = G.event_value(st.last_hash, ev)
+        st.outbox.append(value)
+        st.last_hash, st.numbered = h, n
+        full = dict(ev, d=self.dev, n=n, eq=[vec])
+        del st.conflicts[p]
+        if chosen is cur:
+            st.files[p] = dict(full, ls=(cur or {}).get("ls", 0))
+        else:
+            st.intents[p] = full
+        self.save()
+        return full

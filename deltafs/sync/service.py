@@ -1,0 +1,144 @@
+"""The mount's sync service: a pass every few seconds, and on request (docs/sync.md).
+
+Remote states are applied *through the mount* (MNT), from a worker
+thread: the write is an ordinary save to the daemon, so the capture layer
+journals it like any local change (an atomic save: an ignored temp file
+renamed over the path), the kernel's caches (keep_cache, writeback, long
+entry timeouts) learn of it from the daemon itself, and nothing is written
+behind the mount's back.  A file open for writing is not replaced: its
+remote state waits (pending) until the file is closed and captured, and
+then meets the local save as a concurrent state (a conflict) if the two
+differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from . import state as S
+from .engine import Engine
+from .local import LocalIO, lstat
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = 5.0  # seconds between passes
+
+
+class MountIO(LocalIO):
+    """Writes go through MNT (the daemon serves them); checks read SRC and the daemon's nodes."""
+
+    mounted = True
+
+    def __init__(self, journal, src: str, mnt: str, ops, rec) -> None:
+        super().__init__(journal, src)
+        self.root = os.fsencode(mnt)  # LocalIO's writes: through the mount
+        self.ops = ops
+        self.rec = rec
+
+    def busy(self, path: bytes) -> bool:
+        st = lstat(self.src, path)
+        if st is None or self.ops is None:
+            return False
+        node = self.ops.nodes.get(self.ops.fuse_ino(st.st_ino))  # (a dict read: GIL-atomic)
+        return node is not None and (node.writers > 0 or node.pending is not None)
+
+    def record(self, paths) -> dict[bytes, int]:
+        """The saves went through the mount: wait until the capture layer journaled them."""
+        if self.rec is not None:
+            trio.from_thread.run(self.rec.drain)
+        return {}
+
+
+@dataclass
+class GroupSync:
+    """The service's handle: status and the request to sync now."""
+
+    url: str
+    device: str
+    interval: float
+    passes: int = 0
+    last_pass_ns: int = 0
+    last_report: dict = field(default_factory=dict)
+    last_error: str | None = None
+    paused: bool = False
+    wake: trio.Event = field(default_factory=trio.Event)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    daemon: object = field(default=None, repr=False)
+    io: object = field(default=None, repr=False)
+
+    async def run(self, action=None) -> dict:
+        """A pass now (control op ``group``); ``action(engine)`` runs in it first (resolve)."""
+        from . import open_store
+
+        return await run_now(self, self.daemon, self.io, open_store, action)
+
+    def status(self) -> dict:
+        return {"url": self.url, "device": self.device, "passes": self.passes, "last_pass_ns": self.last_pass_ns,
+                "last_error": self.last_error, "paused": self.paused, **self.last_report}
+
+
+async def sync_service(daemon, task_status=trio.TASK_STATUS_IGNORED, interval: float | None = None) -> None:
+    """Run passes while the mount lives; hands a :class:`GroupSync` (or None: no group) to ``started``."""
+    j = daemon.journal
+    st = await trio.to_thread.run_sync(S.load, j.path)
+    if st is None or st.left or daemon.rec is None:
+        task_status.started(None)
+        return
+    from . import open_store
+
+    cfg = daemon.cfg
+    io = MountIO(j, cfg.src, cfg.mnt, daemon.ops, daemon.rec)
+    handle = GroupSync(url=st.url, device=st.device, interval=interval or DEFAULT_INTERVAL, daemon=daemon, io=io)
+    task_status.started(handle)
+    while True:
+        with trio.move_on_after(handle.interval):
+            await handle.wake.wait()
+        handle.wake = trio.Event()
+        if handle.paused:
+            continue
+        await run_now(handle, daemon, io, open_store)
+
+
+async def run_now(handle: GroupSync, daemon, io, open_store, action=None) -> dict:
+    """One pass (and ``action(engine)`` inside it, e.g. a resolve) in a worker thread."""
+    async with handle.lock:
+        await daemon.rec.drain()  # the journal holds every save made so far
+
+        def one_pass():
+            st = S.load(daemon.journal.path)
+            if st is None or st.left:
+                return {}
+            store = open_store(st.url, daemon.journal.path, st.endpoint_url)
+            with store:
+                eng = Engine(daemon.journal, daemon.cfg.src, store, st, io)
+                out = {}
+                if action is not None:
+                    eng.recover_intents()
+                    eng.detect_local()
+                    out = action(eng)
+                rep = eng.run_pass()
+                return {**rep, **({"result": out} if out else {})}
+
+        try:
+            rep = await trio.to_thread.run_sync(one_pass, abandon_on_cancel=True)
+        except Exception as e:  # noqa: BLE001 - logged once per distinct error, retried next pass
+            msg = str(e)
+            if msg != handle.last_error:
+                log.error("sync with group %s failed (retried every %.0fs): %s", handle.url, handle.interval, msg,
+                          exc_info=not hasattr(e, "exit_code"))
+            handle.last_error = msg
+            if action is not None:
+                raise
+            return {}
+        if handle.last_error is not None:
+            log.warning("sync with group %s works again", handle.url)
+        handle.last_error = None
+        handle.passes += 1
+        handle.last_pass_ns = time.time_ns()
+        handle.last_report = {k: v for k, v in rep.items() if k != "result"}
+        return rep

@@ -1,0 +1,99 @@
+"""A member's sync state: ``JOURNAL/sync/state`` (msgpack, 0600, replaced atomically).
+
+It holds what the member knows of the group: its membership, the synced
+state (vector, content) of every path, open conflicts, each peer's cursor,
+where each chunk of the store is, apply intents and the publish outbox
+(docs/sync.md, "Crash safety").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+import msgpack
+
+STATE_VERSION = 1
+SYNC_DIR = "sync"
+STATE_FILE = "state"
+
+
+@dataclass
+class SyncState:
+    url: str
+    device: str
+    group_id: str
+    name: str = ""
+    endpoint_url: str | None = None
+    joined_ns: int = 0
+    # path -> synced state: an event dict ({p,k,x,v,c,l,s,m,t,tg,h,d,n}) plus
+    # "ls": the local journal's content seq (files) it corresponds to
+    files: dict = field(default_factory=dict)
+    conflicts: dict = field(default_factory=dict)  # path -> [remote event, ...] (concurrent heads)
+    cursor: int = 0  # local journal seq handled by detection
+    published: int = 0  # own events named by head.json
+    numbered: int = 0  # own events numbered (published + outbox)
+    last_hash: bytes = bytes(32)  # hash of own event `numbered`
+    outbox: list = field(default_factory=list)  # stored values of events numbered, not yet published
+    outbox_chunks: list = field(default_factory=list)  # chunk ids those events need uploaded
+    segments: list = field(default_factory=list)  # own [{name, first, last}]
+    packs: list = field(default_factory=list)  # own pack names
+    peers: dict = field(default_factory=dict)  # device -> {n, hash, name, seen_ns, last, packs, left}
+    chunks: dict = field(default_factory=dict)  # chunk id -> [pack name, offset, length]
+    intents: dict = field(default_factory=dict)  # path -> target state being applied
+    pending: dict = field(default_factory=dict)  # path -> [remote events waiting for the path to settle]
+    origins: dict = field(default_factory=dict)  # local journal seq -> "device:n" it applied
+    left: bool = False
+
+    def to_wire(self) -> bytes:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["version"] = STATE_VERSION
+        return msgpack.packb(d, use_bin_type=True)
+
+    @classmethod
+    def from_wire(cls, b: bytes) -> "SyncState":
+        d = msgpack.unpackb(b, raw=False, strict_map_key=False)
+        if d.pop("version", None) != STATE_VERSION:
+            raise ValueError("unknown sync state version")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def state_path(journal_dir: str) -> str:
+    return os.path.join(journal_dir, SYNC_DIR, STATE_FILE)
+
+
+def load(journal_dir: str) -> SyncState | None:
+    try:
+        with open(state_path(journal_dir), "rb") as f:
+            return SyncState.from_wire(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def save(journal_dir: str, st: SyncState) -> None:
+    d = os.path.join(journal_dir, SYNC_DIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    tmp = os.path.join(d, f".{STATE_FILE}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        data = st.to_wire()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, os.path.join(d, STATE_FILE))
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def remove(journal_dir: str) -> None:
+    try:
+        os.unlink(state_path(journal_dir))
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,193 @@
+"""Sync groups through the CLI, unmounted members on one machine (docs/sync.md).
+
+Each member is a SRC with its own journal; the shared store is a file://
+directory, an encrypted one, or a SeaweedFS bucket.  Edits propagate,
+concurrent edits give the same single conflict on every member, resolving
+converges, and an apply interrupted after SRC changed but before the
+journal heard of it is finished by the next pass, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from fusetools import run_cli  # noqa: E402
+from s3server import BUCKET, s3_env, s3_server  # noqa: E402,F401 (fixtures)
+
+from deltafs import sync  # noqa: E402
+from deltafs.journal import Journal  # noqa: E402
+from deltafs.sync import state as S  # noqa: E402
+
+
+def cli(*args, ok=True, env=None):
+    res = run_cli(*args, env=env)
+    res.stdout, res.stderr = res.stdout.decode(), res.stderr.decode()
+    if ok:
+        assert res.returncode == 0, (args, res.stdout, res.stderr)
+    return res
+
+
+def new_tree(path: Path, files: dict | None = None) -> Path:
+    path.mkdir()
+    for name, data in (files or {}).items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(data)
+    Journal.open(path / ".deltafs", create=True).close()
+    return path
+
+
+def conflicts(tree: Path, env=None) -> list[dict]:
+    out = cli("conflicts", "-m", tree, "--json", env=env).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def conflict_set(tree: Path, env=None) -> set:
+    """A conflict as every member sees it: path and the set of versions in it."""
+    return {(c["path"], frozenset([c["local"]["version"]] + [h["version"] for h in c["remote"]]))
+            for c in conflicts(tree, env)}
+
+
+def settle(trees, env=None, rounds=3):
+    for _ in range(rounds):
+        for t in trees:
+            cli("group", "sync", "-m", t, env=env)
+
+
+def run_group(tmp_path: Path, url: str, env=None, members=3, extra=(), join_extra=()):
+    a = new_tree(tmp_path / "a", {"notes.md": "one\n", "dir/x.txt": "x\n"})
+    res = cli("group", "join", url, "-m", a, "--json", *extra, *join_extra, env=env)
+    assert json.loads(res.stdout)["published"] == 3  # dir, dir/x.txt, notes.md
+    others = []
+    for i in range(1, members):
+        t = tmp_path / f"m{i}"
+        cli("clone", url, t, "--join", *extra, env=env)
+        others.append(t)
+    trees = [a, *others]
+    for t in others:
+        assert (t / "notes.md").read_text() == "one\n" and (t / "dir" / "x.txt").read_text() == "x\n"
+
+    # an edit on one appears on the others; a new file, a delete, a rename
+    (others[0] / "notes.md").write_text("two\n")
+    (others[0] / "new.txt").write_text("new\n")
+    os.rename(a / "dir" / "x.txt", a / "dir" / "y.txt")
+    settle(trees, env)
+    for t in trees:
+        assert (t / "notes.md").read_text() == "two\n"
+        assert (t / "new.txt").read_text() == "new\n"
+        assert sorted(os.listdir(t / "dir")) == ["y.txt"]
+        assert conflicts(t, env) == []
+
+    # concurrent edits of one file: one conflict, the same on every member; trees keep their own file
+    (a / "notes.md").write_text("from a\n")
+    (others[-1] / "notes.md").write_text("from the last\n")
+    settle(trees, env)
+    sets = [conflict_set(t, env) for t in trees]
+    assert len(sets[0]) == 1 and all(s == sets[0] for s in sets), sets
+    assert (a / "notes.md").read_text() == "from a\n"
+    assert (others[-1] / "notes.md").read_text() == "from the last\n"
+    assert not any(n.startswith("notes") and n != "notes.md" for t in trees for n in os.listdir(t))  # no junk
+
+    # resolve on a member that edited neither: everyone converges
+    middle = others[0] if members > 2 else a
+    take = "remote" if middle is a else conflicts(middle, env)[0]["remote"][0]["version"]
+    cli("resolve", "--all", "--take", take, "-m", middle, env=env)
+    settle(trees, env)
+    contents = {(t / "notes.md").read_text() for t in trees}
+    assert len(contents) == 1 and contents <= {"from a\n", "from the last\n"}
+    assert all(conflicts(t, env) == [] for t in trees)
+
+    listing = json.loads(cli("group", "list", "-m", a, "--json", env=env).stdout)
+    assert len(listing["peers"]) == members - 1
+    assert all(p["pending_in"] == 0 and p["pending_out"] == 0 for p in listing["peers"])
+    return trees
+
+
+def test_three_members_file_store(tmp_path):
+    run_group(tmp_path, f"file://{tmp_path}/store")
+
+
+def test_two_members_encrypted_file_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTAFS_KDF_PARAMS", "1,64,1")
+    env = dict(os.environ, DELTAFS_PASSPHRASE="correct horse", DELTAFS_KDF_PARAMS="1,64,1")
+    run_group(tmp_path, f"file://{tmp_path}/store", env=env, members=2, join_extra=("--encrypt",))
+    store = tmp_path / "store"
+    names = [str(p.relative_to(store)) for p in store.rglob("*") if p.is_file()]
+    assert "deltafs-key.json" in names and all(n.startswith("o/") or n == "deltafs-key.json" for n in names)
+    assert not any(b"from a" in p.read_bytes() for p in store.rglob("*") if p.is_file())
+
+
+@pytest.mark.timeout(300)
+def test_three_members_seaweedfs(tmp_path, s3_env):
+    env = dict(os.environ)
+    run_group(tmp_path, f"s3://{BUCKET}/group-{tmp_path.name}", env=env,
+              extra=("--endpoint-url", s3_env.endpoint_url))
+
+
+def test_bad_input(tmp_path):
+    a = new_tree(tmp_path / "a", {"f": "1"})
+    res = cli("group", "sync", "-m", a, ok=False)
+    assert res.returncode == 2 and "in no sync group" in res.stderr and "Traceback" not in res.stderr
+    res = cli("group", "join", "ftp://x/y", "-m", a, ok=False)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    cli("group", "join", f"file://{tmp_path}/store", "-m", a)
+    res = cli("group", "join", f"file://{tmp_path}/store", "-m", a, ok=False)
+    assert res.returncode == 2 and "already a member" in res.stderr
+    res = cli("resolve", "f", "--take", "remote", "-m", a, ok=False)
+    assert res.returncode == 2 and "no open conflict" in res.stderr
+    res = cli("resolve", "--take", "what", "--all", "-m", a, ok=False)
+    assert res.returncode == 2 and "--take" in res.stderr
+    res = cli("clone", f"file://{tmp_path}/store", tmp_path / "a", "--join", ok=False)
+    assert res.returncode == 2 and "not an empty directory" in res.stderr
+    cli("group", "leave", "-m", a)
+    assert cli("group", "list", "-m", a, ok=False).returncode == 2
+    # a plain clone of a group store: the merged tree, no new member
+    cli("clone", f"file://{tmp_path}/store", tmp_path / "c")
+    assert (tmp_path / "c" / "f").read_text() == "1"
+    assert len(sync.store.list_members(sync.open_store(f"file://{tmp_path}/store", str(tmp_path / "c" / ".deltafs")))) == 1
+
+
+def test_crash_mid_apply_is_finished_once(tmp_path):
+    """An apply that changed SRC but crashed before journaling: the next pass finishes it, once."""
+    url = f"file://{tmp_path}/store"
+    a = new_tree(tmp_path / "a", {"f.txt": "v1\n"})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    (a / "f.txt").write_text("v2\n")
+    cli("group", "sync", "-m", a)
+
+    class Crash(Exception):
+        pass
+
+    with Journal.open(b / ".deltafs") as j:
+        st = S.load(j.path)
+        eng = sync.Engine(j, str(b), sync.open_store(url, j.path), st, sync.LocalIO(j, str(b)))
+        real = eng.io.record
+
+        def crash(paths):
+            raise Crash  # SRC is written, the journal has not heard of it
+
+        eng.io.record = crash
+        with pytest.raises(Crash):
+            eng.run_pass()
+        assert (b / "f.txt").read_text() == "v2\n"
+        assert S.load(j.path).intents  # the intent survived the crash
+        eng.io.record = real
+    with Journal.open(b / ".deltafs") as j, j.reader() as r:
+        before = sum(1 for rec in r.records() if rec.is_content)
+    rep = json.loads(cli("group", "sync", "-m", b, "--json").stdout)
+    assert rep["published"] == 0  # finishing the apply is not a local change
+    with Journal.open(b / ".deltafs") as j:
+        st = S.load(j.path)
+        assert not st.intents and not st.pending and not st.conflicts
+        with j.reader() as r:
+            contents = [r.read_content(rec.seq) for rec in r.records() if rec.is_content]
+    assert contents.count(b"v2\n") == 1 and len(contents) <= before + 1
+    cli("group", "sync", "-m", a)
+    assert conflicts(a) == [] and (a / "f.txt").read_text() == "v2\n"
