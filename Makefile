@@ -36,7 +36,7 @@ apt-install:
 
 # pyfuse3 is rebuilt from its hash-checked sdist with tools/pyfuse3/patch.py (no OPENDIR/RELEASEDIR
 # round trips, kernel-cached directory listings, a fallocate handler, security.capability answered in C,
-# one scheduler pass per request; see docs/fuse-notes.md). It is built once,
+# no scheduler pass for requests whose handler does not wait; see docs/fuse-notes.md). It is built once,
 # into a wheel, before the package is installed, so pip never builds the stock pyfuse3 as well; only
 # pyfuse3 comes from source (its build tools are wheels). deltafs works on a stock pyfuse3 too, only
 # slower on directory-heavy work.
@@ -58,7 +58,7 @@ $(PYFUSE3_WHEEL_STAMP): tools/pyfuse3/patch.py tools/pyfuse3/requirements.txt | 
 $(VENV)/.installed: pyproject.toml $(PYFUSE3_WHEEL_STAMP)
 	$(VENV)/bin/pip install -q --force-reinstall --no-deps $(PYFUSE3_BUILD)/dist/pyfuse3-*.whl
 	$(VENV)/bin/pip install -q -e '.[test]'
-	$(VENV)/bin/python -c "import pyfuse3; assert {'dir_handle_is_inode', 'fallocate', 'nocaps_inodes', 'inline_loop'} <= set(pyfuse3.DELTAFS_PATCHES)"
+	$(VENV)/bin/python -c "import pyfuse3; assert {'dir_handle_is_inode', 'fallocate', 'nocaps_inodes', 'inline_loop', 'direct_loop'} <= set(pyfuse3.DELTAFS_PATCHES)"
 	touch $@
 
 venv: deps $(VENV)/.installed

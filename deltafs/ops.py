@@ -661,6 +661,15 @@ class Operations(pyfuse3.Operations):
                                              or fields.update_gid):
             await self.guard_block.check(ctx)
         node = self._node(inode)
+        if (fields.update_ctime and not node.handles and not (
+                fields.update_size or fields.update_mode or fields.update_uid
+                or fields.update_gid or fields.update_atime)):
+            # the writeback cache flushing c/mtime, as it does for every
+            # file rm unlinks: for a file nobody can reach any more (no
+            # links, no handles) setting its times is wasted work
+            st = os.fstat(node.fd)
+            if st.st_nlink == 0:
+                return self.attrs(st, inode)
         if fields.update_size:
             await self.rec.before_change(self, node, self.path_of(node))
             await self.wait_capture(node)

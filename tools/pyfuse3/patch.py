@@ -32,11 +32,26 @@ handlers and the read loop, and adds one handler, nothing else:
 * the request loop (``inline_loop``): the read lock is taken with
   ``acquire_nowait`` when free, so a request costs one scheduler pass (the
   wait for the fd) instead of two (trio's ``async with lock`` yields too).
+* the request loop (``direct_loop``): one task at a time is the reader.
+  While trio has nothing to do (no runnable task, no due deadline, nothing
+  ready on its epoll fd) it waits in poll(2) on the FUSE fd *and* trio's
+  epoll fd itself, with the GIL released, and runs each handler inline
+  with ``coro.send(None)``: a request whose handler does not suspend costs
+  poll + read + writev, no scheduler pass, no epoll_ctl.  A handler that
+  suspends (a thread, a lock, a timer) hands the reader role to another
+  task (started if none waits) and finishes as an ordinary trio task
+  (``_pyfuse3._resume_suspended`` passes its yields through).  Whenever
+  trio has work, the loop waits through trio as before.  Uses trio
+  internals (the runner's runq, tasks, deadlines, epoll object); on
+  anything it does not recognise (pyfuse3.asyncio, guest mode, MockClock)
+  or with ``PYFUSE3_DIRECT_LOOP=0`` in the environment, the stock loop
+  (with ``inline_loop``) runs.
 * the module gets ``DELTAFS_PATCHES``, so deltafs can tell the patched
   build from a stock one: ``dir_handle_is_inode`` (else it falls back to
   normal opendir handles), ``fallocate`` (else fallocate(2) on the mount
   answers EOPNOTSUPP, as with any stock pyfuse3 file system),
-  ``nocaps_inodes`` and ``inline_loop`` (else the same answers, from Python).
+  ``nocaps_inodes``, ``inline_loop`` and ``direct_loop`` (else the same
+  answers, from Python, through trio for every request).
 
 Every replacement is checked: on any other pyfuse3 version this fails
 loudly instead of building something half-patched.
@@ -46,6 +61,185 @@ from __future__ import annotations
 
 import os
 import sys
+
+STOCK_LOOP_HEADER = "@async_wrapper\nasync def _session_loop(nursery, int min_tasks, int max_tasks):\n"
+
+# direct_loop: inserted before the stock loop (renamed _session_loop_stock,
+# still used when the direct loop cannot work with the event loop)
+DIRECT_LOOP = r'''
+cdef extern from "<poll.h>" nogil:
+    # direct_loop (deltafs patch): poll(2) for the FUSE fd and trio's epoll fd
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int c_poll "poll" (pollfd *fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+cdef object _direct_runner():
+    """direct_loop: the trio runner, if this loop can wait for it itself.
+
+    None (the stock loop is used) under pyfuse3.asyncio, trio's guest mode,
+    a clock other than the system clock (MockClock), an I/O manager other
+    than epoll, or PYFUSE3_DIRECT_LOOP=0 in the environment.
+    """
+    if os.environ.get('PYFUSE3_DIRECT_LOOP', '1') == '0':
+        return None
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT, SystemClock
+        runner = GLOBAL_RUN_CONTEXT.runner
+        if runner.is_guest or type(runner.clock) is not SystemClock:
+            return None
+        runner.io_manager._epoll.fileno()
+        runner.runq, runner.tasks, runner.waiting_for_idle
+        runner.deadlines.next_deadline()
+        if not hasattr(worker_data.read_lock or trio.Lock(), 'acquire_nowait'):
+            return None
+    except Exception:
+        return None
+    return runner
+
+cdef int _direct_wait(object runner, int epfd, bint after_yield) except -1:
+    """direct_loop: wait for the FUSE fd without a pass of trio's scheduler.
+
+    Returns 1 when the FUSE fd is readable and trio has nothing to do, 0
+    when trio must run (a task is runnable, a deadline is due, or one of
+    trio's fds -- thread wake-ups, signals, sockets -- is ready: its epoll
+    fd is polled together with the FUSE fd).  After a yield to trio,
+    tasks of the batch we were resumed in may still be waiting to run
+    (they are no longer in runq): they count as runnable.
+    """
+    cdef pollfd fds[2]
+    cdef int timeout_ms, n
+    if runner.runq or runner.waiting_for_idle:
+        return 0
+    if after_yield:
+        for t in runner.tasks:
+            if t._next_send_fn is not None:
+                return 0
+    deadline = runner.deadlines.next_deadline()
+    if deadline == float('inf'):
+        timeout_ms = -1
+    else:
+        dt = deadline - runner.clock.current_time()
+        if dt <= 0:
+            return 0
+        timeout_ms = <int> min(dt * 1000 + 1, 3600000)
+    fds[0].fd = session_fd
+    fds[0].events = POLLIN
+    fds[0].revents = 0
+    fds[1].fd = epfd
+    fds[1].events = POLLIN
+    fds[1].revents = 0
+    with nogil:
+        n = c_poll(fds, 2, timeout_ms)
+    if n <= 0 or fds[1].revents != 0 or fds[0].revents == 0:
+        return 0
+    return 1
+
+@async_wrapper
+async def _session_loop(nursery, int min_tasks, int max_tasks):
+    """direct_loop (deltafs patch): one task at a time is the reader; it
+    polls the FUSE fd itself (GIL released) while trio has nothing to do,
+    and runs each request's handler inline.  Only when a handler really
+    suspends (awaits a thread, a lock held elsewhere, a timer) does it give
+    up the reader role (another task takes it, or one is started) and
+    finish the handler as a normal trio task.  A request whose handler
+    does not suspend costs poll + read + writev and no scheduler pass."""
+    cdef int res
+    cdef int epfd
+    cdef int ready
+    cdef bint after_yield
+    cdef bint done = False
+    cdef fuse_buf buf
+
+    runner = _direct_runner()
+    if runner is None:
+        await _session_loop_stock(nursery, min_tasks, max_tasks)
+        return
+    epfd = runner.io_manager._epoll.fileno()
+    if worker_data.read_lock is None:
+        worker_data.read_lock = trio.Lock()
+    lock = worker_data.read_lock
+    name = trio.lowlevel.current_task().name
+    buf.mem = NULL
+    buf.size = 0
+    buf.pos = 0
+    buf.flags = 0
+    try:
+        while not done and not fuse_session_exited(session):
+            # idle tasks besides this one: those waiting for the reader role,
+            # and the reader (as in the stock loop, at most min_tasks + 1 idle)
+            if worker_data.active_readers + lock.locked() > min_tasks:
+                log.debug('%s: too many idle tasks (%d total, %d waiting), terminating.',
+                          name, worker_data.task_count, worker_data.active_readers)
+                break
+            if lock.locked():
+                worker_data.active_readers += 1
+                try:
+                    await lock.acquire()
+                finally:
+                    worker_data.active_readers -= 1
+            else:
+                lock.acquire_nowait()
+            after_yield = True
+            coro = None
+            try:
+                while True:
+                    if fuse_session_exited(session):
+                        done = True
+                        break
+                    ready = _direct_wait(runner, epfd, after_yield)
+                    after_yield = False
+                    if not ready:
+                        try:
+                            await trio.lowlevel.wait_readable(session_fd)
+                        except trio.ClosedResourceError:
+                            log.debug('FUSE fd about to be closed.')
+                            done = True
+                            break
+                        after_yield = True
+                        if fuse_session_exited(session):
+                            done = True
+                            break
+                    res = fuse_session_receive_buf(session, &buf)
+                    if res == -errno.EINTR or res == -errno.EAGAIN:
+                        continue
+                    elif res < 0:
+                        raise OSError(-res, 'fuse_session_receive_buf failed with '
+                                      + strerror(-res))
+                    elif res == 0:
+                        done = True
+                        break
+                    save_retval(None)
+                    fuse_session_process_buf(session, &buf)
+                    if py_retval is None:
+                        continue
+                    coro = py_retval
+                    save_retval(None)
+                    try:
+                        trap = coro.send(None)
+                    except StopIteration:
+                        coro = None
+                        continue
+                    break  # the handler suspended
+            finally:
+                lock.release()
+            if coro is None:
+                continue
+            # the handler waits: let another task read the FUSE fd meanwhile
+            if not worker_data.active_readers and worker_data.task_count < max_tasks:
+                worker_data.task_count += 1
+                nursery.start_soon(_session_loop, nursery, min_tasks, max_tasks,
+                                   name=worker_data.get_name())
+            await _pyfuse3._resume_suspended(coro, trap)
+            coro = None
+    finally:
+        log.debug('%s: terminated', name)
+        stdlib.free(buf.mem)
+        worker_data.task_count -= 1
+
+'''
 
 PATCHES = {
     "src/pyfuse3/handlers.pxi": [
@@ -143,6 +337,7 @@ async def fuse_fallocate_async (_Container c):
                 return False
             await trio.lowlevel.wait_readable(session_fd)
 """),
+        (STOCK_LOOP_HEADER, DIRECT_LOOP + STOCK_LOOP_HEADER.replace('_session_loop(', '_session_loop_stock(')),
         ("    fuse_ops.poll = fuse_poll\n",
          "    fuse_ops.poll = fuse_poll\n"
          "    fuse_ops.fallocate = fuse_fallocate\n"),
@@ -150,7 +345,7 @@ async def fuse_fallocate_async (_Container c):
     "src/pyfuse3/__init__.pyx": [
         ("ROOT_INODE = FUSE_ROOT_ID\n",
          "ROOT_INODE = FUSE_ROOT_ID\n"
-         "DELTAFS_PATCHES = ('dir_handle_is_inode', 'fallocate', 'nocaps_inodes', 'inline_loop')"
+         "DELTAFS_PATCHES = ('dir_handle_is_inode', 'fallocate', 'nocaps_inodes', 'inline_loop', 'direct_loop')"
          "  # see deltafs tools/pyfuse3/patch.py\n"),
         ("cdef object py_retval\n",
          "cdef object py_retval\n"
@@ -162,6 +357,32 @@ async def fuse_fallocate_async (_Container c):
 """),
     ],
     "src/pyfuse3/_pyfuse3.py": [
+        ("import functools\n", "import functools\nimport types\n"),
+        ("""def async_wrapper(""", '''@types.coroutine
+def _resume_suspended(coro: Any, trap: Any) -> Any:
+    """Finish awaiting *coro*, which already yielded *trap* to the event loop.
+
+    (direct_loop, added by deltafs's tools/pyfuse3/patch.py: the request
+    loop starts a handler with ``coro.send(None)``, so that a handler that
+    does not suspend costs no scheduler pass; one that did continues here,
+    in the same task, every later yield and resumption passed through.)
+    """
+    while True:
+        try:
+            value = yield trap
+        except BaseException as exc:
+            try:
+                trap = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                trap = coro.send(value)
+            except StopIteration as stop:
+                return stop.value
+
+
+def async_wrapper('''),
         ("""    async def poll(
 """, '''    async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:
         """Allocate or deallocate space of open file *fh* (fallocate(2)).
