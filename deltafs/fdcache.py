@@ -100,7 +100,7 @@ class FdCache:
 
     def add(self, node, fd: int) -> None:
         """node now holds fd (pinned or in the LRU)."""
-        node._fd = fd
+        node.cached_fd = fd
         if node.pinned:
             self.pinned += 1
             return
@@ -114,16 +114,16 @@ class FdCache:
         lru = self.lru
         while len(lru) > self.cap:
             node, _ = lru.popitem(last=False)
-            fd, node._fd = node._fd, -1
+            fd, node.cached_fd = node.cached_fd, -1
             os.close(fd)
             self.evictions += 1
 
     def drop(self, node) -> None:
         """Close node's descriptor (the node is forgotten)."""
-        fd = node._fd
+        fd = node.cached_fd
         if fd < 0:
             return
-        node._fd = -1
+        node.cached_fd = -1
         if node.pinned:
             self.pinned -= 1
             # pinned and forgotten: it lost its last name (rm), and this
@@ -140,7 +140,7 @@ class FdCache:
         if node.pinned == pinned:
             return
         node.pinned = pinned
-        if node._fd < 0:
+        if node.cached_fd < 0:
             return
         if pinned:
             del self.lru[node]
@@ -157,7 +157,7 @@ class FdCache:
         """Open node (and any ancestor lacking a descriptor) relative to its parent."""
         chain = []
         n = node
-        while n._fd < 0:
+        while n.cached_fd < 0:
             if n.parent is None:  # unlinked while not held: nothing leads to it
                 raise OSError(errno.ESTALE, "no name leads to this inode any more")
             chain.append(n)
@@ -168,7 +168,7 @@ class FdCache:
             fd = self._open_named(n)
             self.reopens += 1
             self.add(n, fd)
-        return node._fd
+        return node.cached_fd
 
     def _open_named(self, n) -> int:
         """An O_PATH descriptor of n through one of its names, checked by inode number."""
@@ -242,7 +242,7 @@ class FdCache:
         n = 0
         while len(self.lru) > keep:
             node, _ = self.lru.popitem(last=False)
-            fd, node._fd = node._fd, -1
+            fd, node.cached_fd = node.cached_fd, -1
             os.close(fd)
             n += 1
         self.shed_count += n

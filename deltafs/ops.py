@@ -119,12 +119,12 @@ class Node:
     """One inode known to the kernel: only what passing requests through needs.
     What capture knows of it is ``cap`` (CaptureState), owned by the recorder."""
 
-    __slots__ = ("ino", "_fd", "fc", "parent", "name", "links", "kids", "pinned", "gen", "lookups",
+    __slots__ = ("ino", "cached_fd", "fc", "parent", "name", "links", "kids", "pinned", "gen", "lookups",
                  "handles", "writers", "cap")
 
     def __init__(self, ino: int, fc: FdCache, parent: "Node | None", name: bytes) -> None:
         self.ino = ino
-        self._fd = -1  # O_PATH descriptor of the backing inode, -1 when not held (see fd)
+        self.cached_fd = -1  # the O_PATH descriptor FdCache holds for it, -1 if none (FdCache owns it; use fd)
         self.fc = fc
         self.parent = parent  # the directory holding ``name``; None: the root, or no name left
         self.name = name
@@ -142,7 +142,7 @@ class Node:
         """The node's O_PATH descriptor, opened again if the cache closed it.
 
         Valid until the next few descriptors are opened: use it at once."""
-        fd = self._fd
+        fd = self.cached_fd
         if fd < 0:
             return self.fc.reopen(self)
         if not self.pinned:
@@ -453,7 +453,7 @@ class Operations(pyfuse3.Operations):
             # It had lost its last known name.  Held open, the inode cannot
             # have been freed: this is a link of it we had not seen.  Not
             # held, the number may belong to a new inode: tell the kernel.
-            if node._fd < 0:
+            if node.cached_fd < 0:
                 node.gen += 1
             self._set_name(node, parent, name)
         elif stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
@@ -533,7 +533,7 @@ class Operations(pyfuse3.Operations):
         """parent/name is about to go: if it is node's last known name and
         the kernel may still use the node (open handles, a directory someone
         is in), take a descriptor now, while a name still leads to it."""
-        if node is None or node._fd >= 0 or node.links or not (node.handles or is_dir):
+        if node is None or node.cached_fd >= 0 or node.links or not (node.handles or is_dir):
             return
         if node.parent is parent and node.name == name:
             node.fd  # noqa: B018 (opens it)
@@ -565,7 +565,7 @@ class Operations(pyfuse3.Operations):
 
     def _stat(self, node: Node) -> os.stat_result:
         """lstat of node's inode, through its name when it holds no descriptor."""
-        if node._fd < 0 and node.parent is not None:
+        if node.cached_fd < 0 and node.parent is not None:
             try:
                 st = os.stat(node.name, dir_fd=node.parent.fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -623,6 +623,14 @@ class Operations(pyfuse3.Operations):
         ``initialized`` sees the connection's negotiated settings in place."""
         self.initialized.set()
 
+    async def _changing(self, ctx) -> None:
+        """First thing in a request that changes SRC, before it changes anything:
+        backpressure (wait while capture's queue is full: capture/pipeline.py),
+        then the guard's block, if on."""
+        await self.rec.throttle()
+        if self.guard_block is not None:
+            await self.guard_block.check(ctx)
+
     # ---- lookup, attributes ---------------------------------------------
 
     @_errors
@@ -677,7 +685,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
-        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
+        await self.rec.throttle()  # backpressure: wait while capture's queue is full
         if self.guard_block is not None and (fields.update_size or fields.update_mode or fields.update_uid
                                              or fields.update_gid):
             await self.guard_block.check(ctx)
@@ -732,7 +740,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def readlink(self, inode, ctx):
         node = self._node(inode)
-        if node._fd < 0 and node.parent is not None:
+        if node.cached_fd < 0 and node.parent is not None:
             return os.readlink(node.name, dir_fd=node.parent.fd)
         return os.readlink(b"", dir_fd=node.fd)
 
@@ -877,9 +885,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
-        if self.guard_block is not None:
-            await self.guard_block.check(ctx)
+        await self._changing(ctx)
         parent = self._node(parent_inode)
         os.mkdir(name, mode, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -891,9 +897,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
-        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
-        if self.guard_block is not None:
-            await self.guard_block.check(ctx)
+        await self._changing(ctx)
         parent = self._node(parent_inode)
         node = self._known(self._stat_entry(parent, name, errno.EACCES))
         self._before_last_name(node, parent, name, True)
@@ -906,9 +910,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
-        if self.guard_block is not None:
-            await self.guard_block.check(ctx)
+        await self._changing(ctx)
         parent = self._node(parent_inode)
         os.mknod(name, mode, rdev, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -920,9 +922,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
-        if self.guard_block is not None:
-            await self.guard_block.check(ctx)
+        await self._changing(ctx)
         parent = self._node(parent_inode)
         os.symlink(target, name, dir_fd=parent.fd)
         self._own(parent, name, ctx)
@@ -932,9 +932,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
-        if self.guard_block is not None:
-            await self.guard_block.check(ctx)
+        await self._changing(ctx)
         node = self._node(inode)
         parent = self._node(new_parent_inode)
         held = self._hold(node, parent)
@@ -958,9 +956,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):
-        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
-        if self.guard_block is not None:
-            await self.guard_block.check(ctx)
+        await self._changing(ctx)
         parent = self._node(parent_inode)
         st = self._stat_entry(parent, name, errno.EACCES)
         if self.rec.enabled:
@@ -988,9 +984,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
-        if self.guard_block is not None:
-            await self.guard_block.check(ctx)
+        await self._changing(ctx)
         old = self._node(parent_inode_old)
         new = self._node(parent_inode_new)
         st_old = self._stat_entry(old, name_old, errno.EACCES)
@@ -1057,7 +1051,7 @@ class Operations(pyfuse3.Operations):
         """A new descriptor of node's file with flags: through its name relative
         to its parent (one openat) when the node holds no descriptor, else
         through /proc/self/fd (also for unlinked files)."""
-        if node._fd < 0 and node.parent is not None:
+        if node.cached_fd < 0 and node.parent is not None:
             fd = self.fc.open(node.name, flags | os.O_NOFOLLOW, dir_fd=node.parent.fd, handle=True)
             try:
                 if self.fuse_ino(os.fstat(fd).st_ino) == node.ino:
@@ -1097,9 +1091,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
-        if self.guard_block is not None:
-            await self.guard_block.check(ctx)
+        await self._changing(ctx)
         parent = self._node(parent_inode)
         f, writable = self._backing_flags(flags)
         fd = self.fc.open(name, f | os.O_CREAT, mode, dir_fd=parent.fd, handle=True)
@@ -1246,9 +1238,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def setxattr(self, inode, name, value, ctx):
-        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
-        if self.guard_block is not None:
-            await self.guard_block.check(ctx)
+        await self._changing(ctx)
         node = self._node(inode)
         before = self._xattr_state(node, name) if self.rec.enabled else None
         os.setxattr(self._proc(node), name, value)
@@ -1272,9 +1262,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def removexattr(self, inode, name, ctx):
-        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
-        if self.guard_block is not None:
-            await self.guard_block.check(ctx)
+        await self._changing(ctx)
         node = self._node(inode)
         os.removexattr(self._proc(node), name)
         self.rec.on_removexattr(self, node, name)

@@ -228,9 +228,9 @@ async def run_sequence(tmp_path, seed: int, steps: int = 150) -> None:
         for h in list(ops.handles):
             os.close(h)
         for node in ops.nodes.values():  # the next sequence starts with as many descriptors free
-            if node._fd >= 0 and node.ino != ROOT:
-                os.close(node._fd)
-                node._fd = -1
+            if node.cached_fd >= 0 and node.ino != ROOT:
+                os.close(node.cached_fd)
+                node.cached_fd = -1
 
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("DELTAFS_HISTORY_SEEDS", "24"))))

@@ -94,7 +94,7 @@ async def test_unlinked_open_file_and_removed_directory_keep_working(ops):
     fi = await ops.open(f, os.O_RDWR, CTX)
     await ops.unlink(ROOT, b"f", CTX)
     node = ops.nodes[f]
-    assert node.parent is None and node.pinned and node._fd >= 0  # taken before the name went
+    assert node.parent is None and node.pinned and node.cached_fd >= 0  # taken before the name went
     for i in range(20):  # churn the cache
         await create(ops, ROOT, b"x%d" % i)
     st = await ops.getattr(f)

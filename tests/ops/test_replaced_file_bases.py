@@ -64,9 +64,9 @@ async def _stored_by(tmp_path, replace) -> tuple[int, tuple]:
         for h in list(ops.handles):
             os.close(h)
         for node in ops.nodes.values():
-            if node._fd >= 0 and node.ino != ROOT:
-                os.close(node._fd)
-                node._fd = -1
+            if node.cached_fd >= 0 and node.ino != ROOT:
+                os.close(node.cached_fd)
+                node.cached_fd = -1
     return after - before, (fid1, fid2)
 
 

@@ -74,9 +74,9 @@ async def mounted(tmp_path):
         for h in list(ops.handles):
             os.close(h)
         for node in ops.nodes.values():
-            if node._fd >= 0 and node.ino != ROOT:
-                os.close(node._fd)
-                node._fd = -1
+            if node.cached_fd >= 0 and node.ino != ROOT:
+                os.close(node.cached_fd)
+                node.cached_fd = -1
 
 
 async def test_vim_backup_rename_save_continues_the_history(tmp_path):

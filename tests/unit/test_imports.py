@@ -240,8 +240,9 @@ def _defined_here(tree: ast.AST) -> set[str]:
     for n in ast.walk(tree):
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(n.name)
-        elif isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store):
-            names.add(n.attr)
+        elif isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and \
+                isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"):
+            names.add(n.attr)  # (``other._x = 1`` defines nothing: it reaches into other's)
         elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
             names.add(n.id)
     return names
