@@ -192,12 +192,22 @@ def format_of(head: bytes) -> str | None:
     return None
 
 
+_CLOG = [0.0] + [c * math.log2(c) for c in range(1, HEAD + 1)]  # c*log2(c), for entropy
+
+
 def entropy(sample: bytes) -> float:
-    """Shannon entropy of a byte sample, bits per byte (0..8)."""
+    """Shannon entropy of a byte sample, bits per byte (0..8).
+
+    Over every other byte of the sample when it is longer than half the
+    head (the count is most of a save's scoring cost): random bytes then
+    measure ~7.9 instead of ~7.95, text the same to a few hundredths;
+    every threshold of the rule is far from both."""
+    if len(sample) > HEAD // 2:
+        sample = sample[:HEAD:2]
     n = len(sample)
     if not n:
         return 0.0
-    return -sum(c / n * math.log2(c / n) for c in collections.Counter(sample).values())
+    return math.log2(n) - sum(map(_CLOG.__getitem__, collections.Counter(sample).values())) / n
 
 
 def looks_text(head: bytes) -> bool:
@@ -302,10 +312,10 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
                 old_head = b[:HEAD] if b is not None else None
     path = change.path
     mem = memory.get(path)
-    if old_head is not None:
-        old_type, old_ent = type_of(old_head), entropy(old_head)
-    elif mem is not None:
+    if mem is not None:  # what the guard saw of this path's last save (no second count of the old head)
         old_type, old_ent = mem
+    elif old_head is not None:
+        old_type, old_ent = type_of(old_head), entropy(old_head)
     else:
         old_type, old_ent = expected_type(path), None
     new_type = new_ent = None
