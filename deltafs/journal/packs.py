@@ -78,6 +78,32 @@ class PackFiles:
             m = self._map(pack, offset + length)
         return m[offset : offset + length]
 
+    def pread(self, pack: int, offset: int, length: int, ahead: int = 0) -> bytes:
+        """The bytes :meth:`read` gives, read with pread(2) on a descriptor of
+        its own (opened and closed here: nothing outlives the call, a pack
+        deleted meanwhile is simply missing) instead of sliced from the map.
+
+        For long sequential reads (``Reader.read_chunks``: mount --at and the
+        history view): the pages do not count in the reader's resident size
+        as mapped ones do, and ``ahead`` > 0 asks the kernel to read that
+        many bytes after the range in the background (POSIX_FADV_WILLNEED),
+        so the disk works while the caller decodes what it got."""
+        if pack == self.current and self._wfd is not None and offset + length > self._written:
+            return self.read(pack, offset, length)  # the writer's own unwritten bytes
+        try:
+            fd = os.open(self.path(pack), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise CorruptionError(f"pack file {self.path(pack)} is missing") from None
+        try:
+            data = os.pread(fd, length, offset)
+            if ahead > 0:
+                os.posix_fadvise(fd, offset + length, ahead, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise CorruptionError(f"pack {self.path(pack)} is truncated: a chunk ends at {offset + length}")
+        return data
+
     def _map(self, pack: int, need: int) -> mmap.mmap:
         """(Re)map a pack; a longer map when it grew since it was mapped."""
         with self._lock:
