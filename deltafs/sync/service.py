@@ -47,10 +47,23 @@ class MountIO(LocalIO):
         node = self.ops.nodes.get(self.ops.fuse_ino(st.st_ino))  # (a dict read: GIL-atomic)
         return node is not None and (node.writers > 0 or node.pending is not None)
 
+    def tag(self, path: bytes, origin: str) -> None:
+        """The capture layer gives the records of ``path`` this origin until ``record``."""
+        if self.rec is not None:
+            self.rec.pipe.origins[path] = origin  # (a dict write: GIL-atomic; the committer reads it)
+
+    def untag(self, path: bytes) -> None:
+        if self.rec is not None:
+            self.rec.pipe.origins.pop(path, None)
+
     def record(self, paths) -> dict[bytes, int]:
         """The saves went through the mount: wait until the capture layer journaled them."""
         if self.rec is not None:
-            trio.from_thread.run(self.rec.drain)
+            try:
+                trio.from_thread.run(self.rec.drain)
+            finally:
+                for p in paths:
+                    self.rec.pipe.origins.pop(p, None)
         return {}
 
 
