@@ -63,8 +63,12 @@ def test_two_mounted_members(tmp_path, mount_factory):
     assert (b.mnt / "notes.md").read_text() == "two, from a\n"
     assert (b.mnt / "sub" / "new.txt").read_text() == "new\n"
     assert (b.src / "notes.md").read_text() == "two, from a\n"
-    log = cli("log", b.mnt / "notes.md", "--json").stdout
-    assert len(log.splitlines()) >= 2  # the applied version is in b's history
+    log = [json.loads(x) for x in cli("log", b.mnt / "notes.md", "--json").stdout.splitlines()]
+    assert len(log) >= 2  # the applied version is in b's history, saying where it came from
+    a_dev = json.loads(cli("group", "list", "-m", a.mnt, "--json").stdout)["device"]
+    assert log[0]["cause"] == "sync" and log[0]["origin"].startswith(a_dev + ":"), log[0]
+    recs = [json.loads(x) for x in cli("log", b.mnt / "sub", "--json", "--records").stdout.splitlines()]
+    assert any(r.get("origin", "").startswith(a_dev) and r["path"] == "sub/new.txt" for r in recs), recs
 
     # a file open for writing on b is never replaced under its writer
     with open(b.mnt / "notes.md", "w") as f:
