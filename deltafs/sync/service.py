@@ -87,8 +87,25 @@ class GroupSync:
     async def run(self, action=None) -> dict:
         """A pass now (control op ``group``); ``action(engine)`` runs in it first (resolve)."""
         from . import open_store
+        from .store import GroupError
 
+        if self.paused:
+            raise GroupError(f"the sync group {self.url} is paused for this mount: `deltafs resume --group` first")
         return await run_now(self, self.daemon, self.io, open_store, action)
+
+    async def set_paused(self, paused: bool) -> dict:
+        """pause|resume --group: passes stop (after the one running) or go on; kept in the state."""
+        from . import set_paused
+
+        async with self.lock:
+            was = self.paused
+            self.paused = paused
+            await trio.to_thread.run_sync(set_paused, self.daemon.journal.path, paused)
+        if paused != was:
+            log.info("sync group %s %s", self.url, "paused" if paused else "resumed")
+        if not paused:
+            self.wake.set()  # a pass now
+        return {"url": self.url, "paused": paused, "was_paused": was}
 
     def status(self) -> dict:
         return {"url": self.url, "device": self.device, "passes": self.passes, "last_pass_ns": self.last_pass_ns,
@@ -106,7 +123,8 @@ async def sync_service(daemon, task_status=trio.TASK_STATUS_IGNORED, interval: f
 
     cfg = daemon.cfg
     io = MountIO(j, cfg.src, cfg.mnt, daemon.ops, daemon.rec)
-    handle = GroupSync(url=st.url, device=st.device, interval=interval or DEFAULT_INTERVAL, daemon=daemon, io=io)
+    handle = GroupSync(url=st.url, device=st.device, interval=interval or DEFAULT_INTERVAL, daemon=daemon, io=io,
+                       paused=st.paused)
     task_status.started(handle)
     while True:
         with trio.move_on_after(handle.interval):
@@ -124,7 +142,7 @@ async def run_now(handle: GroupSync, daemon, io, open_store, action=None) -> dic
 
         def one_pass():
             st = S.load(daemon.journal.path)
-            if st is None or st.left:
+            if st is None or st.left or st.paused:
                 return {}
             store = open_store(st.url, daemon.journal.path, st.endpoint_url)
             with store:
