@@ -829,9 +829,27 @@ def breakdown(results: list[HistoryResult]) -> list[str]:
     return lines
 
 
+def gap_table(results: list[HistoryResult]) -> list[str]:
+    """How far each compacted journal is from git, split into chunk values and everything else."""
+    lines = ["| history | after compact − git | chunk values | chunk values / git | everything else "
+             "(records, indexes, LMDB pages) | everything else / git | xdelta3 / git |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.error:
+            continue
+        j, g = r.journal, r.git["pack_du"]
+        total = j.get("compacted_bytes") or j["data_bytes"]
+        live = j["live_chunk_value_bytes"]
+        gap = total - g
+        x = r.xdelta.get("bytes")
+        lines.append(f"| {r.name} | {'−' if gap < 0 else '+'}{fb(abs(gap))} | {fb(live)} | {ratio(live, g)} "
+                     f"| {fb(total - live)} | {ratio(total - live, g)} | {ratio(x, g) if x else '—'} |")
+    return lines
+
+
 def print_report(results, meta) -> None:
     print(f"\nJournal size on realistic histories ({meta['mode']}), {meta['date']}")
-    for ln in table(results) + [""] + breakdown(results):
+    for ln in table(results) + [""] + breakdown(results) + [""] + gap_table(results):
         print(ln)
     for r in results:
         if not r.error:
@@ -915,6 +933,9 @@ def render(results: list[HistoryResult], meta: dict) -> str:
           f"{fb(next((r.journal['psize'] for r in results if not r.error), 4096))}; LMDB databases "
           "as whole pages in use; share of the compacted journal in parentheses):", ""]
     L += breakdown(results)
+    L += ["", "The gap to git, split into the chunk values (the content deltas) and everything else "
+          "(records in blocks, the newest records, every LMDB database's pages in use):", ""]
+    L += gap_table(results)
     L += ["", "### What the numbers mean", ""]
     L += meta.get("analysis", [])
     L += [NOTES]
