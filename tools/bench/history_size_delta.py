@@ -16,6 +16,10 @@ In-place blocks, coded as:
   (``chunking.compress_chunk`` against the old block at the same offset,
   zstd level 9 with the base as raw-content dictionary);
 - ``per block, level 19``: the same at zstd's highest regular level;
+- ``same offset + 3 bases found by content``: one block at a time, its
+  dictionary the old block at its offset plus the three other old changed
+  blocks sharing the most 32-byte windows with it (what a chunk payload with
+  several bases could do, each block still read on its own);
 - ``groups of N``: N consecutive changed blocks of a state compressed as one
   zstd frame, the dictionary being their N old blocks in the same order;
 - ``one frame per state``: all changed blocks of the state in one frame
@@ -50,8 +54,19 @@ sys.path.insert(0, ROOT)
 from deltafs import chunking as C  # noqa: E402
 
 TITLE = "## Growing database: how its in-place changes could be delta-coded"
-WAYS = ("per block, same offset", "per block, level 19", "groups of 4", "groups of 16", "groups of 64",
-        "one frame per state")
+WAYS = ("per block, same offset", "per block, level 19", "per block, same offset + 3 bases found by content",
+        "groups of 4", "groups of 16", "groups of 64", "one frame per state")
+WINDOW, STEP = 32, 16  # content look-up: 32-byte windows of the old changed blocks every 16 bytes
+
+
+def _found_bases(new_block: bytes, index: dict[bytes, int], own: int, n: int = 3) -> list[int]:
+    """Offsets of the ``n`` old changed blocks sharing the most 32-byte windows with ``new_block``."""
+    hits: dict[int, int] = {}
+    for q in range(0, len(new_block) - WINDOW, 4):
+        o = index.get(new_block[q:q + WINDOW])
+        if o is not None and o != own:
+            hits[o] = hits.get(o, 0) + 1
+    return [o for o, _ in sorted(hits.items(), key=lambda x: -x[1])[:n]]
 
 
 def _frame(new: bytes, old: bytes, level: int = C.ZSTD_DELTA_LEVEL, window_log: int | None = None) -> int:
@@ -102,7 +117,20 @@ def measure(paths: list[str]) -> dict:
         t = time.perf_counter()
         tot[WAYS[1]] += sum(_frame(new[o:o + B], old[o:o + B], 19) for o in offs)
         secs[WAYS[1]] += time.perf_counter() - t
-        for g, way in ((4, WAYS[2]), (16, WAYS[3]), (64, WAYS[4])):
+        t = time.perf_counter()
+        index: dict[bytes, int] = {}
+        for o in offs:
+            blk = old[o:o + B]
+            for q in range(0, len(blk) - WINDOW, STEP):
+                w = blk[q:q + WINDOW]
+                if w.count(w[:1]) != WINDOW:  # not a run of one byte (free space)
+                    index.setdefault(w, o)
+        for o in offs:
+            bases = _found_bases(new[o:o + B], index, o)
+            tot[WAYS[2]] += _frame(new[o:o + B], b"".join(old[k:k + B] for k in bases[::-1]) + old[o:o + B],
+                                   window_log=17)
+        secs[WAYS[2]] += time.perf_counter() - t
+        for g, way in ((4, WAYS[3]), (16, WAYS[4]), (64, WAYS[5])):
             t = time.perf_counter()
             for i in range(0, len(offs), g):
                 oo = offs[i:i + g]
@@ -111,9 +139,9 @@ def measure(paths: list[str]) -> dict:
             secs[way] += time.perf_counter() - t
         if offs:
             t = time.perf_counter()
-            tot[WAYS[5]] += _frame(b"".join(new[o:o + B] for o in offs), b"".join(old[o:o + B] for o in offs),
+            tot[WAYS[6]] += _frame(b"".join(new[o:o + B] for o in offs), b"".join(old[o:o + B] for o in offs),
                                    window_log=24)
-            secs[WAYS[5]] += time.perf_counter() - t
+            secs[WAYS[6]] += time.perf_counter() - t
         for o in range(-(-len(old) // B) * B, len(new), B):  # from the first block past the old end
             n_app += 1
             tot["appended, base = last old block"] += len(C.compress_chunk(new[o:o + B], old[-B:]))
