@@ -30,6 +30,7 @@ FULL = None  # dirty marker: the whole file
 
 BASE_MISSES = 8  # see capture_chunks
 BASE_RETRY = 16
+BASE_RETRY_MAX = 1024
 RAW_RUN = 8  # standalone chunks in a row that did not compress: stop trying (capture_chunks)
 RAW_RETRY = 16  # then try every RAW_RETRY-th chunk until one compresses again
 
@@ -104,10 +105,14 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
         nonlocal buffered, misses, tried, raw_run, skipped
         if base_ref is not None and misses >= BASE_MISSES:
             # reading a base back costs as much as the chunk: after BASE_MISSES useless
-            # ones, try only every BASE_RETRY-th chunk until a delta pays again
+            # ones, try only every BASE_RETRY-th chunk, the interval doubling with
+            # each further miss (up to BASE_RETRY_MAX), until a delta pays again
             tried += 1
-            if tried % BASE_RETRY:
+            every = min(BASE_RETRY << max(misses - BASE_MISSES, 0), BASE_RETRY_MAX)
+            if tried < every:
                 base_ref = None
+            else:
+                tried = 0
         b, handicap = base_for(base_ref[0]) if base_ref is not None else (None, 1.0)
         plain = True
         if raw_run >= RAW_RUN:
