@@ -195,49 +195,59 @@ class PackFiles:
         if not self._buf:
             return
         total = len(self._buf)
-        with memoryview(self._buf) as mv:
-            done = 0
-            if self._dfd is not None and total >= DIRECT_MIN:
-                head = -self._written % DIRECT_ALIGN
-                body = (total - head) // DIRECT_ALIGN * DIRECT_ALIGN
-                if body:
-                    self._pwrite(self._wfd, mv[:head], self._written)
-                    done = head + self._write_direct(mv[head:head + body], self._written + head)
-                    if not final:
-                        total = done
-            if done < total:
-                self._pwrite(self._wfd, mv[done:total], self._written + done)
+        done = 0
+        if self._dfd is not None and total >= DIRECT_MIN:
+            head = -self._written % DIRECT_ALIGN
+            body = (total - head) // DIRECT_ALIGN * DIRECT_ALIGN
+            if body:
+                self._pwrite(0, head)
+                done = head + self._write_direct(head, head + body)
+                if not final:
+                    total = done
+        if done < total:
+            self._pwrite(done, total)
         with self._lock:
             del self._buf[:total]
             self._written += total
 
-    def _pwrite(self, fd: int, data, offset: int) -> None:
-        if len(data) and os.pwrite(fd, data, offset) != len(data):
+    # Views of _buf live only inside these ``with`` blocks: a view kept alive
+    # by a failed write's traceback would pin the buffer (BufferError on the
+    # next append), and the journal must go on after a full disk.
+    def _pwrite(self, start: int, end: int) -> None:
+        """Write _buf[start:end] at its place in the current pack, through the page cache."""
+        if end <= start:
+            return
+        with memoryview(self._buf) as mv, mv[start:end] as part:
+            n = os.pwrite(self._wfd, part, self._written + start)
+        if n != end - start:
             raise OSError(f"short write to {self.path(self.current)}")
 
-    def _write_direct(self, data: memoryview, offset: int) -> int:
-        """O_DIRECT-write ``data`` (aligned offset and length) at ``offset``;
-        -> bytes written (0: O_DIRECT refused here, turned off: the caller
-        writes them buffered)."""
+    def _write_direct(self, start: int, end: int) -> int:
+        """O_DIRECT-write _buf[start:end] (aligned offset and length) at its
+        place; -> bytes written (0: O_DIRECT refused here, now turned off:
+        the caller writes them buffered)."""
         if self._stage is None:
             self._stage = mmap.mmap(-1, _DIRECT_STAGE)
-        done = 0
-        with memoryview(self._stage) as stage:
-            while done < len(data):
-                n = min(len(data) - done, _DIRECT_STAGE)
-                stage[:n] = data[done:done + n]
-                try:
-                    w = os.pwrite(self._dfd, stage[:n], offset + done)
-                except OSError as e:
-                    if e.errno != errno.EINVAL or done:
-                        raise
+        pos = start
+        with memoryview(self._buf) as mv, memoryview(self._stage) as stage:
+            while pos < end:
+                n = min(end - pos, _DIRECT_STAGE)
+                with mv[pos:pos + n] as src, stage[:n] as dst:
+                    dst[:] = src
+                    try:
+                        w = os.pwrite(self._dfd, dst, self._written + pos)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL or pos != start:
+                            raise
+                        w = -1
+                if w < 0:
                     self._close_direct()
                     self._direct_ok = False  # e.g. a file system that takes O_DIRECT opens only
                     return 0
                 if w != n:
                     raise OSError(f"short write to {self.path(self.current)}")
-                done += n
-        return done
+                pos += n
+        return end - start
 
     def _open_direct(self) -> None:
         self._close_direct()

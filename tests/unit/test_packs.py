@@ -279,3 +279,37 @@ def test_big_flushes_write_around_the_page_cache_and_read_back_exactly(tmp_path,
         assert early.read(pack, off, len(v)) == v
         assert fresh.read(pack, off, len(v)) == v
     w.close()
+
+
+@pytest.mark.parametrize("size", [1000, 3 << 20])  # a buffered flush, an O_DIRECT one
+def test_a_failed_pack_write_does_not_stop_later_appends(tmp_path, monkeypatch, size):
+    """A write that fails (a full disk: simulated, os.pwrite raising ENOSPC once,
+    since filling a real disk here is not possible) leaves the writer able
+    to append and sync once space is back: nothing of the failed flush
+    pins the buffer (a view kept alive by the traceback would make every
+    later append fail with BufferError)."""
+    w = P.PackFiles(str(tmp_path / "j"))
+    w.open_writer(0, 0)
+    real = os.pwrite
+    failed = []
+
+    def full_once(fd, data, offset):
+        if not failed:
+            failed.append(fd)
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    vals = [os.urandom(size) for _ in range(3)]
+    placed = [(*w.append(vals[0]), vals[0])]
+    monkeypatch.setattr(P.os, "pwrite", full_once)
+    with pytest.raises(OSError) as err:
+        w.sync()
+    kept = err.value  # the traceback stays referenced, as a logged error does
+    monkeypatch.setattr(P.os, "pwrite", real)
+    for v in vals[1:]:
+        placed.append((*w.append(v), v))
+    w.sync()
+    assert failed and kept is not None
+    fresh = P.PackFiles(str(tmp_path / "j"))
+    for pack, off, v in placed:
+        assert fresh.read(pack, off, len(v)) == v
