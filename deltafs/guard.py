@@ -94,6 +94,7 @@ HEAD = 4096  # bytes of the head sample
 SNAPSHOT_PREFIX = "guard-"
 SUSPECT = 0.4  # --guard-action block: from this share of the threshold on, changes wait for capture
 OPENED_KEPT = 20_000  # read-only opens (and unpaired new opaque files) the detector remembers
+PATHS_KEPT = 20_000  # paths whose last write / content type it remembers (oldest dropped first)
 OPENS_QUEUED = 4096  # opens ops.open may queue between two drains (the oldest are dropped)
 ACTIONS = ("alert", "block")
 STATE_FILE = "guard-alert.json"  # in the journal directory while an alert stands (docs/format.md)
@@ -322,7 +323,7 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
     if new_head is not None:
         new_type, new_ent = type_of(new_head), entropy(new_head)
         memory[path] = (new_type, new_ent)
-        if len(memory) > 100_000:
+        if len(memory) > PATHS_KEPT:
             memory.pop(next(iter(memory)))
     elif mem is not None:
         del memory[path]  # new content the guard did not see: what it remembered is stale
@@ -435,7 +436,7 @@ class Detector:
                     continue
                 self.written.pop(c.path, None)
                 self.written[c.path] = (now, seq)
-                if len(self.written) > 100_000:
+                if len(self.written) > PATHS_KEPT:
                     self.written.pop(next(iter(self.written)))
                 s, why = write_signals(c, self.raw, self.memory)
                 if "opaque" in why:  # remembered under the name it extends, and under its stem;

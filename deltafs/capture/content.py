@@ -22,7 +22,8 @@ from deltafs.journal import Change, Journal
 CHUNK_FLUSH_BYTES = 8 << 20  # store new chunks ahead of their record beyond this much
 LIST_CACHE_ENTRIES = 300_000  # chunk lists kept between captures, in entries (~40 MB at most)
 LIST_CACHE_OVERHEAD = 8  # a kept version counts as this many entries more (its tuple, dict slot)
-LIST_CACHE_VERSIONS = 50_000  # and at most this many versions (deleted files' lists age out)
+LIST_CACHE_VERSIONS = 10_000  # and at most this many versions (deleted files' lists age out: a bound
+# reached within the first hour of a busy mount, not after days of growth; issue 18 soak)
 RAW_CACHE_BYTES = 32 << 20  # raw bytes of recent bases and new chunks (chunking.RawCache)
 RESTART_HANDICAP = 2.0  # a delta against a skipped-to ancestor must be half a full copy
 FULL = None  # dirty marker: the whole file
