@@ -52,6 +52,9 @@ _FALLOC_MODES = sc.FALLOC_FL_KEEP_SIZE | sc.FALLOC_FL_PUNCH_HOLE | sc.FALLOC_FL_
 MAX_LINKS = 16  # extra names remembered per hard-linked inode
 CAPTURE_BACKLOG = 256  # queued captures (each holds a descriptor) before release waits
 LISTINGS_KEPT = 256  # unfinished readdir passes remembered without open handles
+PASS_SHIFT = 32  # a readdir offset is pass << PASS_SHIFT | index + 1 (without open handles)
+PASS_MASK = (1 << PASS_SHIFT) - 1
+PASS_MAX = (1 << 30) - 1  # pass numbers wrap: offsets stay positive 63-bit values
 # Flags that must not reach an open of /proc/self/fd/N: the kernel already
 # resolved and created the file, and O_NOFOLLOW would refuse the magic link.
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY | os.O_DIRECT
@@ -358,7 +361,9 @@ class Operations(pyfuse3.Operations):
         self.nodes: dict[int, Node] = {ROOT: root}
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
-        self._listings: OrderedDict[int, list] = OrderedDict()  # ino -> snapshot of an unfinished pass
+        # pass -> (ino, snapshot), or (ino, None, its length) once at its end (_listing)
+        self._listings: OrderedDict[int, tuple] = OrderedDict()
+        self._pass = 0  # the last readdir pass number handed out
         self._negative = pyfuse3.EntryAttributes()  # st_ino 0: "no such entry", cached
         self._negative.st_ino = 0
         self._negative.entry_timeout = timeout
@@ -783,27 +788,43 @@ class Operations(pyfuse3.Operations):
         self._repin(node)
         return fh
 
-    def _listing(self, fh: int, start_id: int) -> tuple[Node, list]:
-        """The directory and its entry snapshot for one readdir pass.
+    def _listing(self, fh: int, start_id: int) -> tuple[Node, list, int, int]:
+        """The directory, its entry snapshot for one readdir pass, the index
+        to go on from and the pass's offset base.
 
         A pass starts at offset 0 (rewinddir starts a new one): entries
-        added meanwhile may or may not show, removed ones are skipped.
-        Without open handles (``dir_handle_is_inode``) ``fh`` is the
-        directory's inode and the snapshots of unfinished passes are kept
-        per inode, a bounded number of them.
+        added meanwhile may or may not show, removed ones are skipped, none
+        shows twice.  Without open handles (``dir_handle_is_inode``) ``fh``
+        is the directory's inode, so concurrent passes over one directory
+        cannot be told apart by it: each pass gets a number of its own,
+        carried in the high bits of the offsets it hands out (``PASS_SHIFT``),
+        and its snapshot is kept under that number (a bounded number of
+        them) until the call that finds it at its end.  Keyed by the inode
+        instead, a pass that finished (or a second pass that started) would
+        make the next call read a fresh listing from the old index: names
+        created meanwhile shift the rest, which then show twice (issue 23).
         """
         if self.dir_handle_is_inode:
             node = self._node(fh)
-            entries = self._listings.get(fh)
-            if start_id == 0 or entries is None:
-                entries = self._listings[fh] = self.fc.retry(self._scan_dir, node)
+            pid, i = start_id >> PASS_SHIFT, start_id & PASS_MASK
+            got = self._listings.get(pid) if start_id else None
+            if got is not None and got[1] is None:  # a finished pass: only its end is left
+                if i >= got[2] and got[0] == fh:
+                    return node, [], i, pid << PASS_SHIFT
+                got = None
+            if got is None or got[0] != fh:
+                if start_id == 0 or got is not None:
+                    self._pass = self._pass % PASS_MAX + 1
+                    pid = self._pass
+                # else: a pass whose snapshot was evicted goes on (best effort) from a new one
+                got = self._listings[pid] = (fh, self.fc.retry(self._scan_dir, node))
                 while len(self._listings) > LISTINGS_KEPT:
                     self._listings.popitem(last=False)
-            return node, entries
+            return node, got[1], i, pid << PASS_SHIFT
         dh = self.dirs[fh]
         if start_id == 0 or dh.entries is None:
             dh.entries = self._scan_dir(dh.fd)
-        return dh.node, dh.entries
+        return dh.node, dh.entries, start_id, 0
 
     @staticmethod
     def _scan_dir(where: Node | int) -> list:
@@ -813,17 +834,22 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def readdir(self, fh, start_id, token):
-        parent, entries = self._listing(fh, start_id)
+        parent, entries, start, base = self._listing(fh, start_id)
+        if base and start >= len(entries):  # the pass is at its end: keep only that
+            pid = base >> PASS_SHIFT
+            if pid in self._listings and self._listings[pid][1] is not None:
+                self._listings[pid] = (fh, None, len(entries))
+            return
         held = self._hold(parent)  # pfd stays valid whatever the names below do to the LRU
         try:
-            self._readdir(parent, parent.fd, entries, fh, start_id, token)
+            self._readdir(parent, parent.fd, entries, start, base, token)
         finally:
             self._unhold(held)
 
-    def _readdir(self, parent: Node, pfd: int, entries: list, fh, start_id: int, token) -> None:
+    def _readdir(self, parent: Node, pfd: int, entries: list, start: int, base: int, token) -> None:
         hidden = self.hidden_ino
         nodes = self.nodes
-        for i in range(start_id, len(entries)):
+        for i in range(start, len(entries)):
             name, d_ino = entries[i]
             if i < 2:
                 # The kernel keeps no lookup count for '.' and '..': neither do we.
@@ -831,7 +857,7 @@ class Operations(pyfuse3.Operations):
                     st = os.stat(name, dir_fd=pfd)
                 except OSError:
                     continue
-                if not pyfuse3.readdir_reply(token, name, self.attrs(st, self.fuse_ino(st.st_ino)), i + 1):
+                if not pyfuse3.readdir_reply(token, name, self.attrs(st, self.fuse_ino(st.st_ino)), base | (i + 1)):
                     return
                 continue
             if d_ino == hidden:
@@ -847,7 +873,7 @@ class Operations(pyfuse3.Operations):
             e = self.attrs(st, ino)
             if node is not None:
                 e.generation = node.gen
-            if not pyfuse3.readdir_reply(token, name, e, i + 1):
+            if not pyfuse3.readdir_reply(token, name, e, base | (i + 1)):
                 return
             # readdirplus counts as a lookup of every entry it returns
             if node is None:
@@ -856,8 +882,6 @@ class Operations(pyfuse3.Operations):
             elif node.parent is not parent or node.name != name:
                 self._saw_name(node, parent, name, st)
             node.lookups += 1
-        if self.dir_handle_is_inode:
-            self._listings.pop(fh, None)  # the pass is complete
 
     @_errors
     async def releasedir(self, fh):

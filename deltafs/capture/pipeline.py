@@ -92,6 +92,9 @@ class Pipeline:
         self.incident = None  # the last "not recorded" incident logged
         self.paused = False  # control socket: events are dropped until resume rescans
         self.guard = None  # deltafs.guard.Guard (set by guard_service): sees each committed item
+        # path -> "DEVICE:N": a sync group's apply in flight through the mount; its records
+        # get that origin, its content version the cause "sync" (deltafs/sync/service.py)
+        self.origins: dict[bytes, str] = {}
         # called when a commit succeeds while needs_rescan is set (the Recorder rescans)
         self.on_recovered: Callable[[], None] | None = None
 
@@ -185,6 +188,8 @@ class Pipeline:
             while self.queue and self.queue[0].ready.is_set() and len(batch) < 512:
                 batch.append(self.queue.popleft())
             groups = [it.changes or [] for it in batch]
+            if self.origins:
+                tag_origins(groups, self.origins)
             try:
                 results = await trio.to_thread.run_sync(self.journal.commit_many, groups)
             except Exception as e:  # the whole transaction failed (disk full...)
@@ -263,3 +268,15 @@ class Pipeline:
             log.error("capture of %s failed (the next successful write rescans SRC): %s",
                       os.fsdecode(path), msg, exc_info=logged_trace)
         self.last_error = msg
+
+
+def tag_origins(groups, origins: dict) -> None:
+    """Mark the records of a sync group's apply (path -> "DEVICE:N"): an origin, and
+    cause "sync" for a content version (a pre-image of the replaced file stays local)."""
+    for changes in groups:
+        for c in changes:
+            o = origins.get(c.path)
+            if o is not None and c.cause != "preimage":
+                c.origin = o
+                if c.op == "write":
+                    c.cause = "sync"
