@@ -721,6 +721,10 @@ class Guard:
         the commit and the scoring of everything queued before it."""
         if self.deferred:
             self.unscored.append((changes, seqs))
+            if self.action == "block" and self.ops is not None and self.block is None:
+                # the next change request waits until this is scored (pacing, not refusing)
+                self.block = Block(blocking=False, drain=self.scored)
+                self.ops.guard_block = self.block
             if self._idle.is_set():
                 import trio
 
@@ -745,6 +749,13 @@ class Guard:
                 if n % 64 == 0:
                     await trio.lowlevel.checkpoint()  # a long batch (rm -rf): let requests through
             self._idle.set()
+            if self.action == "block" and self.ops is not None and self.detector.alert is None:
+                self._pace(self.detector.last_score >= SUSPECT * self.detector.threshold)
+
+    async def scored(self) -> None:
+        """Everything observe queued so far is scored."""
+        while self.unscored or not self._idle.is_set():
+            await self._idle.wait()
 
     async def settle(self) -> None:
         """Every capture queued so far is committed and scored (the pacing Block waits here)."""
@@ -778,12 +789,12 @@ class Guard:
             self._pace(self.detector.last_score >= SUSPECT * self.detector.threshold)
 
     def _pace(self, on: bool) -> None:
-        if on and self.block is None:
+        if on and (self.block is None or self.block.drain == self.scored):
             self.block = Block(blocking=False, drain=self.settle)
             self.ops.guard_block = self.block
             log.info("guard: score %.2f of %g: changes wait for capture until it falls (--guard-action block)",
                      self.detector.last_score, self.detector.threshold)
-        elif not on and self.block is not None and not self.block.blocking:
+        elif not on and self.block is not None and not self.block.blocking and not self.unscored:
             self.block = None
             self.ops.guard_block = None
 
