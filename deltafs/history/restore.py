@@ -177,7 +177,8 @@ class _Dirs:
 
 
 RESTORE_THREADS = 4  # files written at once (their syscalls overlap; Python work does not)
-RESTORE_IN_FLIGHT = 64  # jobs submitted ahead of the one whose result is taken (each holds a descriptor)
+RESTORE_IN_FLIGHT = 128  # jobs submitted ahead of the one whose result is taken (each holds a descriptor)
+RESTORE_BATCH = 16  # files a worker writes under one read snapshot, handed over as one task
 
 
 @dataclass
@@ -188,6 +189,8 @@ class _FileJob:
     name: bytes
     tmp: bytes
     sync: bool  # fsync before the rename
+    fresh: bool = False  # its directory was made by this restore (0700, only its files)
+    owned: bool = False  # the new file gets the entry's owner by itself (no fchown)
 
 
 class _Restorer:
@@ -219,6 +222,7 @@ class _Restorer:
         self.seq_counter = 0
         self.swept: set[tuple[bytes, ...]] = set()  # directories cleared of stale temp files
         self.fresh: set[tuple[bytes, ...]] = set()  # directories this restore created (empty then)
+        self.owners: dict[tuple[bytes, ...], tuple[int, int]] = {}  # dir parts -> owner of a new file there
         self.gone: set[bytes] = set()  # paths a rollback removed (journaled as such already)
         # rollback through a mount (see rollback): no fsync per file, nothing looked up per
         # file before its job (rollback_plan already cleared what was in the way); the
@@ -343,9 +347,11 @@ class _Restorer:
             except OSError as err:
                 self._warn_meta(e, f"xattr {os.fsdecode(k)}", err)
 
-    def _meta_fd(self, fd: int, e: TreeEntry) -> None:
-        """Owner, mode, xattrs and mtime of ``e`` on an open file or directory."""
-        self._owner(e, lambda u, g: os.fchown(fd, u, g))
+    def _meta_fd(self, fd: int, e: TreeEntry, owned: bool = False) -> None:
+        """Owner (unless ``owned``: it has it already), mode, xattrs and mtime of
+        ``e`` on an open file or directory."""
+        if not owned:
+            self._owner(e, lambda u, g: os.fchown(fd, u, g))
         self._mode_xattrs(fd, e)
         if e.mtime_ns is not None:
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
@@ -439,7 +445,19 @@ class _Restorer:
         # fsync before the rename only where it replaces something (old or new
         # content, never an empty file, after a crash) or where an fsync is what
         # makes the mount journal the file; new names are synced once (syncfs) at the end
-        return _FileJob(e, parts, dfd, name, tmp, sync=not self.batched and (st is not None or self.through_mount))
+        fresh = parts[:-1] in self.fresh
+        return _FileJob(e, parts, dfd, name, tmp, sync=not self.batched and (st is not None or self.through_mount),
+                        fresh=fresh,
+                        owned=fresh and (e.uid, e.gid) == self._new_owner(parts[:-1], dfd))
+
+    def _new_owner(self, dparts: tuple[bytes, ...], dfd: int) -> tuple[int, int]:
+        """(uid, gid) a file created in that directory gets (its group if the
+        directory is setgid), looked up once per directory."""
+        own = self.owners.get(dparts)
+        if own is None:
+            st = os.fstat(dfd)
+            own = self.owners[dparts] = (os.geteuid(), st.st_gid if st.st_mode & stat.S_ISGID else os.getegid())
+        return own
 
     def _write_job(self, job: "_FileJob", r: Reader) -> None:
         """The temp file, written and renamed into place (any thread)."""
@@ -450,13 +468,14 @@ class _Restorer:
                      dir_fd=dfd)
         try:
             try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "being written" (see _sweep)
-                except OSError:
-                    pass  # no flock here: _sweep goes by the PID alone
+                if not job.fresh:  # (a directory this restore made is swept by nobody)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "being written" (see _sweep)
+                    except OSError:
+                        pass  # no flock here: _sweep goes by the PID alone
                 if e.content_seq:
                     write_content(r, e.content_seq, fd)
-                self._meta_fd(fd, e)
+                self._meta_fd(fd, e, owned=job.owned)
                 if job.sync:
                     os.fsync(fd)
             finally:
@@ -514,28 +533,61 @@ class _Restorer:
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        def work(job: _FileJob) -> None:
+        def work(batch: list[_FileJob]) -> list[BaseException | None]:
+            """A batch of jobs under one read snapshot: -> each job's error or None."""
+            out: list[BaseException | None] = []
             try:
                 with self.open_reader() as r:
-                    self._write_job(job, r)
+                    for job in batch:
+                        try:
+                            self._write_job(job, r)
+                            out.append(None)
+                        except (CorruptionError, Refused, OSError) as err:
+                            out.append(err)
             finally:
-                os.close(job.dfd)
+                for job in batch:
+                    os.close(job.dfd)
+            return out
 
-        pending: deque = deque()
+        def finish(job: _FileJob, err: BaseException | None) -> None:
+            if err is not None:
+                raise err
+            self._finish_file(job)
+
+        pending: deque = deque()  # (batch, future), oldest first
+        batch: list[_FileJob] = []
+        in_flight = 0
         with ThreadPoolExecutor(RESTORE_THREADS, thread_name_prefix="restore") as pool:
-            def take_one() -> None:
-                job, fut = pending.popleft()
-                self._do(job.entry, lambda e: (fut.result(), self._finish_file(job)))
+            def take_one() -> int:
+                jobs, fut = pending.popleft()
+                try:
+                    errs = fut.result()
+                except BaseException:
+                    for job in jobs:  # LMDB trouble opening the snapshot: not one of them was written
+                        self._do(job.entry, lambda e: fut.result())
+                    return len(jobs)
+                for job, err in zip(jobs, errs):
+                    self._do(job.entry, lambda e, job=job, err=err: finish(job, err))
+                return len(jobs)
+
+            def submit() -> None:
+                nonlocal batch, in_flight
+                pending.append((batch, pool.submit(work, batch)))
+                in_flight += len(batch)
+                batch = []
+                while in_flight > RESTORE_IN_FLIGHT:
+                    in_flight -= take_one()
 
             for e in files:
                 try:
-                    job = self._prepare_file(e)
+                    batch.append(self._prepare_file(e))
                 except (CorruptionError, Refused, OSError) as err:
                     self._failed(e, err)
                     continue
-                pending.append((job, pool.submit(work, job)))
-                while len(pending) > RESTORE_IN_FLIGHT:
-                    take_one()
+                if len(batch) >= RESTORE_BATCH:
+                    submit()
+            if batch:
+                submit()
             while pending:
                 take_one()
 
@@ -742,7 +794,7 @@ def write_content(r: Reader, seq: int, fd: int, tick=None) -> None:
     gets a hole there, and its size from ftruncate at the end.  The id is
     the hash of the content, so knowing it is knowing the bytes.
     """
-    pos = 0
+    pos = end = 0  # end: where the written bytes end (the file's size so far)
     for cid, n in r.chunk_list(seq):
         if cid != chunking.zero_id(n):
             mv = memoryview(r.read_chunk(cid))
@@ -750,10 +802,12 @@ def write_content(r: Reader, seq: int, fd: int, tick=None) -> None:
             while mv:
                 k = os.pwrite(fd, mv, at)
                 mv, at = mv[k:], at + k
+            end = at
         pos += n
         if tick is not None:
             tick(n)
-    os.ftruncate(fd, pos)
+    if end != pos:  # it ends in a hole
+        os.ftruncate(fd, pos)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -313,3 +313,34 @@ def test_a_failed_pack_write_does_not_stop_later_appends(tmp_path, monkeypatch, 
     fresh = P.PackFiles(str(tmp_path / "j"))
     for pack, off, v in placed:
         assert fresh.read(pack, off, len(v)) == v
+
+
+def test_read_chunks_gives_what_read_chunk_gives_and_checks_it(tmp_path):
+    """Reader.read_chunks (mount --at's path): delta-coded, compressed and raw
+    chunks, runs read with one pread, a cache; a damaged value is a CorruptionError."""
+    from deltafs.errors import CorruptionError
+    from deltafs.pastfs import ChunkCache
+
+    jp = tmp_path / "j"
+    with Journal.open(jp, create=True, clock=FakeClock()) as j:
+        seqs, content = edits(j, 4)  # delta chains
+        raw = j.commit([version(j, 9, b"r", random.Random(3).randbytes(200_000))])[0]  # stored raw
+        cache = ChunkCache(1 << 20)
+        with j.reader() as r:
+            for s in seqs + [raw]:
+                cids = [cid for cid, _ in r.chunk_list(s)]
+                want = [r.read_chunk(c) for c in cids]
+                for c in (None, cache, cache):  # without a cache, filling it, from it
+                    assert [bytes(x) for x in r.read_chunks(cids, c, ahead=1 << 20)] == want
+                assert b"".join(bytes(x) for x in r.read_chunks(cids)) == r.read_content(s)
+            cids = [cid for cid, _ in r.chunk_list(raw)]
+            _, pack, off, length, _ = S.decode_loc(r.txn.get(cids[1], db=r.dbs[S.DB_CHUNKS]))
+    with open(P.PackFiles(str(jp)).path(pack), "r+b") as f:  # one byte of the second chunk flipped
+        f.seek(off + length - 1)
+        b = f.read(1)
+        f.seek(off + length - 1)
+        f.write(bytes([b[0] ^ 1]))
+    with Journal.open(jp, readonly=True) as j, j.reader() as r:
+        assert bytes(r.read_chunks(cids[:1])[0]) == r.read_chunk(cids[0])
+        with pytest.raises(CorruptionError, match="does not match its id"):
+            r.read_chunks(cids)
