@@ -246,7 +246,12 @@ def encode_chunk(depth: int, raw_len: int, base_id: bytes | None, payload: bytes
     return hdr + payload
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
 def _uvarint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]  # most fields of a chunk index entry (once per chunk stored)
     out = bytearray()
     while n >= 0x80:
         out.append(n & 0x7F | 0x80)

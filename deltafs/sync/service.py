@@ -45,7 +45,7 @@ class MountIO(LocalIO):
         if st is None or self.ops is None:
             return False
         node = self.ops.nodes.get(self.ops.fuse_ino(st.st_ino))  # (a dict read: GIL-atomic)
-        return node is not None and (node.writers > 0 or node.pending is not None)
+        return node is not None and (node.writers > 0 or node.cap.pending is not None)
 
     def tag(self, path: bytes, origin: str) -> None:
         """The capture layer gives the records of ``path`` this origin until ``record``."""
