@@ -8,6 +8,8 @@ for an unmounted member; the mount's service gives its own.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import stat as _s
 import time
 
@@ -24,6 +26,9 @@ log = logging.getLogger(__name__)
 APPLY_BATCH = 256  # intents journaled per commit
 HEARTBEAT_NS = 60 * 1_000_000_000  # an idle member rewrites its head.json this often (status: last heard)
 EMPTY_HASH = G.blake(b"")
+# A fault a test cannot cause by timing: the process kills itself (SIGKILL) right after an
+# apply batch reached SRC, before the journal recorded it (tests/mount/test_sync_mount.py).
+_KILL_POINT = os.environ.get("DELTAFS_TEST_SYNC_KILL")
 
 
 def device_of(journal_id: str) -> str:
@@ -455,6 +460,8 @@ class Engine:
                     reached.setdefault(c, None)
             if touched:
                 self.io.flush()
+                if _KILL_POINT == "after-write":  # tests only: kill -9 between SRC and the journal
+                    os.kill(os.getpid(), signal.SIGKILL)
             seqs = self.io.record(touched) if touched else {}
             with self.journal.reader() as r:
                 for p, t in reached.items():

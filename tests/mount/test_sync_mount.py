@@ -139,3 +139,48 @@ def test_mount_group_joins_and_pause_keeps_capture(tmp_path, mount_factory):
     assert (a.mnt / "local.txt").read_text() == "b keeps recording\n"
     a.umount()
     b.umount()
+
+
+def test_kill_9_mid_apply_is_finished_by_the_next_mount(tmp_path, mount_factory, monkeypatch):
+    """The daemon of a mounted member dies (SIGKILL) after an apply reached SRC and before its
+    journal recorded it; the next mount finishes the apply: no loss, no duplicate, nothing
+    published back.  The kill point is a test hook (DELTAFS_TEST_SYNC_KILL): no timing could
+    hit that window reliably, and the kill itself is a real SIGKILL of the daemon."""
+    from deltafs.sync import state as S
+
+    url = f"file://{tmp_path}/store"
+    a_src = tmp_path / "a"
+    a_src.mkdir()
+    (a_src / "notes.md").write_text("one\n")
+    Journal.open(a_src / ".deltafs", create=True).close()
+    cli("group", "join", url, "-m", a_src)
+    cli("clone", url, tmp_path / "b", "--join")
+    a = mount_factory(a_src)
+    monkeypatch.setenv("DELTAFS_TEST_SYNC_KILL", "after-write")
+    b = mount_factory(tmp_path / "b")
+    monkeypatch.delenv("DELTAFS_TEST_SYNC_KILL")
+    numbered = S.load(str(b.journal)).numbered
+
+    (a.mnt / "notes.md").write_text("two, from a\n")
+    cli("group", "sync", "-m", a.mnt)
+    assert b.proc.wait(timeout=60) == -9  # b's own timer pass applied it, and died there
+    b.kill()  # clears the dead mount
+    assert (b.src / "notes.md").read_text() == "two, from a\n"  # SRC has it
+    assert S.load(str(b.journal)).intents  # the journal was not told: the intent stands
+
+    b = mount_factory(tmp_path / "b", mnt=tmp_path / "mnt-b2")
+    cli("group", "sync", "-m", b.mnt)
+    st = S.load(str(b.journal))
+    assert not st.intents and not st.pending and not st.conflicts
+    assert st.numbered == numbered  # finishing the apply published nothing back
+    with Journal.open(b.journal, readonly=True) as j, j.reader() as r:
+        contents = [r.read_content(rec.seq) for rec in r.records() if rec.is_content and rec.path == b"notes.md"]
+    assert contents.count(b"two, from a\n") == 1 and contents[-1] == b"two, from a\n", contents
+    assert (b.mnt / "notes.md").read_text() == "two, from a\n"
+    cli("group", "sync", "-m", a.mnt)
+    assert conflict_set(a.mnt) == set() and conflict_set(b.mnt) == set()
+    (b.mnt / "notes.md").write_text("three, from b\n")  # and the member goes on syncing
+    sync_all(b.mnt, a.mnt)
+    assert (a.mnt / "notes.md").read_text() == "three, from b\n"
+    a.umount()
+    b.umount()
