@@ -184,3 +184,33 @@ def test_kill_9_mid_apply_is_finished_by_the_next_mount(tmp_path, mount_factory,
     assert (a.mnt / "notes.md").read_text() == "three, from b\n"
     a.umount()
     b.umount()
+
+
+def test_mounted_guard_holds_a_damaging_peer(tmp_path, mount_factory):
+    """b's daemon scores a's incoming segment: text files turned to random bytes are held, not
+    applied, until `deltafs guard resume MNT`; b's own capture goes on meanwhile."""
+    url = f"file://{tmp_path}/store"
+    a_src = tmp_path / "a"
+    a_src.mkdir()
+    files = {f"doc{i}.txt": "a normal line of text, written by hand\n" * 60 for i in range(8)}
+    for n, text in files.items():
+        (a_src / n).write_text(text)
+    a = mount_factory(a_src, "--group", url, "--guard", "off")  # a's own guard would alert on a's writes
+    b = mount_factory(tmp_path / "b", "--group", url)
+    for n in files:
+        (a.mnt / n).write_bytes(os.urandom(4096))
+    cli("group", "sync", "-m", a.mnt)
+    rep = json.loads(cli("group", "sync", "-m", b.mnt, "--json").stdout)
+    assert rep["held"] == 1 and rep["applied"] == 0, rep
+    assert all((b.mnt / n).read_text() == files[n] for n in files)
+    (b.mnt / "mine.txt").write_text("b goes on\n")
+    assert "mine.txt" in cli("log", b.mnt / "mine.txt").stdout
+    peer = json.loads(cli("status", b.mnt, "--json").stdout)["group"]["peers"][0]
+    assert peer["held"]["files"] >= 5, peer
+    out = json.loads(cli("guard", "resume", b.mnt, "--json").stdout)
+    assert out["sync_released"] == [peer["device"]], out
+    cli("group", "sync", "-m", b.mnt)
+    assert all((b.mnt / n).read_bytes() == (a.mnt / n).read_bytes() for n in files)
+    a.umount()
+    b.umount(check=False)  # b's log holds the guard's ERROR line, as it should
+    assert "the damage guard holds peer" in b.log_text()
