@@ -22,6 +22,8 @@ from . import store as G
 
 log = logging.getLogger(__name__)
 
+OPAQUE_MIN = 512  # bytes: smaller chunks never count as incompressible
+
 
 class _Chunk:
     """A chunk an event brings, looking like capture's NewChunk to the detector."""
@@ -110,7 +112,9 @@ class IncomingGuard:
                 continue
             known.add(cid)
             loc = engine.st.chunks.get(cid)
-            chunks.append(_Chunk(cid, ln, loc is not None and loc[2] >= 0.9 * ln))
+            # incompressible: its pack payload kept >= 90% of its size (a chunk under
+            # OPAQUE_MIN says nothing: even text does not compress at a few bytes)
+            chunks.append(_Chunk(cid, ln, loc is not None and ln >= OPAQUE_MIN and loc[2] >= 0.9 * ln))
         return _Change("write", p, base_seq=1 if old else 0, edit=[(0, len(old), new)], size=ev.get("s", 0),
                        chunks=chunks)
 
