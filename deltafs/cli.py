@@ -517,6 +517,16 @@ def cmd_guard(args: argparse.Namespace) -> int:
             print(f"{out['records']} records (versions {start}..{end}) at level {args.level}: "
                   f"{len(out['alerts'])} alert(s); score at the end {out['score']}")
         return 1 if out["alerts"] else 0
+    if loc.mount is None and args.action == "resume":  # a sync group's held peers (docs/sync.md)
+        from deltafs import sync
+
+        released = sync.guard_resume(loc.journal)
+        if released:
+            if args.json:
+                _print_json({"cleared": True, "sync_released": released})
+            else:
+                print(f"released sync peer(s) {', '.join(released)}: their events apply at the next pass")
+            return 0
     if loc.mount is None:
         from deltafs.errors import UsageError
 

@@ -389,10 +389,14 @@ async def _op_compact(daemon, server, req) -> dict:
 async def _op_guard(daemon, server, req) -> dict:
     """``{"op": "guard", "action": "status"|"resume"|"allow", "pid": N}`` (deltafs guard; docs/guard.md)."""
     g = daemon.services.guard
+    s = daemon.services.sync  # the incoming guard of a sync group holds peers until resume too
+    released = await s.guard_resume() if req.get("action") == "resume" and s is not None else None
     if g is None:
+        if released is not None:
+            return {"guard": {"cleared": bool(released), "sync_released": released}}
         raise UsageError(f"the guard is off for {daemon.cfg.mnt} (mounted with --guard off or --no-capture)")
     if req.get("action") == "resume":
-        return {"guard": {**g.resume(), **g.status()}}
+        return {"guard": {**g.resume(), **g.status(), **({"sync_released": released} if released else {})}}
     if req.get("action") == "allow":  # deltafs rollback while --guard-action block refuses changes
         if not isinstance(req.get("pid"), int):
             raise UsageError('guard allow needs a "pid" number')

@@ -89,7 +89,7 @@ LEVELS = {  # name -> (threshold in files-worth of score, window in seconds)
     "high": (3.0, 6 * 3600.0),
 }
 LEVEL_NAMES = ("off", *LEVELS)
-SKIP_CAUSES = frozenset({"scan", "preimage", "restore"})
+SKIP_CAUSES = frozenset({"scan", "preimage", "restore", "sync"})  # sync: scored as an incoming stream (deltafs/sync/incoming.py)
 HEAD = 4096  # bytes of the head sample
 SNAPSHOT_PREFIX = "guard-"
 SUSPECT = 0.4  # --guard-action block: from this share of the threshold on, changes wait for capture

@@ -161,15 +161,36 @@ def scan(journal, src: str) -> dict:
     return out
 
 
-def run_pass(journal, src: str, *, pull: bool = True, scan_first: bool = True) -> PassReport:
+def run_pass(journal, src: str, *, pull: bool = True, scan_first: bool = True,
+             guard_level: str = "normal") -> PassReport:
     """One pass for an unmounted member (this process holds the journal writer): scan SRC
-    for local changes, then publish, pull and apply."""
+    for local changes, then publish, pull and apply (``guard_level`` "off": incoming
+    segments are not scored)."""
+    from .incoming import IncomingGuard
+
     st = _active(journal.path)
     if scan_first:
         scan(journal, src)
     store = open_store(st.url, journal.path, st.endpoint_url)
     with store:
-        return Engine(journal, src, store, st, LocalIO(journal, src)).run_pass(pull=pull)
+        guard = IncomingGuard(guard_level) if guard_level != "off" else None
+        return Engine(journal, src, store, st, LocalIO(journal, src), guard=guard).run_pass(pull=pull)
+
+
+def guard_resume(journal_dir: str) -> list[str]:
+    """``deltafs guard resume``: release every peer the guard holds; the events they
+    published so far are applied unscored.  -> the devices released."""
+    st = membership(journal_dir)
+    if st is None:
+        return []
+    out = []
+    for dev, p in st.peers.items():
+        if p.pop("held", None) is not None:
+            p["trusted"] = p.get("last", 0)
+            out.append(dev)
+    if out:
+        S.save(journal_dir, st)
+    return out
 
 
 def _show(p: bytes) -> str:
@@ -236,5 +257,6 @@ def peers(journal_dir: str, now_ns: int | None = None) -> list[dict]:
         out.append({"device": dev, "name": p.get("name", ""), "left": p.get("left", False),
                     "last_seen_ns": seen_ns, "age_s": round((now_ns - seen_ns) / 1e9, 1) if seen_ns else None,
                     "events": p.get("last", 0), "pending_in": p.get("last", 0) - p.get("n", 0),
+                    "held": p.get("held"),
                     "pending_out": st.numbered - p.get("seen", {}).get(st.device, 0)})
     return out

@@ -83,6 +83,7 @@ class GroupSync:
     lock: trio.Lock = field(default_factory=trio.Lock)
     daemon: object = field(default=None, repr=False)
     io: object = field(default=None, repr=False)
+    guard: object = field(default=None, repr=False)  # incoming.IncomingGuard (None: --guard off)
 
     async def run(self, action=None) -> dict:
         """A pass now (control op ``group``); ``action(engine)`` runs in it first (resolve)."""
@@ -92,6 +93,19 @@ class GroupSync:
         if self.paused:
             raise GroupError(f"the sync group {self.url} is paused for this mount: `deltafs resume --group` first")
         return await run_now(self, self.daemon, self.io, open_store, action)
+
+    async def guard_resume(self) -> list[str]:
+        """``deltafs guard resume``: release the peers the incoming guard holds, pass now."""
+        from . import guard_resume
+
+        async with self.lock:
+            out = await trio.to_thread.run_sync(guard_resume, self.daemon.journal.path)
+            if self.guard is not None:
+                self.guard.resume()
+        if out:
+            log.warning("sync: guard resume released peer(s) %s", ", ".join(out))
+            self.wake.set()
+        return out
 
     async def set_paused(self, paused: bool) -> dict:
         """pause|resume --group: passes stop (after the one running) or go on; kept in the state."""
@@ -125,6 +139,11 @@ async def sync_service(daemon, task_status=trio.TASK_STATUS_IGNORED, interval: f
     io = MountIO(j, cfg.src, cfg.mnt, daemon.ops, daemon.rec)
     handle = GroupSync(url=st.url, device=st.device, interval=interval or DEFAULT_INTERVAL, daemon=daemon, io=io,
                        paused=st.paused)
+    level = getattr(cfg, "guard", None) or "normal"
+    if level != "off":
+        from .incoming import IncomingGuard
+
+        handle.guard = IncomingGuard(level)
     task_status.started(handle)
     while True:
         with trio.move_on_after(handle.interval):
@@ -146,7 +165,7 @@ async def run_now(handle: GroupSync, daemon, io, open_store, action=None) -> dic
                 return {}
             store = open_store(st.url, daemon.journal.path, st.endpoint_url)
             with store:
-                eng = Engine(daemon.journal, daemon.cfg.src, store, st, io)
+                eng = Engine(daemon.journal, daemon.cfg.src, store, st, io, guard=handle.guard)
                 out = {}
                 if action is not None:
                     eng.recover_intents()

@@ -205,3 +205,33 @@ def test_crash_mid_apply_is_finished_once(tmp_path):
     assert contents.count(b"v2\n") == 1 and len(contents) <= before + 1
     cli("group", "sync", "-m", a)
     assert conflicts(a) == [] and (a / "f.txt").read_text() == "v2\n"
+
+
+def test_guard_holds_a_damaging_peer_until_resume(tmp_path):
+    """A peer whose changes look like mass damage (text files turned to random bytes) is held,
+    not applied, until `deltafs guard resume`; ordinary edits before it went through."""
+    url = f"file://{tmp_path}/store"
+    files = {f"doc{i}.txt": ("a normal line of text, written by hand\n" * 60) for i in range(8)}
+    a = new_tree(tmp_path / "a", files)
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    (a / "doc0.txt").write_text("an ordinary edit\n" * 40)
+    cli("group", "sync", "-m", a)
+    cli("group", "sync", "-m", b)
+    assert (b / "doc0.txt").read_text() == "an ordinary edit\n" * 40  # no alert for that
+    for name in files:
+        (a / name).write_bytes(os.urandom(4096))
+    cli("group", "sync", "-m", a)
+    rep = json.loads(cli("group", "sync", "-m", b, "--json").stdout)
+    assert rep["held"] == 1 and rep["applied"] == 0, rep
+    assert all((b / n).read_bytes()[:5] in (b"a nor", b"an or") for n in files)  # nothing applied
+    peer = json.loads(cli("group", "list", "-m", b, "--json").stdout)["peers"][0]
+    assert peer["held"] and peer["held"]["files"] >= 5 and peer["pending_in"] > 0, peer
+    assert json.loads(cli("group", "sync", "-m", b, "--json").stdout)["applied"] == 0  # still held
+    out = cli("guard", "resume", b).stdout
+    assert "released" in out
+    rep = json.loads(cli("group", "sync", "-m", b, "--json").stdout)
+    assert rep["applied"] == len(files) and rep["held"] == 0, rep
+    assert all((b / n).read_bytes() == (a / n).read_bytes() for n in files)
+    assert json.loads(cli("group", "list", "-m", b, "--json").stdout)["peers"][0]["held"] is None

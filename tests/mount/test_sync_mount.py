@@ -139,3 +139,78 @@ def test_mount_group_joins_and_pause_keeps_capture(tmp_path, mount_factory):
     assert (a.mnt / "local.txt").read_text() == "b keeps recording\n"
     a.umount()
     b.umount()
+
+
+def test_kill_9_mid_apply_is_finished_by_the_next_mount(tmp_path, mount_factory, monkeypatch):
+    """The daemon of a mounted member dies (SIGKILL) after an apply reached SRC and before its
+    journal recorded it; the next mount finishes the apply: no loss, no duplicate, nothing
+    published back.  The kill point is a test hook (DELTAFS_TEST_SYNC_KILL): no timing could
+    hit that window reliably, and the kill itself is a real SIGKILL of the daemon."""
+    from deltafs.sync import state as S
+
+    url = f"file://{tmp_path}/store"
+    a_src = tmp_path / "a"
+    a_src.mkdir()
+    (a_src / "notes.md").write_text("one\n")
+    Journal.open(a_src / ".deltafs", create=True).close()
+    cli("group", "join", url, "-m", a_src)
+    cli("clone", url, tmp_path / "b", "--join")
+    a = mount_factory(a_src)
+    monkeypatch.setenv("DELTAFS_TEST_SYNC_KILL", "after-write")
+    b = mount_factory(tmp_path / "b")
+    monkeypatch.delenv("DELTAFS_TEST_SYNC_KILL")
+    numbered = S.load(str(b.journal)).numbered
+
+    (a.mnt / "notes.md").write_text("two, from a\n")
+    cli("group", "sync", "-m", a.mnt)
+    assert b.proc.wait(timeout=60) == -9  # b's own timer pass applied it, and died there
+    b.kill()  # clears the dead mount
+    assert (b.src / "notes.md").read_text() == "two, from a\n"  # SRC has it
+    assert S.load(str(b.journal)).intents  # the journal was not told: the intent stands
+
+    b = mount_factory(tmp_path / "b", mnt=tmp_path / "mnt-b2")
+    cli("group", "sync", "-m", b.mnt)
+    st = S.load(str(b.journal))
+    assert not st.intents and not st.pending and not st.conflicts
+    assert st.numbered == numbered  # finishing the apply published nothing back
+    with Journal.open(b.journal, readonly=True) as j, j.reader() as r:
+        contents = [r.read_content(rec.seq) for rec in r.records() if rec.is_content and rec.path == b"notes.md"]
+    assert contents.count(b"two, from a\n") == 1 and contents[-1] == b"two, from a\n", contents
+    assert (b.mnt / "notes.md").read_text() == "two, from a\n"
+    cli("group", "sync", "-m", a.mnt)
+    assert conflict_set(a.mnt) == set() and conflict_set(b.mnt) == set()
+    (b.mnt / "notes.md").write_text("three, from b\n")  # and the member goes on syncing
+    sync_all(b.mnt, a.mnt)
+    assert (a.mnt / "notes.md").read_text() == "three, from b\n"
+    a.umount()
+    b.umount()
+
+
+def test_mounted_guard_holds_a_damaging_peer(tmp_path, mount_factory):
+    """b's daemon scores a's incoming segment: text files turned to random bytes are held, not
+    applied, until `deltafs guard resume MNT`; b's own capture goes on meanwhile."""
+    url = f"file://{tmp_path}/store"
+    a_src = tmp_path / "a"
+    a_src.mkdir()
+    files = {f"doc{i}.txt": "a normal line of text, written by hand\n" * 60 for i in range(8)}
+    for n, text in files.items():
+        (a_src / n).write_text(text)
+    a = mount_factory(a_src, "--group", url, "--guard", "off")  # a's own guard would alert on a's writes
+    b = mount_factory(tmp_path / "b", "--group", url)
+    for n in files:
+        (a.mnt / n).write_bytes(os.urandom(4096))
+    cli("group", "sync", "-m", a.mnt)
+    rep = json.loads(cli("group", "sync", "-m", b.mnt, "--json").stdout)
+    assert rep["held"] == 1 and rep["applied"] == 0, rep
+    assert all((b.mnt / n).read_text() == files[n] for n in files)
+    (b.mnt / "mine.txt").write_text("b goes on\n")
+    assert "mine.txt" in cli("log", b.mnt / "mine.txt").stdout
+    peer = json.loads(cli("status", b.mnt, "--json").stdout)["group"]["peers"][0]
+    assert peer["held"]["files"] >= 5, peer
+    out = json.loads(cli("guard", "resume", b.mnt, "--json").stdout)
+    assert out["sync_released"] == [peer["device"]], out
+    cli("group", "sync", "-m", b.mnt)
+    assert all((b.mnt / n).read_bytes() == (a.mnt / n).read_bytes() for n in files)
+    a.umount()
+    b.umount(check=False)  # b's log holds the guard's ERROR line, as it should
+    assert "the damage guard holds peer" in b.log_text()

@@ -33,6 +33,7 @@ from deltafs import sync
 from deltafs.journal import Journal
 from deltafs.sync import state as S
 from deltafs.sync.engine import Engine
+from deltafs.sync.incoming import IncomingGuard
 
 HEADING = "## Sync groups"
 
@@ -43,6 +44,7 @@ class Member:
         os.makedirs(self.src)
         self.j = Journal.open(os.path.join(self.src, ".deltafs"), create=True)
         self.io = sync.LocalIO(self.j, self.src)
+        self.guard = IncomingGuard("normal")  # as a mount's service: incoming segments are scored
         self.url = url
         self.endpoint = env_endpoint
 
@@ -53,7 +55,7 @@ class Member:
         st = S.load(self.j.path)
         store = sync.open_store(st.url, self.j.path, st.endpoint_url)
         with store:
-            return Engine(self.j, self.src, store, st, self.io).run_pass()
+            return Engine(self.j, self.src, store, st, self.io, guard=self.guard).run_pass()
 
     def save(self, rel: str, data: bytes) -> None:
         with open(os.path.join(self.src, rel), "wb") as f:
