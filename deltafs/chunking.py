@@ -641,7 +641,7 @@ def _dict(base_raw: bytes) -> zstandard.ZstdCompressionDict:
 
 
 def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level: int = ZSTD_LEVEL,
-                   handicap: float = 1.0) -> bytes:
+                   handicap: float = 1.0, plain: bool = True) -> bytes:
     """Encode a chunk: one codec byte then the body (see CODEC_*).
 
     With ``base_raw`` the chunk is compressed with the base's raw bytes as
@@ -650,6 +650,8 @@ def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level
     exceeds ``len(raw) + 1``; only a CODEC_ZSTD_DELTA payload needs a base.
     A delta wins over a standalone encoding only if ``handicap`` times its
     size is still smaller (a delta that lengthens a chain must pay for it).
+    ``plain=False``: do not try standalone compression (the caller knows
+    the data around this chunk is incompressible; see capture_chunks).
     """
     raw = bytes(raw)
     delta = None
@@ -658,14 +660,17 @@ def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level
         delta = cctx.compress(raw)
         if len(delta) * 8 * handicap < len(raw):
             return bytes([CODEC_ZSTD_DELTA]) + delta  # the base clearly helped
-    best = bytes([CODEC_RAW]) + raw
-    if len(raw) < 2 * SAMPLE or _compressible(raw):  # else random, encrypted or compressed
-        plain = _compressor(level).compress(raw)
-        if len(plain) + 1 < len(best):
-            best = bytes([CODEC_ZSTD]) + plain
-    if delta is not None and len(delta) * handicap + 1 < len(best):
-        best = bytes([CODEC_ZSTD_DELTA]) + delta
-    return best
+    best, best_len = None, len(raw) + 1  # CODEC_RAW, built only if nothing beats it
+    if plain and (len(raw) < 2 * SAMPLE or _compressible(raw)):  # else random, encrypted or compressed
+        body = _compressor(level).compress(raw)
+        if len(body) + 1 < best_len:
+            best, best_len = bytes([CODEC_ZSTD]) + body, len(body) + 1
+    if delta is not None and len(delta) * handicap + 1 < best_len:
+        return bytes([CODEC_ZSTD_DELTA]) + delta
+    return best if best is not None else _RAW_CODEC + raw
+
+
+_RAW_CODEC = bytes([CODEC_RAW])
 
 
 def payload_needs_base(payload: bytes) -> bool:
@@ -692,13 +697,16 @@ def decompress_chunk(payload: bytes | memoryview, base_raw: bytes | None = None)
 
 
 def build_chunk(raw: bytes | memoryview, base: Base | None = None, level: int = ZSTD_LEVEL,
-                handicap: float = 1.0) -> NewChunk:
-    """Compress a new chunk, against ``base`` unless its chain is too deep."""
+                handicap: float = 1.0, cid: bytes | None = None, plain: bool = True) -> NewChunk:
+    """Compress a new chunk, against ``base`` unless its chain is too deep.
+    ``cid``: the chunk's id when the caller hashed it already (``chunk_id(raw)``);
+    ``plain``: see :func:`compress_chunk`."""
     raw = bytes(raw)
-    cid = chunk_id(raw)
+    if cid is None:
+        cid = chunk_id(raw)
     if base is not None and (base.depth >= MAX_DELTA_DEPTH or base.id == cid):
         base = None
-    payload = compress_chunk(raw, base.raw if base else None, level, handicap)
+    payload = compress_chunk(raw, base.raw if base else None, level, handicap, plain)
     if base is not None and payload_needs_base(payload):
         return NewChunk(cid, len(raw), payload, base.id, base.depth + 1)
     return NewChunk(cid, len(raw), payload)

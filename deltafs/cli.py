@@ -56,7 +56,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
         for url in cfg.mirrors:  # bad URLs fail here, before any fork (no network yet)
             open_mirror(url, endpoint_url=cfg.endpoint_url).close()
-    if args.encrypt:  # keys into the journal before the daemon starts (not in its argv)
+    if cfg.group:  # join (and one pass) before the daemon starts (docs/sync.md)
+        _join_for_mount(args, cfg)
+    if args.encrypt and (cfg.mirrors or not cfg.group):  # keys into the journal before the daemon starts
         _unlock_mount_mirrors(args, cfg)
     elif args.passphrase_file or args.key_file:
         from deltafs.errors import UsageError
@@ -65,6 +67,27 @@ def cmd_mount(args: argparse.Namespace) -> int:
         mount.spawn_daemon(cfg)
         return 0
     return mount.run_daemon(cfg, args.ready_fd)
+
+
+def _join_for_mount(args: argparse.Namespace, cfg) -> None:
+    """mount --group URL: make the journal a member of that group (a no-op if it is one)."""
+    from deltafs import sync
+    from deltafs.errors import UsageError
+    from deltafs.journal import Journal
+    from deltafs.mirrors import open_mirror
+
+    with open_mirror(cfg.group, endpoint_url=cfg.endpoint_url) as backend:
+        url = backend.url
+    old = sync.membership(cfg.journal) if os.path.isdir(cfg.journal) else None
+    if old is not None:
+        if old.url != url:
+            raise UsageError(f"{cfg.src} is a member of the group at {old.url}, not {url}: "
+                             "`deltafs group leave` first")
+        return
+    with Journal.open(cfg.journal, create=True) as j:
+        st = sync.join(j, cfg.group, endpoint_url=cfg.endpoint_url, secrets=_secrets(args), encrypt=args.encrypt)
+        sync.run_pass(j, cfg.src)
+    print(f"joined group {st.url} as device {st.device}", file=sys.stderr)
 
 
 def _unlock_mount_mirrors(args: argparse.Namespace, cfg) -> None:
@@ -401,6 +424,8 @@ def _check_mirrors_offline(loc) -> None:
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
+    if args.group:
+        return _pause_group(args)
     out = _daemon_request(args, args.command, **({"mirror": args.mirror} if args.mirror else {}))
     if args.json:
         _print_json(out)
@@ -408,6 +433,25 @@ def cmd_pause(args: argparse.Namespace) -> int:
         r = out["rescan"]
         print(f"resumed; recorded {r['new_or_changed']} new or changed file(s), {r['gone']} gone, "
               f"{r['dirs']} new dir(s) from the pause")
+    return 0
+
+
+def _pause_group(args: argparse.Namespace) -> int:
+    """pause|resume --group: the sync group's passes stop or go on; capture goes on (docs/sync.md)."""
+    from deltafs import sync
+    from deltafs.errors import UsageError
+
+    if args.mirror:
+        raise UsageError("--group and --mirror: one at a time")
+    loc = _control_target(args)
+    pause = args.command == "pause"
+    out = _ask_daemon(loc.journal, loc.mount, "group", args.timeout, action="pause" if pause else "resume")
+    if out is None:  # not mounted: the state says it, the next mount or `group sync` obeys it
+        out = sync.set_paused(loc.journal, pause)
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"sync group {out['url']} " + ("paused (capture goes on)" if pause else "resumed"))
     return 0
 
 
@@ -546,6 +590,8 @@ def _add_control_parsers(sub) -> None:
         common(p)
         p.add_argument("--mirror", metavar="URL",
                        help=f"{name} uploads to this mirror of the mount instead (capture goes on)")
+        p.add_argument("--group", action="store_true",
+                       help=f"{name} the sync group's passes instead (capture goes on; docs/sync.md)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_pause)
 
@@ -1473,7 +1519,8 @@ def build_parser() -> argparse.ArgumentParser:
     MountConfig.add_arguments(m)  # every option the daemon runs with: deltafs/config.py
     m.add_argument("--encrypt", action="store_true",
                    help="the --mirror URLs are encrypted: a new (empty) one gets a new key, an existing one is "
-                        "unlocked; the key is kept in the journal, so later mounts need no passphrase")
+                        "unlocked; the key is kept in the journal, so later mounts need no passphrase "
+                        "(with --group alone: a new group store is made encrypted)")
     secret_options(m)
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

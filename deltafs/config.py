@@ -367,6 +367,9 @@ class MountConfig:
                                   help="shell command run when the guard raises an alert")
     history_dir: str | None = option("--history-dir", "--no-history-dir", default=DEFAULT_HISTORY_DIR,
                                      cls=HistoryDirOption, help="")
+    group: str | None = option("--group", metavar="URL", daemon=False,
+                               help="join the sync group stored at URL first (unless this journal is its "
+                                    "member already), with one sync pass, then mount (docs/sync.md)")
     guard_action: str = option("--guard-action", default="alert", choices=("alert", "block"),
                                help="on a guard alert: alert only (default), or also block: refuse "
                                     "changes through the mount (EPERM) until deltafs guard resume; "

@@ -406,6 +406,8 @@ async def _op_group(daemon, server, req) -> dict:
     if g is None:
         raise UsageError("this mount is in no sync group (`deltafs group join URL` on the unmounted tree, "
                          "then mount it)")
+    if req.get("action") in ("pause", "resume"):
+        return await g.set_paused(req["action"] == "pause")
     if req.get("action") == "resolve":
         paths = [os.fsencode(p) for p in (req.get("paths") or [req["path"]])]
         take = str(req["take"])

@@ -101,6 +101,7 @@ class CompactReport:
     records_archived: int = 0  # records moved into compressed blocks (Journal.archive_records)
     tree_checkpoints: int = 0  # tree checkpoints written (write_tree_checkpoints)
     files_examined: int | None = None  # files the plan asked about (all of them: full plan)
+    versions_examined: int | None = None  # versions the plan read and asked about
     plan_s: float | None = None  # seconds planning
     prune_s: float | None = None  # seconds in Journal.prune (checkpoints, prune, GC)
     repack_s: float | None = None
@@ -162,6 +163,7 @@ class Plan:
     files: int  # files with content versions
     versions: int  # content versions not pruned (before this pass)
     full: bool = False  # every file was asked about
+    read: int = 0  # versions read and asked about
 
 
 def _policy_key(p: RetentionPolicy) -> list:
@@ -174,24 +176,6 @@ def _thresholds_ns(p: RetentionPolicy) -> list[int]:
     th += [p.keep_all] if p.keep_all > 0 else []
     th += [u for u, _ in p.tiers]
     return sorted({int(x * S_NS) for x in th})
-
-
-def _wake_ns(versions: Sequence[tuple[int, int]], now_ns: int, th: list[int]) -> int:
-    """When :func:`retain` may next answer otherwise about these versions
-    with time alone (same versions, pins and policy): the first age
-    threshold a version reaches after ``now_ns``.  One just behind
-    ``now_ns`` (WAKE_MARGIN_NS: float ages) counts as ahead.  A lone
-    version is never pruned (the newest): never."""
-    if len(versions) < 2:
-        return NEVER_NS
-    best = NEVER_NS
-    for _, hlc in versions:
-        t = hlc_to_ns(hlc)
-        for d in th:
-            if t + d > now_ns - WAKE_MARGIN_NS:
-                best = min(best, t + d)
-                break
-    return best
 
 
 def plan_incremental(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: int | None = None) -> Plan:
@@ -225,12 +209,41 @@ def plan_incremental(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: in
     raise RuntimeError("compaction planning state could not be rebuilt")
 
 
+def _bucket_lo(t: int, now_ns: int, policy: RetentionPolicy) -> int:
+    """The oldest time whose version :func:`retain` may decide otherwise because
+    of a version at ``t`` that is new or crossed an age threshold: the start of
+    its bucket (its bucket mates lose to the newest), else ``t`` itself."""
+    every = policy.bucket((now_ns - t) / S_NS)
+    if every is None or every < 0:
+        return t
+    e = int(every * S_NS)
+    return t // e * e
+
+
+def _next_wake(t: int, now_ns: int, th: list[int]) -> int:
+    """The first age threshold the version at ``t`` reaches after ``now_ns``
+    (one just behind counts as ahead, WAKE_MARGIN_NS: float ages); 0: none."""
+    for d in th:
+        if t + d > now_ns - WAKE_MARGIN_NS:
+            return t + d
+    return 0
+
+
 def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None, held: set = frozenset(),
              released: set = frozenset()) -> Plan | None:
+    """One plan in the planning transaction ``p``.  Each file asked about is
+    read and asked about only from its oldest *changed* version on (new
+    versions, versions whose age crossed a threshold: ``p.due``), back to the
+    start of that version's bucket and one version more: :func:`retain`'s
+    answer about a version depends only on it and the versions after it, so
+    the older ones keep theirs.  Files whose pins were released, and every
+    file when the policy, the snapshots or the clock changed, are read whole.
+    So a pass costs what changed since the last one, not the history."""
     r = p.reader
     head = r.head_seq()
     m = p.meta()
-    if m is None or m.get("pruned") != p.pruned_counter() or m.get("upto", 0) > head:
+    if m is None or m.get("layout") != p.LAYOUT or m.get("pruned") != p.pruned_counter() \
+            or m.get("upto", 0) > head:
         return None
     now = p.head_hlc() if now_hlc is None else now_hlc
     now_ns = hlc_to_ns(now)
@@ -240,13 +253,20 @@ def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None, held: set = frozen
     key = _policy_key(policy)
     everything = m.get("policy") != key or m.get("snaps") != snaps or now_ns < m.get("now_ns", 0)
     upto, nv, nf = m["upto"], m.get("versions", 0), m.get("files", 0)
-    dirty: set[int] = set()
+    since: dict[int, int] = {}  # file -> read its versions from this time on
+    whole: set[int] = set()  # files read whole
+
+    def changed(fid: int, t: int) -> None:
+        lo = _bucket_lo(t, now_ns, policy)
+        if lo < since.get(fid, NEVER_NS):
+            since[fid] = lo
+
     for seq, v in r.raw_records(upto + 1, head):  # new since the last plan
         rec = decode_record(v, seq)
         if rec.is_content and not r.is_pruned(seq):
             nf += p.add_version(rec.file_id, seq, rec.hlc, rec.base_seq or 0)
             nv += 1
-            dirty.add(rec.file_id)
+            changed(rec.file_id, hlc_to_ns(rec.hlc))
     f0 = m.get("floor")
     if not everything and f0 is not None and (floor is None or floor > f0):
         # the mirror floor rose: versions in (f0, new floor] are pinned no more
@@ -254,27 +274,43 @@ def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None, held: set = frozen
         for seq, v in r.raw_records(f0 + 1, hi):
             rec = decode_record(v, seq)
             if rec.is_content:
-                dirty.add(rec.file_id)
+                whole.add(rec.file_id)
     for seq in released:  # a version a view held (held_versions) may go now
         try:
-            dirty.add(r.record(seq).file_id)
+            whole.add(r.record(seq).file_id)
         except Exception:  # noqa: BLE001 (gone: nothing to ask about)
             pass
-    files = p.files() if everything else sorted(dirty.union(p.due(now_ns)))
+    if not everything:
+        for _, fid, seq in p.due(now_ns):  # versions whose age crossed a threshold
+            hlc = p.version_hlc(fid, seq)
+            if hlc is None:  # not in the state: read the file whole
+                whole.add(fid)
+            else:
+                changed(fid, hlc_to_ns(hlc))
+    files = p.files() if everything else sorted(whole.union(since))
     th = _thresholds_ns(policy)
     prune: list[int] = []
+    read = 0
     for fid in files:
-        versions = [(s, h) for s, h, _ in p.versions(fid)]
-        if not versions:
+        full = everything or fid in whole
+        vs = p.tail(fid, 0 if full else since[fid])
+        if not vs:
             continue
-        pinned = pinned_by_snapshots(versions, snaps)
+        read += len(vs)
+        versions = [(s, h) for s, h, _, _ in vs]
+        first = versions[0][0]
+        # a snapshot before the first version read pins one before it (or none)
+        pinned = pinned_by_snapshots(versions, snaps if full else [x for x in snaps if x >= first])
         if floor is not None:
             pinned |= {s for s, _ in versions if s > floor}
         if held:
             pinned |= {s for s, _ in versions if s in held}
         keep = retain(versions, now, policy, pinned)
         prune += [s for s, _ in versions if s not in keep]
-        p.set_wake(fid, _wake_ns([v for v in versions if v[0] in keep], now_ns, th))
+        lone = len(vs) == 1 and (full or p.is_first(fid, first))  # a lone version is never pruned
+        for s, h, b, w in vs:
+            if s in keep:
+                p.set_version_wake(fid, s, h, b, w, 0 if lone else _next_wake(hlc_to_ns(h), now_ns, th))
     prune.sort()
     doomed = set(prune)
     cands: set[int] = set()  # every retained version whose chain may read a doomed one
@@ -291,7 +327,7 @@ def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None, held: set = frozen
             stack.append(c)
     p.set_meta({**m, "upto": head, "policy": key, "snaps": snaps, "floor": floor, "now_ns": now_ns,
                 "versions": nv, "files": nf})
-    return Plan(prune, sorted(cands), len(files), nf, nv, everything)
+    return Plan(prune, sorted(cands), len(files), nf, nv, everything, read)
 
 
 def snapshot_seqs(r) -> dict[str, int]:
@@ -333,7 +369,7 @@ def _compact(j, policy: RetentionPolicy, dry_run: bool, now_hlc: int | None,
         pl = plan_incremental(j, policy, now_hlc)
         prune, kept = pl.prune, pl.checkpoint
         rep = CompactReport(dry_run=dry_run, files=pl.files, versions=pl.versions, pruned=prune,
-                            files_examined=pl.examined)
+                            files_examined=pl.examined, versions_examined=pl.read)
     rep.plan_s = round(time.monotonic() - t0, 4)
     t1 = time.monotonic()
     if prune:

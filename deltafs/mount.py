@@ -283,6 +283,8 @@ def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
              ops.fc.limit, ops.fc.budget, ops.fc.reserve)
     state = _RunState()
     profile = os.environ.get("DELTAFS_PROFILE")  # developers: cProfile stats of the daemon
+    if os.environ.get("DELTAFS_TRACEMALLOC"):  # developers: heap snapshots (tools/bench/soak.py)
+        _trace_heap(os.environ["DELTAFS_TRACEMALLOC"])
     try:
         if profile:
             import cProfile
@@ -303,6 +305,27 @@ def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
     if state.error is not None:
         return fail(state.error)
     return 0
+
+
+def _trace_heap(dirname: str, every_s: float = 60.0) -> None:
+    """Developers: tracemalloc snapshots of the daemon, one every ``every_s``
+    seconds, as DIRNAME/heap-NNN.snap (tracemalloc.Snapshot.load)."""
+    import threading
+    import tracemalloc
+
+    tracemalloc.start(8)
+
+    def dump() -> None:
+        n = 0
+        while True:
+            try:
+                tracemalloc.take_snapshot().dump(os.path.join(dirname, f"heap-{n:03d}.snap"))
+            except OSError:
+                log.debug("heap snapshot", exc_info=True)
+            n += 1
+            time.sleep(every_s)
+
+    threading.Thread(target=dump, name="heap-snapshots", daemon=True).start()
 
 
 READAHEAD_KIB = 1024  # = max_write: one read request per MiB of a sequential read

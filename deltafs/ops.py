@@ -52,30 +52,78 @@ _FALLOC_MODES = sc.FALLOC_FL_KEEP_SIZE | sc.FALLOC_FL_PUNCH_HOLE | sc.FALLOC_FL_
 MAX_LINKS = 16  # extra names remembered per hard-linked inode
 CAPTURE_BACKLOG = 256  # queued captures (each holds a descriptor) before release waits
 LISTINGS_KEPT = 256  # unfinished readdir passes remembered without open handles
+PASS_SHIFT = 32  # a readdir offset is pass << PASS_SHIFT | index + 1 (without open handles)
+PASS_MASK = (1 << PASS_SHIFT) - 1
+PASS_MAX = (1 << 30) - 1  # pass numbers wrap: offsets stay positive 63-bit values
 # Flags that must not reach an open of /proc/self/fd/N: the kernel already
 # resolved and created the file, and O_NOFOLLOW would refuse the magic link.
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY | os.O_DIRECT
 
 
-class _NoRanges(tuple):
-    """The dirty ranges of a node never written: shared, empty, and ``clear()`` is a
-    no-op, so code that empties ``node.dirty`` in place works on it too (a list per
-    node would cost 56 bytes for each of a million inodes)."""
+class CaptureState(Protocol):
+    """Capture's state of one node (``Node.cap``): created and owned by the
+    recorder (deltafs.capture.state.NodeCapture), which ops only reports to.
+    Reading ``pending`` and calling ``mark`` is all the write path does."""
+
+    pending: trio.Event | None  # a capture of the inode is in flight: a change waits (``wait``)
+    changed: bool  # written, truncated or extended since the last capture
+
+    async def wait(self) -> None: ...
+
+    def mark(self, start: int, end: int) -> None: ...  # bytes [start, end) were written
+
+    def resized(self, before: int, after: int) -> None: ...  # the size changed (truncate, fallocate)
+
+    def truncated(self) -> None: ...  # opened with O_TRUNC
+
+
+class _Untracked:
+    """The capture state of a node not opened for writing since it was looked
+    up: nothing dirty, nothing pending.  Shared by every such node and
+    read-only: a handler that changes the file first has the recorder
+    ``track`` the node, which gives it a state of its own."""
 
     __slots__ = ()
+    pending = None
+    changed = False
 
-    def clear(self) -> None:
+    async def wait(self) -> None:
         pass
 
 
-NO_RANGES = _NoRanges()
+UNTRACKED = _Untracked()
+
+
+class _Discard:
+    """The capture state of every node with capture off (--no-capture):
+    changes are noted nowhere."""
+
+    __slots__ = ()
+    pending = None
+    changed = False
+
+    async def wait(self) -> None:
+        pass
+
+    def mark(self, start: int, end: int) -> None:
+        pass
+
+    def resized(self, before: int, after: int) -> None:
+        pass
+
+    def truncated(self) -> None:
+        pass
+
+
+DISCARD = _Discard()
 
 
 class Node:
-    """One inode known to the kernel."""
+    """One inode known to the kernel: only what passing requests through needs.
+    What capture knows of it is ``cap`` (CaptureState), owned by the recorder."""
 
     __slots__ = ("ino", "_fd", "fc", "parent", "name", "links", "kids", "pinned", "gen", "lookups",
-                 "handles", "writers", "dirty", "pending", "size_changed", "base", "last_item")
+                 "handles", "writers", "cap")
 
     def __init__(self, ino: int, fc: FdCache, parent: "Node | None", name: bytes) -> None:
         self.ino = ino
@@ -90,11 +138,7 @@ class Node:
         self.lookups = 0
         self.handles = 0  # open file handles
         self.writers = 0  # open file handles that may write
-        self.dirty: list[list[int]] | _NoRanges = NO_RANGES  # [start, end) ranges written since the last capture
-        self.pending: trio.Event | None = None  # set when an in-flight capture finished
-        self.size_changed = False  # truncated/extended by setattr since the last capture
-        self.base: int | None = None  # capture's: journal version the dirty ranges apply to
-        self.last_item = None  # capture's: this inode's latest queued capture
+        self.cap: CaptureState = UNTRACKED  # capture's state of the inode (Capture.track replaces it)
 
     @property
     def fd(self) -> int:
@@ -107,33 +151,6 @@ class Node:
         if not self.pinned:
             self.fc.lru.move_to_end(self)
         return fd
-
-    def mark_dirty(self, start: int, end: int) -> None:
-        d = self.dirty
-        if not d:
-            self.dirty = [[start, end]]
-            return
-        last = d[-1]
-        if last[0] <= start <= last[1]:
-            if end > last[1]:
-                last[1] = end
-            return
-        d.append([start, end])
-        if len(d) > 4096:  # random writes: keep memory bounded, coarsen
-            self.dirty = coalesce(d, gap=64 << 10)
-
-
-def coalesce(ranges: list[list[int]], gap: int) -> list[list[int]]:
-    """Sort ranges and merge those less than ``gap`` bytes apart (a superset: still correct)."""
-    out: list[list[int]] = []
-    for s, e in sorted(ranges):
-        if out and s <= out[-1][1] + gap:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    if len(out) > 4096:
-        return coalesce(out, gap * 4)
-    return out
 
 
 class Handle:
@@ -154,6 +171,7 @@ class DirHandle:
         self.entries: list[tuple[bytes, int]] | None = None
 
 
+
 class Capture(Protocol):
     """What ops asks of capture (deltafs.capture.Recorder; NullRecorder with
     --no-capture).  ops never imports capture: the recorder is handed in.
@@ -161,6 +179,8 @@ class Capture(Protocol):
     SRC, from the FUSE handler, and returns at once (it queues records)."""
 
     enabled: bool
+
+    def track(self, node: Node) -> None: ...  # node may change: give it a capture state of its own
 
     async def before_change(self, ops: Operations, node: Node | None, path: bytes | None,
                             need_base: bool = True) -> None: ...  # journal the pre-image first
@@ -175,7 +195,7 @@ class Capture(Protocol):
 
     def pending(self) -> int: ...
 
-    async def throttle(self, limit: int) -> None: ...  # wait until at most limit items are queued
+    async def throttle(self, limit: int | None = None) -> None: ...  # backpressure: wait while the queue is full
 
     def on_create(self, ops: Operations, parent: Node, name: bytes, node: Node, st: os.stat_result) -> None: ...
 
@@ -217,11 +237,14 @@ class NullRecorder:
     on_create = on_mkdir = on_mknod = on_symlink = on_link = on_unlink = on_rmdir = on_rename = _nothing
     on_setattr = on_setxattr = on_removexattr = _nothing
 
+    def track(self, node: Node) -> None:
+        node.cap = DISCARD
+
     def release(self, ops: "Operations", node: Node) -> None:
-        node.dirty.clear()
+        pass
 
     async def fsync(self, ops: "Operations", node: Node) -> None:
-        node.dirty.clear()
+        pass
 
     def settled(self, node: Node) -> bool:
         return True
@@ -232,7 +255,7 @@ class NullRecorder:
     def pending(self) -> int:
         return 0
 
-    async def throttle(self, limit: int) -> None:
+    async def throttle(self, limit: int | None = None) -> None:
         pass
 
 
@@ -338,7 +361,9 @@ class Operations(pyfuse3.Operations):
         self.nodes: dict[int, Node] = {ROOT: root}
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
-        self._listings: OrderedDict[int, list] = OrderedDict()  # ino -> snapshot of an unfinished pass
+        # pass -> (ino, snapshot), or (ino, None, its length) once at its end (_listing)
+        self._listings: OrderedDict[int, tuple] = OrderedDict()
+        self._pass = 0  # the last readdir pass number handed out
         self._negative = pyfuse3.EntryAttributes()  # st_ino 0: "no such entry", cached
         self._negative.st_ino = 0
         self._negative.entry_timeout = timeout
@@ -630,7 +655,7 @@ class Operations(pyfuse3.Operations):
 
     def release_node_if_unused(self, node: Node) -> None:
         """Forget node once nothing needs it: no lookups, handles, capture, children."""
-        while (node.lookups <= 0 and node.handles == 0 and node.pending is None and node.kids <= 0
+        while (node.lookups <= 0 and node.handles == 0 and node.cap.pending is None and node.kids <= 0
                and node.ino != ROOT and self.nodes.get(node.ino) is node):
             del self.nodes[node.ino]
             self.nocaps_inodes.discard(node.ino)
@@ -657,6 +682,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
+        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
         if self.guard_block is not None and (fields.update_size or fields.update_mode or fields.update_uid
                                              or fields.update_gid):
             await self.guard_block.check(ctx)
@@ -671,19 +697,16 @@ class Operations(pyfuse3.Operations):
             if st.st_nlink == 0:
                 return self.attrs(st, inode)
         if fields.update_size:
+            self.rec.track(node)
             await self.rec.before_change(self, node, self.path_of(node))
-            await self.wait_capture(node)
+            await node.cap.wait()
             h = self.handles.get(fh) if fh is not None else None
             before = os.fstat(node.fd).st_size
             if h is not None and h.writable:
                 os.ftruncate(h.fd, attr.st_size)
             else:
                 os.truncate(self._proc(node), attr.st_size)
-            node.size_changed = True
-            if attr.st_size < before:  # bytes from here on are gone: dirty to EOF
-                node.mark_dirty(attr.st_size, 1 << 62)
-            else:  # the new bytes are zeros
-                node.mark_dirty(before, attr.st_size)
+            node.cap.resized(before, attr.st_size)
         chown = fields.update_uid or fields.update_gid
         before = os.fstat(node.fd) if fields.update_mode or chown else None
         if fields.update_mode:
@@ -757,27 +780,43 @@ class Operations(pyfuse3.Operations):
         self._repin(node)
         return fh
 
-    def _listing(self, fh: int, start_id: int) -> tuple[Node, list]:
-        """The directory and its entry snapshot for one readdir pass.
+    def _listing(self, fh: int, start_id: int) -> tuple[Node, list, int, int]:
+        """The directory, its entry snapshot for one readdir pass, the index
+        to go on from and the pass's offset base.
 
         A pass starts at offset 0 (rewinddir starts a new one): entries
-        added meanwhile may or may not show, removed ones are skipped.
-        Without open handles (``dir_handle_is_inode``) ``fh`` is the
-        directory's inode and the snapshots of unfinished passes are kept
-        per inode, a bounded number of them.
+        added meanwhile may or may not show, removed ones are skipped, none
+        shows twice.  Without open handles (``dir_handle_is_inode``) ``fh``
+        is the directory's inode, so concurrent passes over one directory
+        cannot be told apart by it: each pass gets a number of its own,
+        carried in the high bits of the offsets it hands out (``PASS_SHIFT``),
+        and its snapshot is kept under that number (a bounded number of
+        them) until the call that finds it at its end.  Keyed by the inode
+        instead, a pass that finished (or a second pass that started) would
+        make the next call read a fresh listing from the old index: names
+        created meanwhile shift the rest, which then show twice (issue 23).
         """
         if self.dir_handle_is_inode:
             node = self._node(fh)
-            entries = self._listings.get(fh)
-            if start_id == 0 or entries is None:
-                entries = self._listings[fh] = self.fc.retry(self._scan_dir, node)
+            pid, i = start_id >> PASS_SHIFT, start_id & PASS_MASK
+            got = self._listings.get(pid) if start_id else None
+            if got is not None and got[1] is None:  # a finished pass: only its end is left
+                if i >= got[2] and got[0] == fh:
+                    return node, [], i, pid << PASS_SHIFT
+                got = None
+            if got is None or got[0] != fh:
+                if start_id == 0 or got is not None:
+                    self._pass = self._pass % PASS_MAX + 1
+                    pid = self._pass
+                # else: a pass whose snapshot was evicted goes on (best effort) from a new one
+                got = self._listings[pid] = (fh, self.fc.retry(self._scan_dir, node))
                 while len(self._listings) > LISTINGS_KEPT:
                     self._listings.popitem(last=False)
-            return node, entries
+            return node, got[1], i, pid << PASS_SHIFT
         dh = self.dirs[fh]
         if start_id == 0 or dh.entries is None:
             dh.entries = self._scan_dir(dh.fd)
-        return dh.node, dh.entries
+        return dh.node, dh.entries, start_id, 0
 
     @staticmethod
     def _scan_dir(where: Node | int) -> list:
@@ -787,17 +826,22 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def readdir(self, fh, start_id, token):
-        parent, entries = self._listing(fh, start_id)
+        parent, entries, start, base = self._listing(fh, start_id)
+        if base and start >= len(entries):  # the pass is at its end: keep only that
+            pid = base >> PASS_SHIFT
+            if pid in self._listings and self._listings[pid][1] is not None:
+                self._listings[pid] = (fh, None, len(entries))
+            return
         held = self._hold(parent)  # pfd stays valid whatever the names below do to the LRU
         try:
-            self._readdir(parent, parent.fd, entries, fh, start_id, token)
+            self._readdir(parent, parent.fd, entries, start, base, token)
         finally:
             self._unhold(held)
 
-    def _readdir(self, parent: Node, pfd: int, entries: list, fh, start_id: int, token) -> None:
+    def _readdir(self, parent: Node, pfd: int, entries: list, start: int, base: int, token) -> None:
         hidden = self.hidden_ino
         nodes = self.nodes
-        for i in range(start_id, len(entries)):
+        for i in range(start, len(entries)):
             name, d_ino = entries[i]
             if i < 2:
                 # The kernel keeps no lookup count for '.' and '..': neither do we.
@@ -805,7 +849,7 @@ class Operations(pyfuse3.Operations):
                     st = os.stat(name, dir_fd=pfd)
                 except OSError:
                     continue
-                if not pyfuse3.readdir_reply(token, name, self.attrs(st, self.fuse_ino(st.st_ino)), i + 1):
+                if not pyfuse3.readdir_reply(token, name, self.attrs(st, self.fuse_ino(st.st_ino)), base | (i + 1)):
                     return
                 continue
             if d_ino == hidden:
@@ -821,7 +865,7 @@ class Operations(pyfuse3.Operations):
             e = self.attrs(st, ino)
             if node is not None:
                 e.generation = node.gen
-            if not pyfuse3.readdir_reply(token, name, e, i + 1):
+            if not pyfuse3.readdir_reply(token, name, e, base | (i + 1)):
                 return
             # readdirplus counts as a lookup of every entry it returns
             if node is None:
@@ -830,8 +874,6 @@ class Operations(pyfuse3.Operations):
             elif node.parent is not parent or node.name != name:
                 self._saw_name(node, parent, name, st)
             node.lookups += 1
-        if self.dir_handle_is_inode:
-            self._listings.pop(fh, None)  # the pass is complete
 
     @_errors
     async def releasedir(self, fh):
@@ -859,6 +901,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
+        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
         if self.guard_block is not None:
             await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
@@ -872,6 +915,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
+        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
         if self.guard_block is not None:
             await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
@@ -886,6 +930,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
         if self.guard_block is not None:
             await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
@@ -899,6 +944,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
+        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
         if self.guard_block is not None:
             await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
@@ -910,6 +956,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
         if self.guard_block is not None:
             await self.guard_block.check(ctx)
         node = self._node(inode)
@@ -935,6 +982,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):
+        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
         if self.guard_block is not None:
             await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
@@ -958,12 +1006,13 @@ class Operations(pyfuse3.Operations):
             return True
         node = self.nodes.get(self.fuse_ino(st.st_ino))
         if node is not None:
-            await self.wait_capture(node)
+            await node.cap.wait()
         await self.rec.before_change(self, node, self.child_path(parent, name), need_base=False)
         return True
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
         if self.guard_block is not None:
             await self.guard_block.check(ctx)
         old = self._node(parent_inode_old)
@@ -1050,6 +1099,7 @@ class Operations(pyfuse3.Operations):
             self._repin(node)
         if writable:
             node.writers += 1
+            self.rec.track(node)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     @_errors
@@ -1058,18 +1108,20 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             if self.guard_block is not None:
                 await self.guard_block.check(ctx)
+            self.rec.track(node)
             await self.rec.before_change(self, node, self.path_of(node))
-            await self.wait_capture(node)
+            await node.cap.wait()
         elif self.guard_opens is not None:  # the guard's open-then-delete signal counts opens
             self.guard_opens.append((node.parent, node.name))
         fd, writable = self._open_fd(node, flags)
+        info = self._new_handle(fd, node, writable)
         if flags & os.O_TRUNC and writable:
-            node.size_changed = True
-            node.mark_dirty(0, 1 << 62)
-        return self._new_handle(fd, node, writable)
+            node.cap.truncated()
+        return info
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
+        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
         if self.guard_block is not None:
             await self.guard_block.check(ctx)
         parent = self._node(parent_inode)
@@ -1094,11 +1146,6 @@ class Operations(pyfuse3.Operations):
         self.rec.on_create(self, parent, name, node, st)
         return self._new_handle(fd, node, writable), e
 
-    async def wait_capture(self, node: Node) -> None:
-        """A change to a file whose capture is in flight waits for it."""
-        while node.pending is not None:
-            await node.pending.wait()
-
     @_errors
     async def read(self, fh, off, size):
         try:
@@ -1112,11 +1159,11 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def write(self, fh, off, buf):
         h = self.handles[fh]
-        node = h.node
-        if node.pending is not None:
-            await self.wait_capture(node)
+        cap = h.node.cap  # a writable handle's node is tracked (_new_handle)
+        if cap.pending is not None:  # a change to a file whose capture is in flight waits for it
+            await cap.wait()
         n = os.pwrite(h.fd, buf, off)
-        node.mark_dirty(off, off + n)
+        cap.mark(off, off + n)
         return n
 
     @_errors
@@ -1133,11 +1180,11 @@ class Operations(pyfuse3.Operations):
             self._repin(node)
         if h.writable:
             node.writers -= 1
-            if node.writers == 0 and (node.dirty or node.size_changed):
+            if node.writers == 0 and node.cap.changed:
                 self.rec.release(self, node)
-                if self.rec.pending() > self.capture_backlog:
-                    # each queued capture holds a descriptor: let the journal catch up
-                    await self.rec.throttle(self.capture_backlog)
+                # backpressure: each queued capture holds a descriptor and
+                # memory; while the queue is full, close(2) waits for the journal
+                await self.rec.throttle(self.capture_backlog)
         self.release_node_if_unused(node)
 
     @_errors
@@ -1178,9 +1225,9 @@ class Operations(pyfuse3.Operations):
         if mode & ~_FALLOC_MODES:
             raise FUSEError(errno.EOPNOTSUPP)
         h = self.handles[fh]
-        node = h.node
-        if node.pending is not None:
-            await self.wait_capture(node)
+        cap = h.node.cap
+        if cap.pending is not None:
+            await cap.wait()
         before = os.fstat(h.fd).st_size
         sc.fallocate(h.fd, mode, offset, length)
         end = offset + length
@@ -1188,10 +1235,9 @@ class Operations(pyfuse3.Operations):
         if mode & (sc.FALLOC_FL_PUNCH_HOLE | sc.FALLOC_FL_ZERO_RANGE):
             zeroed = min(end, before) if keep else end  # these bytes read as zeros now
             if zeroed > offset:
-                node.mark_dirty(offset, zeroed)
+                cap.mark(offset, zeroed)
         if not keep and end > before:
-            node.mark_dirty(before, end)  # the file grew: the new bytes are zeros
-            node.size_changed = True
+            cap.resized(before, end)  # the file grew: the new bytes are zeros
 
     # ---- extended attributes ------------------------------------------
 
@@ -1224,6 +1270,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def setxattr(self, inode, name, value, ctx):
+        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
         if self.guard_block is not None:
             await self.guard_block.check(ctx)
         node = self._node(inode)
@@ -1249,6 +1296,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def removexattr(self, inode, name, ctx):
+        await self.rec.throttle()  # backpressure: wait while capture\'s queue is full
         if self.guard_block is not None:
             await self.guard_block.check(ctx)
         node = self._node(inode)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 FSTYPE = "fuse.deltafs-past"
 SUBTYPE = "deltafs-past"
 DEFAULT_CACHE = 64 << 20
+TIMEOUT = 86400.0  # entry and attribute timeout: the past does not change
+READ_AHEAD = 4 << 20  # bytes of pack file the kernel reads ahead of a read's last chunk
 
 
 class ChunkCache:
@@ -75,8 +77,14 @@ class ChunkCache:
         return len(self._d)
 
 
+_KIND_BITS = {KIND_DIR: stat.S_IFDIR, KIND_FILE: stat.S_IFREG, KIND_SYMLINK: stat.S_IFLNK}
+
+
 class _Node:
-    __slots__ = ("ino", "entry", "children", "nlink", "mtime_ns")
+    # ``attr``: its pyfuse3 attributes once asked for (the past never changes, so
+    # a readdir of the whole tree builds each node's once); ``names``: a
+    # directory's child names, sorted once, for readdir offsets
+    __slots__ = ("ino", "entry", "children", "nlink", "mtime_ns", "attr", "names")
 
     def __init__(self, ino: int, entry, mtime_ns: int) -> None:
         self.ino = ino
@@ -84,6 +92,13 @@ class _Node:
         self.children: dict[bytes, int] | None = {} if entry.kind == KIND_DIR else None
         self.nlink = 2 if entry.kind == KIND_DIR else 1
         self.mtime_ns = entry.mtime_ns if entry.mtime_ns is not None else mtime_ns
+        self.attr = None
+        self.names: list[bytes] | None = None
+
+    def sorted_names(self) -> list[bytes]:
+        if self.names is None:
+            self.names = sorted(self.children)
+        return self.names
 
 
 def _is_sorted(tree: dict) -> bool:
@@ -141,13 +156,9 @@ class PastTree:
 
     def mode(self, n: _Node) -> int:
         e = n.entry
-        kind_bits = {KIND_DIR: stat.S_IFDIR, KIND_FILE: stat.S_IFREG, KIND_SYMLINK: stat.S_IFLNK}
-        if e.kind in kind_bits:
-            fmt = kind_bits[e.kind]
-        elif e.mode is not None and stat.S_IFMT(e.mode):
-            fmt = stat.S_IFMT(e.mode)
-        else:
-            fmt = stat.S_IFREG
+        fmt = _KIND_BITS.get(e.kind)
+        if fmt is None:
+            fmt = stat.S_IFMT(e.mode) if e.mode is not None and stat.S_IFMT(e.mode) else stat.S_IFREG
         perm = stat.S_IMODE(e.mode) if e.mode is not None else (0o755 if e.kind == KIND_DIR else 0o644)
         if e.kind == KIND_SYMLINK:
             perm = 0o777
@@ -223,23 +234,44 @@ def _open_tree(journal: Journal, when: str, cache_limit: int):
 
 
 def entry_attributes(tree: PastTree, n: _Node, ino: int, timeout: float):
-    """pyfuse3 attributes of node ``n`` of ``tree``, numbered ``ino``."""
-    import pyfuse3
-
-    a = pyfuse3.EntryAttributes()
+    """pyfuse3 attributes of node ``n`` of ``tree``, numbered ``ino``.  (Per
+    entry of a listing: only what differs from pyfuse3's defaults is set,
+    nlink 1, uid/gid/rdev 0, blksize 4096.)"""
+    a = _entry_attributes_class()()
     e = n.entry
     a.st_ino = ino
     a.st_mode = tree.mode(n)
-    a.st_nlink = n.nlink
-    a.st_uid = e.uid if e.uid is not None else tree.uid
-    a.st_gid = e.gid if e.gid is not None else tree.gid
-    a.st_size = tree.size(n)
-    a.st_rdev = e.rdev or 0
-    a.st_blksize = 4096
-    a.st_blocks = (a.st_size + 511) // 512
-    a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = n.mtime_ns
+    if n.nlink != 1:
+        a.st_nlink = n.nlink
+    uid = tree.uid if e.uid is None else e.uid
+    if uid:
+        a.st_uid = uid
+    gid = tree.gid if e.gid is None else e.gid
+    if gid:
+        a.st_gid = gid
+    size = tree.size(n)
+    if size:
+        a.st_size = size
+        a.st_blocks = (size + 511) // 512
+    if e.rdev:
+        a.st_rdev = e.rdev
+    t = n.mtime_ns
+    if t:
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = t
     a.entry_timeout = a.attr_timeout = timeout
     return a
+
+
+_EA = None
+
+
+def _entry_attributes_class():
+    global _EA
+    if _EA is None:
+        import pyfuse3
+
+        _EA = pyfuse3.EntryAttributes
+    return _EA
 
 
 class FileStream:
@@ -286,31 +318,29 @@ class FileStream:
         return b"".join(out)
 
     def read(self, journal: Journal, cache: ChunkCache, off: int, size: int) -> bytes:
+        """The range: the chunks it covers read in one go (``Reader.read_chunks``:
+        one index lookup per chunk, one pread per run of values stored back to
+        back, the kernel reading READ_AHEAD bytes further meanwhile)."""
         cids, offs = self.cids, self.offs
         end = min(off + size, self.size)
         if off >= end or not cids:
             return b""
-        out = []
         k = bisect.bisect_right(offs, off) - 1
-        r_ctx = None
+        m = bisect.bisect_left(offs, end, k + 1)
         try:
-            while k < len(cids) and offs[k] < end:
-                raw = cache.get(cids[k])
-                if raw is None:
-                    if r_ctx is None:
-                        r_ctx = journal.reader()
-                        reader = r_ctx.__enter__()
-                    raw = reader.read_chunk(cids[k], cache)
-                a, b = off - offs[k], end - offs[k]
-                out.append(raw if a <= 0 and b >= len(raw) else raw[max(a, 0):b])
-                k += 1
+            with journal.reader() as r:
+                raws = r.read_chunks(cids[k:m], cache, READ_AHEAD)
         except Exception as e:  # CorruptionError, a chunk compaction freed, LMDB trouble
             log.error("read of %s (version %s) failed: %s", self.path.decode(errors="replace"), self.seq, e)
             raise OSError(errno.EIO, "unreadable version") from None
-        finally:
-            if r_ctx is not None:
-                r_ctx.__exit__(None, None, None)
-        return b"".join(out)
+        a, b = off - offs[k], end - offs[m - 1]
+        if len(raws) == 1:
+            return bytes(raws[0][a:b])
+        if a:
+            raws[0] = raws[0][a:]
+        if b < len(raws[-1]):
+            raws[-1] = raws[-1][:b]
+        return b"".join(raws)
 
 
 def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
@@ -318,6 +348,10 @@ def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
 
     class PastOps(pyfuse3.Operations):
         enable_writeback_cache = False
+        # deltafs' pyfuse3 build: opendir answers ENOSYS, so the kernel sends no
+        # OPENDIR/RELEASEDIR and keeps every listing in its page cache (nothing
+        # here ever changes); readdir gets the directory's inode as its handle
+        dir_handle_is_inode = "dir_handle_is_inode" in getattr(pyfuse3, "DELTAFS_PATCHES", ())
 
         def __init__(self) -> None:
             super().__init__()
@@ -330,7 +364,10 @@ def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
                 self.initialized.set()
 
         def _attr(self, n: _Node):
-            return entry_attributes(tree, n, n.ino, 3600)
+            a = n.attr  # built once: pyfuse3 copies it into each reply
+            if a is None:
+                a = n.attr = entry_attributes(tree, n, n.ino, TIMEOUT)
+            return a
 
         def _node(self, ino: int) -> _Node:
             n = tree.nodes.get(ino)
@@ -361,14 +398,19 @@ def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
         async def opendir(self, inode, ctx):
             if self._node(inode).children is None:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
+            if self.dir_handle_is_inode:
+                raise pyfuse3.FUSEError(errno.ENOSYS)
             return inode
 
         async def readdir(self, fh, start_id, token):
             n = self._node(fh)
-            names = sorted(n.children)
+            if n.children is None:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            names, children, nodes, attr = n.sorted_names(), n.children, tree.nodes, self._attr
+            reply = pyfuse3.readdir_reply
             for i in range(start_id, len(names)):
-                child = tree.nodes[n.children[names[i]]]
-                if not pyfuse3.readdir_reply(token, names[i], self._attr(child), i + 1):
+                name = names[i]
+                if not reply(token, name, attr(nodes[children[name]]), i + 1):
                     break
 
         async def open(self, inode, flags, ctx):

@@ -117,6 +117,8 @@ async def daemon_status(daemon) -> dict:
             "versions": rec.versions,
             "records": rec.records,
             "pending": rec.pending(),
+            "pending_bytes": rec.pipe.queued_bytes,
+            "backpressure_waits": rec.pipe.waits,
             "failures": rec.failures,
             "last_error": rec.last_error,
             "last_capture_ns": rec.last_capture_ns or None,
@@ -124,7 +126,8 @@ async def daemon_status(daemon) -> dict:
         }
     else:
         capture = {"enabled": False, "paused": False, "versions": 0, "records": 0, "pending": 0,
-                   "failures": 0, "last_error": None, "last_capture_ns": None, "gap": 0}
+                   "pending_bytes": 0, "backpressure_waits": 0, "failures": 0, "last_error": None,
+                   "last_capture_ns": None, "gap": 0}
     return {
         "mounted": True,
         "daemon": "running",

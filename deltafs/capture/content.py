@@ -22,7 +22,8 @@ from deltafs.journal import Change, Journal
 CHUNK_FLUSH_BYTES = 8 << 20  # store new chunks ahead of their record beyond this much
 LIST_CACHE_ENTRIES = 300_000  # chunk lists kept between captures, in entries (~40 MB at most)
 LIST_CACHE_OVERHEAD = 8  # a kept version counts as this many entries more (its tuple, dict slot)
-LIST_CACHE_VERSIONS = 50_000  # and at most this many versions (deleted files' lists age out)
+LIST_CACHE_VERSIONS = 10_000  # and at most this many versions (deleted files' lists age out: a bound
+# reached within the first hour of a busy mount, not after days of growth; issue 18 soak)
 RAW_CACHE_BYTES = 32 << 20  # raw bytes of recent bases and new chunks (chunking.RawCache)
 RESTART_HANDICAP = 2.0  # a delta against a skipped-to ancestor must be half a full copy
 FULL = None  # dirty marker: the whole file
@@ -30,6 +31,9 @@ FULL = None  # dirty marker: the whole file
 
 BASE_MISSES = 8  # see capture_chunks
 BASE_RETRY = 16
+BASE_RETRY_MAX = 1024
+RAW_RUN = 8  # standalone chunks in a row that did not compress: stop trying (capture_chunks)
+RAW_RETRY = 16  # then try every RAW_RETRY-th chunk until one compresses again
 
 
 def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
@@ -95,19 +99,34 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
 
     misses = 0  # bases in a row that gave no delta (an overwrite with unrelated data)
     tried = 0
+    raw_run = 0  # chunks in a row whose standalone compression did not pay (random data)
+    skipped = 0
 
     def emit(span, raw, base_ref):
-        nonlocal buffered, misses, tried
+        nonlocal buffered, misses, tried, raw_run, skipped
         if base_ref is not None and misses >= BASE_MISSES:
             # reading a base back costs as much as the chunk: after BASE_MISSES useless
-            # ones, try only every BASE_RETRY-th chunk until a delta pays again
+            # ones, try only every BASE_RETRY-th chunk, the interval doubling with
+            # each further miss (up to BASE_RETRY_MAX), until a delta pays again
             tried += 1
-            if tried % BASE_RETRY:
+            every = min(BASE_RETRY << max(misses - BASE_MISSES, 0), BASE_RETRY_MAX)
+            if tried < every:
                 base_ref = None
+            else:
+                tried = 0
         b, handicap = base_for(base_ref[0]) if base_ref is not None else (None, 1.0)
-        nc = chunking.build_chunk(raw, b, handicap=handicap)
+        plain = True
+        if raw_run >= RAW_RUN:
+            # compressing incompressible data (media, archives, fresh random
+            # bytes) costs as much as storing it: after RAW_RUN such chunks in
+            # a row, try only every RAW_RETRY-th until one compresses again
+            skipped += 1
+            plain = not skipped % RAW_RETRY
+        nc = chunking.build_chunk(raw, b, handicap=handicap, cid=span.id, plain=plain)
         if b is not None:
             misses = 0 if nc.base_id is not None else misses + 1
+        if plain:
+            raw_run = raw_run + 1 if nc.payload[0] == chunking.CODEC_RAW else 0
         if cache is not None:
             cache.put(nc.id, raw)
             if base_ref is not None and base_ref[0] != nc.id:

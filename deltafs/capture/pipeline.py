@@ -6,6 +6,22 @@ is done; the committer takes the ready items at the head, in order, into
 one journal transaction.  fsync waits for the latest item about its inode
 (and so for everything queued before it).  Failures are counted here
 (status shows them) and logged once per incident.
+
+The queue is bounded (backpressure), by items and by the bytes its content
+captures read and hold until committed (``max_items``, ``max_bytes``).
+``push`` itself never waits: a record must be queued in the same trio step
+as the change it records happened in SRC, or another handler could
+change SRC in between and records would leave event order.  Producers wait
+instead in ``room()``, at a point where they have changed nothing yet (ops
+calls it first thing in every changing request, and after queueing a
+capture at close), so the queue overshoots its bound by at most one
+request's records.  Nothing the committer or a capture's computation needs
+waits for room: the committer only waits for the head item to be computed,
+a computation only for its inode's previous capture (earlier in the queue)
+and a worker thread, and both read SRC and write the journal directly,
+never through the mount; so a FUSE handler waiting for room (a close, an
+fsync, an unlink) always gets it, and fsync, which waits for its inode's
+latest item rather than for room, never waits on the producers behind it.
 """
 
 from __future__ import annotations
@@ -23,12 +39,14 @@ from deltafs.journal import Change, Journal
 log = logging.getLogger(__name__)
 
 GROUP_WINDOW = 0.005  # seconds a commit may wait for more records when nobody waits for it
+MAX_ITEMS = 4096  # queued items before producers wait (a namespace record is ~1 KiB with its Item)
+MAX_BYTES = 256 << 20  # bytes queued content captures read and hold until committed
 
 
 class Item:
     """One pipeline entry: the changes it will commit, and who waits for it."""
 
-    __slots__ = ("changes", "ready", "done", "result", "after", "skip", "list_cache", "inos")
+    __slots__ = ("changes", "ready", "done", "result", "after", "skip", "list_cache", "inos", "nbytes")
 
     def __init__(self, changes: list[Change] | None = None, after=None) -> None:
         self.changes = changes
@@ -39,6 +57,7 @@ class Item:
         self.skip = False  # queued while capture was paused: journal nothing
         self.list_cache = None  # (new chunk list, offsets) of a content item, for the next capture
         self.inos: tuple[int, ...] = ()  # FUSE inodes whose latest queued item this is (Recorder.sync)
+        self.nbytes = 0  # what a content capture reads and holds (the queue's byte bound)
         if changes is not None:
             self.ready.set()
 
@@ -46,9 +65,14 @@ class Item:
 class Pipeline:
     """The queue, the committer, who waits for what, and the failure counters."""
 
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal, *, max_items: int = MAX_ITEMS, max_bytes: int = MAX_BYTES) -> None:
         self.journal = journal
-        self.queue: deque[Item] = deque()
+        self.queue: deque[Item] = deque()  # bounded by room(), not by the deque: see the module docstring
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0  # nbytes of the items queued or being committed
+        self.waits = 0  # times a producer waited for room (status: backpressure)
+        self._room = trio.Event()  # set (and replaced) after every commit: room may have appeared
         self.last_item: Item | None = None
         # FUSE inode -> the latest queued item concerning it (a capture of the
         # file, a record about it, or a directory's entry changing): fsync and
@@ -68,14 +92,20 @@ class Pipeline:
         self.incident = None  # the last "not recorded" incident logged
         self.paused = False  # control socket: events are dropped until resume rescans
         self.guard = None  # deltafs.guard.Guard (set by guard_service): sees each committed item
+        # path -> "DEVICE:N": a sync group's apply in flight through the mount; its records
+        # get that origin, its content version the cause "sync" (deltafs/sync/service.py)
+        self.origins: dict[bytes, str] = {}
         # called when a commit succeeds while needs_rescan is set (the Recorder rescans)
         self.on_recovered: Callable[[], None] | None = None
 
-    def push(self, item: Item) -> Item:
+    def push(self, item: Item, nbytes: int = 0) -> Item:
+        """Queue item (never waits: see room)."""
         if self.paused:
             item.skip = True
             if item.changes:
                 item.changes = []
+        item.nbytes = nbytes
+        self.queued_bytes += nbytes
         self.queue.append(item)
         self.last_item = item
         self._more.set()
@@ -92,12 +122,14 @@ class Pipeline:
 
     async def committed(self, item: Item) -> None:
         """Wait until item is committed; while anyone waits, commits are not delayed."""
-        if item.done.is_set():
-            return
+        if not item.done.is_set():
+            await self._wait(item.done)
+
+    async def _wait(self, event: trio.Event) -> None:
         self._waiters += 1
         self._hurry.set()
         try:
-            await item.done.wait()
+            await event.wait()
         finally:
             self._waiters -= 1
             if not self._waiters:
@@ -106,17 +138,30 @@ class Pipeline:
     def pending(self) -> int:
         return len(self.queue)
 
+    def full(self, limit: int | None = None) -> bool:
+        """At or over a bound: ``max_items`` (or ``limit``) items, ``max_bytes`` bytes."""
+        items = self.max_items if limit is None else min(limit, self.max_items)
+        return len(self.queue) >= items or self.queued_bytes >= self.max_bytes and bool(self.queue)
+
+    async def room(self, limit: int | None = None) -> None:
+        """Backpressure: return once the queue is under its bounds (and shorter
+        than ``limit`` items); at once, without a scheduling point, when it is.
+        While anyone waits here, commits are not delayed (no group window)."""
+        if not self.full(limit):
+            return
+        self.waits += 1
+        while self.full(limit):
+            await self._wait(self._room)
+
     def concerns(self, item: Item, *inos: int) -> None:
         """item is the latest queued item about these FUSE inodes."""
         for ino in inos:
             self._latest[ino] = item
         item.inos += inos
 
-    def settled(self, node) -> bool:
-        """Nothing of this inode waits to be journaled (fsync's fast path)."""
-        if node.dirty or node.size_changed:
-            return False
-        item = self._latest.get(node.ino)
+    def settled(self, ino: int) -> bool:
+        """Nothing queued about this inode waits to be journaled (fsync's fast path)."""
+        item = self._latest.get(ino)
         return item is None or item.done.is_set()
 
     async def sync(self, ino: int) -> None:
@@ -125,11 +170,6 @@ class Pipeline:
         item = self._latest.get(ino)
         if item is not None:
             await self.committed(item)
-
-    async def throttle(self, limit: int) -> None:
-        """Wait until at most ``limit`` items are queued (each capture holds a descriptor)."""
-        while len(self.queue) > limit:
-            await self.committed(self.queue[0])
 
     async def committer(self) -> None:
         while True:
@@ -148,6 +188,8 @@ class Pipeline:
             while self.queue and self.queue[0].ready.is_set() and len(batch) < 512:
                 batch.append(self.queue.popleft())
             groups = [it.changes or [] for it in batch]
+            if self.origins:
+                tag_origins(groups, self.origins)
             try:
                 results = await trio.to_thread.run_sync(self.journal.commit_many, groups)
             except Exception as e:  # the whole transaction failed (disk full...)
@@ -169,7 +211,10 @@ class Pipeline:
                 for ino in it.inos:
                     if self._latest.get(ino) is it:
                         del self._latest[ino]
+                self.queued_bytes -= it.nbytes
                 it.done.set()
+            self._room.set()  # producers waiting in room() look again
+            self._room = trio.Event()
             if any(not isinstance(r, BaseException) and r for r in results):
                 self.last_capture_ns = time.time_ns()
                 if self.needs_rescan and self.on_recovered is not None:
@@ -223,3 +268,15 @@ class Pipeline:
             log.error("capture of %s failed (the next successful write rescans SRC): %s",
                       os.fsdecode(path), msg, exc_info=logged_trace)
         self.last_error = msg
+
+
+def tag_origins(groups, origins: dict) -> None:
+    """Mark the records of a sync group's apply (path -> "DEVICE:N"): an origin, and
+    cause "sync" for a content version (a pre-image of the replaced file stays local)."""
+    for changes in groups:
+        for c in changes:
+            o = origins.get(c.path)
+            if o is not None and c.cause != "preimage":
+                c.origin = o
+                if c.op == "write":
+                    c.cause = "sync"

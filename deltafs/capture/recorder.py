@@ -52,6 +52,7 @@ from deltafs.capture import saves
 from deltafs.capture.content import FULL, ContentCapture
 from deltafs.capture.identity import GonePaths
 from deltafs.capture.pipeline import Item, Pipeline
+from deltafs.capture.state import NodeCapture
 from deltafs.errors import JournalError
 from deltafs.ignore import IGNORE_FILE, Ignore
 from deltafs.journal import Change, Journal
@@ -94,13 +95,24 @@ class Recorder:
 
     def settled(self, node) -> bool:
         """Nothing of this inode waits to be journaled (fsync's fast path)."""
-        return self.pipe.settled(node)
+        return not node.cap.changed and self.pipe.settled(node.ino)
 
     async def sync(self, ino: int) -> None:
         await self.pipe.sync(ino)
 
-    async def throttle(self, limit: int) -> None:
-        await self.pipe.throttle(limit)
+    async def throttle(self, limit: int | None = None) -> None:
+        """Backpressure: return once the queue is under its bounds (and at most
+        ``limit`` items long); at once when it is."""
+        await self.pipe.room(limit)
+
+    def track(self, node) -> NodeCapture:
+        """The node may change (opened for writing, truncated, captured): its
+        own capture state, created on first use (ops.Node.cap holds a shared
+        read-only placeholder until then)."""
+        cap = node.cap
+        if cap.__class__ is not NodeCapture:
+            cap = node.cap = NodeCapture()
+        return cap
 
     @property
     def paused(self) -> bool:
@@ -171,26 +183,27 @@ class Recorder:
         ``base`` is taken from the node's previous capture once it commits.
         """
         item = Item()
-        prev = getattr(node, "last_item", None) if node is not None else None
+        cap = self.track(node) if node is not None else None
+        prev = cap.last_item if cap is not None else None
         ev = None
-        if node is not None:
+        if cap is not None:
             ev = trio.Event()
-            node.pending = ev
-            node.last_item = item
+            cap.pending = ev
+            cap.last_item = item
             self.pipe.concerns(item, node.ino)
 
         def after(res):
-            if node is not None:
+            if cap is not None:
                 if isinstance(res, BaseException) or not res:
-                    node.base = None  # next capture of this inode: whole file
+                    cap.base = None  # next capture of this inode: whole file
                 else:
-                    node.base = res[-1]
+                    cap.base = res[-1]
             if item.list_cache is not None and not isinstance(res, BaseException) and res:
                 # the new list, so the next capture of the file does not
                 # rebuild it from the journal (that costs O(chunks + edits))
                 self.content.remember_list(res[-1], *item.list_cache)
         item.after = after
-        self.pipe.push(item)
+        self.pipe.push(item, _capture_bytes(fd, dirty))
         self.nursery.start_soon(self._compute, item, ops, node, ev, prev, fd, path, cause, dirty, base)
         return item
 
@@ -202,7 +215,7 @@ class Recorder:
             if prev is not None:
                 await prev.done.wait()
                 if dirty is not FULL:
-                    base = node.base
+                    base = node.cap.base
             if dirty is not FULL and base is None:
                 dirty = FULL
             cached = self.content.cached(base)
@@ -214,11 +227,11 @@ class Recorder:
             self.pipe.capture_failed(path, e, logged_trace=not isinstance(e, (OSError, JournalError)))
             item.changes = []
             if node is not None:
-                node.base = None
+                node.cap.base = None
         finally:
             os.close(fd)
             if node is not None:
-                node.pending = None
+                node.cap.pending = None
                 ev.set()
                 ops.release_node_if_unused(node)
             item.ready.set()
@@ -240,10 +253,12 @@ class Recorder:
         without waiting for the pipeline (rm -rf would otherwise wait for a
         journal sync per file).
         """
+        cap = None
         if node is not None:
-            await ops.wait_capture(node)
-            pending = node.last_item is not None and not node.last_item.done.is_set()
-            if node.base is not None or (not need_base and pending):
+            cap = self.track(node)
+            await cap.wait()
+            pending = cap.last_item is not None and not cap.last_item.done.is_set()
+            if cap.base is not None or (not need_base and pending):
                 return  # recorded, or a capture of this inode is on its way
         if self._skip(path):
             return
@@ -252,8 +267,8 @@ class Recorder:
         await self.drain()  # the journal now reflects every earlier event
         base = await trio.to_thread.run_sync(self.content.latest_content, path)
         if base:
-            if node is not None and node.base is None:
-                node.base = base
+            if cap is not None and cap.base is None:
+                cap.base = base
             return
         try:
             if node is not None:
@@ -276,14 +291,13 @@ class Recorder:
         """Capture what is dirty now, and return once it and everything queued
         before about this inode (a capture queued at an earlier close, its
         create, chmod, xattrs) is durable, whichever descriptor asks."""
-        if node.dirty or node.size_changed:
+        if node.cap.changed:
             self._content_event(ops, node, "fsync")
         await self.sync(node.ino)
 
     def _content_event(self, ops, node, cause: str) -> Item | None:
-        dirty = [(s, e) for s, e in node.dirty]
-        node.dirty = []
-        node.size_changed = False
+        cap = self.track(node)
+        dirty = cap.take()
         path = ops.path_of(node)
         if self._skip(path):
             return None
@@ -294,8 +308,7 @@ class Recorder:
         except OSError as e:
             self.pipe.not_recorded(f"the capture of {os.fsdecode(path)}", e, path)
             return None
-        return self._capture(ops, node, fd, path, cause, dirty if node.base is not None else FULL,
-                             node.base)
+        return self._capture(ops, node, fd, path, cause, dirty if cap.base is not None else FULL, cap.base)
 
     # ---- namespace events (ops.Capture): each already succeeded in SRC ----
     #
@@ -363,7 +376,7 @@ class Recorder:
         return True
 
     def _ev_create(self, ops, parent, name, node, st) -> None:
-        node.base = 0  # a new, empty file: later captures are edits of nothing
+        self.track(node).base = 0  # a new, empty file: later captures are edits of nothing
         path = ops.child_path(parent, name)
         self.gone.back(path)  # the path has a file again
         self.content.created(path, node.ino)  # delta bases of its first capture
@@ -539,7 +552,7 @@ class Recorder:
                 continue
             if kind in ("file", "repair"):
                 node = ops.nodes.get(ops.fuse_ino(st.st_ino)) if ops is not None else None
-                if node is not None and (node.writers or node.pending is not None):
+                if node is not None and (node.writers or node.cap.pending is not None):
                     continue  # open for writing: its release captures it
             if kind == "gone":
                 self.submit(Change(op="rmdir" if st == "d" else "unlink", path=path))
@@ -581,8 +594,7 @@ class Recorder:
                     self.pipe.concerns(item, ops.fuse_ino(st.st_ino))
                 counts["new_or_changed"] += 1
                 done += st.st_size
-                if self.pending() > 64:  # bounded: wait for the head before queueing more
-                    await self.committed(self.pipe.queue[0])
+                await self.pipe.room(64)  # bounded: each queued capture holds a descriptor
                 now = time.monotonic()
                 if progress is not None and now - last > 1.0:
                     last = now
@@ -669,6 +681,18 @@ def walk(root: bytes, start: bytes, ignore: Ignore, hidden_ino: int = -1):
                         stack.append(rel)
         finally:
             os.close(dfd)
+
+
+def _capture_bytes(fd: int, dirty) -> int:
+    """What a capture will read (and hold until committed), for the queue's byte bound:
+    its dirty ranges within the file, or the whole file."""
+    try:
+        size = os.fstat(fd).st_size
+    except OSError:
+        return 0
+    if dirty is FULL:
+        return size
+    return sum(max(0, min(e, size) - s) for s, e in dirty)
 
 
 def user_xattrs(fd: int) -> dict:

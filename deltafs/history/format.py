@@ -54,6 +54,8 @@ def record_entry(rec) -> dict:
         d["base"] = rec.base_seq or 0
     elif rec.size is not None:
         d["size"] = rec.size
+    if getattr(rec, "origin", None):
+        d["origin"] = rec.origin  # applied from a sync group's event DEVICE:N (docs/sync.md)
     return d
 
 
@@ -65,6 +67,8 @@ def log_line(d: dict, table: bool) -> str:
         path += f" (deleted in {d['deleted_version']} at {d['deleted_time']})"
     if d.get("pruned"):
         path += " (pruned)"
+    if d.get("origin"):
+        path += f" (from {d['origin']})"
     if table:
         t = iso_time(d["time_ns"], table=True)
         stored = human_size(d["stored"]) if "stored" in d else "-"

@@ -99,7 +99,7 @@ def follow_batches(j: Journal, rel: bytes, after: int, interval: float = 0.2,
 # --- saves: a log of what the user did, not of each record (docs/cli.md "deltafs log") ---
 SAVE_GAP_NS = 2_000_000_000
 """Records further apart than this are never one save."""
-_SAVE_CAUSES = ("restore", "repair", "scan", "preimage")
+_SAVE_CAUSES = ("sync", "restore", "repair", "scan", "preimage")
 
 
 def _save_keys(d: dict) -> set:
@@ -137,6 +137,9 @@ def save_entry(recs: list[dict]) -> dict:
         e["size"] = main["size"]
     if content:
         e["stored"] = sum(d["stored"] for d in content)
+    origin = next((d["origin"] for d in reversed(recs) if "origin" in d), None)
+    if origin:
+        e["origin"] = origin
     if all(d.get("pruned") for d in recs):
         e["pruned"] = True
     e["records"] = recs[::-1]

@@ -220,6 +220,11 @@ class _Restorer:
         self.swept: set[tuple[bytes, ...]] = set()  # directories cleared of stale temp files
         self.fresh: set[tuple[bytes, ...]] = set()  # directories this restore created (empty then)
         self.gone: set[bytes] = set()  # paths a rollback removed (journaled as such already)
+        # rollback through a mount (see rollback): no fsync per file, nothing looked up per
+        # file before its job (rollback_plan already cleared what was in the way); the
+        # filesystem under the mount (SRC, open as sync_fd) is synced once at the end
+        self.batched = False
+        self.sync_fd: int | None = None
 
     # where an entry goes
     def parts(self, p: bytes) -> tuple[bytes, ...]:
@@ -422,7 +427,7 @@ class _Restorer:
         parts = self.parts(e.path)
         dfd, name = self._parent(parts)
         # a directory this restore made (0700 while it fills) holds only what it put there
-        st = None if parts[:-1] in self.fresh else _lstat_at(dfd, name)
+        st = None if parts[:-1] in self.fresh or self.batched else _lstat_at(dfd, name)
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "a directory is in the way", os.fsdecode(self.dirs.path(parts)))
         if self.journaling:
@@ -434,7 +439,7 @@ class _Restorer:
         # fsync before the rename only where it replaces something (old or new
         # content, never an empty file, after a crash) or where an fsync is what
         # makes the mount journal the file; new names are synced once (syncfs) at the end
-        return _FileJob(e, parts, dfd, name, tmp, sync=st is not None or self.through_mount)
+        return _FileJob(e, parts, dfd, name, tmp, sync=not self.batched and (st is not None or self.through_mount))
 
     def _write_job(self, job: "_FileJob", r: Reader) -> None:
         """The temp file, written and renamed into place (any thread)."""
@@ -463,7 +468,7 @@ class _Restorer:
             except OSError:
                 pass
             raise
-        if self.through_mount:  # the daemon journals attributes set on the real path
+        if self.through_mount and not self.batched:  # the daemon journals attributes set on the real path
             self._meta_at(dfd, job.name, e)
 
     def _finish_file(self, job: "_FileJob") -> None:
@@ -693,6 +698,13 @@ class _Restorer:
         for e in sorted(made_dirs, key=lambda e: e.path, reverse=True):
             self._do(e, self.finish_dir)
         if self.through_mount:
+            if self.sync_fd is not None:  # first the files' data, in one sync of SRC's filesystem
+                try:
+                    syncfs(self.sync_fd)
+                except OSError as err:
+                    self.rep.warnings.append(f"cannot sync the restored files to disk: {err.strerror}")
+            # fsyncdir returns once the daemon journaled everything queued about the
+            # directory (in queue order: the files renamed into it, captured at their close)
             for parts in {self.parts(e.path)[:-1] for e in entries if self.parts(e.path)}:
                 try:
                     os.fsync(self.dirs.fd(parts))
@@ -992,9 +1004,21 @@ def rollback(journal_dir: str, rel: bytes, *, at: str, mnt: str | None = None, s
             s.dirs = _open_anchor(mode, anchor, prefix)
         rs = _Restorer(r, rep, s.dirs, prefix, anchor, rel, progress, journaling=(mode == "src"),
                        through_mount=(mode == "mount"), open_reader=s.journal.reader)
-        if not dry_run:
-            rs.remove(remove)
-        rs.run(entries, dry_run)
+        if mode == "mount" and not dry_run:
+            # docs/guard.md "Rollback": no fsync per file; SRC synced once, then the journal
+            rs.batched = True
+            if src is not None:
+                try:
+                    rs.sync_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError as err:
+                    rep.warnings.append(f"cannot open {src} to sync it: {err.strerror}")
+        try:
+            if not dry_run:
+                rs.remove(remove)
+            rs.run(entries, dry_run)
+        finally:
+            if rs.sync_fd is not None:
+                os.close(rs.sync_fd)
         s.changes = rs.changes
     rep.seconds = time.monotonic() - t0
     return rep

@@ -73,6 +73,8 @@ PRUNE_BATCH = 128  # versions pruned per transaction
 INDEX_SLACK = 1.2  # rewrite the index once it spans this many times the leaf pages it needs
 INDEX_SAMPLE = 256  # entries whose size estimates the index's
 INDEX_REWRITE_MAX = 1_000_000  # entries: above this the rewrite would hold the writer for seconds
+INDEX_REGROW = 0.25  # look at an index again once this share of its entries went in since
+GRAVEYARD_SCAN = 4096  # graveyard entries a pass looks at, at least (and twice the chunks it freed)
 
 # records per block: 32 compress to 0.65-0.71 of their bytes, 64 to 0.64-0.70
 # (16: 0.67-0.73), and the smaller block leaves fewer records as LMDB values
@@ -120,6 +122,9 @@ class Compactor:
         self._st = storage
         self._dbs = storage.dbs
         self._uncounted = uncounted
+        self._densify_marks: dict[bytes, tuple[int, int]] = {}  # db -> (entries, freed) when looked at
+        self._graveyard_next = b""  # where the next bounded graveyard purge goes on
+        self._graveyard_owed = 0  # chunks freed since the last purge
 
     @contextmanager
     def _snapshot(self) -> Iterator[Reader]:
@@ -153,12 +158,14 @@ class Compactor:
         keep = sorted(s for s in set(retained) if s > first and s not in doomed_set)
         if dry_run:
             return self._estimate(doomed, keep, res)
-        self.purge_graveyard()
+        self.purge_graveyard(limit=max(GRAVEYARD_SCAN, 2 * self._graveyard_owed))
+        self._graveyard_owed = 0
         self._checkpoint_chains(keep, doomed_set, res)  # 1.
         for b in range(0, len(doomed), PRUNE_BATCH):  # 2.
             with self._st.write() as txn:
                 self._prune_batch(txn, doomed[b : b + PRUNE_BATCH], res)
             res.transactions += 1
+        self._graveyard_owed += res.chunks_freed
         log.info("pruned %d versions, %d checkpoints, freed %d chunks (%d bytes)",
                  res.versions_pruned, res.checkpoints_written, res.chunks_freed, res.bytes_freed)
         return res
@@ -312,18 +319,40 @@ class Compactor:
         log.info("chunk %s freed by compaction is named again: brought back", cid.hex())
         return True
 
-    def purge_graveyard(self, grace_ns: int | None = None) -> int:
-        """Delete graveyard entries freed more than grace_ns ago.  -> entries deleted."""
+    def purge_graveyard(self, grace_ns: int | None = None, limit: int | None = None) -> int:
+        """Delete graveyard entries freed more than grace_ns ago.  -> entries deleted.
+
+        ``limit``: look at this many entries at most, going on where the last
+        call stopped (wrapping around), so a pass's share of the purge is
+        bounded; None: the whole graveyard."""
         grace = GRAVEYARD_GRACE_NS if grace_ns is None else grace_ns
         db = self._dbs[S.DB_GRAVEYARD]
         cutoff = time.time_ns() - grace
-        gone = 0
+        gone = looked = 0
         with self._st.write() as txn:
             cur = txn.cursor(db=db)
-            for k, v in list(cur):
-                if S.from_u64(v[:8]) <= cutoff:
-                    txn.delete(k, db=db)
+            start = self._graveyard_next if limit is not None else b""
+            ok = cur.set_range(start) if start else cur.first()
+            wrapped = not start
+            while limit is None or looked < limit:
+                if not ok:
+                    if wrapped:
+                        break
+                    wrapped = True
+                    ok = cur.first()
+                    continue
+                k = cur.key()
+                if wrapped and start and k >= start:
+                    break  # all the way round
+                looked += 1
+                if S.from_u64(cur.value()[:8]) <= cutoff:
+                    ok = cur.delete()  # moves to the next entry
                     gone += 1
+                    if ok and not cur.key():
+                        ok = False
+                else:
+                    ok = cur.next()
+            self._graveyard_next = bytes(cur.key()) if ok else b""
         return gone
 
     # --- sizes -----------------------------------------------------------------------
@@ -338,8 +367,25 @@ class Compactor:
     # --- the chunk index ------------------------------------------------------------------
     def densify_index(self, slack: float = INDEX_SLACK) -> int:
         """Rewrite the chunk index, ``history`` and ``pathlog`` in key order
-        where their pages are mostly empty; -> pages saved."""
+        where their pages are mostly empty; -> pages saved.
+
+        Amortized: a database is looked at (and rewritten if it needs it) only
+        once INDEX_REGROW times its entries went in since it was last looked
+        at, so a pass costs about what the passes since added, not what the
+        history holds (random inserts leave a rewritten tree 60-70 % full again
+        only after about as many inserts as it has entries).  The first pass
+        of a process looks at each once."""
         return self._densify_chunks(slack) + self._densify_logs(slack)
+
+    def _due_for_densify(self, txn, name: bytes) -> bool:
+        st = txn.stat(self._dbs[name])
+        n = st["entries"]
+        freed = _meta_int(txn, self._dbs, META_FREED_CHUNKS) if name == S.DB_CHUNKS else 0
+        mark = self._densify_marks.get(name)
+        if mark is not None and (n - mark[0]) + (freed - mark[1]) < INDEX_REGROW * max(mark[0], 1):
+            return False
+        self._densify_marks[name] = (n, freed)
+        return True
 
     def _densify_chunks(self, slack: float) -> int:
         """Rewrite the chunk index in key order if its pages are mostly empty; -> pages saved.
@@ -348,10 +394,13 @@ class Compactor:
         split leaves two half-full pages: the index settles at 50-70 % full.
         Copying it out and appending it back in order fills every page.  One
         write transaction (readers keep their snapshot); skipped above
-        INDEX_REWRITE_MAX entries.
+        INDEX_REWRITE_MAX entries.  (A rewrite of a key range in place does
+        not fill pages: the re-inserted keys split pages in the middle.)
         """
         db = self._dbs[S.DB_CHUNKS]
         with self._st.write() as txn:
+            if not self._due_for_densify(txn, S.DB_CHUNKS):
+                return 0
             st = txn.stat(db)
             if not st["entries"] or st["entries"] > INDEX_REWRITE_MAX:
                 return 0
@@ -369,6 +418,8 @@ class Compactor:
         for name in (S.DB_HISTORY, S.DB_PATHLOG):
             db = self._dbs[name]
             with self._st.write() as txn:
+                if not self._due_for_densify(txn, name):
+                    continue
                 st = txn.stat(db)
                 if not st["entries"] or st["entries"] > INDEX_REWRITE_MAX:
                     continue
@@ -576,6 +627,11 @@ def _bump_meta(txn, dbs, key: bytes, n: int) -> None:
     if n:
         v = txn.get(key, db=dbs[S.DB_META])
         txn.put(key, _packb((msgpack.unpackb(v) if v else 0) + n), db=dbs[S.DB_META])
+
+
+def _meta_int(txn, dbs, key: bytes) -> int:
+    v = txn.get(key, db=dbs[S.DB_META])
+    return msgpack.unpackb(v) if v else 0
 
 
 def _node_bytes(k: bytes, v: bytes) -> int:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 LIST_CACHE_ENTRIES = 2_000_000  # chunk-list entries kept for the writer
 REUSE_WINDOW_NS = 120 * 1_000_000_000  # a gone file's path re-created this soon continues its history
 _CREATES = frozenset(("create", "mkdir", "symlink", "mknod"))
-LIST_CACHE_VERSIONS = 50_000  # and lists at most (one per file edited lately; deleted files' age out)
+LIST_CACHE_VERSIONS = 10_000  # and lists at most (one per file edited lately; deleted files' age out)
 
 
 def _packb(v) -> bytes:

@@ -11,7 +11,8 @@ Why not LMDB values: a chunk value over ~2 KiB takes whole 4 KiB overflow
 pages, and random 16-byte keys leave leaf pages 60-75 % full, so a
 journal of small deltas spent 1.6-1.8x the bytes it stored.
 
-Durability: the writer appends with ``pwrite`` and, before the LMDB
+Durability: the writer appends with ``pwrite`` (big flushes mostly with
+O_DIRECT, see ``PackFiles._flush``: same bytes, same offsets) and, before the LMDB
 transaction that names the new values commits, ``fdatasync``s every pack
 it wrote to (and the directory when it created one); the committed end of
 the current pack is kept in ``meta`` in the same transaction.  At open a
@@ -21,6 +22,7 @@ bytes of a transaction that never committed disappear.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -37,6 +39,12 @@ PACK_DIR = "packs"
 PACK_MAGIC = b"DFSJPK2\n"  # first 8 bytes of every pack file
 PACK_MAX = 256 << 20  # a pack is closed once it holds this much
 FLUSH_BYTES = 4 << 20  # appended values are written out in pieces of about this size
+# a flush of at least DIRECT_MIN bytes writes its DIRECT_ALIGN-aligned middle with
+# O_DIRECT: no page-cache copy (a buffered write of fresh pages costs the
+# daemon 0.6-1.7 s of CPU per GiB here, O_DIRECT 0.1 s; docs/performance-notes.md)
+DIRECT_ALIGN = 4096
+DIRECT_MIN = 1 << 20
+_DIRECT_STAGE = FLUSH_BYTES  # page-aligned staging buffer (O_DIRECT needs aligned memory)
 FORGET_EVERY = 5.0  # seconds between a reader's checks for pack files deleted elsewhere
 _NAME = re.compile(r"^([0-9a-f]{8})\.pack$")
 
@@ -60,6 +68,9 @@ class PackFiles:
         self._written = 0  # writer: bytes of the current pack in the file (the rest in _buf)
         self._buf = bytearray()
         self._wfd: int | None = None
+        self._dfd: int | None = None  # O_DIRECT descriptor of the current pack (None: not supported)
+        self._stage: mmap.mmap | None = None
+        self._direct_ok = hasattr(os, "O_DIRECT")
         self._unsynced: dict[int, int] = {}  # pack -> write fd with bytes not yet synced
         self._new_file = False  # a pack file created since the last sync (fsync the dir)
 
@@ -77,6 +88,32 @@ class PackFiles:
         if m is None or offset + length > len(m):
             m = self._map(pack, offset + length)
         return m[offset : offset + length]
+
+    def pread(self, pack: int, offset: int, length: int, ahead: int = 0) -> bytes:
+        """The bytes :meth:`read` gives, read with pread(2) on a descriptor of
+        its own (opened and closed here: nothing outlives the call, a pack
+        deleted meanwhile is simply missing) instead of sliced from the map.
+
+        For long sequential reads (``Reader.read_chunks``: mount --at and the
+        history view): the pages do not count in the reader's resident size
+        as mapped ones do, and ``ahead`` > 0 asks the kernel to read that
+        many bytes after the range in the background (POSIX_FADV_WILLNEED),
+        so the disk works while the caller decodes what it got."""
+        if pack == self.current and self._wfd is not None and offset + length > self._written:
+            return self.read(pack, offset, length)  # the writer's own unwritten bytes
+        try:
+            fd = os.open(self.path(pack), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise CorruptionError(f"pack file {self.path(pack)} is missing") from None
+        try:
+            data = os.pread(fd, length, offset)
+            if ahead > 0:
+                os.posix_fadvise(fd, offset + length, ahead, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise CorruptionError(f"pack {self.path(pack)} is truncated: a chunk ends at {offset + length}")
+        return data
 
     def _map(self, pack: int, need: int) -> mmap.mmap:
         """(Re)map a pack; a longer map when it grew since it was mapped."""
@@ -159,6 +196,7 @@ class PackFiles:
                 os.ftruncate(fd, end)
                 os.fsync(fd)
             self._wfd, self.current, self.end, self._written = fd, pack, end, end
+            self._open_direct()
 
     def append(self, value: bytes) -> tuple[int, int]:
         """Add ``value`` at the end of the current pack (buffered until
@@ -170,20 +208,85 @@ class PackFiles:
             self._buf += value
             self.end += len(value)
         if len(self._buf) >= FLUSH_BYTES:
-            self._flush()
+            self._flush(final=False)
         self._unsynced[self.current] = self._wfd
         return self.current, off
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = True) -> None:
+        """Write the buffered values out.  A big flush writes its aligned
+        middle with O_DIRECT, the unaligned head (up to the next DIRECT_ALIGN
+        boundary) buffered, and keeps the unaligned tail for the next flush
+        unless ``final``: no page of a pack is ever written both ways, so
+        the page cache (and the readers' maps) never hold a stale page."""
         if not self._buf:
             return
-        data = bytes(self._buf)
-        n = os.pwrite(self._wfd, data, self._written)
-        if n != len(data):
-            raise OSError(f"short write to {self.path(self.current)}")
+        total = len(self._buf)
+        done = 0
+        if self._dfd is not None and total >= DIRECT_MIN:
+            head = -self._written % DIRECT_ALIGN
+            body = (total - head) // DIRECT_ALIGN * DIRECT_ALIGN
+            if body:
+                self._pwrite(0, head)
+                done = head + self._write_direct(head, head + body)
+                if not final:
+                    total = done
+        if done < total:
+            self._pwrite(done, total)
         with self._lock:
-            del self._buf[:n]
-            self._written += n
+            del self._buf[:total]
+            self._written += total
+
+    # Views of _buf live only inside these ``with`` blocks: a view kept alive
+    # by a failed write's traceback would pin the buffer (BufferError on the
+    # next append), and the journal must go on after a full disk.
+    def _pwrite(self, start: int, end: int) -> None:
+        """Write _buf[start:end] at its place in the current pack, through the page cache."""
+        if end <= start:
+            return
+        with memoryview(self._buf) as mv, mv[start:end] as part:
+            n = os.pwrite(self._wfd, part, self._written + start)
+        if n != end - start:
+            raise OSError(f"short write to {self.path(self.current)}")
+
+    def _write_direct(self, start: int, end: int) -> int:
+        """O_DIRECT-write _buf[start:end] (aligned offset and length) at its
+        place; -> bytes written (0: O_DIRECT refused here, now turned off:
+        the caller writes them buffered)."""
+        if self._stage is None:
+            self._stage = mmap.mmap(-1, _DIRECT_STAGE)
+        pos = start
+        with memoryview(self._buf) as mv, memoryview(self._stage) as stage:
+            while pos < end:
+                n = min(end - pos, _DIRECT_STAGE)
+                with mv[pos:pos + n] as src, stage[:n] as dst:
+                    dst[:] = src
+                    try:
+                        w = os.pwrite(self._dfd, dst, self._written + pos)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL or pos != start:
+                            raise
+                        w = -1
+                if w < 0:
+                    self._close_direct()
+                    self._direct_ok = False  # e.g. a file system that takes O_DIRECT opens only
+                    return 0
+                if w != n:
+                    raise OSError(f"short write to {self.path(self.current)}")
+                pos += n
+        return end - start
+
+    def _open_direct(self) -> None:
+        self._close_direct()
+        if self._direct_ok:
+            try:
+                self._dfd = os.open(self.path(self.current), os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError:  # EINVAL: tmpfs and others without O_DIRECT
+                self._direct_ok = False
+
+    def _close_direct(self) -> None:
+        if self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
 
     def roll(self) -> None:
         """Close the current pack; the next value starts a new one."""
@@ -199,6 +302,7 @@ class PackFiles:
         self._wfd, self.current, self.end, self._written = fd, pack, len(PACK_MAGIC), len(PACK_MAGIC)
         self._unsynced[pack] = fd
         self._new_file = True
+        self._open_direct()
 
     def sync(self) -> tuple[int, int] | None:
         """Make every appended byte durable (call before the LMDB commit that
@@ -236,6 +340,7 @@ class PackFiles:
         for fd in set(self._unsynced.values()) | ({self._wfd} if self._wfd is not None else set()):
             os.close(fd)
         self._unsynced.clear()
+        self._close_direct()
         self._wfd = None
         self.current = self.end = self._written = 0
         self._buf.clear()

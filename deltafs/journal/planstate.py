@@ -5,16 +5,22 @@ the records since the last one instead of decoding the whole history.
 It is derived data, rebuilt from the records whenever it cannot be
 trusted, so an older deltafs that ignores it loses nothing:
 
-* ``b"M"`` -> msgpack map: ``upto`` (the last record planned), ``pruned``
-  (the journal's ``pruned_versions`` counter the state agrees with), and
-  the planner's own fields (policy, snapshots, mirror floor, time of the
-  last plan, counts);
-* ``b"v" + u64 file id + u64 seq`` -> msgpack ``[hlc, base_seq]``: every
-  content version up to ``upto`` that is not pruned;
+* ``b"M"`` -> msgpack map: ``layout`` (2; a state of another layout is
+  rebuilt), ``upto`` (the last record planned), ``pruned`` (the journal's
+  ``pruned_versions`` counter the state agrees with), and the planner's own
+  fields (policy, snapshots, mirror floor, time of the last plan, counts);
+* ``b"v" + u64 file id + u64 seq`` -> msgpack ``[hlc, base_seq, wake]``:
+  every content version up to ``upto`` that is not pruned; ``wake`` (ns,
+  0: none) is when the retention's answer about this version may next
+  change with age alone (the next age threshold it reaches);
 * ``b"c" + u64 base_seq + u64 seq`` -> empty: the same versions by their
   base (whose chain reads a version);
-* ``b"f" + u64 file id`` -> u64 ns, and ``b"w" + u64 ns + u64 file id`` ->
-  empty: when the file's retention may next change with age.
+* ``b"f" + u64 file id`` -> empty: the files with a version in the state;
+* ``b"x" + u64 wake + u64 file id + u64 seq`` -> empty: the versions by
+  their ``wake``, so a pass finds the versions whose age crossed a threshold
+  without reading the others (and only the newest part of their file's
+  versions: retention's answer about a version depends only on it and the
+  versions after it).
 
 The compactor deletes a pruned version's ``v`` and ``c`` entries and
 bumps ``pruned`` in the transaction that prunes it (:func:`forget`), so
@@ -30,11 +36,13 @@ from typing import Iterator
 import msgpack
 
 from . import schema as S
+from .hlc import hlc_to_ns
 from .reader import Reader
 from .records import decode_record
 
 META = b"M"
 NEVER = (1 << 64) - 1
+LAYOUT = 2  # of the keys above; a state of another layout is rebuilt
 
 
 def _packb(v) -> bytes:
@@ -49,8 +57,14 @@ def _ckey(base: int, seq: int) -> bytes:
     return b"c" + S.u64(base) + S.u64(seq)
 
 
+def _xkey(ns: int, fid: int, seq: int) -> bytes:
+    return b"x" + S.u64(ns) + S.u64(fid) + S.u64(seq)
+
+
 class PlanTxn:
     """The planning state inside one write transaction (``Journal.planning``)."""
+
+    LAYOUT = LAYOUT
 
     def __init__(self, storage, txn) -> None:
         self._txn = txn
@@ -79,26 +93,63 @@ class PlanTxn:
     # --- versions ---------------------------------------------------------------------
     def add_version(self, fid: int, seq: int, hlc: int, base: int) -> bool:
         """-> True when ``fid`` had no version in the state before."""
-        new_file = self._txn.get(b"f" + S.u64(fid), db=self._db) is None
-        self._txn.put(_vkey(fid, seq), _packb([hlc, base]), db=self._db)
+        fk = b"f" + S.u64(fid)
+        new_file = self._txn.get(fk, db=self._db) is None
+        self._txn.put(_vkey(fid, seq), _packb([hlc, base, 0]), db=self._db)
         if base:
             self._txn.put(_ckey(base, seq), b"", db=self._db)
         if new_file:
-            self.set_wake(fid, NEVER)
+            self._txn.put(fk, b"", db=self._db)
         return new_file
 
     def versions(self, fid: int) -> list[tuple[int, int, int]]:
         """[(seq, hlc, base_seq)] of ``fid``, oldest first."""
+        return [(s, h, b) for s, h, b, _ in self.tail(fid, 0)]
+
+    def tail(self, fid: int, since_ns: int) -> list[tuple[int, int, int, int]]:
+        """[(seq, hlc, base_seq, wake)] of ``fid``'s versions from the newest back
+        to the first one older than ``since_ns`` (included: the version before
+        a changed one is asked about too), oldest first.  Reads only those."""
         pre = b"v" + S.u64(fid)
         out = []
         cur = self._txn.cursor(db=self._db)
-        if cur.set_range(pre):
-            for k, v in cur:
-                if k[:9] != pre:
-                    break
-                hlc, base = msgpack.unpackb(v)
-                out.append((S.from_u64(k[9:17]), hlc, base))
+        ok = cur.set_range(b"v" + S.u64(fid + 1)) if fid + 1 < NEVER else cur.last()
+        ok = cur.prev() if ok else cur.last()
+        while ok:
+            k = cur.key()
+            if k[:9] != pre:
+                break
+            v = msgpack.unpackb(cur.value())
+            hlc, base, wake = v[0], v[1], v[2] if len(v) > 2 else 0
+            out.append((S.from_u64(k[9:17]), hlc, base, wake))
+            if hlc_to_ns(hlc) < since_ns:
+                break
+            ok = cur.prev()
+        out.reverse()
         return out
+
+    def version_hlc(self, fid: int, seq: int) -> int | None:
+        v = self._txn.get(_vkey(fid, seq), db=self._db)
+        return None if v is None else msgpack.unpackb(v)[0]
+
+    def is_first(self, fid: int, seq: int) -> bool:
+        """Is ``seq`` the oldest version of ``fid`` in the state?"""
+        cur = self._txn.cursor(db=self._db)
+        pre = b"v" + S.u64(fid)
+        return cur.set_range(pre) and cur.key()[:9] == pre and S.from_u64(cur.key()[9:17]) == seq
+
+    def set_version_wake(self, fid: int, seq: int, hlc: int, base: int, old: int, ns: int) -> None:
+        """Version ``seq`` may next be decided otherwise at ``ns`` (0: never)."""
+        ns = min(max(ns, 0), NEVER)
+        if ns == NEVER:
+            ns = 0
+        if ns == old:
+            return
+        if old:
+            self._txn.delete(_xkey(old, fid, seq), db=self._db)
+        self._txn.put(_vkey(fid, seq), _packb([hlc, base, ns]), db=self._db)
+        if ns:
+            self._txn.put(_xkey(ns, fid, seq), b"", db=self._db)
 
     def files(self) -> list[int]:
         """Every file id with a version in the state."""
@@ -127,24 +178,15 @@ class PlanTxn:
         return self._txn.get(S.u64(seq), db=self.reader.dbs[S.DB_CHECKPOINTS]) is not None
 
     # --- wake-ups ---------------------------------------------------------------------
-    def set_wake(self, fid: int, ns: int) -> None:
-        fk = b"f" + S.u64(fid)
-        old = self._txn.get(fk, db=self._db)
-        if old is not None:
-            self._txn.delete(b"w" + bytes(old) + S.u64(fid), db=self._db)
-        ns = min(max(ns, 0), NEVER)
-        self._txn.put(fk, S.u64(ns), db=self._db)
-        self._txn.put(b"w" + S.u64(ns) + S.u64(fid), b"", db=self._db)
-
-    def due(self, now_ns: int) -> list[int]:
-        """Files whose wake-up time is ``now_ns`` or earlier."""
+    def due(self, now_ns: int) -> list[tuple[int, int, int]]:
+        """(wake, file id, seq) of the versions whose wake-up time is ``now_ns`` or earlier."""
         out = []
         cur = self._txn.cursor(db=self._db)
-        if cur.set_range(b"w"):
+        if cur.set_range(b"x"):
             for k in cur.iternext(values=False):
-                if k[:1] != b"w" or S.from_u64(k[1:9]) > now_ns:
+                if k[:1] != b"x" or S.from_u64(k[1:9]) > now_ns:
                     break
-                out.append(S.from_u64(k[9:17]))
+                out.append((S.from_u64(k[1:9]), S.from_u64(k[9:17]), S.from_u64(k[17:25])))
         return out
 
 
@@ -198,7 +240,8 @@ class PlanStore:
             if p.pruned_counter() != counter:
                 p.clear()
                 return False
-            p.set_meta({"upto": head, "pruned": counter, "versions": len(entries), "files": files})
+            p.set_meta({"layout": LAYOUT, "upto": head, "pruned": counter, "versions": len(entries),
+                        "files": files})
         return True
 
 
@@ -207,7 +250,13 @@ def forget(txn, dbs, rec) -> None:
     db = dbs.get(S.DB_PLAN)
     if db is None:
         return
-    txn.delete(_vkey(rec.file_id, rec.seq), db=db)
+    vk = _vkey(rec.file_id, rec.seq)
+    v = txn.get(vk, db=db)
+    if v is not None:
+        v = msgpack.unpackb(v)
+        if len(v) > 2 and v[2]:
+            txn.delete(_xkey(v[2], rec.file_id, rec.seq), db=db)
+        txn.delete(vk, db=db)
     if rec.base_seq:
         txn.delete(_ckey(rec.base_seq, rec.seq), db=db)
     pre = b"c" + S.u64(rec.seq)

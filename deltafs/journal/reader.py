@@ -17,7 +17,7 @@ from typing import Iterator
 import msgpack
 import zstandard
 
-from deltafs.chunking import MAX_DELTA_DEPTH, chunk_id, decompress_chunk
+from deltafs.chunking import CODEC_RAW, MAX_DELTA_DEPTH, chunk_id, decompress_chunk
 from deltafs.errors import CorruptionError, NotFoundError
 
 from . import checkpoints
@@ -28,6 +28,7 @@ from .state import FileState, TreeEntry, children_prefix, tree_entry
 log = logging.getLogger(__name__)
 
 _ENTRY_LENGTH = struct.Struct(f">{S.ID_LEN}xI")  # the chunk length in one packed chunk-list entry
+_RUN_MAX = 4 << 20  # read_chunks: the longest run of chunk values read with one pread
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +438,64 @@ class Reader:
         if len(raw) != raw_len or chunk_id(raw) != cid:
             raise CorruptionError(f"chunk {cid.hex()} is corrupt: its content does not match its id")
         if cache is not None and not _depth:
+            cache.put(cid, raw)
+        return raw
+
+    def read_chunks(self, cids: list[bytes], cache=None, ahead: int = 0) -> list:
+        """Raw bytes of several chunks, each verified against its id as
+        :meth:`read_chunk` verifies it: the sequential reader's path (mount
+        --at, the history view).
+
+        Chunks whose values lie back to back in one pack (a file's chunks, as
+        written) are read with one pread (``PackFiles.pread``; ``ahead``: bytes
+        after the last run the kernel may read ahead meanwhile).  A chunk
+        stored raw (incompressible) comes back as a memoryview of that read,
+        not copied and not put in ``cache``: reading it again costs no
+        decoding.  Compressed and delta chunks are decoded as read_chunk
+        decodes them, and kept in ``cache``.  -> bytes-like objects, in order."""
+        out: list = [None] * len(cids)
+        todo = []  # (index, pack, offset, length) of the chunks not in the cache
+        get, db = self.txn.get, self.dbs[S.DB_CHUNKS]
+        for i, cid in enumerate(cids):
+            if cache is not None:
+                raw = cache.get(cid)
+                if raw is not None:
+                    out[i] = raw
+                    continue
+            v = get(cid, db=db)
+            if v is None:
+                raise CorruptionError(f"chunk {cid.hex()} is missing from the journal")
+            _, pack, off, length, _ = S.decode_loc(v)
+            todo.append((i, pack, off, length))
+        j = 0
+        while j < len(todo):
+            _, pack, start, length = todo[j]
+            end, k = start + length, j + 1
+            while k < len(todo) and todo[k][1] == pack and todo[k][2] == end and end - start < _RUN_MAX:
+                end += todo[k][3]
+                k += 1
+            buf = memoryview(self._st.packs.pread(pack, start, end - start, ahead if k == len(todo) else 0))
+            for i, _, off, length in todo[j:k]:
+                out[i] = self._decoded(cids[i], buf[off - start: off - start + length], cache)
+            j = k
+        return out
+
+    def _decoded(self, cid: bytes, v, cache):
+        """One chunk value (read_chunks) -> its raw bytes, verified."""
+        try:
+            depth, raw_len, base, payload = S.decode_chunk(v)
+            if len(payload) and payload[0] == CODEC_RAW:  # (a base is not needed then)
+                raw = payload[1:]
+            else:
+                base_raw = self.read_chunk(base, cache, 1) if base else None
+                raw = decompress_chunk(payload, base_raw)
+        except CorruptionError:
+            raise
+        except Exception as e:
+            raise CorruptionError(f"chunk {cid.hex()} cannot be decoded: {e}") from e
+        if len(raw) != raw_len or chunk_id(raw) != cid:
+            raise CorruptionError(f"chunk {cid.hex()} is corrupt: its content does not match its id")
+        if cache is not None and not isinstance(raw, memoryview):
             cache.put(cid, raw)
         return raw
 

@@ -29,7 +29,7 @@ ZERO_HASH = bytes(HASH_LEN)
 
 # record v2 stores op and cause as their index in these tuples (never reorder; append only)
 OP_CODES = tuple("create mkdir symlink mknod link unlink rmdir rename setattr setxattr removexattr write".split())
-CAUSE_CODES = tuple("write fsync preimage scan restore rename-over repair".split())
+CAUSE_CODES = tuple("write fsync preimage scan restore rename-over repair sync".split())  # sync: format 8
 OPS = frozenset(OP_CODES)
 CAUSES = frozenset(CAUSE_CODES)
 _OP_NUM = {name: i for i, name in enumerate(OP_CODES)}
@@ -61,6 +61,7 @@ _V2_KEYS = {
     "hlc": 1, "op": 2, "file_id": 3, "path": 4, "path2": 5, "target": 6, "mode": 7, "uid": 8,
     "gid": 9, "mtime_ns": 10, "size": 11, "rdev": 12, "flags": 13, "xattr_name": 14,
     "xattr_value": 15, "cause": 16, "base_seq": 17, "edit": 18, "stored": 19, "content_hash": 20,
+    "origin": 21,  # format 8: "DEVICE:N", the sync group event a record applied (docs/sync.md)
 }
 _V2_ATTRS = {k: a for a, k in _V2_KEYS.items()}
 
@@ -96,6 +97,7 @@ class Change:
     base_seq: int | None = None
     edit: list | None = None
     chunks: list[NewChunk] = field(default_factory=list)
+    origin: str | None = None  # "DEVICE:N": applied from a sync group's event (format 8)
 
 
 @dataclass(slots=True)
@@ -123,6 +125,7 @@ class Record:
     edit: list | None = None  # [(old_start, old_count, [(id, len)...])]
     stored: int | None = None  # bytes newly stored by this version
     content_hash: bytes | None = None
+    origin: str | None = None  # "DEVICE:N" of the sync group event this record applied (format 8)
     prev: bytes = ZERO_HASH
     hash: bytes = ZERO_HASH
 
@@ -172,6 +175,8 @@ def encode_record(seq: int, hlc: int, ch: Change, prev: bytes, stored: int | Non
         body[19] = stored
     if chash is not None:
         body[20] = chash
+    if ch.origin is not None:
+        body[21] = ch.origin
     raw = msgpack.packb(body, use_bin_type=True)
     h = record_hash(prev, raw, RECORD_VERSION)
     return h + raw, h

@@ -12,11 +12,12 @@ from typing import Iterable, Sequence
 
 import zstandard
 
-FORMAT_VERSION = 7  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
+FORMAT_VERSION = 8  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
 # 4: delta chains up to 128 (chunking.MAX_DELTA_DEPTH), in-place files cut at aligned offsets;
 # 5: content cause 6 = "repair" (a file recorded again after a merged history, issue 18);
 # 6: record blocks "S" keep two hashes, not one per record; raw_bytes recounted (issue 20)
 # 7: tree checkpoints (the ``trees`` database, journal/checkpoints.py)
+# 8: content cause 7 = "sync" and record key 21 = origin (a sync group's "DEVICE:N", issue 25)
 MAX_DBS = 32
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
 CHECKPOINT_MAX = 256  # a long one (>= 8192 entries) may need up to this many (see checkpoint_every)
@@ -245,7 +246,12 @@ def encode_chunk(depth: int, raw_len: int, base_id: bytes | None, payload: bytes
     return hdr + payload
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
 def _uvarint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]  # most fields of a chunk index entry (once per chunk stored)
     out = bytearray()
     while n >= 0x80:
         out.append(n & 0x7F | 0x80)

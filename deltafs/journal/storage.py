@@ -41,6 +41,7 @@ from .upgrade import UPGRADABLE, upgrade
 log = logging.getLogger(__name__)
 
 MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
+BLOCKS_CHECKED_KEPT = 16_384  # record blocks remembered as checked
 RECORD_BLOCKS_CACHED = 64  # decoded record blocks kept per journal (RECORD_BLOCK records each, ~8 KB)
 
 _SHARED: dict[str, "Storage"] = {}  # path -> the Storage open on it in this process
@@ -187,6 +188,8 @@ class Storage:
         return key in self._blocks_checked
 
     def mark_block_checked(self, key: tuple[int, int, int]) -> None:
+        if len(self._blocks_checked) >= BLOCKS_CHECKED_KEPT:  # bounded: checking again only costs
+            self._blocks_checked.clear()
         self._blocks_checked.add(key)
 
     # --- pack files and the data file -----------------------------------------------

@@ -23,7 +23,7 @@ from .schema import TMP_DB, refill
 
 log = logging.getLogger(__name__)
 
-UPGRADABLE = (1, 2, 3, 4, 5, 6)  # formats a writer upgrades in place at open (a reader refuses them)
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7)  # formats a writer upgrades in place at open (a reader refuses them)
 
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 
@@ -47,6 +47,9 @@ def upgrade(env, path: str, meta, fmt: int) -> None:
         fmt = 6
     if fmt == 6:
         upgrade_6_to_7(env, path, meta)
+        fmt = 7
+    if fmt == 7:
+        upgrade_7_to_8(env, path, meta)
 
 
 def _packb(v) -> bytes:
@@ -190,3 +193,13 @@ def upgrade_6_to_7(env, path: str, meta) -> None:
         env.open_db(S.DB_TREES, txn=txn, create=True)
         txn.put(S.META_FORMAT, _packb(7), db=meta)
     log.warning("upgraded journal %s from format 6 to 7 (tree checkpoints; built lazily)", path)
+
+
+def upgrade_7_to_8(env, path: str, meta) -> None:
+    """Format 8 stores nothing differently, but records may carry the
+    content cause ``sync`` (index 7) and the origin key 21 (a sync group's
+    ``DEVICE:N``, docs/sync.md), which a format-7 deltafs cannot decode
+    (cause) or would drop (origin), so the number changes."""
+    with env.begin(write=True) as txn:
+        txn.put(S.META_FORMAT, _packb(8), db=meta)
+    log.warning("upgraded journal %s from format 7 to 8 (no data rewritten)", path)

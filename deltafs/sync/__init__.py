@@ -122,6 +122,22 @@ def _require(journal_dir: str) -> SyncState:
     return st
 
 
+def _active(journal_dir: str) -> SyncState:
+    st = _require(journal_dir)
+    if st.paused:
+        raise GroupError(f"the sync group {st.url} is paused for this tree: `deltafs resume --group` first")
+    return st
+
+
+def set_paused(journal_dir: str, paused: bool) -> dict:
+    """pause|resume --group on an unmounted tree (the state keeps it for the next mount)."""
+    st = _require(journal_dir)
+    was = st.paused
+    st.paused = paused
+    S.save(journal_dir, st)
+    return {"url": st.url, "paused": paused, "was_paused": was}
+
+
 def scan(journal, src: str) -> dict:
     """Journal what changed in an unmounted SRC (the mount-time scan), before a pass."""
     import trio
@@ -148,7 +164,7 @@ def scan(journal, src: str) -> dict:
 def run_pass(journal, src: str, *, pull: bool = True, scan_first: bool = True) -> PassReport:
     """One pass for an unmounted member (this process holds the journal writer): scan SRC
     for local changes, then publish, pull and apply."""
-    st = _require(journal.path)
+    st = _active(journal.path)
     if scan_first:
         scan(journal, src)
     store = open_store(st.url, journal.path, st.endpoint_url)
@@ -184,7 +200,7 @@ def resolve(journal, src: str, path: bytes, take: str) -> dict:
 
 def resolve_many(journal, src: str, paths, take: str) -> list[dict]:
     """End the conflicts on ``paths`` with one scan, one apply batch and one upload."""
-    st = _require(journal.path)
+    st = _active(journal.path)
     scan(journal, src)
     store = open_store(st.url, journal.path, st.endpoint_url)
     with store:
@@ -202,7 +218,7 @@ def group_status(journal_dir: str, handle=None) -> dict | None:
     st = membership(journal_dir)
     if st is None:
         return None
-    out = {"url": st.url, "device": st.device, "name": st.name, "published": st.published,
+    out = {"url": st.url, "device": st.device, "name": st.name, "published": st.published, "paused": st.paused,
            "pending_out": st.numbered - st.published, "pending_in": sum(len(v) for v in st.pending.values()),
            "conflicts": len(st.conflicts), "conflict_paths": [_show(p) for p in sorted(st.conflicts)[:10]],
            "peers": peers(journal_dir)}

@@ -241,6 +241,7 @@ class Engine:
             peer = st.peers.setdefault(dev, {"n": 0, "hash": bytes(32), "packs": []})
             if peer.get("seen_ns") != head.updated_ns or peer.get("last") != head.last:
                 peer["heard_ns"] = time.time_ns()  # by this machine's clock (the peer's may be off)
+                self.dirty = True  # what the peer has seen of us (status: pending out) is kept
             peer.update(name=head.name, last=head.last, seen_ns=head.updated_ns, left=head.left,
                         seen=dict(head.seen))
             for name in head.packs:
@@ -421,10 +422,12 @@ class Engine:
                     del st.intents[p]  # a local change came in: meet it after its detection
                     st.pending.setdefault(p, []).append(t)
                     continue
+                self.io.tag(p, head_id(t))  # journaled with cause sync and this origin
                 try:
                     reached[p] = self._write(p, t, created)
                 except (OSError, MirrorError, DeltafsError) as e:
                     log.warning("sync: cannot apply %s to %s: %s (retried next pass)", head_id(t), p, e)
+                    self.io.untag(p)
                     del st.intents[p]
                     st.pending.setdefault(p, []).append(t)
                     continue
@@ -469,6 +472,7 @@ class Engine:
             if self._in_src(p, t):
                 if not (v.kind is None if t.get("x") else v.kind == t["k"] and
                         (t["k"] != "f" or v.chash == t.get("c"))):
+                    self.io.tag(p, head_id(t))
                     self.io.record([p])
                     v = self._view(p)
                 st.files[p] = dict(t, ls=v.seq)

@@ -166,11 +166,19 @@ class LocalIO:
 
     mounted = False
 
-    def __init__(self, journal: Journal, src: str, cause: str = "restore") -> None:
+    def __init__(self, journal: Journal, src: str, cause: str = "sync") -> None:
         self.journal = journal
         self.src = src
         self.root = os.fsencode(src)
         self.cause = cause
+        self.origins: dict[bytes, str] = {}  # path -> "DEVICE:N" being applied (journal format 8)
+
+    def tag(self, path: bytes, origin: str) -> None:
+        """The next records of ``path`` apply the group event ``origin`` (record key 21)."""
+        self.origins[path] = origin
+
+    def untag(self, path: bytes) -> None:
+        self.origins.pop(path, None)
 
     # -- checks ------------------------------------------------------------------
     def settled(self, path: bytes, view: View) -> bool:
@@ -298,7 +306,11 @@ class LocalIO:
         """Journal what SRC holds at ``paths`` now (parents before children); -> path: content seq."""
         changes = []
         for p in sorted(set(paths), key=lambda p: (p.count(b"/"), p)):
-            changes.extend(changes_for(self.journal, self.src, p, self.cause))
+            origin = self.origins.pop(p, None)
+            got = changes_for(self.journal, self.src, p, self.cause if origin else "restore")
+            for ch in got:
+                ch.origin = origin
+            changes.extend(got)
         seqs: dict[bytes, int] = {}
         if changes:
             done = self.journal.commit(changes)

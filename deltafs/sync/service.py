@@ -45,12 +45,25 @@ class MountIO(LocalIO):
         if st is None or self.ops is None:
             return False
         node = self.ops.nodes.get(self.ops.fuse_ino(st.st_ino))  # (a dict read: GIL-atomic)
-        return node is not None and (node.writers > 0 or node.pending is not None)
+        return node is not None and (node.writers > 0 or node.cap.pending is not None)
+
+    def tag(self, path: bytes, origin: str) -> None:
+        """The capture layer gives the records of ``path`` this origin until ``record``."""
+        if self.rec is not None:
+            self.rec.pipe.origins[path] = origin  # (a dict write: GIL-atomic; the committer reads it)
+
+    def untag(self, path: bytes) -> None:
+        if self.rec is not None:
+            self.rec.pipe.origins.pop(path, None)
 
     def record(self, paths) -> dict[bytes, int]:
         """The saves went through the mount: wait until the capture layer journaled them."""
         if self.rec is not None:
-            trio.from_thread.run(self.rec.drain)
+            try:
+                trio.from_thread.run(self.rec.drain)
+            finally:
+                for p in paths:
+                    self.rec.pipe.origins.pop(p, None)
         return {}
 
 
@@ -74,8 +87,25 @@ class GroupSync:
     async def run(self, action=None) -> dict:
         """A pass now (control op ``group``); ``action(engine)`` runs in it first (resolve)."""
         from . import open_store
+        from .store import GroupError
 
+        if self.paused:
+            raise GroupError(f"the sync group {self.url} is paused for this mount: `deltafs resume --group` first")
         return await run_now(self, self.daemon, self.io, open_store, action)
+
+    async def set_paused(self, paused: bool) -> dict:
+        """pause|resume --group: passes stop (after the one running) or go on; kept in the state."""
+        from . import set_paused
+
+        async with self.lock:
+            was = self.paused
+            self.paused = paused
+            await trio.to_thread.run_sync(set_paused, self.daemon.journal.path, paused)
+        if paused != was:
+            log.info("sync group %s %s", self.url, "paused" if paused else "resumed")
+        if not paused:
+            self.wake.set()  # a pass now
+        return {"url": self.url, "paused": paused, "was_paused": was}
 
     def status(self) -> dict:
         return {"url": self.url, "device": self.device, "passes": self.passes, "last_pass_ns": self.last_pass_ns,
@@ -93,7 +123,8 @@ async def sync_service(daemon, task_status=trio.TASK_STATUS_IGNORED, interval: f
 
     cfg = daemon.cfg
     io = MountIO(j, cfg.src, cfg.mnt, daemon.ops, daemon.rec)
-    handle = GroupSync(url=st.url, device=st.device, interval=interval or DEFAULT_INTERVAL, daemon=daemon, io=io)
+    handle = GroupSync(url=st.url, device=st.device, interval=interval or DEFAULT_INTERVAL, daemon=daemon, io=io,
+                       paused=st.paused)
     task_status.started(handle)
     while True:
         with trio.move_on_after(handle.interval):
@@ -111,7 +142,7 @@ async def run_now(handle: GroupSync, daemon, io, open_store, action=None) -> dic
 
         def one_pass():
             st = S.load(daemon.journal.path)
-            if st is None or st.left:
+            if st is None or st.left or st.paused:
                 return {}
             store = open_store(st.url, daemon.journal.path, st.endpoint_url)
             with store:

@@ -44,6 +44,7 @@ class SyncState:
     pending: dict = field(default_factory=dict)  # path -> [remote events waiting for the path to settle]
     origins: dict = field(default_factory=dict)  # local journal seq -> "device:n" it applied
     left: bool = False
+    paused: bool = False  # pause --group: no pass publishes or pulls until resume --group
     head_ns: int = 0  # when head.json was last written (heartbeat)
     head_seen: dict = field(default_factory=dict)  # the "seen" map it carried
 

@@ -82,6 +82,16 @@ def run_group(tmp_path: Path, url: str, env=None, members=3, extra=(), join_extr
         assert (t / "new.txt").read_text() == "new\n"
         assert sorted(os.listdir(t / "dir")) == ["y.txt"]
         assert conflicts(t, env) == []
+    # the journal says where an applied version came from (format 8: cause sync, origin DEVICE:N)
+    dev = json.loads(cli("group", "list", "-m", others[0], "--json", env=env).stdout)["device"]
+    for t in (a, *others[1:]):
+        top = json.loads(cli("log", "notes.md", "--journal", t / ".deltafs", "--json", "-n", "1",
+                             env=env).stdout.splitlines()[0])
+        assert top["cause"] == "sync" and top["origin"].startswith(dev + ":"), top
+    assert f"(from {dev}:" in cli("log", "notes.md", "--journal", a / ".deltafs", env=env).stdout
+    mine = json.loads(cli("log", "notes.md", "--journal", others[0] / ".deltafs", "--json", "-n", "1",
+                          env=env).stdout.splitlines()[0])
+    assert "origin" not in mine and mine["cause"] != "sync"  # its own save is a local change
 
     # concurrent edits of one file: one conflict, the same on every member; trees keep their own file
     (a / "notes.md").write_text("from a\n")

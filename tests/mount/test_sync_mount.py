@@ -63,8 +63,12 @@ def test_two_mounted_members(tmp_path, mount_factory):
     assert (b.mnt / "notes.md").read_text() == "two, from a\n"
     assert (b.mnt / "sub" / "new.txt").read_text() == "new\n"
     assert (b.src / "notes.md").read_text() == "two, from a\n"
-    log = cli("log", b.mnt / "notes.md", "--json").stdout
-    assert len(log.splitlines()) >= 2  # the applied version is in b's history
+    log = [json.loads(x) for x in cli("log", b.mnt / "notes.md", "--json").stdout.splitlines()]
+    assert len(log) >= 2  # the applied version is in b's history, saying where it came from
+    a_dev = json.loads(cli("group", "list", "-m", a.mnt, "--json").stdout)["device"]
+    assert log[0]["cause"] == "sync" and log[0]["origin"].startswith(a_dev + ":"), log[0]
+    recs = [json.loads(x) for x in cli("log", b.mnt / "sub", "--json", "--records").stdout.splitlines()]
+    assert any(r.get("origin", "").startswith(a_dev) and r["path"] == "sub/new.txt" for r in recs), recs
 
     # a file open for writing on b is never replaced under its writer
     with open(b.mnt / "notes.md", "w") as f:
@@ -97,5 +101,41 @@ def test_two_mounted_members(tmp_path, mount_factory):
     assert not (a.mnt / "sub" / "new.txt").exists()
     st = json.loads(cli("status", a.mnt, "--json").stdout)["group"]
     assert st["service"]["passes"] >= 1 and st["service"]["last_error"] is None and st["conflicts"] == 0
+    a.umount()
+    b.umount()
+
+
+def test_mount_group_joins_and_pause_keeps_capture(tmp_path, mount_factory):
+    """mount --group URL joins (and syncs once) before mounting; pause --group stops the passes,
+    not capture; resume --group takes up where it stopped."""
+    url = f"file://{tmp_path}/store"
+    a_src = tmp_path / "a"
+    a_src.mkdir()
+    (a_src / "notes.md").write_text("one\n")
+    a = mount_factory(a_src, "--group", url)  # makes the group (its store was empty)
+    b = mount_factory(tmp_path / "b", "--group", url)  # an empty tree joins: it gets a's files
+    assert (b.mnt / "notes.md").read_text() == "one\n"
+    assert json.loads(cli("status", b.mnt, "--json").stdout)["group"]["url"] == url
+    b.umount()
+    (tmp_path / "mnt-x").mkdir()
+    res = cli("mount", tmp_path / "b", tmp_path / "mnt-x", "--group", f"file://{tmp_path}/other", ok=False)
+    assert res.returncode == 2 and "member of the group at" in res.stderr and "Traceback" not in res.stderr
+    b = mount_factory(tmp_path / "b", "--group", url, mnt=tmp_path / "mnt-b2")  # a member already: no-op
+
+    out = json.loads(cli("pause", "--group", b.mnt, "--json").stdout)
+    assert out["paused"] is True and out["was_paused"] is False
+    (a.mnt / "notes.md").write_text("two, from a\n")
+    cli("group", "sync", "-m", a.mnt)
+    res = cli("group", "sync", "-m", b.mnt, ok=False)
+    assert res.returncode == 2 and "paused" in res.stderr and res.stderr.count("\n") == 1
+    (b.mnt / "local.txt").write_text("b keeps recording\n")
+    assert "local.txt" in cli("log", b.mnt / "local.txt").stdout  # capture goes on
+    assert (b.mnt / "notes.md").read_text() == "one\n"
+    assert json.loads(cli("status", b.mnt, "--json").stdout)["group"]["service"]["paused"] is True
+
+    cli("resume", "--group", b.mnt)
+    sync_all(b.mnt, a.mnt)
+    assert (b.mnt / "notes.md").read_text() == "two, from a\n"
+    assert (a.mnt / "local.txt").read_text() == "b keeps recording\n"
     a.umount()
     b.umount()

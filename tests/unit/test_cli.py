@@ -31,8 +31,9 @@ EVERY_OPTION = {
     "on_alert": "notify-send deltafs",
     "history_dir": ".past",
     "guard_action": "block",
+    "group": "file:///tmp/group",
 }
-NOT_TO_DAEMON = {"foreground"}  # spawn_daemon adds --foreground itself
+NOT_TO_DAEMON = {"foreground", "group"}  # mount --group joins before the daemon starts  # spawn_daemon adds --foreground itself
 
 
 def _parse(argv: list[str]) -> MountConfig:

@@ -363,3 +363,38 @@ def test_opens_are_drained_into_the_detector():
     g.opens.append((None, b"docs/a.txt"))
     g.observe([], [])
     assert b"docs/a.txt" in w.det.opened and not g.opens
+
+
+async def test_deferred_scoring_runs_after_the_commit_and_settle_waits_for_it():
+    """In a mount the committer only queues each item (its fsync waiters are
+    answered first); the scorer task scores it, and the pacing Block's
+    settle() returns only once everything queued is scored."""
+    import trio
+
+    w = World()
+    ops = FakeOps()
+    g = guard.Guard(w.det, None, None, action="block", ops=ops)
+
+    async def drain():
+        pass
+    g.drain = drain
+    g.start_deferred()
+    paths = corpus(w)
+
+    def feed(*changes):
+        seqs = list(range(w.seq + 1, w.seq + 1 + len(changes)))
+        w.seq += len(changes)
+        g.observe(changes, seqs)
+    w.feed = feed
+
+    async with trio.open_nursery() as nursery:
+        g.nursery = nursery
+        for p in paths[:6]:
+            w.put(p, enc(w.raw[w.old[p]]))
+        assert len(g.unscored) == 6 and not g.alerted  # queued, not scored yet
+        nursery.start_soon(g.scorer)
+        with trio.fail_after(5):
+            await g.settle()
+        assert not g.unscored and g.alerted and ops.guard_block is not None and ops.guard_block.blocking
+        g.detector.alert = None  # keep _alerted's snapshot task out of it: no journal here
+        nursery.cancel_scope.cancel()

@@ -107,7 +107,7 @@ PACKAGE_LAYERS = {
     "deltafs.capture": [  # deltafs/capture/__init__.py re-exports the public names
         ["recorder"],  # the Recorder: ops' hooks, record emission, the scan at mount time
         ["pipeline", "content", "saves"],  # ordered queue + group commit; content versions; rename rules
-        ["identity"],  # paths that just lost their file (the reuse window)
+        ["identity", "state"],  # paths that just lost their file (the reuse window); a node's capture state
     ],
     "deltafs.history": [  # deltafs/history/__init__.py re-exports every public name
         ["restore"],  # restore, rollback (writes, journals a restore into SRC)

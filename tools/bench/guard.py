@@ -491,7 +491,12 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
                     from deltafs import control
 
                     control.request(os.path.join(os.path.dirname(root), "src", ".deltafs"), "flush")
-        return {k: {m: round(statistics.median(v), 3) for m, v in d.items()} for k, d in out.items()}
+        res = {k: {m: round(statistics.median(v), 3) for m, v in d.items()} for k, d in out.items()}
+        # the spread: normal/off of each round (the two mounts ran back to back in it)
+        res["spread"] = {m: sorted(round(a / b - 1, 3) for a, b in zip(out["guard normal"][m], out["guard off"][m]))
+                         for m in ("write_s", "fsync_ms", "cp_s")}
+        res["load"] = round(os.getloadavg()[0], 1)
+        return res
     finally:
         for name, level in targets.items():
             if level is not None:
@@ -538,8 +543,10 @@ def render(a: argparse.Namespace, n: int, trials: list[dict], ben: list[dict], r
         for key, label in (("write_s", f"write + fsync {a.cost_files:,} small files"),
                            ("fsync_ms", "median close+fsync latency"), ("cp_s", f"`cp -a` of the corpus + sync")):
             unit = "ms" if key == "fsync_ms" else "s"
+            sp = c.get("spread", {}).get(key)
             crow.append([label, f"{nat[key]:.2f} {unit}", f"{off[key]:.2f} {unit} ({off[key] / nat[key]:.2f}×)",
-                         f"{on[key]:.2f} {unit} ({on[key] / nat[key]:.2f}×)", f"{on[key] / off[key] - 1:+.1%}"])
+                         f"{on[key]:.2f} {unit} ({on[key] / nat[key]:.2f}×)", f"{on[key] / off[key] - 1:+.1%}",
+                         f"{sp[0]:+.0%} … {sp[-1]:+.0%} (median {statistics.median(sp):+.1%})" if sp else "–"])
         worst = max(c["guard normal"][k] / c["guard off"][k] - 1 for k in ("write_s", "fsync_ms", "cp_s"))
         summary.append(["cost of the signals (guard normal vs off, worst of the rows below)", f"{worst:+.1%}",
                         "≤ 5%", report._yn(worst <= 0.05)])
@@ -563,8 +570,11 @@ def render(a: argparse.Namespace, n: int, trials: list[dict], ben: list[dict], r
            report.md_table(["workload", "time", "score after", "alert"], brow)]
     if crow:
         out += ["", f"Cost: native ext4, a `--guard off` mount and a `--guard normal` mount, in the same "
-                f"run, {a.cost_rounds} alternating rounds after a warm-up (median; ratio to native):", "",
-                report.md_table(["workload", "native", "guard off", "guard normal", "normal vs off"], crow)]
+                f"run, {a.cost_rounds} alternating rounds after a warm-up (median; ratio to native; the "
+                "last column is the spread of normal vs off over the rounds, min … max; 1-min load "
+                f"{c.get('load', '?')} at the end):", "",
+                report.md_table(["workload", "native", "guard off", "guard normal", "normal vs off",
+                                 "normal vs off, per round"], crow)]
     return "\n".join(out) + "\n"
 
 
@@ -575,7 +585,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, help="orders per attack (default 3; --quick 1)")
     ap.add_argument("--slow-every", type=float, help="seconds between files of the slow attack (default 30)")
     ap.add_argument("--cost-files", type=int, default=1000)
-    ap.add_argument("--cost-rounds", type=int, default=3)
+    ap.add_argument("--cost-rounds", type=int, default=6)
     ap.add_argument("--skip", action="append", default=[], choices=("attacks", "benign", "rollback", "cost"))
     ap.add_argument("--write-docs", action="store_true", help="write the section into docs/benchmarks.md")
     ap.add_argument("--json", metavar="FILE")

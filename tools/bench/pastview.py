@@ -151,10 +151,9 @@ def generate(w: str, files: int, records: int, big: int, direct: bool = False) -
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, f"f{i}"), "wb") as f:
             f.write(b"%d\n" % i)
-    with open(os.path.join(src, "large.bin"), "wb") as f:
-        block = os.urandom(1 << 20)
+    with open(os.path.join(src, "large.bin"), "wb") as f:  # every MiB its own: nothing deduplicates
         for _ in range(big >> 20):
-            f.write(block)
+            f.write(os.urandom(1 << 20))
     if direct:
         os.makedirs(os.path.join(src, "churn"))
         for k in range(500):
@@ -191,36 +190,159 @@ def generate(w: str, files: int, records: int, big: int, direct: bool = False) -
             "checkpoints": checkpoint_count(src)}
 
 
-def measure(w: str, gen: dict, big: int) -> dict:
-    src, view = gen["src"], os.path.join(w, "view")
-    os.makedirs(view)
-    res: dict = {}
-    head = gen["records"]
-    t0 = time.perf_counter()
-    subprocess.run([*DELTAFS, "mount", "--at", f"v{head}", src, view], check=True)
-    res["ready_s"] = time.perf_counter() - t0
+def drop_caches() -> bool:
+    """Write back and drop the page cache, dentries and inodes (root only):
+    the next read of any file comes from the disk.  -> whether it worked."""
+    os.sync()
     try:
-        from deltafs import mounttable
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
 
-        pid = (mounttable.read_record(os.path.abspath(view)) or {}).get("pid")
+
+def forget_pages(path: str) -> None:
+    """Drop the page cache of one file (POSIX_FADV_DONTNEED): for a file of
+    the view, the next read goes to the daemon again, while the journal's
+    own pages stay cached."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def fuse_requests(pid: int, cmd: list[str]) -> int | None:
+    """FUSE requests the daemon ``pid`` reads while ``cmd`` runs: read(2)
+    calls on its /dev/fuse descriptor, counted by strace (None without
+    strace).  strace slows the daemon: never combined with a timing."""
+    if not shutil.which("strace"):
+        return None
+    fds = [fd for fd in os.listdir(f"/proc/{pid}/fd")
+           if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse"]
+    if not fds:
+        return None
+    out = f"/tmp/pastview-strace-{os.getpid()}.txt"
+    tr = subprocess.Popen(["strace", "-f", "-e", "trace=read", "-o", out, "-p", str(pid)],
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        for line in tr.stderr:  # "Process N attached" (per thread): then it is watching
+            if "attached" in line:
+                break
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    finally:
+        tr.send_signal(2)
+        tr.wait(timeout=60)
+    try:
+        with open(out) as f:
+            marks = tuple(f"read({fd}," for fd in fds)
+            return sum(1 for ln in f if any(m in ln for m in marks) and "= -1 " not in ln)
+    finally:
+        os.unlink(out)
+
+
+def syscalls(cmd: list[str]) -> int | None:
+    """System calls ``cmd`` makes (strace -c), None without strace."""
+    if not shutil.which("strace"):
+        return None
+    r = subprocess.run(["strace", "-f", "-c", "-o", "/dev/stdout", *cmd], capture_output=True, text=True)
+    for ln in r.stdout.splitlines():
+        if ln.strip().endswith("total"):
+            return int(ln.split()[2])
+    return None
+
+
+def mount_view(src: str, view: str, seq: int) -> tuple[float, int | None]:
+    from deltafs import mounttable
+
+    t0 = time.perf_counter()
+    subprocess.run([*DELTAFS, "mount", "--at", f"v{seq}", src, view], check=True)
+    ready = time.perf_counter() - t0
+    return ready, (mounttable.read_record(os.path.abspath(view)) or {}).get("pid")
+
+
+def unmount_view(view: str) -> None:
+    subprocess.run([*DELTAFS, "umount", view])
+    force_unmount(view)
+
+
+def measure(w: str, gen: dict, big: int, rounds: int = 3) -> dict:
+    src, view = gen["src"], os.path.join(w, "view")
+    os.makedirs(view, exist_ok=True)
+    res: dict = {"load_start": loadavg(), "big_bytes": big}
+    head = gen["records"]
+    native_find = ["find", src, "-path", os.path.join(src, ".deltafs"), "-prune", "-o", "-print"]
+    past_big, native_big = os.path.join(view, "large.bin"), os.path.join(src, "large.bin")
+    dd = ["dd", "bs=1M", "of=/dev/null", "status=none"]
+    res["ready_s"], pid = mount_view(src, view, head)
+    try:
         res["ls_cold_s"] = timed(["ls", os.path.join(view, "big")])
         res["ls_warm_s"] = min(timed(["ls", os.path.join(view, "big")]) for _ in range(3))
         res["ls_native_s"] = min(timed(["ls", os.path.join(src, "big")]) for _ in range(3))
+        # find: the first over the view (every entry new to the kernel), then again
+        # (kernel-cached: long entry/attr timeouts, cached listings); native warm
+        # (dentries cached) and cold (after drop_caches: from the disk)
         res["find_s"] = timed(["find", view])
-        res["find_native_s"] = min(timed(["find", src, "-path", os.path.join(src, ".deltafs"), "-prune",
-                                          "-o", "-print"]) for _ in range(2))
-        dd = ["dd", "bs=1M", "of=/dev/null", "status=none"]
-        res["read_s"] = timed([*dd, f"if={os.path.join(view, 'large.bin')}"])
-        res["read_native_s"] = min(timed([*dd, f"if={os.path.join(src, 'large.bin')}"]) for _ in range(2))
-        res["big_bytes"] = big
+        res["find_warm_s"] = median([timed(["find", view]) for _ in range(rounds)])
+        res["find_native_s"] = median([timed(native_find) for _ in range(rounds)])
+        res["find_entries"] = len(subprocess.run(["find", view], capture_output=True, check=True).stdout.splitlines())
+        # sequential read of the large file, in alternating rounds, median of each:
+        # warm = page cache (the view opens with keep_cache: the past never changes);
+        # daemon = the view's page cache of that file dropped (fadvise DONTNEED), the
+        # journal's pages cached: every byte is decoded by the daemon, read through FUSE
+        warm, warm_n, daemon = [], [], []
+        timed([*dd, f"if={past_big}"])
+        timed([*dd, f"if={native_big}"])
+        for _ in range(rounds):
+            warm.append(timed([*dd, f"if={past_big}"]))
+            warm_n.append(timed([*dd, f"if={native_big}"]))
+            forget_pages(past_big)
+            daemon.append(timed([*dd, f"if={past_big}"]))
+        res["read_warm_s"], res["read_native_warm_s"], res["read_daemon_s"] = map(median, (warm, warm_n, daemon))
         if pid:
             with open(f"/proc/{pid}/status") as f:
                 for ln in f:
                     if ln.startswith("VmHWM:"):
                         res["daemon_hwm_bytes"] = int(ln.split()[1]) * 1024
     finally:
-        subprocess.run([*DELTAFS, "umount", view])
-        force_unmount(view)
+        unmount_view(view)
+    # cold: caches dropped before each read (page cache, dentries, inodes), a fresh
+    # view each time (its chunk cache empty); native and past alternate
+    if drop_caches():
+        cold, cold_n, find_cold_n = [], [], []
+        for _ in range(max(1, rounds - 1)):
+            _, pid = mount_view(src, view, head)
+            try:
+                drop_caches()
+                cold.append(timed([*dd, f"if={past_big}"]))
+            finally:
+                unmount_view(view)
+            drop_caches()
+            cold_n.append(timed([*dd, f"if={native_big}"]))
+            drop_caches()
+            find_cold_n.append(timed(native_find))
+        res["read_cold_s"], res["read_native_cold_s"] = median(cold), median(cold_n)
+        res["find_native_cold_s"] = median(find_cold_n)
+    # requests per find (strace slows the daemon: a separate view, not timed)
+    _, pid = mount_view(src, view, head)
+    try:
+        if pid:
+            res["find_requests"] = fuse_requests(pid, ["find", view])
+            res["find_requests_again"] = fuse_requests(pid, ["find", view])
+        res["find_syscalls"] = syscalls(["find", view])
+        res["find_native_syscalls"] = syscalls(native_find)
+    finally:
+        unmount_view(view)
     # history queries (no mount): a file with few versions, one with many, two moments
     # 1,000 records apart, and a restore of the 10,000-entry directory
     few, many = os.path.join(src, "big", "f00001"), os.path.join(src, "churn", "c7")
@@ -234,10 +356,14 @@ def measure(w: str, gen: dict, big: int) -> dict:
     res["diff_cli_s"] = best([*DELTAFS, "diff", src, f"v{head - 1000}", f"v{head}"], 2)
     res["diff_paths"] = len(cli("diff", src, f"v{head - 1000}", f"v{head}").stdout.splitlines())
     dest = os.path.join(w, "restored")
-    res["restore_s"] = timed([*DELTAFS, "restore", "--at", f"v{head}", "--to", dest,
-                              os.path.join(src, "big")])
-    res["restore_files"] = sum(len(f) for _, _, f in os.walk(dest))
-    shutil.rmtree(dest, ignore_errors=True)
+    times = []
+    for _ in range(rounds):
+        times.append(timed([*DELTAFS, "restore", "--at", f"v{head}", "--to", dest, os.path.join(src, "big")]))
+        res["restore_files"] = sum(len(f) for _, _, f in os.walk(dest))
+        shutil.rmtree(dest, ignore_errors=True)
+    res["restore_s"] = median(times)
+    res["restore_all_s"] = times
+    res["load_end"] = loadavg()
     return res
 
 

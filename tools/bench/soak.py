@@ -183,7 +183,7 @@ class Compactor(threading.Thread):
             with contextlib.suppress(ValueError):
                 out = json.loads(r.stdout)
                 for k in ("pruned_versions", "pruned", "freed_chunks", "freed_bytes", "versions_pruned",
-                          "versions", "files", "files_examined", "plan_s", "pass_s", "checkpoints_written",
+                          "versions", "files", "files_examined", "versions_examined", "plan_s", "pass_s", "checkpoints_written",
                           "prune_s", "repack_s", "archive_s", "densify_s", "records_archived",
                           "packs_emptied", "index_pages_saved"):
                     if k in out:
@@ -200,12 +200,16 @@ def status(mnt: str) -> dict:
 
 
 def soak(w: str, minutes: float, rate: float, seed: int, res: dict, mounts: list,
-         compact_every: float = COMPACT_EVERY_S) -> None:
+         compact_every: float = COMPACT_EVERY_S, heap_dir: str | None = None) -> None:
     rng = random.Random(seed)
     src, mnt, dest = (os.path.join(w, x) for x in ("src", "mnt", "dest"))
     log(f"generating {FILES} files in SRC")
     names = make_tree(src, rng)
-    m = Mount(src, mnt, ["--compact-every", "1440"], os.environ.copy())
+    env = os.environ.copy()
+    if heap_dir:
+        os.makedirs(heap_dir, mode=0o700, exist_ok=True)
+        env["DELTAFS_TRACEMALLOC"] = heap_dir
+    m = Mount(src, mnt, ["--compact-every", "1440"], env)
     mounts.append(m)
     st = status(mnt)
     pid = st["pid"]
@@ -303,6 +307,26 @@ def soak(w: str, minutes: float, rate: float, seed: int, res: dict, mounts: list
     m.umount()
 
 
+def heap_growth(heap_dir: str, top: int = 25) -> list[str]:
+    """What grew in the daemon's heap between its second tracemalloc snapshot
+    (after a minute of warm-up) and its last (``--tracemalloc``)."""
+    import tracemalloc
+
+    snaps = sorted(f for f in os.listdir(heap_dir) if f.startswith("heap-") and f.endswith(".snap"))
+    if len(snaps) < 2:
+        return [f"{heap_dir}: fewer than two heap snapshots"]
+    a = tracemalloc.Snapshot.load(os.path.join(heap_dir, snaps[min(1, len(snaps) - 2)]))
+    b = tracemalloc.Snapshot.load(os.path.join(heap_dir, snaps[-1]))
+    out = [f"heap {snaps[min(1, len(snaps) - 2)]} -> {snaps[-1]}: "
+           f"{sum(s.size for s in a.statistics('filename')) / 2**20:.1f} -> "
+           f"{sum(s.size for s in b.statistics('filename')) / 2**20:.1f} MiB traced"]
+    for st in b.compare_to(a, "traceback")[:top]:
+        out.append(f"{st.size_diff / 1024:+10.1f} KiB {st.count_diff:+8d} blocks  (now {st.size / 1024:.1f} KiB)")
+        for fr in st.traceback.format()[-8:]:
+            out.append("      " + fr.strip())
+    return out
+
+
 def summary(res: dict) -> dict:
     pm = [r for r in res.get("per_minute", []) if r["ops"]]
     if len(pm) < 2:
@@ -321,7 +345,7 @@ def summary(res: dict) -> dict:
             **_cpu_summary(full)}
 
 
-COUNTS = ("files planned", "versions pruned")
+COUNTS = ("files planned", "versions planned", "versions pruned")
 
 
 def _pass_parts(passes: list[dict]) -> dict:
@@ -337,7 +361,8 @@ def _pass_parts(passes: list[dict]) -> dict:
         b = [c[k] for c in ok[-n:] if c.get(k) is not None]
         if a and b:
             out[name] = (statistics.median(a), statistics.median(b))
-    for k, name in (("files_examined", "files planned"), ("versions_pruned", "versions pruned")):
+    for k, name in (("files_examined", "files planned"), ("versions_examined", "versions planned"),
+                    ("versions_pruned", "versions pruned")):
         a = [c[k] for c in ok[:n] if c.get(k) is not None]
         b = [c[k] for c in ok[-n:] if c.get(k) is not None]
         if a and b:
@@ -447,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-json", metavar="FILE", help="do not run: render a saved --json run")
     p.add_argument("--note", action="append", default=[], help="an extra note for the docs")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--tracemalloc", metavar="DIR",
+                   help="developers: heap snapshots of the daemon every minute into DIR, and what grew")
     args = p.parse_args(argv)
     if args.minutes is not None and args.minutes <= 0:
         p.error("--minutes must be positive")
@@ -478,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     mounts: list[Mount] = []
     failure = None
     try:
-        soak(w, minutes, args.rate, args.seed, res, mounts, args.compact_every)
+        soak(w, minutes, args.rate, args.seed, res, mounts, args.compact_every,
+             os.path.abspath(args.tracemalloc) if args.tracemalloc else None)
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -495,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
                 os.rmdir(base)
     res["failure"] = failure
     res["summary"] = summary(res)
+    if args.tracemalloc:
+        try:
+            res["heap_growth"] = heap_growth(os.path.abspath(args.tracemalloc))
+        except (OSError, ValueError) as e:
+            res["heap_growth"] = [f"cannot read the heap snapshots: {e}"]
+        print("\n".join(res["heap_growth"]), file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": res, "meta": meta}, f, indent=1)
