@@ -746,11 +746,22 @@ breakdown above; the figures per history are in the list):
   go" below) breaks one checkout down: folding unlink + create into the
   write would save only about a quarter of the compressed record bytes.
 - *sqlgrow* (issue 20) is the farthest from git: its chunk values alone
-  are 1.64× git and 2.3× xdelta3. Each transaction appends ~300 KB of
-  new rows (stored once, compressed: the depth-0 chunks) and rewrites
-  pages scattered over the table and both indexes; each changed 16 KiB
-  block is a delta of its own with a 22-byte header and an index entry,
-  where git deltas the whole file once per state. Left open in issue 20.
+  are 1.6–1.8× git. Each transaction appends ~300 KB of new rows (stored
+  once, compressed: the depth-0 chunks, ~6 MB of the history) and changes
+  ~300 16 KiB blocks scattered over the table and both indexes (~9.8 MB
+  of deltas, ~660 bytes each). `tools/bench/history_size_delta` ("Growing
+  database" below) shows why: SQLite moves cells between pages when it
+  inserts into an index or splits a page, so most of a changed block's
+  new bytes are in *other* old blocks of the same transaction; a delta
+  against the one block at its own offset cannot reach them (a better
+  single base does not help either). Coding a transaction's changed
+  blocks as one zstd frame against all their old blocks stores 0.41× the
+  bytes; each block against its own old block plus the three old changed
+  blocks sharing the most content with it, 0.50×. Either needs a chunk
+  payload with several bases (or one payload for a group of blocks): a
+  journal format change, not made yet. It would bring the chunk values
+  to about git's size (~4.1 + 6.1 MB against git's 10.5 MB), the
+  journal to ~1.1× git.
 - *SQLite's rollback journal* (`*.db-journal`) is ignored by the built-in
   patterns: the database's versions are taken at its commit fsyncs.
 - *Random binary overwrites* are where deltafs is closest: the bytes are
