@@ -253,6 +253,26 @@ def _with_registered_mirrors(cfg: MountConfig, journal) -> MountConfig:
     return dataclasses.replace(cfg, mirrors=urls, endpoint_url=endpoint)
 
 
+def _limit_malloc_arenas() -> None:
+    """One glibc malloc arena for the whole daemon (before any thread starts).
+
+    By default each thread that allocates gets its own arena, and the
+    capture workers' freed chunk buffers (16-64 KiB each, megabytes per
+    capture) stay in theirs, unusable by the others: the daemon's RssAnon
+    after a 256 MiB capture was 155-175 MiB with per-thread arenas and
+    110-118 MiB with one, at the same CPU (docs/performance-notes.md).
+    DELTAFS_MALLOC_ARENAS overrides (0: glibc's default)."""
+    n = int(os.environ.get("DELTAFS_MALLOC_ARENAS", "1") or 0)
+    if n <= 0:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-8, n)  # M_ARENA_MAX (glibc malloc.h)
+    except (OSError, AttributeError):  # not glibc: nothing to limit
+        pass
+
+
 def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
     from deltafs.capture import Recorder
     from deltafs.ops import Operations
@@ -262,6 +282,7 @@ def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
     # Capture and commit threads run Python code; with the default 5 ms GIL
     # switch interval the FUSE loop could wait that long for every request.
     sys.setswitchinterval(float(os.environ.get("DELTAFS_SWITCH_INTERVAL", "0.0005")))
+    _limit_malloc_arenas()
     fd_limit = _raise_fd_limit()
     jst = os.stat(cfg.journal)
     rec = Recorder(journal, cfg.src) if cfg.capture else None
