@@ -143,3 +143,20 @@ def syncfs(fd: int) -> None:
     """syncfs(2): write out every dirty page and inode of the filesystem holding ``fd``
     (one call instead of an fsync per file)."""
     _check(_libc.syncfs(fd), "syncfs")
+
+
+def set_bdi_readahead(mnt: str, kib: int) -> None:
+    """Set the kernel's read-ahead of the FUSE mount at ``mnt`` (absolute and
+    resolved) to ``kib`` KiB, through /sys/class/bdi.  The mount's device
+    number comes from /proc/self/mountinfo: nothing here touches the mount
+    point (even a realpath() of it would ask the daemon serving it).  Call it
+    once the INIT reply is sent: the kernel caps read-ahead then.  Needs root;
+    raises OSError otherwise or when the mount is not listed."""
+    # mountinfo escapes blanks and backslashes as octal
+    want = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in mnt)
+    with open("/proc/self/mountinfo") as f:
+        devs = [parts[2] for parts in map(str.split, f) if len(parts) > 4 and parts[4] == want]
+    if not devs:
+        raise OSError(errno.ENOENT, "not in /proc/self/mountinfo", mnt)
+    with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+        f.write(str(kib))

@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from deltafs import mounttable
+from deltafs._syscalls import set_bdi_readahead
 from deltafs.config import MountConfig
 from deltafs.errors import (DeltafsError, FuseUnavailableError, JournalError, MountError, NotMountedError,
                             UsageError)
@@ -365,16 +366,9 @@ async def _raise_readahead(mnt: str, ops) -> None:
     the default stays.
     """
     await ops.initialized.wait()
-    # mnt is already absolute and resolved (check_mount_args); mountinfo
-    # escapes blanks and backslashes as octal
-    want = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in mnt)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            devs = [ln.split()[2] for ln in f if ln.split()[4] == want]
-        if devs:
-            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
-                f.write(str(READAHEAD_KIB))
-    except (OSError, IndexError) as e:
+    try:  # mnt is already absolute and resolved (check_mount_args)
+        set_bdi_readahead(mnt, READAHEAD_KIB)
+    except OSError as e:
         log.debug("read-ahead of %s left at the default: %s", mnt, e)
 
 

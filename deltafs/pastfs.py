@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import gc
 import errno
 import logging
 import os
 import stat
 from collections import OrderedDict
-from contextlib import contextmanager
 
+from deltafs._syscalls import set_bdi_readahead
 from deltafs.errors import UsageError
-from deltafs.journal import KIND_DIR, KIND_FILE, KIND_SYMLINK, Journal, TreeEntry
+from deltafs.journal import KIND_DIR, KIND_FILE, KIND_SYMLINK, Journal, TreeEntry, gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ def load_tree(r, seq: int, uid: int, gid: int) -> tuple[PastTree, list]:
     """The tree right after record ``seq`` read through reader ``r`` -> (PastTree,
     thinned): pruned file versions are replaced by the latest retained one at or
     before them (``thinned`` lists them).  Blocking: the daemon runs it in a thread."""
-    with _gc_paused():
+    with gc_paused():
         rec = r.record(seq)
         moment = getattr(rec, "time_ns", None) or 0
         tree = r.tree_at(seq)
@@ -202,19 +201,6 @@ def _retained(r, e: TreeEntry, pruned: set[int], thinned: list) -> TreeEntry:
                 thinned.append(Thinned(e.path, e.content_seq, s, None))
                 return dataclasses.replace(e, content_seq=s, size=rec.size or 0)
     return e
-
-
-@contextmanager
-def _gc_paused():
-    """No cyclic GC while a tree is built: a few objects per entry, no
-    cycles, and every gen-2 pass on the way would walk all of them."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _open_tree(journal: Journal, when: str, cache_limit: int):
@@ -481,16 +467,11 @@ async def _raise_readahead(mnt: str, ops, kib: int) -> None:
     261 -> 420-500 MB/s).  The kernel caps read-ahead when INIT is answered,
     so this waits for that; the device number comes from /proc/self/mountinfo
     (touching the mount point would ask this very daemon).  Needs root;
-    otherwise the default stays.  (mount.py does the same for the live mount.)"""
+    otherwise the default stays (set_bdi_readahead, as for the live mount)."""
     await ops.initialized.wait()
-    want = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in mnt)
     try:
-        with open("/proc/self/mountinfo") as f:
-            devs = [ln.split()[2] for ln in f if ln.split()[4] == want]
-        if devs:
-            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
-                f.write(str(kib))
-    except (OSError, IndexError) as e:
+        set_bdi_readahead(mnt, kib)
+    except OSError as e:
         log.debug("read-ahead of %s left at the default: %s", mnt, e)
 
 

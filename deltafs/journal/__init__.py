@@ -98,6 +98,7 @@ chunk values as they are.
 
 from deltafs.chunking import NewChunk
 
+from .checkpoints import gc_paused
 from .compact import REPACK_DEAD_RATIO, PruneResult, RepackResult
 from .core import Journal
 from .hlc import hlc_to_ns, ns_to_hlc
@@ -116,6 +117,6 @@ __all__ = [
     "KIND_SYMLINK", "MAP_SIZE", "OPS", "RENAME_EXCHANGE", "REPACK_DEAD_RATIO", "UPGRADABLE", "ZERO_HASH", "Change",
     "ChunkInfo", "FileState", "Journal", "MemStore", "NewChunk", "Problem", "PruneResult", "Reader",
     "Record", "RepackResult", "TreeEntry", "VerifyResult", "Versions", "access_problem",
-    "apply_record", "check_link", "content_hash", "decode_chunk", "decode_record", "hlc_to_ns",
+    "apply_record", "check_link", "content_hash", "decode_chunk", "decode_record", "gc_paused", "hlc_to_ns",
     "make_journal_dir", "ns_to_hlc", "tree_entry",
 ]

@@ -425,21 +425,7 @@ class Reader:
         v = self.raw_chunk(cid)
         if v is None:
             raise CorruptionError(f"chunk {cid.hex()} is missing from the journal")
-        try:
-            depth, raw_len, base, payload = S.decode_chunk(v)
-            if _depth > MAX_DELTA_DEPTH:
-                raise ValueError("delta chain loops")
-            base_raw = self.read_chunk(base, cache, _depth + 1) if base else None
-            raw = decompress_chunk(payload, base_raw)
-        except CorruptionError:
-            raise
-        except Exception as e:
-            raise CorruptionError(f"chunk {cid.hex()} cannot be decoded: {e}") from e
-        if len(raw) != raw_len or chunk_id(raw) != cid:
-            raise CorruptionError(f"chunk {cid.hex()} is corrupt: its content does not match its id")
-        if cache is not None and not _depth:
-            cache.put(cid, raw)
-        return raw
+        return self._decoded(cid, v, cache, _depth)
 
     def read_chunks(self, cids: list[bytes], cache=None, ahead: int = 0) -> list:
         """Raw bytes of several chunks, each verified against its id as
@@ -476,18 +462,23 @@ class Reader:
                 k += 1
             buf = memoryview(self._st.packs.pread(pack, start, end - start, ahead if k == len(todo) else 0))
             for i, _, off, length in todo[j:k]:
-                out[i] = self._decoded(cids[i], buf[off - start: off - start + length], cache)
+                out[i] = self._decoded(cids[i], buf[off - start: off - start + length], cache, views=True)
             j = k
         return out
 
-    def _decoded(self, cid: bytes, v, cache):
-        """One chunk value (read_chunks) -> its raw bytes, verified."""
+    def _decoded(self, cid: bytes, v, cache, depth: int = 0, views: bool = False):
+        """One chunk value -> its raw bytes, verified against ``cid``; a delta's
+        base is read through :meth:`read_chunk` (``depth``: links followed so
+        far).  With ``views``, a raw (incompressible) chunk comes back as a
+        memoryview of ``v`` (read_chunks: not copied, not cached)."""
         try:
-            depth, raw_len, base, payload = S.decode_chunk(v)
-            if len(payload) and payload[0] == CODEC_RAW:  # (a base is not needed then)
+            _, raw_len, base, payload = S.decode_chunk(v)
+            if depth > MAX_DELTA_DEPTH:
+                raise ValueError("delta chain loops")
+            if views and len(payload) and payload[0] == CODEC_RAW:  # (a base is not needed then)
                 raw = payload[1:]
             else:
-                base_raw = self.read_chunk(base, cache, 1) if base else None
+                base_raw = self.read_chunk(base, cache, depth + 1) if base else None
                 raw = decompress_chunk(payload, base_raw)
         except CorruptionError:
             raise
@@ -495,7 +486,7 @@ class Reader:
             raise CorruptionError(f"chunk {cid.hex()} cannot be decoded: {e}") from e
         if len(raw) != raw_len or chunk_id(raw) != cid:
             raise CorruptionError(f"chunk {cid.hex()} is corrupt: its content does not match its id")
-        if cache is not None and not isinstance(raw, memoryview):
+        if cache is not None and not depth and not isinstance(raw, memoryview):
             cache.put(cid, raw)
         return raw
 

@@ -30,26 +30,8 @@ _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, l
 
 def upgrade(env, path: str, meta, fmt: int) -> None:
     """Bring a journal of format ``fmt`` to the current one, step by step."""
-    if fmt == 1:
-        upgrade_1_to_2(env, path, meta)
-        fmt = 2
-    if fmt == 2:
-        upgrade_2_to_3(env, path, meta)
-        fmt = 3
-    if fmt == 3:
-        upgrade_3_to_4(env, path, meta)
-        fmt = 4
-    if fmt == 4:
-        upgrade_4_to_5(env, path, meta)
-        fmt = 5
-    if fmt == 5:
-        upgrade_5_to_6(env, path, meta)
-        fmt = 6
-    if fmt == 6:
-        upgrade_6_to_7(env, path, meta)
-        fmt = 7
-    if fmt == 7:
-        upgrade_7_to_8(env, path, meta)
+    for step in _STEPS[fmt - 1:]:
+        step(env, path, meta)
 
 
 def _packb(v) -> bytes:
@@ -203,3 +185,9 @@ def upgrade_7_to_8(env, path: str, meta) -> None:
     with env.begin(write=True) as txn:
         txn.put(S.META_FORMAT, _packb(8), db=meta)
     log.warning("upgraded journal %s from format 7 to 8 (no data rewritten)", path)
+
+
+# upgrade_N_to_N+1 at index N-1: a new format appends its step here (and to UPGRADABLE)
+_STEPS = (upgrade_1_to_2, upgrade_2_to_3, upgrade_3_to_4, upgrade_4_to_5, upgrade_5_to_6, upgrade_6_to_7,
+          upgrade_7_to_8)
+assert len(_STEPS) == len(UPGRADABLE) == S.FORMAT_VERSION - 1
