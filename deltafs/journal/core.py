@@ -438,7 +438,7 @@ class Journal:
         st = rd.file_state(rec.file_id)
         if st is None or st.kind != KIND_FILE or not st.deleted or st.links or not st.last_seq:
             return 0
-        age = self._hlc._clock() - hlc_to_ns(rd.record(st.last_seq).hlc)
+        age = self._hlc.now_ns() - hlc_to_ns(rd.record(st.last_seq).hlc)
         return rec.file_id if age <= REUSE_WINDOW_NS else 0
 
     def _incref(self, txn, cid: bytes, n: int = 1) -> None:

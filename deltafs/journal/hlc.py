@@ -32,6 +32,10 @@ class HLC:
         self.last = 0
         self._behind = False
 
+    def now_ns(self) -> int:
+        """The wall clock this HLC ticks from, in nanoseconds."""
+        return self._clock()
+
     def restore(self, last: int) -> None:
         self.last = max(self.last, int(last))
 

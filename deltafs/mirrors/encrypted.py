@@ -130,6 +130,15 @@ def write_private(path: str, data: bytes) -> None:
     os.rename(tmp, path)
 
 
+def read_blob(backend: Mirror) -> C.KeyBlob | None:
+    """The mirror's key blob, or None if it has none."""
+    try:
+        data = backend.get(C.KEY_BLOB)
+    except MirrorObjectMissing:
+        return None
+    return C.KeyBlob.decode(data, backend.url)
+
+
 class EncryptedMirror(Mirror):
     """Seals objects into ``backend`` under ``key`` (see the module docstring).
 
@@ -177,8 +186,6 @@ class EncryptedMirror(Mirror):
     def _ready(self) -> None:
         if self._blob_checked:
             return
-        from .keys import read_blob
-
         blob = read_blob(self.backend)
         if blob is None:
             self.backend.check()  # an unplugged drive or a missing bucket says so, not "no key blob"

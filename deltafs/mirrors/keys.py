@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from deltafs.errors import MirrorError
 
 from . import crypto as C
-from .base import Mirror, MirrorObjectMissing
-from .encrypted import EncryptedMirror, SeenStore, write_private
+from .base import Mirror
+from .encrypted import EncryptedMirror, SeenStore, read_blob, write_private
 from .format import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,6 @@ def write_key_file(path: str, key: C.MirrorKey, url: str) -> None:
 
 
 # --- the mirror's key blob -----------------------------------------------------------
-
-
-def read_blob(backend: Mirror) -> C.KeyBlob | None:
-    try:
-        data = backend.get(C.KEY_BLOB)
-    except MirrorObjectMissing:
-        return None
-    return C.KeyBlob.decode(data, backend.url)
 
 
 def has_sealed_objects(backend: Mirror) -> bool:

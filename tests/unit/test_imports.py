@@ -174,11 +174,7 @@ def test_imports_point_down_only():
 
 
 # --- no cycles -----------------------------------------------------------------------------------
-CYCLES_ALLOWED = {
-    # keys.py builds EncryptedMirror; encrypted.py reads the key blob through
-    # keys.read_blob (a function-level import): one module's worth of crypto plumbing
-    frozenset({"deltafs.mirrors.encrypted", "deltafs.mirrors.keys"}),
-}
+CYCLES_ALLOWED: set[frozenset[str]] = set()
 
 
 def import_cycles() -> set[frozenset[str]]:
@@ -227,11 +223,7 @@ def test_no_import_cycles():
 # Attribute names with a leading underscore that are public API of the standard library.
 STDLIB_UNDERSCORE = {"_exit", "_replace", "_asdict", "_fields", "_make", "_getframe"}
 
-PRIVATE_ALLOWED = {
-    # Journal._resolve_file_id reads HLC's clock; issue 18 rewrites that
-    # function, leave it alone until that merges (then: a public HLC.now_ns())
-    ("deltafs.journal.core", "_clock"),
-}
+PRIVATE_ALLOWED: set[tuple[str, str]] = set()
 
 
 def _defined_here(tree: ast.AST) -> set[str]:
