@@ -32,6 +32,7 @@ BUILTIN_PATTERNS = [
     ".~lock.*#", "*.kate-swp", "*___jb_tmp___", "*___jb_old___",
 ]
 IGNORE_FILE = ".deltaignore"
+MEMO_GENERATION = 32768  # answers per memo generation: at most twice this many kept
 
 
 class Ignore:
@@ -50,7 +51,13 @@ class Ignore:
         except OSError as e:
             log.warning("cannot read %s: %s", IGNORE_FILE, e)
         self.spec = pathspec.GitIgnoreSpec.from_lines(lines)
-        self._cache: dict[tuple[bytes, bool], bool] = {}
+        # a bounded memo in two generations (a save asks about one path several
+        # times): answers go into ``_new``; when it is full it becomes ``_old``
+        # and the generation before is dropped.  An answer asked for again is
+        # carried into ``_new``, so paths in use never fall out at once (a
+        # single memo cleared when full made every path miss at the same moment).
+        self._new: dict[tuple[bytes, bool], bool] = {}
+        self._old: dict[tuple[bytes, bool], bool] = {}
 
     def match(self, path: bytes | None, is_dir: bool = False) -> bool:
         """True if path (relative to SRC) is ignored.  None (unlinked) counts as ignored."""
@@ -59,10 +66,18 @@ class Ignore:
         if not path:
             return False
         key = (path, is_dir)
-        hit = self._cache.get(key)
+        hit = self._new.get(key)
+        if hit is not None:
+            return hit
+        hit = self._old.get(key)
         if hit is None:
             p = os.fsdecode(path)
-            hit = self._cache[key] = self.spec.match_file(p + "/" if is_dir else p)
-            if len(self._cache) > 65536:  # a bounded memo: a save touches one path several times
-                self._cache.clear()
+            hit = self.spec.match_file(p + "/" if is_dir else p)
+        if len(self._new) >= MEMO_GENERATION:
+            self._old, self._new = self._new, {}
+        self._new[key] = hit
         return hit
+
+    def memo_size(self) -> int:
+        """Answers kept (at most 2 * MEMO_GENERATION)."""
+        return len(self._new) + len(self._old)

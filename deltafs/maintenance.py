@@ -102,6 +102,7 @@ class CompactReport:
     tree_checkpoints: int = 0  # tree checkpoints written (write_tree_checkpoints)
     files_examined: int | None = None  # files the plan asked about (all of them: full plan)
     versions_examined: int | None = None  # versions the plan read and asked about
+    plan_full_why: str | None = None  # why the plan asked about every file (None: it did not)
     plan_s: float | None = None  # seconds planning
     prune_s: float | None = None  # seconds in Journal.prune (checkpoints, prune, GC)
     repack_s: float | None = None
@@ -164,6 +165,7 @@ class Plan:
     versions: int  # content versions not pruned (before this pass)
     full: bool = False  # every file was asked about
     read: int = 0  # versions read and asked about
+    why: str | None = None  # why every file was asked about
 
 
 def _policy_key(p: RetentionPolicy) -> list:
@@ -183,7 +185,7 @@ def plan_incremental(j, policy: RetentionPolicy = RetentionPolicy(), now_hlc: in
     only the records since the last plan are decoded, and only files that
     changed, whose versions reached an age threshold (their wake-up time),
     or whose mirror pins were released are asked about.  A different policy,
-    other snapshots or a journal time before the last plan's asks every file
+    a snapshot removed or a journal time before the last plan's asks every file
     in the state (no record decoded).  The state is rebuilt from the records
     when it disagrees with the journal's pruned counter (a prune by other
     code, a crash between a plan and its prune, a new journal).
@@ -251,7 +253,16 @@ def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None, held: set = frozen
     mirrors = [v.get("seq", 0) for _, v in r.kv_items("mirrors") if isinstance(v, dict)]
     floor = min(mirrors) if mirrors else None
     key = _policy_key(policy)
-    everything = m.get("policy") != key or m.get("snaps") != snaps or now_ns < m.get("now_ns", 0)
+    # A snapshot added since only pins more (a guard alert names one): retain()
+    # of what a file kept, with more pins, keeps it all, so nothing is asked
+    # again; a snapshot removed may release a version of any file.
+    why = "a rebuilt planning state" if m.get("policy") is None else \
+        "a new policy" if m.get("policy") != key else \
+        "a snapshot removed" if not set(m.get("snaps") or ()) <= set(snaps) else \
+        "a journal time before the last plan's" if now_ns < m.get("now_ns", 0) else None
+    everything = why is not None
+    if everything:
+        log.info("compaction plan: every file asked about (%s)", why)
     upto, nv, nf = m["upto"], m.get("versions", 0), m.get("files", 0)
     since: dict[int, int] = {}  # file -> read its versions from this time on
     whole: set[int] = set()  # files read whole
@@ -327,7 +338,7 @@ def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None, held: set = frozen
             stack.append(c)
     p.set_meta({**m, "upto": head, "policy": key, "snaps": snaps, "floor": floor, "now_ns": now_ns,
                 "versions": nv, "files": nf})
-    return Plan(prune, sorted(cands), len(files), nf, nv, everything, read)
+    return Plan(prune, sorted(cands), len(files), nf, nv, everything, read, why)
 
 
 def snapshot_seqs(r) -> dict[str, int]:
@@ -369,7 +380,7 @@ def _compact(j, policy: RetentionPolicy, dry_run: bool, now_hlc: int | None,
         pl = plan_incremental(j, policy, now_hlc)
         prune, kept = pl.prune, pl.checkpoint
         rep = CompactReport(dry_run=dry_run, files=pl.files, versions=pl.versions, pruned=prune,
-                            files_examined=pl.examined, versions_examined=pl.read)
+                            files_examined=pl.examined, versions_examined=pl.read, plan_full_why=pl.why)
     rep.plan_s = round(time.monotonic() - t0, 4)
     t1 = time.monotonic()
     if prune:

@@ -43,8 +43,10 @@ lose data when broken live here, in this order:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -59,7 +61,7 @@ from . import planstate
 from . import schema as S
 from .packs import PACK_MAGIC, add_pack_live, incref, pack_live
 from .reader import Reader
-from .storage import Storage, release_lock
+from .storage import Storage, open_env, release_lock
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +377,7 @@ class Compactor:
         history holds (random inserts leave a rewritten tree 60-70 % full again
         only after about as many inserts as it has entries).  The first pass
         of a process looks at each once."""
-        return self._densify_chunks(slack) + self._densify_logs(slack)
+        return self._densify([S.DB_CHUNKS, S.DB_HISTORY, S.DB_PATHLOG], slack)
 
     def _due_for_densify(self, txn, name: bytes) -> bool:
         st = txn.stat(self._dbs[name])
@@ -387,49 +389,23 @@ class Compactor:
         self._densify_marks[name] = (n, freed)
         return True
 
-    def _densify_chunks(self, slack: float) -> int:
-        """Rewrite the chunk index in key order if its pages are mostly empty; -> pages saved.
-
-        Chunk ids are random, so inserts land all over the B-tree and every page
-        split leaves two half-full pages: the index settles at 50-70 % full.
-        Copying it out and appending it back in order fills every page.  One
-        write transaction (readers keep their snapshot); skipped above
-        INDEX_REWRITE_MAX entries.  (A rewrite of a key range in place does
-        not fill pages: the re-inserted keys split pages in the middle.)
-        """
-        db = self._dbs[S.DB_CHUNKS]
-        with self._st.write() as txn:
-            if not self._due_for_densify(txn, S.DB_CHUNKS):
-                return 0
-            st = txn.stat(db)
-            if not st["entries"] or st["entries"] > INDEX_REWRITE_MAX:
-                return 0
-            sizes = [_node_bytes(k, v) for _, (k, v) in zip(range(INDEX_SAMPLE), txn.cursor(db=db))]
-            need = -(-st["entries"] * sum(sizes) // (len(sizes) * (st["psize"] - 16)))  # page header: 16
-            if st["leaf_pages"] - need < max(1, need * (slack - 1)):
-                return 0
-            saved = self._st.rewrite_in_key_order(txn, db)
-        log.info("rewrote the chunk index in key order: %d pages fewer", saved)
-        return saved
-
-    def _densify_logs(self, slack: float) -> int:
-        """``history`` and ``pathlog`` likewise (schema.rewrite_dups_in_key_order)."""
-        saved = 0
-        for name in (S.DB_HISTORY, S.DB_PATHLOG):
-            db = self._dbs[name]
-            with self._st.write() as txn:
-                if not self._due_for_densify(txn, name):
-                    continue
-                st = txn.stat(db)
-                if not st["entries"] or st["entries"] > INDEX_REWRITE_MAX:
-                    continue
-                need = S.dup_pages_needed(txn, db)
-                if st["leaf_pages"] - need < max(1, need * (slack - 1)):
-                    continue
-                n = S.rewrite_dups_in_key_order(txn, db)
-            log.info("rewrote %s in key order: %d pages fewer", name.decode(), n)
-            saved += n
-        return saved
+    def _densify(self, names: list[bytes], slack: float) -> int:
+        """The databases of ``names`` that are due (:meth:`_due_for_densify`)
+        checked and rewritten by :func:`densify_db` in a child process
+        (``Storage.run_apart``: what LMDB keeps of a transaction that dirtied
+        a whole database goes with it, :func:`densify_child`)."""
+        with self._st.read() as txn:
+            due = [n for n in names if self._due_for_densify(txn, n)
+                   and sparse_pages(txn, self._dbs[n], n, slack)]
+        if not due:
+            return 0
+        out = self._st.run_apart("deltafs.journal.compact:densify_child", [repr(float(slack)),
+                                                                          *(n.decode() for n in due)])
+        saved = json.loads(out)
+        for name, n in saved.items():
+            if n:
+                log.info("rewrote %s in key order: %d pages fewer", name, n)
+        return sum(saved.values())
 
     # --- record blocks ------------------------------------------------------------------
     def archive_records(self, keep: int = RECORDS_KEPT) -> int:
@@ -632,6 +608,61 @@ def _bump_meta(txn, dbs, key: bytes, n: int) -> None:
 def _meta_int(txn, dbs, key: bytes) -> int:
     v = txn.get(key, db=dbs[S.DB_META])
     return msgpack.unpackb(v) if v else 0
+
+
+def densify_db(env, txn, db, name: bytes, slack: float = INDEX_SLACK) -> int:
+    """In the write transaction ``txn``: rewrite ``db`` in key order if its leaf
+    pages are more than ``slack`` times what it needs; -> pages saved (0: not
+    worth it, or above INDEX_REWRITE_MAX entries).
+
+    Chunk ids are random, so inserts land all over the B-tree and every page
+    split leaves two half-full pages: the index settles at 50-70 % full; so
+    do ``history`` and ``pathlog`` (a record's seq appended under its file id
+    / path).  Copying a database out and appending it back in order fills
+    every page.  (A rewrite of a key range in place does not fill pages: the
+    re-inserted keys split pages in the middle.)  Runs in the child process
+    of :func:`densify_child`."""
+    if not sparse_pages(txn, db, name, slack):
+        return 0
+    if name in S.DUP_DBS:
+        return S.rewrite_dups_in_key_order(txn, db)
+    return S.rewrite_in_key_order(env, txn, db)
+
+
+def densify_child(argv: list[str]) -> int:
+    """``PATH SLACK NAME...`` (``Storage.run_apart``): :func:`densify_db` each
+    database in a write transaction of its own; prints {name: pages saved}."""
+    path, slack, names = argv[0], float(argv[1]), [n.encode() for n in argv[2:]]
+    env = open_env(path)
+    try:
+        print("ready", flush=True)
+        if sys.stdin.readline().strip() != "go":
+            return 2
+        out = {}
+        for name in names:
+            dup = name in S.DUP_DBS
+            with env.begin(write=True) as txn:
+                db = env.open_db(name, txn=txn, create=False, dupsort=dup, dupfixed=dup)
+                out[name.decode()] = densify_db(env, txn, db, name, slack)
+        print(json.dumps(out), flush=True)
+    finally:
+        env.close()
+    return 0
+
+
+def sparse_pages(txn, db, name: bytes, slack: float = INDEX_SLACK) -> bool:
+    """Are ``db``'s leaf pages more than ``slack`` times what it needs (and its
+    entries at most INDEX_REWRITE_MAX)?  Reads only (a sample, or for
+    ``history``/``pathlog`` a walk over their keys)."""
+    st = txn.stat(db)
+    if not st["entries"] or st["entries"] > INDEX_REWRITE_MAX:
+        return False
+    if name in S.DUP_DBS:
+        need = S.dup_pages_needed(txn, db)
+    else:
+        sizes = [_node_bytes(k, v) for _, (k, v) in zip(range(INDEX_SAMPLE), txn.cursor(db=db))]
+        need = -(-st["entries"] * sum(sizes) // (len(sizes) * (st["psize"] - 16)))  # page header: 16
+    return st["leaf_pages"] - need >= max(1, need * (slack - 1))
 
 
 def _node_bytes(k: bytes, v: bytes) -> int:

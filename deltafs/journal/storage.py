@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -41,6 +43,7 @@ from .upgrade import UPGRADABLE, upgrade
 log = logging.getLogger(__name__)
 
 MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
+APART_TIMEOUT_S = 1800.0  # seconds a child of Storage.run_apart may take
 BLOCKS_CHECKED_KEPT = 16_384  # record blocks remembered as checked
 RECORD_BLOCKS_CACHED = 64  # decoded record blocks kept per journal (RECORD_BLOCK records each, ~8 KB)
 
@@ -167,6 +170,50 @@ class Storage:
         """Copy ``db`` out and append it back in key order (every page full); -> pages saved."""
         return S.rewrite_in_key_order(self.env, txn, db)
 
+    def run_apart(self, entry: str, args: list[str], timeout: float = APART_TIMEOUT_S) -> bytes:
+        """Run ``entry`` ("module:function", called with ``[journal path, *args]``)
+        in a child process while this process holds the write lock; -> what
+        the child printed after its "ready" line.
+
+        The child opens the environment (:func:`open_env`), prints "ready",
+        waits for "go" on stdin, writes, prints its answer and exits.  Why a
+        child: LMDB keeps every page a write transaction dirtied in a pool of
+        the environment for later transactions and never gives it back
+        (``me_dpages``, freed only when the environment closes), so a
+        transaction that dirties a whole database (a rewrite in key order)
+        would leave the daemon that much bigger for good
+        (docs/performance-notes.md, "The soak's memory").  The child's pool
+        goes when it exits.  It holds LMDB's own writer lock while it writes;
+        this process holds the write lock from the child's "ready" to its
+        answer, so no thread of it waits inside LMDB meanwhile."""
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        mod, fn = entry.split(":")
+        cmd = [sys.executable, "-c", f"import sys; from {mod} import {fn}; sys.exit({fn}(sys.argv[1:]))",
+               self.path, *args]
+        with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=env, close_fds=True) as child:
+            try:
+                ready = child.stdout.readline()
+                if ready.strip() != b"ready":
+                    child.kill()
+                    err = child.stderr.read().decode(errors="replace").strip().splitlines()
+                    raise JournalError(f"{entry} on {self.path} in a child process did not start: "
+                                       f"{err[-1] if err else ready!r}")
+                with self.wlock:
+                    child.stdin.write(b"go\n")
+                    child.stdin.flush()
+                    out, err = child.communicate(timeout=timeout)
+            except BaseException:
+                child.kill()
+                raise
+        if child.returncode != 0:
+            lines = err.decode(errors="replace").strip().splitlines()
+            raise JournalError(f"{entry} on {self.path} in a child process failed: "
+                               f"{lines[-1] if lines else child.returncode}")
+        return out
+
     # --- record blocks --------------------------------------------------------------
     def record_block(self, first: int, loc: tuple[int, int, int, int]) -> list[bytes]:
         """The stored values of the record block starting at ``first`` (a few kept decoded)."""
@@ -260,6 +307,13 @@ def translated(path: str) -> Iterator[None]:
         yield
     except lmdb.Error as e:
         raise translate(e, path) from e
+
+
+# --- child processes (Storage.run_apart) ---------------------------------------------------
+def open_env(path: str) -> lmdb.Environment:
+    """The journal's environment, opened as a writer opens it (a child of :meth:`Storage.run_apart`)."""
+    return lmdb.open(path, map_size=MAP_SIZE, max_dbs=S.MAX_DBS, lock=True, sync=True, metasync=True,
+                     readahead=False, max_readers=510, subdir=True, mode=private.FILE_MODE)
 
 
 # --- the writer's lock file -------------------------------------------------------------

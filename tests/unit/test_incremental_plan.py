@@ -230,3 +230,30 @@ def test_graveyard_purge_is_bounded_and_goes_round():
             assert comp.purge_graveyard(limit=30) == 0
         finally:
             run.j.close()
+
+
+def test_a_new_snapshot_does_not_replan_every_file():
+    """A snapshot added (a guard alert names one) only pins more: the next
+    pass asks about what changed, not every file (the soak's "files planned"
+    spike to all 24,000 files); a snapshot removed asks about every file."""
+    with tempfile.TemporaryDirectory() as d:
+        run = Run(d + "/j", 5)
+        try:
+            for fid in range(1, 41):
+                run.save(fid, 1)
+            run.clock.ns += 2 * MIN
+            run.compact(0, 1)
+            with run.j.reader() as r:
+                head = r.head_seq()
+            run.j.kv_put("snapshots", "guard-1", {"seq": head})
+            run.save(1, 1)
+            rep = M.compact(run.j, POLICIES[0])
+            assert rep.files_examined == 1 and rep.plan_full_why is None, rep
+            assert sorted(rep.pruned) == M.plan(run.j, POLICIES[0])[0]
+            run.j.kv_delete("snapshots", "guard-1")
+            run.save(2, 1)
+            rep = M.compact(run.j, POLICIES[0])
+            assert rep.files_examined == 40 and rep.plan_full_why == "a snapshot removed", rep
+            run.check()
+        finally:
+            run.j.close()

@@ -183,7 +183,7 @@ class Compactor(threading.Thread):
             with contextlib.suppress(ValueError):
                 out = json.loads(r.stdout)
                 for k in ("pruned_versions", "pruned", "freed_chunks", "freed_bytes", "versions_pruned",
-                          "versions", "files", "files_examined", "versions_examined", "plan_s", "pass_s", "checkpoints_written",
+                          "versions", "files", "files_examined", "versions_examined", "plan_full_why", "plan_s", "pass_s", "checkpoints_written",
                           "prune_s", "repack_s", "archive_s", "densify_s", "records_archived",
                           "packs_emptied", "index_pages_saved"):
                     if k in out:
