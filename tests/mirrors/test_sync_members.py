@@ -229,9 +229,40 @@ def test_guard_holds_a_damaging_peer_until_resume(tmp_path):
     peer = json.loads(cli("group", "list", "-m", b, "--json").stdout)["peers"][0]
     assert peer["held"] and peer["held"]["files"] >= 5 and peer["pending_in"] > 0, peer
     assert json.loads(cli("group", "sync", "-m", b, "--json").stdout)["applied"] == 0  # still held
+    res = cli("status", b, "--check", ok=False)  # a held peer fails the check, in one clear line
+    assert res.returncode == 1 and len(res.stdout.splitlines()) == 1, res.stdout
+    assert "held by the damage guard" in res.stdout and "deltafs guard resume" in res.stdout, res.stdout
+    assert "deltafs_sync_peer_held{" in cli("status", b, "--prometheus").stdout
     out = cli("guard", "resume", b).stdout
     assert "released" in out
     rep = json.loads(cli("group", "sync", "-m", b, "--json").stdout)
     assert rep["applied"] == len(files) and rep["held"] == 0, rep
     assert all((b / n).read_bytes() == (a / n).read_bytes() for n in files)
     assert json.loads(cli("group", "list", "-m", b, "--json").stdout)["peers"][0]["held"] is None
+    assert cli("status", b, "--check").stdout.startswith("OK")
+
+
+def test_status_check_fails_on_a_peer_unheard_too_long(tmp_path):
+    """`status --check --max-peer-age S`: a peer whose stream has not moved for longer than S
+    (by this machine's clock) fails the check; hearing from it again clears it."""
+    url = f"file://{tmp_path}/store"
+    a = new_tree(tmp_path / "a", {"f.txt": "1\n"})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    cli("group", "sync", "-m", a)
+    assert cli("status", a, "--check", "--max-peer-age", "3600").stdout.startswith("OK")
+    st = S.load(str(a / ".deltafs"))  # a last heard from b two hours ago
+    (peer,) = st.peers.values()
+    peer["heard_ns"] -= 7200 * 10**9
+    S.save(str(a / ".deltafs"), st)
+    assert cli("status", a, "--check").stdout.startswith("OK")  # not checked without --max-peer-age
+    res = cli("status", a, "--check", "--max-peer-age", "3600", ok=False)
+    assert res.returncode == 1 and len(res.stdout.splitlines()) == 1, res.stdout
+    assert "last heard 2h00m ago" in res.stdout and b.name not in ("",), res.stdout
+    cli("group", "sync", "-m", a)  # b's stream has not moved: still unheard
+    assert cli("status", a, "--check", "--max-peer-age", "3600", ok=False).returncode == 1
+    (b / "f.txt").write_text("2\n")
+    cli("group", "sync", "-m", b)
+    cli("group", "sync", "-m", a)
+    assert cli("status", a, "--check", "--max-peer-age", "3600").stdout.startswith("OK")
