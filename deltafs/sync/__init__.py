@@ -144,17 +144,21 @@ def scan(journal, src: str) -> dict:
 
     from deltafs.capture import Recorder
 
+    from .engine import finished_intents
+
     rec = Recorder(journal, src)
     try:
         hidden = os.stat(journal.path).st_ino
     except OSError:
         hidden = -1
     out: dict = {}
+    rec.pipe.origins.update(finished_intents(journal.path, src))  # a crash mid-apply: still a sync
 
     async def go() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(rec.run)
             out.update(await rec.scan(None, hidden))
+            await rec.drain()
             nursery.cancel_scope.cancel()
 
     trio.run(go)

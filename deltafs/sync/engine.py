@@ -80,6 +80,37 @@ def same_local(cur: dict | None, v: View) -> bool:
     return True
 
 
+def in_src(src: str, p: bytes, t: dict) -> bool:
+    """Does SRC already hold state t at p?"""
+    st = lstat(src, p)
+    if t.get("x"):
+        return st is None
+    if st is None:
+        return False
+    if t["k"] == "d":
+        return _s.S_ISDIR(st.st_mode)
+    if t["k"] == "l":
+        return _s.S_ISLNK(st.st_mode) and read_target(src, p) == t["tg"]
+    return (st.st_mode & 0o7777) == (t.get("m") or 0o644) and same_bytes(src, p, G.unpack_list(t.get("l", b"")))
+
+
+def finished_intents(journal_dir: str, src: str) -> dict[bytes, str]:
+    """Intents a crash left that SRC already holds: path -> "DEVICE:N".  The scan that
+    journals them (the next mount's, or an unmounted pass's) tags them with that origin
+    and cause ``sync``, as the apply would have (docs/sync.md, "Crash mid-apply")."""
+    st = S.load(journal_dir)
+    if st is None or not st.intents:
+        return {}
+    out = {}
+    for p, t in st.intents.items():
+        try:
+            if in_src(src, p, t):
+                out[p] = head_id(t)
+        except OSError:
+            continue
+    return out
+
+
 class PassReport(dict):
     pass
 
@@ -418,18 +449,7 @@ class Engine:
         return t
 
     def _in_src(self, p: bytes, t: dict) -> bool:
-        """Does SRC already hold state t at p?"""
-        st = lstat(self.src, p)
-        if t.get("x"):
-            return st is None
-        if st is None:
-            return False
-        if t["k"] == "d":
-            return _s.S_ISDIR(st.st_mode)
-        if t["k"] == "l":
-            return _s.S_ISLNK(st.st_mode) and read_target(self.src, p) == t["tg"]
-        return (st.st_mode & 0o7777) == (t.get("m") or 0o644) and \
-            same_bytes(self.src, p, G.unpack_list(t.get("l", b"")))
+        return in_src(self.src, p, t)
 
     def execute_intents(self) -> int:
         st = self.st
@@ -500,6 +520,8 @@ class Engine:
                     self.io.tag(p, head_id(t))
                     self.io.record([p])
                     v = self._view(p)
+                if v.kind == "f" and v.seq and v.seq != (st.files.get(p) or {}).get("ls"):
+                    st.origins[v.seq] = head_id(t)
                 st.files[p] = dict(t, ls=v.seq)
                 del st.intents[p]
                 n += 1

@@ -203,6 +203,9 @@ def test_crash_mid_apply_is_finished_once(tmp_path):
         with j.reader() as r:
             contents = [r.read_content(rec.seq) for rec in r.records() if rec.is_content]
     assert contents.count(b"v2\n") == 1 and len(contents) <= before + 1
+    a_dev = json.loads(cli("group", "list", "-m", a, "--json").stdout)["device"]
+    top = json.loads(cli("log", "f.txt", "--journal", b / ".deltafs", "--json", "-n", "1").stdout.splitlines()[0])
+    assert top["cause"] == "sync" and top["origin"].startswith(a_dev + ":"), top  # not "scan"
     cli("group", "sync", "-m", a)
     assert conflicts(a) == [] and (a / "f.txt").read_text() == "v2\n"
 

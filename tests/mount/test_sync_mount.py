@@ -177,6 +177,11 @@ def test_kill_9_mid_apply_is_finished_by_the_next_mount(tmp_path, mount_factory,
         contents = [r.read_content(rec.seq) for rec in r.records() if rec.is_content and rec.path == b"notes.md"]
     assert contents.count(b"two, from a\n") == 1 and contents[-1] == b"two, from a\n", contents
     assert (b.mnt / "notes.md").read_text() == "two, from a\n"
+    # the version the mount-time scan finished is a sync from a, as the apply would have made it
+    a_dev = json.loads(cli("group", "list", "-m", a.mnt, "--json").stdout)["device"]
+    top = json.loads(cli("log", b.mnt / "notes.md", "--json").stdout.splitlines()[0])
+    assert top["cause"] == "sync" and top["origin"].startswith(a_dev + ":"), top
+    assert top["origin"] in st.origins.values()
     cli("group", "sync", "-m", a.mnt)
     assert conflict_set(a.mnt) == set() and conflict_set(b.mnt) == set()
     (b.mnt / "notes.md").write_text("three, from b\n")  # and the member goes on syncing
