@@ -26,9 +26,18 @@ log = logging.getLogger(__name__)
 APPLY_BATCH = 256  # intents journaled per commit
 HEARTBEAT_NS = 60 * 1_000_000_000  # an idle member rewrites its head.json this often (status: last heard)
 EMPTY_HASH = G.blake(b"")
-# A fault a test cannot cause by timing: the process kills itself (SIGKILL) right after an
-# apply batch reached SRC, before the journal recorded it (tests/mount/test_sync_mount.py).
+# Faults a test cannot cause by timing: the process kills itself (SIGKILL) right after an
+# apply batch reached SRC, before the journal recorded it ("after-write"), or in the middle of
+# an upload: after its packs, after its segment, after its head.json, each before the sync
+# state recorded it ("after-pack", "after-segment", "after-head"; tests/mount/test_sync_mount.py).
 _KILL_POINT = os.environ.get("DELTAFS_TEST_SYNC_KILL")
+# Devices whose own head.json this process has checked against its sync state (publish).
+_HEAD_CHECKED: set[str] = set()
+
+
+def _test_kill(point: str) -> None:
+    if _KILL_POINT == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def device_of(journal_id: str) -> str:
@@ -230,6 +239,7 @@ class Engine:
             return 0
         if not st.outbox and seen == st.head_seen and self.clock() - st.head_ns < HEARTBEAT_NS and not st.left:
             return 0  # nothing new to say: head.json is rewritten only as a heartbeat
+        self._adopt_own_head()
         if st.outbox_chunks:
             with self.journal.reader() as r:
                 items = []
@@ -248,22 +258,56 @@ class Engine:
                     st.chunks[cid] = [name, off, len(val)]
                     off += len(val)
                 st.packs.append(name)
+            _test_kill("after-pack")
         n = len(st.outbox)
         if n:
             first, last = st.published + 1, st.numbered
             name = G.segment_name(self.dev, first, last)
             self.store.put(name, G.encode_segment(self.dev, first, last, list(st.outbox)))
             st.segments.append({"name": name, "first": first, "last": last})
+            _test_kill("after-segment")
         head = G.Head(device=self.dev, name=st.name, last=st.numbered, last_hash=st.last_hash.hex(),
                       segments=st.segments, packs=st.packs,
                       seen=seen, left=st.left, updated_ns=self.clock())
         self.store.put(G.head_name(self.dev), head.encode())
+        if n:
+            _test_kill("after-head")
         st.head_ns, st.head_seen = head.updated_ns, seen
         st.published = st.numbered
         st.outbox, st.outbox_chunks = [], []
         self.report["published"] += n
         self.save()
         return n
+
+    def _adopt_own_head(self) -> None:
+        """Once per process: does the store's head.json of this device name more than the
+        state says was published?  Then a crash (kill -9) came after the head was written
+        and before the state recorded it: its segments and packs are published, and peers
+        may have read them.  Take them as published, so the outbox's first events are not
+        published a second time under another segment name (peers would see the stream
+        change under them)."""
+        st = self.st
+        if self.dev in _HEAD_CHECKED or st.left:
+            return
+        head = G.read_head(self.store, self.dev)
+        if head is not None and head.last > st.published:
+            k = head.last - st.published
+            if k > len(st.outbox) or bytes(st.outbox[k - 1][:G.HASH_LEN]).hex() != head.last_hash:
+                raise G.GroupCorruptError(f"group store {self.store.url}: {G.head_name(self.dev)} names events "
+                                          f"this member never made (up to {head.last}; it made {st.numbered}): "
+                                          "is a copy of this journal a member too?")
+            log.warning("sync: events %d-%d were published before a crash recorded it: taken as published",
+                        st.published + 1, head.last)
+            for name in head.packs:
+                if name not in st.packs:
+                    for cid, off, ln in G.read_pack_index(self.store, name):
+                        st.chunks.setdefault(cid, [name, off, ln])
+            st.segments, st.packs = list(head.segments), list(head.packs)
+            st.outbox = st.outbox[k:]
+            st.published = head.last
+            st.head_ns, st.head_seen = head.updated_ns, dict(head.seen)
+            self.save()
+        _HEAD_CHECKED.add(self.dev)
 
     # ---- pulling --------------------------------------------------------------------------
     def pull(self) -> int:
@@ -480,8 +524,7 @@ class Engine:
                     reached.setdefault(c, None)
             if touched:
                 self.io.flush()
-                if _KILL_POINT == "after-write":  # tests only: kill -9 between SRC and the journal
-                    os.kill(os.getpid(), signal.SIGKILL)
+                _test_kill("after-write")  # tests only: kill -9 between SRC and the journal
             seqs = self.io.record(touched) if touched else {}
             with self.journal.reader() as r:
                 for p, t in reached.items():
