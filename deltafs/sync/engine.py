@@ -205,13 +205,16 @@ class Engine:
             self.save()
         return made
 
-    def _local_event(self, r, p: bytes, v: View, cur: dict | None) -> dict:
+    def _local_event(self, r, p: bytes, v: View, cur: dict | None, base_v: dict | None = None,
+                     extra: dict | None = None) -> dict:
         st = self.st
         n = st.numbered + 1
-        vec = dict(cur["v"]) if cur else {}
+        vec = dict(cur["v"] if base_v is None else base_v) if cur or base_v else {}
         vec[self.dev] = n
         ev = {"p": p, "k": v.kind or (cur["k"] if cur else "f"), "x": v.kind is None, "v": vec,
-              "h": v.hlc or (self.clock() // 1_000_000) << 16}
+              "h": v.hlc or (self.clock() // 1_000_000) << 16, **(extra or {})}
+        if cur is not None and not cur.get("x") and cur.get("k") == "f" and cur.get("c"):
+            ev["pc"] = cur["c"]  # the content this change was made on (resolve --merge: the ancestor)
         if v.kind == "f":
             refs = r.chunk_list(v.seq) if v.seq else []
             ev.update(c=v.chash or EMPTY_HASH, l=G.pack_list(refs), s=v.size, m=v.mode, t=v.mtime_ns, o=v.seq)
@@ -578,12 +581,15 @@ class Engine:
 
     # ---- conflicts ----------------------------------------------------------------------------
     def resolve(self, p: bytes, take: str) -> dict:
-        """End the conflict on p with the local state, the remote one, or a named head."""
+        """End the conflict on p with the local state, the remote one, or a named head
+        (``take`` "merge": a three-way text merge, :meth:`merge`)."""
         st = self.st
         heads = st.conflicts.get(p)
         if not heads:
             raise G.GroupError(f"{p.decode('utf-8', 'surrogateescape')} has no open conflict")
         cur = st.files.get(p)
+        if take == "merge":
+            return self.merge(p, cur, heads)
         if take == "local":
             chosen = cur
         elif take == "remote":
@@ -615,3 +621,92 @@ class Engine:
         else:
             st.intents[p] = full
         return full  # the caller saves (execute_intents, publish)
+
+    # ---- resolve --merge ----------------------------------------------------------------------
+    def _ancestor(self, r, p: bytes, cur: dict, heads: list) -> bytes | None:
+        """The common ancestor's bytes: the content each side's change was made on (``pc``),
+        found in this journal's history of p; when the sides name different ones, the older
+        (the other is a descendant of it on one side).  None: not known here."""
+        want = {h.get("pc") for h in [cur, *heads] if h.get("pc")}
+        found: dict = {}
+        for seq in r.versions_under(p):  # newest first
+            rec = r.record(seq)
+            if rec.path == p and rec.is_content and rec.content_hash in want and rec.content_hash not in found:
+                found[rec.content_hash] = seq
+        if not found:
+            return None
+        return r.read_content(min(found.values()))
+
+    def merge(self, p: bytes, cur: dict | None, heads: list) -> dict:
+        """resolve --merge: git merge-file of the local text, the ancestor and the one remote
+        head.  Clean: the result is written (a version with cause sync, this member's resolve
+        event as origin) and published as the resolution.  Not clean: the file gets the merge
+        with conflict markers (a local save), the conflict stays open, MergeConflictError."""
+        import subprocess
+        import tempfile
+
+        show = p.decode("utf-8", "surrogateescape")
+        st = self.st
+        if len(heads) > 1:
+            raise G.GroupError(f"{show} has {len(heads)} remote versions: --merge takes one; end the others "
+                               "first with --take")
+        (h,) = heads
+        if _deleted(cur) or _deleted(h) or cur.get("k") != "f" or h.get("k") != "f":
+            raise G.GroupError(f"{show}: --merge merges two file contents; one side is "
+                               f"{'deleted' if _deleted(cur) or _deleted(h) else 'not a file'}: use --take")
+        with self.journal.reader() as r:
+            local = r.read_content(cur["ls"]) if cur.get("ls") else b""
+            base = self._ancestor(r, p, cur, heads)
+        remote = b"".join(self._pieces(G.unpack_list(h.get("l", b""))))
+        if base is None:
+            raise G.GroupError(f"{show}: the common ancestor of {head_id(cur)} and {head_id(h)} is not in this "
+                               "journal's history: --merge cannot tell what each side changed; use --take")
+        if any(b"\0" in x[:1 << 20] for x in (local, base, remote)):
+            raise G.GroupError(f"{show} is not a text file: --merge merges text; use --take")
+        with tempfile.TemporaryDirectory(prefix="deltafs-merge-") as tmp:
+            names = []
+            for i, data in enumerate((local, base, remote)):
+                names.append(os.path.join(tmp, str(i)))
+                with open(names[-1], "wb") as f:
+                    f.write(data)
+            try:
+                res = subprocess.run(["git", "merge-file", "-p", "-L", "local", "-L", "ancestor", "-L",
+                                      head_id(h), *names], capture_output=True, check=False)
+            except FileNotFoundError:
+                raise G.GroupError("resolve --merge needs git (git merge-file): install it, or use --take") \
+                    from None
+        if res.returncode < 0 or res.returncode > 127:
+            raise G.GroupError(f"{show}: git merge-file failed: {res.stderr.decode(errors='replace').strip()}")
+        merged, clashes = res.stdout, res.returncode
+        mode = cur.get("m") or 0o644
+        created: list[bytes] = []
+        if clashes:  # a local save with the markers; the conflict stays open
+            self.io.write_file(p, [merged], mode, None, created)
+            self.io.flush()
+            self.io.record([*created, p])
+            raise MergeConflictError(
+                f"{show}: {clashes} change(s) of local and {head_id(h)} overlap: the file now holds the merge "
+                f"with conflict markers (<<<<<<< local, >>>>>>> {head_id(h)}); the conflict stays open: edit the "
+                f"file, then `deltafs resolve {show} --take local`")
+        origin = f"{self.dev}:{st.numbered + 1}"
+        self.io.tag(p, origin)
+        try:
+            self.io.write_file(p, [merged], mode, None, created)
+            self.io.flush()
+            self.io.record([*created, p])
+        finally:
+            self.io.untag(p)
+        with self.journal.reader() as r:
+            v = journal_view(r, p)
+            full = self._local_event(r, p, v, cur, base_v=V.merge(cur["v"], h["v"]),
+                                     extra={"r": [head_id(cur), head_id(h)]})
+        if v.seq:
+            st.origins[v.seq] = origin
+        del st.conflicts[p]
+        return full
+
+
+class MergeConflictError(G.GroupError):
+    """resolve --merge could not merge cleanly: the file holds conflict markers (exit 1)."""
+
+    exit_code = 1

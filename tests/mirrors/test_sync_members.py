@@ -269,3 +269,45 @@ def test_status_check_fails_on_a_peer_unheard_too_long(tmp_path):
     cli("group", "sync", "-m", b)
     cli("group", "sync", "-m", a)
     assert cli("status", a, "--check", "--max-peer-age", "3600").stdout.startswith("OK")
+
+
+def test_resolve_merge(tmp_path):
+    """resolve --merge: a three-way merge from the common ancestor ends a conflict of separate
+    edits; overlapping edits leave conflict markers in the file and the conflict open."""
+    url = f"file://{tmp_path}/store"
+    lines = [f"line {i}\n" for i in range(10)]
+    a = new_tree(tmp_path / "a", {"notes.md": "".join(lines)})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    (a / "notes.md").write_text("".join(["line 0, edited on a\n", *lines[1:]]))
+    (b / "notes.md").write_text("".join([*lines[:8], "line 8, edited on b\n", lines[9]]))
+    settle([a, b])
+    assert len(conflict_set(a)) == 1 and conflict_set(a) == conflict_set(b)
+    out = cli("resolve", "notes.md", "--merge", "-m", b).stdout
+    assert "merged" in out, out
+    both = "".join(["line 0, edited on a\n", *lines[1:8], "line 8, edited on b\n", lines[9]])
+    assert (b / "notes.md").read_text() == both
+    settle([a, b])
+    assert (a / "notes.md").read_text() == both and conflicts(a) == [] and conflicts(b) == []
+    b_dev = json.loads(cli("group", "list", "-m", b, "--json").stdout)["device"]
+    top = json.loads(cli("log", "notes.md", "--journal", b / ".deltafs", "--json", "-n", "1").stdout.splitlines()[0])
+    assert top["cause"] == "sync" and top["origin"].startswith(b_dev + ":"), top  # b's resolve event
+
+    # both change line 3: markers, the conflict stays open, until resolved by hand
+    (a / "notes.md").write_text(both.replace("line 3\n", "line 3 by a\n"))
+    (b / "notes.md").write_text(both.replace("line 3\n", "line 3 by b\n"))
+    settle([a, b])
+    res = cli("resolve", "notes.md", "--merge", "-m", b, ok=False)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "conflict markers" in res.stderr, res.stderr
+    text = (b / "notes.md").read_text()
+    assert "<<<<<<< local\nline 3 by b\n" in text and ">>>>>>> " in text and "line 3 by a\n" in text, text
+    settle([a, b])
+    assert len(conflict_set(a)) == 1 and conflict_set(a) == conflict_set(b)  # still open, the same on both
+    (b / "notes.md").write_text(both.replace("line 3\n", "line 3 by a and b\n"))
+    cli("resolve", "notes.md", "--take", "local", "-m", b)
+    settle([a, b])
+    assert (a / "notes.md").read_text() == (b / "notes.md").read_text() == both.replace("line 3\n", "line 3 by a and b\n")
+    assert conflicts(a) == [] and conflicts(b) == []
+    res = cli("resolve", "notes.md", "--merge", "--take", "local", "-m", b, ok=False)
+    assert res.returncode == 2 and "--merge" in res.stderr
