@@ -300,3 +300,39 @@ def test_kill_9_mid_upload_then_remount(tmp_path, mount_factory, monkeypatch, po
     b.umount(check=point != "after-head")
     if point == "after-head":  # b's log says it took the events its head named as published
         assert "were published before a crash recorded it" in b.log_text()
+
+
+def test_resolve_merge_through_the_mounts(tmp_path, mount_factory):
+    """resolve --merge on a mount: the daemon writes the merge through the mount (a sync version
+    with b's resolve event as origin) and both members converge; overlapping edits: exit 1,
+    markers in the file, the conflict stays open."""
+    url = f"file://{tmp_path}/store"
+    lines = [f"line {i}\n" for i in range(10)]
+    a_src = tmp_path / "a"
+    a_src.mkdir()
+    (a_src / "notes.md").write_text("".join(lines))
+    a = mount_factory(a_src, "--group", url)
+    b = mount_factory(tmp_path / "b", "--group", url)
+    (a.mnt / "notes.md").write_text("".join(["line 0 by a\n", *lines[1:]]))
+    (b.mnt / "notes.md").write_text("".join([*lines[:9], "line 9 by b\n"]))
+    sync_all(a.mnt, b.mnt)
+    assert len(conflict_set(a.mnt)) == 1 and conflict_set(a.mnt) == conflict_set(b.mnt)
+    cli("resolve", "notes.md", "--merge", "-m", b.mnt)
+    both = "".join(["line 0 by a\n", *lines[1:9], "line 9 by b\n"])
+    assert (b.mnt / "notes.md").read_text() == both
+    sync_all(a.mnt, b.mnt)
+    assert (a.mnt / "notes.md").read_text() == both
+    assert conflict_set(a.mnt) == set() and conflict_set(b.mnt) == set()
+    top = json.loads(cli("log", b.mnt / "notes.md", "--json").stdout.splitlines()[0])
+    assert top["cause"] == "sync" and "origin" in top, top
+
+    (a.mnt / "notes.md").write_text(both.replace("line 5\n", "five by a\n"))
+    (b.mnt / "notes.md").write_text(both.replace("line 5\n", "five by b\n"))
+    sync_all(a.mnt, b.mnt)
+    res = cli("resolve", "notes.md", "--merge", "-m", b.mnt, ok=False)
+    assert res.returncode == 1 and "conflict markers" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert "<<<<<<< local\nfive by b\n" in (b.mnt / "notes.md").read_text()
+    sync_all(a.mnt, b.mnt)
+    assert len(conflict_set(a.mnt)) == 1 and conflict_set(a.mnt) == conflict_set(b.mnt)
+    a.umount()
+    b.umount(check=False)  # b's log holds the failed resolve's ERROR line
