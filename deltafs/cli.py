@@ -1386,7 +1386,7 @@ def cmd_group(args: argparse.Namespace) -> int:
     with Journal.open(jdir) as j:
         if verb == "join":
             st = sync.join(j, args.url, name=args.name or "", endpoint_url=args.endpoint_url,
-                           secrets=_secrets(args), encrypt=args.encrypt)
+                           secrets=_secrets(args), encrypt=args.encrypt, conflict_copies=args.conflict_copies)
             rep = sync.run_pass(j, src)
             if args.json:
                 _print_json({"url": st.url, "device": st.device, "group_id": st.group_id, **rep})
@@ -1484,6 +1484,9 @@ def _add_sync_parsers(sub) -> None:
     j.add_argument("--name", help="this member's name as others see it (default: the host name)")
     j.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for s3:// stores (self-hosted S3)")
     j.add_argument("--encrypt", action="store_true", help="a new (empty) store is made encrypted")
+    j.add_argument("--conflict-copies", action="store_true",
+                   help="on this member, also write each conflict's remote version as NAME.conflict-DEVICE-N.EXT "
+                        "beside the file (never published; docs/sync.md)")
     secret_options(j)
     where(j)
     for verb, text in (("list", "the group and its members: last seen, lag, pending in and out"),

@@ -72,9 +72,10 @@ def _prepare(journal, url: str, *, name: str = "", endpoint_url: str | None = No
 
 
 def join(journal, url: str, *, name: str = "", endpoint_url: str | None = None, secrets=None,
-         encrypt: bool = False) -> SyncState:
+         encrypt: bool = False, conflict_copies: bool = False) -> SyncState:
     """Make ``journal`` a member of the group stored at ``url`` (made if the store is empty)."""
     st = _prepare(journal, url, name=name, endpoint_url=endpoint_url, secrets=secrets, encrypt=encrypt)
+    st.conflict_copies = conflict_copies
     S.save(journal.path, st)
     return st
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import stat as _s
 import time
@@ -87,6 +88,24 @@ def same_local(cur: dict | None, v: View) -> bool:
     if v.kind == "l":
         return cur.get("tg") == v.target
     return True
+
+
+_COPY_RE = re.compile(rb"\.conflict-[0-9a-f]{16}-[0-9]+(\.[^./]*)?$")
+
+
+def conflict_copy_name(p: bytes, ev: dict) -> bytes:
+    """Where --conflict-copies puts a remote head: NAME.conflict-DEVICE-N.EXT beside p."""
+    head, _, name = p.rpartition(b"/")
+    stem, dot, ext = name.rpartition(b".")
+    if not stem:  # no extension (or a dot file): the suffix goes at the end
+        stem, dot, ext = name, b"", b""
+    tag = f".conflict-{ev.get('d', '0' * 16)}-{ev.get('n', 0)}".encode()
+    return (head + b"/" if head else b"") + stem + tag + dot + ext
+
+
+def is_conflict_copy(p: bytes) -> bool:
+    """A conflict copy's name: never published (docs/sync.md)."""
+    return _COPY_RE.search(p.rpartition(b"/")[2]) is not None
 
 
 def in_src(src: str, p: bytes, t: dict) -> bool:
@@ -181,6 +200,8 @@ class Engine:
             for p in sorted(touched):
                 if p in st.intents:
                     continue  # being applied: execute_intents checks it is still untouched
+                if is_conflict_copy(p):
+                    continue  # a conflict copy is this member's own: never published
                 v = journal_view(r, p)
                 if v.kind == "n":
                     continue
@@ -384,6 +405,8 @@ class Engine:
         st = self.st
         p = ev["p"]
         self.dirty = True
+        if is_conflict_copy(p):
+            return "known"  # (never published; a member of an older version may have)
         if not self._settled(p):
             st.pending.setdefault(p, []).append(ev)
             return "pending"
@@ -410,6 +433,10 @@ class Engine:
             heads.append(ev)
             self.report["conflicts"] += 1
             log.info("conflict on %r: local %s, remote %s", p, head_id(cur), head_id(ev))
+            if st.conflict_copies and ev.get("k") == "f":  # also as a file beside it (applied as a sync)
+                cp = conflict_copy_name(p, ev)
+                if cp not in st.files and self._settled(cp):
+                    st.intents[cp] = dict(ev, p=cp, eq=[ev["v"]])
         if target is not None:
             keep = []
             for h in heads:

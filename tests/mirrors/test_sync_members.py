@@ -311,3 +311,43 @@ def test_resolve_merge(tmp_path):
     assert conflicts(a) == [] and conflicts(b) == []
     res = cli("resolve", "notes.md", "--merge", "--take", "local", "-m", b, ok=False)
     assert res.returncode == 2 and "--merge" in res.stderr
+
+
+def test_conflict_copies(tmp_path):
+    """group join --conflict-copies: on that member, a conflict's remote version is also a file
+    NAME.conflict-DEVICE-N.EXT beside it (journaled as a sync); copies are never published."""
+    url = f"file://{tmp_path}/store"
+    a = new_tree(tmp_path / "a", {"notes.md": "one\n", "Makefile": "all:\n"})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a, "--conflict-copies")
+    cli("clone", url, b, "--join")
+    (a / "notes.md").write_text("from a\n")
+    (b / "notes.md").write_text("from b\n")
+    (a / "Makefile").write_text("all: a\n")
+    (b / "Makefile").write_text("all: b\n")
+    settle([a, b])
+    version = next(x for x in conflicts(a) if x["path"] == "notes.md")["remote"][0]["version"]
+    dev, n = version.split(":")
+    copy = a / f"notes.conflict-{dev}-{n}.md"
+    assert copy.read_text() == "from b\n" and (a / "notes.md").read_text() == "from a\n"
+    mk = [x for x in os.listdir(a) if x.startswith("Makefile.conflict-")]
+    assert len(mk) == 1 and (a / mk[0]).read_text() == "all: b\n", mk
+    assert sorted(os.listdir(b)) == [".deltafs", "Makefile", "notes.md"]  # b did not ask for copies
+    assert conflict_set(a) == conflict_set(b) and len(conflict_set(a)) == 2
+    top = json.loads(cli("log", copy.name, "--journal", a / ".deltafs", "--json", "-n", "1").stdout.splitlines()[0])
+    assert top["cause"] == "sync" and top["origin"] == version, top
+    copy.unlink()  # deleting a copy is not a change the group sees
+    settle([a, b])
+    a_dev = json.loads(cli("group", "list", "-m", a, "--json").stdout)["device"]
+    store = sync.open_store(url, str(a / ".deltafs"))
+    head = sync.store.read_head(store, a_dev)
+    evs, prev = [], bytes(32)
+    for seg in head.segments:
+        got, prev = sync.store.decode_segment(store.get(seg["name"]), seg["name"], url, a_dev, seg["first"],
+                                              seg["last"], prev)
+        evs.extend(got)
+    assert not any(b".conflict-" in e["p"] for e in evs), [e["p"] for e in evs]
+    assert not copy.exists() and sorted(os.listdir(b)) == [".deltafs", "Makefile", "notes.md"]
+    cli("resolve", "--all", "--take", "local", "-m", a)
+    settle([a, b])
+    assert conflicts(a) == [] and conflicts(b) == [] and (b / "notes.md").read_text() == "from a\n"
