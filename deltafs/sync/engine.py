@@ -187,10 +187,15 @@ class Engine:
             if head <= st.cursor:
                 return 0
             touched: set[bytes] = set()
+            saves: dict[bytes, list] = {}  # path -> its local content versions in this range, in order
             for rec in r.records(st.cursor + 1, head):
                 for p in (rec.path, rec.path2):
                     if p:
                         touched.add(p)
+                if rec.is_content and rec.origin is None and rec.content_hash:
+                    saves.setdefault(rec.path, []).append(rec)
+                elif rec.op in ("rename", "unlink") and rec.path in saves:
+                    del saves[rec.path]  # (its versions went elsewhere, or away: the states say it)
                 if rec.op == "rename":
                     for p in (rec.path, rec.path2):
                         pre = p + b"/"
@@ -213,6 +218,16 @@ class Engine:
                     continue
                 if cur is None and v.kind is None:
                     continue
+                if v.kind == "f" and not is_conflict_copy(p) and p not in st.conflicts:
+                    # every save between two passes is a version on every member (docs/sync.md)
+                    for rec in saves.get(p, [])[:-1]:
+                        if rec.seq == v.seq or (cur is not None and rec.content_hash == cur.get("c")):
+                            continue
+                        refs = r.chunk_list(rec.seq)
+                        mid = View(kind="f", seq=rec.seq, size=sum(n for _, n in refs), mode=v.mode,
+                                   mtime_ns=rec.mtime_ns, chash=rec.content_hash, hlc=rec.hlc)
+                        cur = self._local_event(r, p, mid, cur)
+                        made += 1
                 full = self._local_event(r, p, v, cur)
                 made += 1
                 if full.get("x") and st.conflicts.get(p):
@@ -381,6 +396,9 @@ class Engine:
                         self.save()
                         break
                 for ev in events:
+                    t = st.intents.get(ev["p"])
+                    if t is not None and not ev.get("x") and V.includes(ev["v"], t["v"]):
+                        self.execute_intents()  # a later save of the same path: apply each in turn
                     self.handle(ev)
                     got += 1
                 peer["n"], peer["hash"] = seg["last"], h

@@ -351,3 +351,30 @@ def test_conflict_copies(tmp_path):
     cli("resolve", "--all", "--take", "local", "-m", a)
     settle([a, b])
     assert conflicts(a) == [] and conflicts(b) == [] and (b / "notes.md").read_text() == "from a\n"
+
+
+def test_every_save_between_two_passes_is_a_version_everywhere(tmp_path):
+    """Three saves of one file (and one of another) between two passes of a: b's journal gets
+    each of them as a version of its own (cause sync, in order), not only the last."""
+    url = f"file://{tmp_path}/store"
+    a = new_tree(tmp_path / "a", {"f.txt": "v0\n"})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    with Journal.open(a / ".deltafs") as j:
+        io = sync.LocalIO(j, str(a), cause="save")
+        for i in (1, 2, 3):
+            (a / "f.txt").write_text(f"v{i}\n")
+            io.record([b"f.txt"])
+        (a / "g.txt").write_text("g\n")
+        io.record([b"g.txt"])
+    settle([a, b])
+    with Journal.open(b / ".deltafs", readonly=True) as j, j.reader() as r:
+        got = [(r.read_content(rec.seq), rec.cause) for rec in r.records() if rec.is_content and rec.path == b"f.txt"]
+    assert [c for c, _ in got] == [b"v0\n", b"v1\n", b"v2\n", b"v3\n"], got
+    assert all(cause == "sync" for _, cause in got[1:]), got
+    assert (b / "f.txt").read_text() == "v3\n" and (b / "g.txt").read_text() == "g\n"
+    assert conflicts(a) == [] and conflicts(b) == []
+    (b / "f.txt").write_text("v4 from b\n")  # and b's next save is sequential, not a conflict
+    settle([a, b])
+    assert (a / "f.txt").read_text() == "v4 from b\n" and conflicts(a) == [] and conflicts(b) == []
