@@ -1386,7 +1386,7 @@ def cmd_group(args: argparse.Namespace) -> int:
     with Journal.open(jdir) as j:
         if verb == "join":
             st = sync.join(j, args.url, name=args.name or "", endpoint_url=args.endpoint_url,
-                           secrets=_secrets(args), encrypt=args.encrypt)
+                           secrets=_secrets(args), encrypt=args.encrypt, conflict_copies=args.conflict_copies)
             rep = sync.run_pass(j, src)
             if args.json:
                 _print_json({"url": st.url, "device": st.device, "group_id": st.group_id, **rep})
@@ -1428,7 +1428,11 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
     if bool(args.all) == bool(args.path):
         raise UsageError("give PATH or --all")
-    if args.take not in ("local", "remote") and ":" not in args.take:
+    if bool(args.take) == bool(args.merge):
+        raise UsageError("give --take local|remote|DEVICE:N or --merge")
+    if args.merge:
+        args.take = "merge"
+    elif args.take not in ("local", "remote") and ":" not in args.take:
         raise UsageError(f"--take {args.take!r}: give local, remote or DEVICE:N (from `deltafs conflicts`)")
     jdir, src, mount = _group_journal(args)
     if args.all:
@@ -1452,7 +1456,8 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"path": os.fsdecode(p), **d})
         else:
-            print(f"{os.fsdecode(p)}: resolved with {args.take} ({d['version']})")
+            print(f"{os.fsdecode(p)}: " + ("merged" if args.merge else f"resolved with {args.take}")
+                  + f" ({d['version']})")
     if not done and not args.json:
         print("no open conflicts")
     return 0
@@ -1479,6 +1484,9 @@ def _add_sync_parsers(sub) -> None:
     j.add_argument("--name", help="this member's name as others see it (default: the host name)")
     j.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for s3:// stores (self-hosted S3)")
     j.add_argument("--encrypt", action="store_true", help="a new (empty) store is made encrypted")
+    j.add_argument("--conflict-copies", action="store_true",
+                   help="on this member, also write each conflict's remote version as NAME.conflict-DEVICE-N.EXT "
+                        "beside the file (never published; docs/sync.md)")
     secret_options(j)
     where(j)
     for verb, text in (("list", "the group and its members: last seen, lag, pending in and out"),
@@ -1495,11 +1503,16 @@ def _add_sync_parsers(sub) -> None:
     c.set_defaults(func=cmd_conflicts)
     r = sub.add_parser("resolve", help="end a sync conflict", epilog=EPILOG, formatter_class=fmt,
                        description="End the conflict on PATH (or every one with --all) with the local version, "
-                                   "the remote one, or a named version DEVICE:N (from `deltafs conflicts`); every "
+                                   "the remote one, a named version DEVICE:N (from `deltafs conflicts`), or a "
+                                   "three-way merge of the two (--merge); every "
                                    "member takes the result.")
     r.add_argument("path", metavar="PATH", nargs="?", help="a path in the tree (relative to SRC)")
     r.add_argument("--all", action="store_true", help="every open conflict")
-    r.add_argument("--take", required=True, metavar="local|remote|DEVICE:N")
+    r.add_argument("--take", metavar="local|remote|DEVICE:N")
+    r.add_argument("--merge", action="store_true",
+                   help="a three-way text merge of the local and the remote version, from their common ancestor "
+                        "(git merge-file); overlapping changes: the file gets conflict markers and the conflict "
+                        "stays open (exit 1)")
     where(r)
     r.set_defaults(func=cmd_resolve)
 

@@ -380,6 +380,17 @@ class _RunState:
     error: DeltafsError | None = None
 
 
+def _finished_intents(cfg: MountConfig, journal) -> dict:
+    """The sync group's applies that reached SRC before a crash (deltafs/sync/engine.py)."""
+    from deltafs.sync.engine import finished_intents
+
+    try:
+        return finished_intents(journal.path, cfg.src)
+    except Exception as e:  # noqa: BLE001 - an unreadable sync state: the service reports it
+        log.warning("sync state of %s unreadable at mount: %s", journal.path, e)
+        return {}
+
+
 async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, nursery, state)
@@ -391,7 +402,13 @@ async def _main(cfg: MountConfig, journal, ops, rec, ready_fd, state, hidden_ino
                 if ready_fd is not None:
                     os.write(ready_fd, f"PROGRESS {msg}\n".encode())
 
+            tags = await trio.to_thread.run_sync(_finished_intents, cfg, journal)
+            rec.pipe.origins.update(tags)  # a sync apply a crash cut short: journaled as a sync
             await rec.scan(ops, hidden_ino, progress)
+            if tags:
+                await rec.drain()
+                for p in tags:
+                    rec.pipe.origins.pop(p, None)
         try:
             pyfuse3.init(ops, cfg.mnt, fuse_options(cfg))
         except RuntimeError as e:

@@ -211,6 +211,13 @@ def problems(st: dict, max_lag: float = MAX_MIRROR_LAG_S, max_peer_age: float | 
     where0 = st.get("mnt") or st.get("src") or st.get("journal", {}).get("path")
     if grp.get("error") or (grp.get("service") or {}).get("last_error"):
         out.append(f"{where0}: sync group: {grp.get('error') or grp['service']['last_error']}")
+    for p in grp.get("peers") or []:
+        held = p.get("held")
+        if held and not p.get("left"):
+            ex = ", ".join(held.get("examples") or [])
+            out.append(f"{where0}: sync peer {p['device']} ({p.get('name') or '-'}) is held by the damage guard: "
+                       f"{held.get('files', '?')} files would be destroyed from its event {held.get('from', '?')} on"
+                       + (f" (e.g. {ex})" if ex else "") + f"; check them, then deltafs guard resume {where0}")
     if max_peer_age is not None:
         for p in grp.get("peers") or []:
             if not p.get("left") and (p.get("age_s") is None or p["age_s"] > max_peer_age):
@@ -353,7 +360,8 @@ def format_text(st: dict) -> str:
         for p in grp.get("peers") or []:
             seen = "never" if p.get("age_s") is None else f"{_ago(p['age_s'])} ago"
             lines.append(f"  peer       {p['device']} {p.get('name') or '-'}: last heard {seen}, "
-                         f"pending in {p['pending_in']}, out {p['pending_out']}" + (" (left)" if p.get("left") else ""))
+                         f"pending in {p['pending_in']}, out {p['pending_out']}" + (" (left)" if p.get("left") else "")
+                         + (" HELD by the damage guard" if p.get("held") else ""))
     snaps = st.get("snapshots") or []
     if snaps:
         s = snaps[-1]
@@ -498,6 +506,7 @@ def _group_metrics(reg, labels, statuses) -> None:
     age = Gauge("deltafs_sync_peer_age_seconds", "seconds since the peer's stream last moved", pl, registry=reg)
     pin = Gauge("deltafs_sync_peer_pending_in", "the peer's events not yet applied here", pl, registry=reg)
     pout = Gauge("deltafs_sync_peer_pending_out", "events of this member the peer has not taken", pl, registry=reg)
+    held = Gauge("deltafs_sync_peer_held", "1 while the damage guard holds the peer's events", pl, registry=reg)
     for st in statuses:
         grp = st.get("group") or {}
         if not grp or grp.get("error"):
@@ -511,3 +520,4 @@ def _group_metrics(reg, labels, statuses) -> None:
                 age.labels(*lv, p["device"]).set(p["age_s"])
             pin.labels(*lv, p["device"]).set(p["pending_in"])
             pout.labels(*lv, p["device"]).set(p["pending_out"])
+            held.labels(*lv, p["device"]).set(1 if p.get("held") else 0)

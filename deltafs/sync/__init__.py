@@ -72,9 +72,10 @@ def _prepare(journal, url: str, *, name: str = "", endpoint_url: str | None = No
 
 
 def join(journal, url: str, *, name: str = "", endpoint_url: str | None = None, secrets=None,
-         encrypt: bool = False) -> SyncState:
+         encrypt: bool = False, conflict_copies: bool = False) -> SyncState:
     """Make ``journal`` a member of the group stored at ``url`` (made if the store is empty)."""
     st = _prepare(journal, url, name=name, endpoint_url=endpoint_url, secrets=secrets, encrypt=encrypt)
+    st.conflict_copies = conflict_copies
     S.save(journal.path, st)
     return st
 
@@ -144,17 +145,21 @@ def scan(journal, src: str) -> dict:
 
     from deltafs.capture import Recorder
 
+    from .engine import finished_intents
+
     rec = Recorder(journal, src)
     try:
         hidden = os.stat(journal.path).st_ino
     except OSError:
         hidden = -1
     out: dict = {}
+    rec.pipe.origins.update(finished_intents(journal.path, src))  # a crash mid-apply: still a sync
 
     async def go() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(rec.run)
             out.update(await rec.scan(None, hidden))
+            await rec.drain()
             nursery.cancel_scope.cancel()
 
     trio.run(go)

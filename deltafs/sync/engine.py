@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import stat as _s
 import time
@@ -26,9 +27,18 @@ log = logging.getLogger(__name__)
 APPLY_BATCH = 256  # intents journaled per commit
 HEARTBEAT_NS = 60 * 1_000_000_000  # an idle member rewrites its head.json this often (status: last heard)
 EMPTY_HASH = G.blake(b"")
-# A fault a test cannot cause by timing: the process kills itself (SIGKILL) right after an
-# apply batch reached SRC, before the journal recorded it (tests/mount/test_sync_mount.py).
+# Faults a test cannot cause by timing: the process kills itself (SIGKILL) right after an
+# apply batch reached SRC, before the journal recorded it ("after-write"), or in the middle of
+# an upload: after its packs, after its segment, after its head.json, each before the sync
+# state recorded it ("after-pack", "after-segment", "after-head"; tests/mount/test_sync_mount.py).
 _KILL_POINT = os.environ.get("DELTAFS_TEST_SYNC_KILL")
+# Devices whose own head.json this process has checked against its sync state (publish).
+_HEAD_CHECKED: set[str] = set()
+
+
+def _test_kill(point: str) -> None:
+    if _KILL_POINT == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def device_of(journal_id: str) -> str:
@@ -80,6 +90,55 @@ def same_local(cur: dict | None, v: View) -> bool:
     return True
 
 
+_COPY_RE = re.compile(rb"\.conflict-[0-9a-f]{16}-[0-9]+(\.[^./]*)?$")
+
+
+def conflict_copy_name(p: bytes, ev: dict) -> bytes:
+    """Where --conflict-copies puts a remote head: NAME.conflict-DEVICE-N.EXT beside p."""
+    head, _, name = p.rpartition(b"/")
+    stem, dot, ext = name.rpartition(b".")
+    if not stem:  # no extension (or a dot file): the suffix goes at the end
+        stem, dot, ext = name, b"", b""
+    tag = f".conflict-{ev.get('d', '0' * 16)}-{ev.get('n', 0)}".encode()
+    return (head + b"/" if head else b"") + stem + tag + dot + ext
+
+
+def is_conflict_copy(p: bytes) -> bool:
+    """A conflict copy's name: never published (docs/sync.md)."""
+    return _COPY_RE.search(p.rpartition(b"/")[2]) is not None
+
+
+def in_src(src: str, p: bytes, t: dict) -> bool:
+    """Does SRC already hold state t at p?"""
+    st = lstat(src, p)
+    if t.get("x"):
+        return st is None
+    if st is None:
+        return False
+    if t["k"] == "d":
+        return _s.S_ISDIR(st.st_mode)
+    if t["k"] == "l":
+        return _s.S_ISLNK(st.st_mode) and read_target(src, p) == t["tg"]
+    return (st.st_mode & 0o7777) == (t.get("m") or 0o644) and same_bytes(src, p, G.unpack_list(t.get("l", b"")))
+
+
+def finished_intents(journal_dir: str, src: str) -> dict[bytes, str]:
+    """Intents a crash left that SRC already holds: path -> "DEVICE:N".  The scan that
+    journals them (the next mount's, or an unmounted pass's) tags them with that origin
+    and cause ``sync``, as the apply would have (docs/sync.md, "Crash mid-apply")."""
+    st = S.load(journal_dir)
+    if st is None or not st.intents:
+        return {}
+    out = {}
+    for p, t in st.intents.items():
+        try:
+            if in_src(src, p, t):
+                out[p] = head_id(t)
+        except OSError:
+            continue
+    return out
+
+
 class PassReport(dict):
     pass
 
@@ -128,10 +187,15 @@ class Engine:
             if head <= st.cursor:
                 return 0
             touched: set[bytes] = set()
+            saves: dict[bytes, list] = {}  # path -> its local content versions in this range, in order
             for rec in r.records(st.cursor + 1, head):
                 for p in (rec.path, rec.path2):
                     if p:
                         touched.add(p)
+                if rec.is_content and rec.origin is None and rec.content_hash:
+                    saves.setdefault(rec.path, []).append(rec)
+                elif rec.op in ("rename", "unlink") and rec.path in saves:
+                    del saves[rec.path]  # (its versions went elsewhere, or away: the states say it)
                 if rec.op == "rename":
                     for p in (rec.path, rec.path2):
                         pre = p + b"/"
@@ -141,6 +205,8 @@ class Engine:
             for p in sorted(touched):
                 if p in st.intents:
                     continue  # being applied: execute_intents checks it is still untouched
+                if is_conflict_copy(p):
+                    continue  # a conflict copy is this member's own: never published
                 v = journal_view(r, p)
                 if v.kind == "n":
                     continue
@@ -152,6 +218,16 @@ class Engine:
                     continue
                 if cur is None and v.kind is None:
                     continue
+                if v.kind == "f" and not is_conflict_copy(p) and p not in st.conflicts:
+                    # every save between two passes is a version on every member (docs/sync.md)
+                    for rec in saves.get(p, [])[:-1]:
+                        if rec.seq == v.seq or (cur is not None and rec.content_hash == cur.get("c")):
+                            continue
+                        refs = r.chunk_list(rec.seq)
+                        mid = View(kind="f", seq=rec.seq, size=sum(n for _, n in refs), mode=v.mode,
+                                   mtime_ns=rec.mtime_ns, chash=rec.content_hash, hlc=rec.hlc)
+                        cur = self._local_event(r, p, mid, cur)
+                        made += 1
                 full = self._local_event(r, p, v, cur)
                 made += 1
                 if full.get("x") and st.conflicts.get(p):
@@ -165,13 +241,16 @@ class Engine:
             self.save()
         return made
 
-    def _local_event(self, r, p: bytes, v: View, cur: dict | None) -> dict:
+    def _local_event(self, r, p: bytes, v: View, cur: dict | None, base_v: dict | None = None,
+                     extra: dict | None = None) -> dict:
         st = self.st
         n = st.numbered + 1
-        vec = dict(cur["v"]) if cur else {}
+        vec = dict(cur["v"] if base_v is None else base_v) if cur or base_v else {}
         vec[self.dev] = n
         ev = {"p": p, "k": v.kind or (cur["k"] if cur else "f"), "x": v.kind is None, "v": vec,
-              "h": v.hlc or (self.clock() // 1_000_000) << 16}
+              "h": v.hlc or (self.clock() // 1_000_000) << 16, **(extra or {})}
+        if cur is not None and not cur.get("x") and cur.get("k") == "f" and cur.get("c"):
+            ev["pc"] = cur["c"]  # the content this change was made on (resolve --merge: the ancestor)
         if v.kind == "f":
             refs = r.chunk_list(v.seq) if v.seq else []
             ev.update(c=v.chash or EMPTY_HASH, l=G.pack_list(refs), s=v.size, m=v.mode, t=v.mtime_ns, o=v.seq)
@@ -199,6 +278,7 @@ class Engine:
             return 0
         if not st.outbox and seen == st.head_seen and self.clock() - st.head_ns < HEARTBEAT_NS and not st.left:
             return 0  # nothing new to say: head.json is rewritten only as a heartbeat
+        self._adopt_own_head()
         if st.outbox_chunks:
             with self.journal.reader() as r:
                 items = []
@@ -217,22 +297,56 @@ class Engine:
                     st.chunks[cid] = [name, off, len(val)]
                     off += len(val)
                 st.packs.append(name)
+            _test_kill("after-pack")
         n = len(st.outbox)
         if n:
             first, last = st.published + 1, st.numbered
             name = G.segment_name(self.dev, first, last)
             self.store.put(name, G.encode_segment(self.dev, first, last, list(st.outbox)))
             st.segments.append({"name": name, "first": first, "last": last})
+            _test_kill("after-segment")
         head = G.Head(device=self.dev, name=st.name, last=st.numbered, last_hash=st.last_hash.hex(),
                       segments=st.segments, packs=st.packs,
                       seen=seen, left=st.left, updated_ns=self.clock())
         self.store.put(G.head_name(self.dev), head.encode())
+        if n:
+            _test_kill("after-head")
         st.head_ns, st.head_seen = head.updated_ns, seen
         st.published = st.numbered
         st.outbox, st.outbox_chunks = [], []
         self.report["published"] += n
         self.save()
         return n
+
+    def _adopt_own_head(self) -> None:
+        """Once per process: does the store's head.json of this device name more than the
+        state says was published?  Then a crash (kill -9) came after the head was written
+        and before the state recorded it: its segments and packs are published, and peers
+        may have read them.  Take them as published, so the outbox's first events are not
+        published a second time under another segment name (peers would see the stream
+        change under them)."""
+        st = self.st
+        if self.dev in _HEAD_CHECKED or st.left:
+            return
+        head = G.read_head(self.store, self.dev)
+        if head is not None and head.last > st.published:
+            k = head.last - st.published
+            if k > len(st.outbox) or bytes(st.outbox[k - 1][:G.HASH_LEN]).hex() != head.last_hash:
+                raise G.GroupCorruptError(f"group store {self.store.url}: {G.head_name(self.dev)} names events "
+                                          f"this member never made (up to {head.last}; it made {st.numbered}): "
+                                          "is a copy of this journal a member too?")
+            log.warning("sync: events %d-%d were published before a crash recorded it: taken as published",
+                        st.published + 1, head.last)
+            for name in head.packs:
+                if name not in st.packs:
+                    for cid, off, ln in G.read_pack_index(self.store, name):
+                        st.chunks.setdefault(cid, [name, off, ln])
+            st.segments, st.packs = list(head.segments), list(head.packs)
+            st.outbox = st.outbox[k:]
+            st.published = head.last
+            st.head_ns, st.head_seen = head.updated_ns, dict(head.seen)
+            self.save()
+        _HEAD_CHECKED.add(self.dev)
 
     # ---- pulling --------------------------------------------------------------------------
     def pull(self) -> int:
@@ -282,6 +396,9 @@ class Engine:
                         self.save()
                         break
                 for ev in events:
+                    t = st.intents.get(ev["p"])
+                    if t is not None and not ev.get("x") and V.includes(ev["v"], t["v"]):
+                        self.execute_intents()  # a later save of the same path: apply each in turn
                     self.handle(ev)
                     got += 1
                 peer["n"], peer["hash"] = seg["last"], h
@@ -306,6 +423,8 @@ class Engine:
         st = self.st
         p = ev["p"]
         self.dirty = True
+        if is_conflict_copy(p):
+            return "known"  # (never published; a member of an older version may have)
         if not self._settled(p):
             st.pending.setdefault(p, []).append(ev)
             return "pending"
@@ -332,6 +451,10 @@ class Engine:
             heads.append(ev)
             self.report["conflicts"] += 1
             log.info("conflict on %r: local %s, remote %s", p, head_id(cur), head_id(ev))
+            if st.conflict_copies and ev.get("k") == "f":  # also as a file beside it (applied as a sync)
+                cp = conflict_copy_name(p, ev)
+                if cp not in st.files and self._settled(cp):
+                    st.intents[cp] = dict(ev, p=cp, eq=[ev["v"]])
         if target is not None:
             keep = []
             for h in heads:
@@ -418,18 +541,7 @@ class Engine:
         return t
 
     def _in_src(self, p: bytes, t: dict) -> bool:
-        """Does SRC already hold state t at p?"""
-        st = lstat(self.src, p)
-        if t.get("x"):
-            return st is None
-        if st is None:
-            return False
-        if t["k"] == "d":
-            return _s.S_ISDIR(st.st_mode)
-        if t["k"] == "l":
-            return _s.S_ISLNK(st.st_mode) and read_target(self.src, p) == t["tg"]
-        return (st.st_mode & 0o7777) == (t.get("m") or 0o644) and \
-            same_bytes(self.src, p, G.unpack_list(t.get("l", b"")))
+        return in_src(self.src, p, t)
 
     def execute_intents(self) -> int:
         st = self.st
@@ -460,8 +572,7 @@ class Engine:
                     reached.setdefault(c, None)
             if touched:
                 self.io.flush()
-                if _KILL_POINT == "after-write":  # tests only: kill -9 between SRC and the journal
-                    os.kill(os.getpid(), signal.SIGKILL)
+                _test_kill("after-write")  # tests only: kill -9 between SRC and the journal
             seqs = self.io.record(touched) if touched else {}
             with self.journal.reader() as r:
                 for p, t in reached.items():
@@ -500,6 +611,8 @@ class Engine:
                     self.io.tag(p, head_id(t))
                     self.io.record([p])
                     v = self._view(p)
+                if v.kind == "f" and v.seq and v.seq != (st.files.get(p) or {}).get("ls"):
+                    st.origins[v.seq] = head_id(t)
                 st.files[p] = dict(t, ls=v.seq)
                 del st.intents[p]
                 n += 1
@@ -513,12 +626,15 @@ class Engine:
 
     # ---- conflicts ----------------------------------------------------------------------------
     def resolve(self, p: bytes, take: str) -> dict:
-        """End the conflict on p with the local state, the remote one, or a named head."""
+        """End the conflict on p with the local state, the remote one, or a named head
+        (``take`` "merge": a three-way text merge, :meth:`merge`)."""
         st = self.st
         heads = st.conflicts.get(p)
         if not heads:
             raise G.GroupError(f"{p.decode('utf-8', 'surrogateescape')} has no open conflict")
         cur = st.files.get(p)
+        if take == "merge":
+            return self.merge(p, cur, heads)
         if take == "local":
             chosen = cur
         elif take == "remote":
@@ -550,3 +666,92 @@ class Engine:
         else:
             st.intents[p] = full
         return full  # the caller saves (execute_intents, publish)
+
+    # ---- resolve --merge ----------------------------------------------------------------------
+    def _ancestor(self, r, p: bytes, cur: dict, heads: list) -> bytes | None:
+        """The common ancestor's bytes: the content each side's change was made on (``pc``),
+        found in this journal's history of p; when the sides name different ones, the older
+        (the other is a descendant of it on one side).  None: not known here."""
+        want = {h.get("pc") for h in [cur, *heads] if h.get("pc")}
+        found: dict = {}
+        for seq in r.versions_under(p):  # newest first
+            rec = r.record(seq)
+            if rec.path == p and rec.is_content and rec.content_hash in want and rec.content_hash not in found:
+                found[rec.content_hash] = seq
+        if not found:
+            return None
+        return r.read_content(min(found.values()))
+
+    def merge(self, p: bytes, cur: dict | None, heads: list) -> dict:
+        """resolve --merge: git merge-file of the local text, the ancestor and the one remote
+        head.  Clean: the result is written (a version with cause sync, this member's resolve
+        event as origin) and published as the resolution.  Not clean: the file gets the merge
+        with conflict markers (a local save), the conflict stays open, MergeConflictError."""
+        import subprocess
+        import tempfile
+
+        show = p.decode("utf-8", "surrogateescape")
+        st = self.st
+        if len(heads) > 1:
+            raise G.GroupError(f"{show} has {len(heads)} remote versions: --merge takes one; end the others "
+                               "first with --take")
+        (h,) = heads
+        if _deleted(cur) or _deleted(h) or cur.get("k") != "f" or h.get("k") != "f":
+            raise G.GroupError(f"{show}: --merge merges two file contents; one side is "
+                               f"{'deleted' if _deleted(cur) or _deleted(h) else 'not a file'}: use --take")
+        with self.journal.reader() as r:
+            local = r.read_content(cur["ls"]) if cur.get("ls") else b""
+            base = self._ancestor(r, p, cur, heads)
+        remote = b"".join(self._pieces(G.unpack_list(h.get("l", b""))))
+        if base is None:
+            raise G.GroupError(f"{show}: the common ancestor of {head_id(cur)} and {head_id(h)} is not in this "
+                               "journal's history: --merge cannot tell what each side changed; use --take")
+        if any(b"\0" in x[:1 << 20] for x in (local, base, remote)):
+            raise G.GroupError(f"{show} is not a text file: --merge merges text; use --take")
+        with tempfile.TemporaryDirectory(prefix="deltafs-merge-") as tmp:
+            names = []
+            for i, data in enumerate((local, base, remote)):
+                names.append(os.path.join(tmp, str(i)))
+                with open(names[-1], "wb") as f:
+                    f.write(data)
+            try:
+                res = subprocess.run(["git", "merge-file", "-p", "-L", "local", "-L", "ancestor", "-L",
+                                      head_id(h), *names], capture_output=True, check=False)
+            except FileNotFoundError:
+                raise G.GroupError("resolve --merge needs git (git merge-file): install it, or use --take") \
+                    from None
+        if res.returncode < 0 or res.returncode > 127:
+            raise G.GroupError(f"{show}: git merge-file failed: {res.stderr.decode(errors='replace').strip()}")
+        merged, clashes = res.stdout, res.returncode
+        mode = cur.get("m") or 0o644
+        created: list[bytes] = []
+        if clashes:  # a local save with the markers; the conflict stays open
+            self.io.write_file(p, [merged], mode, None, created)
+            self.io.flush()
+            self.io.record([*created, p])
+            raise MergeConflictError(
+                f"{show}: {clashes} change(s) of local and {head_id(h)} overlap: the file now holds the merge "
+                f"with conflict markers (<<<<<<< local, >>>>>>> {head_id(h)}); the conflict stays open: edit the "
+                f"file, then `deltafs resolve {show} --take local`")
+        origin = f"{self.dev}:{st.numbered + 1}"
+        self.io.tag(p, origin)
+        try:
+            self.io.write_file(p, [merged], mode, None, created)
+            self.io.flush()
+            self.io.record([*created, p])
+        finally:
+            self.io.untag(p)
+        with self.journal.reader() as r:
+            v = journal_view(r, p)
+            full = self._local_event(r, p, v, cur, base_v=V.merge(cur["v"], h["v"]),
+                                     extra={"r": [head_id(cur), head_id(h)]})
+        if v.seq:
+            st.origins[v.seq] = origin
+        del st.conflicts[p]
+        return full
+
+
+class MergeConflictError(G.GroupError):
+    """resolve --merge could not merge cleanly: the file holds conflict markers (exit 1)."""
+
+    exit_code = 1

@@ -92,7 +92,7 @@ class GroupSync:
 
         if self.paused:
             raise GroupError(f"the sync group {self.url} is paused for this mount: `deltafs resume --group` first")
-        return await run_now(self, self.daemon, self.io, open_store, action)
+        return await run_now(self, self.daemon, self.io, open_store, action, asked=True)
 
     async def guard_resume(self) -> list[str]:
         """``deltafs guard resume``: release the peers the incoming guard holds, pass now."""
@@ -154,8 +154,9 @@ async def sync_service(daemon, task_status=trio.TASK_STATUS_IGNORED, interval: f
         await run_now(handle, daemon, io, open_store)
 
 
-async def run_now(handle: GroupSync, daemon, io, open_store, action=None) -> dict:
-    """One pass (and ``action(engine)`` inside it, e.g. a resolve) in a worker thread."""
+async def run_now(handle: GroupSync, daemon, io, open_store, action=None, asked: bool = False) -> dict:
+    """One pass (and ``action(engine)`` inside it, e.g. a resolve) in a worker thread;
+    ``asked``: a request (`group sync -m MNT`) that gets the pass's error, not an empty report."""
     async with handle.lock:
         await daemon.rec.drain()  # the journal holds every save made so far
 
@@ -182,7 +183,7 @@ async def run_now(handle: GroupSync, daemon, io, open_store, action=None) -> dic
                 log.error("sync with group %s failed (retried every %.0fs): %s", handle.url, handle.interval, msg,
                           exc_info=not hasattr(e, "exit_code"))
             handle.last_error = msg
-            if action is not None:
+            if action is not None or asked:
                 raise
             return {}
         if handle.last_error is not None:

@@ -45,6 +45,7 @@ class SyncState:
     origins: dict = field(default_factory=dict)  # local journal seq -> "device:n" it applied
     left: bool = False
     paused: bool = False  # pause --group: no pass publishes or pulls until resume --group
+    conflict_copies: bool = False  # group join --conflict-copies: a remote head also as NAME.conflict-DEV-N.EXT
     head_ns: int = 0  # when head.json was last written (heartbeat)
     head_seen: dict = field(default_factory=dict)  # the "seen" map it carried
 

@@ -203,6 +203,9 @@ def test_crash_mid_apply_is_finished_once(tmp_path):
         with j.reader() as r:
             contents = [r.read_content(rec.seq) for rec in r.records() if rec.is_content]
     assert contents.count(b"v2\n") == 1 and len(contents) <= before + 1
+    a_dev = json.loads(cli("group", "list", "-m", a, "--json").stdout)["device"]
+    top = json.loads(cli("log", "f.txt", "--journal", b / ".deltafs", "--json", "-n", "1").stdout.splitlines()[0])
+    assert top["cause"] == "sync" and top["origin"].startswith(a_dev + ":"), top  # not "scan"
     cli("group", "sync", "-m", a)
     assert conflicts(a) == [] and (a / "f.txt").read_text() == "v2\n"
 
@@ -229,9 +232,149 @@ def test_guard_holds_a_damaging_peer_until_resume(tmp_path):
     peer = json.loads(cli("group", "list", "-m", b, "--json").stdout)["peers"][0]
     assert peer["held"] and peer["held"]["files"] >= 5 and peer["pending_in"] > 0, peer
     assert json.loads(cli("group", "sync", "-m", b, "--json").stdout)["applied"] == 0  # still held
+    res = cli("status", b, "--check", ok=False)  # a held peer fails the check, in one clear line
+    assert res.returncode == 1 and len(res.stdout.splitlines()) == 1, res.stdout
+    assert "held by the damage guard" in res.stdout and "deltafs guard resume" in res.stdout, res.stdout
+    assert "deltafs_sync_peer_held{" in cli("status", b, "--prometheus").stdout
     out = cli("guard", "resume", b).stdout
     assert "released" in out
     rep = json.loads(cli("group", "sync", "-m", b, "--json").stdout)
     assert rep["applied"] == len(files) and rep["held"] == 0, rep
     assert all((b / n).read_bytes() == (a / n).read_bytes() for n in files)
     assert json.loads(cli("group", "list", "-m", b, "--json").stdout)["peers"][0]["held"] is None
+    assert cli("status", b, "--check").stdout.startswith("OK")
+
+
+def test_status_check_fails_on_a_peer_unheard_too_long(tmp_path):
+    """`status --check --max-peer-age S`: a peer whose stream has not moved for longer than S
+    (by this machine's clock) fails the check; hearing from it again clears it."""
+    url = f"file://{tmp_path}/store"
+    a = new_tree(tmp_path / "a", {"f.txt": "1\n"})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    cli("group", "sync", "-m", a)
+    assert cli("status", a, "--check", "--max-peer-age", "3600").stdout.startswith("OK")
+    st = S.load(str(a / ".deltafs"))  # a last heard from b two hours ago
+    (peer,) = st.peers.values()
+    peer["heard_ns"] -= 7200 * 10**9
+    S.save(str(a / ".deltafs"), st)
+    assert cli("status", a, "--check").stdout.startswith("OK")  # not checked without --max-peer-age
+    res = cli("status", a, "--check", "--max-peer-age", "3600", ok=False)
+    assert res.returncode == 1 and len(res.stdout.splitlines()) == 1, res.stdout
+    assert "last heard 2h00m ago" in res.stdout and b.name not in ("",), res.stdout
+    cli("group", "sync", "-m", a)  # b's stream has not moved: still unheard
+    assert cli("status", a, "--check", "--max-peer-age", "3600", ok=False).returncode == 1
+    (b / "f.txt").write_text("2\n")
+    cli("group", "sync", "-m", b)
+    cli("group", "sync", "-m", a)
+    assert cli("status", a, "--check", "--max-peer-age", "3600").stdout.startswith("OK")
+
+
+def test_resolve_merge(tmp_path):
+    """resolve --merge: a three-way merge from the common ancestor ends a conflict of separate
+    edits; overlapping edits leave conflict markers in the file and the conflict open."""
+    url = f"file://{tmp_path}/store"
+    lines = [f"line {i}\n" for i in range(10)]
+    a = new_tree(tmp_path / "a", {"notes.md": "".join(lines)})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    (a / "notes.md").write_text("".join(["line 0, edited on a\n", *lines[1:]]))
+    (b / "notes.md").write_text("".join([*lines[:8], "line 8, edited on b\n", lines[9]]))
+    settle([a, b])
+    assert len(conflict_set(a)) == 1 and conflict_set(a) == conflict_set(b)
+    out = cli("resolve", "notes.md", "--merge", "-m", b).stdout
+    assert "merged" in out, out
+    both = "".join(["line 0, edited on a\n", *lines[1:8], "line 8, edited on b\n", lines[9]])
+    assert (b / "notes.md").read_text() == both
+    settle([a, b])
+    assert (a / "notes.md").read_text() == both and conflicts(a) == [] and conflicts(b) == []
+    b_dev = json.loads(cli("group", "list", "-m", b, "--json").stdout)["device"]
+    top = json.loads(cli("log", "notes.md", "--journal", b / ".deltafs", "--json", "-n", "1").stdout.splitlines()[0])
+    assert top["cause"] == "sync" and top["origin"].startswith(b_dev + ":"), top  # b's resolve event
+
+    # both change line 3: markers, the conflict stays open, until resolved by hand
+    (a / "notes.md").write_text(both.replace("line 3\n", "line 3 by a\n"))
+    (b / "notes.md").write_text(both.replace("line 3\n", "line 3 by b\n"))
+    settle([a, b])
+    res = cli("resolve", "notes.md", "--merge", "-m", b, ok=False)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "conflict markers" in res.stderr, res.stderr
+    text = (b / "notes.md").read_text()
+    assert "<<<<<<< local\nline 3 by b\n" in text and ">>>>>>> " in text and "line 3 by a\n" in text, text
+    settle([a, b])
+    assert len(conflict_set(a)) == 1 and conflict_set(a) == conflict_set(b)  # still open, the same on both
+    (b / "notes.md").write_text(both.replace("line 3\n", "line 3 by a and b\n"))
+    cli("resolve", "notes.md", "--take", "local", "-m", b)
+    settle([a, b])
+    assert (a / "notes.md").read_text() == (b / "notes.md").read_text() == both.replace("line 3\n", "line 3 by a and b\n")
+    assert conflicts(a) == [] and conflicts(b) == []
+    res = cli("resolve", "notes.md", "--merge", "--take", "local", "-m", b, ok=False)
+    assert res.returncode == 2 and "--merge" in res.stderr
+
+
+def test_conflict_copies(tmp_path):
+    """group join --conflict-copies: on that member, a conflict's remote version is also a file
+    NAME.conflict-DEVICE-N.EXT beside it (journaled as a sync); copies are never published."""
+    url = f"file://{tmp_path}/store"
+    a = new_tree(tmp_path / "a", {"notes.md": "one\n", "Makefile": "all:\n"})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a, "--conflict-copies")
+    cli("clone", url, b, "--join")
+    (a / "notes.md").write_text("from a\n")
+    (b / "notes.md").write_text("from b\n")
+    (a / "Makefile").write_text("all: a\n")
+    (b / "Makefile").write_text("all: b\n")
+    settle([a, b])
+    version = next(x for x in conflicts(a) if x["path"] == "notes.md")["remote"][0]["version"]
+    dev, n = version.split(":")
+    copy = a / f"notes.conflict-{dev}-{n}.md"
+    assert copy.read_text() == "from b\n" and (a / "notes.md").read_text() == "from a\n"
+    mk = [x for x in os.listdir(a) if x.startswith("Makefile.conflict-")]
+    assert len(mk) == 1 and (a / mk[0]).read_text() == "all: b\n", mk
+    assert sorted(os.listdir(b)) == [".deltafs", "Makefile", "notes.md"]  # b did not ask for copies
+    assert conflict_set(a) == conflict_set(b) and len(conflict_set(a)) == 2
+    top = json.loads(cli("log", copy.name, "--journal", a / ".deltafs", "--json", "-n", "1").stdout.splitlines()[0])
+    assert top["cause"] == "sync" and top["origin"] == version, top
+    copy.unlink()  # deleting a copy is not a change the group sees
+    settle([a, b])
+    a_dev = json.loads(cli("group", "list", "-m", a, "--json").stdout)["device"]
+    store = sync.open_store(url, str(a / ".deltafs"))
+    head = sync.store.read_head(store, a_dev)
+    evs, prev = [], bytes(32)
+    for seg in head.segments:
+        got, prev = sync.store.decode_segment(store.get(seg["name"]), seg["name"], url, a_dev, seg["first"],
+                                              seg["last"], prev)
+        evs.extend(got)
+    assert not any(b".conflict-" in e["p"] for e in evs), [e["p"] for e in evs]
+    assert not copy.exists() and sorted(os.listdir(b)) == [".deltafs", "Makefile", "notes.md"]
+    cli("resolve", "--all", "--take", "local", "-m", a)
+    settle([a, b])
+    assert conflicts(a) == [] and conflicts(b) == [] and (b / "notes.md").read_text() == "from a\n"
+
+
+def test_every_save_between_two_passes_is_a_version_everywhere(tmp_path):
+    """Three saves of one file (and one of another) between two passes of a: b's journal gets
+    each of them as a version of its own (cause sync, in order), not only the last."""
+    url = f"file://{tmp_path}/store"
+    a = new_tree(tmp_path / "a", {"f.txt": "v0\n"})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    with Journal.open(a / ".deltafs") as j:
+        io = sync.LocalIO(j, str(a), cause="save")
+        for i in (1, 2, 3):
+            (a / "f.txt").write_text(f"v{i}\n")
+            io.record([b"f.txt"])
+        (a / "g.txt").write_text("g\n")
+        io.record([b"g.txt"])
+    settle([a, b])
+    with Journal.open(b / ".deltafs", readonly=True) as j, j.reader() as r:
+        got = [(r.read_content(rec.seq), rec.cause) for rec in r.records() if rec.is_content and rec.path == b"f.txt"]
+    assert [c for c, _ in got] == [b"v0\n", b"v1\n", b"v2\n", b"v3\n"], got
+    assert all(cause == "sync" for _, cause in got[1:]), got
+    assert (b / "f.txt").read_text() == "v3\n" and (b / "g.txt").read_text() == "g\n"
+    assert conflicts(a) == [] and conflicts(b) == []
+    (b / "f.txt").write_text("v4 from b\n")  # and b's next save is sequential, not a conflict
+    settle([a, b])
+    assert (a / "f.txt").read_text() == "v4 from b\n" and conflicts(a) == [] and conflicts(b) == []

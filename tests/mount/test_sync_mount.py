@@ -137,8 +137,19 @@ def test_mount_group_joins_and_pause_keeps_capture(tmp_path, mount_factory):
     sync_all(b.mnt, a.mnt)
     assert (b.mnt / "notes.md").read_text() == "two, from a\n"
     assert (a.mnt / "local.txt").read_text() == "b keeps recording\n"
-    a.umount()
+
+    # a pass that fails says why to the one who asked for it (not an empty report)
+    b_dev = json.loads(cli("group", "list", "-m", b.mnt, "--json").stdout)["device"]
+    head = tmp_path / "store" / "heads" / f"{b_dev}.json"
+    good = head.read_bytes()
+    head.write_bytes(b"{not json")
+    res = cli("group", "sync", "-m", a.mnt, ok=False)
+    assert res.returncode != 0 and "is corrupt" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    head.write_bytes(good)
+    cli("group", "sync", "-m", a.mnt)
+    a.umount(check=False)  # a's log holds the failed pass's ERROR line
     b.umount()
+    assert "is corrupt" in a.log_text()
 
 
 def test_kill_9_mid_apply_is_finished_by_the_next_mount(tmp_path, mount_factory, monkeypatch):
@@ -177,6 +188,11 @@ def test_kill_9_mid_apply_is_finished_by_the_next_mount(tmp_path, mount_factory,
         contents = [r.read_content(rec.seq) for rec in r.records() if rec.is_content and rec.path == b"notes.md"]
     assert contents.count(b"two, from a\n") == 1 and contents[-1] == b"two, from a\n", contents
     assert (b.mnt / "notes.md").read_text() == "two, from a\n"
+    # the version the mount-time scan finished is a sync from a, as the apply would have made it
+    a_dev = json.loads(cli("group", "list", "-m", a.mnt, "--json").stdout)["device"]
+    top = json.loads(cli("log", b.mnt / "notes.md", "--json").stdout.splitlines()[0])
+    assert top["cause"] == "sync" and top["origin"].startswith(a_dev + ":"), top
+    assert top["origin"] in st.origins.values()
     cli("group", "sync", "-m", a.mnt)
     assert conflict_set(a.mnt) == set() and conflict_set(b.mnt) == set()
     (b.mnt / "notes.md").write_text("three, from b\n")  # and the member goes on syncing
@@ -214,3 +230,109 @@ def test_mounted_guard_holds_a_damaging_peer(tmp_path, mount_factory):
     a.umount()
     b.umount(check=False)  # b's log holds the guard's ERROR line, as it should
     assert "the damage guard holds peer" in b.log_text()
+
+
+def _stream(url: str, journal: Path, dev: str) -> list[dict]:
+    """Every event of dev's stream as its head.json names it, checked as a peer checks it."""
+    from deltafs import sync
+    from deltafs.sync import store as G
+
+    store = sync.open_store(url, str(journal))
+    with store:
+        head = G.read_head(store, dev)
+        out, prev = [], bytes(32)
+        for seg in head.segments:
+            evs, prev = G.decode_segment(store.get(seg["name"]), seg["name"], url, dev, seg["first"], seg["last"],
+                                         prev)
+            out.extend(evs)
+    assert [e["n"] for e in out] == list(range(1, head.last + 1)) and prev.hex() == head.last_hash
+    return out
+
+
+@pytest.mark.parametrize("point", ["after-segment", "after-head"])
+def test_kill_9_mid_upload_then_remount(tmp_path, mount_factory, monkeypatch, point):
+    """b's daemon dies (SIGKILL) in the middle of publishing a save: after its segment reached the
+    store and before its head.json named it, or after the head.json and before b's sync state
+    recorded it (a peer may have read the events by then).  b changes more while down, is
+    mounted again: nothing is lost, no event is in b's stream twice, a applies each save once
+    and converges.  The kill point is a test hook (DELTAFS_TEST_SYNC_KILL); the kill is real."""
+    from deltafs.sync import state as S
+
+    url = f"file://{tmp_path}/store"
+    a_src = tmp_path / "a"
+    a_src.mkdir()
+    (a_src / "notes.md").write_text("one\n")
+    Journal.open(a_src / ".deltafs", create=True).close()
+    cli("group", "join", url, "-m", a_src)
+    cli("clone", url, tmp_path / "b", "--join")
+    a = mount_factory(a_src)
+    monkeypatch.setenv("DELTAFS_TEST_SYNC_KILL", point)
+    b = mount_factory(tmp_path / "b")
+    monkeypatch.delenv("DELTAFS_TEST_SYNC_KILL")
+    b_dev = S.load(str(b.journal)).device
+
+    (b.mnt / "new.txt").write_text("from b\n")
+    cli("flush", b.mnt)
+    assert b.proc.wait(timeout=60) == -9  # b's own timer pass published it, and died there
+    b.kill()
+    cli("group", "sync", "-m", a.mnt)  # after-head: a has read b's events already
+    if point == "after-head":
+        assert (a.mnt / "new.txt").read_text() == "from b\n"
+    (b.src / "later.txt").write_text("made while b was down\n")  # the next upload is longer
+
+    b = mount_factory(tmp_path / "b", mnt=tmp_path / "mnt-b2")
+    sync_all(b.mnt, a.mnt)
+    assert (a.mnt / "new.txt").read_text() == "from b\n"
+    assert (a.mnt / "later.txt").read_text() == "made while b was down\n"
+    assert conflict_set(a.mnt) == set() and conflict_set(b.mnt) == set()
+    st = S.load(str(b.journal))
+    events = _stream(url, b.journal, b_dev)
+    assert len(events) == st.numbered == st.published
+    paths = [e["p"] for e in events]
+    assert paths.count(b"new.txt") == 1 and paths.count(b"later.txt") == 1, paths
+    with Journal.open(a.journal, readonly=True) as j, j.reader() as r:
+        applied = [rec for rec in r.records() if rec.is_content and rec.path == b"new.txt"]
+    assert len(applied) == 1 and applied[0].cause == "sync", applied  # applied once
+    (a.mnt / "notes.md").write_text("two, from a\n")  # and the group goes on
+    sync_all(a.mnt, b.mnt)
+    assert (b.mnt / "notes.md").read_text() == "two, from a\n"
+    a.umount()
+    b.umount(check=point != "after-head")
+    if point == "after-head":  # b's log says it took the events its head named as published
+        assert "were published before a crash recorded it" in b.log_text()
+
+
+def test_resolve_merge_through_the_mounts(tmp_path, mount_factory):
+    """resolve --merge on a mount: the daemon writes the merge through the mount (a sync version
+    with b's resolve event as origin) and both members converge; overlapping edits: exit 1,
+    markers in the file, the conflict stays open."""
+    url = f"file://{tmp_path}/store"
+    lines = [f"line {i}\n" for i in range(10)]
+    a_src = tmp_path / "a"
+    a_src.mkdir()
+    (a_src / "notes.md").write_text("".join(lines))
+    a = mount_factory(a_src, "--group", url)
+    b = mount_factory(tmp_path / "b", "--group", url)
+    (a.mnt / "notes.md").write_text("".join(["line 0 by a\n", *lines[1:]]))
+    (b.mnt / "notes.md").write_text("".join([*lines[:9], "line 9 by b\n"]))
+    sync_all(a.mnt, b.mnt)
+    assert len(conflict_set(a.mnt)) == 1 and conflict_set(a.mnt) == conflict_set(b.mnt)
+    cli("resolve", "notes.md", "--merge", "-m", b.mnt)
+    both = "".join(["line 0 by a\n", *lines[1:9], "line 9 by b\n"])
+    assert (b.mnt / "notes.md").read_text() == both
+    sync_all(a.mnt, b.mnt)
+    assert (a.mnt / "notes.md").read_text() == both
+    assert conflict_set(a.mnt) == set() and conflict_set(b.mnt) == set()
+    top = json.loads(cli("log", b.mnt / "notes.md", "--json").stdout.splitlines()[0])
+    assert top["cause"] == "sync" and "origin" in top, top
+
+    (a.mnt / "notes.md").write_text(both.replace("line 5\n", "five by a\n"))
+    (b.mnt / "notes.md").write_text(both.replace("line 5\n", "five by b\n"))
+    sync_all(a.mnt, b.mnt)
+    res = cli("resolve", "notes.md", "--merge", "-m", b.mnt, ok=False)
+    assert res.returncode == 1 and "conflict markers" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert "<<<<<<< local\nfive by b\n" in (b.mnt / "notes.md").read_text()
+    sync_all(a.mnt, b.mnt)
+    assert len(conflict_set(a.mnt)) == 1 and conflict_set(a.mnt) == conflict_set(b.mnt)
+    a.umount()
+    b.umount(check=False)  # b's log holds the failed resolve's ERROR line
