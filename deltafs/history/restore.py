@@ -16,7 +16,6 @@ from typing import Callable, Iterator
 
 from deltafs import chunking
 from deltafs._syscalls import syncfs
-from deltafs.capture.identity import restored_file_id
 from deltafs.errors import CorruptionError, NotFoundError, PartialError, UsageError
 from deltafs.history.diff import entry_changes
 from deltafs.history.format import human_size, show_path
@@ -193,6 +192,15 @@ class _FileJob:
     owned: bool = False  # the new file gets the entry's owner by itself (no fchown)
 
 
+def restored_file_id(old: int | None, taken: bool, used: set[int]) -> int:
+    """capture.identity.restored_file_id, imported when a journaled restore
+    first needs it: importing deltafs.capture loads the capture pipeline
+    and trio, a third of ``restore --to``'s start-up, for nothing."""
+    from deltafs.capture.identity import restored_file_id as fid
+
+    return fid(old, taken, used)
+
+
 class _Restorer:
     """Writes entries below ``dirs`` (see _Dirs): every directory is reached by
     descriptor, every name created with O_EXCL or replaced by rename/unlink at
@@ -220,6 +228,7 @@ class _Restorer:
         self.used_fids: set[int] = set()
         self.group_fid: dict[int, tuple[bytes, int]] = {}  # link group -> (first path, file id)
         self.seq_counter = 0
+        self.pid = os.getpid()  # in every temp name: looked up once, not per file
         self.swept: set[tuple[bytes, ...]] = set()  # directories cleared of stale temp files
         self.fresh: set[tuple[bytes, ...]] = set()  # directories this restore created (empty then)
         self.owners: dict[tuple[bytes, ...], tuple[int, int]] = {}  # dir parts -> owner of a new file there
@@ -397,7 +406,7 @@ class _Restorer:
             return
         for name in map(os.fsencode, names):
             m = _TMP_NAME.match(name)
-            if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            if m is None or int(m.group(1)) == self.pid or _pid_alive(int(m.group(1))):
                 continue
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
@@ -422,7 +431,7 @@ class _Restorer:
     def _tmp_name(self, dparts: tuple[bytes, ...]) -> bytes:
         self._sweep(dparts)
         self.seq_counter += 1
-        return TMP_PREFIX + b"%d-%d.tmp" % (os.getpid(), self.seq_counter)
+        return TMP_PREFIX + b"%d-%d.tmp" % (self.pid, self.seq_counter)
 
     # A file is written in three steps, so that many can be in flight (run):
     # _prepare_file (this thread: checks, pre-image, temp name, a descriptor of
