@@ -229,6 +229,9 @@ class _Restorer:
         self.group_fid: dict[int, tuple[bytes, int]] = {}  # link group -> (first path, file id)
         self.seq_counter = 0
         self.pid = os.getpid()  # in every temp name: looked up once, not per file
+        # files in a directory this restore made are written unnamed (O_TMPFILE) and
+        # linked into place when whole (_write_job); False once the filesystem refuses
+        self.tmpfile = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
         self.swept: set[tuple[bytes, ...]] = set()  # directories cleared of stale temp files
         self.fresh: set[tuple[bytes, ...]] = set()  # directories this restore created (empty then)
         self.owners: dict[tuple[bytes, ...], tuple[int, int]] = {}  # dir parts -> owner of a new file there
@@ -471,6 +474,26 @@ class _Restorer:
     def _write_job(self, job: "_FileJob", r: Reader) -> None:
         """The temp file, written and renamed into place (any thread)."""
         e, dfd, tmp = job.entry, job.dfd, job.tmp
+        if job.fresh and not job.sync and self.tmpfile:
+            try:
+                fd = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self.tmpfile = False  # not on this filesystem: named temp files, renamed
+            else:
+                # an unnamed file in the directory, linked under its name once whole (one
+                # directory insertion, no temp name to create, look up and remove: in a
+                # directory without an index each of those scans every entry); a crash
+                # leaves nothing.  linkat never follows or replaces the name it makes.
+                try:
+                    if e.content_seq:
+                        write_content(r, e.content_seq, fd)
+                    self._meta_fd(fd, e, owned=job.owned)
+                    os.link(f"/proc/self/fd/{fd}", job.name, dst_dir_fd=dfd, follow_symlinks=True)
+                finally:
+                    os.close(fd)
+                return
         # O_EXCL: never follows, never reuses; the content is verified chunk by
         # chunk as it is written, and the file gets its name only once whole
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,

@@ -269,7 +269,7 @@ def syscalls(cmd: list[str]) -> int | None:
     r = subprocess.run(["strace", "-f", "-c", "-o", "/dev/stdout", *cmd], capture_output=True, text=True)
     for ln in r.stdout.splitlines():
         if ln.strip().endswith("total"):
-            return int(ln.split()[2])
+            return int(ln.split()[3])  # % time, seconds, usecs/call, calls, errors, "total"
     return None
 
 
