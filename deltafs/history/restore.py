@@ -16,7 +16,6 @@ from typing import Callable, Iterator
 
 from deltafs import chunking
 from deltafs._syscalls import syncfs
-from deltafs.capture.identity import restored_file_id
 from deltafs.errors import CorruptionError, NotFoundError, PartialError, UsageError
 from deltafs.history.diff import entry_changes
 from deltafs.history.format import human_size, show_path
@@ -193,6 +192,15 @@ class _FileJob:
     owned: bool = False  # the new file gets the entry's owner by itself (no fchown)
 
 
+def restored_file_id(old: int | None, taken: bool, used: set[int]) -> int:
+    """capture.identity.restored_file_id, imported when a journaled restore
+    first needs it: importing deltafs.capture loads the capture pipeline
+    and trio, a third of ``restore --to``'s start-up, for nothing."""
+    from deltafs.capture.identity import restored_file_id as fid
+
+    return fid(old, taken, used)
+
+
 class _Restorer:
     """Writes entries below ``dirs`` (see _Dirs): every directory is reached by
     descriptor, every name created with O_EXCL or replaced by rename/unlink at
@@ -220,6 +228,10 @@ class _Restorer:
         self.used_fids: set[int] = set()
         self.group_fid: dict[int, tuple[bytes, int]] = {}  # link group -> (first path, file id)
         self.seq_counter = 0
+        self.pid = os.getpid()  # in every temp name: looked up once, not per file
+        # files in a directory this restore made are written unnamed (O_TMPFILE) and
+        # linked into place when whole (_write_job); False once the filesystem refuses
+        self.tmpfile = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
         self.swept: set[tuple[bytes, ...]] = set()  # directories cleared of stale temp files
         self.fresh: set[tuple[bytes, ...]] = set()  # directories this restore created (empty then)
         self.owners: dict[tuple[bytes, ...], tuple[int, int]] = {}  # dir parts -> owner of a new file there
@@ -397,7 +409,7 @@ class _Restorer:
             return
         for name in map(os.fsencode, names):
             m = _TMP_NAME.match(name)
-            if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            if m is None or int(m.group(1)) == self.pid or _pid_alive(int(m.group(1))):
                 continue
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
@@ -422,7 +434,7 @@ class _Restorer:
     def _tmp_name(self, dparts: tuple[bytes, ...]) -> bytes:
         self._sweep(dparts)
         self.seq_counter += 1
-        return TMP_PREFIX + b"%d-%d.tmp" % (os.getpid(), self.seq_counter)
+        return TMP_PREFIX + b"%d-%d.tmp" % (self.pid, self.seq_counter)
 
     # A file is written in three steps, so that many can be in flight (run):
     # _prepare_file (this thread: checks, pre-image, temp name, a descriptor of
@@ -462,6 +474,26 @@ class _Restorer:
     def _write_job(self, job: "_FileJob", r: Reader) -> None:
         """The temp file, written and renamed into place (any thread)."""
         e, dfd, tmp = job.entry, job.dfd, job.tmp
+        if job.fresh and not job.sync and self.tmpfile:
+            try:
+                fd = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self.tmpfile = False  # not on this filesystem: named temp files, renamed
+            else:
+                # an unnamed file in the directory, linked under its name once whole (one
+                # directory insertion, no temp name to create, look up and remove: in a
+                # directory without an index each of those scans every entry); a crash
+                # leaves nothing.  linkat never follows or replaces the name it makes.
+                try:
+                    if e.content_seq:
+                        write_content(r, e.content_seq, fd)
+                    self._meta_fd(fd, e, owned=job.owned)
+                    os.link(f"/proc/self/fd/{fd}", job.name, dst_dir_fd=dfd, follow_symlinks=True)
+                finally:
+                    os.close(fd)
+                return
         # O_EXCL: never follows, never reuses; the content is verified chunk by
         # chunk as it is written, and the file gets its name only once whole
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,

@@ -135,3 +135,37 @@ def test_a_tree_with_more_directories_than_descriptors_kept(tmp_path, capsys):
         assert (tmp_path / "out" / os.fsdecode(p)).read_bytes() == p
     assert (tmp_path / "out" / os.fsdecode(deep) / "leaf").read_bytes() == b"deep"
     assert "restored / at version" in out and "189 dirs" in out  # 12 + 96 + 80 and the root
+
+
+def test_files_in_a_directory_the_restore_made_never_get_a_temp_name(tree, tmp_path, capsys, monkeypatch):
+    """restore --to writes each file of a new directory unnamed (O_TMPFILE) and
+    links it into place whole: no temp name is created, renamed or removed
+    (each a scan of the directory where it has no index); where the filesystem
+    refuses O_TMPFILE it falls back to temp + rename, with the same result."""
+    src, at = tree
+    renames = []
+    real_rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda *a, **k: (renames.append(a), real_rename(*a, **k))[1])
+    rc, out, err = rcli(capsys, "restore", "--journal", src / ".deltafs", "d", "--version", at, "--to",
+                        tmp_path / "dest")
+    assert rc == 0, err
+    assert renames == []
+    for i in range(3):
+        p = tmp_path / "dest" / f"f{i}"
+        assert p.read_bytes() == b"file %d\n" % i * 1000 and os.stat(p).st_nlink == 1
+    assert sorted(os.listdir(tmp_path / "dest")) == ["f0", "f1", "f2"]
+
+    real_open = os.open
+
+    def no_tmpfile(path, flags, *a, **k):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(95, "Operation not supported")
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    rc, out, err = rcli(capsys, "restore", "--journal", src / ".deltafs", "d", "--version", at, "--to",
+                        tmp_path / "dest2")
+    assert rc == 0, err
+    assert len(renames) == 3
+    assert sorted(os.listdir(tmp_path / "dest2")) == ["f0", "f1", "f2"]
+    assert (tmp_path / "dest2" / "f1").read_bytes() == b"file 1\n" * 1000
