@@ -245,6 +245,8 @@ async def _op_flush(daemon, server, req) -> dict:
     t0 = time.monotonic()
     if daemon.rec is not None:
         await daemon.rec.drain()
+        if daemon.services.guard is not None:  # and the guard has scored it (deferred: after the commit)
+            await daemon.services.guard.scored()
     out: dict = {}
     if req.get("mirrors"):  # then every mirror ships what is journaled now (MirrorError if one cannot)
         mirrors = daemon.services.mirrors
@@ -396,7 +398,8 @@ async def _op_guard(daemon, server, req) -> dict:
             return {"guard": {"cleared": bool(released), "sync_released": released}}
         raise UsageError(f"the guard is off for {daemon.cfg.mnt} (mounted with --guard off or --no-capture)")
     if req.get("action") == "resume":
-        return {"guard": {**g.resume(), **g.status(), **({"sync_released": released} if released else {})}}
+        return {"guard": {**await g.resume_settled(), **g.status(),
+                          **({"sync_released": released} if released else {})}}
     if req.get("action") == "allow":  # deltafs rollback while --guard-action block refuses changes
         if not isinstance(req.get("pid"), int):
             raise UsageError('guard allow needs a "pid" number')

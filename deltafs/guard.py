@@ -691,8 +691,9 @@ class Guard:
         self.since_mount = False  # the standing alert was raised by an earlier daemon
         # ops.open appends (parent node, name) of each read-only open; drained before each observe
         self.opens: collections.deque = collections.deque(maxlen=OPENS_QUEUED)
-        # deferred scoring (guard_service): observe only queues the committed item, and the
-        # scorer task scores it once the waiters of that commit (fsync) have been answered
+        self._blk: Block | None = None  # the Block of the current alert's life (see _block)
+        # deferred scoring (guard_service, --guard-action alert): observe only queues the committed
+        # item, and the scorer task scores it once the waiters of that commit (fsync) have been answered
         self.deferred = False
         self.unscored: collections.deque = collections.deque()
         self._more = None  # trio.Event: something to score
@@ -714,17 +715,17 @@ class Guard:
     def observe(self, changes, seqs) -> None:
         """Called by capture.Recorder for each committed item (trio thread, never a FUSE handler).
 
-        Deferred (a mount): only queued here, and scored by :meth:`scorer`
-        after the committer has answered that commit's fsync: the scoring is
-        off the fsync's critical path.  ``--guard-action block`` still acts
-        on the next request: the pacing Block waits in :meth:`settle` for
-        the commit and the scoring of everything queued before it."""
+        ``--guard-action alert`` (the default): deferred, only queued here and
+        scored by :meth:`scorer` after the committer has answered that
+        commit's fsync, so scoring is off the fsync's critical path.
+
+        ``--guard-action block``: scored here, before the committer wakes the
+        commit's waiters.  A change request the pacing Block holds waits for
+        that commit (:meth:`settle`), so it sees the score of every change
+        committed before it: the request after the change that crosses the
+        threshold is refused, never one later."""
         if self.deferred:
             self.unscored.append((changes, seqs))
-            if self.action == "block" and self.ops is not None and self.block is None:
-                # the next change request waits until this is scored (pacing, not refusing)
-                self.block = Block(blocking=False, drain=self.scored)
-                self.ops.guard_block = self.block
             if self._idle.is_set():
                 import trio
 
@@ -749,25 +750,36 @@ class Guard:
                 if n % 64 == 0:
                     await trio.lowlevel.checkpoint()  # a long batch (rm -rf): let requests through
             self._idle.set()
-            if self.action == "block" and self.ops is not None and self.detector.alert is None:
-                self._pace(self.detector.last_score >= SUSPECT * self.detector.threshold)
+
+    def score_queued(self) -> int:
+        """Score what observe queued, now (resume: under the alert that stands)."""
+        n = 0
+        while self.unscored:
+            self.score_item(*self.unscored.popleft())
+            n += 1
+        if self._idle is not None and not self._idle.is_set():
+            self._idle.set()
+        return n
 
     async def scored(self) -> None:
-        """Everything observe queued so far is scored."""
-        while self.unscored or not self._idle.is_set():
-            await self._idle.wait()
+        """Everything observe queued so far is scored (control's flush waits for it)."""
+        if self.deferred:
+            while self.unscored or not self._idle.is_set():
+                await self._idle.wait()
 
     async def settle(self) -> None:
         """Every capture queued so far is committed and scored (the pacing Block waits here)."""
         if self.drain is not None:
             await self.drain()
-        if self.deferred:
-            while self.unscored or not self._idle.is_set():
-                await self._idle.wait()
+        await self.scored()
 
     def start_deferred(self) -> None:
+        """Score after each commit's waiters are answered (guard_service, at mount).
+        Not under ``--guard-action block``: there the committer scores (observe)."""
         import trio
 
+        if self.action == "block":
+            return
         self.deferred = True
         self._more = trio.Event()
         self._idle = trio.Event()
@@ -788,20 +800,27 @@ class Guard:
         elif self.action == "block" and self.ops is not None and self.detector.alert is None:
             self._pace(self.detector.last_score >= SUSPECT * self.detector.threshold)
 
+    def _block(self) -> "Block":
+        """The one Block of this alert's life: a request that waits in its pacing
+        sees it turn blocking (a second object could be missed by a request
+        holding the first)."""
+        if self._blk is None:
+            self._blk = Block(blocking=False, drain=self.settle)
+        return self._blk
+
     def _pace(self, on: bool) -> None:
-        if on and (self.block is None or self.block.drain == self.scored):
-            self.block = Block(blocking=False, drain=self.settle)
+        if on and self.block is None:
+            self.block = self._block()
             self.ops.guard_block = self.block
             log.info("guard: score %.2f of %g: changes wait for capture until it falls (--guard-action block)",
                      self.detector.last_score, self.detector.threshold)
-        elif not on and self.block is not None and not self.block.blocking and not self.unscored:
+        elif not on and self.block is not None and not self.block.blocking:
             self.block = None
             self.ops.guard_block = None
 
     def _start_blocking(self) -> None:
         if self.action == "block" and self.ops is not None:
-            if self.block is None:
-                self.block = Block(drain=self.settle)
+            self.block = self._block()
             self.block.blocking = True
             self.ops.guard_block = self.block  # from the next request on
 
@@ -874,6 +893,21 @@ class Guard:
             self.block.allow(pid)
         return {"allowed": pid, "blocking": self.block is not None}
 
+    async def resume_settled(self, timeout: float = 30.0) -> dict:
+        """``deltafs guard resume`` through the control socket: first every change
+        made before it is committed and scored, under the alert that stands
+        (they are the attack's tail, counted in ``changes_since``), then the
+        alert is cleared.  Scored after the clear, they would fill the new
+        window at once and raise the alert again."""
+        import trio
+
+        if self.detector.alert is not None:
+            with trio.move_on_after(timeout):  # a journal that cannot commit must not hang the resume
+                if self.drain is not None:
+                    await self.drain()
+            self.score_queued()
+        return self.resume()
+
     def resume(self) -> dict:
         was = self.detector.alert
         self.detector.resume()
@@ -883,6 +917,7 @@ class Guard:
         if self.ops is not None:
             self.ops.guard_block = None
         self.block = None
+        self._blk = None
         if self.state_path is not None:
             try:
                 os.unlink(self.state_path)
@@ -938,13 +973,13 @@ async def guard_service(daemon, task_status=None) -> None:
     if state is not None:
         g.restore(state)
     if g.watching:
-        g.start_deferred()
+        g.start_deferred()  # not under block: there the committer scores, the next request sees it
         rec.guard = g
         if daemon.ops is not None:
             daemon.ops.guard_opens = g.opens
     task_status.started(g)  # services.Services.guard: control (guard status|resume), status, maintenance
     try:
-        if g.watching:
+        if g.deferred:
             await g.scorer()
         await trio.sleep_forever()
     finally:

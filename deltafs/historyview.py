@@ -53,7 +53,7 @@ from pyfuse3 import FUSEError
 from deltafs.errors import DeltafsError, UsageError
 from deltafs.journal import KIND_DIR, KIND_FILE, KIND_SYMLINK, MemStore, apply_record
 from deltafs.maintenance import held_versions
-from deltafs.ops import ROOT, VIEW_INODES, Operations
+from deltafs.ops import PASS_MASK, PASS_MAX, PASS_SHIFT, ROOT, VIEW_INODES, Operations
 from deltafs.pastfs import DEFAULT_CACHE, ChunkCache, FileStream, entry_attributes, load_tree
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,9 @@ class HistoryView:
         self.idle: OrderedDict[int, None] = OrderedDict()  # loaded slots the kernel holds nothing of
         self.files: dict[int, FileStream] = {}
         self._next_fh = VIEW_INODES
-        self._listings: OrderedDict[int, list] = OrderedDict()
+        # pass -> (directory inode, snapshot), or (inode, None, its length) once at its end (readdir)
+        self._listings: OrderedDict[int, tuple] = OrderedDict()
+        self._pass = 0  # the last readdir pass number handed out
         self._content_paths: dict[bytes, set[int]] = {}  # deleted/: every path that held a version
         self.held = held_versions(journal)  # versions open here: compaction keeps them
         self._scanned = 0
@@ -746,12 +748,38 @@ class HistoryView:
 
     @_answer
     async def readdir(self, fh: int, start_id: int, token) -> None:
-        entries = self._listings.get(fh)
-        if start_id == 0 or entries is None:
-            entries = self._listings[fh] = await self._entries(fh)
+        """One readdir call of a pass over directory ``fh`` (its inode: the view
+        hands out no directory handles of its own).
+
+        A pass starts at offset 0 and lists a snapshot of the directory taken
+        then; versions/ and deleted/ follow the live tree, so names may appear
+        during a pass.  As in the live mount (ops._listing), each pass gets a
+        number of its own, carried in the high bits of its offsets, and its
+        snapshot is kept under that number until the call that finds it at
+        its end.  Kept by inode and dropped once its last entry went out, the
+        kernel's next call read a fresh listing from the old index, and names
+        created meanwhile pushed names already listed into it again."""
+        pid, i = start_id >> PASS_SHIFT, start_id & PASS_MASK
+        got = self._listings.get(pid) if start_id else None
+        if got is not None and got[1] is None:  # a finished pass: only its end is left
+            if i >= got[2] and got[0] == fh:
+                return
+            got = None
+        if got is None or got[0] != fh:
+            if start_id == 0 or got is not None:
+                self._pass = self._pass % PASS_MAX + 1
+                pid = self._pass
+            # else: a pass whose snapshot was evicted goes on (best effort) from a new one
+            got = (fh, await self._entries(fh))
+            self._listings[pid] = got
             while len(self._listings) > LISTINGS_KEPT:
                 self._listings.popitem(last=False)
-        for i in range(start_id, len(entries)):
+        entries, base = got[1], pid << PASS_SHIFT
+        if i >= len(entries):  # the pass is at its end: keep only that
+            if self._listings.get(pid) is got:
+                self._listings[pid] = (fh, None, len(entries))
+            return
+        for i in range(i, len(entries)):
             name, what = entries[i]
             if isinstance(what, tuple):
                 slot, n = what
@@ -766,10 +794,9 @@ class HistoryView:
                     self.dyn_by_key[d.key] = d.ino
             if self.shared:
                 attr.entry_timeout = 0
-            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+            if not pyfuse3.readdir_reply(token, name, attr, base | (i + 1)):
                 return
             self._counted(d, slot, attr)
-        self._listings.pop(fh, None)
 
     @_answer
     async def open(self, inode: int, flags: int, ctx):
@@ -843,7 +870,7 @@ class HistoryView:
             self._hold(stream.seq, -1)
 
     def releasedir(self, fh: int) -> None:
-        self._listings.pop(fh, None)
+        pass  # passes are not tied to a handle (readdir): their snapshots are bounded by LISTINGS_KEPT
 
     def _xattrs(self, inode: int, ctx) -> dict:
         d, slot, n = self._get(inode)

@@ -360,3 +360,67 @@ def test_alert_survives_a_remount(mount_factory, tmp_path):
     m.extra = []
     m.start()
     assert guard_state(m)["alert"] is None
+
+
+@pytest.mark.skipif(Cipher is None, reason="needs cryptography")
+def test_block_refuses_the_first_change_after_the_crossing_file(mount_factory, tmp_path):
+    """Deterministic count under --guard-action block: an attacker that fsyncs
+    each file before the next (so capture is never behind it).  The guard
+    scores in the committer under block, so when the fsync of the file that
+    crosses the threshold returns, the alert stands: the very next open for
+    writing is refused.  Damaged = exactly the files up to the crossing one."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_corpus(src, 80)
+    m = mount_factory(src, "--guard-action", "block")
+    damaged = []
+    for p in victims(m.mnt):
+        data = p.read_bytes()
+        try:
+            fd = os.open(p, os.O_RDWR)
+        except PermissionError as e:
+            assert e.errno == 1
+            break
+        try:
+            os.write(fd, aes(data))
+            os.fsync(fd)  # returns once the capture is committed (and, under block, scored)
+        finally:
+            os.close(fd)
+        damaged.append(os.path.relpath(p, m.mnt))
+    g = guard_state(m)
+    a = g["alert"]
+    assert a, f"no alert after {len(damaged)} files"
+    print(f"GUARD block, fsync per file: {len(damaged)} damaged, {a['files']} in the alert", file=sys.stderr)
+    assert a["changes_since"] == 0, "a file was damaged after the alert stood"
+    assert a["blocking"]["refused"] == 1
+    assert a["files"] <= 20 and a["examples"][-1]["path"] == damaged[-1], \
+        f"the attack went on past the file that crossed the threshold: {damaged[-3:]} vs {a['examples'][-3:]}"
+    assert set(e["path"] for e in a["examples"]) <= set(damaged)
+
+
+@pytest.mark.skipif(Cipher is None, reason="needs cryptography")
+def test_resume_right_after_an_attack_does_not_re_alert(mount_factory, tmp_path):
+    """`deltafs guard resume` while the attack's last changes are still being
+    captured and scored: they count under the old alert (changes_since), and
+    the new window starts empty (they used to fill it and raise the alert
+    again at once)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    line = b"quarterly report, customer total, the budget of the meeting %d\n"
+    for i in range(120):
+        (src / f"doc{i:03d}.txt").write_bytes(b"".join(line % (i * 10_000 + k) for k in range(4000)))  # ~250 KB
+    m = mount_factory(src)  # --guard-action alert: scoring deferred after each commit
+    j = str(m.journal)
+    files = victims(m.mnt)
+    k = 0
+    while not control.request(j, "guard")["guard"]["alert"]:  # no flush: what the guard has scored
+        assert k < 60, "no alert"
+        in_place(files[k])
+        k += 1
+    for p in files[k:k + 40]:  # the attack goes on at full speed: its captures queue up
+        in_place(p)
+    g = control.request(j, "guard", action="resume")["guard"]  # at once, while they are in flight
+    assert g["cleared"]
+    g = guard_state(m)  # flush: everything committed and scored
+    assert g["alert"] is None, f"alert again after the resume: {g['alert']['files']} files"
+    assert g["score"] == 0

@@ -276,3 +276,41 @@ def test_an_open_version_survives_compaction(mount_factory):
         assert time.monotonic() < deadline, "the pruned version stayed listed"
         time.sleep(0.1)
     m.umount()
+
+
+def test_a_listing_shows_no_name_twice_when_names_appear_during_it(mount_factory, tmp_path):
+    """The view's listings change while they are read (versions/ and deleted/
+    follow the live tree).  A pass's snapshot is kept under a pass number of
+    its own, carried in the offsets, until the call that finds it at its end:
+    kept by inode and dropped as soon as its last entry went out, the
+    kernel's next call read a fresh listing from the old index, and the
+    names created meanwhile pushed names already listed into it again (the
+    live mount's issue 23 bug, tests/mount/test_readdir_passes.py)."""
+    from collections import Counter
+
+    from test_readdir_passes import _listing_with
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(12):
+        (src / "d" / f"m{i:02d}").write_text("x")
+    m = mount_factory(src)
+    for kind, more in (("versions", "a"), ("deleted", "c")):
+        if kind == "deleted":
+            for i in range(12):
+                (m.mnt / "d" / f"m{i:02d}").unlink()  # deleted/d now lists the twelve
+            run_cli("flush", m.mnt, check=True)
+
+        def create_more():
+            for i in range(20):
+                p = m.mnt / "d" / f"{more}{i:02d}"
+                p.write_text("y")
+                if kind == "deleted":
+                    p.unlink()
+            run_cli("flush", m.mnt, check=True)
+
+        names = _listing_with(str(m.mnt / NAME / kind / "d"), create_more)
+        twice = [n for n, k in Counter(names).items() if k > 1]
+        assert not twice, f"{kind}/d listed twice: {twice}"
+        assert {f"m{i:02d}".encode() for i in range(12)} <= set(names)
+        assert len(os.listdir(m.mnt / NAME / kind / "d")) == 32  # a new pass shows the new names

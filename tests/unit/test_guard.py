@@ -365,20 +365,117 @@ def test_opens_are_drained_into_the_detector():
     assert b"docs/a.txt" in w.det.opened and not g.opens
 
 
+class FakePipeline:
+    """capture's committer, as the guard sees it: damaged files wait in
+    ``pending`` until commit() hands them to Guard.observe in one batch
+    (a group commit); drain() commits whatever is pending."""
+
+    def __init__(self, w: World, g: guard.Guard):
+        self.w, self.g, self.pending = w, g, []
+        g.drain = self.drain
+
+    def damage(self, p: bytes):
+        self.pending.append(p)
+
+    def commit(self):
+        batch, self.pending = self.pending, []
+        for p in batch:
+            nc = self.w._chunk(enc(self.w.raw[self.w.old[p]]), self.w.old[p])
+            self.w.old[p] = nc.id
+            self.w.seq += 1
+            size = self.w.raw[nc.id].__len__()
+            self.g.observe([Change(op="write", path=p, size=size, cause="write", base_seq=1,
+                                   edit=[(0, 1, [(nc.id, size)])], chunks=[nc])], [self.w.seq])
+
+    async def drain(self):
+        self.commit()
+
+
+class NoNursery:
+    def start_soon(self, fn, *a):  # _alerted pins a snapshot in a journal: none here
+        pass
+
+
+async def attack_until_refused(ops, pipe: FakePipeline, paths, batch: int) -> int:
+    """The attacker: before each file, its change request asks the guard's Block
+    (as ops does); every ``batch`` files capture commits them in one go."""
+    import trio
+
+    lost = 0
+    for p in paths:
+        if ops.guard_block is not None:
+            try:
+                await ops.guard_block.check(Ctx(os.getppid()))
+            except PermissionError:
+                break
+        pipe.damage(p)
+        lost += 1
+        if len(pipe.pending) == batch:
+            pipe.commit()
+        await trio.sleep(0)
+    return lost
+
+
+async def test_block_mode_scores_in_the_committer_so_the_next_request_is_refused():
+    """--guard-action block: the guard scores in the committer (not deferred),
+    so the change request after a group commit that crosses the threshold is
+    refused: 5 files of 1.0 each are lost, not 6.  Deferred scoring let the
+    request that was waiting for the scoring through (it held the pacing
+    Block that the scoring replaced)."""
+    import trio
+
+    w = World()
+    ops = FakeOps()
+    paths = corpus(w)
+    g = guard.Guard(w.det, None, NoNursery(), action="block", ops=ops)
+    pipe = FakePipeline(w, g)
+    g.start_deferred()  # as guard_service does: a no-op under block
+    async with trio.open_nursery() as nursery:
+        if g.deferred:
+            nursery.start_soon(g.scorer)
+        with trio.fail_after(5):
+            lost = await attack_until_refused(ops, pipe, paths, batch=5)
+        nursery.cancel_scope.cancel()
+    assert g.alerted and ops.guard_block.blocking
+    assert lost == 5, f"{lost} files damaged before the block refused the next"
+    assert ops.guard_block.status()["refused"] == 1
+
+
+async def test_block_mode_paces_the_attacker_to_the_file_that_crosses():
+    """Commits of one file at a time: pacing (from 2 of 5) keeps the attacker
+    in step; exactly the 5 files that make the score are lost."""
+    import trio
+
+    w = World()
+    ops = FakeOps()
+    paths = corpus(w)
+    g = guard.Guard(w.det, None, NoNursery(), action="block", ops=ops)
+    pipe = FakePipeline(w, g)
+    g.start_deferred()
+    async with trio.open_nursery() as nursery:
+        if g.deferred:
+            nursery.start_soon(g.scorer)
+        with trio.fail_after(5):
+            lost = await attack_until_refused(ops, pipe, paths, batch=3)  # a lag of up to 3 files
+        nursery.cancel_scope.cancel()
+    assert lost == 5 and g.alerted and ops.guard_block.paced >= 1
+
+
 async def test_deferred_scoring_runs_after_the_commit_and_settle_waits_for_it():
-    """In a mount the committer only queues each item (its fsync waiters are
-    answered first); the scorer task scores it, and the pacing Block's
+    """In a mount (--guard-action alert) the committer only queues each item
+    (its fsync waiters are answered first); the scorer task scores it, and
     settle() returns only once everything queued is scored."""
     import trio
 
     w = World()
     ops = FakeOps()
-    g = guard.Guard(w.det, None, None, action="block", ops=ops)
+    g = guard.Guard(w.det, None, NoNursery(), action="alert", ops=ops)
 
     async def drain():
         pass
     g.drain = drain
     g.start_deferred()
+    assert g.deferred
     paths = corpus(w)
 
     def feed(*changes):
@@ -388,13 +485,52 @@ async def test_deferred_scoring_runs_after_the_commit_and_settle_waits_for_it():
     w.feed = feed
 
     async with trio.open_nursery() as nursery:
-        g.nursery = nursery
         for p in paths[:6]:
             w.put(p, enc(w.raw[w.old[p]]))
         assert len(g.unscored) == 6 and not g.alerted  # queued, not scored yet
         nursery.start_soon(g.scorer)
         with trio.fail_after(5):
             await g.settle()
-        assert not g.unscored and g.alerted and ops.guard_block is not None and ops.guard_block.blocking
-        g.detector.alert = None  # keep _alerted's snapshot task out of it: no journal here
+        assert not g.unscored and g.alerted and ops.guard_block is None  # alert only: nothing refused
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("action", ["alert", "block"])
+async def test_resume_scores_what_came_before_it_under_the_old_alert(action):
+    """Changes made before `deltafs guard resume` but committed or scored after
+    it are the attack's tail: they count under the alert that stands
+    (changes_since), and do not fill the new window and re-alert at once."""
+    import trio
+
+    w = World()
+    ops = FakeOps()
+    paths = corpus(w)
+    g = guard.Guard(w.det, None, NoNursery(), action=action, ops=ops)
+    pipe = FakePipeline(w, g)
+    g.start_deferred()
+    async with trio.open_nursery() as nursery:
+        if g.deferred:
+            nursery.start_soon(g.scorer)
+        for p in paths[:6]:
+            pipe.damage(p)
+        pipe.commit()
+        with trio.fail_after(5):
+            await g.settle()
+        assert g.alerted
+        for p in paths[6:12]:  # six more files damaged: three committed (maybe unscored), three not yet
+            pipe.damage(p)
+            if len(pipe.pending) == 3:
+                pipe.commit()
+        with trio.fail_after(5):
+            res = await g.resume_settled()
+            await g.settle()
+        assert res["cleared"]
+        assert not g.alerted, "re-alerted at once by changes made before the resume"
+        assert w.det.score() == 0 and not pipe.pending
+        for p in paths[12:18]:  # an attack after the resume is a new one
+            pipe.damage(p)
+        pipe.commit()
+        with trio.fail_after(5):
+            await g.settle()
+        assert g.alerted
         nursery.cancel_scope.cancel()
