@@ -38,6 +38,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from deltafs import _syscalls as sc
+from deltafs import hops
 from deltafs.fdcache import FdCache
 
 log = logging.getLogger(__name__)
@@ -1187,7 +1188,7 @@ class Operations(pyfuse3.Operations):
         h = self.handles[fh]
         fn = os.fdatasync if datasync else os.fsync
         if self.rec.settled(h.node):
-            await trio.to_thread.run_sync(fn, h.fd)
+            await hops.run(fn, h.fd)
             return
         await self._durable(fn, h.fd, self.rec.fsync, self, h.node)
 
@@ -1200,7 +1201,7 @@ class Operations(pyfuse3.Operations):
 
         async def flush_src():
             try:
-                await trio.to_thread.run_sync(fn, fd)
+                await hops.run(fn, fd)
             except OSError as e:
                 failed.append(e)
 

@@ -34,6 +34,7 @@ from typing import Callable
 
 import trio
 
+from deltafs import hops
 from deltafs.journal import Change, Journal
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class Pipeline:
             if self.origins:
                 tag_origins(groups, self.origins)
             try:
-                results = await trio.to_thread.run_sync(self.journal.commit_many, groups)
+                results = await hops.run(self.journal.commit_many, groups)
             except Exception as e:  # the whole transaction failed (disk full...)
                 results = [e] * len(batch)
             for it, res in zip(batch, results):

@@ -48,6 +48,7 @@ import time
 import trio
 
 from deltafs import _syscalls as sc
+from deltafs import hops
 from deltafs.capture import saves
 from deltafs.capture.content import FULL, ContentCapture
 from deltafs.capture.identity import GonePaths
@@ -220,7 +221,7 @@ class Recorder:
                 dirty = FULL
             cached = self.content.cached(base)
             hint = self.content.take_hint(node.ino) if node is not None and not base else 0
-            change, item.list_cache = await trio.to_thread.run_sync(
+            change, item.list_cache = await hops.run(
                 self.content.compute, fd, path, cause, dirty, base, cached, hint, limiter=self.limiter)
             item.changes = [change]
         except Exception as e:
