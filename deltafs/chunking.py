@@ -38,7 +38,7 @@ import functools
 import itertools
 import operator
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -86,6 +86,19 @@ CAPTURE_DECODE_MAX = SKIP_TO_DEPTH
 # multiples of ALIGNED_BLOCK of the file offset (see rechunk_aligned)
 ALIGNED_BLOCK = 16 * 1024
 ALIGNED_MIN_FILE = 64 * 1024  # smaller files are always chunked by content
+# several bases (journal format 9, issue 20): an in-place block whose delta
+# against the old block at its offset is still over 1/MULTI_BASE_WORSE of
+# it looks for up to MULTI_BASE_MAX - 1 more old blocks of the same capture
+# sharing its bytes (a database moving rows between pages): see MultiBase
+MULTI_BASE_MAX = 4  # = journal.schema.MAX_BASES
+MULTI_BASE_WORSE = 32
+MULTI_BASE_WINDOW = 32  # bytes from each anchor: the windows indexed and looked up (MultiBase)
+MULTI_BASE_STEP = 64  # anchors: about one per MULTI_BASE_STEP bytes, at least MULTI_BASE_PROBE apart
+MULTI_BASE_PROBE = 4
+MULTI_BASE_GROUP = 4 << 20  # in-place changed bytes of a capture looked at together
+# the extra bases' (depth + 1) together at most: depths add up, and a chain at
+# MAX_DELTA_DEPTH restarts from an old ancestor (sqlgrow: 16 stores less than 128)
+MULTI_BASE_EXTRA_DEPTH = 16
 
 CODEC_RAW = 0  # payload[1:] is the raw chunk (incompressible data)
 CODEC_ZSTD_V1 = 1  # payload[1:] is a zstd frame (written by journal formats 1-2)
@@ -579,8 +592,14 @@ class NewChunk:
     id: bytes
     raw_len: int
     payload: bytes  # see compress_chunk
-    base_id: bytes | None = None  # set iff payload is CODEC_ZSTD_DELTA
-    depth: int = 0  # 0 standalone, else base's depth + 1 (<= MAX_DELTA_DEPTH)
+    base_id: bytes | None = None  # set iff payload is CODEC_ZSTD_DELTA: the base (the last one, if several)
+    depth: int = 0  # 0 standalone, else the sum of (depth + 1) over its bases (<= MAX_DELTA_DEPTH)
+    more_bases: tuple[bytes, ...] = ()  # further bases, before base_id in the dictionary (format 9)
+
+    @property
+    def bases(self) -> tuple[bytes, ...]:
+        """Every base id in dictionary order (empty: standalone)."""
+        return (*self.more_bases, self.base_id) if self.base_id is not None else ()
 
 
 SAMPLE = 4096
@@ -710,6 +729,106 @@ def build_chunk(raw: bytes | memoryview, base: Base | None = None, level: int = 
     if base is not None and payload_needs_base(payload):
         return NewChunk(cid, len(raw), payload, base.id, base.depth + 1)
     return NewChunk(cid, len(raw), payload)
+
+
+def multi_depth(bases: Sequence[Base]) -> int:
+    """Depth of a delta against ``bases``: the sum of (depth + 1) over them.
+
+    A chunk's depth bounds the decompressions a read of it needs (depth + 1,
+    whatever its bases share): with one base it is the chain length, as
+    before format 9."""
+    return sum(b.depth + 1 for b in bases)
+
+
+def build_chunk_multi(raw: bytes | memoryview, bases: Sequence[Base], cid: bytes | None = None,
+                      handicap: float = 1.0) -> NewChunk | None:
+    """A delta against several bases (value format 2, docs/format.md): one
+    magicless zstd frame whose raw-content dictionary is the bases' raw
+    bytes concatenated in order (put the likeliest base last: its bytes are
+    nearest).  None when the bases are fewer than two, repeat, include the
+    chunk itself or are too deep together."""
+    raw = bytes(raw)
+    if cid is None:
+        cid = chunk_id(raw)
+    ids = [b.id for b in bases]
+    if not 2 <= len(bases) <= MULTI_BASE_MAX or len(set(ids)) != len(ids) or cid in ids:
+        return None
+    depth = multi_depth(bases)
+    if depth > MAX_DELTA_DEPTH:
+        return None
+    payload = compress_chunk(raw, b"".join(b.raw for b in bases), handicap=handicap)
+    if not payload_needs_base(payload):
+        return None
+    return NewChunk(cid, len(raw), payload, ids[-1], depth, tuple(ids[:-1]))
+
+
+class MultiBase:
+    """Finds, for a new in-place block, other old blocks sharing its bytes.
+
+    ``olds``: the old blocks of a capture's changed in-place blocks (their
+    same-offset bases).  SQLite moves cells between pages when it splits a
+    page or inserts into an index, so a changed page's new bytes are often
+    in *other* old pages of the same transaction (tools/bench/history_size_delta).
+    Windows are taken where the data says, not at fixed offsets, so a run
+    of bytes moved by any distance is found: the *anchor* byte is the byte
+    value whose share of the old blocks is nearest 1/MULTI_BASE_STEP (free
+    space, runs of one byte, left out); the index holds the
+    MULTI_BASE_WINDOW bytes from each of its occurrences in the old blocks
+    (at least MULTI_BASE_PROBE apart), and a new block's windows at its own
+    occurrences are looked up; the old blocks with the most hits are its
+    extra bases.  Built lazily: only blocks whose one-base delta stays
+    large ask."""
+
+    def __init__(self, olds: Sequence[Base]) -> None:
+        self.olds = list(olds)
+        self.index: dict[bytes, int] | None = None
+        self.anchor = b"\0"
+
+    def _windows(self, raw: bytes) -> Iterator[bytes]:
+        W, gap, a, find = MULTI_BASE_WINDOW, MULTI_BASE_PROBE, self.anchor, raw.find
+        end = len(raw) - W
+        q = find(a)
+        while 0 <= q <= end:
+            w = raw[q:q + W]
+            if w.count(w[:1]) != W:
+                yield w
+            q = find(a, q + gap)
+
+    def _build(self) -> dict[bytes, int]:
+        sample = b"".join(b.raw[:2048] for b in self.olds[:64])
+        counts = Counter(sample)
+        target = len(sample) / MULTI_BASE_STEP
+        best = min(range(256), key=lambda c: (abs(counts.get(c, 0) - target), c))
+        self.anchor = bytes((best,))
+        index: dict[bytes, int] = {}
+        for k, b in enumerate(self.olds):
+            for w in self._windows(b.raw):
+                index.setdefault(w, k)
+        return index
+
+    def find(self, raw: bytes, own: Base, cid: bytes) -> list[Base]:
+        """Up to MULTI_BASE_MAX - 1 old blocks, most shared first, that fit
+        with ``own`` under MAX_DELTA_DEPTH; never ``own`` or ``cid`` itself."""
+        if self.index is None:
+            self.index = self._build()
+        get, hits = self.index.get, {}
+        for w in self._windows(raw):
+            k = get(w)
+            if k is not None:
+                hits[k] = hits.get(k, 0) + 1
+        out: list[Base] = []
+        budget = min(MAX_DELTA_DEPTH - (own.depth + 1), MULTI_BASE_EXTRA_DEPTH)
+        seen = {own.id, cid}
+        for k, n in sorted(hits.items(), key=lambda x: -x[1]):
+            b = self.olds[k]
+            if n < 2 or b.id in seen or b.depth + 1 > budget:
+                continue
+            seen.add(b.id)
+            out.append(b)
+            budget -= b.depth + 1
+            if len(out) == MULTI_BASE_MAX - 1:
+                break
+        return out
 
 
 class BaseFinder:

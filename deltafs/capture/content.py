@@ -127,6 +127,13 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             misses = 0 if nc.base_id is not None else misses + 1
         if plain:
             raw_run = raw_run + 1 if nc.payload[0] == chunking.CODEC_RAW else 0
+        if in_place(span) and b is not None and b.depth < chunking.MAX_DELTA_DEPTH:
+            # an in-place change: its old block may hold what other changed blocks
+            # gained; a block whose one-base delta stays large looks there (flush_group)
+            olds.append(b)
+            group[0] += len(b.raw)
+            if nc.payload[0] != chunking.CODEC_RAW and len(nc.payload) * chunking.MULTI_BASE_WORSE > len(raw):
+                retry.append((len(new), bytes(raw), b, handicap))
         if cache is not None:
             cache.put(nc.id, raw)
             if base_ref is not None and base_ref[0] != nc.id:
@@ -135,10 +142,37 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
                 cache.discard(base_ref[0])
         new.append(nc)
         buffered += len(nc.payload)
+        if group[0] >= chunking.MULTI_BASE_GROUP:
+            flush_group()
         if spill is not None and buffered >= CHUNK_FLUSH_BYTES:
+            flush_group()
             spill(new)
             new.clear()
             buffered = 0
+
+    olds: list[chunking.Base] = []  # same-offset bases of this group's in-place changed blocks
+    retry: list = []  # (index in new, raw, base, handicap) of blocks whose one-base delta stayed large
+    group = [0]  # bytes of olds
+
+    def flush_group() -> None:
+        """Re-code each block of ``retry`` against its base and up to
+        MULTI_BASE_MAX - 1 other old blocks of the group sharing its bytes
+        (journal format 9), where that stores less."""
+        if retry and len(olds) > 1:
+            mb = chunking.MultiBase(olds)
+            for i, raw, b, handicap in retry:
+                more = mb.find(raw, b, new[i].id)
+                if not more:
+                    continue
+                nc = chunking.build_chunk_multi(raw, [*more[::-1], b], cid=new[i].id, handicap=handicap)
+                if nc is not None and _value_len(nc) + 16 < _value_len(new[i]):
+                    new[i] = nc
+        olds.clear()
+        retry.clear()
+        group[0] = 0
+
+    def in_place(span) -> bool:
+        return finder.same_offset and span.offset < offsets[-1]
 
     if old:
         # an in-place write shifts nothing: bases at the same offsets
@@ -159,7 +193,13 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
     res = chunking.rechunk(pread, size, old, dirty, on_chunk, offsets=offsets, aligned=aligned,
                            holes=holes)
     finder.finish()
+    flush_group()
     return res, new
+
+
+def _value_len(nc) -> int:
+    """Bytes of ``nc``'s stored value besides the common header (base ids and payload)."""
+    return len(nc.payload) + 16 * len(nc.bases) + (1 if len(nc.bases) > 1 else 0)
 
 
 def file_holes(fd: int, size: int) -> chunking.Holes:

@@ -221,13 +221,13 @@ class Compactor:
                 continue  # freed already, or counted again since
             _, pack, off, length, _ = S.decode_loc(loc)
             val = self._st.packs.read(pack, off, length)
-            _, _, base, _ = S.decode_chunk(val)
+            _, _, bases, _ = S.decode_chunk(val)
             txn.delete(cid, db=dbs[S.DB_CHUNKS])
             add_pack_live(txn, dbs, pack, -length)
             txn.put(cid, S.u64(time.time_ns()) + val, db=gdb)
             freed += 1
             freed_bytes += len(val)
-            if base is not None:
+            for base in bases:
                 _decref(txn, dbs, base, zero)
         _bump_meta(txn, dbs, META_PRUNED_VERSIONS, n_pruned)
         planstate.bump_pruned(txn, dbs, n_pruned)
@@ -291,8 +291,8 @@ class Compactor:
                     continue
                 res.chunks_freed += 1
                 res.bytes_freed += info.stored_len
-                if info.base_id is not None:
-                    dec(info.base_id)
+                for base in info.bases:
+                    dec(base)
         return res
 
     # --- the graveyard -------------------------------------------------------------------
@@ -311,10 +311,11 @@ class Compactor:
         if v is None:
             return False
         val = bytes(v[8:])
-        depth, _, base, _ = S.decode_chunk(val)
-        if base is not None:
+        depth, _, bases, _ = S.decode_chunk(val)
+        for base in bases:
             if not self.chunk_present(txn, base):
                 return False
+        for base in bases:
             incref(txn, self._dbs, base)
         self._st.put_value(txn, cid, val, depth)
         txn.delete(cid, db=gdb)

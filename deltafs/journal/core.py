@@ -148,13 +148,14 @@ class Journal:
         stored = raw = 0
         with self._storage.write() as txn:  # packs synced before it commits
             for nc in chunks:
-                depth = nc.depth if nc.base_id else 0
-                val = S.encode_chunk(depth, nc.raw_len, nc.base_id, nc.payload)
+                bases = _bases(nc)
+                depth = nc.depth if bases else 0
+                val = S.encode_chunk(depth, nc.raw_len, bases, nc.payload)
                 if self._storage.put_value(txn, nc.id, val, depth):
                     stored += len(val)
                     raw += nc.raw_len  # as _content counts them (status's ratio is raw / stored)
-                    if nc.base_id is not None:
-                        self._incref(txn, nc.base_id)
+                    for b in bases:
+                        self._incref(txn, b)
             if stored:
                 mdb = self._dbs[S.DB_META]
                 rd = Reader(self._storage, txn)
@@ -191,16 +192,18 @@ class Journal:
                 stored = raw = 0
                 new_bases = []  # a delta may come before its base: count bases once all are in
                 for cid, val in chunks.items():
-                    depth, raw_len, base, _ = S.decode_chunk(val)
+                    try:
+                        depth, raw_len, bases, _ = S.decode_chunk(val)
+                    except ValueError as e:
+                        raise CorruptionError(f"chunk {cid.hex()} has a bad header: {e}") from e
                     if self._storage.put_value(txn, cid, bytes(val), depth):
                         stored += len(val)
                         raw += raw_len
-                        if base is not None:
-                            new_bases.append(base)
+                        new_bases.extend(bases)
                 for cid, val in chunks.items():
-                    base = S.decode_chunk(val)[2]
-                    if base is not None and txn.get(base, db=cdb) is None:
-                        raise CorruptionError(f"base chunk {base.hex()} of chunk {cid.hex()} is missing")
+                    for base in S.decode_chunk(val)[2]:
+                        if txn.get(base, db=cdb) is None:
+                            raise CorruptionError(f"base chunk {base.hex()} of chunk {cid.hex()} is missing")
                 for base in new_bases:
                     self._incref(txn, base)
                 head, prev = rd.head_seq(), rd.head_hash()
@@ -468,15 +471,17 @@ class Journal:
         for nc in ch.chunks:
             if len(nc.id) != S.ID_LEN:
                 raise ValueError("chunk id must be 16 bytes")
-            if nc.base_id is not None and not self._chunk_present(txn, nc.base_id):
-                raise ValueError(f"base chunk {nc.base_id.hex()} of chunk {nc.id.hex()} is not stored")
-            depth = nc.depth if nc.base_id else 0
-            val = S.encode_chunk(depth, nc.raw_len, nc.base_id, nc.payload)
+            bases = _bases(nc)
+            for b in bases:
+                if not self._chunk_present(txn, b):
+                    raise ValueError(f"base chunk {b.hex()} of chunk {nc.id.hex()} is not stored")
+            depth = nc.depth if bases else 0
+            val = S.encode_chunk(depth, nc.raw_len, bases, nc.payload)
             if self._storage.put_value(txn, nc.id, val, depth):
                 stored += len(val)
                 raw += nc.raw_len
-                if nc.base_id is not None:
-                    self._incref(txn, nc.base_id)
+                for b in bases:
+                    self._incref(txn, b)
         base = ch.base_seq or 0
         if base and rd.is_pruned(base):  # its chunks may be freed
             raise ValueError(f"base version {base} of {ch.path!r} has been pruned by compaction")
@@ -555,3 +560,11 @@ class Journal:
 def _new_id() -> int:
     """A random 63-bit file id (never 0: 0 asks the writer to resolve)."""
     return int.from_bytes(os.urandom(8), "big") >> 1 or 1
+
+
+def _bases(nc) -> tuple[bytes, ...]:
+    """The base ids of a chunk to store, in dictionary order (a NewChunk, or
+    any object with ``base_id`` and optionally ``more_bases``)."""
+    if nc.base_id is None:
+        return ()
+    return (*getattr(nc, "more_bases", ()), nc.base_id)

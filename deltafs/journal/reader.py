@@ -35,8 +35,14 @@ _RUN_MAX = 4 << 20  # read_chunks: the longest run of chunk values read with one
 class ChunkInfo:
     raw_len: int
     stored_len: int  # bytes of the stored chunk value in its pack (header + payload)
-    base_id: bytes | None
+    bases: tuple[bytes, ...]  # base ids in dictionary order; empty: standalone
     depth: int
+
+    @property
+    def base_id(self) -> bytes | None:
+        """The last base (the only one before format 9; the writer puts the
+        chunk at the same offset there), or None."""
+        return self.bases[-1] if self.bases else None
 
 
 @dataclass
@@ -393,8 +399,11 @@ class Reader:
         if v is None:
             return None
         _, pack, off, length, _ = S.decode_loc(v)
-        depth, raw_len, base, _ = S.decode_chunk(self._st.packs.read(pack, off, min(length, S.CHUNK_HDR_MAX)))
-        return ChunkInfo(raw_len, length, base, depth)
+        try:
+            depth, raw_len, bases, _ = S.decode_chunk(self._st.packs.read(pack, off, min(length, S.CHUNK_HDR_MAX)))
+        except ValueError as e:
+            raise CorruptionError(f"chunk {cid.hex()} has a bad header: {e}") from e
+        return ChunkInfo(raw_len, length, bases, depth)
 
     def raw_chunk(self, cid: bytes) -> bytes | None:
         """The stored chunk value (header, base id, payload) as in docs/format.md, or None."""
@@ -408,7 +417,7 @@ class Reader:
         v = self.txn.get(cid, db=self.dbs[S.DB_CHUNKS])
         return S.loc_refs(v) if v else 0
 
-    def read_chunk(self, cid: bytes, cache=None, _depth: int = 0) -> bytes:
+    def read_chunk(self, cid: bytes, cache=None) -> bytes:
         """Raw bytes of a chunk, verified against its id.
 
         ``cache`` (a :class:`deltafs.chunking.RawCache`) is asked first at
@@ -417,15 +426,21 @@ class Reader:
         not the ancestors decoded on the way: a capture's next base is the
         chunk it asks for (or its successor), never an ancestor, and up to
         MAX_DELTA_DEPTH ancestors would evict the other files' bases.
+        A read decompresses at most MAX_DELTA_DEPTH + 1 values, whatever
+        the values say (:meth:`_decoded`).
         """
+        return self._read(cid, cache, MAX_DELTA_DEPTH, top=True)[0]
+
+    def _read(self, cid: bytes, cache, limit: int, top: bool = False) -> tuple[bytes, int]:
+        """-> (raw bytes of ``cid``, values decompressed), at most ``limit`` + 1."""
         if cache is not None:
             raw = cache.get(cid)
             if raw is not None:
-                return raw
+                return raw, 0
         v = self.raw_chunk(cid)
         if v is None:
             raise CorruptionError(f"chunk {cid.hex()} is missing from the journal")
-        return self._decoded(cid, v, cache, _depth)
+        return self._decoded_n(cid, v, cache, limit, top=top)
 
     def read_chunks(self, cids: list[bytes], cache=None, ahead: int = 0) -> list:
         """Raw bytes of several chunks, each verified against its id as
@@ -466,29 +481,51 @@ class Reader:
             j = k
         return out
 
-    def _decoded(self, cid: bytes, v, cache, depth: int = 0, views: bool = False):
+    def _decoded(self, cid: bytes, v, cache, views: bool = False):
         """One chunk value -> its raw bytes, verified against ``cid``; a delta's
-        base is read through :meth:`read_chunk` (``depth``: links followed so
-        far).  With ``views``, a raw (incompressible) chunk comes back as a
-        memoryview of ``v`` (read_chunks: not copied, not cached)."""
+        bases are read through :meth:`_read`.  With ``views``, a raw
+        (incompressible) chunk comes back as a memoryview of ``v``
+        (read_chunks: not copied, not cached)."""
+        return self._decoded_n(cid, v, cache, MAX_DELTA_DEPTH, views, top=True)[0]
+
+    def _decoded_n(self, cid: bytes, v, cache, limit: int, views: bool = False,
+                   top: bool = False) -> tuple[bytes, int]:
+        """:meth:`_decoded` bounded: -> (raw, values decompressed), at most
+        ``limit`` + 1 of them (each base gets what the ones before it left),
+        else CorruptionError.  A valid value at depth D needs at most D + 1
+        <= MAX_DELTA_DEPTH + 1 (docs/format.md, "Chunk value"), so a chain
+        that loops, or bases that need more, are an error, never unbounded work."""
+        n = 1
         try:
-            _, raw_len, base, payload = S.decode_chunk(v)
+            depth, raw_len, bases, payload = S.decode_chunk(v)
             if depth > MAX_DELTA_DEPTH:
-                raise ValueError("delta chain loops")
+                raise ValueError(f"depth {depth} is over {MAX_DELTA_DEPTH}")
             if views and len(payload) and payload[0] == CODEC_RAW:  # (a base is not needed then)
                 raw = payload[1:]
             else:
-                base_raw = self.read_chunk(base, cache, depth + 1) if base else None
-                raw = decompress_chunk(payload, base_raw)
+                dict_raw = None
+                if bases:
+                    parts = []
+                    left = limit  # decompressions the bases may take together
+                    for b in bases:
+                        if left < 1:
+                            raise ValueError(f"its delta chain needs more than {MAX_DELTA_DEPTH + 1} "
+                                             "decompressions (it loops, or its bases are deeper than allowed)")
+                        braw, used = self._read(b, cache, left - 1)
+                        left -= used
+                        n += used
+                        parts.append(braw)
+                    dict_raw = parts[0] if len(parts) == 1 else b"".join(parts)
+                raw = decompress_chunk(payload, dict_raw)
         except CorruptionError:
             raise
         except Exception as e:
             raise CorruptionError(f"chunk {cid.hex()} cannot be decoded: {e}") from e
         if len(raw) != raw_len or chunk_id(raw) != cid:
             raise CorruptionError(f"chunk {cid.hex()} is corrupt: its content does not match its id")
-        if cache is not None and not depth and not isinstance(raw, memoryview):
+        if cache is not None and top and not isinstance(raw, memoryview):
             cache.put(cid, raw)
-        return raw
+        return raw, n
 
     def iter_content(self, seq: int) -> Iterator[bytes]:
         """The bytes of content version ``seq``, one chunk at a time.

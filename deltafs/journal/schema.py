@@ -12,12 +12,13 @@ from typing import Iterable, Sequence
 
 import zstandard
 
-FORMAT_VERSION = 8  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
+FORMAT_VERSION = 9  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
 # 4: delta chains up to 128 (chunking.MAX_DELTA_DEPTH), in-place files cut at aligned offsets;
 # 5: content cause 6 = "repair" (a file recorded again after a merged history, issue 18);
 # 6: record blocks "S" keep two hashes, not one per record; raw_bytes recounted (issue 20)
 # 7: tree checkpoints (the ``trees`` database, journal/checkpoints.py)
 # 8: content cause 7 = "sync" and record key 21 = origin (a sync group's "DEVICE:N", issue 25)
+# 9: chunk values of value format 2, a delta against several bases (issue 20)
 MAX_DBS = 32
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
 CHECKPOINT_MAX = 256  # a long one (>= 8192 entries) may need up to this many (see checkpoint_every)
@@ -81,9 +82,11 @@ def pack_live_key(pack: int) -> bytes:
 _U64 = struct.Struct(">Q")
 _CHUNK_HDR = struct.Struct(">BBI")  # fmt, depth, raw_len
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 chunk index value (read by the upgrade only)
-CHUNK_HDR_MAX = _CHUNK_HDR.size + 16  # header + base id
-CHUNK_FMT = 1
+CHUNK_FMT = 1  # value format 1: standalone, or a delta against one base
+CHUNK_FMT_MULTI = 2  # value format 2 (journal format 9): a delta against 2..MAX_BASES bases
+MAX_BASES = 4
 ID_LEN = 16
+CHUNK_HDR_MAX = _CHUNK_HDR.size + 1 + MAX_BASES * ID_LEN  # the longest header: format 2, MAX_BASES ids
 HASH_LEN = 32
 ENTRY_LEN = ID_LEN + 4  # packed chunk-list entry: id || u32 length
 
@@ -238,12 +241,20 @@ def content_hash(refs: Sequence[tuple[bytes, int]]) -> bytes:
     return hashlib.blake2b(pack_list(refs), digest_size=HASH_LEN).digest()
 
 
-def encode_chunk(depth: int, raw_len: int, base_id: bytes | None, payload: bytes) -> bytes:
-    hdr = _CHUNK_HDR.pack(CHUNK_FMT, depth, raw_len)
-    if depth:
-        assert base_id is not None and len(base_id) == ID_LEN
-        return hdr + base_id + payload
-    return hdr + payload
+def encode_chunk(depth: int, raw_len: int, bases: Sequence[bytes] | bytes | None, payload: bytes) -> bytes:
+    """A chunk value (docs/format.md "Chunk value").  ``bases``: the base ids
+    in dictionary order (one id, a sequence of ids, or None/empty for a
+    standalone value); two or more make a value of format 2."""
+    if isinstance(bases, (bytes, bytearray)):
+        bases = (bytes(bases),)
+    bases = tuple(bases or ())
+    if not bases:
+        return _CHUNK_HDR.pack(CHUNK_FMT, 0, raw_len) + payload
+    assert 0 < depth <= 255 and all(len(b) == ID_LEN for b in bases)
+    if len(bases) == 1:
+        return _CHUNK_HDR.pack(CHUNK_FMT, depth, raw_len) + bases[0] + payload
+    assert len(bases) <= MAX_BASES and len(set(bases)) == len(bases)
+    return _CHUNK_HDR.pack(CHUNK_FMT_MULTI, depth, raw_len) + bytes((len(bases),)) + b"".join(bases) + payload
 
 
 _ONE_BYTE = [bytes((i,)) for i in range(0x80)]
@@ -406,13 +417,29 @@ def loc_refs(v: bytes) -> int:
     return decode_loc(v)[0]
 
 
-def decode_chunk(value: bytes) -> tuple[int, int, bytes | None, memoryview]:
-    """-> (depth, raw_len, base_id or None, payload)."""
+def decode_chunk(value: bytes) -> tuple[int, int, tuple[bytes, ...], memoryview]:
+    """-> (depth, raw_len, base ids in dictionary order (empty: standalone), payload).
+    Raises ValueError on a header that is not one of docs/format.md's."""
     mv = memoryview(value)
+    if len(mv) < _CHUNK_HDR.size:
+        raise ValueError("chunk value shorter than its header")
     fmt, depth, raw_len = _CHUNK_HDR.unpack_from(mv)
-    if fmt != CHUNK_FMT:
-        raise ValueError(f"unknown chunk value format {fmt}")
     o = _CHUNK_HDR.size
-    if depth:
-        return depth, raw_len, bytes(mv[o : o + ID_LEN]), mv[o + ID_LEN :]
-    return depth, raw_len, None, mv[o:]
+    if fmt == CHUNK_FMT:
+        if not depth:
+            return 0, raw_len, (), mv[o:]
+        if len(mv) < o + ID_LEN:
+            raise ValueError("chunk value cut inside its base id")
+        return depth, raw_len, (bytes(mv[o : o + ID_LEN]),), mv[o + ID_LEN :]
+    if fmt == CHUNK_FMT_MULTI:
+        n = mv[o] if len(mv) > o else 0
+        if not 2 <= n <= MAX_BASES or not depth:
+            raise ValueError(f"chunk value of format 2 with {n} bases at depth {depth}")
+        o += 1
+        if len(mv) < o + n * ID_LEN:
+            raise ValueError("chunk value cut inside its base ids")
+        bases = tuple(bytes(mv[o + i * ID_LEN : o + (i + 1) * ID_LEN]) for i in range(n))
+        if len(set(bases)) != n:
+            raise ValueError("chunk value names a base twice")
+        return depth, raw_len, bases, mv[o + n * ID_LEN :]
+    raise ValueError(f"unknown chunk value format {fmt}")

@@ -23,7 +23,7 @@ from .schema import TMP_DB, refill
 
 log = logging.getLogger(__name__)
 
-UPGRADABLE = (1, 2, 3, 4, 5, 6, 7)  # formats a writer upgrades in place at open (a reader refuses them)
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8)  # formats a writer upgrades in place at open (a reader refuses them)
 
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 
@@ -187,7 +187,17 @@ def upgrade_7_to_8(env, path: str, meta) -> None:
     log.warning("upgraded journal %s from format 7 to 8 (no data rewritten)", path)
 
 
+def upgrade_8_to_9(env, path: str, meta) -> None:
+    """Format 9 stores nothing differently, but new chunk values may be of
+    value format 2, a delta against several bases (docs/format.md "Chunk
+    value"), which a format-8 deltafs cannot decode, so the number changes.
+    Every value already written stays valid as it is."""
+    with env.begin(write=True) as txn:
+        txn.put(S.META_FORMAT, _packb(9), db=meta)
+    log.warning("upgraded journal %s from format 8 to 9 (no data rewritten)", path)
+
+
 # upgrade_N_to_N+1 at index N-1: a new format appends its step here (and to UPGRADABLE)
 _STEPS = (upgrade_1_to_2, upgrade_2_to_3, upgrade_3_to_4, upgrade_4_to_5, upgrade_5_to_6, upgrade_6_to_7,
-          upgrade_7_to_8)
+          upgrade_7_to_8, upgrade_8_to_9)
 assert len(_STEPS) == len(UPGRADABLE) == S.FORMAT_VERSION - 1

@@ -109,18 +109,22 @@ def _check_chunk(r, cid: bytes, length: int, good: set[bytes], depth: int = 0) -
     if depth > MAX_DELTA_DEPTH:
         return f"chunk {cid.hex()}: delta chain loops"
     try:
-        _, raw_len, base, payload = S.decode_chunk(v)
+        _, raw_len, bases, payload = S.decode_chunk(v)
     except Exception as e:  # noqa: BLE001
         return f"chunk {cid.hex()} has a bad header: {e}"
     base_raw = None
-    if base is not None:
-        if base not in good:
-            why = _check_chunk(r, base, -1, good, depth + 1)
-            if why:
-                return f"base of chunk {cid.hex()}: {why}"
-        if r.chunk_refs(base) == 0:
-            return f"chunk {cid.hex()}: its base {base.hex()} has no reference count"
-        base_raw = r.read_chunk(base)
+    if bases:
+        for base in bases:
+            if base not in good:
+                why = _check_chunk(r, base, -1, good, depth + 1)
+                if why:
+                    return f"base of chunk {cid.hex()}: {why}"
+            if r.chunk_refs(base) == 0:
+                return f"chunk {cid.hex()}: its base {base.hex()} has no reference count"
+        try:
+            base_raw = b"".join(r.read_chunk(base) for base in bases)
+        except Exception as e:  # noqa: BLE001 - CorruptionError: over the decoding bound
+            return f"chunk {cid.hex()}: its bases cannot be read: {e}"
     try:
         raw = decompress_chunk(payload, base_raw)
     except Exception as e:  # noqa: BLE001

@@ -193,6 +193,10 @@ class _Chunks:
         return self.where
 
     def raw_of(self, cid: bytes, depth: int = 0) -> bytes:
+        """Raw bytes of ``cid``, verified; a delta's bases decoded first.
+        ``depth``: delta links followed to get here; over MAX_DELTA_DEPTH
+        (a chain that loops) is an error.  The decoded chunks are kept
+        (up to 4096), so a chunk shared by several values is decoded once."""
         if cid in self.raw:
             return self.raw[cid]
         if cid not in self.values:
@@ -202,8 +206,9 @@ class _Chunks:
             self.load(name)
         if depth > MAX_DELTA_DEPTH:
             raise ValueError("delta chain loops")
-        d, raw_len, base, payload = decode_chunk(self.values[cid])
-        raw = decompress_chunk(payload, self.raw_of(base, depth + 1) if base else None)
+        d, raw_len, bases, payload = decode_chunk(self.values[cid])
+        base_raw = b"".join(self.raw_of(b, depth + 1) for b in bases) if bases else None
+        raw = decompress_chunk(payload, base_raw)
         if len(raw) != raw_len or chunk_id(raw) != cid:
             raise ValueError(f"chunk {cid.hex()} does not match its id")
         if len(self.raw) < 4096:

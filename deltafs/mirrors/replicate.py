@@ -187,7 +187,11 @@ class Replicator:
 
             def want(cid: bytes, optional: bool, rec) -> None:
                 nonlocal chunk_bytes
-                while cid not in shipped and cid not in chunks:
+                todo = [cid]  # the chunk, then its bases (several since format 9), theirs...
+                while todo:
+                    cid = todo.pop()
+                    if cid in shipped or cid in chunks:
+                        continue
                     val = r.raw_chunk(cid)
                     if val is None:
                         if optional:  # freed by compaction: the version is shipped as pruned
@@ -199,10 +203,7 @@ class Replicator:
                         raise CorruptionError(e.detail, rec.path, rec.seq) from e
                     chunks[cid] = val
                     chunk_bytes += len(val)
-                    base = decode_chunk(val)[2]
-                    if base is None:
-                        return
-                    cid = base
+                    todo.extend(decode_chunk(val)[2])
 
             last = first - 1
             prev = bytes.fromhex(m.last_hash)

@@ -374,3 +374,27 @@ def test_records_in_blocks_replicate_and_clone_unchanged(b, mirror_url, ep, tmp_
     with Journal.open(tmp_path / "c", readonly=True) as c:
         assert log_of(c) == log_of(b.j)
         assert c.verify(full=True).ok
+
+
+def test_values_with_several_bases_replicate_and_clone(mirror_url, ep, tmp_path):
+    """Journal format 9: a chunk value that is a delta against several bases
+    ships with every base (and theirs), and the clone decodes it."""
+    from test_multi_base import _history
+
+    (tmp_path / "src").mkdir()
+    d, seq, data, _ = _history(tmp_path / "src", saves=2)
+    with d.j.reader() as r:
+        assert any(len(r.chunk_info(cid).bases) > 1 for cid, _ in r.chunk_list(seq))
+    with open_mirror(mirror_url, endpoint_url=ep) as m:
+        st = replicate_once(d.j, m)
+        assert st.last_seq == st.head_seq
+        rep = verify_mirror(m, full=True)
+        assert rep.errors == []
+        clone_journal(m, str(tmp_path / "c"))
+    with Journal.open(tmp_path / "c", readonly=True) as c:
+        assert log_of(c) == log_of(d.j)
+        assert _content(c, seq) == data
+        with c.reader() as r:
+            assert any(len(r.chunk_info(cid).bases) > 1 for cid, _ in r.chunk_list(seq))
+        assert (v := c.verify(full=True)).ok, v.problem
+    d.j.close()

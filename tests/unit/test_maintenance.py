@@ -155,8 +155,7 @@ def recount_refs(j: Journal) -> dict[bytes, int]:
             for cid, _ in S.unpack_list(v):
                 out[cid] = out.get(cid, 0) + 1
         for k in r.txn.cursor(db=r.dbs[S.DB_CHUNKS]).iternext(values=False):
-            base = r.chunk_info(k).base_id
-            if base is not None:
+            for base in r.chunk_info(k).bases:  # each base of a value counts it once (format 9)
                 out[base] = out.get(base, 0) + 1
     return out
 

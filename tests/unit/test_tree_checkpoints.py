@@ -154,7 +154,7 @@ def test_a_format_6_journal_gets_checkpoints_lazily(tmp_path):
     with pytest.raises(Exception, match="format version 6"):
         Journal.open(path, readonly=True)
     with Journal.open(path) as j:
-        assert j.format_version == S.FORMAT_VERSION  # 6 -> 7 -> 8
+        assert j.format_version == S.FORMAT_VERSION  # 6 -> 7 -> 8 -> 9
         with j.reader() as r:
             assert checkpoints.seqs(r) == []
             assert len(r.tree_at()) == 50
