@@ -782,6 +782,10 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
     policy = retention_from_args(args.retention, args.coalesce)  # bad values: exit 2 before anything
     loc = locate(args.path, args.journal)
+    if not args.dry_run:
+        from deltafs.guard import refuse_compaction_while_alerted
+
+        refuse_compaction_while_alerted(loc.journal, loc.mnt or args.path)
     if loc.mount is not None and args.vacuum and not args.dry_run:
         raise JournalLockedError(f"compact --vacuum needs the journal unmounted: {loc.mnt} is mounted "
                                  f"on it (deltafs umount {loc.mnt}, then run it again; without "

@@ -378,6 +378,11 @@ async def _op_compact(daemon, server, req) -> dict:
     for k in ("retention", "coalesce"):
         if req.get(k) is not None and not isinstance(req[k], str):
             raise UsageError(f'"{k}" must be a string')
+    if not req.get("dry_run"):
+        from deltafs.guard import holding, refuse_compaction_while_alerted
+
+        if holding(daemon.services.guard):  # the background passes are held too (maintenance)
+            refuse_compaction_while_alerted(daemon.journal.path, daemon.cfg.mnt)
     if req.get("retention") is not None or req.get("coalesce") is not None:
         policy = retention_from_args(req.get("retention"), req.get("coalesce"))
     else:  # the mount's own policy

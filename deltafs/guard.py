@@ -943,6 +943,16 @@ class Guard:
                 "pacing": self.block is not None and not self.block.blocking}
 
 
+def refuse_compaction_while_alerted(journal_dir: str, where: str) -> None:
+    """``deltafs compact`` (mounted or not) prunes nothing while an alert stands:
+    the versions from before the attack must outlive the alert."""
+    if os.path.exists(os.path.join(journal_dir, STATE_FILE)):
+        from deltafs.errors import UsageError
+
+        raise UsageError(f"compaction is held: a guard alert stands on {where} (see `deltafs guard status`); "
+                         "after `deltafs guard resume` it runs again (--dry-run works meanwhile)")
+
+
 def holding(g: "Guard | None") -> bool:
     """Is compaction held by a standing guard alert (maintenance asks before each pass)?"""
     return bool(g is not None and getattr(g, "alerted", False))

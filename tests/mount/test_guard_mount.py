@@ -348,7 +348,12 @@ def test_alert_survives_a_remount(mount_factory, tmp_path):
             break
         time.sleep(0.05)
     assert "compaction held: the guard's alert stands" in m.log_text()
+    held = run_cli("compact", m.mnt)  # asked for by hand, it is held too
+    assert held.returncode == 2 and b"compaction is held" in held.stderr and b"Traceback" not in held.stderr
+    assert run_cli("compact", m.mnt, "--dry-run").returncode == 0
     m.umount(check=False)
+    held = run_cli("compact", m.src)  # and unmounted
+    assert held.returncode == 2 and b"compaction is held" in held.stderr
 
     m.extra = ["--guard", "off"]  # the alert stands until resumed, whatever the level now
     m.start()
