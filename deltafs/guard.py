@@ -92,7 +92,8 @@ LEVEL_NAMES = ("off", *LEVELS)
 SKIP_CAUSES = frozenset({"scan", "preimage", "restore", "sync"})  # sync: scored as an incoming stream (deltafs/sync/incoming.py)
 HEAD = 4096  # bytes of the head sample
 SNAPSHOT_PREFIX = "guard-"
-SUSPECT = 0.4  # --guard-action block: from this share of the threshold on, changes wait for capture
+SUSPECT = 0.1  # --guard-action block: from this share of the threshold on, changes wait for capture
+PACE_QUIET = 30.0  # ... until this many seconds pass without a new suspicious change
 OPENED_KEPT = 20_000  # read-only opens (and unpaired new opaque files) the detector remembers
 PATHS_KEPT = 20_000  # paths whose last write / content type it remembers (oldest dropped first)
 OPENS_QUEUED = 4096  # opens ops.open may queue between two drains (the oldest are dropped)
@@ -580,11 +581,12 @@ class Block:
     attribute test: ``ops.guard_block is None``).
 
     Before the alert, while the window's score is at least SUSPECT of the
-    threshold, the guard installs one that only paces (``blocking`` False):
-    each such request first waits until every capture queued before it is
-    committed and scored (``drain``), so an attacker cannot run ahead of the
-    capture pipeline; the request that follows the change crossing the
-    threshold is refused.
+    threshold and a suspicious change came in the last PACE_QUIET seconds,
+    the guard installs one that only paces (``blocking`` False): each such
+    request first waits until every capture queued before it is committed
+    and scored (``drain``), and ops.flush queues a written file's capture at
+    close(2), so an attacker cannot run ahead of the capture pipeline; the
+    request that follows the change crossing the threshold is refused.
 
     Refused with EPERM, for every process but the ones allowed (the
     ``deltafs rollback`` that undoes the attack registers its own): opens
@@ -768,10 +770,21 @@ class Guard:
                 await self._idle.wait()
 
     async def settle(self) -> None:
-        """Every capture queued so far is committed and scored (the pacing Block waits here)."""
+        """Every capture queued so far is committed and scored (the pacing Block waits here).
+        Pacing ends once PACE_QUIET seconds pass without a new suspicious change: one
+        odd file in ordinary work paces the next half minute, not the window's hour."""
+        blk = self.block
+        if blk is not None and not blk.blocking and self.quiet_for() > PACE_QUIET:
+            self._pace(False)
+            return
         if self.drain is not None:
             await self.drain()
         await self.scored()
+
+    def quiet_for(self) -> float:
+        """Seconds since the newest suspicious change in the window (inf: none)."""
+        hits = self.detector.hits
+        return self.detector.clock() - hits[-1].t if hits else math.inf
 
     def start_deferred(self) -> None:
         """Score after each commit's waiters are answered (guard_service, at mount).
@@ -798,7 +811,8 @@ class Guard:
             self._start_blocking()
             self.nursery.start_soon(self._alerted, alert)
         elif self.action == "block" and self.ops is not None and self.detector.alert is None:
-            self._pace(self.detector.last_score >= SUSPECT * self.detector.threshold)
+            self._pace(self.detector.last_score >= SUSPECT * self.detector.threshold and
+                       self.quiet_for() <= PACE_QUIET)
 
     def _block(self) -> "Block":
         """The one Block of this alert's life: a request that waits in its pacing

@@ -1161,7 +1161,15 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def flush(self, fh):
-        pass
+        # While the guard paces or blocks (--guard-action block), the last
+        # writer's close(2) queues the capture itself: FLUSH is answered
+        # before close returns, RELEASE only after, so the caller's next
+        # change (delete the original, rename to .locked) would otherwise
+        # pass the guard before this file's damage was scored.
+        if self.guard_block is not None:
+            h = self.handles.get(fh)
+            if h is not None and h.writable and h.node.writers == 1 and h.node.cap.changed:
+                self.rec.release(self, h.node)
 
     @_errors
     async def release(self, fh):

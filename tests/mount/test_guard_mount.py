@@ -404,6 +404,52 @@ def test_block_refuses_the_first_change_after_the_crossing_file(mount_factory, t
 
 
 @pytest.mark.skipif(Cipher is None, reason="needs cryptography")
+def test_block_scores_a_file_at_close_before_the_next_change(mount_factory, tmp_path):
+    """Encrypt, close, rename to .locked (no fsync), through a second descriptor
+    (dup) that stays open: the close sends FLUSH but no RELEASE.  While the
+    guard paces, the close itself queues the capture, so the rename of the
+    file whose content crosses the threshold waits for its score and is
+    refused; the damaged file keeps its name.  (Capturing only at RELEASE let
+    that rename through: the block stood one change later.)"""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_corpus(src, 80)
+    m = mount_factory(src, "--guard-action", "block")
+    files = victims(m.mnt)
+    in_place(files[0])  # the first damaged file, made durable: from here on the guard paces
+    fd = os.open(files[0], os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    assert guard_state(m)["pacing"], guard_state(m)
+    refused_at = None
+    for p in files[1:]:
+        data = p.read_bytes()
+        try:
+            fd = os.open(p, os.O_RDWR)
+        except PermissionError:
+            refused_at = ("open", p)
+            break
+        keep = os.dup(fd)  # holds the FUSE handle open: no RELEASE until it closes
+        try:
+            os.write(fd, aes(data))
+            os.close(fd)  # FLUSH
+            try:
+                os.rename(p, str(p) + ".locked")
+            except PermissionError:
+                refused_at = ("rename", p)
+                break
+        finally:
+            os.close(keep)
+    assert refused_at, "never refused"
+    a = guard_state(m)["alert"]
+    assert a and a["changes_since"] == 0, a
+    what, p = refused_at
+    assert what == "rename", f"the block stood only at the next file's open ({p.name})"
+    assert p.exists() and not Path(str(p) + ".locked").exists()
+    assert a["examples"][-1]["path"] == os.path.relpath(p, m.mnt)
+
+
+@pytest.mark.skipif(Cipher is None, reason="needs cryptography")
 def test_resume_right_after_an_attack_does_not_re_alert(mount_factory, tmp_path):
     """`deltafs guard resume` while the attack's last changes are still being
     captured and scored: they count under the old alert (changes_since), and

@@ -340,20 +340,44 @@ async def test_block_paces_changes_while_suspicious_then_refuses():
         def start_soon(self, fn, *a):
             pass
     g.nursery = Nursery()
+    assert ops.guard_block is None  # nothing suspicious yet: nothing installed
     for i, p in enumerate(paths):
         w.put(p, enc(w.raw[w.old[p]]))
-        if i + 1 < 2:
-            assert ops.guard_block is None  # 1 file's worth: nothing installed
-        elif i + 1 < 5:
+        if i + 1 < 5:  # from the first damaged file on (SUSPECT of the threshold)
             assert ops.guard_block is not None and not ops.guard_block.blocking
             await ops.guard_block.check(Ctx(os.getppid()))  # paced, not refused
         else:
             break
-    assert drained and g.alerted and ops.guard_block.blocking
+    assert len(drained) == 4 and g.alerted and ops.guard_block.blocking
     with pytest.raises(PermissionError):
         await ops.guard_block.check(Ctx(os.getppid()))
     g.resume()
     assert ops.guard_block is None
+
+
+async def test_pacing_ends_after_a_quiet_half_minute():
+    """One suspicious file in ordinary work paces changes for PACE_QUIET seconds,
+    not for the window's hour: the first request after that goes straight through
+    and uninstalls the pacing Block."""
+    w = World()
+    ops = FakeOps()
+    drained = []
+
+    async def drain():
+        drained.append(1)
+
+    g = guard.Guard(w.det, None, NoNursery(), action="block", ops=ops)
+    g.drain = drain
+    p = corpus(w)[0]
+    w.feed = lambda *ch: g.observe(ch, [0] * len(ch))
+    w.put(p, enc(w.raw[w.old[p]]))
+    assert ops.guard_block is not None and not ops.guard_block.blocking
+    await ops.guard_block.check(Ctx(os.getppid()))
+    assert drained == [1]  # paced: waited for capture
+    w.t += guard.PACE_QUIET + 1
+    await ops.guard_block.check(Ctx(os.getppid()))
+    assert drained == [1] and ops.guard_block is None  # quiet: no wait, pacing gone
+    assert w.det.score() >= guard.SUSPECT * w.det.threshold  # the hit still counts toward an alert
 
 
 def test_opens_are_drained_into_the_detector():
@@ -442,7 +466,7 @@ async def test_block_mode_scores_in_the_committer_so_the_next_request_is_refused
 
 
 async def test_block_mode_paces_the_attacker_to_the_file_that_crosses():
-    """Commits of one file at a time: pacing (from 2 of 5) keeps the attacker
+    """Commits of up to 3 files at a time: pacing (from the first damaged file) keeps the attacker
     in step; exactly the 5 files that make the score are lost."""
     import trio
 
