@@ -91,6 +91,7 @@ class CompactReport:
     checkpoints_written: int = 0
     chunks_freed: int = 0
     bytes_freed: int = 0
+    chunks_rebased: int = 0  # kept chunks re-coded past bases only pruned versions needed
     transactions: int = 0
     pressure_steps: int = 0  # extra thinning rounds to get under --journal-limit / disk-free floor
     policy: str | None = None  # the policy of the last round (its --retention text)
@@ -394,6 +395,7 @@ def _compact(j, policy: RetentionPolicy, dry_run: bool, now_hlc: int | None,
         rep.checkpoints_written = res.checkpoints_written
         rep.chunks_freed = res.chunks_freed
         rep.bytes_freed = res.bytes_freed
+        rep.chunks_rebased = res.chunks_rebased
         rep.transactions = res.transactions
     t2 = time.monotonic()
     rep.prune_s = round(t2 - t1, 4)
@@ -512,6 +514,7 @@ def _compact_to_fit(j, policy: RetentionPolicy, limit: int | None, now_hlc: int 
         rep.checkpoints_written += r2.checkpoints_written
         rep.chunks_freed += r2.chunks_freed
         rep.bytes_freed += r2.bytes_freed
+        rep.chunks_rebased += r2.chunks_rebased
         rep.transactions += r2.transactions
         rep.packs_emptied += r2.packs_emptied
         rep.bytes_reclaimed += r2.bytes_reclaimed

@@ -55,6 +55,7 @@ from typing import Callable, Iterable, Iterator
 
 import msgpack
 
+from deltafs.chunking import Base, RawCache, build_chunk
 from deltafs.errors import CorruptionError
 
 from . import planstate
@@ -85,6 +86,7 @@ RECORD_BLOCK = 32
 # ones go in whole blocks: a reader decodes a block once and keeps a few decoded
 RECORDS_KEPT = 1
 
+MAX_REBASE_WALK = 128  # links of a delta chain step 3 walks down at most (a chain is at most 128 deep)
 REPACK_DEAD_RATIO = 0.5  # a closed pack is rewritten once this share of it is dead
 REPACK_TXN_BYTES = 64 << 20  # values moved per transaction at most
 
@@ -100,6 +102,7 @@ class PruneResult:
     chunks_freed: int = 0
     bytes_freed: int = 0
     transactions: int = 0
+    chunks_rebased: int = 0  # survivors' chunks re-coded so a pruned base could go (step 3)
 
 
 @dataclass
@@ -163,13 +166,16 @@ class Compactor:
         self.purge_graveyard(limit=max(GRAVEYARD_SCAN, 2 * self._graveyard_owed))
         self._graveyard_owed = 0
         self._checkpoint_chains(keep, doomed_set, res)  # 1.
+        files: dict[int, int] = {}  # file id -> its oldest version pruned now
         for b in range(0, len(doomed), PRUNE_BATCH):  # 2.
             with self._st.write() as txn:
-                self._prune_batch(txn, doomed[b : b + PRUNE_BATCH], res)
+                self._prune_batch(txn, doomed[b : b + PRUNE_BATCH], res, files)
             res.transactions += 1
+        self._rebase_survivors(files, res)  # 3.
         self._graveyard_owed += res.chunks_freed
-        log.info("pruned %d versions, %d checkpoints, freed %d chunks (%d bytes)",
-                 res.versions_pruned, res.checkpoints_written, res.chunks_freed, res.bytes_freed)
+        log.info("pruned %d versions, %d checkpoints, freed %d chunks (%d bytes), re-coded %d",
+                 res.versions_pruned, res.checkpoints_written, res.chunks_freed, res.bytes_freed,
+                 res.chunks_rebased)
         return res
 
     def _checkpoint_chains(self, keep: list[int], doomed: set[int], res: PruneResult) -> None:
@@ -191,9 +197,10 @@ class Compactor:
                 res.checkpoints_written += n
             res.transactions += 1
 
-    def _prune_batch(self, txn, batch: list[int], res: PruneResult) -> None:
-        """Step 2 for the versions of ``batch``, in the transaction ``txn``."""
-        dbs, db, gdb = self._dbs, self._dbs[S.DB_PRUNED], self._dbs[S.DB_GRAVEYARD]
+    def _prune_batch(self, txn, batch: list[int], res: PruneResult, files: dict[int, int]) -> None:
+        """Step 2 for the versions of ``batch``, in the transaction ``txn``;
+        ``files`` gets each pruned version's file id (-> its oldest pruned seq)."""
+        dbs, db = self._dbs, self._dbs[S.DB_PRUNED]
         zero: list[bytes] = []
         n_pruned = 0
         for s in batch:
@@ -203,6 +210,7 @@ class Compactor:
             if not rec.is_content:
                 raise ValueError(f"record {s} is a {rec.op}, not a content version")
             txn.put(S.u64(s), _packb({"hlc": rec.hlc, "t": time.time_ns()}), db=db)
+            files.setdefault(rec.file_id, s)
             for _, _, refs in rec.edit or []:
                 for cid, _ in refs:
                     self._uncount(txn, s, cid, zero)
@@ -213,6 +221,15 @@ class Compactor:
                     self._uncount(txn, s, cid, zero)
             planstate.forget(txn, dbs, rec)
             n_pruned += 1
+        _bump_meta(txn, dbs, META_PRUNED_VERSIONS, n_pruned)
+        planstate.bump_pruned(txn, dbs, n_pruned)
+        res.versions_pruned += n_pruned
+        self._free(txn, zero, res)
+
+    def _free(self, txn, zero: list[bytes], res: PruneResult) -> None:
+        """Free the chunks of ``zero`` still at count 0 (into the graveyard), and
+        release a freed delta's bases, cascading."""
+        dbs, gdb = self._dbs, self._dbs[S.DB_GRAVEYARD]
         freed = freed_bytes = 0
         while zero:
             cid = zero.pop()
@@ -229,13 +246,71 @@ class Compactor:
             freed_bytes += len(val)
             for base in bases:
                 _decref(txn, dbs, base, zero)
-        _bump_meta(txn, dbs, META_PRUNED_VERSIONS, n_pruned)
-        planstate.bump_pruned(txn, dbs, n_pruned)
         _bump_meta(txn, dbs, META_FREED_CHUNKS, freed)
         _bump_meta(txn, dbs, META_FREED_BYTES, freed_bytes)
-        res.versions_pruned += n_pruned
         res.chunks_freed += freed
         res.bytes_freed += freed_bytes
+
+    def _rebase_survivors(self, files: dict[int, int], res: PruneResult) -> None:
+        """Step 3: a pruned version's chunk that a kept chunk is a delta of
+        stays alive as that delta's base: in a file saved again and again
+        every version's chunk is the base of the next one, so pruning the
+        versions in between would free nothing.  For each file pruned now, the
+        chunks of its retained versions after the oldest pruned one are
+        looked at; a delta whose one base is named by nothing else (count 1:
+        this delta) is re-coded against the nearest ancestor on that chain
+        that something else still names (standalone when none is), in one
+        transaction with the count changes, so the bases in between are
+        freed (into the graveyard, as in step 2) by the usual cascade.  The
+        chunk keeps its id; readers of older snapshots still find its old
+        value where it was (rule 5)."""
+        if not files:
+            return
+        with self._snapshot() as r:
+            todo = survivors_after(r, files)
+        cache = RawCache(8 << 20)
+        seen: set[bytes] = set()
+        i = 0
+        while i < len(todo):
+            with self._st.write() as txn:
+                rd = Reader(self._st, txn)
+                zero: list[bytes] = []
+                n = 0
+                while i < len(todo) and n < CHECKPOINT_BATCH:
+                    for cid, _ in rd.chunk_list(todo[i]):
+                        if cid not in seen:
+                            seen.add(cid)
+                            n += self._rebase(txn, rd, cid, cache, zero)
+                    i += 1
+                self._free(txn, zero, res)
+                res.chunks_rebased += n
+            res.transactions += 1
+
+    def _rebase(self, txn, rd: Reader, cid: bytes, cache: RawCache, zero: list[bytes]) -> int:
+        """Re-code ``cid`` past the bases only it keeps alive (see
+        :meth:`_rebase_survivors`); -> 1 if it was, else 0."""
+        cdb = self._dbs[S.DB_CHUNKS]
+        loc = txn.get(cid, db=cdb)
+        if loc is None:
+            return 0
+        refs, pack, off, length, depth = S.decode_loc(loc)
+        plan = _rebase_plan(rd, cid, depth, rd.chunk_refs)
+        if plan is None:
+            return 0
+        dead, target = plan
+        base = None
+        if target is not None:
+            base = Base(target, rd.read_chunk(target, cache), S.decode_loc(txn.get(target, db=cdb))[4])
+        nc = build_chunk(rd.read_chunk(cid, cache), base, cid=cid)  # read_chunk checks what it decoded
+        val = S.encode_chunk(nc.depth if nc.bases else 0, nc.raw_len, nc.bases, nc.payload)
+        np_, noff = self._st.packs.append(val)
+        txn.put(cid, S.encode_loc(refs, np_, noff, len(val), nc.depth if nc.bases else 0), db=cdb)
+        add_pack_live(txn, self._dbs, pack, -length)
+        add_pack_live(txn, self._dbs, np_, len(val))
+        for b in nc.bases:
+            incref(txn, self._dbs, b)
+        _decref(txn, self._dbs, dead, zero)
+        return 1
 
     def _uncount(self, txn, seq: int, cid: bytes, zero: list[bytes]) -> None:
         """Drop version ``seq``'s reference to ``cid``, unless a clone never
@@ -270,8 +345,10 @@ class Compactor:
                 if refs[cid] <= 0:
                     zero.append(cid)
 
+            files: dict[int, int] = {}
             for s in doomed:
                 rec = r.record(s)
+                files.setdefault(rec.file_id, s)
                 for _, _, lst in rec.edit or []:
                     for cid, _ in lst:
                         dec(cid)
@@ -280,19 +357,37 @@ class Compactor:
                     for cid, _ in S.unpack_list(cp):
                         dec(cid)
                 res.versions_pruned += 1
-            seen = set()
-            while zero:
-                cid = zero.pop()
-                if cid in seen or refs.get(cid, 0) > 0:
-                    continue
-                seen.add(cid)
-                info = r.chunk_info(cid)
-                if info is None:
-                    continue
-                res.chunks_freed += 1
-                res.bytes_freed += info.stored_len
-                for base in info.bases:
-                    dec(base)
+            seen: set[bytes] = set()
+
+            def cascade():
+                while zero:
+                    cid = zero.pop()
+                    if cid in seen or refs.get(cid, 0) > 0:
+                        continue
+                    seen.add(cid)
+                    info = r.chunk_info(cid)
+                    if info is None:
+                        continue
+                    res.chunks_freed += 1
+                    res.bytes_freed += info.stored_len
+                    for base in info.bases:
+                        dec(base)
+
+            cascade()
+            looked: set[bytes] = set()
+            for s in survivors_after(r, files, doomed_set):  # step 3, as :meth:`_rebase_survivors`
+                for cid, _ in r.chunk_list(s):
+                    if cid in looked or cid in seen:
+                        continue
+                    looked.add(cid)
+                    plan = _rebase_plan(r, cid, S.decode_loc(r.txn.get(cid, db=r.dbs[S.DB_CHUNKS]))[4], get)
+                    if plan is not None:
+                        dead, target = plan
+                        if target is not None:
+                            refs[target] = get(target) + 1
+                        dec(dead)
+                        res.chunks_rebased += 1
+                        cascade()
         return res
 
     # --- the graveyard -------------------------------------------------------------------
@@ -569,6 +664,47 @@ def data_file_sizes(path: str) -> tuple[int, int]:
     """(apparent size, allocated bytes) of PATH/data.mdb."""
     st = os.stat(os.path.join(path, "data.mdb"))
     return st.st_size, st.st_blocks * 512
+
+
+def _rebase_plan(rd: Reader, cid: bytes, depth: int, refs: Callable[[bytes], int]
+                 ) -> tuple[bytes, bytes | None] | None:
+    """Step 3's decision for one kept chunk (``depth`` from its index entry;
+    ``refs``: the counts, real or a dry run's): -> (its base that only it
+    keeps alive, the ancestor to re-code it against, None: standalone), or
+    None to leave it.  The walk goes down single-base links while each is
+    named by nothing but its successor; it stops at a link something else
+    names (the new base), at a value of several bases (format 9: kept as
+    the new base) or at the chain's root (freed too: standalone)."""
+    if depth == 0:
+        return None  # standalone: no base to free
+    bases = rd.chunk_info(cid).bases
+    if len(bases) != 1 or refs(bases[0]) != 1:
+        return None  # several bases, or its base is named elsewhere too
+    dead = target = bases[0]
+    for _ in range(MAX_REBASE_WALK):
+        bases = rd.chunk_info(target).bases
+        if not bases:
+            target = None  # the root only serves this chain
+            break
+        if len(bases) != 1 or refs(bases[0]) != 1:
+            if len(bases) == 1:
+                target = bases[0]
+            break
+        target = bases[0]
+    return None if target == dead else (dead, target)
+
+
+def survivors_after(r: Reader, files: dict[int, int], doomed: set[int] = frozenset()) -> list[int]:
+    """Step 3's versions: each file's retained content versions after its
+    oldest version pruned now (``files``: file id -> that seq)."""
+    out = []
+    for fid, oldest in files.items():
+        for s in r.versions_of(fid):  # newest first
+            if s <= oldest:
+                break
+            if s not in doomed and not r.is_pruned(s) and r.record(s).is_content:
+                out.append(s)
+    return sorted(out)
 
 
 def _decref(txn, dbs, cid: bytes, zero: list[bytes]) -> None:
