@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
+from deltafs import heap
 from deltafs.config import DEFAULT_COMPACT_EVERY, HOUR as HOUR_F, WEEK as WEEK_F, RetentionPolicy
 from deltafs.journal import REPACK_DEAD_RATIO, VerifyResult, decode_record, hlc_to_ns
 
@@ -367,7 +368,10 @@ def compact(j, policy: RetentionPolicy = RetentionPolicy(), dry_run: bool = Fals
     """Apply retention, free unreferenced chunks and rewrite pack files more
     than ``dead_ratio`` dead, now (``j``: a writer)."""
     with pass_lock(j):
-        return _compact(j, policy, dry_run, now_hlc, dead_ratio)
+        try:
+            return _compact(j, policy, dry_run, now_hlc, dead_ratio)
+        finally:
+            heap.trim(force=True)  # a pass's plan and lists are freed now: hand the pages back
 
 
 def _compact(j, policy: RetentionPolicy, dry_run: bool, now_hlc: int | None,
@@ -416,8 +420,12 @@ def _compact(j, policy: RetentionPolicy, dry_run: bool, now_hlc: int | None,
 def write_tree_checkpoints(j) -> int:
     """The tree checkpoints due (docs/format.md, "Tree checkpoints"): called by
     every compaction pass and at the mount's maintenance ticks; cheap when none
-    is due, a pass over the whole history the first time on an upgraded journal."""
-    return j.checkpoint_trees()
+    is due, a pass over the whole history the first time on an upgraded journal.
+    Writing one builds the whole tree state: the heap is trimmed after it."""
+    n = j.checkpoint_trees()
+    if n:
+        heap.trim()
+    return n
 
 
 def verify(j, full: bool = False) -> VerifyResult:

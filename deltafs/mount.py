@@ -24,7 +24,7 @@ import time
 import pyfuse3
 import trio
 
-from deltafs import mounttable
+from deltafs import heap, mounttable
 from deltafs._syscalls import set_bdi_readahead
 from deltafs.config import MountConfig
 from deltafs.errors import (DeltafsError, FuseUnavailableError, JournalError, MountError, NotMountedError,
@@ -266,12 +266,7 @@ def _limit_malloc_arenas() -> None:
     n = int(os.environ.get("DELTAFS_MALLOC_ARENAS", "1") or 0)
     if n <= 0:
         return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).mallopt(-8, n)  # M_ARENA_MAX (glibc malloc.h)
-    except (OSError, AttributeError):  # not glibc: nothing to limit
-        pass
+    heap.limit_arenas(n)
 
 
 def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:

@@ -89,7 +89,7 @@ LAYERS = [
     ["deltafs.journal", "deltafs.mounttable", "deltafs.when", "deltafs.config", "deltafs.ignore",
      "deltafs.guard"],
     ["deltafs.chunking", "deltafs.errors"],
-    ["deltafs.names", "deltafs._syscalls", "deltafs.fdcache", "deltafs.hops", "deltafs"],
+    ["deltafs.names", "deltafs._syscalls", "deltafs.fdcache", "deltafs.hops", "deltafs.heap", "deltafs"],
 ]
 
 # inside a package: its modules' own order (the package face may import any of them)

@@ -1,0 +1,54 @@
+"""The daemon's C heap (glibc malloc): one arena, and free pages handed back.
+
+Python frees big transient objects (a tree checkpoint's whole state, a
+compaction pass's plan) back to malloc, but glibc keeps the pages: the
+heap's top cannot shrink past a live block, and free pages inside it stay
+resident.  Measured in the 60-minute soak (2026-12-06): RssAnon 138 MiB,
+of which ``malloc_trim(0)`` returned 19.5 MiB at once.  So the daemon
+trims after the work that makes such peaks (``maintenance``).  Not glibc
+(musl, macOS): both calls do nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+_libc = None
+_last_trim = 0.0
+TRIM_EVERY_S = 10.0  # at most one trim per this many seconds (it walks the heap under malloc's lock)
+
+
+def _lib():
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None)
+        except OSError:
+            _libc = False
+    return _libc
+
+
+def limit_arenas(n: int) -> None:
+    """M_ARENA_MAX = ``n``: every thread allocates from the same ``n`` arenas."""
+    lib = _lib()
+    try:
+        lib.mallopt(-8, n)  # M_ARENA_MAX (glibc malloc.h)
+    except (AttributeError, TypeError):  # not glibc: nothing to limit
+        pass
+
+
+def trim(force: bool = False) -> bool:
+    """Give free heap pages back to the kernel (``malloc_trim(0)``), at most
+    once per TRIM_EVERY_S unless ``force``; -> whether it trimmed."""
+    global _last_trim
+    now = time.monotonic()
+    if not force and now - _last_trim < TRIM_EVERY_S:
+        return False
+    _last_trim = now
+    lib = _lib()
+    try:
+        lib.malloc_trim(0)
+    except (AttributeError, TypeError):
+        return False
+    return True
