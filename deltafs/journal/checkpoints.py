@@ -23,11 +23,14 @@ the first call after the upgrade builds them over the whole history.
 
 from __future__ import annotations
 
+import bisect
 import gc
 import hashlib
 import logging
 import struct
+import sys
 import threading
+from array import array
 from contextlib import contextmanager
 
 import msgpack
@@ -43,6 +46,7 @@ DB_TREES = S.DB_TREES  # u64 seq -> tree checkpoint (docs/format.md, "Tree check
 EVERY_RECORDS = 4096  # a checkpoint after at most this many records ...
 EVERY_BYTES = 8 << 20  # ... or this many bytes of stored records since the last one
 MAX_DELTAS = 32  # deltas after a full checkpoint before the next full one
+GONE_AFTER = 2  # a file deleted this many checkpoint intervals before a full one is only "gone" in it
 ZSTD_LEVEL = 3
 
 MAGIC = b"T"
@@ -94,6 +98,9 @@ class TreeState(MemStore):
         self.orig_paths: dict[bytes, object] = {}  # value before the first change since mark()
         self.orig_files: dict[int, object] = {}
         self.keep_orig = False
+        # file ids deleted long ago (sorted): only "it was deleted" is kept of them
+        # (a later record may still name one: a write to a file unlinked while open)
+        self.gone = array("Q")
 
     def mark(self, keep_orig: bool = False) -> None:
         self.dirty_paths, self.dirty_files = set(), set()
@@ -115,8 +122,24 @@ class TreeState(MemStore):
     def get_file(self, file_id):
         v = self.files.get(file_id)
         if v is None:
+            g = self.gone
+            i = bisect.bisect_left(g, file_id)
+            if i < len(g) and g[i] == file_id:
+                return FileState(path=b"", links=[], deleted=True)
             return None
         return v.copy() if isinstance(v, FileState) else _state_of(v)
+
+    def retire_deleted(self, before_seq: int) -> None:
+        """Move the files deleted before record ``before_seq`` from ``files`` to ``gone``."""
+        old = [fid for fid, v in self.files.items()
+               if (v.deleted and v.last_seq < before_seq if isinstance(v, FileState)
+                   else v[12] and v[13] < before_seq)]
+        if not old:
+            return
+        for fid in old:
+            del self.files[fid]
+        merged = sorted(set(self.gone).union(old))
+        self.gone = array("Q", merged)
 
     def put_file(self, file_id, st):
         if self.keep_orig and file_id not in self.dirty_files:
@@ -169,9 +192,32 @@ def encode(kind: bytes, base: int, record_hash: bytes, payload) -> bytes:
     return _HDR.pack(MAGIC, kind, base, _check(record_hash, body)) + body
 
 
-def encode_full(state: TreeState, record_hash: bytes) -> bytes:
+def encode_full(state: TreeState, record_hash: bytes, retire_before: int = 0) -> bytes:
+    """A full checkpoint of ``state``; files deleted before record
+    ``retire_before`` go into its ``gone`` ids (and out of ``state.files``:
+    a long history of deleted files costs 8 bytes each)."""
+    if retire_before > 0:
+        state.retire_deleted(retire_before)
     paths = {p: list(v) for p, v in state.paths.items()}
-    return encode(FULL, 0, record_hash, [paths, _files_map(state.files, state.files)])
+    return encode(FULL, 0, record_hash, [paths, _files_map(state.files, state.files), _gone_bytes(state.gone)])
+
+
+def _gone_bytes(gone: array) -> bytes:
+    """The ``gone`` ids as stored: u64 little-endian each, ascending."""
+    if sys.byteorder == "big":
+        gone = array("Q", gone)
+        gone.byteswap()
+    return gone.tobytes()
+
+
+def _gone_ids(b: bytes) -> array:
+    if len(b) % 8:
+        raise ValueError("gone ids: length not a multiple of 8")
+    out = array("Q")
+    out.frombytes(b)
+    if sys.byteorder == "big":
+        out.byteswap()
+    return out
 
 
 def encode_delta(state: TreeState, base: int, record_hash: bytes) -> bytes:
@@ -191,7 +237,7 @@ def decode(value: bytes, record_hash: bytes) -> tuple[bytes, int, list]:
     if _check(record_hash, body) != check:
         raise ValueError("its check does not match (damaged, or not of this record)")
     payload = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body), raw=False, strict_map_key=False)
-    if kind == FULL and (base or not isinstance(payload, list) or len(payload) != 2):
+    if kind == FULL and (base or not isinstance(payload, list) or len(payload) not in (2, 3)):
         raise ValueError("bad full checkpoint")
     if kind == DELTA and (not isinstance(payload, list) or len(payload) != 3):
         raise ValueError("bad delta checkpoint")
@@ -256,6 +302,8 @@ def load(r, seq: int) -> tuple[TreeState, int, int, int]:
     try:
         st.paths = full[0]  # path -> [file id, kind] (a list serves as the tuple MemStore keeps)
         st.files = full[1]
+        if len(full) > 2 and full[2]:
+            st.gone = _gone_ids(full[2])
         nfull = len(st.paths) + len(st.files)
         ndelta = 0
         for put, gone, files in reversed(chain):
@@ -343,7 +391,7 @@ def _write_due(storage, reader_factory, every_records: int, every_bytes: int) ->
             size = len(st.dirty_paths) + len(st.dirty_files)
             h = split_value(v)[0]
             if not last or deltas >= MAX_DELTAS or ndelta + size > max(nfull, 4 * every_records):
-                val = encode_full(st, h)
+                val = encode_full(st, h, seq - GONE_AFTER * every_records)
                 deltas, ndelta, nfull = 0, 0, len(st.paths) + len(st.files)
             else:
                 val = encode_delta(st, last, h)

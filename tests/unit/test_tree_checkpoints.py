@@ -162,3 +162,39 @@ def test_a_format_6_journal_gets_checkpoints_lazily(tmp_path):
         with j.reader() as r:
             assert checkpoints.seqs(r) == [16, 32, 48]
             assert r.tree_at(40) == full_replay(r, 40)
+
+
+def test_files_deleted_long_ago_are_kept_as_ids_only(tmp_path):
+    """A full checkpoint keeps only the ids of files deleted more than two
+    intervals before it (``gone``), so the state a checkpoint loads does not
+    grow with every file ever deleted (the soak's atomic saves delete one a
+    save).  A late write to such a file (unlinked while still open) still
+    replays exactly as it did with the whole state kept (every tree from a
+    checkpoint equals the full replay from record 1)."""
+
+    def write(fid, path, n):
+        data = b"%s %d" % (path, n)
+        return Change(op="write", file_id=fid, path=path, size=len(data), cause="write", base_seq=0,
+                      edit=[(0, 0, [(chunking.chunk_id(data), len(data))])], chunks=[chunking.build_chunk(data)])
+
+    with Journal.open(str(tmp_path / "j"), create=True) as j:
+        j.commit([Change(op="create", file_id=7, path=b"app.log", mode=0o100644)])
+        j.commit([write(7, b"app.log", 0)])
+        j.commit([Change(op="unlink", file_id=7, path=b"app.log")])  # still open in its writer
+        for i in range(200):  # atomic saves: each deletes the file it replaces
+            j.commit([Change(op="create", file_id=100 + i, path=b"doc.tmp", mode=0o100644)])
+            j.commit([Change(op="rename", file_id=100 + i, path=b"doc.tmp", path2=b"doc")])
+        assert checkpoints.write_due(j._storage, j.reader, every_records=16) > 10
+        late = j.commit([write(7, b"app.log", 1)])[0]  # the writer closes it: a version of a deleted file
+        for i in range(40):
+            j.commit([Change(op="setattr", file_id=300, path=b"doc", mode=0o100600 + i)])
+        checkpoints.write_due(j._storage, j.reader, every_records=16)
+        with j.reader() as r:
+            head = r.head_seq()
+            last = checkpoints.nearest(r, head)
+            st, _, _, _ = checkpoints.load(r, last)
+            assert len(st.files) <= 40, f"{len(st.files)} file states loaded"
+            assert 150 <= len(st.gone) and 7 in st.gone
+            assert r.record(late).file_id == 7
+            for seq in [1, 2, 3, 4, 100, late - 1, late, late + 1, head]:
+                assert r.tree_at(seq) == full_replay(r, seq), seq
