@@ -78,6 +78,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable
 
@@ -94,6 +95,7 @@ HEAD = 4096  # bytes of the head sample
 SNAPSHOT_PREFIX = "guard-"
 SUSPECT = 0.1  # --guard-action block: from this share of the threshold on, changes wait for capture
 PACE_QUIET = 30.0  # ... until this many seconds pass without a new suspicious change
+OPAQUE_MIN = 512  # chunks smaller than this never count as incompressible (zstd cannot shrink them)
 OPENED_KEPT = 20_000  # read-only opens (and unpaired new opaque files) the detector remembers
 PATHS_KEPT = 20_000  # paths whose last write / content type it remembers (oldest dropped first)
 OPENS_QUEUED = 4096  # opens ops.open may queue between two drains (the oldest are dropped)
@@ -101,6 +103,17 @@ ACTIONS = ("alert", "block")
 STATE_FILE = "guard-alert.json"  # in the journal directory while an alert stands (docs/format.md)
 
 # Recognised formats: name -> check(head) -> bool (a valid-looking structure, not just 2 bytes)
+
+
+def _deflates(h: bytes) -> bool:
+    """Does a zlib stream start here?  Its 2-byte header alone matches text
+    too: "x " (0x78 0x20) passes the header check, and a text file starting
+    "x alpha" read as zlib scored a type change at its next save."""
+    try:
+        zlib.decompressobj().decompress(h[:256], 64)
+    except zlib.error:
+        return False
+    return True
 
 
 def _zip(h: bytes) -> bool:
@@ -144,7 +157,7 @@ FORMATS: dict[str, Callable[[bytes], bool]] = {
     "elf": lambda h: h[:4] == b"\x7fELF",
     "mp4": _mp4,
     "riff": _riff,
-    "zlib": lambda h: len(h) >= 2 and h[0] == 0x78 and ((h[0] << 8) | h[1]) % 31 == 0,
+    "zlib": lambda h: len(h) >= 2 and h[0] == 0x78 and ((h[0] << 8) | h[1]) % 31 == 0 and _deflates(h),
 }
 # formats whose content is compressed: incompressible chunks are normal for them
 COMPRESSED = frozenset({"zip", "png", "gzip", "jpeg", "gif", "xz", "zstd", "bzip2", "7z", "gitpack",
@@ -295,7 +308,9 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
     """Score one committed content version (a Change with op "write")."""
     new = change.chunks or []
     new_bytes = sum(c.raw_len for c in new)
-    opaque = sum(c.raw_len for c in new if c.base_id is None and
+    # stored raw or hardly smaller: incompressible -- unless it is too small for
+    # zstd to gain anything (an appended line), which says nothing of its bytes
+    opaque = sum(c.raw_len for c in new if c.base_id is None and c.raw_len >= OPAQUE_MIN and
                  (c.payload[:1] == b"\0" or len(c.payload) >= 0.9 * c.raw_len))
     delta = sum(c.raw_len for c in new if c.base_id is not None)
     edit = change.edit or []
@@ -342,7 +357,9 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
         why.append("type")
     compressible_before = (old_ent is not None and old_ent < 6.0) or \
         (old_ent is None and old_type is not None and old_type not in COMPRESSED)
-    if new_bytes and opaque >= 0.5 * new_bytes and compressible_before:
+    # (a head sample that is plainly compressible overrules the payloads: capture stores
+    # chunks raw without trying for a while after a run of incompressible ones)
+    if new_bytes and opaque >= 0.5 * new_bytes and compressible_before and (new_ent is None or new_ent >= 6.0):
         score += 0.5
         why.append("entropy")
     elif new_ent is not None and old_ent is not None and new_ent >= 7.2 and new_ent - old_ent >= 1.5:

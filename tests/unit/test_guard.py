@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 import random
 import time
 import zlib
@@ -558,3 +559,38 @@ async def test_resume_scores_what_came_before_it_under_the_old_alert(action):
             await g.settle()
         assert g.alerted
         nursery.cancel_scope.cancel()
+
+
+def test_text_that_starts_like_a_zlib_header_is_text():
+    """"x alpha" begins with 0x78 0x20, a valid zlib header: the soak's word
+    files that began so were typed zlib, and their next save scored a type
+    change (a false alert after 25 minutes of ordinary edits)."""
+    assert guard.type_of(b"x alpha alpha\n42\nfuse lorem ipsum journal") == "text"
+    assert guard.type_of(zlib.compress(TEXT)) == "zlib"
+    w = World()
+    p = b"d11/n007878.txt"
+    w.put(p, b"x alpha alpha\n42\n" + TEXT[:3000], cause="scan")
+    assert w.put(p, b"soak gamma fuse 42\n" + TEXT[:3000]) is None
+    assert not w.det.hits
+
+
+def test_text_stored_raw_is_not_incompressible():
+    """Capture stores chunks raw without trying after a run of incompressible
+    ones (and zstd cannot shrink a chunk of a few hundred bytes): a text
+    file's save whose chunks came out raw scores nothing when its head is
+    plainly text, nor does a small raw chunk."""
+    w = World()
+    p = b"notes/todo.txt"
+    w.put(p, TEXT[:6000], cause="scan")
+    data = TEXT[100:6100]
+    raw = chunking.NewChunk(chunking.chunk_id(data), len(data), b"\0" + data)
+    w.raw[raw.id] = data
+    w.feed(Change(op="write", path=p, size=len(data), cause="write", base_seq=1,
+                  edit=[(0, 1, [(raw.id, len(data))])], chunks=[raw]))
+    small = TEXT[:300]
+    tail = chunking.NewChunk(chunking.chunk_id(small), len(small), b"\0" + small)
+    w.feed(Change(op="write", path=b"notes/log.txt", size=len(small), cause="write", base_seq=1,
+                  edit=[(1, 0, [(tail.id, len(small))])], chunks=[tail]))
+    assert not w.det.hits, [h.to_dict() for h in w.det.hits]
+    w.put(p, enc(data))  # the same file encrypted still scores in full
+    assert w.det.hits and w.det.hits[-1].score == 1.0
