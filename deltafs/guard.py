@@ -33,8 +33,10 @@ and ``restore`` causes are not the user's writes and are skipped):
                    that always starts with its magic (PDF, PNG, JPEG, GIF,
                    zip and the office formats, gzip, xz, zstd, bzip2, 7z,
                    SQLite);
-* ``entropy`` 0.5  the changed bytes are incompressible (their chunks were
-                   stored raw) where the file was compressible (its old head
+* ``entropy`` 0.5  the changed bytes are incompressible (their chunks of
+                   OPAQUE_MIN bytes or more were stored raw, and the new head
+                   sample, if known, is not plainly compressible) where the
+                   file was compressible (its old head
                    sample, or its extension's class, says so), or the head
                    sample's byte entropy rose by >= 1.5 bits/byte to >= 7.2;
                    0.25 when nothing is known about the old content;
