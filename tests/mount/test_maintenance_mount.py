@@ -71,8 +71,13 @@ def test_compaction_keeps_the_journal_bounded(mount_factory, tmp_path):
     assert maint["passes"] >= 5 and maint["versions_pruned"] > 0, maint
     assert maint["records_archived"] >= 64, maint  # log, cat and verify below read record blocks
     assert maint["retention"] == "2s:all,6s:2s,*:none"
-    # bounded: after warm-up the live data stops growing, far below what was written
-    early, late = max(sizes[1:4]), max(sizes[4:])
+    # bounded: after warm-up the live data stops growing, far below what was written.
+    # The median of the later samples, not their max: a pack is reclaimed only once
+    # it is half dead and no reader holds it, so one sample can catch a pass behind
+    # on a loaded machine (CI once saw 17.5 MB between 6.4 and 9.4); growth that
+    # does not stop moves the median too.
+    early = max(sizes[1:4])
+    late = sorted(sizes[4:])[len(sizes[4:]) // 2]
     assert late <= 1.5 * early + (1 << 20), sizes
     assert sizes[-1] < written / 2, (sizes, written)
     # the mount kept serving: every file reads back as last written
