@@ -143,6 +143,15 @@ class PassReport(dict):
     pass
 
 
+def _apply_order(intents: dict) -> list:
+    """The order intents are applied in: deletes first, deepest first (a directory's
+    children before it, or its delete would find it not empty and keep it), then the
+    others in the order they came.  Deletes first also make a case-only rename (a -> A)
+    right on a case-insensitive SRC: a is gone before A is written (docs/sync.md)."""
+    gone = sorted((kv for kv in intents.items() if kv[1].get("x")), key=lambda kv: kv[0], reverse=True)
+    return gone + [kv for kv in intents.items() if not kv[1].get("x")]
+
+
 class Engine:
     def __init__(self, journal, src: str, store, st: S.SyncState, io, *, clock=time.time_ns,
                  publish: bool = True, guard=None) -> None:
@@ -582,7 +591,7 @@ class Engine:
         st = self.st
         done = 0
         while st.intents:
-            batch = list(st.intents.items())[:APPLY_BATCH]
+            batch = _apply_order(st.intents)[:APPLY_BATCH]
             self.save()  # the intents are durable before SRC changes
             touched: list[bytes] = []
             reached: dict[bytes, dict] = {}
@@ -604,7 +613,11 @@ class Engine:
                 touched.append(p)
                 touched.extend(created)
                 for c in created:
-                    reached.setdefault(c, None)
+                    if reached.get(c) is not None and reached[c].get("x"):
+                        # a delete this batch made, lost to a file added inside: present again
+                        reached[c] = dict(reached[c], x=False, k="d")
+                    else:
+                        reached.setdefault(c, None)
             if touched:
                 self.io.flush()
                 _test_kill("after-write")  # tests only: kill -9 between SRC and the journal

@@ -483,20 +483,24 @@ def test_every_save_of_a_conflicted_path_is_a_version(tmp_path):
     assert all(conflicts(t) == [] for t in (a, b, c))
 
 
-def test_a_case_only_rename_is_synced(tmp_path):
-    """a -> A (only the case changes): every member ends with A holding the bytes, no a."""
+def test_case_only_and_directory_renames_are_synced(tmp_path):
+    """a -> A (only the case changes), of a file and of a directory, and a directory renamed:
+    every member ends with the new names holding the bytes, and no old name (a directory's
+    delete is applied after its children's, so it is empty by then)."""
     url = f"file://{tmp_path}/store"
-    a = new_tree(tmp_path / "a", {"notes.md": "one\n", "dir/x.txt": "x\n"})
+    a = new_tree(tmp_path / "a", {"notes.md": "one\n", "dir/x.txt": "x\n", "old/sub/y.txt": "y\n"})
     b = tmp_path / "b"
     cli("group", "join", url, "-m", a)
     cli("clone", url, b, "--join")
     os.rename(a / "notes.md", a / "NOTES.md")
     os.rename(a / "dir", a / "Dir")
+    os.rename(a / "old", a / "new")
     settle([a, b])
     for t in (a, b):
-        assert sorted(os.listdir(t)) == [".deltafs", "Dir", "NOTES.md"], os.listdir(t)
+        assert sorted(os.listdir(t)) == [".deltafs", "Dir", "NOTES.md", "new"], (t, os.listdir(t))
         assert (t / "NOTES.md").read_text() == "one\n" and os.listdir(t / "Dir") == ["x.txt"]
+        assert (t / "new" / "sub" / "y.txt").read_text() == "y\n"
     assert conflicts(a) == [] == conflicts(b)
     os.rename(b / "NOTES.md", b / "notes.md")  # and back, from the other side
     settle([a, b])
-    assert sorted(os.listdir(a)) == [".deltafs", "Dir", "notes.md"] and (a / "notes.md").read_text() == "one\n"
+    assert sorted(os.listdir(a)) == [".deltafs", "Dir", "new", "notes.md"] and (a / "notes.md").read_text() == "one\n"
