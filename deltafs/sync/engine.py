@@ -388,7 +388,7 @@ class Engine:
             except MirrorError as e:
                 log.warning("sync: cannot remove the orphan %s from %s: %s", name, self.store.url, e)
         if gone:
-            log.warning("sync: removed %d object(s) of this member that a crash before its head.json left "
+            log.info("sync: removed %d object(s) of this member that a crash before its head.json left "
                         "in %s", gone, self.store.url)
         self.report["orphans_removed"] = self.report.get("orphans_removed", 0) + gone
 
