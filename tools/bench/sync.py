@@ -273,6 +273,15 @@ def save_cost(base: str, rounds: int, files: int, bulk_mib: int, corpus_files: i
         with Journal.open(jdirs["group"], readonly=True) as j, j.reader() as rd:
             res["group_applied_from_peer"] = sum(1 for rec in rd.records() if rec.origin is not None)
         return res
+    except BaseException:
+        keep = os.environ.get("BENCH_KEEP_LOGS")
+        if keep:  # the daemons' logs, for a failed run
+            os.makedirs(keep, exist_ok=True)
+            for name, j in jdirs.items():
+                for f in os.listdir(j):
+                    if f.startswith("deltafs.log"):
+                        shutil.copy(os.path.join(j, f), os.path.join(keep, f"{name}-{f}"))
+        raise
     finally:
         if proc is not None:
             proc.terminate()
