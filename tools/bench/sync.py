@@ -232,6 +232,10 @@ def save_cost(base: str, rounds: int, files: int, bulk_mib: int, corpus_files: i
         proc = subprocess.Popen([*DELTAFS[:1], "-m", "tools.bench.sync", "--peer", peer.src, url], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out = {k: {"fsync_ms": [], "bulk_s": [], "cp_s": [], "lat": []} for k in roots}
+        from tools.bench.targets import daemon_stats
+
+        pids = {k: control.request(j, "status")["pid"] for k, j in jdirs.items()}
+        cpu0 = {k: daemon_stats(pid).cpu for k, pid in pids.items()}
         loads, passes = [os.getloadavg()[0]], []
         for r in range(rounds + 1):  # round 0: warm-up, not counted
             for name in order(r, "solo", "group"):
@@ -265,6 +269,7 @@ def save_cost(base: str, rounds: int, files: int, bulk_mib: int, corpus_files: i
             res[k] = {m: round(statistics.median(v), 4) for m, v in d.items() if m != "lat"}
             res[k].update(lat_median_ms=round(statistics.median(d["lat"]), 3), lat_p99_ms=round(pct(d["lat"], 0.99), 3),
                           saves=len(d["lat"]))
+        res["daemon_cpu_s"] = {k: round(daemon_stats(pid).cpu - cpu0[k], 1) for k, pid in pids.items()}
         res["pairs"] = {m: ratio_summary(out["group"][m], out["solo"][m]) for m in ("fsync_ms", "bulk_s", "cp_s")}
         res.update(rounds=rounds, files=files, bulk_mib=bulk_mib, corpus_files=corpus_files,
                    pass_s={"median": round(statistics.median(passes), 2), "max": round(max(passes), 2)},
@@ -309,7 +314,9 @@ def _cost_rows(c: dict) -> list[str]:
             f"{o['bulk_s']:.2f} s |",
             f"{COST_ROW}: `cp -a` of {c['corpus_files']:,} small files + `sync -f` | {cell('cp_s')}; median "
             f"{g['cp_s']:.2f} vs {o['cp_s']:.2f} s (load {c['load']['min']}-{c['load']['max']}; the untimed pass "
-            f"after each group side took median {c['pass_s']['median']:.1f} s) |"]
+            f"after each group side took median {c['pass_s']['median']:.1f} s" + (
+                f"; daemon CPU {c['daemon_cpu_s']['group']:.0f} s in the group vs {c['daemon_cpu_s']['solo']:.0f} s"
+                if "daemon_cpu_s" in c else "") + ") |"]
 
 
 def update_cost(c: dict) -> None:
