@@ -234,7 +234,7 @@ def save_cost(base: str, rounds: int, files: int, bulk_mib: int, corpus_files: i
         out = {k: {"fsync_ms": [], "bulk_s": [], "cp_s": [], "lat": []} for k in roots}
         from tools.bench.targets import daemon_stats
 
-        pids = {k: control.request(j, "status")["pid"] for k, j in jdirs.items()}
+        pids = {k: control.request(j, "status")["status"]["pid"] for k, j in jdirs.items()}
         cpu0 = {k: daemon_stats(pid).cpu for k, pid in pids.items()}
         loads, passes = [os.getloadavg()[0]], []
         for r in range(rounds + 1):  # round 0: warm-up, not counted
