@@ -1451,20 +1451,26 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
         if paths:
             resp = control.request(jdir, "group", timeout=600, action="resolve", take=args.take,
-                                   paths=[os.fsdecode(p) for p in paths])
+                                   paths=[os.fsdecode(p) for p in paths], keep_going=args.all)
             done = list(zip(paths, resp["all"]))
     else:
         with Journal.open(jdir) as j:
-            done = list(zip(paths, sync.resolve_many(j, src, paths, args.take) if paths else []))
-    for p, d in done:
+            done = list(zip(paths, sync.resolve_many(j, src, paths, args.take, keep_going=args.all)
+                            if paths else []))
+    rc = 0
+    for p, d in done:  # --all goes on past a path that does not resolve: one line each, exit 1 (2) at the end
         if args.json:
             _print_json({"path": os.fsdecode(p), **d})
+        elif "error" in d:
+            _err(d["error"])
         else:
             print(f"{os.fsdecode(p)}: " + ("merged" if args.merge else f"resolved with {args.take}")
                   + f" ({d['version']})")
+        if "error" in d:
+            rc = max(rc, int(d.get("exit_code") or 2))
     if not done and not args.json:
         print("no open conflicts")
-    return 0
+    return rc
 
 
 def _add_sync_parsers(sub) -> None:

@@ -423,10 +423,11 @@ async def _op_group(daemon, server, req) -> dict:
     if req.get("action") == "resolve":
         paths = [os.fsencode(p) for p in (req.get("paths") or [req["path"]])]
         take = str(req["take"])
-        rep = await g.run(lambda eng: [eng.resolve(p, take) for p in paths])
-        from deltafs.sync import describe
+        keep_going = bool(req.get("keep_going"))
+        from deltafs.sync import resolve_each
 
-        done = [describe(ev) for ev in rep.get("result") or []]
+        rep = await g.run(lambda eng: resolve_each(eng, paths, take, keep_going))
+        done = rep.get("result") or []
         return {"report": {k: v for k, v in rep.items() if k != "result"}, "resolved": done[0] if done else None,
                 "all": done}
     return {"report": await g.run()}

@@ -390,6 +390,19 @@ class Operations(pyfuse3.Operations):
             return self.root_ino
         return st_ino
 
+    def _nameless_file_attrs(self, ino: int, attr) -> pyfuse3.EntryAttributes:
+        """Attributes for a regular file nobody can reach (no name, no handle, no descriptor)."""
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
+        e.st_mode = stat.S_IFREG | 0o600
+        e.st_nlink = 0
+        e.st_blksize = 4096
+        for f in ("st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
+            setattr(e, f, getattr(attr, f))
+        return e
+
     def attrs(self, st: os.stat_result, ino: int) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = ino
@@ -702,6 +715,12 @@ class Operations(pyfuse3.Operations):
             # the writeback cache flushing c/mtime, as it does for every
             # file rm unlinks: for a file nobody can reach any more (no
             # links, no handles) setting its times is wasted work
+            if node.parent is None and not node.links and node.cached_fd < 0:
+                # unlinked or renamed over while its descriptor was shed: no name leads to it,
+                # so it cannot be opened (ESTALE, which a syncfs of the mount then returned:
+                # `sync -f MNT` failed after an atomic save).  Only a regular file's dirty
+                # times come this way: answer them as a nameless regular file's.
+                return self._nameless_file_attrs(inode, attr)
             st = os.fstat(node.fd)
             if st.st_nlink == 0:
                 return self.attrs(st, inode)

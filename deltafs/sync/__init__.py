@@ -27,7 +27,7 @@ from .state import SyncState
 
 __all__ = [
     "Engine", "GroupCorruptError", "GroupError", "LocalIO", "PassReport", "SyncState", "conflicts", "device_of",
-    "head_id", "join", "leave", "membership", "open_store", "peers", "resolve", "run_pass", "V",
+    "head_id", "join", "leave", "membership", "open_store", "peers", "resolve", "resolve_each", "run_pass", "V",
 ]
 
 
@@ -224,8 +224,24 @@ def resolve(journal, src: str, path: bytes, take: str) -> dict:
     return resolve_many(journal, src, [path], take)[0]
 
 
-def resolve_many(journal, src: str, paths, take: str) -> list[dict]:
-    """End the conflicts on ``paths`` with one scan, one apply batch and one upload."""
+def resolve_each(eng: Engine, paths, take: str, keep_going: bool = False) -> list[dict]:
+    """``eng.resolve`` of every path, described.  ``keep_going`` (``resolve --all``): a path
+    that does not resolve (a merge with overlapping changes, a refused --merge or --take)
+    does not stop the others; its entry is ``{"error": message, "exit_code": 1|2}``."""
+    out = []
+    for p in paths:
+        try:
+            out.append(describe(eng.resolve(p, take)))
+        except GroupError as e:
+            if not keep_going:
+                raise
+            out.append({"error": str(e), "exit_code": getattr(e, "exit_code", 2)})
+    return out
+
+
+def resolve_many(journal, src: str, paths, take: str, keep_going: bool = False) -> list[dict]:
+    """End the conflicts on ``paths`` with one scan, one apply batch and one upload
+    (``keep_going``: see :func:`resolve_each`; what resolved is applied and published)."""
     st = _active(journal.path)
     scan(journal, src)
     store = open_store(st.url, journal.path, st.endpoint_url)
@@ -233,9 +249,11 @@ def resolve_many(journal, src: str, paths, take: str) -> list[dict]:
         eng = Engine(journal, src, store, st, LocalIO(journal, src))
         eng.recover_intents()
         eng.detect_local()
-        out = [describe(eng.resolve(p, take)) for p in paths]
-        eng.execute_intents()
-        eng.publish()
+        try:
+            out = resolve_each(eng, paths, take, keep_going)
+        finally:  # what resolved before an error is applied and published, as with --all
+            eng.execute_intents()
+            eng.publish()
         return out
 
 

@@ -143,6 +143,15 @@ class PassReport(dict):
     pass
 
 
+def _apply_order(intents: dict) -> list:
+    """The order intents are applied in: deletes first, deepest first (a directory's
+    children before it, or its delete would find it not empty and keep it), then the
+    others in the order they came.  Deletes first also make a case-only rename (a -> A)
+    right on a case-insensitive SRC: a is gone before A is written (docs/sync.md)."""
+    gone = sorted((kv for kv in intents.items() if kv[1].get("x")), key=lambda kv: kv[0], reverse=True)
+    return gone + [kv for kv in intents.items() if not kv[1].get("x")]
+
+
 class Engine:
     def __init__(self, journal, src: str, store, st: S.SyncState, io, *, clock=time.time_ns,
                  publish: bool = True, guard=None) -> None:
@@ -218,8 +227,11 @@ class Engine:
                     continue
                 if cur is None and v.kind is None:
                     continue
-                if v.kind == "f" and not is_conflict_copy(p) and p not in st.conflicts:
-                    # every save between two passes is a version on every member (docs/sync.md)
+                if v.kind == "f" and not is_conflict_copy(p):
+                    # every save between two passes is a version on every member (docs/sync.md),
+                    # a conflicted path's too: each event includes the one before it, so a peer
+                    # keeps one head for it (the newest) and a member that took this side
+                    # applies each save in turn
                     for rec in saves.get(p, [])[:-1]:
                         if rec.seq == v.seq or (cur is not None and rec.content_hash == cur.get("c")):
                             continue
@@ -278,7 +290,7 @@ class Engine:
             return 0
         if not st.outbox and seen == st.head_seen and self.clock() - st.head_ns < HEARTBEAT_NS and not st.left:
             return 0  # nothing new to say: head.json is rewritten only as a heartbeat
-        self._adopt_own_head()
+        orphans = self._adopt_own_head()
         if st.outbox_chunks:
             with self.journal.reader() as r:
                 items = []
@@ -311,6 +323,8 @@ class Engine:
         self.store.put(G.head_name(self.dev), head.encode())
         if n:
             _test_kill("after-head")
+        if orphans:
+            self._remove_orphans(orphans, {s["name"] for s in st.segments} | set(st.packs))
         st.head_ns, st.head_seen = head.updated_ns, seen
         st.published = st.numbered
         st.outbox, st.outbox_chunks = [], []
@@ -318,16 +332,22 @@ class Engine:
         self.save()
         return n
 
-    def _adopt_own_head(self) -> None:
+    def _adopt_own_head(self) -> list[str]:
         """Once per process: does the store's head.json of this device name more than the
         state says was published?  Then a crash (kill -9) came after the head was written
         and before the state recorded it: its segments and packs are published, and peers
         may have read them.  Take them as published, so the outbox's first events are not
         published a second time under another segment name (peers would see the stream
-        change under them)."""
+        change under them).
+
+        -> this device's orphans: the objects under its own prefix (never a peer's) that
+        neither that head nor the state names, listed before this publish writes anything,
+        so older than the head reconciled with: a crash before the head write left them
+        (peers never read an object no head names).  publish removes them once its own
+        head is written."""
         st = self.st
         if self.dev in _HEAD_CHECKED or st.left:
-            return
+            return []
         head = G.read_head(self.store, self.dev)
         if head is not None and head.last > st.published:
             k = head.last - st.published
@@ -347,6 +367,30 @@ class Engine:
             st.head_ns, st.head_seen = head.updated_ns, dict(head.seen)
             self.save()
         _HEAD_CHECKED.add(self.dev)
+        named = {s["name"] for s in st.segments} | set(st.packs)
+        if head is not None:
+            named |= {s["name"] for s in head.segments} | set(head.packs)
+        try:
+            return [name for name, _ in self.store.list(f"members/{self.dev}/") if name not in named]
+        except MirrorError as e:
+            log.warning("sync: cannot list this member's objects in %s (orphans stay): %s", self.store.url, e)
+            return []
+
+    def _remove_orphans(self, orphans: list[str], named: set[str]) -> None:
+        """Delete this device's objects a crash left unnamed (after the new head.json)."""
+        gone = 0
+        for name in orphans:
+            if name in named:
+                continue  # written again by this publish (the same segment range, the same pack)
+            try:
+                self.store.delete(name)
+                gone += 1
+            except MirrorError as e:
+                log.warning("sync: cannot remove the orphan %s from %s: %s", name, self.store.url, e)
+        if gone:
+            log.info("sync: removed %d object(s) of this member that a crash before its head.json left "
+                        "in %s", gone, self.store.url)
+        self.report["orphans_removed"] = self.report.get("orphans_removed", 0) + gone
 
     # ---- pulling --------------------------------------------------------------------------
     def pull(self) -> int:
@@ -547,7 +591,7 @@ class Engine:
         st = self.st
         done = 0
         while st.intents:
-            batch = list(st.intents.items())[:APPLY_BATCH]
+            batch = _apply_order(st.intents)[:APPLY_BATCH]
             self.save()  # the intents are durable before SRC changes
             touched: list[bytes] = []
             reached: dict[bytes, dict] = {}
@@ -569,7 +613,11 @@ class Engine:
                 touched.append(p)
                 touched.extend(created)
                 for c in created:
-                    reached.setdefault(c, None)
+                    if reached.get(c) is not None and reached[c].get("x"):
+                        # a delete this batch made, lost to a file added inside: present again
+                        reached[c] = dict(reached[c], x=False, k="d")
+                    else:
+                        reached.setdefault(c, None)
             if touched:
                 self.io.flush()
                 _test_kill("after-write")  # tests only: kill -9 between SRC and the journal

@@ -84,6 +84,11 @@ class GroupSync:
     daemon: object = field(default=None, repr=False)
     io: object = field(default=None, repr=False)
     guard: object = field(default=None, repr=False)  # incoming.IncomingGuard (None: --guard off)
+    # The state as the last pass left it, and the state file's identity then: the next pass
+    # takes it instead of decoding the file again (O(paths) of Python per pass, under the GIL
+    # the FUSE handlers share) while nothing else replaced the file.  Dropped on an error.
+    state: object = field(default=None, repr=False)
+    state_id: tuple | None = None
 
     async def run(self, action=None) -> dict:
         """A pass now (control op ``group``); ``action(engine)`` runs in it first (resolve)."""
@@ -161,7 +166,10 @@ async def run_now(handle: GroupSync, daemon, io, open_store, action=None, asked:
         await daemon.rec.drain()  # the journal holds every save made so far
 
         def one_pass():
-            st = S.load(daemon.journal.path)
+            jdir = daemon.journal.path
+            st, handle.state = handle.state, None
+            if st is None or handle.state_id is None or S.identity(jdir) != handle.state_id:
+                st = S.load(jdir)
             if st is None or st.left or st.paused:
                 return {}
             store = open_store(st.url, daemon.journal.path, st.endpoint_url)
@@ -173,6 +181,7 @@ async def run_now(handle: GroupSync, daemon, io, open_store, action=None, asked:
                     eng.detect_local()
                     out = action(eng)
                 rep = eng.run_pass()
+                handle.state, handle.state_id = st, S.identity(jdir)
                 return {**rep, **({"result": out} if out else {})}
 
         try:

@@ -96,6 +96,15 @@ def save(journal_dir: str, st: SyncState) -> None:
         os.close(dfd)
 
 
+def identity(journal_dir: str) -> tuple | None:
+    """(inode, size, mtime) of the state file: every save replaces it (a new inode)."""
+    try:
+        st = os.stat(state_path(journal_dir))
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def remove(journal_dir: str) -> None:
     try:
         os.unlink(state_path(journal_dir))

@@ -378,3 +378,129 @@ def test_every_save_between_two_passes_is_a_version_everywhere(tmp_path):
     (b / "f.txt").write_text("v4 from b\n")  # and b's next save is sequential, not a conflict
     settle([a, b])
     assert (a / "f.txt").read_text() == "v4 from b\n" and conflicts(a) == [] and conflicts(b) == []
+
+
+def test_resolve_all_merge_goes_on_past_an_unclean_path(tmp_path):
+    """resolve --all --merge: a path whose changes overlap does not stop the others; each
+    unclean path is one line on stderr, the clean ones are merged and published, exit 1."""
+    url = f"file://{tmp_path}/store"
+    lines = "".join(f"line {i}\n" for i in range(10))
+    names = ("a_clean.md", "b_clash.md", "c_clash.md", "d_clean.md")
+    a = new_tree(tmp_path / "a", {n: lines for n in names})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    for n in names:
+        (a / n).write_text(lines.replace("line 1\n", f"line 1 of {n} by a\n"))
+        other = "line 1\n" if "clash" in n else "line 8\n"
+        (b / n).write_text(lines.replace(other, f"{other.strip()} of {n} by b\n"))
+    settle([a, b])
+    assert {c["path"] for c in conflicts(b)} == set(names)
+    res = cli("resolve", "--all", "--merge", "-m", b, ok=False)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    err = res.stderr.splitlines()
+    assert len(err) == 2 and err[0].startswith("deltafs: b_clash.md: ") and err[1].startswith("deltafs: c_clash.md: ") \
+        and all("conflict markers" in e for e in err), err
+    assert sorted(line.split(":")[0] for line in res.stdout.splitlines()) == ["a_clean.md", "d_clean.md"], res.stdout
+    settle([a, b])
+    for n in ("a_clean.md", "d_clean.md"):
+        both = lines.replace("line 1\n", f"line 1 of {n} by a\n").replace("line 8\n", f"line 8 of {n} by b\n")
+        assert (a / n).read_text() == (b / n).read_text() == both
+    assert {c["path"] for c in conflicts(a)} == {c["path"] for c in conflicts(b)} == {"b_clash.md", "c_clash.md"}
+    assert "<<<<<<< local" in (b / "c_clash.md").read_text()
+    # --json: one object per path, the unclean ones with their error
+    rows = [json.loads(x) for x in cli("resolve", "--all", "--merge", "-m", b, "--json", ok=False).stdout.splitlines()]
+    assert sorted(r["path"] for r in rows) == ["b_clash.md", "c_clash.md"] and all("error" in r for r in rows), rows
+
+
+def _objects(url: str, journal: Path, prefix: str) -> set[str]:
+    with sync.open_store(url, str(journal)) as store:
+        return {n for n, _ in store.list(prefix)}
+
+
+def test_a_crash_before_the_head_leaves_no_orphans_after_the_next_publish(tmp_path):
+    """kill -9 of `group sync` after its pack, or after its segment, before its head.json: the
+    next publish of that member removes the objects no head names, its own only."""
+    url = f"file://{tmp_path}/store"
+    a = new_tree(tmp_path / "a", {"f.txt": "v0\n"})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    devs = {t: json.loads(cli("group", "list", "-m", t, "--json").stdout)["device"] for t in (a, b)}
+    # an object under a's prefix that no head names: b never removes a peer's
+    with sync.open_store(url, str(a / ".deltafs")) as store:
+        store.put(f"members/{devs[a]}/events/{'f' * 16}-{'f' * 16}.seg", b"not b's")
+    for point in ("after-pack", "after-segment"):
+        (b / "f.txt").write_text(os.urandom(4096).hex() + point)
+        res = cli("group", "sync", "-m", b, env={**os.environ, "DELTAFS_TEST_SYNC_KILL": point}, ok=False)
+        assert res.returncode == -9, (res.returncode, res.stderr)
+        (b / "f.txt").write_text(os.urandom(4096).hex() + point + " again")  # the next publish differs
+        before = _objects(url, b / ".deltafs", f"members/{devs[b]}/")
+        rep = json.loads(cli("group", "sync", "-m", b, "--json").stdout)
+        head = sync.store.read_head(sync.open_store(url, str(b / ".deltafs")), devs[b])
+        named = {s["name"] for s in head.segments} | set(head.packs)
+        after = _objects(url, b / ".deltafs", f"members/{devs[b]}/")
+        assert after == named, (point, sorted(after - named))
+        assert before - named and rep.get("orphans_removed") == len(before - named), (point, rep)
+    assert f"members/{devs[a]}/events/{'f' * 16}-{'f' * 16}.seg" in _objects(url, a / ".deltafs", "members/")
+    settle([a, b])
+    assert (a / "f.txt").read_text() == (b / "f.txt").read_text() and conflicts(a) == [] == conflicts(b)
+
+
+def test_every_save_of_a_conflicted_path_is_a_version(tmp_path):
+    """Two saves of a path in conflict between two passes of a: each is an event of a's stream,
+    so c, which holds a's side, journals each as a version; b keeps one head (a's newest)."""
+    url = f"file://{tmp_path}/store"
+    a = new_tree(tmp_path / "a", {"f.txt": "v0\n"})
+    b, c = tmp_path / "b", tmp_path / "c"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    cli("clone", url, c, "--join")
+    (a / "f.txt").write_text("a1\n")
+    cli("group", "sync", "-m", a)
+    cli("group", "sync", "-m", c)  # c takes a's side
+    (b / "f.txt").write_text("b1\n")
+    settle([b, a, c])
+    assert len(conflict_set(a)) == 1 and conflict_set(a) == conflict_set(b) == conflict_set(c)
+    assert (c / "f.txt").read_text() == "a1\n"
+    with Journal.open(a / ".deltafs") as j:
+        io = sync.LocalIO(j, str(a), cause="save")
+        for i in (2, 3):
+            (a / "f.txt").write_text(f"a{i}\n")
+            io.record([b"f.txt"])
+    settle([a, b, c])
+    with Journal.open(c / ".deltafs", readonly=True) as j, j.reader() as r:
+        got = [r.read_content(rec.seq) for rec in r.records() if rec.is_content and rec.path == b"f.txt"]
+    assert got[-3:] == [b"a1\n", b"a2\n", b"a3\n"], got
+    assert (c / "f.txt").read_text() == "a3\n" and (b / "f.txt").read_text() == "b1\n"
+    sets = [conflict_set(t) for t in (a, b, c)]
+    assert len(sets[0]) == 1 and all(s == sets[0] for s in sets), sets
+    (remote,) = conflicts(b)[0]["remote"]
+    assert remote["size"] == 3 and remote["version"] == conflicts(c)[0]["local"]["version"]
+    cli("resolve", "f.txt", "--take", "remote", "-m", b)
+    settle([a, b, c])
+    assert {(t / "f.txt").read_text() for t in (a, b, c)} == {"a3\n"}
+    assert all(conflicts(t) == [] for t in (a, b, c))
+
+
+def test_case_only_and_directory_renames_are_synced(tmp_path):
+    """a -> A (only the case changes), of a file and of a directory, and a directory renamed:
+    every member ends with the new names holding the bytes, and no old name (a directory's
+    delete is applied after its children's, so it is empty by then)."""
+    url = f"file://{tmp_path}/store"
+    a = new_tree(tmp_path / "a", {"notes.md": "one\n", "dir/x.txt": "x\n", "old/sub/y.txt": "y\n"})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    os.rename(a / "notes.md", a / "NOTES.md")
+    os.rename(a / "dir", a / "Dir")
+    os.rename(a / "old", a / "new")
+    settle([a, b])
+    for t in (a, b):
+        assert sorted(os.listdir(t)) == [".deltafs", "Dir", "NOTES.md", "new"], (t, os.listdir(t))
+        assert (t / "NOTES.md").read_text() == "one\n" and os.listdir(t / "Dir") == ["x.txt"]
+        assert (t / "new" / "sub" / "y.txt").read_text() == "y\n"
+    assert conflicts(a) == [] == conflicts(b)
+    os.rename(b / "NOTES.md", b / "notes.md")  # and back, from the other side
+    settle([a, b])
+    assert sorted(os.listdir(a)) == [".deltafs", "Dir", "new", "notes.md"] and (a / "notes.md").read_text() == "one\n"

@@ -95,3 +95,23 @@ def test_open_files_beyond_the_reserve_are_refused_and_the_mount_recovers(mount_
     warned = warnings(m)
     assert len(warned) == 1 and "descriptors ran short" in warned[0], warned
     m.umount(check=False)
+
+
+def test_syncfs_after_atomic_saves_of_files_whose_descriptors_were_shed(mount_factory):
+    """Files saved atomically (a temp file renamed over them) after the daemon shed their
+    descriptors: the kernel's writeback cache then flushes the replaced inodes' times, which
+    no name leads to any more.  `sync -f MNT` (syncfs) used to fail with ESTALE (a sync
+    group's mount renames over files every pass, so it hit this all the time)."""
+    m = mount_factory(None, "--fd-budget", "64")
+    for i in range(20):
+        (m.mnt / f"f{i}").write_text(f"{i}\n")
+    (m.mnt / "d").mkdir()
+    for i in range(300):  # the daemon sheds the descriptors of f*
+        (m.mnt / "d" / f"g{i}").write_text(f"{i}\n")
+    for i in range(20):
+        (m.mnt / f"t{i}").write_text(f"x{i}\n")
+        os.rename(m.mnt / f"t{i}", m.mnt / f"f{i}")
+    res = subprocess.run(["sync", "-f", str(m.mnt)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert [(m.mnt / f"f{i}").read_text() for i in range(20)] == [f"x{i}\n" for i in range(20)]
+    m.umount()

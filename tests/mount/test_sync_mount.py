@@ -290,6 +290,13 @@ def test_kill_9_mid_upload_then_remount(tmp_path, mount_factory, monkeypatch, po
     assert len(events) == st.numbered == st.published
     paths = [e["p"] for e in events]
     assert paths.count(b"new.txt") == 1 and paths.count(b"later.txt") == 1, paths
+    from deltafs import sync
+    from deltafs.sync import store as G
+
+    with sync.open_store(url, str(b.journal)) as store:  # no orphan of the crash is left (b's own)
+        head = G.read_head(store, b_dev)
+        objects = {n for n, _ in store.list(f"members/{b_dev}/")}
+    assert objects == {s["name"] for s in head.segments} | set(head.packs), objects
     with Journal.open(a.journal, readonly=True) as j, j.reader() as r:
         applied = [rec for rec in r.records() if rec.is_content and rec.path == b"new.txt"]
     assert len(applied) == 1 and applied[0].cause == "sync", applied  # applied once
@@ -326,13 +333,23 @@ def test_resolve_merge_through_the_mounts(tmp_path, mount_factory):
     top = json.loads(cli("log", b.mnt / "notes.md", "--json").stdout.splitlines()[0])
     assert top["cause"] == "sync" and "origin" in top, top
 
+    (a.mnt / "todo.md").write_text(both)  # the common ancestor of the edits below
+    sync_all(a.mnt, b.mnt)
+    assert (b.mnt / "todo.md").read_text() == both
     (a.mnt / "notes.md").write_text(both.replace("line 5\n", "five by a\n"))
     (b.mnt / "notes.md").write_text(both.replace("line 5\n", "five by b\n"))
+    (a.mnt / "todo.md").write_text(both.replace("line 1\n", "one by a\n"))  # merges cleanly
+    (b.mnt / "todo.md").write_text(both.replace("line 7\n", "seven by b\n"))
     sync_all(a.mnt, b.mnt)
-    res = cli("resolve", "notes.md", "--merge", "-m", b.mnt, ok=False)
-    assert res.returncode == 1 and "conflict markers" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert len(conflict_set(a.mnt)) == 2
+    res = cli("resolve", "--all", "--merge", "-m", b.mnt, ok=False)  # notes.md does not stop todo.md
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("deltafs: notes.md: ") \
+        and "conflict markers" in res.stderr, res.stderr
+    assert res.stdout.startswith("todo.md: merged"), res.stdout
     assert "<<<<<<< local\nfive by b\n" in (b.mnt / "notes.md").read_text()
     sync_all(a.mnt, b.mnt)
+    assert (a.mnt / "todo.md").read_text() == both.replace("line 1\n", "one by a\n").replace("line 7\n", "seven by b\n")
     assert len(conflict_set(a.mnt)) == 1 and conflict_set(a.mnt) == conflict_set(b.mnt)
     a.umount()
     b.umount(check=False)  # b's log holds the failed resolve's ERROR line

@@ -46,7 +46,6 @@ import argparse
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import shutil
@@ -60,6 +59,7 @@ import zipfile
 import zlib
 
 from tools.bench import report
+from tools.bench.paired import order, pct, ratio_summary
 from tools.bench.scale import write_docs
 from tools.bench.targets import DELTAFS, ROOT, force_unmount
 
@@ -477,27 +477,6 @@ def small_files(root: str, n: int, seed: int) -> list[float]:
     return lat
 
 
-def pct(v: list[float], q: float) -> float:
-    s = sorted(v)
-    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
-
-
-def median_ci(v: list[float], conf: float = 0.95) -> tuple[float, float]:
-    """A distribution-free confidence interval of the median: order statistics
-    (k, n+1-k) with the largest k for which P(Binomial(n, 1/2) < k) <= (1-conf)/2."""
-    s, n = sorted(v), len(v)
-    k, cum = 0, 0.0
-    while True:
-        p = math.comb(n, k) / 2 ** n
-        if cum + p > (1 - conf) / 2:
-            break
-        cum += p
-        k += 1
-    if k == 0:
-        return s[0], s[-1]  # too few pairs for that confidence: the whole range
-    return s[k - 1], s[n - k]
-
-
 def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
     """The signals' cost: a --guard off and a --guard normal mount (the default
     --guard-action alert: scoring is deferred after each commit's fsync) on
@@ -521,7 +500,7 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
         out = {k: {"write_s": [], "fsync_ms": [], "cp_s": [], "lat": []} for k in targets}
         loads = [os.getloadavg()[0]]
         for r in range(rounds + 1):  # round 0: warm-up, not counted
-            pair = ["guard off", "guard normal"] if r % 2 else ["guard normal", "guard off"]
+            pair = order(r, "guard off", "guard normal")
             for name in ["native", *pair]:
                 root = roots[name]
                 t0 = time.perf_counter()
@@ -548,12 +527,7 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
             res[k]["lat_median_ms"] = round(statistics.median(d["lat"]), 3)
             res[k]["lat_p99_ms"] = round(pct(d["lat"], 0.99), 3)
             res[k]["saves"] = len(d["lat"])
-        pairs = {}
-        for m in ("write_s", "fsync_ms", "cp_s"):
-            ratios = [a / b - 1 for a, b in zip(out["guard normal"][m], out["guard off"][m])]
-            lo, hi = median_ci(ratios)
-            pairs[m] = {"median": round(statistics.median(ratios), 4), "ci95": [round(lo, 4), round(hi, 4)],
-                        "min": round(min(ratios), 4), "max": round(max(ratios), 4), "n": len(ratios)}
+        pairs = {m: ratio_summary(out["guard normal"][m], out["guard off"][m]) for m in ("write_s", "fsync_ms", "cp_s")}
         res["pairs"] = pairs
         res["rounds"] = rounds
         res["files"] = files
