@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 GROUP_WINDOW = 0.005  # seconds a commit may wait for more records when nobody waits for it
 MAX_ITEMS = 4096  # queued items before producers wait (a namespace record is ~1 KiB with its Item)
 MAX_BYTES = 256 << 20  # bytes queued content captures read and hold until committed
+INLINE_RECORDS = 64  # namespace records the loop thread commits at once (Pipeline._take)
 
 
 class Item:
@@ -85,6 +86,7 @@ class Pipeline:
         # status counters (read by status/control)
         self.versions = 0
         self.records = 0
+        self.inline_commits = 0  # namespace-only commits made on the loop thread
         self.failures = 0
         self.last_error: str | None = None
         self.last_capture_ns = 0
@@ -185,16 +187,30 @@ class Pipeline:
                 # record (rm -rf, cp -a, untar).
                 with trio.move_on_after(GROUP_WINDOW):
                     await self._hurry.wait()
-            batch: list[Item] = []
-            while self.queue and self.queue[0].ready.is_set() and len(batch) < 512:
-                batch.append(self.queue.popleft())
+            batch = self._take()
             groups = [it.changes or [] for it in batch]
             if self.origins:
                 tag_origins(groups, self.origins)
-            try:
-                results = await hops.run(self.journal.commit_many, groups)
-            except Exception as e:  # the whole transaction failed (disk full...)
-                results = [e] * len(batch)
+            results = None
+            if not any(_has_content(g) for g in groups):
+                # Namespace records only (rm -rf, mkdir -p, renames): commit them
+                # here on the loop thread if the write lock is free.  In a worker
+                # thread, py-lmdb's get/put (which keep the GIL) fought the FUSE
+                # loop for the GIL through every commit (issue 19: 15 futex calls
+                # per unlinked entry).  The batch is bounded (_take), so lookups
+                # wait at most one short commit; a lock held by a compaction or a
+                # capture's chunks sends the batch to a worker as before.
+                try:
+                    results = self.journal.try_commit_many(groups)
+                except Exception as e:  # the whole transaction failed (read-only, disk full...)
+                    results = [e] * len(batch)
+                if results is not None:
+                    self.inline_commits += 1
+            if results is None:
+                try:
+                    results = await hops.run(self.journal.commit_many, groups)
+                except Exception as e:  # the whole transaction failed (disk full...)
+                    results = [e] * len(batch)
             for it, res in zip(batch, results):
                 it.result = res
                 if isinstance(res, BaseException):
@@ -220,6 +236,26 @@ class Pipeline:
                 self.last_capture_ns = time.time_ns()
                 if self.needs_rescan and self.on_recovered is not None:
                     self.on_recovered()
+
+    def _take(self) -> list[Item]:
+        """The ready items at the head of the queue, in order, for one commit:
+        up to 512, or, when the head records no content, the namespace-only
+        items before the first content capture, up to INLINE_RECORDS records
+        (a batch the loop thread may commit itself)."""
+        q = self.queue
+        batch: list[Item] = []
+        if _has_content(q[0].changes):
+            while q and q[0].ready.is_set() and len(batch) < 512:
+                batch.append(q.popleft())
+            return batch
+        records = 0
+        while q and q[0].ready.is_set() and not _has_content(q[0].changes):
+            n = len(q[0].changes or ())
+            if batch and records + n > INLINE_RECORDS:
+                break
+            batch.append(q.popleft())
+            records += n
+        return batch
 
     def failed(self, it: Item, err: BaseException) -> None:
         paths = sorted({c.path for c in it.changes or ()})
@@ -269,6 +305,11 @@ class Pipeline:
             log.error("capture of %s failed (the next successful write rescans SRC): %s",
                       os.fsdecode(path), msg, exc_info=logged_trace)
         self.last_error = msg
+
+
+def _has_content(changes) -> bool:
+    """Does a group record a content version (chunks to store, a pack to seal)?"""
+    return any(c.op == "write" for c in changes or ())
 
 
 def tag_origins(groups, origins: dict) -> None:
