@@ -40,6 +40,10 @@ from deltafs.journal import Change, Journal
 log = logging.getLogger(__name__)
 
 GROUP_WINDOW = 0.005  # seconds a commit may wait for more records when nobody waits for it
+# ... when the head of the queue is a namespace record (rm -rf, mkdir -p, untar):
+# the loop thread commits those itself, so each commit costs the loop an fdatasync;
+# it stops early once INLINE_RECORDS items are queued (a full batch)
+NAMESPACE_WINDOW = 0.025
 MAX_ITEMS = 4096  # queued items before producers wait (a namespace record is ~1 KiB with its Item)
 MAX_BYTES = 256 << 20  # bytes queued content captures read and hold until committed
 INLINE_RECORDS = 64  # namespace records the loop thread commits at once (Pipeline._take)
@@ -82,6 +86,7 @@ class Pipeline:
         self._latest: dict[int, Item] = {}
         self._waiters = 0  # tasks waiting for a commit (fsync, flush, pre-image)
         self._hurry = trio.Event()  # set while anyone waits: no group-commit delay
+        self._nudge = trio.Event()  # ends a group window: someone waits, or a full batch is queued
         self._more = trio.Event()
         # status counters (read by status/control)
         self.versions = 0
@@ -112,6 +117,8 @@ class Pipeline:
         self.queue.append(item)
         self.last_item = item
         self._more.set()
+        if len(self.queue) >= INLINE_RECORDS:
+            self._nudge.set()
         return item
 
     def submit(self, *changes: Change, after=None) -> Item:
@@ -131,6 +138,7 @@ class Pipeline:
     async def _wait(self, event: trio.Event) -> None:
         self._waiters += 1
         self._hurry.set()
+        self._nudge.set()
         try:
             await event.wait()
         finally:
@@ -180,13 +188,15 @@ class Pipeline:
                 await self._more.wait()
                 self._more = trio.Event()
             await self.queue[0].ready.wait()
-            if not self._hurry.is_set():
+            if not self._hurry.is_set() and len(self.queue) < INLINE_RECORDS:
                 # Nobody waits for durability (fsync, flush, a pre-image):
                 # gather what arrives in the next few ms into the same
                 # transaction, instead of one commit and thread hand-off per
                 # record (rm -rf, cp -a, untar).
-                with trio.move_on_after(GROUP_WINDOW):
-                    await self._hurry.wait()
+                self._nudge = trio.Event()
+                window = GROUP_WINDOW if _has_content(self.queue[0].changes) else NAMESPACE_WINDOW
+                with trio.move_on_after(window):
+                    await self._nudge.wait()
             batch = self._take()
             groups = [it.changes or [] for it in batch]
             if self.origins:
