@@ -118,3 +118,26 @@ def test_take_stops_a_namespace_batch_at_content_and_at_the_bound(tmp_path):
             pipe.queue.append(it)
         assert pipe._take() == ns[:P.INLINE_RECORDS]  # bounded
         assert pipe._take() == ns[P.INLINE_RECORDS:]
+
+
+async def test_a_namespace_head_waits_for_more_records_until_a_full_batch(tmp_path, autojump_clock):
+    """Nobody waits: a namespace head gathers what arrives within NAMESPACE_WINDOW
+    into one commit (each inline commit costs the loop an fdatasync), and a full
+    batch (INLINE_RECORDS queued) ends the window at once.  Virtual time."""
+    with Journal.open(str(tmp_path / "j"), create=True) as j:
+        threads = Threads(j)
+        pipe = Pipeline(j)
+        async with trio.open_nursery() as n:
+            n.start_soon(pipe.committer)
+            pipe.submit(Change(op="mkdir", path=b"a", mode=0o40755))
+            await trio.sleep(0.015)  # longer than the content window, within the namespace one
+            last = pipe.submit(Change(op="mkdir", path=b"b", mode=0o40755))
+            await last.done.wait()  # not pipe.committed: a waiter would end the window
+            assert [k for _, k in threads.calls] == [2]
+            t0 = trio.current_time()
+            for i in range(P.INLINE_RECORDS):
+                last = pipe.submit(Change(op="mkdir", path=b"a/%d" % i, mode=0o40755))
+            await last.done.wait()
+            assert trio.current_time() - t0 < P.NAMESPACE_WINDOW  # the full batch ended the window
+            assert [k for _, k in threads.calls] == [2, P.INLINE_RECORDS]
+            n.cancel_scope.cancel()
