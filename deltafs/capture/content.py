@@ -322,10 +322,12 @@ class ContentCapture:
             return None
         return refs, chunking.list_offsets(refs)
 
-    def remember_base(self, path: bytes) -> None:
+    def remember_base(self, path: bytes, seq: int | None = None) -> None:
         """The file at ``path`` is leaving it: its last version is the delta base
-        hint of a file created there within REUSE_SECONDS (git checkout, cp over rm)."""
-        seq = self.latest_content(path)
+        hint of a file created there within REUSE_SECONDS (git checkout, cp over rm).
+        ``seq``: that version, if the caller has just read it from the journal."""
+        if seq is None:
+            seq = self.latest_content(path)
         hints = self.base_hints
         hints.pop(path, None)
         if not seq:

@@ -40,8 +40,13 @@ from deltafs.journal import Change, Journal
 log = logging.getLogger(__name__)
 
 GROUP_WINDOW = 0.005  # seconds a commit may wait for more records when nobody waits for it
+# ... when the head of the queue is a namespace record (rm -rf, mkdir -p, untar):
+# the loop thread commits those itself, so each commit costs the loop an fdatasync;
+# it stops early once INLINE_RECORDS items are queued (a full batch)
+NAMESPACE_WINDOW = 0.025
 MAX_ITEMS = 4096  # queued items before producers wait (a namespace record is ~1 KiB with its Item)
 MAX_BYTES = 256 << 20  # bytes queued content captures read and hold until committed
+INLINE_RECORDS = 64  # namespace records the loop thread commits at once (Pipeline._take)
 
 
 class Item:
@@ -81,10 +86,12 @@ class Pipeline:
         self._latest: dict[int, Item] = {}
         self._waiters = 0  # tasks waiting for a commit (fsync, flush, pre-image)
         self._hurry = trio.Event()  # set while anyone waits: no group-commit delay
+        self._nudge = trio.Event()  # ends a group window: someone waits, or a full batch is queued
         self._more = trio.Event()
         # status counters (read by status/control)
         self.versions = 0
         self.records = 0
+        self.inline_commits = 0  # namespace-only commits made on the loop thread
         self.failures = 0
         self.last_error: str | None = None
         self.last_capture_ns = 0
@@ -110,6 +117,8 @@ class Pipeline:
         self.queue.append(item)
         self.last_item = item
         self._more.set()
+        if len(self.queue) >= INLINE_RECORDS:
+            self._nudge.set()
         return item
 
     def submit(self, *changes: Change, after=None) -> Item:
@@ -129,6 +138,7 @@ class Pipeline:
     async def _wait(self, event: trio.Event) -> None:
         self._waiters += 1
         self._hurry.set()
+        self._nudge.set()
         try:
             await event.wait()
         finally:
@@ -178,23 +188,39 @@ class Pipeline:
                 await self._more.wait()
                 self._more = trio.Event()
             await self.queue[0].ready.wait()
-            if not self._hurry.is_set():
+            if not self._hurry.is_set() and len(self.queue) < INLINE_RECORDS:
                 # Nobody waits for durability (fsync, flush, a pre-image):
                 # gather what arrives in the next few ms into the same
                 # transaction, instead of one commit and thread hand-off per
                 # record (rm -rf, cp -a, untar).
-                with trio.move_on_after(GROUP_WINDOW):
-                    await self._hurry.wait()
-            batch: list[Item] = []
-            while self.queue and self.queue[0].ready.is_set() and len(batch) < 512:
-                batch.append(self.queue.popleft())
+                self._nudge = trio.Event()
+                window = GROUP_WINDOW if _has_content(self.queue[0].changes) else NAMESPACE_WINDOW
+                with trio.move_on_after(window):
+                    await self._nudge.wait()
+            batch = self._take()
             groups = [it.changes or [] for it in batch]
             if self.origins:
                 tag_origins(groups, self.origins)
-            try:
-                results = await hops.run(self.journal.commit_many, groups)
-            except Exception as e:  # the whole transaction failed (disk full...)
-                results = [e] * len(batch)
+            results = None
+            if not any(_has_content(g) for g in groups):
+                # Namespace records only (rm -rf, mkdir -p, renames): commit them
+                # here on the loop thread if the write lock is free.  In a worker
+                # thread, py-lmdb's get/put (which keep the GIL) fought the FUSE
+                # loop for the GIL through every commit (issue 19: 15 futex calls
+                # per unlinked entry).  The batch is bounded (_take), so lookups
+                # wait at most one short commit; a lock held by a compaction or a
+                # capture's chunks sends the batch to a worker as before.
+                try:
+                    results = self.journal.try_commit_many(groups)
+                except Exception as e:  # the whole transaction failed (read-only, disk full...)
+                    results = [e] * len(batch)
+                if results is not None:
+                    self.inline_commits += 1
+            if results is None:
+                try:
+                    results = await hops.run(self.journal.commit_many, groups)
+                except Exception as e:  # the whole transaction failed (disk full...)
+                    results = [e] * len(batch)
             for it, res in zip(batch, results):
                 it.result = res
                 if isinstance(res, BaseException):
@@ -220,6 +246,26 @@ class Pipeline:
                 self.last_capture_ns = time.time_ns()
                 if self.needs_rescan and self.on_recovered is not None:
                     self.on_recovered()
+
+    def _take(self) -> list[Item]:
+        """The ready items at the head of the queue, in order, for one commit:
+        up to 512, or, when the head records no content, the namespace-only
+        items before the first content capture, up to INLINE_RECORDS records
+        (a batch the loop thread may commit itself)."""
+        q = self.queue
+        batch: list[Item] = []
+        if _has_content(q[0].changes):
+            while q and q[0].ready.is_set() and len(batch) < 512:
+                batch.append(q.popleft())
+            return batch
+        records = 0
+        while q and q[0].ready.is_set() and not _has_content(q[0].changes):
+            n = len(q[0].changes or ())
+            if batch and records + n > INLINE_RECORDS:
+                break
+            batch.append(q.popleft())
+            records += n
+        return batch
 
     def failed(self, it: Item, err: BaseException) -> None:
         paths = sorted({c.path for c in it.changes or ()})
@@ -269,6 +315,11 @@ class Pipeline:
             log.error("capture of %s failed (the next successful write rescans SRC): %s",
                       os.fsdecode(path), msg, exc_info=logged_trace)
         self.last_error = msg
+
+
+def _has_content(changes) -> bool:
+    """Does a group record a content version (chunks to store, a pack to seal)?"""
+    return any(c.op == "write" for c in changes or ())
 
 
 def tag_origins(groups, origins: dict) -> None:

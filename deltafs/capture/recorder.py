@@ -78,6 +78,10 @@ class Recorder:
         self.rescanning = False
         self.ops = None  # set by the first scan
         self.hidden_ino = -1
+        # (path, its latest content version) as before_change just read it from the
+        # journal, for the unlink or rename over it that follows in the same request
+        # (remember_base needs the same figure: one journal read per unlink, not two)
+        self._looked: tuple[bytes, int] | None = None
 
     # ---- the pipeline's face (status, control, mount and ops use these) ----
 
@@ -254,6 +258,7 @@ class Recorder:
         without waiting for the pipeline (rm -rf would otherwise wait for a
         journal sync per file).
         """
+        self._looked = None
         cap = None
         if node is not None:
             cap = self.track(node)
@@ -263,8 +268,11 @@ class Recorder:
                 return  # recorded, or a capture of this inode is on its way
         if self._skip(path):
             return
-        if not need_base and self.content.latest_content(path):
-            return
+        if not need_base:
+            seq = self.content.latest_content(path)
+            if seq:
+                self._looked = (path, seq)  # no await from here to the unlink's on_unlink
+                return
         await self.drain()  # the journal now reflects every earlier event
         base = await trio.to_thread.run_sync(self.content.latest_content, path)
         if base:
@@ -323,6 +331,8 @@ class Recorder:
             handler(**f)
         except OSError as e:
             self.pipe.not_recorded(f"a {op}", e)
+        finally:
+            self._looked = None  # before_change's read is for this event only
         if self.pipe.last_item is not before:
             self.pipe.concerns(self.pipe.last_item, *{n.ino for n in about if n is not None})
 
@@ -420,7 +430,8 @@ class Recorder:
         if not self._skip(path):
             if last:  # its last name: the file is gone (another link keeps it alive)
                 self.gone.gone(path)
-                self.content.remember_base(path)
+                looked = self._looked
+                self.content.remember_base(path, looked[1] if looked is not None and looked[0] == path else None)
             self.submit(Change(op="unlink", path=path))
 
     def _ev_rmdir(self, ops, parent, name) -> None:

@@ -140,6 +140,12 @@ class Journal:
         fails alone.  -> per group: list of seqs, or the exception."""
         return self._commit_batch([list(g) for g in groups])
 
+    def try_commit_many(self, groups: Sequence[Sequence[Change]]) -> list | None:
+        """:meth:`commit_many` if the write lock is free right now, else None at
+        once (nothing written): for a caller that must not wait behind a
+        compaction or a large capture holding it (the FUSE loop)."""
+        return self._commit_batch([list(g) for g in groups], blocking=False)
+
     def put_chunks(self, chunks: Sequence[NewChunk]) -> int:
         """Store chunks ahead of the record that will name them (large captures
         stream this way instead of holding every chunk in memory).  Not
@@ -346,13 +352,16 @@ class Journal:
                 txn.put(key, value, db=self._dbs[db])
         self.sync_count += 1
 
-    def _commit_batch(self, groups: list[list[Change]]) -> list:
+    def _commit_batch(self, groups: list[list[Change]], blocking: bool = True) -> list | None:
         """One write transaction for the groups; each group in a nested
-        transaction so one bad group fails alone."""
+        transaction so one bad group fails alone.  blocking=False: None at
+        once when another thread holds the write lock."""
         self._check_writable()
         results: list = []
         env = self._storage.env
-        with self._wlock:
+        if not self._wlock.acquire(blocking):
+            return None
+        try:
             txn = env.begin(write=True)
             try:
                 for changes in groups:
@@ -377,6 +386,8 @@ class Journal:
                 log.debug("journal commit failed: %s", e)  # the caller reports it, once
                 err = translate(e, self.path)
                 results = [err for _ in groups]
+        finally:
+            self._wlock.release()
         return results
 
     def _apply(self, txn, ch: Change) -> int:
