@@ -706,6 +706,7 @@ class Guard:
         self.watching = watching  # False: --guard off, only a standing alert from an earlier mount
         self.snapshot: str | None = None
         self.alerts = 0
+        self.scoring_cpu_s = 0.0  # thread CPU time spent scoring (score_item)
         self.hook_error: str | None = None
         self.block: Block | None = None  # installed in ops while pacing or blocking
         self.drain = None  # capture.Recorder.drain (set by guard_service)
@@ -818,12 +819,15 @@ class Guard:
         self._idle.set()
 
     def score_item(self, changes, seqs) -> None:
+        t0 = time.thread_time()
         try:
             self.drain_opens()
             alert = self.detector.observe(changes, seqs)
         except Exception:  # the guard must never break capture
             log.exception("guard: scoring failed")
             return
+        finally:  # the signals' own CPU (status --json guard.scoring_cpu_s; tools/bench/guard.py)
+            self.scoring_cpu_s += time.thread_time() - t0
         if alert is not None:
             self.alerts += 1
             self.snapshot = guard_snapshot_name(alert.time_ns)  # status names it at once
@@ -972,7 +976,7 @@ class Guard:
                     **a.to_dict(), "snapshot": self.snapshot, "changes_since": d.damaged_since_alert,
                     "hook_error": self.hook_error, "from_earlier_mount": self.since_mount,
                     "blocking": None if self.block is None or not self.block.blocking else self.block.status()},
-                "alerts": self.alerts,
+                "alerts": self.alerts, "scoring_cpu_s": round(self.scoring_cpu_s, 3),
                 "pacing": self.block is not None and not self.block.blocking}
 
 

@@ -124,7 +124,9 @@ def test_attack_is_detected_and_rolled_back(corpus_mount, attack):
     # the alert shows everywhere: status text, --json, --check (exit 1), Prometheus
     st = run_cli("status", m.mnt, "--check")
     assert st.returncode == 1 and b"GUARD ALERT" in st.stdout
-    assert json.loads(run_cli("status", m.mnt, "--json", check=True).stdout)["guard"]["alert"]
+    gj = json.loads(run_cli("status", m.mnt, "--json", check=True).stdout)["guard"]
+    assert gj["alert"] and gj["alerts"] == 1
+    assert 0 < gj["scoring_cpu_s"] < 5, gj  # the signals' own CPU is counted (and is small)
     assert b"deltafs_guard_alert{" in run_cli("status", m.mnt, "--prometheus", check=True).stdout
     assert run_cli("guard", "status", m.mnt).returncode == 1
     assert " ERROR deltafs.guard: GUARD ALERT" in m.log_text()
