@@ -58,7 +58,7 @@ $(PYFUSE3_WHEEL_STAMP): tools/pyfuse3/patch.py tools/pyfuse3/requirements.txt | 
 $(VENV)/.installed: pyproject.toml $(PYFUSE3_WHEEL_STAMP)
 	$(VENV)/bin/pip install -q --force-reinstall --no-deps $(PYFUSE3_BUILD)/dist/pyfuse3-*.whl
 	$(VENV)/bin/pip install -q -e '.[test]'
-	$(VENV)/bin/python -c "import pyfuse3; assert {'dir_handle_is_inode', 'fallocate', 'nocaps_inodes', 'inline_loop', 'direct_loop'} <= set(pyfuse3.DELTAFS_PATCHES)"
+	$(VENV)/bin/python -c "import pyfuse3; assert {'dir_handle_is_inode', 'fallocate', 'nocaps_inodes', 'inline_loop', 'direct_loop', 'readdirplus_auto'} <= set(pyfuse3.DELTAFS_PATCHES)"
 	touch $@
 
 venv: deps $(VENV)/.installed

@@ -338,12 +338,17 @@ def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
         # OPENDIR/RELEASEDIR and keeps every listing in its page cache (nothing
         # here ever changes); readdir gets the directory's inode as its handle
         dir_handle_is_inode = "dir_handle_is_inode" in getattr(pyfuse3, "DELTAFS_PATCHES", ())
+        # and it answers plain READDIR too: the kernel then asks READDIRPLUS only at
+        # the start of a listing and when a program looks the entries up (ls -l),
+        # so a find of the whole tree no longer makes an inode for every entry
+        readdirplus_auto = "readdirplus_auto" in getattr(pyfuse3, "DELTAFS_PATCHES", ())
 
         def __init__(self) -> None:
             super().__init__()
             self.fhs: dict[int, FileStream] = {}
             self.next_fh = 1
             self.initialized = None  # a trio.Event made inside trio.run (serve)
+            self.listed = [0, 0]  # directory entries sent in plain READDIR, in READDIRPLUS replies
 
         def init(self):
             if self.initialized is not None:
@@ -394,10 +399,13 @@ def make_operations(journal: Journal, tree: PastTree, cache: ChunkCache):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             names, children, nodes, attr = n.sorted_names(), n.children, tree.nodes, self._attr
             reply = pyfuse3.readdir_reply
+            sent = 0
             for i in range(start_id, len(names)):
                 name = names[i]
                 if not reply(token, name, attr(nodes[children[name]]), i + 1):
                     break
+                sent += 1
+            self.listed[bool(getattr(token, "plus", True))] += sent
 
         async def open(self, inode, flags, ctx):
             n = self._node(inode)
@@ -525,6 +533,7 @@ def serve(journal_dir: str, when: str, mnt: str, *, cache_size: int = DEFAULT_CA
     try:
         trio.run(main)
     finally:
+        log.info("listings served: %d entries in plain READDIR replies, %d in READDIRPLUS", *ops.listed)
         pyfuse3.close(unmount=False)
         try:
             mounttable.remove_record(os.path.abspath(mnt))

@@ -258,3 +258,47 @@ def test_view_beside_a_live_mount_of_the_same_src(mount_factory, past):
     run_cli("umount", view, check=True)
     run_cli("umount", now, check=True)
     m.umount()
+
+
+def test_find_lists_plainly_and_ls_l_still_sees_every_entry(mount_factory, past, tmp_path):
+    """A `find` over the view gets most entries through plain READDIR (name,
+    inode, type: no inode made in the kernel per entry, what made the first
+    find of a fresh view slow), READDIRPLUS only where a listing starts;
+    `ls -l` and `find -ls` afterwards still see every entry right (their
+    stats are looked up one by one).  Needs deltafs's pyfuse3 build
+    (readdirplus_auto, tools/pyfuse3/patch.py; `make` installs it)."""
+    import pyfuse3
+
+    assert "readdirplus_auto" in getattr(pyfuse3, "DELTAFS_PATCHES", ()), "not deltafs's pyfuse3 build"
+    m = mount_factory()
+    (m.mnt / "big").mkdir()
+    for i in range(2000):
+        (m.mnt / "big" / f"f{i:04d}").write_bytes(b"x" * (i % 97))
+    for d in range(3):
+        (m.mnt / f"d{d}").mkdir()
+        for i in range(300):
+            (m.mnt / f"d{d}" / f"g{i}").write_bytes(b"%d" % i)
+    os.symlink("big/f0001", m.mnt / "link")
+    m.umount()
+    view, _ = past.mount("--at", "now", m.src)
+    found = subprocess.run(["find", view], capture_output=True, check=True).stdout.splitlines()
+    want = subprocess.run(["find", m.src, "-path", str(m.src / ".deltafs"), "-prune", "-o", "-print"],
+                          capture_output=True, check=True).stdout.splitlines()
+    assert sorted(os.path.relpath(p, bytes(view)) for p in found) == sorted(os.path.relpath(p, bytes(m.src)) for p in want)
+
+    def long_listing(root: Path) -> list[tuple]:
+        out = []
+        for line in subprocess.run(["ls", "-ln", "--time-style=+%s", root / "big"], capture_output=True,
+                                   check=True, text=True).stdout.splitlines()[1:]:
+            f = line.split()
+            out.append((f[0][:10], f[4], f[5], f[6]))  # mode, size, mtime, name
+        return out
+
+    got = long_listing(view)
+    assert len(got) == 2000 and got == long_listing(m.src)
+    assert os.readlink(view / "link") == "big/f0001"
+    run_cli("umount", view, check=True)
+    log = (m.src / ".deltafs" / "past-view.log").read_text()
+    line = [x for x in log.splitlines() if "listings served" in x][-1]
+    plain, plus = (int(w) for w in line.split() if w.isdigit())
+    assert plain > 2000 and plain > 2 * plus, line  # find read most entries plainly

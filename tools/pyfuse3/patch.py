@@ -8,8 +8,8 @@ FOPEN_CACHE_DIR, so every listing of every directory is a request too:
 ``find``, ``du`` and ``git status`` on a warm tree spend most of their time
 there.  And pyfuse3 has no fallocate handler, so libfuse answers ENOSYS and
 the kernel gives every fallocate(2) on the mount EOPNOTSUPP (databases,
-torrent clients and ``fallocate -l`` use it).  This patch changes four
-handlers and the read loop, and adds one handler, nothing else:
+torrent clients and ``fallocate -l`` use it).  This patch changes five
+handlers and the read loop, and adds two handlers, nothing else:
 
 * ``opendir``: if the file system's ``opendir`` raises ENOSYS, pyfuse3
   replies ENOSYS, and the kernel (Linux >= 5.1) stops sending OPENDIR and
@@ -46,12 +46,24 @@ handlers and the read loop, and adds one handler, nothing else:
   anything it does not recognise (pyfuse3.asyncio, guest mode, MockClock)
   or with ``PYFUSE3_DIRECT_LOOP=0`` in the environment, the stock loop
   (with ``inline_loop``) runs.
+* ``readdir`` (``readdirplus_auto``): stock pyfuse3 answers only
+  READDIRPLUS and turns the kernel's adaptive mode off, so every entry of
+  every listing is instantiated in the kernel (an inode and a dentry each,
+  the bulk of a first ``find``).  The patch adds a plain READDIR handler
+  (the same ``operations.readdir``; the token's ``plus`` says which reply
+  it builds: ``readdir_reply`` then sends only the name, inode and type)
+  and, if the operations class sets ``readdirplus_auto = True``, leaves
+  FUSE_CAP_READDIRPLUS_AUTO on: the kernel asks for READDIRPLUS at the
+  start of a listing and when a program looks its entries up (``ls -l``),
+  plain READDIR otherwise (``find``, ``ls``).  A plain entry adds no
+  lookup count.
 * the module gets ``DELTAFS_PATCHES``, so deltafs can tell the patched
   build from a stock one: ``dir_handle_is_inode`` (else it falls back to
   normal opendir handles), ``fallocate`` (else fallocate(2) on the mount
   answers EOPNOTSUPP, as with any stock pyfuse3 file system),
   ``nocaps_inodes``, ``inline_loop`` and ``direct_loop`` (else the same
-  answers, from Python, through trio for every request).
+  answers, from Python, through trio for every request), ``readdirplus_auto``
+  (else every listing is READDIRPLUS).
 
 Every replacement is checked: on any other pyfuse3 version this fails
 loudly instead of building something half-patched.
@@ -264,9 +276,47 @@ PATCHES = {
 """, """    c.size = size
     c.off = off
     c.fh = fi.fh
+    c.flags = 1  # READDIRPLUS (readdirplus_auto: fuse_readdir below sends 0)
     if fi.fh == 0 and getattr(operations, 'dir_handle_is_inode', False):
         c.fh = ino
     save_retval(fuse_readdirplus_async(c))
+
+cdef void fuse_readdir (fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                        fuse_file_info *fi):
+    # readdirplus_auto (deltafs patch): a plain READDIR, answered by the same
+    # operations.readdir with a token whose plus is False
+    global py_retval
+    cdef _Container c = _Container()
+    c.req = req
+    c.size = size
+    c.off = off
+    c.fh = fi.fh
+    c.flags = 0
+    if fi.fh == 0 and getattr(operations, 'dir_handle_is_inode', False):
+        c.fh = ino
+    save_retval(fuse_readdirplus_async(c))
+"""),
+        ("""    token.size = c.size
+    token.req = c.req
+""", """    token.size = c.size
+    token.req = c.req
+    token.plus = c.flags != 0
+"""),
+        ("""    cdef char *buf
+    cdef size_t size
+
+cdef void fuse_readdirplus""", """    cdef char *buf
+    cdef size_t size
+    cdef readonly bint plus  # READDIRPLUS (else a plain READDIR: readdirplus_auto)
+
+cdef void fuse_readdirplus"""),
+        ("""    if not conn.capable & FUSE_CAP_READDIRPLUS:
+        raise RuntimeError('Kernel too old, pyfuse3 requires kernel 3.9 or newer!')
+    conn.want &= ~(<unsigned> FUSE_CAP_READDIRPLUS_AUTO)
+""", """    if not conn.capable & FUSE_CAP_READDIRPLUS:
+        raise RuntimeError('Kernel too old, pyfuse3 requires kernel 3.9 or newer!')
+    if not getattr(operations, 'readdirplus_auto', False):  # deltafs patch: plain READDIR too
+        conn.want &= ~(<unsigned> FUSE_CAP_READDIRPLUS_AUTO)
 """),
         ("""    c.flags = datasync
     c.fh = fi.fh
@@ -340,13 +390,26 @@ async def fuse_fallocate_async (_Container c):
         (STOCK_LOOP_HEADER, DIRECT_LOOP + STOCK_LOOP_HEADER.replace('_session_loop(', '_session_loop_stock(')),
         ("    fuse_ops.poll = fuse_poll\n",
          "    fuse_ops.poll = fuse_poll\n"
-         "    fuse_ops.fallocate = fuse_fallocate\n"),
+         "    fuse_ops.fallocate = fuse_fallocate\n"
+         "    fuse_ops.readdir = fuse_readdir\n"),
     ],
     "src/pyfuse3/__init__.pyx": [
         ("ROOT_INODE = FUSE_ROOT_ID\n",
          "ROOT_INODE = FUSE_ROOT_ID\n"
-         "DELTAFS_PATCHES = ('dir_handle_is_inode', 'fallocate', 'nocaps_inodes', 'inline_loop', 'direct_loop')"
+         "DELTAFS_PATCHES = ('dir_handle_is_inode', 'fallocate', 'nocaps_inodes', 'inline_loop', 'direct_loop',"
+         " 'readdirplus_auto')"
          "  # see deltafs tools/pyfuse3/patch.py\n"),
+        ("""    cname = PyBytes_AsString(name)
+    len_ = fuse_add_direntry_plus(token.req, token.buf, token.size,
+                                  cname, &attr.fuse_param, next_id)
+""", """    cname = PyBytes_AsString(name)
+    if token.plus:
+        len_ = fuse_add_direntry_plus(token.req, token.buf, token.size,
+                                      cname, &attr.fuse_param, next_id)
+    else:  # readdirplus_auto (deltafs patch): name, inode and type only
+        len_ = fuse_add_direntry(token.req, token.buf, token.size,
+                                 cname, &attr.fuse_param.attr, next_id)
+"""),
         ("cdef object py_retval\n",
          "cdef object py_retval\n"
          "cdef object nocaps_inodes = None  # operations.nocaps_inodes (deltafs patch)\n"),
