@@ -14,7 +14,7 @@ import os
 import time
 from collections import OrderedDict
 
-from deltafs import chunking
+from deltafs import chunking, heap
 from deltafs.capture.identity import GONE_KEPT, REUSE_SECONDS
 from deltafs.errors import JournalError
 from deltafs.journal import Change, Journal
@@ -149,6 +149,7 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             spill(new)
             new.clear()
             buffered = 0
+            heap.trim()  # a big capture's freed buffers back to the kernel (at most every 10 s)
 
     olds: list[chunking.Base] = []  # same-offset bases of this group's in-place changed blocks
     retry: list = []  # (index in new, raw, base, handicap) of blocks whose one-base delta stayed large
