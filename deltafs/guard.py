@@ -101,6 +101,7 @@ OPAQUE_MIN = 512  # chunks smaller than this never count as incompressible (zstd
 OPENED_KEPT = 20_000  # read-only opens (and unpaired new opaque files) the detector remembers
 PATHS_KEPT = 20_000  # paths whose last write / content type it remembers (oldest dropped first)
 OPENS_QUEUED = 4096  # opens ops.open may queue between two drains (the oldest are dropped)
+LATE_PAIRING = 30.0  # seconds a delete waits for the new opaque file scored after it (Detector.gone)
 ACTIONS = ("alert", "block")
 STATE_FILE = "guard-alert.json"  # in the journal directory while an alert stands (docs/format.md)
 
@@ -404,6 +405,13 @@ class Detector:
         self.opened: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         # new opaque files no delete has been paired with yet: path -> (when, seq of its create)
         self.orphans: collections.OrderedDict[bytes, tuple[float, int]] = collections.OrderedDict()
+        # deletes no new opaque file explained (yet), for LATE_PAIRING seconds: capture commits a
+        # namespace change (the unlink) before the content of a file written just before it, so
+        # the new file may be scored after the delete it replaced: path -> (when, read: the file
+        # was of a readable type and opened for reading before it went, seq of the delete); and
+        # stem -> path
+        self.gone: collections.OrderedDict[bytes, tuple[float, bool, int]] = collections.OrderedDict()
+        self.gone_stems: dict[bytes, bytes] = {}
         self.alert: Alert | None = None  # the standing alert (until resume)
         self.observed = 0
         self.last_score = 0.0  # the window's score after the last observe that added a hit
@@ -416,6 +424,8 @@ class Detector:
         self.hits.clear()
         self.fresh.clear()
         self.orphans.clear()
+        self.gone.clear()
+        self.gone_stems.clear()
         self.damaged_since_alert = 0
 
     def note_opens(self, paths: Iterable[bytes]) -> None:
@@ -462,6 +472,10 @@ class Detector:
                 if "opaque" in why:  # remembered under the name it extends, and under its stem;
                     # it scores only once an original goes (new random files alone are no damage)
                     first = self.created.pop(c.path, seq)  # the attack began with its create
+                    late = self._late_pair(c.path, first, now)
+                    if late is not None:  # the original went before this file's content was scored
+                        self._hit(late[0], 1.0, late[1], first, now)
+                        continue
                     for k in (b"\1" + c.path, stem_of(c.path), b"\0" + stem_of(c.path)):
                         self.fresh.pop(k, None)
                         self.fresh[k] = (now, first, c.path)
@@ -480,6 +494,8 @@ class Detector:
                     first = self._read_then_deleted(c.path, now)
                     if first is not None:
                         self._hit(c.path, 1.0, ["read", "opaque", "deleted"], first, now)
+                    else:
+                        self._note_gone(c.path, seq, now)
                 self.orphans.pop(c.path, None)
                 self.opened.pop(c.path, None)
             elif op == "rename" and c.path2 is not None:
@@ -497,6 +513,9 @@ class Detector:
         while self.orphans and (len(self.orphans) > OPENED_KEPT or
                                 now - next(iter(self.orphans.values()))[0] > self.window):
             self.orphans.popitem(last=False)
+        while self.gone and (len(self.gone) > OPENED_KEPT or
+                             now - next(iter(self.gone.values()))[0] > LATE_PAIRING):
+            self._forget_gone(next(iter(self.gone)))
         if self.alert is not None:
             self.damaged_since_alert += self._added
             return None
@@ -545,6 +564,47 @@ class Detector:
             return None
         self.orphans.pop(v[2], None)  # paired: it cannot pair with an unrelated delete as well
         return v[1]
+
+    def _note_gone(self, path: bytes, seq: int, now: float) -> None:
+        """A delete nothing explained: a new opaque file scored in the next
+        LATE_PAIRING seconds may still pair with it (:meth:`_late_pair`)."""
+        t_open = self.opened.get(path)
+        mem = self.memory.get(path)
+        readable = (mem[0] is not None) if mem is not None else expected_type(path) is not None
+        read = readable and t_open is not None and now - t_open <= self.window
+        self._forget_gone(path)
+        self.gone[path] = (now, read, seq)
+        self.gone_stems[stem_of(path)] = path
+
+    def _forget_gone(self, path: bytes) -> None:
+        if self.gone.pop(path, None) is not None and self.gone_stems.get(stem_of(path)) == path:
+            del self.gone_stems[stem_of(path)]
+
+    def _late_pair(self, path: bytes, created: int, now: float) -> tuple[bytes, list[str]] | None:
+        """The pairings of :meth:`_replaced_by_fresh` and :meth:`_read_then_deleted`
+        the other way round, for a new opaque file at ``path`` (created at
+        record ``created``) scored after a delete that nothing explained, at
+        most LATE_PAIRING seconds before, and made after this file was
+        created (a file created after the delete explains nothing): the
+        deleted file's name is this one's stem (a.pdf -> a.pdf.locked) or
+        shares it (a.pdf -> a.enc); else a readable file opened for reading
+        went (open-then-delete, any name).  Each delete pairs once.
+        -> (the deleted path, reasons) or None"""
+        if not self.gone:
+            return None
+        stem = stem_of(path)
+        for d in (stem, self.gone_stems.get(stem)):
+            g = self.gone.get(d) if d is not None and d != path else None
+            if g is not None and now - g[0] <= LATE_PAIRING and created < g[2]:
+                self._forget_gone(d)
+                return d, ["opaque", "replaced"]
+        for d, (t, read, del_seq) in reversed(self.gone.items()):
+            if now - t > LATE_PAIRING:
+                break
+            if read and d != path and created < del_seq:
+                self._forget_gone(d)
+                return d, ["read", "opaque", "deleted"]
+        return None
 
     def _read_then_deleted(self, path: bytes, now: float) -> int | None:
         """Open-then-delete: ``path`` was opened for reading, a new opaque file

@@ -240,6 +240,42 @@ def test_open_then_delete_stays_quiet_when_nothing_explains_it():
     assert w.det.score() == 0
 
 
+def test_a_delete_committed_before_the_new_files_content_still_pairs():
+    """Capture commits a namespace change (the unlink) as soon as it is made,
+    a content version only once its capture ran: so an attacker writing
+    X.locked (or a random name) and then deleting X gets the delete scored
+    before the new file's content.  The pairing then happens when the
+    content comes (within LATE_PAIRING seconds), in both forms; a file
+    created after the delete still explains nothing."""
+    for form in ("stem", "random"):
+        w = World()
+        paths = [p for p in corpus(w) if not p.endswith(b".csv")]
+        alert = None
+        for i, p in enumerate(paths):
+            new = p + b".locked" if form == "stem" else b"docs/%08x" % (i * 7919)
+            if form == "random":
+                w.det.note_opens([p])
+            w.feed(Change(op="create", path=new))  # the create goes before the delete
+            w.unlink(p)  # ... and is committed before the new file's content
+            w.t += 0.2
+            alert = w.put(new, enc(w.raw[w.old.get(p) or next(iter(w.raw))]))
+            if alert is not None:
+                break
+        assert alert is not None, form
+        assert alert.files == 5 and i == 4, (form, i, alert.files)
+        reasons = {r for h in alert.hits for r in h.reasons}
+        assert ("replaced" if form == "stem" else "read") in reasons
+    # too late: the new file's content came more than LATE_PAIRING seconds after the delete
+    w = World()
+    paths = corpus(w)
+    for p in paths[:10]:
+        w.feed(Change(op="create", path=p + b".locked"))
+        w.unlink(p)
+        w.t += guard.LATE_PAIRING + 1
+        w.put(p + b".locked", os.urandom(5000))
+    assert w.det.score() == 0
+
+
 def test_alert_round_trips_through_its_saved_state(tmp_path):
     w = World()
     for p in corpus(w):
