@@ -169,3 +169,35 @@ def test_files_in_a_directory_the_restore_made_never_get_a_temp_name(tree, tmp_p
     assert len(renames) == 3
     assert sorted(os.listdir(tmp_path / "dest2")) == ["f0", "f1", "f2"]
     assert (tmp_path / "dest2" / "f1").read_bytes() == b"file 1\n" * 1000
+
+
+def test_files_replaced_by_a_restore_are_synced_together_then_renamed(tree, tmp_path, capsys, monkeypatch):
+    """restore --to DEST --force over files DEST already has: no fsync per file.
+    Each replacement is written whole under a temp name, one syncfs makes
+    them all durable, and only then is each renamed over the old file (so a
+    crash leaves either version, never neither); nothing else is left."""
+    import importlib
+
+    restore_mod = importlib.import_module("deltafs.history.restore")
+    src, at = tree
+    dest = tmp_path / "dest"
+    rc, out, err = rcli(capsys, "restore", "--journal", src / ".deltafs", "d", "--version", at, "--to", dest)
+    assert rc == 0, err
+    for i in range(3):
+        (dest / f"f{i}").write_bytes(b"changed %d\n" % i)
+    inodes = {i: os.stat(dest / f"f{i}").st_ino for i in range(3)}
+    events = []
+    real_rename, real_fsync, real_syncfs = os.rename, os.fsync, restore_mod.syncfs
+    monkeypatch.setattr(os, "rename", lambda *a, **k: (events.append("rename"), real_rename(*a, **k))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(restore_mod, "syncfs", lambda fd: (events.append("syncfs"), real_syncfs(fd))[1])
+    rc, out, err = rcli(capsys, "restore", "--journal", src / ".deltafs", "d", "--version", at, "--to", dest,
+                        "--force")
+    assert rc == 0, err
+    assert "fsync" not in events
+    assert events.count("rename") == 3 and events.index("syncfs") < events.index("rename")
+    for i in range(3):
+        p = dest / f"f{i}"
+        assert p.read_bytes() == b"file %d\n" % i * 1000
+        assert os.stat(p).st_ino != inodes[i]  # replaced by rename, not rewritten in place
+    assert sorted(os.listdir(dest)) == ["f0", "f1", "f2"]
