@@ -40,7 +40,7 @@ SUBTYPE = "deltafs-past"
 DEFAULT_CACHE = 64 << 20
 TIMEOUT = 86400.0  # entry and attribute timeout: the past does not change
 READ_AHEAD = 4 << 20  # bytes of pack file the kernel reads ahead of a read's last chunk
-RAW_VALUE_EXTRA = 7  # a raw chunk's value: its length + header (6) + codec byte (docs/format.md)
+RAW_VALUE_EXTRA = 7  # a raw chunk's value is its header (6), a codec byte, its bytes (= schema's)
 
 
 class ChunkCache:

@@ -465,7 +465,7 @@ class Reader:
         i, n = 0, len(cids)
         if where is not None:
             pack, start = where
-            hdr, extra = S._CHUNK_HDR, S._CHUNK_HDR.size + 1
+            hdr, extra = S.CHUNK_HDR, S.RAW_VALUE_EXTRA
             end = start
             for ln in lens:
                 if end > start and end - start + extra + ln > _RUN_MAX:

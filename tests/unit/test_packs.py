@@ -355,7 +355,9 @@ def test_a_sequential_read_of_a_raw_file_looks_its_chunks_up_only_once(tmp_path,
     import errno
 
     from deltafs.journal.reader import Reader
-    from deltafs.pastfs import ChunkCache, FileStream
+    from deltafs.pastfs import RAW_VALUE_EXTRA, ChunkCache, FileStream
+
+    assert RAW_VALUE_EXTRA == S.RAW_VALUE_EXTRA
 
     rnd = random.Random(5)
     a, b = rnd.randbytes(3 << 20), rnd.randbytes(1 << 20)
