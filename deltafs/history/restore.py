@@ -480,6 +480,9 @@ class _Restorer:
     def _write_job(self, job: "_FileJob", r: Reader) -> None:
         """The temp file, written and renamed into place (any thread)."""
         e, dfd, tmp = job.entry, job.dfd, job.tmp
+        if job.defer and self._kept(job, r):
+            job.defer = False  # the file there has this content already: nothing to rename
+            return
         if job.fresh and not job.sync and self.tmpfile:
             try:
                 fd = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dfd)
@@ -529,6 +532,47 @@ class _Restorer:
             raise
         if self.through_mount and not self.batched:  # the daemon journals attributes set on the real path
             self._meta_at(dfd, job.name, e)
+
+    def _kept(self, job: "_FileJob", r: Reader) -> bool:
+        """If the file a deferred job would replace already holds the entry's
+        content, give it the entry's owner, mode and mtime in place and -> True
+        (no new inode, no rename).  Only a regular file with one link (a link
+        shared with another path is replaced, as ever), of the entry's size,
+        whose xattrs are exactly the entry's, and whose bytes, read in the
+        chunk list's pieces, hash to the chunk ids (the first that does not
+        ends the check).  Opened without following a symlink, never written."""
+        e = job.entry
+        try:
+            fd = os.open(job.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=job.dfd)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != (e.size or 0):
+                return False
+            if {os.fsencode(k): os.getxattr(fd, k) for k in os.listxattr(fd)} != e.xattrs:
+                return False
+            pos = 0
+            for cid, n in r.chunk_list(e.content_seq) if e.content_seq else ():
+                data = os.pread(fd, n, pos)
+                if len(data) != n or chunking.chunk_id(data) != cid:
+                    return False
+                pos += n
+            if pos != st.st_size:
+                return False
+            if self.root and e.uid is not None and e.gid is not None and (st.st_uid, st.st_gid) != (e.uid, e.gid):
+                self._owner(e, lambda u, g: os.fchown(fd, u, g))
+            if e.mode is not None and stat.S_IMODE(st.st_mode) != stat.S_IMODE(e.mode):
+                os.chmod(fd, stat.S_IMODE(e.mode))
+            if e.mtime_ns is None:  # as a new file would have: now
+                os.utime(fd)
+            elif st.st_mtime_ns != e.mtime_ns:
+                os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def _finish_file(self, job: "_FileJob") -> None:
         e = job.entry

@@ -201,3 +201,30 @@ def test_files_replaced_by_a_restore_are_synced_together_then_renamed(tree, tmp_
         assert p.read_bytes() == b"file %d\n" % i * 1000
         assert os.stat(p).st_ino != inodes[i]  # replaced by rename, not rewritten in place
     assert sorted(os.listdir(dest)) == ["f0", "f1", "f2"]
+
+
+def test_a_file_that_already_holds_the_version_is_kept_not_replaced(tree, tmp_path, capsys):
+    """restore --to DEST --force over a copy: a file whose bytes are already the
+    version's (checked against its chunk ids) keeps its inode and gets its mode
+    and mtime back in place; a file with other bytes, and one that shares its
+    inode with another path (hard link), are replaced by new files as before."""
+    src, at = tree
+    dest = tmp_path / "dest"
+    args = ["restore", "--journal", src / ".deltafs", "d", "--version", at, "--to", dest]
+    rc, out, err = rcli(capsys, *args)
+    assert rc == 0, err
+    st = {i: os.stat(dest / f"f{i}") for i in range(3)}
+    os.chmod(dest / "f0", 0o600)
+    os.utime(dest / "f0", ns=(1, 1))
+    (dest / "f1").write_bytes(b"file 1\n" * 999 + b"file X\n")  # same size, other bytes, same inode
+    os.link(dest / "f2", tmp_path / "other")
+    rc, out, err = rcli(capsys, *args, "--force")
+    assert rc == 0, err
+    f0 = os.stat(dest / "f0")
+    assert f0.st_ino == st[0].st_ino
+    assert f0.st_mode == st[0].st_mode and f0.st_mtime_ns >= st[0].st_mtime_ns  # (the version has no mtime)
+    assert os.stat(dest / "f1").st_ino != st[1].st_ino
+    assert os.stat(dest / "f2").st_ino != st[2].st_ino and os.stat(tmp_path / "other").st_nlink == 1
+    for i in range(3):
+        assert (dest / f"f{i}").read_bytes() == b"file %d\n" % i * 1000
+    assert sorted(os.listdir(dest)) == ["f0", "f1", "f2"]
