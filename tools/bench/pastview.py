@@ -441,16 +441,22 @@ def measure(w: str, gen: dict, big: int, rounds: int = 3) -> dict:
     res["restore_s"] = median(times)
     res["restore_all_s"] = times
     # restore --to an existing directory (--force merges into it): an empty one (each
-    # file a temp name renamed into place), and one that holds every file already (the
-    # rounds above: each file replaced, atomically: temp files synced together, renamed).
-    # CPU = the restore process's user + system seconds (getrusage of the children)
-    for kind, targets in (("empty", None), ("over", dests)):
+    # file a temp name renamed into place), one that holds every file already with the
+    # same bytes (the rounds above: each checked and kept), and the same after a byte was
+    # appended to every file (each replaced, atomically: temp files synced together, then
+    # renamed).  CPU = the restore process's user + system seconds (getrusage of the children)
+    fresh = list(dests)
+    for kind, targets in (("empty", None), ("same", fresh), ("changed", fresh)):
         times, cpu = [], []
         for i in range(rounds):
             d = targets[i] if targets else os.path.join(w, f"existing{i}")
             if not targets:
                 os.makedirs(d)
                 dests.append(d)
+            if kind == "changed":
+                for name in os.listdir(d):
+                    with open(os.path.join(d, name), "ab") as f:
+                        f.write(b"+")
             os.sync()
             c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             times.append(timed([*DELTAFS, "restore", "--at", f"v{head}", "--to", d, "--force",
@@ -526,7 +532,8 @@ def render(gen: dict, res: dict, quick: bool) -> str:
          "≥ 5,000 files/s", report._yn(res["restore_files"] / res["restore_s"] >= 5000)],
     ]
     for kind, what in (("empty", "into an existing empty directory"),
-                       ("over", "over an existing copy (every file replaced)")):
+                       ("same", "over an existing copy (same bytes: each file checked, kept)"),
+                       ("changed", "over a changed copy (every file replaced)")):
         if f"restore_{kind}_s" not in res:
             continue
         t = res[f"restore_{kind}_s"]
