@@ -652,16 +652,43 @@ class _Restorer:
 
         def flush() -> None:
             nonlocal deferred
-            sync_err = None
+            renamed: dict[int, BaseException | None] = {}
             if deferred:
+                sync_err = None
                 try:
                     syncfs(self.dirs.anchor_fd)
                 except OSError as err:
                     sync_err = err
+                # renamed by the workers: a rename over a file frees its blocks, and on a
+                # filesystem mounted with discard (without a journal: at once) each waits
+                # for the disk; the order does not matter, each file stands alone
+                todo = [job for job, err in ready if job.defer and err is None]
+                for k in range(0, len(todo), RESTORE_IN_FLIGHT):
+                    part = todo[k: k + RESTORE_IN_FLIGHT]
+                    fds: dict = {}  # directory parts -> a descriptor of our own (or the error)
+                    try:
+                        for job in part:
+                            dparts = job.parts[:-1]
+                            if dparts not in fds:
+                                try:
+                                    fds[dparts] = os.dup(self.dirs.fd(dparts))
+                                except (OSError, Refused) as err:
+                                    fds[dparts] = err
+
+                        def rename(job: _FileJob) -> BaseException | None:
+                            dfd = fds[job.parts[:-1]]
+                            return dfd if isinstance(dfd, BaseException) else self._rename_deferred(job, dfd, sync_err)
+
+                        for job, err in zip(part, pool.map(rename, part)):
+                            renamed[id(job)] = err
+                    finally:
+                        for dfd in fds.values():
+                            if isinstance(dfd, int):
+                                os.close(dfd)
             while ready:
                 job, err = ready.popleft()
                 if job.defer and err is None:
-                    err = self._rename_deferred(job, sync_err)
+                    err = renamed[id(job)]
                 self._do(job.entry, lambda e, job=job, err=err: finish(job, err))
             deferred = 0
 
@@ -711,13 +738,9 @@ class _Restorer:
                 take_one()
             flush()
 
-    def _rename_deferred(self, job: _FileJob, sync_err: OSError | None) -> BaseException | None:
-        """A deferred job's temp file, synced (or not: ``sync_err``), renamed into
-        place (or removed): -> its error or None."""
-        try:
-            dfd = self.dirs.fd(job.parts[:-1])
-        except (OSError, Refused) as err:
-            return err
+    def _rename_deferred(self, job: _FileJob, dfd: int, sync_err: OSError | None) -> BaseException | None:
+        """A deferred job's temp file in directory ``dfd``, synced (or not:
+        ``sync_err``), renamed into place (or removed): -> its error or None (any thread)."""
         err: BaseException | None = sync_err
         if err is None:
             try:
