@@ -537,7 +537,8 @@ class _Restorer:
         """If the file a deferred job would replace already holds the entry's
         content, give it the entry's owner, mode and mtime in place and -> True
         (no new inode, no rename).  Only a regular file with one link (a link
-        shared with another path is replaced, as ever), of the entry's size,
+        shared with another path is replaced, as ever), owned by this user
+        unless root sets the entry's owner (a new file would be ours), of the entry's size,
         whose xattrs are exactly the entry's, and whose bytes, read in the
         chunk list's pieces, hash to the chunk ids (the first that does not
         ends the check).  Opened without following a symlink, never written."""
@@ -550,6 +551,9 @@ class _Restorer:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != (e.size or 0):
                 return False
+            owner = self.root and e.uid is not None and e.gid is not None  # the entry's, set below
+            if not owner and st.st_uid != os.geteuid():
+                return False  # a new file would be ours: another user's keeps nothing
             if {os.fsencode(k): os.getxattr(fd, k) for k in os.listxattr(fd)} != e.xattrs:
                 return False
             pos = 0
@@ -560,7 +564,7 @@ class _Restorer:
                 pos += n
             if pos != st.st_size:
                 return False
-            if self.root and e.uid is not None and e.gid is not None and (st.st_uid, st.st_gid) != (e.uid, e.gid):
+            if owner and (st.st_uid, st.st_gid) != (e.uid, e.gid):
                 self._owner(e, lambda u, g: os.fchown(fd, u, g))
             if e.mode is not None and stat.S_IMODE(st.st_mode) != stat.S_IMODE(e.mode):
                 os.chmod(fd, stat.S_IMODE(e.mode))
@@ -617,9 +621,11 @@ class _Restorer:
         before its rename, or a crash could leave neither version.  Instead of
         an fsync per file, its temp file is written whole and left under its
         temp name; every RESTORE_SYNC_GROUP of them (and at the end) one
-        syncfs makes them all durable, then each is renamed into place, in
-        entry order.  Each file is still atomic: a crash before its rename
-        leaves the old file and a temp file the next restore sweeps away."""
+        syncfs makes them all durable, then the writer threads rename them
+        into place, and they are finished in entry order.  Each file is still
+        atomic: a crash before its rename leaves the old file and a temp file
+        the next restore sweeps away.  A file there that already holds the
+        entry's bytes is kept instead (``_kept``)."""
         if self.open_reader is None or len(files) < 2 or RESTORE_THREADS < 2:
             for e in files:
                 self._do(e, self.write_file)
