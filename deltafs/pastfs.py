@@ -40,6 +40,7 @@ SUBTYPE = "deltafs-past"
 DEFAULT_CACHE = 64 << 20
 TIMEOUT = 86400.0  # entry and attribute timeout: the past does not change
 READ_AHEAD = 4 << 20  # bytes of pack file the kernel reads ahead of a read's last chunk
+RAW_VALUE_EXTRA = 7  # a raw chunk's value is its header (6), a codec byte, its bytes (= schema's)
 
 
 class ChunkCache:
@@ -268,11 +269,15 @@ class FileStream:
     against its id (``Reader.read_chunk``): a CorruptionError or a chunk
     that is gone raises OSError(EIO)."""
 
-    __slots__ = ("cids", "offs", "size", "path", "seq")
+    __slots__ = ("cids", "offs", "lens", "size", "path", "seq", "where")
 
     def __init__(self, journal: Journal, content_seq: int, size: int, path: bytes = b"") -> None:
         self.cids: list[bytes] = []
         self.offs: list[int] = []
+        self.lens: list[int] = []
+        # (k, pack, offset): where chunk k's value probably starts, k the chunk after
+        # the last read (Reader.read_chunks_from): a sequential read looks nothing up
+        self.where: tuple[int, int, int] | None = None
         self.size, self.path, self.seq = size, path, content_seq
         if content_seq and size:
             try:
@@ -285,6 +290,7 @@ class FileStream:
             for cid, ln in refs:
                 self.cids.append(cid)
                 self.offs.append(o)
+                self.lens.append(ln)
                 o += ln
 
     def cached(self, cache: ChunkCache, off: int, size: int) -> bytes | None:
@@ -304,18 +310,28 @@ class FileStream:
         return b"".join(out)
 
     def read(self, journal: Journal, cache: ChunkCache, off: int, size: int) -> bytes:
-        """The range: the chunks it covers read in one go (``Reader.read_chunks``:
-        one index lookup per chunk, one pread per run of values stored back to
-        back, the kernel reading READ_AHEAD bytes further meanwhile)."""
+        """The range: the chunks it covers read in one go (``Reader.read_chunks_from``:
+        one pread per run of values stored back to back, the kernel reading
+        READ_AHEAD bytes further meanwhile; where the previous read ended on a
+        raw chunk and this one goes on from there, no index lookups)."""
         cids, offs = self.cids, self.offs
         end = min(off + size, self.size)
         if off >= end or not cids:
             return b""
         k = bisect.bisect_right(offs, off) - 1
         m = bisect.bisect_left(offs, end, k + 1)
+        w = self.where
         try:
             with journal.reader() as r:
-                raws = r.read_chunks(cids[k:m], cache, READ_AHEAD)
+                raws, after = r.read_chunks_from(cids[k:m], self.lens[k:m],
+                                                 w[1:] if w is not None and w[0] == k else None,
+                                                 cache, READ_AHEAD)
+            if after is None:
+                self.where = None
+            elif offs[m - 1] + self.lens[m - 1] <= end:
+                self.where = (m, *after)
+            else:  # the read ends inside its last chunk: the next one starts with that chunk
+                self.where = (m - 1, after[0], after[1] - RAW_VALUE_EXTRA - self.lens[m - 1])
         except Exception as e:  # CorruptionError, a chunk compaction freed, LMDB trouble
             log.error("read of %s (version %s) failed: %s", self.path.decode(errors="replace"), self.seq, e)
             raise OSError(errno.EIO, "unreadable version") from None

@@ -89,7 +89,7 @@ class PackFiles:
             m = self._map(pack, offset + length)
         return m[offset : offset + length]
 
-    def pread(self, pack: int, offset: int, length: int, ahead: int = 0) -> bytes:
+    def pread(self, pack: int, offset: int, length: int, ahead: int = 0, exact: bool = True) -> bytes:
         """The bytes :meth:`read` gives, read with pread(2) on a descriptor of
         its own (opened and closed here: nothing outlives the call, a pack
         deleted meanwhile is simply missing) instead of sliced from the map.
@@ -98,7 +98,9 @@ class PackFiles:
         history view): the pages do not count in the reader's resident size
         as mapped ones do, and ``ahead`` > 0 asks the kernel to read that
         many bytes after the range in the background (POSIX_FADV_WILLNEED),
-        so the disk works while the caller decodes what it got."""
+        so the disk works while the caller decodes what it got.  With
+        ``exact`` False a range past the pack's end comes back short, not as
+        a CorruptionError (a guessed range: Reader.read_chunks)."""
         if pack == self.current and self._wfd is not None and offset + length > self._written:
             return self.read(pack, offset, length)  # the writer's own unwritten bytes
         try:
@@ -111,7 +113,7 @@ class PackFiles:
                 os.posix_fadvise(fd, offset + length, ahead, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
-        if len(data) != length:
+        if len(data) != length and exact:
             raise CorruptionError(f"pack {self.path(pack)} is truncated: a chunk ends at {offset + length}")
         return data
 

@@ -442,7 +442,63 @@ class Reader:
             raise CorruptionError(f"chunk {cid.hex()} is missing from the journal")
         return self._decoded_n(cid, v, cache, limit, top=top)
 
-    def read_chunks(self, cids: list[bytes], cache=None, ahead: int = 0) -> list:
+    def read_chunks_from(self, cids: list[bytes], lens: list[int], where: tuple[int, int] | None,
+                         cache=None, ahead: int = 0) -> tuple[list, tuple[int, int] | None]:
+        """:meth:`read_chunks` for consecutive chunks of one file, ``lens``
+        their lengths (the chunk list's), ``where`` the (pack, offset) at which
+        the first one's value probably starts: what the previous call for the
+        chunks before them returned, or None.
+
+        A file's chunk values are written back to back, and a raw
+        (incompressible) chunk's value is its header, the codec byte and
+        its bytes, so where one ends the next probably starts: from
+        ``where`` the values are read with one pread and no index lookup
+        (on a cold cache each lookup of a chunk id is a random read of the
+        index; a large file has ~50 chunks per MiB).  A guessed value is
+        taken only if it is a standalone raw value of that length whose
+        bytes have the chunk's id, the same check as a value the index
+        points to gets.  From the first chunk that is not where guessed,
+        :meth:`read_chunks` looks them up.  -> (the chunks as
+        :meth:`read_chunks` gives them, (pack, offset) just after the last
+        one's value if it was a raw one, else None)."""
+        out: list = []
+        i, n = 0, len(cids)
+        if where is not None:
+            pack, start = where
+            hdr, extra = S.CHUNK_HDR, S.RAW_VALUE_EXTRA
+            end = start
+            for ln in lens:
+                if end > start and end - start + extra + ln > _RUN_MAX:
+                    break
+                end += extra + ln
+            try:
+                buf = memoryview(self._st.packs.pread(pack, start, end - start,
+                                                      ahead if end - start >= sum(lens) else 0, exact=False))
+            except CorruptionError:  # the pack is gone (compacted away): look them up
+                buf = memoryview(b"")
+            pos = 0
+            get = cache.get if cache is not None else None
+            while i < n:
+                ln = lens[i]
+                v = buf[pos: pos + extra + ln]
+                if len(v) != extra + ln or (get is not None and get(cids[i]) is not None):
+                    break
+                fmt, depth, raw_len = hdr.unpack_from(v)
+                if fmt != S.CHUNK_FMT or depth or raw_len != ln or v[hdr.size] != CODEC_RAW:
+                    break
+                raw = v[extra:]
+                if chunk_id(raw) != cids[i]:
+                    break
+                out.append(raw)
+                pos += extra + ln
+                i += 1
+            if i == n:
+                return out, (pack, start + pos)
+        last: list = []
+        out += self.read_chunks(cids[i:], cache, ahead, last)
+        return out, (last[0], last[1]) if last else None
+
+    def read_chunks(self, cids: list[bytes], cache=None, ahead: int = 0, last: list | None = None) -> list:
         """Raw bytes of several chunks, each verified against its id as
         :meth:`read_chunk` verifies it: the sequential reader's path (mount
         --at, the history view).
@@ -453,7 +509,10 @@ class Reader:
         stored raw (incompressible) comes back as a memoryview of that read,
         not copied and not put in ``cache``: reading it again costs no
         decoding.  Compressed and delta chunks are decoded as read_chunk
-        decodes them, and kept in ``cache``.  -> bytes-like objects, in order."""
+        decodes them, and kept in ``cache``.  ``last``, if given, gets
+        [pack, offset just after the value] of the last chunk if it was
+        read from a pack and is a raw one (read_chunks_from).
+        -> bytes-like objects, in order."""
         out: list = [None] * len(cids)
         todo = []  # (index, pack, offset, length) of the chunks not in the cache
         get, db = self.txn.get, self.dbs[S.DB_CHUNKS]
@@ -479,6 +538,9 @@ class Reader:
             for i, _, off, length in todo[j:k]:
                 out[i] = self._decoded(cids[i], buf[off - start: off - start + length], cache, views=True)
             j = k
+        if last is not None and todo and todo[-1][0] == len(cids) - 1 and isinstance(out[-1], memoryview):
+            _, pack, off, length = todo[-1]
+            last[:] = [pack, off + length]
         return out
 
     def _decoded(self, cid: bytes, v, cache, views: bool = False):

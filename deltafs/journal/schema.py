@@ -81,6 +81,8 @@ def pack_live_key(pack: int) -> bytes:
 
 _U64 = struct.Struct(">Q")
 _CHUNK_HDR = struct.Struct(">BBI")  # fmt, depth, raw_len
+CHUNK_HDR = _CHUNK_HDR  # (Reader.read_chunks_from parses values where it guesses them)
+RAW_VALUE_EXTRA = _CHUNK_HDR.size + 1  # a standalone raw chunk's value: header, codec byte, its bytes
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 chunk index value (read by the upgrade only)
 CHUNK_FMT = 1  # value format 1: standalone, or a delta against one base
 CHUNK_FMT_MULTI = 2  # value format 2 (journal format 9): a delta against 2..MAX_BASES bases

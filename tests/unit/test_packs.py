@@ -344,3 +344,56 @@ def test_read_chunks_gives_what_read_chunk_gives_and_checks_it(tmp_path):
         assert bytes(r.read_chunks(cids[:1])[0]) == r.read_chunk(cids[0])
         with pytest.raises(CorruptionError, match="does not match its id"):
             r.read_chunks(cids)
+
+
+def test_a_sequential_read_of_a_raw_file_looks_its_chunks_up_only_once(tmp_path, monkeypatch):
+    """mount --at's FileStream: a raw (incompressible) file read front to back
+    finds each next chunk value right after the last one, so only the first
+    request looks chunks up in the index; files whose values are not back to
+    back (shared chunks, compressed ones) and a wrong guess read the same
+    bytes through the index; a damaged value is still an error, never served."""
+    import errno
+
+    from deltafs.journal.reader import Reader
+    from deltafs.pastfs import RAW_VALUE_EXTRA, ChunkCache, FileStream
+
+    assert RAW_VALUE_EXTRA == S.RAW_VALUE_EXTRA
+
+    rnd = random.Random(5)
+    a, b = rnd.randbytes(3 << 20), rnd.randbytes(1 << 20)
+    files = {b"raw": a, b"mixed": b + text(4, 500_000) + a[: 1 << 20], b"text": text(6, 2 << 20)}
+    jp = tmp_path / "j"
+    looked_up = []
+    real = Reader.read_chunks
+    monkeypatch.setattr(Reader, "read_chunks",
+                        lambda self, cids, *a, **k: (looked_up.append(len(cids)), real(self, cids, *a, **k))[1])
+    with Journal.open(jp, create=True, clock=FakeClock()) as j:
+        seqs = {p: j.commit([version(j, 10 + i, p, data)])[0] for i, (p, data) in enumerate(files.items())}
+        for p, data in files.items():
+            for step in (1 << 20, 100_000):
+                looked_up.clear()
+                fs = FileStream(j, seqs[p], len(data), p)
+                got = b"".join(fs.read(j, ChunkCache(1 << 20), o, step) for o in range(0, len(data), step))
+                assert got == data, (p, step)
+                if p == b"raw":
+                    first = sum(1 for o in fs.offs if o < step)  # the chunks of the first request
+                    assert sum(looked_up) <= first + 1, (step, looked_up)
+                elif p == b"text":
+                    assert sum(looked_up) >= len(fs.cids)  # compressed: nothing to guess
+        fs = FileStream(j, seqs[b"raw"], len(a), b"raw")
+        fs.read(j, None, 0, 1 << 20)
+        k, pack, off = fs.where
+        fs.where = (k, pack, off + 1)  # a wrong guess: looked up instead
+        assert fs.read(j, None, fs.offs[k], 1 << 20) == a[fs.offs[k]: fs.offs[k] + (1 << 20)]
+        fs.where = (k, pack, off)
+        with j.reader() as r:
+            _, pack2, off2, length2, _ = S.decode_loc(r.txn.get(fs.cids[k + 3], db=r.dbs[S.DB_CHUNKS]))
+    with open(P.PackFiles(str(jp)).path(pack2), "r+b") as f:  # a byte of a chunk the next read guesses
+        f.seek(off2 + length2 - 1)
+        c = f.read(1)
+        f.seek(off2 + length2 - 1)
+        f.write(bytes([c[0] ^ 1]))
+    with Journal.open(jp, readonly=True) as j:
+        with pytest.raises(OSError) as e:
+            fs.read(j, None, fs.offs[k], 1 << 20)
+        assert e.value.errno == errno.EIO

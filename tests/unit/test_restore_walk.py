@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 
@@ -169,3 +170,66 @@ def test_files_in_a_directory_the_restore_made_never_get_a_temp_name(tree, tmp_p
     assert len(renames) == 3
     assert sorted(os.listdir(tmp_path / "dest2")) == ["f0", "f1", "f2"]
     assert (tmp_path / "dest2" / "f1").read_bytes() == b"file 1\n" * 1000
+
+
+def test_files_replaced_by_a_restore_are_synced_together_then_renamed(tree, tmp_path, capsys, monkeypatch):
+    """restore --to DEST --force over files DEST already has: no fsync per file.
+    Each replacement is written whole under a temp name, one syncfs makes
+    them all durable, and only then is each renamed over the old file (so a
+    crash leaves either version, never neither); nothing else is left."""
+    import importlib
+
+    restore_mod = importlib.import_module("deltafs.history.restore")
+    src, at = tree
+    dest = tmp_path / "dest"
+    rc, out, err = rcli(capsys, "restore", "--journal", src / ".deltafs", "d", "--version", at, "--to", dest)
+    assert rc == 0, err
+    for i in range(3):
+        (dest / f"f{i}").write_bytes(b"changed %d\n" % i)
+    inodes = {i: os.stat(dest / f"f{i}").st_ino for i in range(3)}
+    events = []
+    real_rename, real_fsync, real_syncfs = os.rename, os.fsync, restore_mod.syncfs
+    threads = []
+    monkeypatch.setattr(os, "rename", lambda *a, **k: (events.append("rename"), threads.append(
+        threading.current_thread()), real_rename(*a, **k))[2])
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(restore_mod, "syncfs", lambda fd: (events.append("syncfs"), real_syncfs(fd))[1])
+    rc, out, err = rcli(capsys, "restore", "--journal", src / ".deltafs", "d", "--version", at, "--to", dest,
+                        "--force")
+    assert rc == 0, err
+    assert "fsync" not in events
+    assert events.count("rename") == 3 and events.index("syncfs") < events.index("rename")
+    # by the writer threads: a rename over a file may wait for the disk (discard of its blocks)
+    assert threading.main_thread() not in threads
+    for i in range(3):
+        p = dest / f"f{i}"
+        assert p.read_bytes() == b"file %d\n" % i * 1000
+        assert os.stat(p).st_ino != inodes[i]  # replaced by rename, not rewritten in place
+    assert sorted(os.listdir(dest)) == ["f0", "f1", "f2"]
+
+
+def test_a_file_that_already_holds_the_version_is_kept_not_replaced(tree, tmp_path, capsys):
+    """restore --to DEST --force over a copy: a file whose bytes are already the
+    version's (checked against its chunk ids) keeps its inode and gets its mode
+    and mtime back in place; a file with other bytes, and one that shares its
+    inode with another path (hard link), are replaced by new files as before."""
+    src, at = tree
+    dest = tmp_path / "dest"
+    args = ["restore", "--journal", src / ".deltafs", "d", "--version", at, "--to", dest]
+    rc, out, err = rcli(capsys, *args)
+    assert rc == 0, err
+    st = {i: os.stat(dest / f"f{i}") for i in range(3)}
+    os.chmod(dest / "f0", 0o600)
+    os.utime(dest / "f0", ns=(1, 1))
+    (dest / "f1").write_bytes(b"file 1\n" * 999 + b"file X\n")  # same size, other bytes, same inode
+    os.link(dest / "f2", tmp_path / "other")
+    rc, out, err = rcli(capsys, *args, "--force")
+    assert rc == 0, err
+    f0 = os.stat(dest / "f0")
+    assert f0.st_ino == st[0].st_ino
+    assert f0.st_mode == st[0].st_mode and f0.st_mtime_ns >= st[0].st_mtime_ns  # (the version has no mtime)
+    assert os.stat(dest / "f1").st_ino != st[1].st_ino
+    assert os.stat(dest / "f2").st_ino != st[2].st_ino and os.stat(tmp_path / "other").st_nlink == 1
+    for i in range(3):
+        assert (dest / f"f{i}").read_bytes() == b"file %d\n" % i * 1000
+    assert sorted(os.listdir(dest)) == ["f0", "f1", "f2"]

@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -231,6 +232,14 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
+def proc_cpu(pid: int | None) -> tuple[float, int]:
+    """(user + system CPU seconds, major page faults) of process ``pid`` so far."""
+    if not pid:
+        return 0.0, 0
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"), int(f[9])
+
+
 def fuse_requests(pid: int, cmd: list[str]) -> int | None:
     """FUSE requests the daemon ``pid`` reads while ``cmd`` runs (None without
     strace): its read(2) calls whose data is a FUSE request header (its
@@ -368,13 +377,17 @@ def measure(w: str, gen: dict, big: int, rounds: int = 3) -> dict:
     # cold: caches dropped before each read (page cache, dentries, inodes), a fresh
     # view each time (its chunk cache empty); native and past alternate
     if drop_caches():
-        cold, cold_n, find_cold_n = [], [], []
+        cold, cold_n, find_cold_n, cold_cpu, cold_faults = [], [], [], [], []
         for _ in range(max(1, rounds - 1)):
             _, pid = mount_view(src, view, head)
             mem.append(MemSampler(pid).begin())
             try:
                 drop_caches()
+                c0 = proc_cpu(pid)
                 cold.append(timed([*dd, f"if={past_big}"]))
+                c1 = proc_cpu(pid)
+                cold_cpu.append((c1[0] - c0[0]) / (big / 2**30))
+                cold_faults.append(c1[1] - c0[1])
             finally:
                 mem[-1].end()
                 unmount_view(view)
@@ -384,6 +397,7 @@ def measure(w: str, gen: dict, big: int, rounds: int = 3) -> dict:
             find_cold_n.append(timed(native_find))
         res["read_cold_s"], res["read_native_cold_s"] = median(cold), median(cold_n)
         res["find_native_cold_s"] = median(find_cold_n)
+        res["read_cold_cpu_per_gib"], res["read_cold_majflt"] = median(cold_cpu), median(cold_faults)
     if any(m.samples for m in mem):
         res["daemon_anon_bytes"] = max(m.anon for m in mem)
         res["daemon_hwm_bytes"] = max(m.hwm for m in mem)
@@ -394,6 +408,9 @@ def measure(w: str, gen: dict, big: int, rounds: int = 3) -> dict:
         if pid:
             res["find_requests"] = fuse_requests(pid, ["find", view])
             res["find_requests_again"] = fuse_requests(pid, ["find", view])
+        if pid and drop_caches():  # READ requests of a cold and of a warm read of the large file
+            res["read_requests_cold"] = fuse_requests(pid, [*dd, f"if={past_big}"])
+            res["read_requests_warm"] = fuse_requests(pid, [*dd, f"if={past_big}"])
         res["find_syscalls"] = syscalls(["find", view])
         res["find_native_syscalls"] = syscalls(native_find)
     finally:
@@ -421,10 +438,38 @@ def measure(w: str, gen: dict, big: int, rounds: int = 3) -> dict:
         os.sync()
         times.append(timed([*DELTAFS, "restore", "--at", f"v{head}", "--to", dests[-1], os.path.join(src, "big")]))
         res["restore_files"] = sum(len(f) for _, _, f in os.walk(dests[-1]))
-    for d in dests:
-        shutil.rmtree(d, ignore_errors=True)
     res["restore_s"] = median(times)
     res["restore_all_s"] = times
+    # restore --to an existing directory (--force merges into it): an empty one (each
+    # file a temp name renamed into place), one that holds every file already with the
+    # same bytes (the rounds above: each checked and kept), and the same after a byte was
+    # appended to every file (each replaced, atomically: temp files synced together, then
+    # renamed).  CPU = the restore process's user + system seconds (getrusage of the children)
+    fresh = list(dests)
+    for kind, targets in (("empty", None), ("same", fresh), ("changed", fresh)):
+        times, cpu = [], []
+        for i in range(rounds):
+            d = targets[i] if targets else os.path.join(w, f"existing{i}")
+            if not targets:
+                os.makedirs(d)
+                dests.append(d)
+            if kind == "changed":
+                for name in os.listdir(d):
+                    with open(os.path.join(d, name), "ab") as f:
+                        f.write(b"+")
+            os.sync()
+            c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            times.append(timed([*DELTAFS, "restore", "--at", f"v{head}", "--to", d, "--force",
+                                os.path.join(src, "big")]))
+            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu.append(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)
+            n = sum(len(f) for _, _, f in os.walk(d))
+            if n != res["restore_files"]:
+                raise RuntimeError(f"restore --force into {d}: {n} files, not {res['restore_files']}")
+        res[f"restore_{kind}_s"], res[f"restore_{kind}_all_s"] = median(times), times
+        res[f"restore_{kind}_cpu_s"] = median(cpu)
+    for d in dests:
+        shutil.rmtree(d, ignore_errors=True)
     res["load_end"] = loadavg()
     return res
 
@@ -486,7 +531,25 @@ def render(gen: dict, res: dict, quick: bool) -> str:
          f"{res['restore_files'] / res['restore_s']:,.0f} files/s ({res['restore_s']:.2f} s)",
          "≥ 5,000 files/s", report._yn(res["restore_files"] / res["restore_s"] >= 5000)],
     ]
+    for kind, what in (("empty", "into an existing empty directory"),
+                       ("same", "over an existing copy (same bytes: each file checked, kept)"),
+                       ("changed", "over a changed copy (every file replaced)")):
+        if f"restore_{kind}_s" not in res:
+            continue
+        t = res[f"restore_{kind}_s"]
+        rows.append([f"`restore --to DEST --force` {what} (CLI wall, median of "
+                     f"{len(res[f'restore_{kind}_all_s'])}; restore's CPU)",
+                     f"{res['restore_files'] / t:,.0f} files/s ({t:.2f} s; CPU {res[f'restore_{kind}_cpu_s']:.2f} s)",
+                     "≥ 5,000 files/s", report._yn(res["restore_files"] / t >= 5000)])
     size = "quick" if quick else "full"
+    rd = ""
+    if "read_cold_cpu_per_gib" in res:
+        rd = (f"Cold, the daemon used {res['read_cold_cpu_per_gib']:.2f} CPU seconds per GiB read "
+              f"({res['read_cold_majflt']:,} major page faults per read of the file)")
+        if res.get("read_requests_cold") is not None:
+            rd += (f"; the read took {res['read_requests_cold']:,} FUSE requests cold (READs of up to 1 MiB, "
+                   f"with OPEN and RELEASE) and {res['read_requests_warm']:,} warm")
+        rd += ". "
     req = ""
     if res.get("find_requests") is not None:
         req = (f"FUSE requests per `find` of the view: {res['find_requests']:,} on a fresh view, "
@@ -506,8 +569,8 @@ def render(gen: dict, res: dict, quick: bool) -> str:
             + report.md_table(["measurement", "result", "target", "met"], rows) + "\n\n"
             "Which rows carry the targets: the read target is judged cold, a past file read for the first "
             "time against a native file read from the disk: that is the path deltafs' code is on (the chunk "
-            "index, pack reads, decoding, FUSE). Warm, both come from the kernel page cache (the view opens "
-            "files with keep_cache, the daemon gets one request per read of the whole file): the gap there is "
+            "index, pack reads, decoding, FUSE). " + rd + "Warm, both come from the kernel page cache (the view "
+            "opens files with keep_cache: no READ reaches the daemon): the gap there is "
             "the kernel's FUSE page cache (4 KiB folios, per-folio work in `filemap_read`, per `perf`) against "
             "ext4's large folios, which no daemon change reaches. `find` is compared like for like (cold with "
             "cold, warm with warm) and, strictest, a fresh view against a warm SRC: a first `find` spends most "
@@ -580,11 +643,11 @@ def main(argv=None) -> int:
             force_unmount(os.path.join(w, m))
         if not (a.keep or a.generate_only):
             shutil.rmtree(w, ignore_errors=True)
-    section = render(gen, res, a.quick)
-    print(section)
-    if a.json:
+    if a.json:  # first: the figures survive a render that fails
         with open(a.json, "w") as f:
             json.dump({"generate": {k: v for k, v in gen.items() if k != "src"}, **res}, f, indent=1)
+    section = render(gen, res, a.quick)
+    print(section)
     if a.write_docs:
         write_docs(section, HEADING)
     return 0
