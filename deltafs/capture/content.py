@@ -114,7 +114,16 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
                 base_ref = None
             else:
                 tried = 0
-        b, handicap = base_for(base_ref[0]) if base_ref is not None else (None, 1.0)
+        appended = old_end is not None and span.offset >= old_end
+        prev = last[0] if appended and last[0] is not None and last[0][0] == span.offset else None
+        if prev is not None and (prev[1].depth < chunking.APPEND_CHAIN_DEPTH or prev[2]):
+            # past the old end, right after a new chunk: its bytes are the likeliest
+            # dictionary (new rows after new rows); a chain of appended chunks at
+            # APPEND_CHAIN_DEPTH stores one standalone and starts again
+            base_ref = None
+            b, handicap = (prev[1], 1.0) if prev[1].depth < chunking.APPEND_CHAIN_DEPTH else (None, 1.0)
+        else:
+            b, handicap = base_for(base_ref[0]) if base_ref is not None else (None, 1.0)
         plain = True
         if raw_run >= RAW_RUN:
             # compressing incompressible data (media, archives, fresh random
@@ -122,7 +131,8 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             # a row, try only every RAW_RETRY-th until one compresses again
             skipped += 1
             plain = not skipped % RAW_RETRY
-        nc = chunking.build_chunk(raw, b, handicap=handicap, cid=span.id, plain=plain)
+        nc = chunking.build_chunk(raw, b, handicap=handicap, cid=span.id, plain=plain, probe=not appended)
+        queued = len(retry)
         if b is not None:
             misses = 0 if nc.base_id is not None else misses + 1
         if plain:
@@ -134,6 +144,9 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             group[0] += len(b.raw)
             if nc.payload[0] != chunking.CODEC_RAW and len(nc.payload) * chunking.MULTI_BASE_WORSE > len(raw):
                 retry.append((len(new), bytes(raw), b, handicap))
+        # a chunk queued for flush_group may be re-coded deeper: never a base here
+        last[0] = None if len(retry) > queued else (span.offset + span.length,
+                                                    chunking.Base(nc.id, raw, nc.depth), appended)
         if cache is not None:
             cache.put(nc.id, raw)
             if base_ref is not None and base_ref[0] != nc.id:
@@ -150,6 +163,8 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             new.clear()
             buffered = 0
 
+    old_end = offsets[-1] if old else None
+    last: list = [None]  # (end offset, as a base, appended?) of the chunk emitted last
     olds: list[chunking.Base] = []  # same-offset bases of this group's in-place changed blocks
     retry: list = []  # (index in new, raw, base, handicap) of blocks whose one-base delta stayed large
     group = [0]  # bytes of olds
