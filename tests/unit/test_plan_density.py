@@ -1,4 +1,5 @@
-"""The planning state (database ``plan``) is packed by compaction (issue 20).
+"""The planning state (database ``plan``), ``files`` and ``paths`` are packed
+by compaction (issue 20).
 
 Its ``v`` (file id, seq) and ``c`` (base seq, seq) keys each grow at the
 end of their own key range, inside the tree: every page split leaves two
@@ -44,5 +45,35 @@ def test_compaction_packs_the_planning_state(tmp_path):
     rep = M.compact(d.j, parse_retention("*:all"))
     assert rep.plan_full_why is None, rep.plan_full_why
     assert _plan(d.j)[2] == items
+    assert d.j.verify(full=True).ok
+    d.j.close()
+
+
+def _packed(j, name: bytes) -> tuple[int, int, int]:
+    """-> (leaf pages, pages its entries need when full, entries) of database ``name``."""
+    with j.reader() as r:
+        db = r.dbs[name]
+        st = r.txn.stat(db)
+        need = -(-sum(_node_bytes(bytes(k), bytes(v)) for k, v in r.txn.cursor(db=db)) // (st["psize"] - 16))
+    return st["leaf_pages"], need, st["entries"]
+
+
+def test_compaction_packs_the_files_and_paths_databases(tmp_path):
+    """A work tree's files (random file ids, paths created in any order: a
+    git checkout) leave ``files`` and ``paths`` pages part empty."""
+    d = Daemon(tmp_path)
+    names = [b"src/mod%03d.py" % i for i in range(400)]
+    (d.src / "src").mkdir()
+    for i, name in enumerate(reversed(names)):
+        (d.src / name.decode()).write_bytes(b"x = %d\n" % i)
+        d.capture(name)
+    with d.j.reader() as r:
+        files = {n: r.file_id_at(n) for n in names}
+    M.compact(d.j, parse_retention("*:all"))
+    for name in (S.DB_FILES, S.DB_PATHS):
+        leaves, need, entries = _packed(d.j, name)
+        assert entries >= 400 and leaves <= need + 1, (name, leaves, need)
+    with d.j.reader() as r:
+        assert {n: r.file_id_at(n) for n in names} == files
     assert d.j.verify(full=True).ok
     d.j.close()
