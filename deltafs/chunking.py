@@ -106,6 +106,11 @@ MULTI_BASE_EXTRA_DEPTH = 16
 # is often rewritten in place later, and its deltas then need the room
 # below MAX_DELTA_DEPTH (sqlgrow: 8 stores less than 2, 4, 16 or 32)
 APPEND_CHAIN_DEPTH = 8
+# a delta against rows that share only short strings costs a level-9
+# dictionary compression (4-5x a standalone chunk's CPU): a capture does it
+# for its first APPEND_CHAIN_BYTES appended, a bulk append beyond is stored
+# as before (a database's or a log's growth between saves is far less)
+APPEND_CHAIN_BYTES = 1 << 20
 
 CODEC_RAW = 0  # payload[1:] is the raw chunk (incompressible data)
 CODEC_ZSTD_V1 = 1  # payload[1:] is a zstd frame (written by journal formats 1-2)

@@ -114,7 +114,9 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
                 base_ref = None
             else:
                 tried = 0
-        appended = old_end is not None and span.offset >= old_end
+        appended = old_end is not None and span.offset >= old_end and chained[0] < chunking.APPEND_CHAIN_BYTES
+        if appended:
+            chained[0] += span.length
         prev = last[0] if appended and last[0] is not None and last[0][0] == span.offset else None
         if prev is not None and (prev[1].depth < chunking.APPEND_CHAIN_DEPTH or prev[2]):
             # past the old end, right after a new chunk: its bytes are the likeliest
@@ -165,6 +167,7 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
 
     old_end = offsets[-1] if old else None
     last: list = [None]  # (end offset, as a base, appended?) of the chunk emitted last
+    chained = [0]  # bytes appended past the old end stored against their neighbour (APPEND_CHAIN_BYTES)
     olds: list[chunking.Base] = []  # same-offset bases of this group's in-place changed blocks
     retry: list = []  # (index in new, raw, base, handicap) of blocks whose one-base delta stayed large
     group = [0]  # bytes of olds

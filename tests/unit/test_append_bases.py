@@ -73,7 +73,8 @@ def test_appended_rows_are_stored_against_the_rows_before_them(tmp_path):
 
 
 def test_a_chain_of_appended_chunks_restarts_at_its_bound(tmp_path):
-    """One big append: the chunks chain, one standalone every APPEND_CHAIN_DEPTH + 1."""
+    """One big append: the chunks chain, one standalone every APPEND_CHAIN_DEPTH + 1,
+    for the first APPEND_CHAIN_BYTES; beyond, as before (no level-9 delta per chunk)."""
     d = Daemon(tmp_path)
     rnd = random.Random(21)
     path = d.src / "log"
@@ -86,8 +87,10 @@ def test_a_chain_of_appended_chunks_restarts_at_its_bound(tmp_path):
     with d.j.reader() as r:
         infos = [(off, r.chunk_info(cid)) for (cid, _), off
                  in zip(r.chunk_list(seq), C.list_offsets(r.chunk_list(seq)))]
-    appended = [i.depth for off, i in infos if off >= size]
-    assert len(appended) > 3 * C.APPEND_CHAIN_DEPTH
+    appended = [i.depth for off, i in infos if size <= off < size + C.APPEND_CHAIN_BYTES]
+    beyond = [i.depth for off, i in infos if off >= size + C.APPEND_CHAIN_BYTES + C.MAX_SIZE]
+    assert len(appended) > 3 * C.APPEND_CHAIN_DEPTH and len(beyond) > 3 * C.APPEND_CHAIN_DEPTH
+    assert max(beyond) <= 1, beyond  # standalone, or a delta against the old last chunk
     assert max(appended) == C.APPEND_CHAIN_DEPTH
     assert sum(1 for x in appended if x == 0) >= len(appended) // (C.APPEND_CHAIN_DEPTH + 1) - 1
     assert d.content(seq) == path.read_bytes()
