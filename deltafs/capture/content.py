@@ -114,18 +114,7 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
                 base_ref = None
             else:
                 tried = 0
-        appended = old_end is not None and span.offset >= old_end and chained[0] < chunking.APPEND_CHAIN_BYTES
-        if appended:
-            chained[0] += span.length
-        prev = last[0] if appended and last[0] is not None and last[0][0] == span.offset else None
-        if prev is not None and (prev[1].depth < chunking.APPEND_CHAIN_DEPTH or prev[2]):
-            # past the old end, right after a new chunk: its bytes are the likeliest
-            # dictionary (new rows after new rows); a chain of appended chunks at
-            # APPEND_CHAIN_DEPTH stores one standalone and starts again
-            base_ref = None
-            b, handicap = (prev[1], 1.0) if prev[1].depth < chunking.APPEND_CHAIN_DEPTH else (None, 1.0)
-        else:
-            b, handicap = base_for(base_ref[0]) if base_ref is not None else (None, 1.0)
+        b, handicap = base_for(base_ref[0]) if base_ref is not None else (None, 1.0)
         plain = True
         if raw_run >= RAW_RUN:
             # compressing incompressible data (media, archives, fresh random
@@ -133,10 +122,23 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             # a row, try only every RAW_RETRY-th until one compresses again
             skipped += 1
             plain = not skipped % RAW_RETRY
-        nc = chunking.build_chunk(raw, b, handicap=handicap, cid=span.id, plain=plain, probe=not appended)
-        queued = len(retry)
+        nc = chunking.build_chunk(raw, b, handicap=handicap, cid=span.id, plain=plain)
         if b is not None:
             misses = 0 if nc.base_id is not None else misses + 1
+        prev = last[0]
+        if old_end is not None and span.offset >= old_end:
+            chained[0] += span.length
+        if (chained[0] and chained[0] - span.length < chunking.APPEND_CHAIN_BYTES and span.offset >= old_end
+                and prev is not None and prev[0] == span.offset and prev[1].depth < chunking.APPEND_CHAIN_DEPTH):
+            # past the old end (new rows rarely share a long run with the old last
+            # chunk), right after a new chunk: its bytes are the likeliest
+            # dictionary, even for short strings (field names, words); the smaller
+            # delta wins.  A chain of such chunks at APPEND_CHAIN_DEPTH stores one
+            # without this base and starts again
+            alt = chunking.build_chunk(raw, prev[1], cid=span.id, plain=False, probe=False)
+            if alt.base_id is not None and len(alt.payload) < len(nc.payload):
+                nc = alt
+        queued = len(retry)
         if plain:
             raw_run = raw_run + 1 if nc.payload[0] == chunking.CODEC_RAW else 0
         if in_place(span) and b is not None and b.depth < chunking.MAX_DELTA_DEPTH:
@@ -148,7 +150,7 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
                 retry.append((len(new), bytes(raw), b, handicap))
         # a chunk queued for flush_group may be re-coded deeper: never a base here
         last[0] = None if len(retry) > queued else (span.offset + span.length,
-                                                    chunking.Base(nc.id, raw, nc.depth), appended)
+                                                    chunking.Base(nc.id, raw, nc.depth))
         if cache is not None:
             cache.put(nc.id, raw)
             if base_ref is not None and base_ref[0] != nc.id:
@@ -166,7 +168,7 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             buffered = 0
 
     old_end = offsets[-1] if old else None
-    last: list = [None]  # (end offset, as a base, appended?) of the chunk emitted last
+    last: list = [None]  # (end offset, as a base) of the chunk emitted last
     chained = [0]  # bytes appended past the old end stored against their neighbour (APPEND_CHAIN_BYTES)
     olds: list[chunking.Base] = []  # same-offset bases of this group's in-place changed blocks
     retry: list = []  # (index in new, raw, base, handicap) of blocks whose one-base delta stayed large
