@@ -114,6 +114,14 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
                 base_ref = None
             else:
                 tried = 0
+        prev = last[0]
+        if old_end is not None and span.offset >= old_end:
+            chained[0] += span.length
+        neighbour = (chained[0] and chained[0] - span.length < chunking.APPEND_CHAIN_BYTES
+                     and span.offset >= old_end and prev is not None and prev[0] == span.offset
+                     and prev[1].depth < chunking.APPEND_CHAIN_DEPTH)
+        if neighbour and finder.same_offset:
+            base_ref = None  # the finder's base past the old end is the old last block, not a match
         b, handicap = base_for(base_ref[0]) if base_ref is not None else (None, 1.0)
         plain = True
         if raw_run >= RAW_RUN:
@@ -125,11 +133,7 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
         nc = chunking.build_chunk(raw, b, handicap=handicap, cid=span.id, plain=plain)
         if b is not None:
             misses = 0 if nc.base_id is not None else misses + 1
-        prev = last[0]
-        if old_end is not None and span.offset >= old_end:
-            chained[0] += span.length
-        if (chained[0] and chained[0] - span.length < chunking.APPEND_CHAIN_BYTES and span.offset >= old_end
-                and prev is not None and prev[0] == span.offset and prev[1].depth < chunking.APPEND_CHAIN_DEPTH):
+        if neighbour:
             # past the old end (new rows rarely share a long run with the old last
             # chunk), right after a new chunk: its bytes are the likeliest
             # dictionary, even for short strings (field names, words); the smaller
