@@ -101,8 +101,9 @@ MULTI_BASE_GROUP = 4 << 20  # in-place changed bytes of a capture looked at toge
 MULTI_BASE_EXTRA_DEPTH = 16
 # appended data (issue 20): a chunk past the old end of a file takes the new
 # chunk just before it as its base (new rows after new rows, log lines after
-# log lines), as long as that one's depth is under APPEND_CHAIN_DEPTH; then
-# one is stored standalone and the chain starts again.  Short: such a block
+# log lines), for at most APPEND_CHAIN_DEPTH links in a row (then one is
+# stored without it and the chain starts again) and from a neighbour under
+# SKIP_TO_DEPTH (a log's rewritten tail chunk is the first link).  Short: such a block
 # is often rewritten in place later, and its deltas then need the room
 # below MAX_DELTA_DEPTH (sqlgrow: 8 stores less than 2, 4, 16 or 32)
 APPEND_CHAIN_DEPTH = 8

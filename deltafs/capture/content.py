@@ -119,7 +119,7 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             chained[0] += span.length
         neighbour = (chained[0] and chained[0] - span.length < chunking.APPEND_CHAIN_BYTES
                      and span.offset >= old_end and prev is not None and prev[0] == span.offset
-                     and prev[1].depth < chunking.APPEND_CHAIN_DEPTH)
+                     and prev[2] < chunking.APPEND_CHAIN_DEPTH and prev[1].depth < chunking.SKIP_TO_DEPTH)
         if neighbour and finder.same_offset:
             base_ref = None  # the finder's base past the old end is the old last block, not a match
         b, handicap = base_for(base_ref[0]) if base_ref is not None else (None, 1.0)
@@ -137,8 +137,9 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             # past the old end (new rows rarely share a long run with the old last
             # chunk), right after a new chunk: its bytes are the likeliest
             # dictionary, even for short strings (field names, words); the smaller
-            # delta wins.  A chain of such chunks at APPEND_CHAIN_DEPTH stores one
-            # without this base and starts again
+            # delta wins.  After APPEND_CHAIN_DEPTH such links in a row one is
+            # stored without this base and the chain starts again; a neighbour
+            # at SKIP_TO_DEPTH or deeper is not used (room for later rewrites)
             alt = chunking.build_chunk(raw, prev[1], cid=span.id, plain=False, probe=False)
             if alt.base_id is not None and len(alt.payload) < len(nc.payload):
                 nc = alt
@@ -153,8 +154,9 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             if nc.payload[0] != chunking.CODEC_RAW and len(nc.payload) * chunking.MULTI_BASE_WORSE > len(raw):
                 retry.append((len(new), bytes(raw), b, handicap))
         # a chunk queued for flush_group may be re-coded deeper: never a base here
+        linked = prev[2] + 1 if neighbour and nc.base_id == prev[1].id else 0
         last[0] = None if len(retry) > queued else (span.offset + span.length,
-                                                    chunking.Base(nc.id, raw, nc.depth))
+                                                    chunking.Base(nc.id, raw, nc.depth), linked)
         if cache is not None:
             cache.put(nc.id, raw)
             if base_ref is not None and base_ref[0] != nc.id:
@@ -172,7 +174,7 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             buffered = 0
 
     old_end = offsets[-1] if old else None
-    last: list = [None]  # (end offset, as a base) of the chunk emitted last
+    last: list = [None]  # (end offset, as a base, appended chunks chained before it) of the chunk emitted last
     chained = [0]  # bytes appended past the old end stored against their neighbour (APPEND_CHAIN_BYTES)
     olds: list[chunking.Base] = []  # same-offset bases of this group's in-place changed blocks
     retry: list = []  # (index in new, raw, base, handicap) of blocks whose one-base delta stayed large
