@@ -99,6 +99,19 @@ MULTI_BASE_GROUP = 4 << 20  # in-place changed bytes of a capture looked at toge
 # the extra bases' (depth + 1) together at most: depths add up, and a chain at
 # MAX_DELTA_DEPTH restarts from an old ancestor (sqlgrow: 16 stores less than 128)
 MULTI_BASE_EXTRA_DEPTH = 16
+# appended data (issue 20): a chunk past the old end of a file takes the new
+# chunk just before it as its base (new rows after new rows, log lines after
+# log lines), for at most APPEND_CHAIN_DEPTH links in a row (then one is
+# stored without it and the chain starts again) and from a neighbour under
+# SKIP_TO_DEPTH (a log's rewritten tail chunk is the first link).  Short: such a block
+# is often rewritten in place later, and its deltas then need the room
+# below MAX_DELTA_DEPTH (sqlgrow: 8 stores less than 2, 4, 16 or 32)
+APPEND_CHAIN_DEPTH = 8
+# a delta against rows that share only short strings costs a level-9
+# dictionary compression (4-5x a standalone chunk's CPU): a capture does it
+# for its first APPEND_CHAIN_BYTES appended, a bulk append beyond is stored
+# as before (a database's or a log's growth between saves is far less)
+APPEND_CHAIN_BYTES = 1 << 20
 
 CODEC_RAW = 0  # payload[1:] is the raw chunk (incompressible data)
 CODEC_ZSTD_V1 = 1  # payload[1:] is a zstd frame (written by journal formats 1-2)
@@ -660,7 +673,7 @@ def _dict(base_raw: bytes) -> zstandard.ZstdCompressionDict:
 
 
 def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level: int = ZSTD_LEVEL,
-                   handicap: float = 1.0, plain: bool = True) -> bytes:
+                   handicap: float = 1.0, plain: bool = True, probe: bool = True) -> bytes:
     """Encode a chunk: one codec byte then the body (see CODEC_*).
 
     With ``base_raw`` the chunk is compressed with the base's raw bytes as
@@ -671,10 +684,14 @@ def compress_chunk(raw: bytes | memoryview, base_raw: bytes | None = None, level
     size is still smaller (a delta that lengthens a chain must pay for it).
     ``plain=False``: do not try standalone compression (the caller knows
     the data around this chunk is incompressible; see capture_chunks).
+    ``probe=False``: try the delta whenever the chunk compresses, even if no
+    long window of it is in the base (new rows or log lines appended after
+    similar ones share only short strings: field names, words, formats).
     """
     raw = bytes(raw)
     delta = None
-    if base_raw and _shares_with(raw, base_raw := bytes(base_raw)):
+    base_raw = bytes(base_raw) if base_raw else None
+    if base_raw and (_shares_with(raw, base_raw) if probe else len(raw) < 2 * SAMPLE or _compressible(raw)):
         cctx = zstandard.ZstdCompressor(compression_params=_params(ZSTD_DELTA_LEVEL), dict_data=_dict(base_raw))
         delta = cctx.compress(raw)
         if len(delta) * 8 * handicap < len(raw):
@@ -716,16 +733,17 @@ def decompress_chunk(payload: bytes | memoryview, base_raw: bytes | None = None)
 
 
 def build_chunk(raw: bytes | memoryview, base: Base | None = None, level: int = ZSTD_LEVEL,
-                handicap: float = 1.0, cid: bytes | None = None, plain: bool = True) -> NewChunk:
+                handicap: float = 1.0, cid: bytes | None = None, plain: bool = True,
+                probe: bool = True) -> NewChunk:
     """Compress a new chunk, against ``base`` unless its chain is too deep.
     ``cid``: the chunk's id when the caller hashed it already (``chunk_id(raw)``);
-    ``plain``: see :func:`compress_chunk`."""
+    ``plain``, ``probe``: see :func:`compress_chunk`."""
     raw = bytes(raw)
     if cid is None:
         cid = chunk_id(raw)
     if base is not None and (base.depth >= MAX_DELTA_DEPTH or base.id == cid):
         base = None
-    payload = compress_chunk(raw, base.raw if base else None, level, handicap, plain)
+    payload = compress_chunk(raw, base.raw if base else None, level, handicap, plain, probe)
     if base is not None and payload_needs_base(payload):
         return NewChunk(cid, len(raw), payload, base.id, base.depth + 1)
     return NewChunk(cid, len(raw), payload)

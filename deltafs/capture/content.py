@@ -114,6 +114,14 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
                 base_ref = None
             else:
                 tried = 0
+        prev = last[0]
+        if old_end is not None and span.offset >= old_end:
+            chained[0] += span.length
+        neighbour = (chained[0] and chained[0] - span.length < chunking.APPEND_CHAIN_BYTES
+                     and span.offset >= old_end and prev is not None and prev[0] == span.offset
+                     and prev[2] < chunking.APPEND_CHAIN_DEPTH and prev[1].depth < chunking.SKIP_TO_DEPTH)
+        if neighbour and finder.same_offset:
+            base_ref = None  # the finder's base past the old end is the old last block, not a match
         b, handicap = base_for(base_ref[0]) if base_ref is not None else (None, 1.0)
         plain = True
         if raw_run >= RAW_RUN:
@@ -125,6 +133,17 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
         nc = chunking.build_chunk(raw, b, handicap=handicap, cid=span.id, plain=plain)
         if b is not None:
             misses = 0 if nc.base_id is not None else misses + 1
+        if neighbour:
+            # past the old end (new rows rarely share a long run with the old last
+            # chunk), right after a new chunk: its bytes are the likeliest
+            # dictionary, even for short strings (field names, words); the smaller
+            # delta wins.  After APPEND_CHAIN_DEPTH such links in a row one is
+            # stored without this base and the chain starts again; a neighbour
+            # at SKIP_TO_DEPTH or deeper is not used (room for later rewrites)
+            alt = chunking.build_chunk(raw, prev[1], cid=span.id, plain=False, probe=False)
+            if alt.base_id is not None and len(alt.payload) < len(nc.payload):
+                nc = alt
+        queued = len(retry)
         if plain:
             raw_run = raw_run + 1 if nc.payload[0] == chunking.CODEC_RAW else 0
         if in_place(span) and b is not None and b.depth < chunking.MAX_DELTA_DEPTH:
@@ -134,6 +153,10 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             group[0] += len(b.raw)
             if nc.payload[0] != chunking.CODEC_RAW and len(nc.payload) * chunking.MULTI_BASE_WORSE > len(raw):
                 retry.append((len(new), bytes(raw), b, handicap))
+        # a chunk queued for flush_group may be re-coded deeper: never a base here
+        linked = prev[2] + 1 if neighbour and nc.base_id == prev[1].id else 0
+        last[0] = None if len(retry) > queued else (span.offset + span.length,
+                                                    chunking.Base(nc.id, raw, nc.depth), linked)
         if cache is not None:
             cache.put(nc.id, raw)
             if base_ref is not None and base_ref[0] != nc.id:
@@ -151,6 +174,9 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             buffered = 0
             heap.trim()  # a big capture's freed buffers back to the kernel (at most every 10 s)
 
+    old_end = offsets[-1] if old else None
+    last: list = [None]  # (end offset, as a base, appended chunks chained before it) of the chunk emitted last
+    chained = [0]  # bytes appended past the old end stored against their neighbour (APPEND_CHAIN_BYTES)
     olds: list[chunking.Base] = []  # same-offset bases of this group's in-place changed blocks
     retry: list = []  # (index in new, raw, base, handicap) of blocks whose one-base delta stayed large
     group = [0]  # bytes of olds

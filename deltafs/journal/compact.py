@@ -464,7 +464,10 @@ class Compactor:
 
     # --- the chunk index ------------------------------------------------------------------
     def densify_index(self, slack: float = INDEX_SLACK) -> int:
-        """Rewrite the chunk index, ``history`` and ``pathlog`` in key order
+        """Rewrite the chunk index, ``history``, ``pathlog``, ``files`` and
+        ``paths`` (random file ids; paths created in any order) and the
+        planning state (``plan``: its ``v`` and ``c`` keys grow at two places
+        inside the tree, which leaves its pages about half full) in key order
         where their pages are mostly empty; -> pages saved.
 
         Amortized: a database is looked at (and rewritten if it needs it) only
@@ -473,7 +476,8 @@ class Compactor:
         history holds (random inserts leave a rewritten tree 60-70 % full again
         only after about as many inserts as it has entries).  The first pass
         of a process looks at each once."""
-        return self._densify([S.DB_CHUNKS, S.DB_HISTORY, S.DB_PATHLOG], slack)
+        return self._densify([S.DB_CHUNKS, S.DB_HISTORY, S.DB_PATHLOG, S.DB_FILES, S.DB_PATHS, S.DB_PLAN],
+                             slack)
 
     def _due_for_densify(self, txn, name: bytes) -> bool:
         st = txn.stat(self._dbs[name])
