@@ -167,21 +167,39 @@ class Engine:
         self.clock = clock
         self.report = PassReport(published=0, received=0, applied=0, conflicts=0, merged=0, pending=0, held=0)
         self.dirty = False  # state changed since the last save
+        self.in_pass = False  # run_pass: steps mark the state dirty; it is saved when it must be
+        self._queued: set | None = None  # st.outbox_chunks as a set (_local_event)
+        self._conflicted: set[bytes] = set()  # paths that met a concurrent remote change (report "conflicts")
 
     def save(self) -> None:
         S.save(self.jdir, self.st)
         self.dirty = False
 
+    def checkpoint(self) -> None:
+        """A step's changes are done.  Alone (resolve, leave) the state is saved now; in a
+        pass it is saved once at the end, or sooner where it must be durable: before
+        SRC changes (execute_intents), before and after an upload (publish).  A crash
+        or an error in between rewinds the state to that save, which every step
+        meets again as it met it the first time (docs/sync.md, "Crash safety")."""
+        if self.in_pass:
+            self.dirty = True
+        else:
+            self.save()
+
     # ---- the pass ---------------------------------------------------------------
     def run_pass(self, pull: bool = True) -> PassReport:
-        self.recover_intents()
-        self.detect_local()
-        self.publish()
-        self.retry_pending()
-        if pull:
-            self.pull()
-        self.execute_intents()
-        self.publish(force_head=pull)
+        self.in_pass = True
+        try:
+            self.recover_intents()
+            self.detect_local()
+            self.publish()
+            self.retry_pending()
+            if pull:
+                self.pull()
+            self.execute_intents()
+            self.publish(force_head=pull)
+        finally:
+            self.in_pass = False
         if self.dirty:
             self.save()
         self.report["pending"] = sum(len(v) for v in self.st.pending.values())
@@ -222,7 +240,7 @@ class Engine:
                 cur = st.files.get(p)
                 if same_local(cur, v):
                     if cur is not None and v.kind == "f" and cur.get("ls") != v.seq:
-                        cur["ls"] = v.seq
+                        st.files[p] = dict(cur, ls=v.seq)  # (a new value: S.CACHED)
                         self.dirty = True
                     continue
                 if cur is None and v.kind is None:
@@ -250,7 +268,9 @@ class Engine:
                     st.intents[p] = target
             st.cursor = head
         if made:
-            self.save()
+            self.checkpoint()
+        else:
+            self.dirty = True  # (the cursor)
         return made
 
     def _local_event(self, r, p: bytes, v: View, cur: dict | None, base_v: dict | None = None,
@@ -266,7 +286,9 @@ class Engine:
         if v.kind == "f":
             refs = r.chunk_list(v.seq) if v.seq else []
             ev.update(c=v.chash or EMPTY_HASH, l=G.pack_list(refs), s=v.size, m=v.mode, t=v.mtime_ns, o=v.seq)
-            queued = set(st.outbox_chunks)
+            if self._queued is None:
+                self._queued = set(st.outbox_chunks)
+            queued = self._queued
             for cid, ln in refs:
                 if cid not in st.chunks and cid not in queued and cid != chunking.zero_id(ln):
                     st.outbox_chunks.append(cid)
@@ -291,6 +313,8 @@ class Engine:
         if not st.outbox and seen == st.head_seen and self.clock() - st.head_ns < HEARTBEAT_NS and not st.left:
             return 0  # nothing new to say: head.json is rewritten only as a heartbeat
         orphans = self._adopt_own_head()
+        if st.outbox:
+            self.save()  # the events are durable before any of them is uploaded
         if st.outbox_chunks:
             with self.journal.reader() as r:
                 items = []
@@ -328,8 +352,12 @@ class Engine:
         st.head_ns, st.head_seen = head.updated_ns, seen
         st.published = st.numbered
         st.outbox, st.outbox_chunks = [], []
+        self._queued = None
         self.report["published"] += n
-        self.save()
+        if n or not self.in_pass:
+            self.save()  # uploaded: not published a second time after an error later in the pass
+        else:
+            self.dirty = True  # a heartbeat (head.json only): written again if this is lost
         return n
 
     def _adopt_own_head(self) -> list[str]:
@@ -446,7 +474,7 @@ class Engine:
                     self.handle(ev)
                     got += 1
                 peer["n"], peer["hash"] = seg["last"], h
-                self.save()
+                self.checkpoint()
         self.report["received"] += got
         return got
 
@@ -493,7 +521,8 @@ class Engine:
             target = dict(cur, v=V.merge(cv, ev["v"]), eq=eqs)
         else:
             heads.append(ev)
-            self.report["conflicts"] += 1
+            self._conflicted.add(p)
+            self.report["conflicts"] = len(self._conflicted)  # files, not events (a file's saves are several)
             log.info("conflict on %r: local %s, remote %s", p, head_id(cur), head_id(ev))
             if st.conflict_copies and ev.get("k") == "f":  # also as a file beside it (applied as a sync)
                 cp = conflict_copy_name(p, ev)
@@ -637,7 +666,7 @@ class Engine:
                             st.origins[seq] = head_id(t)  # which device's version this journal version is
                         done += 1
                     st.files[p] = dict(t, ls=v.seq)
-            self.save()
+            self.checkpoint()  # (the next batch's save, or the pass's, records it)
         self.report["applied"] += done
         return done
 
