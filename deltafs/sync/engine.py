@@ -143,6 +143,22 @@ class PassReport(dict):
     pass
 
 
+class _RecordCache:
+    """A journal reader that answers ``record(seq)`` from the records detect_local has
+    already decoded (a new file's content and last records are in its range)."""
+
+    def __init__(self, r) -> None:
+        self._r = r
+        self.seen: dict = {}
+
+    def record(self, seq: int):
+        rec = self.seen.get(seq)
+        return rec if rec is not None else self._r.record(seq)
+
+    def __getattr__(self, name):
+        return getattr(self._r, name)
+
+
 def _apply_order(intents: dict) -> list:
     """The order intents are applied in: deletes first, deepest first (a directory's
     children before it, or its delete would find it not empty and keep it), then the
@@ -215,7 +231,9 @@ class Engine:
                 return 0
             touched: set[bytes] = set()
             saves: dict[bytes, list] = {}  # path -> its local content versions in this range, in order
+            r = _RecordCache(r)  # journal_view asks again for the records this loop decodes
             for rec in r.records(st.cursor + 1, head):
+                r.seen[rec.seq] = rec
                 for p in (rec.path, rec.path2):
                     if p:
                         touched.add(p)
