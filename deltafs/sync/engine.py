@@ -493,6 +493,11 @@ class Engine:
                     got += 1
                 peer["n"], peer["hash"] = seg["last"], h
                 self.checkpoint()
+        if got and self.in_pass and not st.intents:
+            # the peers' positions are durable before anything later in the pass can fail, so
+            # the incoming guard never scores these segments twice (with intents,
+            # execute_intents' first save records them)
+            self.save()
         self.report["received"] += got
         return got
 
