@@ -232,11 +232,12 @@ class Engine:
             touched: set[bytes] = set()
             saves: dict[bytes, list] = {}  # path -> its local content versions in this range, in order
             r = _RecordCache(r)  # journal_view asks again for the records this loop decodes
+            latest: dict[bytes, object] = {}  # path -> its last record in the range
             for rec in r.records(st.cursor + 1, head):
-                r.seen[rec.seq] = rec
                 for p in (rec.path, rec.path2):
                     if p:
                         touched.add(p)
+                        latest[p] = rec
                 if rec.is_content and rec.origin is None and rec.content_hash:
                     saves.setdefault(rec.path, []).append(rec)
                 elif rec.op in ("rename", "unlink") and rec.path in saves:
@@ -246,6 +247,9 @@ class Engine:
                         pre = p + b"/"
                         touched.update(k for k in st.files if k.startswith(pre))
                         touched.update(q for q, _, _ in r.current_tree(pre))
+            # a path's last record and last content version: what journal_view reads (one
+            # or two records a path, not the whole range)
+            r.seen = {rec.seq: rec for recs in (latest.values(), (v[-1] for v in saves.values())) for rec in recs}
             made = 0
             for p in sorted(touched):
                 if p in st.intents:
