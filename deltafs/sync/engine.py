@@ -143,20 +143,12 @@ class PassReport(dict):
     pass
 
 
-class _RecordCache:
-    """A journal reader that answers ``record(seq)`` from the records detect_local has
-    already decoded (a new file's content and last records are in its range)."""
-
-    def __init__(self, r) -> None:
-        self._r = r
-        self.seen: dict = {}
-
-    def record(self, seq: int):
-        rec = self.seen.get(seq)
-        return rec if rec is not None else self._r.record(seq)
-
-    def __getattr__(self, name):
-        return getattr(self._r, name)
+def _cache_records(r, seen: dict) -> None:
+    """Make this reader (a fresh one, detect_local's alone) answer ``record(seq)`` from
+    records already decoded: journal_view and chunk_list ask for a new file's content and
+    last records, which the detection loop has just read."""
+    real = r.record
+    r.record = lambda seq: seen[seq] if seq in seen else real(seq)
 
 
 def _apply_order(intents: dict) -> list:
@@ -231,7 +223,6 @@ class Engine:
                 return 0
             touched: set[bytes] = set()
             saves: dict[bytes, list] = {}  # path -> its local content versions in this range, in order
-            r = _RecordCache(r)  # journal_view asks again for the records this loop decodes
             latest: dict[bytes, object] = {}  # path -> its last record in the range
             for rec in r.records(st.cursor + 1, head):
                 for p in (rec.path, rec.path2):
@@ -249,7 +240,8 @@ class Engine:
                         touched.update(q for q, _, _ in r.current_tree(pre))
             # a path's last record and last content version: what journal_view reads (one
             # or two records a path, not the whole range)
-            r.seen = {rec.seq: rec for recs in (latest.values(), (v[-1] for v in saves.values())) for rec in recs}
+            _cache_records(r, {rec.seq: rec for recs in (latest.values(), (v[-1] for v in saves.values()))
+                               for rec in recs})
             made = 0
             for p in sorted(touched):
                 if p in st.intents:
