@@ -143,6 +143,14 @@ class PassReport(dict):
     pass
 
 
+def _cache_records(r, seen: dict) -> None:
+    """Make this reader (a fresh one, detect_local's alone) answer ``record(seq)`` from
+    records already decoded: journal_view and chunk_list ask for a new file's content and
+    last records, which the detection loop has just read."""
+    real = r.record
+    r.record = lambda seq: seen[seq] if seq in seen else real(seq)
+
+
 def _apply_order(intents: dict) -> list:
     """The order intents are applied in: deletes first, deepest first (a directory's
     children before it, or its delete would find it not empty and keep it), then the
@@ -167,21 +175,39 @@ class Engine:
         self.clock = clock
         self.report = PassReport(published=0, received=0, applied=0, conflicts=0, merged=0, pending=0, held=0)
         self.dirty = False  # state changed since the last save
+        self.in_pass = False  # run_pass: steps mark the state dirty; it is saved when it must be
+        self._queued: set | None = None  # st.outbox_chunks as a set (_local_event)
+        self._conflicted: set[bytes] = set()  # paths that met a concurrent remote change (report "conflicts")
 
     def save(self) -> None:
         S.save(self.jdir, self.st)
         self.dirty = False
 
+    def checkpoint(self) -> None:
+        """A step's changes are done.  Alone (resolve, leave) the state is saved now; in a
+        pass it is saved once at the end, or sooner where it must be durable: before
+        SRC changes (execute_intents), before and after an upload (publish).  A crash
+        or an error in between rewinds the state to that save, which every step
+        meets again as it met it the first time (docs/sync.md, "Crash safety")."""
+        if self.in_pass:
+            self.dirty = True
+        else:
+            self.save()
+
     # ---- the pass ---------------------------------------------------------------
     def run_pass(self, pull: bool = True) -> PassReport:
-        self.recover_intents()
-        self.detect_local()
-        self.publish()
-        self.retry_pending()
-        if pull:
-            self.pull()
-        self.execute_intents()
-        self.publish(force_head=pull)
+        self.in_pass = True
+        try:
+            self.recover_intents()
+            self.detect_local()
+            self.publish()
+            self.retry_pending()
+            if pull:
+                self.pull()
+            self.execute_intents()
+            self.publish(force_head=pull)
+        finally:
+            self.in_pass = False
         if self.dirty:
             self.save()
         self.report["pending"] = sum(len(v) for v in self.st.pending.values())
@@ -197,10 +223,12 @@ class Engine:
                 return 0
             touched: set[bytes] = set()
             saves: dict[bytes, list] = {}  # path -> its local content versions in this range, in order
+            latest: dict[bytes, object] = {}  # path -> its last record in the range
             for rec in r.records(st.cursor + 1, head):
                 for p in (rec.path, rec.path2):
                     if p:
                         touched.add(p)
+                        latest[p] = rec
                 if rec.is_content and rec.origin is None and rec.content_hash:
                     saves.setdefault(rec.path, []).append(rec)
                 elif rec.op in ("rename", "unlink") and rec.path in saves:
@@ -210,6 +238,10 @@ class Engine:
                         pre = p + b"/"
                         touched.update(k for k in st.files if k.startswith(pre))
                         touched.update(q for q, _, _ in r.current_tree(pre))
+            # a path's last record and last content version: what journal_view reads (one
+            # or two records a path, not the whole range)
+            _cache_records(r, {rec.seq: rec for recs in (latest.values(), (v[-1] for v in saves.values()))
+                               for rec in recs})
             made = 0
             for p in sorted(touched):
                 if p in st.intents:
@@ -222,7 +254,7 @@ class Engine:
                 cur = st.files.get(p)
                 if same_local(cur, v):
                     if cur is not None and v.kind == "f" and cur.get("ls") != v.seq:
-                        cur["ls"] = v.seq
+                        st.files[p] = dict(cur, ls=v.seq)  # (a new value: S.CACHED)
                         self.dirty = True
                     continue
                 if cur is None and v.kind is None:
@@ -250,7 +282,9 @@ class Engine:
                     st.intents[p] = target
             st.cursor = head
         if made:
-            self.save()
+            self.checkpoint()
+        else:
+            self.dirty = True  # (the cursor)
         return made
 
     def _local_event(self, r, p: bytes, v: View, cur: dict | None, base_v: dict | None = None,
@@ -266,7 +300,9 @@ class Engine:
         if v.kind == "f":
             refs = r.chunk_list(v.seq) if v.seq else []
             ev.update(c=v.chash or EMPTY_HASH, l=G.pack_list(refs), s=v.size, m=v.mode, t=v.mtime_ns, o=v.seq)
-            queued = set(st.outbox_chunks)
+            if self._queued is None:
+                self._queued = set(st.outbox_chunks)
+            queued = self._queued
             for cid, ln in refs:
                 if cid not in st.chunks and cid not in queued and cid != chunking.zero_id(ln):
                     st.outbox_chunks.append(cid)
@@ -291,6 +327,8 @@ class Engine:
         if not st.outbox and seen == st.head_seen and self.clock() - st.head_ns < HEARTBEAT_NS and not st.left:
             return 0  # nothing new to say: head.json is rewritten only as a heartbeat
         orphans = self._adopt_own_head()
+        if st.outbox:
+            self.save()  # the events are durable before any of them is uploaded
         if st.outbox_chunks:
             with self.journal.reader() as r:
                 items = []
@@ -328,8 +366,12 @@ class Engine:
         st.head_ns, st.head_seen = head.updated_ns, seen
         st.published = st.numbered
         st.outbox, st.outbox_chunks = [], []
+        self._queued = None
         self.report["published"] += n
-        self.save()
+        if n or not self.in_pass:
+            self.save()  # uploaded: not published a second time after an error later in the pass
+        else:
+            self.dirty = True  # a heartbeat (head.json only): written again if this is lost
         return n
 
     def _adopt_own_head(self) -> list[str]:
@@ -446,7 +488,12 @@ class Engine:
                     self.handle(ev)
                     got += 1
                 peer["n"], peer["hash"] = seg["last"], h
-                self.save()
+                self.checkpoint()
+        if got and self.in_pass and not st.intents:
+            # the peers' positions are durable before anything later in the pass can fail, so
+            # the incoming guard never scores these segments twice (with intents,
+            # execute_intents' first save records them)
+            self.save()
         self.report["received"] += got
         return got
 
@@ -493,7 +540,8 @@ class Engine:
             target = dict(cur, v=V.merge(cv, ev["v"]), eq=eqs)
         else:
             heads.append(ev)
-            self.report["conflicts"] += 1
+            self._conflicted.add(p)
+            self.report["conflicts"] = len(self._conflicted)  # files, not events (a file's saves are several)
             log.info("conflict on %r: local %s, remote %s", p, head_id(cur), head_id(ev))
             if st.conflict_copies and ev.get("k") == "f":  # also as a file beside it (applied as a sync)
                 cp = conflict_copy_name(p, ev)
@@ -637,7 +685,7 @@ class Engine:
                             st.origins[seq] = head_id(t)  # which device's version this journal version is
                         done += 1
                     st.files[p] = dict(t, ls=v.seq)
-            self.save()
+            self.checkpoint()  # (the next batch's save, or the pass's, records it)
         self.report["applied"] += done
         return done
 

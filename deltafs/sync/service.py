@@ -27,6 +27,12 @@ from .local import LocalIO, lstat
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 5.0  # seconds between passes
+# A timed pass waits while the mount is busy with local saves (a cp -a, an unpack, a build):
+# the journal grew by BUSY_RECORDS or more in the last QUIET_S seconds.  It runs when a
+# second goes by with fewer, or MAX_DEFER_S after it was due (docs/sync.md, "Bulk saves").
+QUIET_S = 1.0
+BUSY_RECORDS = 50
+MAX_DEFER_S = 30.0
 
 
 class MountIO(LocalIO):
@@ -75,6 +81,7 @@ class GroupSync:
     device: str
     interval: float
     passes: int = 0
+    deferred: int = 0  # seconds timed passes waited for local saves to calm down
     last_pass_ns: int = 0
     last_report: dict = field(default_factory=dict)
     last_error: str | None = None
@@ -127,7 +134,8 @@ class GroupSync:
         return {"url": self.url, "paused": paused, "was_paused": was}
 
     def status(self) -> dict:
-        return {"url": self.url, "device": self.device, "passes": self.passes, "last_pass_ns": self.last_pass_ns,
+        return {"url": self.url, "device": self.device, "passes": self.passes, "deferred_s": self.deferred,
+                "last_pass_ns": self.last_pass_ns,
                 "last_error": self.last_error, "paused": self.paused, **self.last_report}
 
 
@@ -151,12 +159,38 @@ async def sync_service(daemon, task_status=trio.TASK_STATUS_IGNORED, interval: f
         handle.guard = IncomingGuard(level)
     task_status.started(handle)
     while True:
-        with trio.move_on_after(handle.interval):
+        with trio.move_on_after(max(handle.interval - QUIET_S, 0.0)):
             await handle.wake.wait()
+        if not handle.wake.is_set() and not handle.paused:
+            await _while_busy(handle, j)
         handle.wake = trio.Event()
         if handle.paused:
             continue
         await run_now(handle, daemon, io, open_store)
+
+
+def _head(journal) -> int:
+    with journal.reader() as r:
+        return r.head_seq()
+
+
+async def _while_busy(handle: GroupSync, journal) -> None:
+    """A timed pass waits while local saves pour in (at most MAX_DEFER_S): a pass's work per
+    new path (reading its records, an event, its chunks) runs under the GIL the FUSE
+    handlers share, and would slow a bulk copy down by as much; after it, one pass takes
+    the whole copy.  A single save never waits (it is far below BUSY_RECORDS)."""
+    h0 = await trio.to_thread.run_sync(_head, journal)
+    give_up = trio.current_time() + MAX_DEFER_S
+    while True:
+        with trio.move_on_after(QUIET_S):
+            await handle.wake.wait()
+        if handle.wake.is_set() or trio.current_time() >= give_up:
+            return
+        h1 = await trio.to_thread.run_sync(_head, journal)
+        if h1 - h0 < BUSY_RECORDS:
+            return
+        h0 = h1
+        handle.deferred += 1
 
 
 async def run_now(handle: GroupSync, daemon, io, open_store, action=None, asked: bool = False) -> dict:

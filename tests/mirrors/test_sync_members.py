@@ -504,3 +504,23 @@ def test_case_only_and_directory_renames_are_synced(tmp_path):
     os.rename(b / "NOTES.md", b / "notes.md")  # and back, from the other side
     settle([a, b])
     assert sorted(os.listdir(a)) == [".deltafs", "Dir", "new", "notes.md"] and (a / "notes.md").read_text() == "one\n"
+
+
+def test_pass_report_counts_conflicted_files_not_events(tmp_path):
+    """a saves a file twice between passes while b changed it too: b's pass meets two of a's
+    events on that one file, and its report says one conflict (a file), not two."""
+    url = f"file://{tmp_path}/store"
+    a = new_tree(tmp_path / "a", {"f.txt": "v0\n", "g.txt": "g0\n"})
+    b = tmp_path / "b"
+    cli("group", "join", url, "-m", a)
+    cli("clone", url, b, "--join")
+    with Journal.open(a / ".deltafs") as j:
+        io = sync.LocalIO(j, str(a), cause="save")
+        for i in (1, 2):
+            (a / "f.txt").write_text(f"a{i}\n")
+            io.record([b"f.txt"])
+    cli("group", "sync", "-m", a)
+    (b / "f.txt").write_text("b1\n")
+    (b / "g.txt").write_text("b-g\n")  # (b's own change elsewhere: no conflict)
+    rep = json.loads(cli("group", "sync", "-m", b, "--json").stdout)
+    assert rep["received"] >= 2 and rep["conflicts"] == 1 and rep["open_conflicts"] == 1, rep

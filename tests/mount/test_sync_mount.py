@@ -353,3 +353,34 @@ def test_resolve_merge_through_the_mounts(tmp_path, mount_factory):
     assert len(conflict_set(a.mnt)) == 1 and conflict_set(a.mnt) == conflict_set(b.mnt)
     a.umount()
     b.umount(check=False)  # b's log holds the failed resolve's ERROR line
+
+
+def test_timed_passes_wait_while_local_saves_pour_in(tmp_path, mount_factory):
+    """A bulk copy into a member's mount: the timed passes (every 5 s) wait while the journal
+    grows fast, so the copy does not share the daemon with a pass; once the saves stop, one
+    pass publishes them all.  (On the old service a pass ran every 5 s during the burst.)"""
+    url = f"file://{tmp_path}/store"
+    a = mount_factory(tmp_path / "a", "--group", url)
+
+    def service() -> dict:
+        return json.loads(cli("status", a.mnt, "--json").stdout)["group"]["service"]
+
+    deadline = time.monotonic() + 60
+    while service()["passes"] < 1:  # the first timed pass: the burst starts right after one
+        assert time.monotonic() < deadline, "no timed pass in 60 s"
+        time.sleep(0.2)
+    p0 = service()["passes"]
+    (a.mnt / "bulk").mkdir()
+    t0, i = time.monotonic(), 0
+    while time.monotonic() - t0 < 9:  # nearly two intervals of steady saves
+        with open(a.mnt / "bulk" / f"f{i}.txt", "w") as f:
+            f.write(f"file {i}\n")
+        i += 1
+    during = service()
+    assert during["passes"] == p0 and during["deferred_s"] >= 3, (during, i)
+    deadline = time.monotonic() + 30
+    while service()["passes"] == p0:  # quiet now: the next timed pass runs
+        assert time.monotonic() < deadline, "no pass after the burst"
+        time.sleep(0.2)
+    rep = service()
+    assert rep["last_error"] is None and rep["published"] >= i, (rep, i)
