@@ -119,6 +119,14 @@ class Pipeline:
         self._more.set()
         if len(self.queue) >= INLINE_RECORDS:
             self._nudge.set()
+        elif (item.changes is None or _has_content(item.changes)) and len(self.queue) > 1:
+            head = self.queue[0].changes
+            if head is not None and not _has_content(head):
+                # a namespace batch at the head ends before this content item:
+                # waiting out NAMESPACE_WINDOW cannot grow it (a create followed
+                # by its file's capture: cp, an editor's save, an attacker's
+                # X.crypt, whose delete of X the guard then scores 25 ms sooner)
+                self._nudge.set()
         return item
 
     def submit(self, *changes: Change, after=None) -> Item:
@@ -194,7 +202,12 @@ class Pipeline:
                 # transaction, instead of one commit and thread hand-off per
                 # record (rm -rf, cp -a, untar).
                 self._nudge = trio.Event()
-                window = GROUP_WINDOW if _has_content(self.queue[0].changes) else NAMESPACE_WINDOW
+                if _has_content(self.queue[0].changes):
+                    window = GROUP_WINDOW
+                elif any(it.changes is None or _has_content(it.changes) for it in self.queue):
+                    window = 0.0  # the namespace batch ends at that content item already (push)
+                else:
+                    window = NAMESPACE_WINDOW
                 with trio.move_on_after(window):
                     await self._nudge.wait()
             batch = self._take()

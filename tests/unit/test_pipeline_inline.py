@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 
 import trio
+import trio.testing
 
 from deltafs.capture import Item, Pipeline
 from deltafs.capture import pipeline as P
@@ -140,4 +141,24 @@ async def test_a_namespace_head_waits_for_more_records_until_a_full_batch(tmp_pa
             await last.done.wait()
             assert trio.current_time() - t0 < P.NAMESPACE_WINDOW  # the full batch ended the window
             assert [k for _, k in threads.calls] == [2, P.INLINE_RECORDS]
+            n.cancel_scope.cancel()
+
+
+async def test_a_namespace_head_followed_by_a_content_item_commits_without_the_window(tmp_path, mock_clock):
+    """The namespace batch at the head of the queue cannot grow past a content
+    item (or one still being captured) behind it, so the committer does not
+    wait NAMESPACE_WINDOW for more: a file's create commits at once when its
+    capture is queued (the guard then scores an attacker's X.crypt and delete
+    of X some 25 ms sooner).  Time is frozen (MockClock): the old committer
+    sat in its window until the clock moved."""
+    with Journal.open(str(tmp_path / "j"), create=True) as j:
+        pipe = Pipeline(j)
+        async with trio.open_nursery() as n:
+            n.start_soon(pipe.committer)
+            create = pipe.submit(Change(op="create", path=b"x.crypt", mode=0o100644))
+            await trio.testing.wait_all_tasks_blocked()
+            assert not create.done.is_set()  # alone: it waits for more namespace records
+            pipe.push(Item())  # x.crypt's capture, still running
+            await trio.testing.wait_all_tasks_blocked()
+            assert create.done.is_set() and trio.current_time() == 0
             n.cancel_scope.cancel()
