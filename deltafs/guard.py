@@ -854,12 +854,25 @@ class Guard:
         Pacing ends once PACE_QUIET seconds pass without a new suspicious change: one
         odd file in ordinary work paces the next half minute, not the window's hour."""
         blk = self.block
-        if blk is not None and not blk.blocking and self.quiet_for() > PACE_QUIET:
+        if blk is not None and not blk.blocking and not self.suspicious():
             self._pace(False)
             return
         if self.drain is not None:
             await self.drain()
         await self.scored()
+
+    def suspicious(self) -> bool:
+        """Pace (--guard-action block)?  While the window's score is at least
+        SUSPECT of the threshold and a suspicious change came in the last
+        PACE_QUIET seconds, or a new opaque file (what encryption writes, and
+        what a delete of the original turns into a hit) came in them: an
+        attacker's first files then wait for their own scoring instead of
+        running ahead of capture's first commits."""
+        d = self.detector
+        if d.last_score >= SUSPECT * d.threshold and self.quiet_for() <= PACE_QUIET:
+            return True
+        fresh = d.fresh
+        return bool(fresh) and d.clock() - next(reversed(fresh.values()))[0] <= PACE_QUIET
 
     def quiet_for(self) -> float:
         """Seconds since the newest suspicious change in the window (inf: none)."""
@@ -894,8 +907,7 @@ class Guard:
             self._start_blocking()
             self.nursery.start_soon(self._alerted, alert)
         elif self.action == "block" and self.ops is not None and self.detector.alert is None:
-            self._pace(self.detector.last_score >= SUSPECT * self.detector.threshold and
-                       self.quiet_for() <= PACE_QUIET)
+            self._pace(self.suspicious())
 
     def _block(self) -> "Block":
         """The one Block of this alert's life: a request that waits in its pacing

@@ -451,6 +451,25 @@ def test_block_scores_a_file_at_close_before_the_next_change(mount_factory, tmp_
     assert a["examples"][-1]["path"] == os.path.relpath(p, m.mnt)
 
 
+def test_block_paces_from_the_first_new_opaque_file(mount_factory, tmp_path):
+    """Under --guard-action block, a new file of random bytes (what encryption
+    writes) starts pacing before any original is deleted: an attacker's first
+    write-new-delete-old steps wait for their own scoring instead of running
+    ahead of capture's first commits (13-23 files lost at 04:39 UTC, 5-6
+    with this).  It scores nothing: a download alone raises no alert."""
+    src = tmp_path / "src"
+    src.mkdir()
+    m = mount_factory(src, "--guard-action", "block")
+    (m.mnt / "notes.txt").write_bytes(b"the minutes of the meeting\n" * 200)
+    g = guard_state(m)
+    assert not g["pacing"], g
+    (m.mnt / "notes.txt.crypt").write_bytes(os.urandom(20_000))
+    g = guard_state(m)
+    assert g["pacing"] and g["score"] == 0 and not g["alert"], g
+    (m.mnt / "notes.txt").unlink()  # allowed: pacing only waits
+    assert guard_state(m)["score"] >= 1
+
+
 @pytest.mark.skipif(Cipher is None, reason="needs cryptography")
 def test_resume_right_after_an_attack_does_not_re_alert(mount_factory, tmp_path):
     """`deltafs guard resume` while the attack's last changes are still being
