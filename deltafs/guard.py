@@ -412,6 +412,7 @@ class Detector:
         # stem -> path
         self.gone: collections.OrderedDict[bytes, tuple[float, bool, int]] = collections.OrderedDict()
         self.gone_stems: dict[bytes, bytes] = {}
+        self.gone_read: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # those with read
         self.alert: Alert | None = None  # the standing alert (until resume)
         self.observed = 0
         self.last_score = 0.0  # the window's score after the last observe that added a hit
@@ -426,6 +427,7 @@ class Detector:
         self.orphans.clear()
         self.gone.clear()
         self.gone_stems.clear()
+        self.gone_read.clear()
         self.damaged_since_alert = 0
 
     def note_opens(self, paths: Iterable[bytes]) -> None:
@@ -575,10 +577,13 @@ class Detector:
         self._forget_gone(path)
         self.gone[path] = (now, read, seq)
         self.gone_stems[stem_of(path)] = path
+        if read:  # the open-then-delete pairing looks at these only (an rm -rf leaves thousands of others)
+            self.gone_read[path] = None
 
     def _forget_gone(self, path: bytes) -> None:
         if self.gone.pop(path, None) is not None and self.gone_stems.get(stem_of(path)) == path:
             del self.gone_stems[stem_of(path)]
+        self.gone_read.pop(path, None)
 
     def _late_pair(self, path: bytes, created: int, now: float) -> tuple[bytes, list[str]] | None:
         """The pairings of :meth:`_replaced_by_fresh` and :meth:`_read_then_deleted`
@@ -598,10 +603,11 @@ class Detector:
             if g is not None and now - g[0] <= LATE_PAIRING and created < g[2]:
                 self._forget_gone(d)
                 return d, ["opaque", "replaced"]
-        for d, (t, read, del_seq) in reversed(self.gone.items()):
+        for d in reversed(self.gone_read):
+            t, _, del_seq = self.gone[d]
             if now - t > LATE_PAIRING:
                 break
-            if read and d != path and created < del_seq:
+            if d != path and created < del_seq:
                 self._forget_gone(d)
                 return d, ["read", "opaque", "deleted"]
         return None

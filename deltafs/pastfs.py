@@ -31,7 +31,7 @@ from collections import OrderedDict
 
 from deltafs._syscalls import set_bdi_readahead
 from deltafs.errors import UsageError
-from deltafs.journal import KIND_DIR, KIND_FILE, KIND_SYMLINK, Journal, TreeEntry, gc_paused
+from deltafs.journal import KIND_DIR, KIND_FILE, KIND_SYMLINK, RAW_VALUE_EXTRA, Journal, TreeEntry, gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ SUBTYPE = "deltafs-past"
 DEFAULT_CACHE = 64 << 20
 TIMEOUT = 86400.0  # entry and attribute timeout: the past does not change
 READ_AHEAD = 4 << 20  # bytes of pack file the kernel reads ahead of a read's last chunk
-RAW_VALUE_EXTRA = 7  # a raw chunk's value is its header (6), a codec byte, its bytes (= schema's)
 
 
 class ChunkCache:
