@@ -26,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tools.bench import report as rp
+from tools.bench.scale import _terminate
 from tools.bench.targets import DELTAFS, ROOT, cleanup_stale, force_unmount, is_mountpoint, \
     tree_bytes
 
@@ -1011,6 +1013,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--from-json", metavar="FILE", help="do not run: report a saved --json run")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)   # unwind like Ctrl-C: every mount is unmounted
+    signal.signal(signal.SIGHUP, _terminate)
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
