@@ -125,6 +125,44 @@ def test_first_4k_and_stripes_and_header_kept():
         assert w.det.alert is not None and i + 1 <= 20, (attack, i)
 
 
+def test_first_4k_scores_a_whole_file_when_the_old_head_was_not_sampled():
+    """The first save of a file since the mount: its old first chunk is no
+    longer in capture's raw cache, so only the extension tells its type.  A
+    head that went random where a text file or a PDF was counts the entropy
+    signal too (a whole file, 1.0; it was 0.5/0.75: 8-10 files before the
+    alert in the mount bench), so 5 files raise the alert."""
+    w = World()
+    paths = corpus(w)
+    for i, p in enumerate(paths[:5]):
+        old = w.old[p]
+        d = bytearray(w.raw[old])
+        d[:4096] = enc(bytes(d[:4096]))
+        nc = w._chunk(bytes(d), old)
+        assert nc.base_id == old  # the rest of the chunk is unchanged: still a delta of the old one
+        del w.raw[old]  # left the raw cache: no old head sample
+        w.old[p] = nc.id
+        a = w.feed(Change(op="write", path=p, size=len(d), cause="write", base_seq=1,
+                          edit=[(0, 1, [(nc.id, len(d))])], chunks=[nc]))
+        h = w.det.hits[-1]
+        assert h.key == p and "type" in h.reasons and "entropy" in h.reasons and h.score == 1.0, h
+    assert a is not None and a.files == 5
+
+
+def test_a_new_text_files_head_is_remembered_below_every_threshold():
+    """A new file's text head is sampled sparsely (every 16th byte): what the
+    guard remembers for its next save stays far below the entropy thresholds,
+    so an edit that keeps it text scores nothing and encryption still does."""
+    w = World()
+    p = b"docs/new.txt"
+    w.put(p, TEXT[:6000])
+    kind, ent = w.det.memory[p]
+    assert kind == "text" and ent < 5.0
+    w.put(p, TEXT[:6000].replace(b"customer", b"client"))
+    assert not w.det.hits
+    w.put(p, enc(TEXT[:6000]))
+    assert w.det.hits and w.det.hits[-1].score == 1.0
+
+
 def test_encrypt_and_rename_and_write_new_delete_old():
     w = World()
     paths = corpus(w)
@@ -553,6 +591,44 @@ async def test_deferred_scoring_runs_after_the_commit_and_settle_waits_for_it():
         with trio.fail_after(5):
             await g.settle()
         assert not g.unscored and g.alerted and ops.guard_block is None  # alert only: nothing refused
+        nursery.cancel_scope.cancel()
+
+
+async def test_alert_mode_paces_so_the_alert_comes_before_the_next_change():
+    """--guard-action alert paces too (scoring deferred after each commit): a
+    full-speed attacker whose files capture commits 3 at a time has damaged
+    exactly the 5 files that make the score when the alert is raised, then
+    goes on unrefused (alert only) and unpaced.  Without pacing it ran one
+    commit (here 1, in a mount 4-6 files) past the crossing file."""
+    import trio
+
+    w = World()
+    ops = FakeOps()
+    paths = corpus(w)
+    g = guard.Guard(w.det, None, NoNursery(), action="alert", ops=ops)
+    pipe = FakePipeline(w, g)
+    g.start_deferred()
+    assert g.deferred
+    damaged = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(g.scorer)
+        with trio.fail_after(5):
+            for p in paths:
+                if ops.guard_block is not None:
+                    await ops.guard_block.check(Ctx(os.getppid()))  # never refused under alert
+                if g.alerted:
+                    break  # what the attacker had damaged when the alert was raised
+                pipe.damage(p)
+                damaged += 1
+                if len(pipe.pending) == 3:
+                    pipe.commit()
+                await trio.sleep(0)
+            assert g.alerted and ops.guard_block is None  # the alert ends the pacing; nothing is refused
+            assert damaged == 5, f"{damaged} files damaged before the alert"
+            for p in paths[damaged:damaged + 3]:  # the attack goes on: nothing waits for the guard now
+                pipe.damage(p)
+            await g.settle()
+        assert w.det.damaged_since_alert == 3 and ops.guard_block is None
         nursery.cancel_scope.cancel()
 
 
