@@ -731,6 +731,16 @@ class Block:
                         "block (deltafs guard resume re-allows changes)", pid, name)
         raise PermissionError(errno.EPERM, "refused by the deltafs guard (deltafs guard resume)")
 
+    async def wait_scored(self) -> None:
+        """Pacing only, never refusing: wait until every capture queued so far
+        is committed and scored.  ops.flush calls it after queueing a written
+        file's capture, so close(2) returns once that file is scored: the
+        alert (or the block) stands before the attacker opens its next file,
+        not at that file's first change."""
+        if not self.blocking and self.drain is not None:
+            self.paced += 1
+            await self.drain()
+
     def status(self) -> dict:
         return {"refused": self.refused,
                 "processes": [{"pid": p, "name": n} for p, n in self.processes.items()]}

@@ -1180,15 +1180,19 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def flush(self, fh):
-        # While the guard paces or blocks (--guard-action block), the last
-        # writer's close(2) queues the capture itself: FLUSH is answered
-        # before close returns, RELEASE only after, so the caller's next
-        # change (delete the original, rename to .locked) would otherwise
-        # pass the guard before this file's damage was scored.
-        if self.guard_block is not None:
+        # While the guard paces or blocks (docs/guard.md), the last writer's
+        # close(2) queues the capture itself: FLUSH is answered before close
+        # returns, RELEASE only after, so the caller's next change (delete
+        # the original, rename to .locked) would otherwise pass the guard
+        # before this file's damage was scored.  While it paces, close(2)
+        # also waits for that scoring: the alert stands before the caller
+        # opens its next file.
+        blk = self.guard_block
+        if blk is not None:
             h = self.handles.get(fh)
             if h is not None and h.writable and h.node.writers == 1 and h.node.cap.changed:
                 self.rec.release(self, h.node)
+                await blk.wait_scored()
 
     @_errors
     async def release(self, fh):

@@ -496,3 +496,32 @@ def test_resume_right_after_an_attack_does_not_re_alert(mount_factory, tmp_path)
     g = guard_state(m)  # flush: everything committed and scored
     assert g["alert"] is None, f"alert again after the resume: {g['alert']['files']} files"
     assert g["score"] == 0
+
+
+@pytest.mark.skipif(Cipher is None, reason="needs cryptography")
+def test_alert_mode_paces_so_no_file_after_the_crossing_one_is_begun(mount_factory, tmp_path):
+    """--guard-action alert (the default) paces from the first damaged file
+    on: a written file's close(2) returns once it is captured and scored.
+    So an attacker at full speed (no fsync) begins no file after the one
+    whose damage crosses the threshold before the alert is raised (it began
+    4-6 more: capture's lag), and nothing is refused."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_corpus(src, 80)
+    m = mount_factory(src)
+    began, closed = {}, {}
+    for p in victims(m.mnt)[:30]:
+        rel = os.path.relpath(p, m.mnt)
+        began[rel] = time.time_ns()
+        in_place(p)
+        closed[rel] = time.time_ns()
+    g = guard_state(m)
+    a = g["alert"]
+    assert a and a["blocking"] is None, g
+    crossing = a["examples"][-1]["path"]
+    early = [r for r, t in began.items() if t < a["time_ns"]]
+    print(f"GUARD alert mode, full speed: {len(early)} files begun before the alert, {a['files']} in it",
+          file=sys.stderr)
+    assert a["time_ns"] <= closed[crossing], "the crossing file's close returned before its scoring"
+    assert early[-1] == crossing and len(early) == a["files"], (early[-3:], crossing)
+    assert not g["pacing"]  # the alert ends the pacing: alert only, the attack goes on
