@@ -40,7 +40,9 @@ and ``restore`` causes are not the user's writes and are skipped):
                    sample, or its extension's class, says so), or the head
                    sample's byte entropy rose by >= 1.5 bits/byte to >= 7.2
                    (or reached 7.2 with ``type``, the old head unsampled
-                   and of a type that is not compressed);
+                   and of a type that is not compressed); 0.25 when a
+                   compressed format of the 0.75 ``type`` lost its magic
+                   to a head of >= 7.2 of no known format;
                    0.25 when nothing is known about the old content;
 * ``dissimilar`` 0.25 on top of ``type`` or ``entropy``: new chunks replaced
                    old ones and (almost) none of them could be coded as a
@@ -379,6 +381,13 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
         # of a file since the mount), but it was of a known type that is not compressed (text,
         # PDF, SQLite) and lost it, and the new head is random: only the first 4 KiB encrypted
         score += 0.5
+        why.append("entropy")
+    elif new_ent is not None and new_ent >= 7.2 and why and new_type is None and old_type in COMPRESSED and \
+            old_type in STRONG_TYPES:
+        # a compressed format's head was random-looking already; one that lost its magic
+        # number to a head of random bytes of no format (its first 4 KiB encrypted) counts a
+        # quarter more: 0.75 + 0.25, a whole file
+        score += 0.25
         why.append("entropy")
     elif new_bytes and opaque >= 0.9 * new_bytes and old_type is None and old_ent is None:
         score += 0.25
