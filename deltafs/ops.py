@@ -1011,6 +1011,15 @@ class Operations(pyfuse3.Operations):
         self.rec.on_unlink(self, parent, name, last=st is None or st.st_nlink <= 1)
         if node is not None:
             self._drop_name(node, parent, name)
+        await self._guard_scored()
+
+    async def _guard_scored(self) -> None:
+        """While the guard paces (docs/guard.md), a delete or rename returns
+        once it is committed and scored, as a written file's close does: the
+        alert stands before the caller begins its next file."""
+        blk = self.guard_block
+        if blk is not None:
+            await blk.wait_scored()
 
     async def _before_replace(self, parent: Node, name: bytes) -> bool:
         """Pre-image of a file about to be unlinked or renamed over.  -> it exists."""
@@ -1068,6 +1077,7 @@ class Operations(pyfuse3.Operations):
             self._drop_name(over, new, name_new)
         if moved is not None:
             self._move_name(moved, old, name_old, new, name_new)
+        await self._guard_scored()
 
     # ---- files ----------------------------------------------------------
 
