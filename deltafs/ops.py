@@ -1011,7 +1011,8 @@ class Operations(pyfuse3.Operations):
         self.rec.on_unlink(self, parent, name, last=st is None or st.st_nlink <= 1)
         if node is not None:
             self._drop_name(node, parent, name)
-        await self._guard_scored()
+        if self.guard_block is not None:
+            await self._guard_scored()
 
     async def _guard_scored(self) -> None:
         """While the guard paces (docs/guard.md), a delete or rename returns
@@ -1077,7 +1078,8 @@ class Operations(pyfuse3.Operations):
             self._drop_name(over, new, name_new)
         if moved is not None:
             self._move_name(moved, old, name_old, new, name_new)
-        await self._guard_scored()
+        if self.guard_block is not None:
+            await self._guard_scored()
 
     # ---- files ----------------------------------------------------------
 
