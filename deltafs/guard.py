@@ -905,15 +905,29 @@ class Guard:
     def suspicious(self) -> bool:
         """Pace (either action)?  While the window's score is at least
         SUSPECT of the threshold and a suspicious change came in the last
-        PACE_QUIET seconds, or a new opaque file (what encryption writes, and
-        what a delete of the original turns into a hit) came in them: an
-        attacker's first files then wait for their own scoring instead of
-        running ahead of capture's first commits."""
+        PACE_QUIET seconds, or (under block) a new opaque file (what encryption
+        writes, and what a delete of the original turns into a hit) came in
+        them: an attacker's first files then wait for their own scoring
+        instead of running ahead of capture's first commits.  Under alert it
+        takes two new opaque files: gpg -c of one file, then 30 s of pip
+        install paced file by file, ran twice as long (14.2 s against 6.9,
+        2026-12-06 20:21 UTC)."""
         d = self.detector
         if d.last_score >= SUSPECT * d.threshold and self.quiet_for() <= PACE_QUIET:
             return True
         fresh = d.fresh
-        return bool(fresh) and d.clock() - next(reversed(fresh.values()))[0] <= PACE_QUIET
+        if not fresh:
+            return False
+        now = d.clock()
+        need = 1 if self.action == "block" else 2  # alert: one new opaque file (gpg -c) paces nothing
+        seen: set[bytes] = set()
+        for t, _, path in reversed(fresh.values()):
+            if now - t > PACE_QUIET:
+                return False
+            seen.add(path)
+            if len(seen) >= need:
+                return True
+        return False
 
     def quiet_for(self) -> float:
         """Seconds since the newest suspicious change in the window (inf: none)."""

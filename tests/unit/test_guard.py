@@ -478,6 +478,29 @@ async def test_pacing_ends_after_a_quiet_half_minute():
     assert w.det.score() >= guard.SUSPECT * w.det.threshold  # the hit still counts toward an alert
 
 
+@pytest.mark.parametrize("action", ["alert", "block"])
+def test_a_new_opaque_file_alone_paces_only_under_block(action):
+    """gpg -c or a download writes a new file of random bytes: under block
+    that paces the next half minute (an attacker's first write-new-then-
+    delete-old steps), under alert it takes a second one (pip install after
+    a gpg -c ran twice as long, paced file by file); a hit paces both."""
+    w = World()
+    ops = FakeOps()
+    g = guard.Guard(w.det, None, NoNursery(), action=action, ops=ops)
+    paths = corpus(w)
+    w.feed = lambda *ch: g.observe(ch, [0] * len(ch))
+    w.put(b"docs/backup.tar.gpg", os.urandom(20_000))
+    assert w.det.fresh and w.det.score() == 0
+    assert (ops.guard_block is not None) == (action == "block")
+    w.put(b"docs/backup2.tar.gpg", os.urandom(20_000))
+    assert ops.guard_block is not None  # two: both pace
+    g._pace(False)
+    w.t += guard.PACE_QUIET + 1
+    assert not g.suspicious()
+    w.put(paths[0], enc(w.raw[w.old[paths[0]]]))  # a damaged file: both pace
+    assert ops.guard_block is not None and not ops.guard_block.blocking
+
+
 def test_opens_are_drained_into_the_detector():
     w = World()
     ops = FakeOps()
