@@ -38,7 +38,11 @@ and ``restore`` causes are not the user's writes and are skipped):
                    sample, if known, is not plainly compressible) where the
                    file was compressible (its old head
                    sample, or its extension's class, says so), or the head
-                   sample's byte entropy rose by >= 1.5 bits/byte to >= 7.2;
+                   sample's byte entropy rose by >= 1.5 bits/byte to >= 7.2
+                   (or reached 7.2 with ``type``, the old head unsampled
+                   and of a type that is not compressed); 0.25 when a
+                   compressed format of the 0.75 ``type`` lost its magic
+                   to a head of >= 7.2 of no known format;
                    0.25 when nothing is known about the old content;
 * ``dissimilar`` 0.25 on top of ``type`` or ``entropy``: new chunks replaced
                    old ones and (almost) none of them could be coded as a
@@ -95,7 +99,7 @@ LEVEL_NAMES = ("off", *LEVELS)
 SKIP_CAUSES = frozenset({"scan", "preimage", "restore", "sync"})  # sync: scored as an incoming stream (deltafs/sync/incoming.py)
 HEAD = 4096  # bytes of the head sample
 SNAPSHOT_PREFIX = "guard-"
-SUSPECT = 0.1  # --guard-action block: from this share of the threshold on, changes wait for capture
+SUSPECT = 0.1  # from this share of the threshold on, changes wait for capture (pacing, either action)
 PACE_QUIET = 30.0  # ... until this many seconds pass without a new suspicious change
 OPAQUE_MIN = 512  # chunks smaller than this never count as incompressible (zstd cannot shrink them)
 OPENED_KEPT = 20_000  # read-only opens (and unpaired new opaque files) the detector remembers
@@ -340,7 +344,11 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
         old_type, old_ent = expected_type(path), None
     new_type = new_ent = None
     if new_head is not None:
-        new_type, new_ent = type_of(new_head), entropy(new_head)
+        new_type = type_of(new_head)
+        # a new file's text head is only remembered for its next save: a quarter of the
+        # samples places it as far under every threshold (the count is most of the cost of
+        # scoring a new file: cp -a, untar, a build)
+        new_ent = entropy(new_head[:HEAD:16] if not has_old and new_type == "text" else new_head)
         memory[path] = (new_type, new_ent)
         if len(memory) > PATHS_KEPT:
             memory.pop(next(iter(memory)))
@@ -367,6 +375,19 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
         why.append("entropy")
     elif new_ent is not None and old_ent is not None and new_ent >= 7.2 and new_ent - old_ent >= 1.5:
         score += 0.5
+        why.append("entropy")
+    elif new_ent is not None and old_ent is None and new_ent >= 7.2 and why and old_type not in COMPRESSED:
+        # the old head was not sampled (its chunk has left capture's raw cache: the first save
+        # of a file since the mount), but it was of a known type that is not compressed (text,
+        # PDF, SQLite) and lost it, and the new head is random: only the first 4 KiB encrypted
+        score += 0.5
+        why.append("entropy")
+    elif new_ent is not None and new_ent >= 7.2 and why and new_type is None and old_type in COMPRESSED and \
+            old_type in STRONG_TYPES:
+        # a compressed format's head was random-looking already; one that lost its magic
+        # number to a head of random bytes of no format (its first 4 KiB encrypted) counts a
+        # quarter more: 0.75 + 0.25, a whole file
+        score += 0.25
         why.append("entropy")
     elif new_bytes and opaque >= 0.9 * new_bytes and old_type is None and old_ent is None:
         score += 0.25
@@ -672,6 +693,10 @@ class Block:
     and scored (``drain``), and ops.flush queues a written file's capture at
     close(2), so an attacker cannot run ahead of the capture pipeline; the
     request that follows the change crossing the threshold is refused.
+    Pacing runs under ``--guard-action alert`` too (there the alert is raised
+    before the attacker's next change instead of 4-6 files later, the lag of
+    capture behind a full-speed attacker); it ends at the alert, which
+    refuses nothing under alert.
 
     Refused with EPERM, for every process but the ones allowed (the
     ``deltafs rollback`` that undoes the attack registers its own): opens
@@ -714,6 +739,16 @@ class Block:
             log.warning("guard: refused a change by pid %d (%s): an alert stands and --guard-action is "
                         "block (deltafs guard resume re-allows changes)", pid, name)
         raise PermissionError(errno.EPERM, "refused by the deltafs guard (deltafs guard resume)")
+
+    async def wait_scored(self) -> None:
+        """Pacing only, never refusing: wait until every capture queued so far
+        is committed and scored.  ops.flush calls it after queueing a written
+        file's capture, so close(2) returns once that file is scored: the
+        alert (or the block) stands before the attacker opens its next file,
+        not at that file's first change."""
+        if not self.blocking and self.drain is not None:
+            self.paced += 1
+            await self.drain()
 
     def status(self) -> dict:
         return {"refused": self.refused,
@@ -868,17 +903,31 @@ class Guard:
         await self.scored()
 
     def suspicious(self) -> bool:
-        """Pace (--guard-action block)?  While the window's score is at least
+        """Pace (either action)?  While the window's score is at least
         SUSPECT of the threshold and a suspicious change came in the last
-        PACE_QUIET seconds, or a new opaque file (what encryption writes, and
-        what a delete of the original turns into a hit) came in them: an
-        attacker's first files then wait for their own scoring instead of
-        running ahead of capture's first commits."""
+        PACE_QUIET seconds, or (under block) a new opaque file (what encryption
+        writes, and what a delete of the original turns into a hit) came in
+        them: an attacker's first files then wait for their own scoring
+        instead of running ahead of capture's first commits.  Under alert it
+        takes two new opaque files: gpg -c of one file, then 30 s of pip
+        install paced file by file, ran twice as long (14.2 s against 6.9,
+        2026-12-06 20:21 UTC)."""
         d = self.detector
         if d.last_score >= SUSPECT * d.threshold and self.quiet_for() <= PACE_QUIET:
             return True
         fresh = d.fresh
-        return bool(fresh) and d.clock() - next(reversed(fresh.values()))[0] <= PACE_QUIET
+        if not fresh:
+            return False
+        now = d.clock()
+        need = 1 if self.action == "block" else 2  # alert: one new opaque file (gpg -c) paces nothing
+        seen: set[bytes] = set()
+        for t, _, path in reversed(fresh.values()):
+            if now - t > PACE_QUIET:
+                return False
+            seen.add(path)
+            if len(seen) >= need:
+                return True
+        return False
 
     def quiet_for(self) -> float:
         """Seconds since the newest suspicious change in the window (inf: none)."""
@@ -911,9 +960,11 @@ class Guard:
             self.alerts += 1
             self.snapshot = guard_snapshot_name(alert.time_ns)  # status names it at once
             self._start_blocking()
+            if self.action != "block" and self.ops is not None:
+                self._pace(False)  # alert only: once raised, nothing waits for the guard any more
             self.nursery.start_soon(self._alerted, alert)
-        elif self.action == "block" and self.ops is not None and self.detector.alert is None:
-            self._pace(self.suspicious())
+        elif self.ops is not None and self.detector.alert is None:
+            self._pace(self.suspicious())  # both actions: see Block (alert: the alert comes files sooner)
 
     def _block(self) -> "Block":
         """The one Block of this alert's life: a request that waits in its pacing
@@ -927,7 +978,7 @@ class Guard:
         if on and self.block is None:
             self.block = self._block()
             self.ops.guard_block = self.block
-            log.info("guard: score %.2f of %g: changes wait for capture until it falls (--guard-action block)",
+            log.info("guard: score %.2f of %g: changes wait for capture until it falls",
                      self.detector.last_score, self.detector.threshold)
         elif not on and self.block is not None and not self.block.blocking:
             self.block = None

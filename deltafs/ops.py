@@ -1011,6 +1011,16 @@ class Operations(pyfuse3.Operations):
         self.rec.on_unlink(self, parent, name, last=st is None or st.st_nlink <= 1)
         if node is not None:
             self._drop_name(node, parent, name)
+        if self.guard_block is not None:
+            await self._guard_scored()
+
+    async def _guard_scored(self) -> None:
+        """While the guard paces (docs/guard.md), a delete or rename returns
+        once it is committed and scored, as a written file's close does: the
+        alert stands before the caller begins its next file."""
+        blk = self.guard_block
+        if blk is not None:
+            await blk.wait_scored()
 
     async def _before_replace(self, parent: Node, name: bytes) -> bool:
         """Pre-image of a file about to be unlinked or renamed over.  -> it exists."""
@@ -1068,6 +1078,8 @@ class Operations(pyfuse3.Operations):
             self._drop_name(over, new, name_new)
         if moved is not None:
             self._move_name(moved, old, name_old, new, name_new)
+        if self.guard_block is not None:
+            await self._guard_scored()
 
     # ---- files ----------------------------------------------------------
 
@@ -1180,15 +1192,19 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def flush(self, fh):
-        # While the guard paces or blocks (--guard-action block), the last
-        # writer's close(2) queues the capture itself: FLUSH is answered
-        # before close returns, RELEASE only after, so the caller's next
-        # change (delete the original, rename to .locked) would otherwise
-        # pass the guard before this file's damage was scored.
-        if self.guard_block is not None:
+        # While the guard paces or blocks (docs/guard.md), the last writer's
+        # close(2) queues the capture itself: FLUSH is answered before close
+        # returns, RELEASE only after, so the caller's next change (delete
+        # the original, rename to .locked) would otherwise pass the guard
+        # before this file's damage was scored.  While it paces, close(2)
+        # also waits for that scoring: the alert stands before the caller
+        # opens its next file.
+        blk = self.guard_block
+        if blk is not None:
             h = self.handles.get(fh)
             if h is not None and h.writable and h.node.writers == 1 and h.node.cap.changed:
                 self.rec.release(self, h.node)
+                await blk.wait_scored()
 
     @_errors
     async def release(self, fh):

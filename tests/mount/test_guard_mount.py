@@ -496,3 +496,44 @@ def test_resume_right_after_an_attack_does_not_re_alert(mount_factory, tmp_path)
     g = guard_state(m)  # flush: everything committed and scored
     assert g["alert"] is None, f"alert again after the resume: {g['alert']['files']} files"
     assert g["score"] == 0
+
+
+@pytest.mark.skipif(Cipher is None, reason="needs cryptography")
+@pytest.mark.parametrize("attack", ["in-place", "encrypt-rename", "write-new-delete-old"])
+def test_alert_mode_paces_so_no_file_after_the_crossing_one_is_begun(mount_factory, tmp_path, attack):
+    """--guard-action alert (the default) paces from the first damaged file
+    on: a written file's close(2), a delete and a rename return once they
+    are captured and scored.  So an attacker at full speed (no fsync)
+    begins no file after the one whose damage crosses the threshold before
+    the alert is raised (it began 4-6 more: capture's lag; one more when
+    only the close waited and the crossing change was a delete or a
+    rename), and nothing is refused.  (Pacing begins once the first damaged
+    file is scored: here it is, before the rest of the attack; an attacker
+    at full speed may get a few files done before that.)"""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_corpus(src, 80)
+    m = mount_factory(src)
+    files = victims(m.mnt)[:30]
+    began, closed = {}, {}
+    rel = os.path.relpath(files[0], m.mnt)
+    began[rel] = time.time_ns()
+    ATTACKS[attack](files[0])
+    closed[rel] = time.time_ns()
+    g = guard_state(m)
+    assert g["pacing"] and not g["alert"], g
+    for p in files[1:]:
+        rel = os.path.relpath(p, m.mnt)
+        began[rel] = time.time_ns()
+        ATTACKS[attack](p)
+        closed[rel] = time.time_ns()
+    g = guard_state(m)
+    a = g["alert"]
+    assert a and a["blocking"] is None, g
+    crossing = a["examples"][-1]["path"].removesuffix(".locked")
+    early = [r for r, t in began.items() if t < a["time_ns"]]
+    print(f"GUARD alert mode, full speed: {len(early)} files begun before the alert, {a['files']} in it",
+          file=sys.stderr)
+    assert a["time_ns"] <= closed[crossing], "the crossing file's close returned before its scoring"
+    assert early[-1] == crossing and len(early) == a["files"], (early[-3:], crossing)
+    assert not g["pacing"]  # the alert ends the pacing: alert only, the attack goes on

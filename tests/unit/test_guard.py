@@ -125,6 +125,67 @@ def test_first_4k_and_stripes_and_header_kept():
         assert w.det.alert is not None and i + 1 <= 20, (attack, i)
 
 
+def test_first_4k_scores_a_whole_file_when_the_old_head_was_not_sampled():
+    """The first save of a file since the mount: its old first chunk is no
+    longer in capture's raw cache, so only the extension tells its type.  A
+    head that went random where a text file or a PDF was counts the entropy
+    signal too (a whole file, 1.0; it was 0.5/0.75: 8-10 files before the
+    alert in the mount bench), so 5 files raise the alert."""
+    w = World()
+    paths = corpus(w)
+    for i, p in enumerate(paths[:5]):
+        old = w.old[p]
+        d = bytearray(w.raw[old])
+        d[:4096] = enc(bytes(d[:4096]))
+        nc = w._chunk(bytes(d), old)
+        assert nc.base_id == old  # the rest of the chunk is unchanged: still a delta of the old one
+        del w.raw[old]  # left the raw cache: no old head sample
+        w.old[p] = nc.id
+        a = w.feed(Change(op="write", path=p, size=len(d), cause="write", base_seq=1,
+                          edit=[(0, 1, [(nc.id, len(d))])], chunks=[nc]))
+        h = w.det.hits[-1]
+        assert h.key == p and "type" in h.reasons and "entropy" in h.reasons and h.score == 1.0, h
+    assert a is not None and a.files == 5
+
+
+def test_first_4k_of_a_compressed_format_scores_a_whole_file():
+    """A JPEG's or a zip's head is random-looking already, so no entropy rise
+    shows; losing the magic number to 4 KiB of random bytes of no format
+    counts a quarter more than the type alone (0.75): 5 files alert, not 7.
+    A re-save into another recognised format (a HEIC in a .jpg) does not."""
+    w = World()
+    rng = random.Random(3)
+    jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(rng.randrange(256) for _ in range(30_000))
+    for i in range(5):
+        p = b"photos/img%d.jpg" % i
+        w.put(p, jpeg, cause="scan")
+        d = enc(jpeg[:4096]) + jpeg[4096:]
+        a = w.put(p, d)
+        h = w.det.hits[-1]
+        assert h.key == p and h.reasons[:2] == ("type", "entropy") and h.score == 1.0, h
+    assert a is not None and a.files == 5
+    w = World()
+    p = b"photos/heic.jpg"
+    w.put(p, jpeg, cause="scan")
+    w.put(p, b"\0\0\0\x18ftypheic" + jpeg[12:])
+    assert not w.det.hits or "entropy" not in w.det.hits[-1].reasons
+
+
+def test_a_new_text_files_head_is_remembered_below_every_threshold():
+    """A new file's text head is sampled sparsely (every 16th byte): what the
+    guard remembers for its next save stays far below the entropy thresholds,
+    so an edit that keeps it text scores nothing and encryption still does."""
+    w = World()
+    p = b"docs/new.txt"
+    w.put(p, TEXT[:6000])
+    kind, ent = w.det.memory[p]
+    assert kind == "text" and ent < 5.0
+    w.put(p, TEXT[:6000].replace(b"customer", b"client"))
+    assert not w.det.hits
+    w.put(p, enc(TEXT[:6000]))
+    assert w.det.hits and w.det.hits[-1].score == 1.0
+
+
 def test_encrypt_and_rename_and_write_new_delete_old():
     w = World()
     paths = corpus(w)
@@ -417,6 +478,29 @@ async def test_pacing_ends_after_a_quiet_half_minute():
     assert w.det.score() >= guard.SUSPECT * w.det.threshold  # the hit still counts toward an alert
 
 
+@pytest.mark.parametrize("action", ["alert", "block"])
+def test_a_new_opaque_file_alone_paces_only_under_block(action):
+    """gpg -c or a download writes a new file of random bytes: under block
+    that paces the next half minute (an attacker's first write-new-then-
+    delete-old steps), under alert it takes a second one (pip install after
+    a gpg -c ran twice as long, paced file by file); a hit paces both."""
+    w = World()
+    ops = FakeOps()
+    g = guard.Guard(w.det, None, NoNursery(), action=action, ops=ops)
+    paths = corpus(w)
+    w.feed = lambda *ch: g.observe(ch, [0] * len(ch))
+    w.put(b"docs/backup.tar.gpg", os.urandom(20_000))
+    assert w.det.fresh and w.det.score() == 0
+    assert (ops.guard_block is not None) == (action == "block")
+    w.put(b"docs/backup2.tar.gpg", os.urandom(20_000))
+    assert ops.guard_block is not None  # two: both pace
+    g._pace(False)
+    w.t += guard.PACE_QUIET + 1
+    assert not g.suspicious()
+    w.put(paths[0], enc(w.raw[w.old[paths[0]]]))  # a damaged file: both pace
+    assert ops.guard_block is not None and not ops.guard_block.blocking
+
+
 def test_opens_are_drained_into_the_detector():
     w = World()
     ops = FakeOps()
@@ -553,6 +637,44 @@ async def test_deferred_scoring_runs_after_the_commit_and_settle_waits_for_it():
         with trio.fail_after(5):
             await g.settle()
         assert not g.unscored and g.alerted and ops.guard_block is None  # alert only: nothing refused
+        nursery.cancel_scope.cancel()
+
+
+async def test_alert_mode_paces_so_the_alert_comes_before_the_next_change():
+    """--guard-action alert paces too (scoring deferred after each commit): a
+    full-speed attacker whose files capture commits 3 at a time has damaged
+    exactly the 5 files that make the score when the alert is raised, then
+    goes on unrefused (alert only) and unpaced.  Without pacing it ran one
+    commit (here 1, in a mount 4-6 files) past the crossing file."""
+    import trio
+
+    w = World()
+    ops = FakeOps()
+    paths = corpus(w)
+    g = guard.Guard(w.det, None, NoNursery(), action="alert", ops=ops)
+    pipe = FakePipeline(w, g)
+    g.start_deferred()
+    assert g.deferred
+    damaged = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(g.scorer)
+        with trio.fail_after(5):
+            for p in paths:
+                if ops.guard_block is not None:
+                    await ops.guard_block.check(Ctx(os.getppid()))  # never refused under alert
+                if g.alerted:
+                    break  # what the attacker had damaged when the alert was raised
+                pipe.damage(p)
+                damaged += 1
+                if len(pipe.pending) == 3:
+                    pipe.commit()
+                await trio.sleep(0)
+            assert g.alerted and ops.guard_block is None  # the alert ends the pacing; nothing is refused
+            assert damaged == 5, f"{damaged} files damaged before the alert"
+            for p in paths[damaged:damaged + 3]:  # the attack goes on: nothing waits for the guard now
+                pipe.damage(p)
+            await g.settle()
+        assert w.det.damaged_since_alert == 3 and ops.guard_block is None
         nursery.cancel_scope.cancel()
 
 

@@ -197,11 +197,21 @@ def aes(data: bytes) -> bytes:
     return e.update(data) + e.finalize()
 
 
+# when the current file's first destructive request returned (its open for
+# writing, or the delete of the original): nothing of it was damaged before
+DAMAGED_AT = [0]
+
+
+def _damaging() -> None:
+    DAMAGED_AT[0] = time.time_ns()
+
+
 def _rewrite(p: str, fn) -> bool:
     with open(p, "rb") as f:
         data = f.read()
     try:
         with open(p, "r+b") as f:
+            _damaging()
             f.write(fn(data))
     except PermissionError:
         return False
@@ -231,6 +241,7 @@ def write_new_delete_old(p: str) -> bool:
         pass  # goes on: a real attacker would not stop at one refusal
     try:
         os.unlink(p)
+        _damaging()
         return True
     except PermissionError:
         return False
@@ -247,6 +258,7 @@ def open_then_delete(p: str) -> bool:
         pass
     try:
         os.unlink(p)
+        _damaging()
         return True
     except PermissionError:
         return False
@@ -298,7 +310,7 @@ def run_attack(src: str, mnt: str, clean: dict, name: str, order: int, slow_ever
     it began before the alert was raised (the alert's own time)."""
     hit = ATTACKS[name]
     alert_file = os.path.join(src, ".deltafs", "guard-alert.json")
-    lost, t0, began = 0, time.monotonic(), []
+    lost, t0, began, damaged = 0, time.monotonic(), [], []
     vs = victims(mnt, order)
     if name == "slow":
         vs = vs[:40]  # the block stops it long before (and each file costs slow_every)
@@ -311,10 +323,11 @@ def run_attack(src: str, mnt: str, clean: dict, name: str, order: int, slow_ever
             time.sleep(slow_every)
             if guard_state(src)["alert"]:  # stopped: no need to wait out the rest
                 break
-        t = time.time_ns()
+        t = DAMAGED_AT[0] = time.time_ns()
         if hit(p):
             lost += 1
             began.append(t)
+            damaged.append(DAMAGED_AT[0])
     took = time.monotonic() - t0
     g = guard_state(src)
     a = g["alert"]
@@ -323,6 +336,7 @@ def run_attack(src: str, mnt: str, clean: dict, name: str, order: int, slow_ever
            "alert_files": a["files"] if a else None}
     if a:
         res["before_alert"] = sum(1 for t in began if t < a["time_ns"])
+        res["damaged_before_alert"] = sum(1 for t in damaged if t < a["time_ns"])
     if not a:
         res["rollback_ok"] = False
         return res
@@ -576,7 +590,7 @@ def _lost_stats(vals: list[int]) -> tuple[float | None, int | None]:
 def render(a: argparse.Namespace, n: int, trials: list[dict], ben: list[dict], rb: dict | None,
            c: dict | None, total_s: float) -> str:
     rows = []
-    per_mode: dict[str, list[int]] = {"block": [], "alert": []}
+    per_mode: dict[str, list[int]] = {"block": [], "alert": [], "damaged": []}
     for name in ATTACKS:
         ts = [t for t in trials if t["attack"] == name]
         if not ts:
@@ -587,11 +601,14 @@ def render(a: argparse.Namespace, n: int, trials: list[dict], ben: list[dict], r
         before = [t["before_alert"] for t in alr if t.get("before_alert") is not None]
         per_mode["block"] += lost
         per_mode["alert"] += before
+        dmg = [t["damaged_before_alert"] for t in alr if t.get("damaged_before_alert") is not None]
+        per_mode["damaged"] += dmg
         af = [t["alert_files"] for t in blk if t.get("alert_files")]
         rows.append([name, f"{len(blk)} + {len(alr)}",
                      f"{statistics.median(lost):g} / {max(lost)}" if lost else "–",
                      f"{statistics.median(af):g}" if af else "–",
                      f"{statistics.median(before):g} / {max(before)}" if before else "–",
+                     f"{statistics.median(dmg):g} / {max(dmg)}" if dmg else "–",
                      f"{sum(t['alert'] for t in ts)}/{len(ts)}",
                      f"{sum(t['rollback_ok'] for t in ts)}/{len(ts)}",
                      f"{statistics.median([t.get('rollback_s', 0) for t in ts]):.1f} s"])
@@ -602,7 +619,9 @@ def render(a: argparse.Namespace, n: int, trials: list[dict], ben: list[dict], r
             for b in ben]
     summary = []
     for mode, label in (("block", "files lost before `--guard-action block` stopped the attack"),
-                        ("alert", "files the attack began before the alert was raised (`--guard-action alert`)")):
+                        ("alert", "files the attack began before the alert was raised (`--guard-action alert`)"),
+                        ("damaged", "files the attack had begun to damage (its open for writing or delete of the "
+                                    "original returned) before the alert (`--guard-action alert`)")):
         med, mx = _lost_stats(per_mode[mode])
         if med is None:
             continue
@@ -669,6 +688,7 @@ def render(a: argparse.Namespace, n: int, trials: list[dict], ben: list[dict], r
            report.md_table(["measurement", "result", "target", "met"], summary), "",
            report.md_table(["attack", "trials (block + alert)", "lost, block (median / max)",
                             "files in the alert, block (median)", "began before the alert, alert only (median / max)",
+                            "damaged before the alert, alert only (median / max)",
                             "alerts", "rolled back exactly", "rollback"], rows)]
     if brow:
         out += ["", "Benign work on the same mount after the attacks (in this order; the score is the guard's "
@@ -749,7 +769,8 @@ def main(argv=None) -> int:
                         continue  # one file every slow_every s: under block it is paced anyway; alert adds nothing
                     for t in range(a.trials):
                         res = run_attack(src, mnt, clean, name, t, a.slow_every, mode)
-                        log(f"{mode} {name} #{t}: lost {res['lost']}, before alert {res.get('before_alert')}, "
+                        log(f"{mode} {name} #{t}: lost {res['lost']}, before alert {res.get('before_alert')} "
+                            f"(damaged {res.get('damaged_before_alert')}), "
                             f"in alert {res['alert_files']}, refused {res['refused']}, "
                             f"rollback {res.get('rollback_s')} s exact {res['rollback_ok']}")
                         trials.append(res)
