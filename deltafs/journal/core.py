@@ -33,7 +33,8 @@ from .verify import VerifyResult, verify
 
 log = logging.getLogger(__name__)
 
-LIST_CACHE_ENTRIES = 2_000_000  # chunk-list entries kept for the writer
+LIST_CACHE_BYTES = 16 << 20  # packed chunk lists kept for the writer (24 bytes an entry)
+LIST_CACHE_ENTRIES = LIST_CACHE_BYTES // S.ENTRY_LEN  # ~700,000: an 11 GiB file's list (the newest is always kept)
 REUSE_WINDOW_NS = 120 * 1_000_000_000  # a gone file's path re-created this soon continues its history
 _CREATES = frozenset(("create", "mkdir", "symlink", "mknod"))
 LIST_CACHE_VERSIONS = 10_000  # and lists at most (one per file edited lately; deleted files' age out)
@@ -415,7 +416,7 @@ class Journal:
             stored, chash = self._content(txn, rd, ch, seq)
         value, _ = encode_record(seq, hlc, ch, prev, stored, chash)
         txn.put(S.u64(seq), value, db=self._dbs[S.DB_CHANGES], append=True)
-        rec = decode_record(value, seq)
+        rec = decode_record(value, seq, lists=False)  # the tree state needs no chunk list
         apply_record(LmdbStore(txn, self._dbs), rec)
         S.index_record(txn, self._dbs, seq, rec.file_id, (rec.path, rec.path2))
         txn.put(S.META_HLC, _packb(hlc), db=self._dbs[S.DB_META])
@@ -497,7 +498,8 @@ class Journal:
         if base and rd.is_pruned(base):  # its chunks may be freed
             raise ValueError(f"base version {base} of {ch.path!r} has been pruned by compaction")
         old, total, depth, accum = self._list_for(rd, base) if base else (b"", 0, -1, 0)
-        edit = [(int(s), int(c), [(bytes(i), int(n)) for i, n in refs]) for s, c, refs in ch.edit]
+        edit = ch.edit if _plain_edit(ch.edit) else \
+            [(int(s), int(c), [(bytes(i), int(n)) for i, n in refs]) for s, c, refs in ch.edit]
         new, new_total = S.apply_edit_packed(old, total, edit)
         if new_total != ch.size:
             raise ValueError(f"chunk list of {ch.path!r} sums to {new_total} bytes, size is {ch.size}")
@@ -566,6 +568,19 @@ class Journal:
     def _clear_list_cache(self) -> None:
         self._lists.clear()
         self._list_entries = 0
+
+
+def _plain_edit(edit) -> bool:
+    """Is ``edit`` already ``[(int, int, [(bytes, int), ...]), ...]`` (what a
+    capture builds)?  Then the writer keeps it as it is instead of a copy
+    (a 4 GiB file's edit is ~11 MiB of tuples: the copy doubled it)."""
+    for s, c, refs in edit:
+        if type(s) is not int or type(c) is not int or type(refs) is not list:
+            return False
+        for ref in refs:
+            if type(ref) is not tuple or len(ref) != 2 or type(ref[0]) is not bytes or type(ref[1]) is not int:
+                return False
+    return True
 
 
 def _new_id() -> int:
