@@ -9,6 +9,7 @@ databases, packs, write lock; the only ``lmdb`` importer) -> ``upgrade``,
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -504,13 +505,13 @@ class Journal:
         if new_total != ch.size:
             raise ValueError(f"chunk list of {ch.path!r} sums to {new_total} bytes, size is {ch.size}")
         ch.edit = edit
-        entries = 0
-        named: dict[bytes, int] = {}  # one incref per distinct chunk (a hole names one id 160k times)
-        for _, _, refs in edit:
-            for cid, _ in refs:
-                named[cid] = named.get(cid, 0) + 1
-            entries += len(refs)
-        for cid, n in named.items():
+        # one incref per distinct chunk (a hole names one id 160k times), in key
+        # order; a sorted list of the ids, not a dict of counts (10 MiB for a
+        # 4 GiB file's 185,000 chunks, against 1.5 MiB)
+        ids = sorted(cid for _, _, refs in edit for cid, _ in refs)
+        entries = len(ids)
+        for cid, same in itertools.groupby(ids):
+            n = sum(1 for _ in same)
             if txn.get(cid, db=cdb) is None and not self._chunk_present(txn, cid):
                 raise ValueError(f"chunk {cid.hex()} named by the edit is not stored")
             self._incref(txn, cid, n)
