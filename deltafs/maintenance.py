@@ -302,7 +302,7 @@ def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None, held: set = frozen
                 changed(fid, hlc_to_ns(hlc))
     files = p.files() if everything else sorted(whole.union(since))
     th = _thresholds_ns(policy)
-    prune: list[int] = []
+    prune_of: list[tuple[int, int]] = []  # (file id, seq) of each version to prune
     read = 0
     for fid in files:
         full = everything or fid in whole
@@ -319,17 +319,18 @@ def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None, held: set = frozen
         if held:
             pinned |= {s for s, _ in versions if s in held}
         keep = retain(versions, now, policy, pinned)
-        prune += [s for s, _ in versions if s not in keep]
+        prune_of += [(fid, s) for s, _ in versions if s not in keep]
         lone = len(vs) == 1 and (full or p.is_first(fid, first))  # a lone version is never pruned
         for s, h, b, w in vs:
             if s in keep:
                 p.set_version_wake(fid, s, h, b, w, 0 if lone else _next_wake(hlc_to_ns(h), now_ns, th))
-    prune.sort()
+    prune = sorted(s for _, s in prune_of)
     doomed = set(prune)
     cands: set[int] = set()  # every retained version whose chain may read a doomed one
-    stack, seen = list(prune), set()
+    stack, seen = list(prune_of), set()
     while stack:
-        for c in p.children(stack.pop()):
+        for fc in p.children(*stack.pop()):
+            c = fc[1]
             if c in seen:
                 continue
             seen.add(c)
@@ -337,7 +338,7 @@ def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None, held: set = frozen
                 cands.add(c)
                 if p.has_checkpoint(c):
                     continue  # a chain through c stops at c
-            stack.append(c)
+            stack.append(fc)
     p.set_meta({**m, "upto": head, "policy": key, "snaps": snaps, "floor": floor, "now_ns": now_ns,
                 "versions": nv, "files": nf})
     return Plan(prune, sorted(cands), len(files), nf, nv, everything, read, why)

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import msgpack
 
+from deltafs.chunking import MAX_DELTA_DEPTH
 from deltafs.errors import JournalError, NotFoundError
 
 from . import checkpoints, private
@@ -157,7 +158,7 @@ class Journal:
         with self._storage.write() as txn:  # packs synced before it commits
             for nc in chunks:
                 bases = _bases(nc)
-                depth = nc.depth if bases else 0
+                depth = self._stored_depth(txn, nc, bases)
                 val = S.encode_chunk(depth, nc.raw_len, bases, nc.payload)
                 if self._storage.put_value(txn, nc.id, val, depth):
                     stored += len(val)
@@ -469,6 +470,34 @@ class Journal:
         else:
             self._incref(txn, cid)
 
+    def _stored_depth(self, txn, nc, bases: tuple[bytes, ...]) -> int:
+        """The depth chunk ``nc`` is written at: the sum of (depth + 1) over its
+        bases *as stored*, not the depth its coder believed.  A base may be
+        stored under another coding than the one the capture built on (two
+        captures building the same chunk at once: the first one stored wins),
+        and a coding path that miscounts must not write a value whose read
+        needs more than MAX_DELTA_DEPTH + 1 decompressions (the reader refuses
+        it).  ValueError when the real depth is over MAX_DELTA_DEPTH (or a base
+        is not stored): the capture fails, is logged, and the next write
+        rescans the file."""
+        if not bases:
+            return 0
+        cdb = self._dbs[S.DB_CHUNKS]
+        depth = 0
+        for b in bases:
+            loc = txn.get(b, db=cdb)
+            if loc is None and self._chunk_present(txn, b):  # back from the graveyard
+                loc = txn.get(b, db=cdb)
+            if loc is None:
+                raise ValueError(f"base chunk {b.hex()} of chunk {nc.id.hex()} is not stored")
+            depth += S.decode_loc(loc)[4] + 1
+        if depth > MAX_DELTA_DEPTH:
+            raise ValueError(f"chunk {nc.id.hex()} would be at delta depth {depth}, over {MAX_DELTA_DEPTH} "
+                             f"(its coder counted {nc.depth})")
+        if depth != nc.depth:
+            log.debug("chunk %s: depth %d as stored, %d as coded", nc.id.hex(), depth, nc.depth)
+        return depth
+
     def _chunk_present(self, txn, cid: bytes) -> bool:
         """Is the chunk stored?  One freed by GC after a capture saw it is
         brought back from the graveyard (``Compactor.chunk_present``)."""
@@ -488,7 +517,7 @@ class Journal:
             for b in bases:
                 if not self._chunk_present(txn, b):
                     raise ValueError(f"base chunk {b.hex()} of chunk {nc.id.hex()} is not stored")
-            depth = nc.depth if bases else 0
+            depth = self._stored_depth(txn, nc, bases)
             val = S.encode_chunk(depth, nc.raw_len, bases, nc.payload)
             if self._storage.put_value(txn, nc.id, val, depth):
                 stored += len(val)

@@ -5,7 +5,7 @@ the records since the last one instead of decoding the whole history.
 It is derived data, rebuilt from the records whenever it cannot be
 trusted, so an older deltafs that ignores it loses nothing:
 
-* ``b"M"`` -> msgpack map: ``layout`` (2; a state of another layout is
+* ``b"M"`` -> msgpack map: ``layout`` (3; a state of another layout is
   rebuilt), ``upto`` (the last record planned), ``pruned`` (the journal's
   ``pruned_versions`` counter the state agrees with), and the planner's own
   fields (policy, snapshots, mirror floor, time of the last plan, counts);
@@ -13,8 +13,13 @@ trusted, so an older deltafs that ignores it loses nothing:
   every content version up to ``upto`` that is not pruned; ``wake`` (ns,
   0: none) is when the retention's answer about this version may next
   change with age alone (the next age threshold it reaches);
-* ``b"c" + u64 base_seq + u64 seq`` -> empty: the same versions by their
-  base (whose chain reads a version);
+* ``b"c" + u64 base_seq + u64 seq`` -> u64 file id of ``seq``: the
+  versions whose base is *not* the version before them in the state (a
+  delta against another file's version, a branch), by their base.  A
+  version whose base is its file's previous version (nearly all of them)
+  has no ``c`` entry: :meth:`PlanTxn.children` finds it as the next ``v``
+  entry of the file.  (Layout 2 had a ``c`` entry for every version with a
+  base: ~25 of the ~70 bytes a version cost.)
 * ``b"f" + u64 file id`` -> empty: the files with a version in the state;
 * ``b"x" + u64 wake + u64 file id + u64 seq`` -> empty: the versions by
   their ``wake``, so a pass finds the versions whose age crossed a threshold
@@ -42,7 +47,7 @@ from .records import decode_record
 
 META = b"M"
 NEVER = (1 << 64) - 1
-LAYOUT = 2  # of the keys above; a state of another layout is rebuilt
+LAYOUT = 3  # of the keys above; a state of another layout is rebuilt
 
 
 def _packb(v) -> bytes:
@@ -92,12 +97,13 @@ class PlanTxn:
 
     # --- versions ---------------------------------------------------------------------
     def add_version(self, fid: int, seq: int, hlc: int, base: int) -> bool:
-        """-> True when ``fid`` had no version in the state before."""
+        """-> True when ``fid`` had no version in the state before.  A file's
+        versions are added in seq order (the records' order)."""
         fk = b"f" + S.u64(fid)
         new_file = self._txn.get(fk, db=self._db) is None
+        if base and base != self._previous(fid, seq):
+            self._txn.put(_ckey(base, seq), S.u64(fid), db=self._db)
         self._txn.put(_vkey(fid, seq), _packb([hlc, base, 0]), db=self._db)
-        if base:
-            self._txn.put(_ckey(base, seq), b"", db=self._db)
         if new_file:
             self._txn.put(fk, b"", db=self._db)
         return new_file
@@ -162,16 +168,29 @@ class PlanTxn:
                 out.append(S.from_u64(k[1:9]))
         return out
 
-    def children(self, seq: int) -> list[int]:
-        """Versions in the state whose base is ``seq``."""
-        pre = b"c" + S.u64(seq)
+    def _previous(self, fid: int, seq: int) -> int:
+        """The seq of ``fid``'s version before ``seq`` in the state (0: none)."""
+        pre = b"v" + S.u64(fid)
+        cur = self._txn.cursor(db=self._db)
+        ok = cur.prev() if cur.set_range(_vkey(fid, seq)) else cur.last()
+        return S.from_u64(cur.key()[9:17]) if ok and cur.key()[:9] == pre else 0
+
+    def children(self, fid: int, seq: int) -> list[tuple[int, int]]:
+        """(file id, seq) of the versions in the state whose base is version
+        ``seq`` of file ``fid``: the file's next version if its base is
+        ``seq``, and those with a ``c`` entry under ``seq``."""
         out = []
         cur = self._txn.cursor(db=self._db)
+        pre = b"v" + S.u64(fid)
+        if cur.set_range(_vkey(fid, seq + 1)) and cur.key()[:9] == pre:
+            if msgpack.unpackb(cur.value())[1] == seq:
+                out.append((fid, S.from_u64(cur.key()[9:17])))
+        pre = b"c" + S.u64(seq)
         if cur.set_range(pre):
-            for k in cur.iternext(values=False):
+            for k, v in cur.iternext():
                 if k[:9] != pre:
                     break
-                out.append(S.from_u64(k[9:17]))
+                out.append((S.from_u64(v), S.from_u64(k[9:17])))
         return out
 
     def has_checkpoint(self, seq: int) -> bool:

@@ -3,7 +3,8 @@ by compaction (issue 20).
 
 Its ``v`` (file id, seq) and ``c`` (base seq, seq) keys each grow at the
 end of their own key range, inside the tree: every page split leaves two
-half-full pages.  A small history's journal then carried 7 pages of
+half-full pages.  (Since layout 3 a version whose base is its file's
+previous version, nearly every one, has no ``c`` entry.)  A small history's journal then carried 7 pages of
 planning state where 4 would do ("files+paths+meta+main" in
 docs/benchmarks.md grew from 20 to 48 KiB).  ``densify_index`` rewrites it
 in key order like the chunk index; the planner reads the same state back.
@@ -39,7 +40,9 @@ def test_compaction_packs_the_planning_state(tmp_path):
         seq = d.capture(b"notes.md", base=seq)
     M.compact(d.j, parse_retention("*:all"))  # plans (fills the state), then packs
     leaves, need, items = _plan(d.j)
-    assert len(items) > 800  # a v and a c entry per version
+    tags = [k[:1] for k, _ in items]
+    assert tags.count(b"v") == 401  # a v entry per version (and an x entry while a burst may coalesce)
+    assert tags.count(b"c") == 0  # none: each base is the version before (layout 3)
     assert leaves <= need + 1, (leaves, need)
     # the planner trusts the packed state and plans the next pass from it
     rep = M.compact(d.j, parse_retention("*:all"))
@@ -77,3 +80,28 @@ def test_compaction_packs_the_files_and_paths_databases(tmp_path):
         assert {n: r.file_id_at(n) for n in names} == files
     assert d.j.verify(full=True).ok
     d.j.close()
+
+
+def test_children_are_found_without_c_entries_for_the_previous_version(tmp_path):
+    """Layout 3: ``children`` finds a file's next version by its ``v`` entry
+    when its base is the version before it, and the others (a base in
+    another file, an older version of its own) by their ``c`` entry; a
+    pruned version in between hides nothing and invents nothing."""
+    from deltafs.journal import Journal
+
+    j = Journal.open(tmp_path / "j", create=True)
+    with j.planning().update() as p:
+        # file 1: 10 <- 11 <- 12, 13 (base 11: a branch), 14 (base 20, file 2's)
+        # file 2: 20 <- 21
+        for fid, seq, base in ((1, 10, 0), (1, 11, 10), (2, 20, 0), (1, 12, 11), (2, 21, 20),
+                               (1, 13, 11), (1, 14, 20)):
+            p.add_version(fid, seq, seq * 100, base)
+    items = _plan(j)[2]
+    assert [(S.from_u64(k[1:9]), S.from_u64(k[9:17]), S.from_u64(v)) for k, v in items if k[:1] == b"c"] \
+        == [(11, 13, 1), (20, 14, 1)]  # (base, seq, file id of seq)
+    with j.planning().update() as p:
+        assert p.children(1, 10) == [(1, 11)]
+        assert sorted(p.children(1, 11)) == [(1, 12), (1, 13)]
+        assert p.children(1, 12) == [] and p.children(1, 14) == []
+        assert sorted(p.children(2, 20)) == [(1, 14), (2, 21)]
+    j.close()

@@ -32,13 +32,14 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 
 from tools.bench import report
-from tools.bench.scale import write_docs
+from tools.bench.scale import _terminate, write_docs
 from tools.bench.targets import DELTAFS, ROOT, force_unmount
 
 HEADING = "## Past views: mount --at"
@@ -608,6 +609,8 @@ def main(argv=None) -> int:
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     files = a.files or (10_000 if a.quick else 100_000)
     records = a.records or (100_000 if a.quick else 1_000_000)
     big = (256 << 20) if a.quick else (1 << 30)
@@ -639,6 +642,9 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "deltafs")],
                        check=False, stdout=subprocess.DEVNULL)
         res = measure(w, gen, big)
+    except KeyboardInterrupt:   # Ctrl-C, SIGTERM, SIGHUP: unmount (below), no traceback
+        log("interrupted")
+        return 130
     finally:
         for m in ("mnt", "view"):
             force_unmount(os.path.join(w, m))
