@@ -40,7 +40,7 @@ import operator
 import threading
 from collections import Counter, OrderedDict
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import xxhash
@@ -241,11 +241,26 @@ def _buffer_pread(data: bytes) -> Pread:
 
 @dataclass(frozen=True, slots=True)
 class Replace:
-    """Old chunks ``[old_start, old_start+old_count)`` become ``new``."""
+    """Old chunks ``[old_start, old_start+old_count)`` become ``refs``, the
+    chunks ``(id, length)`` of the new content from ``offset`` on.
+
+    Kept as plain pairs, not :class:`Span` objects: a 4 GiB file's re-chunking
+    holds ~260,000 of them, and the pairs are the journal's edit as they are."""
 
     old_start: int
     old_count: int
-    new: tuple[Span, ...]
+    refs: list[ChunkRef]
+    offset: int = 0
+
+    @property
+    def new(self) -> tuple[Span, ...]:
+        """The new chunks as spans (with their offsets)."""
+        out = []
+        off = self.offset
+        for cid, n in self.refs:
+            out.append(Span(cid, off, n))
+            off += n
+        return tuple(out)
 
 
 @dataclass(slots=True)
@@ -254,7 +269,11 @@ class Rechunk:
 
     edits: list[Replace]
     bytes_read: int = 0
-    new_spans: list[Span] = field(default_factory=list)  # every Span in edits, in order
+
+    @property
+    def new_spans(self) -> list[Span]:
+        """Every new chunk of the edits, in order, as spans."""
+        return [s for r in self.edits for s in r.new]
 
     def edit_list(self, old: Sequence[ChunkRef] | None = None) -> list[tuple[int, int, list[ChunkRef]]]:
         """The edit in the journal's form: ``[(old_start, old_count, [(id, len)...])]``.
@@ -265,7 +284,7 @@ class Rechunk:
         """
         out: list[tuple[int, int, list[ChunkRef]]] = []
         for r in self.edits:
-            refs = [(s.id, s.length) for s in r.new]
+            refs = r.refs
             if old is None:
                 out.append((r.old_start, r.old_count, refs))
             else:
@@ -295,19 +314,25 @@ def _minimal_replace(old: Sequence[ChunkRef], start: int, count: int,
     return [(start + i1, i2 - i1, b[j1:j2]) for tag, i1, i2, j1, j2 in ops if tag != "equal"]
 
 
-def apply_edit(old: Sequence[ChunkRef], edits: Sequence) -> list[ChunkRef]:
-    """Apply ``[(old_start, old_count, new_refs)]`` (sorted, disjoint) to ``old``."""
+def apply_edit(old: Sequence[ChunkRef], edits: Sequence, copy: bool = True) -> list[ChunkRef]:
+    """Apply ``[(old_start, old_count, new_refs)]`` (sorted, disjoint) to ``old``.
+
+    ``copy=False``: the new refs are already ``(bytes, int)`` tuples (an
+    edit a capture built) and the result shares them."""
     out: list[ChunkRef] = []
     cur = 0
     for e in edits:
         if isinstance(e, Replace):
-            start, count, new = e.old_start, e.old_count, [(s.id, s.length) for s in e.new]
+            start, count, new = e.old_start, e.old_count, e.refs
         else:
             start, count, new = e
         if start < cur or start + count > len(old):
             raise ValueError(f"edit ({start}, {count}) out of order or beyond {len(old)} chunks")
         out.extend(old[cur:start])
-        out.extend((bytes(i), int(n)) for i, n in new)
+        if copy:
+            out.extend((bytes(i), int(n)) for i, n in new)
+        else:
+            out.extend(new)
         cur = start + count
     out.extend(old[cur:])
     return out
@@ -417,11 +442,10 @@ def rechunk_aligned(
                 raise EOFError(f"short read: wanted {y - x} bytes at offset {x}, got {len(data)}")
             result.bytes_read += len(data)
             span = Span(chunk_id(data), x, y - x)
-            spans.append(span)
+            spans.append((span.id, y - x))
             if on_chunk is not None:
                 on_chunk(span, memoryview(data))
-        result.edits.append(Replace(start_k, count, tuple(spans)))
-        result.new_spans.extend(spans)
+        result.edits.append(Replace(start_k, count, spans, a))
 
     def unchanged(j: int) -> bool:
         data = pread(offsets[j], old[j][1])
@@ -556,7 +580,7 @@ def rechunk(
         s, dirty_end = ranges[i]
         k = max(bisect.bisect_left(offsets, s) - 1, 0, cur_k)
         start = offsets[k]
-        spans: list[Span] = []
+        spans: list[ChunkRef] = []
         end_k = len(old)
         hint = min(dirty_end, new_size) - start + 2 * MAX_SIZE
         pos = start
@@ -566,7 +590,7 @@ def rechunk(
             else:
                 result.bytes_read += len(data)
                 span = Span(chunk_id(data), off, len(data))
-            spans.append(span)
+            spans.append((span.id, span.length))
             if on_chunk is not None:
                 on_chunk(span, data)
             pos = off + len(data)
@@ -580,8 +604,7 @@ def rechunk(
                     break
         else:
             end_k = len(old)
-        result.edits.append(Replace(k, end_k - k, tuple(spans)))
-        result.new_spans.extend(spans)
+        result.edits.append(Replace(k, end_k - k, spans, start))
         cur_k = end_k
         i += 1
     return result

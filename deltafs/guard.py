@@ -867,8 +867,9 @@ class Guard:
             await trio.lowlevel.cancel_shielded_checkpoint()  # the fsync waiters the commit woke go first
             n = 0
             while self.unscored:
-                changes, seqs = self.unscored.popleft()
-                self.score_item(changes, seqs)
+                # no local names: the last item's changes (a 4 GiB file's edit and
+                # payloads) would stay referenced by this frame until the next one
+                self.score_item(*self.unscored.popleft())
                 n += 1
                 if n % 64 == 0:
                     await trio.lowlevel.checkpoint()  # a long batch (rm -rf): let requests through

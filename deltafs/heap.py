@@ -29,6 +29,33 @@ def _lib():
     return _libc
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def stats() -> dict:
+    """glibc's view (``mallinfo2``): bytes in use, free bytes kept in the heap,
+    mmapped blocks; and RssAnon from /proc.  {} parts where unknown."""
+    out: dict = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    out["rss_anon"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    lib = _lib()
+    try:
+        fn = lib.mallinfo2
+    except (AttributeError, TypeError):  # not glibc 2.33+
+        return out
+    fn.restype = _Mallinfo2
+    m = fn()
+    out.update(in_use=m.uordblks + m.hblkhd, free_kept=m.fordblks, mmapped=m.hblkhd, top_pad=m.keepcost)
+    return out
+
+
 def limit_arenas(n: int) -> None:
     """M_ARENA_MAX = ``n``: every thread allocates from the same ``n`` arenas."""
     lib = _lib()

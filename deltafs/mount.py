@@ -11,6 +11,7 @@ signal drains pending captures before it closes the journal.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import logging.handlers
 import os
@@ -326,21 +327,32 @@ def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:
 
 def _trace_heap(dirname: str, every_s: float = 60.0) -> None:
     """Developers: tracemalloc snapshots of the daemon, one every ``every_s``
-    seconds, as DIRNAME/heap-NNN.snap (tracemalloc.Snapshot.load)."""
+    seconds, as DIRNAME/heap-NNN.snap (tracemalloc.Snapshot.load), and one
+    at once whenever a file DIRNAME/now appears (it is removed): e.g. at the
+    peak of a workload (tools/bench/bigmem.py)."""
     import threading
     import tracemalloc
 
     tracemalloc.start(8)
+    now = os.path.join(dirname, "now")
 
     def dump() -> None:
         n = 0
+        due = 0.0
         while True:
-            try:
-                tracemalloc.take_snapshot().dump(os.path.join(dirname, f"heap-{n:03d}.snap"))
-            except OSError:
-                log.debug("heap snapshot", exc_info=True)
-            n += 1
-            time.sleep(every_s)
+            asked = os.path.exists(now)
+            if asked or time.monotonic() >= due:
+                try:
+                    tracemalloc.take_snapshot().dump(os.path.join(dirname, f"heap-{n:03d}.snap"))
+                    with open(os.path.join(dirname, f"heap-{n:03d}.json"), "w") as f:
+                        json.dump(heap.stats(), f)
+                    if asked:
+                        os.unlink(now)
+                except OSError:
+                    log.debug("heap snapshot", exc_info=True)
+                n += 1
+                due = time.monotonic() + every_s
+            time.sleep(0.2)
 
     threading.Thread(target=dump, name="heap-snapshots", daemon=True).start()
 

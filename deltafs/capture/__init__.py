@@ -16,8 +16,8 @@ package, by concern (docs/design.md, "Layers"):
 
 from __future__ import annotations
 
-from deltafs.capture.content import (BASE_MISSES, BASE_RETRY, CHUNK_FLUSH_BYTES, FULL, LIST_CACHE_ENTRIES,
-                                     LIST_CACHE_OVERHEAD, LIST_CACHE_VERSIONS, RAW_CACHE_BYTES,
+from deltafs.capture.content import (BASE_MISSES, BASE_RETRY, CHUNK_FLUSH_BYTES, FULL, LIST_CACHE_BYTES,
+                                     LIST_CACHE_ENTRIES, LIST_CACHE_OVERHEAD, LIST_CACHE_VERSIONS, RAW_CACHE_BYTES,
                                      RESTART_HANDICAP, ContentCapture, capture_chunks, file_holes)
 from deltafs.capture.identity import GONE_KEPT, REUSE_SECONDS, GonePaths
 from deltafs.capture.pipeline import GROUP_WINDOW, MAX_BYTES, MAX_ITEMS, Item, Pipeline
@@ -27,7 +27,8 @@ from deltafs.capture.state import NodeCapture
 
 __all__ = [
     "BASE_MISSES", "BASE_RETRY", "CHUNK_FLUSH_BYTES", "FULL", "GONE_KEPT", "GROUP_WINDOW",
-    "LIST_CACHE_ENTRIES", "LIST_CACHE_OVERHEAD", "LIST_CACHE_VERSIONS", "MAX_BYTES", "MAX_ITEMS",
+    "LIST_CACHE_BYTES", "LIST_CACHE_ENTRIES", "LIST_CACHE_OVERHEAD", "LIST_CACHE_VERSIONS", "MAX_BYTES",
+    "MAX_ITEMS",
     "RAW_CACHE_BYTES", "RESTART_HANDICAP", "REUSE_SECONDS", "ContentCapture", "GonePaths", "Item",
     "NodeCapture", "Pipeline", "Recorder",
     "Rename", "capture_chunks", "classify_rename", "file_holes",

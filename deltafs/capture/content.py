@@ -20,7 +20,9 @@ from deltafs.errors import JournalError
 from deltafs.journal import Change, Journal
 
 CHUNK_FLUSH_BYTES = 8 << 20  # store new chunks ahead of their record beyond this much
-LIST_CACHE_ENTRIES = 300_000  # chunk lists kept between captures, in entries (~40 MB at most)
+LIST_CACHE_BYTES = 24 << 20  # chunk lists kept between captures, as Python objects
+LIST_ENTRY_BYTES = 160  # one entry of a kept list: its (id, length) tuple, the id, its offset, two slots
+LIST_CACHE_ENTRIES = LIST_CACHE_BYTES // LIST_ENTRY_BYTES  # ~157,000: a 2 GiB file's list fits, a 4 GiB one not
 LIST_CACHE_OVERHEAD = 8  # a kept version counts as this many entries more (its tuple, dict slot)
 LIST_CACHE_VERSIONS = 10_000  # and at most this many versions (deleted files' lists age out: a bound
 # reached within the first hour of a busy mount, not after days of growth; issue 18 soak)
@@ -276,17 +278,21 @@ class ContentCapture:
         journal).  ``base``: the version it replaces, dropped (the next capture
         of the file builds on ``seq``), so the cache holds about one list per
         file, not one per save; bounded in entries either way."""
-        old = self.lists.pop(base, None) if base else None
-        if old is not None:
-            self.list_entries -= len(old[0]) + LIST_CACHE_OVERHEAD
-        if seq in self.lists:
-            return
+        self.forget_list(base)
+        if seq in self.lists or len(refs) + LIST_CACHE_OVERHEAD > LIST_CACHE_ENTRIES:
+            return  # a list larger than the whole cache is not kept (the next capture reads it back)
         self.lists[seq] = (refs, offsets)
         self.list_entries += len(refs) + LIST_CACHE_OVERHEAD
         while (self.list_entries > LIST_CACHE_ENTRIES or len(self.lists) > LIST_CACHE_VERSIONS) \
                 and len(self.lists) > 1:
             _, (old_refs, _) = self.lists.popitem(last=False)
             self.list_entries -= len(old_refs) + LIST_CACHE_OVERHEAD
+
+    def forget_list(self, seq: int | None) -> None:
+        """Drop version ``seq``'s kept list (superseded by the file's next version)."""
+        old = self.lists.pop(seq, None) if seq else None
+        if old is not None:
+            self.list_entries -= len(old[0]) + LIST_CACHE_OVERHEAD
 
     def compute(self, fd: int, path: bytes, cause: str, dirty, base: int | None,
                       cached=None, hint: int = 0) -> tuple[Change, tuple | None]:
@@ -326,12 +332,16 @@ class ContentCapture:
                                       self.raw_cache, aligned=not whole, holes=holes,
                                       hint=self.hint_list(r, hint) if hint and not old else None)
         edit = res.edit_list(old)
+        del res  # its spans (~100 bytes per chunk of the new content) before the new list is built
         if cause == "scan" and base and not edit and not new and size == sum(n for _, n in old):
             # same bytes, other stat (touch while unmounted, or the kernel's
             # writeback cache setting mtime after the last capture): no version
             return Change(op="setattr", path=path, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                           mtime_ns=st.st_mtime_ns), None
-        cache = (chunking.apply_edit(old, edit), chunking.edit_offsets(offsets, edit), base or 0)
+        if len(old) + sum(len(refs) - c for _, c, refs in edit) + LIST_CACHE_OVERHEAD > LIST_CACHE_ENTRIES:
+            cache = None  # too large to keep (remember_list): not built, its ~160 bytes per chunk never held
+        else:
+            cache = (chunking.apply_edit(old, edit, copy=False), chunking.edit_offsets(offsets, edit), base or 0)
         return Change(op="write", path=path, size=size, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                       mtime_ns=st.st_mtime_ns, cause=cause, base_seq=base or 0,
                       edit=edit, chunks=new), cache

@@ -34,7 +34,7 @@ from typing import Callable
 
 import trio
 
-from deltafs import hops
+from deltafs import heap, hops
 from deltafs.journal import Change, Journal
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ NAMESPACE_WINDOW = 0.025
 MAX_ITEMS = 4096  # queued items before producers wait (a namespace record is ~1 KiB with its Item)
 MAX_BYTES = 256 << 20  # bytes queued content captures read and hold until committed
 INLINE_RECORDS = 64  # namespace records the loop thread commits at once (Pipeline._take)
+TRIM_AFTER_BYTES = 64 << 20  # a committed capture that read this much: free heap pages back at once
 
 
 class Item:
@@ -92,6 +93,7 @@ class Pipeline:
         self.versions = 0
         self.records = 0
         self.inline_commits = 0  # namespace-only commits made on the loop thread
+        self.trims = 0  # heap trims after big captures
         self.failures = 0
         self.last_error: str | None = None
         self.last_capture_ns = 0
@@ -252,9 +254,19 @@ class Pipeline:
                     if self._latest.get(ino) is it:
                         del self._latest[ino]
                 self.queued_bytes -= it.nbytes
+                # a committed item stays referenced (the file's last item, the
+                # queue's last) until the next one: without what it committed,
+                # or a 4 GiB file's edit (~11 MiB of tuples) stays with it
+                it.after = it.list_cache = None
+                if _has_content(it.changes):
+                    it.changes = []
                 it.done.set()
             self._room.set()  # producers waiting in room() look again
             self._room = trio.Event()
+            if any(it.nbytes >= TRIM_AFTER_BYTES for it in batch):
+                # a big capture's transient objects (its chunk list as spans, edit and
+                # decoded forms) are freed now: give their pages back (heap.py)
+                self.trims += heap.trim(force=True)
             if any(not isinstance(r, BaseException) and r for r in results):
                 self.last_capture_ns = time.time_ns()
                 if self.needs_rescan and self.on_recovered is not None:

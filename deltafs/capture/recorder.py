@@ -203,10 +203,14 @@ class Recorder:
                     cap.base = None  # next capture of this inode: whole file
                 else:
                     cap.base = res[-1]
-            if item.list_cache is not None and not isinstance(res, BaseException) and res:
+            if isinstance(res, BaseException) or not res:
+                pass
+            elif item.list_cache is not None:
                 # the new list, so the next capture of the file does not
                 # rebuild it from the journal (that costs O(chunks + edits))
                 self.content.remember_list(res[-1], *item.list_cache)
+            elif item.changes and item.changes[-1].op == "write":
+                self.content.forget_list(item.changes[-1].base_seq)  # superseded, and too large to keep
         item.after = after
         self.pipe.push(item, _capture_bytes(fd, dirty))
         self.nursery.start_soon(self._compute, item, ops, node, ev, prev, fd, path, cause, dirty, base)

@@ -678,6 +678,47 @@ async def test_alert_mode_paces_so_the_alert_comes_before_the_next_change():
         nursery.cancel_scope.cancel()
 
 
+async def test_the_scorer_keeps_no_reference_to_what_it_scored():
+    """Issue 19, daemon memory: once scored, an item's changes (a content
+    version's edit and chunk payloads) are not held by the scorer task
+    until the next item comes."""
+    import gc
+    import weakref
+
+    import trio
+
+    class Tracked(list):
+        pass
+
+    w = World()
+    g = guard.Guard(w.det, None, NoNursery(), action="alert", ops=FakeOps())
+
+    async def drain():
+        pass
+    g.drain = drain
+    g.start_deferred()
+    paths = corpus(w)
+    refs = []
+
+    def feed(*changes):
+        seqs = list(range(w.seq + 1, w.seq + 1 + len(changes)))
+        w.seq += len(changes)
+        tracked = Tracked(changes)
+        refs.append(weakref.ref(tracked))
+        g.observe(tracked, seqs)
+    w.feed = feed
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(g.scorer)
+        for p in paths[:3]:
+            w.put(p, enc(w.raw[w.old[p]]))
+        with trio.fail_after(5):
+            await g.settle()
+        gc.collect()
+        assert refs and all(r() is None for r in refs)
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("action", ["alert", "block"])
 async def test_resume_scores_what_came_before_it_under_the_old_alert(action):
     """Changes made before `deltafs guard resume` but committed or scored after
