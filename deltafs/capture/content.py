@@ -359,12 +359,19 @@ class ContentCapture:
             return None
         return refs, chunking.list_offsets(refs)
 
-    def remember_base(self, path: bytes, seq: int | None = None) -> None:
+    def remember_base(self, path: bytes, seq: int | None = None, gone: bool = False) -> None:
         """The file at ``path`` is leaving it: its last version is the delta base
         hint of a file created there within REUSE_SECONDS (git checkout, cp over rm).
-        ``seq``: that version, if the caller has just read it from the journal."""
+        ``seq``: that version, if the caller has just read it from the journal.
+        ``gone``: the file itself is gone (its last name unlinked), so its kept
+        chunk list is dropped: deleted files' lists would otherwise push live
+        files' lists out of the bounded cache, and each such file's next save
+        would read its list back (a 1 GiB file: ~150 ms).  A file created here
+        within the window reads the hint's list from the journal."""
         if seq is None:
             seq = self.latest_content(path)
+        if gone:
+            self.forget_list(seq)
         hints = self.base_hints
         hints.pop(path, None)
         if not seq:

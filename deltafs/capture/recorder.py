@@ -435,7 +435,8 @@ class Recorder:
             if last:  # its last name: the file is gone (another link keeps it alive)
                 self.gone.gone(path)
                 looked = self._looked
-                self.content.remember_base(path, looked[1] if looked is not None and looked[0] == path else None)
+                self.content.remember_base(path, looked[1] if looked is not None and looked[0] == path else None,
+                                           gone=True)
             self.submit(Change(op="unlink", path=path))
 
     def _ev_rmdir(self, ops, parent, name) -> None:
@@ -469,7 +470,7 @@ class Recorder:
         if what.kind == saves.HIDDEN:  # todo.md -> todo.md~ : gone from the visible tree
             if not is_dir and st.st_nlink <= 1:
                 self.gone.gone(old)
-                self.content.remember_base(old)
+                self.content.remember_base(old, gone=True)
             self.submit(Change(op="rmdir" if is_dir else "unlink", path=old))
             return
         if what.kind == saves.SAVE:

@@ -83,3 +83,24 @@ def test_the_writer_keeps_a_capture_edit_and_applies_without_decoding_lists(tmp_
     assert all(type(i) is bytes for _, _, refs in ch2.edit for i, _ in refs)
     assert d.content(seq2) == data2 and d.content(seq) == data
     d.j.close()
+
+
+def test_a_deleted_file_list_leaves_the_cache(tmp_path):
+    """A file's last name unlinked: its kept chunk list goes with it, so
+    deleted files (a build's temporaries, a bench's big scratch file) do not
+    push a live file's list out of the bounded cache and make that file's
+    next save read its list back from the journal.  A file renamed away
+    keeps its list (it lives on under its new name)."""
+    d = Daemon(tmp_path)
+    _write(d, b"gone", random.Random(4).randbytes(256 << 10))
+    _write(d, b"moved", random.Random(5).randbytes(256 << 10))
+    s_gone, s_moved = d.capture(b"gone"), d.capture(b"moved")
+    content = d.rec.content
+    assert {s_gone, s_moved} <= set(content.lists)
+    entries = content.list_entries
+    content.remember_base(b"gone", s_gone, gone=True)
+    content.remember_base(b"moved", s_moved)
+    assert s_gone not in content.lists and s_moved in content.lists
+    assert content.list_entries < entries
+    assert content.base_hints[b"gone"][1] == s_gone  # still the delta base hint of a file created there
+    d.j.close()
