@@ -198,14 +198,12 @@ class Recorder:
             self.pipe.concerns(item, node.ino)
 
         def after(res):
+            ok = not isinstance(res, BaseException) and bool(res)
             if cap is not None:
-                if isinstance(res, BaseException) or not res:
-                    cap.base = None  # next capture of this inode: whole file
-                else:
-                    cap.base = res[-1]
-            if isinstance(res, BaseException) or not res:
-                pass
-            elif item.list_cache is not None:
+                cap.base = res[-1] if ok else None  # failed: the next capture of this inode is whole
+            if not ok:
+                return
+            if item.list_cache is not None:
                 # the new list, so the next capture of the file does not
                 # rebuild it from the journal (that costs O(chunks + edits))
                 self.content.remember_list(res[-1], *item.list_cache)
