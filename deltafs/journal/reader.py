@@ -105,7 +105,7 @@ class LmdbStore:
 
 def count_file(txn, dbs, n: int = 1) -> None:
     """``files`` holds ``paths`` too since format 10: the meta counter
-    ``files`` (a new file id: += 1) keeps ``stats()['files']`` O(1)."""
+    ``file_count`` (a new file id: += 1) keeps ``stats()['files']`` O(1)."""
     m = dbs[S.DB_META]
     v = txn.get(S.META_FILES, db=m)
     txn.put(S.META_FILES, msgpack.packb((msgpack.unpackb(v) if v else 0) + n), db=m)
