@@ -476,7 +476,7 @@ class Compactor:
         history holds (random inserts leave a rewritten tree 60-70 % full again
         only after about as many inserts as it has entries).  The first pass
         of a process looks at each once."""
-        return self._densify([S.DB_CHUNKS, S.DB_HISTORY, S.DB_PATHLOG, S.DB_FILES, S.DB_PATHS, S.DB_PLAN],
+        return self._densify([S.DB_CHUNKS, S.DB_HISTORY, S.DB_FILES, S.DB_PLAN],  # with pathlog, paths
                              slack)
 
     def _due_for_densify(self, txn, name: bytes) -> bool:
@@ -532,9 +532,9 @@ class Compactor:
                     raise CorruptionError(f"records {first}..{last} are not all in the changes database")
                 blob = S.encode_record_block(values)
                 pack, off = self._st.packs.append(blob)
-                if not txn.put(S.u64(first), S.encode_block_loc(pack, off, len(blob), len(values)),
-                               db=blocks, append=True):
-                    raise CorruptionError(f"a record block already starts after record {first}")
+                if not txn.put(S.block_key(first), S.encode_block_loc(pack, off, len(blob), len(values)),
+                               db=blocks, overwrite=False):  # keys before record 1: not an append
+                    raise CorruptionError(f"a record block already starts at record {first}")
                 add_pack_live(txn, self._dbs, pack, len(blob))
                 for s in range(first, last + 1):
                     txn.delete(S.u64(s), db=changes)
@@ -565,7 +565,8 @@ class Compactor:
         cdb, bdb = self._dbs[S.DB_CHUNKS], self._dbs[S.DB_RECORD_BLOCKS]
         with self._snapshot() as r:  # the entries to move (re-checked in each transaction)
             todo = [(cdb, bytes(k)) for k, v in r.txn.cursor(db=cdb) if S.decode_loc(v)[1] in victims]
-            todo += [(bdb, bytes(k)) for k, v in r.txn.cursor(db=bdb) if S.decode_block_loc(v)[0] in victims]
+            todo += [(bdb, S.block_key(first)) for first, v in r.record_blocks()
+                     if S.decode_block_loc(v)[0] in victims]
         i = 0
         while i < len(todo):
             with st.write() as txn:
@@ -800,6 +801,14 @@ def sparse_pages(txn, db, name: bytes, slack: float = INDEX_SLACK) -> bool:
         return False
     if name in S.DUP_DBS:
         need = S.dup_pages_needed(txn, db)
+    elif name == S.DB_FILES:  # file states, then the paths (format 10): each range sampled
+        v = txn.get(S.META_FILES)  # the main database
+        nfiles = min(st["entries"], msgpack.unpackb(v) if v else 0)
+        cur = txn.cursor(db=db)
+        fs = [_node_bytes(k, v) for _, (k, v) in zip(range(INDEX_SAMPLE), cur) if k < S.PATH_PREFIX]
+        ps = [_node_bytes(k, v) for _, (k, v) in zip(range(INDEX_SAMPLE), cur)] if cur.set_range(S.PATH_PREFIX) else []
+        used = nfiles * sum(fs) / max(len(fs), 1) + (st["entries"] - nfiles) * sum(ps) / max(len(ps), 1)
+        need = -(-int(used) // (st["psize"] - 16))
     else:
         sizes = [_node_bytes(k, v) for _, (k, v) in zip(range(INDEX_SAMPLE), txn.cursor(db=db))]
         need = -(-st["entries"] * sum(sizes) // (len(sizes) * (st["psize"] - 16)))  # page header: 16

@@ -447,7 +447,7 @@ class Journal:
         """The id of the regular file that last had ``path`` if it is gone
         from the tree and went within REUSE_WINDOW_NS, else 0."""
         cur = txn.cursor(db=self._dbs[S.DB_PATHLOG])
-        if not (cur.set_key(S.path_key(path)) and cur.last_dup()):
+        if not (cur.set_key(S.paths_key(path)) and cur.last_dup()):
             return 0
         rec = rd.record(S.from_u64(cur.value()))
         if path not in (rec.path, rec.path2):  # a hashed key's other path

@@ -55,14 +55,15 @@ class Versions:
 
 
 class LmdbStore:
-    """The ``paths``/``files`` indexes of one transaction, as a state.Store."""
+    """The ``paths``/``files`` indexes of one transaction, as a state.Store
+    (one database since format 10: ``paths`` under S.PATH_PREFIX)."""
 
     def __init__(self, txn, dbs) -> None:
         self.txn = txn
         self.dbs = dbs
 
     def get_path(self, path):
-        v = self.txn.get(S.path_key(path), db=self.dbs[S.DB_PATHS])
+        v = self.txn.get(S.paths_key(path), db=self.dbs[S.DB_PATHS])
         if v is None:
             return None
         fid, kind, *_ = msgpack.unpackb(v)
@@ -71,14 +72,14 @@ class LmdbStore:
     def put_path(self, path, file_id, kind):
         key = S.path_key(path)
         val = [file_id, kind, path] if S.path_key_is_hashed(key) else [file_id, kind]
-        self.txn.put(key, msgpack.packb(val, use_bin_type=True), db=self.dbs[S.DB_PATHS])
+        self.txn.put(S.PATH_PREFIX + key, msgpack.packb(val, use_bin_type=True), db=self.dbs[S.DB_PATHS])
 
     def del_path(self, path):
-        self.txn.delete(S.path_key(path), db=self.dbs[S.DB_PATHS])
+        self.txn.delete(S.paths_key(path), db=self.dbs[S.DB_PATHS])
 
     def iter_paths(self, prefix: bytes = b"") -> Iterator[tuple[bytes, int, str]]:
         """(path, file id, kind) of every path starting with ``prefix``, in key order."""
-        scan = prefix[: S.PATH_KEY_PREFIX]
+        scan = S.PATH_PREFIX + prefix[: S.PATH_KEY_PREFIX]
         cur = self.txn.cursor(db=self.dbs[S.DB_PATHS])
         if not cur.set_range(scan):
             return
@@ -86,7 +87,7 @@ class LmdbStore:
             if not key.startswith(scan):
                 break
             fid, kind, *rest = msgpack.unpackb(v)
-            path = rest[0] if rest else key
+            path = rest[0] if rest else key[1:]
             if path.startswith(prefix):
                 yield path, fid, kind
 
@@ -98,7 +99,16 @@ class LmdbStore:
         return FileState.unpack(v) if v is not None else None
 
     def put_file(self, file_id, st):
-        self.txn.put(S.u64(file_id), st.pack(), db=self.dbs[S.DB_FILES])
+        if self.txn.replace(S.u64(file_id), st.pack(), db=self.dbs[S.DB_FILES]) is None:
+            count_file(self.txn, self.dbs)
+
+
+def count_file(txn, dbs, n: int = 1) -> None:
+    """``files`` holds ``paths`` too since format 10: the meta counter
+    ``file_count`` (a new file id: += 1) keeps ``stats()['files']`` O(1)."""
+    m = dbs[S.DB_META]
+    v = txn.get(S.META_FILES, db=m)
+    txn.put(S.META_FILES, msgpack.packb((msgpack.unpackb(v) if v else 0) + n), db=m)
 
 
 class Reader:
@@ -113,21 +123,32 @@ class Reader:
     # --- records -----------------------------------------------------------
     def head_seq(self) -> int:
         cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
-        return S.from_u64(cur.key()) if cur.last() else 0
+        return S.from_u64(cur.key()) if cur.last() and not S.is_block_key(cur.key()) else 0
 
     def head_hash(self) -> bytes:
         cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
-        return split_value(cur.value())[0] if cur.last() else ZERO_HASH
+        return split_value(cur.value())[0] if cur.last() and not S.is_block_key(cur.key()) else ZERO_HASH
 
     def archived_upto(self) -> int:
         """The last seq moved into a record block by compaction (0: none).
 
-        Records ``1..archived_upto()`` are in ``record_blocks``, the rest in
-        ``changes``; the newest records always stay in ``changes``."""
+        Records ``1..archived_upto()`` are in ``record_blocks`` (the keys
+        before record 1 in ``changes``), the rest in ``changes``; the newest
+        records always stay in ``changes``."""
         cur = self.txn.cursor(db=self.dbs[S.DB_RECORD_BLOCKS])
-        if not cur.last():
+        if not (cur.prev() if cur.set_range(S.u64(1)) else cur.last()) or not S.is_block_key(cur.key()):
             return 0
-        return S.from_u64(cur.key()) + S.decode_block_loc(cur.value())[3] - 1
+        return S.block_first(cur.key()) + S.decode_block_loc(cur.value())[3] - 1
+
+    def record_blocks(self) -> Iterator[tuple[int, bytes]]:
+        """(first seq, location value) of every record block, in order (the
+        keys before record 1 in ``changes``, docs/format.md)."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_RECORD_BLOCKS])
+        if cur.set_range(S.BLOCK_PREFIX):
+            for k, v in cur:
+                if not S.is_block_key(k):
+                    break
+                yield S.block_first(k), v
 
     def _block_at(self, seq: int, check: bool = True) -> tuple[int, list[bytes]] | None:
         """(first seq, stored values) of the record block holding ``seq``.
@@ -137,9 +158,10 @@ class Reader:
         before the block, so bytes flipped in a block (zstd frames carry no
         checksum) are caught instead of read as other records."""
         cur = self.txn.cursor(db=self.dbs[S.DB_RECORD_BLOCKS])
-        if not (cur.prev() if cur.set_range(S.u64(seq + 1)) else cur.last()):
+        if not (cur.prev() if cur.set_range(S.block_key(seq + 1)) else cur.last()) \
+                or not S.is_block_key(cur.key()):
             return None
-        first = S.from_u64(cur.key())
+        first = S.block_first(cur.key())
         try:
             loc = S.decode_block_loc(cur.value())
             if not first <= seq < first + loc[3]:
@@ -256,6 +278,8 @@ class Reader:
         if not positioned:
             return
         for k, v in cur.iterprev():
+            if S.is_block_key(k):
+                break
             seq = S.from_u64(k)
             if seq < start:
                 break
@@ -298,13 +322,14 @@ class Reader:
         """Seqs of every record whose path or path2 is ``prefix`` or below it
         (deleted and renamed-away files included), newest first; b'' = all."""
         cur = self.txn.cursor(db=self.dbs[S.DB_PATHLOG])
-        scan = prefix[: S.PATH_KEY_PREFIX]
+        scan = S.PATH_PREFIX + prefix[: S.PATH_KEY_PREFIX]
         seqs = set()
         if cur.set_range(scan):
             for pk, v in cur.iternext():
                 if not pk.startswith(scan):
                     break
                 seq = S.from_u64(v)
+                pk = pk[len(S.PATH_PREFIX):]
                 if S.path_key_is_hashed(pk) or len(prefix) > S.PATH_KEY_PREFIX:
                     r = self.record(seq)
                     paths = [r.path, r.path2]
@@ -649,7 +674,7 @@ class Reader:
         cur = self.txn.cursor(db=self.dbs[S.DB_PATHLOG])
         p = path
         while p:
-            if cur.set_key(S.path_key(p)) and cur.last_dup() and S.from_u64(cur.value()) > seq:
+            if cur.set_key(S.paths_key(p)) and cur.last_dup() and S.from_u64(cur.value()) > seq:
                 return False
             p = p.rpartition(b"/")[0]
         return True
@@ -738,7 +763,7 @@ class Reader:
         return {
             "records": self.head_seq(),
             "chunks": self.txn.stat(self.dbs[S.DB_CHUNKS])["entries"],
-            "files": self.txn.stat(self.dbs[S.DB_FILES])["entries"],
+            "files": self.meta(S.META_FILES, 0),
             "stored_bytes": self.meta(S.META_STORED, 0),
             "raw_bytes": self.meta(S.META_RAW, 0),
             "data_file_bytes": os.stat(data).st_size,

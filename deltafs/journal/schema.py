@@ -12,13 +12,15 @@ from typing import Iterable, Sequence
 
 import zstandard
 
-FORMAT_VERSION = 9  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
+FORMAT_VERSION = 10  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
 # 4: delta chains up to 128 (chunking.MAX_DELTA_DEPTH), in-place files cut at aligned offsets;
 # 5: content cause 6 = "repair" (a file recorded again after a merged history, issue 18);
 # 6: record blocks "S" keep two hashes, not one per record; raw_bytes recounted (issue 20)
 # 7: tree checkpoints (the ``trees`` database, journal/checkpoints.py)
 # 8: content cause 7 = "sync" and record key 21 = origin (a sync group's "DEVICE:N", issue 25)
 # 9: chunk values of value format 2, a delta against several bases (issue 20)
+# 10: fewer LMDB databases (a small journal paid one 4 KiB page each): meta in the main database,
+#     paths in files, pathlog in history, record blocks in changes, under keys that cannot collide
 MAX_DBS = 32
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
 CHECKPOINT_MAX = 256  # a long one (>= 8192 entries) may need up to this many (see checkpoint_every)
@@ -33,24 +35,31 @@ def checkpoint_every(entries: int) -> int:
     """
     return max(CHECKPOINT_EVERY, min(CHECKPOINT_MAX, entries // 256))
 
-# named databases (key -> value, see docs/format.md)
-DB_META = b"meta"
+# named databases (key -> value, see docs/format.md).  Since format 10 four
+# of the logical databases share a physical one (each a key range of its
+# own): ``meta`` is the main (unnamed) database, beside the names of the
+# others; ``paths`` is in ``files``, ``pathlog`` in ``history`` (both under
+# PATH_PREFIX, after every file id); ``record_blocks`` is in ``changes``
+# (under BLOCK_PREFIX, before every record).  ``Storage.dbs`` maps each
+# logical name to the handle of the database that holds it.
+DB_META = b"meta"  # logical: the main database since format 10
 DB_CHANGES = b"changes"
 DB_FILES = b"files"
-DB_PATHS = b"paths"
+DB_PATHS = b"paths"  # logical: in ``files`` since format 10
 DB_HISTORY = b"history"  # dupsort + dupfixed: u64 file id -> u64 seqs
-DB_PATHLOG = b"pathlog"  # dupsort + dupfixed: path key -> u64 seqs
+DB_PATHLOG = b"pathlog"  # logical, in ``history`` since format 10: PATH_PREFIX + path key -> u64 seqs
 DB_CHUNKS = b"chunks"  # chunk id -> location and refs (encode_loc); values in pack files
 DB_REFS = b"refs"  # format 1 only (refs are in the chunk index since format 2)
 DB_CHECKPOINTS = b"checkpoints"
 DB_SNAPSHOTS = b"snapshots"
 DB_MIRRORS = b"mirrors"
-DB_RECORD_BLOCKS = b"record_blocks"  # u64 first seq -> location of a compressed block of records
+DB_RECORD_BLOCKS = b"record_blocks"  # logical, in ``changes`` since format 10: block_key(first seq) -> location
 DB_TREES = b"trees"  # u64 seq -> tree checkpoint: the tree right after that record (format 6)
-ALL_DBS = (
-    DB_META, DB_CHANGES, DB_FILES, DB_PATHS, DB_HISTORY, DB_PATHLOG,
-    DB_CHUNKS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS, DB_RECORD_BLOCKS, DB_TREES,
+ALL_DBS = (  # the named databases of a journal (format 10)
+    DB_CHANGES, DB_FILES, DB_HISTORY, DB_CHUNKS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS, DB_TREES,
 )
+SHARED_DBS = {DB_PATHS: DB_FILES, DB_PATHLOG: DB_HISTORY, DB_RECORD_BLOCKS: DB_CHANGES}  # logical -> physical
+OLD_DBS = (DB_META, DB_PATHS, DB_PATHLOG, DB_RECORD_BLOCKS)  # named databases of formats 1-9 (upgrade.py)
 DB_PRUNED = b"pruned"  # u64 seq of a pruned content version -> msgpack {"hlc", "t"}
 DB_GRAVEYARD = b"graveyard"  # chunk id -> u64 time freed || the freed chunk value
 DB_PLAN = b"plan"  # compaction's planning state (journal/planstate.py), derived, rebuildable
@@ -60,6 +69,30 @@ WRITER_DBS = (DB_PRUNED, DB_GRAVEYARD, DB_PLAN)
 TMP_DB = b"rewrite.tmp"  # scratch database of an in-place rewrite (emptied and dropped in its transaction)
 DUP_DBS = frozenset({DB_HISTORY, DB_PATHLOG})  # opened dupsort=True, dupfixed=True since format 3
 KV_DBS = {"snapshots": DB_SNAPSHOTS, "mirrors": DB_MIRRORS}
+
+# key ranges of the shared databases (format 10)
+PATH_PREFIX = b"\xff"  # paths in files, pathlog in history: after every u64 file id (< 2**63)
+BLOCK_PREFIX = bytes(8)  # record blocks in changes: u64 0 || u64 first seq, before record 1
+FILE_ID_LIMIT = 1 << 63  # file ids are below (capture draws 63 random bits): PATH_PREFIX stays free
+
+
+def paths_key(path: bytes) -> bytes:
+    """Key of ``path`` in the ``paths`` range of ``files`` and the ``pathlog`` range of ``history``."""
+    return PATH_PREFIX + path_key(path)
+
+
+def block_key(first: int) -> bytes:
+    """Key of the record block starting at record ``first`` (``changes``)."""
+    return BLOCK_PREFIX + _U64.pack(first)
+
+
+def is_block_key(key: bytes) -> bool:
+    return len(key) == 16
+
+
+def block_first(key: bytes) -> int:
+    return _U64.unpack(key[8:])[0]
+
 
 # meta keys
 META_FORMAT = b"format"
@@ -74,6 +107,16 @@ META_PACK_END = b"pack_end"  # [pack, length]: the committed end of the current 
 META_PACK_LIVE_PREFIX = b"pack_live:"  # + u32 pack: bytes of chunk values the index names in it
 META_PRUNED_VERSIONS = b"pruned_versions"  # counter (compaction; journal/compact.py)
 META_PACKS_RETIRED = b"packs_retired"  # [[pack, txnid], ...]: emptied packs to delete
+META_GUARD = DB_META  # a plain key of the main database where formats 1-9 had ``meta``: an older
+# deltafs fails to open it as a database (MDB_INCOMPATIBLE) instead of starting a new journal in it
+META_GUARD_VALUE = b"deltafs journal format 10 or later: meta keys are in the main database"
+META_FILES = b"file_count"  # since format 10: file ids in ``files`` (it holds ``paths`` too)
+
+# meta keys live beside the names of the databases in the main database (format 10): never one of them
+assert not {META_FORMAT, META_JOURNAL_ID, META_CREATED, META_HLC, META_CHUNKER, META_STORED, META_RAW,
+            META_PACK_END, META_PRUNED_VERSIONS, META_PACKS_RETIRED, META_FILES, b"freed_chunks", b"freed_bytes",
+            } & {*ALL_DBS, *WRITER_DBS, *OLD_DBS, DB_REFS, TMP_DB}
+assert not any(n.startswith((META_SETTING_PREFIX, META_PACK_LIVE_PREFIX)) for n in (*ALL_DBS, *WRITER_DBS, TMP_DB))
 
 
 def pack_live_key(pack: int) -> bytes:
@@ -127,9 +170,11 @@ def index_record(txn, dbs, seq: int, file_id: int, paths) -> None:
     Seqs only grow, so each goes at the end of its key's duplicates
     (MDB_APPENDDUP), which keeps those pages full.
     """
+    if file_id >= FILE_ID_LIMIT:
+        raise ValueError(f"file id {file_id:#x} out of range (1 .. 2**63-1)")
     if not txn.put(_U64.pack(file_id), _U64.pack(seq), db=dbs[DB_HISTORY], append=True):
         raise ValueError(f"history of file {file_id:016x} already goes past record {seq}")
-    for key in {path_key(p) for p in paths if p is not None}:
+    for key in {paths_key(p) for p in paths if p is not None}:
         if not txn.put(key, _U64.pack(seq), db=dbs[DB_PATHLOG], append=True):
             raise ValueError(f"pathlog of {key!r} already goes past record {seq}")
 

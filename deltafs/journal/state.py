@@ -45,23 +45,31 @@ class FileState:
     last_seq: int = 0  # latest record touching this file
 
     def pack(self) -> bytes:
-        return msgpack.packb(
-            {
-                "p": self.path, "k": self.kind, "n": self.links, "c": self.content_seq,
-                "s": self.size, "m": self.mode, "u": self.uid, "g": self.gid,
-                "t": self.mtime_ns, "rd": self.rdev, "tg": self.target,
-                "x": self.xattrs, "d": self.deleted, "h": self.last_seq,
-            },
-            use_bin_type=True,
-        )
+        """msgpack map (docs/format.md, "files"): since format 10 ``p`` is left
+        out when it is the first link, and ``rd``, ``tg``, ``x``, ``d`` when
+        they hold their defaults (None, None, {}, false)."""
+        d = {"k": self.kind, "n": self.links, "c": self.content_seq, "s": self.size, "m": self.mode,
+             "u": self.uid, "g": self.gid, "t": self.mtime_ns, "h": self.last_seq}
+        if not self.links or self.links[0] != self.path:
+            d["p"] = self.path
+        if self.rdev is not None:
+            d["rd"] = self.rdev
+        if self.target is not None:
+            d["tg"] = self.target
+        if self.xattrs:
+            d["x"] = self.xattrs
+        if self.deleted:
+            d["d"] = True
+        return msgpack.packb(d, use_bin_type=True)
 
     @classmethod
     def unpack(cls, b: bytes) -> "FileState":
         d = msgpack.unpackb(b, raw=False, strict_map_key=False)
+        links = list(d["n"])
         return cls(
-            path=d["p"], kind=d["k"], links=list(d["n"]), content_seq=d["c"], size=d["s"],
-            mode=d["m"], uid=d["u"], gid=d["g"], mtime_ns=d["t"], rdev=d["rd"],
-            target=d["tg"], xattrs=dict(d["x"]), deleted=d["d"], last_seq=d["h"],
+            path=d["p"] if "p" in d else links[0], kind=d["k"], links=links, content_seq=d["c"], size=d["s"],
+            mode=d["m"], uid=d["u"], gid=d["g"], mtime_ns=d["t"], rdev=d.get("rd"),
+            target=d.get("tg"), xattrs=dict(d.get("x") or {}), deleted=d.get("d", False), last_seq=d["h"],
         )
 
     def copy(self) -> "FileState":

@@ -271,7 +271,7 @@ class Storage:
             psize = self.env.stat()["psize"]
             st = self.env.stat()  # the main db: names of the databases
             pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
-            for db in {h for name, h in self.dbs.items() if name not in skip}:
+            for db in {h for name, h in self.dbs.items() if name not in skip and name != S.DB_META}:
                 st = txn.stat(db)
                 pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         return pages * psize
@@ -341,38 +341,49 @@ def release_lock(fd: int | None) -> None:
 
 # --- opening the databases ---------------------------------------------------------------
 def _open_dbs(env: lmdb.Environment, path: str, readonly: bool) -> dict:
+    """Every logical database's handle (S.SHARED_DBS share one; ``meta`` is
+    the main database), after creating or upgrading the journal."""
     dbs = {}
-    try:
-        meta = env.open_db(S.DB_META, create=not readonly)
-    except lmdb.NotFoundError:
-        raise JournalFormatError(f"{path} is not a deltafs journal (no meta database)") from None
+    meta = env.open_db(None)  # the main database: meta keys since format 10
     upgrade_from = None
     with env.begin(write=not readonly) as txn:
         fmt = txn.get(S.META_FORMAT, db=meta)
+        chunker = txn.get(S.META_CHUNKER, db=meta)
+        if fmt is None and txn.get(S.DB_META, db=meta) is not None:  # formats 1-9: a ``meta`` database
+            old_meta = env.open_db(S.DB_META, txn=txn, create=False)
+            fmt = txn.get(S.META_FORMAT, db=old_meta)
+            chunker = txn.get(S.META_CHUNKER, db=old_meta)
+            if fmt is None:
+                raise JournalFormatError(f"{path} is not an initialised deltafs journal")
         if fmt is None and readonly:
-            raise JournalFormatError(f"{path} is not an initialised deltafs journal")
+            raise JournalFormatError(f"{path} is not a deltafs journal (no format in its meta data)")
         if fmt is not None and msgpack.unpackb(fmt) in UPGRADABLE and not readonly:
             upgrade_from = msgpack.unpackb(fmt)  # after this transaction (see upgrade.py)
         elif fmt is not None:
-            _check_format(path, msgpack.unpackb(fmt), txn.get(S.META_CHUNKER, db=meta))
+            _check_format(path, msgpack.unpackb(fmt), chunker)
         else:
+            if txn.stat(meta)["entries"]:
+                raise JournalFormatError(f"{path} is not a deltafs journal (an LMDB environment of something else)")
             txn.put(S.META_FORMAT, _packb(S.FORMAT_VERSION), db=meta)
             txn.put(S.META_JOURNAL_ID, _packb(str(uuid.uuid4())), db=meta)
             txn.put(S.META_CREATED, _packb(time.time_ns()), db=meta)
             txn.put(S.META_CHUNKER, _packb(CHUNKER_PARAMS), db=meta)
             txn.put(S.META_HLC, _packb(0), db=meta)
+            txn.put(S.META_FILES, _packb(0), db=meta)
+            txn.put(S.META_GUARD, S.META_GUARD_VALUE, db=meta)
             log.info("created journal %s", path)
     if upgrade_from is not None:
-        with env.begin() as txn:
-            _check_chunker(path, txn.get(S.META_CHUNKER, db=meta))
-        upgrade(env, path, meta, upgrade_from)
+        _check_chunker(path, chunker)
+        upgrade(env, path, upgrade_from)
     for name in S.ALL_DBS:
         dup = name in S.DUP_DBS
         try:
-            dbs[name] = meta if name == S.DB_META else \
-                env.open_db(name, create=not readonly, dupsort=dup, dupfixed=dup)
+            dbs[name] = env.open_db(name, create=not readonly, dupsort=dup, dupfixed=dup)
         except lmdb.NotFoundError:
             raise JournalFormatError(f"journal {path} lacks database {name.decode()}: damaged or of another format") from None
+    dbs[S.DB_META] = meta
+    for name, physical in S.SHARED_DBS.items():
+        dbs[name] = dbs[physical]
     for name in S.WRITER_DBS:  # a writer makes them; a reader of a journal without them has none yet
         try:
             dbs[name] = env.open_db(name, create=not readonly)

@@ -23,13 +23,16 @@ from .schema import TMP_DB, refill
 
 log = logging.getLogger(__name__)
 
-UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8)  # formats a writer upgrades in place at open (a reader refuses them)
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9)  # formats a writer upgrades in place at open (a reader refuses them)
 
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 
 
-def upgrade(env, path: str, meta, fmt: int) -> None:
-    """Bring a journal of format ``fmt`` to the current one, step by step."""
+def upgrade(env, path: str, fmt: int) -> None:
+    """Bring a journal of format ``fmt`` to the current one, step by step
+    (formats 1-9 keep their meta data in a ``meta`` database, which the step
+    to 10 moves into the main database)."""
+    meta = env.open_db(S.DB_META, create=False)
     for step in _STEPS[fmt - 1:]:
         step(env, path, meta)
 
@@ -197,7 +200,67 @@ def upgrade_8_to_9(env, path: str, meta) -> None:
     log.warning("upgraded journal %s from format 8 to 9 (no data rewritten)", path)
 
 
+def upgrade_9_to_10(env, path: str, meta) -> dict[str, int]:
+    """Format 10 merges four databases into others, so a small journal
+    needs four LMDB pages fewer (docs/format.md, "Databases"): ``meta``'s
+    keys go into the main database, ``paths`` into ``files`` and
+    ``pathlog`` into ``history`` (under S.PATH_PREFIX, after every file
+    id), ``record_blocks`` into ``changes`` (under S.BLOCK_PREFIX, before
+    record 1); the meta counter ``file_count`` is set.  ``files`` values
+    of format 9 stay as they are (FileState.unpack reads both).  Records,
+    chunks and packs are not touched.  -> entries moved, by database."""
+    main = env.open_db(None)
+    moved = {}
+    with env.begin(write=True) as txn:
+        n = 0
+        for k, v in txn.cursor(db=meta):
+            if txn.get(k, db=main) is not None:
+                raise ValueError(f"meta key {k!r} is the name of a database")
+            txn.put(k, v, db=main)
+            n += 1
+        moved["meta"] = n
+        files = env.open_db(S.DB_FILES, txn=txn)
+        txn.put(S.META_FILES, _packb(txn.stat(files)["entries"]), db=main)
+        cur = txn.cursor(db=files)
+        if cur.last() and cur.key() >= S.PATH_PREFIX:
+            raise ValueError(f"file id {cur.key().hex()} is not below 2**63: its key would be among the paths")
+        paths = env.open_db(S.DB_PATHS, txn=txn)
+        n = 0
+        for k, v in txn.cursor(db=paths):
+            if not txn.put(S.PATH_PREFIX + k, v, db=files, append=True):
+                raise ValueError(f"path key {k!r} out of order")
+            n += 1
+        txn.drop(paths, delete=True)
+        moved["paths"] = n
+        history = env.open_db(S.DB_HISTORY, txn=txn, dupsort=True, dupfixed=True)
+        cur = txn.cursor(db=history)
+        if cur.last() and cur.key() >= S.PATH_PREFIX:
+            raise ValueError(f"file id {cur.key().hex()} is not below 2**63: its key would be among the paths")
+        pathlog = env.open_db(S.DB_PATHLOG, txn=txn, dupsort=True, dupfixed=True)
+        n = 0
+        for k, v in txn.cursor(db=pathlog):
+            if not txn.put(S.PATH_PREFIX + k, v, db=history, append=True):
+                raise ValueError(f"pathlog entry {k!r} out of order")
+            n += 1
+        txn.drop(pathlog, delete=True)
+        moved["pathlog"] = n
+        changes = env.open_db(S.DB_CHANGES, txn=txn)
+        blocks = env.open_db(S.DB_RECORD_BLOCKS, txn=txn)
+        n = 0
+        for k, v in txn.cursor(db=blocks):
+            txn.put(S.block_key(S.from_u64(k)), v, db=changes)
+            n += 1
+        txn.drop(blocks, delete=True)
+        moved["record_blocks"] = n
+        txn.drop(meta, delete=True)
+        txn.put(S.META_GUARD, S.META_GUARD_VALUE, db=main)
+        txn.put(S.META_FORMAT, _packb(10), db=main)
+    log.warning("upgraded journal %s from format 9 to 10 (meta, paths, pathlog, record_blocks merged into "
+                "other databases: %s entries moved)", path, moved)
+    return moved
+
+
 # upgrade_N_to_N+1 at index N-1: a new format appends its step here (and to UPGRADABLE)
 _STEPS = (upgrade_1_to_2, upgrade_2_to_3, upgrade_3_to_4, upgrade_4_to_5, upgrade_5_to_6, upgrade_6_to_7,
-          upgrade_7_to_8, upgrade_8_to_9)
+          upgrade_7_to_8, upgrade_8_to_9, upgrade_9_to_10)
 assert len(_STEPS) == len(UPGRADABLE) == S.FORMAT_VERSION - 1

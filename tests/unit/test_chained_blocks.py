@@ -15,6 +15,7 @@ from deltafs.journal import compact as JC
 from deltafs.journal import schema as S
 from deltafs.journal.records import check_link
 
+from oldformat import downgrade_to_format_9
 from test_journal import FakeClock
 from test_packs import edits
 from test_record_blocks import many_records
@@ -72,6 +73,7 @@ def test_an_altered_body_inside_an_s_block_breaks_the_chain_at_the_block_end(tmp
 
 
 def downgrade_to_format_5(jp, raw_bytes: int) -> None:
+    downgrade_to_format_9(jp, 5)
     env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
     with env.begin(write=True) as txn:
         meta = env.open_db(S.DB_META, txn=txn)
@@ -96,7 +98,7 @@ def test_a_format_5_journal_is_upgraded_its_r_blocks_read_and_raw_bytes_recounte
     with pytest.raises(JournalFormatError, match="format version 5.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 9
+        assert j.format_version == S.FORMAT_VERSION == 10
         with j.reader() as r:
             assert r.meta(S.META_RAW) == true_raw and r.meta(S.META_STORED) == stored
             assert [bytes(v) for _, v in r.raw_records()] == values
@@ -108,7 +110,7 @@ def test_a_format_5_journal_is_upgraded_its_r_blocks_read_and_raw_bytes_recounte
         assert j.verify(full=True).ok
         with j.reader() as r:
             kinds = set()
-            for k, loc in r.txn.cursor(db=r.dbs[S.DB_RECORD_BLOCKS]):
+            for _, loc in r.record_blocks():
                 pack, off, length, _ = S.decode_block_loc(loc)
                 kinds.add(bytes(j._storage.packs.read(pack, off, 1)))
             assert kinds == {b"R", b"S"}  # old blocks stay, new ones are S
@@ -128,14 +130,14 @@ def test_compaction_packs_history_and_pathlog_in_key_order(tmp_path):
             j.commit([Change(op="create" if rnd == 0 else "setattr", file_id=ids[fid], path=b"m%d.py" % fid,
                              mode=0o100600 | rnd) for fid in rng.sample(range(1, 601), 600)])
         with j.reader() as r:
-            before = {n: r.txn.stat(r.dbs[n])["leaf_pages"] for n in (S.DB_HISTORY, S.DB_PATHLOG)}
-            need = {n: S.dup_pages_needed(r.txn, r.dbs[n]) for n in (S.DB_HISTORY, S.DB_PATHLOG)}
+            before = {n: r.txn.stat(r.dbs[n])["leaf_pages"] for n in (S.DB_HISTORY,)}  # with pathlog since format 10
+            need = {n: S.dup_pages_needed(r.txn, r.dbs[n]) for n in (S.DB_HISTORY,)}  # with pathlog since format 10
             seen = {fid: r.versions_of(ids[fid]) for fid in (1, 150, 300)}
             under = r.versions_under(b"m1")
         assert all(before[n] > need[n] * 1.2 for n in before), (before, need)
         saved = j.densify_index()
         with j.reader() as r:
-            after = {n: r.txn.stat(r.dbs[n])["leaf_pages"] for n in (S.DB_HISTORY, S.DB_PATHLOG)}
+            after = {n: r.txn.stat(r.dbs[n])["leaf_pages"] for n in (S.DB_HISTORY,)}  # with pathlog since format 10
             assert {fid: r.versions_of(ids[fid]) for fid in (1, 150, 300)} == seen
             assert r.versions_under(b"m1") == under and len(seen[150]) == 9
         assert saved >= sum(before.values()) - sum(after.values()) > 0

@@ -145,7 +145,7 @@ def test_lock_second_writer_refused_readers_fine(journal, jpath):
 def test_format_version_refused(journal, jpath):
     journal.close()
     env = lmdb.open(str(jpath), max_dbs=S.MAX_DBS)
-    db = env.open_db(S.DB_META)
+    db = env.open_db(None)  # meta keys are in the main database since format 10
     with env.begin(write=True) as txn:
         txn.put(S.META_FORMAT, msgpack.packb(99), db=db)
     env.close()

@@ -26,6 +26,7 @@ from deltafs.journal import Journal
 from deltafs.journal import reader as reader_mod
 from deltafs.journal import schema as S
 
+from oldformat import downgrade_to_format_9
 from test_capture_cache import Daemon
 from test_journal import FakeClock, corrupt_chunk
 from test_maintenance import recount_refs, stored_refs
@@ -265,14 +266,11 @@ def test_a_format_8_journal_is_upgraded_and_takes_values_with_several_bases(tmp_
     jp = tmp_path / "journal"
     with Journal.open(jp, create=True, clock=FakeClock()) as j:
         seqs, content = edits(j, 6)
-    env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
-    with env.begin(write=True) as txn:
-        txn.put(S.META_FORMAT, msgpack.packb(8), db=env.open_db(S.DB_META, txn=txn))
-    env.close()
+    downgrade_to_format_9(jp, 8)
     with pytest.raises(JournalFormatError, match="format version 8.*open it once for writing"):
         Journal.open(jp, readonly=True)
     j = Journal.open(jp, clock=FakeClock())
-    assert j.format_version == S.FORMAT_VERSION == 9
+    assert j.format_version == S.FORMAT_VERSION == 10
     with j.reader() as r:
         for s, data in content.items():  # format-8 values read as they are
             assert r.read_content(s) == data
@@ -284,4 +282,4 @@ def test_a_format_8_journal_is_upgraded_and_takes_values_with_several_bases(tmp_
     assert (v := j.verify(full=True)).ok, v.problem
     j.close()
     with Journal.open(jp, readonly=True) as j2:
-        assert j2.format_version == 9
+        assert j2.format_version == 10

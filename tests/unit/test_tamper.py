@@ -120,7 +120,7 @@ def damage(kind: str, jdir, files) -> set[int]:
         with Journal.open(jdir) as j:
             assert j.archive_records(keep=1) >= JC.RECORD_BLOCK
             with j.reader() as r:
-                pack, off, length, _ = S.decode_block_loc(r.txn.get(S.u64(1), db=r.dbs[S.DB_RECORD_BLOCKS]))
+                pack, off, length, _ = S.decode_block_loc(r.txn.get(S.block_key(1), db=r.dbs[S.DB_RECORD_BLOCKS]))
         with open(jdir / "packs" / f"{pack:08x}.pack", "r+b") as f:
             f.seek(off + length // 2)
             byte = f.read(1)

@@ -140,16 +140,16 @@ def test_checkpoints_full_and_delta_and_a_damaged_one_is_ignored(tmp_path):
 
 def test_a_format_6_journal_gets_checkpoints_lazily(tmp_path):
     import lmdb
-    import msgpack
+    from oldformat import downgrade_to_format_9
 
     path = str(tmp_path / "j")
     with Journal.open(path, create=True) as j:
         for i in range(50):
             j.commit([Change(op="mkdir", path=b"d%d" % i, mode=0o40755)])
+    downgrade_to_format_9(path, 6)
     env = lmdb.open(path, max_dbs=S.MAX_DBS)
     with env.begin(write=True) as txn:
         txn.drop(env.open_db(S.DB_TREES, txn=txn), delete=True)
-        txn.put(S.META_FORMAT, msgpack.packb(6), db=env.open_db(S.DB_META, txn=txn))
     env.close()
     with pytest.raises(Exception, match="format version 6"):
         Journal.open(path, readonly=True)

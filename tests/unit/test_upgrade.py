@@ -20,6 +20,7 @@ from deltafs.journal import packs as P
 from deltafs.journal import schema as S
 from deltafs.journal.records import _FIELDS
 
+from oldformat import downgrade_to_format_9
 from test_journal import FakeClock
 from test_maintenance import stored_refs
 from test_packs import edits, pack_files
@@ -48,6 +49,7 @@ def downgrade_to_format_2(jp) -> None:
     """Records v1, fixed-width index values, history and pathlog as plain keys."""
     with Journal.open(jp, readonly=True) as j, j.reader() as r:
         records = list(r.records())
+    downgrade_to_format_9(jp)
     env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
     with env.begin(write=True) as txn:
         meta = env.open_db(S.DB_META, txn=txn)
@@ -75,10 +77,7 @@ def downgrade_to_format_2(jp) -> None:
 
 def downgrade_to_format_3(jp) -> None:
     """Format 3 stores exactly what format 4 does; only the number differs."""
-    env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
-    with env.begin(write=True) as txn:
-        txn.put(S.META_FORMAT, msgpack.packb(3), db=env.open_db(S.DB_META, txn=txn))
-    env.close()
+    downgrade_to_format_9(jp, 3)
 
 
 def downgrade_to_format_1(jp) -> None:
@@ -128,7 +127,7 @@ def test_an_older_journal_is_upgraded_by_its_first_writer(tmp_path, fmt, downgra
     with pytest.raises(JournalFormatError, match=f"format version {fmt}.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 9
+        assert j.format_version == S.FORMAT_VERSION == 10
         assert stored_refs(j) == refs
         with j.reader() as r:
             assert dict(r.raw_records()) == values  # records untouched, still version 1

@@ -571,8 +571,14 @@ def lmdb_sizes(jdir: str) -> dict:
             with env.begin() as txn:
                 s = txn.stat(db)
                 kv = 0
+                sub: dict = {}  # format 10: the logical databases inside this one (docs/format.md)
+                inner = {b"changes": "record_blocks", b"files": "paths", b"history": "pathlog"}.get(nm)
                 for k, v in txn.cursor(db=db):
                     kv += len(k) + len(v)
+                    if inner and (len(k) == 16 if nm == b"changes" else k[:1] == S.PATH_PREFIX):
+                        e = sub.setdefault(inner, {"entries": 0, "kv_bytes": 0})
+                        e["entries"] += 1
+                        e["kv_bytes"] += len(k) + len(v)
                     if nm == b"chunks":   # index: refs, pack, offset, length, depth
                         _, _, _, length, depth = S.decode_loc(v)
                         d = out.setdefault("chunk_depth", {}).setdefault(str(depth), [0, 0])
@@ -580,7 +586,7 @@ def lmdb_sizes(jdir: str) -> dict:
                         d[1] += length
             per_db[nm.decode(errors="replace")] = {
                 "pages": s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"],
-                "overflow_pages": s["overflow_pages"], "entries": s["entries"], "kv_bytes": kv}
+                "overflow_pages": s["overflow_pages"], "entries": s["entries"], "kv_bytes": kv, "inner": sub}
     finally:
         env.close()
     for v in per_db.values():
@@ -727,7 +733,8 @@ breakdown above; the figures per history are in the list):
   incompressible), a ~36-byte index entry per new chunk in leaf pages
   55–70% full (random keys; `deltafs compact` rewrites the index in key
   order, the *after compact* column), and at least one 4 KiB page for each
-  of the ~8 databases. It is what keeps *doc* and *sqlite* above 1.3× git
+  database in use (journal format 10 merged `meta`, `paths`, `pathlog` and
+  `record_blocks` into other databases: four pages fewer). It is what keeps *doc* and *sqlite* above 1.3× git
   as written; a SQLite transaction changes ~10 blocks, each an index
   entry, a delta header and an edit entry, where git pays one delta per
   commit.
@@ -743,7 +750,8 @@ breakdown above; the figures per history are in the list):
   changed file by unlink + create, and the new file takes the old one's
   last version as its delta base); the rest is three records per changed
   file (unlink, create, write) and their `history`/`pathlog` entries, and
-  about a dozen LMDB databases of at least one page each.
+  about eight LMDB databases of at least one page each (a dozen before
+  format 10).
   `tools/bench/history_size_where` ("Where a git checkout's journal bytes
   go" below) breaks one checkout down: folding unlink + create into the
   write would save only about a quarter of the compressed record bytes.
@@ -814,8 +822,8 @@ def table(results: list[HistoryResult]) -> list[str]:
 def breakdown(results: list[HistoryResult]) -> list[str]:
     """Where the bytes of the journal go once compacted (every version kept)."""
     lines = ["| history | after compact | chunk values (in packs) | record blocks and dead bytes (in packs) "
-             "| chunks index | changes db (newest records) | checkpoints | history + pathlog "
-             "| files+paths+meta+main | git gc --aggressive |",
+             "| chunks index | changes db (newest records; record block index) | checkpoints | history (+ pathlog) "
+             "| files (+ paths), main (+ meta), plan, trees | git gc --aggressive |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.error:
@@ -830,13 +838,15 @@ def breakdown(results: list[HistoryResult]) -> list[str]:
         other = sum(v["bytes"] for k, v in pd.items() if k not in main)
         packs = j.get("compacted_pack_bytes", j.get("pack_bytes", 0))
         live = j["live_chunk_value_bytes"]
+        ch = pd.get("changes", {})
+        records = ch.get("entries", 0) - ch.get("inner", {}).get("record_blocks", {}).get("entries", 0)
 
         def part(n):
             return f"{fb(n)} ({n / total:.0%})" if total else fb(n)
         lines.append(
             f"| {r.name} | {fb(total)} | {part(live)} | {part(packs - live)} "
             f"| {part(b('chunks'))} ({pd.get('chunks', {}).get('entries', 0)} chunks) "
-            f"| {part(b('changes'))} ({pd.get('changes', {}).get('entries', 0)} records) "
+            f"| {part(b('changes'))} ({records} records) "
             f"| {part(b('checkpoints'))} | {part(b('history', 'pathlog'))} | {part(other)} "
             f"| {fb(r.git['pack_du'])} |")
     return lines

@@ -201,9 +201,11 @@ def render(d: dict, meta: dict | None = None) -> list[str]:
     row("whole journal, both compacted", d["compacted_growth"])
     row("· chunk values (zstd deltas against the file's previous content)", chunks_v)
     row(f"· {d['records']} records in compressed blocks", blocks)
+    inside = {"history": " (with `pathlog`)", "changes": " (with the record block index)",
+              "files": " (with `paths`)"}  # journal format 10 (docs/format.md, "Named databases")
     for name in ("chunks", "history", "pathlog", "changes", "files", "paths", "checkpoints"):
         if cd.get(name, {}).get("bytes"):
-            row(f"· `{name}` LMDB pages", cd[name]["bytes"])
+            row(f"· `{name}` LMDB pages{inside.get(name, '')}", cd[name]["bytes"])
     row("records as LMDB values (before compaction)", d["record_bytes"])
     row("same records as compaction's S blocks (computed)", d["blocks_all"])
     row("only the write records as S blocks (if unlink + create were folded into the write)",
