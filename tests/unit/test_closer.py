@@ -38,8 +38,9 @@ def test_the_helper_process_makes_the_last_close_and_the_number_is_free_at_once(
         assert c.thread is None  # no thread of this process closed anything
         assert c.helper is not None and c.helper.pid != os.getpid()
     finally:
+        helper = c.helper  # _stop() forgets a helper that has already exited
         c._stop()
-    c.helper.wait(20)  # the helper exits once our end of its socket closes
+    helper.wait(20)  # the helper exits once our end of its socket closes
 
 
 def test_a_dead_helper_falls_back_to_the_thread():
