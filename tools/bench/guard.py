@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -284,8 +285,12 @@ ATTACKS = {"in-place": in_place, "encrypt-rename": encrypt_rename, "write-new-de
 
 # ---- the mount ------------------------------------------------------------------------------------
 
-def cli(*args, check=True, timeout=600) -> subprocess.CompletedProcess:
-    r = subprocess.run([*DELTAFS, *map(str, args)], capture_output=True, timeout=timeout)
+def _slug(name: str) -> str:
+    return name.replace(" ", "-").replace("(", "").replace(")", "")
+
+
+def cli(*args, check=True, timeout=600, env=None) -> subprocess.CompletedProcess:
+    r = subprocess.run([*DELTAFS, *map(str, args)], capture_output=True, timeout=timeout, env=env)
     if check and r.returncode:
         raise RuntimeError(f"deltafs {' '.join(map(str, args))}: exit {r.returncode}: "
                            f"{r.stderr.decode(errors='replace')[-500:]}")
@@ -492,25 +497,37 @@ def small_files(root: str, n: int, seed: int) -> list[float]:
     return lat
 
 
-def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
+def cost(w: str, corpus: str, files: int, rounds: int, baseline: str | None = None) -> dict:
     """The signals' cost: a --guard off and a --guard normal mount (the default
     --guard-action alert: scoring is deferred after each commit's fsync) on
     the same disk, in paired, interleaved rounds (off then normal, normal
     then off, ...), each pair run back to back so both see the same load.
     Reported: the median over pairs of normal/off, a 95% confidence interval
     of that median, and the pooled per-save close+fsync latencies (median,
-    p99) of every save.  Native ext4 runs once per round as the reference."""
+    p99) of every save.  Native ext4 runs once per round as the reference.
+
+    ``baseline``: a source tree of another deltafs (e.g. ``git archive`` of
+    main), mounted ``--guard normal`` as a third side, "guard normal
+    (baseline)", its daemon importing that tree (PYTHONPATH): a change to
+    the guard is compared with the code before it in the same rounds.  The
+    three sides then run in each of the six orders in turn, so each pair
+    of them runs in either order equally often."""
     targets = {"native": None, "guard off": "off", "guard normal": "normal"}
+    if baseline:
+        targets["guard normal (baseline)"] = "normal"
     roots = {}
     try:
         for name, level in targets.items():
-            base = os.path.join(w, "cost-" + name.replace(" ", "-"))
+            base = os.path.join(w, "cost-" + _slug(name))
             os.makedirs(os.path.join(base, "src"))
             if level is None:
                 roots[name] = os.path.join(base, "src")
             else:
                 os.makedirs(os.path.join(base, "mnt"))
-                cli("mount", os.path.join(base, "src"), os.path.join(base, "mnt"), "--guard", level)
+                env = None
+                if name == "guard normal (baseline)":
+                    env = {**os.environ, "PYTHONPATH": os.path.abspath(baseline)}
+                cli("mount", os.path.join(base, "src"), os.path.join(base, "mnt"), "--guard", level, env=env)
                 roots[name] = os.path.join(base, "mnt")
         from deltafs import mounttable
 
@@ -518,6 +535,7 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
                 for name, root in roots.items() if targets[name] is not None}
         out = {k: {"write_s": [], "fsync_ms": [], "cp_s": [], "rm_s": [], "cpu_s": [], "scoring_s": [], "lat": []}
                for k in targets}
+        guarded = [k for k in targets if targets[k] == "normal"]
 
         def flush(root: str, name: str) -> None:  # every capture of the mount's queue committed
             if name != "native":
@@ -527,11 +545,14 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
 
         loads = [os.getloadavg()[0]]
         for r in range(rounds + 1):  # round 0: warm-up, not counted
-            pair = order(r, "guard off", "guard normal")
+            if baseline:  # the six orders of the three sides in turn
+                pair = list(itertools.permutations(["guard off", "guard normal", "guard normal (baseline)"]))[r % 6]
+            else:
+                pair = order(r, "guard off", "guard normal")
             for name in ["native", *pair]:
                 root = roots[name]
                 src = os.path.join(os.path.dirname(root), "src")
-                g0 = guard_state(src).get("scoring_cpu_s", 0.0) if name == "guard normal" else 0.0
+                g0 = guard_state(src).get("scoring_cpu_s", 0.0) if name in guarded else 0.0
                 c0 = daemon_stats(pids.get(name)).cpu
                 t0 = time.perf_counter()
                 lat = small_files(os.path.join(root, f"r{r}"), files, r)
@@ -545,7 +566,7 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
                 t4 = time.perf_counter()
                 flush(root, name)
                 c1 = daemon_stats(pids.get(name)).cpu
-                g1 = guard_state(src).get("scoring_cpu_s", 0.0) if name == "guard normal" else 0.0
+                g1 = guard_state(src).get("scoring_cpu_s", 0.0) if name in guarded else 0.0
                 if r:
                     out[name]["scoring_s"].append(g1 - g0)
                     out[name]["rm_s"].append(t4 - t3)
@@ -559,7 +580,10 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
                 log(f"cost round {r}/{rounds}: normal/off write {out['guard normal']['write_s'][-1] / out['guard off']['write_s'][-1] - 1:+.1%}, "
                     f"cp {out['guard normal']['cp_s'][-1] / out['guard off']['cp_s'][-1] - 1:+.1%}, "
                     f"rm {out['guard normal']['rm_s'][-1] / out['guard off']['rm_s'][-1] - 1:+.1%}, "
-                    f"daemon CPU {out['guard normal']['cpu_s'][-1] / out['guard off']['cpu_s'][-1] - 1:+.1%}, load {loads[-1]:.1f}")
+                    f"daemon CPU {out['guard normal']['cpu_s'][-1] / out['guard off']['cpu_s'][-1] - 1:+.1%}, load {loads[-1]:.1f}"
+                    + ("; baseline/off write {:+.1%}, cp {:+.1%}, rm {:+.1%}, CPU {:+.1%}".format(
+                        *(out["guard normal (baseline)"][m][-1] / out["guard off"][m][-1] - 1
+                          for m in ("write_s", "cp_s", "rm_s", "cpu_s"))) if baseline else ""))
         res: dict = {k: {m: round(statistics.median(v), 3) for m, v in d.items() if m != "lat"} for k, d in out.items()}
         for k, d in out.items():
             res[k]["lat_median_ms"] = round(statistics.median(d["lat"]), 3)
@@ -568,6 +592,15 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
         pairs = {m: ratio_summary(out["guard normal"][m], out["guard off"][m])
                  for m in ("write_s", "fsync_ms", "cp_s", "rm_s", "cpu_s")}
         res["pairs"] = pairs
+        if baseline:  # the same rows for the baseline tree, and this tree against it
+            res["baseline"] = os.path.abspath(baseline)
+            res["pairs_baseline"] = {m: ratio_summary(out["guard normal (baseline)"][m], out["guard off"][m])
+                                     for m in ("write_s", "fsync_ms", "cp_s", "rm_s", "cpu_s")}
+            res["pairs_vs_baseline"] = {m: ratio_summary(out["guard normal"][m], out["guard normal (baseline)"][m])
+                                        for m in ("write_s", "fsync_ms", "cp_s", "rm_s", "cpu_s")}
+            b = out["guard normal (baseline)"]
+            res["scoring_share_baseline"] = round(statistics.median(
+                g / c for g, c in zip(b["scoring_s"], b["cpu_s"]) if c), 4)
         on = out["guard normal"]  # the signals' own CPU: a share of the same daemon's CPU, round by round
         res["scoring_share"] = round(statistics.median(g / c for g, c in zip(on["scoring_s"], on["cpu_s"]) if c), 4)
         res["rounds"] = rounds
@@ -578,7 +611,7 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
     finally:
         for name, level in targets.items():
             if level is not None:
-                force_unmount(os.path.join(w, "cost-" + name.replace(" ", "-"), "mnt"))
+                force_unmount(os.path.join(w, "cost-" + _slug(name), "mnt"))
 
 
 # ---- the report -------------------------------------------------------------------------------------
@@ -722,6 +755,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cost-files", type=int, default=500, help="small files written per mount per round")
     ap.add_argument("--cost-corpus", type=int, default=2000, help="files in the corpus `cp -a` copies per round")
     ap.add_argument("--cost-rounds", type=int, default=24)
+    ap.add_argument("--cost-baseline", metavar="TREE", help="a deltafs source tree (e.g. `git archive main`) "
+                    "mounted --guard normal as a third side of the cost rounds, to compare a change with it")
     ap.add_argument("--skip", action="append", default=[], choices=("attacks", "benign", "rollback", "cost"))
     ap.add_argument("--write-docs", action="store_true", help="write the section into docs/benchmarks.md")
     ap.add_argument("--json", metavar="FILE")
@@ -791,7 +826,7 @@ def main(argv=None) -> int:
         if "cost" not in a.skip:
             cost_corpus = os.path.join(w, "cost-corpus")
             make_corpus(cost_corpus, a.cost_corpus, seed=3)
-            c = cost(w, cost_corpus, a.cost_files, a.cost_rounds)
+            c = cost(w, cost_corpus, a.cost_files, a.cost_rounds, a.cost_baseline)
             log(f"cost: {json.dumps(c)}")
     finally:
         force_unmount(mnt)
