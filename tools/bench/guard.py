@@ -773,6 +773,14 @@ def render(a: argparse.Namespace, n: int, trials: list[dict], ben: list[dict], r
                                  "95% interval", "range over pairs"], crow), "",
                 report.md_table(["latency per save", "native (median / p99)", "guard off", "guard normal",
                                  "normal vs off (median / p99)", ""], lrow)]
+    if c and c.get("pairs_vs_baseline"):  # --cost-baseline: the same rounds against another tree
+        def cell(p):
+            return f"{p['median']:+.1%} ({p['ci95'][0]:+.1%} … {p['ci95'][1]:+.1%})"
+        brows = [[key, cell(c["pairs"][key]), cell(c["pairs_baseline"][key]), cell(c["pairs_vs_baseline"][key])]
+                 for key in ("write_s", "fsync_ms", "cp_s", "rm_s", "cpu_s")]
+        out += ["", f"Baseline: `{c['baseline']}` mounted `--guard normal` as a third side of the same rounds "
+                "(median of rounds, 95% interval):", "",
+                report.md_table(["row", "this tree vs off", "baseline vs off", "this tree vs baseline"], brows)]
     return "\n".join(out) + "\n"
 
 
