@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import json
 import logging
 import math
@@ -235,6 +236,17 @@ def entropy(sample: bytes) -> float:
     return math.log2(n) - sum(map(_CLOG.__getitem__, collections.Counter(sample).values())) / n
 
 
+def trim_oldest(d: dict, keep: int) -> None:
+    """Drop the oldest entries of an insertion-ordered dict down to ``keep``,
+    in one go (callers let it pass ``keep`` by a tenth first).  Popping the
+    first key once per insert, as before, cost ~10 µs per insert at 20,000
+    entries instead of ~0.4: ``next(iter(d))`` walks over every slot deleted
+    before it since the dict's last resize (a long-running mount's memory of
+    paths, its last writes and creates were full: 2026-12-06 night)."""
+    for k in list(itertools.islice(d, max(0, len(d) - keep))):
+        del d[k]
+
+
 DISTINCT_BOUND = 51  # log2(51) = 5.67: an entropy bound every rule treats as the exact value
 
 
@@ -368,8 +380,8 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
         # scoring a new file: cp -a, untar, a build)
         new_ent = head_bound(new_head) if not has_old and new_type == "text" else entropy(new_head)
         memory[path] = (new_type, new_ent)
-        if len(memory) > PATHS_KEPT:
-            memory.pop(next(iter(memory)))
+        if len(memory) > PATHS_KEPT + PATHS_KEPT // 10:
+            trim_oldest(memory, PATHS_KEPT)
     elif mem is not None:
         del memory[path]  # new content the guard did not see: what it remembered is stale
     if not has_old:
@@ -507,8 +519,8 @@ class Detector:
                     continue
                 self.written.pop(c.path, None)
                 self.written[c.path] = (now, seq)
-                if len(self.written) > PATHS_KEPT:
-                    self.written.pop(next(iter(self.written)))
+                if len(self.written) > PATHS_KEPT + PATHS_KEPT // 10:
+                    trim_oldest(self.written, PATHS_KEPT)
                 s, why = write_signals(c, self.raw, self.memory)
                 if "opaque" in why:  # remembered under the name it extends, and under its stem;
                     # it scores only once an original goes (new random files alone are no damage)
@@ -543,8 +555,8 @@ class Detector:
                 self._move(c.path, c.path2)
             elif op == "create":
                 self.created[c.path] = seq
-                if len(self.created) > 10_000:
-                    self.created.pop(next(iter(self.created)))
+                if len(self.created) > 11_000:
+                    trim_oldest(self.created, 10_000)
         expired = False
         while self.hits and now - self.hits[0].t > self.window:
             self.hits.popleft()
