@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import json
 import logging
 import math
@@ -106,6 +107,9 @@ OPENED_KEPT = 20_000  # read-only opens (and unpaired new opaque files) the dete
 PATHS_KEPT = 20_000  # paths whose last write / content type it remembers (oldest dropped first)
 OPENS_QUEUED = 4096  # opens ops.open may queue between two drains (the oldest are dropped)
 LATE_PAIRING = 30.0  # seconds a delete waits for the new opaque file scored after it (Detector.gone)
+DEFER_S = 0.1  # quiet committed items wait at most this long to be scored in one batch (Guard.scorer)
+DEFER_ITEMS = 256  # ... or until this many are queued
+DEFER_BYTES = 4 << 20  # ... or this many new content bytes (their payloads are held; raw cache is 32 MiB)
 ACTIONS = ("alert", "block")
 STATE_FILE = "guard-alert.json"  # in the journal directory while an alert stands (docs/format.md)
 
@@ -232,6 +236,32 @@ def entropy(sample: bytes) -> float:
     return math.log2(n) - sum(map(_CLOG.__getitem__, collections.Counter(sample).values())) / n
 
 
+def trim_oldest(d: dict, keep: int) -> None:
+    """Drop the oldest entries of an insertion-ordered dict down to ``keep``,
+    in one go (callers let it pass ``keep`` by a tenth first).  Popping the
+    first key once per insert, as before, cost ~10 µs per insert at 20,000
+    entries instead of ~0.4: ``next(iter(d))`` walks over every slot deleted
+    before it since the dict's last resize (a long-running mount's memory of
+    paths, its last writes and creates were full: 2026-12-06 night)."""
+    for k in list(itertools.islice(d, max(0, len(d) - keep))):
+        del d[k]
+
+
+DISTINCT_BOUND = 51  # log2(51) = 5.67: an entropy bound every rule treats as the exact value
+
+
+def head_bound(head: bytes) -> float:
+    """A new file's text head, only remembered for its next save: its entropy
+    over every 16th byte, or, when those samples take at most DISTINCT_BOUND
+    values, log2 of their count (an upper bound of it, in a third of the
+    time of counting them).  As the old head's entropy, every value up to
+    5.7 decides alike: it is under 6.0 (compressible before), and a new
+    head of >= 7.2 rose by >= 1.5 from it."""
+    s = head[:HEAD:16]
+    k = len(set(s))
+    return math.log2(k) if 0 < k <= DISTINCT_BOUND else entropy(s)
+
+
 def looks_text(head: bytes) -> bool:
     if not head:
         return True
@@ -348,10 +378,10 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
         # a new file's text head is only remembered for its next save: a quarter of the
         # samples places it as far under every threshold (the count is most of the cost of
         # scoring a new file: cp -a, untar, a build)
-        new_ent = entropy(new_head[:HEAD:16] if not has_old and new_type == "text" else new_head)
+        new_ent = head_bound(new_head) if not has_old and new_type == "text" else entropy(new_head)
         memory[path] = (new_type, new_ent)
-        if len(memory) > PATHS_KEPT:
-            memory.pop(next(iter(memory)))
+        if len(memory) > PATHS_KEPT + PATHS_KEPT // 10:
+            trim_oldest(memory, PATHS_KEPT)
     elif mem is not None:
         del memory[path]  # new content the guard did not see: what it remembered is stale
     if not has_old:
@@ -489,8 +519,8 @@ class Detector:
                     continue
                 self.written.pop(c.path, None)
                 self.written[c.path] = (now, seq)
-                if len(self.written) > PATHS_KEPT:
-                    self.written.pop(next(iter(self.written)))
+                if len(self.written) > PATHS_KEPT + PATHS_KEPT // 10:
+                    trim_oldest(self.written, PATHS_KEPT)
                 s, why = write_signals(c, self.raw, self.memory)
                 if "opaque" in why:  # remembered under the name it extends, and under its stem;
                     # it scores only once an original goes (new random files alone are no damage)
@@ -525,8 +555,8 @@ class Detector:
                 self._move(c.path, c.path2)
             elif op == "create":
                 self.created[c.path] = seq
-                if len(self.created) > 10_000:
-                    self.created.pop(next(iter(self.created)))
+                if len(self.created) > 11_000:
+                    trim_oldest(self.created, 10_000)
         expired = False
         while self.hits and now - self.hits[0].t > self.window:
             self.hits.popleft()
@@ -820,6 +850,8 @@ class Guard:
         self.deferred = False
         self.unscored: collections.deque = collections.deque()
         self._more = None  # trio.Event: something to score
+        self._now = None  # trio.Event: an urgent item is queued (score without waiting for a batch)
+        self._queued_bytes = 0  # new content bytes of the quiet items queued (bounded: DEFER_BYTES)
         self._idle = None  # trio.Event: set while nothing waits to be scored
 
     def drain_opens(self) -> None:
@@ -853,41 +885,110 @@ class Guard:
                 import trio
 
                 self._idle = trio.Event()
+            if not self._now.is_set() and self._urgent(changes):
+                self._now.set()
             self._more.set()
             return
         self.score_item(changes, seqs)
 
+    def _urgent(self, changes) -> bool:
+        """Must this committed item be scored at once (after its commit's waiters),
+        or may it wait for a batch (:meth:`scorer`, up to DEFER_S)?
+
+        Only changes that cannot add a hit nor start pacing wait: a new
+        file's content that is not opaque (it only leaves its type and head
+        entropy in the detector's memory), creates, attributes, renames that
+        keep the extension, and deletes while no new opaque file is
+        unpaired (nothing they could pair with; the delete is remembered
+        for a late pairing in order, before any later item is scored).
+        Everything else -- a version replacing content, a new opaque file,
+        a rename to another extension, a delete while a new opaque file is
+        about -- is urgent, and scoring it scores the whole queue in order.
+        The queued new bytes are bounded too (DEFER_BYTES): their payloads
+        stay referenced until scored, and a head sample must still be in
+        capture's raw cache then."""
+        d = self.detector
+        for c in changes:
+            op = c.op
+            if op == "write":
+                if c.cause in SKIP_CAUSES:
+                    continue
+                if c.base_seq and c.edit and any(e[1] for e in c.edit):
+                    return True  # content replaced: every write signal may fire
+                nb = opaque = 0
+                for ch in c.chunks or ():
+                    n = ch.raw_len
+                    nb += n
+                    if ch.base_id is None and n >= OPAQUE_MIN and (
+                            ch.payload[:1] == b"\0" or len(ch.payload) >= 0.9 * n):
+                        opaque += n
+                self._queued_bytes += nb
+                if nb >= 512 and opaque >= 0.9 * nb:
+                    return True  # a new opaque file: the write-new-delete-old and read-then-delete pairings
+            elif op == "unlink":
+                if d.fresh or d.orphans:
+                    return True
+            elif op == "rename":
+                if c.path2 is not None and ext_of(c.path2) != ext_of(c.path):
+                    return True
+        return self._queued_bytes >= DEFER_BYTES or len(self.unscored) >= DEFER_ITEMS
+
     async def scorer(self) -> None:
-        """The task that scores what observe queued (guard_service runs it)."""
+        """The task that scores what observe queued (guard_service runs it).
+
+        An urgent item (:meth:`_urgent`) is scored, with everything queued
+        before it, right after its commit's waiters are answered; a queue of
+        only quiet items waits up to DEFER_S for one, then is scored in one
+        batch.  Quiet items cannot raise the score, so waiting changes no
+        decision; it takes the scoring (and two task switches per commit)
+        out of the moment after each fsync's answer, when the writer's next
+        requests arrive (cost of the signals, docs/guard.md).  Whoever needs
+        the score (flush, pacing, resume) scores the queue itself (scored)."""
         import trio
 
         while True:
             await self._more.wait()
             self._more = trio.Event()
+            if not self._now.is_set():
+                with trio.move_on_after(DEFER_S):
+                    await self._now.wait()
+            self._now = trio.Event()
             await trio.lowlevel.cancel_shielded_checkpoint()  # the fsync waiters the commit woke go first
+            t0 = time.thread_time()
             n = 0
             while self.unscored:
                 # no local names: the last item's changes (a 4 GiB file's edit and
                 # payloads) would stay referenced by this frame until the next one
-                self.score_item(*self.unscored.popleft())
+                self.score_item(*self.unscored.popleft(), timed=False)
                 n += 1
                 if n % 64 == 0:
+                    self.scoring_cpu_s += time.thread_time() - t0
                     await trio.lowlevel.checkpoint()  # a long batch (rm -rf): let requests through
+                    t0 = time.thread_time()
+            self.scoring_cpu_s += time.thread_time() - t0
+            self._queued_bytes = 0
             self._idle.set()
 
     def score_queued(self) -> int:
-        """Score what observe queued, now (resume: under the alert that stands)."""
+        """Score what observe queued, now (resume: under the alert that stands;
+        scored: whoever needs the score)."""
         n = 0
+        t0 = time.thread_time()
         while self.unscored:
-            self.score_item(*self.unscored.popleft())
+            self.score_item(*self.unscored.popleft(), timed=False)
             n += 1
+        self.scoring_cpu_s += time.thread_time() - t0
+        self._queued_bytes = 0
         if self._idle is not None and not self._idle.is_set():
             self._idle.set()
         return n
 
     async def scored(self) -> None:
-        """Everything observe queued so far is scored (control's flush waits for it)."""
+        """Everything observe queued so far is scored (control's flush and the
+        pacing wait for it): what waits is scored here and now, not after
+        the scorer's batch delay."""
         if self.deferred:
+            self.score_queued()
             while self.unscored or not self._idle.is_set():
                 await self._idle.wait()
 
@@ -944,19 +1045,21 @@ class Guard:
             return
         self.deferred = True
         self._more = trio.Event()
+        self._now = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
 
-    def score_item(self, changes, seqs) -> None:
-        t0 = time.thread_time()
+    def score_item(self, changes, seqs, timed: bool = True) -> None:
+        t0 = time.thread_time() if timed else 0.0
         try:
             self.drain_opens()
             alert = self.detector.observe(changes, seqs)
         except Exception:  # the guard must never break capture
             log.exception("guard: scoring failed")
             return
-        finally:  # the signals' own CPU (status --json guard.scoring_cpu_s; tools/bench/guard.py)
-            self.scoring_cpu_s += time.thread_time() - t0
+        finally:  # the signals' own CPU (status --json guard.scoring_cpu_s; tools/bench/guard.py);
+            if timed:  # the batches (scorer, score_queued) count theirs once: a clock call is ~0.7 µs
+                self.scoring_cpu_s += time.thread_time() - t0
         if alert is not None:
             self.alerts += 1
             self.snapshot = guard_snapshot_name(alert.time_ns)  # status names it at once

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -60,7 +61,7 @@ import zipfile
 import zlib
 
 from tools.bench import report
-from tools.bench.paired import order, pct, ratio_summary
+from tools.bench.paired import pct, ratio_summary
 from tools.bench.scale import write_docs
 from tools.bench.targets import DELTAFS, ROOT, daemon_stats, force_unmount
 
@@ -284,8 +285,12 @@ ATTACKS = {"in-place": in_place, "encrypt-rename": encrypt_rename, "write-new-de
 
 # ---- the mount ------------------------------------------------------------------------------------
 
-def cli(*args, check=True, timeout=600) -> subprocess.CompletedProcess:
-    r = subprocess.run([*DELTAFS, *map(str, args)], capture_output=True, timeout=timeout)
+def _slug(name: str) -> str:
+    return name.replace(" ", "-").replace("(", "").replace(")", "")
+
+
+def cli(*args, check=True, timeout=600, env=None) -> subprocess.CompletedProcess:
+    r = subprocess.run([*DELTAFS, *map(str, args)], capture_output=True, timeout=timeout, env=env)
     if check and r.returncode:
         raise RuntimeError(f"deltafs {' '.join(map(str, args))}: exit {r.returncode}: "
                            f"{r.stderr.decode(errors='replace')[-500:]}")
@@ -476,12 +481,12 @@ def whole_rollback(src: str, mnt: str, clean: dict) -> dict:
     return {"files": n, "seconds": round(took, 1), "bit_exact": fingerprint(mnt) == clean}
 
 
-def small_files(root: str, n: int, seed: int) -> list[float]:
-    """Write n small text files (500 B .. 8 KB); -> each one's fsync + close latency, seconds."""
+def small_files(root: str, n: int, seed: int, start: int = 0) -> list[float]:
+    """Write n small text files (500 B .. 8 KB; f{start}.txt on); -> each one's fsync + close latency, seconds."""
     rng = random.Random(seed)
     os.makedirs(root, exist_ok=True)
     lat = []
-    for i in range(n):
+    for i in range(start, start + n):
         data = _text(rng, rng.randint(500, 8000))
         fd = os.open(os.path.join(root, f"f{i}.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.write(fd, data)
@@ -492,25 +497,39 @@ def small_files(root: str, n: int, seed: int) -> list[float]:
     return lat
 
 
-def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
+def cost(w: str, corpus: str, files: int, rounds: int, baseline: str | None = None) -> dict:
     """The signals' cost: a --guard off and a --guard normal mount (the default
-    --guard-action alert: scoring is deferred after each commit's fsync) on
-    the same disk, in paired, interleaved rounds (off then normal, normal
-    then off, ...), each pair run back to back so both see the same load.
-    Reported: the median over pairs of normal/off, a 95% confidence interval
-    of that median, and the pooled per-save close+fsync latencies (median,
-    p99) of every save.  Native ext4 runs once per round as the reference."""
+    --guard-action alert) on the same disk.  Each round runs the three
+    workloads in small pieces, the sides taking turns for each piece (25
+    files written and fsynced, one department of the corpus copied, one
+    removed), the order of the mounts changing from piece to piece: both
+    see the same load, whose drift on a shared machine is seconds.  (Until
+    2026-12-06 a side ran a whole round's workload, 3-12 s, before the
+    other; at load 3 single rounds then swung by +-50%.)  Reported: the
+    median over rounds of normal/off, a 95% confidence interval of that
+    median, and the pooled per-save close+fsync latencies (median, p99) of
+    every save.  Native ext4 takes its turn in each piece as the reference.
+
+    ``baseline``: a source tree of another deltafs (e.g. ``git archive`` of
+    main), mounted ``--guard normal`` as a third side, "guard normal
+    (baseline)", its daemon importing that tree (PYTHONPATH): a change to
+    the guard is compared with the code before it in the same rounds."""
     targets = {"native": None, "guard off": "off", "guard normal": "normal"}
+    if baseline:
+        targets["guard normal (baseline)"] = "normal"
     roots = {}
     try:
         for name, level in targets.items():
-            base = os.path.join(w, "cost-" + name.replace(" ", "-"))
+            base = os.path.join(w, "cost-" + _slug(name))
             os.makedirs(os.path.join(base, "src"))
             if level is None:
                 roots[name] = os.path.join(base, "src")
             else:
                 os.makedirs(os.path.join(base, "mnt"))
-                cli("mount", os.path.join(base, "src"), os.path.join(base, "mnt"), "--guard", level)
+                env = None
+                if name == "guard normal (baseline)":
+                    env = {**os.environ, "PYTHONPATH": os.path.abspath(baseline)}
+                cli("mount", os.path.join(base, "src"), os.path.join(base, "mnt"), "--guard", level, env=env)
                 roots[name] = os.path.join(base, "mnt")
         from deltafs import mounttable
 
@@ -518,6 +537,7 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
                 for name, root in roots.items() if targets[name] is not None}
         out = {k: {"write_s": [], "fsync_ms": [], "cp_s": [], "rm_s": [], "cpu_s": [], "scoring_s": [], "lat": []}
                for k in targets}
+        guarded = [k for k in targets if targets[k] == "normal"]
 
         def flush(root: str, name: str) -> None:  # every capture of the mount's queue committed
             if name != "native":
@@ -526,40 +546,75 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
                 control.request(os.path.join(os.path.dirname(root), "src", ".deltafs"), "flush")
 
         loads = [os.getloadavg()[0]]
+        mounts = [k for k in targets if targets[k] is not None]
+        perms = list(itertools.permutations(mounts))
+        turn = [0]
+
+        def turns() -> list[str]:  # the next order of the sides: every order of the mounts in turn
+            p = perms[turn[0] % len(perms)]
+            turn[0] += 1
+            return ["native", *p]
+
+        depts = sorted(os.listdir(corpus))
+        blocks = max(1, files // 25)
         for r in range(rounds + 1):  # round 0: warm-up, not counted
-            pair = order(r, "guard off", "guard normal")
-            for name in ["native", *pair]:
-                root = roots[name]
-                src = os.path.join(os.path.dirname(root), "src")
-                g0 = guard_state(src).get("scoring_cpu_s", 0.0) if name == "guard normal" else 0.0
-                c0 = daemon_stats(pids.get(name)).cpu
+            # Each workload runs in small pieces, the sides in turn for each piece (25 files
+            # written, one department copied, one removed): the load of a shared machine
+            # drifts within seconds, and a side's whole 3-12 s workload run after the other's
+            # saw another load (interleaving by round alone: +-50% per round at load 3)
+            acc = {k: {"write": 0.0, "cp": 0.0, "rm": 0.0, "lat": []} for k in targets}
+            g0 = {k: guard_state(os.path.join(os.path.dirname(roots[k]), "src")).get("scoring_cpu_s", 0.0)
+                  for k in guarded}
+            c0 = {k: daemon_stats(pids.get(k)).cpu for k in targets}
+            for k in targets:
+                os.makedirs(os.path.join(roots[k], f"cp{r}"))
+            for b in range(blocks):
+                for k in turns():
+                    t0 = time.perf_counter()
+                    acc[k]["lat"] += small_files(os.path.join(roots[k], f"r{r}"), files // blocks,
+                                                 r * 1000 + b, start=b * (files // blocks))
+                    acc[k]["write"] += time.perf_counter() - t0
+            for d in depts:
+                for k in turns():
+                    t0 = time.perf_counter()
+                    subprocess.run(["cp", "-a", os.path.join(corpus, d), os.path.join(roots[k], f"cp{r}", d)],
+                                   check=True)
+                    acc[k]["cp"] += time.perf_counter() - t0
+            for k in turns():
                 t0 = time.perf_counter()
-                lat = small_files(os.path.join(root, f"r{r}"), files, r)
-                t1 = time.perf_counter()
-                subprocess.run(["cp", "-a", corpus, os.path.join(root, f"cp{r}")], check=True)
-                subprocess.run(["sync", "-f", os.path.join(root, f"cp{r}")], check=True)
-                t2 = time.perf_counter()
-                flush(root, name)
-                t3 = time.perf_counter()  # rm -rf of both: the unlink signals (read-then-delete, replaced)
-                subprocess.run(["rm", "-rf", os.path.join(root, f"cp{r}"), os.path.join(root, f"r{r}")], check=True)
-                t4 = time.perf_counter()
-                flush(root, name)
-                c1 = daemon_stats(pids.get(name)).cpu
-                g1 = guard_state(src).get("scoring_cpu_s", 0.0) if name == "guard normal" else 0.0
-                if r:
-                    out[name]["scoring_s"].append(g1 - g0)
-                    out[name]["rm_s"].append(t4 - t3)
-                    out[name]["cpu_s"].append(c1 - c0)
-                    out[name]["write_s"].append(t1 - t0)
-                    out[name]["fsync_ms"].append(statistics.median(lat) * 1000)
-                    out[name]["cp_s"].append(t2 - t1)
-                    out[name]["lat"] += [x * 1000 for x in lat]
+                subprocess.run(["sync", "-f", os.path.join(roots[k], f"cp{r}")], check=True)
+                acc[k]["cp"] += time.perf_counter() - t0
+            for k in targets:
+                flush(roots[k], k)
+            # rm -rf: the unlink signals (read-then-delete, replaced)
+            for d in [os.path.join(f"cp{r}", d) for d in depts] + [f"r{r}", f"cp{r}"]:
+                for k in turns():
+                    t0 = time.perf_counter()
+                    subprocess.run(["rm", "-rf", os.path.join(roots[k], d)], check=True)
+                    acc[k]["rm"] += time.perf_counter() - t0
+            for k in targets:
+                flush(roots[k], k)
+            c1 = {k: daemon_stats(pids.get(k)).cpu for k in targets}
+            g1 = {k: guard_state(os.path.join(os.path.dirname(roots[k]), "src")).get("scoring_cpu_s", 0.0)
+                  for k in guarded}
+            if r:
+                for k in targets:
+                    out[k]["scoring_s"].append(g1[k] - g0[k] if k in guarded else 0.0)
+                    out[k]["rm_s"].append(acc[k]["rm"])
+                    out[k]["cpu_s"].append(c1[k] - c0[k])
+                    out[k]["write_s"].append(acc[k]["write"])
+                    out[k]["fsync_ms"].append(statistics.median(acc[k]["lat"]) * 1000)
+                    out[k]["cp_s"].append(acc[k]["cp"])
+                    out[k]["lat"] += [x * 1000 for x in acc[k]["lat"]]
             loads.append(os.getloadavg()[0])
             if r:
                 log(f"cost round {r}/{rounds}: normal/off write {out['guard normal']['write_s'][-1] / out['guard off']['write_s'][-1] - 1:+.1%}, "
                     f"cp {out['guard normal']['cp_s'][-1] / out['guard off']['cp_s'][-1] - 1:+.1%}, "
                     f"rm {out['guard normal']['rm_s'][-1] / out['guard off']['rm_s'][-1] - 1:+.1%}, "
-                    f"daemon CPU {out['guard normal']['cpu_s'][-1] / out['guard off']['cpu_s'][-1] - 1:+.1%}, load {loads[-1]:.1f}")
+                    f"daemon CPU {out['guard normal']['cpu_s'][-1] / out['guard off']['cpu_s'][-1] - 1:+.1%}, load {loads[-1]:.1f}"
+                    + ("; baseline/off write {:+.1%}, cp {:+.1%}, rm {:+.1%}, CPU {:+.1%}".format(
+                        *(out["guard normal (baseline)"][m][-1] / out["guard off"][m][-1] - 1
+                          for m in ("write_s", "cp_s", "rm_s", "cpu_s"))) if baseline else ""))
         res: dict = {k: {m: round(statistics.median(v), 3) for m, v in d.items() if m != "lat"} for k, d in out.items()}
         for k, d in out.items():
             res[k]["lat_median_ms"] = round(statistics.median(d["lat"]), 3)
@@ -568,6 +623,15 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
         pairs = {m: ratio_summary(out["guard normal"][m], out["guard off"][m])
                  for m in ("write_s", "fsync_ms", "cp_s", "rm_s", "cpu_s")}
         res["pairs"] = pairs
+        if baseline:  # the same rows for the baseline tree, and this tree against it
+            res["baseline"] = os.path.abspath(baseline)
+            res["pairs_baseline"] = {m: ratio_summary(out["guard normal (baseline)"][m], out["guard off"][m])
+                                     for m in ("write_s", "fsync_ms", "cp_s", "rm_s", "cpu_s")}
+            res["pairs_vs_baseline"] = {m: ratio_summary(out["guard normal"][m], out["guard normal (baseline)"][m])
+                                        for m in ("write_s", "fsync_ms", "cp_s", "rm_s", "cpu_s")}
+            b = out["guard normal (baseline)"]
+            res["scoring_share_baseline"] = round(statistics.median(
+                g / c for g, c in zip(b["scoring_s"], b["cpu_s"]) if c), 4)
         on = out["guard normal"]  # the signals' own CPU: a share of the same daemon's CPU, round by round
         res["scoring_share"] = round(statistics.median(g / c for g, c in zip(on["scoring_s"], on["cpu_s"]) if c), 4)
         res["rounds"] = rounds
@@ -578,7 +642,7 @@ def cost(w: str, corpus: str, files: int, rounds: int) -> dict:
     finally:
         for name, level in targets.items():
             if level is not None:
-                force_unmount(os.path.join(w, "cost-" + name.replace(" ", "-"), "mnt"))
+                force_unmount(os.path.join(w, "cost-" + _slug(name), "mnt"))
 
 
 # ---- the report -------------------------------------------------------------------------------------
@@ -696,10 +760,11 @@ def render(a: argparse.Namespace, n: int, trials: list[dict], ben: list[dict], r
                 report.md_table(["workload", "time", "score after", "alert"], brow)]
     if crow:
         out += ["", f"Cost: a `--guard off` and a `--guard normal` mount (default `--guard-action alert`) in "
-                f"{c['rounds']} paired rounds after a warm-up, the order inside each pair alternating (off "
-                "first, then normal first), each pair back to back so both see the same load; native ext4 "
-                "once per round as the reference. Per pair: normal / off − 1; the table gives the median "
-                "over the pairs, a distribution-free 95% interval of that median (order statistics) and the "
+                f"{c['rounds']} rounds after a warm-up; in each round every workload runs in small pieces (25 "
+                "files written, one department copied, one removed), the mounts taking turns for each piece "
+                "in changing order, so both see the same load; native ext4 takes its turn too as the "
+                "reference. Per round: normal / off − 1; the table gives the median "
+                "over the rounds, a distribution-free 95% interval of that median (order statistics) and the "
                 f"range. The daemon CPU row (utime + stime of each mount's daemon from the start of the "
                 "write to the end of a flush after the rm -rf: every capture done) is not judged; it shows "
                 "the signals' own work whatever the load. 1-min load during the rounds "
@@ -708,6 +773,14 @@ def render(a: argparse.Namespace, n: int, trials: list[dict], ben: list[dict], r
                                  "95% interval", "range over pairs"], crow), "",
                 report.md_table(["latency per save", "native (median / p99)", "guard off", "guard normal",
                                  "normal vs off (median / p99)", ""], lrow)]
+    if c and c.get("pairs_vs_baseline"):  # --cost-baseline: the same rounds against another tree
+        def cell(p):
+            return f"{p['median']:+.1%} ({p['ci95'][0]:+.1%} … {p['ci95'][1]:+.1%})"
+        brows = [[key, cell(c["pairs"][key]), cell(c["pairs_baseline"][key]), cell(c["pairs_vs_baseline"][key])]
+                 for key in ("write_s", "fsync_ms", "cp_s", "rm_s", "cpu_s")]
+        out += ["", f"Baseline: `{c['baseline']}` mounted `--guard normal` as a third side of the same rounds "
+                "(median of rounds, 95% interval):", "",
+                report.md_table(["row", "this tree vs off", "baseline vs off", "this tree vs baseline"], brows)]
     return "\n".join(out) + "\n"
 
 
@@ -722,6 +795,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cost-files", type=int, default=500, help="small files written per mount per round")
     ap.add_argument("--cost-corpus", type=int, default=2000, help="files in the corpus `cp -a` copies per round")
     ap.add_argument("--cost-rounds", type=int, default=24)
+    ap.add_argument("--cost-baseline", metavar="TREE", help="a deltafs source tree (e.g. `git archive main`) "
+                    "mounted --guard normal as a third side of the cost rounds, to compare a change with it")
     ap.add_argument("--skip", action="append", default=[], choices=("attacks", "benign", "rollback", "cost"))
     ap.add_argument("--write-docs", action="store_true", help="write the section into docs/benchmarks.md")
     ap.add_argument("--json", metavar="FILE")
@@ -791,7 +866,7 @@ def main(argv=None) -> int:
         if "cost" not in a.skip:
             cost_corpus = os.path.join(w, "cost-corpus")
             make_corpus(cost_corpus, a.cost_corpus, seed=3)
-            c = cost(w, cost_corpus, a.cost_files, a.cost_rounds)
+            c = cost(w, cost_corpus, a.cost_files, a.cost_rounds, a.cost_baseline)
             log(f"cost: {json.dumps(c)}")
     finally:
         force_unmount(mnt)
