@@ -14,7 +14,7 @@ import os
 import time
 from collections import OrderedDict
 
-from deltafs import chunking, heap
+from deltafs import chunking, heap, trace
 from deltafs.capture.identity import GONE_KEPT, REUSE_SECONDS
 from deltafs.errors import JournalError
 from deltafs.journal import Change, Journal
@@ -301,6 +301,8 @@ class ContentCapture:
         j = self.journal
         whole = dirty is FULL
         with j.reader() as r:
+            if trace.ON:
+                trace.mark("compute.reader")
             if base and r.is_pruned(base):
                 # compaction pruned the version the dirty ranges apply to (its
                 # chunks may be freed; the writer refuses it as a base): the
@@ -321,6 +323,8 @@ class ContentCapture:
             else:
                 old = r.chunk_list(base) if base else []
                 offsets = chunking.list_offsets(old)
+                if trace.ON:
+                    trace.mark("compute.list_read")
             pread = lambda off, n: os.pread(fd, n, off)  # noqa: E731
             holes = file_holes(fd, size)
             if whole and cause == "scan" and old:
@@ -331,6 +335,8 @@ class ContentCapture:
             res, new = capture_chunks(r, pread, size, old, dirty, offsets, j.put_chunks,
                                       self.raw_cache, aligned=not whole, holes=holes,
                                       hint=self.hint_list(r, hint) if hint and not old else None)
+            if trace.ON:
+                trace.mark(f"compute.rechunked new={len(new)}")
         edit = res.edit_list(old)
         del res  # its spans (~100 bytes per chunk of the new content) before the new list is built
         if cause == "scan" and base and not edit and not new and size == sum(n for _, n in old):

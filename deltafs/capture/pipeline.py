@@ -34,7 +34,7 @@ from typing import Callable
 
 import trio
 
-from deltafs import heap, hops
+from deltafs import heap, hops, trace
 from deltafs.journal import Change, Journal
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,8 @@ class Pipeline:
                 await self._more.wait()
                 self._more = trio.Event()
             await self.queue[0].ready.wait()
+            if trace.ON:
+                trace.mark("committer.head_ready")
             if not self._hurry.is_set() and len(self.queue) < INLINE_RECORDS:
                 # Nobody waits for durability (fsync, flush, a pre-image):
                 # gather what arrives in the next few ms into the same
@@ -213,6 +215,8 @@ class Pipeline:
                 with trio.move_on_after(window):
                     await self._nudge.wait()
             batch = self._take()
+            if trace.ON:
+                trace.mark(f"committer.take n={len(batch)}")
             groups = [it.changes or [] for it in batch]
             if self.origins:
                 tag_origins(groups, self.origins)
@@ -236,6 +240,8 @@ class Pipeline:
                     results = await hops.run(self.journal.commit_many, groups)
                 except Exception as e:  # the whole transaction failed (disk full...)
                     results = [e] * len(batch)
+            if trace.ON:
+                trace.mark("committer.committed")
             for it, res in zip(batch, results):
                 it.result = res
                 if isinstance(res, BaseException):

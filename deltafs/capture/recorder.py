@@ -48,7 +48,7 @@ import time
 import trio
 
 from deltafs import _syscalls as sc
-from deltafs import hops
+from deltafs import hops, trace
 from deltafs.capture import saves
 from deltafs.capture.content import FULL, ContentCapture
 from deltafs.capture.identity import GonePaths
@@ -216,11 +216,15 @@ class Recorder:
 
     async def _compute(self, item, ops, node, ev, prev, fd, path, cause, dirty, base) -> None:
         try:
+            if trace.ON:
+                trace.mark("compute.task")
             if item.skip:  # paused: the rescan at resume records the file
                 item.changes = []
                 return
             if prev is not None:
                 await prev.done.wait()
+                if trace.ON:
+                    trace.mark("compute.prev_done")
                 if dirty is not FULL:
                     base = node.cap.base
             if dirty is not FULL and base is None:
@@ -230,6 +234,8 @@ class Recorder:
             change, item.list_cache = await hops.run(
                 self.content.compute, fd, path, cause, dirty, base, cached, hint, limiter=self.limiter)
             item.changes = [change]
+            if trace.ON:
+                trace.mark("compute.back")
         except Exception as e:
             self.pipe.capture_failed(path, e, logged_trace=not isinstance(e, (OSError, JournalError)))
             item.changes = []
@@ -304,6 +310,8 @@ class Recorder:
         create, chmod, xattrs) is durable, whichever descriptor asks."""
         if node.cap.changed:
             self._content_event(ops, node, "fsync")
+            if trace.ON:
+                trace.mark("capture.queued")
         await self.sync(node.ino)
 
     def _content_event(self, ops, node, cause: str) -> Item | None:

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import msgpack
 
+from deltafs import trace
 from deltafs.chunking import MAX_DELTA_DEPTH
 from deltafs.errors import JournalError, NotFoundError
 
@@ -365,6 +366,8 @@ class Journal:
         if not self._wlock.acquire(blocking):
             return None
         try:
+            if trace.ON:
+                trace.mark("commit.locked")
             txn = env.begin(write=True)
             try:
                 for changes in groups:
@@ -378,8 +381,14 @@ class Journal:
                         self._clear_list_cache()
                         log.warning("journal rejected a change: %s", e)
                         results.append(translate(e, self.path))
+                if trace.ON:
+                    trace.mark("commit.applied")
                 self._storage.seal(txn)
+                if trace.ON:
+                    trace.mark("commit.sealed")
                 txn.commit()
+                if trace.ON:
+                    trace.mark("commit.lmdb_committed")
                 self.sync_count += 1
             except BaseException as e:
                 txn.abort()
