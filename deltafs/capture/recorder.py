@@ -215,6 +215,8 @@ class Recorder:
         return item
 
     async def _compute(self, item, ops, node, ev, prev, fd, path, cause, dirty, base) -> None:
+        solo = False
+        result: list | BaseException = []
         try:
             if trace.ON:
                 trace.mark("compute.task")
@@ -222,7 +224,8 @@ class Recorder:
                 item.changes = []
                 return
             if prev is not None:
-                await prev.done.wait()
+                if not prev.done.is_set():
+                    await prev.done.wait()
                 if trace.ON:
                     trace.mark("compute.prev_done")
                 if dirty is not FULL:
@@ -231,14 +234,23 @@ class Recorder:
                 dirty = FULL
             cached = self.content.cached(base)
             hint = self.content.take_hint(node.ino) if node is not None and not base else 0
-            change, item.list_cache = await hops.run(
-                self.content.compute, fd, path, cause, dirty, base, cached, hint, limiter=self.limiter)
+            # Alone in the queue with someone waiting (an fsync): the worker
+            # commits it right after computing it (Pipeline.solo), one thread
+            # hand-off instead of two and no committer wake-up in between.
+            solo = self.pipe.solo(item)
+            if solo:
+                change, item.list_cache, result = await hops.run(
+                    self._compute_commit, fd, path, cause, dirty, base, cached, hint, limiter=self.limiter)
+            else:
+                change, item.list_cache = await hops.run(
+                    self.content.compute, fd, path, cause, dirty, base, cached, hint, limiter=self.limiter)
             item.changes = [change]
             if trace.ON:
                 trace.mark("compute.back")
         except Exception as e:
             self.pipe.capture_failed(path, e, logged_trace=not isinstance(e, (OSError, JournalError)))
             item.changes = []
+            result = []
             if node is not None:
                 node.cap.base = None
         finally:
@@ -247,7 +259,20 @@ class Recorder:
                 node.cap.pending = None
                 ev.set()
                 ops.release_node_if_unused(node)
-            item.ready.set()
+            if solo:
+                self.pipe.finish_solo(item, result)
+            else:
+                item.ready.set()
+
+    def _compute_commit(self, fd, path, cause, dirty, base, cached, hint):
+        """In a worker: compute the capture and commit it (Pipeline.solo).
+        -> (change, list cache, seqs or the commit's exception)."""
+        change, cache = self.content.compute(fd, path, cause, dirty, base, cached, hint)
+        try:
+            (res,) = self.journal.commit_many([[change]])
+        except Exception as e:  # the whole transaction failed (disk full...)
+            res = e
+        return change, cache, res
 
     # ---- hooks called by ops ------------------------------------------------
 
