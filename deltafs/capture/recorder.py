@@ -232,7 +232,7 @@ class Recorder:
                     base = node.cap.base
             if dirty is not FULL and base is None:
                 dirty = FULL
-            cached = self.content.cached(base)
+            cached = self.content.take(base)  # ours now: edited in place into the new list
             hint = self.content.take_hint(node.ino) if node is not None and not base else 0
             # Alone in the queue with someone waiting (an fsync): the worker
             # commits it right after computing it (Pipeline.solo), one thread
