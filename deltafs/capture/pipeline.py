@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from collections import deque
+from contextlib import contextmanager
 from typing import Callable
 
 import trio
@@ -148,11 +149,17 @@ class Pipeline:
             await self._wait(item.done)
 
     async def _wait(self, event: trio.Event) -> None:
+        with self.hurrying():
+            await event.wait()
+
+    @contextmanager
+    def hurrying(self):
+        """While inside, someone waits for a commit: no group-commit delay."""
         self._waiters += 1
         self._hurry.set()
         self._nudge.set()
         try:
-            await event.wait()
+            yield
         finally:
             self._waiters -= 1
             if not self._waiters:
