@@ -524,3 +524,32 @@ def test_apply_edit_in_place_of_a_big_list_touches_only_the_edit():
     assert refs is old and offs is offsets and len(refs) == 65537
     assert refs[0] is before[0] and refs[-1] is before[1] and offs[-1] == tail_offset
     assert offs[30001] == offs[30000] + 8192
+
+
+def test_apply_edit_packed_in_place_matches_apply_edit_packed():
+    """The journal writer's in-place edit of a packed chunk list (issue 19)
+    equals the rebuilding one, inserts at one index included."""
+    import os as _os
+    import random as _random
+
+    from deltafs.journal import schema as S
+
+    rnd = _random.Random(20)
+    for _ in range(2000):
+        n = rnd.randint(0, 20)
+        old = [(_os.urandom(16), rnd.randint(1, 100)) for _ in range(n)]
+        packed, total = S.pack_list(old), sum(x for _, x in old)
+        edits, cur = [], 0
+        while cur <= n and rnd.random() < 0.7:
+            start = rnd.randint(cur, n)
+            count = rnd.randint(0, n - start)
+            new = [(_os.urandom(16), rnd.randint(1, 100)) for _ in range(rnd.randint(0, 3))]
+            if count or new:
+                edits.append((start, count, new))
+            cur = start + count + rnd.randint(0, 1)
+        want, want_total = S.apply_edit_packed(packed, total, edits)
+        buf = bytearray(packed)
+        assert S.apply_edit_packed_in_place(buf, total, edits) == want_total
+        assert bytes(buf) == want
+    with pytest.raises(ValueError):
+        S.apply_edit_packed_in_place(bytearray(S.pack_list([(b"a" * 16, 1)])), 1, [(0, 2, [])])
