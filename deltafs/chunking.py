@@ -368,6 +368,28 @@ def edit_offsets(offsets: Sequence[int], edits) -> list[int]:
     return out
 
 
+def apply_edit_in_place(refs: list[ChunkRef], offsets: list[int], edits) -> None:
+    """``apply_edit`` and ``edit_offsets`` on lists the caller owns, in place.
+
+    A small edit of a huge file's list (65,536 entries per GiB) then costs
+    the edit plus, where the size changed, the offsets after it, instead of
+    two copies of every entry (~1.5 ms on the bench machine, issue 19).
+    ``edits`` as ``apply_edit`` takes them (sorted, disjoint, old indices)."""
+    for start, count, new in reversed(edits):
+        if start < 0 or start + count > len(refs):
+            raise ValueError(f"edit ({start}, {count}) beyond {len(refs)} chunks")
+        refs[start:start + count] = new
+        pos = offsets[start]
+        ends = []
+        for _, n in new:
+            pos += n
+            ends.append(pos)
+        shift = pos - offsets[start + count]
+        if shift:  # the size changed: every later offset moves (an append's tail is short)
+            offsets[start + count + 1:] = [o + shift for o in offsets[start + count + 1:]]
+        offsets[start + 1:start + count + 1] = ends  # a memmove at most, when the count changed
+
+
 def prefers_aligned(old_size: int, new_size: int, ranges: Sequence[tuple[int, int]]) -> bool:
     """Is this an in-place write, better cut at fixed aligned offsets?
 

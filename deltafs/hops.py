@@ -19,6 +19,8 @@ import threading
 import outcome
 import trio
 
+from deltafs import trace
+
 MAX_THREADS = 32  # past this, calls queue for a free worker
 
 
@@ -31,7 +33,11 @@ class _Pool:
     def _work(self) -> None:
         while True:
             fn, args, task, token = self.jobs.get()
+            if trace.ON:
+                trace.mark(f"hop.start {getattr(fn, '__name__', fn)}")
             result = outcome.capture(fn, *args)
+            if trace.ON:
+                trace.mark(f"hop.end {getattr(fn, '__name__', fn)}")
             try:
                 token.run_sync_soon(self._back, task, result)
             except trio.RunFinishedError:  # the loop is gone: nobody waits any more
@@ -39,6 +45,8 @@ class _Pool:
 
     def _back(self, task, result) -> None:
         self.busy -= 1
+        if trace.ON:
+            trace.mark("hop.back")
         trio.lowlevel.reschedule(task, result)
 
     async def run(self, fn, *args):

@@ -38,7 +38,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from deltafs import _syscalls as sc
-from deltafs import hops
+from deltafs import hops, trace
 from deltafs.fdcache import FdCache
 
 log = logging.getLogger(__name__)
@@ -1230,10 +1230,15 @@ class Operations(pyfuse3.Operations):
         # inode, is durable in the journal when this returns.
         h = self.handles[fh]
         fn = os.fdatasync if datasync else os.fsync
+        if trace.ON:
+            trace.start()
         if self.rec.settled(h.node):
             await hops.run(fn, h.fd)
             return
         await self._durable(fn, h.fd, self.rec.fsync, self, h.node)
+        if trace.ON:
+            trace.mark("fsync.reply")
+            trace.dump(ino=h.node.ino, path=os.fsdecode(self.path_of(h.node) or b""))
 
     async def _durable(self, fn, fd: int, journal_wait, *args) -> None:
         """fn(fd) in a thread while awaiting journal_wait(*args).  The capture reads
@@ -1251,6 +1256,8 @@ class Operations(pyfuse3.Operations):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flush_src)
             await journal_wait(*args)
+            if trace.ON:
+                trace.mark("fsync.journal_done")
         if failed:
             raise failed[0]
 

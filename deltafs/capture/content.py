@@ -11,10 +11,11 @@ delta bases: a hint for the compressor only, never an identity.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import OrderedDict
 
-from deltafs import chunking, heap
+from deltafs import chunking, heap, trace
 from deltafs.capture.identity import GONE_KEPT, REUSE_SECONDS
 from deltafs.errors import JournalError
 from deltafs.journal import Change, Journal
@@ -260,15 +261,41 @@ class ContentCapture:
         self.lists: OrderedDict[int, tuple[list, list]] = OrderedDict()  # seq -> (chunk list, offsets)
         self.raw_cache = chunking.RawCache(RAW_CACHE_BYTES)
         self.list_entries = 0
+        # guards ``lists``: a capture worker takes a file's list out (``take``) and
+        # edits it in place, other workers read copies (``_shared``)
+        self._lists_lock = threading.Lock()
         # delta base hints (never identity): path -> (time, last content version of
         # the file that left it); inode created there -> that version
         self.base_hints: dict[bytes, tuple[float, int]] = {}
         self.ino_hints: dict[int, int] = {}
 
     def cached(self, base: int | None) -> tuple | None:
-        """(base, chunk list, offsets) of version ``base`` if its list is cached."""
-        hit = self.lists.get(base) if base else None
+        """(base, chunk list, offsets) of version ``base`` if its list is cached
+        (the cache's own lists: read them, never change them)."""
+        with self._lists_lock:
+            hit = self.lists.get(base) if base else None
         return (base, *hit) if hit is not None else None
+
+    def take(self, base: int | None) -> tuple | None:
+        """(base, chunk list, offsets, True) of version ``base``, taken out of the
+        cache: the caller owns the lists, and ``compute`` edits them in place
+        into the new version's (no copy of a huge file's list per save); the
+        commit's ``remember_list`` puts them back under the new version.  A
+        capture that fails just drops them (the next one reads the journal)."""
+        if not base:
+            return None
+        with self._lists_lock:
+            hit = self.lists.pop(base, None)
+            if hit is not None:
+                self.list_entries -= len(hit[0]) + LIST_CACHE_OVERHEAD
+        return (base, *hit, True) if hit is not None else None
+
+    def _shared(self, seq: int) -> tuple[list, list] | None:
+        """Copies of version ``seq``'s cached lists, for a worker that does not own
+        them (a whole-file capture: its O(file) read dwarfs the copy)."""
+        with self._lists_lock:
+            hit = self.lists.get(seq)
+            return (list(hit[0]), list(hit[1])) if hit is not None else None
 
     def remember_list(self, seq: int, refs: list, offsets: list, base: int = 0) -> None:
         """Keep the chunk list of a content version for the file's next capture,
@@ -279,20 +306,22 @@ class ContentCapture:
         of the file builds on ``seq``), so the cache holds about one list per
         file, not one per save; bounded in entries either way."""
         self.forget_list(base)
-        if seq in self.lists or len(refs) + LIST_CACHE_OVERHEAD > LIST_CACHE_ENTRIES:
-            return  # a list larger than the whole cache is not kept (the next capture reads it back)
-        self.lists[seq] = (refs, offsets)
-        self.list_entries += len(refs) + LIST_CACHE_OVERHEAD
-        while (self.list_entries > LIST_CACHE_ENTRIES or len(self.lists) > LIST_CACHE_VERSIONS) \
-                and len(self.lists) > 1:
-            _, (old_refs, _) = self.lists.popitem(last=False)
-            self.list_entries -= len(old_refs) + LIST_CACHE_OVERHEAD
+        with self._lists_lock:
+            if seq in self.lists or len(refs) + LIST_CACHE_OVERHEAD > LIST_CACHE_ENTRIES:
+                return  # a list larger than the whole cache is not kept (the next capture reads it back)
+            self.lists[seq] = (refs, offsets)
+            self.list_entries += len(refs) + LIST_CACHE_OVERHEAD
+            while (self.list_entries > LIST_CACHE_ENTRIES or len(self.lists) > LIST_CACHE_VERSIONS) \
+                    and len(self.lists) > 1:
+                _, (old_refs, _) = self.lists.popitem(last=False)
+                self.list_entries -= len(old_refs) + LIST_CACHE_OVERHEAD
 
     def forget_list(self, seq: int | None) -> None:
         """Drop version ``seq``'s kept list (superseded by the file's next version)."""
-        old = self.lists.pop(seq, None) if seq else None
-        if old is not None:
-            self.list_entries -= len(old[0]) + LIST_CACHE_OVERHEAD
+        with self._lists_lock:
+            old = self.lists.pop(seq, None) if seq else None
+            if old is not None:
+                self.list_entries -= len(old[0]) + LIST_CACHE_OVERHEAD
 
     def compute(self, fd: int, path: bytes, cause: str, dirty, base: int | None,
                       cached=None, hint: int = 0) -> tuple[Change, tuple | None]:
@@ -301,6 +330,8 @@ class ContentCapture:
         j = self.journal
         whole = dirty is FULL
         with j.reader() as r:
+            if trace.ON:
+                trace.mark("compute.reader")
             if base and r.is_pruned(base):
                 # compaction pruned the version the dirty ranges apply to (its
                 # chunks may be freed; the writer refuses it as a base): the
@@ -312,15 +343,20 @@ class ContentCapture:
                     fs = r.file_state(fid) if fid else None
                     base = fs.content_seq if fs is not None and not fs.deleted else 0
                 dirty = [(0, max(size, 1))]
+            owned = False
             if cached is None and base:
-                hit = self.lists.get(base)  # (GIL-atomic; the trio thread writes it)
+                hit = self._shared(base)
                 if hit is not None:
-                    cached = (base, *hit)
+                    cached = (base, *hit, True)  # a copy: ours
             if cached is not None and base and cached[0] == base:
-                _, old, offsets = cached
+                _, old, offsets = cached[:3]
+                owned = len(cached) > 3 and cached[3]
             else:
                 old = r.chunk_list(base) if base else []
                 offsets = chunking.list_offsets(old)
+                owned = True  # read for this capture alone
+                if trace.ON:
+                    trace.mark("compute.list_read")
             pread = lambda off, n: os.pread(fd, n, off)  # noqa: E731
             holes = file_holes(fd, size)
             if whole and cause == "scan" and old:
@@ -331,6 +367,8 @@ class ContentCapture:
             res, new = capture_chunks(r, pread, size, old, dirty, offsets, j.put_chunks,
                                       self.raw_cache, aligned=not whole, holes=holes,
                                       hint=self.hint_list(r, hint) if hint and not old else None)
+            if trace.ON:
+                trace.mark(f"compute.rechunked new={len(new)}")
         edit = res.edit_list(old)
         del res  # its spans (~100 bytes per chunk of the new content) before the new list is built
         if cause == "scan" and base and not edit and not new and size == sum(n for _, n in old):
@@ -340,6 +378,9 @@ class ContentCapture:
                           mtime_ns=st.st_mtime_ns), None
         if len(old) + sum(len(refs) - c for _, c, refs in edit) + LIST_CACHE_OVERHEAD > LIST_CACHE_ENTRIES:
             cache = None  # too large to keep (remember_list): not built, its ~160 bytes per chunk never held
+        elif owned:  # the base's lists are ours (take, or a copy): edited in place, O(edit)
+            chunking.apply_edit_in_place(old, offsets, edit)
+            cache = (old, offsets, base or 0)
         else:
             cache = (chunking.apply_edit(old, edit, copy=False), chunking.edit_offsets(offsets, edit), base or 0)
         return Change(op="write", path=path, size=size, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
@@ -348,7 +389,7 @@ class ContentCapture:
 
     def hint_list(self, r, seq: int) -> tuple[list, list] | None:
         """(chunk list, offsets) of version ``seq`` as delta bases, if it still exists."""
-        hit = self.lists.get(seq)
+        hit = self._shared(seq)
         if hit is not None:
             return hit
         if r.is_pruned(seq):

@@ -30,11 +30,12 @@ import logging
 import os
 import time
 from collections import deque
+from contextlib import contextmanager
 from typing import Callable
 
 import trio
 
-from deltafs import heap, hops
+from deltafs import heap, hops, trace
 from deltafs.journal import Change, Journal
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,12 @@ class Pipeline:
         self._hurry = trio.Event()  # set while anyone waits: no group-commit delay
         self._nudge = trio.Event()  # ends a group window: someone waits, or a full batch is queued
         self._more = trio.Event()
+        self._committing = False  # the committer holds a batch taken off the queue (solo)
         # status counters (read by status/control)
         self.versions = 0
         self.records = 0
         self.inline_commits = 0  # namespace-only commits made on the loop thread
+        self.solo_commits = 0  # captures committed by their own worker (solo)
         self.trims = 0  # heap trims after big captures
         self.failures = 0
         self.last_error: str | None = None
@@ -146,11 +149,17 @@ class Pipeline:
             await self._wait(item.done)
 
     async def _wait(self, event: trio.Event) -> None:
+        with self.hurrying():
+            await event.wait()
+
+    @contextmanager
+    def hurrying(self):
+        """While inside, someone waits for a commit: no group-commit delay."""
         self._waiters += 1
         self._hurry.set()
         self._nudge.set()
         try:
-            await event.wait()
+            yield
         finally:
             self._waiters -= 1
             if not self._waiters:
@@ -192,12 +201,38 @@ class Pipeline:
         if item is not None:
             await self.committed(item)
 
+    def solo(self, item: Item) -> bool:
+        """May item's worker commit it itself, right after computing it, in the
+        same thread hand-off (issue 19: one hop per captured fsync, not two,
+        and no wake-up of the committer in between)?  Only when item is the
+        whole queue, no batch is being committed (so nothing queued before
+        it is left), someone waits for a commit (no group window to wait
+        out) and no sync origin needs tagging.  Items queued behind it wait
+        for it as for any head item; :meth:`finish_solo` ends it."""
+        return (len(self.queue) == 1 and self.queue[0] is item and not self._committing
+                and self._hurry.is_set() and not self.origins and not item.skip)
+
+    def finish_solo(self, item: Item, result) -> None:
+        """item (the head, see :meth:`solo`) was committed by its worker (result:
+        its seqs, or the exception), or has nothing to commit (result [])."""
+        assert self.queue[0] is item
+        self.queue.popleft()
+        if isinstance(result, list) and result:
+            self.solo_commits += 1
+        item.ready.set()  # a committer waiting on the head moves on (it is gone)
+        self._finish([item], [result])
+
     async def committer(self) -> None:
         while True:
             while not self.queue:
                 await self._more.wait()
                 self._more = trio.Event()
-            await self.queue[0].ready.wait()
+            head = self.queue[0]
+            await head.ready.wait()
+            if not self.queue or self.queue[0] is not head:
+                continue  # its worker committed it (solo)
+            if trace.ON:
+                trace.mark("committer.head_ready")
             if not self._hurry.is_set() and len(self.queue) < INLINE_RECORDS:
                 # Nobody waits for durability (fsync, flush, a pre-image):
                 # gather what arrives in the next few ms into the same
@@ -212,65 +247,78 @@ class Pipeline:
                     window = NAMESPACE_WINDOW
                 with trio.move_on_after(window):
                     await self._nudge.wait()
-            batch = self._take()
-            groups = [it.changes or [] for it in batch]
-            if self.origins:
-                tag_origins(groups, self.origins)
-            results = None
-            if not any(_has_content(g) for g in groups):
-                # Namespace records only (rm -rf, mkdir -p, renames): commit them
-                # here on the loop thread if the write lock is free.  In a worker
-                # thread, py-lmdb's get/put (which keep the GIL) fought the FUSE
-                # loop for the GIL through every commit (issue 19: 15 futex calls
-                # per unlinked entry).  The batch is bounded (_take), so lookups
-                # wait at most one short commit; a lock held by a compaction or a
-                # capture's chunks sends the batch to a worker as before.
-                try:
-                    results = self.journal.try_commit_many(groups)
-                except Exception as e:  # the whole transaction failed (read-only, disk full...)
-                    results = [e] * len(batch)
-                if results is not None:
-                    self.inline_commits += 1
-            if results is None:
-                try:
-                    results = await hops.run(self.journal.commit_many, groups)
-                except Exception as e:  # the whole transaction failed (disk full...)
-                    results = [e] * len(batch)
-            for it, res in zip(batch, results):
-                it.result = res
-                if isinstance(res, BaseException):
-                    self.failed(it, res)
-                else:
-                    self.records += len(res)
-                    self.versions += sum(1 for c in it.changes or () if c.op == "write")
-                    if self.guard is not None and res:
-                        self.guard.observe(it.changes, res)
-                if it.after is not None:
+            self._committing = True
+            try:
+                batch = self._take()
+                if trace.ON:
+                    trace.mark(f"committer.take n={len(batch)}")
+                groups = [it.changes or [] for it in batch]
+                if self.origins:
+                    tag_origins(groups, self.origins)
+                results = None
+                if not any(_has_content(g) for g in groups):
+                    # Namespace records only (rm -rf, mkdir -p, renames): commit them
+                    # here on the loop thread if the write lock is free.  In a worker
+                    # thread, py-lmdb's get/put (which keep the GIL) fought the FUSE
+                    # loop for the GIL through every commit (issue 19: 15 futex calls
+                    # per unlinked entry).  The batch is bounded (_take), so lookups
+                    # wait at most one short commit; a lock held by a compaction or a
+                    # capture's chunks sends the batch to a worker as before.
                     try:
-                        it.after(res)
-                    except Exception:
-                        log.exception("capture bookkeeping failed")
-                for ino in it.inos:
-                    if self._latest.get(ino) is it:
-                        del self._latest[ino]
-                self.queued_bytes -= it.nbytes
-                # a committed item stays referenced (the file's last item, the
-                # queue's last) until the next one: without what it committed,
-                # or a 4 GiB file's edit (~11 MiB of tuples) stays with it
-                it.after = it.list_cache = None
-                if _has_content(it.changes):
-                    it.changes = []
-                it.done.set()
-            self._room.set()  # producers waiting in room() look again
-            self._room = trio.Event()
-            if any(it.nbytes >= TRIM_AFTER_BYTES for it in batch):
-                # a big capture's transient objects (its chunk list as spans, edit and
-                # decoded forms) are freed now: give their pages back (heap.py)
-                self.trims += heap.trim(force=True)
-            if any(not isinstance(r, BaseException) and r for r in results):
-                self.last_capture_ns = time.time_ns()
-                if self.needs_rescan and self.on_recovered is not None:
-                    self.on_recovered()
+                        results = self.journal.try_commit_many(groups)
+                    except Exception as e:  # the whole transaction failed (read-only, disk full...)
+                        results = [e] * len(batch)
+                    if results is not None:
+                        self.inline_commits += 1
+                if results is None:
+                    try:
+                        results = await hops.run(self.journal.commit_many, groups)
+                    except Exception as e:  # the whole transaction failed (disk full...)
+                        results = [e] * len(batch)
+                if trace.ON:
+                    trace.mark("committer.committed")
+                self._finish(batch, results)
+            finally:
+                self._committing = False
+
+    def _finish(self, batch: list[Item], results: list) -> None:
+        """After a commit (by the committer or a solo worker): results, counters,
+        callbacks, waiters woken."""
+        for it, res in zip(batch, results):
+            it.result = res
+            if isinstance(res, BaseException):
+                self.failed(it, res)
+            else:
+                self.records += len(res)
+                self.versions += sum(1 for c in it.changes or () if c.op == "write")
+                if self.guard is not None and res:
+                    self.guard.observe(it.changes, res)
+            if it.after is not None:
+                try:
+                    it.after(res)
+                except Exception:
+                    log.exception("capture bookkeeping failed")
+            for ino in it.inos:
+                if self._latest.get(ino) is it:
+                    del self._latest[ino]
+            self.queued_bytes -= it.nbytes
+            # a committed item stays referenced (the file's last item, the
+            # queue's last) until the next one: without what it committed,
+            # or a 4 GiB file's edit (~11 MiB of tuples) stays with it
+            it.after = it.list_cache = None
+            if _has_content(it.changes):
+                it.changes = []
+            it.done.set()
+        self._room.set()  # producers waiting in room() look again
+        self._room = trio.Event()
+        if any(it.nbytes >= TRIM_AFTER_BYTES for it in batch):
+            # a big capture's transient objects (its chunk list as spans, edit and
+            # decoded forms) are freed now: give their pages back (heap.py)
+            self.trims += heap.trim(force=True)
+        if any(not isinstance(r, BaseException) and r for r in results):
+            self.last_capture_ns = time.time_ns()
+            if self.needs_rescan and self.on_recovered is not None:
+                self.on_recovered()
 
     def _take(self) -> list[Item]:
         """The ready items at the head of the queue, in order, for one commit:

@@ -48,7 +48,7 @@ import time
 import trio
 
 from deltafs import _syscalls as sc
-from deltafs import hops
+from deltafs import hops, trace
 from deltafs.capture import saves
 from deltafs.capture.content import FULL, ContentCapture
 from deltafs.capture.identity import GonePaths
@@ -179,7 +179,8 @@ class Recorder:
 
     # ---- content capture ----------------------------------------------------
 
-    def _capture(self, ops, node, fd: int, path: bytes, cause: str, dirty, base: int | None) -> Item:
+    def _capture(self, ops, node, fd: int, path: bytes, cause: str, dirty, base: int | None,
+                 start=None) -> Item:
         """Queue a content version of the file open as fd (the item owns fd).
 
         ``base``: the content version the dirty ranges are relative to;
@@ -211,28 +212,47 @@ class Recorder:
                 self.content.forget_list(item.changes[-1].base_seq)  # superseded, and too large to keep
         item.after = after
         self.pipe.push(item, _capture_bytes(fd, dirty))
-        self.nursery.start_soon(self._compute, item, ops, node, ev, prev, fd, path, cause, dirty, base)
+        # start: who runs the computation (fsync runs it itself); by default a new task
+        (start or self.nursery.start_soon)(self._compute, item, ops, node, ev, prev, fd, path, cause, dirty, base)
         return item
 
     async def _compute(self, item, ops, node, ev, prev, fd, path, cause, dirty, base) -> None:
+        solo = False
+        result: list | BaseException = []
         try:
+            if trace.ON:
+                trace.mark("compute.task")
             if item.skip:  # paused: the rescan at resume records the file
                 item.changes = []
                 return
             if prev is not None:
-                await prev.done.wait()
+                if not prev.done.is_set():
+                    await prev.done.wait()
+                if trace.ON:
+                    trace.mark("compute.prev_done")
                 if dirty is not FULL:
                     base = node.cap.base
             if dirty is not FULL and base is None:
                 dirty = FULL
-            cached = self.content.cached(base)
+            cached = self.content.take(base)  # ours now: edited in place into the new list
             hint = self.content.take_hint(node.ino) if node is not None and not base else 0
-            change, item.list_cache = await hops.run(
-                self.content.compute, fd, path, cause, dirty, base, cached, hint, limiter=self.limiter)
+            # Alone in the queue with someone waiting (an fsync): the worker
+            # commits it right after computing it (Pipeline.solo), one thread
+            # hand-off instead of two and no committer wake-up in between.
+            solo = self.pipe.solo(item)
+            if solo:
+                change, item.list_cache, result = await hops.run(
+                    self._compute_commit, fd, path, cause, dirty, base, cached, hint, limiter=self.limiter)
+            else:
+                change, item.list_cache = await hops.run(
+                    self.content.compute, fd, path, cause, dirty, base, cached, hint, limiter=self.limiter)
             item.changes = [change]
+            if trace.ON:
+                trace.mark("compute.back")
         except Exception as e:
             self.pipe.capture_failed(path, e, logged_trace=not isinstance(e, (OSError, JournalError)))
             item.changes = []
+            result = []
             if node is not None:
                 node.cap.base = None
         finally:
@@ -241,7 +261,20 @@ class Recorder:
                 node.cap.pending = None
                 ev.set()
                 ops.release_node_if_unused(node)
-            item.ready.set()
+            if solo:
+                self.pipe.finish_solo(item, result)
+            else:
+                item.ready.set()
+
+    def _compute_commit(self, fd, path, cause, dirty, base, cached, hint):
+        """In a worker: compute the capture and commit it (Pipeline.solo).
+        -> (change, list cache, seqs or the commit's exception)."""
+        change, cache = self.content.compute(fd, path, cause, dirty, base, cached, hint)
+        try:
+            (res,) = self.journal.commit_many([[change]])
+        except Exception as e:  # the whole transaction failed (disk full...)
+            res = e
+        return change, cache, res
 
     # ---- hooks called by ops ------------------------------------------------
 
@@ -303,10 +336,19 @@ class Recorder:
         before about this inode (a capture queued at an earlier close, its
         create, chmod, xattrs) is durable, whichever descriptor asks."""
         if node.cap.changed:
-            self._content_event(ops, node, "fsync")
+            runs: list = []
+            self._content_event(ops, node, "fsync", start=lambda *a: runs.append(a))
+            if trace.ON:
+                trace.mark("capture.queued")
+            for fn, *args in runs:
+                # computed (and, alone in the queue, committed) by this task: no
+                # task to start and wake, one scheduler pass less each way;
+                # shielded, as a task of the recorder's nursery would be
+                with self.pipe.hurrying(), trio.CancelScope(shield=True):
+                    await fn(*args)
         await self.sync(node.ino)
 
-    def _content_event(self, ops, node, cause: str) -> Item | None:
+    def _content_event(self, ops, node, cause: str, start=None) -> Item | None:
         cap = self.track(node)
         dirty = cap.take()
         path = ops.path_of(node)
@@ -319,7 +361,8 @@ class Recorder:
         except OSError as e:
             self.pipe.not_recorded(f"the capture of {os.fsdecode(path)}", e, path)
             return None
-        return self._capture(ops, node, fd, path, cause, dirty if cap.base is not None else FULL, cap.base)
+        return self._capture(ops, node, fd, path, cause, dirty if cap.base is not None else FULL, cap.base,
+                             start=start)
 
     # ---- namespace events (ops.Capture): each already succeeded in SRC ----
     #

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import msgpack
 
+from deltafs import trace
 from deltafs.chunking import MAX_DELTA_DEPTH
 from deltafs.errors import JournalError, NotFoundError
 
@@ -365,6 +366,8 @@ class Journal:
         if not self._wlock.acquire(blocking):
             return None
         try:
+            if trace.ON:
+                trace.mark("commit.locked")
             txn = env.begin(write=True)
             try:
                 for changes in groups:
@@ -378,8 +381,14 @@ class Journal:
                         self._clear_list_cache()
                         log.warning("journal rejected a change: %s", e)
                         results.append(translate(e, self.path))
+                if trace.ON:
+                    trace.mark("commit.applied")
                 self._storage.seal(txn)
+                if trace.ON:
+                    trace.mark("commit.sealed")
                 txn.commit()
+                if trace.ON:
+                    trace.mark("commit.lmdb_committed")
                 self.sync_count += 1
             except BaseException as e:
                 txn.abort()
@@ -527,10 +536,15 @@ class Journal:
         base = ch.base_seq or 0
         if base and rd.is_pruned(base):  # its chunks may be freed
             raise ValueError(f"base version {base} of {ch.path!r} has been pruned by compaction")
-        old, total, depth, accum = self._list_for(rd, base) if base else (b"", 0, -1, 0)
         edit = ch.edit if _plain_edit(ch.edit) else \
             [(int(s), int(c), [(bytes(i), int(n)) for i, n in refs]) for s, c, refs in ch.edit]
-        new, new_total = S.apply_edit_packed(old, total, edit)
+        if base:  # the base's list, out of the cache and edited in place into this version's
+            new, total, depth, accum = self._take_list(rd, base)
+            new_total = S.apply_edit_packed_in_place(new, total, edit)
+        else:
+            depth, accum = -1, 0
+            new, new_total = S.apply_edit_packed(b"", 0, edit)
+            new = bytearray(new)  # the next version edits it in place
         if new_total != ch.size:
             raise ValueError(f"chunk list of {ch.path!r} sums to {new_total} bytes, size is {ch.size}")
         ch.edit = edit
@@ -561,7 +575,7 @@ class Journal:
             if not txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS], append=True):
                 txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS])
             for o in range(0, len(new), S.ENTRY_LEN):
-                self._count(txn, seq, new[o : o + S.ID_LEN], lenient)
+                self._count(txn, seq, bytes(new[o : o + S.ID_LEN]), lenient)
             depth = accum = 0
         self._cache_list(seq, new, total, depth, accum)
         return depth, accum
@@ -581,6 +595,19 @@ class Journal:
         accum = sum(len(x[2]) for r in chain for x in (r.edit or []))
         self._cache_list(seq, packed, total, depth, accum)
         return packed, total, depth, accum
+
+    def _take_list(self, rd: Reader, seq: int) -> tuple[bytearray, int, int, int]:
+        """:meth:`_list_for`, taken out of the cache for the caller to edit in place
+        (a transaction that fails clears the whole cache, so a half-edited
+        list is never seen again; one that commits caches it under the new version)."""
+        hit = self._lists.pop(seq, None)
+        if hit is not None:
+            self._list_entries -= len(hit[0]) // S.ENTRY_LEN
+        else:
+            hit = self._list_for(rd, seq)
+            self._uncache_list(seq)
+        packed, total, depth, accum = hit
+        return (packed if isinstance(packed, bytearray) else bytearray(packed)), total, depth, accum
 
     def _cache_list(self, seq: int, packed: bytes, total: int, depth: int, accum: int) -> None:
         self._lists[seq] = (packed, total, depth, accum)

@@ -278,6 +278,27 @@ def apply_edit_packed(old: bytes, total: int, edits) -> tuple[bytes, int]:
     return b"".join(parts), total
 
 
+def apply_edit_packed_in_place(buf: bytearray, total: int, edits) -> int:
+    """:func:`apply_edit_packed` on a list the caller owns, in place; -> the new total.
+
+    A same-count replacement is a slice write; a count change one memmove
+    of the tail: no rebuilt copy of a huge file's list (1.25 MiB for a
+    1 GiB file, ~1.8 ms to concatenate on the bench machine, issue 19)."""
+    n = len(buf) // ENTRY_LEN
+    cur = 0
+    for start, count, _ in edits:
+        if start < cur or start + count > n:
+            raise ValueError(f"edit ({start}, {count}) out of order or beyond {n} chunks")
+        cur = start + count
+    for start, count, refs in reversed(edits):  # from the end: earlier indices hold
+        for o in range(start * ENTRY_LEN, (start + count) * ENTRY_LEN, ENTRY_LEN):
+            total -= int.from_bytes(buf[o + ID_LEN : o + ENTRY_LEN], "big")
+        buf[start * ENTRY_LEN : (start + count) * ENTRY_LEN] = b"".join(
+            bytes(cid) + int(length).to_bytes(4, "big") for cid, length in refs)
+        total += sum(int(length) for _, length in refs)
+    return total
+
+
 def packed_hash(packed: bytes) -> bytes:
     """The content hash of a packed full chunk list (see :func:`content_hash`)."""
     return hashlib.blake2b(packed, digest_size=HASH_LEN).digest()

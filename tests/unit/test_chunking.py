@@ -484,3 +484,72 @@ def test_zero_chunks_are_max_size_and_one_id():
     refs = C.chunk_bytes(bytes(20 * C.MAX_SIZE))
     assert {n for _, n in refs} == {C.MAX_SIZE} and {i for i, _ in refs} == {C.ZERO_ID}
     assert C.zero_id(100) == C.chunk_id(bytes(100)) and C.zero_id(C.MAX_SIZE) == C.ZERO_ID
+
+
+def test_apply_edit_in_place_matches_apply_edit_and_edit_offsets():
+    """The capture's in-place list edit (issue 19) equals the copying pair on
+    random edits: replacements, inserts, deletes, size changes, at the ends."""
+    import random as _random
+
+    rnd = _random.Random(19)
+    for _ in range(2000):
+        n = rnd.randint(0, 30)
+        old = [(bytes([rnd.randrange(256)]) * 16, rnd.randint(1, 40)) for _ in range(n)]
+        offsets = C.list_offsets(old)
+        edits, cur = [], 0
+        while cur <= n and rnd.random() < 0.7:
+            start = rnd.randint(cur, n)
+            count = rnd.randint(0, n - start)
+            new = [(bytes([rnd.randrange(256)]) * 16, rnd.choice([16, rnd.randint(1, 40)]))
+                   for _ in range(rnd.randint(0, 3))]
+            if count or new:
+                edits.append((start, count, new))
+            cur = start + count + 1
+        refs, offs = list(old), list(offsets)
+        C.apply_edit_in_place(refs, offs, edits)
+        want = C.apply_edit(old, edits, copy=False)
+        assert refs == want, (old, edits)
+        assert offs == C.edit_offsets(offsets, edits) == C.list_offsets(want)
+
+
+def test_apply_edit_in_place_of_a_big_list_touches_only_the_edit():
+    """A same-size edit in the middle of a 1 GiB file's list (65,536 entries)
+    leaves every other entry object where it was: no copy of the list."""
+    old = [(i.to_bytes(16, "big"), 16384) for i in range(65536)]
+    offsets = C.list_offsets(old)
+    refs, offs = old, offsets
+    before = [refs[0], refs[-1]]
+    tail_offset = offs[-1]
+    C.apply_edit_in_place(refs, offs, [(30000, 1, [(b"a" * 16, 8192), (b"b" * 16, 8192)])])
+    assert refs is old and offs is offsets and len(refs) == 65537
+    assert refs[0] is before[0] and refs[-1] is before[1] and offs[-1] == tail_offset
+    assert offs[30001] == offs[30000] + 8192
+
+
+def test_apply_edit_packed_in_place_matches_apply_edit_packed():
+    """The journal writer's in-place edit of a packed chunk list (issue 19)
+    equals the rebuilding one, inserts at one index included."""
+    import os as _os
+    import random as _random
+
+    from deltafs.journal import schema as S
+
+    rnd = _random.Random(20)
+    for _ in range(2000):
+        n = rnd.randint(0, 20)
+        old = [(_os.urandom(16), rnd.randint(1, 100)) for _ in range(n)]
+        packed, total = S.pack_list(old), sum(x for _, x in old)
+        edits, cur = [], 0
+        while cur <= n and rnd.random() < 0.7:
+            start = rnd.randint(cur, n)
+            count = rnd.randint(0, n - start)
+            new = [(_os.urandom(16), rnd.randint(1, 100)) for _ in range(rnd.randint(0, 3))]
+            if count or new:
+                edits.append((start, count, new))
+            cur = start + count + rnd.randint(0, 1)
+        want, want_total = S.apply_edit_packed(packed, total, edits)
+        buf = bytearray(packed)
+        assert S.apply_edit_packed_in_place(buf, total, edits) == want_total
+        assert bytes(buf) == want
+    with pytest.raises(ValueError):
+        S.apply_edit_packed_in_place(bytearray(S.pack_list([(b"a" * 16, 1)])), 1, [(0, 2, [])])

@@ -90,6 +90,7 @@ LAYERS = [
      "deltafs.guard"],
     ["deltafs.chunking", "deltafs.errors"],
     ["deltafs.names", "deltafs._syscalls", "deltafs.fdcache", "deltafs.hops", "deltafs.heap", "deltafs"],
+    ["deltafs.trace"],  # DELTAFS_TRACE stage stamps: imported by every layer, imports none
 ]
 
 # inside a package: its modules' own order (the package face may import any of them)
