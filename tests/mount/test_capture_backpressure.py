@@ -3,7 +3,7 @@
 with its content, in the order it was written.
 
 The daemon runs with a low descriptor limit (``prlimit``), which bounds the
-queued content captures at 32 (half the descriptor reserve), so writers
+queued content captures at 16 (half the descriptor reserve), so writers
 outrun the journal on any machine.  Writer threads save each file twice;
 `deltafs status --json` must show the waits while mounted, and after a
 clean unmount the journal, read the way `deltafs log` reads it, must hold
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(300)
 
 WRITERS = 4
 FILES = 150  # per writer
-SIZE = 48 << 10
+SIZE = 128 << 10
 
 
 def data(w: int, i: int, v: int) -> bytes:
@@ -30,7 +30,7 @@ def data(w: int, i: int, v: int) -> bytes:
 
 
 def test_many_files_written_fast_are_all_recorded(mount_factory):
-    m = mount_factory(None, prefix=["prlimit", "--nofile=256:256"])
+    m = mount_factory(None, prefix=["prlimit", "--nofile=128:128"])
     errors = []
 
     def writer(w: int) -> None:
