@@ -65,7 +65,9 @@ def dump(**extra) -> None:
     t0 = _marks[0][0]
     line = {"stages": [[round((t - t0) / 1e6, 3), th, st] for t, th, st in sorted(_marks)], **extra}
     _marks.clear()
-    with open(PATH, "a") as f:
+    # the daemon's own file: its owner's alone, and never through a symlink
+    fd = os.open(PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "a") as f:
         f.write(json.dumps(line) + "\n")
 
 
