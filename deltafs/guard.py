@@ -110,7 +110,6 @@ LATE_PAIRING = 30.0  # seconds a delete waits for the new opaque file scored aft
 DEFER_S = 0.1  # quiet committed items wait at most this long to be scored in one batch (Guard.scorer)
 DEFER_ITEMS = 256  # ... or until this many are queued
 DEFER_BYTES = 4 << 20  # ... or this many new content bytes (their payloads are held; raw cache is 32 MiB)
-SCORE_STEP = 8  # a batch lets requests through after this many items (~0.3 ms of scoring)
 ACTIONS = ("alert", "block")
 STATE_FILE = "guard-alert.json"  # in the journal directory while an alert stands (docs/format.md)
 
@@ -962,9 +961,9 @@ class Guard:
                 # payloads) would stay referenced by this frame until the next one
                 self.score_item(*self.unscored.popleft(), timed=False)
                 n += 1
-                if n % SCORE_STEP == 0:
+                if n % 64 == 0:
                     self.scoring_cpu_s += time.thread_time() - t0
-                    await trio.lowlevel.checkpoint()  # a long batch: let requests through
+                    await trio.lowlevel.checkpoint()  # a long batch (rm -rf): let requests through
                     t0 = time.thread_time()
             self.scoring_cpu_s += time.thread_time() - t0
             self._queued_bytes = 0
