@@ -200,6 +200,21 @@ def upgrade_8_to_9(env, path: str, meta) -> None:
     log.warning("upgraded journal %s from format 8 to 9 (no data rewritten)", path)
 
 
+def _move_under_paths(txn, src, dst, what: str) -> int:
+    """Append every entry of ``src`` to ``dst`` under S.PATH_PREFIX (after
+    every file id key of ``dst``), then drop ``src``.  -> entries moved."""
+    cur = txn.cursor(db=dst)
+    if cur.last() and cur.key() >= S.PATH_PREFIX:
+        raise ValueError(f"file id {cur.key().hex()} is not below 2**63: its key would be among the paths")
+    n = 0
+    for k, v in txn.cursor(db=src):
+        if not txn.put(S.PATH_PREFIX + k, v, db=dst, append=True):
+            raise ValueError(f"{what} {k!r} out of order")
+        n += 1
+    txn.drop(src, delete=True)
+    return n
+
+
 def upgrade_9_to_10(env, path: str, meta) -> dict[str, int]:
     """Format 10 merges four databases into others, so a small journal
     needs four LMDB pages fewer (docs/format.md, "Databases"): ``meta``'s
@@ -221,29 +236,10 @@ def upgrade_9_to_10(env, path: str, meta) -> dict[str, int]:
         moved["meta"] = n
         files = env.open_db(S.DB_FILES, txn=txn)
         txn.put(S.META_FILES, _packb(txn.stat(files)["entries"]), db=main)
-        cur = txn.cursor(db=files)
-        if cur.last() and cur.key() >= S.PATH_PREFIX:
-            raise ValueError(f"file id {cur.key().hex()} is not below 2**63: its key would be among the paths")
-        paths = env.open_db(S.DB_PATHS, txn=txn)
-        n = 0
-        for k, v in txn.cursor(db=paths):
-            if not txn.put(S.PATH_PREFIX + k, v, db=files, append=True):
-                raise ValueError(f"path key {k!r} out of order")
-            n += 1
-        txn.drop(paths, delete=True)
-        moved["paths"] = n
+        moved["paths"] = _move_under_paths(txn, env.open_db(S.DB_PATHS, txn=txn), files, "path key")
         history = env.open_db(S.DB_HISTORY, txn=txn, dupsort=True, dupfixed=True)
-        cur = txn.cursor(db=history)
-        if cur.last() and cur.key() >= S.PATH_PREFIX:
-            raise ValueError(f"file id {cur.key().hex()} is not below 2**63: its key would be among the paths")
         pathlog = env.open_db(S.DB_PATHLOG, txn=txn, dupsort=True, dupfixed=True)
-        n = 0
-        for k, v in txn.cursor(db=pathlog):
-            if not txn.put(S.PATH_PREFIX + k, v, db=history, append=True):
-                raise ValueError(f"pathlog entry {k!r} out of order")
-            n += 1
-        txn.drop(pathlog, delete=True)
-        moved["pathlog"] = n
+        moved["pathlog"] = _move_under_paths(txn, pathlog, history, "pathlog entry")
         changes = env.open_db(S.DB_CHANGES, txn=txn)
         blocks = env.open_db(S.DB_RECORD_BLOCKS, txn=txn)
         n = 0
