@@ -159,10 +159,12 @@ def entry_changes(r: Reader, x: TreeEntry, y: TreeEntry) -> list[str]:
     if x.kind == KIND_FILE and x.content_seq != y.content_seq:
         rx = r.record(x.content_seq) if x.content_seq else None
         ry = r.record(y.content_seq) if y.content_seq else None
-        hx = rx.content_hash if rx else content_hash([])
-        hy = ry.content_hash if ry else content_hash([])
+        hx = rx.version_hash if rx else (False, content_hash([]))
+        hy = ry.version_hash if ry else (False, content_hash([]))
         # the records' content hashes are exact, pruned versions included; only
-        # the same bytes cut differently need reading (and a pruned one cannot be)
+        # the same bytes cut differently need reading (and a pruned one cannot be),
+        # or the same list under hashes of two kinds (format 11: a version over one
+        # tree page written before the upgrade is flat, after it a tree)
         if hx != hy and not (rx and ry and rx.size == ry.size and not is_pruned(r, rx.seq)
                              and not is_pruned(r, ry.seq)
                              and same_content(r, r.chunk_list(rx.seq), r.chunk_list(ry.seq))):

@@ -22,7 +22,7 @@ from deltafs.history.format import human_size, show_path
 from deltafs.history.query import (Thinned, missing_error, outcome_code, reading, resolve_point,
                                    retained_entry, root_entry)
 from deltafs.journal import (KIND_DIR, KIND_FILE, KIND_SPECIAL, KIND_SYMLINK, Change, Journal, Reader,
-                             TreeEntry, content_hash)
+                             TreeEntry, hash_matches, pack_list)
 from deltafs.names import quote_name, show_name
 from deltafs.when import Point
 
@@ -331,8 +331,8 @@ class _Restorer:
         finally:
             os.close(fd)
         if cur is not None and cur[1].kind == KIND_FILE:
-            known = self.r.record(cur[1].content_seq).content_hash if cur[1].content_seq else content_hash([])
-            if known == content_hash(refs):
+            known = self.r.record(cur[1].content_seq) if cur[1].content_seq else None
+            if hash_matches(known, pack_list(refs)) if known is not None else not refs:
                 return
             fid = cur[0]
         else:

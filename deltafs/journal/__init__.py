@@ -105,7 +105,8 @@ from .hlc import hlc_to_ns, ns_to_hlc
 from .private import make_dir as make_journal_dir, reason as access_problem
 from .reader import ChunkInfo, Reader, Versions
 from .records import CAUSES, OPS, RENAME_EXCHANGE, ZERO_HASH, Change, Record, check_link, decode_record
-from .schema import CHECKPOINT_EVERY, FORMAT_VERSION, RAW_VALUE_EXTRA, content_hash, decode_chunk
+from .schema import (CHECKPOINT_EVERY, FORMAT_VERSION, RAW_VALUE_EXTRA, content_hash, decode_chunk, hash_matches,
+                     pack_list, packed_hash)
 from .state import KIND_DIR, KIND_FILE, KIND_SPECIAL, KIND_SYMLINK, FileState, MemStore, TreeEntry, apply_record, \
     tree_entry
 from .storage import MAP_SIZE
@@ -117,6 +118,6 @@ __all__ = [
     "KIND_SYMLINK", "MAP_SIZE", "OPS", "RENAME_EXCHANGE", "REPACK_DEAD_RATIO", "UPGRADABLE", "ZERO_HASH", "Change",
     "ChunkInfo", "FileState", "Journal", "MemStore", "NewChunk", "Problem", "PruneResult", "Reader",
     "Record", "RepackResult", "TreeEntry", "VerifyResult", "Versions", "access_problem",
-    "apply_record", "check_link", "content_hash", "decode_chunk", "decode_record", "gc_paused", "hlc_to_ns",
-    "make_journal_dir", "ns_to_hlc", "tree_entry",
+    "apply_record", "check_link", "content_hash", "decode_chunk", "decode_record", "gc_paused", "hash_matches",
+    "hlc_to_ns", "make_journal_dir", "ns_to_hlc", "pack_list", "packed_hash", "tree_entry",
 ]

@@ -422,10 +422,14 @@ class Journal:
         seq = rd.head_seq() + 1
         prev = rd.head_hash()
         hlc = self._hlc.tick()
-        stored = chash = None
+        stored = chash = ctree = None
         if ch.op == "write":
-            stored, chash = self._content(txn, rd, ch, seq)
-        value, _ = encode_record(seq, hlc, ch, prev, stored, chash)
+            stored, tree, h = self._content(txn, rd, ch, seq)
+            if tree:
+                ctree = h
+            else:
+                chash = h
+        value, _ = encode_record(seq, hlc, ch, prev, stored, chash, ctree)
         txn.put(S.u64(seq), value, db=self._dbs[S.DB_CHANGES], append=True)
         rec = decode_record(value, seq, lists=False)  # the tree state needs no chunk list
         apply_record(LmdbStore(txn, self._dbs), rec)
@@ -512,7 +516,11 @@ class Journal:
         brought back from the graveyard (``Compactor.chunk_present``)."""
         return self._compactor.chunk_present(txn, cid)
 
-    def _content(self, txn, rd: Reader, ch: Change, seq: int) -> tuple[int, bytes]:
+    def _content(self, txn, rd: Reader, ch: Change, seq: int) -> tuple[int, bool, bytes]:
+        """Store a content version's chunks and count its references;
+        -> (bytes stored, tree hash?, content hash): the flat hash up to one
+        tree page of list, else the tree hash, from the base's cached page
+        hashes where only some pages changed (schema.version_hash)."""
         if ch.size is None or ch.edit is None:
             raise ValueError("a content version needs size and edit")
         if ch.cause not in CAUSES:
@@ -538,13 +546,19 @@ class Journal:
             raise ValueError(f"base version {base} of {ch.path!r} has been pruned by compaction")
         edit = ch.edit if _plain_edit(ch.edit) else \
             [(int(s), int(c), [(bytes(i), int(n)) for i, n in refs]) for s, c, refs in ch.edit]
+        pages = None
         if base:  # the base's list, out of the cache and edited in place into this version's
-            new, total, depth, accum = self._take_list(rd, base)
+            new, total, depth, accum, old_pages = self._take_list(rd, base)
             new_total = S.apply_edit_packed_in_place(new, total, edit)
+            if S.uses_tree(len(new)):
+                dirty, tail = S.edited_pages(edit)
+                pages = S.page_hashes(new, old_pages, dirty, tail)
         else:
             depth, accum = -1, 0
             new, new_total = S.apply_edit_packed(b"", 0, edit)
             new = bytearray(new)  # the next version edits it in place
+            if S.uses_tree(len(new)):
+                pages = S.page_hashes(new)
         if new_total != ch.size:
             raise ValueError(f"chunk list of {ch.path!r} sums to {new_total} bytes, size is {ch.size}")
         ch.edit = edit
@@ -558,16 +572,17 @@ class Journal:
             if txn.get(cid, db=cdb) is None and not self._chunk_present(txn, cid):
                 raise ValueError(f"chunk {cid.hex()} named by the edit is not stored")
             self._incref(txn, cid, n)
-        depth, accum = self._maybe_checkpoint(txn, seq, base, new, new_total, depth + 1, accum + entries)
+        depth, accum = self._maybe_checkpoint(txn, seq, base, new, new_total, depth + 1, accum + entries,
+                                              pages=pages)
         if base:  # the file's next version builds on seq: one cached list per file, not per save
             self._uncache_list(base)
         mdb = self._dbs[S.DB_META]
         txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
         txn.put(S.META_RAW, _packb(rd.meta(S.META_RAW, 0) + raw), db=mdb)
-        return stored, S.packed_hash(new)
+        return (stored, *S.version_hash(new, pages))
 
     def _maybe_checkpoint(self, txn, seq: int, base: int, new: bytes, total: int, depth: int,
-                          accum: int, lenient: bool = False) -> tuple[int, int]:
+                          accum: int, lenient: bool = False, pages: list | None = None) -> tuple[int, int]:
         """Write a full list (checkpoint) when the edit chain got long; cache the list."""
         entries = len(new) // S.ENTRY_LEN
         if base and (depth >= S.checkpoint_every(entries) or accum > 2 * entries + 64):
@@ -577,7 +592,7 @@ class Journal:
             for o in range(0, len(new), S.ENTRY_LEN):
                 self._count(txn, seq, bytes(new[o : o + S.ID_LEN]), lenient)
             depth = accum = 0
-        self._cache_list(seq, new, total, depth, accum)
+        self._cache_list(seq, new, total, depth, accum, pages)
         return depth, accum
 
     def _list_for(self, rd: Reader, seq: int) -> tuple[bytes, int, int, int]:
@@ -585,7 +600,7 @@ class Journal:
         hit = self._lists.get(seq)
         if hit is not None:
             self._lists.move_to_end(seq)
-            return hit
+            return hit[:4]
         start, chain = rd.list_chain(seq)
         packed = S.pack_list(start)
         total = sum(n for _, n in start)
@@ -596,35 +611,45 @@ class Journal:
         self._cache_list(seq, packed, total, depth, accum)
         return packed, total, depth, accum
 
-    def _take_list(self, rd: Reader, seq: int) -> tuple[bytearray, int, int, int]:
+    def _take_list(self, rd: Reader, seq: int) -> tuple[bytearray, int, int, int, list | None]:
         """:meth:`_list_for`, taken out of the cache for the caller to edit in place
         (a transaction that fails clears the whole cache, so a half-edited
         list is never seen again; one that commits caches it under the new version)."""
         hit = self._lists.pop(seq, None)
         if hit is not None:
-            self._list_entries -= len(hit[0]) // S.ENTRY_LEN
+            self._list_entries -= _cost(hit)
         else:
-            hit = self._list_for(rd, seq)
+            hit = self._list_for(rd, seq) + (None,)
             self._uncache_list(seq)
-        packed, total, depth, accum = hit
-        return (packed if isinstance(packed, bytearray) else bytearray(packed)), total, depth, accum
+        packed, total, depth, accum, pages = hit
+        return (packed if isinstance(packed, bytearray) else bytearray(packed)), total, depth, accum, pages
 
-    def _cache_list(self, seq: int, packed: bytes, total: int, depth: int, accum: int) -> None:
-        self._lists[seq] = (packed, total, depth, accum)
-        self._list_entries += len(packed) // S.ENTRY_LEN
+    def _cache_list(self, seq: int, packed: bytes, total: int, depth: int, accum: int,
+                    pages: list | None = None) -> None:
+        """Cache a version's packed list and, over one tree page, its page
+        hashes (32 bytes a page of 81,920: counted in the same budget)."""
+        hit = (packed, total, depth, accum, pages)
+        self._lists[seq] = hit
+        self._list_entries += _cost(hit)
         while (self._list_entries > LIST_CACHE_ENTRIES or len(self._lists) > LIST_CACHE_VERSIONS) \
                 and len(self._lists) > 1:
-            _, (old, _, _, _) = self._lists.popitem(last=False)
-            self._list_entries -= len(old) // S.ENTRY_LEN
+            _, old = self._lists.popitem(last=False)
+            self._list_entries -= _cost(old)
 
     def _uncache_list(self, seq: int) -> None:
         hit = self._lists.pop(seq, None)
         if hit is not None:
-            self._list_entries -= len(hit[0]) // S.ENTRY_LEN
+            self._list_entries -= _cost(hit)
 
     def _clear_list_cache(self) -> None:
         self._lists.clear()
         self._list_entries = 0
+
+
+def _cost(hit) -> int:
+    """A cached list's weight in LIST_CACHE_ENTRIES: its entries, its page hashes as entries' worth."""
+    pages = hit[4]
+    return len(hit[0]) // S.ENTRY_LEN + (0 if pages is None else (len(pages) * S.HASH_LEN) // S.ENTRY_LEN + 1)
 
 
 def _plain_edit(edit) -> bool:

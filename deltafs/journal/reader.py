@@ -410,7 +410,7 @@ class Reader:
             raise CorruptionError(f"its chunk list adds up to {total} bytes but the version has "
                                   f"{rec.size}: record {seq} or a record or checkpoint it builds on "
                                   "is damaged", rec.path, seq)
-        if rec.content_hash is not None and S.packed_hash(packed) != rec.content_hash:
+        if not S.hash_matches(rec, packed):  # the flat hash (key 20) or the tree hash (key 22)
             raise CorruptionError(f"its chunk list does not match its content hash: record {seq} or "
                                   "a record or checkpoint it builds on is damaged", rec.path, seq)
         return packed, rec

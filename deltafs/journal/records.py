@@ -62,6 +62,7 @@ _V2_KEYS = {
     "gid": 9, "mtime_ns": 10, "size": 11, "rdev": 12, "flags": 13, "xattr_name": 14,
     "xattr_value": 15, "cause": 16, "base_seq": 17, "edit": 18, "stored": 19, "content_hash": 20,
     "origin": 21,  # format 8: "DEVICE:N", the sync group event a record applied (docs/sync.md)
+    "content_tree": 22,  # format 11: the two-level content hash of a list over one page (schema.tree_hash)
 }
 _V2_ATTRS = {k: a for a, k in _V2_KEYS.items()}
 
@@ -124,14 +125,24 @@ class Record:
     base_seq: int | None = None
     edit: list | None = None  # [(old_start, old_count, [(id, len)...])]
     stored: int | None = None  # bytes newly stored by this version
-    content_hash: bytes | None = None
+    content_hash: bytes | None = None  # flat: blake2b-256 of the packed list (key 20)
     origin: str | None = None  # "DEVICE:N" of the sync group event this record applied (format 8)
     prev: bytes = ZERO_HASH
     hash: bytes = ZERO_HASH
+    content_tree: bytes | None = None  # two-level (format 11, a list over one page; key 22)
 
     @property
     def is_content(self) -> bool:
         return self.op == "write"
+
+    @property
+    def version_hash(self) -> tuple[bool, bytes] | None:
+        """(tree?, hash) of the content hash this record carries, or None.
+        Hashes of different kinds never compare: one content may carry either
+        (a version written before format 11, or its list not over one page)."""
+        if self.content_tree is not None:
+            return True, self.content_tree
+        return None if self.content_hash is None else (False, self.content_hash)
 
     @property
     def time_ns(self) -> int:
@@ -155,10 +166,12 @@ class Record:
         return out
 
 
-def encode_record(seq: int, hlc: int, ch: Change, prev: bytes, stored: int | None, chash: bytes | None) -> tuple[bytes, bytes]:
+def encode_record(seq: int, hlc: int, ch: Change, prev: bytes, stored: int | None, chash: bytes | None,
+                  ctree: bytes | None = None) -> tuple[bytes, bytes]:
     """-> (stored value, hash) of record ``seq`` (version 2) following the record hashed ``prev``.
 
-    ``seq`` is not stored: it is the record's place in the chain.
+    ``seq`` is not stored: it is the record's place in the chain.  ``chash``
+    the flat content hash (key 20) or ``ctree`` the tree hash (key 22).
     """
     del seq
     body: dict[int, Any] = {0: RECORD_VERSION, 1: hlc}
@@ -177,6 +190,8 @@ def encode_record(seq: int, hlc: int, ch: Change, prev: bytes, stored: int | Non
         body[20] = chash
     if ch.origin is not None:
         body[21] = ch.origin
+    if ctree is not None:
+        body[22] = ctree
     raw = msgpack.packb(body, use_bin_type=True)
     h = record_hash(prev, raw, RECORD_VERSION)
     return h + raw, h

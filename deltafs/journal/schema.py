@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import zstandard
 
-FORMAT_VERSION = 10  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
+FORMAT_VERSION = 11  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
 # 4: delta chains up to 128 (chunking.MAX_DELTA_DEPTH), in-place files cut at aligned offsets;
 # 5: content cause 6 = "repair" (a file recorded again after a merged history, issue 18);
 # 6: record blocks "S" keep two hashes, not one per record; raw_bytes recounted (issue 20)
@@ -21,6 +21,9 @@ FORMAT_VERSION = 10  # 2: chunk values in pack files; 3: records v2, dupsort his
 # 9: chunk values of value format 2, a delta against several bases (issue 20)
 # 10: fewer LMDB databases (a small journal paid one 4 KiB page each): meta in the main database,
 #     paths in files, pathlog in history, record blocks in changes, under keys that cannot collide
+# 11: a chunk list over one tree page (TREE_PAGE entries) gets a two-level content hash, record
+#     key 22 "content_tree", instead of the flat one (key 20): a small edit of a huge file rehashes
+#     one page (issue 19)
 MAX_DBS = 32
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
 CHECKPOINT_MAX = 256  # a long one (>= 8192 entries) may need up to this many (see checkpoint_every)
@@ -307,6 +310,82 @@ def packed_hash(packed: bytes) -> bytes:
 def content_hash(refs: Sequence[tuple[bytes, int]]) -> bytes:
     """blake2b-256 of the packed full chunk list (defines a version's content)."""
     return hashlib.blake2b(pack_list(refs), digest_size=HASH_LEN).digest()
+
+
+# --- the two-level content hash (format 11, docs/format.md "Content hash") ---------------------
+TREE_PAGE = 4096  # chunk-list entries per page of the tree hash
+TREE_PAGE_BYTES = TREE_PAGE * ENTRY_LEN  # 81,920 bytes of packed list
+
+
+def uses_tree(packed_len: int) -> bool:
+    """Does a packed list of ``packed_len`` bytes get the tree hash (more than one page)?
+    A list of one page or less keeps the flat hash: the same bytes as before format 11."""
+    return packed_len > TREE_PAGE_BYTES
+
+
+def page_hashes(packed, old: list[bytes] | None = None, dirty: Iterable[int] = (),
+                tail: int | None = None) -> list[bytes]:
+    """blake2b-256 of each TREE_PAGE-entry page of ``packed`` (the last may be shorter).
+
+    ``old``: the page hashes of the list before an edit, reused except for
+    the pages in ``dirty`` and every page from ``tail`` on (see
+    :func:`edited_pages`)."""
+    mv = memoryview(packed)
+    n = (len(mv) + TREE_PAGE_BYTES - 1) // TREE_PAGE_BYTES
+    dirty = set(dirty)
+    keep = 0 if old is None else min(len(old), n if tail is None else tail)
+    out = []
+    for i in range(n):
+        if i < keep and i not in dirty:
+            out.append(old[i])
+        else:
+            out.append(hashlib.blake2b(mv[i * TREE_PAGE_BYTES : (i + 1) * TREE_PAGE_BYTES],
+                                       digest_size=HASH_LEN).digest())
+    return out
+
+
+def tree_root(pages: Sequence[bytes]) -> bytes:
+    """The tree hash from the page hashes: blake2b-256(u32 BE TREE_PAGE || page hashes in order)."""
+    h = hashlib.blake2b(TREE_PAGE.to_bytes(4, "big"), digest_size=HASH_LEN)
+    for ph in pages:
+        h.update(ph)
+    return h.digest()
+
+
+def tree_hash(packed) -> bytes:
+    """The two-level content hash of a packed full chunk list, from scratch."""
+    return tree_root(page_hashes(packed))
+
+
+def edited_pages(edits) -> tuple[set[int], int | None]:
+    """Which pages of the new list an edit ``[(old_start, old_count, refs)]`` changed:
+    (pages rewritten in place, first page of a tail that moved or None).
+    A same-count replacement changes the pages it covers; the first edit
+    that changes the count moves every entry after it."""
+    dirty: set[int] = set()
+    for start, count, refs in edits:
+        k = len(refs)
+        if k != count:
+            return dirty, start // TREE_PAGE
+        if k:
+            dirty.update(range(start // TREE_PAGE, (start + k - 1) // TREE_PAGE + 1))
+    return dirty, None
+
+
+def version_hash(packed, pages: list[bytes] | None = None) -> tuple[bool, bytes]:
+    """-> (tree?, hash) of a version's packed list as a format-11 writer records it:
+    the flat hash (record key 20) up to one page, else the tree hash (key 22).
+    ``pages``: the list's page hashes, when the caller has them."""
+    if not uses_tree(len(packed)):
+        return False, packed_hash(packed)
+    return True, tree_root(pages if pages is not None else page_hashes(packed))
+
+
+def hash_matches(rec, packed) -> bool:
+    """Does ``packed`` match the content hash ``rec`` carries (either kind; True if none)?"""
+    if getattr(rec, "content_tree", None) is not None:
+        return tree_hash(packed) == rec.content_tree
+    return rec.content_hash is None or packed_hash(packed) == rec.content_hash
 
 
 def encode_chunk(depth: int, raw_len: int, bases: Sequence[bytes] | bytes | None, payload: bytes) -> bytes:

@@ -23,7 +23,7 @@ from .schema import TMP_DB, refill
 
 log = logging.getLogger(__name__)
 
-UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9)  # formats a writer upgrades in place at open (a reader refuses them)
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # formats a writer upgrades in place at open (a reader refuses them)
 
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 
@@ -31,8 +31,8 @@ _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, l
 def upgrade(env, path: str, fmt: int) -> None:
     """Bring a journal of format ``fmt`` to the current one, step by step
     (formats 1-9 keep their meta data in a ``meta`` database, which the step
-    to 10 moves into the main database)."""
-    meta = env.open_db(S.DB_META, create=False)
+    to 10 moves into the main database; from 10 on it is the main database)."""
+    meta = env.open_db(S.DB_META, create=False) if fmt < 10 else env.open_db(None)
     for step in _STEPS[fmt - 1:]:
         step(env, path, meta)
 
@@ -256,7 +256,23 @@ def upgrade_9_to_10(env, path: str, meta) -> dict[str, int]:
     return moved
 
 
+def upgrade_10_to_11(env, path: str, meta) -> None:
+    """Format 11 gives a version whose chunk list is over one tree page
+    (S.TREE_PAGE entries) the two-level content hash, under record key 22
+    (docs/format.md "Content hash").  Nothing is rewritten: a record's body
+    is covered by the hash chain, so a version written before keeps its
+    flat hash under key 20, and every reader checks the key a record has.
+    The number changes because a format-10 deltafs ignores key 22: it would
+    read a new big version as one without a content hash (unchecked, and
+    named by sync as the empty file's hash)."""
+    del meta  # the step to 10 dropped the ``meta`` database: meta keys are in the main one
+    main = env.open_db(None)
+    with env.begin(write=True) as txn:
+        txn.put(S.META_FORMAT, _packb(11), db=main)
+    log.warning("upgraded journal %s from format 10 to 11 (no data rewritten)", path)
+
+
 # upgrade_N_to_N+1 at index N-1: a new format appends its step here (and to UPGRADABLE)
 _STEPS = (upgrade_1_to_2, upgrade_2_to_3, upgrade_3_to_4, upgrade_4_to_5, upgrade_5_to_6, upgrade_6_to_7,
-          upgrade_7_to_8, upgrade_8_to_9, upgrade_9_to_10)
+          upgrade_7_to_8, upgrade_8_to_9, upgrade_9_to_10, upgrade_10_to_11)
 assert len(_STEPS) == len(UPGRADABLE) == S.FORMAT_VERSION - 1

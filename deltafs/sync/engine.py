@@ -20,7 +20,7 @@ from deltafs.errors import DeltafsError, MirrorError
 from . import state as S
 from . import store as G
 from . import vv as V
-from .local import View, journal_view, lstat, read_target, same_bytes
+from .local import View, journal_view, lstat, read_target, same_bytes, sync_hash
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class Engine:
                     if p:
                         touched.add(p)
                         latest[p] = rec
-                if rec.is_content and rec.origin is None and rec.content_hash:
+                if rec.is_content and rec.origin is None and rec.version_hash:
                     saves.setdefault(rec.path, []).append(rec)
                 elif rec.op in ("rename", "unlink") and rec.path in saves:
                     del saves[rec.path]  # (its versions went elsewhere, or away: the states say it)
@@ -265,11 +265,11 @@ class Engine:
                     # keeps one head for it (the newest) and a member that took this side
                     # applies each save in turn
                     for rec in saves.get(p, [])[:-1]:
-                        if rec.seq == v.seq or (cur is not None and rec.content_hash == cur.get("c")):
+                        if rec.seq == v.seq or (cur is not None and sync_hash(r, rec) == cur.get("c")):
                             continue
                         refs = r.chunk_list(rec.seq)
                         mid = View(kind="f", seq=rec.seq, size=sum(n for _, n in refs), mode=v.mode,
-                                   mtime_ns=rec.mtime_ns, chash=rec.content_hash, hlc=rec.hlc)
+                                   mtime_ns=rec.mtime_ns, chash=sync_hash(r, rec), hlc=rec.hlc)
                         cur = self._local_event(r, p, mid, cur)
                         made += 1
                 full = self._local_event(r, p, v, cur)
@@ -772,8 +772,10 @@ class Engine:
         found: dict = {}
         for seq in r.versions_under(p):  # newest first
             rec = r.record(seq)
-            if rec.path == p and rec.is_content and rec.content_hash in want and rec.content_hash not in found:
-                found[rec.content_hash] = seq
+            if rec.path == p and rec.is_content and rec.version_hash:
+                h = sync_hash(r, rec)
+                if h in want and h not in found:
+                    found[h] = seq
         if not found:
             return None
         return r.read_content(min(found.values()))

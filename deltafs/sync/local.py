@@ -16,10 +16,11 @@ import logging
 import os
 import stat
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from deltafs import capture, chunking
-from deltafs.journal import Change, Journal
+from deltafs.journal import Change, Journal, packed_hash
 
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -42,6 +43,29 @@ class View:
     hlc: int = 0
 
 
+_FLAT: "OrderedDict[bytes, bytes]" = OrderedDict()  # record chain hash -> flat hash of its list
+_FLAT_MAX = 256
+
+
+def sync_hash(r, rec) -> bytes | None:
+    """The content hash a sync group event names a version by: the flat hash
+    (blake2b-256 of the packed list), whatever the record carries.  A format-11
+    record of a list over one tree page carries the tree hash instead; its
+    flat hash is computed from the list (O(file), cached per record), so that
+    one content is named the same by every member, whether its record was
+    written before format 11 or after, by this deltafs or an older one
+    (docs/sync.md: a different name would be a spurious conflict)."""
+    if rec.content_tree is None:
+        return rec.content_hash
+    hit = _FLAT.get(rec.hash)
+    if hit is None:
+        packed, _ = r.packed_list(rec.seq)
+        hit = _FLAT[rec.hash] = packed_hash(packed)
+        while len(_FLAT) > _FLAT_MAX:
+            _FLAT.popitem(last=False)
+    return hit
+
+
 def journal_view(r, path: bytes) -> View:
     fid = r.file_id_at(path)
     fs = r.file_state(fid) if fid else None
@@ -51,7 +75,7 @@ def journal_view(r, path: bytes) -> View:
              mtime_ns=fs.mtime_ns, target=fs.target)
     if fs.kind == "f" and fs.content_seq:
         rec = r.record(fs.content_seq)
-        v.chash = rec.content_hash
+        v.chash = sync_hash(r, rec)
     if fs.last_seq:
         v.hlc = r.record(fs.last_seq).hlc
     return v
