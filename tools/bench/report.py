@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -26,6 +27,28 @@ def counted(samples):
 
 def ok_times(samples) -> dict[int, float]:
     return {s.round: s.seconds for s in counted(samples) if s.seconds is not None}
+
+
+def pct(v: list[float], q: float) -> float:
+    """Nearest-rank percentile (below 100 samples the p99 is the largest)."""
+    s = sorted(v)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def edit_times(samples) -> list[float]:
+    """Every counted edit's latency, pooled over the rounds (a sample from before the
+    edit rows timed several edits counts as its one edit)."""
+    out: list[float] = []
+    for s in counted(samples):
+        if s.error is None and s.seconds is not None:
+            out.extend(s.edits if s.edits else [s.seconds])
+    return out
+
+
+def edit_stats(samples) -> dict:
+    v = edit_times(samples)
+    return {"median_s": statistics.median(v) if v else None, "p99_s": pct(v, 0.99) if v else None,
+            "n": len(v)}
 
 
 def ratios(res: Results, name: str, target: str, base: str = "native") -> list[float]:
@@ -67,10 +90,13 @@ def summarize(res: Results) -> list[dict]:
         row["failures"] = failures
         text, limit, kind = wl.target_for(name)
         row["target"] = text
-        if kind == "edit":
-            lat = row["cap"]["median_s"]
+        if kind == "edit":  # every edit pooled: median and p99 against the absolute targets
+            for t in ("native", "nocap", "cap"):
+                row.setdefault("edits", {})[t] = edit_stats(per[t])
+            e = row["edits"]["cap"]
             jb = row["cap"]["journal_used"]
-            row["met"] = None if lat is None else (lat <= limit and (jb or 0) < 100 * 1024)
+            row["met"] = None if e["median_s"] is None else (
+                e["median_s"] <= limit and e["p99_s"] <= wl.EDIT_P99 and (jb or 0) < 100 * 1024)
         else:
             med = row["cap"]["median"]
             row["met"] = None if (med is None or limit is None) else med <= limit
@@ -176,15 +202,19 @@ def daemon_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def capture_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["1-byte edit + fsync in", "native fsync", "no-capture fsync", "capture fsync",
-            "journal added: data (du)", "target", "met?"]
+    head = ["1-byte edit + fsync in", "native median / p99", "no-capture median / p99",
+            "capture median / p99", "edits", "journal added an edit: data (du)", "target", "met?"]
     body = []
     for r in rows:
         if not r["workload"].startswith("1-byte edit"):
             continue
-        ms = lambda x: "failed" if x is None else f"{x * 1000:.1f} ms"
-        body.append([r["workload"].rsplit(" in ", 1)[-1], ms(r["native_median_s"]),
-                     ms(r["nocap"]["median_s"]), ms(r["cap"]["median_s"]),
+        ms = lambda x: "failed" if x is None else f"{x * 1000:.1f}"
+        e = r.get("edits") or {t: {"median_s": r["native_median_s"] if t == "native" else r[t]["median_s"],
+                                   "p99_s": None, "n": 0} for t in ("native", "nocap", "cap")}
+        mp = lambda d: "failed" if d["median_s"] is None else \
+            f"{ms(d['median_s'])} / {'—' if d['p99_s'] is None else ms(d['p99_s'])} ms"
+        body.append([r["workload"].rsplit(" in ", 1)[-1], mp(e["native"]), mp(e["nocap"]), mp(e["cap"]),
+                     str(e["cap"]["n"]),
                      f"{_bytes(r['cap']['journal_used'])} ({_bytes(r['cap']['journal_bytes'])})",
                      r["target"], _yn(r["met"])])
     return head, body
@@ -208,7 +238,7 @@ def print_report(res: Results, info: dict, rows: list[dict]) -> None:
     print()
     ch, cb = capture_rows(rows)
     if cb:
-        print("capture cost (medians):")
+        print("capture cost of a small edit (every edit of the counted rounds, median / p99 in ms):")
         print(text_table(ch, cb))
         print()
     print("daemon (median per counted round; peak RSS = max VmHWM during the workload, "

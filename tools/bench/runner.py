@@ -29,6 +29,7 @@ class Sample:
     journal_used: int = 0      # journal data added: pack files + LMDB pages in use (free pages excluded)
     settle: float = 0.0        # seconds waited afterwards for the daemon to go quiet
     error: str | None = None
+    edits: list | None = None  # edit rows: each edit's seconds (``seconds`` is their median)
 
 
 @dataclass
@@ -81,7 +82,7 @@ def run_group(res: Results, ctx: Context, t: tg.Target, rnd: int, gname: str, fn
     ctx.target = t
     ctx.settle = settle
 
-    def m(name: str, work, before=None) -> None:
+    def m(name: str, work, before=None) -> Sample:
         if before is not None:
             before()
         pid = t.pid
@@ -121,6 +122,7 @@ def run_group(res: Results, ctx: Context, t: tg.Target, rnd: int, gname: str, fn
         _log(f"  {tag} {t.name:6} {name}: {elapsed:.3f}s"
              + (f"  cpu {sample.cpu:.2f}s rss {sample.hwm >> 20}MiB (anon {sample.anon >> 20}, "
                 f"file {sample.file >> 20}) j+{sample.journal_used}" if t.is_mount else ""))
+        return sample
 
     try:
         fn(m, t.root, ctx)
