@@ -45,8 +45,8 @@ METHOD = """\
 - **sqlite3**: Python's `sqlite3` module, `PRAGMA synchronous=FULL`, default
   (rollback) journal mode, {tx} transactions each `BEGIN; INSERT; COMMIT`.
 - **Capture cost**: files of {edits} written once (untimed). Each round,
-  the target is first left to settle (the daemon idle, `sync`, then no
-  block device writing for 0.5 s), so the rows time the edit and not the
+  the target is first left to settle (the daemon idle, `sync`, then the
+  block devices writing less than 8 MiB in 0.5 s, at most 10 s), so the rows time the edit and not the
   write-back of the bulk rows before it; then per file {warm} 1-byte
   `pwrite` + `fsync` back to back (*warm*) and {cold} each after `sync;
   echo 3 > /proc/sys/vm/drop_caches` (*after drop_caches*), every one at

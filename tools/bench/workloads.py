@@ -18,6 +18,7 @@ import sqlite3
 import statistics
 import struct
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -222,36 +223,40 @@ def group_sqlite(m, d, ctx) -> None:
 EDIT_P99 = 0.010  # the edit rows' p99 target (issue 19); the median's is target_for's limit
 
 
-def _disk_written() -> tuple[int, int]:
-    """(sectors written, I/Os in flight) summed over the block devices (/proc/diskstats)."""
-    written = flight = 0
+def _disk_written() -> int:
+    """Sectors written, summed over the block devices (/proc/diskstats)."""
+    written = 0
     try:
         with open("/proc/diskstats") as f:
             for line in f:
                 x = line.split()
-                if len(x) >= 12 and not x[2].startswith(("loop", "ram")):
+                if len(x) >= 10 and not x[2].startswith(("loop", "ram")):
                     written += int(x[9])
-                    flight += int(x[11])
     except OSError:
         pass
-    return written, flight
+    return written
 
 
-def settle_disk(quiet: float = 0.5, limit: float = 30.0) -> float:
-    """``sync``, then wait until no block device has written a sector for ``quiet`` s
-    and none has an I/O in flight: the edits after it time the edit, not the
-    write-back of the rows before (GiBs of them).  -> seconds waited."""
+def settle_disk(window: int = 5, quiet_sectors: int = 16384, limit: float = 10.0) -> float:
+    """``sync`` (it returns once the page cache's dirty data, the rows
+    before's write-back, is on disk), then wait until the block devices
+    wrote less than 8 MiB (``quiet_sectors``) in the last 0.5 s (``window``
+    samples 0.1 s apart), at most ``limit`` s: the edits after it time the
+    edit, not a disk still busy with GiBs of earlier writes; the trickle of
+    other processes (a few MiB/s) does not hold it up.  -> seconds waited
+    (printed on stderr)."""
     t0 = time.monotonic()
     os.sync()
-    last, still = _disk_written()[0], 0.0
+    hist = [_disk_written()]
     while time.monotonic() - t0 < limit:
         time.sleep(0.1)
-        now, flight = _disk_written()
-        still = still + 0.1 if now == last and flight == 0 else 0.0
-        last = now
-        if still >= quiet:
+        hist.append(_disk_written())
+        if len(hist) > window and hist[-1] - hist[-1 - window] < quiet_sectors:
             break
-    return time.monotonic() - t0
+    waited = time.monotonic() - t0
+    print(f"  disk settled in {waited:.1f} s" + ("" if waited < limit else " (limit: still writing)"),
+          file=sys.stderr, flush=True)
+    return waited
 
 
 def _edits(fd: int, size: int, ctx, n: int, out: list[float], cold: bool) -> None:
