@@ -330,17 +330,17 @@ def page_hashes(packed, old: list[bytes] | None = None, dirty: Iterable[int] = (
     ``old``: the page hashes of the list before an edit, reused except for
     the pages in ``dirty`` and every page from ``tail`` on (see
     :func:`edited_pages`)."""
-    mv = memoryview(packed)
-    n = (len(mv) + TREE_PAGE_BYTES - 1) // TREE_PAGE_BYTES
+    n = (len(packed) + TREE_PAGE_BYTES - 1) // TREE_PAGE_BYTES
     dirty = set(dirty)
     keep = 0 if old is None else min(len(old), n if tail is None else tail)
     out = []
-    for i in range(n):
-        if i < keep and i not in dirty:
-            out.append(old[i])
-        else:
-            out.append(hashlib.blake2b(mv[i * TREE_PAGE_BYTES : (i + 1) * TREE_PAGE_BYTES],
-                                       digest_size=HASH_LEN).digest())
+    with memoryview(packed) as mv:  # released at once: the writer resizes its list in place later
+        for i in range(n):
+            if i < keep and i not in dirty:
+                out.append(old[i])
+            else:
+                with mv[i * TREE_PAGE_BYTES : (i + 1) * TREE_PAGE_BYTES] as page:
+                    out.append(hashlib.blake2b(page, digest_size=HASH_LEN).digest())
     return out
 
 

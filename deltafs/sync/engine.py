@@ -769,6 +769,8 @@ class Engine:
         found in this journal's history of p; when the sides name different ones, the older
         (the other is a descendant of it on one side).  None: not known here."""
         want = {h.get("pc") for h in [cur, *heads] if h.get("pc")}
+        if not want:
+            return None
         found: dict = {}
         for seq in r.versions_under(p):  # newest first
             rec = r.record(seq)
