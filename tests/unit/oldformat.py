@@ -25,7 +25,9 @@ def v9_file_value(v: bytes) -> bytes:
 
 
 def downgrade_to_format_9(jp, fmt: int = 9) -> None:
-    """A format-10 journal at ``jp`` in format 9's layout, with format number ``fmt``."""
+    """A journal of this deltafs at ``jp`` in format 9's layout, with format number ``fmt``
+    (format 11 differs from 10 only in records of lists over one tree page, key 22:
+    the tests' small histories have none)."""
     env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
     with env.begin(write=True) as txn:
         main = env.open_db(None, txn=txn)

@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                "rounds on a 2-core VM, ~25 GiB of\nfree disk; it checks before starting).")
     p.add_argument("--quick", action="store_true",
                    help="small sizes (256 MiB, 64 MiB bs=4k, 1,000 files, 500 tx, edits in "
-                        "1 and 64 MiB files, no 4 GiB memory run); full: 1 GiB, 256 MiB "
-                        "bs=4k, 4,000 files, 2,000 tx, edits up to 1 GiB, a 4 GiB write")
+                        "1 and 64 MiB files, 10 warm + 3 after drop_caches a round, no 4 GiB "
+                        "memory run); full: 1 GiB, 256 MiB bs=4k, 4,000 files, 2,000 tx, edits "
+                        "up to 1 GiB (20 + 5), a 4 GiB write")
     p.add_argument("--rounds", type=int, default=3, help="counted rounds after 1 warm-up (3)")
     p.add_argument("--only", action="append", choices=[n for n, _ in wl.GROUPS],
                    help="run only this workload group (repeatable)")
