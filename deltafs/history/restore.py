@@ -332,8 +332,9 @@ class _Restorer:
             os.close(fd)
         if cur is not None and cur[1].kind == KIND_FILE:
             known = self.r.record(cur[1].content_seq) if cur[1].content_seq else None
-            if hash_matches(known, pack_list(refs)) if known is not None else not refs:
-                return
+            if (not refs) if known is None else \
+                    (known.version_hash is not None and hash_matches(known, pack_list(refs))):
+                return  # (by the hash the record has: flat, or since format 11 the tree hash)
             fid = cur[0]
         else:
             fid = restored_file_id(None, False, self.used_fids)

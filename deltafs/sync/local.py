@@ -57,6 +57,8 @@ def sync_hash(r, rec) -> bytes | None:
     (docs/sync.md: a different name would be a spurious conflict)."""
     if rec.content_tree is None:
         return rec.content_hash
+    if r.is_pruned(rec.seq):  # its list is gone: no flat name (None equals no event's hash)
+        return None
     hit = _FLAT.get(rec.hash)
     if hit is None:
         packed, _ = r.packed_list(rec.seq)

@@ -192,3 +192,7 @@ def test_a_flat_record_of_a_big_list_from_format_10_still_verifies_after_the_upg
             assert sync_hash(r, rec_new) == rec_old.content_hash
             assert entry_changes(r, r.entry_at(old2, b"big"), r.entry_at(again, b"big")) == ["content"]
         assert (v := j.verify(full=True)).ok, v.problem
+        j.prune([new], [old1, old2, again])  # a pruned tree version has no flat name any more
+        with j.reader() as r:
+            assert r.is_pruned(new) and sync_hash(r, r.record(new)) is None
+            assert r.read_content(again) == content1
