@@ -58,7 +58,8 @@ class Journal:
         self.readonly = readonly
         self._lock_fd = lock_fd
         self._hlc = HLC(clock or time.time_ns)
-        self._lists: OrderedDict[int, tuple[list, int, int]] = OrderedDict()
+        # seq -> (packed list, total, depth, accum, page hashes or None): see _cache_list
+        self._lists: OrderedDict[int, tuple[bytes, int, int, int, list | None]] = OrderedDict()
         # (seq, chunk id) of entries of pruned records appended by append_raw whose
         # chunk the mirror no longer had: not counted, so the compactor must not
         # uncount them either (in memory: a clone prunes before it closes the journal)
