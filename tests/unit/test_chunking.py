@@ -6,7 +6,7 @@ import random
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from deltafs import chunking as C
@@ -58,6 +58,7 @@ def test_streaming_equals_one_buffer():
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32), at=st.floats(0, 1), ins=st.integers(1, 3000), delete=st.booleans())
+@example(seed=837, at=0.0, ins=1, delete=False)  # 19 chunks, 7 of them one repeated 4,147-byte chunk
 def test_boundaries_resynchronise_after_insert_or_delete(seed, at, ins, delete):
     data = _content(seed, 400_000)
     pos = int(at * len(data))
@@ -74,8 +75,9 @@ def test_boundaries_resynchronise_after_insert_or_delete(seed, at, ins, delete):
         assert common, "no shared boundary after the edit"
     if common:
         assert [o for o in old_after if o >= common[0]] == [o for o in new_after if o >= common[0]]
-    # and almost every chunk is shared
-    assert len(set(old_refs) & set(new_refs)) >= len(old_refs) - 6
+    # and almost every distinct chunk is shared (repeated content gives equal
+    # chunks, which count once on both sides)
+    assert len(set(old_refs) & set(new_refs)) >= len(set(old_refs)) - 6
 
 
 edit_ops = st.lists(
