@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -75,6 +78,90 @@ def _watchdog(timeout: float, t: tg.Target) -> threading.Timer:
     return dog
 
 
+class Probe:
+    """Diagnostics for chosen rows (not part of a normal run): with DELTAFS_BENCH_PROBE set to a
+    regular expression, every mount row whose name matches it is watched from just after its
+    ``before`` step (drop_caches) to the end of its settle wait: the daemon's page faults and its
+    CPU per thread are logged, so work left over from an earlier row (a capture still settling,
+    maintenance at a tick) shows beside the row's own.  When DELTAFS_BENCH_PROBE_TOOLS names them
+    (``py-spy``, ``strace``, ``perf``: comma-separated) it also writes a py-spy profile
+    (``--threads``, raw; PY_SPY names the binary), an ``strace -c -f`` summary and a
+    ``perf record -g`` profile of the daemon to DELTAFS_BENCH_PROBE_DIR (default /tmp), one file
+    per row, target and round (the tools slow the daemon: their rows' times do not count)."""
+
+    def __init__(self, name: str, t: tg.Target, rnd: int) -> None:
+        pat = os.environ.get("DELTAFS_BENCH_PROBE")
+        self.on = bool(pat) and t.is_mount and t.pid is not None and re.search(pat, name) is not None
+        if not self.on:
+            return
+        self.pid = t.pid
+        out = os.environ.get("DELTAFS_BENCH_PROBE_DIR", "/tmp")
+        stem = os.path.join(out, f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}-{t.name}-r{rnd}")
+        self.label = f"{name} {t.name} round {rnd}"
+        self.t0 = self._threads()
+        self.faults0 = self._faults()
+        self.procs = []
+        tools = os.environ.get("DELTAFS_BENCH_PROBE_TOOLS", "")
+        if "py-spy" in tools:
+            spy = os.environ.get("PY_SPY", "py-spy")
+            self.procs.append(subprocess.Popen(
+                [spy, "record", "-p", str(self.pid), "--threads", "--rate", "250", "--format", "raw",
+                 "-o", stem + ".spy.txt"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if "strace" in tools:
+            self.procs.append(subprocess.Popen(
+                ["strace", "-c", "-f", "-o", stem + ".strace.txt", "-p", str(self.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if "perf" in tools:
+            self.procs.append(subprocess.Popen(
+                ["perf", "record", "-g", "-F", "999", "-o", stem + ".perf.data", "-p", str(self.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if self.procs:
+            time.sleep(1.0)   # let them attach
+
+    def _threads(self) -> dict:
+        cpu = {}
+        try:
+            for tid in os.listdir(f"/proc/{self.pid}/task"):
+                try:
+                    with open(f"/proc/{self.pid}/task/{tid}/stat") as f:
+                        st = f.read()
+                    fields = st[st.rindex(")") + 2:].split()
+                    comm = st[st.index("(") + 1:st.rindex(")")]
+                    cpu[int(tid)] = (comm, (int(fields[11]) + int(fields[12])) / tg.CLK_TCK)
+                except (OSError, ValueError):
+                    pass
+        except OSError:
+            pass
+        return cpu
+
+    def _faults(self) -> tuple[int, int]:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                st = f.read()
+            fields = st[st.rindex(")") + 2:].split()
+            return int(fields[7]), int(fields[9])   # minflt, majflt (fields 10, 12 of stat(5))
+        except (OSError, ValueError, IndexError):
+            return 0, 0
+
+    def done(self) -> None:
+        if not self.on:
+            return
+        for p in self.procs:
+            p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except Exception:
+                p.kill()
+        t1 = self._threads()
+        f0, f1 = self.faults0, self._faults()
+        rows = sorted(((c - self.t0.get(tid, ("", 0.0))[1], tid, comm) for tid, (comm, c) in t1.items()),
+                      reverse=True)
+        _log(f"  probe {self.label}: faults minor {f1[0] - f0[0]} major {f1[1] - f0[1]}; "
+             "daemon CPU per thread: "
+             + ", ".join(f"{tid} {comm} {d:.2f}s" for d, tid, comm in rows if d > 0.005))
+
+
 def run_group(res: Results, ctx: Context, t: tg.Target, rnd: int, gname: str, fn) -> None:
     def settle() -> float:
         return wl.wait_quiet(lambda: tg.daemon_stats(t.pid).cpu) if t.is_mount else 0.0
@@ -85,6 +172,7 @@ def run_group(res: Results, ctx: Context, t: tg.Target, rnd: int, gname: str, fn
     def m(name: str, work, before=None) -> Sample:
         if before is not None:
             before()
+        probe = Probe(name, t, rnd)
         pid = t.pid
         s0 = tg.daemon_stats(pid)
         if t.is_mount and not tg.reset_peak(pid):
@@ -107,6 +195,7 @@ def run_group(res: Results, ctx: Context, t: tg.Target, rnd: int, gname: str, fn
                 err = f"timed out after {ctx.timeout:.0f}s (daemon killed); {err}"
         waited = settle() if err is None else 0.0
         s1 = tg.daemon_stats(pid)
+        probe.done()
         if sampler is not None:
             sampler.stop()
         sample = Sample(rnd, None if err else elapsed, cpu=max(0.0, s1.cpu - s0.cpu),
