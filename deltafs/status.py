@@ -123,6 +123,11 @@ async def daemon_status(daemon) -> dict:
             "last_error": rec.last_error,
             "last_capture_ns": rec.last_capture_ns or None,
             "gap": len(rec.gap),
+            # journal transactions since the daemon started (each a durable commit), and how
+            # many of them the loop thread made (namespace batches) or a capture's worker (solo)
+            "commits": rec.journal.sync_count,
+            "inline_commits": rec.pipe.inline_commits,
+            "solo_commits": rec.pipe.solo_commits,
         }
     else:
         capture = {"enabled": False, "paused": False, "versions": 0, "records": 0, "pending": 0,
