@@ -126,8 +126,10 @@ class Pipeline:
         # called when a commit succeeds while needs_rescan is set (the Recorder rescans)
         self.on_recovered: Callable[[], None] | None = None
 
-    def push(self, item: Item, nbytes: int = 0) -> Item:
-        """Queue item (never waits: see room)."""
+    def push(self, item: Item, nbytes: int = 0, deferred: bool = False) -> Item:
+        """Queue item (never waits: see room).  ``deferred``: a capture that
+        :meth:`defer` hands to its commit's worker next (the namespace records
+        before it are committed with it, not ahead of it on the loop)."""
         if self.paused:
             item.skip = True
             if item.changes:
@@ -139,7 +141,7 @@ class Pipeline:
         self._more.set()
         if len(self.queue) >= INLINE_RECORDS:
             self._nudge.set()
-        elif (item.changes is None or _has_content(item.changes)) and len(self.queue) > 1:
+        elif not deferred and (item.changes is None or _has_content(item.changes)) and len(self.queue) > 1:
             head = self.queue[0].changes
             if head is not None and not _has_content(head):
                 # a namespace batch at the head ends before this content item:
@@ -275,8 +277,11 @@ class Pipeline:
                 self._nudge = trio.Event()
                 if _is_content(self.queue[0]):
                     window = GROUP_WINDOW
-                elif any(it.changes is None or _has_content(it.changes) for it in self.queue):
-                    window = 0.0  # the namespace batch ends at that content item already (push)
+                elif (first := next((it for it in self.queue if _is_content(it)), None)) is not None:
+                    # a deferred capture: the namespace records before it are committed
+                    # with it, by its worker (_take); any other: the namespace batch ends
+                    # at that content item already (push)
+                    window = GROUP_WINDOW if first.job is not None else 0.0
                 else:
                     window = NAMESPACE_WINDOW
                 with trio.move_on_after(window):
@@ -402,25 +407,29 @@ class Pipeline:
         """The ready items at the head of the queue, in order, for one commit:
         up to 512, or, when the head records no content, the namespace-only
         items before the first content capture, up to INLINE_RECORDS records
-        (a batch the loop thread may commit itself)."""
+        (a batch the loop thread may commit itself), unless that capture is
+        deferred (Item.job): then its worker commits them with it and what
+        follows (a cp or git add: create, attributes, close; one commit for
+        several files instead of an inline one and a worker's one)."""
         q = self.queue
         batch: list[Item] = []
-        if _is_content(q[0]):
-            deferred = 0  # bytes the worker computes before committing (Item.job)
-            while q and q[0].ready.is_set() and len(batch) < 512:
-                if q[0].job is not None:
-                    if batch and deferred + q[0].nbytes > DEFER_BATCH_BYTES:
-                        break
-                    deferred += q[0].nbytes
+        if not _is_content(q[0]):
+            records = 0
+            while q and q[0].ready.is_set() and not _is_content(q[0]):
+                n = len(q[0].changes or ())
+                if batch and records + n > INLINE_RECORDS:
+                    break
                 batch.append(q.popleft())
-            return batch
-        records = 0
-        while q and q[0].ready.is_set() and not _is_content(q[0]):
-            n = len(q[0].changes or ())
-            if batch and records + n > INLINE_RECORDS:
-                break
+                records += n
+            if not (q and q[0].job is not None and q[0].ready.is_set()):
+                return batch
+        deferred = 0  # bytes the worker computes before committing (Item.job)
+        while q and q[0].ready.is_set() and len(batch) < 512:
+            if q[0].job is not None:
+                if deferred and deferred + q[0].nbytes > DEFER_BATCH_BYTES:
+                    break
+                deferred += q[0].nbytes
             batch.append(q.popleft())
-            records += n
         return batch
 
     def failed(self, it: Item, err: BaseException) -> None:

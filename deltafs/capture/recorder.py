@@ -212,9 +212,10 @@ class Recorder:
                 self.content.forget_list(item.changes[-1].base_seq)  # superseded, and too large to keep
         item.after = after
         nbytes = _capture_bytes(fd, dirty)
-        self.pipe.push(item, nbytes)
-        if start is None and nbytes <= DEFER_BYTES and not item.skip and self.pipe.can_defer() \
-                and (prev is None or prev.done.is_set()):
+        defer = (start is None and nbytes <= DEFER_BYTES and not self.pipe.paused and self.pipe.can_defer()
+                 and (prev is None or prev.done.is_set()))
+        self.pipe.push(item, nbytes, deferred=defer)
+        if defer:
             self._defer(item, ops, node, ev, fd, path, cause, dirty, base)
             return item
         # start: who runs the computation (fsync runs it itself); by default a new task
