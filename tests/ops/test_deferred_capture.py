@@ -7,7 +7,9 @@ wires them):
 
 * closed small files are computed in the commit's worker, never by a
   capture task of their own (``Recorder._compute``), several per transaction,
-  each version with its content, in queue order with the records around it;
+  each version with its content, in queue order with the records around it,
+  and the creates queued before them go in the same transactions (no
+  namespace-only commit on the loop thread);
 * a large file's capture is still computed by its own task;
 * a computation that fails ends its item (counted, logged), commits nothing
   for it, leaves the records queued with it committed, and leaves the file
@@ -68,6 +70,7 @@ async def test_closed_small_files_are_computed_in_their_commits_worker(tmp_path)
             tasks.append(a)
             await compute(*a)
         rec._compute = counted
+        inline = rec.pipe.inline_commits
         for i in range(10):
             fh = await open_write(d, b"f%d" % i, b"line %d\n" % i * (100 + i))
             await ops.release(fh)
@@ -78,6 +81,8 @@ async def test_closed_small_files_are_computed_in_their_commits_worker(tmp_path)
             assert content_of(j, b"f%d" % i) == b"line %d\n" % i * (100 + i)
         assert sum(n for _, n in tx.calls) == 10
         assert len(tx.calls) < 10  # grouped: several versions per transaction
+        # the creates went with them: no namespace-only commit on the loop thread
+        assert rec.pipe.inline_commits == inline
         assert threading.get_ident() not in {t for t, _ in tx.calls}  # in a worker
         log = ops_log(j)
         for i in range(10):  # each file's create before its version, the files in order
