@@ -132,7 +132,7 @@ async def daemon_status(daemon) -> dict:
     else:
         capture = {"enabled": False, "paused": False, "versions": 0, "records": 0, "pending": 0,
                    "pending_bytes": 0, "backpressure_waits": 0, "failures": 0, "last_error": None,
-                   "last_capture_ns": None, "gap": 0}
+                   "last_capture_ns": None, "gap": 0, "commits": 0, "inline_commits": 0, "solo_commits": 0}
     return {
         "mounted": True,
         "daemon": "running",
