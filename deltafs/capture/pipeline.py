@@ -2,8 +2,9 @@
 in event order by one committer task (group commit), whoever computes it.
 
 Namespace items are ready at once, content items when their worker thread
-is done; the committer takes the ready items at the head, in order, into
-one journal transaction.  fsync waits for the latest item about its inode
+is done, or at once when deferred (a small capture at close, computed by
+the worker call that commits it: ``defer``); the committer takes the ready
+items at the head, in order, into one journal transaction.  fsync waits for the latest item about its inode
 (and so for everything queued before it).  Failures are counted here
 (status shows them) and logged once per incident.
 
