@@ -1031,8 +1031,8 @@ class Operations(pyfuse3.Operations):
         if not stat.S_ISREG(st.st_mode):
             return True
         node = self.nodes.get(self.fuse_ino(st.st_ino))
-        if node is not None:
-            await node.cap.wait()
+        # (no wait for a capture of the file in flight: it reads its own descriptor,
+        # which the unlink or rename leaves intact, and commits before this change)
         await self.rec.before_change(self, node, self.child_path(parent, name), need_base=False)
         return True
 

@@ -123,11 +123,16 @@ async def daemon_status(daemon) -> dict:
             "last_error": rec.last_error,
             "last_capture_ns": rec.last_capture_ns or None,
             "gap": len(rec.gap),
+            # journal transactions since the daemon started (each a durable commit), and how
+            # many of them the loop thread made (namespace batches) or a capture's worker (solo)
+            "commits": rec.journal.sync_count,
+            "inline_commits": rec.pipe.inline_commits,
+            "solo_commits": rec.pipe.solo_commits,
         }
     else:
         capture = {"enabled": False, "paused": False, "versions": 0, "records": 0, "pending": 0,
                    "pending_bytes": 0, "backpressure_waits": 0, "failures": 0, "last_error": None,
-                   "last_capture_ns": None, "gap": 0}
+                   "last_capture_ns": None, "gap": 0, "commits": 0, "inline_commits": 0, "solo_commits": 0}
     return {
         "mounted": True,
         "daemon": "running",

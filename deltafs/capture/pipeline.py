@@ -2,8 +2,9 @@
 in event order by one committer task (group commit), whoever computes it.
 
 Namespace items are ready at once, content items when their worker thread
-is done; the committer takes the ready items at the head, in order, into
-one journal transaction.  fsync waits for the latest item about its inode
+is done, or at once when deferred (a small capture at close, computed by
+the worker call that commits it: ``defer``); the committer takes the ready
+items at the head, in order, into one journal transaction.  fsync waits for the latest item about its inode
 (and so for everything queued before it).  Failures are counted here
 (status shows them) and logged once per incident.
 
@@ -48,13 +49,21 @@ NAMESPACE_WINDOW = 0.025
 MAX_ITEMS = 4096  # queued items before producers wait (a namespace record is ~1 KiB with its Item)
 MAX_BYTES = 256 << 20  # bytes queued content captures read and hold until committed
 INLINE_RECORDS = 64  # namespace records the loop thread commits at once (Pipeline._take)
+# a small capture at close is computed by the commit's own worker call (Item.job):
+# files up to DEFER_BYTES, and at most DEFER_BATCH_BYTES of them in one commit
+DEFER_BYTES = 256 << 10
+DEFER_BATCH_BYTES = 4 << 20
+# ... and at most DEFER_MAX of them queued at once (each holds its file's descriptor
+# until its commit); reaching it ends the group window
+DEFER_MAX = 16
 TRIM_AFTER_BYTES = 64 << 20  # a committed capture that read this much: free heap pages back at once
 
 
 class Item:
     """One pipeline entry: the changes it will commit, and who waits for it."""
 
-    __slots__ = ("changes", "ready", "done", "result", "after", "skip", "list_cache", "inos", "nbytes")
+    __slots__ = ("changes", "ready", "done", "result", "after", "skip", "list_cache", "inos", "nbytes",
+                 "job", "job_done", "job_error")
 
     def __init__(self, changes: list[Change] | None = None, after=None) -> None:
         self.changes = changes
@@ -66,6 +75,12 @@ class Item:
         self.list_cache = None  # (new chunk list, offsets) of a content item, for the next capture
         self.inos: tuple[int, ...] = ()  # FUSE inodes whose latest queued item this is (Recorder.sync)
         self.nbytes = 0  # what a content capture reads and holds (the queue's byte bound)
+        # a content capture computed by the commit's worker call, right before the
+        # transaction (Pipeline.defer): job() -> (Change, list cache) in that worker;
+        # job_done(error or None) on the loop thread once the commit is over
+        self.job = None
+        self.job_done = None
+        self.job_error: BaseException | None = None
         if changes is not None:
             self.ready.set()
 
@@ -91,6 +106,7 @@ class Pipeline:
         self._nudge = trio.Event()  # ends a group window: someone waits, or a full batch is queued
         self._more = trio.Event()
         self._committing = False  # the committer holds a batch taken off the queue (solo)
+        self.deferred = 0  # queued captures computed by their commit's worker (defer)
         # status counters (read by status/control)
         self.versions = 0
         self.records = 0
@@ -111,8 +127,10 @@ class Pipeline:
         # called when a commit succeeds while needs_rescan is set (the Recorder rescans)
         self.on_recovered: Callable[[], None] | None = None
 
-    def push(self, item: Item, nbytes: int = 0) -> Item:
-        """Queue item (never waits: see room)."""
+    def push(self, item: Item, nbytes: int = 0, deferred: bool = False) -> Item:
+        """Queue item (never waits: see room).  ``deferred``: a capture that
+        :meth:`defer` hands to its commit's worker next (the namespace records
+        before it are committed with it, not ahead of it on the loop)."""
         if self.paused:
             item.skip = True
             if item.changes:
@@ -124,7 +142,7 @@ class Pipeline:
         self._more.set()
         if len(self.queue) >= INLINE_RECORDS:
             self._nudge.set()
-        elif (item.changes is None or _has_content(item.changes)) and len(self.queue) > 1:
+        elif not deferred and (item.changes is None or _has_content(item.changes)) and len(self.queue) > 1:
             head = self.queue[0].changes
             if head is not None and not _has_content(head):
                 # a namespace batch at the head ends before this content item:
@@ -133,6 +151,25 @@ class Pipeline:
                 # X.crypt, whose delete of X the guard then scores 25 ms sooner)
                 self._nudge.set()
         return item
+
+    def defer(self, item: Item, job, job_done) -> None:
+        """item (queued, not computed) is computed by the worker that commits it,
+        in the same thread hand-off as its transaction: no task, no hop of its
+        own and no wake-up of the loop in between (issue 19: a small file's
+        capture at close cost two hand-offs, one for computing and one for
+        committing).  ``job()`` runs in that worker: -> (Change, list cache);
+        ``job_done(error)`` runs on the loop after the commit (or its failure),
+        before the item's waiters and its ``after`` see the result."""
+        item.job = job
+        item.job_done = job_done
+        item.ready.set()
+        self.deferred += 1
+        if self.deferred >= DEFER_MAX:
+            self._nudge.set()
+
+    def can_defer(self) -> bool:
+        """Room for one more deferred capture (:meth:`defer`)?"""
+        return self.deferred < DEFER_MAX
 
     def submit(self, *changes: Change, after=None) -> Item:
         return self.push(Item(list(changes), after))
@@ -239,10 +276,13 @@ class Pipeline:
                 # transaction, instead of one commit and thread hand-off per
                 # record (rm -rf, cp -a, untar).
                 self._nudge = trio.Event()
-                if _has_content(self.queue[0].changes):
+                if _is_content(self.queue[0]):
                     window = GROUP_WINDOW
-                elif any(it.changes is None or _has_content(it.changes) for it in self.queue):
-                    window = 0.0  # the namespace batch ends at that content item already (push)
+                elif (first := next((it for it in self.queue if _is_content(it)), None)) is not None:
+                    # a deferred capture: the namespace records before it are committed
+                    # with it, by its worker (_take); any other: the namespace batch ends
+                    # at that content item already (push)
+                    window = GROUP_WINDOW if first.job is not None else 0.0
                 else:
                     window = NAMESPACE_WINDOW
                 with trio.move_on_after(window):
@@ -256,7 +296,8 @@ class Pipeline:
                 if self.origins:
                     tag_origins(groups, self.origins)
                 results = None
-                if not any(_has_content(g) for g in groups):
+                jobs = any(it.job is not None for it in batch)
+                if not jobs and not any(_has_content(g) for g in groups):
                     # Namespace records only (rm -rf, mkdir -p, renames): commit them
                     # here on the loop thread if the write lock is free.  In a worker
                     # thread, py-lmdb's get/put (which keep the GIL) fought the FUSE
@@ -270,7 +311,14 @@ class Pipeline:
                         results = [e] * len(batch)
                     if results is not None:
                         self.inline_commits += 1
-                if results is None:
+                if results is None and jobs:
+                    try:
+                        results = await hops.run(self._compute_commit, batch, dict(self.origins))
+                    except Exception as e:  # the whole transaction failed (disk full...)
+                        results = [e] * len(batch)
+                    finally:
+                        self._jobs_done(batch)
+                elif results is None:
                     try:
                         results = await hops.run(self.journal.commit_many, groups)
                     except Exception as e:  # the whole transaction failed (disk full...)
@@ -280,6 +328,42 @@ class Pipeline:
                 self._finish(batch, results)
             finally:
                 self._committing = False
+
+    def _compute_commit(self, batch: list[Item], origins: dict) -> list:
+        """In a worker: compute the batch's deferred captures, then commit the
+        batch in one transaction (:meth:`defer`).  A capture whose computation
+        fails commits nothing (its group is empty) and is reported by its
+        ``job_done``.  -> per item: its seqs, or the exception."""
+        for it in batch:
+            job = it.job
+            if job is None:
+                continue
+            try:
+                change, it.list_cache = job()
+                it.changes = [change]
+            except Exception as e:  # noqa: BLE001 - reported on the loop (job_done)
+                it.job_error = e
+                it.changes = []
+        groups = [it.changes or [] for it in batch]
+        if origins:
+            tag_origins(groups, origins)
+        return self.journal.commit_many(groups)
+
+    def _jobs_done(self, batch: list[Item]) -> None:
+        for it in batch:
+            done = it.job_done
+            if done is None:
+                continue
+            it.job = it.job_done = None
+            self.deferred -= 1
+            if it.changes is None:  # the worker call failed before computing it
+                it.changes = []
+                it.job_error = it.job_error or RuntimeError("capture not computed")
+            try:
+                done(it.job_error)
+            except Exception:
+                log.exception("capture bookkeeping failed")
+            it.job_error = None
 
     def _finish(self, batch: list[Item], results: list) -> None:
         """After a commit (by the committer or a solo worker): results, counters,
@@ -324,20 +408,29 @@ class Pipeline:
         """The ready items at the head of the queue, in order, for one commit:
         up to 512, or, when the head records no content, the namespace-only
         items before the first content capture, up to INLINE_RECORDS records
-        (a batch the loop thread may commit itself)."""
+        (a batch the loop thread may commit itself), unless that capture is
+        deferred (Item.job): then its worker commits them with it and what
+        follows (a cp or git add: create, attributes, close; one commit for
+        several files instead of an inline one and a worker's one)."""
         q = self.queue
         batch: list[Item] = []
-        if _has_content(q[0].changes):
-            while q and q[0].ready.is_set() and len(batch) < 512:
+        if not _is_content(q[0]):
+            records = 0
+            while q and q[0].ready.is_set() and not _is_content(q[0]):
+                n = len(q[0].changes or ())
+                if batch and records + n > INLINE_RECORDS:
+                    break
                 batch.append(q.popleft())
-            return batch
-        records = 0
-        while q and q[0].ready.is_set() and not _has_content(q[0].changes):
-            n = len(q[0].changes or ())
-            if batch and records + n > INLINE_RECORDS:
-                break
+                records += n
+            if not (q and q[0].job is not None and q[0].ready.is_set()):
+                return batch
+        deferred = 0  # bytes the worker computes before committing (Item.job)
+        while q and q[0].ready.is_set() and len(batch) < 512:
+            if q[0].job is not None:
+                if deferred and deferred + q[0].nbytes > DEFER_BATCH_BYTES:
+                    break
+                deferred += q[0].nbytes
             batch.append(q.popleft())
-            records += n
         return batch
 
     def failed(self, it: Item, err: BaseException) -> None:
@@ -388,6 +481,11 @@ class Pipeline:
             log.error("capture of %s failed (the next successful write rescans SRC): %s",
                       os.fsdecode(path), msg, exc_info=logged_trace)
         self.last_error = msg
+
+
+def _is_content(item: Item) -> bool:
+    """Is item a content capture (computed, being computed, or deferred: Item.job)?"""
+    return item.changes is None or _has_content(item.changes)
 
 
 def _has_content(changes) -> bool:

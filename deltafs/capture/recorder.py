@@ -52,7 +52,7 @@ from deltafs import hops, trace
 from deltafs.capture import saves
 from deltafs.capture.content import FULL, ContentCapture
 from deltafs.capture.identity import GonePaths
-from deltafs.capture.pipeline import Item, Pipeline
+from deltafs.capture.pipeline import DEFER_BYTES, Item, Pipeline
 from deltafs.capture.state import NodeCapture
 from deltafs.errors import JournalError
 from deltafs.ignore import IGNORE_FILE, Ignore
@@ -211,10 +211,48 @@ class Recorder:
             elif item.changes and item.changes[-1].op == "write":
                 self.content.forget_list(item.changes[-1].base_seq)  # superseded, and too large to keep
         item.after = after
-        self.pipe.push(item, _capture_bytes(fd, dirty))
+        nbytes = _capture_bytes(fd, dirty)
+        defer = (start is None and nbytes <= DEFER_BYTES and not self.pipe.paused and self.pipe.can_defer()
+                 and (prev is None or prev.done.is_set()))
+        self.pipe.push(item, nbytes, deferred=defer)
+        if defer:
+            self._defer(item, ops, node, ev, fd, path, cause, dirty, base)
+            return item
         # start: who runs the computation (fsync runs it itself); by default a new task
         (start or self.nursery.start_soon)(self._compute, item, ops, node, ev, prev, fd, path, cause, dirty, base)
         return item
+
+    def _defer(self, item, ops, node, ev, fd, path, cause, dirty, base) -> None:
+        """A small capture at close: computed by the worker that commits it
+        (Pipeline.defer), as :meth:`_compute` would compute it.  Its inode's
+        previous capture is committed already (the caller checked), so the
+        base is final now."""
+        if node is not None:
+            if dirty is not FULL:
+                base = node.cap.base
+            node.cap.hurry = self.pipe.hurrying  # a change to the file waiting for it ends the group window
+        if dirty is not FULL and base is None:
+            dirty = FULL
+        hint = self.content.take_hint(node.ino) if node is not None and not base else 0
+        content = self.content
+
+        def job():
+            try:
+                return content.compute(fd, path, cause, dirty, base, content.take(base), hint)
+            finally:
+                os.close(fd)
+
+        def job_done(err) -> None:
+            if err is not None:
+                self.pipe.capture_failed(path, err, logged_trace=not isinstance(err, (OSError, JournalError)))
+                if node is not None:
+                    node.cap.base = None
+            if node is not None:
+                node.cap.pending = None
+                node.cap.hurry = None
+                ev.set()
+                ops.release_node_if_unused(node)
+        self.pipe.defer(item, job, job_done)
 
     async def _compute(self, item, ops, node, ev, prev, fd, path, cause, dirty, base) -> None:
         solo = False
@@ -297,6 +335,12 @@ class Recorder:
         cap = None
         if node is not None:
             cap = self.track(node)
+            pending = cap.last_item is not None and not cap.last_item.done.is_set()
+            if not need_base and pending:
+                # a capture of this inode is on its way (queued before the change
+                # that follows, reading its own descriptor): some version is
+                # recorded; no wait for its computation (a deferred one's commit)
+                return
             await cap.wait()
             pending = cap.last_item is not None and not cap.last_item.done.is_set()
             if cap.base is not None or (not need_base and pending):

@@ -39,7 +39,7 @@ class NodeCapture:
     inode's latest queued capture (the next one takes its base from it).
     """
 
-    __slots__ = ("dirty", "pending", "size_changed", "base", "last_item")
+    __slots__ = ("dirty", "pending", "size_changed", "base", "last_item", "hurry")
 
     def __init__(self) -> None:
         self.dirty: list[list[int]] | _NoRanges = NO_RANGES
@@ -47,6 +47,9 @@ class NodeCapture:
         self.size_changed = False
         self.base: int | None = None
         self.last_item = None
+        # set while the pending capture waits for its commit's worker (Pipeline.defer):
+        # a context manager that, while a change waits, ends the group window
+        self.hurry = None
 
     @property
     def changed(self) -> bool:
@@ -56,7 +59,11 @@ class NodeCapture:
     async def wait(self) -> None:
         """Return once no capture of the inode is in flight (a change waits for it)."""
         while self.pending is not None:
-            await self.pending.wait()
+            if self.hurry is not None:
+                with self.hurry():
+                    await self.pending.wait()
+            else:
+                await self.pending.wait()
 
     def mark(self, start: int, end: int) -> None:
         """Bytes [start, end) were written (the FUSE write path: no syscall, no hashing)."""

@@ -55,6 +55,9 @@ def test_many_files_written_fast_are_all_recorded(mount_factory):
     cap = json.loads(res.stdout)["capture"]
     assert cap["backpressure_waits"] > 0, cap  # the queue did fill: the writers were held back
     assert cap["failures"] == 0, cap
+    # transactions: fewer than the records (grouped), each kind counted within them
+    assert 0 < cap["commits"] < cap["records"], cap
+    assert cap["inline_commits"] + cap["solo_commits"] <= cap["commits"], cap
     m.umount()
 
     with Journal.open(str(m.journal), readonly=True) as j, j.reader() as r:

@@ -39,8 +39,8 @@ class Peak:
         self.items = self.bytes = 0
         push = pipe.push
 
-        def counting_push(item, nbytes=0):
-            out = push(item, nbytes)
+        def counting_push(item, nbytes=0, **kw):
+            out = push(item, nbytes, **kw)
             self.items = max(self.items, len(pipe.queue))
             self.bytes = max(self.bytes, pipe.queued_bytes)
             return out

@@ -1,0 +1,193 @@
+"""A small file's capture at close is computed by the worker that commits it
+(capture/pipeline.py ``Pipeline.defer``; issue 19: cp -a and git add paid a
+task, a thread hand-off and a loop wake-up per file for the computation,
+then another hand-off for the commit).  On the no-kernel tier (ops.Operations,
+the Recorder and a real Journal, wired as tests/ops/test_rm_tree_order.py
+wires them):
+
+* closed small files are computed in the commit's worker, never by a
+  capture task of their own (``Recorder._compute``), several per transaction,
+  each version with its content, in queue order with the records around it,
+  and the creates queued before them go in the same transactions (no
+  namespace-only commit on the loop thread);
+* a large file's capture is still computed by its own task;
+* a computation that fails ends its item (counted, logged), commits nothing
+  for it, leaves the records queued with it committed, and leaves the file
+  with no base (its next capture is whole);
+* a change to the file waiting for its deferred capture (a write after a
+  reopen) ends the group window instead of waiting it out;
+* an unlink of a file whose capture is deferred does not wait for it, and
+  its version is committed before the unlink record.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import trio
+
+from deltafs.capture import pipeline as pl
+from deltafs.journal import Journal
+
+from test_history_identity import CTX, Driver
+from test_rm_tree_order import session
+from test_solo_commit import open_write, ops_log
+
+
+def content_of(j: Journal, path: bytes) -> bytes:
+    with j.reader() as r:
+        fs = r.file_state(r.file_id_at(path))
+        return r.read_content(fs.content_seq)
+
+
+class Transactions:
+    """Journal transactions with a content version: their thread and group count."""
+
+    def __init__(self, j: Journal) -> None:
+        self.calls: list[tuple[int, int]] = []
+        inner = j._commit_batch
+
+        def commit_batch(groups, blocking=True):
+            res = inner(groups, blocking)
+            n = sum(1 for g in groups for c in g if c.op == "write")
+            if res is not None and n:
+                self.calls.append((threading.get_ident(), n))
+            return res
+        j._commit_batch = commit_batch
+
+
+async def test_closed_small_files_are_computed_in_their_commits_worker(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    async with session(src) as (j, rec, ops):
+        d = Driver(ops)
+        tx = Transactions(j)
+        tasks = []
+        compute = rec._compute
+
+        async def counted(*a):
+            tasks.append(a)
+            await compute(*a)
+        rec._compute = counted
+        inline = rec.pipe.inline_commits
+        for i in range(10):
+            fh = await open_write(d, b"f%d" % i, b"line %d\n" % i * (100 + i))
+            await ops.release(fh)
+        await rec.drain()
+        assert not tasks  # no capture task of their own
+        assert rec.pipe.deferred == 0
+        for i in range(10):
+            assert content_of(j, b"f%d" % i) == b"line %d\n" % i * (100 + i)
+        assert sum(n for _, n in tx.calls) == 10
+        assert len(tx.calls) < 10  # grouped: several versions per transaction
+        # the creates went with them: no namespace-only commit on the loop thread
+        assert rec.pipe.inline_commits == inline
+        assert threading.get_ident() not in {t for t, _ in tx.calls}  # in a worker
+        log = ops_log(j)
+        for i in range(10):  # each file's create before its version, the files in order
+            assert log.index(("create", b"f%d" % i)) < log.index(("write", b"f%d" % i))
+            if i:
+                assert log.index(("write", b"f%d" % (i - 1))) < log.index(("write", b"f%d" % i))
+        rec._compute = compute
+
+
+async def test_a_large_file_is_still_computed_by_its_own_task(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    async with session(src) as (j, rec, ops):
+        d = Driver(ops)
+        tasks = []
+        compute = rec._compute
+
+        async def counted(*a):
+            tasks.append(a)
+            await compute(*a)
+        rec._compute = counted
+        big = os.urandom(pl.DEFER_BYTES + 1)
+        fh = await open_write(d, b"big", big)
+        await ops.release(fh)
+        await rec.drain()
+        assert len(tasks) == 1
+        assert content_of(j, b"big") == big
+        rec._compute = compute
+
+
+async def test_a_failed_deferred_capture_ends_its_item_and_leaves_no_base(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    async with session(src) as (j, rec, ops):
+        d = Driver(ops)
+        fh = await open_write(d, b"f", b"abc\n" * 100)
+        await ops.release(fh)
+        await rec.drain()
+        compute = rec.content.compute
+        seen = []
+
+        def failing(fd, path, cause, dirty, *rest):
+            seen.append((path, dirty))
+            if path == b"f" and len(seen) == 1:
+                raise OSError(5, "injected")
+            return compute(fd, path, cause, dirty, *rest)
+        rec.content.compute = failing
+        failures = rec.pipe.failures
+        p, name = await d.parent(b"f")
+        node = ops.nodes[(await ops.lookup(p, name, CTX)).st_ino]
+        fi = await ops.open(node.ino, os.O_WRONLY, CTX)
+        await ops.write(fi.fh, 0, b"Q")
+        await ops.release(fi.fh)
+        fh2 = await open_write(d, b"g", b"other\n")  # queued behind it: committed all the same
+        await ops.release(fh2)
+        with trio.fail_after(30):
+            await rec.drain()
+        assert rec.pipe.failures == failures + 1
+        assert rec.pipe.deferred == 0 and node.cap.pending is None
+        assert content_of(j, b"g") == b"other\n"
+        assert content_of(j, b"f") == b"abc\n" * 100  # the failed version is not there
+        assert node.cap.base is None  # the file's next capture is whole
+        rec.content.compute = compute
+
+
+async def test_a_write_waiting_for_a_deferred_capture_ends_the_group_window(tmp_path, monkeypatch):
+    monkeypatch.setattr(pl, "GROUP_WINDOW", 30.0)  # a window nobody should wait out
+    src = tmp_path / "src"
+    src.mkdir()
+    async with session(src) as (j, rec, ops):
+        d = Driver(ops)
+        fh = await open_write(d, b"f", b"one\n" * 50)
+        await ops.release(fh)
+        p, name = await d.parent(b"f")
+        node = ops.nodes[(await ops.lookup(p, name, CTX)).st_ino]
+        assert node.cap.pending is not None  # deferred, not committed yet
+        with trio.fail_after(10):
+            fi = await ops.open(node.ino, os.O_WRONLY, CTX)  # waits for the capture
+            await ops.write(fi.fh, 0, b"TWO\n")
+            await ops.fsync(fi.fh, False)
+        await ops.release(fi.fh)
+        with j.reader() as r:
+            fid = r.file_id_at(b"f")
+            versions = [r.record(s) for s in range(1, r.head_seq() + 1)]
+        contents = [v for v in versions if v.op == "write" and v.file_id == fid]
+        assert len(contents) == 2
+        assert content_of(j, b"f") == b"TWO\n" + b"one\n" * 49
+
+
+async def test_an_unlink_does_not_wait_for_a_deferred_capture(tmp_path, monkeypatch):
+    monkeypatch.setattr(pl, "GROUP_WINDOW", 30.0)
+    src = tmp_path / "src"
+    src.mkdir()
+    async with session(src) as (j, rec, ops):
+        d = Driver(ops)
+        fh = await open_write(d, b"tmp", b"object\n" * 20)
+        await ops.release(fh)
+        p, name = await d.parent(b"tmp")
+        with trio.fail_after(10):
+            await ops.unlink(p, name, CTX)  # returns inside the 30 s window
+        # it did not wait for the capture (waiting would have committed it: a waiter hurries)
+        assert ("write", b"tmp") not in ops_log(j) and ("unlink", b"tmp") not in ops_log(j)
+        await rec.drain()
+        log = ops_log(j)
+        assert log.index(("write", b"tmp")) < log.index(("unlink", b"tmp"))
+        with j.reader() as r:
+            seq = [s for s in range(1, r.head_seq() + 1) if r.record(s).op == "write"][-1]
+            assert r.read_content(seq) == b"object\n" * 20
