@@ -202,6 +202,8 @@ class Recorder:
             ok = not isinstance(res, BaseException) and bool(res)
             if cap is not None:
                 cap.base = res[-1] if ok else None  # failed: the next capture of this inode is whole
+                if ok or isinstance(res, BaseException):
+                    cap.stale = not ok
             if not ok:
                 return
             if item.list_cache is not None:
@@ -246,7 +248,7 @@ class Recorder:
             if err is not None:
                 self.pipe.capture_failed(path, err, logged_trace=not isinstance(err, (OSError, JournalError)))
                 if node is not None:
-                    node.cap.base = None
+                    node.cap.base, node.cap.stale = None, True
             if node is not None:
                 node.cap.pending = None
                 node.cap.hurry = None
@@ -292,7 +294,7 @@ class Recorder:
             item.changes = []
             result = []
             if node is not None:
-                node.cap.base = None
+                node.cap.base, node.cap.stale = None, True
         finally:
             os.close(fd)
             if node is not None:
@@ -347,13 +349,16 @@ class Recorder:
                 return  # recorded, or a capture of this inode is on its way
         if self._skip(path):
             return
-        if not need_base:
+        # after a failed capture SRC may hold bytes no version has: record it
+        # whole (below) rather than take the journal's latest version for it
+        stale = cap is not None and cap.stale
+        if not need_base and not stale:
             seq = self.content.latest_content(path)
             if seq:
                 self._looked = (path, seq)  # no await from here to the unlink's on_unlink
                 return
         await self.drain()  # the journal now reflects every earlier event
-        base = await trio.to_thread.run_sync(self.content.latest_content, path)
+        base = None if stale else await trio.to_thread.run_sync(self.content.latest_content, path)
         if base:
             if cap is not None and cap.base is None:
                 cap.base = base

@@ -36,10 +36,12 @@ class NodeCapture:
     ``pending``: set while a capture of the inode is being computed (a change
     to the file waits for it: ``wait``); ``base``: the journal version the
     dirty ranges apply to (None: capture the whole file); ``last_item``: the
-    inode's latest queued capture (the next one takes its base from it).
+    inode's latest queued capture (the next one takes its base from it);
+    ``stale``: its last capture failed, so SRC may hold bytes no journal
+    version has (the journal's latest version is no base for new ranges).
     """
 
-    __slots__ = ("dirty", "pending", "size_changed", "base", "last_item", "hurry")
+    __slots__ = ("dirty", "pending", "size_changed", "base", "last_item", "hurry", "stale")
 
     def __init__(self) -> None:
         self.dirty: list[list[int]] | _NoRanges = NO_RANGES
@@ -47,6 +49,7 @@ class NodeCapture:
         self.size_changed = False
         self.base: int | None = None
         self.last_item = None
+        self.stale = False
         # set while the pending capture waits for its commit's worker (Pipeline.defer):
         # a context manager that, while a change waits, ends the group window
         self.hurry = None
