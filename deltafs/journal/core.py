@@ -29,7 +29,7 @@ from .compact import INDEX_SLACK, RECORDS_KEPT, REPACK_DEAD_RATIO, Compactor, Pr
 from .hlc import HLC, hlc_to_ns
 from .packs import incref
 from .reader import LmdbStore, Reader
-from .records import CAUSES, OPS, Change, decode_record, encode_record
+from .records import CAUSES, OPS, Change, encode_record, record_of
 from .state import KIND_FILE, apply_record
 from .storage import Storage, release_lock, take_lock, translate
 from .verify import VerifyResult, verify
@@ -430,9 +430,9 @@ class Journal:
                 ctree = h
             else:
                 chash = h
-        value, _ = encode_record(seq, hlc, ch, prev, stored, chash, ctree)
+        value, h = encode_record(seq, hlc, ch, prev, stored, chash, ctree)
         txn.put(S.u64(seq), value, db=self._dbs[S.DB_CHANGES], append=True)
-        rec = decode_record(value, seq, lists=False)  # the tree state needs no chunk list
+        rec = record_of(seq, hlc, ch, h, stored, chash, ctree)  # what decoding value would give
         apply_record(LmdbStore(txn, self._dbs), rec)
         S.index_record(txn, self._dbs, seq, rec.file_id, (rec.path, rec.path2))
         txn.put(S.META_HLC, _packb(hlc), db=self._dbs[S.DB_META])

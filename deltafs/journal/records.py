@@ -197,6 +197,25 @@ def encode_record(seq: int, hlc: int, ch: Change, prev: bytes, stored: int | Non
     return h + raw, h
 
 
+def record_of(seq: int, hlc: int, ch: Change, h: bytes, stored: int | None, chash: bytes | None,
+              ctree: bytes | None = None) -> Record:
+    """The record ``encode_record(seq, hlc, ch, ...)`` stores (hashed ``h``), as
+    ``decode_record(value, seq, lists=False)`` would read it back, built from
+    ``ch`` without decoding: the writer applies it to the tree state.  Bytes
+    fields are copied as bytes (the decoder's type), the edit left out."""
+    return Record(
+        seq=seq, hlc=hlc, op=ch.op, file_id=ch.file_id, path=_b(ch.path), path2=_b(ch.path2),
+        target=_b(ch.target), mode=ch.mode, uid=ch.uid, gid=ch.gid, mtime_ns=ch.mtime_ns, size=ch.size,
+        rdev=ch.rdev, flags=ch.flags, xattr_name=_b(ch.xattr_name), xattr_value=_b(ch.xattr_value),
+        cause=ch.cause, base_seq=ch.base_seq, stored=stored, content_hash=chash, origin=ch.origin,
+        hash=h, content_tree=ctree,
+    )
+
+
+def _b(v):
+    return v if v is None or type(v) is bytes else bytes(v)
+
+
 def split_value(value: bytes) -> tuple[bytes, bytes]:
     """-> (stored hash, body bytes)."""
     return bytes(value[:HASH_LEN]), bytes(value[HASH_LEN:])

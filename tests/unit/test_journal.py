@@ -379,3 +379,44 @@ def test_overwrite_with_unrelated_data_stops_reading_bases(journal):
         res, chunks = capture_chunks(r, lambda o, n: edited[o:o + n], len(edited), old,
                                      [(1 << 20, (1 << 20) + 4)])
         assert chunks and all(c.base_id is not None for c in chunks)
+
+
+def test_applied_record_is_the_decoded_record(journal):
+    """The writer applies to the tree state a Record built from the Change
+    (records.record_of), not a decode of the bytes it just encoded: every
+    field must equal what decoding the stored value gives."""
+    from deltafs.journal.records import decode_record, encode_record, record_of
+
+    prev = bytes(range(32))
+    changes = [
+        Change(op="create", file_id=7, path=b"a/b", mode=0o100644, uid=1, gid=2, mtime_ns=123),
+        Change(op="setattr", file_id=7, path=b"a/b", mtime_ns=456, size=10),
+        Change(op="setxattr", file_id=7, path=b"a/b", xattr_name=bytearray(b"user.x"),
+               xattr_value=memoryview(b"\x00v")),
+        Change(op="removexattr", file_id=7, path=b"a/b", xattr_name=b"user.x"),
+        Change(op="symlink", file_id=8, path=b"l", target=b"a/b", mode=0o120777),
+        Change(op="mknod", file_id=9, path=b"n", mode=0o20644, rdev=0x0501),
+        Change(op="rename", file_id=7, path=b"a/b", path2=b"c", flags=2),
+        Change(op="link", file_id=7, path=b"c", path2=b"d"),
+        Change(op="unlink", file_id=7, path=b"d"),
+        Change(op="write", file_id=7, path=b"c", size=5, cause="fsync", base_seq=3,
+               edit=[(0, 1, [(b"\x01" * 16, 5)])], origin="dev:4"),
+    ]
+    for i, ch in enumerate(changes):
+        stored = 5 if ch.op == "write" else None
+        chash = b"\x02" * 32 if i % 2 else None
+        ctree = None if chash else (b"\x03" * 32 if ch.op == "write" else None)
+        value, h = encode_record(i + 1, 1000 + i, ch, prev, stored, chash, ctree)
+        built = record_of(i + 1, 1000 + i, ch, h, stored, chash, ctree)
+        decoded = decode_record(value, i + 1, lists=False)
+        assert built == decoded, ch.op
+        for name in ("path", "path2", "target", "xattr_name", "xattr_value"):
+            assert type(getattr(built, name)) is type(getattr(decoded, name)), name
+    # and through the writer: the tree state is what the records say
+    journal.commit([Change(op="create", file_id=11, path=b"f", mode=0o100600, mtime_ns=5)])
+    journal.commit([Change(op="setxattr", file_id=11, path=b"f", xattr_name=b"user.k",
+                           xattr_value=bytearray(b"val"))])
+    with journal.reader() as rd:
+        st = rd.file_state(11)
+        assert st.path == b"f" and st.mode == 0o100600 and st.mtime_ns == 5
+        assert st.xattrs == {b"user.k": b"val"} and type(st.xattrs[b"user.k"]) is bytes
