@@ -128,11 +128,14 @@ async def daemon_status(daemon) -> dict:
             "commits": rec.journal.sync_count,
             "inline_commits": rec.pipe.inline_commits,
             "solo_commits": rec.pipe.solo_commits,
+            # setattrs set in their file's queued create record instead of a record of their own
+            "folded_setattrs": rec.pipe.folded,
         }
     else:
         capture = {"enabled": False, "paused": False, "versions": 0, "records": 0, "pending": 0,
                    "pending_bytes": 0, "backpressure_waits": 0, "failures": 0, "last_error": None,
-                   "last_capture_ns": None, "gap": 0, "commits": 0, "inline_commits": 0, "solo_commits": 0}
+                   "last_capture_ns": None, "gap": 0, "commits": 0, "inline_commits": 0, "solo_commits": 0,
+                   "folded_setattrs": 0}
     return {
         "mounted": True,
         "daemon": "running",

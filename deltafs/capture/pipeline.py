@@ -113,6 +113,7 @@ class Pipeline:
         self.inline_commits = 0  # namespace-only commits made on the loop thread
         self.solo_commits = 0  # captures committed by their own worker (solo)
         self.trims = 0  # heap trims after big captures
+        self.folded = 0  # setattrs set in their file's queued create record (fold_attrs)
         self.failures = 0
         self.last_error: str | None = None
         self.last_capture_ns = 0
@@ -173,6 +174,29 @@ class Pipeline:
 
     def submit(self, *changes: Change, after=None) -> Item:
         return self.push(Item(list(changes), after))
+
+    def fold_attrs(self, ch: Change) -> bool:
+        """A setattr of the file whose create is the last queued item, still
+        uncommitted: set its fields in that create record instead of queueing
+        a record of its own (issue 19: cp -a's utimens of each file it
+        creates).  The create record has the same attribute fields and its
+        HLC is the commit's, after the setattr happened; the tree state after
+        it is the same as after both.  -> folded (nothing to queue)."""
+        it = self.last_item
+        if it is None or not self.queue or self.queue[-1] is not it or it.job is not None or it.skip:
+            return False
+        changes = it.changes
+        if changes is None or len(changes) != 1 or self.origins:
+            return False
+        cr = changes[0]
+        if cr.op != "create" or cr.path != ch.path or cr.file_id != ch.file_id or ch.op != "setattr":
+            return False
+        for name in ("mode", "uid", "gid", "mtime_ns"):
+            v = getattr(ch, name)
+            if v is not None:
+                setattr(cr, name, v)
+        self.folded += 1
+        return True
 
     async def drain(self) -> None:
         """Return once every item queued so far is committed (or failed)."""

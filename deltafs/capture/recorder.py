@@ -624,9 +624,11 @@ class Recorder:
         path = ops.path_of(node)
         if self._skip(path, stat.S_ISDIR(st.st_mode)):
             return
-        self.submit(Change(op="setattr", path=path, mode=st.st_mode if mode else None,
-                           uid=st.st_uid if owner else None, gid=st.st_gid if owner else None,
-                           mtime_ns=st.st_mtime_ns if times else None))
+        ch = Change(op="setattr", path=path, mode=st.st_mode if mode else None,
+                    uid=st.st_uid if owner else None, gid=st.st_gid if owner else None,
+                    mtime_ns=st.st_mtime_ns if times else None)
+        if not self.pipe.fold_attrs(ch):  # cp -a: the utimens of a file it just created
+            self.submit(ch)
 
     def _ev_setxattr(self, ops, node, name, value) -> None:
         path = ops.path_of(node)
