@@ -186,8 +186,8 @@ class Pipeline:
         if it is None or not self.queue or self.queue[-1] is not it or it.job is not None or it.skip:
             return False
         changes = it.changes
-        if changes is None or len(changes) != 1 or self.origins:
-            return False
+        if changes is None or len(changes) != 1 or self.origins or self.paused:
+            return False  # (paused: the setattr is dropped as any record then, not folded)
         cr = changes[0]
         if cr.op != "create" or cr.path != ch.path or cr.file_id != ch.file_id or ch.op != "setattr":
             return False
