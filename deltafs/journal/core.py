@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import msgpack
 
 from deltafs import trace
-from deltafs.chunking import MAX_DELTA_DEPTH
+from deltafs.chunking import MAX_DELTA_DEPTH, PackedRefs
 from deltafs.errors import JournalError, NotFoundError
 
 from . import checkpoints, private
@@ -658,7 +658,11 @@ def _plain_edit(edit) -> bool:
     capture builds)?  Then the writer keeps it as it is instead of a copy
     (a 4 GiB file's edit is ~11 MiB of tuples: the copy doubled it)."""
     for s, c, refs in edit:
-        if type(s) is not int or type(c) is not int or type(refs) is not list:
+        if type(s) is not int or type(c) is not int:
+            return False
+        if type(refs) is PackedRefs:  # a capture's packed new list (16-byte ids, checked as it was built)
+            continue
+        if type(refs) is not list:
             return False
         for ref in refs:
             if type(ref) is not tuple or len(ref) != 2 or type(ref[0]) is not bytes or type(ref[1]) is not int:
