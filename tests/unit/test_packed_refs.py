@@ -88,3 +88,27 @@ def test_a_chunk_repeated_across_a_spill_is_stored_once(tmp_path, monkeypatch):
         st = r.stats()
     assert st["raw_bytes"] == sum(n for _, n in dict(lst).items())  # each distinct chunk stored once
     d.j.close()
+
+
+def test_increfs_in_batches_count_every_name(tmp_path, monkeypatch):
+    """The writer sorts a content record's ids INCREF_BATCH at a time: an id
+    named in several batches gets every reference counted."""
+    from deltafs.journal import core
+
+    monkeypatch.setattr(core, "INCREF_BATCH", 3)
+    d = Daemon(tmp_path)
+    block = random.Random(9).randbytes(64 << 10)
+    other = random.Random(10).randbytes(64 << 10)
+    data = (block + other) * 5  # each chunk named several times, across batches
+    (d.src / "f").write_bytes(data)
+    seq = d.capture(b"f")
+    with d.j.reader() as r:
+        lst = r.chunk_list(seq)
+        assert r.read_content(seq) == data
+        names = {}
+        for cid, _ in lst:
+            names[cid] = names.get(cid, 0) + 1
+        assert max(names.values()) > 1 and len(lst) > 3
+        for cid, n in names.items():
+            assert r.chunk_refs(cid) >= n, (cid.hex(), r.chunk_refs(cid), n)
+    d.j.close()
