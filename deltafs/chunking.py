@@ -528,7 +528,7 @@ def rechunk_aligned(
             runs.append([k, end])
 
     def emit(start_k: int, count: int, a: int, b: int) -> None:
-        spans = []
+        spans = PackedRefs()
         cuts = _aligned_cuts(a, b)
         for x, y in zip(cuts, cuts[1:]):
             data = pread(x, y - x)
@@ -536,7 +536,7 @@ def rechunk_aligned(
                 raise EOFError(f"short read: wanted {y - x} bytes at offset {x}, got {len(data)}")
             result.bytes_read += len(data)
             span = Span(chunk_id(data), x, y - x)
-            spans.append((span.id, y - x))
+            spans.add(span.id, y - x)
             if on_chunk is not None:
                 on_chunk(span, memoryview(data))
         result.edits.append(Replace(start_k, count, spans, a))
