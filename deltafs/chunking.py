@@ -293,9 +293,11 @@ class PackedRefs:
         return bytes(self.packed[o : o + 16]), int.from_bytes(self.packed[o + 16 : o + 20], "big")
 
     def __iter__(self) -> Iterator[ChunkRef]:
-        b = bytes(self.packed)
-        for o in range(0, len(b), 20):
-            yield b[o : o + 16], int.from_bytes(b[o + 16 : o + 20], "big")
+        step = 20 * 4096  # copied a block at a time: no export of the buffer held, no copy of it whole
+        for at in range(0, len(self.packed), step):
+            b = bytes(self.packed[at : at + step])
+            for o in range(0, len(b), 20):
+                yield b[o : o + 16], int.from_bytes(b[o + 16 : o + 20], "big")
 
     def __eq__(self, other) -> bool:
         if isinstance(other, PackedRefs):

@@ -556,8 +556,8 @@ class Journal:
                 pages = S.page_hashes(new, old_pages, dirty, tail)
         else:
             depth, accum = -1, 0
-            new, new_total = S.apply_edit_packed(b"", 0, edit)
-            new = bytearray(new)  # the next version edits it in place
+            new = bytearray()  # the next version edits it in place
+            new_total = S.apply_edit_packed_in_place(new, 0, edit)  # no bytes copy first (issue 19)
             if S.uses_tree(len(new)):
                 pages = S.page_hashes(new)
         if new_total != ch.size:

@@ -112,3 +112,20 @@ def test_increfs_in_batches_count_every_name(tmp_path, monkeypatch):
         for cid, n in names.items():
             assert r.chunk_refs(cid) >= n, (cid.hex(), r.chunk_refs(cid), n)
     d.j.close()
+
+
+def test_a_packed_edit_encodes_to_the_same_record_bytes():
+    """The on-disk record is unchanged: a PackedRefs edit is written as the
+    list of pairs would be, and decodes back to it."""
+    from deltafs.journal import Change
+    from deltafs.journal import records as R
+
+    refs = _refs(300, 11)
+    kw = dict(op="write", path=b"f", size=sum(n for _, n in refs), mode=0o100644, uid=1, gid=1,
+              mtime_ns=5, cause="write", base_seq=0)
+    as_list = Change(edit=[(0, 0, refs)], **kw)
+    as_packed = Change(edit=[(0, 0, C.PackedRefs(refs))], **kw)
+    a = R.encode_record(7, 9, as_list, b"\0" * 32, 10, b"\1" * 32)
+    b = R.encode_record(7, 9, as_packed, b"\0" * 32, 10, b"\1" * 32)
+    assert a == b
+    assert R.decode_record(a[0], 7).edit == [(0, 0, refs)]
