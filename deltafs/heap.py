@@ -65,6 +65,19 @@ def limit_arenas(n: int) -> None:
         pass
 
 
+def fix_mmap_threshold(n: int) -> None:
+    """M_MMAP_THRESHOLD = ``n``: every allocation of ``n`` bytes or more is its own
+    mapping, returned to the kernel when freed.  A fixed value also turns off
+    glibc's dynamic threshold, which after the first such buffer is freed
+    rises to its size (up to 32 MiB) and serves later ones from the heap,
+    where they leave holes that stay resident (issue 19)."""
+    lib = _lib()
+    try:
+        lib.mallopt(-3, n)  # M_MMAP_THRESHOLD (glibc malloc.h)
+    except (AttributeError, TypeError):  # not glibc
+        pass
+
+
 def trim(force: bool = False) -> bool:
     """Give free heap pages back to the kernel (``malloc_trim(0)``), at most
     once per TRIM_EVERY_S unless ``force``; -> whether it trimmed."""

@@ -265,9 +265,20 @@ def _limit_malloc_arenas() -> None:
     110-118 MiB with one, at the same CPU (docs/performance-notes.md).
     DELTAFS_MALLOC_ARENAS overrides (0: glibc's default)."""
     n = int(os.environ.get("DELTAFS_MALLOC_ARENAS", "1") or 0)
-    if n <= 0:
-        return
-    heap.limit_arenas(n)
+    if n > 0:
+        heap.limit_arenas(n)
+    # DELTAFS_MMAP_THRESHOLD=N: buffers of N bytes or more (a capture's 4 MiB read
+    # windows, a big file's packed list and record) mapped apart and unmapped when
+    # freed, not left as holes in the heap.  Off by default (MMAP_THRESHOLD 0,
+    # glibc's dynamic threshold): at 1 MiB a 4 GiB write's peak RssAnon was ~15 MiB
+    # lower but its capture ~25% slower (page faults of a fresh mapping per
+    # window; docs/performance-notes.md, issue 19, ninth session)
+    t = int(os.environ.get("DELTAFS_MMAP_THRESHOLD", str(MMAP_THRESHOLD)) or 0)
+    if t > 0:
+        heap.fix_mmap_threshold(t)
+
+
+MMAP_THRESHOLD = 0  # see _limit_malloc_arenas
 
 
 def _serve(cfg: MountConfig, journal, ready_fd, fail) -> int:

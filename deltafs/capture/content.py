@@ -174,6 +174,7 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
             flush_group()
             spill(new)
             new.clear()
+            seen.clear()  # see on_chunk
             buffered = 0
             heap.trim()  # a big capture's freed buffers back to the kernel (at most every 10 s)
 
@@ -214,6 +215,10 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
         finder = chunking.BaseFinder(*(hint or ([], [0])), emit)
 
     def on_chunk(span, data):
+        # ``seen``: the ids met since the last spill, not the whole file's (a 4 GiB
+        # file's would hold ~100 bytes a chunk, issue 19).  A chunk repeated across
+        # a spill is built again; the journal stores an id once (put_value), so
+        # that costs a compression, never a second copy
         if span.id in seen:  # handled already (a hole's chunks are one id)
             finder.feed(span, None)
             return

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import msgpack
 
 from deltafs import trace
-from deltafs.chunking import MAX_DELTA_DEPTH
+from deltafs.chunking import MAX_DELTA_DEPTH, PackedRefs
 from deltafs.errors import JournalError, NotFoundError
 
 from . import checkpoints, private
@@ -556,23 +556,32 @@ class Journal:
                 pages = S.page_hashes(new, old_pages, dirty, tail)
         else:
             depth, accum = -1, 0
-            new, new_total = S.apply_edit_packed(b"", 0, edit)
-            new = bytearray(new)  # the next version edits it in place
+            new = bytearray()  # the next version edits it in place
+            new_total = S.apply_edit_packed_in_place(new, 0, edit)  # no bytes copy first (issue 19)
             if S.uses_tree(len(new)):
                 pages = S.page_hashes(new)
         if new_total != ch.size:
             raise ValueError(f"chunk list of {ch.path!r} sums to {new_total} bytes, size is {ch.size}")
         ch.edit = edit
-        # one incref per distinct chunk (a hole names one id 160k times), in key
-        # order; a sorted list of the ids, not a dict of counts (10 MiB for a
-        # 4 GiB file's 185,000 chunks, against 1.5 MiB)
-        ids = sorted(cid for _, _, refs in edit for cid, _ in refs)
-        entries = len(ids)
-        for cid, same in itertools.groupby(ids):
-            n = sum(1 for _ in same)
-            if txn.get(cid, db=cdb) is None and not self._chunk_present(txn, cid):
-                raise ValueError(f"chunk {cid.hex()} named by the edit is not stored")
-            self._incref(txn, cid, n)
+        # one incref per distinct chunk of a batch (a hole names one id 160k times),
+        # in key order within it; sorted lists of the ids, not a dict of counts (10
+        # MiB for a 4 GiB file's 185,000 chunks), and INCREF_BATCH ids at a time: a
+        # capture's packed list (PackedRefs) holds no id objects, so the ids
+        # made here are all new (~64 bytes each); an id in two batches is
+        # counted in two increfs, which add up
+        entries = 0
+        all_ids = (cid for _, _, refs in edit for cid, _ in refs)
+        while True:
+            ids = sorted(itertools.islice(all_ids, INCREF_BATCH))
+            if not ids:
+                break
+            entries += len(ids)
+            for cid, same in itertools.groupby(ids):
+                n = sum(1 for _ in same)
+                if txn.get(cid, db=cdb) is None and not self._chunk_present(txn, cid):
+                    raise ValueError(f"chunk {cid.hex()} named by the edit is not stored")
+                self._incref(txn, cid, n)
+            del ids
         depth, accum = self._maybe_checkpoint(txn, seq, base, new, new_total, depth + 1, accum + entries,
                                               pages=pages)
         if base:  # the file's next version builds on seq: one cached list per file, not per save
@@ -653,12 +662,19 @@ def _cost(hit) -> int:
     return len(hit[0]) // S.ENTRY_LEN + (0 if pages is None else (len(pages) * S.HASH_LEN) // S.ENTRY_LEN + 1)
 
 
+INCREF_BATCH = 16_384  # ids sorted at a time for a content record's increfs (_content)
+
+
 def _plain_edit(edit) -> bool:
     """Is ``edit`` already ``[(int, int, [(bytes, int), ...]), ...]`` (what a
     capture builds)?  Then the writer keeps it as it is instead of a copy
     (a 4 GiB file's edit is ~11 MiB of tuples: the copy doubled it)."""
     for s, c, refs in edit:
-        if type(s) is not int or type(c) is not int or type(refs) is not list:
+        if type(s) is not int or type(c) is not int:
+            return False
+        if type(refs) is PackedRefs:  # a capture's packed new list (16-byte ids, checked as it was built)
+            continue
+        if type(refs) is not list:
             return False
         for ref in refs:
             if type(ref) is not tuple or len(ref) != 2 or type(ref[0]) is not bytes or type(ref[1]) is not int:

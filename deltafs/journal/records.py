@@ -183,7 +183,9 @@ def encode_record(seq: int, hlc: int, ch: Change, prev: bytes, stored: int | Non
     if ch.cause is not None:
         body[16] = _CAUSE_NUM[ch.cause]
     if ch.edit is not None:
-        body[18] = [[int(s), int(c), pack_list(refs)] for s, c, refs in ch.edit]
+        # a capture's PackedRefs is the packed form already: its buffer as it is (msgpack
+        # writes a bytearray as bin, the same bytes), not a copy (issue 19 memory)
+        body[18] = [[int(s), int(c), _packed(refs)] for s, c, refs in ch.edit]
     if stored is not None:
         body[19] = stored
     if chash is not None:
@@ -214,6 +216,12 @@ def record_of(seq: int, hlc: int, ch: Change, h: bytes, stored: int | None, chas
 
 def _b(v):
     return v if v is None or type(v) is bytes else bytes(v)
+
+
+def _packed(refs):
+    """``refs`` packed (:func:`pack_list`): a PackedRefs' own buffer, no copy."""
+    p = getattr(refs, "packed", None)
+    return p if p is not None else pack_list(refs)
 
 
 def split_value(value: bytes) -> tuple[bytes, bytes]:

@@ -246,8 +246,18 @@ def rewrite_dups_in_key_order(txn, db) -> int:
 
 
 def pack_list(refs: Iterable[tuple[bytes, int]]) -> bytes:
-    """Packed chunk list: for each chunk, id (16 bytes) || length (u32 BE)."""
+    """Packed chunk list: for each chunk, id (16 bytes) || length (u32 BE).
+    A :class:`deltafs.chunking.PackedRefs` is this form already: its bytes."""
+    packed = getattr(refs, "packed", None)
+    if packed is not None:
+        return bytes(packed)
     return b"".join(i + n.to_bytes(4, "big") for i, n in refs)
+
+
+def _refs_total(refs) -> int:
+    """Sum of the lengths of ``refs`` (a PackedRefs knows it)."""
+    total = getattr(refs, "total", None)
+    return total if total is not None else sum(int(n) for _, n in refs)
 
 
 def unpack_list(b: bytes) -> list[tuple[bytes, int]]:
@@ -273,6 +283,11 @@ def apply_edit_packed(old: bytes, total: int, edits) -> tuple[bytes, int]:
         parts.append(old[cur * ENTRY_LEN : start * ENTRY_LEN])
         for o in range(start * ENTRY_LEN, (start + count) * ENTRY_LEN, ENTRY_LEN):
             total -= int.from_bytes(old[o + ID_LEN : o + ENTRY_LEN], "big")
+        if hasattr(refs, "packed"):  # a capture's PackedRefs: its bytes as they are
+            parts.append(refs.packed)
+            total += refs.total
+            cur = start + count
+            continue
         for cid, length in refs:
             parts.append(bytes(cid) + int(length).to_bytes(4, "big"))
             total += int(length)
@@ -296,9 +311,10 @@ def apply_edit_packed_in_place(buf: bytearray, total: int, edits) -> int:
     for start, count, refs in reversed(edits):  # from the end: earlier indices hold
         for o in range(start * ENTRY_LEN, (start + count) * ENTRY_LEN, ENTRY_LEN):
             total -= int.from_bytes(buf[o + ID_LEN : o + ENTRY_LEN], "big")
-        buf[start * ENTRY_LEN : (start + count) * ENTRY_LEN] = b"".join(
+        packed = getattr(refs, "packed", None)  # a capture's PackedRefs: its bytes as they are
+        buf[start * ENTRY_LEN : (start + count) * ENTRY_LEN] = packed if packed is not None else b"".join(
             bytes(cid) + int(length).to_bytes(4, "big") for cid, length in refs)
-        total += sum(int(length) for _, length in refs)
+        total += _refs_total(refs)
     return total
 
 
