@@ -427,12 +427,19 @@ def write_signals(change, raw: Callable[[bytes], bytes | None], memory: dict) ->
         why.append("dissimilar")
     if edit and len(edit) == 1 and edit[0][0] == 0 and len(edit[0][2]) >= 3 and \
             sum(n for _, n in edit[0][2]) == change.size and delta >= 0.9 * new_bytes and \
-            {cid for cid, _ in edit[0][2]} <= {c.id for c in new}:
+            _all_new(edit[0][2], new):
         score += 0.25  # every chunk changed, each still like the one it replaced: intermittent encryption
         why.append("rewritten")
     if new_head is not None and new_type is not None and new_type == old_type and new_type in FORMATS:
         score *= 0.25  # a valid container of the same type: a re-save, not a destruction
     return min(score, 1.0), why
+
+
+def _all_new(refs, new) -> bool:
+    """Is every chunk of ``refs`` among the ``new`` chunks?  Stops at the first that
+    is not (a large file's list is not made into a set of ids)."""
+    ids = {c.id for c in new}
+    return all(cid in ids for cid, _ in refs)
 
 
 class Detector:

@@ -920,3 +920,19 @@ def test_the_detectors_path_memories_stay_bounded_and_keep_the_newest():
     assert len(w.det.created) <= 11_000
     last = b"many/f%d.txt" % (n - 1)
     assert last in w.det.memory and last in w.det.written and b"many/f0.txt" not in w.det.memory
+
+
+def test_all_new_stops_at_the_first_old_chunk():
+    """The "rewritten" signal asks whether every chunk of a file's list is new;
+    a large file's list is read only up to its first old chunk."""
+    new = [chunking.build_chunk(b"a" * 100, None), chunking.build_chunk(b"b" * 100, None)]
+    ids = [(c.id, 100) for c in new]
+    assert guard._all_new(ids, new)
+    assert not guard._all_new(ids + [(b"\0" * 16, 5)], new)
+    read = []
+
+    def refs():
+        for r in [(b"\1" * 16, 5), *ids]:
+            read.append(r)
+            yield r
+    assert not guard._all_new(refs(), new) and len(read) == 1
