@@ -199,8 +199,12 @@ def test_benign_heavy_work_raises_nothing(corpus_mount, tmp_path):
     if _have("gpg"):
         gh = tmp_path / "gnupg"
         gh.mkdir(mode=0o700)
-        _run(["gpg", "--homedir", str(gh), "--batch", "--pinentry-mode", "loopback", "--passphrase", "x",
-              "-c", str(next((mnt / "dir4").glob("notes*.txt")))])
+        try:
+            _run(["gpg", "--homedir", str(gh), "--batch", "--pinentry-mode", "loopback", "--passphrase", "x",
+                  "-c", str(next((mnt / "dir4").glob("notes*.txt")))])
+        finally:  # gpg starts an agent for this home directory: end it, or it outlives the test run
+            subprocess.run(["gpgconf", "--homedir", str(gh), "--kill", "gpg-agent"], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         done.append("gpg")
     # a pip install into a venv in the mount (ensurepip installs pip from its bundled wheel: no network)
     _run([sys.executable, "-m", "venv", str(mnt / "venv")])
