@@ -59,19 +59,26 @@ class Transactions:
         j._commit_batch = commit_batch
 
 
+def count_compute_tasks(rec) -> list:
+    """Wrap the recorder's own capture task (``Recorder._compute``) for the session: the list it
+    returns gets one entry per capture computed in a task of its own, not in a commit's worker."""
+    tasks = []
+    compute = rec._compute
+
+    async def counted(*a):
+        tasks.append(a)
+        await compute(*a)
+    rec._compute = counted
+    return tasks
+
+
 async def test_closed_small_files_are_computed_in_their_commits_worker(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     async with session(src) as (j, rec, ops):
         d = Driver(ops)
         tx = Transactions(j)
-        tasks = []
-        compute = rec._compute
-
-        async def counted(*a):
-            tasks.append(a)
-            await compute(*a)
-        rec._compute = counted
+        tasks = count_compute_tasks(rec)
         inline = rec.pipe.inline_commits
         for i in range(10):
             fh = await open_write(d, b"f%d" % i, b"line %d\n" % i * (100 + i))
@@ -91,7 +98,6 @@ async def test_closed_small_files_are_computed_in_their_commits_worker(tmp_path)
             assert log.index(("create", b"f%d" % i)) < log.index(("write", b"f%d" % i))
             if i:
                 assert log.index(("write", b"f%d" % (i - 1))) < log.index(("write", b"f%d" % i))
-        rec._compute = compute
 
 
 async def test_a_large_file_is_still_computed_by_its_own_task(tmp_path):
@@ -99,20 +105,13 @@ async def test_a_large_file_is_still_computed_by_its_own_task(tmp_path):
     src.mkdir()
     async with session(src) as (j, rec, ops):
         d = Driver(ops)
-        tasks = []
-        compute = rec._compute
-
-        async def counted(*a):
-            tasks.append(a)
-            await compute(*a)
-        rec._compute = counted
+        tasks = count_compute_tasks(rec)
         big = os.urandom(pl.DEFER_BYTES + 1)
         fh = await open_write(d, b"big", big)
         await ops.release(fh)
         await rec.drain()
         assert len(tasks) == 1
         assert content_of(j, b"big") == big
-        rec._compute = compute
 
 
 async def test_a_failed_deferred_capture_ends_its_item_and_leaves_no_base(tmp_path):
