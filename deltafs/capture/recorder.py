@@ -217,6 +217,11 @@ class Recorder:
         defer = (start is None and nbytes <= DEFER_BYTES and not self.pipe.paused and self.pipe.can_defer()
                  and (prev is None or prev.done.is_set()))
         self.pipe.push(item, nbytes, deferred=defer)
+        if item.skip and cap is not None:
+            # paused: SRC now holds bytes no version has, as after a failed
+            # capture, so the file's next version is read whole, not built on
+            # the journal's latest (a save between resume and its rescan)
+            cap.base, cap.stale = None, True
         if defer:
             self._defer(item, ops, node, ev, fd, path, cause, dirty, base)
             return item

@@ -37,8 +37,9 @@ class NodeCapture:
     to the file waits for it: ``wait``); ``base``: the journal version the
     dirty ranges apply to (None: capture the whole file); ``last_item``: the
     inode's latest queued capture (the next one takes its base from it);
-    ``stale``: its last capture failed, so SRC may hold bytes no journal
-    version has (the journal's latest version is no base for new ranges).
+    ``stale``: its last capture failed or was skipped while capture was
+    paused, so SRC may hold bytes no journal version has (the journal's
+    latest version is no base for new ranges).
     """
 
     __slots__ = ("dirty", "pending", "size_changed", "base", "last_item", "hurry", "stale")
