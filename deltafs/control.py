@@ -307,9 +307,7 @@ async def _op_resume(daemon, server, req) -> dict:
     async with server.lock:
         if not rec.paused:
             return {"paused": False, "was_paused": False, "rescan": None}
-        rec.paused = False
-        await rec.drain()  # the items dropped while paused are out of the queue
-        counts = await rec.scan(daemon.ops, daemon.ops.hidden_ino)
+        counts = await rec.resume(daemon.ops, daemon.ops.hidden_ino)
         log.info("capture resumed; rescan recorded %s", counts)
     return {"paused": False, "was_paused": True, "rescan": counts}
 

@@ -76,6 +76,9 @@ class Recorder:
         self.limiter = trio.CapacityLimiter(workers)
         self.nursery: trio.Nursery | None = None
         self.rescanning = False
+        # from a resume until its rescan has finished: SRC may hold changes made
+        # while paused that no version has (before_change takes no base then)
+        self.catching_up = False
         self.ops = None  # set by the first scan
         self.hidden_ino = -1
         # (path, its latest content version) as before_change just read it from the
@@ -156,6 +159,19 @@ class Recorder:
         """A commit succeeded after failures: rescan for what they missed."""
         if not self.rescanning and self.ops is not None:
             self.nursery.start_soon(self._rescan)
+
+    async def resume(self, ops, hidden_ino: int) -> dict:
+        """End a pause: capture again, then rescan SRC for what changed while
+        paused (-> the scan's counts).  Until the rescan is done, a file opened
+        for writing is recorded whole first: its inode state may be gone (the
+        kernel forgot it), so nothing says whether it changed while paused."""
+        self.paused = False
+        self.catching_up = True
+        try:
+            await self.drain()  # the items dropped while paused are out of the queue
+            return await self.scan(ops, hidden_ino)
+        finally:
+            self.catching_up = False
 
     async def _rescan(self) -> None:
         """After journal failures: record what the failed commits missed."""
@@ -342,6 +358,11 @@ class Recorder:
         cap = None
         if node is not None:
             cap = self.track(node)
+            if self.pipe.paused:
+                # nothing is journaled while paused (the rescan at resume records
+                # the tree): only the file's next version must be read whole
+                cap.base, cap.stale = None, True
+                return
             pending = cap.last_item is not None and not cap.last_item.done.is_set()
             if not need_base and pending:
                 # a capture of this inode is on its way (queued before the change
@@ -356,7 +377,7 @@ class Recorder:
             return
         # after a failed capture SRC may hold bytes no version has: record it
         # whole (below) rather than take the journal's latest version for it
-        stale = cap is not None and cap.stale
+        stale = (cap is not None and cap.stale) or (need_base and self.catching_up)
         if not need_base and not stale:
             seq = self.content.latest_content(path)
             if seq:
