@@ -160,6 +160,12 @@ class Recorder:
         if not self.rescanning and self.ops is not None:
             self.nursery.start_soon(self._rescan)
 
+    @property
+    def behind(self) -> bool:
+        """SRC may hold changes no version has, on files whose inode state may
+        be gone: from a resume, or a failed capture, until its rescan ends."""
+        return self.catching_up or self.rescanning or self.pipe.needs_rescan
+
     async def resume(self, ops, hidden_ino: int) -> dict:
         """End a pause: capture again, then rescan SRC for what changed while
         paused (-> the scan's counts).  Until the rescan is done, a file opened
@@ -377,7 +383,7 @@ class Recorder:
             return
         # after a failed capture SRC may hold bytes no version has: record it
         # whole (below) rather than take the journal's latest version for it
-        stale = (cap is not None and cap.stale) or (need_base and self.catching_up)
+        stale = (cap is not None and cap.stale) or (need_base and self.behind)
         if not need_base and not stale:
             seq = self.content.latest_content(path)
             if seq:

@@ -13,7 +13,8 @@ wires them):
 * a large file's capture is still computed by its own task;
 * a computation that fails ends its item (counted, logged), commits nothing
   for it, leaves the records queued with it committed, and leaves the file
-  with no base: its next capture is whole, also after a reopen for writing
+  with no base: its next capture is whole, also after a reopen for writing,
+  and after the kernel forgot the inode (until the rescan ends)
   (the failure is injected: a read error of SRC cannot be caused for real);
 * a change to the file waiting for its deferred capture (a write after a
   reopen) ends the group window instead of waiting it out;
@@ -27,6 +28,7 @@ import os
 import random
 import threading
 
+import pytest
 import trio
 
 from deltafs.capture import pipeline as pl
@@ -114,7 +116,8 @@ async def test_a_large_file_is_still_computed_by_its_own_task(tmp_path):
         assert content_of(j, b"big") == big
 
 
-async def test_a_failed_deferred_capture_ends_its_item_and_leaves_no_base(tmp_path):
+@pytest.mark.parametrize("forgotten", [False, True], ids=["inode-kept", "inode-forgotten"])
+async def test_a_failed_deferred_capture_ends_its_item_and_leaves_no_base(tmp_path, forgotten):
     src = tmp_path / "src"
     src.mkdir()
     body = random.Random(5).randbytes(200_000)  # several chunks, a deferred capture still
@@ -154,6 +157,11 @@ async def test_a_failed_deferred_capture_ends_its_item_and_leaves_no_base(tmp_pa
         assert content_of(j, b"f") == body  # the failed version is not there
         assert node.cap.base is None  # the file's next capture is whole
         rec.content.compute = compute
+        if forgotten:  # the kernel forgets the inode: its stale flag goes with it
+            ino = node.ino
+            await ops.forget([(ino, node.lookups)])
+            assert ino not in ops.nodes
+            node = ops.nodes[(await ops.lookup(p, name, CTX)).st_ino]
         # a reopen for writing must not take the journal's last version as the
         # base of its dirty ranges: SRC holds the failed capture's "Q" too (the
         # rescan after the failure would record it, but may come later)
