@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh Debian machine (as root, or with sudo):
 #   make run    mount the built-in demo directory (SRC=demo/src MNT=demo/mnt) in the foreground
 #   make test   run the whole test suite
-#   make check  only the tests that need no kernel and no server (unit + ops), in under a minute
+#   make check  only the tests that need no kernel and no server (unit + ops), in about a minute
 #   make bench / make bench-full   regenerate docs/benchmarks.md (quick: ~20 min, full: ~100 min with the soak;
 #               on a 2-core VM; full needs ~25 GiB of free disk)
 # All of them install what is missing first: the apt packages below and a .venv.
