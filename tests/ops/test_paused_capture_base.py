@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
@@ -26,6 +27,21 @@ from test_rm_tree_order import session
 from test_solo_commit import open_write
 
 
+@asynccontextmanager
+async def captured_file(tmp_path, seed: int):
+    """A session with a file f of 200 KB random bytes (several chunks), captured."""
+    src = tmp_path / "src"
+    src.mkdir()
+    body = random.Random(seed).randbytes(200_000)
+    async with session(src) as (j, rec, ops):
+        d = Driver(ops)
+        fh = await open_write(d, b"f", body)
+        await ops.release(fh)
+        await rec.drain()
+        p, name = await d.parent(b"f")
+        yield src, j, rec, ops, p, name, body
+
+
 async def _rewrite(ops, node, offset: int, data: bytes) -> None:
     fi = await ops.open(node.ino, os.O_WRONLY, CTX)
     await ops.write(fi.fh, offset, data)
@@ -33,15 +49,7 @@ async def _rewrite(ops, node, offset: int, data: bytes) -> None:
 
 
 async def test_a_save_after_resume_records_what_was_written_while_paused(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    body = random.Random(7).randbytes(200_000)  # several chunks
-    async with session(src) as (j, rec, ops):
-        d = Driver(ops)
-        fh = await open_write(d, b"f", body)
-        await ops.release(fh)
-        await rec.drain()
-        p, name = await d.parent(b"f")
+    async with captured_file(tmp_path, seed=7) as (src, j, rec, ops, p, name, body):
         node = ops.nodes[(await ops.lookup(p, name, CTX)).st_ino]
         rec.paused = True
         await _rewrite(ops, node, 0, b"Q")  # not recorded: capture is paused
@@ -57,15 +65,7 @@ async def test_a_save_after_resume_records_what_was_written_while_paused(tmp_pat
 
 
 async def test_a_save_after_resume_of_a_file_still_open_since_the_pause(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    body = random.Random(8).randbytes(200_000)
-    async with session(src) as (j, rec, ops):
-        d = Driver(ops)
-        fh = await open_write(d, b"f", body)
-        await ops.release(fh)
-        await rec.drain()
-        p, name = await d.parent(b"f")
+    async with captured_file(tmp_path, seed=8) as (src, j, rec, ops, p, name, body):
         node = ops.nodes[(await ops.lookup(p, name, CTX)).st_ino]
         keep = await ops.open(node.ino, os.O_RDONLY, CTX)  # keeps the inode's state alive
         rec.paused = True
@@ -88,15 +88,7 @@ async def test_a_forgotten_inode_saved_during_the_resume_rescan_is_recorded_whol
     file while the resume's rescan has not reached it still records what SRC
     holds (``Recorder.resume``: until the rescan ends, an open for writing
     records the file whole first)."""
-    src = tmp_path / "src"
-    src.mkdir()
-    body = random.Random(9).randbytes(200_000)
-    async with session(src) as (j, rec, ops):
-        d = Driver(ops)
-        fh = await open_write(d, b"f", body)
-        await ops.release(fh)
-        await rec.drain()
-        p, name = await d.parent(b"f")
+    async with captured_file(tmp_path, seed=9) as (src, j, rec, ops, p, name, body):
         ino = (await ops.lookup(p, name, CTX)).st_ino
         rec.paused = True
         await _rewrite(ops, ops.nodes[ino], 0, b"Q")
