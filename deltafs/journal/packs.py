@@ -200,15 +200,19 @@ class PackFiles:
             self._wfd, self.current, self.end, self._written = fd, pack, end, end
             self._open_direct()
 
-    def append(self, value: bytes) -> tuple[int, int]:
-        """Add ``value`` at the end of the current pack (buffered until
-        :meth:`sync`). -> (pack, offset)."""
-        if self._wfd is None or (self.end + len(value) > PACK_MAX and self.end > len(PACK_MAGIC)):
+    def append(self, value: bytes, more: bytes | memoryview = b"") -> tuple[int, int]:
+        """Add ``value`` (then ``more``: a chunk value's header and its payload,
+        never joined into one more copy of the chunk) at the end of the
+        current pack (buffered until :meth:`sync`). -> (pack, offset)."""
+        n = len(value) + len(more)
+        if self._wfd is None or (self.end + n > PACK_MAX and self.end > len(PACK_MAGIC)):
             self.roll()
         off = self.end
         with self._lock:
             self._buf += value
-            self.end += len(value)
+            if more:
+                self._buf += more
+            self.end += n
         if len(self._buf) >= FLUSH_BYTES:
             self._flush(final=False)
         self._unsynced[self.current] = self._wfd
@@ -361,6 +365,14 @@ def incref(txn, dbs, cid: bytes, n: int = 1) -> None:
     if v is None:
         raise CorruptionError(f"chunk {cid.hex()} is named but not stored")
     txn.put(cid, S.with_refs(v, S.loc_refs(v) + n), db=db)
+
+
+def add_packs_live(txn, dbs, live: dict[int, int]) -> None:
+    """:func:`add_pack_live` for each ``pack -> bytes`` of ``live`` (a writer
+    transaction's new values counted once per pack, not once per chunk)."""
+    for pack, n in live.items():
+        if n:
+            add_pack_live(txn, dbs, pack, n)
 
 
 def add_pack_live(txn, dbs, pack: int, n: int) -> None:
