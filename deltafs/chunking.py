@@ -982,7 +982,8 @@ class BaseFinder:
 
     Feed every chunk of :func:`rechunk` in order to :meth:`feed`, then call
     :meth:`finish`.  ``emit(span, raw, base)`` receives each chunk that needs
-    storing, ``base`` an old ``(id, length)`` or ``None``.  Chunks wait for
+    storing (``raw`` as fed: bytes, or a view of a read window, which every
+    ``pread`` returns anew), ``base`` an old ``(id, length)`` or ``None``.  Chunks wait for
     the next anchor at most ``hold`` bytes (then the shift alone decides),
     so memory stays bounded on big rewrites.
 
@@ -1019,7 +1020,7 @@ class BaseFinder:
         """One chunk of the new version; ``raw`` is None if it needs no storing."""
         if self.same_offset:
             if raw is not None:
-                self.emit(span, bytes(raw), self.old[self._overlapping(span)])
+                self.emit(span, raw, self.old[self._overlapping(span)])
             return
         j = self._anchor(span)
         if j is not None:
@@ -1029,9 +1030,11 @@ class BaseFinder:
         if raw is None:
             return
         if not self.old:
-            self.emit(span, bytes(raw), None)
+            self.emit(span, raw, None)
             return
-        self.pending.append((span, bytes(raw)))
+        # held as it came (a view of its read window keeps the window, not a
+        # copy: at most hold bytes plus one window either way, one copy fewer)
+        self.pending.append((span, raw))
         self.held += len(raw)
         if self.held >= self.hold:
             last = self.pending[-1][0]
