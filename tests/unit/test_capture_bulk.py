@@ -111,3 +111,40 @@ def test_index_values_re_encode_as_before():
         assert S.loc_refs(v) == fields[0]
         n = rnd.choice(widths)
         assert S.with_refs(v, n) == ref_encode(n, *fields[1:])
+
+
+def test_bulk_raw_chunks_skip_the_build_and_leave_the_raw_cache_to_hot_regions(tmp_path, monkeypatch):
+    """A run of incompressible chunks (fresh random data, and an overwrite of it
+    with unrelated data) goes through the bulk lane: build_chunk sees only the
+    first RAW_RUN chunks of the run and the retries, and the raw cache, which
+    keeps delta bases for hot regions, is not filled with the bulk data (it
+    would push those bases out; a raw chunk reads back without decoding)."""
+    built = []
+    real = C.build_chunk
+
+    def counted(raw, *a, **kw):
+        built.append(len(raw))
+        return real(raw, *a, **kw)
+
+    monkeypatch.setattr(C, "build_chunk", counted)
+    d = Daemon(tmp_path)
+    cache = d.rec.content.raw_cache
+    hot = random.Random(3).randbytes(4096)
+    cache.put(b"h" * 16, hot)  # a hot region's base, cached by an earlier capture
+    path = d.src / "f"
+    data = random.Random(4).randbytes(12 << 20)
+    path.write_bytes(data)
+    seq = d.capture(b"f")
+    n = len(d.depths(seq))
+    assert n > 400
+    assert len(built) <= CC.RAW_RUN + n // CC.RAW_RETRY + 2, (len(built), n)
+    assert cache.size <= len(hot) + 2 * C.MAX_SIZE * (CC.RAW_RUN + n // CC.RAW_RETRY + 2)
+    new = random.Random(5).randbytes(12 << 20)
+    path.write_bytes(new)
+    built.clear()
+    seq2 = d.capture(b"f", [(0, len(new))], seq)
+    n2 = len(d.depths(seq2))
+    assert len(built) <= CC.RAW_RUN + n2 // CC.RAW_RETRY + 20, (len(built), n2)
+    assert b"h" * 16 in cache
+    assert d.content(seq2) == new
+    d.j.close()
