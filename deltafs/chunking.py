@@ -126,9 +126,12 @@ ChunkRef = tuple[bytes, int]  # (chunk id, length); offsets are prefix sums
 Holes = Callable[[int], tuple[int, int]]
 
 
+_xxh3_128 = xxhash.xxh3_128_digest
+
+
 def chunk_id(data: bytes | memoryview) -> bytes:
     """The 16-byte id of a chunk: xxh3-128 digest of its raw bytes."""
-    return xxhash.xxh3_128_digest(data)
+    return _xxh3_128(data)
 
 
 _LONG_HOLE = 4 * MAX_SIZE  # a hole a read window stops before
@@ -677,19 +680,24 @@ def rechunk(
         k = max(bisect.bisect_left(offsets, s) - 1, 0, cur_k)
         start = offsets[k]
         spans = PackedRefs()  # packed: ~20 bytes a chunk, not ~170 (a 4 GiB file, issue 19)
+        packed = spans.packed  # filled here entry by entry (PackedRefs.add, without its call)
         end_k = len(old)
         hint = min(dirty_end, new_size) - start + 2 * MAX_SIZE
         pos = start
+        read = total = 0
         for off, data in cut_from(pread, start, new_size, hint, holes):
+            n = len(data)
             if data is ZERO_CHUNK:  # a hole: neither read nor hashed
-                span = Span(ZERO_ID, off, MAX_SIZE)
+                cid = ZERO_ID
             else:
-                result.bytes_read += len(data)
-                span = Span(chunk_id(data), off, len(data))
-            spans.add(span.id, span.length)
+                read += n
+                cid = _xxh3_128(data)
+            packed += cid
+            packed += n.to_bytes(4, "big")
+            total += n
             if on_chunk is not None:
-                on_chunk(span, data)
-            pos = off + len(data)
+                on_chunk(Span(cid, off, n), data)
+            pos = off + n
             while i + 1 < len(ranges) and ranges[i + 1][0] <= pos:
                 i += 1
                 dirty_end = max(dirty_end, ranges[i][1])
@@ -700,6 +708,8 @@ def rechunk(
                     break
         else:
             end_k = len(old)
+        result.bytes_read += read
+        spans.total = total
         result.edits.append(Replace(k, end_k - k, spans, start))
         cur_k = end_k
         i += 1
@@ -982,7 +992,8 @@ class BaseFinder:
 
     Feed every chunk of :func:`rechunk` in order to :meth:`feed`, then call
     :meth:`finish`.  ``emit(span, raw, base)`` receives each chunk that needs
-    storing, ``base`` an old ``(id, length)`` or ``None``.  Chunks wait for
+    storing (``raw`` as fed: bytes, or a view of a read window, which every
+    ``pread`` returns anew), ``base`` an old ``(id, length)`` or ``None``.  Chunks wait for
     the next anchor at most ``hold`` bytes (then the shift alone decides),
     so memory stays bounded on big rewrites.
 
@@ -1019,7 +1030,7 @@ class BaseFinder:
         """One chunk of the new version; ``raw`` is None if it needs no storing."""
         if self.same_offset:
             if raw is not None:
-                self.emit(span, bytes(raw), self.old[self._overlapping(span)])
+                self.emit(span, raw, self.old[self._overlapping(span)])
             return
         j = self._anchor(span)
         if j is not None:
@@ -1029,9 +1040,11 @@ class BaseFinder:
         if raw is None:
             return
         if not self.old:
-            self.emit(span, bytes(raw), None)
+            self.emit(span, raw, None)
             return
-        self.pending.append((span, bytes(raw)))
+        # held as it came (a view of its read window keeps the window, not a
+        # copy: at most hold bytes plus one window either way, one copy fewer)
+        self.pending.append((span, raw))
         self.held += len(raw)
         if self.held >= self.hold:
             last = self.pending[-1][0]

@@ -117,6 +117,26 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
                 base_ref = None
             else:
                 tried = 0
+        if base_ref is None and raw_run >= RAW_RUN and (skipped + 1) % RAW_RETRY \
+                and (old_end is None or span.offset + span.length < old_end) and not in_place(span):
+            # the bulk lane (issue 19: fresh incompressible data, an overwrite with
+            # unrelated data): no base, inside a run of incompressible chunks and
+            # not a retry, not past the old end (no append chain), not in place:
+            # what the general path below would store is the raw chunk, so store
+            # it without the build (one copy of the bytes, no Base, no cache
+            # entry: bulk raw data would only push out the bases of hot
+            # regions, and a raw chunk reads back without decoding).
+            # tests/unit/test_capture_bulk.py holds both paths to the same bytes
+            skipped += 1
+            payload = _RAW + raw
+            new.append(chunking.NewChunk(span.id, span.length, payload))
+            last[0] = None  # no neighbour can follow a chunk ending before the old end
+            buffered += len(payload)
+            if spill is not None and buffered >= CHUNK_FLUSH_BYTES:
+                spill_now()
+            return
+        if not isinstance(raw, bytes):
+            raw = bytes(raw)  # a view of the read window: kept beyond this chunk below
         prev = last[0]
         if old_end is not None and span.offset >= old_end:
             chained[0] += span.length
@@ -171,12 +191,16 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
         if group[0] >= chunking.MULTI_BASE_GROUP:
             flush_group()
         if spill is not None and buffered >= CHUNK_FLUSH_BYTES:
-            flush_group()
-            spill(new)
-            new.clear()
-            seen.clear()  # see on_chunk
-            buffered = 0
-            heap.trim()  # a big capture's freed buffers back to the kernel (at most every 10 s)
+            spill_now()
+
+    def spill_now() -> None:
+        nonlocal buffered
+        flush_group()
+        spill(new)
+        new.clear()
+        seen.clear()  # see on_chunk
+        buffered = 0
+        heap.trim()  # a big capture's freed buffers back to the kernel (at most every 10 s)
 
     old_end = offsets[-1] if old else None
     last: list = [None]  # (end offset, as a base, appended chunks chained before it) of the chunk emitted last
@@ -214,15 +238,22 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
     else:
         finder = chunking.BaseFinder(*(hint or ([], [0])), emit)
 
+    fresh = not finder.old  # no old version and no hint: the finder would emit each chunk as fed
+
     def on_chunk(span, data):
         # ``seen``: the ids met since the last spill, not the whole file's (a 4 GiB
         # file's would hold ~100 bytes a chunk, issue 19).  A chunk repeated across
         # a spill is built again; the journal stores an id once (put_value), so
         # that costs a compression, never a second copy
         if span.id in seen:  # handled already (a hole's chunks are one id)
-            finder.feed(span, None)
+            if not fresh:
+                finder.feed(span, None)
             return
         seen.add(span.id)
+        if fresh:
+            if not r.has_chunk(span.id):
+                emit(span, data, None)
+            return
         finder.feed(span, None if r.has_chunk(span.id) else data)
 
     res = chunking.rechunk(pread, size, old, dirty, on_chunk, offsets=offsets, aligned=aligned,
@@ -230,6 +261,9 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
     finder.finish()
     flush_group()
     return res, new
+
+
+_RAW = bytes((chunking.CODEC_RAW,))
 
 
 def _value_len(nc) -> int:

@@ -27,7 +27,7 @@ from . import checkpoints, private
 from . import schema as S
 from .compact import INDEX_SLACK, RECORDS_KEPT, REPACK_DEAD_RATIO, Compactor, PruneResult, RepackResult
 from .hlc import HLC, hlc_to_ns
-from .packs import incref
+from .packs import add_packs_live, incref
 from .reader import LmdbStore, Reader
 from .records import CAUSES, OPS, Change, encode_record, record_of
 from .state import KIND_FILE, apply_record
@@ -158,15 +158,22 @@ class Journal:
         self._check_writable()
         stored = raw = 0
         with self._storage.write() as txn:  # packs synced before it commits
+            live: dict[int, int] = {}
             for nc in chunks:
+                if nc.base_id is None:  # standalone: its header, then the payload as it is
+                    n = self._put_standalone(txn, nc, live)
+                    stored += n
+                    raw += nc.raw_len if n else 0
+                    continue
                 bases = _bases(nc)
                 depth = self._stored_depth(txn, nc, bases)
                 val = S.encode_chunk(depth, nc.raw_len, bases, nc.payload)
-                if self._storage.put_value(txn, nc.id, val, depth):
+                if self._storage.put_value(txn, nc.id, val, depth, live=live):
                     stored += len(val)
                     raw += nc.raw_len  # as _content counts them (status's ratio is raw / stored)
                     for b in bases:
                         self._incref(txn, b)
+            add_packs_live(txn, self._dbs, live)
             if stored:
                 mdb = self._dbs[S.DB_META]
                 rd = Reader(self._storage, txn)
@@ -484,6 +491,15 @@ class Journal:
         else:
             self._incref(txn, cid)
 
+    def _put_standalone(self, txn, nc, live: dict[int, int]) -> int:
+        """Store a chunk without bases (what ``S.encode_chunk`` makes of it:
+        its header, then its payload, appended without joining them into one
+        more copy of the chunk); -> bytes stored (0: stored already)."""
+        head = S.chunk_header(nc.raw_len)
+        if self._storage.put_value(txn, nc.id, head, 0, nc.payload, live):
+            return len(head) + len(nc.payload)
+        return 0
+
     def _stored_depth(self, txn, nc, bases: tuple[bytes, ...]) -> int:
         """The depth chunk ``nc`` is written at: the sum of (depth + 1) over its
         bases *as stored*, not the depth its coder believed.  A base may be
@@ -528,20 +544,27 @@ class Journal:
             raise ValueError(f"unknown cause {ch.cause!r}")
         stored = raw = 0
         cdb = self._dbs[S.DB_CHUNKS]
+        live: dict[int, int] = {}
         for nc in ch.chunks:
             if len(nc.id) != S.ID_LEN:
                 raise ValueError("chunk id must be 16 bytes")
+            if nc.base_id is None:
+                n = self._put_standalone(txn, nc, live)
+                stored += n
+                raw += nc.raw_len if n else 0
+                continue
             bases = _bases(nc)
             for b in bases:
                 if not self._chunk_present(txn, b):
                     raise ValueError(f"base chunk {b.hex()} of chunk {nc.id.hex()} is not stored")
             depth = self._stored_depth(txn, nc, bases)
             val = S.encode_chunk(depth, nc.raw_len, bases, nc.payload)
-            if self._storage.put_value(txn, nc.id, val, depth):
+            if self._storage.put_value(txn, nc.id, val, depth, live=live):
                 stored += len(val)
                 raw += nc.raw_len
                 for b in bases:
                     self._incref(txn, b)
+        add_packs_live(txn, self._dbs, live)
         base = ch.base_seq or 0
         if base and rd.is_pruned(base):  # its chunks may be freed
             raise ValueError(f"base version {base} of {ch.path!r} has been pruned by compaction")
@@ -578,9 +601,13 @@ class Journal:
             entries += len(ids)
             for cid, same in itertools.groupby(ids):
                 n = sum(1 for _ in same)
-                if txn.get(cid, db=cdb) is None and not self._chunk_present(txn, cid):
-                    raise ValueError(f"chunk {cid.hex()} named by the edit is not stored")
-                self._incref(txn, cid, n)
+                v = txn.get(cid, db=cdb)
+                if v is None:
+                    if not self._chunk_present(txn, cid):
+                        raise ValueError(f"chunk {cid.hex()} named by the edit is not stored")
+                    v = txn.get(cid, db=cdb)
+                # packs.incref without its second look-up (one per chunk of a capture)
+                txn.put(cid, S.with_refs(v, S.loc_refs(v) + n), db=cdb)
             del ids
         depth, accum = self._maybe_checkpoint(txn, seq, base, new, new_total, depth + 1, accum + entries,
                                               pages=pages)

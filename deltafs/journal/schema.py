@@ -404,6 +404,11 @@ def hash_matches(rec, packed) -> bool:
     return rec.content_hash is None or packed_hash(packed) == rec.content_hash
 
 
+def chunk_header(raw_len: int) -> bytes:
+    """The header of a standalone chunk value: ``encode_chunk(0, raw_len, None, p)`` is ``chunk_header(raw_len) + p``."""
+    return _CHUNK_HDR.pack(CHUNK_FMT, 0, raw_len)
+
+
 def encode_chunk(depth: int, raw_len: int, bases: Sequence[bytes] | bytes | None, payload: bytes) -> bytes:
     """A chunk value (docs/format.md "Chunk value").  ``bases``: the base ids
     in dictionary order (one id, a sequence of ids, or None/empty for a
@@ -455,7 +460,13 @@ def encode_loc(refs: int, pack: int, offset: int, length: int, depth: int) -> by
     Five unsigned LEB128 varints (refs, pack, offset, length, depth): 8-11
     bytes for a usual entry where fixed u32 fields took 17.
     """
-    return b"".join(map(_uvarint, (refs, pack, offset, length, depth)))
+    out = bytearray()  # inline LEB128: ~0.6 us against ~1 us for a join of _uvarint (once per chunk stored)
+    for n in (refs, pack, offset, length, depth):
+        while n >= 0x80:
+            out.append(n & 0x7F | 0x80)
+            n >>= 7
+        out.append(n)
+    return bytes(out)
 
 
 def decode_loc(v: bytes) -> tuple[int, int, int, int, int]:
@@ -572,12 +583,35 @@ def decode_loc_v2(v: bytes) -> tuple[int, int, int, int, int]:
     return _LOC_V2.unpack(v)
 
 
+def _refs_end(v: bytes) -> int:
+    """Length of the first varint (refs) of an index value."""
+    i = 0
+    while v[i] & 0x80:
+        i += 1
+    return i + 1
+
+
 def with_refs(v: bytes, refs: int) -> bytes:
-    return encode_loc(refs, *decode_loc(v)[1:])
+    """``v`` with its reference count replaced: the first varint re-encoded,
+    the other four kept byte for byte (an incref per chunk of every capture:
+    ~0.3 us instead of a decode and an encode of all five, ~3.4 us)."""
+    try:
+        return _uvarint(refs) + v[_refs_end(v):]
+    except IndexError:
+        raise ValueError("bad chunk index value") from None
 
 
 def loc_refs(v: bytes) -> int:
-    return decode_loc(v)[0]
+    try:
+        end = _refs_end(v)
+    except IndexError:
+        raise ValueError("bad chunk index value") from None
+    if end == 1:
+        return v[0]
+    n = 0
+    for k in range(end - 1, -1, -1):
+        n = n << 7 | v[k] & 0x7F
+    return n
 
 
 def decode_chunk(value: bytes) -> tuple[int, int, tuple[bytes, ...], memoryview]:

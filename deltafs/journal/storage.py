@@ -155,15 +155,27 @@ class Storage:
         if pos is not None:
             txn.put(S.META_PACK_END, _packb(list(pos)), db=self.dbs[S.DB_META])
 
-    def put_value(self, txn, cid: bytes, val: bytes, depth: int) -> bool:
+    def put_value(self, txn, cid: bytes, val: bytes, depth: int, payload: bytes | memoryview = b"",
+                  live: dict[int, int] | None = None) -> bool:
         """Append a chunk value to the pack and index it (refs 0), unless the
-        chunk is stored already.  -> whether it was stored now."""
+        chunk is stored already.  -> whether it was stored now.
+
+        ``payload``: the value is ``val + payload`` (its header and its
+        payload, appended one after the other: no joined copy).  ``live``:
+        the pack's bytes are added to this ``pack -> bytes`` dict, for the
+        caller to count once per pack (:func:`packs.add_packs_live`) before
+        its transaction commits, instead of a read and a write of the pack's
+        entry per chunk."""
         cdb = self.dbs[S.DB_CHUNKS]
         if txn.get(cid, db=cdb) is not None:
             return False
-        pack, off = self.packs.append(val)
-        txn.put(cid, S.encode_loc(0, pack, off, len(val), depth), db=cdb)
-        add_pack_live(txn, self.dbs, pack, len(val))
+        n = len(val) + len(payload)
+        pack, off = self.packs.append(val, payload)
+        txn.put(cid, S.encode_loc(0, pack, off, n, depth), db=cdb)
+        if live is None:
+            add_pack_live(txn, self.dbs, pack, n)
+        else:
+            live[pack] = live.get(pack, 0) + n
         return True
 
     def rewrite_in_key_order(self, txn, db) -> int:
