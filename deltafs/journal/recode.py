@@ -1,0 +1,510 @@
+"""Re-coding chunk values at compaction (issue 20), as ``git gc --aggressive`` re-deltas.
+
+A chunk value is coded once, at capture, against what that capture found
+then, under a CPU and a depth budget; most new files (``git checkout``'s
+unlink + create) start standalone, and a block's bytes moved from other
+pages are reached only within the capture's own changed blocks.  A
+compaction pass looks again at the chunks that first appeared in the
+versions since its last pass (meta ``recode_upto``), with more to choose
+from, and keeps a new value only when it is smaller:
+
+- the chunk of the path's previous version at the same offset (one base);
+- that base plus up to three more chunks of the previous version sharing
+  the most anchored windows with it (``chunking.MultiBase`` over the whole
+  previous version, not only one capture's changed blocks);
+- up to four earlier chunks of any file of the pass sharing its windows
+  (a new file delta-coded against a similar one, as git's window does),
+  beside the same-offset base when there is one;
+- standalone at zstd's highest level.
+
+The chunk id (hash of the raw bytes) never changes, so records, edits and
+checkpoints are untouched: the index entry is re-pointed to the new value,
+the new bases are incremented and the old ones decremented (freed at 0, as
+pruning frees) in the same transaction (docs/format.md, "Compaction and
+retention", "Re-coding").
+
+Depth.  A value's depth is the sum of (base depth + 1), written in its header
+and in its index entry; every value built on it declared a depth computed
+from it.  A re-coding that does not deepen the chunk leaves those declared
+depths at or above the real ones (safe: they only ever bound work).  One
+that deepens it must rewrite, in the same transaction, the header of every
+value above it (its transitive dependents, found through a map of bases
+built from the headers at the start of the pass plus every value the writer
+stored since, :meth:`Storage.watch_values`), each at its new depth, and is
+given up when one would exceed MAX_DELTA_DEPTH or there are more than
+CLOSURE_MAX of them.  A new base is never one of the chunk's own ancestors'
+dependents: the walk down from each new base must not meet the chunk.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import msgpack
+import zstandard
+
+from deltafs import chunking as C
+from deltafs.chunking import MAX_DELTA_DEPTH
+
+from . import schema as S
+from .packs import add_pack_live, incref
+from .reader import Reader
+
+log = logging.getLogger(__name__)
+
+META_RECODE_UPTO = b"recode_upto"  # the last record whose new chunks a pass looked at
+RECODE_BATCH = 64  # re-coded chunks per write transaction
+CLOSURE_MAX = 256  # values above a deepened chunk whose headers one transaction rewrites, at most
+EXTRA_DEPTH = C.MULTI_BASE_EXTRA_DEPTH  # (depth + 1) of the extra bases together, at most
+PLAIN_LEVEL = 19  # a standalone value re-coded (capture stores level 3)
+DELTA_LEVEL = C.ZSTD_DELTA_LEVEL  # 9: level 19 stores 3-4 % less for 4x the CPU (performance-notes)
+PASS_RAW_MAX = 256 << 20  # raw bytes of new chunks one pass looks at; the rest waits for the next
+PV_INDEX_MAX = 64 << 20  # a previous version larger than this is not searched whole (bytes)
+INDEX_MAX = 2_000_000  # windows in the pass's content index, at most
+MIN_GAIN = 16  # bytes a new value must save, at least (and 1/16 of the old value)
+FOUND_MAX = C.MULTI_BASE_MAX  # bases found by content, at most
+
+
+@dataclass
+class RecodeResult:
+    chunks_looked: int = 0
+    chunks_recoded: int = 0
+    bytes_before: int = 0  # old values of the re-coded chunks
+    bytes_after: int = 0  # their new values
+    headers_rewritten: int = 0  # values above a deepened chunk, rewritten at their new depth
+    skipped: int = 0  # planned, then given up in the write transaction (changed meanwhile, too deep)
+    chunks_freed: int = 0  # old bases nothing names any more
+    bytes_freed: int = 0
+    transactions: int = 0
+    upto: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Plan:
+    cid: bytes
+    loc: bytes  # its index entry when planned (skipped if it changed)
+    bases: tuple[bytes, ...]
+    payload: bytes
+    raw_len: int
+    old_len: int
+
+
+def _value_len(n_bases: int, payload: bytes) -> int:
+    return 6 + (0 if not n_bases else 16 if n_bases == 1 else 1 + 16 * n_bases) + len(payload)
+
+
+class Recoder:
+    """One re-coding pass over a writing journal's storage (see the module docstring).
+    ``free(txn, zero)``: the compactor's freeing of chunks whose count reached 0."""
+
+    def __init__(self, storage, free: Callable) -> None:
+        self._st = storage
+        self._dbs = storage.dbs
+        self._free = free
+        self._pv: tuple[list, dict] | None = None
+
+    # --- planning (read snapshot, no lock held) ---------------------------------------
+    def run(self, raw_max: int = PASS_RAW_MAX) -> RecodeResult:
+        t0 = time.monotonic()
+        res = RecodeResult()
+        watched = self._st.watch_values()
+        try:
+            with self._st.read() as txn:
+                r = Reader(self._st, txn)
+                plans, upto = self._plan(r, res, raw_max)
+                deps = self._dependents(r) if plans else {}
+            res.upto = upto
+            for b in range(0, len(plans), RECODE_BATCH):
+                with self._st.write() as txn:
+                    self._extend_deps(txn, deps, watched)
+                    zero: list[bytes] = []
+                    for p in plans[b:b + RECODE_BATCH]:
+                        self._apply(txn, p, deps, res, zero)
+                    self._free(txn, zero)
+                res.transactions += 1
+            with self._st.write() as txn:
+                txn.put(META_RECODE_UPTO, msgpack.packb(upto), db=self._dbs[S.DB_META])
+            res.transactions += 1
+        finally:
+            self._st.unwatch_values(watched)
+        res.seconds = round(time.monotonic() - t0, 3)
+        if res.chunks_recoded:
+            log.info("re-coded %d of %d chunks: %d -> %d bytes (%d headers rewritten, %d given up)",
+                     res.chunks_recoded, res.chunks_looked, res.bytes_before, res.bytes_after,
+                     res.headers_rewritten, res.skipped)
+        return res
+
+    def _plan(self, r: Reader, res: RecodeResult, raw_max: int) -> tuple[list[_Plan], int]:
+        cdb = self._dbs[S.DB_CHUNKS]
+        v = r.txn.get(META_RECODE_UPTO, db=self._dbs[S.DB_META])
+        start = (msgpack.unpackb(v) if v else 0) + 1
+        head = r.head_seq()
+        cache = C.RawCache(64 << 20)
+        prev: dict[bytes, tuple[list, list[int]] | None] = {}
+        seen: set[bytes] = set()
+        depth: dict[bytes, int] = {}  # depths as this plan leaves them
+        index: dict[bytes, bytes] = {}  # window -> first chunk of the pass holding it
+        anchor: bytes | None = None
+        plans: list[_Plan] = []
+        raw_done = 0
+        upto = start - 1
+
+        def dep(c: bytes) -> int | None:
+            if c in depth:
+                return depth[c]
+            loc = r.txn.get(c, db=cdb)
+            return None if loc is None else S.decode_loc(loc)[4]
+
+        for rec in r.records(start, head):
+            if raw_done >= raw_max:
+                break
+            upto = rec.seq
+            if not rec.is_content or r.is_pruned(rec.seq):
+                continue
+            lst = r.chunk_list(rec.seq)
+            offs, o = [], 0
+            for _, n in lst:
+                offs.append(o)
+                o += n
+            if rec.path not in prev:
+                prev[rec.path] = self._previous(r, rec.path, rec.seq)
+            pv = prev[rec.path]
+            old_ids = {c for c, _ in pv[0]} if pv else set()
+            for (cid, n), off in zip(lst, offs):
+                if cid in seen or cid in old_ids:
+                    continue
+                seen.add(cid)
+                loc = r.txn.get(cid, db=cdb)
+                if loc is None:
+                    continue
+                _, _, _, old_len, old_depth = S.decode_loc(loc)
+                raw = r.read_chunk(cid, cache)
+                raw_done += len(raw)
+                res.chunks_looked += 1
+                if anchor is None:
+                    m0 = C.MultiBase([C.Base(cid, raw, 0)])
+                    m0._build()
+                    anchor = m0.anchor
+                best = self._choose(r, cid, raw, off, pv, old_len, dep, cache, index, anchor)
+                if best is not None:
+                    bases, payload, d = best
+                    plans.append(_Plan(cid, bytes(loc), bases, payload, len(raw), old_len))
+                    depth[cid] = d
+                if len(index) < INDEX_MAX:
+                    for w in _windows(raw, anchor):
+                        index.setdefault(w, cid)
+            prev[rec.path] = (lst, offs)
+        return plans, upto
+
+    def _previous(self, r: Reader, path: bytes, seq: int) -> tuple[list, list[int]] | None:
+        """The chunk list (and offsets) of ``path``'s newest retained content version before ``seq``."""
+        for s in r.versions_under(path):  # newest first
+            if s >= seq or r.is_pruned(s):
+                continue
+            rec = r.record(s)
+            if rec.path != path or not rec.is_content:
+                continue  # (an unlink or a rename away: its last content is still the best hint)
+            lst = r.chunk_list(s)
+            offs, o = [], 0
+            for _, n in lst:
+                offs.append(o)
+                o += n
+            return lst, offs
+        return None
+
+    def _choose(self, r, cid, raw, off, pv, old_len, dep, cache, index, anchor):
+        """-> (bases, payload, depth) of the smallest coding that saves enough and fits, or None."""
+        raw = bytes(raw)
+        need = old_len - max(MIN_GAIN, old_len // 16)  # a new value must be at most this long
+        best: tuple[tuple[bytes, ...], bytes, int] | None = None
+        best_len = need + 1
+
+        def consider(bases: tuple[bytes, ...], dict_raw: bytes | None, level: int) -> None:
+            nonlocal best, best_len
+            d = 0
+            for b in bases:
+                db = dep(b)
+                if db is None:
+                    return
+                d += db + 1
+            if d > MAX_DELTA_DEPTH:
+                return
+            payload = _code(raw, dict_raw, level)
+            n = _value_len(len(bases), payload)
+            if n < best_len:
+                best, best_len = (bases, payload, d), n
+
+        def rawof(b: bytes) -> bytes:
+            return r.read_chunk(b, cache)
+
+        consider((), None, PLAIN_LEVEL)
+        own = None
+        if pv is not None:
+            lst, offs = pv
+            i = bisect.bisect_right(offs, off) - 1
+            top = 0
+            for k in range(max(i, 0), min(i + 3, len(lst))):
+                c2, n2 = lst[k]
+                ov = min(offs[k] + n2, off + len(raw)) - max(offs[k], off)
+                if ov > top and c2 != cid:
+                    top, own = ov, c2
+        own_raw = None
+        if own is not None and dep(own) is not None:
+            own_raw = rawof(own)
+            consider((own,), own_raw, DELTA_LEVEL)
+        else:
+            own = None
+        if best is not None and best_len * C.MULTI_BASE_WORSE <= len(raw):
+            return best  # the one base is good enough: no search
+        own_d = dep(own) + 1 if own is not None else 0
+        budget = min(MAX_DELTA_DEPTH - own_d, EXTRA_DEPTH) if own is not None else MAX_DELTA_DEPTH
+        # the previous version's other chunks sharing its bytes
+        if own is not None and budget > 0 and pv[1][-1] <= PV_INDEX_MAX:  # as MultiBase, over the whole previous version
+            hits = _hits(raw, anchor, self._pv_index(pv[0], anchor, rawof))
+            extra = _pick(hits, budget, dep, {own, cid}, FOUND_MAX - 1)
+            if extra:
+                bs = (*extra, own)
+                consider(bs, b"".join(rawof(b) for b in bs), DELTA_LEVEL)
+        # any earlier chunk of the pass sharing its bytes
+        hits = _hits(raw, anchor, index)
+        extra = _pick(hits, budget, dep, {own, cid}, FOUND_MAX - (1 if own is not None else 0))
+        if extra:
+            bs = (*extra, own) if own is not None else tuple(extra)
+            consider(bs, b"".join(rawof(b) for b in bs), DELTA_LEVEL)
+        return best
+
+    def _pv_index(self, lst: list, anchor: bytes, rawof) -> dict[bytes, bytes]:
+        """Windows of a previous version's chunks -> chunk (kept while that version is asked about)."""
+        if self._pv is None or self._pv[0] is not lst:
+            idx: dict[bytes, bytes] = {}
+            for c in dict.fromkeys(c for c, _ in lst):
+                for w in _windows(rawof(c), anchor):
+                    idx.setdefault(w, c)
+            self._pv = (lst, idx)
+        return self._pv[1]
+
+    # --- dependents ----------------------------------------------------------------------
+    def _dependents(self, r: Reader) -> dict[bytes, set[bytes]]:
+        """base -> the values naming it, from every live value's header."""
+        deps: dict[bytes, set[bytes]] = {}
+        read = self._st.packs.read
+        for k, v in r.txn.cursor(db=self._dbs[S.DB_CHUNKS]):
+            _, pack, off, length, d = S.decode_loc(v)
+            if not d:
+                continue
+            for b in S.decode_chunk(read(pack, off, min(length, S.CHUNK_HDR_MAX)))[2]:
+                deps.setdefault(b, set()).add(bytes(k))
+        return deps
+
+    def _extend_deps(self, txn, deps: dict[bytes, set[bytes]], watched: set[bytes]) -> None:
+        """Add the values the writer stored since the pass began (under the write lock: complete)."""
+        cdb, read = self._dbs[S.DB_CHUNKS], self._st.packs.read
+        while watched:
+            cid = watched.pop()
+            loc = txn.get(cid, db=cdb)
+            if loc is None:
+                continue
+            _, pack, off, length, d = S.decode_loc(loc)
+            if d:
+                for b in S.decode_chunk(read(pack, off, min(length, S.CHUNK_HDR_MAX)))[2]:
+                    deps.setdefault(b, set()).add(cid)
+
+    # --- writing ---------------------------------------------------------------------------
+    def _apply(self, txn, p: _Plan, deps: dict[bytes, set[bytes]], res: RecodeResult,
+               zero: list[bytes]) -> None:
+        cdb, dbs = self._dbs[S.DB_CHUNKS], self._dbs
+        loc = txn.get(p.cid, db=cdb)
+        if loc is None or bytes(loc) != p.loc:
+            res.skipped += 1  # freed, re-coded or moved since the plan
+            return
+        refs, pack, off, length, old_depth = S.decode_loc(loc)
+        new_depth = 0
+        for b in p.bases:
+            bl = txn.get(b, db=cdb)
+            if bl is None:
+                res.skipped += 1
+                return
+            new_depth += S.decode_loc(bl)[4] + 1
+        if new_depth > MAX_DELTA_DEPTH or any(self._reaches(txn, b, p.cid) for b in p.bases):
+            res.skipped += 1
+            return
+        rewrites: dict[bytes, int] = {}
+        if new_depth > old_depth:
+            rewrites = self._deepen(txn, p.cid, new_depth, deps)
+            if rewrites is None:
+                res.skipped += 1
+                return
+        old = self._st.packs.read(pack, off, length)
+        _, _, old_bases, _ = S.decode_chunk(old)
+        val = S.encode_chunk(new_depth, p.raw_len, p.bases, p.payload)
+        np_, noff = self._st.packs.append(val)
+        txn.put(p.cid, S.encode_loc(refs, np_, noff, len(val), new_depth), db=cdb)
+        add_pack_live(txn, dbs, pack, -length)
+        add_pack_live(txn, dbs, np_, len(val))
+        for b in p.bases:
+            incref(txn, dbs, b)
+            deps.setdefault(b, set()).add(p.cid)
+        for b in old_bases:
+            _decref(txn, dbs, b, zero)
+            s = deps.get(b)
+            if s is not None:
+                s.discard(p.cid)
+        for d_cid, d in rewrites.items():
+            self._rewrite_header(txn, d_cid, d)
+        res.chunks_recoded += 1
+        res.bytes_before += length
+        res.bytes_after += len(val)
+        res.headers_rewritten += len(rewrites)
+
+    def _reaches(self, txn, start: bytes, target: bytes) -> bool:
+        """Does the walk down from ``start`` through its bases meet ``target``?
+        (Then ``target`` may not take ``start`` as a base: a loop.)  At most
+        MAX_DELTA_DEPTH + 1 values deep; an unreadable header counts as a yes."""
+        cdb, read = self._dbs[S.DB_CHUNKS], self._st.packs.read
+        todo, looked = [start], set()
+        while todo:
+            c = todo.pop()
+            if c == target:
+                return True
+            if c in looked:
+                continue
+            looked.add(c)
+            if len(looked) > 4 * (MAX_DELTA_DEPTH + 1):
+                return True
+            loc = txn.get(c, db=cdb)
+            if loc is None:
+                continue
+            _, pack, off, length, d = S.decode_loc(loc)
+            if d:
+                try:
+                    todo.extend(S.decode_chunk(read(pack, off, min(length, S.CHUNK_HDR_MAX)))[2])
+                except ValueError:
+                    return True
+        return False
+
+    def _deepen(self, txn, cid: bytes, new_depth: int, deps) -> dict[bytes, int] | None:
+        """The values above ``cid`` whose declared depth would fall below
+        their real one once ``cid`` is at ``new_depth``: -> {chunk: new
+        depth}, or None when there are more than CLOSURE_MAX of them or one
+        would be over MAX_DELTA_DEPTH."""
+        cdb, read = self._dbs[S.DB_CHUNKS], self._st.packs.read
+        closure, todo = set(), [cid]
+        while todo:
+            for d in deps.get(todo.pop(), ()):
+                if d not in closure:
+                    closure.add(d)
+                    if len(closure) > CLOSURE_MAX:
+                        return None
+                    todo.append(d)
+        if cid in closure:
+            return None  # a loop: never built by this code, refuse to touch it
+        info: dict[bytes, tuple[int, tuple[bytes, ...]]] = {}
+        for d in closure:
+            loc = txn.get(d, db=cdb)
+            if loc is None:
+                continue
+            _, pack, off, length, dd = S.decode_loc(loc)
+            info[d] = (dd, S.decode_chunk(read(pack, off, min(length, S.CHUNK_HDR_MAX)))[2])
+        memo: dict[bytes, int] = {cid: new_depth}
+
+        def depth_of(c: bytes, guard: int = 0) -> int:
+            if c in memo:
+                return memo[c]
+            if c not in info or guard > len(closure) + 1:
+                loc = txn.get(c, db=cdb)
+                return 10 ** 6 if loc is None and c in info else S.decode_loc(loc)[4] if loc else 10 ** 6
+            n = sum(depth_of(b, guard + 1) + 1 for b in info[c][1])
+            memo[c] = n
+            return n
+        out = {}
+        for d in info:
+            n = depth_of(d)
+            if n > MAX_DELTA_DEPTH:
+                return None
+            if n > info[d][0]:
+                out[d] = n
+        return out
+
+    def _rewrite_header(self, txn, cid: bytes, depth: int) -> None:
+        """The same value with ``depth`` in its header, appended; its index entry re-pointed."""
+        cdb = self._dbs[S.DB_CHUNKS]
+        refs, pack, off, length, _ = S.decode_loc(txn.get(cid, db=cdb))
+        _, raw_len, bases, payload = S.decode_chunk(self._st.packs.read(pack, off, length))
+        val = S.encode_chunk(depth, raw_len, bases, bytes(payload))
+        np_, noff = self._st.packs.append(val)
+        txn.put(cid, S.encode_loc(refs, np_, noff, len(val), depth), db=cdb)
+        add_pack_live(txn, self._dbs, pack, -length)
+        add_pack_live(txn, self._dbs, np_, len(val))
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def _windows(raw: bytes, anchor: bytes):
+    W, gap = C.MULTI_BASE_WINDOW, C.MULTI_BASE_PROBE
+    end = len(raw) - W
+    q = raw.find(anchor)
+    while 0 <= q <= end:
+        w = raw[q:q + W]
+        if w.count(w[:1]) != W:
+            yield w
+        q = raw.find(anchor, q + gap)
+
+
+def _hits(raw: bytes, anchor: bytes, index: dict[bytes, bytes]) -> dict[bytes, int]:
+    hits: dict[bytes, int] = {}
+    get = index.get
+    for w in _windows(raw, anchor):
+        c = get(w)
+        if c is not None:
+            hits[c] = hits.get(c, 0) + 1
+    return hits
+
+
+def _pick(hits: dict[bytes, int], budget: int, dep, exclude: set, n: int) -> list[bytes]:
+    """Up to ``n`` chunks with the most hits (2 at least), their (depth + 1) together within ``budget``."""
+    out: list[bytes] = []
+    for c, k in sorted(hits.items(), key=lambda x: (-x[1], x[0])):
+        if k < 2 or c in exclude:
+            continue
+        d = dep(c)
+        if d is None or d + 1 > budget:
+            continue
+        out.append(c)
+        budget -= d + 1
+        if len(out) == n:
+            break
+    return out
+
+
+_CCTX: dict = {}
+
+
+def _code(raw: bytes, dict_raw: bytes | None, level: int) -> bytes | None:
+    """A payload (codec byte + body): standalone at ``level``, or a delta against ``dict_raw``."""
+    p = C._params(level)
+    if dict_raw is None:
+        c = _CCTX.get(level)
+        if c is None:
+            c = _CCTX[level] = zstandard.ZstdCompressor(compression_params=p)
+        body = c.compress(raw)
+        if len(body) + 1 >= len(raw) + 1:
+            return bytes([C.CODEC_RAW]) + raw
+        return bytes([C.CODEC_ZSTD]) + body
+    d = zstandard.ZstdCompressionDict(dict_raw, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return bytes([C.CODEC_ZSTD_DELTA]) + zstandard.ZstdCompressor(compression_params=p, dict_data=d).compress(raw)
+
+
+def _decref(txn, dbs, cid: bytes, zero: list[bytes]) -> None:
+    db = dbs[S.DB_CHUNKS]
+    v = txn.get(cid, db=db)
+    if v is None:
+        log.warning("chunk %s: a re-coded value's old base is not stored", cid.hex())
+        return
+    n = S.loc_refs(v)
+    txn.put(cid, S.with_refs(v, max(0, n - 1)), db=db)
+    if n <= 1:
+        zero.append(cid)
