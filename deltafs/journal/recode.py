@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 META_RECODE_UPTO = b"recode_upto"  # the last record whose new chunks a pass looked at
 RECODE_BATCH = 64  # re-coded chunks per write transaction
-CLOSURE_MAX = 256  # values above a deepened chunk whose headers one transaction rewrites, at most
+CLOSURE_MAX = 32  # values above a deepened chunk whose headers one re-coding rewrites, at most (64: 2 % smaller on sqlgrow, a third more rewrites)
 EXTRA_DEPTH = C.MULTI_BASE_EXTRA_DEPTH  # (depth + 1) of the extra bases together, at most
 PLAIN_LEVEL = 19  # a standalone value re-coded (capture stores level 3)
 DELTA_LEVEL = C.ZSTD_DELTA_LEVEL  # 9: level 19 stores 3-4 % less for 4x the CPU (performance-notes)
@@ -82,6 +82,7 @@ class RecodeResult:
     transactions: int = 0
     upto: int = 0
     seconds: float = 0.0
+    plan_s: float = 0.0  # of it, choosing the new values (a read snapshot; no lock held)
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Recoder:
         self._dbs = storage.dbs
         self._free = free
         self._pv: tuple[list, dict] | None = None
+        self._moved: dict[bytes, bytes] = {}  # chunk -> index entry after this pass rewrote its header
 
     # --- planning (read snapshot, no lock held) ---------------------------------------
     def run(self, raw_max: int = PASS_RAW_MAX) -> RecodeResult:
@@ -116,8 +118,8 @@ class Recoder:
         try:
             with self._st.read() as txn:
                 r = Reader(self._st, txn)
-                plans, upto = self._plan(r, res, raw_max)
-                deps = self._dependents(r) if plans else {}
+                plans, upto, deps = self._plan(r, res, raw_max)
+            res.plan_s = round(time.monotonic() - t0, 3)
             res.upto = upto
             for b in range(0, len(plans), RECODE_BATCH):
                 with self._st.write() as txn:
@@ -139,11 +141,15 @@ class Recoder:
                      res.headers_rewritten, res.skipped)
         return res
 
-    def _plan(self, r: Reader, res: RecodeResult, raw_max: int) -> tuple[list[_Plan], int]:
+    def _plan(self, r: Reader, res: RecodeResult, raw_max: int):
+        """-> (plans, the last record looked at, dependents map)."""
         cdb = self._dbs[S.DB_CHUNKS]
         v = r.txn.get(META_RECODE_UPTO, db=self._dbs[S.DB_META])
         start = (msgpack.unpackb(v) if v else 0) + 1
         head = r.head_seq()
+        if head < start:
+            return [], head, {}
+        deps = self._dependents(r)
         cache = C.RawCache(64 << 20)
         prev: dict[bytes, tuple[list, list[int]] | None] = {}
         seen: set[bytes] = set()
@@ -190,16 +196,28 @@ class Recoder:
                     m0 = C.MultiBase([C.Base(cid, raw, 0)])
                     m0._build()
                     anchor = m0.anchor
-                best = self._choose(r, cid, raw, off, pv, old_len, dep, cache, index, anchor)
-                if best is not None:
-                    bases, payload, d = best
-                    plans.append(_Plan(cid, bytes(loc), bases, payload, len(raw), old_len))
-                    depth[cid] = d
+                if old_len * C.MULTI_BASE_WORSE > len(raw) and old_len > 4 * MIN_GAIN:
+                    # a value under 1/32 of its chunk is as good as any base set makes it
+                    # deeper: only if the values above it can follow (see _deepen)
+                    cap = MAX_DELTA_DEPTH if _closure(deps, cid) is not None else old_depth
+                    best = self._choose(r, cid, raw, off, pv, old_len, old_depth, cap, dep, cache, index,
+                                        anchor)
+                    if best is not None:
+                        bases, payload, d = best
+                        if d > old_depth:
+                            up = self._deepen(r.txn, cid, d, deps, dep)
+                            if up is None:
+                                best = None
+                            else:
+                                depth.update(up)
+                    if best is not None:
+                        plans.append(_Plan(cid, bytes(loc), bases, payload, len(raw), old_len))
+                        depth[cid] = d
                 if len(index) < INDEX_MAX:
                     for w in _windows(raw, anchor):
                         index.setdefault(w, cid)
             prev[rec.path] = (lst, offs)
-        return plans, upto
+        return plans, upto, deps
 
     def _previous(self, r: Reader, path: bytes, seq: int) -> tuple[list, list[int]] | None:
         """The chunk list (and offsets) of ``path``'s newest retained content version before ``seq``."""
@@ -217,8 +235,9 @@ class Recoder:
             return lst, offs
         return None
 
-    def _choose(self, r, cid, raw, off, pv, old_len, dep, cache, index, anchor):
-        """-> (bases, payload, depth) of the smallest coding that saves enough and fits, or None."""
+    def _choose(self, r, cid, raw, off, pv, old_len, old_depth, cap, dep, cache, index, anchor):
+        """-> (bases, payload, depth) of the smallest coding that saves enough
+        and is at most ``cap`` deep, or None."""
         raw = bytes(raw)
         need = old_len - max(MIN_GAIN, old_len // 16)  # a new value must be at most this long
         best: tuple[tuple[bytes, ...], bytes, int] | None = None
@@ -232,7 +251,7 @@ class Recoder:
                 if db is None:
                     return
                 d += db + 1
-            if d > MAX_DELTA_DEPTH:
+            if d > cap:
                 return
             payload = _code(raw, dict_raw, level)
             n = _value_len(len(bases), payload)
@@ -242,7 +261,8 @@ class Recoder:
         def rawof(b: bytes) -> bytes:
             return r.read_chunk(b, cache)
 
-        consider((), None, PLAIN_LEVEL)
+        if not old_depth:  # standalone now: at a higher level
+            consider((), None, PLAIN_LEVEL)
         own = None
         if pv is not None:
             lst, offs = pv
@@ -262,7 +282,7 @@ class Recoder:
         if best is not None and best_len * C.MULTI_BASE_WORSE <= len(raw):
             return best  # the one base is good enough: no search
         own_d = dep(own) + 1 if own is not None else 0
-        budget = min(MAX_DELTA_DEPTH - own_d, EXTRA_DEPTH) if own is not None else MAX_DELTA_DEPTH
+        budget = min(cap - own_d, EXTRA_DEPTH) if own is not None else cap
         # the previous version's other chunks sharing its bytes
         if own is not None and budget > 0 and pv[1][-1] <= PV_INDEX_MAX:  # as MultiBase, over the whole previous version
             hits = _hits(raw, anchor, self._pv_index(pv[0], anchor, rawof))
@@ -319,8 +339,8 @@ class Recoder:
                zero: list[bytes]) -> None:
         cdb, dbs = self._dbs[S.DB_CHUNKS], self._dbs
         loc = txn.get(p.cid, db=cdb)
-        if loc is None or bytes(loc) != p.loc:
-            res.skipped += 1  # freed, re-coded or moved since the plan
+        if loc is None or (bytes(loc) != p.loc and self._moved.get(p.cid) != bytes(loc)):
+            res.skipped += 1  # freed, re-coded or moved since the plan (not by this pass)
             return
         refs, pack, off, length, old_depth = S.decode_loc(loc)
         new_depth = 0
@@ -387,22 +407,16 @@ class Recoder:
                     return True
         return False
 
-    def _deepen(self, txn, cid: bytes, new_depth: int, deps) -> dict[bytes, int] | None:
+    def _deepen(self, txn, cid: bytes, new_depth: int, deps, dep=None) -> dict[bytes, int] | None:
         """The values above ``cid`` whose declared depth would fall below
         their real one once ``cid`` is at ``new_depth``: -> {chunk: new
         depth}, or None when there are more than CLOSURE_MAX of them or one
-        would be over MAX_DELTA_DEPTH."""
+        would be over MAX_DELTA_DEPTH.  ``dep``: the depth of a chunk outside
+        them (default: its index entry in ``txn``)."""
         cdb, read = self._dbs[S.DB_CHUNKS], self._st.packs.read
-        closure, todo = set(), [cid]
-        while todo:
-            for d in deps.get(todo.pop(), ()):
-                if d not in closure:
-                    closure.add(d)
-                    if len(closure) > CLOSURE_MAX:
-                        return None
-                    todo.append(d)
-        if cid in closure:
-            return None  # a loop: never built by this code, refuse to touch it
+        closure = _closure(deps, cid)
+        if closure is None or cid in closure:
+            return None  # too many, or a loop (never built by this code: refuse to touch it)
         info: dict[bytes, tuple[int, tuple[bytes, ...]]] = {}
         for d in closure:
             loc = txn.get(d, db=cdb)
@@ -416,8 +430,13 @@ class Recoder:
             if c in memo:
                 return memo[c]
             if c not in info or guard > len(closure) + 1:
+                if c in info:
+                    return 10 ** 6
+                if dep is not None:
+                    x = dep(c)
+                    return 10 ** 6 if x is None else x
                 loc = txn.get(c, db=cdb)
-                return 10 ** 6 if loc is None and c in info else S.decode_loc(loc)[4] if loc else 10 ** 6
+                return S.decode_loc(loc)[4] if loc else 10 ** 6
             n = sum(depth_of(b, guard + 1) + 1 for b in info[c][1])
             memo[c] = n
             return n
@@ -437,12 +456,29 @@ class Recoder:
         _, raw_len, bases, payload = S.decode_chunk(self._st.packs.read(pack, off, length))
         val = S.encode_chunk(depth, raw_len, bases, bytes(payload))
         np_, noff = self._st.packs.append(val)
-        txn.put(cid, S.encode_loc(refs, np_, noff, len(val), depth), db=cdb)
+        new = S.encode_loc(refs, np_, noff, len(val), depth)
+        txn.put(cid, new, db=cdb)
+        self._moved[cid] = new
         add_pack_live(txn, self._dbs, pack, -length)
         add_pack_live(txn, self._dbs, np_, len(val))
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _closure(deps: dict[bytes, set[bytes]], cid: bytes) -> set[bytes] | None:
+    """Every value above ``cid`` (built on it, or on one built on it...), or
+    None when there are more than CLOSURE_MAX."""
+    closure: set[bytes] = set()
+    todo = [cid]
+    while todo:
+        for d in deps.get(todo.pop(), ()):
+            if d not in closure:
+                closure.add(d)
+                if len(closure) > CLOSURE_MAX:
+                    return None
+                todo.append(d)
+    return closure
+
+
 def _windows(raw: bytes, anchor: bytes):
     W, gap = C.MULTI_BASE_WINDOW, C.MULTI_BASE_PROBE
     end = len(raw) - W
