@@ -41,6 +41,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -193,9 +194,7 @@ class Recoder:
                 raw_done += len(raw)
                 res.chunks_looked += 1
                 if anchor is None:
-                    m0 = C.MultiBase([C.Base(cid, raw, 0)])
-                    m0._build()
-                    anchor = m0.anchor
+                    anchor = _anchor(raw)
                 if old_len * C.MULTI_BASE_WORSE > len(raw) and old_len > 4 * MIN_GAIN:
                     # a value under 1/32 of its chunk is as good as any base set makes it
                     # deeper: only if the values above it can follow (see _deepen)
@@ -376,6 +375,10 @@ class Recoder:
                 s.discard(p.cid)
         for d_cid, d in rewrites.items():
             self._rewrite_header(txn, d_cid, d)
+        # the new value replaces the old: stored_bytes stays the live sum when nothing was freed
+        mdb = dbs[S.DB_META]
+        v = txn.get(S.META_STORED, db=mdb)
+        txn.put(S.META_STORED, msgpack.packb((msgpack.unpackb(v) if v else 0) + len(val) - length), db=mdb)
         res.chunks_recoded += 1
         res.bytes_before += length
         res.bytes_after += len(val)
@@ -464,6 +467,19 @@ class Recoder:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _anchor(sample: bytes) -> bytes:
+    """The byte value whose share of ``sample`` is nearest 1/MULTI_BASE_STEP (as chunking.MultiBase picks it)."""
+    counts = Counter(sample[:2048])
+    target = len(sample[:2048]) / C.MULTI_BASE_STEP
+    return bytes((min(range(256), key=lambda c: (abs(counts.get(c, 0) - target), c)),))
+
+
+def _zparams(level: int) -> zstandard.ZstdCompressionParameters:
+    """Magicless frames with the content size and no dict id (docs/format.md, codecs 3-4)."""
+    return zstandard.ZstdCompressionParameters.from_level(
+        level, format=zstandard.FORMAT_ZSTD1_MAGICLESS, write_content_size=True, write_dict_id=False)
+
+
 def _closure(deps: dict[bytes, set[bytes]], cid: bytes) -> set[bytes] | None:
     """Every value above ``cid`` (built on it, or on one built on it...), or
     None when there are more than CLOSURE_MAX."""
@@ -516,17 +532,11 @@ def _pick(hits: dict[bytes, int], budget: int, dep, exclude: set, n: int) -> lis
     return out
 
 
-_CCTX: dict = {}
-
-
 def _code(raw: bytes, dict_raw: bytes | None, level: int) -> bytes | None:
     """A payload (codec byte + body): standalone at ``level``, or a delta against ``dict_raw``."""
-    p = C._params(level)
+    p = _zparams(level)
     if dict_raw is None:
-        c = _CCTX.get(level)
-        if c is None:
-            c = _CCTX[level] = zstandard.ZstdCompressor(compression_params=p)
-        body = c.compress(raw)
+        body = zstandard.ZstdCompressor(compression_params=p).compress(raw)
         if len(body) + 1 >= len(raw) + 1:
             return bytes([C.CODEC_RAW]) + raw
         return bytes([C.CODEC_ZSTD]) + body
