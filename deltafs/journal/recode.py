@@ -58,7 +58,7 @@ from .reader import Reader
 log = logging.getLogger(__name__)
 
 META_RECODE_UPTO = b"recode_upto"  # the last record whose new chunks a pass looked at
-RECODE_BATCH = 64  # re-coded chunks per write transaction
+RECODE_BATCH = 16  # re-coded chunks per write transaction (sqlgrow: the longest held the writer 87 ms at 64)
 CLOSURE_MAX = 32  # values above a deepened chunk whose headers one re-coding rewrites, at most (64: 2 % smaller on sqlgrow, a third more rewrites)
 EXTRA_DEPTH = C.MULTI_BASE_EXTRA_DEPTH  # (depth + 1) of the extra bases together, at most
 PLAIN_LEVEL = 19  # a standalone value re-coded (capture stores level 3)
@@ -84,6 +84,7 @@ class RecodeResult:
     upto: int = 0
     seconds: float = 0.0
     plan_s: float = 0.0  # of it, choosing the new values (a read snapshot; no lock held)
+    txn_max_s: float = 0.0  # the longest write transaction (the writer lock held: captures wait)
 
 
 @dataclass
@@ -123,6 +124,7 @@ class Recoder:
             res.plan_s = round(time.monotonic() - t0, 3)
             res.upto = upto
             for b in range(0, len(plans), RECODE_BATCH):
+                t1 = time.monotonic()
                 with self._st.write() as txn:
                     self._extend_deps(txn, deps, watched)
                     zero: list[bytes] = []
@@ -130,6 +132,7 @@ class Recoder:
                         self._apply(txn, p, deps, res, zero)
                     self._free(txn, zero)
                 res.transactions += 1
+                res.txn_max_s = max(res.txn_max_s, round(time.monotonic() - t1, 4))
             with self._st.write() as txn:
                 txn.put(META_RECODE_UPTO, msgpack.packb(upto), db=self._dbs[S.DB_META])
             res.transactions += 1
@@ -151,7 +154,7 @@ class Recoder:
         if head < start:
             return [], head, {}
         deps = self._dependents(r)
-        cache = C.RawCache(64 << 20)
+        cache = C.RawCache(32 << 20)
         prev: dict[bytes, tuple[list, list[int]] | None] = {}
         seen: set[bytes] = set()
         depth: dict[bytes, int] = {}  # depths as this plan leaves them
@@ -167,6 +170,7 @@ class Recoder:
             loc = r.txn.get(c, db=cdb)
             return None if loc is None else S.decode_loc(loc)[4]
 
+        anchor = self._sample_anchor(r, start, head, cache)
         for rec in r.records(start, head):
             if raw_done >= raw_max:
                 break
@@ -193,8 +197,6 @@ class Recoder:
                 raw = r.read_chunk(cid, cache)
                 raw_done += len(raw)
                 res.chunks_looked += 1
-                if anchor is None:
-                    anchor = _anchor(raw)
                 if old_len * C.MULTI_BASE_WORSE > len(raw) and old_len > 4 * MIN_GAIN:
                     # a value under 1/32 of its chunk is as good as any base set makes it
                     # deeper: only if the values above it can follow (see _deepen)
@@ -217,6 +219,22 @@ class Recoder:
                         index.setdefault(w, cid)
             prev[rec.path] = (lst, offs)
         return plans, upto, deps
+
+    def _sample_anchor(self, r: Reader, start: int, head: int, cache) -> bytes:
+        """The anchor byte of the pass's windows, from the first 2 KiB of up to
+        64 chunks of its first versions (as MultiBase picks it from its blocks)."""
+        sample: list[bytes] = []
+        seen: set[bytes] = set()
+        for rec in r.records(start, head):
+            if rec.is_content and not r.is_pruned(rec.seq):
+                lst = r.chunk_list(rec.seq)
+                for cid, _ in lst[:: max(1, len(lst) // 16)]:
+                    if cid not in seen:
+                        seen.add(cid)
+                        sample.append(r.read_chunk(cid, cache)[:2048])
+            if len(sample) >= 64:
+                break
+        return _anchor(b"".join(sample[:64]))
 
     def _previous(self, r: Reader, path: bytes, seq: int) -> tuple[list, list[int]] | None:
         """The chunk list (and offsets) of ``path``'s newest retained content version before ``seq``."""
@@ -469,8 +487,8 @@ class Recoder:
 # --- helpers ---------------------------------------------------------------------------------
 def _anchor(sample: bytes) -> bytes:
     """The byte value whose share of ``sample`` is nearest 1/MULTI_BASE_STEP (as chunking.MultiBase picks it)."""
-    counts = Counter(sample[:2048])
-    target = len(sample[:2048]) / C.MULTI_BASE_STEP
+    counts = Counter(sample)
+    target = len(sample) / C.MULTI_BASE_STEP
     return bytes((min(range(256), key=lambda c: (abs(counts.get(c, 0) - target), c)),))
 
 
