@@ -61,10 +61,14 @@ META_RECODE_UPTO = b"recode_upto"  # the last record whose new chunks a pass loo
 RECODE_BATCH = 16  # re-coded chunks per write transaction (sqlgrow: the longest held the writer 87 ms at 64)
 CLOSURE_MAX = 32  # values above a deepened chunk whose headers one re-coding rewrites, at most (64: 2 % smaller on sqlgrow, a third more rewrites)
 EXTRA_DEPTH = C.MULTI_BASE_EXTRA_DEPTH  # (depth + 1) of the extra bases together, at most
-PLAIN_LEVEL = 19  # a standalone value re-coded (capture stores level 3)
-DELTA_LEVEL = C.ZSTD_DELTA_LEVEL  # 9: level 19 stores 3-4 % less for 4x the CPU (performance-notes)
+DELTA_LEVEL = C.ZSTD_DELTA_LEVEL  # 9, as capture; 19 stores 3-4 % less for 3-4x the CPU
+# standalone values (capture: level 3) at level 19 for the first PLAIN_19_MAX raw
+# bytes of a pass (~10 MB/s: a bulk import costs a pass ~1.6 s more at most), then 9
+# (sqlgrow's 176 standalone blocks: 78 KB smaller at 19 than at 9)
+PLAIN_LEVEL, PLAIN_LEVEL_BULK, PLAIN_19_MAX = 19, 9, 16 << 20
 PASS_RAW_MAX = 256 << 20  # raw bytes of new chunks one pass looks at; the rest waits for the next
 PV_INDEX_MAX = 64 << 20  # a previous version larger than this is not searched whole (bytes)
+PV_KEPT = 8  # paths whose previous version's window index a pass keeps up to date
 INDEX_MAX = 2_000_000  # windows in the pass's content index, at most
 MIN_GAIN = 16  # bytes a new value must save, at least (and 1/16 of the old value)
 FOUND_MAX = C.MULTI_BASE_MAX  # bases found by content, at most
@@ -109,7 +113,9 @@ class Recoder:
         self._st = storage
         self._dbs = storage.dbs
         self._free = free
-        self._pv: tuple[list, dict] | None = None
+        self._wins: dict[bytes, list[bytes]] = {}  # chunk -> its windows (the new chunks of the last version)
+        self._pvs: dict[bytes, tuple] = {}  # path -> (list, its ids, window -> chunk, chunk -> windows)
+        self._plain_done = 0  # raw bytes coded standalone at PLAIN_LEVEL this pass
         self._moved: dict[bytes, bytes] = {}  # chunk -> index entry after this pass rewrote its header
 
     # --- planning (read snapshot, no lock held) ---------------------------------------
@@ -193,16 +199,19 @@ class Recoder:
                 loc = r.txn.get(cid, db=cdb)
                 if loc is None:
                     continue
-                _, _, _, old_len, old_depth = S.decode_loc(loc)
+                _, pack, voff, old_len, old_depth = S.decode_loc(loc)
+                if not old_depth and old_len > n:  # stored raw: incompressible, and no base found at capture
+                    continue
                 raw = r.read_chunk(cid, cache)
                 raw_done += len(raw)
                 res.chunks_looked += 1
+                ws = self._wins[cid] = _windows(raw, anchor)  # once per chunk: looked up, indexed
                 if old_len * C.MULTI_BASE_WORSE > len(raw) and old_len > 4 * MIN_GAIN:
                     # a value under 1/32 of its chunk is as good as any base set makes it
                     # deeper: only if the values above it can follow (see _deepen)
                     cap = MAX_DELTA_DEPTH if _closure(deps, cid) is not None else old_depth
-                    best = self._choose(r, cid, raw, off, pv, old_len, old_depth, cap, dep, cache, index,
-                                        anchor)
+                    best = self._choose(r, rec.path, cid, raw, ws, off, pv, old_len, old_depth, cap, dep, cache,
+                                        index, anchor)
                     if best is not None:
                         bases, payload, d = best
                         if d > old_depth:
@@ -215,9 +224,11 @@ class Recoder:
                         plans.append(_Plan(cid, bytes(loc), bases, payload, len(raw), old_len))
                         depth[cid] = d
                 if len(index) < INDEX_MAX:
-                    for w in _windows(raw, anchor):
+                    for w in ws:
                         index.setdefault(w, cid)
             prev[rec.path] = (lst, offs)
+            # the next version's previous-version index asks for this version's new chunks only
+            self._wins = {c: self._wins[c] for c, _ in lst if c in self._wins}
         return plans, upto, deps
 
     def _sample_anchor(self, r: Reader, start: int, head: int, cache) -> bytes:
@@ -252,7 +263,7 @@ class Recoder:
             return lst, offs
         return None
 
-    def _choose(self, r, cid, raw, off, pv, old_len, old_depth, cap, dep, cache, index, anchor):
+    def _choose(self, r, path, cid, raw, ws, off, pv, old_len, old_depth, cap, dep, cache, index, anchor):
         """-> (bases, payload, depth) of the smallest coding that saves enough
         and is at most ``cap`` deep, or None."""
         raw = bytes(raw)
@@ -279,7 +290,9 @@ class Recoder:
             return r.read_chunk(b, cache)
 
         if not old_depth:  # standalone now: at a higher level
-            consider((), None, PLAIN_LEVEL)
+            level = PLAIN_LEVEL if self._plain_done < PLAIN_19_MAX else PLAIN_LEVEL_BULK
+            self._plain_done += len(raw)
+            consider((), None, level)
         own = None
         if pv is not None:
             lst, offs = pv
@@ -302,28 +315,43 @@ class Recoder:
         budget = min(cap - own_d, EXTRA_DEPTH) if own is not None else cap
         # the previous version's other chunks sharing its bytes
         if own is not None and budget > 0 and pv[1][-1] <= PV_INDEX_MAX:  # as MultiBase, over the whole previous version
-            hits = _hits(raw, anchor, self._pv_index(pv[0], anchor, rawof))
+            hits = _hits(ws, self._pv_index(path, pv[0], anchor, rawof))
             extra = _pick(hits, budget, dep, {own, cid}, FOUND_MAX - 1)
             if extra:
                 bs = (*extra, own)
                 consider(bs, b"".join(rawof(b) for b in bs), DELTA_LEVEL)
         # any earlier chunk of the pass sharing its bytes
-        hits = _hits(raw, anchor, index)
+        hits = _hits(ws, index)
         extra = _pick(hits, budget, dep, {own, cid}, FOUND_MAX - (1 if own is not None else 0))
         if extra:
             bs = (*extra, own) if own is not None else tuple(extra)
             consider(bs, b"".join(rawof(b) for b in bs), DELTA_LEVEL)
         return best
 
-    def _pv_index(self, lst: list, anchor: bytes, rawof) -> dict[bytes, bytes]:
-        """Windows of a previous version's chunks -> chunk (kept while that version is asked about)."""
-        if self._pv is None or self._pv[0] is not lst:
-            idx: dict[bytes, bytes] = {}
-            for c in dict.fromkeys(c for c, _ in lst):
-                for w in _windows(rawof(c), anchor):
+    def _pv_index(self, path: bytes, lst: list, anchor: bytes, rawof) -> dict[bytes, bytes]:
+        """Windows of a previous version's chunks -> chunk.  Kept per path and
+        brought up to date from the version before by the chunks that came
+        and went (a database's next version shares most of its blocks)."""
+        st = self._pvs.pop(path, None)
+        if st is None or st[0] is not lst:
+            ids = set(c for c, _ in lst)
+            if st is None:
+                st = (lst, set(), {}, {})
+            _, old, idx, wins = st
+            for c in old - ids:
+                for w in wins.pop(c, ()):
+                    if idx.get(w) == c:
+                        del idx[w]
+            for c in ids - old:
+                ws = self._wins.get(c)
+                ws = wins[c] = ws if ws is not None else _windows(rawof(c), anchor)
+                for w in ws:
                     idx.setdefault(w, c)
-            self._pv = (lst, idx)
-        return self._pv[1]
+            st = (lst, ids, idx, wins)
+        self._pvs[path] = st
+        while len(self._pvs) > PV_KEPT:
+            self._pvs.pop(next(iter(self._pvs)))
+        return st[2]
 
     # --- dependents ----------------------------------------------------------------------
     def _dependents(self, r: Reader) -> dict[bytes, set[bytes]]:
@@ -513,21 +541,31 @@ def _closure(deps: dict[bytes, set[bytes]], cid: bytes) -> set[bytes] | None:
     return closure
 
 
-def _windows(raw: bytes, anchor: bytes):
-    W, gap = C.MULTI_BASE_WINDOW, C.MULTI_BASE_PROBE
+_RUNS: dict[bytes, bytes] = {}
+
+
+def _windows(raw: bytes, anchor: bytes) -> list[bytes]:
+    """The MULTI_BASE_WINDOW bytes from each occurrence of ``anchor`` in ``raw``
+    (a run of the anchor byte itself left out: free space, padding)."""
+    W = C.MULTI_BASE_WINDOW
+    run = _RUNS.get(anchor)
+    if run is None:
+        run = _RUNS[anchor] = anchor * W
     end = len(raw) - W
-    q = raw.find(anchor)
+    out = []
+    find, q = raw.find, raw.find(anchor)
     while 0 <= q <= end:
         w = raw[q:q + W]
-        if w.count(w[:1]) != W:
-            yield w
-        q = raw.find(anchor, q + gap)
+        if w != run:
+            out.append(w)
+        q = find(anchor, q + C.MULTI_BASE_PROBE)
+    return out
 
 
-def _hits(raw: bytes, anchor: bytes, index: dict[bytes, bytes]) -> dict[bytes, int]:
+def _hits(ws: list[bytes], index: dict[bytes, bytes]) -> dict[bytes, int]:
     hits: dict[bytes, int] = {}
     get = index.get
-    for w in _windows(raw, anchor):
+    for w in ws:
         c = get(w)
         if c is not None:
             hits[c] = hits.get(c, 0) + 1
