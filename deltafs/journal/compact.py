@@ -393,14 +393,30 @@ class Compactor:
     # --- re-coding (recode.py) ---------------------------------------------------------
     def recode(self, raw_max: int | None = None):
         """Re-code the chunks first named since the last pass where a better
-        base set stores them smaller (journal/recode.py); -> RecodeResult."""
-        from .recode import PASS_RAW_MAX, Recoder
-        res = PruneResult()
-        out = Recoder(self._st, lambda txn, zero: self._free(txn, zero, res)).run(
-            PASS_RAW_MAX if raw_max is None else raw_max)
-        out.chunks_freed, out.bytes_freed = res.chunks_freed, res.bytes_freed
-        self._graveyard_owed += res.chunks_freed
-        return out
+        base set stores them smaller (journal/recode.py), in rounds of
+        ROUND_RAW_MAX raw bytes (``raw_max``) until caught up or PASS_RAW_MAX
+        looked at; -> RecodeResult (summed over the rounds)."""
+        from .recode import PASS_RAW_MAX, ROUND_RAW_MAX, Recoder
+        freed = PruneResult()
+        total = None
+        while True:
+            out = Recoder(self._st, lambda txn, zero: self._free(txn, zero, freed)).run(
+                ROUND_RAW_MAX if raw_max is None else raw_max)
+            if total is None:
+                total = out
+            else:
+                for f in ("chunks_looked", "chunks_recoded", "bytes_before", "bytes_after", "headers_rewritten",
+                          "skipped", "transactions", "seconds", "plan_s", "raw_looked", "rounds"):
+                    setattr(total, f, getattr(total, f) + getattr(out, f))
+                total.upto, total.txn_max_s = out.upto, max(total.txn_max_s, out.txn_max_s)
+            with self._snapshot() as r:
+                head = r.head_seq()
+            if out.upto >= head or not out.raw_looked or total.raw_looked >= PASS_RAW_MAX:
+                break
+        total.chunks_freed, total.bytes_freed = freed.chunks_freed, freed.bytes_freed
+        total.seconds = round(total.seconds, 3)
+        self._graveyard_owed += freed.chunks_freed
+        return total
 
     # --- the graveyard -------------------------------------------------------------------
     def chunk_present(self, txn, cid: bytes) -> bool:

@@ -66,7 +66,11 @@ DELTA_LEVEL = C.ZSTD_DELTA_LEVEL  # 9, as capture; 19 stores 3-4 % less for 3-4x
 # bytes of a pass (~10 MB/s: a bulk import costs a pass ~1.6 s more at most), then 9
 # (sqlgrow's 176 standalone blocks: 78 KB smaller at 19 than at 9)
 PLAIN_LEVEL, PLAIN_LEVEL_BULK, PLAIN_19_MAX = 19, 9, 16 << 20
-PASS_RAW_MAX = 256 << 20  # raw bytes of new chunks one pass looks at; the rest waits for the next
+# raw bytes of new chunks one round looks at (its windows, indexes and decode cache
+# peak at ~130 MB of heap for 247 MiB); a pass runs rounds, each with fresh
+# indexes, until it caught up or looked at PASS_RAW_MAX (the rest waits for the next)
+ROUND_RAW_MAX = 64 << 20
+PASS_RAW_MAX = 1 << 30
 PV_INDEX_MAX = 64 << 20  # a previous version larger than this is not searched whole (bytes)
 PV_KEPT = 8  # paths whose previous version's window index a pass keeps up to date
 INDEX_MAX = 2_000_000  # windows in the pass's content index, at most
@@ -87,6 +91,8 @@ class RecodeResult:
     transactions: int = 0
     upto: int = 0
     seconds: float = 0.0
+    raw_looked: int = 0  # raw bytes of the chunks looked at
+    rounds: int = 1
     plan_s: float = 0.0  # of it, choosing the new values (a read snapshot; no lock held)
     txn_max_s: float = 0.0  # the longest write transaction (the writer lock held: captures wait)
 
@@ -119,7 +125,7 @@ class Recoder:
         self._moved: dict[bytes, bytes] = {}  # chunk -> index entry after this pass rewrote its header
 
     # --- planning (read snapshot, no lock held) ---------------------------------------
-    def run(self, raw_max: int = PASS_RAW_MAX) -> RecodeResult:
+    def run(self, raw_max: int = ROUND_RAW_MAX) -> RecodeResult:
         t0 = time.monotonic()
         res = RecodeResult()
         watched = self._st.watch_values()
@@ -204,6 +210,7 @@ class Recoder:
                     continue
                 raw = r.read_chunk(cid, cache)
                 raw_done += len(raw)
+                res.raw_looked += len(raw)
                 res.chunks_looked += 1
                 ws = self._wins[cid] = _windows(raw, anchor)  # once per chunk: looked up, indexed
                 if old_len * C.MULTI_BASE_WORSE > len(raw) and old_len > 4 * MIN_GAIN:
