@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 
 META_RECODE_UPTO = b"recode_upto"  # the last record whose new chunks a pass looked at
 RECODE_BATCH = 16  # re-coded chunks per write transaction (sqlgrow: the longest held the writer 87 ms at 64)
+# a chunk re-coded deeper stays at most this deep: a capture that read its old depth
+# before and commits after builds on it at the real depth (Journal._stored_depth),
+# and is refused over 128; this leaves it room
+DEEPEN_MAX = MAX_DELTA_DEPTH - 16
 CLOSURE_MAX = 32  # values above a deepened chunk whose headers one re-coding rewrites, at most (64: 2 % smaller on sqlgrow, a third more rewrites)
 EXTRA_DEPTH = C.MULTI_BASE_EXTRA_DEPTH  # (depth + 1) of the extra bases together, at most
 DELTA_LEVEL = C.ZSTD_DELTA_LEVEL  # 9, as capture; 19 stores 3-4 % less for 3-4x the CPU
@@ -216,7 +220,7 @@ class Recoder:
                 if old_len * C.MULTI_BASE_WORSE > len(raw) and old_len > 4 * MIN_GAIN:
                     # a value under 1/32 of its chunk is as good as any base set makes it
                     # deeper: only if the values above it can follow (see _deepen)
-                    cap = MAX_DELTA_DEPTH if _closure(deps, cid) is not None else old_depth
+                    cap = max(DEEPEN_MAX, old_depth) if _closure(deps, cid) is not None else old_depth
                     best = self._choose(r, rec.path, cid, raw, ws, off, pv, old_len, old_depth, cap, dep, cache,
                                         index, anchor)
                     if best is not None:
