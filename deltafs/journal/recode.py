@@ -233,7 +233,7 @@ class Recoder:
                                 depth.update(up)
                     if best is not None:
                         plans.append(_Plan(cid, bytes(loc), bases, payload, len(raw), old_len))
-                        depth[cid] = d
+                        depth[cid] = max(d, old_depth)
                 if len(index) < INDEX_MAX:
                     for w in ws:
                         index.setdefault(w, cid)
@@ -409,12 +409,14 @@ class Recoder:
         if new_depth > MAX_DELTA_DEPTH or any(self._reaches(txn, b, p.cid) for b in p.bases):
             res.skipped += 1
             return
-        rewrites: dict[bytes, int] = {}
+        rewrites: dict[bytes, int] | None = {}
         if new_depth > old_depth:
             rewrites = self._deepen(txn, p.cid, new_depth, deps)
             if rewrites is None:
                 res.skipped += 1
                 return
+        else:  # never declared shallower than before: a mirror keeps the old value, and the
+            new_depth = old_depth  # values built on it from now on declare a depth from this one
         old = self._st.packs.read(pack, off, length)
         _, _, old_bases, _ = S.decode_chunk(old)
         val = S.encode_chunk(new_depth, p.raw_len, p.bases, p.payload)
@@ -428,7 +430,7 @@ class Recoder:
         for b in old_bases:
             _decref(txn, dbs, b, zero)
             s = deps.get(b)
-            if s is not None:
+            if s is not None and b not in p.bases:
                 s.discard(p.cid)
         for d_cid, d in rewrites.items():
             self._rewrite_header(txn, d_cid, d)

@@ -139,6 +139,8 @@ def test_a_new_file_is_recoded_against_a_similar_one_and_reads_back(tmp_path):
     assert first_b, "the standalone first version of b.txt got a base"
     assert b1.id in after
     assert sum(_stored(j).values()) < stored_before
+    # a mirror keeps the old values: no chunk declares a depth below the one it had
+    assert all(after[c][1] >= v[1] for c, v in before.items())
     _read_back(j, f)
     _check_depths_and_refs(j)
     assert maintenance.verify(j, full=True).problem is None
