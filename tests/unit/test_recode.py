@@ -240,3 +240,35 @@ def test_a_chunk_brought_back_from_the_graveyard_declares_its_bases_real_depth(t
         assert r.read_chunk(top.id) == top_raw
     _check_depths_and_refs(j)
     j.close()
+
+
+def test_a_value_recoded_onto_shallower_bases_keeps_declaring_its_old_depth(tmp_path):
+    """A mirror keeps a chunk's old value; values built on the chunk after the
+    re-coding declare their depth from its index entry, so that entry (and
+    the new header) never goes below the old depth."""
+    j = Journal.open(tmp_path / "j", create=True, clock=FakeClock())
+    rnd = random.Random(6)
+    f = Files(j)
+    a = _text(rnd, 12_000)
+    f.save(b"a", a)
+    c = _edit(rnd, a)
+    f.last[b"c"] = f.last[b"a"]
+    for _ in range(5):
+        c = _edit(rnd, c)
+        f.save(b"c", c)
+    top = f.last[b"c"][1]
+    assert top.depth == 5
+    with j._storage.read() as txn:
+        loc = bytes(txn.get(top.id, db=j._storage.dbs[S.DB_CHUNKS]))
+    plan = R._Plan(top.id, loc, (f.last[b"a"][1].id,), R._code(c, a, C.ZSTD_DELTA_LEVEL), len(c),
+                   S.decode_loc(loc)[3])
+    res = R.RecodeResult()
+    with j._storage.write() as txn:
+        R.Recoder(j._storage, lambda txn, zero: None)._apply(txn, plan, {}, res, [])
+    assert res.chunks_recoded == 1
+    vals = _values(j)
+    assert vals[top.id][2] == (f.last[b"a"][1].id,)  # one base at depth 0: really 1 deep
+    assert vals[top.id][1] == vals[top.id][3] == 5
+    _read_back(j, f)
+    _check_depths_and_refs(j)
+    j.close()
