@@ -353,7 +353,9 @@ class Recoder:
                 for w in wins.pop(c, ()):
                     if idx.get(w) == c:
                         del idx[w]
-            for c in ids - old:
+            for c in dict.fromkeys(c for c, _ in lst):  # in list order: the same on every run
+                if c in old:
+                    continue
                 ws = self._wins.get(c)
                 ws = wins[c] = ws if ws is not None else _windows(rawof(c), anchor)
                 for w in ws:
