@@ -212,6 +212,7 @@ class Recoder:
                 _, pack, voff, old_len, old_depth = S.decode_loc(loc)
                 if not old_depth and old_len > n:  # stored raw: incompressible, and no base found at capture
                     continue
+                time.sleep(0)  # let the mount's threads have the GIL between chunks (a pass is seconds of Python)
                 raw = r.read_chunk(cid, cache)
                 raw_done += len(raw)
                 res.raw_looked += len(raw)
