@@ -391,16 +391,17 @@ class Compactor:
         return res
 
     # --- re-coding (recode.py) ---------------------------------------------------------
-    def recode(self, raw_max: int | None = None):
+    def recode(self, raw_max: int | None = None, apart: bool = True):
         """Re-code the chunks first named since the last pass where a better
         base set stores them smaller (journal/recode.py), in rounds of
         ROUND_RAW_MAX raw bytes (``raw_max``) until caught up or PASS_RAW_MAX
-        looked at; -> RecodeResult (summed over the rounds)."""
+        looked at; ``apart``: each round plans in a child process
+        (recode.plan_child); -> RecodeResult (summed over the rounds)."""
         from .recode import PASS_RAW_MAX, ROUND_RAW_MAX, Recoder
         freed = PruneResult()
         total = None
         while True:
-            out = Recoder(self._st, lambda txn, zero: self._free(txn, zero, freed)).run(
+            out = Recoder(self._st, lambda txn, zero: self._free(txn, zero, freed), apart).run(
                 ROUND_RAW_MAX if raw_max is None else raw_max)
             if total is None:
                 total = out

@@ -40,6 +40,9 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -79,6 +82,8 @@ PV_INDEX_MAX = 64 << 20  # a previous version larger than this is not searched w
 PV_KEPT = 8  # paths whose previous version's window index a pass keeps up to date
 INDEX_MAX = 2_000_000  # windows in the pass's content index, at most
 MIN_GAIN = 16  # bytes a new value must save, at least (and 1/16 of the old value)
+APART_MIN = 8 << 20  # a round whose new versions are smaller than this plans in process (milliseconds)
+PLAN_TIMEOUT_S = 3600  # a round's plan in its child process, at most
 FOUND_MAX = C.MULTI_BASE_MAX  # bases found by content, at most
 
 
@@ -119,8 +124,9 @@ class Recoder:
     """One re-coding pass over a writing journal's storage (see the module docstring).
     ``free(txn, zero)``: the compactor's freeing of chunks whose count reached 0."""
 
-    def __init__(self, storage, free: Callable) -> None:
+    def __init__(self, storage, free: Callable, apart: bool = False) -> None:
         self._st = storage
+        self._apart = apart
         self._dbs = storage.dbs
         self._free = free
         self._wins: dict[bytes, list[bytes]] = {}  # chunk -> its windows (the new chunks of the last version)
@@ -134,9 +140,7 @@ class Recoder:
         res = RecodeResult()
         watched = self._st.watch_values()
         try:
-            with self._st.read() as txn:
-                r = Reader(self._st, txn)
-                plans, upto, deps = self._plan(r, res, raw_max)
+            plans, upto, deps = self._plans(res, raw_max)
             res.plan_s = round(time.monotonic() - t0, 3)
             res.upto = upto
             for b in range(0, len(plans), RECODE_BATCH):
@@ -160,6 +164,42 @@ class Recoder:
                      res.chunks_recoded, res.chunks_looked, res.bytes_before, res.bytes_after,
                      res.headers_rewritten, res.skipped)
         return res
+
+    def _plans(self, res: RecodeResult, raw_max: int):
+        """The plan of a round: in a child process (``apart``), so its seconds of
+        Python and its indexes are not the daemon's (the mount's request loop
+        needs the GIL; the windows and the decode cache peak at ~130 MB), else
+        here.  Either way a read snapshot taken after the watch began."""
+        if not self._apart or self._little(raw_max):
+            with self._st.read() as txn:
+                return self._plan(Reader(self._st, txn), res, raw_max)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        cmd = [sys.executable, "-c", "import sys; from deltafs.journal.recode import plan_child; "
+               "sys.exit(plan_child(sys.argv[1:]))", self._st.path, str(raw_max)]
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, close_fds=True,
+                             timeout=PLAN_TIMEOUT_S)
+        if out.returncode != 0:
+            raise RuntimeError(f"re-coding plan failed: {out.stderr.decode(errors='replace').strip()[-400:]}")
+        d = msgpack.unpackb(out.stdout, raw=False)
+        res.chunks_looked, res.raw_looked = d["looked"], d["raw"]
+        plans = [_Plan(c, loc, tuple(bs), pl, n, ol) for c, loc, bs, pl, n, ol in d["plans"]]
+        return plans, d["upto"], {b: set(v) for b, v in d["deps"].items()}
+
+    def _little(self, raw_max: int) -> bool:
+        """Is the round's work small (the new content versions' sizes add up
+        to less than APART_MIN): planned here, no child process to start."""
+        with self._st.read() as txn:
+            r = Reader(self._st, txn)
+            v = txn.get(META_RECODE_UPTO, db=self._dbs[S.DB_META])
+            total = 0
+            for rec in r.records((msgpack.unpackb(v) if v else 0) + 1, r.head_seq()):
+                if rec.is_content:
+                    total += rec.size or 0
+                    if total >= min(APART_MIN, raw_max):
+                        return False
+        return True
 
     def _plan(self, r: Reader, res: RecodeResult, raw_max: int):
         """-> (plans, the last record looked at, dependents map)."""
@@ -626,3 +666,25 @@ def _decref(txn, dbs, cid: bytes, zero: list[bytes]) -> None:
     txn.put(cid, S.with_refs(v, max(0, n - 1)), db=db)
     if n <= 1:
         zero.append(cid)
+
+
+def plan_child(argv: list[str]) -> int:
+    """``PATH RAW_MAX``: plan one round over the journal at PATH (opened
+    read-only, beside its writer) and print the plan, msgpack, on stdout."""
+    from .storage import Storage
+    path, raw_max = argv[0], int(argv[1])
+    st = Storage.share(path, readonly=True)
+    try:
+        st.open_new_dbs()
+        rc = Recoder(st, lambda txn, zero: None)
+        res = RecodeResult()
+        with st.read() as txn:
+            plans, upto, deps = rc._plan(Reader(st, txn), res, raw_max)
+        out = {"plans": [[p.cid, p.loc, list(p.bases), p.payload, p.raw_len, p.old_len] for p in plans],
+               "upto": upto, "deps": {b: sorted(v) for b, v in deps.items()},
+               "looked": res.chunks_looked, "raw": res.raw_looked}
+        sys.stdout.buffer.write(msgpack.packb(out, use_bin_type=True))
+        sys.stdout.flush()
+    finally:
+        st.release()
+    return 0

@@ -166,19 +166,20 @@ def _stored(j: Journal) -> dict[bytes, int]:
 def test_a_value_stored_after_the_plan_is_rewritten_with_the_chunk_it_builds_on(tmp_path, monkeypatch):
     """A capture that commits a delta on a chunk between the pass's snapshot
     and its write transaction declared that chunk's old depth: the pass sees
-    it (Storage.watch_values) and rewrites its header too."""
+    it (Storage.watch_values) and rewrites its header too.  The plan is made
+    in a child process here (recode.plan_child)."""
     j = Journal.open(tmp_path / "j", create=True, clock=FakeClock())
     f = _history(j, seed=2)
-    plan = R.Recoder._plan
-
+    plans = R.Recoder._plans
     done = []
 
-    def plan_then_capture(self, r, res, raw_max):
-        out = plan(self, r, res, raw_max)
+    def plan_then_capture(self, res, raw_max):
+        out = plans(self, res, raw_max)
         if not done:  # a capture meanwhile (the pass's next round looks at it)
             done.append(f.save(b"b.txt", _edit(random.Random(5), f.last[b"b.txt"][1].raw)))
         return out
-    monkeypatch.setattr(R.Recoder, "_plan", plan_then_capture)
+    monkeypatch.setattr(R.Recoder, "_plans", plan_then_capture)
+    monkeypatch.setattr(R, "APART_MIN", 0)  # planned in a child process, as a large pass is
     res = j.recode()
     assert res.chunks_recoded >= 1 and res.headers_rewritten >= 5
     _read_back(j, f)
