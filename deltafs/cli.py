@@ -813,7 +813,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
         verb = "would prune" if args.dry_run else "pruned"
         print(f"{verb} {rep['versions_pruned']} of {rep['versions']} versions in {rep['files']} files, "
               f"freeing {rep['chunks_freed']} chunks ({rep['bytes_freed']} bytes); "
-              f"{rep['checkpoints_written']} checkpoints written, {rep['chunks_rebased']} chunks re-coded")
+              f"{rep['checkpoints_written']} checkpoints written, {rep['chunks_rebased']} chunks re-coded"
+              + (f"; {rep['chunks_recoded']} chunk values re-coded smaller (-{rep['recode_bytes_saved']} bytes)"
+                 if rep.get("chunks_recoded") else ""))
         if rep["data_file_before"] is not None:
             print(f"vacuum: data.mdb {rep['data_file_before']} -> {rep['data_file_after']} bytes")
     return 0

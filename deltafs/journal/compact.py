@@ -55,7 +55,7 @@ from typing import Callable, Iterable, Iterator
 
 import msgpack
 
-from deltafs.chunking import Base, RawCache, build_chunk
+from deltafs.chunking import MAX_DELTA_DEPTH, Base, RawCache, build_chunk
 from deltafs.errors import CorruptionError
 
 from . import planstate
@@ -390,6 +390,35 @@ class Compactor:
                         cascade()
         return res
 
+    # --- re-coding (recode.py) ---------------------------------------------------------
+    def recode(self, raw_max: int | None = None, apart: bool = True):
+        """Re-code the chunks first named since the last pass where a better
+        base set stores them smaller (journal/recode.py), in rounds of
+        ROUND_RAW_MAX raw bytes (``raw_max``) until caught up or PASS_RAW_MAX
+        looked at; ``apart``: each round plans in a child process
+        (recode.plan_child); -> RecodeResult (summed over the rounds)."""
+        from .recode import PASS_RAW_MAX, ROUND_RAW_MAX, Recoder
+        freed = PruneResult()
+        total = None
+        while True:
+            out = Recoder(self._st, lambda txn, zero: self._free(txn, zero, freed), apart).run(
+                ROUND_RAW_MAX if raw_max is None else raw_max)
+            if total is None:
+                total = out
+            else:
+                for f in ("chunks_looked", "chunks_recoded", "bytes_before", "bytes_after", "headers_rewritten",
+                          "skipped", "transactions", "seconds", "plan_s", "raw_looked", "rounds"):
+                    setattr(total, f, getattr(total, f) + getattr(out, f))
+                total.upto, total.txn_max_s = out.upto, max(total.txn_max_s, out.txn_max_s)
+            with self._snapshot() as r:
+                head = r.head_seq()
+            if out.upto >= head or not out.raw_looked or total.raw_looked >= PASS_RAW_MAX:
+                break
+        total.chunks_freed, total.bytes_freed = freed.chunks_freed, freed.bytes_freed
+        total.seconds = round(total.seconds, 3)
+        self._graveyard_owed += freed.chunks_freed
+        return total
+
     # --- the graveyard -------------------------------------------------------------------
     def chunk_present(self, txn, cid: bytes) -> bool:
         """Is the chunk stored?  (The writer asks, inside its transaction.)
@@ -406,10 +435,18 @@ class Compactor:
         if v is None:
             return False
         val = bytes(v[8:])
-        depth, _, bases, _ = S.decode_chunk(val)
+        depth, raw_len, bases, payload = S.decode_chunk(val)
         for base in bases:
             if not self.chunk_present(txn, base):
                 return False
+        if bases:  # a base may have been re-coded deeper since (recode.py): declare the real depth
+            real = sum(S.decode_loc(txn.get(b, db=self._dbs[S.DB_CHUNKS]))[4] + 1 for b in bases)
+            if real > MAX_DELTA_DEPTH:
+                log.warning("chunk %s freed by compaction is named again but its bases are now too deep",
+                            cid.hex())
+                return False
+            if real > depth:
+                depth, val = real, S.encode_chunk(real, raw_len, bases, bytes(payload))
         for base in bases:
             incref(txn, self._dbs, base)
         self._st.put_value(txn, cid, val, depth)

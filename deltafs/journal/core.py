@@ -311,6 +311,13 @@ class Journal:
         self._check_writable()
         return self._compactor.repack(dead_ratio)
 
+    def recode(self, raw_max: int | None = None, apart: bool = True):
+        """Re-code chunk values first named since the last pass where it stores
+        them smaller (docs/format.md, "Re-coding"); ``apart``: plan in a child
+        process; -> recode.RecodeResult."""
+        self._check_writable()
+        return self._compactor.recode(raw_max, apart)
+
     def archive_records(self, keep: int = RECORDS_KEPT) -> int:
         """Move all records but the newest ``keep`` into compressed blocks; -> records moved."""
         self._check_writable()

@@ -70,6 +70,7 @@ class Storage:
         self._blocks: OrderedDict[int, list[bytes]] = OrderedDict()
         self._blocks_lock = threading.Lock()
         self._blocks_checked: set[tuple[int, int, int]] = set()  # (first seq, pack, offset)
+        self._watchers: list[set[bytes]] = []  # watch_values
 
     # --- opening and closing ----------------------------------------------------
     @classmethod
@@ -176,7 +177,22 @@ class Storage:
             add_pack_live(txn, self.dbs, pack, n)
         else:
             live[pack] = live.get(pack, 0) + n
+        if depth:
+            for w in self._watchers:
+                w.add(cid)
         return True
+
+    def watch_values(self) -> set[bytes]:
+        """From now on, the ids of values with a base stored by :meth:`put_value`
+        (any thread) are added to the returned set, until :meth:`unwatch_values`.
+        The re-coding pass (recode.py) learns so of values built on a chunk after
+        its snapshot; read it under the write lock to have them all."""
+        w: set[bytes] = set()
+        self._watchers.append(w)
+        return w
+
+    def unwatch_values(self, w: set[bytes]) -> None:
+        self._watchers.remove(w)
 
     def rewrite_in_key_order(self, txn, db) -> int:
         """Copy ``db`` out and append it back in key order (every page full); -> pages saved."""

@@ -98,6 +98,7 @@ PACKAGE_LAYERS = {
     "deltafs.journal": [  # deltafs/journal/core.py's docstring
         ["core"],  # Journal: the writer, the public face
         ["compact", "verify"],  # the Compactor; verify
+        ["recode"],  # compaction's re-coding of chunk values
         ["planstate"],  # compaction's planning state
         ["reader", "storage"],  # Reader; Storage: env, every db, packs, lock (the lmdb owner)
         ["checkpoints"],  # tree checkpoints (format 7): the replay state every few thousand records

@@ -404,9 +404,19 @@ def play(name: str, base: str, sz: Sizes) -> HistoryResult:
 def finish(res: HistoryResult, m: "Mount", git_repo: str) -> None:
     res.journal = journal_sizes(m.journal, res.fname)
     # the background compaction pass, keeping every version (as git does): what it saves at rest
-    run(DELTAFS + ["compact", "--journal", m.journal, "--retention", "*:all", "--coalesce", "0", "--json"],
-        cwd=ROOT, timeout=600)
+    t0 = time.perf_counter()
+    out = run(DELTAFS + ["compact", "--journal", m.journal, "--retention", "*:all", "--coalesce", "0", "--json"],
+              cwd=ROOT, timeout=600)
+    res.journal["compact_s"] = round(time.perf_counter() - t0, 2)
+    try:
+        res.journal["compact_report"] = json.loads(out.stdout)
+    except ValueError:
+        pass
     after = journal_sizes(m.journal, res.fname)
+    # compaction re-codes chunk values (journal/recode.py): the breakdown is of what it left
+    res.journal["written_chunk_value_bytes"] = res.journal["live_chunk_value_bytes"]
+    res.journal["live_chunk_value_bytes"] = after["live_chunk_value_bytes"]
+    res.journal["chunk_depth"] = after.get("chunk_depth", {})
     res.journal["compacted_bytes"] = after["data_bytes"]
     res.journal["compacted_per_db"] = after["per_db"]
     res.journal["compacted_pack_bytes"] = after["pack_bytes"]
