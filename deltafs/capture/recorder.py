@@ -149,6 +149,7 @@ class Recorder:
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            nursery.start_soon(self.pipe.checkpointer)
             task_status.started()
             await self.pipe.committer()
 

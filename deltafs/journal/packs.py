@@ -360,7 +360,7 @@ def incref(txn, dbs, cid: bytes, n: int = 1) -> None:
     v = txn.get(cid, db=db)
     if v is None:
         raise CorruptionError(f"chunk {cid.hex()} is named but not stored")
-    txn.put(cid, S.with_refs(v, S.loc_refs(v) + n), db=db)
+    txn.put(cid, S.add_refs(v, n), db=db)
 
 
 def add_pack_live(txn, dbs, pack: int, n: int) -> None:
