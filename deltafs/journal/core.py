@@ -45,6 +45,9 @@ _CREATES = frozenset(("create", "mkdir", "symlink", "mknod"))
 # at most this far past checkpoint_every, and never past the chain a reader accepts
 # (reader: CHECKPOINT_MAX + 10 records)
 CHECKPOINT_DEFER_MAX = S.CHECKPOINT_MAX + 8
+# ... only for a list this long: a shorter one's references cost less inline (~3 us
+# each) than a transaction of its own with its flushes (sqlite's file: ~10 entries)
+DEFER_LIST_ENTRIES = 512
 YIELD_ENTRIES = 256  # write_due_lists looks whether a commit waits this often (entries counted)
 LIST_CACHE_VERSIONS = 10_000  # and lists at most (one per file edited lately; deleted files' age out)
 
@@ -630,7 +633,8 @@ class Journal:
         entries = len(new) // S.ENTRY_LEN
         every = S.checkpoint_every(entries)
         if base and (depth >= every or accum > 2 * entries + 64):
-            if (self.defer_checkpoints and not lenient and depth < min(2 * every, CHECKPOINT_DEFER_MAX)
+            if (self.defer_checkpoints and not lenient and entries >= DEFER_LIST_ENTRIES
+                    and depth < min(2 * every, CHECKPOINT_DEFER_MAX)
                     and accum <= 4 * entries + 128 and self._due_now is not None):
                 # left to write_due_lists, once this commit is over and nobody waits;
                 # the next version of the file is due too (depth keeps counting)

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import trio
 import trio.testing
 
 from deltafs.capture.pipeline import Pipeline
 from deltafs.journal import CHECKPOINT_EVERY, Journal
+from deltafs.journal import core
 from deltafs.journal import schema as S
 from tests.unit.test_journal import FakeClock, version
+
+
+@pytest.fixture
+def long_lists(monkeypatch):
+    """The test files' lists (~20 entries) count as long ones."""
+    monkeypatch.setattr(core, "DEFER_LIST_ENTRIES", 1)
 
 
 def _edits(rnd: random.Random, data: bytearray):
@@ -45,7 +53,7 @@ def _history(j: Journal, data: bytes, n: int, seed: int, after_commit=None) -> d
     return out
 
 
-def test_a_deferred_checkpoint_is_the_one_the_commit_would_have_written(tmp_path):
+def test_a_deferred_checkpoint_is_the_one_the_commit_would_have_written(tmp_path, long_lists):
     data = random.Random(1).randbytes(400_000)
     n = CHECKPOINT_EVERY + 5
     with Journal.open(tmp_path / "a", create=True, clock=FakeClock()) as a:
@@ -74,7 +82,7 @@ def test_a_deferred_checkpoint_is_the_one_the_commit_would_have_written(tmp_path
         assert b.verify(full=True).ok
 
 
-def test_write_due_lists_yields_to_a_waiting_commit_and_writes_nothing(tmp_path):
+def test_write_due_lists_yields_to_a_waiting_commit_and_writes_nothing(tmp_path, long_lists):
     data = random.Random(3).randbytes(300_000)
     with Journal.open(tmp_path / "j", create=True, clock=FakeClock()) as j:
         j.defer_checkpoints = True
@@ -100,7 +108,7 @@ def test_write_due_lists_yields_to_a_waiting_commit_and_writes_nothing(tmp_path)
         assert S.u64(seq) in cps
 
 
-def test_a_checkpoint_left_due_too_long_is_written_inline(tmp_path):
+def test_a_checkpoint_left_due_too_long_is_written_inline(tmp_path, long_lists):
     """Nobody wrote the deferred checkpoints: the chain never grows past
     2 x checkpoint_every (readers refuse CHECKPOINT_MAX + 10)."""
     data = random.Random(5).randbytes(300_000)
@@ -116,7 +124,20 @@ def test_a_checkpoint_left_due_too_long_is_written_inline(tmp_path):
                 assert b"".join(r.iter_content(seq)) == content
 
 
-def test_a_group_that_fails_leaves_no_due_checkpoint(tmp_path):
+def test_a_short_list_is_checkpointed_inline(tmp_path):
+    """A short list's references cost less than a transaction of its own
+    (sqlite's database file: ~10 entries, due every 32 commits)."""
+    data = random.Random(11).randbytes(300_000)
+    assert len(data) // (16 << 10) < core.DEFER_LIST_ENTRIES
+    with Journal.open(tmp_path / "j", create=True, clock=FakeClock()) as j:
+        j.defer_checkpoints = True
+        _history(j, data, CHECKPOINT_EVERY + 2, seed=12)
+        assert j.lists_due() == 0 and j.lists_deferred == 0
+        cps, _ = _state(j)
+        assert len(cps) == 1
+
+
+def test_a_group_that_fails_leaves_no_due_checkpoint(tmp_path, long_lists):
     data = random.Random(7).randbytes(300_000)
     with Journal.open(tmp_path / "j", create=True, clock=FakeClock()) as j:
         j.defer_checkpoints = True
@@ -135,7 +156,7 @@ def test_a_group_that_fails_leaves_no_due_checkpoint(tmp_path):
         assert list(j._due) == res[1]  # the good group's seq, not the failed one's
 
 
-async def test_the_pipeline_writes_due_checkpoints_when_idle(tmp_path):
+async def test_the_pipeline_writes_due_checkpoints_when_idle(tmp_path, long_lists):
     data = random.Random(9).randbytes(300_000)
     with Journal.open(tmp_path / "j", create=True, clock=FakeClock()) as j:
         pipe = Pipeline(j)
