@@ -99,8 +99,22 @@ class Recorder:
         return self.pipe.pending()
 
     def settled(self, node) -> bool:
-        """Nothing of this inode waits to be journaled (fsync's fast path)."""
-        return not node.cap.changed and self.pipe.settled(node.ino)
+        """Nothing of this inode waits to be journaled (fsync's and fsyncdir's
+        fast path): nothing written since its last capture, or written to an
+        ignored file (sqlite's rollback journal, fsynced twice per
+        transaction: no capture to queue; its ranges are dropped at its
+        close, as they would be here), and nothing about it queued."""
+        if node.cap.changed and not self._ignored(node):
+            return False
+        return self.pipe.settled(node.ino)
+
+    def _ignored(self, node) -> bool:
+        """Is the node's path ignored (never journaled)?  Not the ignore file
+        itself, whose capture reloads the patterns."""
+        if self.ops is None:
+            return False
+        path = self.ops.path_of(node)
+        return path != IGNORE_FILE.encode() and self._skip(path)
 
     async def sync(self, ino: int) -> None:
         await self.pipe.sync(ino)
