@@ -56,7 +56,7 @@ from deltafs.capture.pipeline import DEFER_BYTES, Item, Pipeline
 from deltafs.capture.state import NodeCapture
 from deltafs.errors import JournalError
 from deltafs.ignore import IGNORE_FILE, Ignore
-from deltafs.journal import Change, Journal
+from deltafs.journal import Change, Journal, exact_reads
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,8 @@ class Recorder:
     def _compute_commit(self, fd, path, cause, dirty, base, cached, hint):
         """In a worker: compute the capture and commit it (Pipeline.solo).
         -> (change, list cache, seqs or the commit's exception)."""
-        change, cache = self.content.compute(fd, path, cause, dirty, base, cached, hint)
+        with exact_reads():  # a cold edit's delta base: its chunk, not 8 MiB around it
+            change, cache = self.content.compute(fd, path, cause, dirty, base, cached, hint)
         try:
             (res,) = self.journal.commit_many([[change]])
         except Exception as e:  # the whole transaction failed (disk full...)
