@@ -920,12 +920,18 @@ class Operations(pyfuse3.Operations):
             node = self._node(fh)
             fd = os.open(self._proc(node), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                await self._durable(os.fsync, fd, self.rec.sync, node.ino)
+                await self._fsyncdir(fd, node)
             finally:
                 os.close(fd)
             return
         dh = self.dirs[fh]
-        await self._durable(os.fsync, dh.fd, self.rec.sync, dh.node.ino)
+        await self._fsyncdir(dh.fd, dh.node)
+
+    async def _fsyncdir(self, fd: int, node: Node) -> None:
+        if self.rec.settled(node):  # nothing queued about it: the flush alone (sqlite, each transaction)
+            await hops.run(os.fsync, fd)
+        else:
+            await self._durable(os.fsync, fd, self.rec.sync, node.ino)
 
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):

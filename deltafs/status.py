@@ -130,12 +130,16 @@ async def daemon_status(daemon) -> dict:
             "solo_commits": rec.pipe.solo_commits,
             # setattrs set in their file's queued create record instead of a record of their own
             "folded_setattrs": rec.pipe.folded,
+            # chunk-list checkpoints a commit left to a transaction of their own while
+            # idle, and how many of them were written so (the rest: a later version's)
+            "deferred_checkpoints": rec.journal.lists_deferred,
+            "later_checkpoints": rec.journal.lists_written_later,
         }
     else:
         capture = {"enabled": False, "paused": False, "versions": 0, "records": 0, "pending": 0,
                    "pending_bytes": 0, "backpressure_waits": 0, "failures": 0, "last_error": None,
                    "last_capture_ns": None, "gap": 0, "commits": 0, "inline_commits": 0, "solo_commits": 0,
-                   "folded_setattrs": 0}
+                   "folded_setattrs": 0, "deferred_checkpoints": 0, "later_checkpoints": 0}
     return {
         "mounted": True,
         "daemon": "running",

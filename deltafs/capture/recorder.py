@@ -56,7 +56,7 @@ from deltafs.capture.pipeline import DEFER_BYTES, Item, Pipeline
 from deltafs.capture.state import NodeCapture
 from deltafs.errors import JournalError
 from deltafs.ignore import IGNORE_FILE, Ignore
-from deltafs.journal import Change, Journal
+from deltafs.journal import Change, Journal, exact_reads
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,22 @@ class Recorder:
         return self.pipe.pending()
 
     def settled(self, node) -> bool:
-        """Nothing of this inode waits to be journaled (fsync's fast path)."""
-        return not node.cap.changed and self.pipe.settled(node.ino)
+        """Nothing of this inode waits to be journaled (fsync's and fsyncdir's
+        fast path): nothing written since its last capture, or written to an
+        ignored file (sqlite's rollback journal, fsynced twice per
+        transaction: no capture to queue; its ranges are dropped at its
+        close, as they would be here), and nothing about it queued."""
+        if node.cap.changed and not self._ignored(node):
+            return False
+        return self.pipe.settled(node.ino)
+
+    def _ignored(self, node) -> bool:
+        """Is the node's path ignored (never journaled)?  Not the ignore file
+        itself, whose capture reloads the patterns."""
+        if self.ops is None:
+            return False
+        path = self.ops.path_of(node)
+        return path != IGNORE_FILE.encode() and self._skip(path)
 
     async def sync(self, ino: int) -> None:
         await self.pipe.sync(ino)
@@ -152,6 +166,7 @@ class Recorder:
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            nursery.start_soon(self.pipe.checkpointer)
             task_status.started()
             await self.pipe.committer()
 
@@ -336,7 +351,8 @@ class Recorder:
     def _compute_commit(self, fd, path, cause, dirty, base, cached, hint):
         """In a worker: compute the capture and commit it (Pipeline.solo).
         -> (change, list cache, seqs or the commit's exception)."""
-        change, cache = self.content.compute(fd, path, cause, dirty, base, cached, hint)
+        with exact_reads():  # a cold edit's delta base: its chunk, not 8 MiB around it
+            change, cache = self.content.compute(fd, path, cause, dirty, base, cached, hint)
         try:
             (res,) = self.journal.commit_many([[change]])
         except Exception as e:  # the whole transaction failed (disk full...)

@@ -35,6 +35,11 @@ internal, and code outside it imports only from ``deltafs.journal``
     j.checkpoint_trees() -> int  # tree checkpoints due (format 7); all of them on a fresh upgrade
     j.vacuum() -> ((size, allocated) before, after)   # only opener; closes j
     j.data_bytes() -> int      # packs + LMDB pages in use (--journal-limit)
+    j.defer_checkpoints = True ; j.urgent = () -> bool   # a mount's writer: chunk-list
+                                  # checkpoints due in a commit are left to
+    j.write_due_lists() -> int    # ... this, in their own transactions (-1: yielded
+    j.lists_due() -> int          # to a waiting commit); due ones left
+    with exact_reads(): ...       # this thread's pack reads fetch their range only
 
     # checking (any opener)
     j.verify(full=False) -> VerifyResult   # .ok, .problem (seq, path, chunk, what)
@@ -102,6 +107,7 @@ from .checkpoints import gc_paused
 from .compact import REPACK_DEAD_RATIO, PruneResult, RepackResult
 from .core import Journal
 from .hlc import hlc_to_ns, ns_to_hlc
+from .packs import exact_reads
 from .private import make_dir as make_journal_dir, reason as access_problem
 from .reader import ChunkInfo, Reader, Versions
 from .records import CAUSES, OPS, RENAME_EXCHANGE, ZERO_HASH, Change, Record, check_link, decode_record
@@ -118,6 +124,6 @@ __all__ = [
     "KIND_SYMLINK", "MAP_SIZE", "OPS", "RENAME_EXCHANGE", "REPACK_DEAD_RATIO", "UPGRADABLE", "ZERO_HASH", "Change",
     "ChunkInfo", "FileState", "Journal", "MemStore", "NewChunk", "Problem", "PruneResult", "Reader",
     "Record", "RepackResult", "TreeEntry", "VerifyResult", "Versions", "access_problem",
-    "apply_record", "check_link", "content_hash", "decode_chunk", "decode_record", "gc_paused", "hash_matches",
+    "apply_record", "check_link", "content_hash", "decode_chunk", "decode_record", "exact_reads", "gc_paused", "hash_matches",
     "hlc_to_ns", "make_journal_dir", "ns_to_hlc", "pack_list", "packed_hash", "tree_entry",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 from collections import Counter, OrderedDict
 from contextlib import contextmanager
@@ -40,6 +41,14 @@ LIST_CACHE_BYTES = 16 << 20  # packed chunk lists kept for the writer (24 bytes 
 LIST_CACHE_ENTRIES = LIST_CACHE_BYTES // S.ENTRY_LEN  # ~700,000: an 11 GiB file's list (the newest is always kept)
 REUSE_WINDOW_NS = 120 * 1_000_000_000  # a gone file's path re-created this soon continues its history
 _CREATES = frozenset(("create", "mkdir", "symlink", "mknod"))
+# A commit may leave a due chunk-list checkpoint to write_due_lists (defer_checkpoints):
+# at most this far past checkpoint_every, and never past the chain a reader accepts
+# (reader: CHECKPOINT_MAX + 10 records)
+CHECKPOINT_DEFER_MAX = S.CHECKPOINT_MAX + 8
+# ... only for a list this long: a shorter one's references cost less inline (~3 us
+# each) than a transaction of its own with its flushes (sqlite's file: ~10 entries)
+DEFER_LIST_ENTRIES = 512
+YIELD_ENTRIES = 256  # write_due_lists looks whether a commit waits this often (entries counted)
 LIST_CACHE_VERSIONS = 10_000  # and lists at most (one per file edited lately; deleted files' age out)
 
 
@@ -67,6 +76,18 @@ class Journal:
         self._list_entries = 0
         self._compactor = Compactor(storage, self._uncounted)
         self.sync_count = 0  # write transactions committed (each one sync)
+        # Chunk-list checkpoints a commit found due may be left to write_due_lists,
+        # a transaction of their own while no commit waits (the mount's pipeline
+        # sets this; issue 19: a 64 MiB file's checkpoint counted 3,400 refs, a
+        # 1 GiB file's 65,000, inside an fsync's commit: 20-300 ms)
+        self.defer_checkpoints = False
+        self.urgent: Callable[[], bool] | None = None  # someone waits for a commit (set by the pipeline)
+        self._due_now: list[int] | None = None  # seqs found due by the commit in progress
+        self._due: dict[int, None] = {}  # content seqs whose checkpoint is due (oldest first)
+        self._wanted = 0  # threads about to take the write lock for a commit (write_due_lists yields)
+        self._wanted_lock = threading.Lock()
+        self.lists_deferred = 0  # checkpoints left to write_due_lists (status, tests)
+        self.lists_written_later = 0  # ... written by it
         with self.reader() as r:
             self.journal_id: str = r.meta(S.META_JOURNAL_ID)
             self.format_version: int = r.meta(S.META_FORMAT)
@@ -378,8 +399,17 @@ class Journal:
         self._check_writable()
         results: list = []
         env = self._storage.env
-        if not self._wlock.acquire(blocking):
+        if blocking:
+            with self._wanted_lock:
+                self._wanted += 1
+            try:
+                self._wlock.acquire()
+            finally:
+                with self._wanted_lock:
+                    self._wanted -= 1
+        elif not self._wlock.acquire(False):
             return None
+        self._due_now = []
         try:
             if trace.ON:
                 trace.mark("commit.locked")
@@ -387,12 +417,14 @@ class Journal:
             try:
                 for changes in groups:
                     child = env.begin(write=True, parent=txn)
+                    due = len(self._due_now)
                     try:
                         seqs = [self._apply(child, ch) for ch in changes]
                         child.commit()
                         results.append(seqs)
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         child.abort()
+                        del self._due_now[due:]  # its seqs go to the next group
                         self._clear_list_cache()
                         log.warning("journal rejected a change: %s", e)
                         results.append(translate(e, self.path))
@@ -405,6 +437,9 @@ class Journal:
                 if trace.ON:
                     trace.mark("commit.lmdb_committed")
                 self.sync_count += 1
+                for seq in self._due_now:  # committed: its checkpoint may be written later
+                    self._due[seq] = None
+                self.lists_deferred += len(self._due_now)
             except BaseException as e:
                 txn.abort()
                 self._clear_list_cache()
@@ -414,6 +449,7 @@ class Journal:
                 err = translate(e, self.path)
                 results = [err for _ in groups]
         finally:
+            self._due_now = None
             self._wlock.release()
         return results
 
@@ -629,15 +665,103 @@ class Journal:
                           accum: int, lenient: bool = False, pages: list | None = None) -> tuple[int, int]:
         """Write a full list (checkpoint) when the edit chain got long; cache the list."""
         entries = len(new) // S.ENTRY_LEN
-        if base and (depth >= S.checkpoint_every(entries) or accum > 2 * entries + 64):
-            # the head's seq is above every checkpoint key: append (full pages)
-            if not txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS], append=True):
-                txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS])
-            for o in range(0, len(new), S.ENTRY_LEN):
-                self._count(txn, seq, bytes(new[o : o + S.ID_LEN]), lenient)
-            depth = accum = 0
+        every = S.checkpoint_every(entries)
+        if base and (depth >= every or accum > 2 * entries + 64):
+            if (self.defer_checkpoints and not lenient and entries >= DEFER_LIST_ENTRIES
+                    and depth < min(2 * every, CHECKPOINT_DEFER_MAX)
+                    and accum <= 4 * entries + 128 and self._due_now is not None):
+                # left to write_due_lists, once this commit is over and nobody waits;
+                # the next version of the file is due too (depth keeps counting)
+                self._due_now.append(seq)
+            else:
+                # the head's seq is above every checkpoint key: append (full pages)
+                if not txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS], append=True):
+                    txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS])
+                self._count_list(txn, seq, new, lenient)
+                depth = accum = 0
         self._cache_list(seq, new, total, depth, accum, pages)
         return depth, accum
+
+    def _count_list(self, txn, seq: int, packed, lenient: bool = False, yield_check=None) -> bool:
+        """Count version ``seq``'s checkpoint's references, one per entry of the
+        packed list.  ``yield_check()`` true (asked every YIELD_ENTRIES entries):
+        stop, -> False (the caller aborts the transaction)."""
+        if lenient:
+            for o in range(0, len(packed), S.ENTRY_LEN):
+                self._count(txn, seq, bytes(packed[o : o + S.ID_LEN]), True)
+            return True
+        db = self._dbs[S.DB_CHUNKS]
+        get, put, add = txn.get, txn.put, S.add_refs
+        mv = memoryview(packed)
+        step = S.ENTRY_LEN * YIELD_ENTRIES
+        for start in range(0, len(packed), step):
+            if yield_check is not None and yield_check():
+                return False
+            for o in range(start, min(start + step, len(packed)), S.ENTRY_LEN):
+                cid = mv[o : o + S.ID_LEN].tobytes()
+                v = get(cid, db=db)
+                if v is None:
+                    incref(txn, self._dbs, cid)  # raises: named but not stored
+                put(cid, add(v, 1), db=db)
+        return True
+
+    def lists_due(self) -> int:
+        """Chunk-list checkpoints left by commits for :meth:`write_due_lists`."""
+        return len(self._due)
+
+    def _waited_for(self) -> bool:
+        return bool(self._wanted) or (self.urgent is not None and self.urgent())
+
+    def write_due_lists(self, limit: int = 16) -> int:
+        """Write the chunk-list checkpoints commits left due (``defer_checkpoints``),
+        oldest first, each in a durable transaction of its own, exactly as the
+        commit would have written it (the full list under the version's seq, one
+        reference per entry).  Yields to a commit: when another thread waits
+        for the write lock, or ``urgent()`` says someone waits for a commit,
+        the transaction is aborted (nothing written) and the rest stays due.
+        -> checkpoints written, or -1 when it yielded before finishing."""
+        if not self._due:
+            return 0
+        if self._waited_for() or not self._wlock.acquire(False):
+            return -1
+        written = 0
+        try:
+            env = self._storage.env
+            while self._due and written < limit:
+                if self._waited_for():
+                    return -1
+                seq = next(iter(self._due))
+                txn = env.begin(write=True)
+                try:
+                    rd = Reader(self._storage, txn)
+                    cdb = self._dbs[S.DB_CHECKPOINTS]
+                    done = True
+                    if txn.get(S.u64(seq), db=cdb) is None and not rd.is_pruned(seq):
+                        hit = self._lists.get(seq)
+                        packed = hit[0] if hit is not None else self._list_for(rd, seq)[0]
+                        txn.put(S.u64(seq), bytes(packed), db=cdb)
+                        done = self._count_list(txn, seq, packed, yield_check=self._waited_for)
+                    if not done:
+                        txn.abort()
+                        return -1
+                    txn.commit()
+                    self.sync_count += 1
+                except BaseException as e:
+                    txn.abort()
+                    self._due.pop(seq, None)  # not again: a later version will be due
+                    err = translate(e, self.path)
+                    if err is e:
+                        raise
+                    raise err from e
+                self._due.pop(seq, None)
+                hit = self._lists.get(seq)
+                if hit is not None:  # the next version counts its depth from here
+                    self._lists[seq] = (hit[0], hit[1], 0, 0, hit[4])
+                written += 1
+                self.lists_written_later += 1
+        finally:
+            self._wlock.release()
+        return written
 
     def _list_for(self, rd: Reader, seq: int) -> tuple[bytes, int, int, int]:
         """(packed full list, total length, edits since a full list, edit entries since) of ``seq``."""
@@ -659,6 +783,9 @@ class Journal:
         """:meth:`_list_for`, taken out of the cache for the caller to edit in place
         (a transaction that fails clears the whole cache, so a half-edited
         list is never seen again; one that commits caches it under the new version)."""
+        self._due.pop(seq, None)  # its next version is due instead (if still due)
+        if self._due_now and seq in self._due_now:  # (due in this very transaction)
+            self._due_now.remove(seq)
         hit = self._lists.pop(seq, None)
         if hit is not None:
             self._list_entries -= _cost(hit)
