@@ -43,6 +43,41 @@ def test_the_helper_process_makes_the_last_close_and_the_number_is_free_at_once(
     helper.wait(20)  # the helper exits once our end of its socket closes
 
 
+def test_the_helper_closes_a_descriptor_only_once_the_next_one_arrives():
+    """Our copy is closed right after the send: had the helper closed its copy
+    first, ours would have been the last reference and the slow close would
+    have been ours (issue 19: up to a third of rm -rf's closes with capture).
+    The helper keeps the last descriptors it got until the next message (or
+    ``hold`` seconds without one; a minute here, so the test is not timed)."""
+    c = fdcache._Closer(hold=60.0)
+    try:
+        r1, w1 = os.pipe()
+        c.close(w1)
+        assert not eof_within(r1, 0.5)  # the helper still holds its copy
+        r2, w2 = os.pipe()
+        c.close(w2)
+        assert eof_within(r1)  # the next one arrived: the first is closed
+        assert not eof_within(r2, 0.5)
+        helper = c.helper
+    finally:
+        c._stop()
+    assert eof_within(r2)  # at the end of its socket the helper closes what it holds
+    helper.wait(20)
+    os.close(r1)
+    os.close(r2)
+
+
+def test_an_idle_helper_closes_what_it_holds():
+    c = fdcache._Closer(hold=0.05)
+    try:
+        r, w = os.pipe()
+        c.close(w)
+        assert eof_within(r)  # no next message: closed after the hold
+        os.close(r)
+    finally:
+        c._stop()
+
+
 def test_a_dead_helper_falls_back_to_the_thread():
     c = fdcache._Closer()
     r, w = os.pipe()
