@@ -298,7 +298,9 @@ HELPER_HOLD = 0.05
 _HELPER = """
 import os, select, socket, sys
 s = socket.socket(fileno=int(sys.argv[1]))
-hold = float(sys.argv[2])
+hold = int(float(sys.argv[2]) * 1000)
+p = select.poll()  # not select(): the number is the daemon's, often past FD_SETSIZE
+p.register(s, select.POLLIN)
 held = []
 def close(fds):
     for fd in fds:
@@ -307,7 +309,7 @@ def close(fds):
         except OSError:
             pass
 while True:
-    if held and not select.select([s], [], [], hold)[0]:
+    if held and not p.poll(hold):
         close(held)
         held = []
         continue
