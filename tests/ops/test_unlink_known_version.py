@@ -120,3 +120,18 @@ async def test_unlink_while_its_capture_is_queued_waits_for_nothing(tmp_path, mo
             return  # committed before the unlink looked: nothing in flight to test
         assert calls == [b"g"]
     await _session(tmp_path, body)
+
+
+async def test_unlink_of_a_file_with_no_content_captured_through_it_asks_the_journal(tmp_path, monkeypatch):
+    """Created and closed empty: its node's base is 0 ("nothing yet"), which a
+    capture by path may have overtaken; the journal answers, as before."""
+    async def body(j, rec, ops, d):
+        p = (await d.parent(b"e"))[0]
+        fi, e = await ops.create(p, b"e", 0o644, os.O_WRONLY, CTX)
+        await ops.release(fi.fh)
+        await rec.drain()
+        assert ops.nodes[e.st_ino].cap.base == 0
+        calls = _count_reads(rec, monkeypatch)
+        await d.unlink(b"e")
+        assert calls == [b"e"]
+    await _session(tmp_path, body)
