@@ -288,23 +288,42 @@ class FdCache:
 # The helper process of _Closer: receives descriptors (SCM_RIGHTS, one per
 # message) and closes them; exits when the daemon's end of the socket closes
 # (the daemon exited or was killed).  Standard library only, started with -I -S.
+# The helper closes the descriptors of one message only once the next message
+# arrives, or after HELPER_HOLD seconds with none: the daemon closes its own
+# copy right after sending, and a helper that closed at once (woken by the
+# send, on the other core or preempting the daemon) often closed first, which
+# left the daemon the last reference and the slow close (issue 19: 127-716 of
+# 2,111 closes in an rm -rf with capture took 0.2-0.4 ms each on the FUSE loop).
+HELPER_HOLD = 0.05
 _HELPER = """
-import os, socket, sys
+import os, select, socket, sys
 s = socket.socket(fileno=int(sys.argv[1]))
+hold = int(float(sys.argv[2]) * 1000)
+p = select.poll()  # not select(): the number is the daemon's, often past FD_SETSIZE
+p.register(s, select.POLLIN)
+held = []
+def close(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 while True:
+    if held and not p.poll(hold):
+        close(held)
+        held = []
+        continue
     try:
         msg, fds, _, _ = socket.recv_fds(s, 16, 16)
     except InterruptedError:
         continue
     except OSError:
         break
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    close(held)
+    held = fds
     if not msg and not fds:
         break
+close(held)
 """
 
 
@@ -315,7 +334,8 @@ class _Closer:
 
     First choice: hand the descriptor to a small helper process over a unix
     socket (SCM_RIGHTS) and close our copy, which is then not the last
-    reference and costs ~1 us; the helper makes the slow close.  In a thread
+    reference and costs ~1 us; the helper makes the slow close, once the
+    next descriptor arrives or after ``hold`` seconds (so never before ours).  In a thread
     of this process instead, every ``os.close`` dropped and took back the GIL
     the FUSE loop was using: about three futex calls per unlinked file in
     rm -rf (issue 19).  When the helper cannot take one (not started, gone,
@@ -325,7 +345,8 @@ class _Closer:
     caller closes itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hold: float = HELPER_HOLD) -> None:
+        self.hold = hold  # seconds the helper keeps the last descriptors it got (HELPER_HOLD)
         self.q: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
@@ -381,7 +402,7 @@ class _Closer:
                 return None
             try:
                 self.helper = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", _HELPER, str(theirs.fileno())],
+                    [sys.executable, "-I", "-S", "-c", _HELPER, str(theirs.fileno()), repr(self.hold)],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     start_new_session=True)
             except OSError as e:

@@ -1009,8 +1009,8 @@ class Operations(pyfuse3.Operations):
         await self._changing(ctx)
         parent = self._node(parent_inode)
         st = self._stat_entry(parent, name, errno.EACCES)
-        if self.rec.enabled:
-            await self._before_replace(parent, name)
+        if self.rec.enabled and st is not None:
+            await self._before_replace(parent, name, st)
         node = self._known(st)
         self._before_last_name(node, parent, name, False)
         os.unlink(name, dir_fd=parent.fd)
@@ -1028,11 +1028,10 @@ class Operations(pyfuse3.Operations):
         if blk is not None:
             await blk.wait_scored()
 
-    async def _before_replace(self, parent: Node, name: bytes) -> bool:
-        """Pre-image of a file about to be unlinked or renamed over.  -> it exists."""
-        try:
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        except OSError:
+    async def _before_replace(self, parent: Node, name: bytes, st: os.stat_result | None) -> bool:
+        """Pre-image of a file about to be unlinked or renamed over (st: its
+        lstat, as the caller just took it; None: no such entry).  -> it exists."""
+        if st is None:
             return False
         if not stat.S_ISREG(st.st_mode):
             return True
@@ -1052,9 +1051,9 @@ class Operations(pyfuse3.Operations):
         src_path = dst_path = None
         replaced = False
         if self.rec.enabled:
-            replaced = await self._before_replace(new, name_new)
+            replaced = await self._before_replace(new, name_new, st_new)
             if flags & sc.RENAME_EXCHANGE:
-                await self._before_replace(old, name_old)
+                await self._before_replace(old, name_old, st_old)
             src_path = self.child_path(old, name_old)
             dst_path = self.child_path(new, name_new)
         over_xattrs: list = []  # a replaced file's xattr names: an atomic save drops those the new file lacks

@@ -393,6 +393,15 @@ class Recorder:
                 return
             await cap.wait()
             pending = cap.last_item is not None and not cap.last_item.done.is_set()
+            if cap.base and not pending and not need_base and path is not None:
+                # the inode's last committed version is the path's latest: what
+                # the unlink's remember_base would read from the journal (rm -rf
+                # of files captured through the mount: no journal read per unlink).
+                # Not base 0 (created, no content captured through the node yet):
+                # a capture by path (a rename exchange with an ignored name) may
+                # have recorded one the node does not know; the journal says.
+                self._looked = (path, cap.base)
+                return
             if cap.base is not None or (not need_base and pending):
                 return  # recorded, or a capture of this inode is on its way
         if self._skip(path):

@@ -67,6 +67,7 @@ class Journal:
         self.readonly = readonly
         self._lock_fd = lock_fd
         self._hlc = HLC(clock or time.time_ns)
+        self._applied_hlc = 0  # the clock of the record _apply applied last
         # seq -> (packed list, total, depth, accum, page hashes or None): see _cache_list
         self._lists: OrderedDict[int, tuple[bytes, int, int, int, list | None]] = OrderedDict()
         # (seq, chunk id) of entries of pruned records appended by append_raw whose
@@ -415,6 +416,7 @@ class Journal:
                 trace.mark("commit.locked")
             txn = env.begin(write=True)
             try:
+                hlc = None  # the clock of the last record applied: META_HLC, put once per batch
                 for changes in groups:
                     child = env.begin(write=True, parent=txn)
                     due = len(self._due_now)
@@ -422,12 +424,16 @@ class Journal:
                         seqs = [self._apply(child, ch) for ch in changes]
                         child.commit()
                         results.append(seqs)
+                        if seqs:
+                            hlc = self._applied_hlc
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         child.abort()
                         del self._due_now[due:]  # its seqs go to the next group
                         self._clear_list_cache()
                         log.warning("journal rejected a change: %s", e)
                         results.append(translate(e, self.path))
+                if hlc is not None:
+                    txn.put(S.META_HLC, _packb(hlc), db=self._dbs[S.DB_META])
                 if trace.ON:
                     trace.mark("commit.applied")
                 self._storage.seal(txn)
@@ -470,8 +476,8 @@ class Journal:
                 self._apply(txn, Change(op="create", file_id=ch.file_id, path=ch.path, mode=ch.mode,
                                         uid=ch.uid, gid=ch.gid, mtime_ns=ch.mtime_ns))
                 rd = Reader(self._storage, txn)
-        seq = rd.head_seq() + 1
-        prev = rd.head_hash()
+        seq, prev = rd.head()
+        seq += 1
         hlc = self._hlc.tick()
         stored = chash = ctree = None
         if ch.op == "write":
@@ -483,9 +489,9 @@ class Journal:
         value, h = encode_record(seq, hlc, ch, prev, stored, chash, ctree)
         txn.put(S.u64(seq), value, db=self._dbs[S.DB_CHANGES], append=True)
         rec = record_of(seq, hlc, ch, h, stored, chash, ctree)  # what decoding value would give
-        apply_record(LmdbStore(txn, self._dbs), rec)
+        apply_record(rd.store, rec)
         S.index_record(txn, self._dbs, seq, rec.file_id, (rec.path, rec.path2))
-        txn.put(S.META_HLC, _packb(hlc), db=self._dbs[S.DB_META])
+        self._applied_hlc = hlc  # _commit_batch puts META_HLC once, after the batch's groups
         return seq
 
     def _resolve_file_id(self, txn, rd: Reader, ch: Change) -> int:

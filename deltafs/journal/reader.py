@@ -22,7 +22,7 @@ from deltafs.errors import CorruptionError, NotFoundError
 
 from . import checkpoints
 from . import schema as S
-from .records import ZERO_HASH, Record, check_link, decode_record, split_value
+from .records import HASH_LEN, ZERO_HASH, Record, check_link, decode_record, split_value
 from .state import FileState, TreeEntry, children_prefix, tree_entry
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,13 @@ class Reader:
     def head_hash(self) -> bytes:
         cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
         return split_value(cur.value())[0] if cur.last() and not S.is_block_key(cur.key()) else ZERO_HASH
+
+    def head(self) -> tuple[int, bytes]:
+        """(head_seq(), head_hash()) from one cursor (the writer, once per record)."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
+        if cur.last() and not S.is_block_key(cur.key()):
+            return S.from_u64(cur.key()), bytes(cur.value()[:HASH_LEN])
+        return 0, ZERO_HASH
 
     def archived_upto(self) -> int:
         """The last seq moved into a record block by compaction (0: none).

@@ -193,6 +193,26 @@ def test_commit_many_one_sync_each_group_alone(journal):
     assert journal.verify().records == n
 
 
+def test_batch_keeps_the_clock_of_its_last_committed_record(journal):
+    """The writer puts the clock (META_HLC) once per batch, not once per record
+    (issue 19): it must still be the clock of the last record that committed,
+    also when the batch's last group fails, and the chain must link each
+    record to the one before it within a batch."""
+    clock = journal._hlc._clock
+    groups = [[Change(op="create", file_id=i + 1, path=b"f%d" % i)] for i in range(5)]
+    groups.append([Change(op="bogus")])
+    results = journal.commit_many(groups)
+    assert isinstance(results[-1], ValueError)
+    clock.ns += 10**9
+    assert journal.commit_many([[Change(op="bogus")]])[0].__class__ is ValueError
+    with journal.reader() as r:
+        recs = list(r.records())
+        assert [x.seq for x in recs] == [1, 2, 3, 4, 5]
+        assert r.meta(S.META_HLC) == recs[-1].hlc
+        assert r.head() == (r.head_seq(), r.head_hash()) == (5, recs[-1].hash)
+    assert journal.verify().records == 5
+
+
 def test_one_byte_edit_stores_little(journal):
     data = bytearray(random.Random(2).randbytes(10 * 1024 * 1024))
     s1 = journal.commit([version(journal, 1, b"big", bytes(data))])[0]
