@@ -302,9 +302,16 @@ class Compactor:
         if target is not None:
             base = Base(target, rd.read_chunk(target, cache), S.decode_loc(txn.get(target, db=cdb))[4])
         nc = build_chunk(rd.read_chunk(cid, cache), base, cid=cid)  # read_chunk checks what it decoded
-        val = S.encode_chunk(nc.depth if nc.bases else 0, nc.raw_len, nc.bases, nc.payload)
+        # The depth declared never falls (docs/format.md, pruning step 3): a
+        # mirror or a sync member keeps the old value, on its longer chain, and
+        # values built on this chunk from now on count their depth from this
+        # one; declaring the shorter chain's depth let a clone's chains pass 128.
+        # A standalone value's header says 0 (no base); its index entry keeps
+        # the old depth, which is what a new delta on it counts from.
+        declared = max(depth, nc.depth if nc.bases else 0)
+        val = S.encode_chunk(declared if nc.bases else 0, nc.raw_len, nc.bases, nc.payload)
         np_, noff = self._st.packs.append(val)
-        txn.put(cid, S.encode_loc(refs, np_, noff, len(val), nc.depth if nc.bases else 0), db=cdb)
+        txn.put(cid, S.encode_loc(refs, np_, noff, len(val), declared), db=cdb)
         add_pack_live(txn, self._dbs, pack, -length)
         add_pack_live(txn, self._dbs, np_, len(val))
         for b in nc.bases:

@@ -276,7 +276,9 @@ def test_pruning_frees_the_bases_only_pruned_versions_needed(jc):
     """A file saved again and again: each version's chunk is a delta of the
     one before, so every pruned version's chunk was the base of the next.
     Compaction re-codes the kept versions' chunks past them (step 3), so no
-    chunk stays alive only as a base, the chains get shorter, the bytes
+    chunk stays alive only as a base, the chains a read walks get shorter
+    (the depth each chunk declares does not fall: a mirror keeps the old
+    values), the bytes
     of the values the kept versions need fall, a dry run counts the same,
     and every kept version still reads back byte for byte."""
     j, clock = jc
@@ -294,11 +296,20 @@ def test_pruning_frees_the_bases_only_pruned_versions_needed(jc):
         h.content[seq] = h.data[1]
 
     def live_bytes_and_depth():
+        """-> live value bytes, the longest chain a read decodes (links
+        walked, not declared), and each chunk's declared depth."""
         with j.reader() as r:
-            locs = [S.decode_loc(v) for _, v in r.txn.cursor(db=r.dbs[S.DB_CHUNKS])]
-        return sum(loc[3] for loc in locs), max(loc[4] for loc in locs)
+            locs = {bytes(k): S.decode_loc(v) for k, v in r.txn.cursor(db=r.dbs[S.DB_CHUNKS])}
+            links: dict[bytes, int] = {}
 
-    before, depth_before = live_bytes_and_depth()
+            def chain(cid: bytes) -> int:
+                if cid not in links:
+                    links[cid] = max((chain(b) + 1 for b in r.chunk_info(cid).bases), default=0)
+                return links[cid]
+            longest = max(chain(c) for c in locs)
+        return sum(loc[3] for loc in locs.values()), longest, {c: loc[4] for c, loc in locs.items()}
+
+    before, depth_before, declared_before = live_bytes_and_depth()
     dry = M.compact(j, dry_run=True)
     rep = M.compact(j)
     assert rep.versions_pruned > 100 and rep.chunks_rebased > 0
@@ -309,8 +320,11 @@ def test_pruning_frees_the_bases_only_pruned_versions_needed(jc):
         named = {cid for s in kept for cid, _ in r.chunk_list(s)}
         stored = {bytes(k) for k in r.txn.cursor(db=r.dbs[S.DB_CHUNKS]).iternext(values=False)}
     assert stored == named, f"{len(stored - named)} chunks kept only as a delta base"
-    after, depth_after = live_bytes_and_depth()
+    after, depth_after, declared_after = live_bytes_and_depth()
     assert after < 0.8 * before and depth_after < depth_before
+    # a mirror keeps the old values: no chunk declares less depth than it did
+    lower = [c for c, d in declared_after.items() if d < declared_before.get(c, 0)]
+    assert not lower, f"{len(lower)} re-coded chunks declare less depth than before"
     check_everything_readable(j, h, kept)
     assert M.compact(j).chunks_rebased == 0  # nothing left to re-code
 
