@@ -211,8 +211,19 @@ def stem_of(path: bytes) -> bytes:
     return d + b"/" + s if d else s
 
 
+# the first byte each format's check requires (mp4: any, its magic is at offset 4)
+FIRST_BYTE = {"zip": b"P", "png": b"\x89", "gzip": b"\x1f", "jpeg": b"\xff", "gif": b"G", "xz": b"\xfd",
+              "zstd": b"\x28", "bzip2": b"B", "7z": b"7", "pdf": b"%", "sqlite": b"S", "gitpack": b"P",
+              "gitidx": b"\xff", "elf": b"\x7f", "mp4": None, "riff": b"R", "zlib": b"\x78"}
+# first byte -> the checks that may pass, in FORMATS order (a head of no format is told in one
+# or two calls instead of seventeen: a new file's scoring, cp -a, git add's objects)
+_BY_FIRST = [tuple((n, c) for n, c in FORMATS.items() if FIRST_BYTE[n] in (None, bytes([b])))
+             for b in range(256)]
+_NO_BYTE = tuple((n, c) for n, c in FORMATS.items() if FIRST_BYTE[n] is None)
+
+
 def format_of(head: bytes) -> str | None:
-    for name, check in FORMATS.items():
+    for name, check in _BY_FIRST[head[0]] if head else _NO_BYTE:
         if check(head):
             return name
     return None
