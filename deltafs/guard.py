@@ -626,6 +626,8 @@ class Detector:
     def _replaced_by_fresh(self, path: bytes, now: float) -> int | None:
         """Was a new opaque file written whose name extends this one's
         (a.pdf -> a.pdf.locked) or shares its stem (a.pdf -> a.enc)? -> its create seq"""
+        if not self.fresh:
+            return None  # no new opaque file about (rm -rf: every delete)
         if b"\1" + path in self.fresh:
             return None  # the new file itself goes
         v = self.fresh.get(path)
@@ -640,9 +642,10 @@ class Detector:
         """A delete nothing explained: a new opaque file scored in the next
         LATE_PAIRING seconds may still pair with it (:meth:`_late_pair`)."""
         t_open = self.opened.get(path)
-        mem = self.memory.get(path)
-        readable = (mem[0] is not None) if mem is not None else expected_type(path) is not None
-        read = readable and t_open is not None and now - t_open <= self.window
+        read = False
+        if t_open is not None and now - t_open <= self.window:  # (rm -rf: opened nothing)
+            mem = self.memory.get(path)
+            read = (mem[0] is not None) if mem is not None else expected_type(path) is not None
         self._forget_gone(path)
         self.gone[path] = (now, read, seq)
         self.gone_stems[stem_of(path)] = path
@@ -941,7 +944,7 @@ class Guard:
                             ch.payload[:1] == b"\0" or len(ch.payload) >= 0.9 * n):
                         opaque += n
                 self._queued_bytes += nb
-                if nb >= 512 and opaque >= 0.9 * nb:
+                if nb >= 512 and opaque >= 0.9 * nb and not self._known_format(c):
                     return True  # a new opaque file: the write-new-delete-old and read-then-delete pairings
             elif op == "unlink":
                 if d.fresh or d.orphans:
@@ -950,6 +953,19 @@ class Guard:
                 if c.path2 is not None and ext_of(c.path2) != ext_of(c.path):
                     return True
         return self._queued_bytes >= DEFER_BYTES or len(self.unscored) >= DEFER_ITEMS
+
+    def _known_format(self, c) -> bool:
+        """Does this new file's head, in capture's raw cache now, start with a
+        recognised format?  Then write_signals cannot call it opaque (git's
+        objects are zlib streams: incompressible, never opaque), so it may
+        wait for a batch.  Should the head leave the cache before it is
+        scored, it is scored as opaque (no head: nothing known) in its place
+        in the queue, at most DEFER_S later than at once."""
+        edit = c.edit
+        if not edit or edit[0][0] != 0 or not edit[0][2]:
+            return False
+        got = self.detector.raw(edit[0][2][0][0])
+        return got is not None and format_of(got[:HEAD]) is not None
 
     async def scorer(self) -> None:
         """The task that scores what observe queued (guard_service runs it).

@@ -872,6 +872,18 @@ def test_which_items_are_urgent():
     w.det.fresh.clear()
     g._queued_bytes = guard.DEFER_BYTES
     assert g._urgent([Change(op="create", path=b"a.txt")])  # the payloads held are bounded
+    g._queued_bytes = 0
+    # a new file of incompressible bytes in a recognised format (git's zlib objects) is no
+    # opaque file when its head is known: it waits for a batch; without its head it is urgent
+    obj = zlib.compress(rng.randbytes(20000))
+    new_obj = chunking.build_chunk(obj, None)
+    assert new_obj.payload[:1] == b"\0"  # stored raw: what made it look opaque
+    assert g._urgent([write(new_obj)])
+    w.raw[new_obj.id] = obj
+    assert not g._urgent([write(new_obj)])
+    assert guard.write_signals(write(new_obj), w.raw.get, {}) == (0.0, [])
+    del w.raw[new_obj.id]
+    assert guard.write_signals(write(new_obj), w.raw.get, {}) == (0.25, ["opaque"])
 
 
 def test_a_new_text_heads_entropy_bound_decides_as_the_count():
