@@ -211,8 +211,19 @@ def stem_of(path: bytes) -> bytes:
     return d + b"/" + s if d else s
 
 
+# the first byte each format's check requires (mp4: any, its magic is at offset 4)
+FIRST_BYTE = {"zip": b"P", "png": b"\x89", "gzip": b"\x1f", "jpeg": b"\xff", "gif": b"G", "xz": b"\xfd",
+              "zstd": b"\x28", "bzip2": b"B", "7z": b"7", "pdf": b"%", "sqlite": b"S", "gitpack": b"P",
+              "gitidx": b"\xff", "elf": b"\x7f", "mp4": None, "riff": b"R", "zlib": b"\x78"}
+# first byte -> the checks that may pass, in FORMATS order (a head of no format is told in one
+# or two calls instead of seventeen: a new file's scoring, cp -a, git add's objects)
+_BY_FIRST = [tuple((n, c) for n, c in FORMATS.items() if FIRST_BYTE[n] in (None, bytes([b])))
+             for b in range(256)]
+_NO_BYTE = tuple((n, c) for n, c in FORMATS.items() if FIRST_BYTE[n] is None)
+
+
 def format_of(head: bytes) -> str | None:
-    for name, check in FORMATS.items():
+    for name, check in _BY_FIRST[head[0]] if head else _NO_BYTE:
         if check(head):
             return name
     return None
@@ -615,6 +626,8 @@ class Detector:
     def _replaced_by_fresh(self, path: bytes, now: float) -> int | None:
         """Was a new opaque file written whose name extends this one's
         (a.pdf -> a.pdf.locked) or shares its stem (a.pdf -> a.enc)? -> its create seq"""
+        if not self.fresh:
+            return None  # no new opaque file about (rm -rf: every delete)
         if b"\1" + path in self.fresh:
             return None  # the new file itself goes
         v = self.fresh.get(path)
@@ -629,9 +642,10 @@ class Detector:
         """A delete nothing explained: a new opaque file scored in the next
         LATE_PAIRING seconds may still pair with it (:meth:`_late_pair`)."""
         t_open = self.opened.get(path)
-        mem = self.memory.get(path)
-        readable = (mem[0] is not None) if mem is not None else expected_type(path) is not None
-        read = readable and t_open is not None and now - t_open <= self.window
+        read = False
+        if t_open is not None and now - t_open <= self.window:  # (rm -rf: opened nothing)
+            mem = self.memory.get(path)
+            read = (mem[0] is not None) if mem is not None else expected_type(path) is not None
         self._forget_gone(path)
         self.gone[path] = (now, read, seq)
         self.gone_stems[stem_of(path)] = path
@@ -930,7 +944,7 @@ class Guard:
                             ch.payload[:1] == b"\0" or len(ch.payload) >= 0.9 * n):
                         opaque += n
                 self._queued_bytes += nb
-                if nb >= 512 and opaque >= 0.9 * nb:
+                if nb >= 512 and opaque >= 0.9 * nb and not self._known_format(c):
                     return True  # a new opaque file: the write-new-delete-old and read-then-delete pairings
             elif op == "unlink":
                 if d.fresh or d.orphans:
@@ -939,6 +953,19 @@ class Guard:
                 if c.path2 is not None and ext_of(c.path2) != ext_of(c.path):
                     return True
         return self._queued_bytes >= DEFER_BYTES or len(self.unscored) >= DEFER_ITEMS
+
+    def _known_format(self, c) -> bool:
+        """Does this new file's head, in capture's raw cache now, start with a
+        recognised format?  Then write_signals cannot call it opaque (git's
+        objects are zlib streams: incompressible, never opaque), so it may
+        wait for a batch.  Should the head leave the cache before it is
+        scored, it is scored as opaque (no head: nothing known) in its place
+        in the queue, at most DEFER_S later than at once."""
+        edit = c.edit
+        if not edit or edit[0][0] != 0 or not edit[0][2]:
+            return False
+        got = self.detector.raw(edit[0][2][0][0])
+        return got is not None and format_of(got[:HEAD]) is not None
 
     async def scorer(self) -> None:
         """The task that scores what observe queued (guard_service runs it).

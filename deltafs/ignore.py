@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import pathspec
+from pathspec.util import normalize_file
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class Ignore:
         except OSError as e:
             log.warning("cannot read %s: %s", IGNORE_FILE, e)
         self.spec = pathspec.GitIgnoreSpec.from_lines(lines)
+        self._any = any_match(self.spec)
         # a bounded memo in two generations (a save asks about one path several
         # times): answers go into ``_new``; when it is full it becomes ``_old``
         # and the generation before is dropped.  An answer asked for again is
@@ -72,7 +75,12 @@ class Ignore:
         hit = self._old.get(key)
         if hit is None:
             p = os.fsdecode(path)
-            hit = self.spec.match_file(p + "/" if is_dir else p)
+            if is_dir:
+                p += "/"
+            # most paths match no pattern at all: one search of every pattern at once
+            # (~2 us) says so, instead of pathspec trying the patterns one by one (~8 us)
+            a = self._any
+            hit = False if a is not None and a.search(normalize_file(p)) is None else self.spec.match_file(p)
         if len(self._new) >= MEMO_GENERATION:
             self._old, self._new = self._new, {}
         self._new[key] = hit
@@ -81,3 +89,38 @@ class Ignore:
     def memo_size(self) -> int:
         """Answers kept (at most 2 * MEMO_GENERATION)."""
         return len(self._new) + len(self._old)
+
+
+_PREFIX = "^(?:.+/)?"  # how pathspec begins a pattern without a slash (it matches at any depth)
+_NAMED = re.compile(r"\(\?P<\w+>")
+
+
+def any_match(spec) -> "re.Pattern | None":
+    """One regex that finds a match wherever any pattern of ``spec`` matches
+    (``regex.search``, as pathspec tries each), or None when one cannot be
+    built (flags differ, a back-reference).  Exact as a pre-filter: no match
+    means no pattern matches, so the path is not ignored whatever the
+    patterns' order and negations; a match leaves the answer to pathspec.
+    The patterns' common prefix is searched once (the alternatives of a
+    search all start at the same place)."""
+    regexes = [p.regex for p in spec.patterns if getattr(p, "include", None) is not None and
+               getattr(p, "regex", None) is not None]
+    if not regexes:
+        return re.compile(r"(?!)")  # nothing ever matches
+    if len({r.flags for r in regexes}) != 1:
+        return None
+    anywhere, other = [], []
+    for r in regexes:
+        src = r.pattern
+        if not isinstance(src, str) or "(?P=" in src or re.search(r"\\[1-9]", src):
+            return None
+        src = _NAMED.sub("(?:", src)  # the same group names in every pattern: not allowed in one regex
+        if src.startswith(_PREFIX):
+            anywhere.append(src[len(_PREFIX):])
+        else:
+            other.append(src)
+    alts = ([_PREFIX + "(?:" + "|".join(anywhere) + ")"] if anywhere else []) + other
+    try:
+        return re.compile("|".join(f"(?:{a})" for a in alts), regexes[0].flags)
+    except re.error:
+        return None

@@ -872,6 +872,18 @@ def test_which_items_are_urgent():
     w.det.fresh.clear()
     g._queued_bytes = guard.DEFER_BYTES
     assert g._urgent([Change(op="create", path=b"a.txt")])  # the payloads held are bounded
+    g._queued_bytes = 0
+    # a new file of incompressible bytes in a recognised format (git's zlib objects) is no
+    # opaque file when its head is known: it waits for a batch; without its head it is urgent
+    obj = zlib.compress(rng.randbytes(20000))
+    new_obj = chunking.build_chunk(obj, None)
+    assert new_obj.payload[:1] == b"\0"  # stored raw: what made it look opaque
+    assert g._urgent([write(new_obj)])
+    w.raw[new_obj.id] = obj
+    assert not g._urgent([write(new_obj)])
+    assert guard.write_signals(write(new_obj), w.raw.get, {}) == (0.0, [])
+    del w.raw[new_obj.id]
+    assert guard.write_signals(write(new_obj), w.raw.get, {}) == (0.25, ["opaque"])
 
 
 def test_a_new_text_heads_entropy_bound_decides_as_the_count():
@@ -936,3 +948,35 @@ def test_all_new_stops_at_the_first_old_chunk():
             read.append(r)
             yield r
     assert not guard._all_new(refs(), new) and len(read) == 1
+
+
+VALID_HEADS = {
+    "zip": b"PK\x03\x04\x14\x00\x00\x00", "png": b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "gzip": gzip.compress(b"x"),
+    "jpeg": b"\xff\xd8\xff\xe0", "gif": b"GIF89a", "xz": b"\xfd7zXZ\x00", "zstd": b"\x28\xb5\x2f\xfd",
+    "bzip2": b"BZh9", "7z": b"7z\xbc\xaf\x27\x1c", "pdf": b"%PDF-1.7", "sqlite": b"SQLite format 3\x00",
+    "gitpack": b"PACK\0\0\0\2", "gitidx": b"\xfftOc\0\0\0\2", "elf": b"\x7fELF\2\1\1",
+    "mp4": b"\0\0\0\x18ftypisom", "riff": b"RIFF\0\0\0\0WEBP", "zlib": zlib.compress(b"hello" * 50),
+}
+
+
+def test_format_of_by_first_byte_answers_as_every_check_in_order():
+    """format_of tries only the checks a head's first byte allows (FIRST_BYTE):
+    each check indeed needs that byte, and the answer is the first passing
+    check in FORMATS order, as trying all of them gives."""
+    def every(h):
+        return next((n for n, c in guard.FORMATS.items() if c(h)), None)
+
+    assert set(VALID_HEADS) == set(guard.FORMATS) == set(guard.FIRST_BYTE)
+    for name, h in VALID_HEADS.items():
+        assert guard.format_of(h) == name
+        fb = guard.FIRST_BYTE[name]
+        for b in range(256):
+            if fb is not None and bytes([b]) != fb:
+                assert not guard.FORMATS[name](bytes([b]) + h[1:]), (name, b)
+    rng = random.Random(19)
+    heads = [b"", b"x", b"x alpha", b"\0" * 4096, os.urandom(4096), chunking.__doc__.encode()]
+    heads += [bytes([b]) + rng.randbytes(rng.randrange(0, 64)) for b in range(256) for _ in range(32)]
+    heads += [bytes([b]) + h[1:] for h in VALID_HEADS.values() for b in range(256)]
+    heads += [h[:k] for h in VALID_HEADS.values() for k in range(len(h))]
+    for h in heads:
+        assert guard.format_of(h) == every(h), h
