@@ -194,6 +194,19 @@ def test_ignored_files_never_journaled(mounted):
     assert not paths & {b"build", b"build/out.bin", b"main.o", b".main.c.swp"}
 
 
+def test_a_deltaignore_saved_through_the_mount_applies_at_once(mounted):
+    save(mounted.mnt / "before.log", b"journaled: no pattern yet")
+    save(mounted.mnt / ".deltaignore", b"*.log\n")
+    save(mounted.mnt / "after.log", b"not journaled")
+    save(mounted.mnt / "kept.txt", b"journaled")
+    save(mounted.mnt / ".deltaignore", b"")  # emptied: the pattern is gone again
+    save(mounted.mnt / "again.log", b"journaled again")
+    mounted.umount()
+    paths = {r.path for r in all_records(mounted.journal)}
+    assert {b"before.log", b".deltaignore", b"kept.txt", b"again.log"} <= paths
+    assert b"after.log" not in paths
+
+
 def test_preexisting_files_restorable_as_they_were(mount_factory, tmp_path):
     src = tmp_path / "pre"
     (src / "sub").mkdir(parents=True)
