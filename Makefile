@@ -81,7 +81,7 @@ test: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "no tests were collected: failing"; exit 1; fi; exit $$rc
 
-# The no-kernel tiers only (unit + ops): no FUSE, no S3 server, under a minute.
+# The no-kernel tiers only (unit + ops): no FUSE, no S3 server, about a minute.
 check: venv
 	$(VENV)/bin/python -m pytest -m "unit or ops" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "no tests were collected: failing"; exit 1; fi; exit $$rc
