@@ -574,7 +574,7 @@ class Compactor:
                 values = [txn.get(S.u64(s), db=changes) for s in range(first, last + 1)]
                 if any(v is None for v in values):
                     raise CorruptionError(f"records {first}..{last} are not all in the changes database")
-                blob = S.encode_record_block(values)
+                blob = S.encode_record_block(values, first, rd.unchecked_list)
                 pack, off = self._st.packs.append(blob)
                 if not txn.put(S.block_key(first), S.encode_block_loc(pack, off, len(blob), len(values)),
                                db=blocks, overwrite=False):  # keys before record 1: not an append

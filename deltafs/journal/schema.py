@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
+import msgpack
 import zstandard
 
-FORMAT_VERSION = 11  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
+FORMAT_VERSION = 12  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
 # 4: delta chains up to 128 (chunking.MAX_DELTA_DEPTH), in-place files cut at aligned offsets;
 # 5: content cause 6 = "repair" (a file recorded again after a merged history, issue 18);
 # 6: record blocks "S" keep two hashes, not one per record; raw_bytes recounted (issue 20)
@@ -24,6 +25,7 @@ FORMAT_VERSION = 11  # 2: chunk values in pack files; 3: records v2, dupsort his
 # 11: a chunk list over one tree page (TREE_PAGE entries) gets a two-level content hash, record
 #     key 22 "content_tree", instead of the flat one (key 20): a small edit of a huge file rehashes
 #     one page (issue 19)
+# 12: record blocks "T" leave out the content hashes a block's own edits give back (issue 20)
 MAX_DBS = 32
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
 CHECKPOINT_MAX = 256  # a long one (>= 8192 entries) may need up to this many (see checkpoint_every)
@@ -478,6 +480,7 @@ def decode_loc(v: bytes) -> tuple[int, int, int, int, int]:
 # --- record blocks: compacted records, zstd-compressed in packs ------------------------
 RECORD_BLOCK_MAGIC = b"R"  # first byte of a block in a pack (a chunk value starts with 1)
 CHAINED_BLOCK_MAGIC = b"S"  # since format 6: a block that keeps two hashes, not one per record
+DERIVED_BLOCK_MAGIC = b"T"  # since format 12: an S block whose content hashes are left out where derived
 RECORD_BLOCK_LEVEL = 19
 
 
@@ -505,8 +508,19 @@ def _zstd(body: bytes) -> bytes:
     return zstandard.ZstdCompressor(compression_params=params).compress(body)
 
 
-def encode_record_block(values: Sequence[bytes]) -> bytes:
-    """A block of consecutive stored record values (``hash || body``).
+def encode_record_block(values: Sequence[bytes], first: int = 0,
+                        outside: Callable[[int], bytes] | None = None) -> bytes:
+    """A block of consecutive stored record values (``hash || body``), the
+    records ``first, first + 1, ...``.
+
+    With ``outside`` (the packed full chunk list of a content version
+    before ``first``, unchecked: :meth:`Reader.unchecked_list`) a ``T``
+    block (format 12) when it leaves out at least one content hash: each
+    content record's hash value (key 20 or 22) is replaced by nil where the
+    chunk list rebuilt from the block's own edits (and ``outside`` for bases
+    before it) gives that hash back, which saves ~33 of the ~100 bytes a
+    compressed record takes.  The block is decoded again here and kept only
+    if it gives back ``values`` byte for byte; else an ``S`` block.
 
     ``S`` block (format 6): when every record after the first has ``hash =
     blake2b-256(previous hash || body)`` (records v2), one magicless zstd frame
@@ -519,14 +533,168 @@ def encode_record_block(values: Sequence[bytes]) -> bytes:
     hashes = [v[:HASH_LEN] for v in values]
     bodies = [v[HASH_LEN:] for v in values]
     if values and all(_chain_hash(hashes[i - 1], bodies[i]) == hashes[i] for i in range(1, len(values))):
+        if outside is not None and first > 0:
+            blob = _derived_block(hashes, bodies, first, outside)
+            if blob is not None:
+                return blob
         body = hashes[0] + hashes[-1] + b"".join(_uvarint(len(b)) + b for b in bodies)
         return CHAINED_BLOCK_MAGIC + _zstd(body)
     return encode_r_block(values)
 
 
+_HASH_KEYS = (20, 22)  # record v2 keys of the content hash: flat, tree (format 11)
+_BIN32 = b"\xc4\x20"  # msgpack bin 8 of 32 bytes
+_NIL = b"\xc0"
+
+
+def _hash_hole(body: bytes) -> tuple[int, bytes] | None:
+    """(offset of the content hash's msgpack value in ``body``, the body with
+    that value replaced by nil), or None: no content hash, or not one place
+    it can only be."""
+    try:
+        d = msgpack.unpackb(body, strict_map_key=False)
+    except Exception:  # noqa: BLE001 - not a record v2 body: left whole
+        return None
+    if not isinstance(d, dict) or d.get(0) != 2:
+        return None
+    for k in _HASH_KEYS:
+        h = d.get(k)
+        if isinstance(h, bytes) and len(h) == HASH_LEN:
+            pat = bytes((k,)) + _BIN32 + h
+            at = body.find(pat)
+            if at < 0 or body.find(pat, at + 1) >= 0:
+                return None
+            off = at + 1
+            return off, body[:off] + _NIL + body[off + 2 + HASH_LEN:]
+    return None
+
+
+class _Packed:
+    """A packed new list of an edit as apply_edit_packed takes it."""
+    __slots__ = ("packed", "total")
+
+    def __init__(self, packed: bytes) -> None:
+        if len(packed) % ENTRY_LEN:
+            raise ValueError("a packed chunk list of bad length")
+        self.packed = packed
+        self.total = _packed_total(packed)
+
+
+def _packed_total(packed: bytes) -> int:
+    return sum(int.from_bytes(packed[o + ID_LEN : o + ENTRY_LEN], "big")
+               for o in range(0, len(packed), ENTRY_LEN))
+
+
+def _fill_hashes(bodies: list[bytes], holes: list[int], first: int,
+                 outside: Callable[[int], bytes]) -> list[bytes]:
+    """The bodies of a ``T`` block with every left-out content hash put back:
+    each content version's list rebuilt from its base's (in the block: from
+    the bodies; before it: ``outside``) and its edit, then hashed (flat for
+    key 20, the tree hash for key 22)."""
+    lists: dict[int, tuple[bytes, int]] = {}
+
+    def list_of(seq: int) -> tuple[bytes, int]:
+        got = lists.get(seq)
+        if got is not None:
+            return got
+        if seq < first:
+            packed = bytes(outside(seq))
+            got = packed, _packed_total(packed)
+        else:
+            i = seq - first
+            if i >= len(bodies):
+                raise ValueError(f"record {seq} is after the block")
+            d = msgpack.unpackb(bodies[i], strict_map_key=False)
+            base = d.get(17) or 0
+            if base >= seq:
+                raise ValueError(f"record {seq} builds on record {base}")
+            start, total = list_of(base) if base else (b"", 0)
+            got = apply_edit_packed(start, total, [(s, c, _Packed(bytes(p))) for s, c, p in d.get(18) or ()])
+        lists[seq] = got
+        return got
+
+    out = []
+    for i, (b, hole) in enumerate(zip(bodies, holes)):
+        if hole:
+            off = hole - 1
+            if b[off : off + 1] != _NIL or off < 1 or b[off - 1] not in _HASH_KEYS:
+                raise ValueError(f"record {first + i}: no left-out content hash at {off}")
+            packed = list_of(first + i)[0]
+            h = tree_hash(packed) if b[off - 1] == 22 else packed_hash(packed)
+            b = b[:off] + _BIN32 + h + b[off + 1:]
+        out.append(b)
+    return out
+
+
+def _derived_block(hashes: list[bytes], bodies: list[bytes], first: int,
+                   outside: Callable[[int], bytes]) -> bytes | None:
+    """A ``T`` block of these records, or None (no hash left out, or the
+    block would not give them back)."""
+    holes, short = [], []
+    for b in bodies:
+        hh = _hash_hole(b)
+        holes.append(hh[0] + 1 if hh else 0)
+        short.append(hh[1] if hh else b)
+    if not any(holes):
+        return None
+    try:
+        if _fill_hashes(short, holes, first, outside) != bodies:
+            return None
+    except (ValueError, TypeError, KeyError, OverflowError):
+        return None
+    frame = hashes[0] + hashes[-1] + b"".join(_uvarint(h) + _uvarint(len(b)) + b for h, b in zip(holes, short))
+    return DERIVED_BLOCK_MAGIC + _zstd(frame)
+
+
 def encode_r_block(values: Sequence[bytes]) -> bytes:
     """An ``R`` block (formats 3-5): every stored value whole."""
     return RECORD_BLOCK_MAGIC + _zstd(b"".join(_uvarint(len(v)) + bytes(v) for v in values))
+
+
+def record_block_bodies(blob: bytes, count: int) -> list[bytes]:
+    """The record bodies of a block as stored: a ``T`` block's with nil where
+    a content hash was left out (enough to rebuild chunk lists: base and
+    edit are there).  ValueError if it is not a block of ``count``."""
+    magic = blob[:1]
+    if magic not in (RECORD_BLOCK_MAGIC, CHAINED_BLOCK_MAGIC, DERIVED_BLOCK_MAGIC):
+        raise ValueError("not a record block")
+    body = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS).decompress(blob[1:])
+    if magic == RECORD_BLOCK_MAGIC:
+        out = [v[HASH_LEN:] for v in _split_varint_items(body, 0)]
+    elif magic == CHAINED_BLOCK_MAGIC:
+        out = _split_varint_items(body, 2 * HASH_LEN)
+    else:
+        out = _split_holed_items(body, 2 * HASH_LEN)[1]
+    if len(out) != count:
+        raise ValueError(f"record block holds {len(out)} records, its index says {count}")
+    return out
+
+
+def _read_uvarint(body: bytes, o: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        if o >= len(body):
+            raise ValueError("record block ends inside a varint")
+        b = body[o]
+        o += 1
+        n |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return n, o
+        shift += 7
+
+
+def _split_holed_items(body: bytes, o: int) -> tuple[list[int], list[bytes]]:
+    """A ``T`` block's ``(uvarint hole, uvarint length, body)...`` -> (holes, bodies)."""
+    holes, out = [], []
+    while o < len(body):
+        hole, o = _read_uvarint(body, o)
+        n, o = _read_uvarint(body, o)
+        if o + n > len(body) or hole > n:
+            raise ValueError("record block ends inside a record")
+        holes.append(hole)
+        out.append(body[o : o + n])
+        o += n
+    return holes, out
 
 
 def _split_varint_items(body: bytes, o: int) -> list[bytes]:
@@ -547,8 +715,14 @@ def _split_varint_items(body: bytes, o: int) -> list[bytes]:
     return out
 
 
-def decode_record_block(blob: bytes, count: int) -> list[bytes]:
+def decode_record_block(blob: bytes, count: int, first: int = 0,
+                        outside: Callable[[int], bytes] | None = None) -> list[bytes]:
     """The ``count`` stored record values of a block (ValueError if it is not one).
+
+    A ``T`` block (format 12) needs ``first`` (its first record's seq) and
+    ``outside`` (see :func:`encode_record_block`) to put its left-out
+    content hashes back; the hashes of a damaged list come out wrong, and
+    the chain check of the block (the reader's) then fails.
 
     Of an ``S`` block, the first record gets the block's first hash, the
     last its last hash, and each one between the hash recomputed from its
@@ -556,7 +730,7 @@ def decode_record_block(blob: bytes, count: int) -> list[bytes]:
     record not continuing the chain, when the reader checks the block.
     """
     magic = blob[:1]
-    if magic not in (RECORD_BLOCK_MAGIC, CHAINED_BLOCK_MAGIC):
+    if magic not in (RECORD_BLOCK_MAGIC, CHAINED_BLOCK_MAGIC, DERIVED_BLOCK_MAGIC):
         raise ValueError("not a record block")
     body = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS).decompress(blob[1:])
     if magic == RECORD_BLOCK_MAGIC:
@@ -564,14 +738,21 @@ def decode_record_block(blob: bytes, count: int) -> list[bytes]:
     else:
         if len(body) < 2 * HASH_LEN:
             raise ValueError("record block too short for its hashes")
-        first, last = body[:HASH_LEN], body[HASH_LEN : 2 * HASH_LEN]
-        bodies = _split_varint_items(body, 2 * HASH_LEN)
-        out, h = [], first
+        fh, last = body[:HASH_LEN], body[HASH_LEN : 2 * HASH_LEN]
+        if magic == DERIVED_BLOCK_MAGIC:
+            holes, bodies = _split_holed_items(body, 2 * HASH_LEN)
+            if any(holes):
+                if outside is None or first < 1:
+                    raise ValueError("a T record block needs the journal to put its content hashes back")
+                bodies = _fill_hashes(bodies, holes, first, outside)
+        else:
+            bodies = _split_varint_items(body, 2 * HASH_LEN)
+        out, h = [], fh
         for i, b in enumerate(bodies):
             if i:
                 h = last if i == len(bodies) - 1 else _chain_hash(h, b)
             out.append(h + b)
-        if len(bodies) == 1 and last != first:
+        if len(bodies) == 1 and last != fh:
             raise ValueError("record block of one record with two hashes")
     if len(out) != count:
         raise ValueError(f"record block holds {len(out)} records, its index says {count}")

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lmdb
 import msgpack
@@ -243,20 +243,32 @@ class Storage:
         return out
 
     # --- record blocks --------------------------------------------------------------
-    def record_block(self, first: int, loc: tuple[int, int, int, int]) -> list[bytes]:
-        """The stored values of the record block starting at ``first`` (a few kept decoded)."""
+    def record_block(self, first: int, loc: tuple[int, int, int, int],
+                     outside: Callable[[int], bytes] | None = None) -> list[bytes]:
+        """The stored values of the record block starting at ``first`` (a few
+        kept decoded; ``outside``: for a ``T`` block, S.decode_record_block)."""
         with self._blocks_lock:
             values = self._blocks.get(first)
             if values is not None:
                 self._blocks.move_to_end(first)
                 return values
         pack, off, length, count = loc
-        values = S.decode_record_block(self.packs.read(pack, off, length), count)
+        values = S.decode_record_block(self.packs.read(pack, off, length), count, first, outside)
         with self._blocks_lock:
             self._blocks[first] = values
             while len(self._blocks) > RECORD_BLOCKS_CACHED:
                 self._blocks.popitem(last=False)
         return values
+
+    def record_block_bodies(self, first: int, loc: tuple[int, int, int, int]) -> list[bytes]:
+        """The record bodies of a block, a ``T`` block's content hashes left
+        out (S.record_block_bodies; from the decoded cache when there)."""
+        with self._blocks_lock:
+            values = self._blocks.get(first)
+        if values is not None:
+            return [v[S.HASH_LEN:] for v in values]
+        pack, off, length, count = loc
+        return S.record_block_bodies(self.packs.read(pack, off, length), count)
 
     def block_checked(self, key: tuple[int, int, int]) -> bool:
         """Has the chain through the block (first seq, pack, offset) been checked?"""

@@ -23,7 +23,7 @@ from .schema import TMP_DB, refill
 
 log = logging.getLogger(__name__)
 
-UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # formats a writer upgrades in place at open (a reader refuses them)
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)  # formats a writer upgrades in place at open (a reader refuses them)
 
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 
@@ -272,7 +272,21 @@ def upgrade_10_to_11(env, path: str, meta) -> None:
     log.warning("upgraded journal %s from format 10 to 11 (no data rewritten)", path)
 
 
+def upgrade_11_to_12(env, path: str, meta) -> None:
+    """Format 12: compaction may write record blocks of kind ``T``, which
+    leave out the content hashes the block's edits give back (docs/format.md
+    "Record blocks").  Nothing is rewritten: ``R`` and ``S`` blocks already
+    written stay and are read as before.  The number changes because a
+    format-11 deltafs cannot read a ``T`` block."""
+    del meta
+    main = env.open_db(None)
+    with env.begin(write=True) as txn:
+        txn.put(S.META_FORMAT, _packb(12), db=main)
+    log.warning("upgraded journal %s from format 11 to 12 (no data rewritten)", path)
+
+
 # upgrade_N_to_N+1 at index N-1: a new format appends its step here (and to UPGRADABLE)
 _STEPS = (upgrade_1_to_2, upgrade_2_to_3, upgrade_3_to_4, upgrade_4_to_5, upgrade_5_to_6, upgrade_6_to_7,
-          upgrade_7_to_8, upgrade_8_to_9, upgrade_9_to_10, upgrade_10_to_11)
+          upgrade_7_to_8, upgrade_8_to_9, upgrade_9_to_10, upgrade_10_to_11,
+          upgrade_11_to_12)
 assert len(_STEPS) == len(UPGRADABLE) == S.FORMAT_VERSION - 1

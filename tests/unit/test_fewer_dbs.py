@@ -109,7 +109,7 @@ def test_a_format_9_journal_is_upgraded_once_and_reads_the_same(tmp_path):
     with pytest.raises(JournalFormatError, match="format version 9.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 11
+        assert j.format_version == S.FORMAT_VERSION == 12
         assert snapshot_of(j, seqs) == before
         assert j.verify(full=True).ok
         more, more_content = edits(j, 2, fid=11)  # and it goes on: new records, blocks, paths
@@ -122,7 +122,7 @@ def test_a_format_9_journal_is_upgraded_once_and_reads_the_same(tmp_path):
             assert r.archived_upto() > before["archived"]
     assert named_dbs(jp) == FORMAT_10_DBS
     with Journal.open(jp, clock=FakeClock()) as j:  # upgraded once: a second open changes nothing
-        assert j.format_version == 11 and j.verify(full=True).ok
+        assert j.format_version == S.FORMAT_VERSION and j.verify(full=True).ok
 
 
 def test_an_older_deltafs_cannot_open_a_format_10_journal_as_an_empty_one(tmp_path):
