@@ -79,9 +79,13 @@ INDEX_REWRITE_MAX = 1_000_000  # entries: above this the rewrite would hold the 
 INDEX_REGROW = 0.25  # look at an index again once this share of its entries went in since
 GRAVEYARD_SCAN = 4096  # graveyard entries a pass looks at, at least (and twice the chunks it freed)
 
-# records per block: 32 compress to 0.65-0.71 of their bytes, 64 to 0.64-0.70
-# (16: 0.67-0.73), and the smaller block leaves fewer records as LMDB values
+# records per block: a pass archives whole multiples of RECORD_BLOCK (32 leave
+# fewer records as LMDB values than 64) in blocks of up to RECORD_BLOCK_MAX:
+# a bigger block finds a path again in its window (history_size's gitreplay,
+# T blocks: 32 a block 147 KB, 128 120 KB, all in one 86 KB), and a reader
+# decodes at most RECORD_BLOCK_MAX records (and their lists, for T) for one
 RECORD_BLOCK = 32
+RECORD_BLOCK_MAX = 256
 # the head record always stays an LMDB value (the writer chains onto it); older
 # ones go in whole blocks: a reader decodes a block once and keeps a few decoded
 RECORDS_KEPT = 1
@@ -553,8 +557,9 @@ class Compactor:
 
     # --- record blocks ------------------------------------------------------------------
     def archive_records(self, keep: int = RECORDS_KEPT) -> int:
-        """Move records older than the newest ``keep``, in whole blocks of
-        RECORD_BLOCK, into zstd-compressed blocks in the pack files; -> records moved.
+        """Move records older than the newest ``keep``, a whole multiple of
+        RECORD_BLOCK, into zstd-compressed blocks of up to RECORD_BLOCK_MAX
+        records in the pack files; -> records moved.
 
         A record costs ~210 bytes as an LMDB value on a full page; a block of
         32 compresses them to 0.65-0.71 of their bytes (their hashes and chunk
@@ -568,9 +573,10 @@ class Compactor:
             with self._st.write() as txn:
                 rd = Reader(self._st, txn)
                 first = rd.archived_upto() + 1
-                last = first + RECORD_BLOCK - 1
-                if last > rd.head_seq() - keep:
+                n = min(RECORD_BLOCK_MAX, (rd.head_seq() - keep - first + 1) // RECORD_BLOCK * RECORD_BLOCK)
+                if n < RECORD_BLOCK:
                     break
+                last = first + n - 1
                 values = [txn.get(S.u64(s), db=changes) for s in range(first, last + 1)]
                 if any(v is None for v in values):
                     raise CorruptionError(f"records {first}..{last} are not all in the changes database")

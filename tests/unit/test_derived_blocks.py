@@ -90,6 +90,7 @@ def test_compaction_writes_t_blocks_that_give_every_stored_value_back(tmp_path):
 def test_a_cold_read_decodes_the_block_and_at_most_the_one_before(tmp_path, monkeypatch):
     """Putting a block's hashes back reads the bodies of the records its lists
     build on, never another block's hashes: no cascade back to record 1."""
+    monkeypatch.setattr(JC, "RECORD_BLOCK_MAX", JC.RECORD_BLOCK)  # many blocks, bases in earlier ones
     jp = tmp_path / "j"
     with Journal.open(jp, create=True, clock=FakeClock()) as j:
         two_files(j, 200)
@@ -106,7 +107,8 @@ def test_a_cold_read_decodes_the_block_and_at_most_the_one_before(tmp_path, monk
     assert 1 <= len(calls) <= 2, calls  # the block, and the one before for the chain's link into it
 
 
-def test_a_damaged_checkpoint_under_a_t_block_is_caught_by_its_chain_check(tmp_path):
+def test_a_damaged_checkpoint_under_a_t_block_is_caught_by_its_chain_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(JC, "RECORD_BLOCK_MAX", JC.RECORD_BLOCK)  # bases in earlier blocks
     jp = tmp_path / "j"
     with Journal.open(jp, create=True, clock=FakeClock()) as j:
         two_files(j, 120)
