@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import msgpack
 import zstandard
@@ -585,60 +585,92 @@ def _packed_total(packed: bytes) -> int:
                for o in range(0, len(packed), ENTRY_LEN))
 
 
+def _block_lists(bodies: list[bytes], first: int, wanted: Iterable[int],
+                 outside: Callable[[int], bytes]) -> Iterator[tuple[int, bytes]]:
+    """(index, packed full chunk list) of each ``wanted`` record of a block,
+    in order: its base's list (in the block: rebuilt from the bodies; before
+    it: ``outside``; base 0: empty) with its edit applied.  A list is kept
+    only while a later record of the block still builds on it."""
+    wanted = sorted(set(wanted))
+    parsed: dict[int, tuple[int, list]] = {}
+    need, todo = set(), list(wanted)
+    while todo:  # the wanted records and the ones in the block they build on
+        i = todo.pop()
+        if i in need:
+            continue
+        if not 0 <= i < len(bodies):
+            raise ValueError(f"record {first + i} is not in the block")
+        d = msgpack.unpackb(bodies[i], strict_map_key=False)
+        base = d.get(17) or 0
+        if base >= first + i:
+            raise ValueError(f"record {first + i} builds on record {base}")
+        parsed[i] = base, d.get(18) or []
+        need.add(i)
+        if base >= first:
+            todo.append(base - first)
+    uses: dict[int, int] = {}
+    for i in need:
+        base = parsed[i][0]
+        if base >= first:
+            uses[base - first] = uses.get(base - first, 0) + 1
+    kept: dict[int, tuple[bytes, int]] = {}
+    want = set(wanted)
+    for i in sorted(need):
+        base, edit = parsed[i]
+        if not base:
+            start, total = b"", 0
+        elif base < first:
+            start = bytes(outside(base))
+            if len(start) % ENTRY_LEN:
+                raise ValueError("a packed chunk list of bad length")
+            total = _packed_total(start)
+        else:
+            start, total = kept[base - first]
+            uses[base - first] -= 1
+            if not uses[base - first]:
+                del kept[base - first]
+        got = apply_edit_packed(start, total, [(s, c, _Packed(bytes(p))) for s, c, p in edit])
+        if uses.get(i):
+            kept[i] = got
+        if i in want:
+            yield i, got[0]
+
+
 def _fill_hashes(bodies: list[bytes], holes: list[int], first: int,
                  outside: Callable[[int], bytes]) -> list[bytes]:
     """The bodies of a ``T`` block with every left-out content hash put back:
-    each content version's list rebuilt from its base's (in the block: from
-    the bodies; before it: ``outside``) and its edit, then hashed (flat for
-    key 20, the tree hash for key 22)."""
-    lists: dict[int, tuple[bytes, int]] = {}
-
-    def list_of(seq: int) -> tuple[bytes, int]:
-        got = lists.get(seq)
-        if got is not None:
-            return got
-        if seq < first:
-            packed = bytes(outside(seq))
-            got = packed, _packed_total(packed)
-        else:
-            i = seq - first
-            if i >= len(bodies):
-                raise ValueError(f"record {seq} is after the block")
-            d = msgpack.unpackb(bodies[i], strict_map_key=False)
-            base = d.get(17) or 0
-            if base >= seq:
-                raise ValueError(f"record {seq} builds on record {base}")
-            start, total = list_of(base) if base else (b"", 0)
-            got = apply_edit_packed(start, total, [(s, c, _Packed(bytes(p))) for s, c, p in d.get(18) or ()])
-        lists[seq] = got
-        return got
-
-    out = []
-    for i, (b, hole) in enumerate(zip(bodies, holes)):
-        if hole:
-            off = hole - 1
-            if b[off : off + 1] != _NIL or off < 1 or b[off - 1] not in _HASH_KEYS:
-                raise ValueError(f"record {first + i}: no left-out content hash at {off}")
-            packed = list_of(first + i)[0]
-            h = tree_hash(packed) if b[off - 1] == 22 else packed_hash(packed)
-            b = b[:off] + _BIN32 + h + b[off + 1:]
-        out.append(b)
+    the hash of the version's list (:func:`_block_lists`), flat for key 20,
+    the tree hash for key 22, back in place of the nil."""
+    out = list(bodies)
+    for i, packed in _block_lists(bodies, first, [i for i, h in enumerate(holes) if h], outside):
+        b, off = bodies[i], holes[i] - 1
+        if b[off : off + 1] != _NIL or off < 1 or b[off - 1] not in _HASH_KEYS:
+            raise ValueError(f"record {first + i}: no left-out content hash at {off}")
+        h = tree_hash(packed) if b[off - 1] == 22 else packed_hash(packed)
+        out[i] = b[:off] + _BIN32 + h + b[off + 1:]
     return out
 
 
 def _derived_block(hashes: list[bytes], bodies: list[bytes], first: int,
                    outside: Callable[[int], bytes]) -> bytes | None:
     """A ``T`` block of these records, or None (no hash left out, or the
-    block would not give them back)."""
-    holes, short = [], []
-    for b in bodies:
+    block would not give them back).  A hash is left out only for a list of
+    up to TREE_PAGE entries: a reader rebuilds and hashes every list whose
+    hash it puts back, and a huge file's (1.25 MB for 1 GiB) costs more than
+    its 32 bytes are worth."""
+    cand = {}
+    for i, b in enumerate(bodies):
         hh = _hash_hole(b)
-        holes.append(hh[0] + 1 if hh else 0)
-        short.append(hh[1] if hh else b)
-    if not any(holes):
+        if hh:
+            cand[i] = hh
+    if not cand:
         return None
+    holes, short = [0] * len(bodies), list(bodies)
     try:
-        if _fill_hashes(short, holes, first, outside) != bodies:
+        for i, packed in _block_lists(bodies, first, cand, outside):
+            if len(packed) <= TREE_PAGE_BYTES:
+                holes[i], short[i] = cand[i][0] + 1, cand[i][1]
+        if not any(holes) or _fill_hashes(short, holes, first, outside) != bodies:
             return None
     except (ValueError, TypeError, KeyError, OverflowError):
         return None
