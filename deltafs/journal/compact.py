@@ -194,7 +194,7 @@ class Compactor:
                     i += 1
                     if _chain_hits(r, s, doomed):
                         full = r.chunk_list(s)
-                        txn.put(S.u64(s), S.pack_list(full), db=self._dbs[S.DB_CHECKPOINTS])
+                        txn.put(S.checkpoint_key(s), S.pack_list(full), db=self._dbs[S.DB_CHECKPOINTS])
                         for cid, _ in full:
                             incref(txn, self._dbs, cid)
                         n += 1
@@ -218,9 +218,9 @@ class Compactor:
             for _, _, refs in rec.edit or []:
                 for cid, _ in refs:
                     self._uncount(txn, s, cid, zero)
-            cp = txn.get(S.u64(s), db=dbs[S.DB_CHECKPOINTS])
+            cp = txn.get(S.checkpoint_key(s), db=dbs[S.DB_CHECKPOINTS])
             if cp is not None:
-                txn.delete(S.u64(s), db=dbs[S.DB_CHECKPOINTS])
+                txn.delete(S.checkpoint_key(s), db=dbs[S.DB_CHECKPOINTS])
                 for cid, _ in S.unpack_list(cp):
                     self._uncount(txn, s, cid, zero)
             planstate.forget(txn, dbs, rec)
@@ -363,7 +363,7 @@ class Compactor:
                 for _, _, lst in rec.edit or []:
                     for cid, _ in lst:
                         dec(cid)
-                cp = r.txn.get(S.u64(s), db=r.dbs[S.DB_CHECKPOINTS])
+                cp = r.txn.get(S.checkpoint_key(s), db=r.dbs[S.DB_CHECKPOINTS])
                 if cp is not None:
                     for cid, _ in S.unpack_list(cp):
                         dec(cid)
@@ -783,7 +783,7 @@ def _chain_hits(r: Reader, seq: int, doomed: set[int], new_cps: set[int] = froze
     while True:
         if s != seq and s in doomed:
             return True
-        if s in new_cps or r.txn.get(S.u64(s), db=r.dbs[S.DB_CHECKPOINTS]) is not None:
+        if s in new_cps or r.txn.get(S.checkpoint_key(s), db=r.dbs[S.DB_CHECKPOINTS]) is not None:
             return False
         rec = r.record(s)
         if not rec.base_seq:

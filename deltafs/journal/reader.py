@@ -123,16 +123,16 @@ class Reader:
     # --- records -----------------------------------------------------------
     def head_seq(self) -> int:
         cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
-        return S.from_u64(cur.key()) if cur.last() and not S.is_block_key(cur.key()) else 0
+        return S.from_u64(cur.key()) if cur.last() and S.is_record_key(cur.key()) else 0
 
     def head_hash(self) -> bytes:
         cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
-        return split_value(cur.value())[0] if cur.last() and not S.is_block_key(cur.key()) else ZERO_HASH
+        return split_value(cur.value())[0] if cur.last() and S.is_record_key(cur.key()) else ZERO_HASH
 
     def head(self) -> tuple[int, bytes]:
         """(head_seq(), head_hash()) from one cursor (the writer, once per record)."""
         cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
-        if cur.last() and not S.is_block_key(cur.key()):
+        if cur.last() and S.is_record_key(cur.key()):
             return S.from_u64(cur.key()), bytes(cur.value()[:HASH_LEN])
         return 0, ZERO_HASH
 
@@ -143,7 +143,8 @@ class Reader:
         before record 1 in ``changes``), the rest in ``changes``; the newest
         records always stay in ``changes``."""
         cur = self.txn.cursor(db=self.dbs[S.DB_RECORD_BLOCKS])
-        if not (cur.prev() if cur.set_range(S.u64(1)) else cur.last()) or not S.is_block_key(cur.key()):
+        # blocks, then checkpoints (format 12), then records: the key before the checkpoints
+        if not (cur.prev() if cur.set_range(S.CHECKPOINT_PREFIX) else cur.last()) or not S.is_block_key(cur.key()):
             return 0
         return S.block_first(cur.key()) + S.decode_block_loc(cur.value())[3] - 1
 
@@ -215,7 +216,7 @@ class Reader:
         bodies: dict[int, list[bytes]] = {}  # first seq -> bodies, the blocks this walk read
         s = seq
         while True:
-            cp = self.txn.get(S.u64(s), db=self.dbs[S.DB_CHECKPOINTS])
+            cp = self.txn.get(S.checkpoint_key(s), db=self.dbs[S.DB_CHECKPOINTS])
             if cp is not None:
                 start = bytes(cp)
                 break
@@ -253,6 +254,16 @@ class Reader:
             raise ValueError(f"no record {seq}")
         got = bodies[first] = self._st.record_block_bodies(first, loc)
         return got[seq - first]
+
+    def checkpoints(self) -> Iterator[tuple[int, bytes]]:
+        """(seq, packed full chunk list) of every chunk-list checkpoint, in seq
+        order (keys S.checkpoint_key in ``changes`` since format 12)."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_CHECKPOINTS])
+        if cur.set_range(S.CHECKPOINT_PREFIX):
+            for k, v in cur:
+                if not S.is_checkpoint_key(k):
+                    break
+                yield S.checkpoint_seq(k), bytes(v)
 
     def _changes_get(self, seq: int) -> bytes | None:
         return self.txn.get(S.u64(seq), db=self.dbs[S.DB_CHANGES])
@@ -336,7 +347,7 @@ class Reader:
         if not positioned:
             return
         for k, v in cur.iterprev():
-            if S.is_block_key(k):
+            if not S.is_record_key(k):  # a checkpoint's or a block's: no record before it
                 break
             seq = S.from_u64(k)
             if seq < start:
@@ -425,7 +436,7 @@ class Reader:
         chain: list[Record] = []
         s = seq
         while True:
-            cp = self.txn.get(S.u64(s), db=self.dbs[S.DB_CHECKPOINTS])
+            cp = self.txn.get(S.checkpoint_key(s), db=self.dbs[S.DB_CHECKPOINTS])
             if cp is not None:
                 return bytes(cp), chain[::-1]
             r = self._content_record(s, chain[-1].seq if chain else None)

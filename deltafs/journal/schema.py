@@ -60,10 +60,11 @@ DB_SNAPSHOTS = b"snapshots"
 DB_MIRRORS = b"mirrors"
 DB_RECORD_BLOCKS = b"record_blocks"  # logical, in ``changes`` since format 10: block_key(first seq) -> location
 DB_TREES = b"trees"  # u64 seq -> tree checkpoint: the tree right after that record (format 6)
-ALL_DBS = (  # the named databases of a journal (format 10)
-    DB_CHANGES, DB_FILES, DB_HISTORY, DB_CHUNKS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS, DB_TREES,
+ALL_DBS = (  # the named databases of a journal (format 12)
+    DB_CHANGES, DB_FILES, DB_HISTORY, DB_CHUNKS, DB_SNAPSHOTS, DB_MIRRORS, DB_TREES,
 )
-SHARED_DBS = {DB_PATHS: DB_FILES, DB_PATHLOG: DB_HISTORY, DB_RECORD_BLOCKS: DB_CHANGES}  # logical -> physical
+SHARED_DBS = {DB_PATHS: DB_FILES, DB_PATHLOG: DB_HISTORY, DB_RECORD_BLOCKS: DB_CHANGES,  # logical -> physical
+              DB_CHECKPOINTS: DB_CHANGES}  # checkpoints: a named database of its own in formats 1-11
 OLD_DBS = (DB_META, DB_PATHS, DB_PATHLOG, DB_RECORD_BLOCKS)  # named databases of formats 1-9 (upgrade.py)
 DB_PRUNED = b"pruned"  # u64 seq of a pruned content version -> msgpack {"hlc", "t"}
 DB_GRAVEYARD = b"graveyard"  # chunk id -> u64 time freed || the freed chunk value
@@ -78,6 +79,8 @@ KV_DBS = {"snapshots": DB_SNAPSHOTS, "mirrors": DB_MIRRORS}
 # key ranges of the shared databases (format 10)
 PATH_PREFIX = b"\xff"  # paths in files, pathlog in history: after every u64 file id (< 2**63)
 BLOCK_PREFIX = bytes(8)  # record blocks in changes: u64 0 || u64 first seq, before record 1
+CHECKPOINT_PREFIX = bytes(8) + b"\xff"  # chunk-list checkpoints in changes (format 12): after every
+# block key (a first seq < 2**56), before record 1
 FILE_ID_LIMIT = 1 << 63  # file ids are below (capture draws 63 random bits): PATH_PREFIX stays free
 
 
@@ -93,6 +96,24 @@ def block_key(first: int) -> bytes:
 
 def is_block_key(key: bytes) -> bool:
     return len(key) == 16
+
+
+def is_record_key(key: bytes) -> bool:
+    """A record's key in ``changes`` (u64 seq), not a block's or a checkpoint's."""
+    return len(key) == 8
+
+
+def checkpoint_key(seq: int) -> bytes:
+    """Key of the chunk-list checkpoint of content record ``seq`` (``changes``, format 12)."""
+    return CHECKPOINT_PREFIX + _U64.pack(seq)
+
+
+def is_checkpoint_key(key: bytes) -> bool:
+    return len(key) == 17 and key[:9] == CHECKPOINT_PREFIX
+
+
+def checkpoint_seq(key: bytes) -> int:
+    return _U64.unpack(key[9:])[0]
 
 
 def block_first(key: bytes) -> int:
@@ -120,7 +141,7 @@ META_FILES = b"file_count"  # since format 10: file ids in ``files`` (it holds `
 # meta keys live beside the names of the databases in the main database (format 10): never one of them
 assert not {META_FORMAT, META_JOURNAL_ID, META_CREATED, META_HLC, META_CHUNKER, META_STORED, META_RAW,
             META_PACK_END, META_PRUNED_VERSIONS, META_PACKS_RETIRED, META_FILES, b"freed_chunks", b"freed_bytes",
-            } & {*ALL_DBS, *WRITER_DBS, *OLD_DBS, DB_REFS, TMP_DB}
+            } & {*ALL_DBS, *WRITER_DBS, *OLD_DBS, DB_CHECKPOINTS, DB_REFS, TMP_DB}
 assert not any(n.startswith((META_SETTING_PREFIX, META_PACK_LIVE_PREFIX)) for n in (*ALL_DBS, *WRITER_DBS, TMP_DB))
 
 

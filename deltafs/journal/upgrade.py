@@ -272,17 +272,29 @@ def upgrade_10_to_11(env, path: str, meta) -> None:
     log.warning("upgraded journal %s from format 10 to 11 (no data rewritten)", path)
 
 
-def upgrade_11_to_12(env, path: str, meta) -> None:
-    """Format 12: compaction may write record blocks of kind ``T``, which
-    leave out the content hashes the block's edits give back (docs/format.md
-    "Record blocks").  Nothing is rewritten: ``R`` and ``S`` blocks already
-    written stay and are read as before.  The number changes because a
-    format-11 deltafs cannot read a ``T`` block."""
+def upgrade_11_to_12(env, path: str, meta) -> int:
+    """Format 12 moves the chunk-list checkpoints into ``changes`` (keys
+    S.checkpoint_key, between the record blocks and record 1: LMDB gives the
+    ``checkpoints`` database a page of its own, and a branch page once it
+    has two) and drops the ``checkpoints`` database; compaction may write
+    record blocks of kind ``T``, which leave out the content hashes the
+    block's edits give back (docs/format.md "Record blocks").  Records and
+    blocks already written stay as they are.  One transaction. -> checkpoints moved."""
     del meta
     main = env.open_db(None)
     with env.begin(write=True) as txn:
+        changes = env.open_db(S.DB_CHANGES, txn=txn)
+        n = 0
+        if txn.get(S.DB_CHECKPOINTS, db=main) is not None:  # a journal made by format 11 has it
+            old = env.open_db(S.DB_CHECKPOINTS, txn=txn, create=False)
+            for k, v in txn.cursor(db=old):
+                txn.put(S.checkpoint_key(S.from_u64(k)), bytes(v), db=changes)
+                n += 1
+            txn.drop(old, delete=True)
         txn.put(S.META_FORMAT, _packb(12), db=main)
-    log.warning("upgraded journal %s from format 11 to 12 (no data rewritten)", path)
+    log.warning("upgraded journal %s from format 11 to 12 (%d chunk-list checkpoints moved into changes)",
+                path, n)
+    return n
 
 
 # upgrade_N_to_N+1 at index N-1: a new format appends its step here (and to UPGRADABLE)

@@ -16,6 +16,8 @@ from deltafs.journal import Journal
 from deltafs.journal import compact as JC
 from deltafs.journal import schema as S
 
+from oldformat import downgrade_to_format_11
+from test_fewer_dbs import named_dbs
 from test_journal import FakeClock
 from test_packs import edits, text, version
 from test_record_blocks import many_records
@@ -114,7 +116,7 @@ def test_a_damaged_checkpoint_under_a_t_block_is_caught_by_its_chain_check(tmp_p
         two_files(j, 120)
         M.compact(j, ALL)
         with j.reader() as r:
-            cps = [S.from_u64(k) for k, _ in r.txn.cursor(db=r.dbs[S.DB_CHECKPOINTS])]
+            cps = [seq for seq, _ in r.checkpoints()]
             blocks = [(first, S.decode_block_loc(loc)[3]) for first, loc in r.record_blocks()]
             # a record in a later block than the checkpoint it builds on
             target = next((rec.seq, rec.base_seq) for rec in r.records(1, r.archived_upto())
@@ -122,11 +124,11 @@ def test_a_damaged_checkpoint_under_a_t_block_is_caught_by_its_chain_check(tmp_p
                           and not any(f <= rec.base_seq < f + n and f <= rec.seq < f + n for f, n in blocks))
     env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
     with env.begin(write=True) as txn:
-        db = env.open_db(S.DB_CHECKPOINTS, txn=txn)
-        cp = bytearray(txn.get(S.u64(target[1]), db=db))
+        db = env.open_db(S.DB_CHANGES, txn=txn)  # checkpoints are keys of changes since format 12
+        cp = bytearray(txn.get(S.checkpoint_key(target[1]), db=db))
         for o in range(3, len(cp), S.ENTRY_LEN):  # every chunk id of the base's list
             cp[o] ^= 0x40
-        txn.put(S.u64(target[1]), bytes(cp), db=db)
+        txn.put(S.checkpoint_key(target[1]), bytes(cp), db=db)
     env.close()
     with Journal.open(jp, readonly=True) as j, j.reader() as r:
         with pytest.raises(CorruptionError, match="record block"):
@@ -161,15 +163,17 @@ def test_a_format_11_journal_is_upgraded_its_s_blocks_read_and_new_blocks_are_t(
         monkeypatch.undo()
         assert set(block_kinds(j)) == {b"S"}  # what format 11 wrote
         values = chain_values(j)
-    env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
-    with env.begin(write=True) as txn:
-        txn.put(S.META_FORMAT, msgpack.packb(11))
-    env.close()
+        with j.reader() as r:
+            cps = dict(r.checkpoints())
+    assert cps
+    downgrade_to_format_11(jp)  # the checkpoints in a database of their own
+    assert S.DB_CHECKPOINTS in named_dbs(jp)
     with pytest.raises(JournalFormatError, match="format version 11.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
         assert j.format_version == S.FORMAT_VERSION == 12
         with j.reader() as r:
+            assert dict(r.checkpoints()) == cps  # moved into changes
             assert [bytes(v) for _, v in r.raw_records()] == values
             for seq, data in content.items():
                 assert r.read_content(seq) == data
@@ -181,4 +185,5 @@ def test_a_format_11_journal_is_upgraded_its_s_blocks_read_and_new_blocks_are_t(
         with j.reader() as r:
             for seq, data in content.items():
                 assert r.read_content(seq) == data
+    assert S.DB_CHECKPOINTS not in named_dbs(jp)
 
