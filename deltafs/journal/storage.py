@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
 APART_TIMEOUT_S = 1800.0  # seconds a child of Storage.run_apart may take
 BLOCKS_CHECKED_KEPT = 16_384  # record blocks remembered as checked
-RECORDS_CACHED = 2048  # records of decoded record blocks kept per journal (~250 KB; blocks of 32-256)
+RECORDS_CACHED = 4096  # records of decoded record blocks kept per journal (~500 KB; blocks of 32-1024)
 
 _SHARED: dict[str, "Storage"] = {}  # path -> the Storage open on it in this process
 _SHARED_LOCK = threading.Lock()

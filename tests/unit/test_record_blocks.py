@@ -146,9 +146,11 @@ def test_a_block_that_names_the_wrong_count_is_corruption(tmp_path):
             list(r.records())
 
 
-def test_a_pass_archives_whole_multiples_of_32_in_blocks_of_up_to_256(tmp_path):
+def test_a_pass_archives_whole_multiples_of_32_in_blocks_of_up_to_the_max(tmp_path, monkeypatch):
     """A bigger block compresses better (a path comes again within its
     window); a reader decodes at most RECORD_BLOCK_MAX records for one."""
+    assert JC.RECORD_BLOCK_MAX % JC.RECORD_BLOCK == 0
+    monkeypatch.setattr(JC, "RECORD_BLOCK_MAX", 256)  # small enough for a short history
     with Journal.open(tmp_path / "j", create=True, clock=FakeClock()) as j:
         many_records(j, 700)
         assert j.archive_records() == 699 // JC.RECORD_BLOCK * JC.RECORD_BLOCK == 672
