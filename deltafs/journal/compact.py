@@ -82,11 +82,12 @@ GRAVEYARD_SCAN = 4096  # graveyard entries a pass looks at, at least (and twice 
 # records per block: a pass archives whole multiples of RECORD_BLOCK (32 leave
 # fewer records as LMDB values than 64) in blocks of up to RECORD_BLOCK_MAX:
 # a bigger block finds a path again in its window (history_size's gitreplay,
-# 3,968 records in T blocks: 32 a block 159 KB, 256 111 KB, 1024 93 KB, 4096
-# 87 KB), and a reader decodes at most RECORD_BLOCK_MAX records (and their
-# lists, for T) for one (gitreplay: 0.4 ms for 256, 2.7 ms for 1024, 13 ms for 4096)
+# 3,968 records in T blocks: 32 a block 159 KB, 256 111 KB, 512 101 KB, 1024
+# 93 KB, 4096 87 KB), but a reader decodes and checks a whole block for one
+# record (a cold read of one gitreplay record: ~7.5 ms with 1024, 0.5 ms with
+# 32), and a history of one file reads every block it has a version in
 RECORD_BLOCK = 32
-RECORD_BLOCK_MAX = 1024
+RECORD_BLOCK_MAX = 512
 # the head record always stays an LMDB value (the writer chains onto it); older
 # ones go in whole blocks: a reader decodes a block once and keeps a few decoded
 RECORDS_KEPT = 1
@@ -581,7 +582,8 @@ class Compactor:
                 values = [txn.get(S.u64(s), db=changes) for s in range(first, last + 1)]
                 if any(v is None for v in values):
                     raise CorruptionError(f"records {first}..{last} are not all in the changes database")
-                blob = S.encode_record_block(values, first, rd.unchecked_list)
+                bodies: dict[int, list[bytes]] = {}  # blocks read for the lists, shared by the records
+                blob = S.encode_record_block(values, first, lambda s: rd.unchecked_list(s, bodies))
                 pack, off = self._st.packs.append(blob)
                 if not txn.put(S.block_key(first), S.encode_block_loc(pack, off, len(blob), len(values)),
                                db=blocks, overwrite=False):  # keys before record 1: not an append

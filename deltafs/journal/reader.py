@@ -174,7 +174,8 @@ class Reader:
             loc = S.decode_block_loc(cur.value())
             if not first <= seq < first + loc[3]:
                 return None
-            values = self._st.record_block(first, loc, self.unchecked_list)
+            bodies: dict[int, list[bytes]] = {}  # blocks read for this one's lists, shared by its records
+            values = self._st.record_block(first, loc, lambda s: self.unchecked_list(s, bodies))
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptionError(f"the record block of records {first}.. cannot be read: {e}") from e
         if check and not self._st.block_checked((first, loc[0], loc[1])):
@@ -187,12 +188,9 @@ class Reader:
         if first > 1:
             before = self._changes_get(first - 1)
             if before is None:
-                try:
-                    blk = self._block_at(first - 1, check=False)
-                except CorruptionError:
-                    blk = None  # that block is damaged (and says so when read): check from here on
-                before = blk[1][first - 1 - blk[0]] if blk else None
-            prev = split_value(before)[0] if before is not None else None
+                prev = self._last_hash_of_block_before(first)
+            else:
+                prev = split_value(before)[0]
         last = first + len(values) - 1
         for i, v in enumerate(values):
             if prev is None:  # the record before cannot be read: the first link goes unchecked
@@ -204,16 +202,19 @@ class Reader:
                                       f"record {first + i} {problem}")
             prev = r.hash
 
-    def unchecked_list(self, seq: int) -> bytes:
+    def unchecked_list(self, seq: int, bodies: dict[int, list[bytes]] | None = None) -> bytes:
         """The packed full chunk list of content version ``seq``, rebuilt from
         its checkpoint or the bodies of the records it builds on, checked
         against nothing: what a ``T`` record block puts its left-out content
         hashes back from (a damaged list gives a wrong hash, which the
         block's chain check then catches).  Reads bodies only, never puts a
         block's hashes back, so decoding one block never decodes others'
-        hashes.  ValueError if the chain cannot be followed."""
+        hashes.  ``bodies`` (first seq -> bodies): the blocks read so far,
+        which a caller may keep across calls.  ValueError if the chain
+        cannot be followed."""
         chain: list = []
-        bodies: dict[int, list[bytes]] = {}  # first seq -> bodies, the blocks this walk read
+        if bodies is None:
+            bodies = {}
         s = seq
         while True:
             cp = self.txn.get(S.checkpoint_key(s), db=self.dbs[S.DB_CHECKPOINTS])
@@ -264,6 +265,25 @@ class Reader:
                 if not S.is_checkpoint_key(k):
                     break
                 yield S.checkpoint_seq(k), bytes(v)
+
+    def _last_hash_of_block_before(self, first: int) -> bytes | None:
+        """The stored hash of record ``first - 1``, the last of the block
+        before (an ``S`` or ``T`` block keeps it in its frame's first 64
+        bytes: no need to decode, or put back the hashes of, a whole block
+        of up to RECORD_BLOCK_MAX records); None if that block is damaged
+        (it says so when read): the first link goes unchecked."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_RECORD_BLOCKS])
+        if not (cur.prev() if cur.set_range(S.block_key(first)) else cur.last()) \
+                or not S.is_block_key(cur.key()):
+            return None
+        bfirst = S.block_first(cur.key())
+        try:
+            loc = S.decode_block_loc(cur.value())
+            if bfirst + loc[3] != first:
+                return None
+            return self._st.record_block_last_hash(bfirst, loc)
+        except (ValueError, zstandard.ZstdError):
+            return None
 
     def _changes_get(self, seq: int) -> bytes | None:
         return self.txn.get(S.u64(seq), db=self.dbs[S.DB_CHANGES])

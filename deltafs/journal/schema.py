@@ -723,6 +723,22 @@ def record_block_bodies(blob: bytes, count: int) -> list[bytes]:
     return out
 
 
+def record_block_last_hash(blob: bytes, count: int) -> bytes:
+    """The stored hash of a block's last record: of an ``S`` or ``T`` block
+    the frame's second 32 bytes (the rest left compressed), of an ``R`` block
+    its last value's.  ValueError if it is not a block."""
+    magic = blob[:1]
+    if magic in (CHAINED_BLOCK_MAGIC, DERIVED_BLOCK_MAGIC):
+        dz = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+        with dz.stream_reader(blob[1:]) as rd:
+            head = rd.read(2 * HASH_LEN)
+        if len(head) < 2 * HASH_LEN:
+            raise ValueError("record block too short for its hashes")
+        return bytes(head[HASH_LEN:])
+    values = decode_record_block(blob, count)
+    return bytes(values[-1][:HASH_LEN])
+
+
 def _read_uvarint(body: bytes, o: int) -> tuple[int, int]:
     n = shift = 0
     while True:

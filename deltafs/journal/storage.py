@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
 APART_TIMEOUT_S = 1800.0  # seconds a child of Storage.run_apart may take
 BLOCKS_CHECKED_KEPT = 16_384  # record blocks remembered as checked
-RECORDS_CACHED = 4096  # records of decoded record blocks kept per journal (~500 KB; blocks of 32-1024)
+RECORDS_CACHED = 4096  # records of decoded record blocks kept per journal (~500 KB; blocks of 32-512)
 
 _SHARED: dict[str, "Storage"] = {}  # path -> the Storage open on it in this process
 _SHARED_LOCK = threading.Lock()
@@ -262,6 +262,16 @@ class Storage:
             while self._blocks_records > RECORDS_CACHED and len(self._blocks) > 1:
                 self._blocks_records -= len(self._blocks.popitem(last=False)[1])
         return values
+
+    def record_block_last_hash(self, first: int, loc: tuple[int, int, int, int]) -> bytes:
+        """The stored hash of a block's last record (S.record_block_last_hash;
+        from the decoded cache when there)."""
+        with self._blocks_lock:
+            values = self._blocks.get(first)
+        if values is not None:
+            return bytes(values[-1][:S.HASH_LEN])
+        pack, off, length, count = loc
+        return S.record_block_last_hash(self.packs.read(pack, off, length), count)
 
     def record_block_bodies(self, first: int, loc: tuple[int, int, int, int]) -> list[bytes]:
         """The record bodies of a block, a ``T`` block's content hashes left
