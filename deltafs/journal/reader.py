@@ -221,7 +221,11 @@ class Reader:
             if cp is not None:
                 start = bytes(cp)
                 break
-            rec = decode_record(bytes(HASH_LEN) + self._unchecked_body(s, bodies), s)
+            body = self._unchecked_body(s, bodies)
+            try:
+                rec = decode_record(bytes(HASH_LEN) + body, s)
+            except Exception as e:  # noqa: BLE001 - any decode failure is damage
+                raise ValueError(f"record {s} cannot be decoded: {e}") from e
             if not rec.is_content:
                 raise ValueError(f"record {s} is a {rec.op}, not a content version")
             chain.append(rec.edit or [])

@@ -623,7 +623,7 @@ def _block_lists(bodies: list[bytes], first: int, wanted: Iterable[int],
             raise ValueError(f"record {first + i} is not in the block")
         d = msgpack.unpackb(bodies[i], strict_map_key=False)
         base = d.get(17) or 0
-        if base >= first + i:
+        if not isinstance(base, int) or not 0 <= base < first + i:
             raise ValueError(f"record {first + i} builds on record {base}")
         parsed[i] = base, d.get(18) or []
         need.add(i)
@@ -693,7 +693,7 @@ def _derived_block(hashes: list[bytes], bodies: list[bytes], first: int,
                 holes[i], short[i] = cand[i][0] + 1, cand[i][1]
         if not any(holes) or _fill_hashes(short, holes, first, outside) != bodies:
             return None
-    except (ValueError, TypeError, KeyError, OverflowError):
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error):
         return None
     frame = hashes[0] + hashes[-1] + b"".join(_uvarint(h) + _uvarint(len(b)) + b for h, b in zip(holes, short))
     return DERIVED_BLOCK_MAGIC + _zstd(frame)
@@ -813,7 +813,10 @@ def decode_record_block(blob: bytes, count: int, first: int = 0,
             if any(holes):
                 if outside is None or first < 1:
                     raise ValueError("a T record block needs the journal to put its content hashes back")
-                bodies = _fill_hashes(bodies, holes, first, outside)
+                try:
+                    bodies = _fill_hashes(bodies, holes, first, outside)
+                except (TypeError, KeyError, IndexError, OverflowError, struct.error) as e:  # damage
+                    raise ValueError(f"a content hash of the block cannot be put back: {e}") from e
         else:
             bodies = _split_varint_items(body, 2 * HASH_LEN)
         out, h = [], fh

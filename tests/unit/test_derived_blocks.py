@@ -20,7 +20,7 @@ from oldformat import downgrade_to_format_11
 from test_fewer_dbs import named_dbs
 from test_journal import FakeClock
 from test_packs import edits, text, version
-from test_record_blocks import many_records
+from test_record_blocks import flip, many_records
 
 ALL = parse_retention("*:all", burst=0)
 
@@ -187,3 +187,23 @@ def test_a_format_11_journal_is_upgraded_its_s_blocks_read_and_new_blocks_are_t(
                 assert r.read_content(seq) == data
     assert S.DB_CHECKPOINTS not in named_dbs(jp)
 
+
+
+@pytest.mark.parametrize("at", [0.2, 0.4, 0.6, 0.8])
+def test_a_damaged_t_block_is_reported_not_raised(tmp_path, at):
+    """Bytes flipped inside a T block: whatever they hit (a base, an edit, a
+    hole's offset), verify names the damage and a read raises CorruptionError."""
+    jp = tmp_path / "j"
+    with Journal.open(jp, create=True, clock=FakeClock()) as j:
+        two_files(j, 60)
+        M.compact(j, ALL)
+        assert block_kinds(j)[0] == b"T"
+        with j.reader() as r:
+            first, loc = next(r.record_blocks())
+            pack, off, length, n = S.decode_block_loc(loc)
+    flip(jp, pack, off + int(length * at))
+    with Journal.open(jp, readonly=True) as j:
+        assert not j.verify().ok
+        with j.reader() as r, pytest.raises(CorruptionError):
+            for s in range(first, first + n):
+                r.record(s)
