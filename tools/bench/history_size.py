@@ -755,11 +755,14 @@ breakdown above; the figures per history are in the list):
   The *after compact* column is the journal once a compaction pass (every
   10 minutes in a mount; `deltafs compact` here, keeping every version)
   has rewritten the chunk index, `history` and `pathlog` in key order and
-  moved every record but the newest (whole blocks of 32, so up to 32 stay)
-  into zstd-compressed blocks in the pack files. Since journal format 6 a
-  block keeps only its first and last record's chain hash (the others are
-  recomputed from the bodies), about 0.4 of the records' bytes instead of
-  0.65–0.71: the content hashes and chunk ids still do not compress.
+  moved every record but the newest (a whole multiple of 32, so up to 32
+  stay, in blocks of up to 512) into zstd-compressed blocks in the pack
+  files. Since journal format 6 a block keeps only its first and last
+  record's chain hash (the others are recomputed from the bodies), and
+  since format 12 (`T` blocks) no content hash of a list up to 4,096
+  entries either (rebuilt from the edits): 0.2–0.35 of the records' bytes
+  instead of 0.65–0.71; the chunk ids still do not compress. Format 12
+  also keeps the chunk-list checkpoints in `changes`: one database less.
 - *gitreplay* (issue 20): chunk bytes are 0.97× git (git replaces each
   changed file by unlink + create, and the new file takes the old one's
   last version as its delta base); the rest is three records per changed
