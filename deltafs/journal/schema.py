@@ -569,25 +569,26 @@ _NIL = b"\xc0"
 
 
 def _hash_hole(body: bytes) -> tuple[int, bytes] | None:
-    """(offset of the content hash's msgpack value in ``body``, the body with
-    that value replaced by nil), or None: no content hash, or not one place
-    it can only be."""
+    """(offset of the flat content hash's msgpack value in ``body``, the body
+    with that value replaced by nil), or None: no flat hash, or not one place
+    it can only be.  A tree hash (key 22: a list over TREE_PAGE entries) is
+    never left out: the writer would rebuild a huge list, under the write
+    lock, only to keep the hash (readers put either kind back)."""
     try:
         d = msgpack.unpackb(body, strict_map_key=False)
     except Exception:  # noqa: BLE001 - not a record v2 body: left whole
         return None
     if not isinstance(d, dict) or d.get(0) != 2:
         return None
-    for k in _HASH_KEYS:
-        h = d.get(k)
-        if isinstance(h, bytes) and len(h) == HASH_LEN:
-            pat = bytes((k,)) + _BIN32 + h
-            at = body.find(pat)
-            if at < 0 or body.find(pat, at + 1) >= 0:
-                return None
-            off = at + 1
-            return off, body[:off] + _NIL + body[off + 2 + HASH_LEN:]
-    return None
+    h = d.get(20)
+    if not isinstance(h, bytes) or len(h) != HASH_LEN:
+        return None
+    pat = b"\x14" + _BIN32 + h
+    at = body.find(pat)
+    if at < 0 or body.find(pat, at + 1) >= 0:
+        return None
+    off = at + 1
+    return off, body[:off] + _NIL + body[off + 2 + HASH_LEN:]
 
 
 class _Packed:

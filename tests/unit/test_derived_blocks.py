@@ -207,3 +207,18 @@ def test_a_damaged_t_block_is_reported_not_raised(tmp_path, at):
         with j.reader() as r, pytest.raises(CorruptionError):
             for s in range(first, first + n):
                 r.record(s)
+
+
+def test_only_a_flat_hash_is_left_out(tmp_path):
+    """A tree hash (key 22) names a list of over 4,096 entries: the writer
+    would rebuild it under the write lock only to keep the hash, so it never
+    tries (readers put either kind back)."""
+    with Journal.open(tmp_path / "j", create=True, clock=FakeClock()) as j:
+        two_files(j, 3)
+        body = chain_values(j)[0][32:]
+    d = msgpack.unpackb(body, strict_map_key=False)
+    assert isinstance(d[20], bytes)
+    off, short = S._hash_hole(body)
+    assert short[off - 1] == 20 and short[off:off + 1] == b"\xc0" and len(short) == len(body) - 33
+    d[22] = d.pop(20)
+    assert S._hash_hole(msgpack.packb(d, use_bin_type=True)) is None
