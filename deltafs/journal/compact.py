@@ -572,7 +572,9 @@ class Compactor:
         moved = 0
         changes, blocks = self._dbs[S.DB_CHANGES], self._dbs[S.DB_RECORD_BLOCKS]
         while True:
-            with self._st.write() as txn:
+            # the block is made from a read snapshot, outside the write lock (a T block
+            # rebuilds lists): records never change, and only this pass moves them
+            with self._st.read() as txn:
                 rd = Reader(self._st, txn)
                 first = rd.archived_upto() + 1
                 n = min(RECORD_BLOCK_MAX, (rd.head_seq() - keep - first + 1) // RECORD_BLOCK * RECORD_BLOCK)
@@ -582,8 +584,13 @@ class Compactor:
                 values = [txn.get(S.u64(s), db=changes) for s in range(first, last + 1)]
                 if any(v is None for v in values):
                     raise CorruptionError(f"records {first}..{last} are not all in the changes database")
+                values = [bytes(v) for v in values]
                 bodies: dict[int, list[bytes]] = {}  # blocks read for the lists, shared by the records
                 blob = S.encode_record_block(values, first, lambda s: rd.unchecked_list(s, bodies))
+            with self._st.write() as txn:
+                if Reader(self._st, txn).archived_upto() + 1 != first or any(
+                        txn.get(S.u64(s), db=changes) != v for s, v in zip(range(first, last + 1), values)):
+                    raise CorruptionError(f"records {first}..{last} changed while compaction archived them")
                 pack, off = self._st.packs.append(blob)
                 if not txn.put(S.block_key(first), S.encode_block_loc(pack, off, len(blob), len(values)),
                                db=blocks, overwrite=False):  # keys before record 1: not an append
