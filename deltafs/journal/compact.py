@@ -79,9 +79,15 @@ INDEX_REWRITE_MAX = 1_000_000  # entries: above this the rewrite would hold the 
 INDEX_REGROW = 0.25  # look at an index again once this share of its entries went in since
 GRAVEYARD_SCAN = 4096  # graveyard entries a pass looks at, at least (and twice the chunks it freed)
 
-# records per block: 32 compress to 0.65-0.71 of their bytes, 64 to 0.64-0.70
-# (16: 0.67-0.73), and the smaller block leaves fewer records as LMDB values
+# records per block: a pass archives whole multiples of RECORD_BLOCK (32 leave
+# fewer records as LMDB values than 64) in blocks of up to RECORD_BLOCK_MAX:
+# a bigger block finds a path again in its window (history_size's gitreplay,
+# 3,968 records in T blocks: 32 a block 159 KB, 256 111 KB, 512 101 KB, 1024
+# 93 KB, 4096 87 KB), but a reader decodes and checks a whole block for one
+# record (a cold read of one gitreplay record: ~7.5 ms with 1024, 0.5 ms with
+# 32), and a history of one file reads every block it has a version in
 RECORD_BLOCK = 32
+RECORD_BLOCK_MAX = 512
 # the head record always stays an LMDB value (the writer chains onto it); older
 # ones go in whole blocks: a reader decodes a block once and keeps a few decoded
 RECORDS_KEPT = 1
@@ -190,7 +196,7 @@ class Compactor:
                     i += 1
                     if _chain_hits(r, s, doomed):
                         full = r.chunk_list(s)
-                        txn.put(S.u64(s), S.pack_list(full), db=self._dbs[S.DB_CHECKPOINTS])
+                        txn.put(S.checkpoint_key(s), S.pack_list(full), db=self._dbs[S.DB_CHECKPOINTS])
                         for cid, _ in full:
                             incref(txn, self._dbs, cid)
                         n += 1
@@ -214,9 +220,9 @@ class Compactor:
             for _, _, refs in rec.edit or []:
                 for cid, _ in refs:
                     self._uncount(txn, s, cid, zero)
-            cp = txn.get(S.u64(s), db=dbs[S.DB_CHECKPOINTS])
+            cp = txn.get(S.checkpoint_key(s), db=dbs[S.DB_CHECKPOINTS])
             if cp is not None:
-                txn.delete(S.u64(s), db=dbs[S.DB_CHECKPOINTS])
+                txn.delete(S.checkpoint_key(s), db=dbs[S.DB_CHECKPOINTS])
                 for cid, _ in S.unpack_list(cp):
                     self._uncount(txn, s, cid, zero)
             planstate.forget(txn, dbs, rec)
@@ -359,7 +365,7 @@ class Compactor:
                 for _, _, lst in rec.edit or []:
                     for cid, _ in lst:
                         dec(cid)
-                cp = r.txn.get(S.u64(s), db=r.dbs[S.DB_CHECKPOINTS])
+                cp = r.txn.get(S.checkpoint_key(s), db=r.dbs[S.DB_CHECKPOINTS])
                 if cp is not None:
                     for cid, _ in S.unpack_list(cp):
                         dec(cid)
@@ -553,8 +559,9 @@ class Compactor:
 
     # --- record blocks ------------------------------------------------------------------
     def archive_records(self, keep: int = RECORDS_KEPT) -> int:
-        """Move records older than the newest ``keep``, in whole blocks of
-        RECORD_BLOCK, into zstd-compressed blocks in the pack files; -> records moved.
+        """Move records older than the newest ``keep``, a whole multiple of
+        RECORD_BLOCK, into zstd-compressed blocks of up to RECORD_BLOCK_MAX
+        records in the pack files; -> records moved.
 
         A record costs ~210 bytes as an LMDB value on a full page; a block of
         32 compresses them to 0.65-0.71 of their bytes (their hashes and chunk
@@ -565,16 +572,25 @@ class Compactor:
         moved = 0
         changes, blocks = self._dbs[S.DB_CHANGES], self._dbs[S.DB_RECORD_BLOCKS]
         while True:
-            with self._st.write() as txn:
+            # the block is made from a read snapshot, outside the write lock (a T block
+            # rebuilds lists): records never change, and only this pass moves them
+            with self._st.read() as txn:
                 rd = Reader(self._st, txn)
                 first = rd.archived_upto() + 1
-                last = first + RECORD_BLOCK - 1
-                if last > rd.head_seq() - keep:
+                n = min(RECORD_BLOCK_MAX, (rd.head_seq() - keep - first + 1) // RECORD_BLOCK * RECORD_BLOCK)
+                if n < RECORD_BLOCK:
                     break
+                last = first + n - 1
                 values = [txn.get(S.u64(s), db=changes) for s in range(first, last + 1)]
                 if any(v is None for v in values):
                     raise CorruptionError(f"records {first}..{last} are not all in the changes database")
-                blob = S.encode_record_block(values)
+                values = [bytes(v) for v in values]
+                bodies: dict[int, list[bytes]] = {}  # blocks read for the lists, shared by the records
+                blob = S.encode_record_block(values, first, lambda s: rd.unchecked_list(s, bodies))
+            with self._st.write() as txn:
+                if Reader(self._st, txn).archived_upto() + 1 != first or any(
+                        txn.get(S.u64(s), db=changes) != v for s, v in zip(range(first, last + 1), values)):
+                    raise CorruptionError(f"records {first}..{last} changed while compaction archived them")
                 pack, off = self._st.packs.append(blob)
                 if not txn.put(S.block_key(first), S.encode_block_loc(pack, off, len(blob), len(values)),
                                db=blocks, overwrite=False):  # keys before record 1: not an append
@@ -777,7 +793,7 @@ def _chain_hits(r: Reader, seq: int, doomed: set[int], new_cps: set[int] = froze
     while True:
         if s != seq and s in doomed:
             return True
-        if s in new_cps or r.txn.get(S.u64(s), db=r.dbs[S.DB_CHECKPOINTS]) is not None:
+        if s in new_cps or r.txn.get(S.checkpoint_key(s), db=r.dbs[S.DB_CHECKPOINTS]) is not None:
             return False
         rec = r.record(s)
         if not rec.base_seq:

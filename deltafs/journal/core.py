@@ -680,9 +680,8 @@ class Journal:
                 # the next version of the file is due too (depth keeps counting)
                 self._due_now.append(seq)
             else:
-                # the head's seq is above every checkpoint key: append (full pages)
-                if not txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS], append=True):
-                    txn.put(S.u64(seq), new, db=self._dbs[S.DB_CHECKPOINTS])
+                # in ``changes`` before record 1 (format 12), after the other checkpoints
+                txn.put(S.checkpoint_key(seq), new, db=self._dbs[S.DB_CHECKPOINTS])
                 self._count_list(txn, seq, new, lenient)
                 depth = accum = 0
         self._cache_list(seq, new, total, depth, accum, pages)
@@ -742,10 +741,10 @@ class Journal:
                     rd = Reader(self._storage, txn)
                     cdb = self._dbs[S.DB_CHECKPOINTS]
                     done = True
-                    if txn.get(S.u64(seq), db=cdb) is None and not rd.is_pruned(seq):
+                    if txn.get(S.checkpoint_key(seq), db=cdb) is None and not rd.is_pruned(seq):
                         hit = self._lists.get(seq)
                         packed = hit[0] if hit is not None else self._list_for(rd, seq)[0]
-                        txn.put(S.u64(seq), bytes(packed), db=cdb)
+                        txn.put(S.checkpoint_key(seq), bytes(packed), db=cdb)
                         done = self._count_list(txn, seq, packed, yield_check=self._waited_for)
                     if not done:
                         txn.abort()

@@ -194,7 +194,7 @@ class PlanTxn:
         return out
 
     def has_checkpoint(self, seq: int) -> bool:
-        return self._txn.get(S.u64(seq), db=self.reader.dbs[S.DB_CHECKPOINTS]) is not None
+        return self._txn.get(S.checkpoint_key(seq), db=self.reader.dbs[S.DB_CHECKPOINTS]) is not None
 
     # --- wake-ups ---------------------------------------------------------------------
     def due(self, now_ns: int) -> list[tuple[int, int, int]]:

@@ -123,16 +123,16 @@ class Reader:
     # --- records -----------------------------------------------------------
     def head_seq(self) -> int:
         cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
-        return S.from_u64(cur.key()) if cur.last() and not S.is_block_key(cur.key()) else 0
+        return S.from_u64(cur.key()) if cur.last() and S.is_record_key(cur.key()) else 0
 
     def head_hash(self) -> bytes:
         cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
-        return split_value(cur.value())[0] if cur.last() and not S.is_block_key(cur.key()) else ZERO_HASH
+        return split_value(cur.value())[0] if cur.last() and S.is_record_key(cur.key()) else ZERO_HASH
 
     def head(self) -> tuple[int, bytes]:
         """(head_seq(), head_hash()) from one cursor (the writer, once per record)."""
         cur = self.txn.cursor(db=self.dbs[S.DB_CHANGES])
-        if cur.last() and not S.is_block_key(cur.key()):
+        if cur.last() and S.is_record_key(cur.key()):
             return S.from_u64(cur.key()), bytes(cur.value()[:HASH_LEN])
         return 0, ZERO_HASH
 
@@ -143,7 +143,8 @@ class Reader:
         before record 1 in ``changes``), the rest in ``changes``; the newest
         records always stay in ``changes``."""
         cur = self.txn.cursor(db=self.dbs[S.DB_RECORD_BLOCKS])
-        if not (cur.prev() if cur.set_range(S.u64(1)) else cur.last()) or not S.is_block_key(cur.key()):
+        # blocks, then checkpoints (format 12), then records: the key before the checkpoints
+        if not (cur.prev() if cur.set_range(S.CHECKPOINT_PREFIX) else cur.last()) or not S.is_block_key(cur.key()):
             return 0
         return S.block_first(cur.key()) + S.decode_block_loc(cur.value())[3] - 1
 
@@ -173,7 +174,8 @@ class Reader:
             loc = S.decode_block_loc(cur.value())
             if not first <= seq < first + loc[3]:
                 return None
-            values = self._st.record_block(first, loc)
+            bodies: dict[int, list[bytes]] = {}  # blocks read for this one's lists, shared by its records
+            values = self._st.record_block(first, loc, lambda s: self.unchecked_list(s, bodies))
         except (ValueError, zstandard.ZstdError) as e:
             raise CorruptionError(f"the record block of records {first}.. cannot be read: {e}") from e
         if check and not self._st.block_checked((first, loc[0], loc[1])):
@@ -186,12 +188,9 @@ class Reader:
         if first > 1:
             before = self._changes_get(first - 1)
             if before is None:
-                try:
-                    blk = self._block_at(first - 1, check=False)
-                except CorruptionError:
-                    blk = None  # that block is damaged (and says so when read): check from here on
-                before = blk[1][first - 1 - blk[0]] if blk else None
-            prev = split_value(before)[0] if before is not None else None
+                prev = self._last_hash_of_block_before(first)
+            else:
+                prev = split_value(before)[0]
         last = first + len(values) - 1
         for i, v in enumerate(values):
             if prev is None:  # the record before cannot be read: the first link goes unchecked
@@ -202,6 +201,93 @@ class Reader:
                 raise CorruptionError(f"the record block of records {first}..{last} is damaged: "
                                       f"record {first + i} {problem}")
             prev = r.hash
+
+    def unchecked_list(self, seq: int, bodies: dict[int, list[bytes]] | None = None) -> bytes:
+        """The packed full chunk list of content version ``seq``, rebuilt from
+        its checkpoint or the bodies of the records it builds on, checked
+        against nothing: what a ``T`` record block puts its left-out content
+        hashes back from (a damaged list gives a wrong hash, which the
+        block's chain check then catches).  Reads bodies only, never puts a
+        block's hashes back, so decoding one block never decodes others'
+        hashes.  ``bodies`` (first seq -> bodies): the blocks read so far,
+        which a caller may keep across calls.  ValueError if the chain
+        cannot be followed."""
+        chain: list = []
+        if bodies is None:
+            bodies = {}
+        s = seq
+        while True:
+            cp = self.txn.get(S.checkpoint_key(s), db=self.dbs[S.DB_CHECKPOINTS])
+            if cp is not None:
+                start = bytes(cp)
+                break
+            body = self._unchecked_body(s, bodies)
+            try:
+                rec = decode_record(bytes(HASH_LEN) + body, s)
+            except Exception as e:  # noqa: BLE001 - any decode failure is damage
+                raise ValueError(f"record {s} cannot be decoded: {e}") from e
+            if not rec.is_content:
+                raise ValueError(f"record {s} is a {rec.op}, not a content version")
+            chain.append(rec.edit or [])
+            if not rec.base_seq:
+                start = b""
+                break
+            if len(chain) > S.CHECKPOINT_MAX + 10 or rec.base_seq >= s:
+                raise ValueError(f"chunk list of record {seq}: edit chain too long or looping at record {s}")
+            s = rec.base_seq
+        if len(start) % S.ENTRY_LEN:
+            raise ValueError("a packed chunk list of bad length")
+        packed, total = start, sum(n for (n,) in _ENTRY_LENGTH.iter_unpack(start))
+        for edit in reversed(chain):
+            packed, total = S.apply_edit_packed(packed, total, edit)
+        return packed
+
+    def _unchecked_body(self, seq: int, bodies: dict[int, list[bytes]]) -> bytes:
+        v = self._changes_get(seq)
+        if v is not None:
+            return bytes(v[HASH_LEN:])
+        for first, got in bodies.items():
+            if first <= seq < first + len(got):
+                return got[seq - first]
+        cur = self.txn.cursor(db=self.dbs[S.DB_RECORD_BLOCKS])
+        if not (cur.prev() if cur.set_range(S.block_key(seq + 1)) else cur.last()) \
+                or not S.is_block_key(cur.key()):
+            raise ValueError(f"no record {seq}")
+        first = S.block_first(cur.key())
+        loc = S.decode_block_loc(cur.value())
+        if not first <= seq < first + loc[3]:
+            raise ValueError(f"no record {seq}")
+        got = bodies[first] = self._st.record_block_bodies(first, loc)
+        return got[seq - first]
+
+    def checkpoints(self) -> Iterator[tuple[int, bytes]]:
+        """(seq, packed full chunk list) of every chunk-list checkpoint, in seq
+        order (keys S.checkpoint_key in ``changes`` since format 12)."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_CHECKPOINTS])
+        if cur.set_range(S.CHECKPOINT_PREFIX):
+            for k, v in cur:
+                if not S.is_checkpoint_key(k):
+                    break
+                yield S.checkpoint_seq(k), bytes(v)
+
+    def _last_hash_of_block_before(self, first: int) -> bytes | None:
+        """The stored hash of record ``first - 1``, the last of the block
+        before (an ``S`` or ``T`` block keeps it in its frame's first 64
+        bytes: no need to decode, or put back the hashes of, a whole block
+        of up to RECORD_BLOCK_MAX records); None if that block is damaged
+        (it says so when read): the first link goes unchecked."""
+        cur = self.txn.cursor(db=self.dbs[S.DB_RECORD_BLOCKS])
+        if not (cur.prev() if cur.set_range(S.block_key(first)) else cur.last()) \
+                or not S.is_block_key(cur.key()):
+            return None
+        bfirst = S.block_first(cur.key())
+        try:
+            loc = S.decode_block_loc(cur.value())
+            if bfirst + loc[3] != first:
+                return None
+            return self._st.record_block_last_hash(bfirst, loc)
+        except (ValueError, zstandard.ZstdError):
+            return None
 
     def _changes_get(self, seq: int) -> bytes | None:
         return self.txn.get(S.u64(seq), db=self.dbs[S.DB_CHANGES])
@@ -285,7 +371,7 @@ class Reader:
         if not positioned:
             return
         for k, v in cur.iterprev():
-            if S.is_block_key(k):
+            if not S.is_record_key(k):  # a checkpoint's or a block's: no record before it
                 break
             seq = S.from_u64(k)
             if seq < start:
@@ -374,7 +460,7 @@ class Reader:
         chain: list[Record] = []
         s = seq
         while True:
-            cp = self.txn.get(S.u64(s), db=self.dbs[S.DB_CHECKPOINTS])
+            cp = self.txn.get(S.checkpoint_key(s), db=self.dbs[S.DB_CHECKPOINTS])
             if cp is not None:
                 return bytes(cp), chain[::-1]
             r = self._content_record(s, chain[-1].seq if chain else None)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
+import msgpack
 import zstandard
 
-FORMAT_VERSION = 11  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
+FORMAT_VERSION = 12  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
 # 4: delta chains up to 128 (chunking.MAX_DELTA_DEPTH), in-place files cut at aligned offsets;
 # 5: content cause 6 = "repair" (a file recorded again after a merged history, issue 18);
 # 6: record blocks "S" keep two hashes, not one per record; raw_bytes recounted (issue 20)
@@ -24,6 +25,7 @@ FORMAT_VERSION = 11  # 2: chunk values in pack files; 3: records v2, dupsort his
 # 11: a chunk list over one tree page (TREE_PAGE entries) gets a two-level content hash, record
 #     key 22 "content_tree", instead of the flat one (key 20): a small edit of a huge file rehashes
 #     one page (issue 19)
+# 12: record blocks "T" leave out the content hashes a block's own edits give back (issue 20)
 MAX_DBS = 32
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
 CHECKPOINT_MAX = 256  # a long one (>= 8192 entries) may need up to this many (see checkpoint_every)
@@ -58,10 +60,11 @@ DB_SNAPSHOTS = b"snapshots"
 DB_MIRRORS = b"mirrors"
 DB_RECORD_BLOCKS = b"record_blocks"  # logical, in ``changes`` since format 10: block_key(first seq) -> location
 DB_TREES = b"trees"  # u64 seq -> tree checkpoint: the tree right after that record (format 6)
-ALL_DBS = (  # the named databases of a journal (format 10)
-    DB_CHANGES, DB_FILES, DB_HISTORY, DB_CHUNKS, DB_CHECKPOINTS, DB_SNAPSHOTS, DB_MIRRORS, DB_TREES,
+ALL_DBS = (  # the named databases of a journal (format 12)
+    DB_CHANGES, DB_FILES, DB_HISTORY, DB_CHUNKS, DB_SNAPSHOTS, DB_MIRRORS, DB_TREES,
 )
-SHARED_DBS = {DB_PATHS: DB_FILES, DB_PATHLOG: DB_HISTORY, DB_RECORD_BLOCKS: DB_CHANGES}  # logical -> physical
+SHARED_DBS = {DB_PATHS: DB_FILES, DB_PATHLOG: DB_HISTORY, DB_RECORD_BLOCKS: DB_CHANGES,  # logical -> physical
+              DB_CHECKPOINTS: DB_CHANGES}  # checkpoints: a named database of its own in formats 1-11
 OLD_DBS = (DB_META, DB_PATHS, DB_PATHLOG, DB_RECORD_BLOCKS)  # named databases of formats 1-9 (upgrade.py)
 DB_PRUNED = b"pruned"  # u64 seq of a pruned content version -> msgpack {"hlc", "t"}
 DB_GRAVEYARD = b"graveyard"  # chunk id -> u64 time freed || the freed chunk value
@@ -76,6 +79,8 @@ KV_DBS = {"snapshots": DB_SNAPSHOTS, "mirrors": DB_MIRRORS}
 # key ranges of the shared databases (format 10)
 PATH_PREFIX = b"\xff"  # paths in files, pathlog in history: after every u64 file id (< 2**63)
 BLOCK_PREFIX = bytes(8)  # record blocks in changes: u64 0 || u64 first seq, before record 1
+CHECKPOINT_PREFIX = bytes(8) + b"\xff"  # chunk-list checkpoints in changes (format 12): after every
+# block key (a first seq < 2**56), before record 1
 FILE_ID_LIMIT = 1 << 63  # file ids are below (capture draws 63 random bits): PATH_PREFIX stays free
 
 
@@ -91,6 +96,24 @@ def block_key(first: int) -> bytes:
 
 def is_block_key(key: bytes) -> bool:
     return len(key) == 16
+
+
+def is_record_key(key: bytes) -> bool:
+    """A record's key in ``changes`` (u64 seq), not a block's or a checkpoint's."""
+    return len(key) == 8
+
+
+def checkpoint_key(seq: int) -> bytes:
+    """Key of the chunk-list checkpoint of content record ``seq`` (``changes``, format 12)."""
+    return CHECKPOINT_PREFIX + _U64.pack(seq)
+
+
+def is_checkpoint_key(key: bytes) -> bool:
+    return len(key) == 17 and key[:9] == CHECKPOINT_PREFIX
+
+
+def checkpoint_seq(key: bytes) -> int:
+    return _U64.unpack(key[9:])[0]
 
 
 def block_first(key: bytes) -> int:
@@ -118,7 +141,7 @@ META_FILES = b"file_count"  # since format 10: file ids in ``files`` (it holds `
 # meta keys live beside the names of the databases in the main database (format 10): never one of them
 assert not {META_FORMAT, META_JOURNAL_ID, META_CREATED, META_HLC, META_CHUNKER, META_STORED, META_RAW,
             META_PACK_END, META_PRUNED_VERSIONS, META_PACKS_RETIRED, META_FILES, b"freed_chunks", b"freed_bytes",
-            } & {*ALL_DBS, *WRITER_DBS, *OLD_DBS, DB_REFS, TMP_DB}
+            } & {*ALL_DBS, *WRITER_DBS, *OLD_DBS, DB_CHECKPOINTS, DB_REFS, TMP_DB}
 assert not any(n.startswith((META_SETTING_PREFIX, META_PACK_LIVE_PREFIX)) for n in (*ALL_DBS, *WRITER_DBS, TMP_DB))
 
 
@@ -478,6 +501,7 @@ def decode_loc(v: bytes) -> tuple[int, int, int, int, int]:
 # --- record blocks: compacted records, zstd-compressed in packs ------------------------
 RECORD_BLOCK_MAGIC = b"R"  # first byte of a block in a pack (a chunk value starts with 1)
 CHAINED_BLOCK_MAGIC = b"S"  # since format 6: a block that keeps two hashes, not one per record
+DERIVED_BLOCK_MAGIC = b"T"  # since format 12: an S block whose content hashes are left out where derived
 RECORD_BLOCK_LEVEL = 19
 
 
@@ -505,8 +529,19 @@ def _zstd(body: bytes) -> bytes:
     return zstandard.ZstdCompressor(compression_params=params).compress(body)
 
 
-def encode_record_block(values: Sequence[bytes]) -> bytes:
-    """A block of consecutive stored record values (``hash || body``).
+def encode_record_block(values: Sequence[bytes], first: int = 0,
+                        outside: Callable[[int], bytes] | None = None) -> bytes:
+    """A block of consecutive stored record values (``hash || body``), the
+    records ``first, first + 1, ...``.
+
+    With ``outside`` (the packed full chunk list of a content version
+    before ``first``, unchecked: :meth:`Reader.unchecked_list`) a ``T``
+    block (format 12) when it leaves out at least one content hash: each
+    content record's hash value (key 20 or 22) is replaced by nil where the
+    chunk list rebuilt from the block's own edits (and ``outside`` for bases
+    before it) gives that hash back, which saves ~33 of the ~100 bytes a
+    compressed record takes.  The block is decoded again here and kept only
+    if it gives back ``values`` byte for byte; else an ``S`` block.
 
     ``S`` block (format 6): when every record after the first has ``hash =
     blake2b-256(previous hash || body)`` (records v2), one magicless zstd frame
@@ -519,14 +554,217 @@ def encode_record_block(values: Sequence[bytes]) -> bytes:
     hashes = [v[:HASH_LEN] for v in values]
     bodies = [v[HASH_LEN:] for v in values]
     if values and all(_chain_hash(hashes[i - 1], bodies[i]) == hashes[i] for i in range(1, len(values))):
+        if outside is not None and first > 0:
+            blob = _derived_block(hashes, bodies, first, outside)
+            if blob is not None:
+                return blob
         body = hashes[0] + hashes[-1] + b"".join(_uvarint(len(b)) + b for b in bodies)
         return CHAINED_BLOCK_MAGIC + _zstd(body)
     return encode_r_block(values)
 
 
+_HASH_KEYS = (20, 22)  # record v2 keys of the content hash: flat, tree (format 11)
+_BIN32 = b"\xc4\x20"  # msgpack bin 8 of 32 bytes
+_NIL = b"\xc0"
+
+
+def _hash_hole(body: bytes) -> tuple[int, bytes] | None:
+    """(offset of the flat content hash's msgpack value in ``body``, the body
+    with that value replaced by nil), or None: no flat hash, or not one place
+    it can only be.  A tree hash (key 22: a list over TREE_PAGE entries) is
+    never left out: the writer would rebuild a huge list, under the write
+    lock, only to keep the hash (readers put either kind back)."""
+    try:
+        d = msgpack.unpackb(body, strict_map_key=False)
+    except Exception:  # noqa: BLE001 - not a record v2 body: left whole
+        return None
+    if not isinstance(d, dict) or d.get(0) != 2:
+        return None
+    h = d.get(20)
+    if not isinstance(h, bytes) or len(h) != HASH_LEN:
+        return None
+    pat = b"\x14" + _BIN32 + h
+    at = body.find(pat)
+    if at < 0 or body.find(pat, at + 1) >= 0:
+        return None
+    off = at + 1
+    return off, body[:off] + _NIL + body[off + 2 + HASH_LEN:]
+
+
+class _Packed:
+    """A packed new list of an edit as apply_edit_packed takes it."""
+    __slots__ = ("packed", "total")
+
+    def __init__(self, packed: bytes) -> None:
+        if len(packed) % ENTRY_LEN:
+            raise ValueError("a packed chunk list of bad length")
+        self.packed = packed
+        self.total = _packed_total(packed)
+
+
+def _packed_total(packed: bytes) -> int:
+    return sum(int.from_bytes(packed[o + ID_LEN : o + ENTRY_LEN], "big")
+               for o in range(0, len(packed), ENTRY_LEN))
+
+
+def _block_lists(bodies: list[bytes], first: int, wanted: Iterable[int],
+                 outside: Callable[[int], bytes]) -> Iterator[tuple[int, bytes]]:
+    """(index, packed full chunk list) of each ``wanted`` record of a block,
+    in order: its base's list (in the block: rebuilt from the bodies; before
+    it: ``outside``; base 0: empty) with its edit applied.  A list is kept
+    only while a later record of the block still builds on it."""
+    wanted = sorted(set(wanted))
+    parsed: dict[int, tuple[int, list]] = {}
+    need, todo = set(), list(wanted)
+    while todo:  # the wanted records and the ones in the block they build on
+        i = todo.pop()
+        if i in need:
+            continue
+        if not 0 <= i < len(bodies):
+            raise ValueError(f"record {first + i} is not in the block")
+        d = msgpack.unpackb(bodies[i], strict_map_key=False)
+        base = d.get(17) or 0
+        if not isinstance(base, int) or not 0 <= base < first + i:
+            raise ValueError(f"record {first + i} builds on record {base}")
+        parsed[i] = base, d.get(18) or []
+        need.add(i)
+        if base >= first:
+            todo.append(base - first)
+    uses: dict[int, int] = {}
+    for i in need:
+        base = parsed[i][0]
+        if base >= first:
+            uses[base - first] = uses.get(base - first, 0) + 1
+    kept: dict[int, tuple[bytes, int]] = {}
+    want = set(wanted)
+    for i in sorted(need):
+        base, edit = parsed[i]
+        if not base:
+            start, total = b"", 0
+        elif base < first:
+            start = bytes(outside(base))
+            if len(start) % ENTRY_LEN:
+                raise ValueError("a packed chunk list of bad length")
+            total = _packed_total(start)
+        else:
+            start, total = kept[base - first]
+            uses[base - first] -= 1
+            if not uses[base - first]:
+                del kept[base - first]
+        got = apply_edit_packed(start, total, [(s, c, _Packed(bytes(p))) for s, c, p in edit])
+        if uses.get(i):
+            kept[i] = got
+        if i in want:
+            yield i, got[0]
+
+
+def _fill_hashes(bodies: list[bytes], holes: list[int], first: int,
+                 outside: Callable[[int], bytes]) -> list[bytes]:
+    """The bodies of a ``T`` block with every left-out content hash put back:
+    the hash of the version's list (:func:`_block_lists`), flat for key 20,
+    the tree hash for key 22, back in place of the nil."""
+    out = list(bodies)
+    for i, packed in _block_lists(bodies, first, [i for i, h in enumerate(holes) if h], outside):
+        b, off = bodies[i], holes[i] - 1
+        if b[off : off + 1] != _NIL or off < 1 or b[off - 1] not in _HASH_KEYS:
+            raise ValueError(f"record {first + i}: no left-out content hash at {off}")
+        h = tree_hash(packed) if b[off - 1] == 22 else packed_hash(packed)
+        out[i] = b[:off] + _BIN32 + h + b[off + 1:]
+    return out
+
+
+def _derived_block(hashes: list[bytes], bodies: list[bytes], first: int,
+                   outside: Callable[[int], bytes]) -> bytes | None:
+    """A ``T`` block of these records, or None (no hash left out, or the
+    block would not give them back).  A hash is left out only for a list of
+    up to TREE_PAGE entries: a reader rebuilds and hashes every list whose
+    hash it puts back, and a huge file's (1.25 MB for 1 GiB) costs more than
+    its 32 bytes are worth."""
+    cand = {}
+    for i, b in enumerate(bodies):
+        hh = _hash_hole(b)
+        if hh:
+            cand[i] = hh
+    if not cand:
+        return None
+    holes, short = [0] * len(bodies), list(bodies)
+    try:
+        for i, packed in _block_lists(bodies, first, cand, outside):
+            if len(packed) <= TREE_PAGE_BYTES:
+                holes[i], short[i] = cand[i][0] + 1, cand[i][1]
+        if not any(holes) or _fill_hashes(short, holes, first, outside) != bodies:
+            return None
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error):
+        return None
+    frame = hashes[0] + hashes[-1] + b"".join(_uvarint(h) + _uvarint(len(b)) + b for h, b in zip(holes, short))
+    return DERIVED_BLOCK_MAGIC + _zstd(frame)
+
+
 def encode_r_block(values: Sequence[bytes]) -> bytes:
     """An ``R`` block (formats 3-5): every stored value whole."""
     return RECORD_BLOCK_MAGIC + _zstd(b"".join(_uvarint(len(v)) + bytes(v) for v in values))
+
+
+def record_block_bodies(blob: bytes, count: int) -> list[bytes]:
+    """The record bodies of a block as stored: a ``T`` block's with nil where
+    a content hash was left out (enough to rebuild chunk lists: base and
+    edit are there).  ValueError if it is not a block of ``count``."""
+    magic = blob[:1]
+    if magic not in (RECORD_BLOCK_MAGIC, CHAINED_BLOCK_MAGIC, DERIVED_BLOCK_MAGIC):
+        raise ValueError("not a record block")
+    body = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS).decompress(blob[1:])
+    if magic == RECORD_BLOCK_MAGIC:
+        out = [v[HASH_LEN:] for v in _split_varint_items(body, 0)]
+    elif magic == CHAINED_BLOCK_MAGIC:
+        out = _split_varint_items(body, 2 * HASH_LEN)
+    else:
+        out = _split_holed_items(body, 2 * HASH_LEN)[1]
+    if len(out) != count:
+        raise ValueError(f"record block holds {len(out)} records, its index says {count}")
+    return out
+
+
+def record_block_last_hash(blob: bytes, count: int) -> bytes:
+    """The stored hash of a block's last record: of an ``S`` or ``T`` block
+    the frame's second 32 bytes (the rest left compressed), of an ``R`` block
+    its last value's.  ValueError if it is not a block."""
+    magic = blob[:1]
+    if magic in (CHAINED_BLOCK_MAGIC, DERIVED_BLOCK_MAGIC):
+        dz = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+        with dz.stream_reader(blob[1:]) as rd:
+            head = rd.read(2 * HASH_LEN)
+        if len(head) < 2 * HASH_LEN:
+            raise ValueError("record block too short for its hashes")
+        return bytes(head[HASH_LEN:])
+    values = decode_record_block(blob, count)
+    return bytes(values[-1][:HASH_LEN])
+
+
+def _read_uvarint(body: bytes, o: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        if o >= len(body):
+            raise ValueError("record block ends inside a varint")
+        b = body[o]
+        o += 1
+        n |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return n, o
+        shift += 7
+
+
+def _split_holed_items(body: bytes, o: int) -> tuple[list[int], list[bytes]]:
+    """A ``T`` block's ``(uvarint hole, uvarint length, body)...`` -> (holes, bodies)."""
+    holes, out = [], []
+    while o < len(body):
+        hole, o = _read_uvarint(body, o)
+        n, o = _read_uvarint(body, o)
+        if o + n > len(body) or hole > n:
+            raise ValueError("record block ends inside a record")
+        holes.append(hole)
+        out.append(body[o : o + n])
+        o += n
+    return holes, out
 
 
 def _split_varint_items(body: bytes, o: int) -> list[bytes]:
@@ -547,8 +785,14 @@ def _split_varint_items(body: bytes, o: int) -> list[bytes]:
     return out
 
 
-def decode_record_block(blob: bytes, count: int) -> list[bytes]:
+def decode_record_block(blob: bytes, count: int, first: int = 0,
+                        outside: Callable[[int], bytes] | None = None) -> list[bytes]:
     """The ``count`` stored record values of a block (ValueError if it is not one).
+
+    A ``T`` block (format 12) needs ``first`` (its first record's seq) and
+    ``outside`` (see :func:`encode_record_block`) to put its left-out
+    content hashes back; the hashes of a damaged list come out wrong, and
+    the chain check of the block (the reader's) then fails.
 
     Of an ``S`` block, the first record gets the block's first hash, the
     last its last hash, and each one between the hash recomputed from its
@@ -556,7 +800,7 @@ def decode_record_block(blob: bytes, count: int) -> list[bytes]:
     record not continuing the chain, when the reader checks the block.
     """
     magic = blob[:1]
-    if magic not in (RECORD_BLOCK_MAGIC, CHAINED_BLOCK_MAGIC):
+    if magic not in (RECORD_BLOCK_MAGIC, CHAINED_BLOCK_MAGIC, DERIVED_BLOCK_MAGIC):
         raise ValueError("not a record block")
     body = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS).decompress(blob[1:])
     if magic == RECORD_BLOCK_MAGIC:
@@ -564,14 +808,24 @@ def decode_record_block(blob: bytes, count: int) -> list[bytes]:
     else:
         if len(body) < 2 * HASH_LEN:
             raise ValueError("record block too short for its hashes")
-        first, last = body[:HASH_LEN], body[HASH_LEN : 2 * HASH_LEN]
-        bodies = _split_varint_items(body, 2 * HASH_LEN)
-        out, h = [], first
+        fh, last = body[:HASH_LEN], body[HASH_LEN : 2 * HASH_LEN]
+        if magic == DERIVED_BLOCK_MAGIC:
+            holes, bodies = _split_holed_items(body, 2 * HASH_LEN)
+            if any(holes):
+                if outside is None or first < 1:
+                    raise ValueError("a T record block needs the journal to put its content hashes back")
+                try:
+                    bodies = _fill_hashes(bodies, holes, first, outside)
+                except (TypeError, KeyError, IndexError, OverflowError, struct.error) as e:  # damage
+                    raise ValueError(f"a content hash of the block cannot be put back: {e}") from e
+        else:
+            bodies = _split_varint_items(body, 2 * HASH_LEN)
+        out, h = [], fh
         for i, b in enumerate(bodies):
             if i:
                 h = last if i == len(bodies) - 1 else _chain_hash(h, b)
             out.append(h + b)
-        if len(bodies) == 1 and last != first:
+        if len(bodies) == 1 and last != fh:
             raise ValueError("record block of one record with two hashes")
     if len(out) != count:
         raise ValueError(f"record block holds {len(out)} records, its index says {count}")

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lmdb
 import msgpack
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
 APART_TIMEOUT_S = 1800.0  # seconds a child of Storage.run_apart may take
 BLOCKS_CHECKED_KEPT = 16_384  # record blocks remembered as checked
-RECORD_BLOCKS_CACHED = 64  # decoded record blocks kept per journal (RECORD_BLOCK records each, ~8 KB)
+RECORDS_CACHED = 4096  # records of decoded record blocks kept per journal (~500 KB; blocks of 32-512)
 
 _SHARED: dict[str, "Storage"] = {}  # path -> the Storage open on it in this process
 _SHARED_LOCK = threading.Lock()
@@ -68,6 +68,7 @@ class Storage:
         self.users = 1
         # decoded record blocks (immutable: a repack moves their bytes, not what they hold)
         self._blocks: OrderedDict[int, list[bytes]] = OrderedDict()
+        self._blocks_records = 0  # records in _blocks
         self._blocks_lock = threading.Lock()
         self._blocks_checked: set[tuple[int, int, int]] = set()  # (first seq, pack, offset)
         self._watchers: list[set[bytes]] = []  # watch_values
@@ -243,20 +244,44 @@ class Storage:
         return out
 
     # --- record blocks --------------------------------------------------------------
-    def record_block(self, first: int, loc: tuple[int, int, int, int]) -> list[bytes]:
-        """The stored values of the record block starting at ``first`` (a few kept decoded)."""
+    def record_block(self, first: int, loc: tuple[int, int, int, int],
+                     outside: Callable[[int], bytes] | None = None) -> list[bytes]:
+        """The stored values of the record block starting at ``first`` (a few
+        kept decoded; ``outside``: for a ``T`` block, S.decode_record_block)."""
         with self._blocks_lock:
             values = self._blocks.get(first)
             if values is not None:
                 self._blocks.move_to_end(first)
                 return values
         pack, off, length, count = loc
-        values = S.decode_record_block(self.packs.read(pack, off, length), count)
+        values = S.decode_record_block(self.packs.read(pack, off, length), count, first, outside)
         with self._blocks_lock:
+            if first not in self._blocks:
+                self._blocks_records += len(values)
             self._blocks[first] = values
-            while len(self._blocks) > RECORD_BLOCKS_CACHED:
-                self._blocks.popitem(last=False)
+            while self._blocks_records > RECORDS_CACHED and len(self._blocks) > 1:
+                self._blocks_records -= len(self._blocks.popitem(last=False)[1])
         return values
+
+    def record_block_last_hash(self, first: int, loc: tuple[int, int, int, int]) -> bytes:
+        """The stored hash of a block's last record (S.record_block_last_hash;
+        from the decoded cache when there)."""
+        with self._blocks_lock:
+            values = self._blocks.get(first)
+        if values is not None:
+            return bytes(values[-1][:S.HASH_LEN])
+        pack, off, length, count = loc
+        return S.record_block_last_hash(self.packs.read(pack, off, length), count)
+
+    def record_block_bodies(self, first: int, loc: tuple[int, int, int, int]) -> list[bytes]:
+        """The record bodies of a block, a ``T`` block's content hashes left
+        out (S.record_block_bodies; from the decoded cache when there)."""
+        with self._blocks_lock:
+            values = self._blocks.get(first)
+        if values is not None:
+            return [v[S.HASH_LEN:] for v in values]
+        pack, off, length, count = loc
+        return S.record_block_bodies(self.packs.read(pack, off, length), count)
 
     def block_checked(self, key: tuple[int, int, int]) -> bool:
         """Has the chain through the block (first seq, pack, offset) been checked?"""

@@ -23,7 +23,7 @@ from .schema import TMP_DB, refill
 
 log = logging.getLogger(__name__)
 
-UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # formats a writer upgrades in place at open (a reader refuses them)
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)  # formats a writer upgrades in place at open (a reader refuses them)
 
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 
@@ -272,7 +272,33 @@ def upgrade_10_to_11(env, path: str, meta) -> None:
     log.warning("upgraded journal %s from format 10 to 11 (no data rewritten)", path)
 
 
+def upgrade_11_to_12(env, path: str, meta) -> int:
+    """Format 12 moves the chunk-list checkpoints into ``changes`` (keys
+    S.checkpoint_key, between the record blocks and record 1: LMDB gives the
+    ``checkpoints`` database a page of its own, and a branch page once it
+    has two) and drops the ``checkpoints`` database; compaction may write
+    record blocks of kind ``T``, which leave out the content hashes the
+    block's edits give back (docs/format.md "Record blocks").  Records and
+    blocks already written stay as they are.  One transaction. -> checkpoints moved."""
+    del meta
+    main = env.open_db(None)
+    with env.begin(write=True) as txn:
+        changes = env.open_db(S.DB_CHANGES, txn=txn)
+        n = 0
+        if txn.get(S.DB_CHECKPOINTS, db=main) is not None:  # a journal made by format 11 has it
+            old = env.open_db(S.DB_CHECKPOINTS, txn=txn, create=False)
+            for k, v in txn.cursor(db=old):
+                txn.put(S.checkpoint_key(S.from_u64(k)), bytes(v), db=changes)
+                n += 1
+            txn.drop(old, delete=True)
+        txn.put(S.META_FORMAT, _packb(12), db=main)
+    log.warning("upgraded journal %s from format 11 to 12 (%d chunk-list checkpoints moved into changes)",
+                path, n)
+    return n
+
+
 # upgrade_N_to_N+1 at index N-1: a new format appends its step here (and to UPGRADABLE)
 _STEPS = (upgrade_1_to_2, upgrade_2_to_3, upgrade_3_to_4, upgrade_4_to_5, upgrade_5_to_6, upgrade_6_to_7,
-          upgrade_7_to_8, upgrade_8_to_9, upgrade_9_to_10, upgrade_10_to_11)
+          upgrade_7_to_8, upgrade_8_to_9, upgrade_9_to_10, upgrade_10_to_11,
+          upgrade_11_to_12)
 assert len(_STEPS) == len(UPGRADABLE) == S.FORMAT_VERSION - 1

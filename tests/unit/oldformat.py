@@ -28,10 +28,11 @@ def downgrade_to_format_9(jp, fmt: int = 9) -> None:
     """A journal of this deltafs at ``jp`` in format 9's layout, with format number ``fmt``
     (format 11 differs from 10 only in records of lists over one tree page, key 22:
     the tests' small histories have none)."""
+    downgrade_to_format_11(jp)
     env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
     with env.begin(write=True) as txn:
         main = env.open_db(None, txn=txn)
-        names = set(S.ALL_DBS) | set(S.WRITER_DBS)
+        names = set(S.ALL_DBS) | set(S.WRITER_DBS) | {S.DB_CHECKPOINTS}
         meta_items = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=main) if bytes(k) not in names]
         assert any(k == S.META_FORMAT for k, _ in meta_items)
         for k, _ in meta_items:
@@ -60,4 +61,20 @@ def downgrade_to_format_9(jp, fmt: int = 9) -> None:
         for k, v in [(bytes(k), bytes(v)) for k, v in txn.cursor(db=changes) if S.is_block_key(bytes(k))]:
             txn.delete(k, db=changes)
             txn.put(S.u64(S.block_first(k)), v, db=blocks)
+    env.close()
+
+
+def downgrade_to_format_11(jp) -> None:
+    """Format 11's layout: the chunk-list checkpoints in a ``checkpoints``
+    database of their own (format 12 keeps them in ``changes``), format 11.
+    (T record blocks stay: this deltafs reads them whatever the format.)"""
+    env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        main = env.open_db(None, txn=txn)
+        changes = env.open_db(S.DB_CHANGES, txn=txn)
+        cps = env.open_db(S.DB_CHECKPOINTS, txn=txn)
+        for k, v in [(bytes(k), bytes(v)) for k, v in txn.cursor(db=changes) if S.is_checkpoint_key(bytes(k))]:
+            txn.delete(k, db=changes)
+            txn.put(S.u64(S.checkpoint_seq(k)), v, db=cps)
+        txn.put(S.META_FORMAT, msgpack.packb(11), db=main)
     env.close()

@@ -12,6 +12,7 @@ from deltafs import maintenance as M
 from deltafs.config import parse_retention
 from deltafs.errors import JournalFormatError
 from deltafs.journal import Change, Journal
+from deltafs.journal import compact as JC
 from deltafs.journal import schema as S
 from deltafs.journal.state import FileState
 
@@ -21,7 +22,7 @@ from test_packs import edits
 from test_record_blocks import many_records
 
 LONG = b"dir/" + b"x" * 600  # a hashed path key (docs/format.md, "Path keys")
-FORMAT_10_DBS = {b"changes", b"files", b"history", b"chunks", b"checkpoints", b"snapshots", b"mirrors",
+FORMAT_10_DBS = {b"changes", b"files", b"history", b"chunks", b"snapshots", b"mirrors",  # format 12: no checkpoints
                  b"trees", b"pruned", b"graveyard", b"plan"}
 
 
@@ -63,7 +64,8 @@ def snapshot_of(j: Journal, seqs) -> dict:
                 "meta": {k: r.meta(k) for k in (S.META_JOURNAL_ID, S.META_HLC, S.META_STORED, S.META_RAW)}}
 
 
-def test_a_format_10_journal_has_no_meta_paths_pathlog_or_record_blocks_database(tmp_path):
+def test_a_format_10_journal_has_no_meta_paths_pathlog_or_record_blocks_database(tmp_path, monkeypatch):
+    monkeypatch.setattr(JC, "RECORD_BLOCK_MAX", JC.RECORD_BLOCK)  # several blocks among the records
     jp = tmp_path / "j"
     with Journal.open(jp, create=True, clock=FakeClock()) as j:
         small_history(j)
@@ -89,10 +91,12 @@ def test_a_small_journal_takes_one_page_per_database_in_use(tmp_path):
         st = j._storage
         with st.read() as txn:
             pages = {n: sum(txn.stat(st.dbs[n])[k] for k in ("branch_pages", "leaf_pages", "overflow_pages"))
-                     for n in (S.DB_CHANGES, S.DB_FILES, S.DB_HISTORY, S.DB_CHECKPOINTS)}
+                     for n in (S.DB_CHANGES, S.DB_FILES, S.DB_HISTORY)}  # checkpoints in changes (format 12)
         main = st.env.stat()
         assert main["branch_pages"] + main["leaf_pages"] == 1  # meta and the names of the databases
-        assert pages == {S.DB_CHANGES: 1, S.DB_FILES: 1, S.DB_HISTORY: 1, S.DB_CHECKPOINTS: 1}, pages
+        assert pages == {S.DB_CHANGES: 1, S.DB_FILES: 1, S.DB_HISTORY: 1}, pages
+        with j.reader() as r:
+            assert len(list(r.checkpoints())) >= 1  # on the one page of changes
         with j.reader() as r:
             assert r.archived_upto() >= 128 and r.versions_under(b"f") and r.versions_under(b"d")
 
@@ -109,7 +113,7 @@ def test_a_format_9_journal_is_upgraded_once_and_reads_the_same(tmp_path):
     with pytest.raises(JournalFormatError, match="format version 9.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 11
+        assert j.format_version == S.FORMAT_VERSION == 12
         assert snapshot_of(j, seqs) == before
         assert j.verify(full=True).ok
         more, more_content = edits(j, 2, fid=11)  # and it goes on: new records, blocks, paths
@@ -122,7 +126,7 @@ def test_a_format_9_journal_is_upgraded_once_and_reads_the_same(tmp_path):
             assert r.archived_upto() > before["archived"]
     assert named_dbs(jp) == FORMAT_10_DBS
     with Journal.open(jp, clock=FakeClock()) as j:  # upgraded once: a second open changes nothing
-        assert j.format_version == 11 and j.verify(full=True).ok
+        assert j.format_version == S.FORMAT_VERSION and j.verify(full=True).ok
 
 
 def test_an_older_deltafs_cannot_open_a_format_10_journal_as_an_empty_one(tmp_path):

@@ -151,7 +151,7 @@ def recount_refs(j: Journal) -> dict[bytes, int]:
                 for _, _, lst in rec.edit:
                     for cid, _ in lst:
                         out[cid] = out.get(cid, 0) + 1
-        for _, v in r.txn.cursor(db=r.dbs[S.DB_CHECKPOINTS]):
+        for _, v in r.checkpoints():
             for cid, _ in S.unpack_list(v):
                 out[cid] = out.get(cid, 0) + 1
         for k in r.txn.cursor(db=r.dbs[S.DB_CHUNKS]).iternext(values=False):

@@ -270,7 +270,7 @@ def test_a_format_8_journal_is_upgraded_and_takes_values_with_several_bases(tmp_
     with pytest.raises(JournalFormatError, match="format version 8.*open it once for writing"):
         Journal.open(jp, readonly=True)
     j = Journal.open(jp, clock=FakeClock())
-    assert j.format_version == S.FORMAT_VERSION == 11
+    assert j.format_version == S.FORMAT_VERSION == 12
     with j.reader() as r:
         for s, data in content.items():  # format-8 values read as they are
             assert r.read_content(s) == data
@@ -282,4 +282,4 @@ def test_a_format_8_journal_is_upgraded_and_takes_values_with_several_bases(tmp_
     assert (v := j.verify(full=True)).ok, v.problem
     j.close()
     with Journal.open(jp, readonly=True) as j2:
-        assert j2.format_version == 11
+        assert j2.format_version == S.FORMAT_VERSION

@@ -108,7 +108,7 @@ def _check_depths_and_refs(j: Journal) -> None:
                 for _, _, refs in rec.edit or []:
                     for cid, _ in refs:
                         expect[cid] += 1
-        for _, v in r.txn.cursor(db=r.dbs[S.DB_CHECKPOINTS]):
+        for _, v in r.checkpoints():
             for cid, _ in S.unpack_list(v):
                 expect[cid] += 1
     for c, (refs, idepth, bases, hdepth) in vals.items():

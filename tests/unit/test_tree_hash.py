@@ -21,6 +21,7 @@ from deltafs.journal import Change, Journal
 from deltafs.journal import schema as S
 from deltafs.sync.local import sync_hash
 
+from oldformat import downgrade_to_format_11
 from test_journal import FakeClock
 
 BIG = S.TREE_PAGE + 904  # two pages
@@ -143,7 +144,7 @@ def test_a_damaged_page_of_a_big_list_is_caught(tmp_path):
     assert bytes(bad) != f.packed() and S.page_hashes(bad)[0] == S.page_hashes(f.packed())[0]
     env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
     with env.begin(write=True) as txn:
-        txn.put(S.u64(seq), bytes(bad), db=env.open_db(S.DB_CHECKPOINTS, txn=txn))
+        txn.put(S.checkpoint_key(seq), bytes(bad), db=env.open_db(S.DB_CHANGES, txn=txn))  # format 12
     env.close()
     with Journal.open(jp, readonly=True) as j:
         with j.reader() as r:
@@ -165,6 +166,7 @@ def test_a_flat_record_of_a_big_list_from_format_10_still_verifies_after_the_upg
             content1 = f.data()
             old2 = f.commit(j, 9, 1, 1)
             content2 = f.data()
+    downgrade_to_format_11(jp)  # the checkpoints in a database of their own
     env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
     with env.begin(write=True) as txn:
         txn.put(S.META_FORMAT, msgpack.packb(10), db=env.open_db(None, txn=txn))
@@ -172,7 +174,7 @@ def test_a_flat_record_of_a_big_list_from_format_10_still_verifies_after_the_upg
     with pytest.raises(JournalFormatError, match="format version 10.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 11
+        assert j.format_version == S.FORMAT_VERSION == 12
         with j.reader() as r:
             for seq, data in ((old1, content1), (old2, content2)):
                 rec = r.record(seq)

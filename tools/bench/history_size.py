@@ -585,7 +585,11 @@ def lmdb_sizes(jdir: str) -> dict:
                 inner = {b"changes": "record_blocks", b"files": "paths", b"history": "pathlog"}.get(nm)
                 for k, v in txn.cursor(db=db):
                     kv += len(k) + len(v)
-                    if inner and (len(k) == 16 if nm == b"changes" else k[:1] == S.PATH_PREFIX):
+                    if nm == b"changes" and S.is_checkpoint_key(k):  # format 12: checkpoints in changes
+                        e = sub.setdefault("checkpoints", {"entries": 0, "kv_bytes": 0})
+                        e["entries"] += 1
+                        e["kv_bytes"] += len(k) + len(v)
+                    elif inner and (len(k) == 16 if nm == b"changes" else k[:1] == S.PATH_PREFIX):
                         e = sub.setdefault(inner, {"entries": 0, "kv_bytes": 0})
                         e["entries"] += 1
                         e["kv_bytes"] += len(k) + len(v)
@@ -751,11 +755,14 @@ breakdown above; the figures per history are in the list):
   The *after compact* column is the journal once a compaction pass (every
   10 minutes in a mount; `deltafs compact` here, keeping every version)
   has rewritten the chunk index, `history` and `pathlog` in key order and
-  moved every record but the newest (whole blocks of 32, so up to 32 stay)
-  into zstd-compressed blocks in the pack files. Since journal format 6 a
-  block keeps only its first and last record's chain hash (the others are
-  recomputed from the bodies), about 0.4 of the records' bytes instead of
-  0.65–0.71: the content hashes and chunk ids still do not compress.
+  moved every record but the newest (a whole multiple of 32, so up to 32
+  stay, in blocks of up to 512) into zstd-compressed blocks in the pack
+  files. Since journal format 6 a block keeps only its first and last
+  record's chain hash (the others are recomputed from the bodies), and
+  since format 12 (`T` blocks) no content hash of a list up to 4,096
+  entries either (rebuilt from the edits): 0.2–0.35 of the records' bytes
+  instead of 0.65–0.71; the chunk ids still do not compress. Format 12
+  also keeps the chunk-list checkpoints in `changes`: one database less.
 - *gitreplay* (issue 20): chunk bytes are 0.97× git (git replaces each
   changed file by unlink + create, and the new file takes the old one's
   last version as its delta base); the rest is three records per changed
@@ -832,7 +839,8 @@ def table(results: list[HistoryResult]) -> list[str]:
 def breakdown(results: list[HistoryResult]) -> list[str]:
     """Where the bytes of the journal go once compacted (every version kept)."""
     lines = ["| history | after compact | chunk values (in packs) | record blocks and dead bytes (in packs) "
-             "| chunks index | changes db (newest records; record block index) | checkpoints | history (+ pathlog) "
+             "| chunks index | changes db (newest records; record block index; checkpoints since format 12) "
+             "| checkpoints db (format 11 and before) | history (+ pathlog) "
              "| files (+ paths), main (+ meta), plan, trees | git gc --aggressive |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -849,14 +857,16 @@ def breakdown(results: list[HistoryResult]) -> list[str]:
         packs = j.get("compacted_pack_bytes", j.get("pack_bytes", 0))
         live = j["live_chunk_value_bytes"]
         ch = pd.get("changes", {})
-        records = ch.get("entries", 0) - ch.get("inner", {}).get("record_blocks", {}).get("entries", 0)
+        inner = ch.get("inner", {})
+        cps = inner.get("checkpoints", {}).get("entries", 0)
+        records = ch.get("entries", 0) - inner.get("record_blocks", {}).get("entries", 0) - cps
 
         def part(n):
             return f"{fb(n)} ({n / total:.0%})" if total else fb(n)
         lines.append(
             f"| {r.name} | {fb(total)} | {part(live)} | {part(packs - live)} "
             f"| {part(b('chunks'))} ({pd.get('chunks', {}).get('entries', 0)} chunks) "
-            f"| {part(b('changes'))} ({records} records) "
+            f"| {part(b('changes'))} ({records} records{f', {cps} checkpoints' if cps else ''}) "
             f"| {part(b('checkpoints'))} | {part(b('history', 'pathlog'))} | {part(other)} "
             f"| {fb(r.git['pack_du'])} |")
     return lines

@@ -201,7 +201,7 @@ def render(d: dict, meta: dict | None = None) -> list[str]:
     row("whole journal, both compacted", d["compacted_growth"])
     row("· chunk values (zstd deltas against the file's previous content)", chunks_v)
     row(f"· {d['records']} records in compressed blocks", blocks)
-    inside = {"history": " (with `pathlog`)", "changes": " (with the record block index)",
+    inside = {"history": " (with `pathlog`)", "changes": " (with the record block index and, format 12, the checkpoints)",
               "files": " (with `paths`)"}  # journal format 10 (docs/format.md, "Named databases")
     for name in ("chunks", "history", "pathlog", "changes", "files", "paths", "checkpoints"):
         if cd.get(name, {}).get("bytes"):
