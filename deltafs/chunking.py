@@ -1124,6 +1124,9 @@ class RawCache:
     def __contains__(self, cid: bytes) -> bool:
         return cid in self._d
 
+    def __len__(self) -> int:
+        return len(self._d)
+
     def discard(self, cid: bytes) -> None:
         """Forget a chunk (one a capture just replaced: its successor is the next base)."""
         with self._lock:

@@ -180,7 +180,12 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
         linked = prev[2] + 1 if neighbour and nc.base_id == prev[1].id else 0
         last[0] = None if len(retry) > queued else (span.offset + span.length,
                                                     chunking.Base(nc.id, raw, nc.depth), linked)
-        if cache is not None:
+        if cache is not None and not (raw_run >= RAW_RUN and nc.base_id is None
+                                      and nc.payload[0] == chunking.CODEC_RAW):
+            # a raw chunk inside a run of them (a retry of the bulk lane, one chunk in
+            # RAW_RETRY of a 4 GiB write) stays out like the lane's: it reads back
+            # without decoding, and 250 MiB of them pushed through a 32 MiB cache
+            # only churned the heap and the hot regions' bases (issue 19)
             cache.put(nc.id, raw)
             if base_ref is not None and base_ref[0] != nc.id:
                 # replaced: the new chunk is this region's next base (keeps the
