@@ -167,6 +167,7 @@ class Recorder:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self.pipe.checkpointer)
+            nursery.start_soon(self.pipe.idle_trimmer)
             task_status.started()
             await self.pipe.committer()
 
