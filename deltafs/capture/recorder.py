@@ -59,6 +59,7 @@ from deltafs.ignore import IGNORE_FILE, Ignore
 from deltafs.journal import Change, Journal, exact_reads
 
 log = logging.getLogger(__name__)
+_IGNORE_NAME = IGNORE_FILE.encode()  # at the root of SRC: the user's patterns
 
 
 class Recorder:
@@ -117,7 +118,7 @@ class Recorder:
         if self.ops is None:
             return False
         path = self.ops.path_of(node)
-        return path != IGNORE_FILE.encode() and self._skip(path)
+        return path != _IGNORE_NAME and self._skip(path)
 
     async def sync(self, ino: int) -> None:
         await self.pipe.sync(ino)
@@ -461,7 +462,7 @@ class Recorder:
         path = ops.path_of(node)
         if self._skip(path):
             return None
-        if path == IGNORE_FILE.encode():
+        if path == _IGNORE_NAME:
             self.ignore.reload()
         try:
             fd = os.open(f"/proc/self/fd/{node.fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -507,6 +508,8 @@ class Recorder:
 
     def on_unlink(self, ops, parent, name: bytes, last: bool) -> None:
         self._event("unlink", (parent,), self._ev_unlink, ops=ops, parent=parent, name=name, last=last)
+        if name == _IGNORE_NAME and ops.child_path(parent, name) == _IGNORE_NAME:
+            self.ignore.reload()  # the user's patterns are gone
 
     def on_rmdir(self, ops, parent, name: bytes) -> None:
         self._event("rmdir", (parent,), self._ev_rmdir, ops=ops, parent=parent, name=name)
@@ -516,6 +519,8 @@ class Recorder:
         self._event("rename", (parent, src_parent), self._ev_rename, ops=ops, old=old, new=new, flags=flags,
                     parent=parent, name=name, replaced=replaced, over=over, over_xattrs=over_xattrs,
                     moved_st=moved_st)
+        if _IGNORE_NAME in (old, new):
+            self.ignore.reload()  # an editor's save by rename-over, or the file moved away
 
     def on_setattr(self, ops, node, st, mode: bool, owner: bool, times: bool) -> None:
         self._event("setattr", (node,), self._ev_setattr, ops=ops, node=node, st=st, mode=mode, owner=owner,

@@ -194,6 +194,24 @@ def test_ignored_files_never_journaled(mounted):
     assert not paths & {b"build", b"build/out.bin", b"main.o", b".main.c.swp"}
 
 
+def test_a_deltaignore_saved_through_the_mount_applies_at_once(mounted):
+    m = mounted.mnt
+    save(m / "before.log", b"journaled: no pattern yet")
+    save(m / ".deltaignore", b"*.log\n")  # saved in place
+    save(m / "after.log", b"not journaled")
+    save(m / "kept.txt", b"journaled")
+    save(m / ".deltaignore.new", b"*.bak\n")  # an editor's save: a new file renamed over the old one
+    os.rename(m / ".deltaignore.new", m / ".deltaignore")
+    save(m / "again.log", b"journaled again")
+    save(m / "first.bak", b"not journaled")
+    os.unlink(m / ".deltaignore")  # deleted: only the built-in patterns are left
+    save(m / "second.bak", b"journaled")
+    mounted.umount()
+    paths = {r.path for r in all_records(mounted.journal)}
+    assert {b"before.log", b".deltaignore", b"kept.txt", b"again.log", b"second.bak"} <= paths
+    assert not paths & {b"after.log", b"first.bak"}
+
+
 def test_preexisting_files_restorable_as_they_were(mount_factory, tmp_path):
     src = tmp_path / "pre"
     (src / "sub").mkdir(parents=True)

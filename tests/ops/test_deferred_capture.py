@@ -35,7 +35,7 @@ from deltafs.capture import pipeline as pl
 from deltafs.journal import Journal
 
 from test_history_identity import CTX, Driver
-from test_rm_tree_order import session
+from tests.ops.inprocess import session
 from test_solo_commit import open_write, ops_log
 
 

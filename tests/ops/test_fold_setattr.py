@@ -19,7 +19,7 @@ import os
 from types import SimpleNamespace
 
 from test_history_identity import CTX, Driver
-from test_rm_tree_order import session
+from tests.ops.inprocess import session
 from test_solo_commit import open_write, ops_log
 
 

@@ -12,9 +12,22 @@ import pytest
 from deltafs.ops import ROOT
 
 from test_history_identity import CTX, Driver
-from test_rm_tree_order import session
+from tests.ops.inprocess import session
 from test_solo_commit import ops_log, open_write
 
+
+
+def count_durable_waits(ops) -> list:
+    """Wrap ``Operations._durable`` (an fsync that waits for the journal): the list it
+    returns gets one entry per such wait; an fsync on the fast path adds none."""
+    calls = []
+    real = ops._durable
+
+    async def durable(*a):
+        calls.append(a)
+        await real(*a)
+    ops._durable = durable
+    return calls
 
 async def test_an_ignored_files_fsync_takes_the_fast_path_and_journals_nothing(tmp_path):
     src = tmp_path / "src"
@@ -24,13 +37,7 @@ async def test_an_ignored_files_fsync_takes_the_fast_path_and_journals_nothing(t
         fh = await open_write(d, b"db.sqlite-journal", b"J" * 600)  # ignored (*-journal)
         node = ops.handles[fh].node
         assert node.cap.changed and rec.settled(node)
-        calls = []
-        real = ops._durable
-
-        async def durable(*a):
-            calls.append(a)
-            await real(*a)
-        ops._durable = durable
+        calls = count_durable_waits(ops)
         await ops.fsync(fh, True)
         assert not calls  # the flush alone
         await ops.release(fh)
@@ -54,13 +61,7 @@ async def test_fsyncdir_waits_only_when_something_about_the_directory_is_queued(
     async with session(src) as (j, rec, ops):
         ops.dir_handle_is_inode = inode_handles  # (the patched pyfuse3's way: fh is the inode)
         d = Driver(ops)
-        calls = []
-        real = ops._durable
-
-        async def durable(*a):
-            calls.append(a)
-            await real(*a)
-        ops._durable = durable
+        calls = count_durable_waits(ops)
         fi = ROOT if inode_handles else await ops.opendir(ROOT, CTX)
         await ops.fsyncdir(fi, True)
         assert not calls  # nothing queued about the root: the flush alone

@@ -23,7 +23,7 @@ import trio.testing
 
 from test_deferred_capture import content_of
 from test_history_identity import CTX, Driver
-from test_rm_tree_order import session
+from tests.ops.inprocess import session
 from test_solo_commit import open_write
 
 

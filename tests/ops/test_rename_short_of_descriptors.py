@@ -16,11 +16,9 @@ import errno
 import os
 from types import SimpleNamespace
 
-import trio
+from deltafs.ops import ROOT
 
-from deltafs.capture import Recorder
-from deltafs.journal import Journal
-from deltafs.ops import ROOT, Operations
+from tests.ops.inprocess import session
 
 CTX = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), umask=0o022, pid=os.getpid())
 
@@ -28,47 +26,37 @@ CTX = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), umask=0o022, pid=os.getp
 async def test_rename_recorded_when_no_descriptor_can_be_opened(tmp_path, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()
-    jdir = src / ".deltafs"
-    with Journal.open(str(jdir), create=True) as j:
-        rec = Recorder(j, str(src))
-        jst = os.stat(jdir)
-        ops = Operations(str(src), hidden=(jst.st_dev, jst.st_ino), recorder=rec, fd_limit=1024)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rec.run)
-            await rec.scan(ops, jst.st_ino)
-            d = (await ops.mkdir(ROOT, b"d", 0o755, CTX)).st_ino
-            fi, _ = await ops.create(ROOT, b"a.txt", 0o644, os.O_WRONLY, CTX)
-            await ops.write(fi.fh, 0, b"A")
-            await ops.release(fi.fh)
-            await rec.drain()
-            with j.reader() as r:
-                fid = r.file_id_at(b"a.txt")
-            assert fid
+    async with session(src) as (j, rec, ops):
+        d = (await ops.mkdir(ROOT, b"d", 0o755, CTX)).st_ino
+        fi, _ = await ops.create(ROOT, b"a.txt", 0o644, os.O_WRONLY, CTX)
+        await ops.write(fi.fh, 0, b"A")
+        await ops.release(fi.fh)
+        await rec.drain()
+        with j.reader() as r:
+            fid = r.file_id_at(b"a.txt")
+        assert fid
 
-            dnode = ops.nodes[d]
-            real_unhold = ops._unhold
+        dnode = ops.nodes[d]
+        real_unhold = ops._unhold
 
-            def unhold_then_short(held):  # right after rename(2) succeeded in SRC
-                real_unhold(held)
-                ops.fc.drop(dnode)
+        def unhold_then_short(held):  # right after rename(2) succeeded in SRC
+            real_unhold(held)
+            ops.fc.drop(dnode)
 
-                def no_descriptor(*a, **k):
-                    raise OSError(errno.EMFILE, "Too many open files (injected)")
+            def no_descriptor(*a, **k):
+                raise OSError(errno.EMFILE, "Too many open files (injected)")
 
-                monkeypatch.setattr(ops.fc, "reopen", no_descriptor)
-                monkeypatch.setattr(os, "open", no_descriptor)
+            monkeypatch.setattr(ops.fc, "reopen", no_descriptor)
+            monkeypatch.setattr(os, "open", no_descriptor)
 
-            monkeypatch.setattr(ops, "_unhold", unhold_then_short)
-            await ops.rename(ROOT, b"a.txt", d, b"c.txt", 0, CTX)
-            monkeypatch.undo()
-            assert (src / "d" / "c.txt").read_bytes() == b"A"
-            await rec.drain()
-            assert rec.failures == 0 and not rec.needs_rescan  # recorded, no gap
-            with j.reader() as r:
-                assert r.file_id_at(b"d/c.txt") == fid  # the same file: its history follows it
-                assert r.file_id_at(b"a.txt") is None
-                ops_seen = [x.op for x in (r.record(q) for q in r.versions_of(fid))]
-            assert "rename" in ops_seen
-            nursery.cancel_scope.cancel()
-        for h in list(ops.handles):
-            os.close(h)
+        monkeypatch.setattr(ops, "_unhold", unhold_then_short)
+        await ops.rename(ROOT, b"a.txt", d, b"c.txt", 0, CTX)
+        monkeypatch.undo()
+        assert (src / "d" / "c.txt").read_bytes() == b"A"
+        await rec.drain()
+        assert rec.failures == 0 and not rec.needs_rescan  # recorded, no gap
+        with j.reader() as r:
+            assert r.file_id_at(b"d/c.txt") == fid  # the same file: its history follows it
+            assert r.file_id_at(b"a.txt") is None
+            ops_seen = [x.op for x in (r.record(q) for q in r.versions_of(fid))]
+        assert "rename" in ops_seen

@@ -10,16 +10,10 @@ new file's first capture (a hint only: the identities stay apart).
 
 from __future__ import annotations
 
-import os
 import random
 
-import trio
-
-from deltafs.capture import Recorder
-from deltafs.journal import Journal
-from deltafs.ops import ROOT, Operations
-
-from tests.ops.test_history_identity import CTX, Driver
+from tests.ops.inprocess import session
+from tests.ops.test_history_identity import Driver
 
 
 def _text(seed: int = 20) -> bytes:
@@ -36,37 +30,23 @@ async def _stored_by(tmp_path, replace) -> tuple[int, tuple]:
     """Stored bytes the second version of f costs when ``replace(d, data)`` writes it."""
     src = tmp_path / "src"
     src.mkdir()
-    jdir = src / ".deltafs"
     v1 = _text()
     lines = v1.split(b"\n")
     lines[len(lines) // 2] = b"one changed line"
     v2 = b"\n".join(lines)
-    with Journal.open(str(jdir), create=True) as j:
-        rec = Recorder(j, str(src))
-        jst = os.stat(jdir)
-        ops = Operations(str(src), hidden=(jst.st_dev, jst.st_ino), recorder=rec, fd_limit=1024)
+    async with session(src) as (j, rec, ops):
         d = Driver(ops)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rec.run)
-            await rec.scan(ops, jst.st_ino)
-            await d.save(b"f", v1)
-            await rec.drain()
-            with j.reader() as r:
-                before = r.stats()["stored_bytes"]
-                fid1 = r.file_id_at(b"f")
-            await replace(d, v2)
-            await rec.drain()
-            with j.reader() as r:
-                after = r.stats()["stored_bytes"]
-                fid2 = r.file_id_at(b"f")
-                assert r.read_content(r.file_state(fid2).content_seq) == v2
-            nursery.cancel_scope.cancel()
-        for h in list(ops.handles):
-            os.close(h)
-        for node in ops.nodes.values():
-            if node.cached_fd >= 0 and node.ino != ROOT:
-                os.close(node.cached_fd)
-                node.cached_fd = -1
+        await d.save(b"f", v1)
+        await rec.drain()
+        with j.reader() as r:
+            before = r.stats()["stored_bytes"]
+            fid1 = r.file_id_at(b"f")
+        await replace(d, v2)
+        await rec.drain()
+        with j.reader() as r:
+            after = r.stats()["stored_bytes"]
+            fid2 = r.file_id_at(b"f")
+            assert r.read_content(r.file_state(fid2).content_seq) == v2
     return after - before, (fid1, fid2)
 
 

@@ -3,8 +3,8 @@
 Namespace-only batches (unlinks, rmdirs, mkdirs) are committed on the loop
 thread when the journal's write lock is free, content captures in worker
 threads (capture/pipeline.py).  ops.Operations, the Recorder and a real
-Journal, wired as mount.py wires them (tests/ops/test_save_rules.py's
-``mounted``), over a SRC whose tree was there before the mount (the scan
+Journal, wired as mount.py wires them (tests/ops/inprocess.py's
+``session``), over a SRC whose tree was there before the mount (the scan
 records it), so each unlink reads the file's last version from the journal.
 One task removes the tree depth first, as rm -rf does, while another saves
 files elsewhere and fsyncs some of them: the journal's log must hold each
@@ -16,15 +16,11 @@ it was then.
 from __future__ import annotations
 
 import os
-from contextlib import asynccontextmanager
 
 import trio
 
-from deltafs.capture import Recorder
-from deltafs.journal import Journal
-from deltafs.ops import ROOT, Operations
-
-from test_history_identity import CTX, Driver, journal_tree, snapshot
+from tests.ops.inprocess import session
+from tests.ops.test_history_identity import CTX, Driver, journal_tree, snapshot
 
 DIRS = 4
 FILES = 40  # per directory
@@ -46,30 +42,6 @@ def make_tree(src) -> list[bytes]:
         order.append(b"R " + base)
     order.append(b"R t")
     return order
-
-
-@asynccontextmanager
-async def session(src):
-    """SRC (already there) mounted in spirit: the scan records what is in it."""
-    jdir = src / ".deltafs"
-    with Journal.open(str(jdir), create=True) as j:
-        rec = Recorder(j, str(src))
-        jst = os.stat(jdir)
-        ops = Operations(str(src), hidden=(jst.st_dev, jst.st_ino), recorder=rec, fd_limit=1024)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rec.run)
-            await rec.scan(ops, jst.st_ino)
-            try:
-                yield j, rec, ops
-                await rec.drain()
-            finally:
-                nursery.cancel_scope.cancel()
-        for h in list(ops.handles):
-            os.close(h)
-        for node in ops.nodes.values():
-            if node.cached_fd >= 0 and node.ino != ROOT:
-                os.close(node.cached_fd)
-                node.cached_fd = -1
 
 
 async def remove(d: Driver, order: list[bytes], turn: trio.Lock, pause) -> list[tuple[str, bytes]]:

@@ -17,13 +17,13 @@ from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 import pytest
-import trio
 
 from deltafs.capture import Recorder, saves
 from deltafs.journal import Journal
 from deltafs.ops import ROOT, Operations
 
-from test_history_identity import CTX, Driver
+from tests.ops.inprocess import session
+from tests.ops.test_history_identity import CTX, Driver
 
 
 class Src:
@@ -58,25 +58,8 @@ class Src:
 async def mounted(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    jdir = src / ".deltafs"
-    with Journal.open(str(jdir), create=True) as j:
-        rec = Recorder(j, str(src))
-        jst = os.stat(jdir)
-        ops = Operations(str(src), hidden=(jst.st_dev, jst.st_ino), recorder=rec, fd_limit=1024)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rec.run)
-            await rec.scan(ops, jst.st_ino)
-            try:
-                yield Src(j, rec, ops)
-                await rec.drain()
-            finally:
-                nursery.cancel_scope.cancel()
-        for h in list(ops.handles):
-            os.close(h)
-        for node in ops.nodes.values():
-            if node.cached_fd >= 0 and node.ino != ROOT:
-                os.close(node.cached_fd)
-                node.cached_fd = -1
+    async with session(src) as (j, rec, ops):
+        yield Src(j, rec, ops)
 
 
 async def test_vim_backup_rename_save_continues_the_history(tmp_path):

@@ -25,7 +25,7 @@ from deltafs.journal import Journal
 from deltafs.ops import ROOT
 
 from test_history_identity import CTX, Driver
-from test_rm_tree_order import session
+from tests.ops.inprocess import session
 
 
 class Calls:

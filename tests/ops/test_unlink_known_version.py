@@ -16,12 +16,7 @@ from __future__ import annotations
 
 import os
 
-import trio
-
-from deltafs.capture import Recorder
-from deltafs.journal import Journal
-from deltafs.ops import ROOT, Operations
-
+from tests.ops.inprocess import session
 from tests.ops.test_history_identity import CTX, Driver
 
 FILES = 12
@@ -31,23 +26,8 @@ async def _session(tmp_path, body) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "old").write_bytes(b"there before the mount\n")
-    jdir = src / ".deltafs"
-    with Journal.open(str(jdir), create=True) as j:
-        rec = Recorder(j, str(src))
-        jst = os.stat(jdir)
-        ops = Operations(str(src), hidden=(jst.st_dev, jst.st_ino), recorder=rec, fd_limit=1024)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rec.run)
-            await rec.scan(ops, jst.st_ino)
-            await body(j, rec, ops, Driver(ops))
-            await rec.drain()
-            nursery.cancel_scope.cancel()
-        for h in list(ops.handles):
-            os.close(h)
-        for node in ops.nodes.values():
-            if node.cached_fd >= 0 and node.ino != ROOT:
-                os.close(node.cached_fd)
-                node.cached_fd = -1
+    async with session(src) as (j, rec, ops):
+        await body(j, rec, ops, Driver(ops))
 
 
 def _count_reads(rec, monkeypatch) -> list:

@@ -11,6 +11,7 @@ every target writes the same amount of the same kind of data.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shutil
@@ -143,6 +144,8 @@ def build_corpus(dest: str, nfiles: int) -> tuple[int, int]:
     return files, size
 
 
+_FRESH_NAMES = itertools.count()
+
 # --- groups -----------------------------------------------------------------------------
 # Each group: fn(m, d, ctx) where m(name, callable) times callable and d is the target's dir.
 
@@ -150,7 +153,10 @@ def build_corpus(dest: str, nfiles: int) -> tuple[int, int]:
 def group_seq_1m(m, d, ctx) -> None:
     size = ctx.sizes.seq_1m
     label = _size(size)
-    path = os.path.join(d, "seq1m.dat")
+    # a name no earlier round used: a file created where one was deleted in the last
+    # REUSE_SECONDS takes that file's last version as its delta base hint (issue 20),
+    # so the same name would make this row an overwrite in disguise, not a new file
+    path = os.path.join(d, f"seq1m-{next(_FRESH_NAMES)}.dat")
     try:
         m(f"write {label} bs=1M +fsync", lambda: write_file(path, size, MiB))
         if ctx.can_drop:
@@ -168,7 +174,7 @@ def group_seq_1m(m, d, ctx) -> None:
 
 def group_seq_4k(m, d, ctx) -> None:
     size = ctx.sizes.seq_4k
-    path = os.path.join(d, "seq4k.dat")
+    path = os.path.join(d, f"seq4k-{next(_FRESH_NAMES)}.dat")  # a new file, as above
     try:
         m(f"write {_size(size)} bs=4k +fsync", lambda: write_file(path, size, PAGE))
     finally:
