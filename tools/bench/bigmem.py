@@ -69,6 +69,10 @@ def main(argv=None) -> int:
     ap.add_argument("--full-sequence", action="store_true",
                     help="replay the full bench's groups (warm-up + --rounds) before the big write")
     ap.add_argument("--rounds", type=int, default=2, help="with --full-sequence: rounds after the warm-up")
+    ap.add_argument("--idle", type=float, default=None,
+                    help="seconds the daemon idles before the big write (default: 60 with --full-sequence, "
+                    "where the full bench's other two targets run their last edit group and the "
+                    "no-capture mount its own big write meanwhile; else 0)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--interval", type=float, default=0.02,
                     help="seconds between samples of the big write (the full bench takes 0.25, which "
@@ -138,6 +142,9 @@ def main(argv=None) -> int:
             phase(f"write {a.seq_gib} GiB", lambda: wl.write_file(p, n, wl.MiB))
             phase(f"overwrite {a.seq_gib} GiB", lambda: wl.write_file(p, n, wl.MiB))
             os.unlink(p)
+        idle = a.idle if a.idle is not None else (60.0 if a.full_sequence else 0.0)
+        if idle:
+            time.sleep(idle)
         big = os.path.join(t.root, "big.dat")
         n = int(a.size_gib * wl.GiB)
         start = _anon(pid)
