@@ -28,6 +28,7 @@ LIST_CACHE_OVERHEAD = 8  # a kept version counts as this many entries more (its 
 LIST_CACHE_VERSIONS = 10_000  # and at most this many versions (deleted files' lists age out: a bound
 # reached within the first hour of a busy mount, not after days of growth; issue 18 soak)
 RAW_CACHE_BYTES = 32 << 20  # raw bytes of recent bases and new chunks (chunking.RawCache)
+RAW_CACHE_IDLE_BYTES = 8 << 20  # ... of which the newest this many are kept once the mount is idle
 RESTART_HANDICAP = 2.0  # a delta against a skipped-to ancestor must be half a full copy
 FULL = None  # dirty marker: the whole file
 
@@ -359,6 +360,15 @@ class ContentCapture:
                     and len(self.lists) > 1:
                 _, (old_refs, _) = self.lists.popitem(last=False)
                 self.list_entries -= len(old_refs) + LIST_CACHE_OVERHEAD
+
+    def idle(self) -> None:
+        """The mount went quiet (Pipeline.idle_trimmer): the raw cache keeps its
+        newest RAW_CACHE_IDLE_BYTES, the bases of the regions saved last.  The
+        rest (up to 24 MiB of a burst's chunks) would stay resident while
+        nothing is saved; after the full bench's rounds it was the floor the
+        next big write started from (issue 19, eleventh session).  It fills
+        again with the next captures."""
+        self.raw_cache.shrink(RAW_CACHE_IDLE_BYTES)
 
     def forget_list(self, seq: int | None) -> None:
         """Drop version ``seq``'s kept list (superseded by the file's next version)."""

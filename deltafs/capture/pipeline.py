@@ -164,7 +164,7 @@ class Pipeline:
             j.defer_checkpoints = False
             j.urgent = None
 
-    async def idle_trimmer(self) -> None:
+    async def idle_trimmer(self, before_trim: Callable[[], None] | None = None) -> None:
         """Give the heap's free pages back (``heap.trim``) once the pipeline has
         been quiet for IDLE_TRIM_S after commits.
 
@@ -174,7 +174,9 @@ class Pipeline:
         live ones that stay resident.  Measured after the full bench's
         sequence (issue 19, eleventh session): the next big write started from
         that high-water, not from what was live.  One trim per quiet spell: a
-        busy mount (a commit at least every IDLE_TRIM_S) never trims here."""
+        busy mount (a commit at least every IDLE_TRIM_S) never trims here.
+        ``before_trim()``: the owner's caches shrink first (the Recorder's raw
+        cache), so the pages they held are given back too."""
         while True:
             await self._worked.wait()
             while True:
@@ -185,6 +187,8 @@ class Pipeline:
                     break
                 if quiet.cancelled_caught:  # a long commit in flight: its _finish sets _worked
                     await self._worked.wait()
+            if before_trim is not None:
+                before_trim()
             self.idle_trims += await trio.to_thread.run_sync(heap.trim, True)
 
     def push(self, item: Item, nbytes: int = 0, deferred: bool = False) -> Item:

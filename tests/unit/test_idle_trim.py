@@ -70,3 +70,39 @@ def test_trim_gives_back_what_small_objects_left_resident():
     assert heap.trim(force=True)
     assert anon() < before - (32 << 20), (before, anon())
     del keep
+
+
+def test_shrink_keeps_the_most_recently_used_entries():
+    from deltafs.chunking import RawCache
+    c = RawCache(1 << 20)
+    for i in range(10):
+        c.put(b"%016d" % i, bytes(50_000))
+    assert c.get(b"%016d" % 0) is not None  # used again: now the newest
+    c.shrink(120_000)
+    assert c.size <= 120_000 and len(c) == 2
+    assert b"%016d" % 0 in c and b"%016d" % 9 in c
+    c.put(b"x" * 16, bytes(50_000))  # the budget is unchanged: it fills up again
+    assert len(c) == 3
+
+
+async def test_a_quiet_mount_shrinks_the_raw_cache_to_its_idle_size(tmp_path, autojump_clock):
+    from deltafs.capture import Recorder
+    from deltafs.capture import content as CC
+    (tmp_path / "src").mkdir()
+    with Journal.open(str(tmp_path / "j"), create=True) as j:
+        rec = Recorder(j, str(tmp_path / "src"))
+        cache = rec.content.raw_cache
+        for i in range(CC.RAW_CACHE_BYTES // 60_000):  # a burst of captures filled it
+            cache.put(b"%016d" % i, bytes(60_000))
+        assert cache.size > CC.RAW_CACHE_IDLE_BYTES * 3
+        async with trio.open_nursery() as n:
+            await n.start(rec.run)
+            it = rec.pipe.submit(Change(op="mkdir", path=b"d", mode=0o40755))
+            await it.done.wait()
+            await trio.sleep(P.IDLE_TRIM_S / 2)
+            assert cache.size > CC.RAW_CACHE_IDLE_BYTES * 3  # not quiet long enough yet
+            await trio.sleep(P.IDLE_TRIM_S)
+            await wait_for(lambda: rec.pipe.idle_trims)
+            assert CC.RAW_CACHE_IDLE_BYTES - 60_000 < cache.size <= CC.RAW_CACHE_IDLE_BYTES
+            assert b"%016d" % (CC.RAW_CACHE_BYTES // 60_000 - 1) in cache  # the newest stay
+            n.cancel_scope.cancel()
