@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=int, default=4000)
     ap.add_argument("--tx", type=int, default=2000)
     ap.add_argument("--seq-gib", type=float, default=0.0, help="write + overwrite this much first (0: no)")
+    ap.add_argument("--snap-every", type=float, default=10.0, help="with --snap: seconds between snapshots "
+                    "during the big write")
     ap.add_argument("--full-sequence", action="store_true",
                     help="replay the full bench's groups (warm-up + --rounds) before the big write")
     ap.add_argument("--rounds", type=int, default=2, help="with --full-sequence: rounds after the warm-up")
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
         stop = threading.Event()
 
         def snaps() -> None:
-            while not stop.wait(10):
+            while not stop.wait(a.snap_every):
                 snap()
         if a.snap:
             threading.Thread(target=snaps, daemon=True).start()
