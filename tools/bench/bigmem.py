@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=int, default=4000)
     ap.add_argument("--tx", type=int, default=2000)
     ap.add_argument("--seq-gib", type=float, default=0.0, help="write + overwrite this much first (0: no)")
+    ap.add_argument("--compact-every", help="the mount's --compact-every (MINUTES): compaction passes "
+                    "during the sequence and the big write, as in the full bench's hour")
     ap.add_argument("--snap-every", type=float, default=10.0, help="with --snap: seconds between snapshots "
                     "during the big write")
     ap.add_argument("--full-sequence", action="store_true",
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
     try:
         corpus = os.path.join(work, "corpus")
         wl.build_corpus(corpus, a.files)
-        t = tg.MountTarget(os.path.join(work, "cap"), "cap", capture=True)
+        extra = ("--compact-every", a.compact_every) if a.compact_every else ()
+        t = tg.MountTarget(os.path.join(work, "cap"), "cap", capture=True, extra=extra)
         pid = t.pid
 
         def settle() -> None:
