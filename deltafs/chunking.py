@@ -1124,6 +1124,17 @@ class RawCache:
     def __contains__(self, cid: bytes) -> bool:
         return cid in self._d
 
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def shrink(self, budget: int) -> None:
+        """Drop the least recently used entries until at most ``budget`` bytes stay
+        (the cache's own budget is unchanged: it fills up again)."""
+        with self._lock:
+            while self.size > budget and self._d:
+                _, old = self._d.popitem(last=False)
+                self.size -= len(old)
+
     def discard(self, cid: bytes) -> None:
         """Forget a chunk (one a capture just replaced: its successor is the next base)."""
         with self._lock:

@@ -42,6 +42,11 @@ class _Pool:
                 token.run_sync_soon(self._back, task, result)
             except trio.RunFinishedError:  # the loop is gone: nobody waits any more
                 pass
+            # nothing of this call kept while the thread waits for the next: its
+            # arguments and result (a capture's Change: up to CHUNK_FLUSH_BYTES of
+            # payloads and the file's packed list) stayed referenced by every idle
+            # worker until its next call (issue 19, eleventh session)
+            fn = args = task = token = result = None
 
     def _back(self, task, result) -> None:
         self.busy -= 1

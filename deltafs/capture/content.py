@@ -28,6 +28,7 @@ LIST_CACHE_OVERHEAD = 8  # a kept version counts as this many entries more (its 
 LIST_CACHE_VERSIONS = 10_000  # and at most this many versions (deleted files' lists age out: a bound
 # reached within the first hour of a busy mount, not after days of growth; issue 18 soak)
 RAW_CACHE_BYTES = 32 << 20  # raw bytes of recent bases and new chunks (chunking.RawCache)
+RAW_CACHE_IDLE_BYTES = 8 << 20  # ... of which the newest this many are kept once the mount is idle
 RESTART_HANDICAP = 2.0  # a delta against a skipped-to ancestor must be half a full copy
 FULL = None  # dirty marker: the whole file
 
@@ -180,7 +181,12 @@ def capture_chunks(r, pread, size: int, old, dirty, offsets=None, spill=None,
         linked = prev[2] + 1 if neighbour and nc.base_id == prev[1].id else 0
         last[0] = None if len(retry) > queued else (span.offset + span.length,
                                                     chunking.Base(nc.id, raw, nc.depth), linked)
-        if cache is not None:
+        if cache is not None and not (raw_run >= RAW_RUN and nc.base_id is None
+                                      and nc.payload[0] == chunking.CODEC_RAW):
+            # a raw chunk inside a run of them (a retry of the bulk lane, one chunk in
+            # RAW_RETRY of a 4 GiB write) stays out like the lane's: it reads back
+            # without decoding, and 250 MiB of them pushed through a 32 MiB cache
+            # only churned the heap and the hot regions' bases (issue 19)
             cache.put(nc.id, raw)
             if base_ref is not None and base_ref[0] != nc.id:
                 # replaced: the new chunk is this region's next base (keeps the
@@ -354,6 +360,15 @@ class ContentCapture:
                     and len(self.lists) > 1:
                 _, (old_refs, _) = self.lists.popitem(last=False)
                 self.list_entries -= len(old_refs) + LIST_CACHE_OVERHEAD
+
+    def idle(self) -> None:
+        """The mount went quiet (Pipeline.idle_trimmer): the raw cache keeps its
+        newest RAW_CACHE_IDLE_BYTES, the bases of the regions saved last.  The
+        rest (up to 24 MiB of a burst's chunks) would stay resident while
+        nothing is saved; after the full bench's rounds it was the floor the
+        next big write started from (issue 19, eleventh session).  It fills
+        again with the next captures."""
+        self.raw_cache.shrink(RAW_CACHE_IDLE_BYTES)
 
     def forget_list(self, seq: int | None) -> None:
         """Drop version ``seq``'s kept list (superseded by the file's next version)."""

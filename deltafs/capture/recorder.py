@@ -168,6 +168,7 @@ class Recorder:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self.pipe.checkpointer)
+            nursery.start_soon(self.pipe.idle_trimmer, self.content.idle)
             task_status.started()
             await self.pipe.committer()
 

@@ -138,7 +138,9 @@ def test_bulk_raw_chunks_skip_the_build_and_leave_the_raw_cache_to_hot_regions(t
     n = len(d.depths(seq))
     assert n > 400
     assert len(built) <= CC.RAW_RUN + n // CC.RAW_RETRY + 2, (len(built), n)
-    assert cache.size <= len(hot) + 2 * C.MAX_SIZE * (CC.RAW_RUN + n // CC.RAW_RETRY + 2)
+    # only the chunks before the run was known to be raw: not the lane's retries either
+    # (one in RAW_RETRY of a 4 GiB write churned 250 MiB through the 32 MiB cache)
+    assert len(cache) <= 1 + CC.RAW_RUN + 1, (len(cache), n)
     new = random.Random(5).randbytes(12 << 20)
     path.write_bytes(new)
     built.clear()

@@ -8,6 +8,13 @@ seq_1m group), then one SIZE write (bs=1M, incompressible, one fsync) while
 Prints RssAnon after each phase, and the start / peak / end of the big write.
 
     python -m tools.bench.bigmem [--size-gib 4] [--files 4000] [--tx 2000] [--seq-gib 1]
+    python -m tools.bench.bigmem --full-sequence [--rounds 2]
+
+--full-sequence replays instead what the full bench's capture mount goes through
+before its 4 GiB write: every workload group of ``tools.bench`` in full sizes
+(1 GiB write, cold and warm reads, overwrite; 256 MiB bs=4k; cp -a, find, du, git
+add/commit/status, rm -rf; sqlite; the 1-byte edit rows, drop_caches included),
+warm-up plus --rounds rounds, on this one mount.
 
 Environment variables of the daemon (DELTAFS_*) pass through: e.g.
 DELTAFS_TRACEMALLOC=DIR for heap snapshots (see deltafs/mount.py).
@@ -16,12 +23,14 @@ DELTAFS_TRACEMALLOC=DIR for heap snapshots (see deltafs/mount.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import sqlite3
 import threading
 import time
+import types
 
 from tools.bench import targets as tg
 from tools.bench import workloads as wl
@@ -31,12 +40,43 @@ def _anon(pid) -> int:
     return tg.daemon_stats(pid).anon
 
 
+def _full_sequence(a, t, corpus: str, phase, settle) -> None:
+    """The full bench's groups, warm-up + a.rounds rounds, on the capture mount t: each
+    group one phase (its parts settle in between, as the bench's m() does)."""
+    sizes = dataclasses.replace(wl.FULL, tree_files=a.files, sqlite_tx=a.tx)
+    nfiles = sum(len(f) for _, _, f in os.walk(corpus))
+    ctx = types.SimpleNamespace(sizes=sizes, corpus=corpus, corpus_files=nfiles,
+                                can_drop=wl.drop_caches(), edit_seq=0, settle=settle)
+
+    def m(name, work, before=None):
+        if before is not None:
+            before()
+        work()
+        settle()
+    d = os.path.join(t.root, "bench")
+    os.makedirs(d, exist_ok=True)
+    for rnd in range(a.rounds + 1):
+        for gname, fn in wl.GROUPS:
+            phase(f"r{rnd} {gname}", lambda: fn(m, d, ctx))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gib", type=float, default=4.0)
     ap.add_argument("--files", type=int, default=4000)
     ap.add_argument("--tx", type=int, default=2000)
     ap.add_argument("--seq-gib", type=float, default=0.0, help="write + overwrite this much first (0: no)")
+    ap.add_argument("--compact-every", help="the mount's --compact-every (MINUTES): compaction passes "
+                    "during the sequence and the big write, as in the full bench's hour")
+    ap.add_argument("--snap-every", type=float, default=10.0, help="with --snap: seconds between snapshots "
+                    "during the big write")
+    ap.add_argument("--full-sequence", action="store_true",
+                    help="replay the full bench's groups (warm-up + --rounds) before the big write")
+    ap.add_argument("--rounds", type=int, default=2, help="with --full-sequence: rounds after the warm-up")
+    ap.add_argument("--idle", type=float, default=None,
+                    help="seconds the daemon idles before the big write (default: 60 with --full-sequence, "
+                    "where the full bench's other two targets run their last edit group and the "
+                    "no-capture mount its own big write meanwhile; else 0)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--interval", type=float, default=0.02,
                     help="seconds between samples of the big write (the full bench takes 0.25, which "
@@ -61,7 +101,8 @@ def main(argv=None) -> int:
     try:
         corpus = os.path.join(work, "corpus")
         wl.build_corpus(corpus, a.files)
-        t = tg.MountTarget(os.path.join(work, "cap"), "cap", capture=True)
+        extra = ("--compact-every", a.compact_every) if a.compact_every else ()
+        t = tg.MountTarget(os.path.join(work, "cap"), "cap", capture=True, extra=extra)
         pid = t.pid
 
         def settle() -> None:
@@ -81,9 +122,12 @@ def main(argv=None) -> int:
                   f"after {row['anon_end'] / 2**20:6.1f} MiB", flush=True)
 
         phase("mounted", lambda: None)
+        if a.full_sequence:
+            _full_sequence(a, t, corpus, phase, settle)
         tree = os.path.join(t.root, "tree")
-        phase(f"cp -a {a.files}", lambda: wl.run(["cp", "-a", corpus, tree], t.root))
-        phase("rm -rf", lambda: shutil.rmtree(tree))
+        if not a.full_sequence:
+            phase(f"cp -a {a.files}", lambda: wl.run(["cp", "-a", corpus, tree], t.root))
+            phase("rm -rf", lambda: shutil.rmtree(tree))
         db = os.path.join(t.root, "bench.sqlite")
 
         def sql() -> None:
@@ -95,13 +139,17 @@ def main(argv=None) -> int:
                 con.execute("INSERT INTO t (v) VALUES (?)", (f"row {i} " * 8,))
                 con.execute("COMMIT")
             con.close()
-        phase(f"sqlite {a.tx} tx", sql)
+        if not a.full_sequence:
+            phase(f"sqlite {a.tx} tx", sql)
         if a.seq_gib:
             p = os.path.join(t.root, "seq.dat")
             n = int(a.seq_gib * wl.GiB)
             phase(f"write {a.seq_gib} GiB", lambda: wl.write_file(p, n, wl.MiB))
             phase(f"overwrite {a.seq_gib} GiB", lambda: wl.write_file(p, n, wl.MiB))
             os.unlink(p)
+        idle = a.idle if a.idle is not None else (60.0 if a.full_sequence else 0.0)
+        if idle:
+            time.sleep(idle)
         big = os.path.join(t.root, "big.dat")
         n = int(a.size_gib * wl.GiB)
         start = _anon(pid)
@@ -109,7 +157,7 @@ def main(argv=None) -> int:
         stop = threading.Event()
 
         def snaps() -> None:
-            while not stop.wait(10):
+            while not stop.wait(a.snap_every):
                 snap()
         if a.snap:
             threading.Thread(target=snaps, daemon=True).start()

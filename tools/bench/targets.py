@@ -227,9 +227,10 @@ class MountTarget(Target):
 
     is_mount = True
 
-    def __init__(self, base: str, name: str, capture: bool) -> None:
+    def __init__(self, base: str, name: str, capture: bool, extra: tuple[str, ...] = ()) -> None:
         self.name = name
         self.capture = capture
+        self.extra = tuple(extra)  # more `deltafs mount` options (tools/bench/bigmem.py --compact-every)
         self.base = base
         self.src = os.path.join(base, "src")
         self.root = os.path.join(base, "work")
@@ -245,6 +246,7 @@ class MountTarget(Target):
         cmd = DELTAFS + ["mount", self.src, self.root, "--journal", self.journal]
         if not self.capture:
             cmd.append("--no-capture")
+        cmd += self.extra
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
         if r.returncode != 0:
             raise RuntimeError(f"deltafs mount ({self.name}) failed: {r.stderr.strip()}")
