@@ -177,11 +177,40 @@ class Reader:
             bodies: dict[int, list[bytes]] = {}  # blocks read for this one's lists, shared by its records
             values = self._st.record_block(first, loc, lambda s: self.unchecked_list(s, bodies))
         except (ValueError, zstandard.ZstdError) as e:
-            raise CorruptionError(f"the record block of records {first}.. cannot be read: {e}") from e
+            err = CorruptionError(f"the record block of records {first}.. cannot be read: {e}")
+            return first, self._block_around_checkpoints(first, loc, err)
         if check and not self._st.block_checked((first, loc[0], loc[1])):
-            self._check_block(first, values)
+            try:
+                self._check_block(first, values)
+            except CorruptionError as e:
+                values = self._block_around_checkpoints(first, loc, e)
             self._st.mark_block_checked((first, loc[0], loc[1]))
         return first, values
+
+    def _block_around_checkpoints(self, first: int, loc: tuple[int, int, int, int],
+                                  err: CorruptionError) -> list[bytes]:
+        """The values of a ``T`` block whose first decoding failed or did not
+        pass the chain check, decoded again with every list it puts a content
+        hash back from rebuilt from the records alone: a damaged chunk-list
+        checkpoint (derived data, "repairable") must not make up to
+        RECORD_BLOCK_MAX records unreadable.  The block is checked again;
+        if that fails too, ``err`` is raised (the block itself is damaged)."""
+        self._st.forget_block(first)
+        pack, off, length, _ = loc
+        try:
+            if bytes(self._st.packs.read(pack, off, 1)) != S.DERIVED_BLOCK_MAGIC:
+                raise err  # no list was rebuilt for it: nothing to go around
+            bodies: dict[int, list[bytes]] = {}
+            values = self._st.record_block(
+                first, loc, lambda s: self.unchecked_list(s, bodies, checkpoints=False))
+            self._check_block(first, values)
+        except (ValueError, zstandard.ZstdError, CorruptionError):
+            self._st.forget_block(first)
+            raise err from None
+        self._st.note_damaged_checkpoint(
+            f"a chunk-list checkpoint under the record block of records {first}..{first + len(values) - 1} "
+            "is damaged")
+        return values
 
     def _check_block(self, first: int, values: list[bytes]) -> None:
         prev: bytes | None = ZERO_HASH
@@ -202,7 +231,8 @@ class Reader:
                                       f"record {first + i} {problem}")
             prev = r.hash
 
-    def unchecked_list(self, seq: int, bodies: dict[int, list[bytes]] | None = None) -> bytes:
+    def unchecked_list(self, seq: int, bodies: dict[int, list[bytes]] | None = None,
+                       checkpoints: bool = True) -> bytes:
         """The packed full chunk list of content version ``seq``, rebuilt from
         its checkpoint or the bodies of the records it builds on, checked
         against nothing: what a ``T`` record block puts its left-out content
@@ -210,14 +240,15 @@ class Reader:
         block's chain check then catches).  Reads bodies only, never puts a
         block's hashes back, so decoding one block never decodes others'
         hashes.  ``bodies`` (first seq -> bodies): the blocks read so far,
-        which a caller may keep across calls.  ValueError if the chain
-        cannot be followed."""
+        which a caller may keep across calls; ``checkpoints=False``: from the
+        bodies alone, back to the version's first full list (around a damaged
+        checkpoint).  ValueError if the chain cannot be followed."""
         chain: list = []
         if bodies is None:
             bodies = {}
         s = seq
         while True:
-            cp = self.txn.get(S.checkpoint_key(s), db=self.dbs[S.DB_CHECKPOINTS])
+            cp = self.txn.get(S.checkpoint_key(s), db=self.dbs[S.DB_CHECKPOINTS]) if checkpoints else None
             if cp is not None:
                 start = bytes(cp)
                 break
@@ -232,7 +263,7 @@ class Reader:
             if not rec.base_seq:
                 start = b""
                 break
-            if len(chain) > S.CHECKPOINT_MAX + 10 or rec.base_seq >= s:
+            if (checkpoints and len(chain) > S.CHECKPOINT_MAX + 10) or rec.base_seq >= s:
                 raise ValueError(f"chunk list of record {seq}: edit chain too long or looping at record {s}")
             s = rec.base_seq
         if len(start) % S.ENTRY_LEN:
@@ -259,6 +290,11 @@ class Reader:
             raise ValueError(f"no record {seq}")
         got = bodies[first] = self._st.record_block_bodies(first, loc)
         return got[seq - first]
+
+    def damaged_checkpoints(self) -> list[str]:
+        """What reads went around so far: chunk-list checkpoints that did not
+        give back what the records give (Storage.note_damaged_checkpoint)."""
+        return sorted(self._st.damaged_checkpoints)
 
     def checkpoints(self) -> Iterator[tuple[int, bytes]]:
         """(seq, packed full chunk list) of every chunk-list checkpoint, in seq
@@ -455,19 +491,21 @@ class Reader:
             raise CorruptionError(f"the checkpoint of record {chain[0].base_seq if chain else seq} "
                                   f"cannot be read: {e}") from e
 
-    def _packed_chain(self, seq: int) -> tuple[bytes, list[Record]]:
-        """(packed starting list, edits oldest first) of content version ``seq``."""
+    def _packed_chain(self, seq: int, checkpoints: bool = True) -> tuple[bytes, list[Record]]:
+        """(packed starting list, edits oldest first) of content version
+        ``seq``; ``checkpoints=False``: from the records alone, back to the
+        version's first full list."""
         chain: list[Record] = []
         s = seq
         while True:
-            cp = self.txn.get(S.checkpoint_key(s), db=self.dbs[S.DB_CHECKPOINTS])
+            cp = self.txn.get(S.checkpoint_key(s), db=self.dbs[S.DB_CHECKPOINTS]) if checkpoints else None
             if cp is not None:
                 return bytes(cp), chain[::-1]
             r = self._content_record(s, chain[-1].seq if chain else None)
             chain.append(r)
             if not r.base_seq:
                 return b"", chain[::-1]
-            if len(chain) > S.CHECKPOINT_MAX + 10 or r.base_seq >= s:
+            if (checkpoints and len(chain) > S.CHECKPOINT_MAX + 10) or r.base_seq >= s:
                 raise CorruptionError(f"chunk list of record {seq}: edit chain too long or looping "
                                       f"at record {s}")
             s = r.base_seq
@@ -486,8 +524,26 @@ class Reader:
             raise CorruptionError(f"its chunk list cannot be read: {e}", rec.path, seq) from e
 
     def packed_list(self, seq: int) -> tuple[bytes, Record]:
-        """-> (packed full chunk list, the content record) of version ``seq``, checked."""
+        """-> (packed full chunk list, the content record) of version ``seq``, checked.
+
+        A list that does not check out and was built from a chunk-list
+        checkpoint is rebuilt from the records alone: a damaged checkpoint
+        (derived data) costs a longer read, not the version."""
         start, chain = self._packed_chain(seq)
+        try:
+            return self._checked_list(seq, start, chain)
+        except CorruptionError as e:
+            first = chain[0].base_seq if chain else seq
+            if not start or self.txn.get(S.checkpoint_key(first), db=self.dbs[S.DB_CHECKPOINTS]) is None:
+                raise
+            try:
+                got = self._checked_list(seq, *self._packed_chain(seq, checkpoints=False))
+            except CorruptionError:
+                raise e from None
+            self._st.note_damaged_checkpoint(f"the chunk-list checkpoint of record {first} is damaged")
+            return got
+
+    def _checked_list(self, seq: int, start: bytes, chain: list[Record]) -> tuple[bytes, Record]:
         rec = chain[-1] if chain else self._content_record(seq)
         try:
             if len(start) % S.ENTRY_LEN:

@@ -70,6 +70,7 @@ class Storage:
         self._blocks: OrderedDict[int, list[bytes]] = OrderedDict()
         self._blocks_records = 0  # records in _blocks
         self._blocks_lock = threading.Lock()
+        self.damaged_checkpoints: set[str] = set()  # note_damaged_checkpoint
         self._blocks_checked: set[tuple[int, int, int]] = set()  # (first seq, pack, offset)
         self._watchers: list[set[bytes]] = []  # watch_values
 
@@ -262,6 +263,24 @@ class Storage:
             while self._blocks_records > RECORDS_CACHED and len(self._blocks) > 1:
                 self._blocks_records -= len(self._blocks.popitem(last=False)[1])
         return values
+
+    def forget_block(self, first: int) -> None:
+        """Drop the decoded values of the block starting at ``first`` (they
+        did not pass the chain check: read again, another way)."""
+        with self._blocks_lock:
+            values = self._blocks.pop(first, None)
+            if values is not None:
+                self._blocks_records -= len(values)
+
+    def note_damaged_checkpoint(self, where: str) -> None:
+        """A chunk-list checkpoint did not give back what the records give:
+        reads went around it (Reader); verify reports it."""
+        with self._blocks_lock:
+            if where not in self.damaged_checkpoints:
+                log.warning("journal %s: %s; read from the records instead (deltafs verify "
+                            "reports it)", self.path, where)
+            if len(self.damaged_checkpoints) < 64:
+                self.damaged_checkpoints.add(where)
 
     def record_block_last_hash(self, first: int, loc: tuple[int, int, int, int]) -> bytes:
         """The stored hash of a block's last record (S.record_block_last_hash;

@@ -62,7 +62,8 @@ def verify(r: Reader, full: bool = False) -> VerifyResult:
                 return res
             rec, problem = check_link(v, seq, prev)
             if problem:
-                res.problem = Problem(f"record {seq} {problem}", seq, rec.path if rec else None)
+                res.problem = _checkpoint_problem(r, seq) or \
+                    Problem(f"record {seq} {problem}", seq, rec.path if rec else None)
                 return res
             if rec.hlc <= last_hlc:
                 res.problem = Problem(f"record {seq} goes back in time (HLC {rec.hlc} <= {last_hlc})", seq, rec.path)
@@ -95,7 +96,25 @@ def verify(r: Reader, full: bool = False) -> VerifyResult:
                 return res
         res.versions_checked += 1
     res.chunks_checked = len(good)
+    res.problem = _checkpoint_problem(r)
     return res
+
+
+def _checkpoint_problem(r: Reader, seq: int | None = None) -> Problem | None:
+    """A damaged chunk-list checkpoint, if reads went around one (Reader:
+    derived data, the records are intact).  ``seq``: a record whose link
+    failed as verify read it (blocks unchecked): read it the way every
+    other reader does first, which goes around a damaged checkpoint."""
+    if seq is not None:
+        try:
+            r.raw_record(seq)
+        except CorruptionError:
+            return None
+    notes = r.damaged_checkpoints()
+    if not notes:
+        return None
+    return Problem(f"{notes[0]} (derived data: the records are intact and every version still "
+                   "reads back, rebuilt from them)", seq)
 
 
 def _check_chunk(r, cid: bytes, length: int, good: set[bytes], depth: int = 0) -> str | None:

@@ -109,12 +109,31 @@ def test_a_cold_read_decodes_the_block_and_at_most_the_one_before(tmp_path, monk
     assert 1 <= len(calls) <= 2, calls  # the block, and the one before for the chain's link into it
 
 
-def test_a_damaged_checkpoint_under_a_t_block_is_caught_by_its_chain_check(tmp_path, monkeypatch):
+def _flip_checkpoint(jp, seq: int) -> None:
+    """Flip a bit in every chunk id of the chunk-list checkpoint of ``seq``."""
+    env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        db = env.open_db(S.DB_CHANGES, txn=txn)  # checkpoints are keys of changes since format 12
+        cp = bytearray(txn.get(S.checkpoint_key(seq), db=db))
+        for o in range(3, len(cp), S.ENTRY_LEN):
+            cp[o] ^= 0x40
+        txn.put(S.checkpoint_key(seq), bytes(cp), db=db)
+    env.close()
+
+
+def test_a_damaged_checkpoint_under_a_t_block_costs_no_record(tmp_path, monkeypatch):
+    """A T block puts its content hashes back from lists that may start at a
+    chunk-list checkpoint.  A damaged checkpoint gives wrong hashes and the
+    block's chain check fails; the reader then rebuilds those lists from the
+    records alone, so every record and version still reads back, and verify
+    names the checkpoint (before, the whole block of up to 512 records was
+    unreadable)."""
     monkeypatch.setattr(JC, "RECORD_BLOCK_MAX", JC.RECORD_BLOCK)  # bases in earlier blocks
     jp = tmp_path / "j"
     with Journal.open(jp, create=True, clock=FakeClock()) as j:
-        two_files(j, 120)
+        content = two_files(j, 120)
         M.compact(j, ALL)
+        values = chain_values(j)
         with j.reader() as r:
             cps = [seq for seq, _ in r.checkpoints()]
             blocks = [(first, S.decode_block_loc(loc)[3]) for first, loc in r.record_blocks()]
@@ -122,18 +141,38 @@ def test_a_damaged_checkpoint_under_a_t_block_is_caught_by_its_chain_check(tmp_p
             target = next((rec.seq, rec.base_seq) for rec in r.records(1, r.archived_upto())
                           if rec.is_content and rec.base_seq in cps
                           and not any(f <= rec.base_seq < f + n and f <= rec.seq < f + n for f, n in blocks))
-    env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
-    with env.begin(write=True) as txn:
-        db = env.open_db(S.DB_CHANGES, txn=txn)  # checkpoints are keys of changes since format 12
-        cp = bytearray(txn.get(S.checkpoint_key(target[1]), db=db))
-        for o in range(3, len(cp), S.ENTRY_LEN):  # every chunk id of the base's list
-            cp[o] ^= 0x40
-        txn.put(S.checkpoint_key(target[1]), bytes(cp), db=db)
-    env.close()
+    _flip_checkpoint(jp, target[1])
     with Journal.open(jp, readonly=True) as j, j.reader() as r:
-        with pytest.raises(CorruptionError, match="record block"):
-            r.raw_record(target[0])
-        assert not j.verify().ok
+        assert bytes(r.raw_record(target[0])) == values[target[0] - 1]
+        assert [bytes(v) for _, v in r.raw_records()] == values
+        for seq, data in content.items():
+            assert r.read_content(seq) == data
+    with Journal.open(jp, readonly=True) as j:  # a fresh process's verify, nothing read before
+        v = j.verify()
+        assert not v.ok and "checkpoint" in v.problem.what and "damaged" in v.problem.what, v.problem
+
+
+def test_a_damaged_checkpoint_under_a_version_is_read_around(tmp_path):
+    """A version whose list starts at a damaged checkpoint is rebuilt from
+    the records (its content hash checks it); verify --full names the
+    checkpoint."""
+    jp = tmp_path / "j"
+    with Journal.open(jp, create=True, clock=FakeClock()) as j:
+        content = two_files(j, 120)  # records stay in changes: no compaction
+        with j.reader() as r:
+            cps = [seq for seq, _ in r.checkpoints()]
+            assert cps
+            later = [seq for seq in content if seq > cps[0]]
+        assert (v := j.verify(full=True)).ok, v.problem
+    _flip_checkpoint(jp, cps[0])
+    with Journal.open(jp, readonly=True) as j:
+        with j.reader() as r:
+            for seq in later + [cps[0]]:
+                assert r.read_content(seq) == content[seq]
+        assert j.verify().ok  # the chain of records is intact
+    with Journal.open(jp, readonly=True) as j:
+        v = j.verify(full=True)
+        assert not v.ok and f"checkpoint of record {cps[0]} is damaged" in v.problem.what, v.problem
 
 
 def test_the_encoder_keeps_a_hash_it_cannot_give_back(tmp_path):
