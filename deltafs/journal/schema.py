@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import msgpack
 import zstandard
 
-FORMAT_VERSION = 12  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
+FORMAT_VERSION = 13  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
 # 4: delta chains up to 128 (chunking.MAX_DELTA_DEPTH), in-place files cut at aligned offsets;
 # 5: content cause 6 = "repair" (a file recorded again after a merged history, issue 18);
 # 6: record blocks "S" keep two hashes, not one per record; raw_bytes recounted (issue 20)
@@ -26,6 +26,8 @@ FORMAT_VERSION = 12  # 2: chunk values in pack files; 3: records v2, dupsort his
 #     key 22 "content_tree", instead of the flat one (key 20): a small edit of a huge file rehashes
 #     one page (issue 19)
 # 12: record blocks "T" leave out the content hashes a block's own edits give back (issue 20)
+# 13: history/pathlog seqs of records in record blocks packed as varint deltas, one value a key
+#     (journal/seqindex.py, issue 20)
 MAX_DBS = 32
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
 CHECKPOINT_MAX = 256  # a long one (>= 8192 entries) may need up to this many (see checkpoint_every)
@@ -60,7 +62,7 @@ DB_SNAPSHOTS = b"snapshots"
 DB_MIRRORS = b"mirrors"
 DB_RECORD_BLOCKS = b"record_blocks"  # logical, in ``changes`` since format 10: block_key(first seq) -> location
 DB_TREES = b"trees"  # u64 seq -> tree checkpoint: the tree right after that record (format 6)
-ALL_DBS = (  # the named databases of a journal (format 12)
+ALL_DBS = (  # the named databases of a journal (formats 12 and 13)
     DB_CHANGES, DB_FILES, DB_HISTORY, DB_CHUNKS, DB_SNAPSHOTS, DB_MIRRORS, DB_TREES,
 )
 SHARED_DBS = {DB_PATHS: DB_FILES, DB_PATHLOG: DB_HISTORY, DB_RECORD_BLOCKS: DB_CHANGES,  # logical -> physical
@@ -241,7 +243,7 @@ def dup_pages_needed(txn, db) -> int:
     ok = cur.first()
     while ok:
         n = cur.count()
-        sub = 8 if n == 1 else 16 + 8 * -(-n // 4) * 4
+        sub = len(cur.value()) if n == 1 else 16 + 8 * -(-n // 4) * 4  # one: a seq, or a segment (format 13)
         node = 8 + len(cur.key()) + (sub if sub <= psize // 2 else 48)
         used += (node + 1) // 2 * 2 + 2
         if sub > psize // 2:

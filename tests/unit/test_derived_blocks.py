@@ -171,7 +171,7 @@ def test_a_format_11_journal_is_upgraded_its_s_blocks_read_and_new_blocks_are_t(
     with pytest.raises(JournalFormatError, match="format version 11.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 12
+        assert j.format_version == S.FORMAT_VERSION == 13
         with j.reader() as r:
             assert dict(r.checkpoints()) == cps  # moved into changes
             assert [bytes(v) for _, v in r.raw_records()] == values

@@ -113,7 +113,7 @@ def test_a_format_9_journal_is_upgraded_once_and_reads_the_same(tmp_path):
     with pytest.raises(JournalFormatError, match="format version 9.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 12
+        assert j.format_version == S.FORMAT_VERSION == 13
         assert snapshot_of(j, seqs) == before
         assert j.verify(full=True).ok
         more, more_content = edits(j, 2, fid=11)  # and it goes on: new records, blocks, paths
