@@ -4,7 +4,7 @@ Layers inside the package (each uses only the public names of those below):
 ``core`` (Journal: the writer, the public face) -> ``compact`` (Compactor),
 ``verify`` -> ``reader`` (Reader) -> ``checkpoints`` (tree checkpoints) -> ``storage`` (Storage: LMDB environment,
 databases, packs, write lock; the only ``lmdb`` importer) -> ``upgrade``,
-``packs``, ``state``, ``records``, ``schema``, ``hlc``, ``private``.
+``packs``, ``state``, ``records``, ``seqindex`` (history/pathlog), ``schema``, ``hlc``, ``private``.
 """
 
 from __future__ import annotations

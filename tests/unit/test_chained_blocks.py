@@ -113,7 +113,7 @@ def test_a_format_5_journal_is_upgraded_its_r_blocks_read_and_raw_bytes_recounte
             for _, loc in r.record_blocks():
                 pack, off, length, _ = S.decode_block_loc(loc)
                 kinds.add(bytes(j._storage.packs.read(pack, off, 1)))
-            assert kinds == {b"R", b"S"}  # old blocks stay, new ones are S
+            assert kinds == {b"R", b"U"}  # old blocks stay, new ones are U (format 13)
             assert [bytes(v) for _, v in r.raw_records()][:len(values)] == values
 
 
