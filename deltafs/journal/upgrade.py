@@ -24,7 +24,7 @@ from .schema import TMP_DB, refill
 
 log = logging.getLogger(__name__)
 
-UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)  # formats a writer upgrades in place at open (a reader refuses them)
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)  # formats a writer upgrades at open (a reader refuses them)
 
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 
