@@ -760,23 +760,39 @@ def _squeeze(bodies: list[bytes]) -> tuple[list[int], list[bytes]] | None:
 
 
 def _unsqueeze(offs: list[int], bodies: list[bytes]) -> list[bytes]:
-    """The bodies of a ``U`` block as :func:`_squeeze` took them."""
+    """The bodies of a ``U`` block as :func:`_squeeze` took them (one pass,
+    one join per body: this is on every cold read of a block)."""
+    try:
+        return _unsqueezed(offs, bodies)
+    except struct.error as e:  # an HLC or mtime out of the uint 64 range
+        raise ValueError(f"a U block's HLC or mtime out of range: {e}") from e
+
+
+def _unsqueezed(offs: list[int], bodies: list[bytes]) -> list[bytes]:
     out = []
     prev_h = prev_t = 0
+    pack = _U64.pack
     for off, b in zip(offs, bodies):
-        if off:
-            z, end = _read_uvarint(b, off - 1)
-            prev_t += (z >> 1) if not z & 1 else -((z + 1) >> 1)
-            if not 0 <= prev_t < 1 << 64:
-                raise ValueError("a U block's mtime out of range")
-            b = b[:off - 1] + b"\xcf" + _U64.pack(prev_t) + b[end:]
-        if len(b) < 5 or b[1:4] != _HLC_AT[:3]:
+        if len(b) < 5 or b[1:4] != b"\x00\x02\x01":
             raise ValueError("a U block's body is not a record v2 body")
-        d, end = _read_uvarint(b, 4)
+        d = b[4]
+        e = 5
+        if d & 0x80:
+            d, e = _read_uvarint(b, 4)
+        if not d:
+            raise ValueError("a U block's HLC does not increase")
         prev_h += d
-        if not d or prev_h >= 1 << 64:
-            raise ValueError("a U block's HLC out of range")
-        out.append(b[:4] + b"\xcf" + _U64.pack(prev_h) + b[end:])
+        if not off:
+            out.append(b"".join((b[:4], b"\xcf", pack(prev_h), b[e:])))
+            continue
+        if off - 1 < e:
+            raise ValueError("a U block's mtime offset inside its HLC")
+        z = b[off - 1]
+        f = off
+        if z & 0x80:
+            z, f = _read_uvarint(b, off - 1)
+        prev_t += (z >> 1) if not z & 1 else -((z + 1) >> 1)
+        out.append(b"".join((b[:4], b"\xcf", pack(prev_h), b[e:off - 1], b"\xcf", pack(prev_t), b[f:])))
     return out
 
 
