@@ -58,10 +58,11 @@ import msgpack
 from deltafs.chunking import MAX_DELTA_DEPTH, Base, RawCache, build_chunk
 from deltafs.errors import CorruptionError
 
-from . import planstate
+from . import planstate, seqindex
 from . import schema as S
 from .packs import PACK_MAGIC, add_pack_live, incref, pack_live
 from .reader import Reader
+from .records import decode_record
 from .storage import Storage, open_env, release_lock
 
 log = logging.getLogger(__name__)
@@ -587,6 +588,8 @@ class Compactor:
                 values = [bytes(v) for v in values]
                 bodies: dict[int, list[bytes]] = {}  # blocks read for the lists, shared by the records
                 blob = S.encode_record_block(values, first, lambda s: rd.unchecked_list(s, bodies))
+                about = [(r.file_id, r.path, r.path2)  # their history and pathlog keys (format 13)
+                         for r in (decode_record(v, s, lists=False) for s, v in zip(range(first, last + 1), values))]
             with self._st.write() as txn:
                 if Reader(self._st, txn).archived_upto() + 1 != first or any(
                         txn.get(S.u64(s), db=changes) != v for s, v in zip(range(first, last + 1), values)):
@@ -598,6 +601,7 @@ class Compactor:
                 add_pack_live(txn, self._dbs, pack, len(blob))
                 for s in range(first, last + 1):
                     txn.delete(S.u64(s), db=changes)
+                seqindex.pack_records(txn, self._dbs[S.DB_HISTORY], last, about)  # their seqs into segments
             moved += len(values)
         if moved:  # deleting from the front leaves its pages part empty: pack what stays
             with self._st.write() as txn:

@@ -4,7 +4,7 @@ Layers inside the package (each uses only the public names of those below):
 ``core`` (Journal: the writer, the public face) -> ``compact`` (Compactor),
 ``verify`` -> ``reader`` (Reader) -> ``checkpoints`` (tree checkpoints) -> ``storage`` (Storage: LMDB environment,
 databases, packs, write lock; the only ``lmdb`` importer) -> ``upgrade``,
-``packs``, ``state``, ``records``, ``schema``, ``hlc``, ``private``.
+``packs``, ``state``, ``records``, ``seqindex`` (history/pathlog), ``schema``, ``hlc``, ``private``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from deltafs import trace
 from deltafs.chunking import MAX_DELTA_DEPTH, PackedRefs
 from deltafs.errors import JournalError, NotFoundError
 
-from . import checkpoints, private
+from . import checkpoints, private, seqindex
 from . import schema as S
 from .compact import INDEX_SLACK, RECORDS_KEPT, REPACK_DEAD_RATIO, Compactor, PruneResult, RepackResult
 from .hlc import HLC, hlc_to_ns
@@ -516,10 +516,10 @@ class Journal:
     def _gone_file(self, txn, rd: Reader, path: bytes) -> int:
         """The id of the regular file that last had ``path`` if it is gone
         from the tree and went within REUSE_WINDOW_NS, else 0."""
-        cur = txn.cursor(db=self._dbs[S.DB_PATHLOG])
-        if not (cur.set_key(S.paths_key(path)) and cur.last_dup()):
+        last = seqindex.last_seq(txn, self._dbs[S.DB_PATHLOG], *seqindex.pathlog_keys(path))
+        if not last:
             return 0
-        rec = rd.record(S.from_u64(cur.value()))
+        rec = rd.record(last)
         if path not in (rec.path, rec.path2):  # a hashed key's other path
             return 0
         st = rd.file_state(rec.file_id)

@@ -22,6 +22,7 @@ from deltafs.errors import CorruptionError, NotFoundError
 
 from . import checkpoints
 from . import schema as S
+from . import seqindex
 from .records import HASH_LEN, ZERO_HASH, Record, check_link, decode_record, split_value
 from .state import FileState, TreeEntry, children_prefix, tree_entry
 
@@ -440,32 +441,22 @@ class Reader:
 
     def versions_of(self, file_id: int) -> list[int]:
         """Seqs of every record about ``file_id``, newest first."""
-        cur = self.txn.cursor(db=self.dbs[S.DB_HISTORY])
-        if not cur.set_key(S.u64(file_id)):
-            return []
-        out = [S.from_u64(v) for v in cur.iternext_dup(keys=False)]
+        out = seqindex.seqs(self.txn, self.dbs[S.DB_HISTORY], *seqindex.history_keys(file_id))
         out.reverse()
         return out
 
     def versions_under(self, prefix: bytes) -> list[int]:
         """Seqs of every record whose path or path2 is ``prefix`` or below it
         (deleted and renamed-away files included), newest first; b'' = all."""
-        cur = self.txn.cursor(db=self.dbs[S.DB_PATHLOG])
-        scan = S.PATH_PREFIX + prefix[: S.PATH_KEY_PREFIX]
         seqs = set()
-        if cur.set_range(scan):
-            for pk, v in cur.iternext():
-                if not pk.startswith(scan):
-                    break
-                seq = S.from_u64(v)
-                pk = pk[len(S.PATH_PREFIX):]
-                if S.path_key_is_hashed(pk) or len(prefix) > S.PATH_KEY_PREFIX:
-                    r = self.record(seq)
-                    paths = [r.path, r.path2]
-                else:
-                    paths = [pk]
-                if any(p is not None and (not prefix or p == prefix or p.startswith(prefix + b"/")) for p in paths):
-                    seqs.add(seq)
+        for pk, seq in seqindex.iter_path_seqs(self.txn, self.dbs[S.DB_PATHLOG], prefix[: S.PATH_KEY_PREFIX]):
+            if S.path_key_is_hashed(pk) or len(prefix) > S.PATH_KEY_PREFIX:
+                r = self.record(seq)
+                paths = [r.path, r.path2]
+            else:
+                paths = [pk]
+            if any(p is not None and (not prefix or p == prefix or p.startswith(prefix + b"/")) for p in paths):
+                seqs.add(seq)
         return sorted(seqs, reverse=True)
 
     # --- chunk lists -------------------------------------------------------
@@ -820,10 +811,10 @@ class Reader:
 
     def _untouched_since(self, seq: int, path: bytes) -> bool:
         """No record after ``seq`` names ``path`` or a directory above it."""
-        cur = self.txn.cursor(db=self.dbs[S.DB_PATHLOG])
+        db = self.dbs[S.DB_PATHLOG]
         p = path
         while p:
-            if cur.set_key(S.paths_key(p)) and cur.last_dup() and S.from_u64(cur.value()) > seq:
+            if seqindex.last_seq(self.txn, db, *seqindex.pathlog_keys(p)) > seq:
                 return False
             p = p.rpartition(b"/")[0]
         return True

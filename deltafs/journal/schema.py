@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import msgpack
 import zstandard
 
-FORMAT_VERSION = 12  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
+FORMAT_VERSION = 13  # 2: chunk values in pack files; 3: records v2, dupsort history/pathlog, varint index;
 # 4: delta chains up to 128 (chunking.MAX_DELTA_DEPTH), in-place files cut at aligned offsets;
 # 5: content cause 6 = "repair" (a file recorded again after a merged history, issue 18);
 # 6: record blocks "S" keep two hashes, not one per record; raw_bytes recounted (issue 20)
@@ -26,6 +26,8 @@ FORMAT_VERSION = 12  # 2: chunk values in pack files; 3: records v2, dupsort his
 #     key 22 "content_tree", instead of the flat one (key 20): a small edit of a huge file rehashes
 #     one page (issue 19)
 # 12: record blocks "T" leave out the content hashes a block's own edits give back (issue 20)
+# 13: history/pathlog seqs of records in record blocks packed as varint deltas, one value a key
+#     (journal/seqindex.py, issue 20)
 MAX_DBS = 32
 CHECKPOINT_EVERY = 32  # a short chunk list never needs more than this many edits
 CHECKPOINT_MAX = 256  # a long one (>= 8192 entries) may need up to this many (see checkpoint_every)
@@ -60,7 +62,7 @@ DB_SNAPSHOTS = b"snapshots"
 DB_MIRRORS = b"mirrors"
 DB_RECORD_BLOCKS = b"record_blocks"  # logical, in ``changes`` since format 10: block_key(first seq) -> location
 DB_TREES = b"trees"  # u64 seq -> tree checkpoint: the tree right after that record (format 6)
-ALL_DBS = (  # the named databases of a journal (format 12)
+ALL_DBS = (  # the named databases of a journal (formats 12 and 13)
     DB_CHANGES, DB_FILES, DB_HISTORY, DB_CHUNKS, DB_SNAPSHOTS, DB_MIRRORS, DB_TREES,
 )
 SHARED_DBS = {DB_PATHS: DB_FILES, DB_PATHLOG: DB_HISTORY, DB_RECORD_BLOCKS: DB_CHANGES,  # logical -> physical
@@ -241,7 +243,7 @@ def dup_pages_needed(txn, db) -> int:
     ok = cur.first()
     while ok:
         n = cur.count()
-        sub = 8 if n == 1 else 16 + 8 * -(-n // 4) * 4
+        sub = len(cur.value()) if n == 1 else 16 + 8 * -(-n // 4) * 4  # one: a seq, or a segment (format 13)
         node = 8 + len(cur.key()) + (sub if sub <= psize // 2 else 48)
         used += (node + 1) // 2 * 2 + 2
         if sub > psize // 2:
@@ -502,6 +504,8 @@ def decode_loc(v: bytes) -> tuple[int, int, int, int, int]:
 RECORD_BLOCK_MAGIC = b"R"  # first byte of a block in a pack (a chunk value starts with 1)
 CHAINED_BLOCK_MAGIC = b"S"  # since format 6: a block that keeps two hashes, not one per record
 DERIVED_BLOCK_MAGIC = b"T"  # since format 12: an S block whose content hashes are left out where derived
+DELTA_BLOCK_MAGIC = b"U"  # since format 13: a T block whose bodies hold their HLC and mtime as deltas
+_BLOCK_MAGICS = (RECORD_BLOCK_MAGIC, CHAINED_BLOCK_MAGIC, DERIVED_BLOCK_MAGIC, DELTA_BLOCK_MAGIC)
 RECORD_BLOCK_LEVEL = 19
 
 
@@ -675,29 +679,121 @@ def _fill_hashes(bodies: list[bytes], holes: list[int], first: int,
 
 def _derived_block(hashes: list[bytes], bodies: list[bytes], first: int,
                    outside: Callable[[int], bytes]) -> bytes | None:
-    """A ``T`` block of these records, or None (no hash left out, or the
-    block would not give them back).  A hash is left out only for a list of
-    up to TREE_PAGE entries: a reader rebuilds and hashes every list whose
-    hash it puts back, and a huge file's (1.25 MB for 1 GiB) costs more than
-    its 32 bytes are worth."""
+    """A ``U`` block of these records (format 13), else a ``T`` block, or
+    None (no hash left out and no HLC to squeeze, or the block would not
+    give them back).  A hash is left out only for a list of up to
+    TREE_PAGE entries: a reader rebuilds and hashes every list whose hash
+    it puts back, and a huge file's (1.25 MB for 1 GiB) costs more than its
+    32 bytes are worth."""
+    holes, short = [0] * len(bodies), list(bodies)
     cand = {}
     for i, b in enumerate(bodies):
         hh = _hash_hole(b)
         if hh:
             cand[i] = hh
-    if not cand:
-        return None
-    holes, short = [0] * len(bodies), list(bodies)
     try:
-        for i, packed in _block_lists(bodies, first, cand, outside):
-            if len(packed) <= TREE_PAGE_BYTES:
-                holes[i], short[i] = cand[i][0] + 1, cand[i][1]
-        if not any(holes) or _fill_hashes(short, holes, first, outside) != bodies:
-            return None
+        if cand:
+            for i, packed in _block_lists(bodies, first, cand, outside):
+                if len(packed) <= TREE_PAGE_BYTES:
+                    holes[i], short[i] = cand[i][0] + 1, cand[i][1]
+            if any(holes) and _fill_hashes(short, holes, first, outside) != bodies:
+                holes, short = [0] * len(bodies), list(bodies)
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error):
+        holes, short = [0] * len(bodies), list(bodies)
+    head = hashes[0] + hashes[-1]
+    sq = _squeeze(short)
+    if sq is not None:
+        frame = head + b"".join(_uvarint(h) + _uvarint(t) + _uvarint(len(b)) + b
+                                for h, t, b in zip(holes, *sq))
+        blob = DELTA_BLOCK_MAGIC + _zstd(frame)
+        try:
+            if decode_record_block(blob, len(bodies), first, outside) == [h + b for h, b in zip(hashes, bodies)]:
+                return blob
+        except ValueError:
+            pass
+    if not any(holes):
         return None
-    frame = hashes[0] + hashes[-1] + b"".join(_uvarint(h) + _uvarint(len(b)) + b for h, b in zip(holes, short))
+    frame = head + b"".join(_uvarint(h) + _uvarint(len(b)) + b for h, b in zip(holes, short))
     return DERIVED_BLOCK_MAGIC + _zstd(frame)
+
+
+_HLC_AT = b"\x00\x02\x01\xcf"  # a record v2 body: map, 0: 2, 1: hlc as a msgpack uint 64
+_MTIME_KEY = b"\x0a\xcf"  # key 10 (mtime) and a msgpack uint 64
+
+
+def _squeeze(bodies: list[bytes]) -> tuple[list[int], list[bytes]] | None:
+    """(mtime offsets, bodies) of a ``U`` block, or None (a body that is not
+    a record v2 body with a 64-bit HLC, or HLCs not increasing).
+
+    Each body's HLC (key 1, at offset 4 of every record v2 body of an HLC
+    >= 2**32) becomes the uvarint of its difference to the previous body's
+    (the first: to 0); then its mtime (key 10), where it is a uint 64 found
+    once in the body, the zigzag uvarint of its difference to the previous
+    mtime so replaced (0 at first); the offset + 1 of that varint (0: none)
+    goes beside the body.  Consecutive records are a few HLC ticks apart,
+    and a file's saves a few seconds: zstd finds neither repeat in 8 bytes."""
+    offs, out = [], []
+    prev_h = prev_t = 0
+    for b in bodies:
+        if len(b) < 13 or not 0x80 <= b[0] <= 0x8F or b[1:5] != _HLC_AT:
+            return None
+        h = _U64.unpack_from(b, 5)[0]
+        if h <= prev_h:
+            return None
+        b = b[:4] + _uvarint(h - prev_h) + b[13:]
+        prev_h = h
+        off = 0
+        at = b.find(_MTIME_KEY)
+        if at > 0 and b.find(_MTIME_KEY, at + 1) < 0 and at + 10 <= len(b):
+            try:
+                d = msgpack.unpackb(bodies[len(out)], strict_map_key=False)
+            except Exception:  # noqa: BLE001 - not a map: left whole
+                d = None
+            t = _U64.unpack_from(b, at + 2)[0]
+            if isinstance(d, dict) and d.get(10) == t:
+                z = t - prev_t
+                b = b[:at + 1] + _uvarint(z << 1 if z >= 0 else ((-z) << 1) - 1) + b[at + 10:]
+                prev_t, off = t, at + 2
+        offs.append(off)
+        out.append(b)
+    return offs, out
+
+
+def _unsqueeze(offs: list[int], bodies: list[bytes]) -> list[bytes]:
+    """The bodies of a ``U`` block as :func:`_squeeze` took them (one pass,
+    one join per body: this is on every cold read of a block)."""
+    try:
+        return _unsqueezed(offs, bodies)
+    except struct.error as e:  # an HLC or mtime out of the uint 64 range
+        raise ValueError(f"a U block's HLC or mtime out of range: {e}") from e
+
+
+def _unsqueezed(offs: list[int], bodies: list[bytes]) -> list[bytes]:
+    out = []
+    prev_h = prev_t = 0
+    pack = _U64.pack
+    for off, b in zip(offs, bodies):
+        if len(b) < 5 or b[1:4] != b"\x00\x02\x01":
+            raise ValueError("a U block's body is not a record v2 body")
+        d = b[4]
+        e = 5
+        if d & 0x80:
+            d, e = _read_uvarint(b, 4)
+        if not d:
+            raise ValueError("a U block's HLC does not increase")
+        prev_h += d
+        if not off:
+            out.append(b"".join((b[:4], b"\xcf", pack(prev_h), b[e:])))
+            continue
+        if off - 1 < e:
+            raise ValueError("a U block's mtime offset inside its HLC")
+        z = b[off - 1]
+        f = off
+        if z & 0x80:
+            z, f = _read_uvarint(b, off - 1)
+        prev_t += (z >> 1) if not z & 1 else -((z + 1) >> 1)
+        out.append(b"".join((b[:4], b"\xcf", pack(prev_h), b[e:off - 1], b"\xcf", pack(prev_t), b[f:])))
+    return out
 
 
 def encode_r_block(values: Sequence[bytes]) -> bytes:
@@ -710,15 +806,18 @@ def record_block_bodies(blob: bytes, count: int) -> list[bytes]:
     a content hash was left out (enough to rebuild chunk lists: base and
     edit are there).  ValueError if it is not a block of ``count``."""
     magic = blob[:1]
-    if magic not in (RECORD_BLOCK_MAGIC, CHAINED_BLOCK_MAGIC, DERIVED_BLOCK_MAGIC):
+    if magic not in _BLOCK_MAGICS:
         raise ValueError("not a record block")
     body = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS).decompress(blob[1:])
     if magic == RECORD_BLOCK_MAGIC:
         out = [v[HASH_LEN:] for v in _split_varint_items(body, 0)]
     elif magic == CHAINED_BLOCK_MAGIC:
         out = _split_varint_items(body, 2 * HASH_LEN)
-    else:
+    elif magic == DERIVED_BLOCK_MAGIC:
         out = _split_holed_items(body, 2 * HASH_LEN)[1]
+    else:
+        _, offs, out = _split_holed_items(body, 2 * HASH_LEN, True)
+        out = _unsqueeze(offs, out)
     if len(out) != count:
         raise ValueError(f"record block holds {len(out)} records, its index says {count}")
     return out
@@ -729,7 +828,7 @@ def record_block_last_hash(blob: bytes, count: int) -> bytes:
     the frame's second 32 bytes (the rest left compressed), of an ``R`` block
     its last value's.  ValueError if it is not a block."""
     magic = blob[:1]
-    if magic in (CHAINED_BLOCK_MAGIC, DERIVED_BLOCK_MAGIC):
+    if magic in (CHAINED_BLOCK_MAGIC, DERIVED_BLOCK_MAGIC, DELTA_BLOCK_MAGIC):
         dz = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS)
         with dz.stream_reader(blob[1:]) as rd:
             head = rd.read(2 * HASH_LEN)
@@ -753,18 +852,23 @@ def _read_uvarint(body: bytes, o: int) -> tuple[int, int]:
         shift += 7
 
 
-def _split_holed_items(body: bytes, o: int) -> tuple[list[int], list[bytes]]:
-    """A ``T`` block's ``(uvarint hole, uvarint length, body)...`` -> (holes, bodies)."""
-    holes, out = [], []
+def _split_holed_items(body: bytes, o: int, squeezed: bool = False):
+    """A ``T`` block's ``(uvarint hole, uvarint length, body)...`` -> (holes,
+    bodies); ``squeezed``: a ``U`` block's ``(uvarint hole, uvarint mtime
+    offset, uvarint length, body)...`` -> (holes, offsets, bodies)."""
+    holes, offs, out = [], [], []
     while o < len(body):
         hole, o = _read_uvarint(body, o)
+        if squeezed:
+            off, o = _read_uvarint(body, o)
+            offs.append(off)
         n, o = _read_uvarint(body, o)
-        if o + n > len(body) or hole > n:
+        if o + n > len(body) or (hole > n and not squeezed):
             raise ValueError("record block ends inside a record")
         holes.append(hole)
         out.append(body[o : o + n])
         o += n
-    return holes, out
+    return (holes, offs, out) if squeezed else (holes, out)
 
 
 def _split_varint_items(body: bytes, o: int) -> list[bytes]:
@@ -800,7 +904,7 @@ def decode_record_block(blob: bytes, count: int, first: int = 0,
     record not continuing the chain, when the reader checks the block.
     """
     magic = blob[:1]
-    if magic not in (RECORD_BLOCK_MAGIC, CHAINED_BLOCK_MAGIC, DERIVED_BLOCK_MAGIC):
+    if magic not in _BLOCK_MAGICS:
         raise ValueError("not a record block")
     body = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS).decompress(blob[1:])
     if magic == RECORD_BLOCK_MAGIC:
@@ -809,11 +913,17 @@ def decode_record_block(blob: bytes, count: int, first: int = 0,
         if len(body) < 2 * HASH_LEN:
             raise ValueError("record block too short for its hashes")
         fh, last = body[:HASH_LEN], body[HASH_LEN : 2 * HASH_LEN]
-        if magic == DERIVED_BLOCK_MAGIC:
-            holes, bodies = _split_holed_items(body, 2 * HASH_LEN)
+        if magic in (DERIVED_BLOCK_MAGIC, DELTA_BLOCK_MAGIC):
+            if magic == DERIVED_BLOCK_MAGIC:
+                holes, bodies = _split_holed_items(body, 2 * HASH_LEN)
+            else:
+                holes, offs, bodies = _split_holed_items(body, 2 * HASH_LEN, True)
+                bodies = _unsqueeze(offs, bodies)
+                if any(h > len(b) for h, b in zip(holes, bodies)):
+                    raise ValueError("record block ends inside a record")
             if any(holes):
                 if outside is None or first < 1:
-                    raise ValueError("a T record block needs the journal to put its content hashes back")
+                    raise ValueError("a T or U record block needs the journal to put its content hashes back")
                 try:
                     bodies = _fill_hashes(bodies, holes, first, outside)
                 except (TypeError, KeyError, IndexError, OverflowError, struct.error) as e:  # damage

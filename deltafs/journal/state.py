@@ -45,26 +45,34 @@ class FileState:
     last_seq: int = 0  # latest record touching this file
 
     def pack(self) -> bytes:
-        """msgpack map (docs/format.md, "files"): since format 10 ``p`` is left
-        out when it is the first link, and ``rd``, ``tg``, ``x``, ``d`` when
-        they hold their defaults (None, None, {}, false)."""
-        d = {"k": self.kind, "n": self.links, "c": self.content_seq, "s": self.size, "m": self.mode,
-             "u": self.uid, "g": self.gid, "t": self.mtime_ns, "h": self.last_seq}
-        if not self.links or self.links[0] != self.path:
-            d["p"] = self.path
-        if self.rdev is not None:
-            d["rd"] = self.rdev
-        if self.target is not None:
-            d["tg"] = self.target
-        if self.xattrs:
-            d["x"] = self.xattrs
-        if self.deleted:
-            d["d"] = True
-        return msgpack.packb(d, use_bin_type=True)
+        """msgpack array (docs/format.md, "files"; format 13): ``[k, n, c, s,
+        m, u, g, t, h, p, rd, tg, x, d]``, ``h`` nil when it equals ``c``,
+        ``p`` nil when it is the first link, and the trailing items left out
+        from the last one that is not at its default (nil, nil, nil, nil,
+        {}, false).  Formats 10-12 wrote a map of the same fields, which
+        :meth:`unpack` still reads: the keys took 2 bytes a field."""
+        tail = [None if self.links and self.links[0] == self.path else self.path, self.rdev, self.target,
+                self.xattrs or None, True if self.deleted else None]
+        while tail and tail[-1] is None:
+            tail.pop()
+        h = None if self.last_seq == self.content_seq else self.last_seq
+        if h is None and not tail:
+            return msgpack.packb([self.kind, self.links, self.content_seq, self.size, self.mode, self.uid,
+                                  self.gid, self.mtime_ns], use_bin_type=True)
+        return msgpack.packb([self.kind, self.links, self.content_seq, self.size, self.mode, self.uid, self.gid,
+                              self.mtime_ns, h, *tail], use_bin_type=True)
 
     @classmethod
     def unpack(cls, b: bytes) -> "FileState":
         d = msgpack.unpackb(b, raw=False, strict_map_key=False)
+        if isinstance(d, list):  # format 13
+            if not 8 <= len(d) <= 14:
+                raise ValueError(f"files value of {len(d)} items")
+            kind, links, c, size, mode, uid, gid, mtime, h, p, rd, tg, x, dl = d + [None] * (14 - len(d))
+            links = list(links)
+            return cls(path=p if p is not None else links[0], kind=kind, links=links, content_seq=c, size=size,
+                       mode=mode, uid=uid, gid=gid, mtime_ns=mtime, rdev=rd, target=tg, xattrs=dict(x or {}),
+                       deleted=bool(dl), last_seq=c if h is None else h)
         links = list(d["n"])
         return cls(
             path=d["p"] if "p" in d else links[0], kind=d["k"], links=links, content_seq=d["c"], size=d["s"],

@@ -18,12 +18,13 @@ import struct
 import msgpack
 
 from . import schema as S
+from . import seqindex
 from .packs import PackFiles
 from .schema import TMP_DB, refill
 
 log = logging.getLogger(__name__)
 
-UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)  # formats a writer upgrades in place at open (a reader refuses them)
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)  # formats a writer upgrades at open (a reader refuses them)
 
 _LOC_V2 = struct.Struct(">IIIIB")  # format-2 index value: refs, pack, offset, length, depth
 
@@ -297,8 +298,33 @@ def upgrade_11_to_12(env, path: str, meta) -> int:
     return n
 
 
+def upgrade_12_to_13(env, path: str, meta) -> int:
+    """Format 13 keeps the ``history`` and ``pathlog`` seqs of the records in
+    record blocks as segments of varint deltas, one value per key, instead
+    of a u64 duplicate each (journal/seqindex.py, docs/format.md "Named
+    databases"); the newer seqs stay duplicates.  A format-12 deltafs would
+    miss the segments (a ``log`` without the older versions), hence the
+    number.  One transaction: every key's seqs up to the last archived
+    record are packed.  -> seqs moved."""
+    del meta
+    main = env.open_db(None)
+    with env.begin(write=True) as txn:
+        changes = env.open_db(S.DB_CHANGES, txn=txn)
+        history = env.open_db(S.DB_HISTORY, txn=txn, dupsort=True, dupfixed=True)
+        cur = txn.cursor(db=changes)  # the last record block: blocks, then checkpoints, then records
+        upto = 0
+        if (cur.prev() if cur.set_range(S.CHECKPOINT_PREFIX) else cur.last()) and S.is_block_key(cur.key()):
+            upto = S.block_first(cur.key()) + S.decode_block_loc(cur.value())[3] - 1
+        n = seqindex.pack_all(txn, history, upto) if upto else 0
+        if n:
+            S.rewrite_dups_in_key_order(txn, history)
+        txn.put(S.META_FORMAT, _packb(13), db=main)
+    log.warning("upgraded journal %s from format 12 to 13 (%d history and pathlog seqs packed)", path, n)
+    return n
+
+
 # upgrade_N_to_N+1 at index N-1: a new format appends its step here (and to UPGRADABLE)
 _STEPS = (upgrade_1_to_2, upgrade_2_to_3, upgrade_3_to_4, upgrade_4_to_5, upgrade_5_to_6, upgrade_6_to_7,
           upgrade_7_to_8, upgrade_8_to_9, upgrade_9_to_10, upgrade_10_to_11,
-          upgrade_11_to_12)
+          upgrade_11_to_12, upgrade_12_to_13)
 assert len(_STEPS) == len(UPGRADABLE) == S.FORMAT_VERSION - 1

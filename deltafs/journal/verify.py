@@ -6,12 +6,14 @@ Read-only: works on any opener, mounted or not (``deltafs verify``).
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 from deltafs.chunking import MAX_DELTA_DEPTH, chunk_id, decompress_chunk
 from deltafs.errors import CorruptionError
 
 from . import schema as S
+from . import seqindex
 from .reader import Reader
 from .records import ZERO_HASH, check_link
 
@@ -55,6 +57,7 @@ def verify(r: Reader, full: bool = False) -> VerifyResult:
     res.versions_pruned = len(pruned)
     prev, expected, last_hlc = ZERO_HASH, 1, -1
     content: list[tuple[int, bytes]] = []
+    index = _Index()
     try:  # streamed: a journal may hold millions of records
         for seq, v in r.raw_records(check=False):
             if seq != expected:
@@ -70,12 +73,21 @@ def verify(r: Reader, full: bool = False) -> VerifyResult:
                 return res
             if full and rec.is_content and seq not in pruned:
                 content.append((seq, rec.path))
+            if full:
+                index.add(seq, rec.file_id, rec.path, rec.path2)
             prev, last_hlc, expected = rec.hash, rec.hlc, seq + 1
             res.records += 1
     except CorruptionError as e:  # a record block that cannot be read
         res.problem = Problem(str(e))
         return res
     if not full:
+        return res
+    try:
+        why = index.compare(r)
+    except CorruptionError as e:  # a segment that cannot be decoded
+        why = str(e)
+    if why:
+        res.problem = Problem(f"history index: {why}")
         return res
     good: set[bytes] = set()
     for seq, path in content:
@@ -156,3 +168,52 @@ def _check_chunk(r, cid: bytes, length: int, good: set[bytes], depth: int = 0) -
         return f"chunk {cid.hex()} is corrupt: its content does not match its id"
     good.add(cid)
     return None
+
+
+class _Index:
+    """What ``history`` and ``pathlog`` must hold, from the records: every
+    record's seq under its file id and under the key of its path and path2
+    (seqindex.py; format 13: segments and duplicates, read back merged)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[tuple[str, object], array] = {}
+        self.count = 0
+
+    def add(self, seq: int, file_id: int, path: bytes, path2: bytes | None) -> None:
+        keys = {("history", file_id)} | {("pathlog", S.path_key(p)) for p in (path, path2) if p is not None}
+        for k in keys:
+            a = self.keys.get(k)
+            if a is None:
+                a = self.keys[k] = array("Q")
+            a.append(seq)
+        self.count += len(keys)
+
+    def compare(self, r: Reader) -> str | None:
+        db = r.dbs[S.DB_HISTORY]
+        archived = r.archived_upto()
+        n = 0
+        for (kind, key), want in self.keys.items():
+            if kind == "history":
+                live, prefix = seqindex.history_keys(key)
+                name = f"file {key:016x}"
+            else:
+                live, prefix = S.PATH_PREFIX + key, seqindex.SEGMENT_PATH_PREFIX + key
+                name = f"path {bytes(key[:60])!r}"
+            got = seqindex.seqs(r.txn, db, live, prefix)
+            if got != list(want):
+                return f"{kind} of {name} names records {_short(got)}, its records are {_short(want)}"
+            n += len(got)
+        total = 0
+        for kind, key, seq, packed in seqindex.all_entries(r.txn, db):
+            total += 1
+            if packed != (seq <= archived):  # segments: the records in blocks; duplicates: the rest
+                return (f"{kind} record {seq} is {'in a segment' if packed else 'a duplicate'} but "
+                        f"{'not ' if packed else ''}in a record block (blocks end at {archived})")
+        if total != n:
+            return f"{total - n} entries name records that are not about their file or path"
+        return None
+
+
+def _short(seqs) -> str:
+    seqs = list(seqs)
+    return str(seqs) if len(seqs) <= 8 else f"[{', '.join(map(str, seqs[:4]))}, ... {len(seqs)} in all]"

@@ -1,5 +1,5 @@
-"""Rewrite a journal of this deltafs byte for byte in the layout of format 9
-(docs/format.md, "Format log"): the base of every older-format test.
+"""Rewrite a journal of this deltafs byte for byte in the layout of format 9,
+11 or 12 (docs/format.md, "Format log"): the base of every older-format test.
 
 Format 9 kept its meta data in a ``meta`` database and had ``paths``,
 ``pathlog`` and ``record_blocks`` as databases of their own; its ``files``
@@ -13,6 +13,7 @@ import lmdb
 import msgpack
 
 from deltafs.journal import schema as S
+from deltafs.journal import seqindex
 from deltafs.journal.state import FileState
 
 
@@ -64,10 +65,28 @@ def downgrade_to_format_9(jp, fmt: int = 9) -> None:
     env.close()
 
 
+def downgrade_to_format_12(jp) -> None:
+    """Format 12's layout: every ``history`` and ``pathlog`` seq a u64
+    duplicate under its file id / path key (format 13 packs the seqs of the
+    records in record blocks into segments, journal/seqindex.py), format 12."""
+    env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        main = env.open_db(None, txn=txn)
+        history = env.open_db(S.DB_HISTORY, txn=txn, dupsort=True, dupfixed=True)
+        entries = list(seqindex.all_entries(txn, history))
+        txn.drop(history, delete=False)
+        for kind, key, seq, _ in sorted(entries, key=lambda e: (e[0] == "pathlog", e[1], e[2])):
+            k = S.u64(key) if kind == "history" else S.PATH_PREFIX + key
+            txn.put(k, S.u64(seq), db=history)
+        txn.put(S.META_FORMAT, msgpack.packb(12), db=main)
+    env.close()
+
+
 def downgrade_to_format_11(jp) -> None:
     """Format 11's layout: the chunk-list checkpoints in a ``checkpoints``
     database of their own (format 12 keeps them in ``changes``), format 11.
     (T record blocks stay: this deltafs reads them whatever the format.)"""
+    downgrade_to_format_12(jp)
     env = lmdb.open(str(jp), max_dbs=S.MAX_DBS, map_size=1 << 30)
     with env.begin(write=True) as txn:
         main = env.open_db(None, txn=txn)

@@ -98,7 +98,7 @@ def test_a_format_5_journal_is_upgraded_its_r_blocks_read_and_raw_bytes_recounte
     with pytest.raises(JournalFormatError, match="format version 5.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 12
+        assert j.format_version == S.FORMAT_VERSION == 13
         with j.reader() as r:
             assert r.meta(S.META_RAW) == true_raw and r.meta(S.META_STORED) == stored
             assert [bytes(v) for _, v in r.raw_records()] == values
@@ -113,7 +113,7 @@ def test_a_format_5_journal_is_upgraded_its_r_blocks_read_and_raw_bytes_recounte
             for _, loc in r.record_blocks():
                 pack, off, length, _ = S.decode_block_loc(loc)
                 kinds.add(bytes(j._storage.packs.read(pack, off, 1)))
-            assert kinds == {b"R", b"S"}  # old blocks stay, new ones are S
+            assert kinds == {b"R", b"U"}  # old blocks stay, new ones are U (format 13)
             assert [bytes(v) for _, v in r.raw_records()][:len(values)] == values
 
 

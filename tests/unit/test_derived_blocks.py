@@ -1,5 +1,6 @@
 """Format 12: ``T`` record blocks leave out the content hashes their own
-edits give back (issue 20, journal bytes other than chunk values)."""
+edits give back; format 13: ``U`` blocks also hold each HLC and mtime as a
+delta (issue 20, journal bytes other than chunk values)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from deltafs import maintenance as M
 from deltafs.config import parse_retention
 from deltafs.errors import CorruptionError, JournalFormatError
-from deltafs.journal import Journal
+from deltafs.journal import Change, Journal
 from deltafs.journal import compact as JC
 from deltafs.journal import schema as S
 
@@ -65,7 +66,16 @@ def two_files(j: Journal, n: int) -> dict[int, bytes]:
     return content
 
 
-def test_compaction_writes_t_blocks_that_give_every_stored_value_back(tmp_path):
+@pytest.fixture(params=[b"U", b"T"])
+def kind(request, monkeypatch):
+    """The block kind compaction writes: ``U`` (format 13), or ``T`` (format
+    12's, what it writes when no HLC can be squeezed)."""
+    if request.param == b"T":
+        monkeypatch.setattr(S, "_squeeze", lambda bodies: None)
+    return request.param
+
+
+def test_compaction_writes_t_blocks_that_give_every_stored_value_back(tmp_path, kind):
     jp = tmp_path / "j"
     with Journal.open(jp, create=True, clock=FakeClock()) as j:
         content = two_files(j, 120)
@@ -73,7 +83,7 @@ def test_compaction_writes_t_blocks_that_give_every_stored_value_back(tmp_path):
         rep = M.compact(j, ALL)
         assert rep.records_archived >= 4 * JC.RECORD_BLOCK
         kinds = block_kinds(j)
-        assert kinds and set(kinds) == {b"T"}, kinds
+        assert kinds and set(kinds) == {kind}, kinds
         assert chain_values(j) == before
         t_bytes = block_bytes(j)
         with j.reader() as r:
@@ -182,13 +192,14 @@ def test_the_encoder_keeps_a_hash_it_cannot_give_back(tmp_path):
         with j.reader() as r:
             first = 33
             good = S.encode_record_block(values[first - 1:], first, r.unchecked_list)
-            assert good[:1] == b"T"
+            assert good[:1] == b"U"
             assert S.decode_record_block(good, len(values) - first + 1, first, r.unchecked_list) == values[first - 1:]
             with pytest.raises(ValueError, match="needs the journal"):
                 S.decode_record_block(good, len(values) - first + 1)
-            # an outside list that is not the base's: no hash would come back right, so an S block
+            # an outside list that is not the base's: no hash would come back right, so every hash
+            # stays (a U block without holes, read without the journal)
             wrong = S.encode_record_block(values[first - 1:], first, lambda s: r.unchecked_list(s)[S.ENTRY_LEN:])
-            assert wrong[:1] == b"S"
+            assert wrong[:1] == b"U"
             assert S.decode_record_block(wrong, len(values) - first + 1) == values[first - 1:]
 
 
@@ -210,7 +221,7 @@ def test_a_format_11_journal_is_upgraded_its_s_blocks_read_and_new_blocks_are_t(
     with pytest.raises(JournalFormatError, match="format version 11.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 12
+        assert j.format_version == S.FORMAT_VERSION == 13
         with j.reader() as r:
             assert dict(r.checkpoints()) == cps  # moved into changes
             assert [bytes(v) for _, v in r.raw_records()] == values
@@ -219,7 +230,7 @@ def test_a_format_11_journal_is_upgraded_its_s_blocks_read_and_new_blocks_are_t(
         content.update(two_files(j, 80))
         M.compact(j, ALL)
         kinds = block_kinds(j)
-        assert b"S" in kinds and kinds[-1] == b"T", kinds  # old blocks stay, new ones are T
+        assert b"S" in kinds and kinds[-1] == b"U", kinds  # old blocks stay, new ones are U (format 13)
         assert (v := j.verify(full=True)).ok, v.problem
         with j.reader() as r:
             for seq, data in content.items():
@@ -229,14 +240,14 @@ def test_a_format_11_journal_is_upgraded_its_s_blocks_read_and_new_blocks_are_t(
 
 
 @pytest.mark.parametrize("at", [0.2, 0.4, 0.6, 0.8])
-def test_a_damaged_t_block_is_reported_not_raised(tmp_path, at):
+def test_a_damaged_t_block_is_reported_not_raised(tmp_path, at, kind):
     """Bytes flipped inside a T block: whatever they hit (a base, an edit, a
     hole's offset), verify names the damage and a read raises CorruptionError."""
     jp = tmp_path / "j"
     with Journal.open(jp, create=True, clock=FakeClock()) as j:
         two_files(j, 60)
         M.compact(j, ALL)
-        assert block_kinds(j)[0] == b"T"
+        assert block_kinds(j)[0] == kind
         with j.reader() as r:
             first, loc = next(r.record_blocks())
             pack, off, length, n = S.decode_block_loc(loc)
@@ -261,3 +272,57 @@ def test_only_a_flat_hash_is_left_out(tmp_path):
     assert short[off - 1] == 20 and short[off:off + 1] == b"\xc0" and len(short) == len(body) - 33
     d[22] = d.pop(20)
     assert S._hash_hole(msgpack.packb(d, use_bin_type=True)) is None
+
+
+def test_a_u_block_gives_back_every_hlc_and_mtime_byte_for_byte(tmp_path):
+    """Format 13: HLCs a tick or minutes apart, mtimes going back and forth
+    (and one of 0, one absent), a path holding the mtime's own bytes, a uint-64
+    mtime found twice in a body: each body comes back byte for byte, and the
+    block is smaller than a T block of the same records."""
+    clock = FakeClock()
+    rng = random.Random(3)
+    jp = tmp_path / "j"
+    with Journal.open(jp, create=True, clock=clock) as j:
+        j.commit([Change(op="mkdir", file_id=1, path=b"d", mode=0o40755)])
+        t = 1_796_655_654_313_431_792
+        for i in range(150):
+            clock.ns += rng.choice([0, 1, 10**6, 3 * 10**9, 600 * 10**9])
+            t += rng.choice([-10**9, -1, 0, 1, 4_000_000_123, 10**12])
+            mt = [t, 0, None, t][i % 4]
+            path = b"d/f%d" % (i % 9)
+            if i == 40:  # the mtime's bytes in the path too: found twice, so left whole
+                path = b"d/\x0a\xcf" + t.to_bytes(8, "big").replace(b"/", b"-").replace(b"\0", b"1")
+                mt = int.from_bytes(path[4:12], "big")
+            j.commit([Change(op="setattr", file_id=2 + i % 9, path=path, mode=0o100600 | i % 64, mtime_ns=mt)])
+        values = chain_values(j)
+        assert j.archive_records() >= 128
+        assert set(block_kinds(j)) == {b"U"}
+        with j.reader() as r:
+            assert [bytes(v) for _, v in r.raw_records()] == values
+            first, loc = next(r.record_blocks())
+            n = S.decode_block_loc(loc)[3]
+            u = S.encode_record_block(values[:n], first, r.unchecked_list)
+        assert u[:1] == b"U" and S.decode_record_block(u, n, first) == values[:n]
+        real = S._squeeze
+        try:
+            S._squeeze = lambda bodies: None
+            t_block = S.encode_record_block(values[:n], first, lambda s: b"")
+        finally:
+            S._squeeze = real
+        assert t_block[:1] == b"S" and len(u) < len(t_block) - n, (len(u), len(t_block), n)
+        offs, _ = S._squeeze([v[S.HASH_LEN:] for v in values[:n]])
+        assert n // 3 < sum(map(bool, offs)) < n and not offs[41], offs  # mtimes of 0 or absent, and i == 40: whole
+        assert j.verify(full=True).ok
+    with Journal.open(jp, readonly=True) as j:  # a cold reader
+        assert chain_values(j) == values
+
+
+def test_a_block_whose_hlcs_do_not_squeeze_is_written_as_before():
+    """A body without a 64-bit HLC at its head, or HLCs not increasing: no U block."""
+    body = lambda h, extra=b"": msgpack.packb({0: 2, 1: h, 2: 5, 3: 77, 4: b"p" + extra})  # noqa: E731
+    assert S._squeeze([body(1 << 40), body((1 << 40) + 1)]) is not None
+    assert S._squeeze([body(1 << 40), body(1 << 40)]) is None  # not increasing
+    assert S._squeeze([body(1000)]) is None  # an HLC under 2**32 is not a uint 64
+    assert S._squeeze([msgpack.packb([2, 1 << 40])]) is None
+    offs, out = S._squeeze([body(1 << 40), body((1 << 40) + 7, b"x")])
+    assert S._unsqueeze(offs, out) == [body(1 << 40), body((1 << 40) + 7, b"x")]

@@ -113,7 +113,7 @@ def test_a_format_9_journal_is_upgraded_once_and_reads_the_same(tmp_path):
     with pytest.raises(JournalFormatError, match="format version 9.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 12
+        assert j.format_version == S.FORMAT_VERSION == 13
         assert snapshot_of(j, seqs) == before
         assert j.verify(full=True).ok
         more, more_content = edits(j, 2, fid=11)  # and it goes on: new records, blocks, paths
@@ -162,10 +162,19 @@ def test_file_ids_stay_below_the_paths_range(tmp_path):
 ])
 def test_a_files_value_leaves_out_what_it_can_and_reads_back(st):
     packed = st.pack()
-    d = msgpack.unpackb(packed, raw=False, strict_map_key=False)
-    assert ("p" in d) == (not st.links or st.links[0] != st.path)
-    assert ("tg" in d) == (st.target is not None) and ("x" in d) == bool(st.xattrs) and ("d" in d) == st.deleted
+    d = msgpack.unpackb(packed, raw=False, strict_map_key=False)  # format 13: an array
+    d += [None] * (14 - len(d))
+    assert (d[9] is not None) == (not st.links or st.links[0] != st.path)
+    assert (d[11] is not None) == (st.target is not None) and (d[12] is not None) == bool(st.xattrs)
+    assert bool(d[13]) == st.deleted and (d[8] is None) == (st.last_seq == st.content_seq)
     assert FileState.unpack(packed) == st
+    f12 = {"k": st.kind, "n": st.links, "c": st.content_seq, "s": st.size, "m": st.mode, "u": st.uid,
+           "g": st.gid, "t": st.mtime_ns, "h": st.last_seq}  # formats 10-12: a map, defaults left out
+    if not st.links or st.links[0] != st.path:
+        f12["p"] = st.path
+    f12.update({k: v for k, v in (("rd", st.rdev), ("tg", st.target), ("x", st.xattrs), ("d", st.deleted)) if v})
+    f12 = msgpack.packb(f12, use_bin_type=True)
+    assert FileState.unpack(f12) == st and len(packed) < len(f12)
     old = msgpack.packb({"p": st.path, "k": st.kind, "n": st.links, "c": st.content_seq, "s": st.size,
                          "m": st.mode, "u": st.uid, "g": st.gid, "t": st.mtime_ns, "rd": st.rdev,
                          "tg": st.target, "x": st.xattrs, "d": st.deleted, "h": st.last_seq}, use_bin_type=True)

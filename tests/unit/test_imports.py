@@ -103,7 +103,7 @@ PACKAGE_LAYERS = {
         ["reader", "storage"],  # Reader; Storage: env, every db, packs, lock (the lmdb owner)
         ["checkpoints"],  # tree checkpoints (format 7): the replay state every few thousand records
         ["upgrade", "state", "private", "hlc"],
-        ["packs", "records"],
+        ["packs", "records", "seqindex"],  # seqindex: history/pathlog segments and duplicates (format 13)
         ["schema"],
     ],
     "deltafs.capture": [  # deltafs/capture/__init__.py re-exports the public names

@@ -270,7 +270,7 @@ def test_a_format_8_journal_is_upgraded_and_takes_values_with_several_bases(tmp_
     with pytest.raises(JournalFormatError, match="format version 8.*open it once for writing"):
         Journal.open(jp, readonly=True)
     j = Journal.open(jp, clock=FakeClock())
-    assert j.format_version == S.FORMAT_VERSION == 12
+    assert j.format_version == S.FORMAT_VERSION == 13
     with j.reader() as r:
         for s, data in content.items():  # format-8 values read as they are
             assert r.read_content(s) == data

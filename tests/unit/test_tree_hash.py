@@ -175,7 +175,7 @@ def test_a_flat_record_of_a_big_list_from_format_10_still_verifies_after_the_upg
     with pytest.raises(JournalFormatError, match="format version 10.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 12
+        assert j.format_version == S.FORMAT_VERSION == 13
         with j.reader() as r:
             for seq, data in ((old1, content1), (old2, content2)):
                 rec = r.record(seq)

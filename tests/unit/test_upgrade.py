@@ -127,7 +127,7 @@ def test_an_older_journal_is_upgraded_by_its_first_writer(tmp_path, fmt, downgra
     with pytest.raises(JournalFormatError, match=f"format version {fmt}.*open it once for writing"):
         Journal.open(jp, readonly=True)
     with Journal.open(jp, clock=FakeClock()) as j:
-        assert j.format_version == S.FORMAT_VERSION == 12
+        assert j.format_version == S.FORMAT_VERSION == 13
         assert stored_refs(j) == refs
         with j.reader() as r:
             assert dict(r.raw_records()) == values  # records untouched, still version 1

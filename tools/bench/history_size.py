@@ -589,7 +589,8 @@ def lmdb_sizes(jdir: str) -> dict:
                         e = sub.setdefault("checkpoints", {"entries": 0, "kv_bytes": 0})
                         e["entries"] += 1
                         e["kv_bytes"] += len(k) + len(v)
-                    elif inner and (len(k) == 16 if nm == b"changes" else k[:1] == S.PATH_PREFIX):
+                    # 0xFE: pathlog segments (format 13)
+                    elif inner and (len(k) == 16 if nm == b"changes" else k[:1] in (S.PATH_PREFIX, b"\xfe")):
                         e = sub.setdefault(inner, {"entries": 0, "kv_bytes": 0})
                         e["entries"] += 1
                         e["kv_bytes"] += len(k) + len(v)
