@@ -190,7 +190,7 @@ class Reader:
 
     def _block_around_checkpoints(self, first: int, loc: tuple[int, int, int, int],
                                   err: CorruptionError) -> list[bytes]:
-        """The values of a ``T`` block whose first decoding failed or did not
+        """The values of a ``T`` or ``U`` block whose first decoding failed or did not
         pass the chain check, decoded again with every list it puts a content
         hash back from rebuilt from the records alone: a damaged chunk-list
         checkpoint (derived data, "repairable") must not make up to
@@ -199,7 +199,7 @@ class Reader:
         self._st.forget_block(first)
         pack, off, length, _ = loc
         try:
-            if bytes(self._st.packs.read(pack, off, 1)) != S.DERIVED_BLOCK_MAGIC:
+            if bytes(self._st.packs.read(pack, off, 1)) not in (S.DERIVED_BLOCK_MAGIC, S.DELTA_BLOCK_MAGIC):
                 raise err  # no list was rebuilt for it: nothing to go around
             bodies: dict[int, list[bytes]] = {}
             values = self._st.record_block(
