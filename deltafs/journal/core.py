@@ -68,7 +68,9 @@ class Journal:
         self._lock_fd = lock_fd
         self._hlc = HLC(clock or time.time_ns)
         self._applied_hlc = 0  # the clock of the record _apply applied last
-        # seq -> (packed list, total, depth, accum, page hashes or None): see _cache_list
+        # seq -> (packed list, total, depth, accum, page hashes or None): see _cache_list; the
+        # packed list is a bytearray the writer owns (edited in place by the next version),
+        # or bytes or a read-only view (a first version's PackedRefs buffer), copied first
         self._lists: OrderedDict[int, tuple[bytes, int, int, int, list | None]] = OrderedDict()
         # (seq, chunk id) of entries of pruned records appended by append_raw whose
         # chunk the mirror no longer had: not counted, so the compactor must not
