@@ -68,7 +68,9 @@ class Journal:
         self._lock_fd = lock_fd
         self._hlc = HLC(clock or time.time_ns)
         self._applied_hlc = 0  # the clock of the record _apply applied last
-        # seq -> (packed list, total, depth, accum, page hashes or None): see _cache_list
+        # seq -> (packed list, total, depth, accum, page hashes or None): see _cache_list; the
+        # packed list is a bytearray the writer owns (edited in place by the next version),
+        # or bytes or a read-only view (a first version's PackedRefs buffer), copied first
         self._lists: OrderedDict[int, tuple[bytes, int, int, int, list | None]] = OrderedDict()
         # (seq, chunk id) of entries of pruned records appended by append_raw whose
         # chunk the mirror no longer had: not counted, so the compactor must not
@@ -479,15 +481,18 @@ class Journal:
         seq, prev = rd.head()
         seq += 1
         hlc = self._hlc.tick()
-        stored = chash = ctree = None
+        stored = chash = ctree = listed = None
         if ch.op == "write":
-            stored, tree, h = self._content(txn, rd, ch, seq)
+            stored, tree, h, listed = self._content(txn, rd, ch, seq)
             if tree:
                 ctree = h
             else:
                 chash = h
         value, h = encode_record(seq, hlc, ch, prev, stored, chash, ctree)
         txn.put(S.u64(seq), value, db=self._dbs[S.DB_CHANGES], append=True)
+        del value  # a 4 GiB file's record is 3.7 MB: gone before its references dirty the chunk index
+        if listed is not None:
+            self._count_content(txn, rd, ch, seq, listed)
         rec = record_of(seq, hlc, ch, h, stored, chash, ctree)  # what decoding value would give
         apply_record(rd.store, rec)
         S.index_record(txn, self._dbs, seq, rec.file_id, (rec.path, rec.path2))
@@ -582,11 +587,16 @@ class Journal:
         brought back from the graveyard (``Compactor.chunk_present``)."""
         return self._compactor.chunk_present(txn, cid)
 
-    def _content(self, txn, rd: Reader, ch: Change, seq: int) -> tuple[int, bool, bytes]:
-        """Store a content version's chunks and count its references;
-        -> (bytes stored, tree hash?, content hash): the flat hash up to one
-        tree page of list, else the tree hash, from the base's cached page
-        hashes where only some pages changed (schema.version_hash)."""
+    def _content(self, txn, rd: Reader, ch: Change, seq: int) -> tuple[int, bool, bytes, tuple]:
+        """Store a content version's chunks and build its list; -> (bytes
+        stored, tree hash?, content hash, what :meth:`_count_content` needs):
+        the flat hash up to one tree page of list, else the tree hash, from
+        the base's cached page hashes where only some pages changed
+        (schema.version_hash).  The caller puts the record, then counts the
+        references (``_count_content``): a big version's record (3.7 MB for
+        4 GiB) is copied into LMDB and its Python bytes freed before the
+        increfs dirty nearly every page of the chunk index, not on top of them
+        (issue 19, twelfth session)."""
         if ch.size is None or ch.edit is None:
             raise ValueError("a content version needs size and edit")
         if ch.cause not in CAUSES:
@@ -628,13 +638,32 @@ class Journal:
                 pages = S.page_hashes(new, old_pages, dirty, tail)
         else:
             depth, accum = -1, 0
-            new = bytearray()  # the next version edits it in place
-            new_total = S.apply_edit_packed_in_place(new, 0, edit)  # no bytes copy first (issue 19)
+            if len(edit) == 1 and type(edit[0][2]) is PackedRefs and edit[0][:2] == (0, 0):
+                # a first version's whole list, packed by the capture: the cache shares its
+                # buffer, read-only (_take_list copies a list it is not the owner of before
+                # editing it), instead of one more copy of it (3.7 MB for 4 GiB; issue 19)
+                refs = edit[0][2]
+                new, new_total = memoryview(refs.packed).toreadonly(), refs.total
+            else:
+                new = bytearray()  # the next version edits it in place
+                new_total = S.apply_edit_packed_in_place(new, 0, edit)  # no bytes copy first (issue 19)
             if S.uses_tree(len(new)):
                 pages = S.page_hashes(new)
         if new_total != ch.size:
             raise ValueError(f"chunk list of {ch.path!r} sums to {new_total} bytes, size is {ch.size}")
         ch.edit = edit
+        mdb = self._dbs[S.DB_META]
+        txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
+        txn.put(S.META_RAW, _packb(rd.meta(S.META_RAW, 0) + raw), db=mdb)
+        return (stored, *S.version_hash(new, pages), (base, new, new_total, depth, accum, pages))
+
+    def _count_content(self, txn, rd: Reader, ch: Change, seq: int, listed: tuple) -> None:
+        """The rest of :meth:`_content`, once its record is put: count the
+        version's references (and its checkpoint's, when one is due), cache
+        its list for the file's next version."""
+        base, new, new_total, depth, accum, pages = listed
+        edit = ch.edit
+        cdb = self._dbs[S.DB_CHUNKS]
         # one incref per distinct chunk of a batch (a hole names one id 160k times),
         # in key order within it; sorted lists of the ids, not a dict of counts (10
         # MiB for a 4 GiB file's 185,000 chunks), and INCREF_BATCH ids at a time: a
@@ -658,14 +687,9 @@ class Journal:
                 # packs.incref without its second look-up (one per chunk of a capture)
                 txn.put(cid, S.with_refs(v, S.loc_refs(v) + n), db=cdb)
             del ids
-        depth, accum = self._maybe_checkpoint(txn, seq, base, new, new_total, depth + 1, accum + entries,
-                                              pages=pages)
+        self._maybe_checkpoint(txn, seq, base, new, new_total, depth + 1, accum + entries, pages=pages)
         if base:  # the file's next version builds on seq: one cached list per file, not per save
             self._uncache_list(base)
-        mdb = self._dbs[S.DB_META]
-        txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
-        txn.put(S.META_RAW, _packb(rd.meta(S.META_RAW, 0) + raw), db=mdb)
-        return (stored, *S.version_hash(new, pages))
 
     def _maybe_checkpoint(self, txn, seq: int, base: int, new: bytes, total: int, depth: int,
                           accum: int, lenient: bool = False, pages: list | None = None) -> tuple[int, int]:

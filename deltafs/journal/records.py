@@ -194,9 +194,52 @@ def encode_record(seq: int, hlc: int, ch: Change, prev: bytes, stored: int | Non
         body[21] = ch.origin
     if ctree is not None:
         body[22] = ctree
-    raw = msgpack.packb(body, use_bin_type=True)
-    h = record_hash(prev, raw, RECORD_VERSION)
-    return h + raw, h
+    parts = _body_parts(body)
+    hasher = hashlib.blake2b(prev, digest_size=HASH_LEN)  # record_hash(prev, body, 2), part by part
+    for p in parts:
+        hasher.update(p)
+    h = hasher.digest()
+    return b"".join((h, *parts)), h
+
+
+SPLIT_BYTES = 64 << 10  # a packed list this long is hashed and joined as it is (_body_parts)
+
+
+def _body_parts(body: dict[int, Any]) -> list:
+    """``msgpack.packb(body, use_bin_type=True)`` as parts whose concatenation
+    is those very bytes: each packed list of SPLIT_BYTES or more is a part of
+    its own, the caller's buffer as it is, behind its msgpack bin header.
+    packb would copy a 4 GiB file's 3.7 MB list into its buffer, growing
+    it by reallocation (three copies alive at its peak), then the stored
+    value would be one more (``hash + body``): the record is now one join
+    of the parts, the only copy (issue 19, twelfth session)."""
+    edit = body.get(18)
+    if edit is None or all(len(p) < SPLIT_BYTES for _, _, p in edit):
+        return [msgpack.packb(body, use_bin_type=True)]
+    pk = msgpack.Packer(use_bin_type=True)
+    parts: list = [pk.pack_map_header(len(body))]
+    for k, v in body.items():  # in the dict's order, as packb
+        if k != 18:
+            parts.append(pk.pack(k) + pk.pack(v))
+            continue
+        parts.append(pk.pack(k) + pk.pack_array_header(len(v)))
+        for span in v:
+            p = span[2]
+            if len(p) < SPLIT_BYTES:
+                parts.append(pk.pack(span))
+            else:
+                parts.append(pk.pack_array_header(3) + pk.pack(span[0]) + pk.pack(span[1]) + _bin_header(len(p)))
+                parts.append(p)
+    return parts
+
+
+def _bin_header(n: int) -> bytes:
+    """msgpack's header of a bin of ``n`` bytes (bin 8, 16 or 32: the smallest that holds n)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
 
 
 def record_of(seq: int, hlc: int, ch: Change, h: bytes, stored: int | None, chash: bytes | None,
