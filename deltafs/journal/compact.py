@@ -60,7 +60,7 @@ from deltafs.errors import CorruptionError
 
 from . import planstate, seqindex
 from . import schema as S
-from .packs import PACK_MAGIC, add_pack_live, incref, pack_live
+from .packs import PACK_MAGIC, add_pack_live, decref, incref, pack_live
 from .reader import Reader
 from .records import decode_record
 from .storage import Storage, open_env, release_lock
@@ -252,7 +252,7 @@ class Compactor:
             freed += 1
             freed_bytes += len(val)
             for base in bases:
-                _decref(txn, dbs, base, zero)
+                decref(txn, dbs, base, zero, "a freed value, as its base,")
         _bump_meta(txn, dbs, META_FREED_CHUNKS, freed)
         _bump_meta(txn, dbs, META_FREED_BYTES, freed_bytes)
         res.chunks_freed += freed
@@ -323,7 +323,7 @@ class Compactor:
         add_pack_live(txn, self._dbs, np_, len(val))
         for b in nc.bases:
             incref(txn, self._dbs, b)
-        _decref(txn, self._dbs, dead, zero)
+        decref(txn, self._dbs, dead, zero, "a re-coded value, as its old base,")
         return 1
 
     def _uncount(self, txn, seq: int, cid: bytes, zero: list[bytes]) -> None:
@@ -332,7 +332,7 @@ class Compactor:
         if self._uncounted.get((seq, cid)):
             self._uncounted[(seq, cid)] -= 1
         else:
-            _decref(txn, self._dbs, cid, zero)
+            decref(txn, self._dbs, cid, zero, "a version being pruned")
 
     def _estimate(self, doomed: list[int], keep: list[int], res: PruneResult) -> PruneResult:
         """The same counts as :meth:`prune` without writing (refs simulated in memory)."""
@@ -774,20 +774,6 @@ def survivors_after(r: Reader, files: dict[int, int], doomed: set[int] = frozens
             if s not in doomed and not r.is_pruned(s) and r.record(s).is_content:
                 out.append(s)
     return sorted(out)
-
-
-def _decref(txn, dbs, cid: bytes, zero: list[bytes]) -> None:
-    db = dbs[S.DB_CHUNKS]
-    v = txn.get(cid, db=db)
-    if v is None:
-        log.warning("chunk %s: named by a version being pruned but not stored", cid.hex())
-        return
-    n = S.loc_refs(v)
-    if n == 0:
-        log.warning("chunk %s: reference count already 0 while pruning", cid.hex())
-    txn.put(cid, S.with_refs(v, max(0, n - 1)), db=db)
-    if n <= 1:
-        zero.append(cid)
 
 
 def _chain_hits(r: Reader, seq: int, doomed: set[int], new_cps: set[int] = frozenset()) -> bool:

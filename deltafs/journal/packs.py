@@ -23,6 +23,7 @@ bytes of a transaction that never committed disappear.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import re
@@ -34,6 +35,8 @@ import msgpack
 from deltafs.errors import CorruptionError
 
 from . import schema as S
+
+log = logging.getLogger(__name__)
 
 PACK_DIR = "packs"
 PACK_MAGIC = b"DFSJPK2\n"  # first 8 bytes of every pack file
@@ -446,6 +449,23 @@ def incref(txn, dbs, cid: bytes, n: int = 1) -> None:
     if v is None:
         raise CorruptionError(f"chunk {cid.hex()} is named but not stored")
     txn.put(cid, S.add_refs(v, n), db=db)
+
+
+def decref(txn, dbs, cid: bytes, zero: list[bytes], what: str) -> None:
+    """Count one reference fewer to a chunk (never below 0); a chunk left at 0
+    joins ``zero`` (the caller frees it).  ``what`` names what held the
+    reference, for the warning a missing chunk or a count already at 0 gives."""
+    db = dbs[S.DB_CHUNKS]
+    v = txn.get(cid, db=db)
+    if v is None:
+        log.warning("chunk %s: %s names it but it is not stored", cid.hex(), what)
+        return
+    n = S.loc_refs(v)
+    if n == 0:
+        log.warning("chunk %s: reference count already 0 (%s)", cid.hex(), what)
+    txn.put(cid, S.with_refs(v, max(0, n - 1)), db=db)
+    if n <= 1:
+        zero.append(cid)
 
 
 def add_packs_live(txn, dbs, live: dict[int, int]) -> None:

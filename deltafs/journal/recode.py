@@ -55,7 +55,7 @@ from deltafs import chunking as C
 from deltafs.chunking import MAX_DELTA_DEPTH
 
 from . import schema as S
-from .packs import add_pack_live, incref
+from .packs import add_pack_live, decref, incref
 from .reader import Reader
 
 log = logging.getLogger(__name__)
@@ -471,7 +471,7 @@ class Recoder:
             incref(txn, dbs, b)
             deps.setdefault(b, set()).add(p.cid)
         for b in old_bases:
-            _decref(txn, dbs, b, zero)
+            decref(txn, dbs, b, zero, "a re-coded value, as its old base,")
             s = deps.get(b)
             if s is not None and b not in p.bases:
                 s.discard(p.cid)
@@ -654,18 +654,6 @@ def _code(raw: bytes, dict_raw: bytes | None, level: int) -> bytes | None:
         return bytes([C.CODEC_ZSTD]) + body
     d = zstandard.ZstdCompressionDict(dict_raw, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     return bytes([C.CODEC_ZSTD_DELTA]) + zstandard.ZstdCompressor(compression_params=p, dict_data=d).compress(raw)
-
-
-def _decref(txn, dbs, cid: bytes, zero: list[bytes]) -> None:
-    db = dbs[S.DB_CHUNKS]
-    v = txn.get(cid, db=db)
-    if v is None:
-        log.warning("chunk %s: a re-coded value's old base is not stored", cid.hex())
-        return
-    n = S.loc_refs(v)
-    txn.put(cid, S.with_refs(v, max(0, n - 1)), db=db)
-    if n <= 1:
-        zero.append(cid)
 
 
 def plan_child(argv: list[str]) -> int:
