@@ -785,20 +785,23 @@ breakdown above; the figures per history are in the list):
   single base does not help either). Coding a transaction's changed
   blocks as one zstd frame against all their old blocks stores 0.41× the
   bytes; each block against its own old block plus the three old changed
-  blocks sharing the most content with it, 0.50×. Either needs a chunk
-  payload with several bases (or one payload for a group of blocks): a
-  journal format change, not made yet. It would bring the chunk values
-  to about git's size (~4.1 + 6.1 MB against git's 10.5 MB), the
-  journal to ~1.1× git.
+  blocks sharing the most content with it, 0.50×. Chunk values with
+  several bases exist since journal format 9 (value format 2), and
+  compaction re-codes values against them, but the depth rule (a value's
+  depth is the sum of its bases' depths + 1, at most 128) lets few blocks
+  use them: even with depth ignored, per-chunk coding stores about 1.08×
+  git here. Counting the distinct values a read decodes instead, or one
+  payload for a transaction's changed blocks, needs a new format, not
+  made yet (docs/performance-notes.md, issue 20's tenth session).
 - *SQLite's rollback journal* (`*.db-journal`) is ignored by the built-in
   patterns: the database's versions are taken at its commit fsyncs.
 - *Random binary overwrites* are where deltafs is closest: the bytes are
   incompressible, both stores keep each 4 KiB overwrite once plus a little.
 
 Against borg and restic (one archive/snapshot per state) the journal is
-at 0.01–0.02× on the four synthetic histories and 0.09–0.13× on the two
-new ones (the 0.1× target of issue 20 is missed by gitreplay and by
-sqlgrow against restic): both chunk at ~0.5–2 MiB
+at 0.01–0.02× on the four synthetic histories and 0.06–0.11× on the two
+new ones (the 0.1× target of issue 20 is missed only by sqlgrow against
+restic): both chunk at ~0.5–2 MiB
 granularity (borg: 2^21 target, restic: 1 MiB average), so a small edit
 stores a whole new compressed chunk (for a file below their minimum chunk
 size, the whole file) each state, and each archive/snapshot adds metadata.
