@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh Debian machine (as root, or with sudo):
 #   make run    mount the built-in demo directory (SRC=demo/src MNT=demo/mnt) in the foreground
 #   make test   run the whole test suite
-#   make check  only the tests that need no kernel and no server (unit + ops), in about a minute
+#   make check  only the tests that need no kernel and no server (unit + ops), in 1-2.5 minutes
 #   make bench / make bench-full   regenerate docs/benchmarks.md (quick: ~20 min, full: ~100 min with the soak;
 #               on a 2-core VM; full needs ~25 GiB of free disk)
 # All of them install what is missing first: the apt packages below and a .venv.
@@ -81,7 +81,7 @@ test: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "no tests were collected: failing"; exit 1; fi; exit $$rc
 
-# The no-kernel tiers only (unit + ops): no FUSE, no S3 server, about a minute.
+# The no-kernel tiers only (unit + ops): no FUSE, no S3 server, 1-2.5 minutes on 2 cores.
 check: venv
 	$(VENV)/bin/python -m pytest -m "unit or ops" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "no tests were collected: failing"; exit 1; fi; exit $$rc
