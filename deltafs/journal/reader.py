@@ -525,7 +525,7 @@ class Reader:
             return self._checked_list(seq, start, chain)
         except CorruptionError as e:
             first = chain[0].base_seq if chain else seq
-            if not start or self.txn.get(S.checkpoint_key(first), db=self.dbs[S.DB_CHECKPOINTS]) is None:
+            if not first:  # the chain starts at a full list (base 0), not at a checkpoint
                 raise
             try:
                 got = self._checked_list(seq, *self._packed_chain(seq, checkpoints=False))
