@@ -109,7 +109,7 @@ def test_epilog_is_the_exit_code_table_of_errors_py():
     assert " ".join(cli.build_parser().format_help().split()).count(text.split(" See ")[0]) == 1
 
 
-def test_child_env_runs_this_deltafs_first():
+def test_child_env_runs_this_deltafs_first(monkeypatch):
     """Children (the daemon, re-coding plans, run-apart writers) import the
     deltafs that started them: its root leads PYTHONPATH, once."""
     import deltafs
@@ -118,3 +118,7 @@ def test_child_env_runs_this_deltafs_first():
     assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
     assert env["HOME"] == "/h"
     assert deltafs.child_env({})["PYTHONPATH"] == root
+    # installed in site-packages: nothing to add (it would shadow the standard library)
+    import site
+    monkeypatch.setattr(site, "getsitepackages", lambda: [root])
+    assert "PYTHONPATH" not in deltafs.child_env({"HOME": "/h"})
