@@ -25,7 +25,7 @@ import time
 import pyfuse3
 import trio
 
-from deltafs import heap, mounttable
+from deltafs import child_env, heap, mounttable
 from deltafs._syscalls import set_bdi_readahead
 from deltafs.config import MountConfig
 from deltafs.errors import (DeltafsError, FuseUnavailableError, JournalError, MountError, NotMountedError,
@@ -177,7 +177,7 @@ def spawn_daemon(cfg: MountConfig) -> None:
            "--log-file", log_file]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True,
-                            cwd="/")
+                            cwd="/", env=child_env())
     os.close(w)
     with os.fdopen(r, "rb") as f:
         msg = f.readline()

@@ -8,6 +8,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from fusetools import Mount  # noqa: E402
 
+import deltafs  # noqa: E402
+
+# Every `python -m deltafs` these tests start (mounts, CLI runs from any cwd,
+# daemons) imports the deltafs under test, not an editable install of another
+# checkout (a worktree's tests would otherwise run main's daemon code).
+os.environ.update(PYTHONPATH=deltafs.child_env()["PYTHONPATH"])
+
 
 @pytest.fixture(autouse=True)
 def _private_state_home(tmp_path_factory, monkeypatch):

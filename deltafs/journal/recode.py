@@ -51,6 +51,7 @@ from typing import Callable
 import msgpack
 import zstandard
 
+from deltafs import child_env
 from deltafs import chunking as C
 from deltafs.chunking import MAX_DELTA_DEPTH
 
@@ -173,12 +174,9 @@ class Recoder:
         if not self._apart or self._little(raw_max):
             with self._st.read() as txn:
                 return self._plan(Reader(self._st, txn), res, raw_max)
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         cmd = [sys.executable, "-c", "import sys; from deltafs.journal.recode import plan_child; "
                "sys.exit(plan_child(sys.argv[1:]))", self._st.path, str(raw_max)]
-        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, close_fds=True,
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), close_fds=True,
                              timeout=PLAN_TIMEOUT_S)
         if out.returncode != 0:
             raise RuntimeError(f"re-coding plan failed: {out.stderr.decode(errors='replace').strip()[-400:]}")

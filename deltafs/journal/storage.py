@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import lmdb
 import msgpack
 
+from deltafs import child_env
 from deltafs.chunking import CHUNKER_PARAMS
 from deltafs.errors import JournalError, JournalFormatError, JournalLockedError
 
@@ -216,14 +217,11 @@ class Storage:
         goes when it exits.  It holds LMDB's own writer lock while it writes;
         this process holds the write lock from the child's "ready" to its
         answer, so no thread of it waits inside LMDB meanwhile."""
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         mod, fn = entry.split(":")
         cmd = [sys.executable, "-c", f"import sys; from {mod} import {fn}; sys.exit({fn}(sys.argv[1:]))",
                self.path, *args]
         with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=env, close_fds=True) as child:
+                              env=child_env(), close_fds=True) as child:
             try:
                 ready = child.stdout.readline()
                 if ready.strip() != b"ready":

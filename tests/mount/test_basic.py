@@ -238,14 +238,25 @@ def test_sigterm_unmounts_cleanly(mount_factory):
 
 
 def test_background_mount_and_umount(tmp_path):
+    """A background mount's daemon (started with cwd /) runs the same deltafs
+    as the command that started it, even when that one found it only through
+    its own cwd (no PYTHONPATH)."""
+    import deltafs
+    from deltafs import mounttable
     from fusetools import force_unmount, require_fuse, run_cli
     require_fuse()
     src, mnt = tmp_path / "s", tmp_path / "m"
     src.mkdir()
     mnt.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(deltafs.__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     try:
-        res = run_cli("mount", src, mnt)
+        res = run_cli("mount", src, mnt, cwd=root, env=env)
         assert res.returncode == 0, res.stderr
+        pid = mounttable.read_record(str(mnt))["pid"]
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            daemon_env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        assert daemon_env[b"PYTHONPATH"].split(b":")[0] == root.encode()
         (mnt / "f").write_text("hi")
         with open("/proc/self/mountinfo") as f:
             line = next(l for l in f if l.split()[4] == str(mnt))

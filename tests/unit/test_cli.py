@@ -1,10 +1,12 @@
 """The command line's own rules: every mount option reaches the background
 daemon unchanged (MountConfig.to_argv), NotMountedError's exit code, and the
---help epilog is the exit-code table of deltafs/errors.py."""
+--help epilog is the exit-code table of deltafs/errors.py, and children run the
+same deltafs as their parent."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import pytest
@@ -105,3 +107,18 @@ def test_epilog_is_the_exit_code_table_of_errors_py():
     for code, meaning in errors.CODE_MEANINGS.items():
         assert re.search(rf"\b{code} {re.escape(meaning)}\b", text), (code, meaning)
     assert " ".join(cli.build_parser().format_help().split()).count(text.split(" See ")[0]) == 1
+
+
+def test_child_env_runs_this_deltafs_first(monkeypatch):
+    """Children (the daemon, re-coding plans, run-apart writers) import the
+    deltafs that started them: its root leads PYTHONPATH, once."""
+    import deltafs
+    root = os.path.dirname(os.path.dirname(os.path.abspath(deltafs.__file__)))
+    env = deltafs.child_env({"PYTHONPATH": os.pathsep.join(["/elsewhere", root]), "HOME": "/h"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
+    assert env["HOME"] == "/h"
+    assert deltafs.child_env({})["PYTHONPATH"] == root
+    # installed in site-packages: nothing to add (it would shadow the standard library)
+    import site
+    monkeypatch.setattr(site, "getsitepackages", lambda: [root])
+    assert "PYTHONPATH" not in deltafs.child_env({"HOME": "/h"})
