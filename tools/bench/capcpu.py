@@ -23,7 +23,8 @@ page cache takes 0.24 s of CPU on pages freed just before and ~2 s on pages free
 5 s before (docs/performance-notes.md, issue 19, thirteenth session).  Which one a
 bench row gets depends on what ran before it.  ``warm``: write and delete a
 native file of 3 x GIB GiB right before each timed write (its pages are then
-reused); ``cold``: delete the previous file and wait 6 s first; ``as-is``: neither.
+reused); ``cold``: wait 6 s first (an overwrite's O_TRUNC still frees the old file's pages
+just before its writes, so it gets some of them back warm); ``as-is``: neither.
 Set PYTHONPATH to the code under test (the daemon runs with cwd "/").
 """
 
@@ -76,15 +77,12 @@ def cpu_delta(before: dict, after: dict) -> list[tuple[float, int, float, float]
     return sorted(rows, reverse=True)
 
 
-def condition(memory: str, scratch_dir: str, size: int, old: str | None, settle) -> None:
+def condition(memory: str, scratch_dir: str, size: int) -> None:
     if memory == "warm":
         p = os.path.join(scratch_dir, "capcpu-warm.dat")
         wl.write_file(p, 3 * size, MiB, fsync=False)
         os.unlink(p)
     elif memory == "cold":
-        if old is not None and os.path.exists(old):
-            os.unlink(old)
-            settle()
         time.sleep(COLD_WAIT)
 
 
@@ -100,7 +98,7 @@ def mount(gib: int, capture: bool, memory: str, work: str) -> list[str]:
         def settle():
             wl.wait_quiet(lambda: tg.daemon_stats(pid).cpu)
         for label in ("write", "overwrite"):
-            condition(memory, base, size, path if label == "overwrite" else None, settle)
+            condition(memory, base, size)
             c0, f0 = thread_cpu(pid), minor_faults(pid)
             w0 = time.perf_counter()
             wl.write_file(path, size, MiB)
