@@ -51,3 +51,15 @@ def test_probe_logs_the_cpu_of_each_thread(monkeypatch, capsys):
     # the busy thread is listed with its CPU time (clock ticks: at least 0.1 s of 0.15)
     entry = err.split(f" {tid[0]} ", 1)[1].split(",")[0]
     assert float(entry.split()[-1].rstrip("s")) >= 0.1
+
+
+def test_warm_memory_only_for_matching_rows_and_leaves_no_file(monkeypatch, tmp_path):
+    from tools.bench.runner import warm_memory
+    t = SimpleNamespace(base=str(tmp_path))
+    monkeypatch.delenv("DELTAFS_BENCH_WARM", raising=False)
+    assert not warm_memory("write 1 GiB bs=1M +fsync", t)
+    monkeypatch.setenv("DELTAFS_BENCH_WARM", "^(over)?write")
+    monkeypatch.setenv("DELTAFS_BENCH_WARM_MIB", "2")
+    assert not warm_memory("read 1 GiB cold", t)
+    assert warm_memory("overwrite 1 GiB bs=1M +fsync (captured file)", t)
+    assert os.listdir(tmp_path) == []

@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                "rounds on a 2-core VM, ~25 GiB of\nfree disk; it checks before starting).\n"
                "Diagnostics: DELTAFS_BENCH_PROBE=REGEX logs, for the mount rows it matches, the "
                "daemon's CPU\nper thread and page faults; DELTAFS_BENCH_PROBE_TOOLS=py-spy,strace,perf "
-               "adds profiles in\nDELTAFS_BENCH_PROBE_DIR (tools/bench/runner.py, Probe).")
+               "adds profiles in\nDELTAFS_BENCH_PROBE_DIR (tools/bench/runner.py, Probe). "
+               "DELTAFS_BENCH_WARM=REGEX: before each matching row,\nwrite and delete "
+               "DELTAFS_BENCH_WARM_MIB (3072) MiB so the row reuses warm pages (runner.warm_memory).")
     p.add_argument("--quick", action="store_true",
                    help="small sizes (256 MiB, 64 MiB bs=4k, 1,000 files, 500 tx, edits in "
                         "1 and 64 MiB files, 10 warm + 3 after drop_caches a round, no 4 GiB "

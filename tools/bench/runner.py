@@ -162,6 +162,26 @@ class Probe:
              + ", ".join(f"{tid} {comm} {d:.2f}s" for d, tid, comm in rows if d > 0.005))
 
 
+def warm_memory(name: str, t: tg.Target) -> bool:
+    """Diagnostics (not part of a normal run): with DELTAFS_BENCH_WARM set to a regular
+    expression, before each row whose name matches it a plain file of DELTAFS_BENCH_WARM_MIB
+    (default 3072) MiB is written into the page cache beside the target's directory and deleted,
+    so the row's writes reuse pages freed just now.  On this VM (free page reporting) a page
+    free for more than ~2 s has gone back to the host, and its first touch costs ~7 us of
+    system time: 1 GiB written into the page cache took 0.2 s of CPU on pages freed just
+    before and 1.3-2 s on pages freed 5 s before (issue 19, thirteenth session,
+    docs/performance-notes.md).  Without this, which a row gets depends on what ran before it.
+    -> whether it warmed."""
+    pat = os.environ.get("DELTAFS_BENCH_WARM")
+    if not pat or re.search(pat, name) is None:
+        return False
+    mib = int(os.environ.get("DELTAFS_BENCH_WARM_MIB", "3072"))
+    path = os.path.join(t.base, "warm-memory.tmp")
+    wl.write_file(path, mib << 20, 1 << 20, fsync=False)
+    os.unlink(path)
+    return True
+
+
 def run_group(res: Results, ctx: Context, t: tg.Target, rnd: int, gname: str, fn) -> None:
     def settle() -> float:
         return wl.wait_quiet(lambda: tg.daemon_stats(t.pid).cpu) if t.is_mount else 0.0
@@ -172,6 +192,7 @@ def run_group(res: Results, ctx: Context, t: tg.Target, rnd: int, gname: str, fn
     def m(name: str, work, before=None) -> Sample:
         if before is not None:
             before()
+        warm_memory(name, t)
         probe = Probe(name, t, rnd)
         pid = t.pid
         s0 = tg.daemon_stats(pid)
