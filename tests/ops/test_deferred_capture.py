@@ -263,3 +263,28 @@ async def test_a_full_batch_of_deferred_captures_ends_the_window(tmp_path, monke
         with trio.fail_after(10):
             await item.done.wait()  # not a waiter (no hurry): DEFER_MAX ends the window
         assert [n for _, n in tx.calls] == [4]
+
+
+async def test_with_a_guard_a_close_waits_only_the_short_window(tmp_path, monkeypatch):
+    """The guard scores a capture at its commit: under a guard a close's commit
+    does not wait DEFER_WINDOW (an attack's first files would be seen that much
+    later), only GROUP_WINDOW."""
+    from deltafs.guard import Detector, Guard
+
+    monkeypatch.setattr(pl, "GROUP_WINDOW", 0.0)
+    monkeypatch.setattr(pl, "NAMESPACE_WINDOW", 0.0)
+    monkeypatch.setattr(pl, "DEFER_WINDOW", 30.0)  # a window nobody should wait out
+    src = tmp_path / "src"
+    src.mkdir()
+    async with session(src) as (j, rec, ops):
+        rec.guard = Guard(Detector("normal"), j, None, action="block")
+        d = Driver(ops)
+        tx = Transactions(j)
+        fh = await open_write(d, b"f", b"line\n" * 40)
+        await ops.release(fh)
+        item = rec.pipe.last_item
+        with trio.fail_after(10):
+            await item.done.wait()  # nobody waits for it: the short window ends it
+        assert sum(n for _, n in tx.calls) == 1
+        rec.guard = None
+        assert content_of(j, b"f") == b"line\n" * 40
