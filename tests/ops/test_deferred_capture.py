@@ -177,6 +177,7 @@ async def test_a_failed_deferred_capture_ends_its_item_and_leaves_no_base(tmp_pa
 
 async def test_a_write_waiting_for_a_deferred_capture_ends_the_group_window(tmp_path, monkeypatch):
     monkeypatch.setattr(pl, "GROUP_WINDOW", 30.0)  # a window nobody should wait out
+    monkeypatch.setattr(pl, "DEFER_WINDOW", 30.0)
     src = tmp_path / "src"
     src.mkdir()
     async with session(src) as (j, rec, ops):
@@ -201,6 +202,7 @@ async def test_a_write_waiting_for_a_deferred_capture_ends_the_group_window(tmp_
 
 async def test_an_unlink_does_not_wait_for_a_deferred_capture(tmp_path, monkeypatch):
     monkeypatch.setattr(pl, "GROUP_WINDOW", 30.0)
+    monkeypatch.setattr(pl, "DEFER_WINDOW", 30.0)
     src = tmp_path / "src"
     src.mkdir()
     async with session(src) as (j, rec, ops):
@@ -218,3 +220,71 @@ async def test_an_unlink_does_not_wait_for_a_deferred_capture(tmp_path, monkeypa
         with j.reader() as r:
             seq = [s for s in range(1, r.head_seq() + 1) if r.record(s).op == "write"][-1]
             assert r.read_content(seq) == b"object\n" * 20
+
+
+async def test_closes_further_apart_than_the_group_window_share_a_transaction(tmp_path, monkeypatch):
+    """A deferred capture's window is DEFER_WINDOW, not GROUP_WINDOW (issue 19: cp -a
+    closed a file every ~1.5 ms, and a 5-ms window made ~8 files a transaction)."""
+    monkeypatch.setattr(pl, "GROUP_WINDOW", 0.0)  # would commit each file on its own
+    monkeypatch.setattr(pl, "NAMESPACE_WINDOW", 0.0)  # (a create at the head, its capture not queued yet)
+    monkeypatch.setattr(pl, "DEFER_WINDOW", 30.0)  # a window the closes below stay inside
+    src = tmp_path / "src"
+    src.mkdir()
+    async with session(src) as (j, rec, ops):
+        d = Driver(ops)
+        tx = Transactions(j)
+        for i in range(8):
+            fh = await open_write(d, b"f%d" % i, b"line %d\n" % i * 40)
+            await ops.release(fh)
+            await trio.sleep(0.02)
+        # nobody waited: no version is committed yet
+        assert sum(n for _, n in tx.calls) == 0
+        with trio.fail_after(10):
+            await rec.drain()  # a waiter ends the window at once
+        assert tx.calls and sum(n for _, n in tx.calls) == 8
+        assert len(tx.calls) == 1
+        for i in range(8):
+            assert content_of(j, b"f%d" % i) == b"line %d\n" % i * 40
+
+
+async def test_a_full_batch_of_deferred_captures_ends_the_window(tmp_path, monkeypatch):
+    for name in ("DEFER_WINDOW", "GROUP_WINDOW", "NAMESPACE_WINDOW"):
+        monkeypatch.setattr(pl, name, 30.0)
+    monkeypatch.setattr(pl, "DEFER_MAX", 4)
+    src = tmp_path / "src"
+    src.mkdir()
+    async with session(src) as (j, rec, ops):
+        d = Driver(ops)
+        tx = Transactions(j)
+        for i in range(4):
+            fh = await open_write(d, b"f%d" % i, b"line %d\n" % i * 40)
+            await ops.release(fh)
+        item = rec.pipe.last_item
+        with trio.fail_after(10):
+            await item.done.wait()  # not a waiter (no hurry): DEFER_MAX ends the window
+        assert [n for _, n in tx.calls] == [4]
+
+
+async def test_with_a_guard_a_close_waits_only_the_short_window(tmp_path, monkeypatch):
+    """The guard scores a capture at its commit: under a guard a close's commit
+    does not wait DEFER_WINDOW (an attack's first files would be seen that much
+    later), only GROUP_WINDOW."""
+    from deltafs.guard import Detector, Guard
+
+    monkeypatch.setattr(pl, "GROUP_WINDOW", 0.0)
+    monkeypatch.setattr(pl, "NAMESPACE_WINDOW", 0.0)
+    monkeypatch.setattr(pl, "DEFER_WINDOW", 30.0)  # a window nobody should wait out
+    src = tmp_path / "src"
+    src.mkdir()
+    async with session(src) as (j, rec, ops):
+        rec.guard = Guard(Detector("normal"), j, None, action="block")
+        d = Driver(ops)
+        tx = Transactions(j)
+        fh = await open_write(d, b"f", b"line\n" * 40)
+        await ops.release(fh)
+        item = rec.pipe.last_item
+        with trio.fail_after(10):
+            await item.done.wait()  # nobody waits for it: the short window ends it
+        assert sum(n for _, n in tx.calls) == 1
+        rec.guard = None
+        assert content_of(j, b"f") == b"line\n" * 40
