@@ -1254,7 +1254,7 @@ class Operations(pyfuse3.Operations):
 
         one_hop: journal_wait takes the flush (``flush=``, a hops.Flush) and may
         have the worker that computes and commits a small capture run it too,
-        before the compute: one thread hand-off for the whole fsync instead of
+        after the commit: one thread hand-off for the whole fsync instead of
         two in parallel, whose GIL hand-offs cost more CPU than the overlap
         saved (issue 19, sqlite: one captured fsync a transaction).  Whatever
         that path does not cover starts the flush in its own hop as before.

@@ -334,7 +334,7 @@ class Recorder:
             solo = self.pipe.solo(item)
             if solo:
                 # a small one (sqlite's transaction, an editor's save): SRC's flush
-                # in the same worker call, before the compute; a big one keeps the
+                # in the same worker call, after the commit; a big one keeps the
                 # flush in parallel (flush + compute in series would cost wall time)
                 one_hop = flush is not None and item.nbytes <= ONE_HOP_BYTES and flush.claim()
                 change, item.list_cache, result = await hops.run(
@@ -369,17 +369,22 @@ class Recorder:
 
     def _compute_commit(self, fd, path, cause, dirty, base, cached, hint, flush=None):
         """In a worker: compute the capture and commit it (Pipeline.solo),
-        after running flush (the fsync's SRC flush, claimed for this call).
+        then run flush (the fsync's SRC flush, claimed for this call; run
+        whatever the compute and commit did: its error is the fsync's).
+        After the commit rather than before the compute: a little less CPU
+        and wall in the sqlite probe (issue 19, 2026-12-07, 6 runs each).
         -> (change, list cache, seqs or the commit's exception)."""
-        if flush is not None:
-            flush.run_here()  # its error is the fsync's, after the commit
-        with exact_reads():  # a cold edit's delta base: its chunk, not 8 MiB around it
-            change, cache = self.content.compute(fd, path, cause, dirty, base, cached, hint)
         try:
-            (res,) = self.journal.commit_many([[change]])
-        except Exception as e:  # the whole transaction failed (disk full...)
-            res = e
-        return change, cache, res
+            with exact_reads():  # a cold edit's delta base: its chunk, not 8 MiB around it
+                change, cache = self.content.compute(fd, path, cause, dirty, base, cached, hint)
+            try:
+                (res,) = self.journal.commit_many([[change]])
+            except Exception as e:  # the whole transaction failed (disk full...)
+                res = e
+            return change, cache, res
+        finally:
+            if flush is not None:
+                flush.run_here()
 
     # ---- hooks called by ops ------------------------------------------------
 

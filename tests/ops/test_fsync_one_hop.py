@@ -1,10 +1,10 @@
 """An fsync whose small capture is committed solo runs SRC's flush in that
-same worker call, before the compute (deltafs/hops.py ``Flush``,
+same worker call, after the commit (deltafs/hops.py ``Flush``,
 ``Operations._durable(one_hop=True)``; issue 19: one thread hand-off per
 sqlite transaction instead of two in parallel).  Durability and errors are
 as with the flush in its own hop:
 
-* the flush runs once, in the thread that commits the version, before the
+* the flush runs once, in the thread that commits the version, after the
   commit, and the version is in the journal when the fsync returns;
 * a flush error fails the fsync with its errno, the version is committed
   all the same, and the next fsync succeeds;
@@ -82,9 +82,9 @@ async def test_a_small_solo_fsync_flushes_src_in_the_committing_worker(tmp_path,
             await ops.fsync(fh, True)
             assert rec.pipe.solo_commits == solo + 1
             assert content(j, b"db")[5 * i] == ord("#")  # durable on return
-            # one flush, in the worker that then committed the version, before that commit
+            # one flush, in the worker that committed the version, after that commit
             assert len(fl.threads) == i + 1 and fl.threads[-1] == calls.threads[-1]
-            assert fl.commits_before[-1] == len(calls.threads) - 1
+            assert fl.commits_before[-1] == len(calls.threads)
             assert fl.threads[-1] != threading.get_ident() and fl.in_worker == i + 1
         await ops.release(fh)
 
@@ -143,4 +143,34 @@ async def test_other_fsyncs_flush_src_in_their_own_hop_and_report_its_error(tmp_
             assert content(j, b"db")[:1] == b"B"
         fl.fail = None
         await ops.fsync(fh, True)
+        await ops.release(fh)
+
+
+@pytest.mark.parametrize("flush_fails", [False, True])
+async def test_a_failed_one_hop_capture_still_flushes_src(tmp_path, monkeypatch, flush_fails):
+    src = tmp_path / "src"
+    src.mkdir()
+    async with session(src) as (j, rec, ops):
+        d = Driver(ops)
+        calls = Calls(j)
+        fh = await open_write(d, b"db", b"page\n" * 200)
+        await ops.fsync(fh, True)
+        fl = Flushes(monkeypatch, calls)
+        fl.fd = ops.handles[fh].fd
+
+        def failing(*a, **kw):
+            raise OSError(errno.EIO, "injected")
+        monkeypatch.setattr(rec.content, "compute", failing)
+        failures = rec.pipe.failures
+        await ops.write(fh, 0, b"Q")
+        fl.fail = errno.EIO if flush_fails else None
+        with trio.fail_after(30):
+            if flush_fails:
+                with pytest.raises(FUSEError) as e:
+                    await ops.fsync(fh, True)
+                assert e.value.errno == errno.EIO
+            else:
+                await ops.fsync(fh, True)  # a failed capture is counted, not the fsync's error
+        assert rec.pipe.failures == failures + 1
+        assert len(fl.threads) == 1 and fl.in_worker == 1  # flushed all the same, in the worker
         await ops.release(fh)
