@@ -73,3 +73,61 @@ async def run(fn, *args, limiter: trio.CapacityLimiter | None = None):
         return await _pool.run(fn, *args)
     async with limiter:
         return await _pool.run(fn, *args)
+
+
+class Flush:
+    """An fsync's SRC flush, ``fn(fd)``, run exactly once, beside the journal wait:
+    either by the worker call that computes and commits the capture (:meth:`claim`,
+    then :meth:`run_here` in that worker and :meth:`ran` back on the loop: one hop
+    for both, issue 19), or in a hop of its own in ``nursery`` (:meth:`start`), in
+    parallel with the journal as ``Operations._durable`` always did.  An OSError of
+    the flush is kept in ``error`` for the fsync to raise after both are done."""
+
+    def __init__(self, fn, fd: int, nursery=None) -> None:
+        self.fn = fn
+        self.fd = fd
+        self.nursery = nursery
+        self.error: OSError | None = None
+        self.taken = False  # claimed by a worker call, or started (trio thread only)
+        self.in_worker = False  # done by the capture's worker call (one hop)
+        self._done = trio.Event()
+
+    def claim(self) -> bool:
+        """The capture's worker call will run it (:meth:`run_here`); False if started already."""
+        if self.taken:
+            return False
+        self.taken = self.in_worker = True
+        return True
+
+    def run_here(self) -> None:
+        """In the worker thread that claimed it."""
+        try:
+            self.fn(self.fd)
+        except OSError as e:
+            self.error = e
+
+    def ran(self) -> None:
+        """Back on the trio thread after the claiming worker call (run or raised)."""
+        self._done.set()
+
+    def start(self) -> None:
+        """Its own hop, in parallel with whatever the caller awaits next (no-op once taken)."""
+        if not self.taken:
+            self.taken = True
+            self.nursery.start_soon(self._hop)
+
+    async def _hop(self) -> None:
+        try:
+            await run(self.fn, self.fd)
+        except OSError as e:
+            self.error = e
+        finally:
+            self._done.set()
+
+    async def wait(self) -> None:
+        """Until it has run (runs it here if nobody took it); does not raise its error."""
+        if not self.taken:
+            self.taken = True
+            await self._hop()
+        else:
+            await self._done.wait()

@@ -188,7 +188,8 @@ class Capture(Protocol):
 
     def release(self, ops: Operations, node: Node) -> None: ...  # last close of a written file
 
-    async def fsync(self, ops: Operations, node: Node) -> None: ...  # capture now, wait until durable
+    async def fsync(self, ops: Operations, node: Node, flush: hops.Flush | None = None) -> None:
+        ...  # capture now, wait until durable; flush: SRC's (start it, or run it in the capture's hop)
 
     def settled(self, node: Node) -> bool: ...  # nothing of this inode waits to be journaled
 
@@ -244,7 +245,7 @@ class NullRecorder:
     def release(self, ops: "Operations", node: Node) -> None:
         pass
 
-    async def fsync(self, ops: "Operations", node: Node) -> None:
+    async def fsync(self, ops: "Operations", node: Node, flush: hops.Flush | None = None) -> None:
         pass
 
     def settled(self, node: Node) -> bool:
@@ -1240,31 +1241,36 @@ class Operations(pyfuse3.Operations):
         if self.rec.settled(h.node):
             await hops.run(fn, h.fd)
             return
-        await self._durable(fn, h.fd, self.rec.fsync, self, h.node)
+        await self._durable(fn, h.fd, self.rec.fsync, self, h.node, one_hop=True)
         if trace.ON:
             trace.mark("fsync.reply")
             trace.dump(ino=h.node.ino, path=os.fsdecode(self.path_of(h.node) or b""))
 
-    async def _durable(self, fn, fd: int, journal_wait, *args) -> None:
+    async def _durable(self, fn, fd: int, journal_wait, *args, one_hop: bool = False) -> None:
         """fn(fd) in a thread while awaiting journal_wait(*args).  The capture reads
         the page cache, not the disk: flushing SRC and committing the journal
         at the same time makes the caller wait for the slower of the two, not
-        their sum."""
-        failed: list[OSError] = []
+        their sum.
 
-        async def flush_src():
-            try:
-                await hops.run(fn, fd)
-            except OSError as e:
-                failed.append(e)
-
+        one_hop: journal_wait takes the flush (``flush=``, a hops.Flush) and may
+        have the worker that computes and commits a small capture run it too,
+        after the commit: one thread hand-off for the whole fsync instead of
+        two in parallel, whose GIL hand-offs cost more CPU than the overlap
+        saved (issue 19, sqlite: one captured fsync a transaction).  Whatever
+        that path does not cover starts the flush in its own hop as before.
+        Either way the reply waits for both, and a flush error fails it."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(flush_src)
-            await journal_wait(*args)
+            flush = hops.Flush(fn, fd, nursery)
+            if one_hop:
+                await journal_wait(*args, flush=flush)
+            else:
+                flush.start()
+                await journal_wait(*args)
             if trace.ON:
                 trace.mark("fsync.journal_done")
-        if failed:
-            raise failed[0]
+            await flush.wait()
+        if flush.error is not None:
+            raise flush.error
 
     @_errors
     async def fallocate(self, fh, mode, offset, length):

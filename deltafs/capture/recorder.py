@@ -59,6 +59,11 @@ from deltafs.ignore import IGNORE_FILE, Ignore
 from deltafs.journal import Change, Journal, exact_reads
 
 log = logging.getLogger(__name__)
+
+# an fsync's capture up to this size runs SRC's flush in its own worker call
+# (one hop, the two in series); a bigger one flushes SRC in parallel
+ONE_HOP_BYTES = DEFER_BYTES
+
 _IGNORE_NAME = IGNORE_FILE.encode()  # at the root of SRC: the user's patterns
 
 
@@ -300,8 +305,9 @@ class Recorder:
                 ops.release_node_if_unused(node)
         self.pipe.defer(item, job, job_done)
 
-    async def _compute(self, item, ops, node, ev, prev, fd, path, cause, dirty, base) -> None:
+    async def _compute(self, item, ops, node, ev, prev, fd, path, cause, dirty, base, flush=None) -> None:
         solo = False
+        one_hop = False  # this worker call runs the fsync's SRC flush too
         result: list | BaseException = []
         try:
             if trace.ON:
@@ -311,6 +317,8 @@ class Recorder:
                 return
             if prev is not None:
                 if not prev.done.is_set():
+                    if flush is not None:
+                        flush.start()  # in parallel with the wait for the previous capture
                     await prev.done.wait()
                 if trace.ON:
                     trace.mark("compute.prev_done")
@@ -325,9 +333,16 @@ class Recorder:
             # hand-off instead of two and no committer wake-up in between.
             solo = self.pipe.solo(item)
             if solo:
+                # a small one (sqlite's transaction, an editor's save): SRC's flush
+                # in the same worker call, after the commit; a big one keeps the
+                # flush in parallel (flush + compute in series would cost wall time)
+                one_hop = flush is not None and item.nbytes <= ONE_HOP_BYTES and flush.claim()
                 change, item.list_cache, result = await hops.run(
-                    self._compute_commit, fd, path, cause, dirty, base, cached, hint, limiter=self.limiter)
+                    self._compute_commit, fd, path, cause, dirty, base, cached, hint, flush if one_hop else None,
+                    limiter=self.limiter)
             else:
+                if flush is not None:
+                    flush.start()
                 change, item.list_cache = await hops.run(
                     self.content.compute, fd, path, cause, dirty, base, cached, hint, limiter=self.limiter)
             item.changes = [change]
@@ -340,6 +355,8 @@ class Recorder:
             if node is not None:
                 node.cap.base, node.cap.stale = None, True
         finally:
+            if one_hop:
+                flush.ran()
             os.close(fd)
             if node is not None:
                 node.cap.pending = None
@@ -350,16 +367,24 @@ class Recorder:
             else:
                 item.ready.set()
 
-    def _compute_commit(self, fd, path, cause, dirty, base, cached, hint):
-        """In a worker: compute the capture and commit it (Pipeline.solo).
+    def _compute_commit(self, fd, path, cause, dirty, base, cached, hint, flush=None):
+        """In a worker: compute the capture and commit it (Pipeline.solo),
+        then run flush (the fsync's SRC flush, claimed for this call; run
+        whatever the compute and commit did: its error is the fsync's).
+        After the commit rather than before the compute: a little less CPU
+        and wall in the sqlite probe (issue 19, 2026-12-07, 6 runs each).
         -> (change, list cache, seqs or the commit's exception)."""
-        with exact_reads():  # a cold edit's delta base: its chunk, not 8 MiB around it
-            change, cache = self.content.compute(fd, path, cause, dirty, base, cached, hint)
         try:
-            (res,) = self.journal.commit_many([[change]])
-        except Exception as e:  # the whole transaction failed (disk full...)
-            res = e
-        return change, cache, res
+            with exact_reads():  # a cold edit's delta base: its chunk, not 8 MiB around it
+                change, cache = self.content.compute(fd, path, cause, dirty, base, cached, hint)
+            try:
+                (res,) = self.journal.commit_many([[change]])
+            except Exception as e:  # the whole transaction failed (disk full...)
+                res = e
+            return change, cache, res
+        finally:
+            if flush is not None:
+                flush.run_here()
 
     # ---- hooks called by ops ------------------------------------------------
 
@@ -439,10 +464,15 @@ class Recorder:
         """Last close of a written file: queue its capture (returns at once)."""
         self._content_event(ops, node, "write")
 
-    async def fsync(self, ops, node) -> None:
+    async def fsync(self, ops, node, flush=None) -> None:
         """Capture what is dirty now, and return once it and everything queued
         before about this inode (a capture queued at an earlier close, its
-        create, chmod, xattrs) is durable, whichever descriptor asks."""
+        create, chmod, xattrs) is durable, whichever descriptor asks.
+
+        flush (a hops.Flush, ops._durable): SRC's flush, run by the capture's
+        worker call when that call also commits a small capture (one hop),
+        else started in its own hop beside the journal wait; the caller
+        waits for it."""
         if node.cap.changed:
             runs: list = []
             self._content_event(ops, node, "fsync", start=lambda *a: runs.append(a))
@@ -453,7 +483,9 @@ class Recorder:
                 # task to start and wake, one scheduler pass less each way;
                 # shielded, as a task of the recorder's nursery would be
                 with self.pipe.hurrying(), trio.CancelScope(shield=True):
-                    await fn(*args)
+                    await fn(*args, flush=flush)
+        if flush is not None:
+            flush.start()  # no capture took it (nothing to capture, ignored, paused...)
         await self.sync(node.ino)
 
     def _content_event(self, ops, node, cause: str, start=None) -> Item | None:

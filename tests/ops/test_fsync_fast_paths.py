@@ -23,9 +23,9 @@ def count_durable_waits(ops) -> list:
     calls = []
     real = ops._durable
 
-    async def durable(*a):
+    async def durable(*a, **kw):
         calls.append(a)
-        await real(*a)
+        await real(*a, **kw)
     ops._durable = durable
     return calls
 

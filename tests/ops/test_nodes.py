@@ -195,7 +195,7 @@ async def test_an_fsync_error_is_its_errno_not_eio(tmp_path):
         def settled(self, node):
             return False  # a capture is queued: fsync must wait for the journal
 
-        async def fsync(self, ops, node):
+        async def fsync(self, ops, node, flush=None):
             raise OSError(errno.ENOSPC, "no space left for the journal")
 
         async def before_change(self, *a, **kw):
