@@ -54,8 +54,10 @@ INLINE_RECORDS = 64  # namespace records the loop thread commits at once (Pipeli
 DEFER_BYTES = 256 << 10
 DEFER_BATCH_BYTES = 4 << 20
 # ... and at most DEFER_MAX of them queued at once (each holds its file's descriptor
-# until its commit); reaching it ends the group window
-DEFER_MAX = 64
+# until its commit); reaching it ends the group window.  16: 64 held ~60 descriptors
+# and ran a mount limited to 128 (tests/mount/test_capture_backpressure.py) into its
+# descriptor reserve (CI, 2026-12-07)
+DEFER_MAX = 16
 # the group window of a commit whose first capture is deferred (nobody waits for it:
 # a close): cp -a and git closed a small file every ~1.5 ms, so GROUP_WINDOW's 5 ms
 # made ~8 files a commit, each commit a pack fdatasync and an LMDB durable commit
