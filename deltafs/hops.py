@@ -89,14 +89,13 @@ class Flush:
         self.nursery = nursery
         self.error: OSError | None = None
         self.taken = False  # claimed by a worker call, or started (trio thread only)
-        self.in_worker = False  # done by the capture's worker call (one hop)
         self._done = trio.Event()
 
     def claim(self) -> bool:
         """The capture's worker call will run it (:meth:`run_here`); False if started already."""
         if self.taken:
             return False
-        self.taken = self.in_worker = True
+        self.taken = True
         return True
 
     def run_here(self) -> None:
