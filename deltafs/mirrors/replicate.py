@@ -474,6 +474,7 @@ class MirrorWorker:
         self._force = False
         self._wake = trio.Event()
         self._passed = trio.Event()
+        self._in_pass = False  # a pass is running (attempt() has not returned)
 
     # --- state ---------------------------------------------------------------
     @property
@@ -532,11 +533,16 @@ class MirrorWorker:
 
     async def flush(self) -> dict:
         """Replicate everything journaled so far, now (also out of a backoff or an
-        open circuit).  MirrorError if the mirror is paused or the pass fails."""
+        open circuit).  MirrorError if the mirror is paused or the pass fails.
+        Only a pass that starts after this call counts: one already running may
+        have met the mirror as it was before (a drive plugged back in since)."""
         target = await trio.to_thread.run_sync(self._head)
         while True:
             if self.paused:
                 raise MirrorError(f"mirror {self.url} is paused (deltafs resume --mirror {self.url})")
+            if self._in_pass:
+                await self._passed.wait()
+                continue
             if self.seq is not None and self.seq >= target and not self.failures:
                 return {"url": self.url, "seq": self.seq}
             passed = self._passed
@@ -567,6 +573,13 @@ class MirrorWorker:
     async def attempt(self) -> bool:
         """One pass; -> whether it succeeded.  Never raises but Cancelled
         (which leaves the pass thread behind: see :meth:`run`)."""
+        self._in_pass = True
+        try:
+            return await self._attempt()
+        finally:
+            self._in_pass = False
+
+    async def _attempt(self) -> bool:
         if not self.failures:
             self.watch.progress = time.monotonic()  # work starts now: stalled counts from here
         try:

@@ -109,6 +109,53 @@ async def test_status_while_down(autojump_clock, b, tmp_path):
         n.cancel_scope.cancel()
 
 
+class GoneDuringFirstPass:
+    """A drive that is gone while the first pass reads the manifest (a fake: a
+    thread cannot be held inside a real directory read): that pass waits until
+    the test lets it go, then fails; every later pass works."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.url = inner, inner.url
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.first = True
+
+    def get(self, name):
+        if name == "manifest.json" and self.first:
+            self.first = False
+            self.entered.set()
+            self.release.wait(30)
+            raise MirrorError(f"mirror directory {self.url} does not exist (is the drive mounted?)")
+        return self.inner.get(name)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_flush_is_judged_by_a_pass_that_starts_after_it(b, tmp_path):
+    """A flush asked for while a pass that will fail is running (the drive came
+    back meanwhile) runs a pass of its own and succeeds."""
+    b.write(b"a.txt", b"one\n")
+    fake = GoneDuringFirstPass(open_mirror(f"file://{tmp_path}/m"))
+    w = MirrorWorker(b.j, fake, rnd=random.Random(1))
+    async with trio.open_nursery() as n:
+        await n.start(w.run)
+        await trio.to_thread.run_sync(fake.entered.wait, 30)
+        done = trio.Event()
+
+        async def flush():
+            await w.flush()
+            done.set()
+
+        n.start_soon(flush)
+        with trio.fail_after(30):
+            while w._passed.statistics().tasks_waiting == 0:  # the flush waits for the running pass
+                await trio.sleep(0.01)
+            fake.release.set()
+            await done.wait()
+        assert w.seq == _head(b) and w.failures == 0
+        n.cancel_scope.cancel()
+
+
 async def test_pause_stops_uploads_resume_catches_up(autojump_clock, b, tmp_path):
     fake = DownThenUp(open_mirror(f"file://{tmp_path}/m"), 0)
     w = MirrorWorker(b.j, fake)
