@@ -15,6 +15,7 @@ as with the flush in its own hop:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -66,16 +67,29 @@ def content(j, path: bytes) -> bytes:
         return r.read_content(r.file_state(r.file_id_at(path)).content_seq)
 
 
-async def test_a_small_solo_fsync_flushes_src_in_the_committing_worker(tmp_path, monkeypatch):
+@contextlib.asynccontextmanager
+async def db_open(tmp_path, monkeypatch, size: int = 1000, settle: str = "drain"):
+    """A session with SRC/db open for writing (``size`` bytes written, then
+    ``settle``: "drain" the capture of the close-less write or "fsync" it),
+    its flushes watched: -> (journal, recorder, ops, driver, calls, fh, flushes)."""
     src = tmp_path / "src"
     src.mkdir()
     async with session(src) as (j, rec, ops):
         d = Driver(ops)
         calls = Calls(j)
-        fh = await open_write(d, b"db", b"page\n" * 200)
-        await rec.drain()
+        fh = await open_write(d, b"db", b"page\n" * 200 if size == 1000 else b"x" * size)
+        if settle == "drain":
+            await rec.drain()
+        else:
+            await ops.fsync(fh, True)
         fl = Flushes(monkeypatch, calls)
         fl.fd = ops.handles[fh].fd
+        yield j, rec, ops, d, calls, fh, fl
+        await ops.release(fh)
+
+
+async def test_a_small_solo_fsync_flushes_src_in_the_committing_worker(tmp_path, monkeypatch):
+    async with db_open(tmp_path, monkeypatch) as (j, rec, ops, d, calls, fh, fl):
         for i in range(3):
             solo = rec.pipe.solo_commits
             await ops.write(fh, 5 * i, b"#")
@@ -86,19 +100,10 @@ async def test_a_small_solo_fsync_flushes_src_in_the_committing_worker(tmp_path,
             assert len(fl.threads) == i + 1 and fl.threads[-1] == calls.threads[-1]
             assert fl.commits_before[-1] == len(calls.threads)
             assert fl.threads[-1] != threading.get_ident() and fl.in_worker == i + 1
-        await ops.release(fh)
 
 
 async def test_a_flush_error_in_the_one_hop_path_fails_the_fsync(tmp_path, monkeypatch):
-    src = tmp_path / "src"
-    src.mkdir()
-    async with session(src) as (j, rec, ops):
-        d = Driver(ops)
-        calls = Calls(j)
-        fh = await open_write(d, b"db", b"page\n" * 200)
-        await rec.drain()
-        fl = Flushes(monkeypatch, calls)
-        fl.fd = ops.handles[fh].fd
+    async with db_open(tmp_path, monkeypatch) as (j, rec, ops, d, calls, fh, fl):
         await ops.write(fh, 0, b"E")
         fl.fail = errno.EIO
         with pytest.raises(FUSEError) as e:
@@ -110,21 +115,12 @@ async def test_a_flush_error_in_the_one_hop_path_fails_the_fsync(tmp_path, monke
         await ops.write(fh, 1, b"F")
         await ops.fsync(fh, True)
         assert content(j, b"db")[:2] == b"EF"
-        await ops.release(fh)
 
 
 @pytest.mark.parametrize("case", ["big", "queued", "nothing_to_capture"])
 async def test_other_fsyncs_flush_src_in_their_own_hop_and_report_its_error(tmp_path, monkeypatch, case):
-    src = tmp_path / "src"
-    src.mkdir()
-    async with session(src) as (j, rec, ops):
-        d = Driver(ops)
-        calls = Calls(j)
-        size = recorder_mod.ONE_HOP_BYTES + 4096 if case == "big" else 1000
-        fh = await open_write(d, b"db", b"x" * size)
-        await ops.fsync(fh, True)
-        fl = Flushes(monkeypatch, calls)
-        fl.fd = ops.handles[fh].fd
+    size = recorder_mod.ONE_HOP_BYTES + 4096 if case == "big" else 1000
+    async with db_open(tmp_path, monkeypatch, size, settle="fsync") as (j, rec, ops, d, calls, fh, fl):
         if case == "queued":  # a close's capture waits out its group window ahead of ours
             fh2 = await open_write(d, b"other", b"two\n" * 100)
             await ops.release(fh2)
@@ -143,20 +139,11 @@ async def test_other_fsyncs_flush_src_in_their_own_hop_and_report_its_error(tmp_
             assert content(j, b"db")[:1] == b"B"
         fl.fail = None
         await ops.fsync(fh, True)
-        await ops.release(fh)
 
 
 @pytest.mark.parametrize("flush_fails", [False, True])
 async def test_a_failed_one_hop_capture_still_flushes_src(tmp_path, monkeypatch, flush_fails):
-    src = tmp_path / "src"
-    src.mkdir()
-    async with session(src) as (j, rec, ops):
-        d = Driver(ops)
-        calls = Calls(j)
-        fh = await open_write(d, b"db", b"page\n" * 200)
-        await ops.fsync(fh, True)
-        fl = Flushes(monkeypatch, calls)
-        fl.fd = ops.handles[fh].fd
+    async with db_open(tmp_path, monkeypatch, settle="fsync") as (j, rec, ops, d, calls, fh, fl):
 
         def failing(*a, **kw):
             raise OSError(errno.EIO, "injected")
@@ -173,4 +160,3 @@ async def test_a_failed_one_hop_capture_still_flushes_src(tmp_path, monkeypatch,
                 await ops.fsync(fh, True)  # a failed capture is counted, not the fsync's error
         assert rec.pipe.failures == failures + 1
         assert len(fl.threads) == 1 and fl.in_worker == 1  # flushed all the same, in the worker
-        await ops.release(fh)
