@@ -101,6 +101,18 @@ class Mount:
                    if " ERROR " in line or " WARNING " in line or "Traceback" in line]
             assert not bad, "daemon logged problems:\n" + "\n".join(bad)
 
+    def versions(self) -> dict[bytes, list[tuple[int, bytes]]]:
+        """Every content version the journal holds, per path, oldest first, as
+        (record seq, content) (after :meth:`umount`: the journal opened read-only)."""
+        from deltafs.journal import Journal
+
+        out: dict[bytes, list[tuple[int, bytes]]] = {}
+        with Journal.open(str(self.journal), readonly=True) as j, j.reader() as r:
+            for rec in r.records():
+                if rec.op == "write":
+                    out.setdefault(rec.path, []).append((rec.seq, r.read_content(rec.seq)))
+        return out
+
     def kill(self) -> None:
         """kill -9 the daemon, then clear the dead mount."""
         if self.proc is not None:

@@ -15,7 +15,6 @@ import threading
 
 import pytest
 
-from deltafs.journal import Journal
 from fusetools import run_cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -60,11 +59,7 @@ def test_many_files_written_fast_are_all_recorded(mount_factory):
     assert cap["inline_commits"] + cap["solo_commits"] <= cap["commits"], cap
     m.umount()
 
-    with Journal.open(str(m.journal), readonly=True) as j, j.reader() as r:
-        versions: dict[bytes, list[tuple[int, bytes]]] = {}
-        for rec in r.records():
-            if rec.op == "write":
-                versions.setdefault(rec.path, []).append((rec.seq, r.read_content(rec.seq)))
+    versions = m.versions()
     missing = []
     for w in range(WRITERS):
         for i in range(FILES):
