@@ -1,0 +1,347 @@
+"""Re-coding under a depth that counts DISTINCT values (issue 20, fourteenth session).
+
+    .venv/bin/python -m tools.bench.recode_distinct JOURNAL [--prefix P] [--level 9] [--json FILE]
+
+Reads a (compacted) journal read-only, e.g. one ``history_size --keep`` left,
+and writes nothing.  Today a value's depth is the SUM over its bases of (base
+depth + 1), <= 128 (docs/format.md, "Depth and the decoding bound"), so chains
+of multi-base values grow geometrically.  The study asks what a rule that
+bounds the number of DISTINCT values in a value's closure (every ancestor
+once: what a reader that keeps what it decoded during one read decompresses)
+would let through.
+
+Candidates are computed once per live chunk, in the order chunks first appear
+(as ``recode_study.greedy``): the stored value; standalone; one base, the
+previous version's chunk at the same offset; that base plus 1, 2 or 3 chunks
+of the whole previous version sharing the most anchored windows with it
+(``chunking.MultiBase``, depth ignored; each prefix of the list is a
+candidate); when those stay poor, 1-4 earlier chunks of the same path found
+by a window index (of any path with ``--global-index``; plus the same-offset base when there is one), again every
+prefix.  All deltas at zstd level ``--level``.  Then, for every rule, a greedy
+assignment: each chunk takes the smallest candidate that fits the rule given
+the codings chosen before it (standalone always fits); a new coding must save
+16 bytes over the stored value, else the stored value stays when it fits.
+
+Rules: ``sum B, extras <= E`` (today's: sum of (base depth + 1) <= B, the
+bases other than the same-offset one together <= E) and ``distinct B``
+(|closure| <= B, closure = the union of the bases' closures plus the bases).
+For each: chunk value bytes as a share of stored, the closure sizes and the
+sum depths, and what a cold read of every version decompresses: with no memo
+(today's ``Reader.iter_content``: every chunk its whole tree, sum depth + 1),
+with a memo per chunk (1 + closure) and with a memo per version read (the
+union of the version's chunks' closures, each chunk once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import sys
+import time
+from collections import defaultdict
+
+from tools.bench.targets import ROOT
+
+sys.path.insert(0, ROOT)
+
+from deltafs import chunking as C  # noqa: E402
+from deltafs.journal import Journal  # noqa: E402
+
+from tools.bench.recode_study import _size, header  # noqa: E402
+
+MIN_GAIN = 16
+
+
+def candidates(journal: str, prefix: str, level: int, log=print, global_index: bool = False) -> dict:
+    """-> {"order": [cid...], "stored": {cid: (stored_len, bases)}, "cands": {cid: [(size, bases, name, has_own)]},
+    "versions": [[cid...] per live content version], "unlisted": {cid: bases} for bases outside every version}."""
+    t0 = time.perf_counter()
+    with Journal.open(journal, readonly=True) as j, j.reader() as r:
+        cache = C.RawCache(1 << 40)
+        vers = []
+        for rec in r.records():
+            if rec.is_content and not r.is_pruned(rec.seq) and rec.path.startswith(prefix.encode()):
+                vers.append((rec.seq, rec.path))
+        prev_list: dict[bytes, tuple[list, list[int]]] = {}
+        order = []  # (cid, path, prev (list, offs) or None, offset)
+        seen: set[bytes] = set()
+        versions = []
+        for seq, path in vers:
+            lst = r.chunk_list(seq)
+            offs, o = [], 0
+            for cid, n in lst:
+                offs.append(o)
+                o += n
+            pv = prev_list.get(path)
+            versions.append([c for c, _ in lst])
+            for cid, o in zip((c for c, _ in lst), offs):
+                if cid not in seen:
+                    seen.add(cid)
+                    order.append((cid, path, pv, o))
+            prev_list[path] = (lst, offs)
+        info = {cid: r.chunk_info(cid) for cid, *_ in order}
+        raw = {cid: r.read_chunk(cid, cache) for cid in info if info[cid] is not None}
+        # bases that are in no live version (their values stay as they are)
+        unlisted: dict[bytes, tuple[bytes, ...]] = {}
+        todo = [b for i in info.values() if i is not None for b in i.bases if b not in info]
+        while todo:
+            b = todo.pop()
+            if b in unlisted or b in info:
+                continue
+            bi = r.chunk_info(b)
+            unlisted[b] = tuple(bi.bases) if bi is not None else ()
+            todo.extend(bi.bases if bi is not None else ())
+        log(f"read {len(order)} chunks, {sum(map(len, raw.values())) / 2**20:.1f} MiB raw, "
+            f"{len(unlisted)} bases outside the versions, {time.perf_counter() - t0:.1f} s")
+
+        def rawof(b: bytes) -> bytes:
+            if b not in raw:
+                raw[b] = r.read_chunk(b, cache)
+            return raw[b]
+
+        gidx: dict[bytes, dict[bytes, bytes]] = defaultdict(dict)
+        anchor: dict[bytes, bytes] = {}
+        W, GAP = C.MULTI_BASE_WINDOW, C.MULTI_BASE_PROBE
+
+        def windows(rw: bytes, a: bytes):
+            end = len(rw) - W
+            q = rw.find(a)
+            while 0 <= q <= end:
+                w = rw[q:q + W]
+                if w.count(w[:1]) != W:
+                    yield w
+                q = rw.find(a, q + GAP)
+
+        def sz(rw: bytes, bases: tuple) -> int:
+            return header(len(bases)) + _size(rw, b"".join(rawof(b) for b in bases) if bases else None, level)
+
+        cands: dict[bytes, list] = {}
+        stored: dict[bytes, tuple[int, tuple]] = {}
+        mbk: dict[int, C.MultiBase] = {}
+        t1 = time.perf_counter()
+        save = C.MULTI_BASE_EXTRA_DEPTH
+        C.MULTI_BASE_EXTRA_DEPTH = 10 ** 9  # depth ignored here: the rules choose later
+        try:
+            for ci, (cid, path, pv, off) in enumerate(order):
+                inf = info[cid]
+                if inf is None:
+                    continue
+                if ci % 2000 == 0 and ci:
+                    log(f"  {ci} chunks coded, {time.perf_counter() - t1:.0f} s")
+                rw = raw[cid]
+                stored[cid] = (inf.stored_len, tuple(inf.bases))
+                ipath = b"" if global_index else path
+                cs = [(inf.stored_len, tuple(inf.bases), "stored", False),
+                      (sz(rw, ()), (), "standalone", False)]
+                so = None
+                if pv is not None:
+                    lst, offs = pv
+                    i = bisect.bisect_right(offs, off) - 1
+                    best_ov = 0
+                    for jj in range(max(i, 0), min(i + 3, len(lst))):
+                        c2, n2 = lst[jj]
+                        ov = min(offs[jj] + n2, off + len(rw)) - max(offs[jj], off)
+                        if ov > best_ov and c2 != cid:
+                            best_ov, so = ov, c2
+                last = None
+                if so is not None:
+                    so_raw = rawof(so)
+                    last = sz(rw, (so,))
+                    cs.append((last, (so,), "same offset", True))
+                    if last * C.MULTI_BASE_WORSE > len(rw):
+                        key = id(pv)
+                        mb = mbk.get(key)
+                        if mb is None:
+                            u, olds = set(), []
+                            for c2, _ in pv[0]:
+                                if c2 not in u:
+                                    u.add(c2)
+                                    olds.append(C.Base(c2, rawof(c2), 0))
+                            mbk.clear()
+                            mb = mbk[key] = C.MultiBase(olds)
+                        ex = [b.id for b in mb.find(rw, C.Base(so, so_raw, 0), cid)]
+                        for k in range(1, len(ex) + 1):
+                            bs = (*ex[:k], so)
+                            last = sz(rw, bs)
+                            cs.append((last, bs, f"prev version + {k} found", True))
+                if so is None or min(c[0] for c in cs[2:]) * C.MULTI_BASE_WORSE > len(rw):
+                    a = anchor.get(ipath)
+                    if a is not None:
+                        hits: dict[bytes, int] = {}
+                        g = gidx[ipath]
+                        for w in windows(rw, a):
+                            c2 = g.get(w)
+                            if c2 is not None and c2 != cid and c2 != so:
+                                hits[c2] = hits.get(c2, 0) + 1
+                        own = (so,) if so is not None else ()
+                        ex2 = [c2 for c2, nh in sorted(hits.items(), key=lambda x: -x[1]) if nh >= 2]
+                        ex2 = ex2[:C.MULTI_BASE_MAX - len(own)]
+                        for k in range(1, len(ex2) + 1):
+                            bs = (*ex2[:k], *own)
+                            cs.append((sz(rw, bs), bs, f"found {k}" + (" + own" if own else ""), bool(own)))
+                cands[cid] = cs
+                if ipath not in anchor:
+                    mb0 = C.MultiBase([C.Base(cid, rw, 0)])
+                    mb0._build()
+                    anchor[ipath] = mb0.anchor
+                g = gidx[ipath]
+                for w in windows(rw, anchor[ipath]):
+                    g.setdefault(w, cid)
+        finally:
+            C.MULTI_BASE_EXTRA_DEPTH = save
+        log(f"coded in {time.perf_counter() - t1:.1f} s")
+    return {"order": [c for c, *_ in order if c in cands], "stored": stored, "cands": cands,
+            "versions": versions, "unlisted": unlisted}
+
+
+def assign(cd: dict, rule: str, bound: int, extras: int | None = None) -> dict:
+    """Greedy assignment under ``rule`` ("sum" or "distinct", or "stored": every chunk keeps its value)."""
+    idx: dict[bytes, int] = {}
+
+    def ix(c: bytes) -> int:
+        i = idx.get(c)
+        if i is None:
+            i = idx[c] = len(idx)
+        return i
+    dep: dict[bytes, int] = {}
+    clo: dict[bytes, frozenset] = {}
+    unl = cd["unlisted"]
+
+    def udep(b: bytes) -> int:  # a value outside the versions: as stored
+        if b not in dep:
+            dep[b] = sum(udep(x) + 1 for x in unl.get(b, ()))
+        return dep[b]
+
+    def uclo(b: bytes) -> frozenset:
+        if b not in clo:
+            s = set()
+            for x in unl.get(b, ()):
+                s |= uclo(x)
+                s.add(ix(x))
+            clo[b] = frozenset(s)
+        return clo[b]
+
+    def d_of(bases) -> int:
+        return sum((dep[b] if b in dep else udep(b)) + 1 for b in bases)
+
+    def c_of(bases) -> frozenset:
+        if not bases:
+            return frozenset()
+        if len(bases) == 1:
+            b = bases[0]
+            return (clo[b] if b in clo else uclo(b)) | {ix(b)}
+        s = set()
+        for b in bases:
+            s |= clo[b] if b in clo else uclo(b)
+            s.add(ix(b))
+        return frozenset(s)
+
+    total = 0
+    picks: dict[str, int] = defaultdict(int)
+    for cid in cd["order"]:
+        st_len, st_bases = cd["stored"][cid]
+        cs = cd["cands"][cid]
+        if rule == "stored":
+            best = cs[0]
+        else:
+            fit = []
+            for c in cs:
+                bs = c[1]
+                if rule == "sum":
+                    if d_of(bs) > bound:
+                        continue
+                    if extras is not None and c[2] != "stored":
+                        ex = bs[:-1] if c[3] else bs
+                        if len(bs) > 1 and d_of(ex) > extras:
+                            continue
+                else:
+                    if len(c_of(bs)) > bound:
+                        continue
+                fit.append(c)
+            best = min(fit, key=lambda c: c[0]) if fit else cs[1]
+            if best[2] != "stored" and best[0] + MIN_GAIN > st_len and cs[0] in fit:
+                best = cs[0]
+        picks[best[2]] += 1
+        total += best[0]
+        dep[cid] = d_of(best[1])
+        clo[cid] = c_of(best[1])
+    stored_total = sum(v[0] for v in cd["stored"].values())
+    hist_c: dict[str, int] = defaultdict(int)
+    hist_d: dict[str, int] = defaultdict(int)
+    buckets = [0, 1, 2, 4, 8, 16, 32, 64, 128, 129, 1024, 10 ** 6, 10 ** 9]
+
+    def bk(v: int) -> str:
+        return f">={buckets[bisect.bisect_right(buckets, v) - 1]}"
+    for cid in cd["order"]:
+        hist_c[bk(len(clo[cid]))] += 1
+        hist_d[bk(dep[cid])] += 1
+    # a cold read of every version: no memo / memo per chunk / memo per version read
+    no_memo = per_chunk = per_version = 0
+    max_chunk = max_version = 0
+    today_read_fails = 0
+    for v in cd["versions"]:
+        u = set()
+        nm = pc = 0
+        for c in v:
+            if c not in clo:  # a chunk with no info (should not happen)
+                continue
+            nm += dep[c] + 1
+            pc += len(clo[c]) + 1
+            if dep[c] > C.MAX_DELTA_DEPTH:
+                today_read_fails += 1
+            max_chunk = max(max_chunk, len(clo[c]) + 1)
+            u |= clo[c]
+            u.add(ix(c))
+        no_memo += nm
+        per_chunk += pc
+        per_version += len(u)
+        max_version = max(max_version, len(u))
+    return {"rule": rule, "bound": bound, "extras": extras, "bytes": total, "stored": stored_total,
+            "share": round(total / stored_total, 4), "picks": dict(picks),
+            "closure": dict(hist_c), "sum_depth": dict(hist_d), "max_closure": max(len(s) for s in
+                                                                                  (clo[c] for c in cd["order"])),
+            "max_sum_depth": max(dep[c] for c in cd["order"]),
+            "chunk_reads_over_sum_128": today_read_fails,
+            "cold_read": {"versions": len(cd["versions"]),
+                          "chunk_refs": sum(len(v) for v in cd["versions"]),
+                          "no_memo": no_memo, "memo_per_chunk": per_chunk, "memo_per_version": per_version,
+                          "max_per_chunk_memo": max_chunk, "max_per_version_memo": max_version}}
+
+
+RULES = [("stored", 0, None), ("sum", 128, 16), ("sum", 128, None),
+         ("distinct", 128, None), ("distinct", 64, None), ("distinct", 32, None)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("journal")
+    p.add_argument("--prefix", default="")
+    p.add_argument("--level", type=int, default=9)
+    p.add_argument("--json")
+    p.add_argument("--global-index", action="store_true", help="find bases in earlier chunks of any path")
+    a = p.parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    cd = candidates(a.journal, a.prefix, a.level, log, a.global_index)
+    out = []
+    sys.setrecursionlimit(100000)
+    for rule, bound, ex in RULES:
+        t = time.perf_counter()
+        res = assign(cd, rule, bound, ex)
+        res["s"] = round(time.perf_counter() - t, 1)
+        out.append(res)
+        cr = res["cold_read"]
+        name = rule if rule == "stored" else f"{rule} {bound}" + (f", extras <= {ex}" if ex else "")
+        print(f"{name:26s} {res['bytes']:>11,} B  {res['share']:.3f}x stored  max closure {res['max_closure']:4d}"
+              f"  max sum depth {res['max_sum_depth']:.3g}  cold read (all {cr['versions']} versions): "
+              f"no memo {cr['no_memo']:.4g}, memo/chunk {cr['memo_per_chunk']:,}, "
+              f"memo/version {cr['memo_per_version']:,} (chunk refs {cr['chunk_refs']:,})", flush=True)
+        print(f"    closure {res['closure']}\n    sum depth {res['sum_depth']}\n    picks {res['picks']}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
