@@ -343,5 +343,125 @@ def main(argv=None) -> int:
     return 0
 
 
+
+
+# --- does today's reader read a value whose closure is small but whose sum is not? ---------------
+
+def reader_probe(tmp: str, n: int = 60) -> dict:
+    """Write a chain x0..x{n-1} of one file, x_i coded against x_{i-4..i-1}
+    (4 bases), the writer's depth patched to the distinct closure (so the
+    headers say <= 128 while the sum grows like tetranacci), then read the
+    last version with today's reader and with a reader that keeps what it
+    decoded during one read (the budget then counts distinct values)."""
+    import random
+
+    from deltafs.errors import CorruptionError
+    from deltafs.journal import Change, Journal
+    from deltafs.journal import core as JC
+    from deltafs.journal import reader as JR
+    from deltafs.journal import schema as S
+
+    def distinct(self, txn, nc, bases):  # the writer change: |closure| from the bases' headers
+        cdb = self._dbs[S.DB_CHUNKS]
+        seen: set[bytes] = set()
+        todo = list(bases)
+        while todo:
+            b = todo.pop()
+            if b in seen:
+                continue
+            seen.add(b)
+            _, pack, off, length, _ = S.decode_loc(txn.get(b, db=cdb))
+            todo.extend(S.decode_chunk(self._storage.packs.read(pack, off, length))[2])
+        if len(seen) > C.MAX_DELTA_DEPTH:
+            raise ValueError("closure over 128")
+        return len(seen)
+
+    rnd = random.Random(7)
+    words = b"alpha beta gamma delta epsilon zeta theta kappa lambda".split()
+    raw = b" ".join(rnd.choice(words) + b"%d" % rnd.randrange(1000) for _ in range(3000))[:16384]
+    saved = JC.Journal._stored_depth
+    JC.Journal._stored_depth = distinct
+    out: dict = {"n": n}
+    try:
+        j = Journal.open(tmp, create=True)
+        try:
+            bases: list = []
+            sums: list[int] = []
+            prev_seq = 0
+            for i in range(n):
+                at = rnd.randrange(0, len(raw) - 40)
+                raw = raw[:at] + b"<edit %06d>" % rnd.randrange(10 ** 6) + raw[at + 13:]
+                raw = raw[:16384]
+                bs = bases[-4:]
+                nc = C.build_chunk_multi(raw, [C.Base(b.id, b.raw, 0) for b in bs]) if len(bs) >= 2 else None
+                if nc is None:
+                    nc = C.build_chunk(raw, C.Base(bs[-1].id, bs[-1].raw, 0) if bs else None)
+                pos = {b.id: k for k, b in enumerate(bases)}
+                sums.append(sum(sums[pos[b]] + 1 for b in nc.bases))
+                j.commit([Change(op="write", path=b"f", size=len(raw), edit=[(0, 1 if i else 0, [(nc.id, len(raw))])],
+                                 chunks=[nc], mode=0o100644, cause="write", base_seq=prev_seq)])
+                with j.reader() as r:
+                    prev_seq = r.head_seq()
+                bases.append(C.Base(nc.id, raw, 0))
+            out["last_sum_depth"] = sums[-1]
+            with j.reader() as r:
+                out["last_declared_depth"] = r.chunk_info(bases[-1].id).depth
+                try:
+                    ok = r.read_chunk(bases[-1].id) == raw
+                    out["today"] = "read back" if ok else "wrong bytes"
+                except CorruptionError as e:
+                    out["today"] = f"CorruptionError: {e}"
+                # the reader change: a memo per read, every decoded value kept in it
+                calls = [0]
+                r_read, r_dec = JR.Reader._read, JR.Reader._decoded_n
+
+                def _read(self, cid, cache, limit, top=False, memo=None):
+                    if memo is not None and cid in memo:
+                        return memo[cid], 0
+                    if cache is not None:
+                        got = cache.get(cid)
+                        if got is not None:
+                            return got, 0
+                    v = self.raw_chunk(cid)
+                    return _dec(self, cid, v, cache, limit, top=top, memo=memo)
+
+                def _dec(self, cid, v, cache, limit, views=False, top=False, memo=None):
+                    memo = {} if memo is None else memo
+                    calls[0] += 1
+                    n_ = 1
+                    depth, raw_len, bs_, payload = S.decode_chunk(v)
+                    parts, left = [], limit
+                    for b in bs_:
+                        if left < 1:
+                            raise CorruptionError("over the budget")
+                        braw, used = _read(self, b, cache, left - 1, memo=memo)
+                        left -= used
+                        n_ += used
+                        parts.append(braw)
+                    got = C.decompress_chunk(payload, b"".join(parts) if parts else None)
+                    if C.chunk_id(got) != cid:
+                        raise CorruptionError("mismatch")
+                    memo[cid] = got
+                    return got, n_
+                try:
+                    JR.Reader._read, JR.Reader._decoded_n = _read, _dec
+                    t = time.perf_counter()
+                    got, used = r._read(bases[-1].id, None, C.MAX_DELTA_DEPTH, top=True)
+                    out["memo"] = f"read back: {got == raw}, {used} decompressions, " \
+                                  f"{(time.perf_counter() - t) * 1e3:.1f} ms"
+                finally:
+                    JR.Reader._read, JR.Reader._decoded_n = r_read, r_dec
+        finally:
+            j.close()
+    finally:
+        JC.Journal._stored_depth = saved
+    return out
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["probe"]:
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            print(json.dumps(reader_probe(d + "/j", int(sys.argv[2]) if sys.argv[2:] else 60), indent=1))
+        sys.exit(0)
     sys.exit(main())
