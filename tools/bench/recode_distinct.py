@@ -1,6 +1,9 @@
 """Re-coding under a depth that counts DISTINCT values (issue 20, fourteenth session).
 
     .venv/bin/python -m tools.bench.recode_distinct JOURNAL [--prefix P] [--level 9] [--json FILE]
+        [--cands FILE] [--global-index]
+    .venv/bin/python -m tools.bench.recode_distinct probe [N]     # today's reader on a small-closure, big-sum value
+    .venv/bin/python -m tools.bench.recode_distinct walk JOURNAL  # cost of computing closures from headers
 
 Reads a (compacted) journal read-only, e.g. one ``history_size --keep`` left,
 and writes nothing.  Today a value's depth is the SUM over its bases of (base
@@ -12,7 +15,8 @@ would let through.
 
 Candidates are computed once per live chunk, in the order chunks first appear
 (as ``recode_study.greedy``): the stored value; standalone; one base, the
-previous version's chunk at the same offset; that base plus 1, 2 or 3 chunks
+previous version's chunk at the same offset; one base, the chunk at the same
+offset 2, 4, 8 or 16 versions back (a shallower fallback); the first plus 1, 2 or 3 chunks
 of the whole previous version sharing the most anchored windows with it
 (``chunking.MultiBase``, depth ignored; each prefix of the list is a
 candidate); when those stay poor, 1-4 earlier chunks of the same path found
@@ -25,6 +29,9 @@ the codings chosen before it (standalone always fits); a new coding must save
 Rules: ``sum B, extras <= E`` (today's: sum of (base depth + 1) <= B, the
 bases other than the same-offset one together <= E) and ``distinct B``
 (|closure| <= B, closure = the union of the bases' closures plus the bases).
+A plain greedy deepens early chunks to the bound and pushes the stored values
+above them out, so two variants keep room: a new coding stays <= B - reserve,
+or ("no deeper") within the chunk's metric under the stored values.
 For each: chunk value bytes as a share of stored, the closure sizes and the
 sum depths, and what a cold read of every version decompresses: with no memo
 (today's ``Reader.iter_content``: every chunk its whole tree, sum depth + 1),
@@ -37,6 +44,8 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import os
+import pickle
 import sys
 import time
 from collections import defaultdict
@@ -51,6 +60,7 @@ from deltafs.journal import Journal  # noqa: E402
 from tools.bench.recode_study import _size, header  # noqa: E402
 
 MIN_GAIN = 16
+OLDER = (2, 4, 8, 16)  # same-offset fallbacks this many versions back
 
 
 def candidates(journal: str, prefix: str, level: int, log=print, global_index: bool = False) -> dict:
@@ -64,7 +74,8 @@ def candidates(journal: str, prefix: str, level: int, log=print, global_index: b
             if rec.is_content and not r.is_pruned(rec.seq) and rec.path.startswith(prefix.encode()):
                 vers.append((rec.seq, rec.path))
         prev_list: dict[bytes, tuple[list, list[int]]] = {}
-        order = []  # (cid, path, prev (list, offs) or None, offset)
+        older: dict[bytes, list] = defaultdict(list)  # path -> every (list, offs) so far
+        order = []  # (cid, path, prev (list, offs) or None, offset, [(list, offs) of versions k-2, k-4, ...])
         seen: set[bytes] = set()
         versions = []
         for seq, path in vers:
@@ -75,11 +86,14 @@ def candidates(journal: str, prefix: str, level: int, log=print, global_index: b
                 o += n
             pv = prev_list.get(path)
             versions.append([c for c, _ in lst])
+            ol = older[path]
+            back = [ol[-m] for m in OLDER if m <= len(ol)]
             for cid, o in zip((c for c, _ in lst), offs):
                 if cid not in seen:
                     seen.add(cid)
-                    order.append((cid, path, pv, o))
+                    order.append((cid, path, pv, o, back))
             prev_list[path] = (lst, offs)
+            ol.append((lst, offs))
         info = {cid: r.chunk_info(cid) for cid, *_ in order}
         raw = {cid: r.read_chunk(cid, cache) for cid in info if info[cid] is not None}
         # bases that are in no live version (their values stay as they are)
@@ -123,7 +137,7 @@ def candidates(journal: str, prefix: str, level: int, log=print, global_index: b
         save = C.MULTI_BASE_EXTRA_DEPTH
         C.MULTI_BASE_EXTRA_DEPTH = 10 ** 9  # depth ignored here: the rules choose later
         try:
-            for ci, (cid, path, pv, off) in enumerate(order):
+            for ci, (cid, path, pv, off, back) in enumerate(order):
                 inf = info[cid]
                 if inf is None:
                     continue
@@ -144,6 +158,11 @@ def candidates(journal: str, prefix: str, level: int, log=print, global_index: b
                         ov = min(offs[jj] + n2, off + len(rw)) - max(offs[jj], off)
                         if ov > best_ov and c2 != cid:
                             best_ov, so = ov, c2
+                # a shallower fallback: the chunk at the same offset 2, 4, 8 or 16 versions back
+                for m, (lst, offs) in zip(OLDER, back):
+                    i = bisect.bisect_right(offs, off) - 1
+                    if 0 <= i < len(lst) and lst[i][0] != cid and lst[i][0] != so:
+                        cs.append((sz(rw, (lst[i][0],)), (lst[i][0],), f"same offset {m} back", True))
                 last = None
                 if so is not None:
                     so_raw = rawof(so)
@@ -191,12 +210,15 @@ def candidates(journal: str, prefix: str, level: int, log=print, global_index: b
         finally:
             C.MULTI_BASE_EXTRA_DEPTH = save
         log(f"coded in {time.perf_counter() - t1:.1f} s")
-    return {"order": [c for c, *_ in order if c in cands], "stored": stored, "cands": cands,
+    return {"order": [o[0] for o in order if o[0] in cands], "stored": stored, "cands": cands,
             "versions": versions, "unlisted": unlisted}
 
 
-def assign(cd: dict, rule: str, bound: int, extras: int | None = None) -> dict:
-    """Greedy assignment under ``rule`` ("sum" or "distinct", or "stored": every chunk keeps its value)."""
+def assign(cd: dict, rule: str, bound: int, extras: int | None = None, reserve: int = 0) -> dict:
+    """Greedy assignment under ``rule`` ("sum" or "distinct", or "stored": every chunk keeps its value).
+    ``reserve``: a new coding (not the stored value) must stay that far under ``bound``, so the stored
+    values built on the chunk keep room (a greedy that deepens early chunks to the bound pushes the
+    values above them to standalone)."""
     idx: dict[bytes, int] = {}
 
     def ix(c: bytes) -> int:
@@ -237,6 +259,10 @@ def assign(cd: dict, rule: str, bound: int, extras: int | None = None) -> dict:
             s.add(ix(b))
         return frozenset(s)
 
+    cap: dict[bytes, int] = {}
+    if reserve < 0:  # "no deeper": a new coding stays within the chunk's metric under the stored values
+        base = assign(cd, "stored", 0)["_metric"]
+        cap = base["sum" if rule == "sum" else "distinct"]
     total = 0
     picks: dict[str, int] = defaultdict(int)
     for cid in cd["order"]:
@@ -248,15 +274,16 @@ def assign(cd: dict, rule: str, bound: int, extras: int | None = None) -> dict:
             fit = []
             for c in cs:
                 bs = c[1]
+                lim = bound if c[2] == "stored" else cap[cid] if reserve < 0 else bound - reserve
                 if rule == "sum":
-                    if d_of(bs) > bound:
+                    if d_of(bs) > lim:
                         continue
                     if extras is not None and c[2] != "stored":
                         ex = bs[:-1] if c[3] else bs
                         if len(bs) > 1 and d_of(ex) > extras:
                             continue
                 else:
-                    if len(c_of(bs)) > bound:
+                    if len(c_of(bs)) > lim:
                         continue
                 fit.append(c)
             best = min(fit, key=lambda c: c[0]) if fit else cs[1]
@@ -297,20 +324,24 @@ def assign(cd: dict, rule: str, bound: int, extras: int | None = None) -> dict:
         per_chunk += pc
         per_version += len(u)
         max_version = max(max_version, len(u))
-    return {"rule": rule, "bound": bound, "extras": extras, "bytes": total, "stored": stored_total,
+    return {"rule": rule, "bound": bound, "extras": extras, "reserve": reserve, "bytes": total, "stored": stored_total,
             "share": round(total / stored_total, 4), "picks": dict(picks),
             "closure": dict(hist_c), "sum_depth": dict(hist_d), "max_closure": max(len(s) for s in
                                                                                   (clo[c] for c in cd["order"])),
             "max_sum_depth": max(dep[c] for c in cd["order"]),
             "chunk_reads_over_sum_128": today_read_fails,
+            "_metric": {"sum": dict(dep), "distinct": {c: len(v) for c, v in clo.items()}},
             "cold_read": {"versions": len(cd["versions"]),
                           "chunk_refs": sum(len(v) for v in cd["versions"]),
                           "no_memo": no_memo, "memo_per_chunk": per_chunk, "memo_per_version": per_version,
                           "max_per_chunk_memo": max_chunk, "max_per_version_memo": max_version}}
 
 
-RULES = [("stored", 0, None), ("sum", 128, 16), ("sum", 128, None),
-         ("distinct", 128, None), ("distinct", 64, None), ("distinct", 32, None)]
+RULES = [("stored", 0, None, 0)] + [(rule, b, ex, b * q // 4) for q in (0, 1, 2) for rule, b, ex in
+                                     (("sum", 128, 16), ("sum", 128, None), ("distinct", 128, None),
+                                      ("distinct", 64, None), ("distinct", 32, None))] + \
+    [(rule, b, ex, -1) for rule, b, ex in (("sum", 128, 16), ("sum", 128, None), ("distinct", 128, None))] + \
+    [("distinct", 10 ** 9, None, 0)]  # depth ignored: the candidates' floor
 
 
 def main(argv=None) -> int:
@@ -319,19 +350,29 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", default="")
     p.add_argument("--level", type=int, default=9)
     p.add_argument("--json")
+    p.add_argument("--cands", help="pickle of the candidates: written when missing, else read (no coding)")
     p.add_argument("--global-index", action="store_true", help="find bases in earlier chunks of any path")
     a = p.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    cd = candidates(a.journal, a.prefix, a.level, log, a.global_index)
+    if a.cands and os.path.exists(a.cands):
+        with open(a.cands, "rb") as f:
+            cd = pickle.load(f)
+    else:
+        cd = candidates(a.journal, a.prefix, a.level, log, a.global_index)
+        if a.cands:
+            with open(a.cands, "wb") as f:
+                pickle.dump(cd, f)
     out = []
     sys.setrecursionlimit(100000)
-    for rule, bound, ex in RULES:
+    for rule, bound, ex, rs in RULES:
         t = time.perf_counter()
-        res = assign(cd, rule, bound, ex)
+        res = assign(cd, rule, bound, ex, rs)
         res["s"] = round(time.perf_counter() - t, 1)
+        res.pop("_metric")
         out.append(res)
         cr = res["cold_read"]
-        name = rule if rule == "stored" else f"{rule} {bound}" + (f", extras <= {ex}" if ex else "")
+        name = rule if rule == "stored" else f"{rule} {bound}" + (f", extras <= {ex}" if ex else "") + \
+            (f", new <= {bound - rs}" if rs > 0 else ", new no deeper than stored" if rs < 0 else "")
         print(f"{name:26s} {res['bytes']:>11,} B  {res['share']:.3f}x stored  max closure {res['max_closure']:4d}"
               f"  max sum depth {res['max_sum_depth']:.3g}  cold read (all {cr['versions']} versions): "
               f"no memo {cr['no_memo']:.4g}, memo/chunk {cr['memo_per_chunk']:,}, "
@@ -463,7 +504,41 @@ def reader_probe(tmp: str, n: int = 60) -> dict:
     return out
 
 
+def walk_cost(journal: str) -> dict:
+    """What a writer computing |closure| from value headers would pay: for
+    every live chunk, walk its stored closure (each ancestor's value read and
+    its header decoded once), warm page cache."""
+    from deltafs.journal import schema as S
+    with Journal.open(journal, readonly=True) as j, j.reader() as r:
+        cids = [k for k, _ in r.txn.cursor(db=r.dbs[S.DB_CHUNKS])]
+        for c in cids:  # warm
+            r.raw_chunk(c)
+        t = time.perf_counter()
+        reads = 0
+        sizes = []
+        for c in cids:
+            seen: set[bytes] = set()
+            todo = list(S.decode_chunk(r.raw_chunk(c))[2])
+            reads += 1
+            while todo:
+                b = todo.pop()
+                if b in seen:
+                    continue
+                seen.add(b)
+                todo.extend(S.decode_chunk(r.raw_chunk(b))[2])
+                reads += 1
+            sizes.append(len(seen))
+        dt = time.perf_counter() - t
+    sizes.sort()
+    return {"values": len(cids), "header_reads": reads, "s": round(dt, 2),
+            "us_per_header": round(dt / reads * 1e6, 2), "us_per_value": round(dt / len(cids) * 1e6, 1),
+            "closure_p50": sizes[len(sizes) // 2], "closure_max": sizes[-1]}
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["walk"]:
+        print(json.dumps(walk_cost(sys.argv[2])))
+        sys.exit(0)
     if sys.argv[1:2] == ["probe"]:
         import tempfile
         with tempfile.TemporaryDirectory() as d:
