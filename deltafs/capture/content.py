@@ -418,7 +418,7 @@ class ContentCapture:
                 # boundaries (an in-place file's list is not the content-
                 # defined one, so a fresh chunking would differ everywhere)
                 dirty = chunking.changed_ranges(pread, size, old, offsets, holes)
-            res, new = capture_chunks(r, pread, size, old, dirty, offsets, j.put_chunks,
+            res, new = capture_chunks(r, pread, size, old, dirty, offsets, j.spill_chunks,
                                       self.raw_cache, aligned=not whole, holes=holes,
                                       hint=self.hint_list(r, hint) if hint and not old else None)
             if trace.ON:

@@ -23,6 +23,9 @@ internal, and code outside it imports only from ``deltafs.journal``
     j.commit_many(groups) -> list[list[int] | Exception] # one durable txn; each
                                   # group nested, so a bad one fails alone
     j.put_chunks(chunks: Sequence[NewChunk]) -> int       # chunks ahead of their record
+    j.spill_chunks(chunks) -> int   # the same, values appended now, index entries held
+                                  # for the next write transaction (a large capture's
+    j.flush_chunks()              # spills; 64 MiB at most); ... or this one
     j.set_setting(name: str, value)                 # msgpack-able value
     j.kv_put(db, key: str, value) / j.kv_delete(db, key)   # db: "snapshots" | "mirrors"
     j.append_raw(values, chunks, pruned=()) -> int  # clone: append stored records + chunk

@@ -24,7 +24,10 @@ lose data when broken live here, in this order:
 2. *must*: a chunk is freed only at count 0, in the transaction that
    decremented it, and a freed delta releases its base (step 2).  Chunks
    stored by ``put_chunks`` and never named (count 0 from the start) are
-   left alone: a capture may be about to name them.
+   left alone: a capture may be about to name them.  Chunks a capture
+   spilled whose index entries are still held (``Journal.spill_chunks``)
+   are indexed, their bases counted, by ``Storage.write`` before any
+   transaction here does anything.
 3. *must*: a freed chunk a late commit still names comes back
    (:meth:`Compactor.chunk_present`, called by the writer inside the
    commit; "graveyard" database); graveyard entries are deleted only after
@@ -618,12 +621,15 @@ class Compactor:
         transactions under the write lock, so a mount's writer interleaves."""
         res = RepackResult()
         st = self._st
+        if st.held:  # values a capture spilled, not indexed yet, would look dead
+            with st.write():  # (Storage.write indexes them first)
+                pass
         sizes = st.packs.on_disk()
         victims = self._repack_victims(sizes, dead_ratio)
         if not victims:
             res.packs_deleted = len(st.delete_retired_packs())
             return res
-        with st.wlock:
+        with st.write():  # values spilled since are indexed first, so none is left out of the moves below
             if st.packs.current in victims:  # close it: appends go to a new pack from now on
                 st.packs.roll()
         cdb, bdb = self._dbs[S.DB_CHUNKS], self._dbs[S.DB_RECORD_BLOCKS]

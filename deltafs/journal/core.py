@@ -22,7 +22,7 @@ import msgpack
 
 from deltafs import trace
 from deltafs.chunking import MAX_DELTA_DEPTH, PackedRefs
-from deltafs.errors import JournalError, NotFoundError
+from deltafs.errors import CorruptionError, JournalError, NotFoundError
 
 from . import checkpoints, private, seqindex
 from . import schema as S
@@ -50,6 +50,14 @@ CHECKPOINT_DEFER_MAX = S.CHECKPOINT_MAX + 8
 DEFER_LIST_ENTRIES = 512
 YIELD_ENTRIES = 256  # write_due_lists looks whether a commit waits this often (entries counted)
 LIST_CACHE_VERSIONS = 10_000  # and lists at most (one per file edited lately; deleted files' age out)
+# spill_chunks: chunk values appended to the packs at once, their index entries held
+# (about 250 bytes each) and written in one transaction once this many bytes or entries
+# wait, or by the next write transaction (the capture's commit at the latest).  One
+# transaction per 8 MiB spill dirtied a 4 KiB leaf of the chunk index per new entry
+# once the index held >= ~130,000 chunks: ~250 MiB of LMDB pages per GiB captured
+# (issue 19, docs/performance-notes.md)
+HOLD_BYTES = 64 << 20
+HOLD_ENTRIES = 8192
 
 
 def _packb(v) -> bytes:
@@ -98,6 +106,9 @@ class Journal:
             pack_end = r.meta(S.META_PACK_END, [0, 0])
         if not readonly:
             storage.packs.open_writer(*pack_end)
+            storage.held.clear()
+            storage.held_bytes = 0
+            storage.index_held = self._index_held
             storage.delete_retired_packs()
 
     # --- opening -------------------------------------------------------------
@@ -129,6 +140,14 @@ class Journal:
         """Close (again: nothing happens); the writer lock goes last."""
         if self._storage is not None:
             if not self.readonly:
+                try:
+                    self.flush_chunks()
+                except Exception as e:  # noqa: BLE001 - their bytes stay dead, as after a crash
+                    log.warning("journal %s: chunks spilled ahead of their record not indexed at close: %s",
+                                self.path, e)
+                self._storage.index_held = None
+                self._storage.held.clear()
+                self._storage.held_bytes = 0
                 self._storage.packs.close_writer()
             self._storage.release()
             self._storage = None
@@ -175,10 +194,117 @@ class Journal:
         compaction or a large capture holding it (the FUSE loop)."""
         return self._commit_batch([list(g) for g in groups], blocking=False)
 
+    def spill_chunks(self, chunks: Sequence[NewChunk]) -> int:
+        """Store chunks ahead of the record that will name them, as :meth:`put_chunks`
+        does, but only append their values to the pack now (the caller frees its
+        payloads) and hold their index entries (refs 0, with their bases' increfs,
+        pack_live and the stored/raw counters) for one transaction later: when
+        HOLD_BYTES or HOLD_ENTRIES wait, else the next write transaction of any
+        kind but a namespace-only commit (the record's own commit at the latest:
+        :meth:`_commit_batch` indexes them first).  A large capture streams its
+        chunks this way: one index transaction per 64 MiB, not per 8 MiB spill.
+
+        A chunk already indexed or held (an earlier spill of this capture, or
+        another capture's) is not stored again.  A crash before the entries'
+        transaction leaves their pack bytes dead: cut off at the next open, or,
+        when another transaction synced past them, named by no entry and so not
+        counted in pack_live (repacking drops them).  A chunk whose base is not
+        indexed or held (freed into the graveyard) goes through put_chunks with
+        the rest of the batch.  -> bytes appended."""
+        self._check_writable()
+        st = self._storage
+        held = st.held
+        cdb = self._dbs[S.DB_CHUNKS]
+        appended = 0
+        rest = None
+        with self._wlock, st.read() as rtxn:  # under the write lock: the newest index, and it stays so
+            for i, nc in enumerate(chunks):
+                cid = nc.id
+                if cid in held or rtxn.get(cid, db=cdb) is not None:
+                    continue
+                bases = _bases(nc)
+                depth = 0
+                for b in bases:  # as _stored_depth: the depth of the bases as stored (or held)
+                    h = held.get(b)
+                    if h is not None:
+                        depth += h[3] + 1
+                        continue
+                    loc = rtxn.get(b, db=cdb)
+                    if loc is None:
+                        depth = -1
+                        break
+                    depth += S.decode_loc(loc)[4] + 1
+                if depth < 0 or depth > MAX_DELTA_DEPTH:
+                    rest = chunks[i:]  # put_chunks brings the base back, or refuses as it does
+                    break
+                if bases:
+                    head, payload = S.encode_chunk(depth, nc.raw_len, bases, nc.payload), b""
+                else:
+                    head, payload = S.chunk_header(nc.raw_len), nc.payload
+                n = len(head) + len(payload)
+                pack, off = st.packs.append(head, payload)
+                held[cid] = (S.encode_loc(0, pack, off, n, depth), pack, n, depth, nc.raw_len, bases)
+                st.held_bytes += n
+                appended += n
+            full = st.held_bytes >= HOLD_BYTES or len(held) >= HOLD_ENTRIES
+        if rest is not None:
+            appended += self.put_chunks(rest)
+        elif full:
+            self.flush_chunks()
+        return appended
+
+    def flush_chunks(self) -> None:
+        """Index the chunks :meth:`spill_chunks` holds now, in a transaction of their own."""
+        self._check_writable()
+        if self._storage.held:
+            with self._storage.write():  # Storage.write indexes them first
+                pass
+            self.sync_count += 1
+
+    def _index_held(self, txn) -> None:
+        """Put the index entries :meth:`spill_chunks` holds, in key order, in
+        ``txn`` (under the write lock, before anything else the transaction
+        does), with what put_chunks would have put beside them.  Taken out of
+        the storage first: a transaction that fails leaves their bytes dead and
+        the records that would name them fail to commit ("not stored"), rather
+        than every later transaction failing on them."""
+        st = self._storage
+        held = st.held
+        st.held, st.held_bytes = {}, 0
+        cdb = self._dbs[S.DB_CHUNKS]
+        live: dict[int, int] = {}
+        stored = raw = 0
+        deltas = []
+        for cid in sorted(held):
+            loc, pack, n, depth, raw_len, bases = held[cid]
+            if txn.get(cid, db=cdb) is not None:
+                # indexed meanwhile: not possible while every transaction that stores
+                # chunks indexes the held ones first; these bytes would just be dead
+                continue
+            st.index_value(txn, cid, loc, pack, n, depth, live)
+            stored += n
+            raw += raw_len
+            if bases:
+                deltas.append(bases)
+        for bases in deltas:  # once every held value is in: a base may be one of them
+            for b in bases:
+                if txn.get(b, db=cdb) is None and not self._chunk_present(txn, b):
+                    raise CorruptionError(f"base chunk {b.hex()} of a spilled chunk is not stored")
+                self._incref(txn, b)
+        add_packs_live(txn, self._dbs, live)
+        if stored:
+            mdb = self._dbs[S.DB_META]
+            rd = Reader(st, txn)
+            txn.put(S.META_STORED, _packb(rd.meta(S.META_STORED, 0) + stored), db=mdb)
+            txn.put(S.META_RAW, _packb(rd.meta(S.META_RAW, 0) + raw), db=mdb)
+        if trace.ON:
+            trace.mark(f"journal.index_held n={len(held)}")
+
     def put_chunks(self, chunks: Sequence[NewChunk]) -> int:
-        """Store chunks ahead of the record that will name them (large captures
-        stream this way instead of holding every chunk in memory).  Not
-        synced: a crash leaves unreferenced chunks, which GC frees.  -> bytes stored."""
+        """Store chunks ahead of the record that will name them, indexed in a
+        durable transaction of their own (held ones first: :meth:`spill_chunks`).
+        Unreferenced until a record names them: a crash before that leaves
+        chunks at refs 0, which GC leaves alone.  -> bytes stored."""
         self._check_writable()
         stored = raw = 0
         with self._storage.write() as txn:  # packs synced before it commits
@@ -229,6 +355,8 @@ class Journal:
         with self._wlock:
             txn = self._storage.env.begin(write=True)
             try:
+                if self._storage.held:
+                    self._index_held(txn)
                 rd = Reader(self._storage, txn)
                 cdb = self._dbs[S.DB_CHUNKS]
                 stored = raw = 0
@@ -418,6 +546,11 @@ class Journal:
                 trace.mark("commit.locked")
             txn = env.begin(write=True)
             try:
+                if self._storage.held and any(ch.op == "write" for g in groups for ch in g):
+                    # chunks spilled ahead of their records (spill_chunks): in before any
+                    # record that may name them; a namespace-only batch (the FUSE loop's
+                    # inline commit) names none and leaves them for later
+                    self._index_held(txn)
                 hlc = None  # the clock of the last record applied: META_HLC, put once per batch
                 for changes in groups:
                     child = env.begin(write=True, parent=txn)

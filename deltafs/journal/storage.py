@@ -74,6 +74,15 @@ class Storage:
         self.damaged_checkpoints: set[str] = set()  # note_damaged_checkpoint
         self._blocks_checked: set[tuple[int, int, int]] = set()  # (first seq, pack, offset)
         self._watchers: list[set[bytes]] = []  # watch_values
+        # Values appended to the packs whose index entries wait (Journal.spill_chunks):
+        # id -> (index entry, pack, length, depth, raw length, base ids).  Touched only
+        # under the write lock; the next write transaction indexes them first
+        # (``index_held``, the writer's, called by :meth:`write` and by the writer's
+        # own transactions), so a chunk is found once any record names it, and no
+        # compaction frees, re-codes or moves anything while entries wait
+        self.held: dict[bytes, tuple[bytes, int, int, int, int, tuple[bytes, ...]]] = {}
+        self.held_bytes = 0
+        self.index_held: Callable[[object], None] | None = None
 
     # --- opening and closing ----------------------------------------------------
     @classmethod
@@ -145,6 +154,8 @@ class Storage:
         with translated(self.path), self.wlock:
             txn = self.env.begin(write=True)
             try:
+                if self.held and self.index_held is not None:
+                    self.index_held(txn)
                 yield txn
                 self.seal(txn)
             except BaseException:
@@ -170,12 +181,18 @@ class Storage:
         caller to count once per pack (:func:`packs.add_packs_live`) before
         its transaction commits, instead of a read and a write of the pack's
         entry per chunk."""
-        cdb = self.dbs[S.DB_CHUNKS]
-        if txn.get(cid, db=cdb) is not None:
+        if txn.get(cid, db=self.dbs[S.DB_CHUNKS]) is not None:
             return False
         n = len(val) + len(payload)
         pack, off = self.packs.append(val, payload)
-        txn.put(cid, S.encode_loc(0, pack, off, n, depth), db=cdb)
+        self.index_value(txn, cid, S.encode_loc(0, pack, off, n, depth), pack, n, depth, live)
+        return True
+
+    def index_value(self, txn, cid: bytes, loc: bytes, pack: int, n: int, depth: int,
+                    live: dict[int, int] | None = None) -> None:
+        """The index entry ``loc`` of a value appended to ``pack`` (``n`` bytes):
+        put, its bytes counted live (see :meth:`put_value`), watchers told."""
+        txn.put(cid, loc, db=self.dbs[S.DB_CHUNKS])
         if live is None:
             add_pack_live(txn, self.dbs, pack, n)
         else:
@@ -183,7 +200,6 @@ class Storage:
         if depth:
             for w in self._watchers:
                 w.add(cid)
-        return True
 
     def watch_values(self) -> set[bytes]:
         """From now on, the ids of values with a base stored by :meth:`put_value`

@@ -433,7 +433,7 @@ def changes_for(journal: Journal, src: str, path: bytes, cause: str) -> list[Cha
                 elif v.mtime_ns != st.st_mtime_ns:
                     out.append(Change(op="setattr", path=path, mtime_ns=st.st_mtime_ns))
                 return out
-            res, new = capture.capture_chunks(r, pread, size, old, dirty, offsets, journal.put_chunks,
+            res, new = capture.capture_chunks(r, pread, size, old, dirty, offsets, journal.spill_chunks,
                                               None, aligned=False, holes=holes)
             out.append(Change(op="write", path=path, size=size, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                               mtime_ns=st.st_mtime_ns, cause=cause, base_seq=base or 0,

@@ -76,8 +76,8 @@ def test_a_chunk_repeated_across_a_spill_is_stored_once(tmp_path, monkeypatch):
     data = part + part + part  # the same chunks 1 MiB apart: several spills between
     (d.src / "rep").write_bytes(data)
     spilled = []
-    put = d.j.put_chunks
-    monkeypatch.setattr(d.j, "put_chunks", lambda cs: spilled.append([nc.id for nc in cs]) or put(cs))
+    put = d.j.spill_chunks
+    monkeypatch.setattr(d.j, "spill_chunks", lambda cs: spilled.append([nc.id for nc in cs]) or put(cs))
     seq = d.capture(b"rep")
     assert len(spilled) >= 6
     ids = [i for batch in spilled for i in batch]

@@ -1,7 +1,7 @@
 """Where the daemon's CPU goes in a big bs=1M write + fsync: per thread, against the
 same capture in one process, and under a stated memory condition (issue 19).
 
-    python -m tools.bench.capcpu mount [--nocap] [--gib 1] [--memory as-is|warm|cold]
+    python -m tools.bench.capcpu mount [--nocap] [--gib 1] [--memory as-is|warm|cold] [--preload-gib N]
     python -m tools.bench.capcpu inproc [--gib 1]
     python -m tools.bench.capcpu page-cost [--gib 1]
 
@@ -86,7 +86,19 @@ def condition(memory: str, scratch_dir: str, size: int) -> None:
         time.sleep(COLD_WAIT)
 
 
-def mount(gib: int, capture: bool, memory: str, work: str) -> list[str]:
+def write_bytes(pid: int) -> int:
+    """Bytes ``pid`` sent to the block layer so far (/proc/PID/io; 0 when unreadable)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def mount(gib: int, capture: bool, memory: str, work: str, preload: int = 0) -> list[str]:
     base = tempfile.mkdtemp(prefix="capcpu-", dir=work)
     out = []
     t = tg.MountTarget(base, "cap" if capture else "nocap", capture)
@@ -97,9 +109,12 @@ def mount(gib: int, capture: bool, memory: str, work: str) -> list[str]:
 
         def settle():
             wl.wait_quiet(lambda: tg.daemon_stats(pid).cpu)
+        for k in range(preload):  # a journal with history: its chunk index as big as a few GiB make it
+            wl.write_file(os.path.join(t.root, f"preload{k}.dat"), 1 << 30, MiB)
+            settle()
         for label in ("write", "overwrite"):
             condition(memory, base, size)
-            c0, f0 = thread_cpu(pid), minor_faults(pid)
+            c0, f0, b0 = thread_cpu(pid), minor_faults(pid), write_bytes(pid)
             w0 = time.perf_counter()
             wl.write_file(path, size, MiB)
             wall = time.perf_counter() - w0
@@ -107,7 +122,8 @@ def mount(gib: int, capture: bool, memory: str, work: str) -> list[str]:
             rows = cpu_delta(c0, thread_cpu(pid))
             line = (f"{label} {gib} GiB {t.name} ({memory}, load {os.getloadavg()[0]:.2f}): wall {wall:.2f} s, "
                     f"daemon CPU {sum(r[0] for r in rows):.2f} s (user {sum(r[2] for r in rows):.2f}, system "
-                    f"{sum(r[3] for r in rows):.2f}), minor faults {minor_faults(pid) - f0}; per thread: "
+                    f"{sum(r[3] for r in rows):.2f}), minor faults {minor_faults(pid) - f0}, written "
+                    f"{(write_bytes(pid) - b0) / MiB:.0f} MiB; per thread: "
                     + ", ".join(f"{tid} {c:.2f} (u {u:.2f} s {s:.2f})" for c, tid, u, s in rows if c > 0.005))
             print(line, flush=True)
             out.append(line)
@@ -188,12 +204,14 @@ def main(argv=None) -> None:
     ap.add_argument("--gib", type=int, default=1)
     ap.add_argument("--nocap", action="store_true", help="mount with --no-capture")
     ap.add_argument("--memory", choices=("as-is", "warm", "cold"), default="as-is")
+    ap.add_argument("--preload-gib", type=int, default=0,
+                    help="mount: first write this many 1 GiB files (a journal with history; 2: ~130,000 chunks)")
     ap.add_argument("--work-dir", default=None, help="where to work (default: bench-work/ in the repo)")
     a = ap.parse_args(argv)
     work = a.work_dir or os.path.join(tg.ROOT, "bench-work")
     os.makedirs(work, exist_ok=True)
     if a.mode == "mount":
-        mount(a.gib, not a.nocap, a.memory, work)
+        mount(a.gib, not a.nocap, a.memory, work, a.preload_gib)
     elif a.mode == "inproc":
         inproc(a.gib, work)
     else:
