@@ -125,6 +125,9 @@ def children_prefix(dir_path: bytes) -> bytes:
     return dir_path + b"/" if dir_path else b""
 
 
+SCANS_BEFORE_COUNTS = 8  # MemStore.paths_under: scans of every path before it counts per directory
+
+
 def _dirs_above(path: bytes):
     """Every directory ``path`` lies under (b"": the root), the nearest first."""
     if path:
@@ -142,15 +145,18 @@ class MemStore:
     removes the entries first) answers from a count of the paths under each
     directory instead of a scan of every path: a replay of rm -rf's records
     was O(directories x paths) (issue 19: the tree checkpoint of a 4,000-file
-    tree's rm -rf).  The counts are built at the first ``paths_under`` and
-    kept by put_path/del_path from then on; ``paths`` changed any other way
-    (a checkpoint's dicts loaded into it) before that is fine."""
+    tree's rm -rf).  The counts are built once SCANS_BEFORE_COUNTS calls
+    have scanned (building them costs about that many scans: a replay with
+    one rmdir keeps its one scan) and kept by put_path/del_path from then
+    on; ``paths`` replaced or resized any other way is noticed and counted
+    again."""
 
     def __init__(self) -> None:
         self.paths: dict[bytes, tuple[int, str]] = {}
         self.files: dict[int, FileState] = {}
         self._under: dict[bytes, int] | None = None  # directory -> paths under it (None: not built)
         self._under_of: tuple[int, int] = (0, 0)  # (id, len) of the paths dict it counts
+        self._scans = 0  # paths_under answered by a scan before the counts were built
 
     def get_path(self, path):
         return self.paths.get(path)
@@ -186,8 +192,11 @@ class MemStore:
         return self._under
 
     def paths_under(self, dir_path):
-        if not self._counts().get(dir_path):
-            return []
+        if self._under is not None or self._scans >= SCANS_BEFORE_COUNTS:
+            if not self._counts().get(dir_path):
+                return []
+        else:
+            self._scans += 1
         pre = children_prefix(dir_path)
         return sorted(p for p in self.paths if p.startswith(pre) and p != dir_path)
 
