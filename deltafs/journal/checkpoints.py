@@ -111,13 +111,13 @@ class TreeState(MemStore):
         if self.keep_orig and path not in self.dirty_paths:
             self.orig_paths[path] = self.paths.get(path)
         self.dirty_paths.add(path)
-        self.paths[path] = (file_id, kind)
+        super().put_path(path, file_id, kind)
 
     def del_path(self, path):
         if self.keep_orig and path not in self.dirty_paths:
             self.orig_paths[path] = self.paths.get(path)
         self.dirty_paths.add(path)
-        self.paths.pop(path, None)
+        super().del_path(path)
 
     def get_file(self, file_id):
         v = self.files.get(file_id)
