@@ -57,7 +57,7 @@ sys.path.insert(0, ROOT)
 from deltafs import chunking as C  # noqa: E402
 from deltafs.journal import Journal  # noqa: E402
 
-from tools.bench.recode_study import _size, header  # noqa: E402
+from tools.bench.recode_study import _size, header, windows  # noqa: E402
 
 MIN_GAIN = 16
 OLDER = (2, 4, 8, 16)  # same-offset fallbacks this many versions back
@@ -116,16 +116,7 @@ def candidates(journal: str, prefix: str, level: int, log=print, global_index: b
 
         gidx: dict[bytes, dict[bytes, bytes]] = defaultdict(dict)
         anchor: dict[bytes, bytes] = {}
-        W, GAP = C.MULTI_BASE_WINDOW, C.MULTI_BASE_PROBE
 
-        def windows(rw: bytes, a: bytes):
-            end = len(rw) - W
-            q = rw.find(a)
-            while 0 <= q <= end:
-                w = rw[q:q + W]
-                if w.count(w[:1]) != W:
-                    yield w
-                q = rw.find(a, q + GAP)
 
         def sz(rw: bytes, bases: tuple) -> int:
             return header(len(bases)) + _size(rw, b"".join(rawof(b) for b in bases) if bases else None, level)

@@ -43,6 +43,19 @@ from deltafs.journal import Journal  # noqa: E402
 from deltafs.journal import schema as S  # noqa: E402
 
 
+def windows(rw: bytes, a: bytes):
+    """The MULTI_BASE_WINDOW-byte windows of ``rw`` starting at anchor byte ``a``
+    (at least MULTI_BASE_PROBE apart; runs of one byte skipped), as MultiBase takes them."""
+    W, GAP = C.MULTI_BASE_WINDOW, C.MULTI_BASE_PROBE
+    end = len(rw) - W
+    q = rw.find(a)
+    while 0 <= q <= end:
+        w = rw[q:q + W]
+        if w.count(w[:1]) != W:
+            yield w
+        q = rw.find(a, q + GAP)
+
+
 def _size(raw: bytes, dict_raw: bytes | None, level: int) -> int:
     """Bytes of a value: header + codec byte + body (as compress_chunk would pick, delta forced when it wins)."""
     import zstandard
@@ -259,16 +272,6 @@ def greedy(journal: str, prefix: str, extra_budget: int, level: int, every_versi
         # windows -> first chunk holding it, per path
         gidx: dict[bytes, dict[bytes, bytes]] = defaultdict(dict)
         anchor: dict[bytes, bytes] = {}
-        W, GAP = C.MULTI_BASE_WINDOW, C.MULTI_BASE_PROBE
-
-        def windows(rw: bytes, a: bytes):
-            end = len(rw) - W
-            q = rw.find(a)
-            while 0 <= q <= end:
-                w = rw[q:q + W]
-                if w.count(w[:1]) != W:
-                    yield w
-                q = rw.find(a, q + GAP)
         totals = defaultdict(int)
         stored_total = 0
         mbk: dict[int, C.MultiBase] = {}
