@@ -129,7 +129,7 @@ SCANS_BEFORE_COUNTS = 8  # MemStore.paths_under: scans of every path before it c
 
 
 def _dirs_above(path: bytes):
-    """Every directory ``path`` lies under (b"": the root), the nearest first."""
+    """Every directory ``path`` lies under (b"": the root), the root first."""
     if path:
         yield b""
     i = path.find(b"/")

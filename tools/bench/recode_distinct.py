@@ -57,7 +57,7 @@ sys.path.insert(0, ROOT)
 from deltafs import chunking as C  # noqa: E402
 from deltafs.journal import Journal  # noqa: E402
 
-from tools.bench.recode_study import _size, header, windows  # noqa: E402
+from tools.bench.recode_study import _size, header, same_offset_base, windows  # noqa: E402
 
 MIN_GAIN = 16
 OLDER = (2, 4, 8, 16)  # same-offset fallbacks this many versions back
@@ -139,16 +139,7 @@ def candidates(journal: str, prefix: str, level: int, log=print, global_index: b
                 ipath = b"" if global_index else path
                 cs = [(inf.stored_len, tuple(inf.bases), "stored", False),
                       (sz(rw, ()), (), "standalone", False)]
-                so = None
-                if pv is not None:
-                    lst, offs = pv
-                    i = bisect.bisect_right(offs, off) - 1
-                    best_ov = 0
-                    for jj in range(max(i, 0), min(i + 3, len(lst))):
-                        c2, n2 = lst[jj]
-                        ov = min(offs[jj] + n2, off + len(rw)) - max(offs[jj], off)
-                        if ov > best_ov and c2 != cid:
-                            best_ov, so = ov, c2
+                so = same_offset_base(pv, off, len(rw), cid)
                 # a shallower fallback: the chunk at the same offset 2, 4, 8 or 16 versions back
                 for m, (lst, offs) in zip(OLDER, back):
                     i = bisect.bisect_right(offs, off) - 1

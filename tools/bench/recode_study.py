@@ -56,6 +56,22 @@ def windows(rw: bytes, a: bytes):
         q = rw.find(a, q + GAP)
 
 
+def same_offset_base(pv, off: int, n: int, cid: bytes) -> bytes | None:
+    """The chunk of the previous version ``pv`` (its list, its offsets) that
+    overlaps ``[off, off + n)`` most, other than ``cid`` itself; None without one."""
+    if pv is None:
+        return None
+    lst, offs = pv
+    i = bisect.bisect_right(offs, off) - 1
+    best_ov, so = 0, None
+    for jj in range(max(i, 0), min(i + 3, len(lst))):
+        c2, n2 = lst[jj]
+        ov = min(offs[jj] + n2, off + n) - max(offs[jj], off)
+        if ov > best_ov and c2 != cid:
+            best_ov, so = ov, c2
+    return so
+
+
 def _size(raw: bytes, dict_raw: bytes | None, level: int) -> int:
     """Bytes of a value: header + codec byte + body (as compress_chunk would pick, delta forced when it wins)."""
     import zstandard
@@ -285,16 +301,7 @@ def greedy(journal: str, prefix: str, extra_budget: int, level: int, every_versi
             d_st = sum(dep(b) + 1 for b in inf.bases)
             cands.append((inf.stored_len, inf.bases, "stored"))
             cands.append((header(0) + _size(rw, None, level), (), "standalone"))
-            so = None
-            if pv is not None:
-                lst, offs = pv
-                i = bisect.bisect_right(offs, off) - 1
-                best_ov = 0
-                for jj in range(max(i, 0), min(i + 3, len(lst))):
-                    c2, n2 = lst[jj]
-                    ov = min(offs[jj] + n2, off + len(rw)) - max(offs[jj], off)
-                    if ov > best_ov and c2 != cid:
-                        best_ov, so = ov, c2
+            so = same_offset_base(pv, off, len(rw), cid)
             if so is not None and dep(so) + 1 <= MAX:
                 so_raw = rawof(so)
                 s1 = header(1) + _size(rw, so_raw, level)
