@@ -96,19 +96,24 @@ def encode_segment(lo: int, versions: list[list[int]]) -> bytes:
     uvarint(zigzag(seq - base seq), 0: no base), uvarint(wake)."""
     out = bytearray()
     ps, ph = lo, 0
-    for seq, hlc, base, wake in versions:
-        if seq < ps or (seq == ps and out):
-            raise ValueError(f"planning state: version {seq} out of order after {ps}")
-        _varint(seq - ps, out)
-        d = hlc - ph
-        _varint(d * 2 if d >= 0 else -d * 2 - 1, out)
-        if base == seq:
-            raise ValueError(f"planning state: version {seq} based on itself")
-        d = seq - base if base else 0
-        _varint(d * 2 if d >= 0 else -d * 2 - 1, out)
-        _varint(wake, out)
-        ps, ph = seq, hlc
+    for v in versions:
+        if v[0] < ps or (v[0] == ps and out):
+            raise ValueError(f"planning state: version {v[0]} out of order after {ps}")
+        _encode_one(out, ps, ph, v)
+        ps, ph = v[0], v[1]
     return bytes(out)
+
+
+def _encode_one(out: bytearray, ps: int, ph: int, v: list[int]) -> None:
+    seq, hlc, base, wake = v
+    _varint(seq - ps, out)
+    d = hlc - ph
+    _varint(d * 2 if d >= 0 else -d * 2 - 1, out)
+    if base == seq:
+        raise ValueError(f"planning state: version {seq} based on itself")
+    d = seq - base if base else 0
+    _varint(d * 2 if d >= 0 else -d * 2 - 1, out)
+    _varint(wake, out)
 
 
 def decode_segment(lo: int, b: bytes) -> list[list[int]]:
@@ -146,6 +151,9 @@ class PlanTxn:
         self._txn = txn
         self._db = storage.dbs[S.DB_PLAN]
         self.reader = Reader(storage, txn)
+        # file id -> [lo, versions, encoded] of its last segment as written in this
+        # transaction, so adding a file's next version appends without decoding
+        self._tails: dict[int, list] = {}
 
     # --- meta -------------------------------------------------------------------------
     def meta(self) -> dict | None:
@@ -164,12 +172,37 @@ class PlanTxn:
 
     def clear(self) -> None:
         """Empty the state (invalid until set_meta)."""
+        self._tails.clear()
         self._txn.drop(self._db, delete=False)
 
     # --- versions ---------------------------------------------------------------------
     def add_version(self, fid: int, seq: int, hlc: int, base: int) -> bool:
         """-> True when ``fid`` had no version in the state before.  A file's
         versions are added in seq order (the records' order)."""
+        t = self._tails.get(fid)
+        if t is not None and seq > t[1][-1][0] and self._txn.get(_vkey(fid, t[0]), db=self._db) == t[2]:
+            # after the file's newest (and its last segment as cached: ``forget`` may have
+            # changed it in this transaction): append
+            last = t[1][-1]
+            if base and base != last[0]:
+                self._txn.put(_ckey(base, seq), S.u64(fid), db=self._db)
+            v = [seq, hlc, base, 0]
+            if len(t[1]) < SEGMENT_VERSIONS:
+                out = bytearray(t[2])
+                _encode_one(out, last[0], last[1], v)
+                t[1].append(v)
+                t[2] = bytes(out)
+            else:
+                t[:] = [seq, [v], encode_segment(seq, [v])]
+            self._txn.put(_vkey(fid, t[0]), t[2], db=self._db)
+            return False
+        new = self._add_version(fid, seq, hlc, base)
+        for lo, vs in self._segments(fid, reverse=True):  # the file's last segment, for the next add
+            self._tails[fid] = [lo, vs, encode_segment(lo, vs)]
+            break
+        return new
+
+    def _add_version(self, fid: int, seq: int, hlc: int, base: int) -> bool:
         seg = _segment_at(self._txn.cursor(db=self._db), fid, seq)
         if seg is None:  # before every segment of the file (or it has none)
             cur = self._txn.cursor(db=self._db)
@@ -190,10 +223,39 @@ class PlanTxn:
         self._put_segment(fid, lo, vs)
         return new_file
 
+    def add_file_versions(self, entries: list[tuple[int, int, int, int]]) -> int:
+        """:meth:`add_version` of each (file id, seq, hlc, base), sorted by
+        file id then seq, each file's after every version it has in the state
+        (a rebuild): -> files new to the state.  Each segment written once."""
+        new, i = 0, 0
+        while i < len(entries):
+            fid = entries[i][0]
+            j = i
+            while j < len(entries) and entries[j][0] == fid:
+                j += 1
+            run = entries[i:j]
+            i = j
+            if len(run) == 1:
+                new += self.add_version(*run[0])
+                continue
+            new += self.add_version(*run[0])
+            prev = run[0][1]
+            lo, vs = _segment_at(self._txn.cursor(db=self._db), fid, prev)
+            for _, seq, hlc, base in run[1:]:
+                if seq <= prev:
+                    raise ValueError(f"planning state: versions of {fid:#x} out of order ({seq} after {prev})")
+                if base and base != prev:
+                    self._txn.put(_ckey(base, seq), S.u64(fid), db=self._db)
+                vs.append([seq, hlc, base, 0])
+                prev = seq
+            self._put_segment(fid, lo, vs)
+        return new
+
     def _put_segment(self, fid: int, lo: int, vs: list[list[int]]) -> None:
         """Write segment ``lo`` of ``fid`` (split once it holds more than
         SEGMENT_VERSIONS: the versions from the last whole one on go under a
         key of their own, so appends fill a segment to the end)."""
+        self._tails.pop(fid, None)
         if not vs:
             self._txn.delete(_vkey(fid, lo), db=self._db)
             return
@@ -264,13 +326,51 @@ class PlanTxn:
             return
         if old:
             self._txn.delete(_xkey(old, fid, seq), db=self._db)
-        seg = _segment_at(self._txn.cursor(db=self._db), fid, seq)
-        lo, vs = seg if seg is not None else (seq, [])
-        vs = [v for v in vs if v[0] != seq] + [[seq, hlc, base, ns]]
-        vs.sort()
-        self._put_segment(fid, lo, vs)
+        self._put_version(fid, [seq, hlc, base, ns])
         if ns:
             self._txn.put(_xkey(ns, fid, seq), b"", db=self._db)
+
+    def set_wakes(self, fid: int, wakes: list[tuple[int, int, int, int, int]]) -> None:
+        """:meth:`set_version_wake` of each (seq, hlc, base, old, ns) of ``fid``,
+        each segment rewritten once (a pass sets the wake of every version
+        it read and kept)."""
+        changed: dict[int, int] = {}
+        for seq, hlc, base, old, ns in wakes:
+            ns = min(max(ns, 0), NEVER)
+            if ns == NEVER:
+                ns = 0
+            if ns == old:
+                continue
+            if old:
+                self._txn.delete(_xkey(old, fid, seq), db=self._db)
+            if ns:
+                self._txn.put(_xkey(ns, fid, seq), b"", db=self._db)
+            changed[seq] = ns
+        if not changed:
+            return
+        todo, low = dict(changed), min(changed)
+        out = []
+        for lo, vs in self._segments(fid, reverse=True):
+            hit = False
+            for v in vs:
+                ns = todo.pop(v[0], None)
+                if ns is not None:
+                    v[3], hit = ns, True
+            if hit:
+                out.append((lo, vs))
+            if not todo or lo <= low:
+                break
+        self._tails.pop(fid, None)
+        for lo, vs in out:
+            self._txn.put(_vkey(fid, lo), encode_segment(lo, vs), db=self._db)
+        for seq, hlc, base, old, ns in wakes:  # not in the state: put back, as set_version_wake does
+            if seq in todo:
+                self._put_version(fid, [seq, hlc, base, todo.pop(seq)])
+
+    def _put_version(self, fid: int, v: list[int]) -> None:
+        seg = _segment_at(self._txn.cursor(db=self._db), fid, v[0])
+        lo, vs = seg if seg is not None else (v[0], [])
+        self._put_segment(fid, lo, sorted([x for x in vs if x[0] != v[0]] + [v]))
 
     def files(self) -> list[int]:
         """Every file id with a version in the state."""
@@ -393,10 +493,10 @@ class PlanStore:
         with self.update() as p:
             p.clear()
         files = 0
+        entries.sort()  # by file, then seq: each file's segments written whole
         for b in range(0, len(entries), REBUILD_BATCH):
             with self.update() as p:
-                for e in entries[b : b + REBUILD_BATCH]:
-                    files += p.add_version(*e)
+                files += p.add_file_versions(entries[b : b + REBUILD_BATCH])
         with self.update() as p:
             if p.pruned_counter() != counter:
                 p.clear()

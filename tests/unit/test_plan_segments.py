@@ -54,12 +54,20 @@ def test_segments_answer_as_one_entry_per_version(tmp_path, seed):
                 model.setdefault(fid, {})[seq] = [seq, seq * 1000, base, 0]
                 r = rnd.random()
                 live = [(f, s) for f in model for s in model[f]]
-                if r < 0.3 and live:  # a wake
+                if r < 0.2 and live:  # a wake
                     f, s = rnd.choice(live)
                     v = model[f][s]
                     ns = rnd.choice([0, rnd.randrange(1, 1 << 60)])
                     p.set_version_wake(f, s, v[1], v[2], v[3], ns)
                     v[3] = ns
+                elif r < 0.3 and live:  # the wakes of a file's tail, as a pass sets them
+                    f = rnd.choice(live)[0]
+                    tail = [model[f][s] for s in sorted(model[f])][-rnd.randrange(1, 80):]
+                    new = [(v[0], v[1], v[2], v[3], rnd.choice([0, v[3], rnd.randrange(1, 1 << 60)]))
+                           for v in tail if rnd.random() < 0.7]
+                    p.set_wakes(f, new)
+                    for s, _, _, _, ns in new:
+                        model[f][s][3] = ns
                 elif r < 0.5 and live:  # a prune
                     f, s = rnd.choice(live)
                     v = model[f].pop(s)
@@ -100,3 +108,29 @@ def test_a_long_history_takes_few_pages(tmp_path):
             assert st["leaf_pages"] + st["branch_pages"] <= 4, st
     finally:
         j.close()
+
+
+def test_a_rebuild_writes_the_state_the_adds_write(tmp_path):
+    """``add_file_versions`` (the rebuild: a file's versions in one go) and
+    ``add_version`` one at a time give the same entries."""
+    rnd = random.Random(5)
+    entries, seq = [], 0
+    for _ in range(500):
+        seq += 1
+        fid = rnd.choice([3, 9, 1 << 40])
+        prev = max((s for f, s, _, _ in entries if f == fid), default=0)
+        entries.append((fid, seq, seq * 7, rnd.choice([prev, prev, 0, rnd.randrange(1, seq) if seq > 1 else 0])))
+    got = []
+    for name, batch in (("one", False), ("many", True)):
+        j = Journal.open(str(tmp_path / name), create=True)
+        with j.planning().update() as p:
+            if batch:
+                p.add_file_versions(sorted(entries[:300]))
+                p.add_file_versions(sorted(entries[300:]))
+            else:
+                for e in sorted(entries):
+                    p.add_version(*e)
+        with j.reader() as r:
+            got.append([(bytes(k), bytes(v)) for k, v in r.txn.cursor(db=r.dbs[S.DB_PLAN])])
+        j.close()
+    assert got[0] == got[1] and len(got[0]) > 3
