@@ -5,7 +5,7 @@ the records since the last one instead of decoding the whole history.
 It is derived data, rebuilt from the records whenever it cannot be
 trusted, so an older deltafs that ignores it loses nothing:
 
-* ``b"M"`` -> msgpack map: ``layout`` (3; a state of another layout is
+* ``b"M"`` -> msgpack map: ``layout`` (4; a state of another layout is
   rebuilt), ``upto`` (the last record planned), ``pruned`` (the journal's
   ``pruned_versions`` counter the state agrees with), and the planner's own
   fields (policy, snapshots, mirror floor, time of the last plan, counts);
@@ -235,10 +235,9 @@ class PlanTxn:
                 j += 1
             run = entries[i:j]
             i = j
-            if len(run) == 1:
-                new += self.add_version(*run[0])
-                continue
             new += self.add_version(*run[0])
+            if len(run) == 1:
+                continue
             prev = run[0][1]
             lo, vs = _segment_at(self._txn.cursor(db=self._db), fid, prev)
             for _, seq, hlc, base in run[1:]:
@@ -252,9 +251,10 @@ class PlanTxn:
         return new
 
     def _put_segment(self, fid: int, lo: int, vs: list[list[int]]) -> None:
-        """Write segment ``lo`` of ``fid`` (split once it holds more than
-        SEGMENT_VERSIONS: the versions from the last whole one on go under a
-        key of their own, so appends fill a segment to the end)."""
+        """Write segment ``lo`` of ``fid`` (empty: delete it).  Over
+        SEGMENT_VERSIONS it is cut after each SEGMENT_VERSIONS versions, the
+        later parts keyed by their first seq, so appends fill a segment to
+        the end."""
         self._tails.pop(fid, None)
         if not vs:
             self._txn.delete(_vkey(fid, lo), db=self._db)
