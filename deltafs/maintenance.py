@@ -329,9 +329,8 @@ def _plan_in(p, policy: RetentionPolicy, now_hlc: int | None, held: set = frozen
         keep = retain(versions, now, policy, pinned)
         prune_of += [(fid, s) for s, _ in versions if s not in keep]
         lone = len(vs) == 1 and (full or p.is_first(fid, first))  # a lone version is never pruned
-        for s, h, b, w in vs:
-            if s in keep:
-                p.set_version_wake(fid, s, h, b, w, 0 if lone else _next_wake(hlc_to_ns(h), now_ns, th))
+        p.set_wakes(fid, [(s, h, b, w, 0 if lone else _next_wake(hlc_to_ns(h), now_ns, th))
+                          for s, h, b, w in vs if s in keep])
     prune = sorted(s for _, s in prune_of)
     doomed = set(prune)
     cands: set[int] = set()  # every retained version whose chain may read a doomed one

@@ -4,7 +4,8 @@ by compaction (issue 20).
 Its ``v`` (file id, seq) and ``c`` (base seq, seq) keys each grow at the
 end of their own key range, inside the tree: every page split leaves two
 half-full pages.  (Since layout 3 a version whose base is its file's
-previous version, nearly every one, has no ``c`` entry.)  A small history's journal then carried 7 pages of
+previous version, nearly every one, has no ``c`` entry; since layout 4 a
+file's versions are packed 32 a ``v`` value.)  A small history's journal then carried 7 pages of
 planning state where 4 would do ("files+paths+meta+main" in
 docs/benchmarks.md grew from 20 to 48 KiB).  ``densify_index`` rewrites it
 in key order like the chunk index; the planner reads the same state back.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from deltafs import maintenance as M
 from deltafs.config import parse_retention
+from deltafs.journal import planstate
 from deltafs.journal import schema as S
 from deltafs.journal.compact import _node_bytes
 
@@ -41,7 +43,8 @@ def test_compaction_packs_the_planning_state(tmp_path):
     M.compact(d.j, parse_retention("*:all"))  # plans (fills the state), then packs
     leaves, need, items = _plan(d.j)
     tags = [k[:1] for k, _ in items]
-    assert tags.count(b"v") == 401  # a v entry per version (and an x entry while a burst may coalesce)
+    # a v segment per 32 versions (layout 4; and an x entry while a burst may coalesce)
+    assert tags.count(b"v") == -(-401 // planstate.SEGMENT_VERSIONS)
     assert tags.count(b"c") == 0  # none: each base is the version before (layout 3)
     assert leaves <= need + 1, (leaves, need)
     # the planner trusts the packed state and plans the next pass from it
