@@ -456,7 +456,9 @@ class Pipeline:
                 await self._more.wait()
                 self._more = trio.Event()
             head = self.queue[0]
-            if not head.ready.is_set():
+            if head.ready.is_set():
+                await head.ready.wait()  # (a checkpoint per batch, as ever)
+            else:
                 await self._head_or_passers(head)
             if not self.queue or self.queue[0] is not head:
                 continue  # its worker committed it (solo)

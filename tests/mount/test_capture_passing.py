@@ -51,7 +51,7 @@ def test_a_small_fsync_commits_while_another_files_capture_is_computed(mount_fac
             small_synced.set()
         ts = threading.Thread(target=edit)
         ts.start()
-        passed = small_synced.wait(60)
+        passed = small_synced.wait(30)
         held = not big_synced.is_set()
     finally:
         (hold / "go").touch()
