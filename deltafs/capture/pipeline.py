@@ -104,6 +104,12 @@ DEFER_WINDOW = 0.025
 # a chunk-list checkpoint a commit left due (Journal.defer_checkpoints) is written
 # once the queue has been empty and nobody has waited for a commit this long
 CHECKPOINT_QUIET = 0.02
+# a capture alone in the queue is computed and committed by one worker call (Pipeline.solo)
+# only up to this many bytes to read: a bigger one computes for long (1 GiB: ~1 s), and
+# captures queued behind it meanwhile could not pass it (its worker commits it), so it is
+# committed by the committer, one thread hand-off more (issue 19: a 1-byte edit's fsync
+# waited 0.7-1.1 s behind a lone 1 GiB fsync's solo capture)
+SOLO_BYTES = 8 << 20
 # how far back the committer looks for a computed capture that may pass an
 # uncomputed head (Pipeline._passers): the search is O(items) per wake-up
 PASS_SCAN = 64
@@ -426,10 +432,13 @@ class Pipeline:
         and no wake-up of the committer in between)?  Only when item is the
         whole queue, no batch is being committed (so nothing queued before
         it is left), someone waits for a commit (no group window to wait
-        out) and no sync origin needs tagging.  Items queued behind it wait
-        for it as for any head item; :meth:`finish_solo` ends it."""
+        out), no sync origin needs tagging, and it reads at most SOLO_BYTES
+        (a longer computation would hold up the captures queued behind it,
+        which may pass it only while the committer waits for it).  Items
+        queued behind it wait for it as for any head item; :meth:`finish_solo`
+        ends it."""
         if (len(self.queue) == 1 and self.queue[0] is item and not self._committing
-                and self._hurry.is_set() and not self.origins and not item.skip):
+                and self._hurry.is_set() and not self.origins and not item.skip and item.nbytes <= SOLO_BYTES):
             self._solo = item  # no capture passes it while its worker commits (_head_or_passers)
             return True
         return False

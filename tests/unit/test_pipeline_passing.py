@@ -166,3 +166,19 @@ def test_passers_are_the_computed_may_pass_captures_before_any_namespace_item(jo
     assert pipe._passers() == [a, c]  # not same (b's capture before it), not e (behind the unlink)
     assert pipe._take_passers() == [a, c]
     assert list(pipe.queue)[:4] == [big, deferred, b_, same]
+
+
+async def test_a_big_lone_capture_is_not_committed_by_its_own_worker(journal):
+    """Pipeline.solo: only a capture reading up to SOLO_BYTES is committed by
+    the worker that computes it; a bigger one (a 1 GiB fsync) goes through the
+    committer, so captures queued while it computes may pass it."""
+    from deltafs.capture import pipeline as P
+    pipe = Pipeline(journal)
+    with pipe.hurrying():  # its fsync waits
+        small = Item()
+        pipe.push(small, P.SOLO_BYTES)
+        assert pipe.solo(small)
+        pipe.finish_solo(small, [])
+        big = Item()
+        pipe.push(big, P.SOLO_BYTES + 1)
+        assert not pipe.solo(big)
