@@ -306,9 +306,9 @@ class Pipeline:
 
     def _wake(self) -> None:
         """An item was computed: a committer waiting for an uncomputed head
-        looks again, if the head is computed now or a capture may pass it."""
-        if self._hurry.is_set() or (self.queue and self.queue[0].ready.is_set()):
-            self._readied.set()
+        looks again (the head may be computed, or gone: a solo commit pops
+        it before setting it ready; or a capture may pass it)."""
+        self._readied.set()
 
     def defer(self, item: Item, job, job_done) -> None:
         """item (queued, not computed) is computed by the worker that commits it,

@@ -182,3 +182,21 @@ async def test_a_big_lone_capture_is_not_committed_by_its_own_worker(journal):
         big = Item()
         pipe.push(big, P.SOLO_BYTES + 1)
         assert not pipe.solo(big)
+
+
+async def test_the_committer_moves_on_when_a_solo_head_ends_with_nobody_waiting(journal):
+    """The committer waits for an uncomputed head; its worker commits it
+    (solo) and ends it after its waiter left: the committer must see the
+    head gone and take what is queued next (Pipeline._wake)."""
+    pipe = Pipeline(journal)
+    async with trio.open_nursery() as n:
+        n.start_soon(pipe.committer)
+        head = capture(pipe, b"small", SMALL)
+        with pipe.hurrying():
+            assert pipe.solo(head)
+        await trio.testing.wait_all_tasks_blocked()
+        pipe.finish_solo(head, [])
+        nxt = pipe.submit(Change(op="mkdir", path=b"d", mode=0o40755))
+        with trio.fail_after(10):
+            await nxt.done.wait()
+        n.cancel_scope.cancel()
