@@ -7,23 +7,32 @@ hook (DELTAFS_TEST_HOLD_CAPTURE, capture/recorder.py): it stays uncomputed
 until the test lets it go, so the small fsync can only return by passing it.
 """
 
+import hashlib
 import os
 import threading
 import time
 
 import pytest
 
+from deltafs.capture import MAX_BYTES
+
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_a_small_fsync_commits_while_another_files_capture_is_computed(mount_factory, tmp_path, monkeypatch):
+@pytest.mark.parametrize("big_mib", [4, (MAX_BYTES >> 20) + 1], ids=["4MiB", "over-the-queue-bound"])
+def test_a_small_fsync_commits_while_another_files_capture_is_computed(mount_factory, tmp_path, monkeypatch,
+                                                                      big_mib):
+    """Over the queue's byte bound (MAX_BYTES), every request that queues a
+    record waits for room until the big capture commits; the small file's
+    fsync must not: the kernel's c/mtime SETATTR before it records nothing."""
     hold = tmp_path / "hold"
     hold.mkdir()
     monkeypatch.setenv("DELTAFS_TEST_HOLD_CAPTURE", f"big.dat:{hold}")
     m = mount_factory()
     small = m.mnt / "small.dat"
     fd = os.open(small, os.O_RDWR | os.O_CREAT, 0o644)
-    big_data = os.urandom(4 << 20)
+    block = os.urandom(1 << 20)
+    big_hash = hashlib.sha256()
     try:
         os.write(fd, b"a" * 8192)
         os.fsync(fd)
@@ -32,7 +41,10 @@ def test_a_small_fsync_commits_while_another_files_capture_is_computed(mount_fac
 
         def big():
             with open(m.mnt / "big.dat", "wb") as f:
-                f.write(big_data)
+                for i in range(big_mib):
+                    piece = i.to_bytes(8, "little") + block[8:]
+                    f.write(piece)
+                    big_hash.update(piece)
                 f.flush()
                 os.fsync(f.fileno())
             big_synced.set()
@@ -64,7 +76,7 @@ def test_a_small_fsync_commits_while_another_files_capture_is_computed(mount_fac
 
     versions = m.versions()
     (big_seq, big_content), = versions[b"big.dat"]
-    assert big_content == big_data
+    assert hashlib.sha256(big_content).digest() == big_hash.digest()
     small_seq, small_content = versions[b"small.dat"][-1]
     assert small_content == b"a" * 100 + b"X" + b"a" * 8091
     assert small_seq < big_seq  # committed ahead of the capture queued before it
