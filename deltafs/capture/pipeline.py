@@ -4,9 +4,43 @@ in event order by one committer task (group commit), whoever computes it.
 Namespace items are ready at once, content items when their worker thread
 is done, or at once when deferred (a small capture at close, computed by
 the worker call that commits it: ``defer``); the committer takes the ready
-items at the head, in order, into one journal transaction.  fsync waits for the latest item about its inode
-(and so for everything queued before it).  Failures are counted here
-(status shows them) and logged once per incident.
+items at the head, in order, into one journal transaction.  fsync waits for
+the latest item about its inode (and so for every earlier item about that
+inode and every earlier namespace item: see "Passing" below).  Failures are
+counted here (status shows them) and logged once per incident.
+
+Passing (issue 19: a 1-byte edit's fsync waited ~1 s behind another file's
+1 GiB capture still being chunked).  While the head is not computed yet
+and someone waits for a commit, a computed content item further back may
+commit ahead of it, in its own transaction, when all of this holds
+(``Pipeline._passers``):
+
+* it is a plain capture of an open file at its fsync or last close
+  (``Item.may_pass``, set by the Recorder: the inode has a version or a
+  queued create, and capture is not catching up after a pause or a
+  failure, so its record writes to a path the journal's tree already names
+  and resolves no file identity from the tree's gone files); not a
+  pre-image, a rename-over save, a scan's capture or a deferred capture;
+* every item before it in the queue is a content capture (computing,
+  computed or deferred): no namespace record of any kind (create, rename,
+  unlink, link, mkdir, setattr, xattrs...) and no item of unknown kind
+  (a failed or paused capture's empty one) is passed;
+* none of the items it passes concerns its inode (``Item.inos``) or its
+  path (``Item.path``).
+
+So records of one file (inode and path) keep their queue order, a
+namespace record is committed after everything queued before it, and a
+content record after every namespace record queued before it (its create,
+the renames that gave it its path).  What changes is only the order of
+content versions of different files that no namespace record orders: each
+version is read from SRC while it is computed, not when it is queued, so
+"edit of B committed, the earlier-queued version of A not yet" is a state
+the tree went through.  Sequence numbers and HLC times are assigned at
+commit, so they follow commit order as before: every prefix of the log is
+such a state (log, restore, tree at a time, checkpoints, the guard, sync
+by sequence number).  ``sync(ino)`` still returns only once its item is
+committed and synced; ``drain`` waits for every queued item, not only the
+last one.
 
 The queue is bounded (backpressure), by items and by the bytes its content
 captures read and hold until committed (``max_items``, ``max_bytes``).
@@ -70,19 +104,51 @@ DEFER_WINDOW = 0.025
 # a chunk-list checkpoint a commit left due (Journal.defer_checkpoints) is written
 # once the queue has been empty and nobody has waited for a commit this long
 CHECKPOINT_QUIET = 0.02
+# a capture alone in the queue is computed and committed by one worker call (Pipeline.solo)
+# only up to this many bytes to read: a bigger one computes for long (1 GiB: ~1 s), and
+# captures queued behind it meanwhile could not pass it (its worker commits it), so it is
+# committed by the committer, one thread hand-off more (issue 19: a 1-byte edit's fsync
+# waited 0.7-1.1 s behind a lone 1 GiB fsync's solo capture)
+SOLO_BYTES = 8 << 20
+# how far back the committer looks for a computed capture that may pass an
+# uncomputed head (Pipeline._passers): the search is O(items) per wake-up
+PASS_SCAN = 64
 TRIM_AFTER_BYTES = 64 << 20  # a committed capture that read this much: free heap pages back at once
 IDLE_TRIM_S = 2.0  # after commits, this many quiet seconds: free heap pages back (idle_trimmer)
+
+
+class Ready:
+    """An item's "computed" flag: a trio.Event that also wakes the committer
+    (``wake``, set by Pipeline.push) when an item other than the head is
+    computed, which may then pass the head (module docstring, "Passing")."""
+
+    __slots__ = ("_ev", "wake")
+
+    def __init__(self) -> None:
+        self._ev = trio.Event()
+        self.wake: Callable[[], None] | None = None
+
+    def set(self) -> None:
+        self._ev.set()
+        if self.wake is not None:
+            self.wake()
+
+    def is_set(self) -> bool:
+        return self._ev.is_set()
+
+    async def wait(self) -> None:
+        await self._ev.wait()
 
 
 class Item:
     """One pipeline entry: the changes it will commit, and who waits for it."""
 
     __slots__ = ("changes", "ready", "done", "result", "after", "skip", "list_cache", "inos", "nbytes",
-                 "job", "job_done", "job_error")
+                 "job", "job_done", "job_error", "path", "may_pass")
 
     def __init__(self, changes: list[Change] | None = None, after=None) -> None:
         self.changes = changes
-        self.ready = trio.Event()
+        self.ready = Ready()
         self.done = trio.Event()
         self.result: list[int] | BaseException | None = None
         self.after = after
@@ -96,6 +162,11 @@ class Item:
         self.job = None
         self.job_done = None
         self.job_error: BaseException | None = None
+        # a content capture's path (what items passing it must not touch), and
+        # whether, once computed, it may commit ahead of uncomputed captures of
+        # other files queued before it (module docstring, "Passing")
+        self.path: bytes | None = None
+        self.may_pass = False
         if changes is not None:
             self.ready.set()
 
@@ -121,6 +192,11 @@ class Pipeline:
         self._nudge = trio.Event()  # ends a group window: someone waits, or a full batch is queued
         self._more = trio.Event()
         self._committing = False  # the committer holds a batch taken off the queue (solo)
+        self._solo: Item | None = None  # the item its worker is committing (solo)
+        # set when an item is computed or someone starts waiting while the committer
+        # waits for an uncomputed head (_head_or_passers); replaced before each wait
+        self._readied = trio.Event()
+        self.passed = 0  # captures committed ahead of an uncomputed head (_take_passers)
         self._lists_due = trio.Event()  # a commit left a chunk-list checkpoint due (checkpointer)
         self.deferred = 0  # queued captures computed by their commit's worker (defer)
         # status counters (read by status/control)
@@ -211,6 +287,7 @@ class Pipeline:
             if item.changes:
                 item.changes = []
         item.nbytes = nbytes
+        item.ready.wake = self._wake
         self.queued_bytes += nbytes
         self.queue.append(item)
         self.last_item = item
@@ -226,6 +303,12 @@ class Pipeline:
                 # X.crypt, whose delete of X the guard then scores 25 ms sooner)
                 self._nudge.set()
         return item
+
+    def _wake(self) -> None:
+        """An item was computed: a committer waiting for an uncomputed head
+        looks again (the head may be computed, or gone: a solo commit pops
+        it before setting it ready; or a capture may pass it)."""
+        self._readied.set()
 
     def defer(self, item: Item, job, job_done) -> None:
         """item (queued, not computed) is computed by the worker that commits it,
@@ -273,10 +356,15 @@ class Pipeline:
         return True
 
     async def drain(self) -> None:
-        """Return once every item queued so far is committed (or failed)."""
+        """Return once every item queued so far is committed (or failed).
+        The last one is not enough: a capture may pass uncomputed ones
+        queued before it (module docstring, "Passing")."""
         last = self.last_item
+        earlier = [it for it in self.queue if not it.done.is_set()]
         if last is not None:
             await self.committed(last)
+        for it in earlier:
+            await self.committed(it)
 
     async def committed(self, item: Item) -> None:
         """Wait until item is committed; while anyone waits, commits are not delayed."""
@@ -293,6 +381,7 @@ class Pipeline:
         self._waiters += 1
         self._hurry.set()
         self._nudge.set()
+        self._readied.set()  # a committer waiting for an uncomputed head: captures may pass it now
         try:
             yield
         finally:
@@ -331,7 +420,8 @@ class Pipeline:
 
     async def sync(self, ino: int) -> None:
         """Return once every item queued so far about this inode is committed
-        (commits are in queue order, so with everything queued before them)."""
+        (with every namespace item queued before them: a capture passes only
+        other files' captures, module docstring, "Passing")."""
         item = self._latest.get(ino)
         if item is not None:
             await self.committed(item)
@@ -342,16 +432,24 @@ class Pipeline:
         and no wake-up of the committer in between)?  Only when item is the
         whole queue, no batch is being committed (so nothing queued before
         it is left), someone waits for a commit (no group window to wait
-        out) and no sync origin needs tagging.  Items queued behind it wait
-        for it as for any head item; :meth:`finish_solo` ends it."""
-        return (len(self.queue) == 1 and self.queue[0] is item and not self._committing
-                and self._hurry.is_set() and not self.origins and not item.skip)
+        out), no sync origin needs tagging, and it reads at most SOLO_BYTES
+        (a longer computation would hold up the captures queued behind it,
+        which may pass it only while the committer waits for it).  Items
+        queued behind it wait for it as for any head item; :meth:`finish_solo`
+        ends it."""
+        if (len(self.queue) == 1 and self.queue[0] is item and not self._committing
+                and self._hurry.is_set() and not self.origins and not item.skip and item.nbytes <= SOLO_BYTES):
+            self._solo = item  # no capture passes it while its worker commits (_head_or_passers)
+            return True
+        return False
 
     def finish_solo(self, item: Item, result) -> None:
         """item (the head, see :meth:`solo`) was committed by its worker (result:
         its seqs, or the exception), or has nothing to commit (result [])."""
         assert self.queue[0] is item
         self.queue.popleft()
+        if self._solo is item:
+            self._solo = None
         if isinstance(result, list) and result:
             self.solo_commits += 1
         item.ready.set()  # a committer waiting on the head moves on (it is gone)
@@ -367,12 +465,17 @@ class Pipeline:
                 await self._more.wait()
                 self._more = trio.Event()
             head = self.queue[0]
-            await head.ready.wait()
+            if head.ready.is_set():
+                await head.ready.wait()  # (a checkpoint per batch, as ever)
+            else:
+                await self._head_or_passers(head)
             if not self.queue or self.queue[0] is not head:
                 continue  # its worker committed it (solo)
+            passing = not head.ready.is_set()  # captures commit ahead of it (_passers)
             if trace.ON:
-                trace.mark("committer.head_ready")
-            if not self._hurry.is_set() and len(self.queue) < INLINE_RECORDS and self.deferred < DEFER_MAX:
+                trace.mark("committer.passers" if passing else "committer.head_ready")
+            if (not passing and not self._hurry.is_set() and len(self.queue) < INLINE_RECORDS
+                    and self.deferred < DEFER_MAX):
                 # (a full batch queued before this task woke: its nudge was set before
                 # the window's new event, so the window is skipped here instead)
                 # Nobody waits for durability (fsync, flush, a pre-image):
@@ -393,7 +496,7 @@ class Pipeline:
                     await self._nudge.wait()
             self._committing = True
             try:
-                batch = self._take()
+                batch = self._take_passers() if passing else self._take()
                 if trace.ON:
                     trace.mark(f"committer.take n={len(batch)}")
                 groups = [it.changes or [] for it in batch]
@@ -438,6 +541,51 @@ class Pipeline:
                 # group of payloads (up to CHUNK_FLUSH_BYTES) and its packed list,
                 # ~11 MiB kept after a 4 GiB write until the next commit (issue 19)
                 batch = groups = results = head = None
+
+    async def _head_or_passers(self, head: Item) -> None:
+        """Return once the head is computed, or, while someone waits for a
+        commit, a computed capture behind it may commit ahead of it
+        (:meth:`_passers`), and no solo commit is in flight."""
+        while not head.ready.is_set():
+            if self._hurry.is_set() and self._solo is None and self._passers():
+                return
+            self._readied = trio.Event()
+            await self._readied.wait()
+
+    def _passers(self) -> list[Item]:
+        """The computed captures that may commit ahead of the uncomputed head,
+        in queue order (module docstring, "Passing"): ``may_pass`` ones,
+        behind nothing but content captures, none of which is about their
+        inode or path.  Looks at the first PASS_SCAN items only."""
+        out: list[Item] = []
+        inos: set[int] = set()
+        paths: set[bytes] = set()
+        for k, it in enumerate(self.queue):
+            if k >= PASS_SCAN:
+                break
+            changes = it.changes
+            if changes is not None:
+                if not changes or any(c.op != "write" for c in changes):
+                    break  # a namespace record (or a failed or dropped capture): nothing passes it
+                if (it.may_pass and it.job is None and it.ready.is_set() and it.path not in paths
+                        and inos.isdisjoint(it.inos) and all(c.path not in paths for c in changes)):
+                    out.append(it)
+                    continue
+                paths.update(c.path for c in changes)
+            elif it.path is None and not it.inos:
+                break  # a capture whose file is unknown: nothing passes it
+            if it.path is not None:
+                paths.add(it.path)
+            inos.update(it.inos)
+        return out
+
+    def _take_passers(self) -> list[Item]:
+        """Take :meth:`_passers` off the queue, for one commit of their own."""
+        batch = self._passers()
+        for it in batch:
+            self.queue.remove(it)
+        self.passed += len(batch)
+        return batch
 
     def _compute_commit(self, batch: list[Item], origins: dict) -> list:
         """In a worker: compute the batch's deferred captures, then commit the

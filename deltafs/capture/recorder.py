@@ -65,6 +65,18 @@ log = logging.getLogger(__name__)
 ONE_HOP_BYTES = DEFER_BYTES
 
 _IGNORE_NAME = IGNORE_FILE.encode()  # at the root of SRC: the user's patterns
+# Tests only (tests/mount/test_capture_passing.py): "NAME:DIR" holds a capture of a file
+# named NAME before it is computed: it creates DIR/held, then waits until DIR/go exists.
+_TEST_HOLD = os.environ.get("DELTAFS_TEST_HOLD_CAPTURE")
+
+
+async def _test_hold(path: bytes) -> None:
+    name, _, where = _TEST_HOLD.partition(":")
+    if os.path.basename(path) != os.fsencode(name):
+        return
+    open(os.path.join(where, "held"), "wb").close()
+    while not os.path.exists(os.path.join(where, "go")):
+        await trio.sleep(0.01)
 
 
 class Recorder:
@@ -224,15 +236,19 @@ class Recorder:
     # ---- content capture ----------------------------------------------------
 
     def _capture(self, ops, node, fd: int, path: bytes, cause: str, dirty, base: int | None,
-                 start=None) -> Item:
+                 start=None, may_pass: bool = False) -> Item:
         """Queue a content version of the file open as fd (the item owns fd).
 
         ``base``: the content version the dirty ranges are relative to;
         None with dirty=FULL means "the whole file, against the path's
         latest version if any" (dedup and delta hints only).  With a node,
         ``base`` is taken from the node's previous capture once it commits.
+        ``may_pass``: once computed, it may commit ahead of other files'
+        captures queued before it (Pipeline, "Passing").
         """
         item = Item()
+        item.path = path
+        item.may_pass = may_pass
         cap = self.track(node) if node is not None else None
         prev = cap.last_item if cap is not None else None
         ev = None
@@ -324,6 +340,8 @@ class Recorder:
                     trace.mark("compute.prev_done")
                 if dirty is not FULL:
                     base = node.cap.base
+            if _TEST_HOLD is not None:
+                await _test_hold(path)
             if dirty is not FULL and base is None:
                 dirty = FULL
             cached = self.content.take(base)  # ours now: edited in place into the new list
@@ -501,8 +519,13 @@ class Recorder:
         except OSError as e:
             self.pipe.not_recorded(f"the capture of {os.fsdecode(path)}", e, path)
             return None
+        # may commit ahead of other files' captures (Pipeline, "Passing") only when its
+        # record writes to a path the journal's tree names once the namespace records
+        # before it commit: the inode has a version or a queued create, and capture is
+        # not catching up (a pause, a failure) on bytes no version has
+        may_pass = cap.base is not None and not cap.stale and not self.behind
         return self._capture(ops, node, fd, path, cause, dirty if cap.base is not None else FULL, cap.base,
-                             start=start)
+                             start=start, may_pass=may_pass)
 
     # ---- namespace events (ops.Capture): each already succeeded in SRC ----
     #
