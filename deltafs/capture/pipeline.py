@@ -32,13 +32,14 @@ So records of one file (inode and path) keep their queue order, a
 namespace record is committed after everything queued before it, and a
 content record after every namespace record queued before it (its create,
 the renames that gave it its path).  What changes is only the order of
-content versions of different files that no namespace record orders: each
-version is read from SRC while it is computed, not when it is queued, so
-"edit of B committed, the earlier-queued version of A not yet" is a state
-the tree went through.  Sequence numbers and HLC times are assigned at
-commit, so they follow commit order as before: every prefix of the log is
-such a state (log, restore, tree at a time, checkpoints, the guard, sync
-by sequence number).  ``sync(ino)`` still returns only once its item is
+content versions of different files that no namespace record orders, and
+only where no fsync orders them: a program that needs A's data durable
+before B's fsyncs A first, and A is then committed before B is written
+(the order POSIX promises; a version is read from SRC while it is
+computed, not when it is queued, so content was never ordered more finely).
+Sequence numbers and HLC times are assigned at commit, so they follow
+commit order as before (log, restore, tree at a time, checkpoints, the
+guard, sync by sequence number).  ``sync(ino)`` still returns only once its item is
 committed and synced; ``drain`` waits for every queued item, not only the
 last one.
 
