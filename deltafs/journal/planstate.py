@@ -319,16 +319,23 @@ class PlanTxn:
 
     def set_version_wake(self, fid: int, seq: int, hlc: int, base: int, old: int, ns: int) -> None:
         """Version ``seq`` may next be decided otherwise at ``ns`` (0: never)."""
+        ns = self._rewake(fid, seq, old, ns)
+        if ns is not None:
+            self._put_version(fid, [seq, hlc, base, ns])
+
+    def _rewake(self, fid: int, seq: int, old: int, ns: int) -> int | None:
+        """Move version ``seq``'s ``x`` entry from wake ``old`` to ``ns`` (clamped;
+        0: never). -> the new wake, or None when it is unchanged."""
         ns = min(max(ns, 0), NEVER)
         if ns == NEVER:
             ns = 0
         if ns == old:
-            return
+            return None
         if old:
             self._txn.delete(_xkey(old, fid, seq), db=self._db)
-        self._put_version(fid, [seq, hlc, base, ns])
         if ns:
             self._txn.put(_xkey(ns, fid, seq), b"", db=self._db)
+        return ns
 
     def set_wakes(self, fid: int, wakes: list[tuple[int, int, int, int, int]]) -> None:
         """:meth:`set_version_wake` of each (seq, hlc, base, old, ns) of ``fid``,
@@ -336,16 +343,9 @@ class PlanTxn:
         it read and kept)."""
         changed: dict[int, int] = {}
         for seq, hlc, base, old, ns in wakes:
-            ns = min(max(ns, 0), NEVER)
-            if ns == NEVER:
-                ns = 0
-            if ns == old:
-                continue
-            if old:
-                self._txn.delete(_xkey(old, fid, seq), db=self._db)
-            if ns:
-                self._txn.put(_xkey(ns, fid, seq), b"", db=self._db)
-            changed[seq] = ns
+            ns = self._rewake(fid, seq, old, ns)
+            if ns is not None:
+                changed[seq] = ns
         if not changed:
             return
         todo, low = dict(changed), min(changed)
