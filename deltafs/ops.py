@@ -705,12 +705,15 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
-        if (fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid
-                or fields.update_atime or (fields.update_mtime and not fields.update_ctime)):
+        # With the writeback cache the kernel itself sets mtime+ctime after
+        # writes; only a caller's utimens is a change of times to journal
+        # (content versions carry the mtime anyway)
+        times = fields.update_atime or (fields.update_mtime and not fields.update_ctime)
+        if times or fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid:
             # backpressure: wait while capture's queue is full.  Not for the writeback
-            # cache's own c/mtime flush, which records nothing (``times`` below): the
-            # kernel sends it before a written file's fsync, which then waited for
-            # room behind another file's 1 GiB capture (issue 19: ~1 s)
+            # cache's own c/mtime flush, which records nothing: the kernel sends it
+            # before a written file's fsync, which then waited for room behind another
+            # file's 1 GiB capture (issue 19: ~1 s)
             await self.rec.throttle()
         if self.guard_block is not None and (fields.update_size or fields.update_mode or fields.update_uid
                                              or fields.update_gid):
@@ -754,12 +757,9 @@ class Operations(pyfuse3.Operations):
             sc.utimens_fd(node.fd, attr.st_atime_ns if fields.update_atime else None,
                           attr.st_mtime_ns if fields.update_mtime else None)
         st = os.fstat(node.fd)
-        # With the writeback cache the kernel itself sets mtime+ctime after
-        # writes; only a caller's utimens/chmod/chown is a change to journal
-        # (content versions carry the mtime anyway), and only if it changed
-        # something: vim chmods to the same mode after every save.  A chown
-        # that clears set-id bits records the mode too.
-        times = fields.update_atime or (fields.update_mtime and not fields.update_ctime)
+        # Only a caller's utimens (``times``)/chmod/chown is a change to journal,
+        # and only if it changed something: vim chmods to the same mode after
+        # every save.  A chown that clears set-id bits records the mode too.
         mode = before is not None and st.st_mode != before.st_mode
         owner = chown and (st.st_uid, st.st_gid) != (before.st_uid, before.st_gid)
         if mode or owner or times:

@@ -48,6 +48,7 @@ from . import schema as S
 from .hlc import hlc_to_ns
 from .reader import Reader
 from .records import decode_record
+from .seqindex import put_uvarint
 
 META = b"M"
 NEVER = (1 << 64) - 1
@@ -82,11 +83,9 @@ def _segment_at(cur, fid: int, seq: int) -> tuple[int, list[list[int]]] | None:
     return lo, decode_segment(lo, cur.value())
 
 
-def _varint(n: int, out: bytearray) -> None:
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
+def _zigzag(d: int) -> int:
+    """A signed difference as an unsigned varint's value (0, -1, 1, -2 ... -> 0, 1, 2, 3 ...)."""
+    return d * 2 if d >= 0 else -d * 2 - 1
 
 
 def encode_segment(lo: int, versions: list[list[int]]) -> bytes:
@@ -106,14 +105,12 @@ def encode_segment(lo: int, versions: list[list[int]]) -> bytes:
 
 def _encode_one(out: bytearray, ps: int, ph: int, v: list[int]) -> None:
     seq, hlc, base, wake = v
-    _varint(seq - ps, out)
-    d = hlc - ph
-    _varint(d * 2 if d >= 0 else -d * 2 - 1, out)
+    put_uvarint(seq - ps, out)
+    put_uvarint(_zigzag(hlc - ph), out)
     if base == seq:
         raise ValueError(f"planning state: version {seq} based on itself")
-    d = seq - base if base else 0
-    _varint(d * 2 if d >= 0 else -d * 2 - 1, out)
-    _varint(wake, out)
+    put_uvarint(_zigzag(seq - base) if base else 0, out)
+    put_uvarint(wake, out)
 
 
 def decode_segment(lo: int, b: bytes) -> list[list[int]]:

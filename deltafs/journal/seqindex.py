@@ -49,7 +49,8 @@ def pathlog_keys(path: bytes) -> tuple[bytes, bytes]:
     return S.PATH_PREFIX + pk, SEGMENT_PATH_PREFIX + pk
 
 
-def _varint(n: int, out: bytearray) -> None:
+def put_uvarint(n: int, out: bytearray) -> None:
+    """Append ``n`` (>= 0) to ``out`` as an LEB128 varint."""
     while n >= 0x80:
         out.append(n & 0x7F | 0x80)
         n >>= 7
@@ -59,11 +60,11 @@ def _varint(n: int, out: bytearray) -> None:
 def encode_segment(seqs: list[int]) -> bytes:
     """Segment value of ascending ``seqs`` (the first is in the key)."""
     out = bytearray()
-    _varint(len(seqs) - 1, out)
+    put_uvarint(len(seqs) - 1, out)
     for a, b in zip(seqs, seqs[1:]):
         if b <= a:
             raise ValueError(f"seqs out of order in an index segment ({b} after {a})")
-        _varint(b - a, out)
+        put_uvarint(b - a, out)
     return bytes(out)
 
 
@@ -98,7 +99,7 @@ def _fill(seqs: list[int], i: int, seg: list[int]) -> int:
     size = len(encode_segment(seg))
     while i < len(seqs):
         d = bytearray()
-        _varint(seqs[i] - seg[-1], d)
+        put_uvarint(seqs[i] - seg[-1], d)
         grow = len(d) + (1 if len(seg) in (0x80, 0x4000) else 0)  # the count's varint may grow
         if size + grow > SEGMENT_MAX:
             break
